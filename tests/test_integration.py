@@ -1,0 +1,235 @@
+"""Real containers on Docker AND Podman, checked the way a user would check a run.
+
+Each engine's tests skip with the reason when the engine (or a test image) is missing here,
+and fail instead when RUNPILOT_TEST_ENGINES names the engine (CI sets docker,podman).
+The images come from tests/images/build.sh (no registry is needed).
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import unittest
+from pathlib import Path
+
+from tests.common import EXAMPLES, RUNPILOT, HomeTestCase
+from tests.support import BUSYBOX_IMAGE, PYTHON_IMAGE, containers_with_label, remove_containers_with_label, \
+    require_engine
+
+POLITE = """\
+import signal, sys, time
+def bye(signum, frame):
+    print(f"got signal {signum}, saving checkpoint", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("METRIC loss=1.5", flush=True)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+STUBBORN = """\
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+class EngineCase(HomeTestCase):
+    engine = ""
+
+    def setUp(self) -> None:
+        super().setUp()
+        require_engine(self, self.engine)
+
+    def config(self, name: str, image: str, entrypoint: str, extra: str = "", script: str | None = None) -> Path:
+        if script is not None:
+            self.write(f"{name}.py", script)
+        text = (f"name: {name}\nengine: {self.engine}\nimage: {json.dumps(image)}\n"
+                f"entrypoint: {json.dumps(entrypoint)}\nmounts:\n  code: .\n{extra}")
+        return self.write(f"{name}.yaml", text)
+
+    def python_job(self, name: str, script: str, extra: str = "") -> Path:
+        return self.config(name, PYTHON_IMAGE, f"python {name}.py", extra, script)
+
+    def leftovers(self, run_id: str) -> list[str]:
+        found = containers_with_label(self.engine, f"runpilot.run_id={run_id}")
+        self.addCleanup(remove_containers_with_label, self.engine, f"runpilot.run_id={run_id}")
+        return found
+
+    def start(self, config: Path, *extra: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(self._reap, proc)
+        line = b""
+        while b"ready" not in line:
+            line = proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"job never got ready: {proc.stderr.read().decode()}")
+        return proc
+
+    @staticmethod
+    def _reap(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+    # -- the tests, run once per engine ---------------------------------------
+    def test_quickstart_end_to_end(self):
+        result = self.process("run", EXAMPLES / "quickstart" / "config.yaml", "--engine", self.engine)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        run = self.only_run()
+        logged = (run / "logs.txt").read_bytes()
+        self.assertEqual(logged, result.stdout)
+        self.assertTrue(logged.startswith(b"training for 8 epochs, lr=0.05\n"), logged[:200])
+        samples = self.metrics(run)
+        self.assertEqual([s["step"] for s in samples], list(range(1, 9)))
+        self.assertEqual(set(samples[0]), {"step", "train_loss", "val_loss", "val_accuracy"})
+        self.assertLess(samples[-1]["train_loss"], samples[0]["train_loss"])
+        meta = self.meta(run)
+        self.assertEqual((meta["status"], meta["exit_code"], meta["engine"]), ("succeeded", 0, self.engine))
+        self.assertRegex(meta["engine_version"] or "", r"^\d+\.\d+")
+        self.assertEqual(meta["image"], PYTHON_IMAGE)
+        self.assertRegex(meta["image_id"], r"^(sha256:)?[0-9a-f]{12,}")
+        self.assertEqual(meta["command"][:3], [self.engine, "run", "--rm"])
+        self.assertIn(f"runpilot.run_id={run.name}", meta["command"])
+        row = self.db_rows()[0]
+        self.assertEqual((row["id"], row["status"], row["exit_code"], row["path"]), (run.name, "succeeded", 0, str(run)))
+        listing = self.process("list").stdout.decode()
+        self.assertRegex(listing, rf"{run.name}\s+quickstart\s+succeeded\s+")
+        shown = self.process("show", run.name[:18]).stdout.decode()
+        self.assertIn(f"engine     {self.engine} {meta['engine_version']}", shown)
+        self.assertRegex(shown, r"train_loss\s+8\s")
+        self.assertEqual(self.leftovers(run.name), [])
+
+    def test_exit_status_and_both_streams(self):
+        config = self.config("fail", BUSYBOX_IMAGE, "echo to-out; echo to-err >&2; exit 3")
+        result = self.process("run", config)
+        self.assertEqual(result.returncode, 3, result.stderr)
+        self.assertEqual(result.stdout, b"to-out\n")
+        self.assertIn(b"to-err\n", result.stderr)
+        run = self.only_run()
+        self.assertEqual(sorted((run / "logs.txt").read_bytes().splitlines()), [b"to-err", b"to-out"])
+        self.assertEqual((self.meta(run)["status"], self.db_rows()[0]["exit_code"]), ("failed", 3))
+
+    def test_binary_output_is_logged_byte_for_byte(self):
+        config = self.config("bin", BUSYBOX_IMAGE,
+                             "head -c 3000000 /dev/urandom > /workspace/out.bin; cat /workspace/out.bin; "
+                             "printf '\\nMETRIC a=1\\nMETRIC b=2.5\\n'")
+        result = self.process("run", config)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        run = self.only_run()
+        expected = (self.work / "out.bin").read_bytes() + b"\nMETRIC a=1\nMETRIC b=2.5\n"
+        self.assertEqual(hashlib.sha256((run / "logs.txt").read_bytes()).hexdigest(),
+                         hashlib.sha256(expected).hexdigest())
+        self.assertEqual(self.metrics(run), [{"step": 1, "a": 1}, {"step": 2, "b": 2.5}])
+
+    def test_env_values_reach_the_job_but_not_the_command_line(self):
+        (self.work / "data").mkdir()
+        (self.work / "data" / "in.txt").write_text("data!")
+        config = self.config("env", BUSYBOX_IMAGE,
+                             'echo "$SECRET|$LR|$PYTHONUNBUFFERED|$RUNPILOT_MOUNT_DATA|$(cat /mnt/data/in.txt)|$(pwd)"; '
+                             "touch /mnt/data/x 2>/dev/null && echo writable || echo read-only",
+                             extra="  data: ./data:/mnt/data:ro\nenv:\n  SECRET: 'p@ss word;$x'\n  LR: 0.001\n")
+        result = self.process("run", config)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().splitlines(),
+                         ["p@ss word;$x|0.001|1|/mnt/data|data!|/workspace", "read-only"])
+        meta = self.meta(self.only_run())
+        self.assertNotIn("p@ss", json.dumps(meta["command"]))
+        self.assertIn("SECRET", meta["command"])
+
+    def test_missing_image_with_pull_never(self):
+        config = self.config("missing", "runpilot-no-such-image:latest", "true")
+        result = self.process("run", config, "--pull", "never")
+        self.assertEqual(result.returncode, 125)
+        self.assertEqual(result.stderr.decode().count("\n"), 1, result.stderr)
+        self.assertIn(b"runpilot: error: image runpilot-no-such-image:latest is not present locally", result.stderr)
+        self.assertEqual(self.runs(), [])
+
+    def test_ctrl_c_stops_container_and_leaves_nothing(self):
+        proc = self.start(self.python_job("polite", POLITE))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 130, err)
+        run = self.only_run()
+        self.assertEqual((self.meta(run)["status"], self.db_rows()[0]["status"]), ("interrupted", "interrupted"))
+        self.assertIn(b"got signal 15, saving checkpoint", (run / "logs.txt").read_bytes())
+        self.assertEqual(self.metrics(run), [{"step": 1, "loss": 1.5}])
+        self.assertEqual(self.leftovers(run.name), [])
+
+    def test_sigterm_kills_a_stubborn_job_after_grace(self):
+        proc = self.start(self.python_job("stubborn", STUBBORN), "--stop-timeout", "1")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 143, err)
+        self.assertLess(time.monotonic() - sent, 20)
+        run = self.only_run()
+        self.assertEqual(self.meta(run)["status"], "interrupted")
+        self.assertEqual(self.leftovers(run.name), [])
+
+    def test_stop_from_another_terminal(self):
+        proc = self.start(self.python_job("polite", POLITE))
+        run = self.only_run()
+        result = self.process("stop", run.name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().strip(), f"run {run.name} interrupted")
+        proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 143)
+        self.assertEqual(self.leftovers(run.name), [])
+
+    def test_killed_runner_marks_lost_and_stop_removes_container(self):
+        proc = self.start(self.python_job("polite", POLITE))
+        run = self.only_run()
+        proc.kill()
+        proc.communicate()
+        self.assertNotEqual(self.leftovers(run.name), [])  # the engine keeps the container alive
+        listing = self.process("list")
+        self.assertIn(b"lost", listing.stdout)
+        self.assertIn(f"runpilot stop {run.name}".encode(), listing.stderr)
+        self.assertEqual(self.meta(run)["status"], "lost")
+        result = self.process("stop", run.name)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.leftovers(run.name), [])
+
+    def test_timeout(self):
+        config = self.python_job("slow", POLITE, extra="timeout: 2s\n")
+        result = self.process("run", config)
+        self.assertEqual(result.returncode, 124, result.stderr)
+        run = self.only_run()
+        self.assertEqual(self.meta(run)["status"], "timeout")
+        self.assertEqual(self.leftovers(run.name), [])
+
+    def test_parallel_runs(self):
+        config = self.config("par", BUSYBOX_IMAGE, "echo METRIC x=1")
+        procs = [subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE) for _ in range(16)]
+        listings = []
+        while any(p.poll() is None for p in procs):
+            listings.append(self.process("list", "--all").returncode)
+        errors = [p.communicate()[1] for p in procs]
+        self.assertEqual([p.returncode for p in procs], [0] * 16, errors)
+        self.assertEqual(set(listings), {0})
+        self.assertEqual(len(self.runs()), 16)
+        self.assertEqual(len({r["id"] for r in self.db_rows()}), 16)
+        self.assertTrue(all(self.metrics(p) == [{"step": 1, "x": 1}] for p in self.runs()))
+
+
+class DockerIntegration(EngineCase):
+    engine = "docker"
+
+
+class PodmanIntegration(EngineCase):
+    engine = "podman"
+
+
+del EngineCase  # the base class itself runs no test
+
+if __name__ == "__main__":
+    unittest.main()

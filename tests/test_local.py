@@ -1,0 +1,253 @@
+"""Engine local, for real: signals, stop, timeouts, lost runners, parallel runs, hostile output.
+
+These are the fast variants of the reliability tests; they need nothing but Python, so they
+run everywhere. The same promises are tested on Docker and Podman in test_integration.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.common import RUNPILOT, HomeTestCase
+
+# A job that says when it is ready, writes its pid, and exits cleanly on SIGTERM.
+POLITE = """\
+import os, signal, sys, time
+open("job.pid", "w").write(str(os.getpid()))
+def bye(signum, frame):
+    print(f"got signal {signum}, saving checkpoint", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("METRIC loss=1.5", flush=True)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+# A job that ignores SIGTERM: only SIGKILL ends it.
+STUBBORN = """\
+import os, signal, time
+open("job.pid", "w").write(str(os.getpid()))
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); it is dead for our purpose
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class LiveRun:
+    """`python runpilot.py run CONFIG` in the background, read until the job says ready."""
+
+    def __init__(self, test: HomeTestCase, config: Path, *extra: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config), *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
+        test.addCleanup(self.cleanup)
+        self.started = time.monotonic()
+        line = b""
+        while b"ready" not in line:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"job never got ready: {self.proc.stderr.read().decode()}")
+
+    def finish(self, timeout: float = 60) -> tuple[int, bytes, bytes]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+class Signals(HomeTestCase):
+    def job_pid(self) -> int:
+        return int((self.work / "job.pid").read_text())
+
+    def test_ctrl_c_stops_the_job_and_records_interrupted(self):
+        live = LiveRun(self, self.local_config(POLITE))
+        live.proc.send_signal(signal.SIGINT)
+        code, out, err = live.finish()
+        self.assertEqual(code, 130, err)
+        run = self.only_run()
+        meta = self.meta(run)
+        self.assertEqual(meta["status"], "interrupted")
+        self.assertIsNotNone(meta["finished_at"])
+        self.assertEqual(self.db_rows()[0]["status"], "interrupted")
+        self.assertIn(b"got signal 15, saving checkpoint", (run / "logs.txt").read_bytes())
+        self.assertEqual(self.metrics(run), [{"step": 1, "loss": 1.5}])
+        self.assertFalse(pid_alive(self.job_pid()))
+
+    def test_sigterm_exits_143(self):
+        live = LiveRun(self, self.local_config(POLITE))
+        live.proc.send_signal(signal.SIGTERM)
+        code, _, err = live.finish()
+        self.assertEqual(code, 143, err)
+        self.assertEqual(self.meta(self.only_run())["status"], "interrupted")
+
+    def test_sighup_is_like_sigterm(self):
+        live = LiveRun(self, self.local_config(POLITE))
+        live.proc.send_signal(signal.SIGHUP)
+        code, _, err = live.finish()
+        self.assertEqual(code, 129, err)
+        self.assertEqual(self.meta(self.only_run())["status"], "interrupted")
+
+    def test_job_ignoring_sigterm_is_killed_after_grace(self):
+        live = LiveRun(self, self.local_config(STUBBORN), "--stop-timeout", "1")
+        sent = time.monotonic()
+        live.proc.send_signal(signal.SIGINT)
+        code, _, err = live.finish()
+        waited = time.monotonic() - sent
+        self.assertEqual(code, 130, err)
+        self.assertGreaterEqual(waited, 0.9)
+        self.assertLess(waited, 10)
+        self.assertFalse(pid_alive(self.job_pid()))
+
+    def test_second_ctrl_c_kills_at_once(self):
+        live = LiveRun(self, self.local_config(STUBBORN), "--stop-timeout", "60")
+        live.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        sent = time.monotonic()
+        live.proc.send_signal(signal.SIGINT)
+        code, _, err = live.finish(timeout=20)
+        self.assertLess(time.monotonic() - sent, 5)
+        self.assertEqual(code, 130, err)
+        self.assertFalse(pid_alive(self.job_pid()))
+
+    def test_stop_from_another_terminal(self):
+        live = LiveRun(self, self.local_config(POLITE))
+        run_id = self.only_run().name
+        result = self.process("stop", run_id[:17])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().strip(), f"run {run_id} interrupted")
+        code, _, _ = live.finish()
+        self.assertEqual(code, 143)
+        self.assertFalse(pid_alive(self.job_pid()))
+
+    def test_timeout(self):
+        config = self.local_config(POLITE, extra="timeout: 1s\n")
+        result = self.process("run", config)
+        self.assertEqual(result.returncode, 124, result.stderr)
+        meta = self.meta(self.only_run())
+        self.assertEqual(meta["status"], "timeout")
+        self.assertLess(meta["duration"], 8)
+        self.assertFalse(pid_alive(self.job_pid()))
+
+    def test_killed_runner_is_marked_lost_and_stop_ends_the_job(self):
+        live = LiveRun(self, self.local_config(POLITE))
+        live.proc.kill()
+        live.proc.wait()
+        run = self.only_run()
+        self.assertEqual(self.meta(run)["status"], "running")
+        result = self.process("list")
+        self.assertIn(b"lost", result.stdout)
+        self.assertIn(b"still running", result.stderr)
+        self.assertEqual((self.meta(run)["status"], self.db_rows()[0]["status"]), ("lost", "lost"))
+        self.assertTrue(pid_alive(self.job_pid()))
+        self.assertEqual(self.process("stop", run.name).returncode, 0)
+        time.sleep(0.2)
+        self.assertFalse(pid_alive(self.job_pid()))
+        shown = self.process("show", run.name)
+        self.assertEqual(shown.returncode, 0)
+        self.assertIn(b"status     lost", shown.stdout)
+
+
+class Parallel(HomeTestCase):
+    def test_sixteen_runs_at_once(self):
+        config = self.local_config('import time\ntime.sleep(0.5)\nprint("METRIC x=1")\n')
+        procs = [subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(16)]
+        listings = []
+        while any(p.poll() is None for p in procs):
+            listings.append(self.process("list", "--all"))
+        errors = [p.communicate()[1] for p in procs]
+        self.assertEqual([p.returncode for p in procs], [0] * 16, errors)
+        self.assertTrue(all(r.returncode == 0 for r in listings), [r.stderr for r in listings])
+        runs = self.runs()
+        self.assertEqual(len(runs), 16)
+        rows = self.db_rows()
+        self.assertEqual(sorted(r["id"] for r in rows), [p.name for p in runs])
+        self.assertEqual({r["status"] for r in rows}, {"succeeded"})
+        self.assertTrue(all(self.metrics(p) == [{"step": 1, "x": 1}] for p in runs))
+
+
+class HostileOutput(HomeTestCase):
+    def test_logs_are_byte_exact_for_hostile_output(self):
+        script = r'''
+import os, random, sys
+rng = random.Random(7)
+out = sys.stdout.buffer
+parts = [bytes(rng.randrange(256) for _ in range(100000)), b"\x00\x01\xff\xfe invalid \xc3\x28\n",
+         b"x" * (20 * 1024 * 1024), b"\n", b"\x1b[31mred\x1b[0m\n",
+         b"".join(b"\rprogress %d%%" % i for i in range(100)), b"\n",
+         b"".join(b"METRIC step=%d loss=%d.5 acc=nan big=%s\n" % (i, i, b"9" * 400) for i in range(20000)),
+         b"METRIC\nMETRIC =1\nMETRIC a=1 a=2\nMETRIC " + b" ".join(b"k%d=%d" % (i, i) for i in range(10000)) + b"\n",
+         b"no newline at the end"]
+data = b"".join(parts)
+open("expected.sha256", "w").write(__import__("hashlib").sha256(data).hexdigest())
+for i in range(0, len(data), 7919):
+    out.write(data[i:i + 7919])
+out.flush()
+'''
+        config = self.local_config(script)
+        result = self.process("run", config)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        run = self.only_run()
+        logged = (run / "logs.txt").read_bytes()
+        self.assertEqual(hashlib.sha256(logged).hexdigest(), (self.work / "expected.sha256").read_text())
+        self.assertEqual(hashlib.sha256(result.stdout).hexdigest(), (self.work / "expected.sha256").read_text())
+        samples = json.loads((run / "metrics.json").read_text())
+        self.assertEqual(len(samples), 20001)
+        self.assertEqual(samples[5]["loss"], 5.5)
+        self.assertNotEqual(samples[5]["acc"], samples[5]["acc"])  # nan
+        self.assertEqual(samples[5]["big"], int("9" * 400))
+        self.assertEqual(len(samples[-1]), 10001)  # 10,000 pairs and the step
+        self.assertEqual(self.meta(run)["metrics"], {"count": 20001, "malformed": 3})
+        self.assertEqual(result.stderr.count(b"3 METRIC line(s) were malformed"), 1)
+
+
+class LocalEngineEnvironment(HomeTestCase):
+    def test_workdir_mount_env_and_gpus(self):
+        (self.work / "src").mkdir()
+        (self.work / "data").mkdir()
+        script = ('import json, os\nprint(json.dumps({"cwd": os.getcwd(), "data": os.environ.get("RUNPILOT_MOUNT_DATA"),'
+                  ' "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "unbuf": os.environ.get("PYTHONUNBUFFERED"),'
+                  ' "lr": os.environ.get("LR"), "id": os.environ.get("RUNPILOT_RUN_ID")}))\n')
+        (self.work / "src" / "probe.py").write_text(script)
+        config = self.write("c.yaml", f"""\
+            name: probe
+            engine: local
+            entrypoint: [{json.dumps(sys.executable)}, probe.py]
+            workdir: /workspace
+            env: {{LR: 0.5}}
+            mounts: {{code: ./src, data: ./data}}
+            resources: {{gpus: [0, 2], memory: 8g}}
+            """)
+        result = self.process("run", config, "--no-gpu-check")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        seen = json.loads(result.stdout)
+        run = self.only_run()
+        self.assertEqual(seen, {"cwd": str(self.work / "src"), "data": str(self.work / "data"), "cuda": "0,2",
+                                "unbuf": "1", "lr": "0.5", "id": run.name})
+        self.assertEqual(result.stderr.count(b"ignores workdir"), 1)
+        self.assertIn(b"does not enforce", result.stderr)
+        meta = self.meta(run)
+        self.assertEqual((meta["engine"], meta["workdir"]), ("local", str(self.work / "src")))
