@@ -23,30 +23,45 @@ The module is standard library only, Python 3.10+: copy it onto a box and run
 
 # ==== 2. Imports and version =================================================
 
-import argparse
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import datetime as _dt
-import difflib
-import fnmatch
-import getpass
+import importlib
 import json
 import math
 import os
-import platform
 import re
-import secrets
-import selectors
 import shlex
 import shutil
 import signal
-import socket
-import sqlite3
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+class _LazyModule:
+    """A module imported on first use, so `import runpilot` stays fast for `list` and `--help`."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        module = importlib.import_module(self._name)
+        globals()[self._name] = module  # later lookups go straight to the module
+        return getattr(module, attr)
+
+
+argparse = _LazyModule("argparse")
+difflib = _LazyModule("difflib")
+getpass = _LazyModule("getpass")
+platform = _LazyModule("platform")
+selectors = _LazyModule("selectors")
+socket = _LazyModule("socket")
+sqlite3 = _LazyModule("sqlite3")
+subprocess = _LazyModule("subprocess")
 
 __version__ = "0.4.0"
 
@@ -750,6 +765,13 @@ class MetricScanner:
             self.pending = tail
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is out (a signal can cut a pipe write short)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class MetricLog:
     """Appends samples to metrics.json as they arrive; the file is a JSON list once closed.
 
@@ -760,6 +782,7 @@ class MetricLog:
     def __init__(self, path: Path, watched: tuple[str, ...] = ()) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         os.write(self.fd, b"[\n")
+        self.error: OSError | None = None
         self.count = 0
         self.malformed = 0
         self.last: dict = {}
@@ -778,12 +801,17 @@ class MetricLog:
             out.append(("\n" if self.count == 1 else ",\n") + sample_json(step, sample))
             self.last.update(sample)
         self.last.pop("step", None)  # a position, not a metric
-        if out:
-            os.write(self.fd, "".join(out).encode("utf-8"))
+        if out and self.error is None:
+            try:
+                write_all(self.fd, "".join(out).encode("utf-8"))
+            except OSError as exc:  # a full disk: the runner stops the job and says so
+                self.error = exc
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.write(self.fd, b"\n]\n")
+            with contextlib.suppress(OSError):
+                if self.error is None:
+                    os.write(self.fd, b"\n]\n")
             os.close(self.fd)
             self.fd = -1
 
@@ -1069,13 +1097,6 @@ class Launch:
     container: str | None = None      # container name; None for engine `local`
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until every byte is out (a signal can cut a pipe write short)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 class Job:
     """A started job: the engine CLI (or the local process) in its own process group."""
 
@@ -1195,6 +1216,8 @@ class Tee:
             if deadline and result.stop_reason is None and time.monotonic() > deadline:
                 result.stop_reason = "timeout"
                 job.request_stop(force=False)
+            if self.log_error is None and self.metrics.error is not None:
+                self.log_error = self.metrics.error
             if self.log_error and result.stop_reason is None:
                 result.stop_reason = "failed"
                 job.request_stop(force=False)
@@ -1300,7 +1323,7 @@ def parse_time(text: str) -> _dt.datetime:
 def new_run_id(now: _dt.datetime | None = None) -> str:
     """`YYYYMMDD-HHMMSS-xxxxxx`: sorts by start time; 24 random bits tell parallel starts apart."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    return f"{now:%Y%m%d-%H%M%S}-{os.urandom(3).hex()}"
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -1393,13 +1416,18 @@ class RunStore:
 
     # -- database -----------------------------------------------------------
     @contextlib.contextmanager
-    def db(self):
-        """A connection with the schema in place; a damaged index is set aside and rebuilt."""
+    def db(self, read_only: bool = False):
+        """A connection with the schema in place; a damaged index is set aside and rebuilt.
+
+        A reader on a full or read-only disk still gets the last checkpointed rows.
+        """
         self.ensure()
         try:
             conn = self._open()
         except sqlite3.OperationalError as exc:  # locked past the timeout, unwritable, full disk
-            raise StoreError(f"cannot use {self.db_path}: {exc}") from exc
+            if not (read_only and self.db_path.exists()):
+                raise StoreError(f"cannot use {self.db_path}: {exc}") from exc
+            conn = sqlite3.connect(f"{self.db_path.as_uri()}?immutable=1", uri=True)
         except sqlite3.DatabaseError as exc:     # not a database, or a malformed one
             conn = self._rebuild_damaged(exc)
         try:
@@ -1491,7 +1519,7 @@ class RunStore:
             conn.execute(_upsert_sql(), _row(record))
 
     def get(self, run_id: str) -> RunRecord | None:
-        with self.db() as conn:
+        with self.db(read_only=True) as conn:
             row = conn.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE id = ?", (run_id,)).fetchone()
         return _record_from_row(row) if row else None
 
@@ -1503,7 +1531,7 @@ class RunStore:
         sql += f" ORDER BY {order}"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        with self.db() as conn:
+        with self.db(read_only=True) as conn:
             return [_record_from_row(row) for row in conn.execute(sql, params)]
 
     def resolve(self, ref: str) -> RunRecord:
@@ -1814,7 +1842,8 @@ def _supervise(launch: Launch, options: RunOptions, config: JobConfig, path: Pat
                 raise EngineError(f"cannot start {launch.argv[0]}: {exc.strerror}") from exc
             if launch.container is None:  # so `stop` can end a local job whose runner died
                 meta["job"] = {"pgid": job.proc.pid, "start": _process_start(job.proc.pid)}
-                write_atomic(path / "meta.json", _meta_bytes(meta))
+                with contextlib.suppress(OSError):
+                    write_atomic(path / "meta.json", _meta_bytes(meta))
             result = Tee(log_fd, metrics, terminal).run(job, signals, config.timeout)
             if result.stop_reason:
                 job.reap_helpers()
@@ -1842,14 +1871,19 @@ def _finish(store: RunStore, config: JobConfig, path: Path, meta: dict, result: 
                 duration=round((parse_time(finished) - parse_time(meta["started_at"])).total_seconds(), 3))
     meta["warnings"] = run_warnings(config, meta, path, status, previous)
     record = record_of(meta, path)
-    try:
-        write_atomic(path / "meta.json", _meta_bytes(meta))
-        store.save(record)
-    except (OSError, sqlite3.Error) as exc:
-        raise StoreError(f"the job ended ({status}) but its record could not be saved in {path}: {exc}")
+    unsaved = []
+    for what, save in (("meta.json", lambda: write_atomic(path / "meta.json", _meta_bytes(meta))),
+                       ("runs.db", lambda: store.save(record))):
+        try:
+            save()
+        except (OSError, StoreError) as exc:  # each is tried: the row may land when the file cannot
+            unsaved.append(f"{what} ({getattr(exc, 'strerror', None) or exc})")
+    recorded = f"not recorded in {', '.join(unsaved)}" if unsaved else "recorded as failed"
     if result.log_error is not None:
-        raise StoreError(f"cannot write {path / 'logs.txt'}: {result.log_error.strerror}; the job was "
-                         "stopped. Free some space or set RUNPILOT_HOME to a writable folder")
+        raise StoreError(f"cannot write the run's files in {path} ({result.log_error.strerror}); the job was "
+                         f"stopped and {recorded}. Free some space or set RUNPILOT_HOME to a writable folder")
+    if unsaved:
+        raise StoreError(f"the job ended ({status}) but its record was {recorded}")
     return RunOutcome(record, exit_code, meta)
 
 
@@ -1909,7 +1943,8 @@ def mark_lost_runs(store: RunStore, records: list[RunRecord]) -> list[RunRecord]
         with contextlib.suppress(OSError):
             write_atomic(meta_path, _meta_bytes(meta))
         record.status = "lost"
-        store.save(record)
+        with contextlib.suppress(StoreError):  # a full disk: shown as lost now, stored next time
+            store.save(record)
         if _leftover_job(record, meta):
             what = "process group" if record.engine == "local" else "container"
             say(f"run {record.id} lost its runner but its {what} is still running; "
@@ -2252,20 +2287,16 @@ print("done")
 '''
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def _add_command(sub, name: str, func, help_text: str, example: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=help_text,
-                            epilog=f"example:\n  {example}", formatter_class=_HelpFormatter)
+                            epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(func=func)
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="runpilot", formatter_class=_HelpFormatter,
+        prog="runpilot", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run training jobs in containers; keep their logs, metrics and history.",
         epilog="example:\n  runpilot run config.yaml && runpilot list")
     parser.add_argument("--version", action="version", version=f"runpilot {__version__}")

@@ -86,3 +86,15 @@ class HomeTestCase(unittest.TestCase):
         with contextlib.closing(sqlite3.connect(db)) as conn:
             conn.row_factory = sqlite3.Row
             return [dict(r) for r in conn.execute("SELECT * FROM runs ORDER BY started_at")]
+
+
+def small_disk(test: unittest.TestCase, size: str = "1m", read_only: bool = False) -> Path:
+    """A tmpfs of `size` mounted for the test (root only; the test skips elsewhere)."""
+    where = Path(tempfile.mkdtemp(prefix="runpilot-disk-"))
+    options = f"size={size}" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        where.rmdir()
+        test.skipTest(f"cannot mount a small tmpfs here (needs root): {done.stderr.decode().strip()}")
+    test.addCleanup(lambda: (subprocess.run(["umount", "-l", str(where)]), where.rmdir()))
+    return where

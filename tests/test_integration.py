@@ -15,7 +15,7 @@ import time
 import unittest
 from pathlib import Path
 
-from tests.common import EXAMPLES, RUNPILOT, HomeTestCase
+from tests.common import EXAMPLES, RUNPILOT, HomeTestCase, small_disk
 from tests.support import BUSYBOX_IMAGE, PYTHON_IMAGE, containers_with_label, remove_containers_with_label, \
     require_engine
 
@@ -205,6 +205,18 @@ class EngineCase(HomeTestCase):
         run = self.only_run()
         self.assertEqual(self.meta(run)["status"], "timeout")
         self.assertEqual(self.leftovers(run.name), [])
+
+    def test_full_disk_stops_the_container(self):
+        disk = small_disk(self, "1m")
+        config = self.config("big", BUSYBOX_IMAGE, "head -c 5000000 /dev/zero; sleep 60")
+        started = time.monotonic()
+        result = self.process("run", config, env={"RUNPILOT_HOME": str(disk)})
+        self.assertLess(time.monotonic() - started, 40)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(b"(No space left on device); the job was stopped", result.stderr)
+        self.assertNotIn(b"Traceback", result.stderr)
+        run_id = next((disk / "runs").iterdir()).name
+        self.assertEqual(self.leftovers(run_id), [])
 
     def test_parallel_runs(self):
         config = self.config("par", BUSYBOX_IMAGE, "echo METRIC x=1")

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.common import RUNPILOT, HomeTestCase
+from tests.common import RUNPILOT, HomeTestCase, small_disk
 
 # A job that says when it is ready, writes its pid, and exits cleanly on SIGTERM.
 POLITE = """\
@@ -251,3 +251,55 @@ class LocalEngineEnvironment(HomeTestCase):
         self.assertIn(b"does not enforce", result.stderr)
         meta = self.meta(run)
         self.assertEqual((meta["engine"], meta["workdir"]), ("local", str(self.work / "src")))
+
+
+class DiskAndPermissions(HomeTestCase):
+    def test_full_disk_stops_the_job_with_one_clear_line(self):
+        disk = small_disk(self, "1m")
+        config = self.write("big.yaml", "name: big\nengine: local\n"
+                                        "entrypoint: 'head -c 5000000 /dev/zero; echo METRIC a=1; sleep 30'\n")
+        started = time.monotonic()
+        result = self.process("run", config, env={"RUNPILOT_HOME": str(disk)})
+        self.assertLess(time.monotonic() - started, 20)  # stopped, not left to sleep
+        self.assertEqual(result.returncode, 1)
+        err = result.stderr.decode()
+        self.assertNotIn("Traceback", err)
+        self.assertRegex(err, r"runpilot: error: cannot write the run's files in .* \(No space left on device\); "
+                              r"the job was stopped")
+        listing = self.process("list", env={"RUNPILOT_HOME": str(disk)})
+        self.assertEqual(listing.returncode, 0, listing.stderr)
+        self.assertIn(b"big", listing.stdout)
+
+    def test_unwritable_home_is_one_line_and_starts_nothing(self):
+        disk = small_disk(self, "1m", read_only=True)
+        config = self.write("c.yaml", "name: x\nengine: local\nentrypoint: 'touch started'\n")
+        result = self.process("run", config, env={"RUNPILOT_HOME": str(disk / "home")})
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.decode(), f"runpilot: error: cannot create {disk / 'home'}: Read-only file "
+                                                 "system; set RUNPILOT_HOME to a writable folder\n")
+        self.assertFalse((self.work / "started").exists())
+
+    def test_home_is_private(self):
+        config = self.local_config("print('METRIC a=1')\n")
+        self.assertEqual(self.process("run", config).returncode, 0)
+        run = self.only_run()
+        modes = {p.name: p.stat().st_mode & 0o777 for p in [self.home, self.home / "runs", run,
+                                                             self.home / "runs.db", *run.iterdir()]}
+        self.assertEqual(modes, {self.home.name: 0o700, "runs": 0o700, run.name: 0o700, "runs.db": 0o600,
+                                 "config.yaml": 0o600, "logs.txt": 0o600, "metrics.json": 0o600,
+                                 "meta.json": 0o600})
+
+    def test_memory_stays_flat_for_a_loud_job(self):
+        config = self.write("loud.yaml", "name: loud\nengine: local\n"
+                                         "entrypoint: 'head -c 300000000 /dev/zero; echo; yes METRIC loss=0.5 | head -n 300000'\n")
+        # A wrapper process reports the peak RSS of its descendants: the runner (the job is tiny).
+        wrapper = ("import resource, subprocess, sys\n"
+                   "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+                   "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+        result = subprocess.run([sys.executable, "-c", wrapper, sys.executable, str(RUNPILOT), "run", str(config)],
+                                capture_output=True, text=True)
+        code, peak_kib = map(int, result.stdout.split())
+        self.assertEqual(code, 0, result.stderr)
+        self.assertLess(peak_kib, 40 * 1024, "the runner's peak RSS grew with the output")
+        self.assertEqual((self.only_run() / "logs.txt").stat().st_size, 300000000 + 1 + 300000 * 16)
+        self.assertEqual(self.meta(self.only_run())["metrics"]["count"], 300000)
