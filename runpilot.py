@@ -1105,6 +1105,7 @@ class Job:
         self.stop_timeout = stop_timeout
         self.helpers: list[subprocess.Popen] = []
         self.kill_at: float | None = None
+        self.first_stop = 0.0
         self.last_stop = 0.0
         self.proc = subprocess.Popen(
             launch.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1113,6 +1114,7 @@ class Job:
     def request_stop(self, force: bool) -> None:
         """SIGTERM through the engine, SIGKILL after the grace period (or at once if force)."""
         self.last_stop = time.monotonic()
+        self.first_stop = self.first_stop or self.last_stop
         if self.launch.container is None:
             self._signal_group(signal.SIGKILL if force else signal.SIGTERM)
             self.kill_at = self.last_stop if force else self.last_stop + self.stop_timeout
@@ -1131,7 +1133,7 @@ class Job:
                 self.kill_at = None
         elif self.last_stop and self.proc.poll() is None and now - self.last_stop > 2 and \
                 all(h.poll() is not None for h in self.helpers):
-            self.request_stop(force=now - self.last_stop > self.stop_timeout + 5)
+            self.request_stop(force=now - self.first_stop > self.stop_timeout + 5)
 
     def _signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -1732,6 +1734,7 @@ def base_meta(config: JobConfig, run_id: str, engine: str, launch: Launch, optio
         "python": platform.python_version(), "os": platform.platform(), "runner": runner_identity(),
         "config_file": config.source, "tags": options.tags, "overrides": options.overrides,
         "rerun_of": options.rerun_of, "metrics": {"count": 0, "malformed": 0}, "watched": list(config.metrics),
+        "config": config_to_dict(config),
         "last_metrics": {}, "warnings": [],
     }
 
@@ -1789,12 +1792,13 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: d
     env["RUNPILOT_RUN_ID"] = run_id
     launch = make_launch(config, run_id, engine, env, options, environ)
     meta = {**base_meta(config, run_id, engine, launch, options), **facts}
-    record_start(store, config, path, meta)
-    _announce(config, run_id, engine, path)
-    probes = StartProbes(engine, config)
-    result = _supervise(launch, options, config, path, meta, terminal)
-    meta.update(probes.collect(path))
-    return _finish(store, config, path, meta, result, options.previous)
+    with StopSignals() as signals:  # from here on, Ctrl-C is recorded, never a half-written run
+        record_start(store, config, path, meta)
+        _announce(config, run_id, engine, path)
+        probes = StartProbes(engine, config)
+        result = _supervise(launch, options, config, path, meta, terminal, signals)
+        meta.update(probes.collect(path))
+        return _finish(store, config, path, meta, result, options.previous)
 
 
 def check_host(config: JobConfig, engine: str, options: RunOptions, environ) -> dict:
@@ -1829,25 +1833,28 @@ def _announce(config: JobConfig, run_id: str, engine: str, path: Path) -> None:
 
 
 def _supervise(launch: Launch, options: RunOptions, config: JobConfig, path: Path, meta: dict,
-               terminal: dict | None) -> TeeResult:
+               terminal: dict | None, signals: StopSignals) -> TeeResult:
+    """Start the job and tee it until it ends; after a stop, make sure nothing of it is left."""
     if terminal is None:
         terminal = {1: terminal_writer(sys.stdout), 2: terminal_writer(sys.stderr)}
     metrics = MetricLog(path / "metrics.json", config.metrics)
     log_fd = os.open(path / "logs.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        with StopSignals() as signals:
-            try:
-                job = Job(launch, options.stop_timeout)
-            except OSError as exc:
-                raise EngineError(f"cannot start {launch.argv[0]}: {exc.strerror}") from exc
-            if launch.container is None:  # so `stop` can end a local job whose runner died
-                meta["job"] = {"pgid": job.proc.pid, "start": _process_start(job.proc.pid)}
-                with contextlib.suppress(OSError):
-                    write_atomic(path / "meta.json", _meta_bytes(meta))
-            result = Tee(log_fd, metrics, terminal).run(job, signals, config.timeout)
-            if result.stop_reason:
-                job.reap_helpers()
-                _remove_container(launch)
+        if signals.received:  # stopped while the run was being recorded: never start the job
+            return TeeResult(128 + signals.received[0], "interrupted", signals.received[0])
+        try:
+            job = Job(launch, options.stop_timeout)
+        except OSError as exc:  # recorded as failed like a shell's "command not found"
+            say(f"cannot start {launch.argv[0]}: {exc.strerror}")
+            return TeeResult(127)
+        if launch.container is None:  # so `stop` can end a local job whose runner died
+            meta["job"] = {"pgid": job.proc.pid, "start": _process_start(job.proc.pid)}
+            with contextlib.suppress(OSError):
+                write_atomic(path / "meta.json", _meta_bytes(meta))
+        result = Tee(log_fd, metrics, terminal).run(job, signals, config.timeout)
+        if result.stop_reason:
+            job.reap_helpers()
+            _remove_container(launch)
     finally:
         os.close(log_fd)
         metrics.close()

@@ -1,0 +1,988 @@
+#!/usr/bin/env python3
+"""RunPilot's performance benchmark: RunPilot and the bare engine side by side, in the same run.
+
+    python tests/bench.py [--engine docker|podman] [--quick] [--reps N] [--cases 1,2,...]
+
+Cases (each prints its own block; a markdown table of every figure against its target closes the report):
+  1  fixed overhead per run      `runpilot run` of a job that exits at once vs `ENGINE run --rm --init IMG true`
+                                 and vs RunPilot's own engine command line (meta.json "command") run bare
+  2  log throughput              500 MB to stdout (`yes | head`, `cat` of a file of 100-byte lines, `head` of
+                                 /dev/zero), terminal output to /dev/null, vs the bare engine command with
+                                 `--log-driver none` and with the engine's default log driver
+  3  METRIC-heavy output         1,000,000 METRIC lines vs as many bytes without METRIC: CPU per sample, peak RSS
+  4  history at scale            `list`, `list --status failed`, `show PREFIX` on a home with 100,000 runs
+  5  start-up                    `import runpilot` (-X importtime) and `runpilot --help` vs `python -c pass`
+  6  config parsing              a generated 2,000-line config through runpilot.parse_yaml
+
+How it measures:
+- Every command is a whole process, timed wall-clock from spawn to exit; variants alternate (A B A B ...) so
+  that drift on a shared machine hits all of them alike; figures are medians with min-max over --reps.
+- "RunPilot's own CPU" and peak RSS are the runpilot Python process alone (RUSAGE_SELF read at the end of
+  runpilot.main inside that process), not the engine CLI it starts (reported apart as "CLI CPU").
+- RunPilot runs as an installed `runpilot` does: `import runpilot` with cached bytecode. Child Pythons get
+  PYTHONPYCACHEPREFIX under /tmp (so nothing is written into the repository) and never PYTHONDONTWRITEBYTECODE.
+  `python runpilot.py` (a copied file) recompiles the whole script on every start; cases 1, 4 and 5 show it.
+- Every RUNPILOT_HOME is a temporary folder; the 100,000-run home of case 4 is cached in
+  /tmp/runpilot-bench-cache (keyed by runpilot.DB_SCHEMA_VERSION and the size; --fresh-home rebuilds it).
+  Containers started by the benchmark are removed at the end, also after Ctrl-C.
+
+Standard library only, Python 3.10+. Not a unit test (the name does not match test*.py); the targets are
+printed, never asserted. Needs the engine and the image from tests/images/build.sh.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNPILOT_PY = ROOT / "runpilot.py"
+BUSYBOX_IMAGE = "runpilot-test-busybox:latest"
+# Label on every container the benchmark starts itself (RunPilot's own carry runpilot.run_id).
+BENCH_LABEL = "runpilot.bench"
+CACHE_DIR = Path(tempfile.gettempdir()) / "runpilot-bench-cache"
+PYCACHE_DIR = CACHE_DIR / "pycache"
+# Bump when the generated history home changes shape, so a cached one is rebuilt.
+HOME_GENERATION = 1
+MARK = "@@RUNPILOT-BENCH@@"
+MB = 1_000_000
+PROCESS_TIMEOUT_S = 1800
+
+# Runs runpilot.main in this process and reports the process's own CPU and peak RSS on stderr.
+# RUSAGE_SELF leaves out the engine CLI (a child), which RUSAGE_CHILDREN gives apart. Peak RSS is VmHWM:
+# Linux carries the spawning process's RSS into ru_maxrss across vfork+exec, so ru_maxrss would report
+# the benchmark's own size whenever that is larger.
+WRAPPER = f"""\
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+import runpilot
+rc = runpilot.main(sys.argv[2:])
+s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+peak = s.ru_maxrss
+try:
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+except (OSError, StopIteration, ValueError):
+    pass
+print("{MARK}", rc, s.ru_utime + s.ru_stime, peak, c.ru_utime + c.ru_stime, file=sys.stderr, flush=True)
+sys.exit(rc)
+"""
+
+TARGETS = {
+    "overhead_ms": 60.0,       # extra wall per run over the bare engine command
+    "throughput_ratio": 0.9,   # RunPilot's MB/s over the bare `--log-driver none` run's
+    "cpu_s_per_gb": 3.0,       # RunPilot's own CPU per GB of output
+    "us_per_sample": 3.0,      # RunPilot's own CPU per METRIC sample
+    "rss_mb": 40.0,            # RunPilot's peak RSS, whatever the job prints
+    "list_ms": 150.0,
+    "show_ms": 100.0,
+    "import_ms": 30.0,
+    "yaml_ms": 50.0,
+}
+
+
+class BenchError(Exception):
+    """A command the benchmark needs failed; the message says which and why."""
+
+
+# ==== statistics and report rows ===============================================
+
+@dataclass
+class Stats:
+    """Median, min and max of repeated measurements."""
+
+    values: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def min(self) -> float:
+        return min(self.values)
+
+    @property
+    def max(self) -> float:
+        return max(self.values)
+
+    def fmt(self, scale: float = 1.0, digits: int = 0, unit: str = "") -> str:
+        """'123 ms (110-140)': the median, then min-max, all multiplied by SCALE."""
+        f = f"{{:.{digits}f}}"
+        unit = f" {unit}" if unit else ""
+        return (f"{f.format(self.median * scale)}{unit} "
+                f"({f.format(self.min * scale)}–{f.format(self.max * scale)})")
+
+
+@dataclass
+class Row:
+    """One line of the final table."""
+
+    case: str
+    measure: str
+    runpilot: str
+    reference: str
+    compare: str
+    target: str = ""
+    ok: bool | None = None      # None: informational, no target
+
+    @property
+    def verdict(self) -> str:
+        return "" if self.ok is None else ("PASS" if self.ok else "**MISS**")
+
+
+@dataclass
+class Sample:
+    """One timed process."""
+
+    wall: float                      # seconds, spawn to exit
+    rc: int
+    cpu_self: float | None = None    # runpilot process only (RUSAGE_SELF), seconds
+    maxrss_kb: int | None = None     # runpilot process peak RSS (VmHWM), KiB
+    cpu_children: float | None = None  # the engine CLI: under RunPilot, or run bare
+    stderr: str = ""
+
+
+def median_of(samples: list[Sample], attr: str) -> Stats:
+    return Stats([getattr(s, attr) for s in samples])
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A markdown table (also readable as plain text)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                     + [line(r) for r in rows])
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+# ==== processes ================================================================
+
+class Bench:
+    """What every case needs: the engine, the interpreter, temp folders, timed processes, cleanup."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.engine: str = args.engine
+        self.python: str = args.python
+        self.quick: bool = args.quick
+        self.reps: int = args.reps
+        self.fresh_home: bool = args.fresh_home
+        self.tmp = Path(tempfile.mkdtemp(prefix="runpilot-bench-"))
+        self.homes: list[Path] = []
+        self.rows: list[Row] = []
+        self.peak_rss_kb: list[tuple[str, int]] = []
+        self._serial = 0
+
+    # -- environment -----------------------------------------------------------
+    def env(self, home: Path | None = None, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        for name in ("PYTHONDONTWRITEBYTECODE", "RUNPILOT_ENGINE", "PYTHONPROFILEIMPORTTIME"):
+            env.pop(name, None)
+        env["PYTHONPYCACHEPREFIX"] = str(PYCACHE_DIR)
+        if home is not None:
+            env["RUNPILOT_HOME"] = str(home)
+        env.update(extra)
+        return env
+
+    def new_home(self, name: str) -> Path:
+        home = self.tmp / f"home-{name}"
+        self.homes.append(home)
+        return home
+
+    def unique(self, stem: str) -> str:
+        self._serial += 1
+        return f"{stem}-{os.getpid()}-{self._serial}"
+
+    # -- timed processes -------------------------------------------------------
+    def timed(self, argv: list[str], env: dict[str, str], cwd: Path | None = None,
+              expect_rc: int | None = 0) -> Sample:
+        """Run ARGV with stdout to /dev/null; wall time and the process's rusage from wait4."""
+        with tempfile.TemporaryFile(dir=self.tmp) as err:
+            start = time.perf_counter()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                    env=env, cwd=cwd, start_new_session=True)
+            timer = threading.Timer(PROCESS_TIMEOUT_S, _kill_group, (proc.pid,))
+            timer.start()
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            finally:
+                timer.cancel()
+            wall = time.perf_counter() - start
+            proc.returncode = rc = os.waitstatus_to_exitcode(status)
+            err.seek(0)
+            text = err.read().decode("utf-8", "replace")
+        sample = Sample(wall, rc, cpu_children=usage.ru_utime + usage.ru_stime, stderr=text)
+        for line in text.splitlines():
+            if line.startswith(MARK):
+                _, rc_text, cpu, rss, children = line.split()
+                sample.cpu_self, sample.maxrss_kb = float(cpu), int(rss)
+                sample.cpu_children = float(children)
+        if expect_rc is not None and rc != expect_rc:
+            tail = "\n    ".join(text.strip().splitlines()[-8:])
+            raise BenchError(f"{' '.join(argv)[:300]}\n  exited {rc} (expected {expect_rc}):\n    {tail}")
+        return sample
+
+    def runpilot(self, args: list[str], home: Path, cwd: Path | None = None) -> Sample:
+        """`runpilot ARGS` as an installed runpilot runs (module import), with its own CPU and RSS."""
+        sample = self.timed([self.python, "-c", WRAPPER, str(ROOT), *args], self.env(home), cwd)
+        if sample.cpu_self is None:
+            raise BenchError(f"runpilot {' '.join(args)} printed no measurement line:\n{sample.stderr[-2000:]}")
+        return sample
+
+    def bare(self, flags: list[str], image_and_cmd: list[str]) -> Sample:
+        """`ENGINE run FLAGS --name N --label runpilot.bench=1 IMAGE CMD...` with stdout to /dev/null."""
+        argv = [self.engine, "run", *flags, "--name", self.unique("runpilot-bench"),
+                "--label", f"{BENCH_LABEL}=1", *image_and_cmd]
+        return self.timed(argv, self.env())
+
+    def record(self, name: str, sample: Sample) -> None:
+        if sample.maxrss_kb:
+            self.peak_rss_kb.append((name, sample.maxrss_kb))
+
+    # -- engine ----------------------------------------------------------------
+    def engine_output(self, *args: str) -> str:
+        done = subprocess.run([self.engine, *args], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise BenchError(f"{self.engine} {' '.join(args)}: {done.stderr.strip()[:500]}")
+        return done.stdout.strip()
+
+    def check_engine(self) -> None:
+        if shutil.which(self.engine) is None:
+            raise BenchError(f"{self.engine} is not installed")
+        self.engine_output("info")
+        try:
+            self.engine_output("image", "inspect", BUSYBOX_IMAGE)
+        except BenchError:
+            raise BenchError(f"image {BUSYBOX_IMAGE} missing: run tests/images/build.sh {self.engine}") from None
+
+    def cleanup(self) -> None:
+        """Remove the benchmark's containers (its own label, and RunPilot's for runs in its homes)."""
+        labels = [f"{BENCH_LABEL}=1"]
+        for home in self.homes:
+            runs = home / "runs"
+            if runs.is_dir():
+                labels += [f"runpilot.run_id={p.name}" for p in runs.iterdir()]
+        ids: set[str] = set()
+        if shutil.which(self.engine):
+            for label in labels:
+                done = subprocess.run([self.engine, "ps", "-aq", "--filter", f"label={label}"],
+                                      capture_output=True, text=True, timeout=60)
+                ids.update(done.stdout.split())
+        if ids:
+            subprocess.run([self.engine, "rm", "-f", *sorted(ids)], capture_output=True, timeout=120)
+            say(f"removed {len(ids)} leftover container(s)")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def write_config(path: Path, name: str, engine: str, entrypoint: object, data_dir: Path | None = None) -> Path:
+    """A RunPilot config; entrypoint is a shell string or a list (written as JSON, which YAML reads)."""
+    text = (f"name: {name}\nengine: {engine}\nimage: \"{BUSYBOX_IMAGE}\"\n"
+            f"entrypoint: {json.dumps(entrypoint)}\n")
+    if data_dir is not None:
+        text += f"mounts:\n  data: \"{data_dir}\"\n"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def only_run(home: Path) -> tuple[Path, dict]:
+    """The single run folder of HOME (cases 2-3 delete each run after reading it) and its meta.json."""
+    runs = [p for p in (home / "runs").iterdir() if p.is_dir()]
+    if len(runs) != 1:
+        raise BenchError(f"expected one run in {home}, found {len(runs)}")
+    return runs[0], json.loads((runs[0] / "meta.json").read_text())
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+# ==== machine ==================================================================
+
+def machine_lines(bench: Bench) -> list[str]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) / 1024 / 1024
+    except (OSError, TypeError):
+        mem = 0.0
+    py = subprocess.run([bench.python, "-c", "import platform; print(platform.python_version())"],
+                        capture_output=True, text=True).stdout.strip()
+    if bench.engine == "docker":
+        versions = bench.engine_output("version", "--format", "client {{.Client.Version}}, server {{.Server.Version}}")
+        details = bench.engine_output("info", "--format",
+                                      "storage {{.Driver}}, default log driver {{.LoggingDriver}}, "
+                                      "runtime {{.DefaultRuntime}}, cgroup v{{.CgroupVersion}}")
+    else:
+        versions = "podman " + bench.engine_output("version", "--format", "{{.Client.Version}}")
+        try:
+            details = bench.engine_output("info", "--format",
+                                          "storage {{.Store.GraphDriverName}}, default log driver "
+                                          "{{.Host.LogDriver}}, runtime {{.Host.OCIRuntime.Name}}, "
+                                          "cgroup {{.Host.CgroupsVersion}}")
+        except BenchError:
+            details = ""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return [
+        f"machine: {cpus} CPUs ({model}), {mem:.1f} GiB RAM, {platform.system()} {platform.release()}",
+        f"python:  {py} ({bench.python})",
+        f"engine:  {bench.engine} — {versions}; {details}",
+        f"load:    {loadavg()} (1/5/15 min) at start",
+    ]
+
+
+# ==== case 1: fixed overhead ===================================================
+
+def case_overhead(bench: Bench) -> None:
+    reps = bench.reps * 2  # short runs: twice the repetitions
+    say(f"\n## 1. Fixed overhead per run ({reps} reps, alternating; load {loadavg()})")
+    home = bench.new_home("overhead")
+    cfg = write_config(bench.tmp / "overhead.yaml", "bench-overhead", bench.engine, ["true"])
+
+    # Warm-up: bytecode, the image in the page cache, and RunPilot's own command line for variant D.
+    bench.runpilot(["run", str(cfg)], home)
+    meta = json.loads(next((home / "runs").glob("*/meta.json")).read_text())
+    own_argv = list(meta["command"])
+    run_label = next(a for a in own_argv if a.startswith("runpilot.run_id="))
+
+    def same_flags() -> Sample:
+        argv = list(own_argv)
+        argv[argv.index("--name") + 1] = bench.unique("runpilot-bench")
+        argv[argv.index(run_label)] = f"{BENCH_LABEL}=1"
+        return bench.timed(argv, bench.env(PYTHONUNBUFFERED="1", RUNPILOT_RUN_ID="bench"))
+
+    variants = {
+        "runpilot run (installed: import runpilot)": lambda: bench.runpilot(["run", str(cfg)], home),
+        "bare: run --rm --init IMG true": lambda: bench.bare(["--rm", "--init"], [BUSYBOX_IMAGE, "true"]),
+        "python runpilot.py run (copied file)": lambda: bench.timed(
+            [bench.python, str(RUNPILOT_PY), "run", str(cfg)], bench.env(home)),
+        "bare: RunPilot's own command (meta.json)": same_flags,
+    }
+    for fn in variants.values():  # one more warm-up round of every variant
+        fn()
+    samples: dict[str, list[Sample]] = {k: [] for k in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            samples[name].append(fn())
+    names = list(variants)
+    for sample in samples[names[0]]:
+        bench.record("1 true", sample)
+    walls = {n: median_of(samples[n], "wall") for n in names}
+    ref = walls[names[1]].median
+    rows = []
+    for n in names:
+        cpu = median_of(samples[n], "cpu_self").fmt(1000, 0, "ms") if samples[n][0].cpu_self is not None else "–"
+        rows.append([n, walls[n].fmt(1000, 0, "ms"), f"{(walls[n].median - ref) * 1000:+.0f} ms",
+                     f"{walls[n].median / ref:.2f}×", cpu])
+    say(table(["variant", "wall median (min–max)", "vs bare --rm --init", "ratio", "RunPilot's own CPU"], rows))
+    say(f"RunPilot's own command line: {shlex.join(own_argv)}")
+    extra = (walls[names[0]].median - ref) * 1000
+    extra_own = (walls[names[0]].median - walls[names[3]].median) * 1000
+    extra_script = (walls[names[2]].median - ref) * 1000
+    target = TARGETS["overhead_ms"]
+    bench.rows += [
+        Row("1", "fixed overhead per run (extra wall vs bare `run --rm --init`)", walls[names[0]].fmt(1000, 0, "ms"),
+            walls[names[1]].fmt(1000, 0, "ms"), f"+{extra:.0f} ms", f"≤ {target:.0f} ms", extra <= target),
+        Row("1", "… vs bare with RunPilot's own flags", walls[names[0]].fmt(1000, 0, "ms"),
+            walls[names[3]].fmt(1000, 0, "ms"), f"+{extra_own:.0f} ms", "", None),
+        Row("1", "… as `python runpilot.py run` (copied file)", walls[names[2]].fmt(1000, 0, "ms"),
+            walls[names[1]].fmt(1000, 0, "ms"), f"+{extra_script:.0f} ms", "", None),
+    ]
+
+
+# ==== case 2: log throughput ===================================================
+
+@dataclass
+class Workload:
+    key: str
+    label: str
+    command: str                  # shell command inside the container; {n} = bytes (the cat file is N bytes)
+    default_driver_share: float   # share of the bytes the default-log-driver reference writes (it can be slow)
+
+
+def case_throughput(bench: Bench) -> None:
+    size = 100 * MB if bench.quick else 500 * MB
+    reps = bench.reps
+    say(f"\n## 2. Log throughput: {size // MB} MB to stdout, terminal output to /dev/null "
+        f"({reps} reps, alternating; load {loadavg()})")
+    data = bench.tmp / "data"
+    data.mkdir(exist_ok=True)
+    line = b"epoch 3 batch 1234/5000: forward ok, backward ok, optimizer step done, grad norm 0.734 lr 1e-4\n"
+    line = line[:-1].ljust(99, b".") + b"\n"  # 100 bytes
+    with open(data / "log100.txt", "wb") as f:
+        block = line * 10_000
+        for _ in range(size // len(block)):
+            f.write(block)
+        f.write(line * ((size % len(block)) // len(line)))
+    subprocess.run(["cat", str(data / "log100.txt")], stdout=subprocess.DEVNULL, check=True)  # page cache
+
+    workloads = [
+        Workload("yes", "`yes | head -c N` (2-byte lines, 4 KiB writes)", "yes | head -c {n}", 0.05),
+        Workload("cat", "`cat` of a file of 100-byte lines (64 KiB writes)", "cat /mnt/data/log100.txt", 1.0),
+        Workload("zero", "`head -c N /dev/zero` (no newlines, 4 KiB writes)", "head -c {n} /dev/zero", 1.0),
+    ]
+    for w in workloads:
+        _throughput_workload(bench, w, size, reps, data)
+
+
+def _throughput_workload(bench: Bench, w: Workload, size: int, reps: int, data: Path) -> None:
+    home = bench.new_home(f"tp-{w.key}")
+    cmd_full = w.command.format(n=size)
+    small = int(size * w.default_driver_share)
+    cmd_small = w.command.format(n=small)
+    cfg = write_config(bench.tmp / f"tp-{w.key}.yaml", f"bench-{w.key}", bench.engine, cmd_full, data)
+    mount = ["-v", f"{data}:/mnt/data"]
+    base = ["--rm", "--init", *mount]
+
+    def rp() -> Sample:
+        s = bench.runpilot(["run", str(cfg)], home)
+        run, meta = only_run(home)
+        logged = (run / "logs.txt").stat().st_size
+        if meta.get("status") != "succeeded" or logged != size:
+            raise BenchError(f"RunPilot run {run.name}: status {meta.get('status')}, logs.txt {logged} bytes "
+                             f"(expected {size})")
+        shutil.rmtree(run)
+        bench.record(f"2 {w.key}", s)
+        return s
+
+    variants = {
+        "runpilot run": (rp, size),
+        "bare --log-driver none": (lambda: bench.bare([*base, "--log-driver", "none"],
+                                                      [BUSYBOX_IMAGE, "sh", "-c", cmd_full]), size),
+        "bare, default log driver": (lambda: bench.bare(base, [BUSYBOX_IMAGE, "sh", "-c", cmd_small]), small),
+    }
+    samples: dict[str, list[Sample]] = {k: [] for k in variants}
+    for _ in range(reps):
+        for name, (fn, _) in variants.items():
+            samples[name].append(fn())
+    rates = {n: Stats([nbytes / s.wall / MB for s in samples[n]]) for n, (_, nbytes) in variants.items()}
+    none_rate = rates["bare --log-driver none"].median
+    rows = []
+    for n, (_, nbytes) in variants.items():
+        ss = samples[n]
+        own = Stats([s.cpu_self / (size / 1e9) for s in ss]) if ss[0].cpu_self is not None else None
+        cli = Stats([s.cpu_children / (nbytes / 1e9) for s in ss])
+        rows.append([n + ("" if nbytes == size else f" ({nbytes // MB} MB)"), rates[n].fmt(1, 1, "MB/s"),
+                     f"{rates[n].median / none_rate:.2f}×", median_of(ss, "wall").fmt(1, 2, "s"),
+                     own.fmt(1, 2) if own else "–", cli.fmt(1, 2),
+                     f"{max(s.maxrss_kb for s in ss) / 1024:.1f} MB" if own else "–"])
+    say(f"\n{w.label}")
+    say(table(["variant", "MB/s median (min–max)", "vs none", "wall", "RunPilot CPU s/GB", "CLI CPU s/GB",
+               "RunPilot peak RSS"], rows))
+    rp_rate = rates["runpilot run"]
+    ratio = rp_rate.median / none_rate
+    own = Stats([s.cpu_self / (size / 1e9) for s in samples["runpilot run"]])
+    default_rate = rates["bare, default log driver"].median
+    bench.rows += [
+        Row("2", f"throughput, {w.key}: MB/s (ratio to bare `--log-driver none`)", rp_rate.fmt(1, 1, "MB/s"),
+            rates["bare --log-driver none"].fmt(1, 1, "MB/s"),
+            f"{ratio:.2f}× (default driver: {default_rate:.1f} MB/s, {rp_rate.median / default_rate:.1f}×)",
+            f"≥ {TARGETS['throughput_ratio']}×", ratio >= TARGETS["throughput_ratio"]),
+        Row("2", f"RunPilot's own CPU per GB, {w.key}", own.fmt(1, 2, "s/GB"), "", "",
+            f"≤ {TARGETS['cpu_s_per_gb']:.0f} s/GB", own.median <= TARGETS["cpu_s_per_gb"]),
+    ]
+
+
+# ==== case 3: METRIC-heavy output ==============================================
+
+def case_metrics(bench: Bench) -> None:
+    n = 200_000 if bench.quick else 1_000_000
+    reps = bench.reps
+    say(f"\n## 3. METRIC-heavy output: {n:,} lines (`cat` of a mounted file) ({reps} reps, alternating; "
+        f"load {loadavg()})")
+    data = bench.tmp / "metric-data"
+    data.mkdir(exist_ok=True)
+    rnd = random.Random(3)
+    lines = [f"METRIC step={i} loss={rnd.random() * 2:.6f} acc={rnd.random():.6f}\n" for i in range(n)]
+    metric_text = "".join(lines).encode()
+    plain_text = metric_text.replace(b"METRIC", b"NOTICE")  # same bytes and lines, no METRIC
+    (data / "metric.txt").write_bytes(metric_text)
+    (data / "plain.txt").write_bytes(plain_text)
+    del lines, plain_text
+    home = bench.new_home("metrics")
+    configs = {kind: write_config(bench.tmp / f"m-{kind}.yaml", f"bench-{kind}", bench.engine,
+                                  ["cat", f"/mnt/data/{kind}.txt"], data) for kind in ("metric", "plain")}
+
+    def rp(kind: str) -> Sample:
+        s = bench.runpilot(["run", str(configs[kind])], home)
+        run, meta = only_run(home)
+        count = meta.get("metrics", {}).get("count")
+        if meta.get("status") != "succeeded" or count != (n if kind == "metric" else 0):
+            raise BenchError(f"run {run.name}: status {meta.get('status')}, {count} samples recorded")
+        shutil.rmtree(run)
+        bench.record(f"3 {kind}", s)
+        return s
+
+    variants = {
+        "runpilot run, METRIC lines": lambda: rp("metric"),
+        "runpilot run, same bytes without METRIC": lambda: rp("plain"),
+        "bare --log-driver none, METRIC lines": lambda: bench.bare(
+            ["--rm", "--init", "--log-driver", "none", "-v", f"{data}:/mnt/data"],
+            [BUSYBOX_IMAGE, "cat", "/mnt/data/metric.txt"]),
+    }
+    samples: dict[str, list[Sample]] = {k: [] for k in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            samples[name].append(fn())
+    names = list(variants)
+    rows = []
+    for name in names:
+        ss = samples[name]
+        rp_row = ss[0].cpu_self is not None
+        rows.append([name, median_of(ss, "wall").fmt(1, 2, "s"),
+                     median_of(ss, "cpu_self").fmt(1, 2, "s") if rp_row else "–",
+                     Stats([s.cpu_self / n * 1e6 for s in ss]).fmt(1, 2, "µs") if rp_row else "–",
+                     f"{max(s.maxrss_kb for s in ss) / 1024:.1f} MB" if rp_row else "–"])
+    say(f"{len(metric_text) / MB:.1f} MB of output; metrics.json checked to hold {n:,} samples")
+    say(table(["variant", "wall", "RunPilot's own CPU", "CPU per line", "peak RSS"], rows))
+    with_m, without = median_of(samples[names[0]], "cpu_self"), median_of(samples[names[1]], "cpu_self")
+    per_sample = (with_m.median - without.median) / n * 1e6
+    total_per_sample = with_m.median / n * 1e6
+    rss = max(s.maxrss_kb for s in samples[names[0]]) / 1024
+    bench.rows += [
+        Row("3", "METRIC capture: RunPilot CPU per sample (METRIC run − same bytes without)",
+            f"{per_sample:.2f} µs", f"whole run: {total_per_sample:.2f} µs/line", "",
+            f"≤ {TARGETS['us_per_sample']:.0f} µs", per_sample <= TARGETS["us_per_sample"]),
+        Row("3", f"peak RSS, {n:,} METRIC lines", f"{rss:.1f} MB",
+            f"without METRIC: {max(s.maxrss_kb for s in samples[names[1]]) / 1024:.1f} MB", "",
+            f"< {TARGETS['rss_mb']:.0f} MB", rss < TARGETS["rss_mb"]),
+        Row("3", "wall, METRIC run vs bare `--log-driver none`", median_of(samples[names[0]], "wall").fmt(1, 2, "s"),
+            median_of(samples[names[2]], "wall").fmt(1, 2, "s"),
+            f"{median_of(samples[names[0]], 'wall').median / median_of(samples[names[2]], 'wall').median:.2f}×",
+            "", None),
+    ]
+
+
+# ==== case 4: history at scale =================================================
+
+PROJECT_NAMES = [f"{a}-{b}" for a in ("resnet", "vit", "bert", "gpt2", "unet", "mlp")
+                 for b in ("baseline", "sweep", "ablation", "finetune", "debug")]
+STATUS_WEIGHTS = {"succeeded": 80, "failed": 12, "interrupted": 5, "timeout": 2, "lost": 1}
+
+
+def history_home(bench: Bench, n: int) -> tuple[Path, str, str]:
+    """A home with N runs made through runpilot's own store code; cached. Returns (home, show ref, run id)."""
+    import runpilot as rp
+    key = f"home-s{rp.DB_SCHEMA_VERSION}-g{HOME_GENERATION}-n{n}"
+    home = CACHE_DIR / key
+    marker = home / "bench-complete.json"
+    if marker.exists() and not bench.fresh_home:
+        info = json.loads(marker.read_text())
+        say(f"using the cached home {home} ({n:,} runs, built in {info['build_s']:.0f} s)")
+        return home, info["ref"], info["target"]
+    shutil.rmtree(home, ignore_errors=True)
+    started = time.perf_counter()
+    store = rp.RunStore(home)
+    with store.db():
+        pass  # the real schema and indexes, on an empty runs/ folder
+    rnd = random.Random(4)
+    when = time.time() - 60
+    statuses, weights = list(STATUS_WEIGHTS), list(STATUS_WEIGHTS.values())
+    rows, ids = [], []
+    for i in range(n):
+        when -= rnd.randint(60, 1200)
+        start = time.gmtime(when)
+        run_id = time.strftime("%Y%m%d-%H%M%S", start) + f"-{rnd.getrandbits(24):06x}"
+        status = rnd.choices(statuses, weights)[0]
+        duration = round(rnd.uniform(5, 7200), 3)
+        exit_code = {"succeeded": 0, "failed": 1, "interrupted": 130, "timeout": 124, "lost": None}[status]
+        meta = _fake_meta(run_id, rnd.choice(PROJECT_NAMES), status, start, when, duration, exit_code, rnd, i)
+        path = store.runs_dir / run_id
+        path.mkdir(mode=0o700)
+        (path / "meta.json").write_bytes(rp._meta_bytes(meta))
+        rows.append(rp._row(rp.record_from_meta(meta, path)))
+        ids.append(run_id)
+    with store.db() as conn, rp._transaction(conn):
+        conn.executemany(rp._upsert_sql(), rows)
+    target = ids[n // 2]
+    _full_run_files(rp, store.runs_dir / target)
+    ordered = sorted(ids)
+    pos = ordered.index(target)
+    neighbours = [ordered[j] for j in (pos - 1, pos + 1) if 0 <= j < len(ordered)]
+    length = 1 + max(len(os.path.commonprefix([target, other])) for other in neighbours)
+    ref = target[:max(length, 13)]
+    build_s = time.perf_counter() - started
+    marker.write_text(json.dumps({"n": n, "ref": ref, "target": target, "build_s": build_s}))
+    say(f"built {home}: {n:,} run folders with meta.json + rows inserted in one transaction ({build_s:.1f} s)")
+    return home, ref, target
+
+
+def _fake_meta(run_id, name, status, start, when, duration, exit_code, rnd, i) -> dict:
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", start) + ".000Z"
+    finished = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when + duration)) + ".000Z"
+    container = f"runpilot-{run_id}"
+    command = ["docker", "run", "--rm", "--init", "--pull", "never", "--name", container, "--label",
+               f"runpilot.run_id={run_id}", "--log-driver", "none", "-e", "PYTHONUNBUFFERED", "-e",
+               "RUNPILOT_RUN_ID", "-v", "/home/ana/project:/workspace", "-w", "/workspace", "--gpus", "1",
+               "--entrypoint", "/bin/sh", "pytorch/pytorch:2.3.0-cuda12.1-cudnn8-runtime", "-c",
+               "python train.py"]
+    loss = round(rnd.uniform(0.01, 2), 4)
+    return {
+        "run_id": run_id, "name": name, "status": status, "started_at": started, "finished_at": finished,
+        "duration": duration, "exit_code": exit_code, "engine": "docker", "engine_version": "24.0.7",
+        "image": command[-4], "image_id": "sha256:" + "%064x" % rnd.getrandbits(256), "repo_digests": [],
+        "command": command, "command_line": " ".join(command), "container": container, "workdir": "/workspace",
+        "host": "gpu-box-1", "user": "ana", "runpilot_version": "0.4.0", "python": "3.11.7",
+        "os": "Linux-6.1.0-x86_64-with-glibc2.36",
+        "runner": {"pid": 1000 + i % 30000, "host": "gpu-box-1", "boot_id": "b" * 36, "start": str(i)},
+        "config_file": "/home/ana/project/config.yaml", "tags": {"try": str(i % 7)} if i % 3 == 0 else {},
+        "overrides": [], "rerun_of": None, "metrics": {"count": 1000, "malformed": 0},
+        "last_metrics": {"loss": loss, "accuracy": round(1 - loss / 2, 4)}, "warnings": [],
+    }
+
+
+def _full_run_files(rp, path: Path) -> None:
+    """The run `show` is timed on also has config.yaml, logs.txt and a metrics.json of 1,000 samples."""
+    (path / "config.yaml").write_text("name: resnet-baseline\nimage: \"pytorch/pytorch:2.3.0\"\n"
+                                      "entrypoint: \"python train.py\"\nmounts:\n  code: .\n")
+    (path / "logs.txt").write_bytes(b"epoch 1 batch 10/500 loss 1.234\n" * 3000)
+    metrics = rp.MetricLog(path / "metrics.json")
+    metrics.add_lines([f"METRIC step={i} loss={2 / (i + 1):.5f} accuracy={1 - 1 / (i + 2):.5f}".encode()
+                       for i in range(1000)])
+    metrics.close()
+
+
+def case_history(bench: Bench) -> None:
+    n = 20_000 if bench.quick else 100_000
+    reps = max(5, bench.reps * 2)
+    say(f"\n## 4. History at scale: {n:,} runs ({reps} reps, alternating; load {loadavg()})")
+    home, ref, target = history_home(bench, n)
+    env = bench.env(home)
+    script, module = [bench.python, str(RUNPILOT_PY)], [bench.python, "-m", "runpilot"]
+    commands = {
+        "python -c pass": [bench.python, "-c", "pass"],
+        "runpilot list": [*script, "list"],
+        "runpilot list --status failed": [*script, "list", "--status", "failed"],
+        f"runpilot show {ref}": [*script, "show", ref],
+        "python -m runpilot list": [*module, "list"],
+        f"python -m runpilot show {ref}": [*module, "show", ref],
+    }
+    out = subprocess.run(commands[f"runpilot show {ref}"], env=env, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0 or target not in out.stdout:
+        raise BenchError(f"runpilot show {ref} did not show {target}: {out.stderr.strip()[:500]}")
+    for argv in commands.values():  # warm-up (bytecode, page cache)
+        bench.timed(argv, env, cwd=ROOT)
+    samples: dict[str, list[Sample]] = {k: [] for k in commands}
+    for _ in range(reps):
+        for name, argv in commands.items():
+            samples[name].append(bench.timed(argv, env, cwd=ROOT))
+    walls = {k: median_of(v, "wall") for k, v in samples.items()}
+    base = walls["python -c pass"].median
+    say("`runpilot` = `python runpilot.py` (the copied file, compiled on every start); `python -m runpilot` uses "
+        "cached bytecode like an installed runpilot")
+    say(table(["command (stdout to /dev/null)", "wall median (min–max)", "over python -c pass"],
+              [[k, v.fmt(1000, 0, "ms"), f"+{(v.median - base) * 1000:.0f} ms"] for k, v in walls.items()]))
+    for key, measure, limit in (("runpilot list", "`runpilot list`", "list_ms"),
+                                ("runpilot list --status failed", "`runpilot list --status failed`", "list_ms"),
+                                (f"runpilot show {ref}", "`runpilot show PREFIX`", "show_ms")):
+        w = walls[key]
+        module_key = {"runpilot list": "python -m runpilot list",
+                      f"runpilot show {ref}": f"python -m runpilot show {ref}"}.get(key)
+        reference = f"`-m`: {walls[module_key].median * 1000:.0f} ms" if module_key else ""
+        bench.rows.append(Row("4", f"{measure} on {n:,} runs (python runpilot.py)", w.fmt(1000, 0, "ms"),
+                              reference, f"python -c pass: {base * 1000:.0f} ms",
+                              f"< {TARGETS[limit]:.0f} ms", w.median * 1000 < TARGETS[limit]))
+
+
+# ==== case 5: start-up =========================================================
+
+IMPORTTIME_RE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \| ( *)(\S+)\s*$")
+
+
+def importtime(bench: Bench, flags: list[str]) -> tuple[float, list[tuple[int, str]]]:
+    """Cumulative µs of the top-level `runpilot` import, and its direct imports' cumulative µs."""
+    done = subprocess.run([bench.python, *flags, "-X", "importtime", "-c", "import runpilot"], cwd=ROOT,
+                          env=bench.env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"import runpilot failed: {done.stderr[-1000:]}")
+    entries = [m.groups() for m in map(IMPORTTIME_RE.match, done.stderr.splitlines()) if m]
+    top = min(len(e[2]) for e in entries)
+    idx = max(i for i, e in enumerate(entries) if e[3] == "runpilot" and len(e[2]) == top)
+    children = []
+    for self_us, cum_us, indent, name in reversed(entries[:idx]):
+        if len(indent) == top:
+            break
+        if len(indent) == top + 2:
+            children.append((int(cum_us), name))
+    return float(entries[idx][1]), sorted(children, reverse=True)
+
+
+def case_startup(bench: Bench) -> None:
+    reps = max(5, bench.reps * 2)
+    say(f"\n## 5. Start-up ({reps} reps, alternating; load {loadavg()})")
+    plain, clean = [], []
+    children: list[tuple[int, str]] = []
+    importtime(bench, [])  # bytecode
+    for _ in range(reps):
+        plain.append(importtime(bench, [])[0] / 1e6)
+        cum, children = importtime(bench, ["-S"])
+        clean.append(cum / 1e6)
+    commands = {
+        "python -c pass": [bench.python, "-c", "pass"],
+        "python -c 'import runpilot'": [bench.python, "-c", "import runpilot"],
+        "python runpilot.py --help": [bench.python, str(RUNPILOT_PY), "--help"],
+        "python -m runpilot --help": [bench.python, "-m", "runpilot", "--help"],
+    }
+    env = bench.env()
+    for argv in commands.values():
+        bench.timed(argv, env, cwd=ROOT)
+    samples: dict[str, list[Sample]] = {k: [] for k in commands}
+    for _ in range(reps):
+        for name, argv in commands.items():
+            samples[name].append(bench.timed(argv, env, cwd=ROOT))
+    walls = {k: median_of(v, "wall") for k, v in samples.items()}
+    base = walls["python -c pass"].median
+    sp, sc = Stats(plain), Stats(clean)
+    say(table(["measure", "median (min–max)", "over python -c pass"],
+              [["-X importtime: runpilot cumulative", sp.fmt(1000, 1, "ms"), ""],
+               ["-S -X importtime (no site: nothing preloaded)", sc.fmt(1000, 1, "ms"), ""]]
+              + [[k, v.fmt(1000, 0, "ms"), f"+{(v.median - base) * 1000:.0f} ms"] for k, v in walls.items()]))
+    say("heaviest direct imports of runpilot (-S, cumulative): "
+        + ", ".join(f"{name} {us / 1000:.1f} ms" for us, name in children[:8]))
+    preloaded = subprocess.run([bench.python, "-c", "import sys; print(len(sys.modules))"],
+                               capture_output=True, text=True, env=env).stdout.strip()
+    preloaded_s = subprocess.run([bench.python, "-S", "-c", "import sys; print(len(sys.modules))"],
+                                 capture_output=True, text=True, env=env).stdout.strip()
+    say(f"(this interpreter has {preloaded} modules loaded at start with site, {preloaded_s} with -S)")
+    limit = TARGETS["import_ms"]
+    bench.rows += [
+        Row("5", "`import runpilot` (-S -X importtime, cumulative)", sc.fmt(1000, 1, "ms"),
+            f"with site: {sp.median * 1000:.1f} ms", "", f"< {limit:.0f} ms", sc.median * 1000 < limit),
+        Row("5", "`runpilot --help`, whole process", walls["python -m runpilot --help"].fmt(1000, 0, "ms"),
+            f"python -c pass: {base * 1000:.0f} ms",
+            f"+{(walls['python -m runpilot --help'].median - base) * 1000:.0f} ms "
+            f"(`python runpilot.py --help`: +{(walls['python runpilot.py --help'].median - base) * 1000:.0f} ms)",
+            "", None),
+    ]
+
+
+# ==== case 6: config parsing ===================================================
+
+def generated_config(lines_wanted: int = 2000) -> tuple[str, dict]:
+    """A YAML config of about LINES_WANTED lines and the data it must parse to."""
+    rnd = random.Random(6)
+    out = ["# Generated by tests/bench.py: a large RunPilot-style config for the parser benchmark.",
+           "# It mixes nested mappings, sequences, quoted strings, comments and block scalars.",
+           'name: "bench-config"', "image: 'runpilot-test-python:latest'", 'entrypoint: ["python", "train.py"]',
+           "experiments:"]
+    data: dict = {"name": "bench-config", "image": "runpilot-test-python:latest",
+                  "entrypoint": ["python", "train.py"], "experiments": {}}
+    i = 0
+    while len(out) < lines_wanted - 1:
+        key = f"exp_{i:03d}"
+        lr, dropout, seed = round(rnd.uniform(1e-4, 1e-2), 6), round(rnd.uniform(0, 0.5), 3), rnd.randint(0, 9999)
+        layers = [rnd.choice((64, 128, 256, 512)) for _ in range(3)]
+        exp = {
+            "description": f"Run {i}: the baseline with a larger batch.\nSecond line of notes.\n",
+            "model": {"layers": layers, "dropout": dropout, "activation": "gelu", "name": f"net-{i}"},
+            "optimizer": {"name": "adam", "lr": lr, "betas": [0.9, 0.999], "weight_decay": 0.01},
+            "schedule": [{"step": 0, "lr": lr}, {"step": 1000, "lr": round(lr / 2, 7)}],
+            "tags": ["baseline", "it's quoted", "tab\there"],
+            "notes": "Folded text that goes on and on across several lines.\n",
+            "env": {"EPOCHS": 10 + i % 5, "DATA_DIR": f"/mnt/data/shard-{i}", "DEBUG": False},
+            "enabled": i % 2 == 0,
+            "seed": seed,
+            "checkpoint": None,
+        }
+        data["experiments"][key] = exp
+        out += [
+            f"  {key}:",
+            f"    # experiment {i}",
+            "    description: |",
+            f"      Run {i}: the baseline with a larger batch.",
+            "      Second line of notes.",
+            "    model:",
+            f"      layers: [{', '.join(map(str, layers))}]",
+            f"      dropout: {dropout}",
+            "      activation: 'gelu'   # a trailing comment",
+            f'      name: "net-{i}"',
+            "    optimizer:",
+            "      name: adam",
+            f"      lr: {lr}",
+            "      betas: [0.9, 0.999]",
+            "      weight_decay: 0.01",
+            "    schedule:",
+            "      - step: 0",
+            f"        lr: {lr}",
+            "      - step: 1000",
+            f"        lr: {round(lr / 2, 7)}",
+            "    tags:",
+            '      - "baseline"',
+            "      - 'it''s quoted'",
+            '      - "tab\\there"',
+            "    notes: >",
+            "      Folded text that goes on",
+            "      and on across several lines.",
+            "    env:",
+            f"      EPOCHS: {10 + i % 5}",
+            f'      DATA_DIR: "/mnt/data/shard-{i}"',
+            "      DEBUG: false",
+            f"    enabled: {'true' if i % 2 == 0 else 'false'}",
+            f"    seed: {seed}",
+            "    checkpoint: null",
+            "",
+        ]
+        i += 1
+    return "\n".join(out) + "\n", data
+
+
+def first_difference(a: object, b: object, path: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if key not in a or key not in b:
+                return f"{path}.{key}: missing on one side"
+            diff = first_difference(a[key], b[key], f"{path}.{key}")
+            if diff:
+                return diff
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return next((d for j, (x, y) in enumerate(zip(a, b)) if (d := first_difference(x, y, f"{path}[{j}]"))),
+                    None)
+    if a != b or type(a) is not type(b):
+        return f"{path}: parsed {a!r}, expected {b!r}"
+    return None
+
+
+def case_yaml(bench: Bench) -> None:
+    import runpilot as rp
+    reps = max(20, bench.reps * 4)
+    text, expected = generated_config()
+    nlines = text.count("\n")
+    say(f"\n## 6. Config parsing: {nlines:,} lines, {len(text) / 1000:.0f} kB through runpilot.parse_yaml "
+        f"({reps} reps, in process)")
+    if "@@YAML@@" in RUNPILOT_PY.read_text():
+        say("NOTE: section 6 of runpilot.py is still the temporary PyYAML shim: this measures PyYAML")
+    try:
+        parsed = rp.parse_yaml(text, "bench.yaml")
+    except Exception as exc:  # a parser that rejects the file: say so, do not stop the other cases
+        say(f"parse_yaml raised {type(exc).__name__}: {exc}")
+        bench.rows.append(Row("6", f"{nlines:,}-line config, parse_yaml", "error", "", str(exc)[:60],
+                              f"< {TARGETS['yaml_ms']:.0f} ms", False))
+        return
+    diff = first_difference(parsed, expected)
+    say("parsed data matches the generated data" if diff is None else f"WARNING: parsed data differs: {diff}")
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        rp.parse_yaml(text, "bench.yaml")
+        times.append(time.perf_counter() - start)
+    located = []
+    for _ in range(max(5, reps // 4)):
+        start = time.perf_counter()
+        rp.parse_yaml_located(text, "bench.yaml")
+        located.append(time.perf_counter() - start)
+    st = Stats(times)
+    say(f"parse_yaml: {st.fmt(1000, 1, 'ms')}; parse_yaml_located: {Stats(located).fmt(1000, 1, 'ms')}; "
+        f"{st.median / nlines * 1e6:.1f} µs per line")
+    bench.rows.append(Row("6", f"{nlines:,}-line config through parse_yaml", st.fmt(1000, 1, "ms"),
+                          "" if diff is None else "result differs!", f"{st.median / nlines * 1e6:.1f} µs/line",
+                          f"< {TARGETS['yaml_ms']:.0f} ms", st.median * 1000 < TARGETS["yaml_ms"]))
+
+
+# ==== main =====================================================================
+
+CASES = {1: case_overhead, 2: case_throughput, 3: case_metrics, 4: case_history, 5: case_startup, 6: case_yaml}
+ENGINE_CASES = {1, 2, 3}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Prints a plain-text report ending in a markdown table.")
+    parser.add_argument("--engine", choices=("docker", "podman"), default="docker")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer reps and smaller sizes (100 MB, 200k METRIC lines, 20k runs): about 2 minutes")
+    parser.add_argument("--reps", type=int, help="repetitions per variant (default 5, --quick 2); short cases "
+                                                 "run twice as many")
+    parser.add_argument("--cases", default="1,2,3,4,5,6", help="comma-separated case numbers (default all)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for RunPilot (default: this one)")
+    parser.add_argument("--fresh-home", action="store_true", help="rebuild the cached history home of case 4")
+    args = parser.parse_args(argv)
+    if args.reps is None:
+        args.reps = 2 if args.quick else 5
+    try:
+        args.cases = sorted({int(c) for c in args.cases.split(",") if c.strip()})
+    except ValueError:
+        parser.error(f"--cases {args.cases!r}: give numbers such as 1,2,5")
+    if not set(args.cases) <= set(CASES):
+        parser.error(f"--cases: known cases are {', '.join(map(str, CASES))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    bench = Bench(args)
+    PYCACHE_DIR.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    failures = []
+    try:
+        if ENGINE_CASES & set(args.cases):
+            bench.check_engine()
+        say(f"# RunPilot benchmark ({'quick' if args.quick else 'full'}; cases {','.join(map(str, args.cases))})")
+        say("\n".join(machine_lines(bench)))
+        subprocess.run([bench.python, "-c", "import runpilot"], cwd=ROOT, env=bench.env(), check=True)
+        for number in args.cases:
+            try:
+                CASES[number](bench)
+            except BenchError as exc:
+                say(f"case {number} FAILED: {exc}")
+                failures.append(number)
+    except KeyboardInterrupt:
+        say("\ninterrupted")
+        return 130
+    except BenchError as exc:
+        say(f"bench: error: {exc}")
+        return 1
+    finally:
+        bench.cleanup()
+    if bench.peak_rss_kb:
+        name, worst = max(bench.peak_rss_kb, key=lambda x: x[1])
+        bench.rows.append(Row("1-3", "RunPilot's peak RSS over every run above", f"{worst / 1024:.1f} MB",
+                              f"worst: case {name}", "", f"< {TARGETS['rss_mb']:.0f} MB",
+                              worst / 1024 < TARGETS["rss_mb"]))
+    say(f"\n## Summary ({args.engine}, {'quick' if args.quick else 'full'}, {time.monotonic() - started:.0f} s, "
+        f"load at end {loadavg()})\n")
+    say(table(["case", "measure", "RunPilot", "reference", "comparison", "target", "result"],
+              [[r.case, r.measure, r.runpilot, r.reference, r.compare, r.target, r.verdict] for r in bench.rows]))
+    misses = [r for r in bench.rows if r.ok is False]
+    say(f"\n{len([r for r in bench.rows if r.ok])} target(s) met, {len(misses)} missed"
+        + (f"; case(s) {failures} failed to run" if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""The run store: run ids, private folders and files, the sqlite index, lost runs, parallel writers."""
+
+import contextlib
+import dataclasses
+import datetime as dt
+import io
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import runpilot
+
+REPO = Path(__file__).resolve().parent.parent
+UTC = dt.timezone.utc
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+class StoreTestCase(unittest.TestCase):
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.tmp = Path(tmp.name)
+        self.home = self.tmp / "home"  # not there yet: the store creates it
+        patcher = mock.patch.dict(os.environ, {"RUNPILOT_HOME": str(self.home)})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.store = runpilot.RunStore.default()
+
+    def make_run(self, when: dt.datetime, name: str = "job", status: str = "succeeded", write_meta: bool = True,
+                 run_id: str | None = None, extra_meta: dict | None = None, **fields) -> runpilot.RunRecord:
+        """A run folder with its meta.json, and its row."""
+        run_id = run_id or runpilot.new_run_id(when)
+        path = self.store.runs_dir / run_id
+        self.store.ensure()
+        path.mkdir(mode=0o700)
+        record = runpilot.RunRecord(id=run_id, name=name, status=status,
+                                    started_at=when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                                    path=str(path), **fields)
+        if write_meta:
+            meta = dataclasses.asdict(record)
+            meta["run_id"] = meta.pop("id")
+            del meta["path"]
+            meta.update(extra_meta or {})
+            runpilot.write_atomic(path / "meta.json", json.dumps(meta).encode())
+        self.store.save(record)
+        return record
+
+    def full_record(self, when: dt.datetime) -> runpilot.RunRecord:
+        return self.make_run(when, name="resnet · ü", status="failed", finished_at="2026-01-01T00:01:00.500Z",
+                             exit_code=3, duration=60.5, engine="podman", image="pytorch:2.4",
+                             last_metrics={"loss": 0.25, "acc": 1, "opt": "adam"},
+                             tags={"try": "3", "owner": "ana"})
+
+
+class RunIdTest(StoreTestCase):
+    def test_format(self):
+        run_id = runpilot.new_run_id(dt.datetime(2026, 11, 28, 22, 47, 5, 999999, tzinfo=UTC))
+        self.assertRegex(run_id, r"\A20261128-224705-[0-9a-f]{6}\Z")
+        self.assertRegex(runpilot.new_run_id(), r"\A\d{8}-\d{6}-[0-9a-f]{6}\Z")
+        self.assertTrue(runpilot.RUN_ID_RE.match(run_id))
+
+    def test_sorts_by_time(self):
+        start = dt.datetime(2025, 12, 31, 23, 59, 58, tzinfo=UTC)
+        times = [start + dt.timedelta(seconds=s) for s in (0, 1, 2, 61, 3600, 86400 * 40, 86400 * 400)]
+        ids = [runpilot.new_run_id(t) for t in times]
+        self.assertEqual(sorted(ids), ids)
+        self.assertEqual(len(set(ids)), len(ids))
+
+    def test_distinct_under_rapid_calls(self):
+        made = [self.store.create_run_dir() for _ in range(200)]
+        ids = [run_id for run_id, _ in made]
+        self.assertEqual(len(set(ids)), 200)
+        for run_id, path in made:
+            self.assertEqual(path, self.store.runs_dir / run_id)
+            self.assertTrue(path.is_dir())
+        self.assertEqual(sorted(p.name for p in self.store.runs_dir.iterdir()), sorted(ids))
+
+
+class PermissionTest(StoreTestCase):
+    def test_private_modes_even_with_umask_0(self):
+        old = os.umask(0)  # modes must not rely on the user's umask
+        self.addCleanup(os.umask, old)
+        run_id, path = self.store.create_run_dir()
+        self.store.save(runpilot.RunRecord(id=run_id, name="n", status="running", started_at=runpilot.utc_now(),
+                                           path=str(path)))
+        runpilot.write_private(path / "logs.txt", b"secret")
+        runpilot.write_atomic(path / "meta.json", b"{}")
+        runpilot.write_atomic(path / "meta.json", b'{"a": 1}')
+        runpilot.MetricLog(path / "metrics.json").close()
+        self.assertEqual(mode(self.home), 0o700)
+        self.assertEqual(mode(self.store.runs_dir), 0o700)
+        self.assertEqual(mode(path), 0o700)
+        self.assertEqual(mode(self.store.db_path), 0o600)
+        for name in ("logs.txt", "meta.json", "metrics.json"):
+            with self.subTest(name):
+                self.assertEqual(mode(path / name), 0o600)
+        self.assertEqual((path / "meta.json").read_bytes(), b'{"a": 1}')
+        self.assertEqual(sorted(p.name for p in path.iterdir()), ["logs.txt", "meta.json", "metrics.json"])
+        with self.store.db() as conn:  # sqlite's own -wal and -shm files exist while a connection is open
+            conn.execute("SELECT count(*) FROM runs").fetchone()
+            for suffix in ("-wal", "-shm"):
+                side = Path(f"{self.store.db_path}{suffix}")
+                if side.exists():
+                    self.assertEqual(mode(side), 0o600, side.name)
+
+
+class RoundTripTest(StoreTestCase):
+    def test_save_get_query(self):
+        when = dt.datetime(2026, 1, 1, tzinfo=UTC)
+        full = self.full_record(when)
+        running = self.make_run(when + dt.timedelta(minutes=5), name="b", status="running")
+        self.assertEqual(self.store.get(full.id), full)
+        self.assertEqual(self.store.get(full.id).last_metrics, {"loss": 0.25, "acc": 1, "opt": "adam"})
+        self.assertEqual(self.store.get(full.id).tags, {"try": "3", "owner": "ana"})
+        self.assertIsNone(self.store.get("20990101-000000-000000"))
+        self.assertEqual(self.store.query(), [running, full])  # newest first
+        self.assertEqual(self.store.query("status = ?", ("failed",)), [full])
+        self.assertEqual(self.store.query(limit=1), [running])
+        self.assertEqual(self.store.query(order="started_at"), [full, running])
+
+    def test_save_replaces(self):
+        record = self.make_run(dt.datetime(2026, 1, 1, tzinfo=UTC), status="running")
+        record.status, record.exit_code, record.last_metrics = "succeeded", 0, {"loss": 0.1}
+        self.store.save(record)
+        self.assertEqual(self.store.query(), [record])
+
+    def test_rows_in_sqlite(self):
+        record = self.full_record(dt.datetime(2026, 1, 1, tzinfo=UTC))
+        conn = sqlite3.connect(self.store.db_path)
+        self.addCleanup(conn.close)
+        row = conn.execute("SELECT id, name, status, exit_code, duration, last_metrics, tags FROM runs").fetchall()
+        self.assertEqual(row, [(record.id, "resnet · ü", "failed", 3, 60.5,
+                                '{"acc": 1, "loss": 0.25, "opt": "adam"}', '{"owner": "ana", "try": "3"}')])
+
+
+class ResolveTest(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        t0 = dt.datetime(2026, 1, 1, tzinfo=UTC)
+        self.a = self.make_run(t0, run_id="20260101-000000-aaaa11")
+        self.b = self.make_run(t0 + dt.timedelta(seconds=1), run_id="20260101-000001-aaaa22")
+        self.c = self.make_run(t0 + dt.timedelta(days=1), run_id="20260102-000000-cccccc")
+
+    def test_resolve(self):
+        cases = [(self.a.id, self.a), (self.b.id, self.b), ("20260102", self.c), ("20260101-000000", self.a),
+                 ("20260101-000001-a", self.b), ("latest", self.c), ("-1", self.c), ("-2", self.b), ("-3", self.a)]
+        for ref, expected in cases:
+            with self.subTest(ref=ref):
+                self.assertEqual(self.store.resolve(ref), expected)
+
+    def test_ambiguous(self):
+        with self.assertRaises(runpilot.StoreError) as caught:
+            self.store.resolve("20260101")
+        self.assertIn(self.a.id, str(caught.exception))
+        self.assertIn(self.b.id, str(caught.exception))
+        self.assertNotIn(self.c.id, str(caught.exception))
+
+    def test_unknown(self):
+        for ref in ("2025", "20260103", "-4", "ffffff"):
+            with self.subTest(ref=ref), self.assertRaises(runpilot.StoreError):
+                self.store.resolve(ref)
+
+    def test_not_a_run_id(self):
+        for ref in ("../../etc", "abc/def", "/etc/passwd", "..", "20260101-000000-AAAA11", "x" * 5, "",
+                    "20260101-000000-aaaa11-extra", "a b"):
+            with self.subTest(ref=ref):
+                with self.assertRaises(runpilot.UsageError) as caught:
+                    self.store.resolve(ref)
+                self.assertNotIsInstance(caught.exception, runpilot.StoreError)
+                self.assertEqual(caught.exception.exit_code, 2)
+
+    def test_latest_when_empty(self):
+        empty = runpilot.RunStore(self.tmp / "empty")
+        for ref in ("latest", "-1"):
+            with self.subTest(ref=ref), self.assertRaises(runpilot.StoreError):
+                empty.resolve(ref)
+
+
+class ReindexTest(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        t0 = dt.datetime(2026, 3, 1, 12, tzinfo=UTC)
+        self.records = [self.full_record(t0),
+                        self.make_run(t0 + dt.timedelta(hours=1), name="two", status="running",
+                                      engine="local", tags={"k": "v"}),
+                        self.make_run(t0 + dt.timedelta(hours=2), name="three", last_metrics={"x": -1.5})]
+        self.expected = sorted(self.records, key=lambda r: r.started_at, reverse=True)
+        # folders that are not runs are skipped
+        (self.store.runs_dir / "not-a-run").mkdir()
+        (self.store.runs_dir / "not-a-run" / "meta.json").write_text("{}")
+        broken = self.store.runs_dir / runpilot.new_run_id(t0 - dt.timedelta(days=1))
+        broken.mkdir()
+        (broken / "meta.json").write_bytes(b"\x00garbage{")
+
+    def test_deleted_db_is_rebuilt(self):
+        self.store.db_path.unlink()
+        self.assertEqual(self.store.query(), self.expected)
+        self.assertTrue(self.store.db_path.exists())
+
+    def test_garbage_db_is_set_aside_and_rebuilt(self):
+        for garbage in (b"garbage", os.urandom(8192), b"\xff" * 100_000):
+            with self.subTest(size=len(garbage)):
+                self.store.db_path.write_bytes(garbage)
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    self.assertEqual(self.store.query(), self.expected)
+                self.assertIn("damaged", err.getvalue())
+                aside = sorted(self.home.glob("runs.db.damaged-*"))
+                self.assertTrue(aside, list(self.home.iterdir()))
+                self.assertIn(garbage, [p.read_bytes() for p in aside])
+                for p in aside:
+                    p.unlink()
+
+    def test_damage_inside_the_file(self):
+        """A header that reads fine over damaged pages: rebuilt, or one clear StoreError; never a traceback."""
+        with self.store.db() as conn:
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+        data = self.store.db_path.read_bytes()
+        self.assertGreater(len(data), 2 * page)
+        self.store.db_path.write_bytes(data[:page] + b"\xff" * (len(data) - page))
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                rows = self.store.query()
+            except runpilot.StoreError as exc:
+                self.assertIn("reindex", str(exc))
+            else:
+                self.assertEqual(rows, self.expected)
+            self.assertEqual(self.store.reindex(), 3)
+        self.assertEqual(self.store.query(), self.expected)
+
+    def test_reindex_command(self):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            self.assertEqual(runpilot.main(["reindex"]), 0)
+        self.assertEqual(out.getvalue(), "indexed 3 run(s)\n")
+        self.assertEqual(self.store.query(), self.expected)
+
+    def test_reindex_picks_up_folder_without_row(self):
+        t = dt.datetime(2026, 3, 2, tzinfo=UTC)
+        orphan = self.make_run(t, name="orphan")
+        with self.store.db() as conn:
+            conn.execute("DELETE FROM runs WHERE id = ?", (orphan.id,))
+        self.assertEqual(len(self.store.query()), 3)
+        self.assertEqual(self.store.reindex(), 4)
+        self.assertEqual(self.store.get(orphan.id), orphan)
+
+
+class LockTest(StoreTestCase):
+    def test_locked_db_is_not_damage(self):
+        record = self.make_run(dt.datetime(2026, 1, 1, tzinfo=UTC))
+        other = sqlite3.connect(self.store.db_path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")  # a writer that does not let go
+        self.addCleanup(other.execute, "ROLLBACK")
+        err = io.StringIO()
+        with mock.patch.object(runpilot, "DB_TIMEOUT", 0.3), contextlib.redirect_stderr(err):
+            self.assertEqual(self.store.query(), [record])  # WAL: readers are not blocked
+            record.status = "lost"
+            with self.assertRaises(runpilot.StoreError) as caught:
+                self.store.save(record)
+        self.assertIn("locked", str(caught.exception))
+        self.assertEqual(list(self.home.glob("runs.db.damaged-*")), [])
+        self.assertNotIn("damaged", err.getvalue())
+        other.execute("ROLLBACK")
+        other.execute("BEGIN")  # for the cleanup's ROLLBACK
+        self.assertEqual(self.store.get(record.id).status, "succeeded")
+
+    # BUG: RunStore._open runs `PRAGMA journal_mode=WAL` on every open. On a database that is not yet in WAL
+    # mode (the first runs in a fresh home), a lock held by a parallel process makes that PRAGMA fail at
+    # once with "database is locked" (SQLite skips the busy handler there), so the run fails with StoreError
+    # instead of waiting DB_TIMEOUT. Seen as 1 of 16 parallel first runs failing now and then.
+    @unittest.expectedFailure
+    def test_first_open_waits_for_a_parallel_writer(self):
+        self.store.ensure()
+        other = sqlite3.connect(self.store.db_path, isolation_level=None, check_same_thread=False)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        timer = threading.Timer(0.5, other.execute, ("COMMIT",))
+        timer.start()
+        self.addCleanup(timer.join)
+        started = time.monotonic()
+        run_id, path = self.store.create_run_dir()
+        record = runpilot.RunRecord(id=run_id, name="n", status="running", started_at=runpilot.utc_now(),
+                                    path=str(path))
+        with mock.patch.object(runpilot, "DB_TIMEOUT", 10), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                self.store.save(record)
+            finally:
+                waited = time.monotonic() - started
+        self.assertGreater(waited, 0.4)
+        self.assertEqual(self.store.get(run_id), record)
+
+
+class MarkLostTest(StoreTestCase):
+    def dead_pid(self) -> int:
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        proc.wait()
+        return proc.pid
+
+    def running_run(self, runner: dict, minutes: int) -> runpilot.RunRecord:
+        when = dt.datetime(2026, 1, 1, tzinfo=UTC) + dt.timedelta(minutes=minutes)
+        return self.make_run(when, status="running", engine="local", extra_meta={"runner": runner})
+
+    def test_mark_lost(self):
+        me = runpilot.runner_identity()
+        dead = self.running_run({"pid": self.dead_pid(), "host": socket.gethostname(),
+                                 "boot_id": runpilot._boot_id(), "start": "1"}, 0)
+        alive = self.running_run(me, 1)
+        elsewhere = self.running_run({**me, "host": "not-" + socket.gethostname()}, 2)
+        rebooted = self.running_run({**me, "boot_id": "00000000-0000-0000-0000-000000000000"}, 3)
+        finished = self.make_run(dt.datetime(2026, 1, 1, 1, tzinfo=UTC), status="succeeded", engine="local",
+                                 extra_meta={"runner": {**me, "pid": self.dead_pid()}})
+        before = {r.id: (Path(r.path) / "meta.json").read_bytes() for r in (alive, elsewhere, finished)}
+        with contextlib.redirect_stderr(io.StringIO()):
+            out = runpilot.mark_lost_runs(self.store, self.store.query())
+        statuses = {r.id: r.status for r in out}
+        expected = {dead.id: "lost", alive.id: "running", elsewhere.id: "running", finished.id: "succeeded",
+                    rebooted.id: "lost" if runpilot._boot_id() else "running"}
+        self.assertEqual(statuses, expected)
+        self.assertEqual({r.id: r.status for r in self.store.query()}, expected)
+        for record in (dead, alive, elsewhere, rebooted, finished):
+            with self.subTest(record.id):
+                meta = json.loads((Path(record.path) / "meta.json").read_text())
+                self.assertEqual(meta["status"], expected[record.id])
+                self.assertEqual("lost_at" in meta, expected[record.id] == "lost")
+                if record.id in before:
+                    self.assertEqual((Path(record.path) / "meta.json").read_bytes(), before[record.id])
+
+    def test_meta_without_runner_is_untouched(self):
+        record = self.make_run(dt.datetime(2026, 1, 1, tzinfo=UTC), status="running", engine="local",
+                               write_meta=False)
+        runpilot.mark_lost_runs(self.store, [record])
+        self.assertEqual(self.store.get(record.id).status, "running")
+
+
+WRITER = r"""
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import runpilot
+go = float(sys.argv[2])
+while time.time() < go:
+    time.sleep(0.001)
+store = runpilot.RunStore.default()
+run_id, path = store.create_run_dir()
+store.save(runpilot.RunRecord(id=run_id, name=f"writer-{sys.argv[3]}", status="running",
+                              started_at=runpilot.utc_now(), path=str(path), tags={"n": sys.argv[3]}))
+print(run_id)
+"""
+
+
+class ParallelTest(StoreTestCase):
+    def test_parallel_writers_and_a_reader(self):
+        self.assertEqual(self.store.query(), [])  # the index exists; see test_first_open_waits_for_a_parallel_writer
+        go = time.time() + 1.0
+        procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(REPO), str(go), str(n)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(16)]
+        reads = 0
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            while time.time() < go:
+                time.sleep(0.001)
+            while any(p.poll() is None for p in procs):
+                rows = self.store.query()  # must never fail
+                self.assertLessEqual(len(rows), 16)
+                reads += 1
+        outputs = [p.communicate(timeout=60) for p in procs]
+        for proc, (out, stderr) in zip(procs, outputs):
+            self.assertEqual((proc.returncode, stderr), (0, ""))
+        ids = [out.strip() for out, _ in outputs]
+        self.assertEqual(len(set(ids)), 16)
+        rows = self.store.query()
+        self.assertEqual(sorted(r.id for r in rows), sorted(ids))
+        self.assertEqual(sorted(r.tags["n"] for r in rows), sorted(str(n) for n in range(16)))
+        self.assertEqual(sorted(p.name for p in self.store.runs_dir.iterdir()), sorted(ids))
+        self.assertGreater(reads, 0)
+        self.assertEqual(err.getvalue(), "")
+        self.assertEqual(list(self.home.glob("runs.db.damaged-*")), [])
+
+
+if __name__ == "__main__":
+    unittest.main()
