@@ -224,21 +224,997 @@ class RunRecord:
     watched: list = field(default_factory=list)       # the metrics the config lists
 
 # ==== 6. YAML subset reader and writer =======================================
-#@@YAML@@ TEMPORARY DEV SHIM -- replaced by the real section
+# RunPilot reads its config with this small reader so that the tool stays one
+# standard-library file. The subset is what a run config needs and what people
+# write by habit: block and flow collections, plain, quoted and block scalars,
+# comments, one document. Anchors, aliases, tags, merge keys, complex keys,
+# directives and multiple documents are refused by name with a located
+# YamlError, never half-read. Plain scalars are typed by the YAML 1.2 core
+# schema, so `no` stays a string and `010` is ten. dump_yaml writes block YAML
+# that this reader and PyYAML's safe_load both read back to the same data.
+
+_YAML_MAX_DEPTH = 100  # far beyond any config, and well inside Python's recursion limit
+_YAML_MAX_KEY = 1024   # YAML's limit on an implicit key's length; PyYAML enforces it too
+
+# Characters YAML allows in a stream (c-printable); others may appear only as escapes.
+_YAML_NON_PRINTABLE_RE = re.compile("[^\t\n\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_YAML_BLANK_RE = re.compile(r"[ \t]*(?:#.*)?$")      # nothing but whitespace or a comment
+_YAML_WS_RE = re.compile(r"[ \t]*")
+_YAML_END_RE = re.compile(r"[ \t]*$|[ \t]+#")        # what may follow a node on its line
+
+# Plain scalars (YAML 1.2 ns-plain-first, ns-plain-char), for block and flow context. Whitespace
+# is only space and tab: \s would also take NBSP and U+2028, which YAML reads as ordinary text.
+_YAML_PLAIN_FIRST_BLOCK = r"(?:[^ \t\-?:,\[\]{}#&*!|>'\"%@`]|[-?:](?=[^ \t]))"
+_YAML_PLAIN_CHAR_BLOCK = r"(?:[^ \t:#]|:(?=[^ \t])|(?<=[^ \t])#)"
+_YAML_PLAIN_FIRST_FLOW = r"(?:[^ \t\-?:,\[\]{}#&*!|>'\"%@`]|[-?:](?=[^ \t,\[\]{}]))"
+_YAML_PLAIN_CHAR_FLOW = r"(?:[^ \t:#,\[\]{}]|:(?=[^ \t,\[\]{}])|(?<=[^ \t])#)"
+
+
+def _yaml_plain_pattern(first: str, char: str) -> str:
+    """A one-line plain scalar: words of plain characters separated by spaces or tabs."""
+    return f"{first}{char}*(?:[ \\t]+{char}+)*"
+
+
+_YAML_PLAIN_BLOCK_RE = re.compile(_yaml_plain_pattern(_YAML_PLAIN_FIRST_BLOCK, _YAML_PLAIN_CHAR_BLOCK))
+_YAML_PLAIN_MORE_BLOCK_RE = re.compile(_yaml_plain_pattern(_YAML_PLAIN_CHAR_BLOCK, _YAML_PLAIN_CHAR_BLOCK))
+_YAML_PLAIN_FLOW_RE = re.compile(_yaml_plain_pattern(_YAML_PLAIN_FIRST_FLOW, _YAML_PLAIN_CHAR_FLOW))
+_YAML_PLAIN_MORE_FLOW_RE = re.compile(_yaml_plain_pattern(_YAML_PLAIN_CHAR_FLOW, _YAML_PLAIN_CHAR_FLOW))
+_YAML_PLAIN_KEY_RE = re.compile(
+    f"({_yaml_plain_pattern(_YAML_PLAIN_FIRST_BLOCK, _YAML_PLAIN_CHAR_BLOCK)})[ \\t]*:(?=[ \\t]|$)")
+_YAML_DQ_KEY_RE = re.compile(r'"(?:[^"\\]|\\.)*"[ \t]*:(?=[ \t]|$)')
+_YAML_SQ_KEY_RE = re.compile(r"'(?:[^']|'')*'[ \t]*:(?=[ \t]|$)")
+_YAML_DQ_SIMPLE_RE = re.compile(r'"([^"\\]*)"')      # one line, no escapes: the common case
+_YAML_SQ_SIMPLE_RE = re.compile(r"'((?:[^']|'')*)'(?!')")  # (?!') keeps '' from closing it
+_YAML_DQ_RUN_RE = re.compile(r'[^"\\ \t]+')
+_YAML_SQ_RUN_RE = re.compile(r"[^' \t]+")
+_YAML_HEX_RE = re.compile(r"[0-9A-Fa-f]+")
+_YAML_BLOCK_HEADER_RE = re.compile(r"[|>](?:([1-9])([-+]?)|([-+])([1-9]?))?(?=[ \t]|$)")
+
+_YAML_ESCAPES = {
+    "0": "\0", "a": "\a", "b": "\b", "t": "\t", "\t": "\t", "n": "\n", "v": "\v", "f": "\f",
+    "r": "\r", "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\", "N": "\x85", "_": "\xa0",
+    "L": "\u2028", "P": "\u2029",
+}
+_YAML_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+
+# What a node cannot start with, and why: features outside the subset are named.
+_YAML_BAD_STARTS = {
+    "&": "anchors (&name) are not supported; quote the value if '&' is text",
+    "*": "aliases (*name) are not supported; quote the value if '*' is text",
+    "!": "tags (!!str, !name) are not supported; quote the value if '!' is text",
+    "%": "'%' cannot start a plain scalar; quote the value",
+    "@": "'@' is reserved and cannot start a plain scalar; quote the value",
+    "`": "'`' is reserved and cannot start a plain scalar; quote the value",
+    ",": "unexpected ',' (an entry is missing before it)",
+    "]": "unexpected ']'",
+    "}": "unexpected '}'",
+    "#": "'#' starts a comment only after whitespace; quote the value if it is text",
+}
+_YAML_BAD_STARTS_BEFORE_SPACE = {
+    "?": "complex mapping keys ('? ') are not supported",
+    ":": "a mapping key is missing before ':' (empty keys are not supported)",
+}
+
+# The YAML 1.2 core schema. Everything else a plain scalar can spell is a string.
+_YAML_CONSTANTS: dict[str, object] = {
+    "~": None, "null": None, "Null": None, "NULL": None,
+    "true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False,
+}
+_YAML_INT_RE = re.compile(r"[-+]?[0-9]+")
+_YAML_OCT_RE = re.compile(r"0o[0-7]+")
+_YAML_HEX_INT_RE = re.compile(r"0x[0-9a-fA-F]+")
+_YAML_FLOAT_RE = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?")
+_YAML_INF_RE = re.compile(r"[-+]?\.(?:inf|Inf|INF)")
+_YAML_NAN_RE = re.compile(r"\.(?:nan|NaN|NAN)")
+
+# The writer's rules. A string is written plain only when it is made of these characters and
+# neither YAML 1.2 nor PyYAML's YAML 1.1 would read it as anything but that same string.
+_YAML_PLAIN_OK_RE = re.compile(r"[\w./](?:[\w ./:@+=,()~%^*!?<>;$\\&'#-]*[\w./@+=,()~%^*!?<>;$\\&'#-])?")
+_YAML_NUMBER_LIKE_RE = re.compile(r"[-+]?(?:[0-9]|\.[0-9_])|\.(?:inf|nan)$", re.IGNORECASE)
+_YAML_11_WORDS = frozenset({"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"})
+_YAML_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_YAML_DQ_ESCAPE_RE = re.compile('[\\\\"\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff]')
+_YAML_DQ_UNESCAPES = {
+    "\0": "\\0", "\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v", "\f": "\\f",
+    "\r": "\\r", "\x1b": "\\e", '"': '\\"', "\\": "\\\\", "\x85": "\\N", "\u2028": "\\L",
+    "\u2029": "\\P",
+}
+# Multi-line strings are written as literal blocks when every line reads back unchanged.
+_YAML_LITERAL_OK_RE = re.compile(  # no tab, and not U+0085, U+2028, U+2029: line breaks to YAML 1.1
+    "[\n\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]*")
+_YAML_TRAILING_SPACE_RE = re.compile(r" (?:\n|$)")
+
+
 class YamlError(ConfigError):
-    pass
-def parse_yaml_located(text, filename="<string>"):
-    import yaml
-    try:
-        return yaml.safe_load(text), {}
-    except yaml.YAMLError as e:
-        raise YamlError(str(e), filename)
-def parse_yaml(text, filename="<string>"):
+    """A YAML syntax error, or a feature outside RunPilot's subset, located by file, line and column."""
+
+
+def parse_yaml(text: str, filename: str = "<string>") -> object:
+    """Read one YAML document of RunPilot's subset; raise YamlError for anything else."""
     return parse_yaml_located(text, filename)[0]
-def dump_yaml(data):
-    import yaml
-    return yaml.safe_dump(data, sort_keys=False)
-#@@END@@
+
+
+def parse_yaml_located(text: str, filename: str = "<string>") -> tuple[object, dict[tuple, tuple[int, int]]]:
+    """Read a document and say where each node starts.
+
+    Returns (value, positions): positions maps a node's path (the tuple of mapping keys and
+    sequence indexes from the root; () is the root) to its 1-based (line, column). A mapping
+    entry's path points at its key; an empty value at the '-' or key that introduces it.
+    """
+    parser = _YamlParser(text, filename)
+    try:
+        value = parser.document()
+    except RecursionError as exc:  # the depth limit should prevent this; a deep caller may not leave room
+        raise YamlError("document nested too deeply to read", filename) from exc
+    return value, parser.positions
+
+
+def _yaml_is_marker(line: str) -> bool:
+    """Whether a line is a document marker: '---' or '...' alone or followed by whitespace."""
+    return line[:3] in ("---", "...") and line[3:4] in ("", " ", "\t")
+
+
+def _yaml_is_entry(line: str, col: int) -> bool:
+    """Whether a block sequence entry ('-' then whitespace or the line's end) starts at col."""
+    return line[col:col + 1] == "-" and line[col + 1:col + 2] in ("", " ", "\t")
+
+
+def _yaml_resolve(text: str) -> object:
+    """Type a plain scalar by the YAML 1.2 core schema: null, bool, int, float, else str."""
+    if text in _YAML_CONSTANTS:
+        return _YAML_CONSTANTS[text]
+    if text[0] not in "0123456789+-.":
+        return text
+    if _YAML_INT_RE.fullmatch(text):
+        return int(text)  # ValueError past Python's int digit limit; the parser reports it
+    if _YAML_OCT_RE.fullmatch(text):
+        return int(text[2:], 8)
+    if _YAML_HEX_INT_RE.fullmatch(text):
+        return int(text[2:], 16)
+    if _YAML_FLOAT_RE.fullmatch(text):
+        return float(text)
+    if _YAML_INF_RE.fullmatch(text):
+        return -math.inf if text[0] == "-" else math.inf
+    if _YAML_NAN_RE.fullmatch(text):
+        return math.nan
+    return text
+
+
+def _yaml_fold(lines: list[str | None]) -> str:
+    """Join a folded block scalar's lines (None is an empty line).
+
+    A single break between two ordinary lines becomes a space; n empty lines between them
+    become n newlines. Breaks next to a more-indented line are kept as they are.
+    """
+    parts: list[str] = []
+    blanks = 0
+    prev: str | None = None
+    for line in lines:
+        if line is None:
+            blanks += 1
+            continue
+        if prev is None:
+            parts.append("\n" * blanks)
+        elif prev[0] in " \t" or line[0] in " \t":
+            parts.append("\n" * (blanks + 1))
+        else:
+            parts.append("\n" * blanks if blanks else " ")
+        parts.append(line)
+        prev, blanks = line, 0
+    return "".join(parts)
+
+
+def _yaml_block_text(lines: list[str | None], folded: bool, chomp: str) -> str:
+    """Build a block scalar's value from its lines, then chomp: '-' strip, '' clip, '+' keep."""
+    last = max((i for i, line in enumerate(lines) if line is not None), default=-1)
+    body, trailing = lines[:last + 1], len(lines) - last - 1
+    text = _yaml_fold(body) if folded else "\n".join(line or "" for line in body)
+    if chomp == "-":
+        return text
+    if chomp == "+":
+        return text + "\n" * (trailing + (1 if body else 0))
+    return text + "\n" if body else ""
+
+
+class _YamlParser:
+    """Recursive descent over the document's lines with an explicit cursor (row, col).
+
+    Block structure is read line by line from indentation; quoted scalars and flow collections
+    are scanned character by character and may run over several lines. n is always the
+    indentation of the parent block (-1 at the top): a node's lines must be indented more.
+    """
+
+    def __init__(self, text: str, filename: str) -> None:
+        self.filename = filename
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        self.lines = text.split("\n")
+        if self.lines[-1] == "":
+            self.lines.pop()
+        self.blank = [_YAML_BLANK_RE.match(line) is not None for line in self.lines]
+        self.row = 0
+        self.col = 0
+        self.depth = 0
+        self.positions: dict[tuple, tuple[int, int]] = {}
+        bad = _YAML_NON_PRINTABLE_RE.search(text)
+        if bad:
+            row = text.count("\n", 0, bad.start())
+            col = bad.start() - (text.rfind("\n", 0, bad.start()) + 1)
+            raise self.error(f"character U+{ord(bad.group()):04X} is not allowed in YAML text; "
+                             "write it as an escape in a double-quoted string", row, col)
+
+    # -- cursor and errors ----------------------------------------------------------------
+
+    def error(self, message: str, row: int, col: int) -> YamlError:
+        """A YamlError at a 0-based row and column of the text."""
+        if row >= len(self.lines):
+            row = max(len(self.lines) - 1, 0)
+            col = len(self.lines[row]) if self.lines else 0
+        source = self.lines[row] if self.lines else ""
+        return YamlError(message, self.filename, row + 1, col + 1, source)
+
+    def peek(self) -> str:
+        """The character at the cursor, or '' at the end of its line."""
+        line = self.lines[self.row]
+        return line[self.col] if self.col < len(line) else ""
+
+    def next_content_row(self, row: int) -> int:
+        """The first row at or after row that holds more than whitespace and comments."""
+        blank = self.blank
+        while row < len(blank) and blank[row]:
+            row += 1
+        return row
+
+    def block_indent(self, row: int) -> int:
+        """The indentation of a content row in block context; -1 for a document marker."""
+        line = self.lines[row]
+        if _yaml_is_marker(line):
+            return -1
+        indent = len(line) - len(line.lstrip(" "))
+        if line[indent] == "\t":
+            raise self.error("tab character used for indentation; indent with spaces", row, indent)
+        return indent
+
+    def enter(self, row: int, col: int) -> None:
+        """Count one more level of nesting; refuse absurd depths before Python's stack does."""
+        self.depth += 1
+        if self.depth > _YAML_MAX_DEPTH:
+            raise self.error(f"nesting deeper than {_YAML_MAX_DEPTH} levels is not supported", row, col)
+
+    def resolve(self, text: str, row: int, col: int) -> object:
+        """Type a plain scalar, reporting a number Python cannot hold as a located error."""
+        try:
+            return _yaml_resolve(text)
+        except ValueError as exc:
+            raise self.error(f"cannot read this number: {exc}", row, col) from exc
+
+    def check_continuation(self, row: int, n: int, what: str) -> None:
+        """Check a line that continues a quoted scalar, plain scalar or flow collection."""
+        line = self.lines[row]
+        if _yaml_is_marker(line):
+            raise self.error(f"document marker {line[:3]!r} inside a {what}", row, 0)
+        indent = len(line) - len(line.lstrip(" "))
+        if indent <= n and line[indent:indent + 1] == "\t":
+            raise self.error("tab character used for indentation; indent with spaces", row, indent)
+        if indent <= n:
+            hint = ""
+            if what.startswith("flow"):
+                hint = (" (the closing bracket too)" if line[indent:indent + 1] in ("]", "}") else
+                        "; or is its closing bracket missing?")
+            raise self.error(f"bad indentation: a line that continues a {what} must be indented "
+                             f"by at least {n + 1} space(s){hint}", row, indent)
+
+    def check_node_start(self, row: int, col: int) -> None:
+        """Refuse, by name, what a node may not start with in this subset."""
+        line = self.lines[row]
+        ch = line[col]
+        message = _YAML_BAD_STARTS.get(ch)
+        if line[col + 1:col + 2] in ("", " ", "\t"):
+            message = _YAML_BAD_STARTS_BEFORE_SPACE.get(ch, message)
+        if ch == "%" and col == 0:
+            message = "directives (%YAML, %TAG) are not supported"
+        if message:
+            raise self.error(message, row, col)
+
+    def end_of_line(self, colon_message: str) -> None:
+        """Require nothing but whitespace or a comment after a node; move to the next row."""
+        line = self.lines[self.row]
+        if _YAML_END_RE.match(line, self.col) is None:
+            col = _YAML_WS_RE.match(line, self.col).end()
+            ch = line[col]
+            if ch == "#":
+                message = "a comment needs whitespace before '#'"
+            elif ch == ":":
+                message = colon_message
+            else:
+                message = f"unexpected text {line[col:col + 20]!r} after the value"
+            raise self.error(message, self.row, col)
+        self.row, self.col = self.row + 1, 0
+
+    # -- document and block structure -----------------------------------------------------
+
+    def document(self) -> object:
+        """document ::= ( "---" ( sep node(-1) | comment? NL block-node(-1) ) | block-node(-1) )
+        ( "..." comment? )?, with blank and comment lines anywhere around them."""
+        row = self.next_content_row(0)
+        self.positions[()] = (row + 1 if row < len(self.lines) else 1, 1)
+        if row < len(self.lines) and self.lines[row].startswith("%"):
+            raise self.error("directives (%YAML, %TAG) are not supported", row, 0)
+        if row < len(self.lines) and self.lines[row].startswith("---") and _yaml_is_marker(self.lines[row]):
+            value = self.entry_value(-1, (), row, 3, "doc")
+        else:
+            self.row = row
+            value = self.block_node(-1, ())
+        self.end_of_document()
+        return value
+
+    def end_of_document(self) -> None:
+        """Allow only a '...' marker, blank lines and comments after the top-level value."""
+        row = self.next_content_row(self.row)
+        if row >= len(self.lines):
+            return
+        line = self.lines[row]
+        ended = line.startswith("...") and _yaml_is_marker(line)
+        if ended:
+            if _YAML_END_RE.match(line, 3) is None:
+                raise self.error("only a comment may follow the document end marker '...'", row, 4)
+            row = self.next_content_row(row + 1)
+            if row >= len(self.lines):
+                return
+            line = self.lines[row]
+        if line.startswith("---") and _yaml_is_marker(line):
+            raise self.error("multiple documents in one file are not supported", row, 0)
+        if line.startswith("%"):
+            raise self.error("directives (%YAML, %TAG) are not supported", row, 0)
+        if ended:
+            raise self.error("content after the document end marker '...' is not supported "
+                             "(multiple documents)", row, 0)
+        col = self.block_indent(row)
+        raise self.error("expected the end of the document, but found more content "
+                         "(check the indentation)", row, col)
+
+    def block_node(self, n: int, path: tuple) -> object:
+        """block-node(n) ::= a node on a later line indented more than n; else empty (None)."""
+        row = self.next_content_row(self.row)
+        self.row = row
+        if row >= len(self.lines):
+            return None
+        indent = self.block_indent(row)
+        if indent <= n:
+            return None
+        self.col = indent
+        return self.node(n, path, "line")
+
+    def entry_value(self, n: int, path: tuple, row: int, col: int, context: str) -> object:
+        """The node after a '-', 'key:' or '---' indicator: on the same line, on the lines
+        below, or empty. Only a mapping value may be an indentless sequence (at column n)."""
+        line = self.lines[row]
+        start = _YAML_WS_RE.match(line, col).end()
+        if start < len(line) and line[start] != "#":
+            if context == "seq" and "\t" in line[col:start]:
+                context = "seq-tab"
+            self.row, self.col = row, start
+            return self.node(n, path, context)
+        self.row = row + 1
+        if context == "key":
+            nxt = self.next_content_row(self.row)
+            if nxt < len(self.lines) and self.block_indent(nxt) == n and _yaml_is_entry(self.lines[nxt], n):
+                self.row, self.col = nxt, n
+                self.positions[path] = (nxt + 1, n + 1)
+                return self.block_sequence(n, path, indentless=True)
+        value = self.block_node(n, path)
+        self.positions.setdefault(path, (row + 1, col))
+        return value
+
+    def node(self, n: int, path: tuple, context: str) -> object:
+        """node(n) ::= block-sequence | block-mapping | block-scalar | flow-collection
+        | quoted-scalar | plain-scalar, starting at the cursor.
+
+        context says what precedes it: 'line' (nothing), 'seq' ('- '), 'seq-tab' ('-' and a
+        tab), 'key' ('key: ') or 'doc' ('--- '). Block collections may start only after
+        'line' or 'seq': elsewhere their indentation would be ambiguous.
+        """
+        row, col = self.row, self.col
+        line = self.lines[row]
+        ch = line[col]
+        self.positions[path] = (row + 1, col + 1)
+        self.check_node_start(row, col)
+        if _yaml_is_entry(line, col):
+            self.check_collection_allowed(context, "sequence", row, col)
+            return self.block_sequence(col, path, indentless=False)
+        if ch in "|>":
+            return self.block_scalar(n)
+        if ch in "[{":
+            value = self.flow_collection(n, path)
+            self.end_of_line("flow collections cannot be mapping keys (complex keys are not supported)")
+            return value
+        if context in ("line", "seq", "seq-tab") and self.key_match(row, col):
+            self.check_collection_allowed(context, "mapping", row, col)
+            return self.block_mapping(col, path)
+        if ch in "\"'":
+            value = self.scan_quoted(n)
+            self.end_of_line(self.colon_message(context) if self.row == row else
+                             "an implicit mapping key must be on a single line")
+            return value
+        return self.resolve(self.plain_in_block(n, context), row, col)
+
+    def check_collection_allowed(self, context: str, what: str, row: int, col: int) -> None:
+        """Refuse a block collection that starts on the line of a 'key:', '---' or '-<tab>'."""
+        if context == "seq-tab":
+            raise self.error(f"tab character used for indentation: a block {what} after '-' "
+                             "must be indented with spaces", row, col)
+        if context == "key" and what == "sequence":
+            raise self.error("a block sequence cannot start on the same line as its key; "
+                             "start it on the next line", row, col)
+        if context == "doc" and what == "sequence":
+            raise self.error("a block sequence cannot start on the '---' line", row, col)
+        if context in ("key", "doc"):
+            raise self.error(self.colon_message(context), row, col)
+
+    @staticmethod
+    def colon_message(context: str) -> str:
+        """Why a 'key:' may not appear where context puts it."""
+        if context == "doc":
+            return "a block mapping cannot start on the '---' line"
+        if context == "key":
+            return ("': ' after a value: quote the value if ': ' is part of it; a nested mapping "
+                    "must start on the next line, indented")
+        return "a ':' after a key must be followed by a space"
+
+    def next_sibling(self, indent: int, what: str) -> bool:
+        """Move to the next content row; whether it continues the block at indent."""
+        row = self.next_content_row(self.row)
+        self.row = row
+        if row >= len(self.lines):
+            return False
+        found = self.block_indent(row)
+        if found > indent:
+            raise self.error(f"bad indentation: expected the next {what} at column {indent + 1}, "
+                             "or a line indented less", row, found)
+        self.col = found
+        return found == indent
+
+    def block_sequence(self, indent: int, path: tuple, indentless: bool) -> list:
+        """block-sequence(i) ::= ( "-" ( sep node(i) | comment? NL block-node(i) ) )+,
+        with every '-' at column i."""
+        self.enter(self.row, indent)
+        items: list = []
+        while True:
+            items.append(self.entry_value(indent, path + (len(items),), self.row, indent + 1, "seq"))
+            if not self.next_sibling(indent, "sequence entry"):
+                break
+            if not _yaml_is_entry(self.lines[self.row], indent):
+                if indentless:  # a key at the parent mapping's indentation ends the sequence
+                    break
+                raise self.error("expected a sequence entry ('- ') at this indentation", self.row, indent)
+        self.depth -= 1
+        return items
+
+    def block_mapping(self, indent: int, path: tuple) -> dict:
+        """block-mapping(i) ::= ( key ":" ( sep node(i) | comment? NL ( block-node(i)
+        | block-sequence(i) ) ) )+, with every key at column i."""
+        self.enter(self.row, indent)
+        mapping: dict = {}
+        while True:
+            row = self.row
+            self.check_node_start(row, indent)
+            match = self.key_match(row, indent)
+            if match is None:
+                raise self.error(self.not_a_key(row, indent), row, indent)
+            key = self.decode_key(match, row, indent)
+            self.check_new_key(mapping, key, path, row, indent)
+            mapping[key] = self.entry_value(indent, path + (key,), row, match.end(), "key")
+            self.positions[path + (key,)] = (row + 1, indent + 1)
+            if not self.next_sibling(indent, "key"):
+                break
+        self.depth -= 1
+        return mapping
+
+    def not_a_key(self, row: int, col: int) -> str:
+        """Explain why a line in a block mapping is not a 'key: value' entry."""
+        line = self.lines[row]
+        if _yaml_is_entry(line, col):
+            return "expected a mapping key here, found a sequence entry ('- ')"
+        if line.startswith(("'", '"'), col):
+            return "expected a mapping key; a quoted key must be on one line and followed by ': '"
+        if ":" not in line:
+            return "expected 'key: value' here, found a line without ':'"
+        return "expected 'key: value' here (a ':' after a key must be followed by a space)"
+
+    def key_match(self, row: int, col: int) -> re.Match | None:
+        """Match an implicit key and its ':' (then whitespace or the line's end) at row, col."""
+        line = self.lines[row]
+        ch = line[col]
+        regex = _YAML_DQ_KEY_RE if ch == '"' else _YAML_SQ_KEY_RE if ch == "'" else _YAML_PLAIN_KEY_RE
+        return regex.match(line, col)
+
+    def decode_key(self, match: re.Match, row: int, col: int) -> object:
+        """The value of the key that key_match found; refuse merge keys and overlong keys."""
+        if match.end() - 1 - col > _YAML_MAX_KEY:
+            raise self.error(f"a mapping key longer than {_YAML_MAX_KEY} characters is not allowed", row, col)
+        if self.lines[row][col] in "\"'":
+            self.row, self.col = row, col
+            return self.scan_quoted(-1)  # it fits on its line, so indentation does not matter
+        self.check_merge_key(match.group(1), "plain", row, col)
+        return self.resolve(match.group(1), row, col)
+
+    def check_merge_key(self, key: object, kind: str, row: int, col: int) -> None:
+        """Refuse a plain '<<' key: PyYAML would merge mappings there, this reader will not."""
+        if kind == "plain" and key == "<<":
+            raise self.error("merge keys (<<) are not supported; quote '<<' if it is a plain key", row, col)
+
+    def check_new_key(self, mapping: dict, key: object, path: tuple, row: int, col: int) -> None:
+        """Refuse a duplicate key (PyYAML would silently keep the last one)."""
+        if key in mapping:
+            first = self.positions.get(path + (key,), (0, 0))[0]
+            same = next(k for k in mapping if k == key)
+            note = "" if type(same) is type(key) else f" ({same!r} and {key!r} are the same dict key)"
+            raise self.error(f"duplicate key {key!r} (already defined on line {first}){note}", row, col)
+
+    # -- scalars --------------------------------------------------------------------------
+
+    def plain_in_block(self, n: int, context: str) -> str:
+        """plain(n) ::= a first line, then continuation lines indented more than n; a single
+        line break folds into a space and each empty line into a newline. A comment ends it."""
+        row, col = self.row, self.col
+        line = self.lines[row]
+        match = _YAML_PLAIN_BLOCK_RE.match(line, col)
+        if match is None:
+            raise self.error(f"unexpected {line[col]!r}; quote the value", row, col)
+        parts = [match.group()]
+        ended = self.plain_line_end(row, match.end(), context)
+        last, blanks, r = row, 0, row + 1
+        while not ended and r < len(self.lines):
+            text = self.lines[r]
+            stripped = text.lstrip(" \t")
+            if not stripped:
+                blanks, r = blanks + 1, r + 1
+                continue
+            if stripped[0] == "#":
+                ended = True
+                break
+            if _yaml_is_marker(text) or len(text) - len(text.lstrip(" ")) <= n:
+                break
+            start = len(text) - len(stripped)
+            match = _YAML_PLAIN_MORE_BLOCK_RE.match(text, start)
+            if match is None:
+                raise self.error("a ':' at the start of this line cannot continue the scalar above", r, start)
+            parts.append("\n" * blanks if blanks else " ")
+            parts.append(match.group())
+            ended = self.plain_line_end(r, match.end(), "more")
+            last, blanks, r = r, 0, r + 1
+        self.row, self.col = last + 1, 0
+        if ended:
+            self.check_no_continuation(n)
+        return "".join(parts)
+
+    def plain_line_end(self, row: int, col: int, context: str) -> bool:
+        """Check what ends a plain scalar's line: its end, a comment (True), or a bad ':'."""
+        line = self.lines[row]
+        match = _YAML_END_RE.match(line, col)
+        if match is not None:
+            return match.group().endswith("#")
+        colon = _YAML_WS_RE.match(line, col).end()
+        if context == "more":
+            raise self.error("this line looks like a mapping key but continues the multi-line scalar "
+                             "above; check its indentation", row, colon)
+        raise self.error(self.colon_message(context), row, colon)
+
+    def check_no_continuation(self, n: int) -> None:
+        """After a comment ends a plain scalar, nothing may continue it on a deeper line."""
+        row = self.next_content_row(self.row)
+        if row < len(self.lines) and not _yaml_is_marker(self.lines[row]):
+            line = self.lines[row]
+            indent = len(line) - len(line.lstrip(" "))
+            if indent > n:
+                raise self.error("bad indentation, or a multi-line scalar interrupted by a comment "
+                                 "(a comment ends a plain scalar)", row, indent)
+
+    def scan_quoted(self, n: int) -> str:
+        """quoted ::= "'" ( char | "''" )* "'" | '"' ( char | escape )* '"', at the cursor.
+        It may fold over lines indented more than n, like a plain scalar."""
+        line = self.lines[self.row]
+        quote = line[self.col]
+        simple = (_YAML_DQ_SIMPLE_RE if quote == '"' else _YAML_SQ_SIMPLE_RE).match(line, self.col)
+        if simple:
+            self.col = simple.end()
+            return simple.group(1) if quote == '"' else simple.group(1).replace("''", "'")
+        return self.scan_quoted_lines(quote, n)
+
+    def scan_quoted_lines(self, quote: str, n: int) -> str:
+        """The general case of scan_quoted: escapes, and line folding."""
+        opener = (self.row, self.col)
+        run_re = _YAML_DQ_RUN_RE if quote == '"' else _YAML_SQ_RUN_RE
+        row, i = self.row, self.col + 1
+        out: list[str] = []
+        while True:
+            line = self.lines[row]
+            spaces = ""  # unescaped whitespace, dropped if the line ends after it
+            escaped_break = False
+            while i < len(line):
+                ch = line[i]
+                if ch in " \t":
+                    spaces, i = spaces + ch, i + 1
+                    continue
+                if ch == quote == "'" and line[i + 1:i + 2] == "'":
+                    text, i = "'", i + 2  # '' is one quote inside single quotes
+                elif ch == quote:
+                    out.append(spaces)
+                    self.row, self.col = row, i + 1
+                    return "".join(out)
+                elif ch == "\\" and quote == '"':
+                    if i + 1 == len(line):
+                        out.append(spaces)
+                        spaces, escaped_break = "", True
+                        break
+                    text, i = self.escape(row, i)
+                else:
+                    match = run_re.match(line, i)
+                    text, i = match.group(), match.end()
+                out.append(spaces + text)
+                spaces = ""
+            row, i = self.fold_quoted_break(row, n, opener, escaped_break, out)
+
+    def fold_quoted_break(self, row: int, n: int, opener: tuple[int, int], escaped: bool,
+                          out: list[str]) -> tuple[int, int]:
+        """Fold the line break(s) after row inside a quoted scalar; return where text resumes."""
+        blanks = 0
+        row += 1
+        while row < len(self.lines) and not self.lines[row].strip(" \t"):
+            blanks, row = blanks + 1, row + 1
+        if row >= len(self.lines):
+            raise self.error("unterminated quoted scalar: no closing quote", *opener)
+        self.check_continuation(row, n, "quoted scalar")
+        out.append("\n" * blanks if blanks or escaped else " ")
+        return row, _YAML_WS_RE.match(self.lines[row]).end()
+
+    def escape(self, row: int, i: int) -> tuple[str, int]:
+        """Decode the escape sequence at line[i] (a backslash); return its text and where it ends."""
+        line = self.lines[row]
+        code = line[i + 1]
+        if code in _YAML_ESCAPES:
+            return _YAML_ESCAPES[code], i + 2
+        width = _YAML_HEX_ESCAPES.get(code, 0)
+        digits = line[i + 2:i + 2 + width]
+        if width and len(digits) == width and _YAML_HEX_RE.fullmatch(digits):
+            point = int(digits, 16)
+            if point > 0x10FFFF or 0xD800 <= point <= 0xDFFF:
+                raise self.error(f"escape '\\{code}{digits}' is not a Unicode character", row, i)
+            return chr(point), i + 2 + width
+        raise self.error(f"invalid escape '\\{code}' in a double-quoted scalar", row, i)
+
+    def block_scalar(self, n: int) -> str:
+        """block-scalar(n) ::= ( "|" | ">" ) ( digit chomp? | chomp digit? )? comment? NL line*,
+        with chomp '-' (strip) or '+' (keep), and every line indented at least n + digit, or
+        as much as the first non-empty line when there is no digit (more than n)."""
+        row, col = self.row, self.col
+        line = self.lines[row]
+        header = _YAML_BLOCK_HEADER_RE.match(line, col)
+        if header is None or _YAML_END_RE.match(line, header.end()) is None:
+            bad = header.end() if header else col + 1
+            if line[bad:bad + 1] == "#":
+                message = "a comment after a block scalar header needs whitespace before '#'"
+            else:
+                message = ("bad block scalar header: after '|' or '>' only a chomping indicator "
+                           "('-' or '+'), an indentation digit 1-9 and a comment may follow")
+            raise self.error(message, row, bad)
+        digit = header.group(1) or header.group(4)
+        chomp = header.group(2) or header.group(3) or ""
+        lines = self.block_scalar_lines(row + 1, n, n + int(digit) if digit else None)
+        if digit and n < 0 and any(line is not None for line in lines):
+            # The grammar says column digit-1 here, libyaml and PyYAML say column digit.
+            raise self.error("an indentation digit on a top-level block scalar is read differently by "
+                             "different YAML parsers; remove it", row, col + 1)
+        return _yaml_block_text(lines, line[col] == ">", chomp)
+
+    def block_scalar_lines(self, row: int, n: int, indent: int | None) -> list[str | None]:
+        """Collect a block scalar's lines with their indentation removed (None: empty line).
+        Without an explicit indentation, the first non-empty line sets it."""
+        out: list[str | None] = []
+        leading = (0, row)  # the most spaces on an empty line before the first content, and where
+        while row < len(self.lines):
+            line = self.lines[row]
+            if _yaml_is_marker(line):
+                break
+            stripped = line.lstrip(" ")
+            spaces = len(line) - len(stripped)
+            if indent is None and stripped and spaces > n:
+                indent = spaces
+                if leading[0] > indent:
+                    raise self.error("a leading empty line of this block scalar has more spaces "
+                                     "than its first content line", leading[1], leading[0])
+            if indent is not None and spaces >= indent and (stripped or spaces > indent):
+                out.append(line[indent:])
+            elif not stripped:
+                out.append(None)
+                leading = max(leading, (spaces, row)) if indent is None else leading
+            elif stripped[0] == "\t":
+                raise self.error("tab character used for indentation in a block scalar", row, spaces)
+            else:
+                break
+            row += 1
+        self.row, self.col = row, 0
+        return out
+
+    # -- flow collections -----------------------------------------------------------------
+
+    def flow_collection(self, n: int, path: tuple) -> object:
+        """flow-collection ::= flow-sequence | flow-mapping; its lines are indented more than n."""
+        self.enter(self.row, self.col)
+        if self.peek() == "[":
+            value: object = self.flow_sequence(n, path)
+        else:
+            value = self.flow_mapping(n, path)
+        self.depth -= 1
+        return value
+
+    def flow_skip(self, n: int, opener: tuple[int, int]) -> None:
+        """Skip spaces, tabs, comments and line breaks inside a flow collection."""
+        line = self.lines[self.row]
+        col = _YAML_WS_RE.match(line, self.col).end()
+        while col == len(line) or (line[col] == "#" and (col == 0 or line[col - 1] in " \t")):
+            self.row += 1
+            if self.row >= len(self.lines):
+                raise self.error("unterminated flow collection: no closing bracket for this one", *opener)
+            line = self.lines[self.row]
+            if not self.blank[self.row]:
+                self.check_continuation(self.row, n, f"flow collection opened on line {opener[0] + 1}")
+            col = _YAML_WS_RE.match(line).end()
+        self.col = col
+
+    def flow_sequence(self, n: int, path: tuple) -> list:
+        """flow-sequence ::= "[" ( entry ( "," entry )* ","? )? "]",
+        entry ::= flow-node | key ":" flow-node?  (a single-pair mapping)."""
+        opener = (self.row, self.col)
+        self.col += 1
+        items: list = []
+        while True:
+            self.flow_skip(n, opener)
+            if self.peek() == "]":
+                self.col += 1
+                return items
+            items.append(self.flow_sequence_entry(n, path + (len(items),), opener))
+            self.flow_skip(n, opener)
+            if self.peek() == ",":
+                self.col += 1
+            elif self.peek() != "]":
+                raise self.error(f"expected ',' or ']' in the flow sequence opened on line {opener[0] + 1}",
+                                 self.row, self.col)
+
+    def flow_sequence_entry(self, n: int, path: tuple, opener: tuple[int, int]) -> object:
+        """One flow sequence entry; 'key: value' in a sequence is a single-pair mapping."""
+        row, col = self.row, self.col
+        value, kind = self.flow_node(n, path)
+        end_row = self.row
+        self.flow_skip(n, opener)
+        if not self.at_value_indicator(kind):
+            return value
+        if kind == "collection":
+            raise self.error("flow collections cannot be mapping keys (complex keys are not supported)", row, col)
+        self.check_merge_key(value, kind, row, col)
+        if end_row != row or self.row != row:
+            raise self.error("an implicit key and its ':' must be on one line", row, col)
+        self.col += 1
+        pair = {value: self.flow_value(n, path + (value,), opener)}
+        self.positions[path + (value,)] = (row + 1, col + 1)
+        return pair
+
+    def flow_mapping(self, n: int, path: tuple) -> dict:
+        """flow-mapping ::= "{" ( pair ( "," pair )* ","? )? "}", pair ::= key ( ":" flow-node? )?"""
+        opener = (self.row, self.col)
+        self.col += 1
+        mapping: dict = {}
+        while True:
+            self.flow_skip(n, opener)
+            if self.peek() == "}":
+                self.col += 1
+                return mapping
+            row, col = self.row, self.col
+            if self.peek() in ("[", "{"):
+                raise self.error("flow collections cannot be mapping keys (complex keys are not supported)", row, col)
+            key, kind = self.flow_scalar(n)
+            self.check_merge_key(key, kind, row, col)
+            self.check_new_key(mapping, key, path, row, col)
+            self.flow_skip(n, opener)
+            value = None
+            if self.at_value_indicator(kind):
+                self.col += 1
+                value = self.flow_value(n, path + (key,), opener)
+            mapping[key] = value
+            self.positions[path + (key,)] = (row + 1, col + 1)
+            self.flow_skip(n, opener)
+            if self.peek() == ",":
+                self.col += 1
+            elif self.peek() != "}":
+                raise self.error(f"expected ',' or '}}' in the flow mapping opened on line {opener[0] + 1}",
+                                 self.row, self.col)
+
+    def at_value_indicator(self, kind: str) -> bool:
+        """Whether the cursor is at a ':' that separates a flow key from its value. After a
+        quoted key or a collection it may touch the value ("a":b); after a plain key not."""
+        line = self.lines[self.row]
+        if self.peek() != ":":
+            return False
+        return kind != "plain" or line[self.col + 1:self.col + 2] in ("", " ", "\t", ",", "[", "]", "{", "}")
+
+    def flow_value(self, n: int, path: tuple, opener: tuple[int, int]) -> object:
+        """The value after a ':' in a flow collection; empty (None) before ',', ']' or '}'."""
+        self.flow_skip(n, opener)
+        if self.peek() in (",", "]", "}"):
+            self.positions[path] = (self.row + 1, self.col + 1)
+            return None
+        return self.flow_node(n, path)[0]
+
+    def flow_node(self, n: int, path: tuple) -> tuple[object, str]:
+        """flow-node ::= flow-collection | flow-scalar; also says which kind it was."""
+        self.positions[path] = (self.row + 1, self.col + 1)
+        if self.peek() in ("[", "{"):
+            return self.flow_collection(n, path), "collection"
+        return self.flow_scalar(n)
+
+    def flow_scalar(self, n: int) -> tuple[object, str]:
+        """flow-scalar ::= quoted-scalar | plain-scalar; also says which kind it was."""
+        row, col = self.row, self.col
+        if self.peek() in ("'", '"'):
+            return self.scan_quoted(n), "quoted"
+        self.check_node_start(row, col)
+        return self.resolve(self.plain_in_flow(n), row, col), "plain"
+
+    def plain_in_flow(self, n: int) -> str:
+        """A plain scalar inside a flow collection; it may continue on lines indented more than
+        n, and ends at ',', brackets, a ':' before whitespace or brackets, or a comment."""
+        line = self.lines[self.row]
+        match = _YAML_PLAIN_FLOW_RE.match(line, self.col)
+        if match is None:
+            raise self.error(f"unexpected {line[self.col]!r} in a flow collection; quote the value",
+                             self.row, self.col)
+        parts = [match.group()]
+        self.col = match.end()
+        while _YAML_WS_RE.match(line, self.col).end() == len(line):
+            row, blanks = self.row + 1, 0
+            while row < len(self.lines) and not self.lines[row].strip(" \t"):
+                blanks, row = blanks + 1, row + 1
+            if row >= len(self.lines) or _yaml_is_marker(self.lines[row]):
+                break
+            text = self.lines[row]
+            start = _YAML_WS_RE.match(text).end()
+            match = _YAML_PLAIN_MORE_FLOW_RE.match(text, start)
+            if match is None or text[start] == "#" or len(text) - len(text.lstrip(" ")) <= n:
+                break  # what follows is flow_skip's to judge
+            parts.append("\n" * blanks if blanks else " ")
+            parts.append(match.group())
+            self.row, self.col, line = row, match.end(), text
+        return "".join(parts)
+
+
+# -- the writer ---------------------------------------------------------------------------
+
+def dump_yaml(data: object) -> str:
+    """Write data as block-style YAML that parse_yaml and PyYAML's safe_load read back equal.
+
+    data is made of dict (keys: str, int, float, bool or None), list or tuple (read back as
+    list), str, int, float, bool and None; key order is kept. Strings are written plain when
+    that is unambiguous under both YAML 1.2 and YAML 1.1, as literal blocks when they are
+    tidy multi-line text, else double-quoted with escapes. Raises TypeError for other types,
+    ValueError for nesting deeper than the reader accepts, lone surrogates, or a key longer
+    than 1024 characters once written.
+    """
+    out: list[str] = []
+    if isinstance(data, (dict, list, tuple)) and data:
+        _yaml_dump_block(data, 0, out, 1)
+    else:
+        _yaml_dump_entry("", data, 0, out, 0)
+    return "\n".join(out) + "\n"
+
+
+def _yaml_check_depth(depth: int) -> None:
+    """Refuse to write what the reader would refuse to read back."""
+    if depth > _YAML_MAX_DEPTH:
+        raise ValueError(f"data nested deeper than {_YAML_MAX_DEPTH} levels cannot be written "
+                         "(the reader refuses it)")
+
+
+def _yaml_dump_block(value: dict | list | tuple, indent: int, out: list[str], depth: int) -> None:
+    """Append a non-empty dict or list with its entries at column indent."""
+    _yaml_check_depth(depth)
+    pad = " " * indent
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _yaml_dump_entry(f"{pad}{_yaml_dump_key(key)}:", item, indent, out, depth)
+        return
+    for item in value:
+        if isinstance(item, (dict, list, tuple)) and item:  # compact: the first entry shares the '-' line
+            start = len(out)
+            _yaml_dump_block(item, indent + 2, out, depth + 1)
+            out[start] = f"{pad}- {out[start][indent + 2:]}"
+        else:
+            _yaml_dump_entry(f"{pad}-", item, indent, out, depth)
+
+
+def _yaml_dump_entry(head: str, value: object, indent: int, out: list[str], depth: int) -> None:
+    """Append 'head value' where head is 'key:', '-' or '' (the document), indent its column."""
+    sep = " " if head else ""
+    if isinstance(value, (dict, list, tuple)):
+        _yaml_check_depth(depth + 1)
+        if value:
+            out.append(head)
+            _yaml_dump_block(value, indent + 2, out, depth + 1)
+            return
+    if isinstance(value, str) and _yaml_literal_ok(value):
+        newlines = len(value) - len(value.rstrip("\n"))
+        out.append(f"{head}{sep}|{'-' if newlines == 0 else '' if newlines == 1 else '+'}")
+        lines = value.split("\n")
+        if newlines:
+            lines.pop()  # the last line break is the header's to give back
+        out.extend(" " * (indent + 2) + line if line else "" for line in lines)
+    else:
+        out.append(f"{head}{sep}{_yaml_dump_scalar(value)}")
+
+
+def _yaml_literal_ok(text: str) -> bool:
+    """Whether a string reads back exactly from a literal block ('|'): multi-line, printable,
+    no tabs, no trailing spaces, and a first line that sets the indentation."""
+    return ("\n" in text and text[0] not in " \n" and _YAML_LITERAL_OK_RE.fullmatch(text) is not None
+            and _YAML_TRAILING_SPACE_RE.search(text) is None)
+
+
+def _yaml_dump_key(key: object) -> str:
+    """A mapping key on one line; YAML limits implicit keys to 1024 characters."""
+    if not (key is None or isinstance(key, (str, int, float))):
+        raise TypeError(f"cannot write a mapping key of type {type(key).__name__} as YAML")
+    text = _yaml_dump_scalar(key)
+    if len(text) > _YAML_MAX_KEY:
+        raise ValueError(f"a mapping key longer than {_YAML_MAX_KEY} characters cannot be written")
+    return text
+
+
+def _yaml_dump_scalar(value: object) -> str:
+    """A scalar (or empty collection) on one line, read the same by YAML 1.2 core and YAML 1.1."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return _yaml_dump_float(value)
+    if isinstance(value, str):
+        return _yaml_dump_str(value)
+    if isinstance(value, (dict, list, tuple)) and not value:
+        return "{}" if isinstance(value, dict) else "[]"
+    raise TypeError(f"cannot write a value of type {type(value).__name__} as YAML")
+
+
+def _yaml_dump_float(value: float) -> str:
+    """A float that reads back as a float: YAML 1.1 wants a '.' before any exponent."""
+    if math.isnan(value):
+        return ".nan"
+    if math.isinf(value):
+        return ".inf" if value > 0 else "-.inf"
+    mantissa, e, exponent = repr(value).partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    return mantissa + e + exponent
+
+
+def _yaml_dump_str(text: str) -> str:
+    """A string, plain when nothing could read it as another type or structure, else quoted."""
+    if _YAML_SURROGATE_RE.search(text):
+        raise ValueError("a string with a lone surrogate cannot be written as UTF-8 YAML")
+    if (_YAML_PLAIN_OK_RE.fullmatch(text) and ": " not in text and " #" not in text and not text.startswith("...")
+            and _YAML_NUMBER_LIKE_RE.match(text) is None and text.lower() not in _YAML_11_WORDS):
+        return text
+    return '"' + _YAML_DQ_ESCAPE_RE.sub(_yaml_escape_char, text) + '"'
+
+
+def _yaml_escape_char(match: re.Match) -> str:
+    """The double-quoted escape for one character."""
+    ch = match.group()
+    if ch in _YAML_DQ_UNESCAPES:
+        return _YAML_DQ_UNESCAPES[ch]
+    return f"\\x{ord(ch):02X}" if ord(ch) < 0x100 else f"\\u{ord(ch):04X}"
+
 
 # ==== 7. Config loading and validation =======================================
 
@@ -689,7 +1665,7 @@ def parse_metric_line(line: bytes | str) -> dict | None:
     """
     if isinstance(line, bytes):
         line = line.decode("utf-8", "replace")
-    fields = line.split()
+    fields = [f for f in line.rstrip("\r\n").replace("\t", " ").split(" ") if f]  # only space and tab separate
     if not fields or fields[0] != "METRIC" or len(fields) < 2:
         return None
     sample: dict = {}
@@ -721,6 +1697,11 @@ def sample_json(step: int, sample: dict) -> str:
     return "".join(parts)
 
 
+def is_metric_line(line: bytes) -> bool:
+    """`METRIC` alone or followed by a space or tab: the one test of what counts as a METRIC line."""
+    return line[:6] == b"METRIC" and (len(line) == 6 or line[6] in b" \t\r")
+
+
 class MetricScanner:
     """Finds complete METRIC lines in one output stream's chunks, carrying a partial line over.
 
@@ -745,18 +1726,15 @@ class MetricScanner:
             return []
         lines = data.split(b"\n")
         self._keep_tail(lines.pop())
-        return [ln.rstrip(b"\r") for ln in lines if ln.startswith(b"METRIC")]
+        return [ln.rstrip(b"\r") for ln in lines if ln.startswith(b"METRIC") and is_metric_line(ln)]
 
     def finish(self) -> list[bytes]:
         """The last line when the stream ended without a newline."""
         tail, self.pending = self.pending, b""
-        return [tail.rstrip(b"\r")] if tail.startswith(b"METRIC") else []
+        return [tail.rstrip(b"\r")] if is_metric_line(tail) else []
 
     def _keep_tail(self, tail: bytes) -> None:
-        head = tail[:7]
-        maybe = b"METRIC "[:len(head)] == head or (len(head) == 7 and head[:6] == b"METRIC"
-                                                    and head[6:] in (b"\t", b"\r"))
-        if not maybe:
+        if not (b"METRIC".startswith(tail) or is_metric_line(tail)):
             self.pending, self.skipping = b"", bool(tail)
         elif len(tail) > MAX_METRIC_LINE:
             self.pending, self.skipping = b"", True
@@ -1430,6 +2408,9 @@ class RunStore:
             if not (read_only and self.db_path.exists()):
                 raise StoreError(f"cannot use {self.db_path}: {exc}") from exc
             conn = sqlite3.connect(f"{self.db_path.as_uri()}?immutable=1", uri=True)
+            if conn.execute("PRAGMA user_version").fetchone()[0] != DB_SCHEMA_VERSION:
+                conn.close()
+                raise StoreError(f"cannot use {self.db_path}: {exc}") from exc
         except sqlite3.DatabaseError as exc:     # not a database, or a malformed one
             conn = self._rebuild_damaged(exc)
         try:
@@ -1445,7 +2426,8 @@ class RunStore:
             os.close(os.open(self.db_path, os.O_WRONLY | os.O_CREAT, 0o600))
         conn = sqlite3.connect(self.db_path, timeout=DB_TIMEOUT, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                _while_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
             if conn.execute("PRAGMA user_version").fetchone()[0] != DB_SCHEMA_VERSION and self._migrate(conn):
                 self._index_folders(conn)
@@ -1555,6 +2537,18 @@ class RunStore:
             raise StoreError(f"{ref!r} matches several runs ({ids}{', ...' if len(rows) > 5 else ''}); "
                              "give more of the id")
         return rows[0]
+
+
+def _while_locked(action):
+    """Retry what SQLite refuses at once with 'database is locked' (switching to WAL does) until DB_TIMEOUT."""
+    deadline = time.monotonic() + DB_TIMEOUT
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -454,18 +454,26 @@ def case_throughput(bench: Bench) -> None:
         Workload("cat", "`cat` of a file of 100-byte lines (64 KiB writes)", "cat /mnt/data/log100.txt", 1.0),
         Workload("zero", "`head -c N /dev/zero` (no newlines, 4 KiB writes)", "head -c {n} /dev/zero", 1.0),
     ]
+    # Each variant's wall for a job that exits at once, so that the streaming rate can be told apart from
+    # the start-up cost that a whole-run rate also carries.
+    home = bench.new_home("tp-start")
+    variants = _throughput_variants(bench, "true", "true", data, home, 0)
+    starts: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            starts[name].append(fn().wall)
+    start_wall = {name: statistics.median(walls) for name, walls in starts.items()}
+    say("start-up wall of each variant (a job that exits at once): "
+        + ", ".join(f"{name} {wall * 1000:.0f} ms" for name, wall in start_wall.items()))
     for w in workloads:
-        _throughput_workload(bench, w, size, reps, data)
+        _throughput_workload(bench, w, size, reps, data, start_wall)
 
 
-def _throughput_workload(bench: Bench, w: Workload, size: int, reps: int, data: Path) -> None:
-    home = bench.new_home(f"tp-{w.key}")
-    cmd_full = w.command.format(n=size)
-    small = int(size * w.default_driver_share)
-    cmd_small = w.command.format(n=small)
-    cfg = write_config(bench.tmp / f"tp-{w.key}.yaml", f"bench-{w.key}", bench.engine, cmd_full, data)
-    mount = ["-v", f"{data}:/mnt/data"]
-    base = ["--rm", "--init", *mount]
+def _throughput_variants(bench: Bench, cmd_full: str, cmd_small: str, data: Path, home: Path,
+                         size: int, key: str = "start") -> dict:
+    """runpilot, bare `--log-driver none` and bare with the default driver, for one job command."""
+    cfg = write_config(bench.tmp / f"tp-{key}.yaml", f"bench-{key}", bench.engine, cmd_full, data)
+    base = ["--rm", "--init", "-v", f"{data}:/mnt/data"]
 
     def rp() -> Sample:
         s = bench.runpilot(["run", str(cfg)], home)
@@ -475,43 +483,53 @@ def _throughput_workload(bench: Bench, w: Workload, size: int, reps: int, data: 
             raise BenchError(f"RunPilot run {run.name}: status {meta.get('status')}, logs.txt {logged} bytes "
                              f"(expected {size})")
         shutil.rmtree(run)
-        bench.record(f"2 {w.key}", s)
+        if size:
+            bench.record(f"2 {key}", s)
         return s
-
-    variants = {
-        "runpilot run": (rp, size),
-        "bare --log-driver none": (lambda: bench.bare([*base, "--log-driver", "none"],
-                                                      [BUSYBOX_IMAGE, "sh", "-c", cmd_full]), size),
-        "bare, default log driver": (lambda: bench.bare(base, [BUSYBOX_IMAGE, "sh", "-c", cmd_small]), small),
+    return {
+        "runpilot run": rp,
+        "bare --log-driver none": lambda: bench.bare([*base, "--log-driver", "none"],
+                                                     [BUSYBOX_IMAGE, "sh", "-c", cmd_full]),
+        "bare, default log driver": lambda: bench.bare(base, [BUSYBOX_IMAGE, "sh", "-c", cmd_small]),
     }
+
+
+def _throughput_workload(bench: Bench, w: Workload, size: int, reps: int, data: Path,
+                         start_wall: dict[str, float]) -> None:
+    small = int(size * w.default_driver_share)
+    variants = _throughput_variants(bench, w.command.format(n=size), w.command.format(n=small), data,
+                                    bench.new_home(f"tp-{w.key}"), size, w.key)
+    nbytes = {"runpilot run": size, "bare --log-driver none": size, "bare, default log driver": small}
     samples: dict[str, list[Sample]] = {k: [] for k in variants}
     for _ in range(reps):
-        for name, (fn, _) in variants.items():
+        for name, fn in variants.items():
             samples[name].append(fn())
-    rates = {n: Stats([nbytes / s.wall / MB for s in samples[n]]) for n, (_, nbytes) in variants.items()}
-    none_rate = rates["bare --log-driver none"].median
+    rates = {n: Stats([nbytes[n] / s.wall / MB for s in samples[n]]) for n in variants}
+    net = {n: nbytes[n] / max(median_of(samples[n], "wall").median - start_wall[n], 1e-3) / MB for n in variants}
+    none = "bare --log-driver none"
     rows = []
-    for n, (_, nbytes) in variants.items():
+    for n in variants:
         ss = samples[n]
         own = Stats([s.cpu_self / (size / 1e9) for s in ss]) if ss[0].cpu_self is not None else None
-        cli = Stats([s.cpu_children / (nbytes / 1e9) for s in ss])
-        rows.append([n + ("" if nbytes == size else f" ({nbytes // MB} MB)"), rates[n].fmt(1, 1, "MB/s"),
-                     f"{rates[n].median / none_rate:.2f}×", median_of(ss, "wall").fmt(1, 2, "s"),
+        cli = Stats([s.cpu_children / (nbytes[n] / 1e9) for s in ss])
+        rows.append([n + ("" if nbytes[n] == size else f" ({nbytes[n] // MB} MB)"), rates[n].fmt(1, 1, "MB/s"),
+                     f"{rates[n].median / rates[none].median:.2f}×", median_of(ss, "wall").fmt(1, 2, "s"),
+                     f"{net[n]:.1f} MB/s ({net[n] / net[none]:.2f}×)",
                      own.fmt(1, 2) if own else "–", cli.fmt(1, 2),
                      f"{max(s.maxrss_kb for s in ss) / 1024:.1f} MB" if own else "–"])
     say(f"\n{w.label}")
-    say(table(["variant", "MB/s median (min–max)", "vs none", "wall", "RunPilot CPU s/GB", "CLI CPU s/GB",
-               "RunPilot peak RSS"], rows))
+    say(table(["variant", "MB/s median (min–max)", "vs none", "wall", "net of start-up", "RunPilot CPU s/GB",
+               "CLI CPU s/GB", "RunPilot peak RSS"], rows))
     rp_rate = rates["runpilot run"]
-    ratio = rp_rate.median / none_rate
+    ratio = rp_rate.median / rates[none].median
     own = Stats([s.cpu_self / (size / 1e9) for s in samples["runpilot run"]])
     default_rate = rates["bare, default log driver"].median
     bench.rows += [
         Row("2", f"throughput, {w.key}: MB/s (ratio to bare `--log-driver none`)", rp_rate.fmt(1, 1, "MB/s"),
-            rates["bare --log-driver none"].fmt(1, 1, "MB/s"),
-            f"{ratio:.2f}× (default driver: {default_rate:.1f} MB/s, {rp_rate.median / default_rate:.1f}×)",
-            f"≥ {TARGETS['throughput_ratio']}×", ratio >= TARGETS["throughput_ratio"]),
-        Row("2", f"RunPilot's own CPU per GB, {w.key}", own.fmt(1, 2, "s/GB"), "", "",
+            rates[none].fmt(1, 1, "MB/s"),
+            f"{ratio:.2f}× (net of start-up {net['runpilot run'] / net[none]:.2f}×; default driver "
+            f"{default_rate:.1f} MB/s)", f"≥ {TARGETS['throughput_ratio']}×", ratio >= TARGETS["throughput_ratio"]),
+        Row("2", f"RunPilot's own CPU per GB, {w.key} (whole run)", own.fmt(1, 2, "s/GB"), "", "",
             f"≤ {TARGETS['cpu_s_per_gb']:.0f} s/GB", own.median <= TARGETS["cpu_s_per_gb"]),
     ]
 

@@ -1,5 +1,6 @@
 """Config validation and the command lines RunPilot builds for docker, podman and engine `local`."""
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -85,7 +86,7 @@ class BuildEngineArgvTest(HomeTestCase):
     def test_no_env_value_in_argv(self):
         config = self.full_config()
         environ = {"PATH": "/usr/bin", "HOME_SECRET": "should-not-leak-either"}
-        config = runpilot.dataclasses.replace(config, env={**config.env, "REF": "${HOME_SECRET}"})
+        config = dataclasses.replace(config, env={**config.env, "REF": "${HOME_SECRET}"})
         values = list(SECRETS.values()) + ["should-not-leak-either"]
         for engine in ("docker", "podman"):
             with self.subTest(engine=engine):
@@ -101,7 +102,7 @@ class BuildEngineArgvTest(HomeTestCase):
                 self.assertEqual(launch.container, f"runpilot-{RUN_ID}")
 
 
-class GpuArgsTest(unittest.TestCase):
+class GpuArgsTest(HomeTestCase):
     def test_table(self):
         cases = [
             ("docker", None, []),
@@ -121,15 +122,13 @@ class GpuArgsTest(unittest.TestCase):
                 self.assertEqual(runpilot.gpu_args(engine, gpus), expected)
 
     def test_validated_list_reaches_argv(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            config = runpilot.validate_config({"name": "g", "image": "i", "entrypoint": "e",
-                                               "resources": {"gpus": [0, 2]}}, f"{tmp}/c.yaml")
+        config = self.validate({"name": "g", "image": "i", "entrypoint": "e", "resources": {"gpus": [0, 2]}})
         self.assertEqual(config.resources.gpus, ("0", "2"))
         argv = runpilot.build_engine_argv(config, RUN_ID, "docker", [])
         self.assertEqual(argv[argv.index("--gpus") + 1], '"device=0,2"')
 
 
-class ChooseEngineTest(unittest.TestCase):
+class ChooseEngineTest(HomeTestCase):
     def test_precedence(self):
         def which_of(*found):
             return lambda name: f"/usr/bin/{name}" if name in found else None
@@ -221,7 +220,7 @@ class EnvironmentTest(HomeTestCase):
                 self.assertEqual(caught.exception.exit_code, 2)
 
 
-class ParseTest(unittest.TestCase):
+class ParseTest(HomeTestCase):
     def test_parse_size(self):
         good = [("8g", 8 << 30), ("512m", 512 << 20), ("8GiB", 8 << 30), ("1.5G", 3 << 29), ("1024", 1024),
                 (1024, 1024), ("2k", 2048), ("1t", 1 << 40), ("100b", 100), (" 4g ", 4 << 30)]
@@ -377,7 +376,7 @@ class ValidateConfigTest(HomeTestCase):
                         str(caught.exception))
 
 
-class ApplyOverridesTest(unittest.TestCase):
+class ApplyOverridesTest(HomeTestCase):
     def test_overrides(self):
         data = {"name": "n", "env": {"A": "1"}, "resources": {"cpu": 2}}
         out = runpilot.apply_overrides(data, ["env.LR=0.01", "resources.gpus=2", "new.nested.key=x",
@@ -392,10 +391,9 @@ class ApplyOverridesTest(unittest.TestCase):
         self.assertEqual(out, {"env": {"OPTS": "a=b"}})
 
     def test_then_validates(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            data = runpilot.apply_overrides({"name": "n", "image": "i", "entrypoint": "e"},
-                                            ["env.LR=0.01", "resources.gpus=2"])
-            config = runpilot.validate_config(data, f"{tmp}/c.yaml")
+        data = runpilot.apply_overrides({"name": "n", "image": "i", "entrypoint": "e"},
+                                        ["env.LR=0.01", "resources.gpus=2"])
+        config = self.validate(data)
         self.assertEqual((config.env, config.resources.gpus), ({"LR": "0.01"}, 2))
 
     def test_bad_syntax(self):

@@ -49,7 +49,9 @@ class RunsHome(HomeTestCase):
     def add_run(self, name: str = "job", status: str = "succeeded", started: dt.datetime | None = None,
                 ago: dt.timedelta | None = None, duration: float | None = 10.0, exit_code: int | None = None,
                 samples: list[dict] = (), watched: list[str] = (), tags: dict | None = None,
-                log: bytes = b"", config: str | None = None, **meta_extra) -> runpilot.RunRecord:
+                log: bytes = b"", config: str | None = None, index: bool = True,
+                **meta_extra) -> runpilot.RunRecord:
+        """One finished (or running) run; index=False leaves the row to a later store.reindex()."""
         if started is None:
             started = dt.datetime.now(UTC) - ago if ago is not None else BASE
         self.serial += 1
@@ -58,7 +60,7 @@ class RunsHome(HomeTestCase):
         if exit_code is None and not running:
             exit_code = 0 if status == "succeeded" else 1
         metric_log = runpilot.MetricLog(path / "metrics.json", tuple(watched))
-        metric_log.add_lines(["METRIC " + " ".join(f"{k}={v}" for k, v in s.items()).encode() for s in samples])
+        metric_log.add_lines([("METRIC " + " ".join(f"{k}={v}" for k, v in s.items())).encode() for s in samples])
         metric_log.close()
         (path / "logs.txt").write_bytes(log)
         (path / "config.yaml").write_text(
@@ -77,7 +79,8 @@ class RunsHome(HomeTestCase):
         meta.update(meta_extra)
         runpilot.write_atomic(path / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
         record = runpilot.record_from_meta(meta, path)
-        self.store.save(record)
+        if index:
+            self.store.save(record)
         return record
 
     def tty_cli(self, *args: str, env: dict | None = None) -> tuple[int, str, str]:
@@ -183,7 +186,7 @@ class ListTable(RunsHome):
         self.add_run("one", started=BASE, watched=["loss"], samples=[{"loss": 0.5, "noise": 7}])
         self.add_run("two", started=BASE + dt.timedelta(minutes=1), watched=["f1", "loss"],
                      samples=[{"f1": 0.75, "other": 1}])
-        lines = self.cli("list")[1].splitlines()
+        lines = self.cli("list", "--absolute")[1].splitlines()
         self.assertEqual(lines[0].split()[6:], ["F1", "LOSS"])
         self.assertEqual([line.split()[6:] for line in lines[1:]], [["0.75", "-"], ["-", "0.5"]])
 
@@ -196,7 +199,7 @@ class ListTable(RunsHome):
         six = [line.split()[:6] for line in full.splitlines()]
         for width, headers in ((full_width, ["LOSS", "ACCURACY", "F1"]),
                                (full_width - 1, ["LOSS", "ACCURACY"]),
-                               (full_width - 4, ["LOSS"]),
+                               (full_width - 5, ["LOSS", "ACCURACY"]), (full_width - 6, ["LOSS"]),
                                (60, []), (10, []), (1, [])):
             with self.subTest(width=width):
                 table = runpilot.run_table(records, ["loss", "accuracy", "f1"], True, width)
@@ -277,7 +280,9 @@ class ListFilters(RunsHome):
         for i in range(300):
             status = ("succeeded", "failed", "timeout")[i % 3]
             records.append(self.add_run(f"sweep-{i:03d}", status, started=BASE - dt.timedelta(hours=i),
-                                        duration=float(i), watched=["loss"], samples=[{"loss": i / 1000}]))
+                                        duration=float(i), watched=["loss"], samples=[{"loss": i / 1000}],
+                                        index=False))
+        self.assertEqual(self.store.reindex(), 300)
         everything = self.ids("--all")
         self.assertEqual(everything, [r.id for r in records])   # records were made newest first
         self.assertEqual(self.ids("--all", "--status", "failed"), [r.id for r in records[1::3]])
@@ -398,7 +403,7 @@ class Sparkline(unittest.TestCase):
 
     def test_resampled_to_width(self):
         line = runpilot.sparkline(list(range(1000)))
-        self.assertEqual(line, "▁▁▁▁▂▂▂▂▂▂▃▃▃▃▃▄▄▄▄▄▄▅▅▅▅▅▅▆▆▆▆▆▇▇▇▇▇███")
+        self.assertEqual(line, "▁▁▁▂▂▂▂▂▂▃▃▃▃▃▃▄▄▄▄▄▅▅▅▅▅▅▆▆▆▆▆▆▇▇▇▇▇▇██")
         self.assertEqual(len(runpilot.sparkline(list(range(1000)), width=10)), 10)
         self.assertEqual(runpilot.sparkline([0] * 999 + [1]), "▁" * 39 + "█")  # the last point is kept
 
@@ -434,6 +439,7 @@ class Show(RunsHome):
         meta_size = (folder / "meta.json").stat().st_size
         metrics_size = (folder / "metrics.json").stat().st_size
         config_size = (folder / "config.yaml").stat().st_size
+        self.assertLess(max(meta_size, metrics_size, config_size), 1024)
         self.assertEqual(out.splitlines(), [
             f"run        {r.id}",
             "name       mnist",
@@ -451,11 +457,11 @@ class Show(RunsHome):
             "files",
             f"  config.yaml    {f'{config_size} B':>10}",
             "  logs.txt          2.0 KiB",
-            f"  meta.json      {f'{meta_size / 1024:.1f} KiB':>10}",
+            f"  meta.json      {f'{meta_size} B':>10}",
             f"  metrics.json   {f'{metrics_size} B':>10}",
             "metrics",
-            "  metric  count  first   last    min  max  trend",
-            "  loss        4      1  0.125  0.125    1  @=._",
+            "  metric  count  first   last    min   max  trend",
+            "  loss        4      1  0.125  0.125     1  @=._",
             "  acc         2    0.5   0.75    0.5  0.75  _@",
             "warning    the log mentions a bus error",
             "config",
@@ -590,15 +596,15 @@ class Compare(RunsHome):
         code, out, err = self.cli("compare", a.id, b.id)
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(out.splitlines(), [
-            f"                 {a.id}  {b.id}",
-            "env.LR                              0.1                     0.2",
-            "resources.gpus                        1                       -",
-            "status                        succeeded                  failed",
-            "duration                          1m15s                    5.0s",
-            "loss (last)                         0.5                   0.45*",
-            "loss (best)                        0.4*                    0.45",
-            "acc (last)                          0.7                   0.75*",
-            "acc (best)                         0.8*                    0.75",
+            f"                {a.id}  {b.id}",
+            "env.LR                             0.1                     0.2",
+            "resources.gpus                       1                       -",
+            "status                       succeeded                  failed",
+            "duration                         1m15s                    5.0s",
+            "loss (last)                        0.5                   0.45*",
+            "loss (best)                       0.4*                    0.45",
+            "acc (last)                         0.7                   0.75*",
+            "acc (best)                        0.8*                    0.75",
         ])
 
     def test_three_runs_by_reference_and_lower_is_better_names(self):
@@ -723,9 +729,9 @@ class GarbageCollect(RunsHome):
         patcher = mock.patch("sys.stdin", io.StringIO(""))
         patcher.start()
         self.addCleanup(patcher.stop)
-        # ten runs, one a day: the newest 1 day old, the oldest 10 days old; the third oldest still running
+        # ten runs, one a day: the newest half a day old, the oldest 9.5 days; the third oldest still running
         self.records = [self.add_run(f"r{i}", "running" if i == 7 else "succeeded",
-                                     ago=dt.timedelta(days=i + 1)) for i in range(10)]  # newest first
+                                     ago=dt.timedelta(days=i, hours=12)) for i in range(10)]  # newest first
 
     def remaining(self) -> list[str]:
         return [row["id"] for row in reversed(self.db_rows())]
@@ -767,7 +773,8 @@ class GarbageCollect(RunsHome):
 
     def test_hundreds(self):
         for i in range(250):
-            self.add_run(f"bulk{i}", started=BASE - dt.timedelta(days=60, minutes=i))
+            self.add_run(f"bulk{i}", started=BASE - dt.timedelta(days=60, minutes=i), index=False)
+        self.assertEqual(self.store.reindex(), 260)
         code, out, _ = self.cli("gc", "--older-than", "30d", "--dry-run")
         self.assertEqual(out.splitlines()[-1], "250 run(s) would be deleted")
         self.assertEqual(len(self.db_rows()), 260)
