@@ -1254,6 +1254,16 @@ def parse_size(value: object) -> int:
     return int(number)
 
 
+def size_text(size: int | None) -> str | int | None:
+    """8589934592 -> "8g": the largest unit that divides the size exactly (parse_size reads it back)."""
+    if size is None:
+        return None
+    for unit in "tgmk":
+        if size % SIZE_UNITS[unit] == 0:
+            return f"{size // SIZE_UNITS[unit]}{unit}"
+    return size
+
+
 def parse_duration(value: object) -> float:
     """Seconds from `90`, `90s`, `30m`, `2h`, `1d`; ValueError if nonsense."""
     if isinstance(value, bool) or value is None:
@@ -1505,7 +1515,8 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
     """Turn parsed YAML into a JobConfig, or raise ConfigError listing every problem."""
     chk = _Checker(filename, text, positions or {})
     if not isinstance(data, dict):
-        chk.problem((), "a config must be a mapping with at least name, image and entrypoint")
+        what = "the config is empty" if data is None else "a config must be a mapping"
+        chk.problem((), f"{what}; it needs at least name, image and entrypoint (runpilot init writes a sample)")
         chk.raise_if_any()
     assert isinstance(data, dict)
     _check_keys(chk, data, (), TOP_LEVEL_KEYS)
@@ -1605,8 +1616,11 @@ def config_to_dict(config: JobConfig) -> dict:
         data["env"] = dict(config.env)
     if config.mounts:
         data["mounts"] = _mounts_to_data(config)
-    resources = {k: (list(v) if isinstance(v, tuple) else v)
-                 for k, v in dataclasses.asdict(config.resources).items() if v is not None}
+    res = config.resources
+    resources = {"gpus": list(res.gpus) if isinstance(res.gpus, tuple) else res.gpus,
+                 "cpu": int(res.cpu) if res.cpu is not None and res.cpu == int(res.cpu) else res.cpu,
+                 "memory": size_text(res.memory), "shm_size": size_text(res.shm_size)}
+    resources = {k: v for k, v in resources.items() if v is not None}
     if resources:
         data["resources"] = resources
     if config.metrics:

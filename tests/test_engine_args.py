@@ -271,7 +271,10 @@ class RoundTripTest(HomeTestCase):
                                 "resources": {"gpus": [0, 2], "memory": "8g"}})
         self.assertEqual(runpilot.config_to_dict(config),
                          {"name": "d", "image": "i", "entrypoint": "x",
-                          "resources": {"gpus": ["0", "2"], "memory": 8 << 30}, "timeout": 1800})
+                          "resources": {"gpus": ["0", "2"], "memory": "8g"}, "timeout": 1800})
+        self.assertEqual(runpilot.size_text(8 << 30), "8g")
+        self.assertEqual(runpilot.size_text(1536 << 20), "1536m")
+        self.assertEqual(runpilot.size_text(1000), 1000)
 
 
 class ValidateConfigTest(HomeTestCase):
@@ -354,9 +357,10 @@ class ValidateConfigTest(HomeTestCase):
         self.assertProblem(self.with_(workdir="app"), "workdir must be an absolute path")
 
     def test_not_a_mapping(self):
-        for data in (None, [], "text"):
+        for data in ([], "text"):
             with self.subTest(data=data):
                 self.assertProblem(data, "must be a mapping")
+        self.assertProblem(None, "the config is empty", "name, image and entrypoint")
 
     def test_all_problems_reported(self):
         data = {"image": "i", "entrypoint": "e", "enviroment": {}, "env": {"1X": "a"},
