@@ -62,6 +62,7 @@ selectors = _LazyModule("selectors")
 socket = _LazyModule("socket")
 sqlite3 = _LazyModule("sqlite3")
 subprocess = _LazyModule("subprocess")
+unicodedata = _LazyModule("unicodedata")
 
 __version__ = "0.4.0"
 
@@ -109,7 +110,7 @@ DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?\Z", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # Words in a failed run's last log lines that mean /dev/shm was too small.
-SHM_HINT_WORDS = (b"bus error", b"shared memory", b"shm")
+SHM_HINT_RE = re.compile(rb"bus error|shared memory|/dev/shm|\bshm\b", re.IGNORECASE)
 
 # ==== 4. Errors ==============================================================
 
@@ -1701,6 +1702,17 @@ def _json_number(value: int | float | str) -> str:
     return str(value)
 
 
+def json_safe(value: object) -> object:
+    """Strict JSON for other tools (jq, SQLite's json_extract): NaN and ±Infinity become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def sample_json(step: int, sample: dict) -> str:
     """One sample as a JSON object, `step` first; hand-written because it is on the hot path."""
     parts = [f'{{"step": {step}']
@@ -2585,7 +2597,7 @@ def _upsert_sql() -> str:
 def _row(record: RunRecord) -> tuple:
     values = dataclasses.asdict(record)
     for column in JSON_COLUMNS:
-        values[column] = json.dumps(values[column], sort_keys=True)
+        values[column] = json.dumps(json_safe(values[column]), sort_keys=True)
     return tuple(values[c] for c in RUN_COLUMNS)
 
 
@@ -2775,15 +2787,18 @@ def _meta_bytes(meta: dict) -> bytes:
     return (json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def job_exit_code(returncode: int) -> int:
+    """A shell's spelling of how the job ended: a local process killed by signal N is 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def finish_status(result: TeeResult) -> tuple[str, int]:
     """The run's status and RunPilot's exit status from how the job ended."""
     if result.stop_reason == "interrupted":
         return "interrupted", 128 + (result.stop_signal or signal.SIGINT)
     if result.stop_reason == "timeout":
         return "timeout", 124
-    code = result.returncode
-    if code < 0:
-        code = 128 - code  # the local process died of a signal
+    code = job_exit_code(result.returncode)
     if result.log_error is not None:
         return "failed", code or 1
     return ("succeeded" if code == 0 else "failed"), code
@@ -2794,6 +2809,7 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: d
     """Run one job end to end: check, record `running`, tee its output, record how it ended."""
     environ = os.environ if environ is None else environ
     engine = choose_engine(options.engine, config, environ)
+    config = dataclasses.replace(config, engine=engine)  # the stored config says where it ran
     env = resolve_env(job_environment(config, "", _mount_env(config, engine)), environ)
     facts = check_host(config, engine, options, environ)  # raises before anything is recorded
     run_id, path = store.create_run_dir(options.run_id)
@@ -2882,7 +2898,7 @@ def _finish(store: RunStore, config: JobConfig, path: Path, meta: dict, result: 
     status, exit_code = finish_status(result)
     finished = utc_now()
     meta.update(status=status, exit_code=exit_code if status not in ("interrupted", "timeout") else
-                result.returncode, finished_at=finished,
+                job_exit_code(result.returncode), finished_at=finished,
                 duration=round((parse_time(finished) - parse_time(meta["started_at"])).total_seconds(), 3))
     meta["warnings"] = run_warnings(config, meta, path, status, previous)
     record = record_of(meta, path)
@@ -2929,20 +2945,20 @@ def run_warnings(config: JobConfig, meta: dict, path: Path, status: str, previou
         warnings.append(f"{meta['metrics']['malformed']} METRIC line(s) were malformed and skipped "
                         "(expected: METRIC name=value [name=value ...])")
     warnings += rerun_changes(meta, previous)
-    if status == "failed" and _log_tail_has(path / "logs.txt", SHM_HINT_WORDS):
+    if status == "failed" and _log_tail_has(path / "logs.txt", SHM_HINT_RE):
         warnings.append("the log mentions a bus error or shared memory: PyTorch DataLoader workers "
                         "need more /dev/shm; set resources.shm_size (e.g. 8g)")
     return warnings
 
 
-def _log_tail_has(path: Path, words: tuple[bytes, ...], size: int = 8192) -> bool:
+def _log_tail_has(path: Path, pattern: re.Pattern, size: int = 8192) -> bool:
     try:
         with open(path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - size))
-            tail = f.read().lower()
+            tail = f.read()
     except OSError:
         return False
-    return any(w in tail for w in words)
+    return pattern.search(tail) is not None
 
 
 def mark_lost_runs(store: RunStore, records: list[RunRecord]) -> list[RunRecord]:
@@ -3048,19 +3064,28 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
+def text_width(text: str) -> int:
+    """Columns a string takes on a terminal: wide (CJK) characters take two, combining marks none."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
 def format_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset(),
                  width: int | None = None, min_columns: int = 1, paint=None) -> str:
     """Aligned columns; columns past `min_columns` are dropped whole (never cut) to fit `width`.
 
     `paint(column, padded_text, row)` may decorate a body cell (colour) after alignment.
     """
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    widths = [max([text_width(h)] + [text_width(r[i]) for r in rows]) for i, h in enumerate(headers)]
     keep = len(headers)
     while width and keep > min_columns and sum(widths[:keep]) + 2 * (keep - 1) > width:
         keep -= 1
 
     def line(cells: list[str], row: list[str] | None) -> str:
-        parts = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells[:keep])]
+        pads = [" " * (widths[i] - text_width(c)) for i, c in enumerate(cells[:keep])]
+        parts = [pad + c if i in right else c + pad for i, (c, pad) in enumerate(zip(cells, pads))]
         if paint and row is not None:
             parts = [paint(i, p, row) for i, p in enumerate(parts)]
         return "  ".join(parts).rstrip()
@@ -3472,9 +3497,8 @@ def detach(argv: list[str], store: RunStore) -> int:
         child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *child_argv],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                  start_new_session=True)
-    meta = store.runs_dir / run_id / "meta.json"
     try:
-        while not meta.exists():  # the child may be pulling an image first
+        while store.get(run_id) is None:  # the child may be pulling an image first
             if child.poll() is not None:
                 sys.stderr.write(errors.read_text(errors="replace"))
                 return child.returncode or 1
@@ -3546,7 +3570,7 @@ def cmd_list(args) -> int:
     if args.quiet:
         print("\n".join(r.id for r in records))
     elif args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in records], indent=2, sort_keys=True))
+        print(json.dumps(json_safe([dataclasses.asdict(r) for r in records]), indent=2, sort_keys=True))
     elif args.format == "csv":
         header = ["id", "name", "status", "started_at", "finished_at", "duration", "exit_code"] + metrics
         print(csv_text(header, [[r.id, r.name, r.status, r.started_at, r.finished_at, r.duration, r.exit_code]
@@ -3572,8 +3596,8 @@ def cmd_show(args) -> int:
     samples = read_metrics(Path(record.path) / "metrics.json")
     if args.json:
         summary = {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in metric_summary(samples).items()}
-        print(json.dumps({"run": dataclasses.asdict(record), "meta": meta, "metrics": summary,
-                          "files": _files(Path(record.path))}, indent=2, sort_keys=True))
+        print(json.dumps(json_safe({"run": dataclasses.asdict(record), "meta": meta, "metrics": summary,
+                                    "files": _files(Path(record.path))}), indent=2, sort_keys=True))
     else:
         print(show_text(record, meta, samples, args.ascii or not _can_encode(SPARK_BLOCKS)))
     return 0
@@ -3610,25 +3634,43 @@ def cmd_logs(args) -> int:
 
 
 def _print_log(path: Path, out, tail: int | None) -> int:
-    if tail is None:
+    """Print the log (or its last `tail` lines, however long they are); return the offset reached."""
+    if tail is None or not path.exists():
         return _copy_from(path, out, 0)
-    size = path.stat().st_size if path.exists() else 0
-    with open(path, "rb") if path.exists() else contextlib.nullcontext(None) as f:
-        if f is None:
-            return 0
-        start = max(0, size - max(65536, tail * 512))
-        f.seek(start)
-        data = f.read(size - start)
-        lines = data.splitlines(keepends=True)[-tail:] if tail > 0 else []
-        out(b"".join(lines))
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = _tail_start(f, size, tail)
+    _copy_from(path, out, start, size)
     return size
 
 
-def _copy_from(path: Path, out, offset: int) -> int:
+def _tail_start(f, size: int, lines: int) -> int:
+    """Offset of the first of the last `lines` lines, reading backwards block by block."""
+    if lines <= 0:
+        return size
+    end, found = size, 0
+    f.seek(size - 1 if size else 0)
+    if size and f.read(1) == b"\n":
+        end -= 1  # the final newline ends the last line; it does not start a new one
+    position = end
+    while position > 0:
+        block = min(READ_SIZE, position)
+        position -= block
+        f.seek(position)
+        data = f.read(block)
+        index = len(data)
+        while (index := data.rfind(b"\n", 0, index)) >= 0:
+            found += 1
+            if found == lines:
+                return position + index + 1
+    return 0
+
+
+def _copy_from(path: Path, out, offset: int, end: int | None = None) -> int:
     try:
         with open(path, "rb") as f:
             f.seek(offset)
-            while chunk := f.read(READ_SIZE):
+            while chunk := f.read(READ_SIZE if end is None else min(READ_SIZE, end - offset)):
                 out(chunk)
                 offset += len(chunk)
     except FileNotFoundError:
@@ -3672,9 +3714,13 @@ def cmd_export(args) -> int:
     if args.format == "csv":
         text = csv_text(*export_rows(runs))
     else:
-        text = "".join(json.dumps({"run_id": r.id, "name": r.name, **s}) + "\n" for r, samples in runs for s in samples)
+        text = "".join(json.dumps(json_safe({"run_id": r.id, "name": r.name, **s})) + "\n"
+                       for r, samples in runs for s in samples)
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise RunPilotError(f"cannot write {args.output}: {exc.strerror}; choose another -o path") from exc
         print(f"wrote {sum(len(s) for _, s in runs)} sample(s) of {len(runs)} run(s) to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
