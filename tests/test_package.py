@@ -1,0 +1,68 @@
+"""The shape the product promises: one stdlib-only module for Python 3.10+, version defined once."""
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+import unittest
+
+from tests.common import ROOT, RUNPILOT, HomeTestCase
+
+import runpilot
+
+
+class StandardLibraryOnly(unittest.TestCase):
+    def test_every_import_is_in_the_standard_library(self):
+        tree = ast.parse(RUNPILOT.read_text(encoding="utf-8"))
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module)
+        lazy = set(re.findall(r'_LazyModule\("([\w.]+)"\)', RUNPILOT.read_text(encoding="utf-8")))
+        outside = {n for n in names | lazy if n.split(".")[0] not in sys.stdlib_module_names}
+        self.assertEqual(outside, set())
+        self.assertIn("sqlite3", lazy)  # the lazy imports are checked too
+
+    def test_minimum_python_is_3_10(self):
+        vermin = shutil.which("vermin")
+        if not vermin:
+            self.skipTest("vermin is not installed (pip install vermin; .ci/run installs it)")
+        done = subprocess.run([vermin, "-t=3.10-", "--no-tips", "--violations", "--eval-annotations", str(RUNPILOT)],
+                              capture_output=True, text=True)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+
+
+class Packaging(unittest.TestCase):
+    def test_version_is_defined_once(self):
+        pyproject = (ROOT / "pyproject.toml").read_text()
+        self.assertIn('version = { attr = "runpilot.__version__" }', pyproject)
+        self.assertIn('runpilot = "runpilot:main"', pyproject)
+        self.assertIn('py-modules = ["runpilot"]', pyproject)
+        self.assertNotRegex(pyproject, r'(?m)^version\s*=\s*"')
+        self.assertRegex(runpilot.__version__, r"^\d+\.\d+\.\d+$")
+
+    def test_top_level_holds_what_was_asked(self):
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+        if tracked.returncode != 0:
+            self.skipTest("not a git checkout")
+        top = {path.split("/")[0] for path in tracked.stdout.split()}
+        self.assertLessEqual(top, {"runpilot.py", "pyproject.toml", "README.md", "tests", "examples",
+                                   "LICENSE", ".ci", ".gitignore"})
+
+    def test_readme_test_command_is_what_ci_runs(self):
+        readme = (ROOT / "README.md").read_text()
+        ci = (ROOT / ".ci" / "run").read_text()
+        self.assertIn("python3 -m unittest -v", readme)
+        self.assertIn("python3 -m unittest -v", ci)
+
+
+class ImportedAsLibrary(HomeTestCase):
+    def test_import_has_no_side_effects(self):
+        done = subprocess.run([sys.executable, "-c", "import runpilot, sys; print(sorted(m for m in "
+                               "('sqlite3', 'subprocess', 'argparse', 'selectors') if m in sys.modules))"],
+                              cwd=ROOT, capture_output=True, text=True)
+        self.assertEqual(done.stdout.strip(), "[]", done.stderr)  # imported lazily, when a command needs them
+        self.assertFalse(self.home.exists())
