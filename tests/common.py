@@ -20,6 +20,31 @@ RUNPILOT = ROOT / "runpilot.py"
 EXAMPLES = ROOT / "examples"
 
 
+# A job that says when it is ready, writes its pid, and exits cleanly on SIGTERM.
+POLITE = """\
+import os, signal, sys, time
+open("job.pid", "w").write(str(os.getpid()))
+def bye(signum, frame):
+    print(f"got signal {signum}, saving checkpoint", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("METRIC loss=1.5", flush=True)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+# A job that ignores SIGTERM: only SIGKILL ends it.
+STUBBORN = """\
+import os, signal, time
+open("job.pid", "w").write(str(os.getpid()))
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
 class HomeTestCase(unittest.TestCase):
     """Each test gets its own RUNPILOT_HOME and a scratch folder for configs."""
 

@@ -6,7 +6,6 @@ the real tool's output (and fails the ways the real one fails), put first on PAT
 
 import os
 import shutil
-import sys
 from pathlib import Path
 from unittest import mock
 

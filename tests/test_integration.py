@@ -7,7 +7,6 @@ The images come from tests/images/build.sh (no registry is needed).
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,30 +14,9 @@ import time
 import unittest
 from pathlib import Path
 
-from tests.common import EXAMPLES, RUNPILOT, HomeTestCase, small_disk
+from tests.common import EXAMPLES, POLITE, RUNPILOT, STUBBORN, HomeTestCase, small_disk
 from tests.support import BUSYBOX_IMAGE, PYTHON_IMAGE, containers_with_label, remove_containers_with_label, \
     require_engine
-
-POLITE = """\
-import signal, sys, time
-def bye(signum, frame):
-    print(f"got signal {signum}, saving checkpoint", flush=True)
-    sys.exit(0)
-signal.signal(signal.SIGTERM, bye)
-print("METRIC loss=1.5", flush=True)
-print("ready", flush=True)
-while True:
-    time.sleep(0.05)
-"""
-
-STUBBORN = """\
-import signal, time
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-print("ready", flush=True)
-while True:
-    time.sleep(0.05)
-"""
-
 
 class EngineCase(HomeTestCase):
     engine = ""

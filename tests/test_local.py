@@ -13,32 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.common import RUNPILOT, HomeTestCase, small_disk
-
-# A job that says when it is ready, writes its pid, and exits cleanly on SIGTERM.
-POLITE = """\
-import os, signal, sys, time
-open("job.pid", "w").write(str(os.getpid()))
-def bye(signum, frame):
-    print(f"got signal {signum}, saving checkpoint", flush=True)
-    sys.exit(0)
-signal.signal(signal.SIGTERM, bye)
-print("METRIC loss=1.5", flush=True)
-print("ready", flush=True)
-while True:
-    time.sleep(0.05)
-"""
-
-# A job that ignores SIGTERM: only SIGKILL ends it.
-STUBBORN = """\
-import os, signal, time
-open("job.pid", "w").write(str(os.getpid()))
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-print("ready", flush=True)
-while True:
-    time.sleep(0.05)
-"""
-
+from tests.common import POLITE, RUNPILOT, STUBBORN, HomeTestCase, small_disk
 
 def pid_alive(pid: int) -> bool:
     try:
