@@ -167,6 +167,12 @@ class StoreError(RunPilotError):
 
     exit_code = 1
 
+def say(message: str) -> None:
+    """RunPilot's own lines go to stderr, so stdout carries only the job's output."""
+    print(f"runpilot: {message}", file=sys.stderr, flush=True)
+
+
+
 # ==== 5. Data types ==========================================================
 
 @dataclass(frozen=True)
@@ -1834,7 +1840,7 @@ def read_metrics(path: Path) -> list[dict]:
                 samples.append(json.loads(line))
     return samples
 
-# ==== 9. Engines: choosing one and building its command line =================
+# ==== 9. Engines: choosing one, its command line, its images ================
 
 def _quiet(argv: list[str], timeout: float = 30, env=None) -> subprocess.CompletedProcess:
     """Run a short helper command and capture its output; never raises for a bad status."""
@@ -1944,7 +1950,54 @@ def local_gpu_env(gpus: int | str | tuple[str, ...] | None) -> dict[str, str]:
         return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
     return {"CUDA_VISIBLE_DEVICES": ",".join(gpus)}
 
-# ==== 10. Host facts: GPUs, git and the engine's version ======================
+def _engine_down(engine: str, stderr: str) -> EngineError | None:
+    text = stderr.lower()
+    if "cannot connect" in text or "is the docker daemon running" in text or "connection refused" in text:
+        first = stderr.strip().splitlines()[0] if stderr.strip() else ""
+        return EngineError(f"the {engine} engine is not answering ({first}); start it "
+                           f"(e.g. 'sudo systemctl start {engine}' or 'sudo dockerd &') and retry")
+    return None
+
+
+def prepare_image(engine: str, image: str, pull: str) -> dict:
+    """Make sure the image is present (pulling it as its own phase) and return its id and digests."""
+    info = _inspect_image(engine, image)
+    if info is None or pull == "always":
+        if pull == "never":
+            raise EngineError(f"image {image} is not present locally and --pull never was given; "
+                              f"pull it ({engine} pull {image}) or build it")
+        say(f"pulling {image} ...")
+        sys.stderr.flush()
+        try:
+            status = subprocess.run([engine, "pull", image], stdin=subprocess.DEVNULL,
+                                    stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno()).returncode
+        except (OSError, ValueError):
+            status = subprocess.run([engine, "pull", image], stdin=subprocess.DEVNULL,
+                                    capture_output=True).returncode
+        if status != 0:
+            raise EngineError(f"could not pull image {image} ({engine} pull exited {status}); check "
+                              "the name and your registry access, or build the image locally")
+        info = _inspect_image(engine, image) or {}
+    return info
+
+
+def _inspect_image(engine: str, image: str) -> dict | None:
+    done = _quiet([engine, "image", "inspect", "--format", "{{.Id}}|{{json .RepoDigests}}", image])
+    if done.returncode == 127 and not shutil.which(engine):
+        raise EngineError(f"{engine} is not installed (not found on PATH); install it "
+                          f"(apt-get install {'docker.io' if engine == 'docker' else 'podman'}) "
+                          "or choose another engine with --engine")
+    if done.returncode != 0:
+        down = _engine_down(engine, done.stderr)
+        if down:
+            raise down
+        return None
+    image_id, _, digests = done.stdout.strip().partition("|")
+    with contextlib.suppress(ValueError):
+        return {"image_id": image_id, "repo_digests": json.loads(digests) or []}
+    return {"image_id": image_id, "repo_digests": []}
+
+# ==== 10. Host facts: GPUs, git, the engine's version, the runner ===========
 
 # Where Podman looks for CDI specs (`nvidia-ctk cdi generate` writes one of these).
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
@@ -2087,6 +2140,45 @@ class StartProbes:
         for repo in self.facts.get("git", []):
             repo["diff_saved"] = bool(text) and len(text) <= GIT_DIFF_MAX and repo["dirty"]
         return dict(self.facts)
+
+def _boot_id() -> str | None:
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return None
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of a process in clock ticks since boot (tells a reused PID apart)."""
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[19]
+    return None
+
+
+def runner_identity() -> dict:
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(),
+            "start": _process_start(pid)}
+
+
+def runner_alive(runner: dict) -> bool | None:
+    """Whether the process that runs a run still exists; None when it cannot be told from here."""
+    if not runner or runner.get("host") != socket.gethostname():
+        return None
+    if runner.get("boot_id") and runner.get("boot_id") != _boot_id():
+        return False  # the machine rebooted since
+    pid = runner.get("pid")
+    if not isinstance(pid, int):
+        return None
+    if runner.get("start") is not None and Path("/proc").is_dir():
+        return _process_start(pid) == runner["start"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 # ==== 11. Process I/O: the tee loop, signals, stopping the job ===============
 
@@ -2637,99 +2729,6 @@ class RunOutcome:
     meta: dict
 
 
-def say(message: str) -> None:
-    """RunPilot's own lines go to stderr, so stdout carries only the job's output."""
-    print(f"runpilot: {message}", file=sys.stderr, flush=True)
-
-
-def _boot_id() -> str | None:
-    with contextlib.suppress(OSError):
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    return None
-
-
-def _process_start(pid: int) -> str | None:
-    """Start time of a process in clock ticks since boot (tells a reused PID apart)."""
-    with contextlib.suppress(OSError, IndexError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2:].split()[19]
-    return None
-
-
-def runner_identity() -> dict:
-    pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(),
-            "start": _process_start(pid)}
-
-
-def runner_alive(runner: dict) -> bool | None:
-    """Whether the process that runs a run still exists; None when it cannot be told from here."""
-    if not runner or runner.get("host") != socket.gethostname():
-        return None
-    if runner.get("boot_id") and runner.get("boot_id") != _boot_id():
-        return False  # the machine rebooted since
-    pid = runner.get("pid")
-    if not isinstance(pid, int):
-        return None
-    if runner.get("start") is not None and Path("/proc").is_dir():
-        return _process_start(pid) == runner["start"]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _engine_down(engine: str, stderr: str) -> EngineError | None:
-    text = stderr.lower()
-    if "cannot connect" in text or "is the docker daemon running" in text or "connection refused" in text:
-        first = stderr.strip().splitlines()[0] if stderr.strip() else ""
-        return EngineError(f"the {engine} engine is not answering ({first}); start it "
-                           f"(e.g. 'sudo systemctl start {engine}' or 'sudo dockerd &') and retry")
-    return None
-
-
-def prepare_image(engine: str, image: str, pull: str) -> dict:
-    """Make sure the image is present (pulling it as its own phase) and return its id and digests."""
-    info = _inspect_image(engine, image)
-    if info is None or pull == "always":
-        if pull == "never":
-            raise EngineError(f"image {image} is not present locally and --pull never was given; "
-                              f"pull it ({engine} pull {image}) or build it")
-        say(f"pulling {image} ...")
-        sys.stderr.flush()
-        try:
-            status = subprocess.run([engine, "pull", image], stdin=subprocess.DEVNULL,
-                                    stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno()).returncode
-        except (OSError, ValueError):
-            status = subprocess.run([engine, "pull", image], stdin=subprocess.DEVNULL,
-                                    capture_output=True).returncode
-        if status != 0:
-            raise EngineError(f"could not pull image {image} ({engine} pull exited {status}); check "
-                              "the name and your registry access, or build the image locally")
-        info = _inspect_image(engine, image) or {}
-    return info
-
-
-def _inspect_image(engine: str, image: str) -> dict | None:
-    done = _quiet([engine, "image", "inspect", "--format", "{{.Id}}|{{json .RepoDigests}}", image])
-    if done.returncode == 127 and not shutil.which(engine):
-        raise EngineError(f"{engine} is not installed (not found on PATH); install it "
-                          f"(apt-get install {'docker.io' if engine == 'docker' else 'podman'}) "
-                          "or choose another engine with --engine")
-    if done.returncode != 0:
-        down = _engine_down(engine, done.stderr)
-        if down:
-            raise down
-        return None
-    image_id, _, digests = done.stdout.strip().partition("|")
-    with contextlib.suppress(ValueError):
-        return {"image_id": image_id, "repo_digests": json.loads(digests) or []}
-    return {"image_id": image_id, "repo_digests": []}
-
-
 def make_launch(config: JobConfig, run_id: str, engine: str, env: dict[str, str],
                 options: RunOptions, environ) -> Launch:
     """Argv, environment and folder of the job for its engine."""
@@ -2760,7 +2759,7 @@ def base_meta(config: JobConfig, run_id: str, engine: str, launch: Launch, optio
 
 
 def _user() -> str | None:
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(KeyError, OSError):  # no name for this uid (containers, LDAP outages)
         return getpass.getuser()
     return None
 
