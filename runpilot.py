@@ -35,7 +35,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -59,6 +58,7 @@ argparse = _LazyModule("argparse")
 difflib = _LazyModule("difflib")
 getpass = _LazyModule("getpass")
 selectors = _LazyModule("selectors")
+shutil = _LazyModule("shutil")
 socket = _LazyModule("socket")
 sqlite3 = _LazyModule("sqlite3")
 subprocess = _LazyModule("subprocess")
@@ -257,13 +257,17 @@ def write_private(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace a file so that readers see the old or the new content, never a part."""
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Replace a file so that readers see the old or the new content, never a part.
+
+    `durable` also flushes it to disk first, so a power cut cannot leave it empty.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         write_all(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -290,7 +294,7 @@ _YAML_MAX_DEPTH = 100  # far beyond any config, and well inside Python's recursi
 _YAML_MAX_KEY = 1024   # YAML's limit on an implicit key's length; PyYAML enforces it too
 
 # Characters YAML allows in a stream (c-printable); others may appear only as escapes.
-_YAML_NON_PRINTABLE_RE = re.compile("[^\t\n\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_YAML_NON_PRINTABLE = "[^\t\n\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
 _YAML_BLANK_RE = re.compile(r"[ \t]*(?:#.*)?$")      # nothing but whitespace or a comment
 _YAML_WS_RE = re.compile(r"[ \t]*")
 _YAML_END_RE = re.compile(r"[ \t]*$|[ \t]+#")        # what may follow a node on its line
@@ -373,8 +377,14 @@ _YAML_DQ_UNESCAPES = {
     "\u2029": "\\P",
 }
 # Multi-line strings are written as literal blocks when every line reads back unchanged.
-_YAML_LITERAL_OK_RE = re.compile(  # no tab, and not U+0085, U+2028, U+2029: line breaks to YAML 1.1
+_YAML_LITERAL_OK = (  # no tab, and not U+0085, U+2028, U+2029: line breaks to YAML 1.1
     "[\n\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]*")
+
+
+@functools.lru_cache(maxsize=None)
+def _yaml_regex(pattern: str) -> re.Pattern:
+    """Compile the two large Unicode classes on first use: 2.5 ms that `import runpilot` skips."""
+    return re.compile(pattern)
 _YAML_TRAILING_SPACE_RE = re.compile(r" (?:\n|$)")
 
 
@@ -490,7 +500,7 @@ class _YamlParser:
         self.col = 0
         self.depth = 0
         self.positions: dict[tuple, tuple[int, int]] = {}
-        bad = _YAML_NON_PRINTABLE_RE.search(text)
+        bad = _yaml_regex(_YAML_NON_PRINTABLE).search(text)
         if bad:
             row = text.count("\n", 0, bad.start())
             col = bad.start() - (text.rfind("\n", 0, bad.start()) + 1)
@@ -1208,7 +1218,7 @@ def _yaml_dump_entry(head: str, value: object, indent: int, out: list[str], dept
 def _yaml_literal_ok(text: str) -> bool:
     """Whether a string reads back exactly from a literal block ('|'): multi-line, printable,
     no tabs, no trailing spaces, and a first line that sets the indentation."""
-    return ("\n" in text and text[0] not in " \n" and _YAML_LITERAL_OK_RE.fullmatch(text) is not None
+    return ("\n" in text and text[0] not in " \n" and _yaml_regex(_YAML_LITERAL_OK).fullmatch(text) is not None
             and _YAML_TRAILING_SPACE_RE.search(text) is None)
 
 
@@ -1783,12 +1793,8 @@ def json_safe(value: object) -> object:
 
 def sample_json(step: int, sample: dict) -> str:
     """One sample as a JSON object, `step` first; hand-written because it is on the hot path."""
-    parts = [f'{{"step": {step}']
-    for key, value in sample.items():
-        if key != "step":
-            parts.append(f', "{key}": {_json_number(value)}')
-    parts.append("}")
-    return "".join(parts)
+    pairs = "".join([f', "{key}": {_json_number(value)}' for key, value in sample.items() if key != "step"])
+    return f'{{"step": {step}{pairs}}}'
 
 
 def is_metric_line(line: bytes) -> bool:
@@ -1912,8 +1918,9 @@ def container_name(run_id: str) -> str:
     return f"runpilot-{run_id}"
 
 
-def choose_engine(flag: str | None, config: JobConfig, environ, which=shutil.which) -> str:
+def choose_engine(flag: str | None, config: JobConfig, environ, which=None) -> str:
     """--engine, then the config's `engine`, then RUNPILOT_ENGINE, then docker if present, else podman."""
+    which = which or shutil.which
     for choice, where in ((flag, "--engine"), (config.engine, "the config"),
                           (environ.get("RUNPILOT_ENGINE"), "RUNPILOT_ENGINE")):
         if choice:
@@ -2855,7 +2862,7 @@ def record_start(store: RunStore, config: JobConfig, path: Path, meta: dict) -> 
     """Write config.yaml and meta.json and insert the `running` row; on failure leave nothing."""
     try:
         write_private(path / "config.yaml", dump_yaml(config_to_dict(config)).encode("utf-8"))
-        write_atomic(path / "meta.json", _meta_bytes(meta))
+        write_atomic(path / "meta.json", _meta_bytes(meta), durable=False)  # the final write is durable
         store.save(record_of(meta, path))
     except (OSError, sqlite3.Error) as exc:
         shutil.rmtree(path, ignore_errors=True)
