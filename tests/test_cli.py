@@ -285,3 +285,21 @@ class CopiedFile(HomeTestCase):
         listing = self.process("list").stdout.decode()
         self.assertIn("quickstart-local", listing)
         self.assertIn("succeeded", listing)
+
+
+class HostileNames(HomeTestCase):
+    def test_any_name_is_safe_and_shown_escaped(self):
+        name = "../../etc/x y\\z\t\x1b[31mred " + "é" * 300
+        config = self.local_config("print('METRIC a=1')\n", extra="")
+        text = config.read_text().replace("name: job", f"name: {json.dumps(name)}")
+        config.write_text(text)
+        code, _, err = self.cli("run", config)
+        self.assertEqual(code, 0, err)
+        run = self.only_run()
+        self.assertRegex(run.name, r"^\d{8}-\d{6}-[0-9a-f]{6}$")  # the folder is the id, never the name
+        self.assertEqual(run.parent, self.home / "runs")
+        self.assertEqual(self.meta(run)["name"], name)
+        listing = self.cli("list")[1]
+        self.assertNotIn("\x1b", listing)
+        self.assertIn(r"../../etc/x y\z\t\x1b[31mred", listing)
+        self.assertEqual(self.cli("show", run.name)[0], 0)

@@ -112,12 +112,15 @@ class EngineCase(HomeTestCase):
         (self.work / "data" / "in.txt").write_text("data!")
         config = self.config("env", BUSYBOX_IMAGE,
                              'echo "$SECRET|$LR|$PYTHONUNBUFFERED|$RUNPILOT_MOUNT_DATA|$(cat /mnt/data/in.txt)|$(pwd)"; '
-                             "touch /mnt/data/x 2>/dev/null && echo writable || echo read-only",
-                             extra="  data: ./data:/mnt/data:ro\nenv:\n  SECRET: 'p@ss word;$x'\n  LR: 0.001\n")
+                             "touch /mnt/data/x 2>/dev/null && echo writable || echo read-only; "
+                             'printf "%s" "$MULTI" > /workspace/multi.txt',
+                             extra="  data: ./data:/mnt/data:ro\nenv:\n  SECRET: 'p@ss word;$x'\n  LR: 0.001\n"
+                                   '  MULTI: "one\\ntwo = three"\n')
         result = self.process("run", config)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.decode().splitlines(),
                          ["p@ss word;$x|0.001|1|/mnt/data|data!|/workspace", "read-only"])
+        self.assertEqual((self.work / "multi.txt").read_text(), "one\ntwo = three")  # a newline arrives as is
         meta = self.meta(self.only_run())
         self.assertNotIn("p@ss", json.dumps(meta["command"]))
         self.assertIn("SECRET", meta["command"])
@@ -129,6 +132,26 @@ class EngineCase(HomeTestCase):
         self.assertEqual(result.stderr.decode().count("\n"), 1, result.stderr)
         self.assertIn(b"runpilot: error: image runpilot-no-such-image:latest is not present locally", result.stderr)
         self.assertEqual(self.runs(), [])
+
+    def test_missing_image_is_pulled_as_its_own_phase(self):
+        config = self.config("missing", "runpilot-no-such-image:latest", "true")
+        result = self.process("run", config)  # --pull missing: no registry is reachable here, so it fails
+        self.assertEqual(result.returncode, 125)
+        err = result.stderr.decode()
+        self.assertIn("runpilot: pulling runpilot-no-such-image:latest ...", err)
+        self.assertEqual(err.count("runpilot: error: "), 1)
+        self.assertIn("runpilot: error: could not pull image runpilot-no-such-image:latest", err)
+        self.assertEqual(self.runs(), [])
+
+    def test_present_image_is_not_pulled_unless_always(self):
+        config = self.config("present", BUSYBOX_IMAGE, "true")
+        result = self.process("run", config)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn(b"pulling", result.stderr)
+        result = self.process("run", config, "--pull", "always")  # a local-only image cannot be pulled
+        self.assertEqual(result.returncode, 125)
+        self.assertIn(b"runpilot: pulling runpilot-test-busybox:latest ...", result.stderr)
+        self.assertEqual(len(self.runs()), 1)
 
     def test_ctrl_c_stops_container_and_leaves_nothing(self):
         proc = self.start(self.python_job("polite", POLITE))
@@ -195,6 +218,36 @@ class EngineCase(HomeTestCase):
         self.assertNotIn(b"Traceback", result.stderr)
         run_id = next((disk / "runs").iterdir()).name
         self.assertEqual(self.leftovers(run_id), [])
+
+    def test_detach_then_follow_the_logs(self):
+        config = self.python_job("slow", 'import time\nfor i in range(3):\n    print(f"METRIC i={i}", flush=True)\n'
+                                         '    time.sleep(0.5)\nprint("finished")\n')
+        started = time.monotonic()
+        result = self.process("run", "-d", config)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertLess(time.monotonic() - started, 10)
+        run_id = result.stdout.decode().strip()
+        self.assertRegex(run_id, r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+        followed = self.process("logs", "-f", run_id)
+        self.assertEqual(followed.stdout, b"METRIC i=0\nMETRIC i=1\nMETRIC i=2\nfinished\n")
+        run = self.home / "runs" / run_id
+        self.assertEqual((self.meta(run)["status"], len(self.metrics(run))), ("succeeded", 3))
+        self.assertEqual(self.leftovers(run_id), [])
+
+    def test_rerun_uses_the_stored_config(self):
+        config = self.config("again", BUSYBOX_IMAGE, 'echo "METRIC lr=$LR"', extra="env:\n  LR: 0.1\n")
+        first = self.process("run", config, "--tag", "sweep=1")
+        self.assertEqual(first.returncode, 0, first.stderr)
+        old = self.only_run()
+        config.unlink()  # the stored config is what counts now
+        again = self.process("rerun", old.name, "--set", "env.LR=0.2")
+        self.assertEqual(again.returncode, 0, again.stderr)
+        new = next(p for p in self.runs() if p != old)
+        meta = self.meta(new)
+        self.assertEqual((meta["rerun_of"], meta["engine"], meta["tags"]), (old.name, self.engine, {"sweep": "1"}))
+        self.assertEqual(self.metrics(new), [{"step": 1, "lr": 0.2}])
+        self.assertEqual(meta["image_id"], self.meta(old)["image_id"])
+        self.assertEqual(meta["warnings"], [])
 
     def test_parallel_runs(self):
         config = self.config("par", BUSYBOX_IMAGE, "echo METRIC x=1")
