@@ -3330,6 +3330,7 @@ def show_text(record: RunRecord, meta: dict, samples: list[dict], ascii_only: bo
            f"duration   {fmt_duration(record.duration)}",
            f"engine     {meta.get('engine') or '-'} {meta.get('engine_version') or ''}".rstrip(),
            f"image      {meta.get('image') or '-'}" + (f"  ({meta['image_id']})" if meta.get("image_id") else ""),
+           *[f"digest     {digest}" for digest in meta.get("repo_digests") or []],
            f"command    {meta.get('command_line') or '-'}",
            f"host       {meta.get('host') or '-'}", f"folder     {path}"]
     if record.tags:

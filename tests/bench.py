@@ -47,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +213,16 @@ class Bench:
         return f"{stem}-{os.getpid()}-{self._serial}"
 
     # -- timed processes -------------------------------------------------------
+    def alternate(self, commands: dict[str, list[str]], env: dict[str, str], reps: int) -> dict[str, list[Sample]]:
+        """One warm-up each (bytecode, page cache), then REPS rounds running every command in turn."""
+        for argv in commands.values():
+            self.timed(argv, env, cwd=ROOT)
+        samples: dict[str, list[Sample]] = {k: [] for k in commands}
+        for _ in range(reps):
+            for name, argv in commands.items():
+                samples[name].append(self.timed(argv, env, cwd=ROOT))
+        return samples
+
     def timed(self, argv: list[str], env: dict[str, str], cwd: Path | None = None,
               expect_rc: int | None = 0) -> Sample:
         """Run ARGV with stdout to /dev/null; wall time and the process's rusage from wait4."""
@@ -718,13 +728,7 @@ def case_history(bench: Bench) -> None:
                          cwd=ROOT)
     if out.returncode != 0 or target not in out.stdout:
         raise BenchError(f"runpilot show {ref} did not show {target}: {out.stderr.strip()[:500]}")
-    for argv in commands.values():  # warm-up (bytecode, page cache)
-        bench.timed(argv, env, cwd=ROOT)
-    samples: dict[str, list[Sample]] = {k: [] for k in commands}
-    for _ in range(reps):
-        for name, argv in commands.items():
-            samples[name].append(bench.timed(argv, env, cwd=ROOT))
-    walls = {k: median_of(v, "wall") for k, v in samples.items()}
+    walls = {k: median_of(v, "wall") for k, v in bench.alternate(commands, env, reps).items()}
     base = walls["python -c pass"].median
     say("`python -m runpilot` runs from cached bytecode like an installed `runpilot`; `python runpilot.py` "
         "(a copied file) compiles the whole script at every start")
@@ -779,13 +783,7 @@ def case_startup(bench: Bench) -> None:
         "python -m runpilot --help": [bench.python, "-m", "runpilot", "--help"],
     }
     env = bench.env()
-    for argv in commands.values():
-        bench.timed(argv, env, cwd=ROOT)
-    samples: dict[str, list[Sample]] = {k: [] for k in commands}
-    for _ in range(reps):
-        for name, argv in commands.items():
-            samples[name].append(bench.timed(argv, env, cwd=ROOT))
-    walls = {k: median_of(v, "wall") for k, v in samples.items()}
+    walls = {k: median_of(v, "wall") for k, v in bench.alternate(commands, env, reps).items()}
     base = walls["python -c pass"].median
     sp, sc = Stats(plain), Stats(clean)
     say(table(["measure", "median (min–max)", "over python -c pass"],

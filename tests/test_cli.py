@@ -27,7 +27,8 @@ class VersionAndHelp(HomeTestCase):
         self.assertEqual((code, out.strip()), (0, f"runpilot {runpilot.__version__}"))
 
     def test_every_command_has_help_with_an_example(self):
-        for command in ("run", "list", "show", "logs", "stop", "validate", "init", "reindex"):
+        for command in ("run", "rerun", "list", "show", "logs", "stop", "compare", "export", "rm", "gc",
+                        "validate", "init", "reindex"):
             with self.subTest(command=command):
                 code, out, _ = self.cli(command, "--help")
                 self.assertEqual(code, 0)
