@@ -2962,7 +2962,13 @@ def _supervise(launch: Launch, options: RunOptions, config: JobConfig, path: Pat
             meta["job"] = {"pgid": job.proc.pid, "start": _process_start(job.proc.pid)}
             with contextlib.suppress(OSError):
                 write_atomic(path / "meta.json", _meta_bytes(meta))
-        result = Tee(log_fd, metrics, terminal).run(job, signals, config.timeout)
+        try:
+            result = Tee(log_fd, metrics, terminal).run(job, signals, config.timeout)
+        except BaseException:  # a bug in the loop must not leave a job running behind the user's back
+            job.request_stop(force=True)
+            job.reap_helpers()
+            _remove_container(launch)
+            raise
         if result.stop_reason:
             job.reap_helpers()
             _remove_container(launch)

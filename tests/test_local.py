@@ -285,3 +285,25 @@ class DiskAndPermissions(HomeTestCase):
         run = max(self.runs(), key=lambda p: (p / "logs.txt").stat().st_size)
         self.assertEqual((run / "logs.txt").stat().st_size, 300000000 + 1 + 300000 * 16)
         self.assertEqual(self.meta(run)["metrics"]["count"], 300000)
+
+
+class NoOrphanOnABug(HomeTestCase):
+    def test_a_crash_in_the_tee_loop_still_kills_the_job(self):
+        from unittest import mock
+
+        import runpilot
+        config = self.local_config(STUBBORN)
+        with mock.patch.object(runpilot.Tee, "_pump", side_effect=RuntimeError("a bug")):
+            with self.assertRaises(RuntimeError):
+                self.cli("run", config)
+        pgid = self.meta(self.only_run())["job"]["pgid"]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break  # no process of the job's group is left
+            time.sleep(0.05)
+        else:
+            os.killpg(pgid, signal.SIGKILL)
+            self.fail("the job outlived a crash of the runner's loop")
