@@ -38,6 +38,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -2401,45 +2402,49 @@ class Tee:
         self.log_error: OSError | None = None
 
     def run(self, job: Job, signals: StopSignals, timeout: float | None) -> TeeResult:
-        result = TeeResult(returncode=0)
-        deadline = time.monotonic() + timeout if timeout else None
+        """Tee until both pipes close and the job has exited; act on signals, timeout, full disk."""
+        self.job, self.signals, self.result = job, signals, TeeResult(returncode=0)
+        self.deadline = time.monotonic() + timeout if timeout else None
+        self.handled, self.exited_at = 0, None
         sel = selectors.DefaultSelector()
         scanners = {}
         for which, pipe in ((1, job.proc.stdout), (2, job.proc.stderr)):
             scanners[pipe.fileno()] = (which, MetricScanner())
             sel.register(pipe.fileno(), selectors.EVENT_READ)
-        handled = 0
-        exited_at = None
         next_check = 0.0
         while sel.get_map():
             events = sel.select(POLL_SECONDS)
             for key, _ in events:
                 self._pump(sel, key.fd, *scanners[key.fd])
             now = time.monotonic()
-            if events and now < next_check and len(signals.received) == handled:
+            if events and now < next_check and len(signals.received) == self.handled:
                 continue  # output is flowing: look after the rest a few times a second, not per read
             next_check = now + HOUSEKEEPING_SECONDS
-            handled = self._on_signals(job, signals, result, handled)
-            if deadline and result.stop_reason is None and now > deadline:
-                result.stop_reason = "timeout"
-                job.request_stop(force=False)
-            if self.log_error is None and self.metrics.error is not None:
-                self.log_error = self.metrics.error
-            if self.log_error and result.stop_reason is None:
-                result.stop_reason = "failed"
-                job.request_stop(force=False)
-            job.tick()
-            exited_at = self._drop_orphan_pipes(sel, job, exited_at)
-        for fd in (job.proc.stdout.fileno(), job.proc.stderr.fileno()):
-            self.metrics.add_lines(scanners[fd][1].finish())
-        while job.proc.poll() is None:
+            self._look_after(sel, now)
+        for _, scanner in scanners.values():
+            self.metrics.add_lines(scanner.finish())
+            self.metrics.malformed += scanner.overlong
+        while job.proc.poll() is None:  # both pipes closed; the engine CLI is finishing
             time.sleep(POLL_SECONDS / 4)
-            handled = self._on_signals(job, signals, result, handled)
+            self._on_signals()
             job.tick()
-        result.returncode = job.proc.returncode
-        result.log_error = self.log_error
-        self.metrics.malformed += sum(s.overlong for _, s in scanners.values())
-        return result
+        self.result.returncode = job.proc.returncode
+        self.result.log_error = self.log_error
+        return self.result
+
+    def _look_after(self, sel, now: float) -> None:
+        """Signals, the timeout, a full disk, an ignored stop, pipes held by an orphan."""
+        job, result = self.job, self.result
+        self._on_signals()
+        if self.deadline and result.stop_reason is None and now > self.deadline:
+            result.stop_reason = "timeout"
+            job.request_stop(force=False)
+        self.log_error = self.log_error or self.metrics.error
+        if self.log_error and result.stop_reason is None:
+            result.stop_reason = "failed"
+            job.request_stop(force=False)
+        job.tick()
+        self._drop_orphan_pipes(sel)
 
     def _pump(self, sel, fd: int, which: int, scanner: MetricScanner) -> None:
         chunk = os.read(fd, READ_SIZE)
@@ -2470,27 +2475,36 @@ class Tee:
             except OSError as exc:
                 self.log_error = exc
 
-    @staticmethod
-    def _on_signals(job: Job, signals: StopSignals, result: TeeResult, handled: int) -> int:
-        for signum in signals.received[handled:]:
-            if result.stop_signal is None:
-                result.stop_reason, result.stop_signal = "interrupted", signum
-                job.request_stop(force=False)
+    def _on_signals(self) -> None:
+        """The first signal stops the job gracefully, any further one kills it."""
+        for signum in self.signals.received[self.handled:]:
+            if self.result.stop_signal is None:
+                self.result.stop_reason, self.result.stop_signal = "interrupted", signum
+                self.job.request_stop(force=False)
             else:
-                job.request_stop(force=True)  # a second signal: kill at once
-        return len(signals.received)
+                self.job.request_stop(force=True)
+        self.handled = len(self.signals.received)
 
-    @staticmethod
-    def _drop_orphan_pipes(sel, job: Job, exited_at: float | None) -> float | None:
+    def _drop_orphan_pipes(self, sel) -> None:
         """A background child of a local job can hold the pipes open after the job exits."""
-        if job.proc.poll() is None:
-            return None
-        exited_at = exited_at or time.monotonic()
-        if time.monotonic() - exited_at > 2:
-            job._signal_group(signal.SIGKILL)
+        if self.job.proc.poll() is None:
+            return
+        self.exited_at = self.exited_at or time.monotonic()
+        if time.monotonic() - self.exited_at > 2:
+            self.job._signal_group(signal.SIGKILL)
             for fd in list(sel.get_map()):
                 sel.unregister(fd)
-        return exited_at
+
+def terminal_writer(stream) -> Callable[[bytes], object] | None:
+    """Write raw bytes to a text stream's file descriptor (or decoded, for an in-memory stream)."""
+    if stream is None:
+        return None
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return lambda chunk: stream.write(chunk.decode("utf-8", "replace"))
+    stream.flush()
+    return lambda chunk: write_all(fd, chunk)
 
 # ==== 13. The run store: run folders and the sqlite index ===================
 
@@ -2775,17 +2789,6 @@ def _row(record: RunRecord) -> tuple:
     return tuple(values[c] for c in RUN_COLUMNS)
 
 
-def terminal_writer(stream) -> "callable | None":
-    """Write raw bytes to a text stream's file descriptor (or decoded, for an in-memory stream)."""
-    if stream is None:
-        return None
-    try:
-        fd = stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        return lambda chunk: stream.write(chunk.decode("utf-8", "replace"))
-    stream.flush()
-    return lambda chunk: write_all(fd, chunk)
-
 # ==== 14. Orchestration: run_job and the life of a run =======================
 
 @dataclass
@@ -2968,6 +2971,8 @@ def _supervise(launch: Launch, options: RunOptions, config: JobConfig, path: Pat
             job.request_stop(force=True)
             job.reap_helpers()
             _remove_container(launch)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                job.proc.wait(timeout=job.stop_timeout + 15)
             raise
         if result.stop_reason:
             job.reap_helpers()
