@@ -3688,11 +3688,14 @@ def _resolve(store: RunStore, ref: str) -> RunRecord:
     return mark_lost_runs(store, [record])[0]
 
 
+def _run_details(store: RunStore, ref: str) -> tuple[RunRecord, dict, list[dict]]:
+    """A run with its meta.json and its samples."""
+    record = _resolve(store, ref)
+    return record, read_json(Path(record.path) / "meta.json"), read_metrics(Path(record.path) / "metrics.json")
+
+
 def cmd_show(args) -> int:
-    store = RunStore.default()
-    record = _resolve(store, args.run)
-    meta = read_json(Path(record.path) / "meta.json")
-    samples = read_metrics(Path(record.path) / "metrics.json")
+    record, meta, samples = _run_details(RunStore.default(), args.run)
     if args.json:
         summary = {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in metric_summary(samples).items()}
         print(json.dumps(json_safe({"run": dataclasses.asdict(record), "meta": meta, "metrics": summary,
@@ -3787,11 +3790,6 @@ def cmd_stop(args) -> int:
     record = stop_run(store, record, args.wait)
     print(f"run {record.id} {record.status}")
     return 0
-
-
-def _run_details(store: RunStore, ref: str) -> tuple[RunRecord, dict, list[dict]]:
-    record = _resolve(store, ref)
-    return record, read_json(Path(record.path) / "meta.json"), read_metrics(Path(record.path) / "metrics.json")
 
 
 def cmd_compare(args) -> int:
