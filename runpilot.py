@@ -110,7 +110,6 @@ DEFAULT_STOP_TIMEOUT = 10
 DB_TIMEOUT = 30.0
 DB_SCHEMA_VERSION = 2
 STATUSES = ("running", "succeeded", "failed", "interrupted", "timeout", "lost")
-FINAL_STATUSES = STATUSES[1:]
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 METRIC_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]*\Z")
