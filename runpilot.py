@@ -2533,9 +2533,13 @@ RUN_COLUMNS = ("id", "name", "status", "started_at", "finished_at", "exit_code",
 JSON_COLUMNS = ("last_metrics", "tags", "watched")
 
 
+def iso_utc(when: _dt.datetime) -> str:
+    """ISO 8601 UTC with milliseconds (`2026-11-28T22:47:05.123Z`); sorts as text in time order."""
+    return when.astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def utc_now() -> str:
-    """ISO 8601 UTC with milliseconds; sorts as text in time order."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(_dt.datetime.now(_dt.timezone.utc))
 
 
 def parse_time(text: str) -> _dt.datetime:
@@ -3622,13 +3626,12 @@ def since_cutoff(text: str, now: _dt.datetime | None = None) -> str:
     """ISO time from `2d`, `12h`, `30m` (ago) or a date `2026-11-01` / time `2026-11-01T08:00`."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
     with contextlib.suppress(ValueError):
-        return (now - _dt.timedelta(seconds=parse_duration(text))).isoformat(timespec="milliseconds")[:23] + "Z"
+        return iso_utc(now - _dt.timedelta(seconds=parse_duration(text)))
     try:
         when = _dt.datetime.fromisoformat(text)
     except ValueError:
         raise UsageError(f"--since {text!r}: give an age (2d, 12h, 30m) or a date (2026-11-01)") from None
-    when = when.replace(tzinfo=when.tzinfo or _dt.timezone.utc).astimezone(_dt.timezone.utc)
-    return when.isoformat(timespec="milliseconds")[:23] + "Z"
+    return iso_utc(when.replace(tzinfo=when.tzinfo or _dt.timezone.utc))
 
 
 def list_query(args) -> tuple[str, tuple, str]:

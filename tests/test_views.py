@@ -46,6 +46,12 @@ class RunsHome(HomeTestCase):
         self.store = runpilot.RunStore(self.home)
         self.serial = 0
 
+    def without_terminal(self) -> None:
+        """stdin is not a terminal (as in CI): commands that ask must be told -y instead."""
+        patcher = mock.patch("sys.stdin", io.StringIO(""))
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
     def add_run(self, name: str = "job", status: str = "succeeded", started: dt.datetime | None = None,
                 ago: dt.timedelta | None = None, duration: float | None = 10.0, exit_code: int | None = None,
                 samples: list[dict] = (), watched: list[str] = (), tags: dict | None = None,
@@ -700,9 +706,7 @@ class Remove(RunsHome):
         self.keep = self.add_run("keep", started=BASE)
         self.drop = self.add_run("drop", started=BASE + dt.timedelta(minutes=1))
         # a stdin that is not a terminal, whatever runs the tests
-        patcher = mock.patch("sys.stdin", io.StringIO(""))
-        patcher.start()
-        self.addCleanup(patcher.stop)
+        self.without_terminal()
 
     def assertPresent(self, *records: runpilot.RunRecord) -> None:
         self.assertEqual([p.name for p in self.runs()], sorted(r.id for r in records))
@@ -747,9 +751,7 @@ class Remove(RunsHome):
 class GarbageCollect(RunsHome):
     def setUp(self) -> None:
         super().setUp()
-        patcher = mock.patch("sys.stdin", io.StringIO(""))
-        patcher.start()
-        self.addCleanup(patcher.stop)
+        self.without_terminal()
         # ten runs, one a day: the newest half a day old, the oldest 9.5 days; the third oldest still running
         self.records = [self.add_run(f"r{i}", "running" if i == 7 else "succeeded",
                                      ago=dt.timedelta(days=i, hours=12)) for i in range(10)]  # newest first
@@ -811,9 +813,7 @@ class GarbageCollect(RunsHome):
 class References(RunsHome):
     def setUp(self) -> None:
         super().setUp()
-        patcher = mock.patch("sys.stdin", io.StringIO(""))
-        patcher.start()
-        self.addCleanup(patcher.stop)
+        self.without_terminal()
         self.old = self.add_run("old", started=BASE, log=b"old log\n", samples=[{"loss": 2}])
         self.mid = self.add_run("mid", started=BASE + dt.timedelta(days=1), log=b"mid log\n", samples=[{"loss": 1}])
         self.new = self.add_run("new", started=BASE + dt.timedelta(days=2), log=b"new log\n", samples=[{"loss": 0}])
