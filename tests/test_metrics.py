@@ -23,7 +23,7 @@ def _norm(value):
         return "<nan>"
     if isinstance(value, dict):
         return {k: _norm(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_norm(v) for v in value]
     return value
 
@@ -359,6 +359,99 @@ class FuzzTest(HomeTestCase):
         self.assertGreater(totals[0], 2000)
         self.assertGreater(totals[1], 500)
         self.assertGreater(totals[2], 10000)
+
+
+class FastBlockTest(HomeTestCase):
+    """fast_metric_block: the common blocks take it, every other block goes line by line, same samples."""
+
+    VALUES = ["1", "-2", "0", "-0", "0.5", "0.500000", "1e-3", "1E5", "1e999", "12345678901234567890", "NaN",
+              "Infinity", "-Infinity", "true", "false", "null", "[1]", "{}", '"x"', "1,2", "1:2", "007", ".5",
+              "5.", "+1", "nan", "inf", "1_000", "adam", "a\\u0041", "x=y", BIG_400, BIG_5000]
+    KEYS = ["loss", "acc", "val/loss", "a.b", "_z", "9a", "a\\u0041", "k\u00e9", ""]
+
+    def log_of(self, lines: list[bytes]) -> tuple[list, dict, int, int]:
+        path = self.tmp / "m.json"
+        log = runpilot.MetricLog(path)
+        log.add_lines(lines)
+        log.close()
+        with open(path, encoding="utf-8") as f:  # `last` as a list: its order is meta.json's
+            return _norm(json.load(f)), _norm(list(log.last.items())), log.count, log.malformed
+
+    def expected(self, lines: list[bytes]) -> tuple[list, dict, int, int]:
+        samples, malformed = reference_samples(b"\n".join(lines))
+        last = {}
+        for sample in samples:
+            last.update(sample)
+        last.pop("step", None)
+        return _norm(samples), _norm(list(last.items())), len(samples), malformed
+
+    def test_common_blocks_take_the_fast_path(self):
+        blocks = {
+            "step first": [b"METRIC step=%d loss=%.6f acc=0.%d" % (i, 1 / (i + 1), i) for i in range(50)],
+            "no step": [b"METRIC loss=%d.25 lr=1e-3" % i for i in range(50)],
+            "tabs": [b"METRIC\tstep=1\tloss=0.5", b"METRIC step=2\tloss=0.25"],
+            "changing keys": [b"METRIC step=1 loss=1", b"METRIC step=2 loss=0.5 val/loss=0.7", b"METRIC step=3 loss=0.25"],
+            "non-finite": [b"METRIC step=1 loss=NaN", b"METRIC step=2 loss=Infinity grad=-Infinity"],
+            "step only": [b"METRIC step=5"],
+        }
+        for label, lines in blocks.items():
+            with self.subTest(label):
+                block = b"\n".join(lines)
+                fast = runpilot.fast_metric_block(block, 1)
+                self.assertIsNotNone(fast)
+                text, samples = fast
+                self.assertEqual(len(text.split(b"\n")), len(lines))  # one sample per line, as read_metrics wants
+                expected = self.expected(lines)
+                self.assertEqual(_norm(json.loads(b"[" + text + b"]")), expected[0])
+                self.assertEqual(self.log_of(lines), expected)
+
+    def test_numbers_keep_their_spelling(self):
+        text, _ = runpilot.fast_metric_block(b"METRIC step=3 loss=0.500000 n=1E5", 1)
+        self.assertEqual(text, b'{"step": 3, "loss": 0.500000, "n": 1E5}')
+
+    def test_other_blocks_go_line_by_line(self):
+        cases = {
+            "text value": [b"METRIC step=1 opt=adam"],
+            "JSON true": [b"METRIC step=1 ok=true"], "JSON null": [b"METRIC step=1 x=null"],
+            "JSON list": [b"METRIC step=1 x=[1]"], "JSON object": [b"METRIC step=1 x={}"],
+            "JSON string": [b'METRIC step=1 x="1"'], "escape in key": [b"METRIC step=1 a\\u0041=1"],
+            "leading zero": [b"METRIC step=1 a=007"], "python float": [b"METRIC step=1 a=.5"],
+            "lower nan": [b"METRIC step=1 a=nan"], "plus sign": [b"METRIC step=1 a=+1"],
+            "underscore": [b"METRIC step=1 a=1_000"], "value holding =": [b"METRIC step=1 a=b=1"],
+            "comma": [b"METRIC step=1 a=1,2"], "5000 digits": [b"METRIC step=1 a=" + BIG_5000.encode()],
+            "duplicate key": [b"METRIC step=1 a=1 a=2"], "duplicate step": [b"METRIC step=1 step=2"],
+            "float step": [b"METRIC step=1.0 a=1"], "step not first": [b"METRIC a=1 step=2"],
+            "mixed step": [b"METRIC step=1 a=1", b"METRIC a=2"], "bad key": [b"METRIC step=1 9a=1"],
+            "empty key": [b"METRIC step=1 =1"], "non-ASCII key": ["METRIC step=1 kée=1".encode()],
+            "invalid UTF-8": [b"METRIC step=1 a=\xff"], "double space": [b"METRIC step=1  a=1"],
+            "trailing space": [b"METRIC step=1 a=1 "], "METRIC alone": [b"METRIC"],
+            "no value": [b"METRIC step=1 a="], "no =": [b"METRIC step=1 a"],
+            "carriage return inside": [b"METRIC step=1 a=\r1"],  # JSON whitespace, but float() makes it 1.0
+        }
+        for label, lines in cases.items():
+            with self.subTest(label):
+                self.assertIsNone(runpilot.fast_metric_block(b"\n".join(lines), 1))
+                self.assertEqual(self.log_of(lines), self.expected(lines))
+
+    def test_fuzz_against_line_by_line(self):
+        fast_blocks = 0
+        for seed in range(1500):
+            rng = random.Random(seed)
+            stepped = rng.random()
+            lines = []
+            for i in range(rng.randint(1, 6)):
+                keys = rng.sample(self.KEYS[:5] if rng.random() < 0.7 else self.KEYS, rng.randint(0, 3))
+                if rng.random() < 0.15 and keys:
+                    keys.append(rng.choice(keys))  # a key given twice
+                values = [rng.choice(self.VALUES[:13] if rng.random() < 0.8 else self.VALUES) for _ in keys]
+                pairs = [f"{k}={v}" for k, v in zip(keys, values)]
+                if stepped < 0.5 or (stepped < 0.6 and rng.random() < 0.5):
+                    pairs.insert(0, f"step={rng.choice([str(i), str(i * 1000), '-3', '1.5'] if rng.random() < 0.2 else [str(i)])}")
+                lines.append(("METRIC " + " ".join(pairs)).encode())
+            with self.subTest(seed=seed, lines=lines):
+                fast_blocks += runpilot.fast_metric_block(b"\n".join(lines), 1) is not None
+                self.assertEqual(self.log_of(lines), self.expected(lines))
+        self.assertGreater(fast_blocks, 150)  # the fuzz reaches the fast path as well
 
 
 CHILD = r"""
