@@ -116,6 +116,8 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 METRIC_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]*\Z")
 RUN_ID_RE = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}\Z")
+# An image reference as it may appear in a URL path unescaped: name[:tag][@digest].
+DOCKER_IMAGE_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*\Z")
 SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\Z", re.IGNORECASE)
 DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?\Z", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -297,6 +299,7 @@ _YAML_MAX_KEY = 1024   # YAML's limit on an implicit key's length; PyYAML enforc
 
 # Characters YAML allows in a stream (c-printable); others may appear only as escapes.
 _YAML_NON_PRINTABLE = "[^\t\n\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
+_YAML_ASCII_NON_PRINTABLE_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f]")  # the same, for ASCII text
 _YAML_BLANK_RE = re.compile(r"[ \t]*(?:#.*)?$")      # nothing but whitespace or a comment
 _YAML_WS_RE = re.compile(r"[ \t]*")
 _YAML_END_RE = re.compile(r"[ \t]*$|[ \t]+#")        # what may follow a node on its line
@@ -381,12 +384,15 @@ _YAML_DQ_UNESCAPES = {
 # Multi-line strings are written as literal blocks when every line reads back unchanged.
 _YAML_LITERAL_OK = (  # no tab, and not U+0085, U+2028, U+2029: line breaks to YAML 1.1
     "[\n\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]*")
+_YAML_ASCII_LITERAL_OK_RE = re.compile("[\n\x20-\x7e]*")  # the same, for ASCII text
 
 
 @functools.lru_cache(maxsize=None)
 def _yaml_regex(pattern: str) -> re.Pattern:
-    """Compile the two large Unicode classes on first use: 2.5 ms that `import runpilot` skips."""
+    """Compile the two large Unicode classes on first use (3.5 ms), so only for non-ASCII text."""
     return re.compile(pattern)
+
+
 _YAML_TRAILING_SPACE_RE = re.compile(r" (?:\n|$)")
 
 
@@ -502,7 +508,7 @@ class _YamlParser:
         self.col = 0
         self.depth = 0
         self.positions: dict[tuple, tuple[int, int]] = {}
-        bad = _yaml_regex(_YAML_NON_PRINTABLE).search(text)
+        bad = (_YAML_ASCII_NON_PRINTABLE_RE if text.isascii() else _yaml_regex(_YAML_NON_PRINTABLE)).search(text)
         if bad:
             row = text.count("\n", 0, bad.start())
             col = bad.start() - (text.rfind("\n", 0, bad.start()) + 1)
@@ -1220,7 +1226,8 @@ def _yaml_dump_entry(head: str, value: object, indent: int, out: list[str], dept
 def _yaml_literal_ok(text: str) -> bool:
     """Whether a string reads back exactly from a literal block ('|'): multi-line, printable,
     no tabs, no trailing spaces, and a first line that sets the indentation."""
-    return ("\n" in text and text[0] not in " \n" and _yaml_regex(_YAML_LITERAL_OK).fullmatch(text) is not None
+    printable = _YAML_ASCII_LITERAL_OK_RE if text.isascii() else _yaml_regex(_YAML_LITERAL_OK)
+    return ("\n" in text and text[0] not in " \n" and printable.fullmatch(text) is not None
             and _YAML_TRAILING_SPACE_RE.search(text) is None)
 
 
@@ -2099,6 +2106,63 @@ def _engine_down(engine: str, stderr: str) -> EngineError | None:
     return None
 
 
+def docker_socket(environ) -> str | None:
+    """The Unix socket of the Docker daemon the CLI would use, or None when it uses another kind.
+
+    DOCKER_HOST, DOCKER_CONTEXT or a context chosen with `docker context use` may point the CLI
+    elsewhere (TCP, SSH, another daemon): then only the CLI knows, and None says so.
+    """
+    if environ.get("DOCKER_CONTEXT"):
+        return None
+    host = environ.get("DOCKER_HOST")
+    if host:
+        return host.removeprefix("unix://") if host.startswith("unix://") else None
+    config_dir = environ.get("DOCKER_CONFIG") or os.path.join(environ.get("HOME") or "~", ".docker")
+    context = read_json(Path(os.path.expanduser(config_dir)) / "config.json").get("currentContext")
+    return "/var/run/docker.sock" if context in (None, "", "default") else None
+
+
+def docker_api_get(sock_path: str, url: str, timeout: float = 10.0) -> tuple[int, bytes] | None:
+    """GET URL from the Docker Engine API on a Unix socket: (status, body), or None if unreachable.
+
+    HTTP/1.0, so the daemon closes the connection after one plain (never chunked) response.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout)
+            conn.connect(sock_path)
+            conn.sendall(f"GET {url} HTTP/1.0\r\nHost: docker\r\n\r\n".encode("ascii"))
+            chunks = []
+            while chunk := conn.recv(READ_SIZE):
+                chunks.append(chunk)
+    except OSError:  # no such socket, no permission, refused, timed out
+        return None
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1:2]
+    return (int(status[0]), body) if status and status[0].isdigit() else None
+
+
+def _docker_api_image(image: str, environ) -> tuple[bool, dict | None]:
+    """`docker image inspect` asked of the daemon's socket, which takes ≈ 1 ms instead of the CLI's 20.
+
+    (True, info) or (True, None) for an image that is not present; (False, None) when only the CLI
+    can answer (another daemon, an unusual name, an error): the caller asks the CLI then.
+    """
+    sock_path = docker_socket(environ)
+    if sock_path is None or not DOCKER_IMAGE_REF_RE.match(image):
+        return False, None
+    reply = docker_api_get(sock_path, f"/images/{image}/json")
+    if reply is None or reply[0] not in (200, 404):
+        return False, None
+    if reply[0] == 404:
+        return True, None
+    try:
+        data = json.loads(reply[1])
+        return True, {"image_id": str(data["Id"]), "repo_digests": list(data.get("RepoDigests") or [])}
+    except (ValueError, KeyError, TypeError):
+        return False, None
+
+
 def prepare_image(engine: str, image: str, pull: str) -> dict:
     """Make sure the image is present (pulling it as its own phase) and return its id and digests."""
     info = _inspect_image(engine, image)
@@ -2122,11 +2186,15 @@ def prepare_image(engine: str, image: str, pull: str) -> dict:
 
 
 def _inspect_image(engine: str, image: str) -> dict | None:
-    done = _quiet([engine, "image", "inspect", "--format", "{{.Id}}|{{json .RepoDigests}}", image])
-    if done.returncode == 127 and not shutil.which(engine):
+    if not shutil.which(engine):
         raise EngineError(f"{engine} is not installed (not found on PATH); install it "
                           f"(apt-get install {'docker.io' if engine == 'docker' else 'podman'}) "
                           "or choose another engine with --engine")
+    if engine == "docker":
+        answered, info = _docker_api_image(image, os.environ)
+        if answered:
+            return info
+    done = _quiet([engine, "image", "inspect", "--format", "{{.Id}}|{{json .RepoDigests}}", image])
     if done.returncode != 0:
         down = _engine_down(engine, done.stderr)
         if down:
@@ -3506,119 +3574,6 @@ print("done")
 '''
 
 
-def _add_command(sub, name: str, func, help_text: str, example: str) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text, description=help_text,
-                            epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.set_defaults(func=func)
-    return parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="runpilot", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run training jobs in containers; keep their logs, metrics and history.",
-        epilog="example:\n  runpilot run config.yaml && runpilot list")
-    parser.add_argument("--version", action="version", version=f"runpilot {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    p = _add_command(sub, "run", cmd_run, "run a job from a config file and record it",
-                     "runpilot run config.yaml --set env.LR=0.01 --tag try=3")
-    p.add_argument("config", help="the run config (YAML)")
-    _add_run_options(p)
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config and the engine command line; run and record nothing")
-
-    p = _add_command(sub, "rerun", cmd_rerun, "run a recorded run again with its stored config",
-                     "runpilot rerun latest --set env.LR=0.02")
-    p.add_argument("run", help="run id, unique prefix, latest or -N")
-    _add_run_options(p)
-
-    p = _add_command(sub, "list", cmd_list, "list runs, newest first",
-                     "runpilot list --status failed --since 2d --sort val_accuracy")
-    p.add_argument("--status", choices=STATUSES, help="only runs with this status")
-    p.add_argument("--name", metavar="PATTERN", help="only runs whose name matches this glob")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag")
-    p.add_argument("--since", metavar="WHEN", help="only runs started since: 2d, 12h, 30m or 2026-11-01")
-    p.add_argument("--sort", default="started", metavar="KEY",
-                   help="started (default), duration, or the name of a metric")
-    order = p.add_mutually_exclusive_group()
-    order.add_argument("--desc", dest="ascending", action="store_false", default=None, help="largest first")
-    order.add_argument("--asc", dest="ascending", action="store_true", help="smallest first")
-    p.add_argument("--limit", type=int, metavar="N", help="show at most N runs (default: a screenful)")
-    p.add_argument("--all", action="store_true", help="show every run")
-    p.add_argument("--absolute", action="store_true", help="show start times as ISO 8601 UTC")
-    p.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1)")
-    p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--format", choices=("table", "csv"), default="table", help="table (default) or csv")
-    p.add_argument("-q", "--quiet", action="store_true", help="print run ids only")
-
-    p = _add_command(sub, "show", cmd_show, "show one run: status, files, metrics, config",
-                     "runpilot show latest")
-    p.add_argument("run", help="run id, unique prefix, latest or -N")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--ascii", action="store_true", help="draw sparklines with ASCII only")
-
-    p = _add_command(sub, "logs", cmd_logs, "print the saved log of a run", "runpilot logs latest --tail 20")
-    p.add_argument("run", help="run id, unique prefix, latest or -N")
-    p.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
-
-    p = _add_command(sub, "stop", cmd_stop, "stop a running run (from another terminal)",
-                     "runpilot stop 20261128-2247")
-    p.add_argument("run", help="run id, unique prefix, latest or -N")
-    p.add_argument("--wait", type=float, default=60, metavar="SECONDS", help="how long to wait (default 60)")
-
-    p = _add_command(sub, "validate", cmd_validate, "check a config without running it",
-                     "runpilot validate config.yaml")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-
-    p = _add_command(sub, "compare", cmd_compare, "compare runs side by side",
-                     "runpilot compare -1 -2")
-    p.add_argument("runs", nargs="+", metavar="run", help="run ids, unique prefixes, latest or -N")
-
-    p = _add_command(sub, "export", cmd_export, "write the metrics of runs as CSV or JSON lines",
-                     "runpilot export latest -2 --format csv -o metrics.csv")
-    p.add_argument("runs", nargs="+", metavar="run")
-    p.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
-    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout")
-
-    p = _add_command(sub, "rm", cmd_rm, "delete runs (folder and history row)", "runpilot rm 20261128-2247 -y")
-    p.add_argument("runs", nargs="+", metavar="run")
-    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-
-    p = _add_command(sub, "gc", cmd_gc, "delete old runs in bulk", "runpilot gc --keep 100 --dry-run")
-    p.add_argument("--keep", type=int, metavar="N", help="keep the N newest runs")
-    p.add_argument("--older-than", metavar="AGE", help="delete runs started longer ago than this: 30d, 12h")
-    p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
-    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-
-    p = _add_command(sub, "init", cmd_init, "write a sample config.yaml and train.py here", "runpilot init")
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
-
-    _add_command(sub, "reindex", cmd_reindex, "rebuild runs.db from the run folders", "runpilot reindex")
-    return parser
-
-
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=ENGINES, help="docker, podman or local (default: config, "
-                   "$RUNPILOT_ENGINE, then docker if installed, else podman)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, dotted keys (repeatable): --set env.LR=0.01")
-    p.add_argument("--name", help="override the run name")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="attach a tag (repeatable)")
-    p.add_argument("-d", "--detach", action="store_true", help="run in the background; print the run id")
-    p.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
-                   help=f"grace period between SIGTERM and SIGKILL when stopped (default {DEFAULT_STOP_TIMEOUT})")
-    p.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
-                   help="when to pull the image (default: missing)")
-    p.add_argument("--engine-logs", action="store_true",
-                   help="keep the engine's own log driver (docker logs works; output is slower)")
-    p.add_argument("--no-gpu-check", action="store_true", help="skip the check that the GPUs asked for exist")
-    p.add_argument("--run-id", help=argparse.SUPPRESS)  # chosen by the parent of a detached run
-
-
 def _tags(items: list[str]) -> dict:
     tags = {}
     for item in items:
@@ -3977,14 +3932,162 @@ def cmd_reindex(args) -> int:
     print(f"indexed {count} run(s)")
     return 0
 
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the run config (YAML)")
+    _add_run_options(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the engine command line; run and record nothing")
+
+
+def _rerun_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run id, unique prefix, latest or -N")
+    _add_run_options(p)
+
+
+def _list_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--status", choices=STATUSES, help="only runs with this status")
+    p.add_argument("--name", metavar="PATTERN", help="only runs whose name matches this glob")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag")
+    p.add_argument("--since", metavar="WHEN", help="only runs started since: 2d, 12h, 30m or 2026-11-01")
+    p.add_argument("--sort", default="started", metavar="KEY",
+                   help="started (default), duration, or the name of a metric")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--desc", dest="ascending", action="store_false", default=None, help="largest first")
+    order.add_argument("--asc", dest="ascending", action="store_true", help="smallest first")
+    p.add_argument("--limit", type=int, metavar="N", help="show at most N runs (default: a screenful)")
+    p.add_argument("--all", action="store_true", help="show every run")
+    p.add_argument("--absolute", action="store_true", help="show start times as ISO 8601 UTC")
+    p.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1)")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--format", choices=("table", "csv"), default="table", help="table (default) or csv")
+    p.add_argument("-q", "--quiet", action="store_true", help="print run ids only")
+
+
+def _show_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run id, unique prefix, latest or -N")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--ascii", action="store_true", help="draw sparklines with ASCII only")
+
+
+def _logs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run id, unique prefix, latest or -N")
+    p.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
+
+
+def _stop_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run id, unique prefix, latest or -N")
+    p.add_argument("--wait", type=float, default=60, metavar="SECONDS", help="how long to wait (default 60)")
+
+
+def _validate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="run", help="run ids, unique prefixes, latest or -N")
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="run")
+    p.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout")
+
+
+def _rm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="run")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _gc_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep", type=int, metavar="N", help="keep the N newest runs")
+    p.add_argument("--older-than", metavar="AGE", help="delete runs started longer ago than this: 30d, 12h")
+    p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _init_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=ENGINES, help="docker, podman or local (default: config, "
+                   "$RUNPILOT_ENGINE, then docker if installed, else podman)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, dotted keys (repeatable): --set env.LR=0.01")
+    p.add_argument("--name", help="override the run name")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="attach a tag (repeatable)")
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background; print the run id")
+    p.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
+                   help=f"grace period between SIGTERM and SIGKILL when stopped (default {DEFAULT_STOP_TIMEOUT})")
+    p.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
+                   help="when to pull the image (default: missing)")
+    p.add_argument("--engine-logs", action="store_true",
+                   help="keep the engine's own log driver (docker logs works; output is slower)")
+    p.add_argument("--no-gpu-check", action="store_true", help="skip the check that the GPUs asked for exist")
+    p.add_argument("--run-id", help=argparse.SUPPRESS)  # chosen by the parent of a detached run
+
+
+# name, function, help, example, arguments: the commands in the order --help lists them.
+COMMANDS = [
+    ("run", cmd_run, "run a job from a config file and record it",
+     "runpilot run config.yaml --set env.LR=0.01 --tag try=3", _run_arguments),
+    ("rerun", cmd_rerun, "run a recorded run again with its stored config",
+     "runpilot rerun latest --set env.LR=0.02", _rerun_arguments),
+    ("list", cmd_list, "list runs, newest first",
+     "runpilot list --status failed --since 2d --sort val_accuracy", _list_arguments),
+    ("show", cmd_show, "show one run: status, files, metrics, config",
+     "runpilot show latest", _show_arguments),
+    ("logs", cmd_logs, "print the saved log of a run",
+     "runpilot logs latest --tail 20", _logs_arguments),
+    ("stop", cmd_stop, "stop a running run (from another terminal)",
+     "runpilot stop 20261128-2247", _stop_arguments),
+    ("validate", cmd_validate, "check a config without running it",
+     "runpilot validate config.yaml", _validate_arguments),
+    ("compare", cmd_compare, "compare runs side by side",
+     "runpilot compare -1 -2", _compare_arguments),
+    ("export", cmd_export, "write the metrics of runs as CSV or JSON lines",
+     "runpilot export latest -2 --format csv -o metrics.csv", _export_arguments),
+    ("rm", cmd_rm, "delete runs (folder and history row)",
+     "runpilot rm 20261128-2247 -y", _rm_arguments),
+    ("gc", cmd_gc, "delete old runs in bulk",
+     "runpilot gc --keep 100 --dry-run", _gc_arguments),
+    ("init", cmd_init, "write a sample config.yaml and train.py here",
+     "runpilot init", _init_arguments),
+    ("reindex", cmd_reindex, "rebuild runs.db from the run folders",
+     "runpilot reindex", None),
+]
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or only the command ARGV names (what `run` needs: 2 ms, not 7)."""
+    parser = argparse.ArgumentParser(
+        prog="runpilot", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run training jobs in containers; keep their logs, metrics and history.",
+        epilog="example:\n  runpilot run config.yaml && runpilot list")
+    parser.add_argument("--version", action="version", version=f"runpilot {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    named = argv[0] if argv and argv[0] in {spec[0] for spec in COMMANDS} else None
+    for name, func, help_text, example, add_arguments in COMMANDS:
+        if named is None or name == named:
+            p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+            p.set_defaults(func=func)
+            if add_arguments:
+                add_arguments(p)
+    return parser
+
 # ==== 17. Entry point ========================================================
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (RunPilot errors become one clear line)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
-        args.argv = list(sys.argv[1:] if argv is None else argv)
+        args.argv = argv
         return args.func(args)
     except SystemExit as exc:  # argparse: --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2

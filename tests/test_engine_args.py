@@ -1,9 +1,12 @@
 """Config validation and the command lines RunPilot builds for docker, podman and engine `local`."""
 
 import dataclasses
+import json
 import math
 import os
+import socket
 import tempfile
+import threading
 import unittest
 from pathlib import Path
 from unittest import mock
@@ -159,6 +162,90 @@ class ChooseEngineTest(HomeTestCase):
         with self.assertRaises(runpilot.UsageError) as caught:
             runpilot.choose_engine(None, config, {"RUNPILOT_ENGINE": "dockr"}, which=lambda name: "/x")
         self.assertIn("RUNPILOT_ENGINE", str(caught.exception))
+
+
+class FakeDockerApi:
+    """A Unix socket that answers one canned HTTP response per request, as dockerd's API does."""
+
+    def __init__(self, path: Path, replies: dict[str, tuple[int, bytes]]) -> None:
+        self.replies, self.requests = replies, []
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(4096)
+                line = request.split(b"\r\n")[0].decode()
+                self.requests.append(line)
+                status, body = self.replies.get(line.split()[1], (500, b'{"message": "boom"}'))
+                conn.sendall(b"HTTP/1.0 %d X\r\nContent-Type: application/json\r\n\r\n%s" % (status, body))
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class DockerApiTest(HomeTestCase):
+    IMAGE_JSON = json.dumps({"Id": "sha256:" + "ab" * 32, "RepoDigests": ["busybox@sha256:" + "cd" * 32],
+                             "Config": {"Env": ["PATH=/bin"]}, "Size": 4096}).encode()
+
+    def serve(self, replies: dict) -> tuple[FakeDockerApi, dict]:
+        path = self.tmp / "docker.sock"
+        api = FakeDockerApi(path, replies)
+        self.addCleanup(api.close)
+        return api, {"DOCKER_HOST": f"unix://{path}"}
+
+    def test_present_image(self):
+        api, env = self.serve({"/images/busybox:1.36/json": (200, self.IMAGE_JSON)})
+        self.assertEqual(runpilot._docker_api_image("busybox:1.36", env),
+                         (True, {"image_id": "sha256:" + "ab" * 32, "repo_digests": ["busybox@sha256:" + "cd" * 32]}))
+        self.assertEqual(api.requests, ["GET /images/busybox:1.36/json HTTP/1.0"])
+
+    def test_missing_image(self):
+        _, env = self.serve({"/images/ghcr.io/org/img@sha256:00/json": (404, b'{"message": "No such image"}')})
+        self.assertEqual(runpilot._docker_api_image("ghcr.io/org/img@sha256:00", env), (True, None))
+
+    def test_anything_else_is_left_to_the_cli(self):
+        api, env = self.serve({"/images/bad/json": (200, b"not json"), "/images/noid/json": (200, b"{}")})
+        for image in ("other:1", "bad", "noid"):  # a 500, a body that is not JSON, no Id
+            with self.subTest(image):
+                self.assertEqual(runpilot._docker_api_image(image, env), (False, None))
+        self.assertEqual(runpilot._docker_api_image("has space", env), (False, None))  # never sent
+        self.assertEqual(len(api.requests), 3)
+        gone = {"DOCKER_HOST": f"unix://{self.tmp}/nothing.sock"}
+        self.assertIsNone(runpilot.docker_api_get(gone["DOCKER_HOST"][7:], "/version"))
+        self.assertEqual(runpilot._docker_api_image("busybox", gone), (False, None))
+
+    def test_which_socket(self):
+        home = self.tmp / "user"
+        (home / ".docker").mkdir(parents=True)
+        contexts = self.tmp / "contexts"
+        contexts.mkdir()
+        (contexts / "config.json").write_text('{"currentContext": "remote"}')
+        cases = [
+            ({"HOME": str(home)}, "/var/run/docker.sock"),
+            ({"HOME": str(home), "DOCKER_HOST": "unix:///run/user/1000/docker.sock"}, "/run/user/1000/docker.sock"),
+            ({"HOME": str(home), "DOCKER_HOST": "tcp://10.0.0.5:2376"}, None),
+            ({"HOME": str(home), "DOCKER_HOST": "ssh://me@box"}, None),
+            ({"HOME": str(home), "DOCKER_CONTEXT": "remote"}, None),
+            ({"HOME": str(home), "DOCKER_CONFIG": str(contexts)}, None),
+        ]
+        for env, expected in cases:
+            with self.subTest(env=env):
+                self.assertEqual(runpilot.docker_socket(env), expected)
+        (home / ".docker" / "config.json").write_text('{"currentContext": "default", "auths": {}}')
+        self.assertEqual(runpilot.docker_socket({"HOME": str(home)}), "/var/run/docker.sock")
+        (home / ".docker" / "config.json").write_text('{"currentContext": "colima"}')
+        self.assertIsNone(runpilot.docker_socket({"HOME": str(home)}))
 
 
 class LocalEngineTest(HomeTestCase):

@@ -74,6 +74,10 @@ class EngineCase(HomeTestCase):
         self.assertRegex(meta["engine_version"] or "", r"^\d+\.\d+")
         self.assertEqual(meta["image"], PYTHON_IMAGE)
         self.assertRegex(meta["image_id"], r"^(sha256:)?[0-9a-f]{12,}")
+        # Docker's id comes from the daemon's socket, Podman's from its CLI: both as the CLI says it
+        inspect = subprocess.run([self.engine, "image", "inspect", "--format", "{{.Id}}", PYTHON_IMAGE],
+                                 capture_output=True, text=True, check=True)
+        self.assertEqual(meta["image_id"], inspect.stdout.strip())
         self.assertEqual(meta["command"][:3], [self.engine, "run", "--rm"])
         self.assertIn(f"runpilot.run_id={run.name}", meta["command"])
         row = self.db_rows()[0]
