@@ -2163,9 +2163,12 @@ def _docker_api_image(image: str, environ) -> tuple[bool, dict | None]:
         return False, None
 
 
-def prepare_image(engine: str, image: str, pull: str) -> dict:
-    """Make sure the image is present (pulling it as its own phase) and return its id and digests."""
-    info = _inspect_image(engine, image)
+def prepare_image(engine: str, image: str, pull: str, cache: Path | None = None) -> dict:
+    """Make sure the image is present (pulling it as its own phase) and return its id and digests.
+
+    CACHE (a JSON file) keeps Podman's answers while its image store is unchanged.
+    """
+    info = _inspect_image(engine, image, cache if pull != "always" else None)
     if info is None or pull == "always":
         if pull == "never":
             raise EngineError(f"image {image} is not present locally and --pull never was given; "
@@ -2185,7 +2188,7 @@ def prepare_image(engine: str, image: str, pull: str) -> dict:
     return info
 
 
-def _inspect_image(engine: str, image: str) -> dict | None:
+def _inspect_image(engine: str, image: str, cache: Path | None = None) -> dict | None:
     if not shutil.which(engine):
         raise EngineError(f"{engine} is not installed (not found on PATH); install it "
                           f"(apt-get install {'docker.io' if engine == 'docker' else 'podman'}) "
@@ -2194,16 +2197,66 @@ def _inspect_image(engine: str, image: str) -> dict | None:
         answered, info = _docker_api_image(image, os.environ)
         if answered:
             return info
-    done = _quiet([engine, "image", "inspect", "--format", "{{.Id}}|{{json .RepoDigests}}", image])
+    elif cache is not None:
+        known = podman_cached_image(cache, image)
+        if known is not None:
+            return known
+    done = _quiet([engine, "image", "inspect", "--format",
+                   "{{.Id}}|{{json .RepoDigests}}|{{.GraphDriver.Name}}|{{json .GraphDriver.Data}}", image])
     if done.returncode != 0:
         down = _engine_down(engine, done.stderr)
         if down:
             raise down
         return None
-    image_id, _, digests = done.stdout.strip().partition("|")
-    with contextlib.suppress(ValueError):
-        return {"image_id": image_id, "repo_digests": json.loads(digests) or []}
-    return {"image_id": image_id, "repo_digests": []}
+    image_id, digests, driver, driver_data = (done.stdout.strip().split("|", 3) + ["", "", ""])[:4]
+    try:
+        info = {"image_id": image_id, "repo_digests": json.loads(digests) or []}
+    except ValueError:
+        info = {"image_id": image_id, "repo_digests": []}
+    if engine == "podman" and cache is not None:
+        podman_remember_image(cache, image, info, _podman_image_store(driver, driver_data))
+    return info
+
+
+# Podman has no daemon to ask: `podman image inspect` starts the whole CLI (≈ 35 ms). Its image
+# store rewrites <graphroot>/<driver>-images/images.lock on every change to any image (pull, tag,
+# rmi), which is how Podman itself knows to reload it; an answer recorded with the same lock
+# bytes, binary and storage settings is still the answer.
+def _podman_image_store(driver: str, driver_data: str) -> str | None:
+    """<graphroot>/<driver>-images, from an image's layer folder <graphroot>/<driver>/<id>/diff."""
+    with contextlib.suppress(ValueError, AttributeError):
+        upper = Path(json.loads(driver_data).get("UpperDir") or "")
+        if driver and upper.name == "diff" and upper.parent.parent.name == driver:
+            return str(upper.parent.parent.parent / f"{driver}-images")
+    return None
+
+
+def _podman_store_state(store: str) -> str | None:
+    """What must be unchanged for a remembered answer to hold: the store's lock bytes and settings."""
+    try:
+        lock = Path(store, "images.lock").read_bytes().hex()
+    except OSError:
+        return None
+    return json.dumps([lock, _engine_key("podman"), os.environ.get("CONTAINERS_STORAGE_CONF"), os.getuid()])
+
+
+def podman_cached_image(cache: Path, image: str) -> dict | None:
+    entry = read_json(cache).get(image)
+    if not isinstance(entry, dict) or not entry.get("store") or not entry.get("image_id"):
+        return None
+    if _podman_store_state(entry["store"]) != entry.get("state"):
+        return None
+    return {"image_id": entry["image_id"], "repo_digests": entry.get("repo_digests") or []}
+
+
+def podman_remember_image(cache: Path, image: str, info: dict, store: str | None) -> None:
+    state = _podman_store_state(store) if store else None
+    if state is None:
+        return
+    known = {k: v for k, v in read_json(cache).items() if isinstance(v, dict) and v.get("state") == state}
+    known[image] = {**info, "store": store, "state": state}  # answers of an older store state are dropped
+    with contextlib.suppress(OSError):  # a parallel run may write the same answer
+        write_atomic(cache, json.dumps(known).encode(), durable=False)
 
 # ==== 11. Host facts: GPUs, git, the engine's version, the runner ============
 
@@ -2567,10 +2620,13 @@ class Tee:
         for _, scanner in scanners.values():
             self.metrics.add_lines(scanner.finish())
             self.metrics.malformed += scanner.overlong
-        while job.proc.poll() is None:  # both pipes closed; the engine CLI is finishing
-            time.sleep(POLL_SECONDS / 4)
-            self._on_signals()
-            job.tick()
+        while True:  # both pipes closed; the engine CLI is finishing (docker's --rm, podman's cleanup)
+            try:  # Popen.wait polls from 0.5 ms up: the exit is seen at once, not up to 50 ms late
+                job.proc.wait(timeout=POLL_SECONDS / 4)
+                break
+            except subprocess.TimeoutExpired:
+                self._on_signals()
+                job.tick()
         self.result.returncode = job.proc.returncode
         self.result.log_error = self.log_error
         return self.result
@@ -3048,7 +3104,7 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: d
     engine = choose_engine(options.engine, config, environ)
     config = dataclasses.replace(config, engine=engine)  # the stored config says where it ran
     env = resolve_env(job_environment(config, "", _mount_env(config, engine)), environ)
-    facts = check_host(config, engine, options, environ)  # raises before anything is recorded
+    facts = check_host(config, engine, options, environ, store)  # raises before anything is recorded
     run_id, path = store.create_run_dir(options.run_id)
     env["RUNPILOT_RUN_ID"] = run_id
     launch = make_launch(config, run_id, engine, env, options, environ)
@@ -3062,7 +3118,7 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: d
         return _finish(store, config, path, meta, result, options.previous)
 
 
-def check_host(config: JobConfig, engine: str, options: RunOptions, environ) -> dict:
+def check_host(config: JobConfig, engine: str, options: RunOptions, environ, store: RunStore) -> dict:
     """Fail fast on what would stop the job from starting; return the facts learnt for meta.json."""
     facts: dict = {}
     if engine == "local":
@@ -3072,7 +3128,7 @@ def check_host(config: JobConfig, engine: str, options: RunOptions, environ) -> 
             raise ConfigError(f"{program} (the entrypoint) is not found on PATH for engine local", config.source)
         facts["executable"] = os.path.abspath(found)
     else:
-        facts.update(prepare_image(engine, str(config.image), options.pull))
+        facts.update(prepare_image(engine, str(config.image), options.pull, store.home / "podman-images.json"))
     facts["gpus"] = gpu_facts(config.resources.gpus, engine, options.gpu_check, environ)
     return facts
 

@@ -19,7 +19,10 @@ How it measures:
   that drift on a shared machine hits all of them alike; figures are medians with min-max over --reps.
 - "RunPilot's own CPU" and peak RSS are the runpilot Python process alone (RUSAGE_SELF read at the end of
   runpilot.main inside that process), not the engine CLI it starts (reported apart as "CLI CPU").
-- RunPilot runs as an installed `runpilot` does: `import runpilot` with cached bytecode. Child Pythons get
+- RunPilot runs as an installed `runpilot` does: in a venv of --python made for the run, as `pipx install`
+  makes (so none of the interpreter's own site-packages .pth files run at start), `import runpilot` with
+  cached bytecode. Case 1 also shows RunPilot imported in --python itself, and both interpreters' bare start.
+  Child Pythons get
   PYTHONPYCACHEPREFIX under /tmp (so nothing is written into the repository) and never PYTHONDONTWRITEBYTECODE.
   `python runpilot.py` (a copied file) recompiles the whole script on every start; cases 1, 4 and 5 show it.
 - Every RUNPILOT_HOME is a temporary folder; the 100,000-run home of case 4 is cached in
@@ -255,9 +258,20 @@ class Bench:
             raise BenchError(f"{' '.join(argv)[:300]}\n  exited {rc} (expected {expect_rc}):\n    {tail}")
         return sample
 
-    def runpilot(self, args: list[str], home: Path, cwd: Path | None = None) -> Sample:
+    def venv_python(self) -> str:
+        """A fresh venv of --python, as `pipx install` makes: none of the interpreter's own site-packages.
+
+        Some machines run code at every Python start from .pth files in site-packages (this sandbox's
+        certifi hook costs ≈ 20 ms); an installed runpilot lives in its own venv and never pays that.
+        """
+        venv = self.tmp / "venv"
+        if not venv.exists():
+            subprocess.run([self.python, "-m", "venv", "--without-pip", str(venv)], check=True)
+        return str(venv / "bin" / "python")
+
+    def runpilot(self, args: list[str], home: Path, cwd: Path | None = None, python: str | None = None) -> Sample:
         """`runpilot ARGS` as an installed runpilot runs (module import), with its own CPU and RSS."""
-        sample = self.timed([self.python, "-c", WRAPPER, str(ROOT), *args], self.env(home), cwd)
+        sample = self.timed([python or self.venv_python(), "-c", WRAPPER, str(ROOT), *args], self.env(home), cwd)
         if sample.cpu_self is None:
             raise BenchError(f"runpilot {' '.join(args)} printed no measurement line:\n{sample.stderr[-2000:]}")
         return sample
@@ -400,12 +414,17 @@ def case_overhead(bench: Bench) -> None:
         argv[argv.index(run_label)] = f"{BENCH_LABEL}=1"
         return bench.timed(argv, bench.env(PYTHONUNBUFFERED="1", RUNPILOT_RUN_ID="bench"))
 
+    venv = bench.venv_python()
     variants = {
-        "runpilot run (installed: import runpilot)": lambda: bench.runpilot(["run", str(cfg)], home),
+        "runpilot run (installed: pipx-like venv)": lambda: bench.runpilot(["run", str(cfg)], home, python=venv),
         "bare: run --rm --init IMG true": lambda: bench.bare(["--rm", "--init"], [BUSYBOX_IMAGE, "true"]),
         "python runpilot.py run (copied file)": lambda: bench.timed(
             [bench.python, str(RUNPILOT_PY), "run", str(cfg)], bench.env(home)),
         "bare: RunPilot's own command (meta.json)": same_flags,
+        "runpilot run (import runpilot in this python3)": lambda: bench.runpilot(["run", str(cfg)], home,
+                                                                                python=bench.python),
+        "python3 -c pass (this python3)": lambda: bench.timed([bench.python, "-c", "pass"], bench.env()),
+        "python -c pass (the venv's)": lambda: bench.timed([venv, "-c", "pass"], bench.env()),
     }
     for fn in variants.values():  # one more warm-up round of every variant
         fn()
@@ -428,6 +447,8 @@ def case_overhead(bench: Bench) -> None:
     extra = (walls[names[0]].median - ref) * 1000
     extra_own = (walls[names[0]].median - walls[names[3]].median) * 1000
     extra_script = (walls[names[2]].median - ref) * 1000
+    extra_system = (walls[names[4]].median - ref) * 1000
+    start_system, start_venv = walls[names[5]].median * 1000, walls[names[6]].median * 1000
     target = TARGETS["overhead_ms"]
     bench.rows += [
         Row("1", "fixed overhead per run (extra wall vs bare `run --rm --init`)", walls[names[0]].fmt(1000, 0, "ms"),
@@ -436,6 +457,11 @@ def case_overhead(bench: Bench) -> None:
             walls[names[3]].fmt(1000, 0, "ms"), f"+{extra_own:.0f} ms", "", None),
         Row("1", "… as `python runpilot.py run` (copied file)", walls[names[2]].fmt(1000, 0, "ms"),
             walls[names[1]].fmt(1000, 0, "ms"), f"+{extra_script:.0f} ms", "", None),
+        Row("1", "… importing runpilot in this python3 (its site-packages .pth files run first)",
+            walls[names[4]].fmt(1000, 0, "ms"), walls[names[1]].fmt(1000, 0, "ms"), f"+{extra_system:.0f} ms",
+            "", None),
+        Row("1", "interpreter start alone: `python -c pass`", f"venv {start_venv:.0f} ms",
+            f"this python3 {start_system:.0f} ms", f"{start_system - start_venv:+.0f} ms", "", None),
     ]
 
 

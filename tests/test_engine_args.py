@@ -248,6 +248,71 @@ class DockerApiTest(HomeTestCase):
         self.assertIsNone(runpilot.docker_socket({"HOME": str(home)}))
 
 
+FAKE_PODMAN = """#!/bin/sh
+# Answers `podman image inspect` like podman 4 with the 4-field format RunPilot asks for; logs each call.
+echo "$*" >> "$FAKE_PODMAN_LOG"
+printf '%s|["img@sha256:00"]|overlay|{"UpperDir":"%s/overlay/l1/diff","WorkDir":"%s/overlay/l1/work"}\\n' \\
+    "$(cat "$FAKE_PODMAN_ID")" "$FAKE_PODMAN_ROOT" "$FAKE_PODMAN_ROOT"
+"""
+
+
+class PodmanImageCacheTest(HomeTestCase):
+    def setUp(self):
+        super().setUp()
+        self.root = self.tmp / "storage"
+        (self.root / "overlay-images").mkdir(parents=True)
+        self.lock = self.root / "overlay-images" / "images.lock"
+        self.lock.write_bytes(b"\x01" * 64)
+        bin_dir = self.tmp / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "podman").write_text(FAKE_PODMAN)
+        (bin_dir / "podman").chmod(0o755)
+        self.log, self.id_file = self.tmp / "calls.log", self.tmp / "id"
+        self.id_file.write_text("sha256:aaa")
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_PODMAN_LOG": str(self.log),
+               "FAKE_PODMAN_ROOT": str(self.root), "FAKE_PODMAN_ID": str(self.id_file)}
+        patcher = mock.patch.dict(os.environ, env)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.cache = self.tmp / "home" / "podman-images.json"
+        self.cache.parent.mkdir()
+
+    def inspect(self, image: str = "busybox:1") -> tuple[str, int]:
+        info = runpilot.prepare_image("podman", image, "missing", self.cache)
+        calls = len(self.log.read_text().splitlines()) if self.log.exists() else 0
+        return info["image_id"], calls
+
+    def test_store_folder_from_the_layer_folder(self):
+        data = json.dumps({"UpperDir": "/var/lib/containers/storage/overlay/abc/diff", "WorkDir": "/x"})
+        self.assertEqual(runpilot._podman_image_store("overlay", data), "/var/lib/containers/storage/overlay-images")
+        self.assertIsNone(runpilot._podman_image_store("vfs", data))  # the layer is not where vfs keeps it
+        self.assertIsNone(runpilot._podman_image_store("overlay", "{}"))
+        self.assertIsNone(runpilot._podman_image_store("overlay", "<no value>"))
+
+    def test_answer_is_remembered_while_the_store_is_unchanged(self):
+        self.assertEqual(self.inspect(), ("sha256:aaa", 1))
+        self.assertEqual(self.inspect(), ("sha256:aaa", 1))  # no second CLI call
+        self.assertEqual(self.inspect("other:2"), ("sha256:aaa", 2))  # another image is asked for
+        self.id_file.write_text("sha256:bbb")
+        self.lock.write_bytes(b"\x02" * 64)  # Podman rewrites the lock on every pull, tag or rmi
+        self.assertEqual(self.inspect(), ("sha256:bbb", 3))
+        self.assertEqual(set(json.loads(self.cache.read_text())), {"busybox:1"})  # older answers dropped
+        self.assertEqual(self.inspect(), ("sha256:bbb", 3))
+
+    def test_anything_else_asks_the_cli(self):
+        self.inspect()
+        with mock.patch.dict(os.environ, {"CONTAINERS_STORAGE_CONF": str(self.tmp / "storage.conf")}):
+            self.assertEqual(self.inspect()[1], 2)  # other storage settings
+        self.assertEqual(runpilot.prepare_image("podman", "busybox:1", "missing", None)["image_id"], "sha256:aaa")
+        self.assertEqual(self.inspect()[1], 4)  # the answer under other settings replaced the first
+        self.lock.unlink()
+        self.assertEqual(self.inspect()[1], 5)  # no lock to compare
+        self.assertEqual(self.inspect()[1], 6)  # and nothing remembered without one
+        self.cache.write_text("not json")
+        self.lock.write_bytes(b"\x03" * 64)
+        self.assertEqual(self.inspect()[1], 7)  # a damaged cache is only a miss
+
+
 class LocalEngineTest(HomeTestCase):
     def test_local_argv(self):
         config = self.validate({"name": "l", "engine": "local", "entrypoint": "echo $HOME && ls"})

@@ -7,6 +7,7 @@ The images come from tests/images/build.sh (no registry is needed).
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -157,6 +158,33 @@ class EngineCase(HomeTestCase):
         self.assertIn(b"runpilot: pulling runpilot-test-busybox:latest ...", result.stderr)
         self.assertEqual(len(self.runs()), 1)
 
+    def test_a_tag_moved_or_removed_is_seen_at_once(self):
+        # Docker is asked over its socket, Podman's answer is remembered while its image store is
+        # unchanged: a tag that now names another image, or none, must be seen by the very next run.
+        tag = f"runpilot-test-moving-{self.engine}:{os.getpid()}"
+        config = self.config("moving", tag, "true")
+
+        def engine(*args):
+            return subprocess.run([self.engine, *args], capture_output=True, text=True, check=True).stdout.strip()
+
+        self.addCleanup(subprocess.run, [self.engine, "rmi", tag], capture_output=True)
+        ids = {}
+        for image in (BUSYBOX_IMAGE, PYTHON_IMAGE):
+            engine("tag", image, tag)
+            ids[image] = engine("image", "inspect", "--format", "{{.Id}}", tag)
+            for _ in range(2):  # the second run may use the remembered answer
+                before = set(self.runs())
+                result = self.process("run", config, "--pull", "never")
+                self.assertEqual(result.returncode, 0, result.stderr)
+                (run,) = set(self.runs()) - before
+                self.assertEqual(self.meta(run)["image_id"], ids[image])
+        self.assertNotEqual(ids[BUSYBOX_IMAGE], ids[PYTHON_IMAGE])
+        engine("rmi", tag)
+        result = self.process("run", config, "--pull", "never")
+        self.assertEqual(result.returncode, 125)
+        self.assertIn(f"runpilot: error: image {tag} is not present locally".encode(), result.stderr)
+        self.assertEqual(len(self.runs()), 4)
+
     def test_ctrl_c_stops_container_and_leaves_nothing(self):
         proc = self.start(self.python_job("polite", POLITE))
         proc.send_signal(signal.SIGINT)
@@ -259,10 +287,11 @@ class EngineCase(HomeTestCase):
                                   stderr=subprocess.PIPE) for _ in range(16)]
         listings = []
         while any(p.poll() is None for p in procs):
-            listings.append(self.process("list", "--all").returncode)
+            listed = self.process("list", "--all")
+            listings.append((listed.returncode, listed.stderr.decode()[-500:]))
         errors = [p.communicate()[1] for p in procs]
         self.assertEqual([p.returncode for p in procs], [0] * 16, errors)
-        self.assertEqual(set(listings), {0})
+        self.assertEqual({rc for rc, _ in listings}, {0}, listings)
         self.assertEqual(len(self.runs()), 16)
         self.assertEqual(len({r["id"] for r in self.db_rows()}), 16)
         self.assertTrue(all(self.metrics(p) == [{"step": 1, "x": 1}] for p in self.runs()))
