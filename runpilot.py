@@ -1857,6 +1857,19 @@ def fast_metric_block(block: bytes, first_step: int) -> tuple[bytes, list[dict]]
     return text, samples
 
 
+def may_hold_metric(data: bytes) -> bool:
+    """`b"METRIC" in data`, sooner: memchr finds each `M` at ≈ 100 GB/s where the substring search
+    runs at ≈ 2.5 GB/s (0.4 s of CPU per GB of output), and most output has few capital Ms."""
+    at = data.find(b"M")
+    for _ in range(8):
+        if at < 0:
+            return False
+        if data.startswith(b"METRIC", at):
+            return True
+        at = data.find(b"M", at + 1)
+    return at >= 0 and data.find(b"METRIC", at) >= 0  # M-heavy output: the substring search from here
+
+
 class MetricScanner:
     """Finds complete METRIC lines in one output stream's chunks, carrying a partial line over.
 
@@ -1876,7 +1889,7 @@ class MetricScanner:
                 return []
             self.skipping, chunk = False, chunk[newline + 1:]
         data = self.pending + chunk if self.pending else chunk
-        if b"METRIC" not in data:
+        if not may_hold_metric(data):
             self._keep_tail(data[data.rfind(b"\n") + 1:])
             return []
         lines = data.split(b"\n")

@@ -241,6 +241,22 @@ class MetricScannerTest(HomeTestCase):
                     self.assertEqual((log.count, log.malformed), (len(whole[0]), whole[1]))
 
 
+class MayHoldMetricTest(unittest.TestCase):
+    def test_same_answer_as_the_substring_search(self):
+        rng = random.Random(7)
+        cases = [b"", b"M", b"METRI", b"METRIC", b"xMETRIC", b"MMMMMMMMMMMMETRIC", b"M" * 20 + b"METRIC",
+                 b"M" * 20, b"METRI" * 9 + b"C", b"METRIX " * 9 + b"METRIC", b"x" * 1000 + b"METRIC"]
+        for _ in range(3000):
+            noise = bytes(rng.choice(b"METRICMx\n ") for _ in range(rng.randint(0, 60)))
+            at = rng.randint(0, len(noise))
+            cases.append(noise[:at] + b"METRIC" + noise[at:] if rng.random() < 0.3 else noise)
+        for data in cases:
+            with self.subTest(data=data):
+                self.assertEqual(runpilot.may_hold_metric(data), b"METRIC" in data)
+        self.assertGreater(sum(b"METRIC" in d for d in cases), 50)
+        self.assertGreater(sum(d.count(b"M") > 8 and b"METRIC" in d for d in cases), 10)  # the fallback too
+
+
 class MetricLogTest(HomeTestCase):
     LINES = [b"METRIC loss=1.5 opt=adam", b"METRIC loss=0.75 acc=0.5", b"METRIC bad",
              b"METRIC step=10 loss=0.5", b"METRIC a=1 a=2", b"METRIC loss=0.25 big=" + BIG_400.encode()]
