@@ -2459,15 +2459,20 @@ def _process_start(pid: int) -> str | None:
     return None
 
 
+def hostname() -> str:
+    """socket.gethostname() without importing socket: both read the kernel's node name."""
+    return os.uname().nodename
+
+
 def runner_identity() -> dict:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(),
+    return {"pid": pid, "host": hostname(), "boot_id": _boot_id(),
             "start": _process_start(pid)}
 
 
 def runner_alive(runner: dict) -> bool | None:
     """Whether the process that runs a run still exists; None when it cannot be told from here."""
-    if not runner or runner.get("host") != socket.gethostname():
+    if not runner or runner.get("host") != hostname():
         return None
     if runner.get("boot_id") and runner.get("boot_id") != _boot_id():
         return False  # the machine rebooted since
@@ -3050,7 +3055,7 @@ def base_meta(config: JobConfig, run_id: str, engine: str, launch: Launch, optio
         "engine": engine, "engine_version": None, "image": config.image,
         "command": launch.argv, "command_line": shlex.join(launch.argv), "container": launch.container,
         "workdir": launch.cwd if engine == "local" else config.workdir,
-        "host": socket.gethostname(), "user": _user(), "runpilot_version": __version__,
+        "host": hostname(), "user": _user(), "runpilot_version": __version__,
         "python": ".".join(map(str, sys.version_info[:3])), "os": _os_name(), "runner": runner_identity(),
         "config_file": config.source, "tags": options.tags, "overrides": options.overrides,
         "rerun_of": options.rerun_of, "metrics": {"count": 0, "malformed": 0}, "watched": list(config.metrics),
