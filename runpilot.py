@@ -2558,6 +2558,10 @@ class Job:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 helper.wait(timeout=self.stop_timeout + 15)
 
+    def close_pipes(self) -> None:
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            pipe.close()
+
 
 class StopSignals:
     """Records SIGINT/SIGTERM/SIGHUP while a run is live; the loop acts on them."""
@@ -3195,6 +3199,8 @@ def _supervise(launch: Launch, options: RunOptions, config: JobConfig, path: Pat
             with contextlib.suppress(subprocess.TimeoutExpired):
                 job.proc.wait(timeout=job.stop_timeout + 15)
             raise
+        finally:
+            job.close_pipes()
         if result.stop_reason:
             job.reap_helpers()
             _remove_container(launch)
