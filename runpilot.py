@@ -2110,8 +2110,16 @@ def local_gpu_env(gpus: int | str | tuple[str, ...] | None) -> dict[str, str]:
         return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))}
     return {"CUDA_VISIBLE_DEVICES": ",".join(gpus)}
 
+
 def _engine_down(engine: str, stderr: str) -> EngineError | None:
+    """What the engine CLI's stderr says when it could not use its daemon, as one line with the fix."""
     text = stderr.lower()
+    if "permission denied" in text and "daemon socket" in text:  # not in the docker group
+        where = re.search(r"unix://(\S+?):? ", stderr)
+        sock = where.group(1) if where else "the daemon's socket"
+        return EngineError(f"this user may not use the {engine} engine (permission denied on {sock}); add it "
+                           f"to the {engine} group ('sudo usermod -aG {engine} $USER', then log in again), "
+                           "or use rootless Docker or Podman")
     if "cannot connect" in text or "is the docker daemon running" in text or "connection refused" in text:
         first = stderr.strip().splitlines()[0] if stderr.strip() else ""
         return EngineError(f"the {engine} engine is not answering ({first}); start it "

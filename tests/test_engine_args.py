@@ -313,6 +313,24 @@ class PodmanImageCacheTest(HomeTestCase):
         self.assertEqual(self.inspect()[1], 7)  # a damaged cache is only a miss
 
 
+class EngineDownTest(unittest.TestCase):
+    def test_what_the_cli_said_becomes_one_line_with_the_fix(self):
+        denied = ('permission denied while trying to connect to the Docker daemon socket at '
+                  'unix:///var/run/docker.sock: Get "http://%2Fvar%2Frun%2Fdocker.sock/v1.50/images/x/json": '
+                  'dial unix /var/run/docker.sock: connect: permission denied\n')
+        down = "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?\n"
+        self.assertEqual(str(runpilot._engine_down("docker", denied)),
+                         "this user may not use the docker engine (permission denied on /var/run/docker.sock); "
+                         "add it to the docker group ('sudo usermod -aG docker $USER', then log in again), "
+                         "or use rootless Docker or Podman")
+        error = runpilot._engine_down("docker", down)
+        self.assertEqual(str(error), f"the docker engine is not answering ({down.strip()}); start it "
+                                     "(e.g. 'sudo systemctl start docker' or 'sudo dockerd &') and retry")
+        self.assertEqual(error.exit_code, 125)
+        for other in ("Error: No such image: x\n", "Error: x: image not known\n", ""):
+            self.assertIsNone(runpilot._engine_down("docker", other))
+
+
 class LocalEngineTest(HomeTestCase):
     def test_local_argv(self):
         config = self.validate({"name": "l", "engine": "local", "entrypoint": "echo $HOME && ls"})

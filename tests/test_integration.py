@@ -300,6 +300,39 @@ class EngineCase(HomeTestCase):
 class DockerIntegration(EngineCase):
     engine = "docker"
 
+    def test_a_user_outside_the_docker_group_is_told_how_to_fix_it(self):
+        # The daemon's socket is root:docker 0660; `nobody` gets "permission denied" from it. Without
+        # being told, RunPilot took the image for missing and said "could not pull image".
+        if os.geteuid() != 0:
+            self.skipTest("switching to the user nobody needs root")
+        def runs_as_nobody(python: str) -> bool:
+            try:
+                return subprocess.run([python, "-c", "import sys; assert sys.version_info >= (3, 10)"],
+                                      user="nobody", capture_output=True).returncode == 0
+            except OSError:  # an interpreter under /root, say
+                return False
+
+        python = next((p for p in (sys.executable, "/usr/bin/python3") if runs_as_nobody(p)), None)
+        if python is None:
+            self.skipTest("no Python 3.10+ that the user nobody can run")
+        folder = self.tmp / "nobody"
+        folder.mkdir()
+        (folder / "runpilot.py").write_bytes(RUNPILOT.read_bytes())
+        config = folder / "config.yaml"
+        config.write_text(f"name: nobody\nimage: {BUSYBOX_IMAGE}\nentrypoint: [\"true\"]\n")
+        for path in (self.tmp, folder):
+            path.chmod(0o777)
+        home = folder / "home"
+        result = subprocess.run([python, str(folder / "runpilot.py"), "run", str(config), "--engine", "docker"],
+                                user="nobody", capture_output=True, timeout=120,
+                                env={"PATH": os.environ["PATH"], "RUNPILOT_HOME": str(home)})
+        self.assertEqual(result.returncode, 125, result.stderr)
+        self.assertEqual(result.stderr.decode().splitlines(), [
+            "runpilot: error: this user may not use the docker engine (permission denied on /var/run/docker.sock);"
+            " add it to the docker group ('sudo usermod -aG docker $USER', then log in again), or use rootless"
+            " Docker or Podman"])
+        self.assertFalse((home / "runs").exists() and any((home / "runs").iterdir()))
+
 
 class PodmanIntegration(EngineCase):
     engine = "podman"
