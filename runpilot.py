@@ -116,6 +116,8 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 METRIC_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]*\Z")
 RUN_ID_RE = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}\Z")
+# How Docker ("No such image") and Podman ("image not known") say an image is not present.
+IMAGE_MISSING_RE = re.compile(r"no such image|image not known|no such object|unable to find", re.IGNORECASE)
 # An image reference as it may appear in a URL path unescaped: name[:tag][@digest].
 DOCKER_IMAGE_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*\Z")
 SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\Z", re.IGNORECASE)
@@ -2228,7 +2230,11 @@ def _inspect_image(engine: str, image: str, cache: Path | None = None) -> dict |
         down = _engine_down(engine, done.stderr)
         if down:
             raise down
-        return None
+        if IMAGE_MISSING_RE.search(done.stderr):
+            return None
+        first = done.stderr.strip().splitlines()[0] if done.stderr.strip() else f"exit status {done.returncode}"
+        raise EngineError(f"{engine} could not look up image {image} ({first}); check that "
+                          f"'{engine} image inspect {image}' works for this user")
     image_id, digests, driver, driver_data = (done.stdout.strip().split("|", 3) + ["", "", ""])[:4]
     try:
         info = {"image_id": image_id, "repo_digests": json.loads(digests) or []}

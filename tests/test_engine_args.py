@@ -331,6 +331,37 @@ class EngineDownTest(unittest.TestCase):
             self.assertIsNone(runpilot._engine_down("docker", other))
 
 
+class ImageLookupErrorTest(HomeTestCase):
+    """A failed `image inspect` is a missing image only when the CLI says so; else a clear error."""
+
+    def test_missing_or_broken(self):
+        bin_dir = self.tmp / "bin"
+        bin_dir.mkdir()
+        for engine in ("docker", "podman"):
+            (bin_dir / engine).write_text('#!/bin/sh\nprintf "%s\\n" "$FAKE_ERR" >&2\nexit 125\n')
+            (bin_dir / engine).chmod(0o755)
+        cases = [
+            ("podman", "Error: inspecting object: img:1: image not known", None),
+            ("docker", "Error response from daemon: no such image: img:1: No such image: img:1", None),
+            ("docker", "Error: No such image: img:1", None),
+            ("podman", "cannot resolve /nonexistent: lstat /nonexistent: no such file or directory",
+             "podman could not look up image img:1 (cannot resolve /nonexistent: lstat /nonexistent: no such "
+             "file or directory); check that 'podman image inspect img:1' works for this user"),
+            ("podman", "", "podman could not look up image img:1 (exit status 125); check that "
+                           "'podman image inspect img:1' works for this user"),
+        ]
+        for engine, err, expected in cases:
+            env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_ERR": err, "DOCKER_HOST": "tcp://127.0.0.1:9"}
+            with self.subTest(engine=engine, err=err), mock.patch.dict(os.environ, env):
+                if expected is None:
+                    self.assertIsNone(runpilot._inspect_image(engine, "img:1"))
+                else:
+                    with self.assertRaises(runpilot.EngineError) as caught:
+                        runpilot._inspect_image(engine, "img:1")
+                    self.assertEqual(str(caught.exception), expected)
+                    self.assertEqual(caught.exception.exit_code, 125)
+
+
 class LocalEngineTest(HomeTestCase):
     def test_local_argv(self):
         config = self.validate({"name": "l", "engine": "local", "entrypoint": "echo $HOME && ls"})
