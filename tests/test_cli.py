@@ -15,8 +15,9 @@ sys.stdout.write("hello\\n")
 sys.stdout.flush()
 sys.stderr.write("warn\\n")
 sys.stderr.flush()
-for i in range(1, 4):
-    print(f"METRIC loss={1 / i:.3f} acc={i / 4}", flush=True)
+for i in range(1, 4):  # one write per line: under PYTHONUNBUFFERED, print() writes the newline apart,
+    sys.stdout.write(f"METRIC loss={1 / i:.3f} acc={i / 4}\\n")  # and stderr could land in between
+    sys.stdout.flush()
 sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
 """
 
