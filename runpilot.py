@@ -1896,7 +1896,7 @@ class MetricScanner:
             return []
         lines = data.split(b"\n")
         self._keep_tail(lines.pop())
-        found = [ln for ln in lines if ln[:7] in _METRIC_LINE_STARTS]
+        found = list(filter(is_metric_line, lines))
         return [ln.rstrip(b"\r") for ln in found] if b"\r" in data else found
 
     def finish(self) -> list[bytes]:
