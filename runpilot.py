@@ -7,8 +7,9 @@ Pipeline::
 Examples::
 
     runpilot run examples/quickstart/config.yaml     # stream, record, exit with the job's status
+    runpilot sweep config.yaml --grid env.LR=0.1,0.01 # one run per point, one per free GPU
     runpilot list                                     # newest runs first
-    runpilot show latest                              # one run: files, metrics, command line
+    runpilot plot latest                              # learning curves in the terminal
 
 Exit status of ``runpilot run`` is the job's own status, except:
 
@@ -25,61 +26,46 @@ The module is standard library only, Python 3.10+: copy it onto a box and run
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import ctypes
 import dataclasses
 import datetime as _dt
+import difflib
+import fcntl
 import functools
-import importlib
 import itertools
 import json
 import math
-import operator
 import os
 import re
+import selectors
 import shlex
+import shutil
 import signal
+import sqlite3
+import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class _LazyModule:
-    """A module imported on first use, so `import runpilot` stays fast for `list` and `--help`."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __getattr__(self, attr: str):
-        module = importlib.import_module(self._name)
-        globals()[self._name] = module  # later lookups go straight to the module
-        return getattr(module, attr)
-
-
-argparse = _LazyModule("argparse")
-difflib = _LazyModule("difflib")
-getpass = _LazyModule("getpass")
-selectors = _LazyModule("selectors")
-shutil = _LazyModule("shutil")
-socket = _LazyModule("socket")
-sqlite3 = _LazyModule("sqlite3")
-subprocess = _LazyModule("subprocess")
-unicodedata = _LazyModule("unicodedata")
-
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
-    "ConfigError", "EngineError", "JobConfig", "Mount", "Resources", "RunPilotError",
-    "RunRecord", "StoreError", "YamlError", "build_engine_argv", "dump_yaml", "load_config",
-    "main", "parse_metric_line", "parse_yaml", "parse_yaml_located", "run_job",
+    "ConfigError", "EngineError", "JobConfig", "Mount", "Resources", "RunEvent", "RunMeta", "RunOptions",
+    "RunPilotError", "RunRecord", "RunStore", "StoreError", "YamlError", "build_engine_argv", "dump_yaml",
+    "load_config", "main", "parse_metric_line", "parse_yaml", "parse_yaml_located", "run_job",
 ]
 
 # ==== 3. Constants ===========================================================
 
 # Keys a config may have at the top level; anything else is a typo to report.
 TOP_LEVEL_KEYS = ("name", "image", "entrypoint", "workdir", "env", "mounts", "resources",
-                  "metrics", "engine", "timeout")
+                  "metrics", "engine", "timeout", "sweep", "slurm")
 RESOURCE_KEYS = ("gpus", "cpu", "memory", "shm_size")
 # What people write by habit from docker-compose and Kubernetes, for "did you mean".
 KEY_SYNONYMS = {"environment": "env", "volumes": "mounts", "command": "entrypoint", "cmd": "entrypoint",
@@ -91,8 +77,7 @@ DEFAULT_WORKDIR = "/workspace"
 NAMED_MOUNT_ROOT = "/mnt"
 # Label put on every container so it can always be traced back to its run.
 RUN_LABEL = "runpilot.run_id"
-# os.read size for the tee loop: large reads keep Python's per-byte cost negligible, and a
-# METRIC-heavy read still parses within a few MB.
+# os.read size for the tee loop: large reads keep Python's per-byte cost negligible.
 READ_SIZE = 256 << 10
 # The pipe buffer asked for (Linux's default limit for an unprivileged pipe): the job can
 # write ahead while the tee works on the previous read.
@@ -106,26 +91,47 @@ HOUSEKEEPING_SECONDS = 0.05
 MAX_METRIC_LINE = 1 << 20
 # How often the tee loop wakes up to look at signals and timeouts when the job is silent.
 POLL_SECONDS = 0.2
+# Output waiting for a slow terminal: past this, the job's pipes are not read (the job waits,
+# as it would writing to that terminal itself) while signals and the clock are still served.
+TERMINAL_BACKLOG = 1 << 20
 # Grace period between SIGTERM and SIGKILL when a run is stopped (like `docker stop`).
 DEFAULT_STOP_TIMEOUT = 10
-# SQLite waits this long for a lock held by a parallel run before it gives up.
+# The longest grace period accepted: a day; anything longer is a typo that would make Ctrl-C useless.
+MAX_STOP_TIMEOUT = 86400
+# SQLite waits this long for a lock held by a parallel run before it gives up (RUNPILOT_DB_TIMEOUT).
 DB_TIMEOUT = 30.0
-DB_SCHEMA_VERSION = 2
-STATUSES = ("running", "succeeded", "failed", "interrupted", "timeout", "lost")
+DB_SCHEMA_VERSION = 3
+# Space set aside in each run folder while the job runs, freed to write the final record on a full disk.
+RESERVE_BYTES = 256 << 10
+# What git's probes of a mounted folder may take in all; past it the run is recorded without them.
+GIT_PROBE_SECONDS = 10.0
+# A working-tree diff larger than this is not copied into the run folder (only noted).
+GIT_DIFF_MAX = 1 << 20
+# How many lines of a failed run's log `show` prints.
+SHOW_LOG_TAIL = 10
+
+# Run statuses. queued and running may still change; every other one is final and is never
+# rewritten by lost-detection or by the index catching up.
+QUEUED, RUNNING = "queued", "running"
+SUCCEEDED, FAILED, INTERRUPTED, TIMEOUT, CANCELLED, LOST = (
+    "succeeded", "failed", "interrupted", "timeout", "cancelled", "lost")
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, INTERRUPTED, TIMEOUT, CANCELLED, LOST)
+ACTIVE_STATUSES = (QUEUED, RUNNING)
+
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# ${VAR} takes VAR from the runner's environment; $${ is a literal ${.
+ENV_REF_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 METRIC_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]*\Z")
 RUN_ID_RE = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}\Z")
+SWEEP_ID_RE = re.compile(r"sw-\d{8}-\d{6}-[0-9a-f]{6}\Z")
 # How Docker ("No such image") and Podman ("image not known") say an image is not present.
 IMAGE_MISSING_RE = re.compile(r"no such image|image not known|no such object|unable to find", re.IGNORECASE)
-# An image reference as it may appear in a URL path unescaped: name[:tag][@digest].
-DOCKER_IMAGE_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*\Z")
 SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\Z", re.IGNORECASE)
 DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?\Z", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-# Words in a failed run's last log lines that mean /dev/shm was too small.
-SHM_HINT_RE = re.compile(rb"bus error|shared memory|/dev/shm|\bshm\b", re.IGNORECASE)
+# The longest age `list --since` and `gc --older-than` take: beyond it dates stop being dates.
+MAX_AGE_SECONDS = 3650 * 86400
 
 # ==== 4. Errors ==============================================================
 
@@ -136,7 +142,10 @@ class RunPilotError(Exception):
 
 
 class ConfigError(RunPilotError):
-    """A problem with a config file, located by file, line and column (1-based)."""
+    """A problem with a config file, located by file, line and column (1-based).
+
+    A problem caused by a `--set KEY=VALUE` argument names that argument instead of a file.
+    """
 
     exit_code = 2
 
@@ -159,6 +168,10 @@ class ConfigError(RunPilotError):
         return text
 
 
+class YamlError(ConfigError):
+    """A YAML syntax error, or a feature outside RunPilot's subset, located by file, line and column."""
+
+
 class UsageError(RunPilotError):
     """A command line that cannot be carried out as written."""
 
@@ -172,7 +185,7 @@ class EngineError(RunPilotError):
 
 
 class GpuError(RunPilotError):
-    """The GPUs asked for are not there, or the engine cannot hand them to a container."""
+    """The GPUs asked for are not there, are held by other runs, or the engine cannot hand them out."""
 
     exit_code = 1
 
@@ -182,11 +195,11 @@ class StoreError(RunPilotError):
 
     exit_code = 1
 
-def say(message: str) -> None:
-    """RunPilot's own lines go to stderr, so stdout carries only the job's output."""
-    print(f"runpilot: {message}", file=sys.stderr, flush=True)
 
+class SlurmError(RunPilotError):
+    """sbatch refused the job, or Slurm's tools are missing."""
 
+    exit_code = 2
 
 # ==== 5. Data types ==========================================================
 
@@ -211,6 +224,21 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class SlurmSettings:
+    """The config's `slurm:` section: how `--on slurm` asks sbatch for the job."""
+
+    partition: str | None = None
+    time: str | None = None                 # sbatch's --time; default: the config's timeout
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    python: str = "python3"                 # the interpreter on the node
+    setup: tuple[str, ...] = ()             # shell lines run before RunPilot on the node
+    extra: tuple[str, ...] = ()             # raw sbatch options
+    gpu_flag: str = "gpus"                  # gpus: --gpus=K; gres: --gres=gpu:K
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A validated run config: what `runpilot run` needs, with paths made absolute."""
 
@@ -221,15 +249,134 @@ class JobConfig:
     env: dict[str, str] = field(default_factory=dict)  # values may hold ${VAR} references
     mounts: tuple[Mount, ...] = ()
     resources: Resources = Resources()
-    metrics: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()                       # names of the metrics to feature
     engine: str | None = None
     timeout: float | None = None                        # seconds
     source: str | None = None                           # the config file it came from
+    sweep: tuple[tuple[str, tuple], ...] = ()           # (dotted key, values); only `sweep` reads it
+    slurm: SlurmSettings = SlurmSettings()              # only `--on slurm` reads it
+
+
+def _type_ok(value: object, annotation: str) -> bool:
+    """Whether a value read from JSON fits a field annotation such as `int | None` or `list[str]`."""
+    for option in annotation.split(" | "):
+        if option == "None" and value is None:
+            return True
+        base, _, inner = option.partition("[")
+        if base == "str" and isinstance(value, str):
+            return True
+        if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if base == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if base == "bool" and isinstance(value, bool):
+            return True
+        if base == "dict" and isinstance(value, dict):
+            return True
+        if base == "list" and isinstance(value, list):
+            return not inner or all(_type_ok(v, inner.rstrip("]")) for v in value)
+    return False
+
+
+@dataclass
+class RunMeta:
+    """What a run records about itself: the contents of its meta.json, the truth about the run.
+
+    `from_json` is the one reader of meta.json and `to_json` the one writer. Fields a file lacks
+    take their defaults; a wrongly typed field is dropped and named in `problems`; fields this
+    version does not know are kept in `extra` and written back.
+    """
+
+    run_id: str
+    name: str = ""
+    status: str = LOST
+    started_at: str | None = None       # when the job started (when it was queued, until then)
+    finished_at: str | None = None
+    duration: float | None = None       # seconds
+    exit_code: int | None = None        # the job's own exit status (128+N when killed by signal N)
+    stop_signal: int | None = None      # the signal that stopped the run (interrupted)
+    reason: str | None = None           # why it ended as it did, when the exit code does not say
+    hint: str | None = None             # the likely cause of a failure, and the fix
+    engine: str | None = None
+    engine_version: str | None = None
+    image: str | None = None
+    image_id: str | None = None
+    repo_digests: list[str] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)
+    command_line: str | None = None
+    container: str | None = None
+    workdir: str | None = None
+    executable: str | None = None       # engine local: the program that ran
+    host: str | None = None
+    user: str | None = None
+    runpilot_version: str | None = None
+    python: str | None = None
+    os: str | None = None
+    runner: dict = field(default_factory=dict)     # pid, host, boot id, start: who runs the run
+    job: dict = field(default_factory=dict)        # engine local: the job's process group
+    config_file: str | None = None
+    config: dict = field(default_factory=dict)     # the resolved config (also in config.yaml)
+    overrides: list[str] = field(default_factory=list)
+    tags: dict = field(default_factory=dict)
+    rerun_of: str | None = None
+    metric_names: list[str] = field(default_factory=list)   # the metrics the config features
+    samples: dict = field(default_factory=dict)    # {"count": N, "malformed": M} METRIC lines
+    last_metrics: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    gpus: dict = field(default_factory=dict)       # what nvidia-smi reported, and what was asked
+    devices: list[str] = field(default_factory=list)  # the GPUs this run was given
+    git: list[dict] = field(default_factory=list)
+    lost_at: str | None = None
+    sweep: dict = field(default_factory=dict)      # id, index, point, repeat: its place in a sweep
+    slurm: dict = field(default_factory=dict)      # job_id, array ids, partition, node, state, reason
+    extra: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list, repr=False)  # what from_json had to drop
+
+    _OLD_NAMES = {"watched": "metric_names"}   # keys of meta.json files written by RunPilot 0.4
+
+    @classmethod
+    def from_json(cls, data: object, run_id: str) -> "RunMeta":
+        """Read meta.json's parsed value; a file of another run, or no mapping at all, is a problem."""
+        meta = cls(run_id=run_id)
+        if not isinstance(data, dict):
+            meta.problems.append("meta.json does not hold a JSON object")
+            return meta
+        data = dict(data)
+        if isinstance(data.get("metrics"), dict) and "samples" not in data:
+            data["samples"] = data.pop("metrics")     # 0.4 called the sample counts "metrics"
+        for old, new in cls._OLD_NAMES.items():
+            if old in data and new not in data:
+                data[new] = data.pop(old)
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("extra", "problems")}
+        for key, value in data.items():
+            spec = known.get(key)
+            if spec is None:
+                meta.extra[key] = value
+            elif _type_ok(value, str(spec.type)):
+                setattr(meta, key, value)
+            else:
+                meta.problems.append(f"field {key!r} should be {spec.type}, found {json.dumps(value)[:40]}")
+        if meta.run_id != run_id:
+            meta.problems.append(f"run_id {meta.run_id!r} is not its folder's name")
+            meta.run_id = run_id
+        if meta.status not in STATUSES:
+            meta.problems.append(f"unknown status {meta.status!r}")
+            meta.status = LOST
+        return meta
+
+    def to_json(self) -> bytes:
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("extra", "problems")}
+        data = {**self.extra, **data}
+        return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+    @property
+    def final(self) -> bool:
+        return self.status not in ACTIVE_STATUSES
 
 
 @dataclass
 class RunRecord:
-    """One run as the index knows it (a row of runs.db, also kept in meta.json)."""
+    """One run as the index knows it: a row of runs.db, derived from its meta.json."""
 
     id: str
     name: str
@@ -243,7 +390,41 @@ class RunRecord:
     image: str | None = None
     last_metrics: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
-    watched: list = field(default_factory=list)       # the metrics the config lists
+    metric_names: list = field(default_factory=list)
+    sweep_id: str | None = None
+    reason: str | None = None           # Slurm's pending reason, or why a run was lost
+    runner: dict = field(default_factory=dict)   # who runs it, so a run stays stoppable without meta.json
+    slurm_job: str | None = None        # the Slurm job (array_task) that runs it, for one squeue per list
+
+    @classmethod
+    def of(cls, meta: RunMeta, path: Path) -> "RunRecord":
+        return cls(id=meta.run_id, name=meta.name, status=meta.status, started_at=meta.started_at or "",
+                   path=str(path), finished_at=meta.finished_at, exit_code=meta.exit_code,
+                   duration=meta.duration, engine=meta.engine, image=meta.image,
+                   last_metrics=meta.last_metrics, tags=meta.tags, metric_names=meta.metric_names,
+                   sweep_id=meta.sweep.get("id") if isinstance(meta.sweep.get("id"), str) else None,
+                   reason=meta.reason, runner=meta.runner,
+                   slurm_job=str(meta.slurm["job_id"]) if meta.slurm.get("job_id") else None)
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """Something in a run's life that its caller may want to show: orchestration reports, the CLI prints.
+
+    kind is one of: pulling, starting, notice, queued, stopping, warning, hint, finished.
+    """
+
+    kind: str
+    run_id: str | None
+    message: str = ""
+    outcome: "RunOutcome | None" = None
+
+
+Reporter = Callable[[RunEvent], None]
+
+
+def ignore_events(event: RunEvent) -> None:
+    """A reporter for callers that want no messages (the Python API's default)."""
 
 # ==== 6. Files: written whole, privately, atomically =========================
 
@@ -268,33 +449,56 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
 
     `durable` also flushes it to disk first, so a power cut cannot leave it empty.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        write_all(fd, data)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def read_json_file(path: Path) -> object:
+    """The parsed contents of a JSON file; FileNotFoundError when missing, ValueError when corrupt."""
+    return json.loads(path.read_bytes())
 
-# ==== 7. YAML subset reader and writer =======================================
+
+def make_private_dirs(folder: Path) -> None:
+    """mkdir -p with every folder it creates private (0700), whatever the umask."""
+    missing = []
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            break
+        missing.append(parent)
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+            os.chmod(path, 0o700)
+    if not folder.is_dir():
+        raise NotADirectoryError(20, "not a folder", str(folder))
+
+# ==== 7. YAML reader: RunPilot's subset ======================================
 # RunPilot reads its config with this small reader so that the tool stays one
 # standard-library file. The subset is what a run config needs and what people
 # write by habit: block and flow collections, plain, quoted and block scalars,
 # comments, one document. Anchors, aliases, tags, merge keys, complex keys,
 # directives and multiple documents are refused by name with a located
 # YamlError, never half-read. Plain scalars are typed by the YAML 1.2 core
-# schema, so `no` stays a string and `010` is ten. dump_yaml writes block YAML
-# that this reader and PyYAML's safe_load both read back to the same data.
+# schema, so `no` stays a string and `010` is ten.
+#
+# Names used throughout the parser:
+#   row, col  the cursor: 0-based line and column in the text (errors print them 1-based);
+#   n         the indentation of the enclosing block (-1 at the top level): the lines of
+#             a node inside it must be indented more than n;
+#   indent    the column at which the entries of the current block collection start;
+#   path      where a node sits: the tuple of mapping keys and sequence indexes from the root.
 
 _YAML_MAX_DEPTH = 100  # far beyond any config, and well inside Python's recursion limit
 _YAML_MAX_KEY = 1024   # YAML's limit on an implicit key's length; PyYAML enforces it too
@@ -371,35 +575,11 @@ _YAML_FLOAT_RE = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[
 _YAML_INF_RE = re.compile(r"[-+]?\.(?:inf|Inf|INF)")
 _YAML_NAN_RE = re.compile(r"\.(?:nan|NaN|NAN)")
 
-# The writer's rules. A string is written plain only when it is made of these characters and
-# neither YAML 1.2 nor PyYAML's YAML 1.1 would read it as anything but that same string.
-_YAML_PLAIN_OK_RE = re.compile(r"[\w./](?:[\w ./:@+=,()~%^*!?<>;$\\&'#-]*[\w./@+=,()~%^*!?<>;$\\&'#-])?")
-_YAML_NUMBER_LIKE_RE = re.compile(r"[-+]?(?:[0-9]|\.[0-9_])|\.(?:inf|nan)$", re.IGNORECASE)
-_YAML_11_WORDS = frozenset({"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"})
-_YAML_SURROGATE_RE = re.compile("[\ud800-\udfff]")
-_YAML_DQ_ESCAPE_RE = re.compile('[\\\\"\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff]')
-_YAML_DQ_UNESCAPES = {
-    "\0": "\\0", "\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v", "\f": "\\f",
-    "\r": "\\r", "\x1b": "\\e", '"': '\\"', "\\": "\\\\", "\x85": "\\N", "\u2028": "\\L",
-    "\u2029": "\\P",
-}
-# Multi-line strings are written as literal blocks when every line reads back unchanged.
-_YAML_LITERAL_OK = (  # no tab, and not U+0085, U+2028, U+2029: line breaks to YAML 1.1
-    "[\n\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]*")
-_YAML_ASCII_LITERAL_OK_RE = re.compile("[\n\x20-\x7e]*")  # the same, for ASCII text
-
-
 @functools.lru_cache(maxsize=None)
 def _yaml_regex(pattern: str) -> re.Pattern:
-    """Compile the two large Unicode classes on first use (3.5 ms), so only for non-ASCII text."""
+    """Compile a large Unicode class on first use: only non-ASCII text needs one."""
     return re.compile(pattern)
 
-
-_YAML_TRAILING_SPACE_RE = re.compile(r" (?:\n|$)")
-
-
-class YamlError(ConfigError):
-    """A YAML syntax error, or a feature outside RunPilot's subset, located by file, line and column."""
 
 
 def parse_yaml(text: str, filename: str = "<string>") -> object:
@@ -432,7 +612,7 @@ def _yaml_is_entry(line: str, col: int) -> bool:
     return line[col:col + 1] == "-" and line[col + 1:col + 2] in ("", " ", "\t")
 
 
-def _yaml_resolve(text: str) -> object:
+def _yaml_type_plain(text: str) -> object:
     """Type a plain scalar by the YAML 1.2 core schema: null, bool, int, float, else str."""
     if text in _YAML_CONSTANTS:
         return _YAML_CONSTANTS[text]
@@ -555,10 +735,10 @@ class _YamlParser:
         if self.depth > _YAML_MAX_DEPTH:
             raise self.error(f"nesting deeper than {_YAML_MAX_DEPTH} levels is not supported", row, col)
 
-    def resolve(self, text: str, row: int, col: int) -> object:
+    def type_plain(self, text: str, row: int, col: int) -> object:
         """Type a plain scalar, reporting a number Python cannot hold as a located error."""
         try:
-            return _yaml_resolve(text)
+            return _yaml_type_plain(text)
         except ValueError as exc:
             raise self.error(f"cannot read this number: {exc}", row, col) from exc
 
@@ -710,7 +890,7 @@ class _YamlParser:
             self.end_of_line(self.colon_message(context) if self.row == row else
                              "an implicit mapping key must be on a single line")
             return value
-        return self.resolve(self.plain_in_block(n, context), row, col)
+        return self.type_plain(self.plain_in_block(n, context), row, col)
 
     def check_collection_allowed(self, context: str, what: str, row: int, col: int) -> None:
         """Refuse a block collection that starts on the line of a 'key:', '---' or '-<tab>'."""
@@ -810,7 +990,7 @@ class _YamlParser:
             self.row, self.col = row, col
             return self.scan_quoted(-1)  # it fits on its line, so indentation does not matter
         self.check_merge_key(match.group(1), "plain", row, col)
-        return self.resolve(match.group(1), row, col)
+        return self.type_plain(match.group(1), row, col)
 
     def check_merge_key(self, key: object, kind: str, row: int, col: int) -> None:
         """Refuse a plain '<<' key: PyYAML would merge mappings there, this reader will not."""
@@ -1132,7 +1312,7 @@ class _YamlParser:
         if self.peek() in ("'", '"'):
             return self.scan_quoted(n), "quoted"
         self.check_node_start(row, col)
-        return self.resolve(self.plain_in_flow(n), row, col), "plain"
+        return self.type_plain(self.plain_in_flow(n), row, col), "plain"
 
     def plain_in_flow(self, n: int) -> str:
         """A plain scalar inside a flow collection; it may continue on lines indented more than
@@ -1160,8 +1340,29 @@ class _YamlParser:
             self.row, self.col, line = row, match.end(), text
         return "".join(parts)
 
+# ==== 8. YAML writer ==========================================================
+# dump_yaml writes block YAML that the reader above and PyYAML's safe_load both read
+# back to the same data: it is how config.yaml is stored in each run folder.
 
-# -- the writer ---------------------------------------------------------------------------
+# The writer's rules. A string is written plain only when it is made of these characters and
+# neither YAML 1.2 nor PyYAML's YAML 1.1 would read it as anything but that same string.
+_YAML_PLAIN_OK_RE = re.compile(r"[\w./](?:[\w ./:@+=,()~%^*!?<>;$\\&'#-]*[\w./@+=,()~%^*!?<>;$\\&'#-])?")
+_YAML_NUMBER_LIKE_RE = re.compile(r"[-+]?(?:[0-9]|\.[0-9_])|\.(?:inf|nan)$", re.IGNORECASE)
+_YAML_11_WORDS = frozenset({"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"})
+_YAML_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_YAML_DQ_ESCAPE_RE = re.compile('[\\\\"\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff]')
+_YAML_DQ_UNESCAPES = {
+    "\0": "\\0", "\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v", "\f": "\\f",
+    "\r": "\\r", "\x1b": "\\e", '"': '\\"', "\\": "\\\\", "\x85": "\\N", "\u2028": "\\L",
+    "\u2029": "\\P",
+}
+# Multi-line strings are written as literal blocks when every line reads back unchanged.
+_YAML_LITERAL_OK = (  # no tab, and not U+0085, U+2028, U+2029: line breaks to YAML 1.1
+    "[\n\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]*")
+_YAML_ASCII_LITERAL_OK_RE = re.compile("[\n\x20-\x7e]*")  # the same, for ASCII text
+
+_YAML_TRAILING_SPACE_RE = re.compile(r" (?:\n|$)")
+
 
 def dump_yaml(data: object) -> str:
     """Write data as block-style YAML that parse_yaml and PyYAML's safe_load read back equal.
@@ -1289,26 +1490,21 @@ def _yaml_escape_char(match: re.Match) -> str:
         return _YAML_DQ_UNESCAPES[ch]
     return f"\\x{ord(ch):02X}" if ord(ch) < 0x100 else f"\\u{ord(ch):04X}"
 
+# ==== 9. Config loading and validation =======================================
 
-# ==== 8. Config loading and validation =======================================
-
-def scalar_text(value: object) -> str:
-    """Spell a YAML scalar as the job sees it in its environment (true, not True)."""
+def fmt_scalar(value: object) -> str:
+    """Spell a YAML scalar as the job sees it in its environment (true, not True; 0.1, not 1e-01)."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return _float_text(value)
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
     return str(value)
-
-
-def _float_text(value: float) -> str:
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return repr(value)
 
 
 def parse_size(value: object) -> int:
@@ -1328,8 +1524,8 @@ def parse_size(value: object) -> int:
     return int(number)
 
 
-def size_text(size: int | None) -> str | int | None:
-    """8589934592 -> "8g": the largest unit that divides the size exactly (parse_size reads it back)."""
+def size_spec(size: int | None) -> str | int | None:
+    """8589934592 -> "8g": a size as a config spells it, the largest unit that divides it exactly."""
     if size is None:
         return None
     for unit in "tgmk":
@@ -1355,15 +1551,23 @@ def parse_duration(value: object) -> float:
 
 
 class _Checker:
-    """Collects located problems while a config is validated, so all can be listed at once."""
+    """Collects located problems while a config is validated, so all can be listed at once.
 
-    def __init__(self, filename: str, text: str, positions: dict) -> None:
+    A problem under a key that a `--set` argument set is blamed on that argument, not the file.
+    """
+
+    def __init__(self, filename: str, text: str, positions: dict, overrides: dict | None = None) -> None:
         self.filename = filename
         self.lines = text.splitlines()
         self.positions = positions
+        self.overrides = overrides or {}   # path -> the --set argument that set it
         self.problems: list[ConfigError] = []
 
     def problem(self, path: tuple, message: str) -> None:
+        for length in range(len(path), 0, -1):
+            if path[:length] in self.overrides:
+                self.problems.append(ConfigError(message, f"--set {self.overrides[path[:length]]}"))
+                return
         line, col = self._locate(path)
         source = self.lines[line - 1] if line and line <= len(self.lines) else None
         self.problems.append(ConfigError(message, self.filename, line, col, source))
@@ -1399,16 +1603,39 @@ def _check_keys(chk: _Checker, data: dict, path: tuple, allowed: tuple[str, ...]
             chk.problem(path + (key,), f"unknown key '{key}'{where}{_did_you_mean(str(key), allowed)}")
 
 
-def _check_string(chk: _Checker, data: dict, key: str, required: bool) -> str | None:
-    value = data.get(key)
+def _check_no_nul(chk: _Checker, data: object, path: tuple = ()) -> None:
+    """No command line, path or environment can hold a NUL character: refuse it anywhere."""
+    if isinstance(data, str) and "\0" in data:
+        chk.problem(path, f"{_dotted(path) or 'the config'} contains a NUL character (\\0), which no "
+                          "command line, path or environment can hold; remove it")
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            _check_no_nul(chk, key, path + (key,))
+            _check_no_nul(chk, value, path + (key,))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            _check_no_nul(chk, value, path + (i,))
+
+
+def _check_text(chk: _Checker, data: dict, path: tuple, required: bool = False) -> str | None:
+    """A text value (a number where a name is expected is a mistake: `image: 3.11` is not an image)."""
+    value = data.get(path[-1])
+    name = _dotted(path)
     if value is None:
         if required:
-            chk.problem((key,) if key in data else (), f"'{key}' is required: add a line '{key}: ...'")
+            chk.problem(path if path[-1] in data else path[:-1], f"'{name}' is required: add a line '{name}: ...'")
         return None
-    if isinstance(value, (dict, list)) or (isinstance(value, str) and not value.strip()):
-        chk.problem((key,), f"'{key}' must be a non-empty text value")
+    if isinstance(value, (dict, list)):
+        chk.problem(path, f"'{name}' must be text, not a {'list' if isinstance(value, list) else 'mapping'}")
         return None
-    return scalar_text(value)
+    if not isinstance(value, str):
+        chk.problem(path, f"'{name}' must be text, not the {type(value).__name__} {fmt_scalar(value)}; "
+                          f"quote it as you mean it ({path[-1]}: \"...\")")
+        return None
+    if not value.strip():
+        chk.problem(path, f"'{name}' must not be empty")
+        return None
+    return value
 
 
 def _check_entrypoint(chk: _Checker, data: dict) -> str | tuple[str, ...] | None:
@@ -1417,8 +1644,8 @@ def _check_entrypoint(chk: _Checker, data: dict) -> str | tuple[str, ...] | None
         if not value or any(isinstance(v, (dict, list)) or v is None for v in value):
             chk.problem(("entrypoint",), "'entrypoint' as a list must hold one or more plain words")
             return None
-        return tuple(scalar_text(v) for v in value)
-    return _check_string(chk, data, "entrypoint", required=True)
+        return tuple(fmt_scalar(v) for v in value)
+    return _check_text(chk, data, ("entrypoint",), required=True)
 
 
 def _check_env(chk: _Checker, env: object) -> dict[str, str]:
@@ -1435,10 +1662,8 @@ def _check_env(chk: _Checker, env: object) -> dict[str, str]:
                               "(letters, digits and _, not starting with a digit)")
         elif isinstance(value, (dict, list)):
             chk.problem(path, f"env.{name} must be a single value, not a {type(value).__name__}")
-        elif "\0" in scalar_text(value):
-            chk.problem(path, f"env.{name} contains a NUL character, which no environment can hold")
         else:
-            result[name] = scalar_text(value)
+            result[name] = fmt_scalar(value)
     return result
 
 
@@ -1447,8 +1672,8 @@ def _mount_problem(path_text: str) -> str | None:
         return "is empty"
     if ":" in path_text or "," in path_text:
         return f"contains ':' or ',' ({path_text!r}), which the engines cannot mount exactly; rename the folder"
-    if "\0" in path_text or "\n" in path_text:
-        return "contains a control character"
+    if "\n" in path_text:
+        return "contains a line break"
     return None
 
 
@@ -1478,11 +1703,11 @@ def _check_mount(chk: _Checker, path: tuple, spec: object, name: str | None, bas
             chk.problem(path, f"mount {spec!r} needs a container path: write '{spec}:/data'")
             return None
         target = (workdir or DEFAULT_WORKDIR) if name == "code" else f"{NAMED_MOUNT_ROOT}/{name}"
-    source = str((base / os.path.expanduser(host)).resolve()) if host else ""
     problem = _mount_problem(host) or ("" if target.startswith("/") else "needs an absolute container path")
     if problem:
         chk.problem(path, f"mount {_dotted(path)} {problem}")
         return None
+    source = str((base / os.path.expanduser(host)).resolve())
     if not os.path.exists(source):
         chk.problem(path, f"mount {_dotted(path)}: {source} does not exist; create it or fix the path")
         return None
@@ -1534,9 +1759,9 @@ def _check_number(chk: _Checker, path: tuple, value: object, parse, what: str):
 
 
 def _positive_float(value: object) -> float:
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError
-    number = float(value)  # type: ignore[arg-type]
+    number = float(value)
     if not (number > 0 and math.isfinite(number)):
         raise ValueError
     return number
@@ -1584,18 +1809,95 @@ def _check_engine(chk: _Checker, engine: object) -> str | None:
     return str(engine)
 
 
+def _check_sweep(chk: _Checker, sweep: object) -> tuple[tuple[str, tuple], ...]:
+    """`sweep: {env.LR: [0.1, 0.01], seed: [1, 2]}`: dotted keys (as --set takes) and their values."""
+    if sweep is None:
+        return ()
+    if not isinstance(sweep, dict) or not sweep:
+        chk.problem(("sweep",), "'sweep' must be a mapping of dotted keys to lists of values "
+                                "(sweep: {env.LR: [0.1, 0.01]})")
+        return ()
+    axes = []
+    for key, values in sweep.items():
+        path = ("sweep", key)
+        if not isinstance(key, str) or not all(key.split(".")) or key.split(".")[0] in ("sweep", "slurm"):
+            chk.problem(path, f"sweep key {key!r} must be a dotted config key such as env.LR")
+        elif not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
+            chk.problem(path, f"sweep.{key} must be a non-empty list of plain values ([0.1, 0.01])")
+        else:
+            axes.append((key, tuple(values)))
+    return tuple(axes)
+
+
+# Slurm's --time spellings: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+SLURM_TIME_RE = re.compile(r"\d+(?::\d{1,2}){0,2}|\d+-\d{1,2}(?::\d{1,2}){0,2}|UNLIMITED|INFINITE\Z")
+SLURM_KEYS = ("partition", "time", "account", "qos", "constraint", "python", "setup", "extra", "gpu_flag")
+
+
+def slurm_time(seconds: float) -> str:
+    """A duration in Slurm's D-HH:MM:SS spelling, rounded up to whole minutes."""
+    minutes = max(1, math.ceil(seconds / 60))
+    days, minutes = divmod(minutes, 1440)
+    return (f"{days}-" if days else "") + f"{minutes // 60:02d}:{minutes % 60:02d}:00"
+
+
+def _check_slurm_time(chk: _Checker, value: object) -> str | None:
+    if value is None:
+        return None
+    text = fmt_scalar(value).strip()
+    if SLURM_TIME_RE.fullmatch(text) and not isinstance(value, float):
+        return text
+    try:
+        return slurm_time(parse_duration(value))
+    except ValueError:
+        chk.problem(("slurm", "time"), f"slurm.time must be Slurm's D-HH:MM:SS or a duration such as 2h; "
+                                       f"got {value!r}")
+        return None
+
+
+def _check_lines(chk: _Checker, data: dict, key: str) -> tuple[str, ...]:
+    value = data.get(key)
+    if value is None:
+        return ()
+    lines = [value] if isinstance(value, str) else value
+    if not isinstance(lines, list) or not all(isinstance(v, str) for v in lines):
+        chk.problem(("slurm", key), f"slurm.{key} must be a text line or a list of text lines")
+        return ()
+    return tuple(line for text in lines for line in text.splitlines() if line.strip())
+
+
+def _check_slurm(chk: _Checker, slurm: object) -> SlurmSettings:
+    if slurm is None:
+        return SlurmSettings()
+    if not isinstance(slurm, dict):
+        chk.problem(("slurm",), f"'slurm' must be a mapping ({', '.join(SLURM_KEYS)})")
+        return SlurmSettings()
+    _check_keys(chk, slurm, ("slurm",), SLURM_KEYS)
+    text = {k: _check_text(chk, slurm, ("slurm", k)) for k in ("partition", "account", "qos", "constraint",
+                                                                 "python", "gpu_flag")}
+    if text["gpu_flag"] not in (None, "gpus", "gres"):
+        chk.problem(("slurm", "gpu_flag"), f"slurm.gpu_flag must be gpus (--gpus=K) or gres (--gres=gpu:K); "
+                                           f"got {text['gpu_flag']!r}")
+    return SlurmSettings(partition=text["partition"], time=_check_slurm_time(chk, slurm.get("time")),
+                         account=text["account"], qos=text["qos"], constraint=text["constraint"],
+                         python=text["python"] or "python3", setup=_check_lines(chk, slurm, "setup"),
+                         extra=_check_lines(chk, slurm, "extra"),
+                         gpu_flag=text["gpu_flag"] if text["gpu_flag"] in ("gpus", "gres") else "gpus")
+
+
 def validate_config(data: object, filename: str, text: str = "", positions: dict | None = None,
-                    base_dir: Path | None = None) -> JobConfig:
+                    base_dir: Path | None = None, overrides: dict | None = None) -> JobConfig:
     """Turn parsed YAML into a JobConfig, or raise ConfigError listing every problem."""
-    chk = _Checker(filename, text, positions or {})
+    chk = _Checker(filename, text, positions or {}, overrides)
     if not isinstance(data, dict):
         what = "the config is empty" if data is None else "a config must be a mapping"
         chk.problem((), f"{what}; it needs at least name, image and entrypoint (runpilot init writes a sample)")
         chk.raise_if_any()
     assert isinstance(data, dict)
     _check_keys(chk, data, (), TOP_LEVEL_KEYS)
+    _check_no_nul(chk, data)
     engine = _check_engine(chk, data.get("engine"))
-    workdir = _check_string(chk, data, "workdir", required=False)
+    workdir = _check_text(chk, data, ("workdir",))
     if workdir is not None and not workdir.startswith("/"):
         chk.problem(("workdir",), f"workdir must be an absolute path inside the container; got {workdir!r}")
     base = base_dir or Path(filename).resolve().parent
@@ -1603,8 +1905,8 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
     if workdir is None and any(m.name == "code" for m in mounts):
         workdir = DEFAULT_WORKDIR
     config = JobConfig(
-        name=_check_string(chk, data, "name", required=True) or "",
-        image=_check_string(chk, data, "image", required=engine != "local"),
+        name=_check_text(chk, data, ("name",), required=True) or "",
+        image=_check_text(chk, data, ("image",), required=engine != "local"),
         entrypoint=_check_entrypoint(chk, data) or "",
         workdir=workdir,
         env=_check_env(chk, data.get("env")),
@@ -1615,6 +1917,8 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
         timeout=_check_number(chk, ("timeout",), data.get("timeout"), parse_duration,
                               "a duration such as 90s, 30m, 2h or a number of seconds"),
         source=str(Path(filename).resolve()) if filename and not filename.startswith("<") else None,
+        sweep=_check_sweep(chk, data.get("sweep")),
+        slurm=_check_slurm(chk, data.get("slurm")),
     )
     chk.raise_if_any()
     return config
@@ -1637,47 +1941,63 @@ def read_config_text(path: str | os.PathLike) -> str:
         raise ConfigError("the file is not valid UTF-8; save it as UTF-8", str(path), line)
 
 
-def apply_overrides(data: object, overrides: list[str]) -> object:
-    """Apply `--set a.b=value` overrides (values typed like YAML scalars) to parsed config data."""
+def parse_override(item: str, flag: str = "--set") -> tuple[tuple[str, ...], object]:
+    """`a.b=value` -> (("a", "b"), value typed like a YAML scalar)."""
+    key, sep, raw = item.partition("=")
+    parts = tuple(key.split("."))
+    if not sep or not all(parts):
+        raise UsageError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} env.LR=0.01")
+    try:
+        return parts, parse_yaml(raw, f"{flag} {key}") if raw.strip() else ""
+    except YamlError as exc:
+        raise UsageError(f"{flag} {item}: cannot read the value {raw!r}: {exc.message}") from None
+
+
+def apply_overrides(data: object, overrides: list[str]) -> tuple[object, dict[tuple, str]]:
+    """Apply `--set a.b=value` overrides to parsed config data; also say which argument set which key."""
+    blamed: dict[tuple, str] = {}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        parts = key.split(".")
-        if not sep or not all(parts):
-            raise UsageError(f"--set {item!r} must look like KEY=VALUE, e.g. --set env.LR=0.01")
-        try:
-            value = parse_yaml(raw, f"--set {key}") if raw.strip() else ""
-        except YamlError as exc:
-            raise UsageError(f"--set {key}: cannot read value {raw!r}: {exc.message}")
-        data = _set_dotted(data, parts, value, item)
-    return data
+        parts, value = parse_override(item)
+        data = set_dotted(data, parts, value, f"--set {item}")
+        blamed[parts] = item
+    return data, blamed
 
 
-def _set_dotted(data: object, parts: list[str], value: object, item: str) -> object:
+def set_dotted(data: object, parts: tuple[str, ...], value: object, what: str) -> object:
+    """Set data[a][b]... = value, creating mappings on the way; `what` names the request in errors."""
     if not isinstance(data, dict):
-        raise UsageError(f"--set {item!r}: the config is not a mapping at {parts[0]!r}")
+        raise UsageError(f"{what}: the config is not a mapping at {parts[0]!r}")
     node = data
     for part in parts[:-1]:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise UsageError(f"--set {item!r}: {part!r} holds a {type(child).__name__}, not a mapping")
+            raise UsageError(f"{what}: {part!r} holds a {type(child).__name__}, not a mapping")
         node = child
     node[parts[-1]] = value
     return data
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
-    """Read, parse, override and validate a config file (raises ConfigError, exit status 2)."""
+def load_config_data(path: str | os.PathLike) -> tuple[object, str, dict]:
+    """A config file's parsed data, text and node positions (raises ConfigError)."""
     text = read_config_text(path)
     data, positions = parse_yaml_located(text, str(path))
-    if overrides:
-        data = apply_overrides(data, overrides)
-    return validate_config(data, str(path), text, positions)
+    return data, text, positions
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
+    """Read, parse, override and validate a config file (raises ConfigError, exit status 2)."""
+    data, text, positions = load_config_data(path)
+    data, blamed = apply_overrides(data, overrides or [])
+    return validate_config(data, str(path), text, positions, overrides=blamed)
 
 
 def config_to_dict(config: JobConfig) -> dict:
-    """The resolved config as plain data, readable again by load_config (written as config.yaml)."""
+    """The resolved config as plain data, readable again by load_config (written as config.yaml).
+
+    A sweep's points are runs of their own: their config has no `sweep:` section.
+    """
     data: dict = {"name": config.name}
     if config.engine:
         data["engine"] = config.engine
@@ -1693,7 +2013,7 @@ def config_to_dict(config: JobConfig) -> dict:
     res = config.resources
     resources = {"gpus": list(res.gpus) if isinstance(res.gpus, tuple) else res.gpus,
                  "cpu": int(res.cpu) if res.cpu is not None and res.cpu == int(res.cpu) else res.cpu,
-                 "memory": size_text(res.memory), "shm_size": size_text(res.shm_size)}
+                 "memory": size_spec(res.memory), "shm_size": size_spec(res.shm_size)}
     resources = {k: v for k, v in resources.items() if v is not None}
     if resources:
         data["resources"] = resources
@@ -1701,6 +2021,10 @@ def config_to_dict(config: JobConfig) -> dict:
         data["metrics"] = list(config.metrics)
     if config.timeout:
         data["timeout"] = int(config.timeout) if config.timeout == int(config.timeout) else config.timeout
+    slurm = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config.slurm).items()
+             if v != getattr(SlurmSettings(), k)}
+    if slurm:
+        data["slurm"] = slurm
     return data
 
 
@@ -1715,27 +2039,67 @@ def _mounts_to_data(config: JobConfig) -> dict | list:
     return [spec(m) for m in config.mounts]
 
 
-def resolve_env(env: dict[str, str], environ: dict[str, str] | os._Environ) -> dict[str, str]:
-    """Replace ${VAR} references with the runner's environment values (error if unset)."""
-    resolved = {}
+def expand_env(env: dict[str, str], environ) -> dict[str, str]:
+    """Replace ${VAR} in the config's env values with the runner's environment (error if unset).
+
+    `$${` stands for a literal `${`. Nothing else in a config is expanded.
+    """
+    expanded = {}
     for name, value in env.items():
-        missing = [m for m in ENV_REF_RE.findall(value) if m not in environ]
+        missing = [m for m in ENV_REF_RE.findall(value) if m and m not in environ]
         if missing:
             raise ConfigError(f"env.{name} refers to ${{{missing[0]}}}, which is not set in your "
-                              f"environment; export {missing[0]}=... before running")
-        resolved[name] = ENV_REF_RE.sub(lambda m: environ[m.group(1)], value)
-    return resolved
+                              f"environment; export {missing[0]}=... before running (write $${{ for a "
+                              "literal ${)")
+        expanded[name] = ENV_REF_RE.sub(lambda m: environ[m.group(1)] if m.group(1) else "${", value)
+    return expanded
 
-# ==== 9. Metrics: the METRIC line protocol ===================================
 
-# METRIC lines arrive in blocks (every METRIC line of one read). A block of plain numeric
-# lines is turned into JSON by a few bytes.replace calls and checked by one json.loads, all in
-# C (≈ 0.8 µs per sample); any other block is parsed line by line with str methods (≈ 3.5 µs).
+def local_workdir(config: JobConfig) -> str:
+    """Engine `local` runs in the `code` mount's folder, else in the config file's folder."""
+    for m in config.mounts:
+        if m.name == "code":
+            return m.source
+    return str(Path(config.source).parent) if config.source else os.getcwd()
+
+
+# Files an entrypoint may name by a relative path: scripts a mount is expected to provide.
+SCRIPT_SUFFIXES = (".py", ".sh", ".bash", ".pl", ".rb", ".js", ".jl", ".R", ".lua")
+
+
+def entrypoint_files(entrypoint: str | tuple[str, ...]) -> list[str]:
+    """The relative script paths an entrypoint names (`python train.py` -> ["train.py"])."""
+    try:
+        words = shlex.split(entrypoint) if isinstance(entrypoint, str) else list(entrypoint)
+    except ValueError:
+        return []
+    return [w for w in words if w.endswith(SCRIPT_SUFFIXES) and not w.startswith(("/", "-", "$", "~"))
+            and "=" not in w]
+
+
+def entrypoint_warnings(config: JobConfig, engine: str | None) -> list[str]:
+    """Warn when the entrypoint names a relative script that nothing provides where the job starts."""
+    files = entrypoint_files(config.entrypoint)
+    if not files:
+        return []
+    if engine == "local":
+        folder = local_workdir(config)
+        missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
+        return [f"the entrypoint names {', '.join(missing)}, which is not in {folder} (where engine local "
+                "starts the job)"] if missing else []
+    holder = next((m for m in config.mounts if config.workdir and m.target == config.workdir), None)
+    if holder is None:
+        where = f"the workdir {config.workdir}" if config.workdir else "the image's working folder"
+        return [f"the entrypoint names {', '.join(files)}, a path relative to {where}, but no mount "
+                "provides that folder; mount your code there (mounts: {code: .})"]
+    missing = [f for f in files if not os.path.exists(os.path.join(holder.source, f))]
+    return [f"the entrypoint names {', '.join(missing)}, which is not in {holder.source} (mounted at "
+            f"{holder.target})"] if missing else []
+
+# ==== 10. Metrics: the METRIC line protocol ==================================
+
 _NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
 _METRIC_LINE_STARTS = frozenset((b"METRIC", b"METRIC ", b"METRIC\t", b"METRIC\r"))
-# Bytes that could make the replaced text valid JSON of another shape than `{"key": number, ...}`.
-_NOT_IN_FAST_BLOCK = (b'"', b"\\", b"[", b"{", b"\r")
-_JSON_WORDS = (b": true", b": false", b": null")  # JSON values that METRIC keeps as text
 
 
 def metric_value(text: str) -> int | float | str:
@@ -1818,50 +2182,9 @@ def is_metric_line(line: bytes) -> bool:
     return line[:7] in _METRIC_LINE_STARTS
 
 
-def fast_metric_block(block: bytes, first_step: int) -> tuple[bytes, list[dict]] | None:
-    """metrics.json lines and samples for METRIC lines joined by newlines, done in C.
-
-    Only for a block whose every line is `METRIC k=v k=v ...` with single spaces, plain JSON
-    numbers as values, valid keys given once, and either `step=<int>` first on every line or
-    no step anywhere (then FIRST_STEP, FIRST_STEP + 1, ... as parse_metric_line's caller does).
-    Anything else returns None and goes line by line; both ways give the same samples.
-    """
-    if b"\t" in block:
-        block = block.replace(b"\t", b" ")
-    lines = block.count(b"\n") + 1
-    if block.startswith(b"METRIC step=") and block.count(b"\nMETRIC step=") == lines - 1:
-        stepped = True
-    elif block.startswith(b"METRIC ") and block.count(b"\nMETRIC ") == lines - 1 and b"step=" not in block:
-        stepped = False
-    else:
-        return None
-    if any(bad in block for bad in _NOT_IN_FAST_BLOCK):
-        return None
-    text = (block.replace(b" ", b', "').replace(b"=", b'": ').replace(b'METRIC, "', b'{"')
-            .replace(b"\n", b"},\n") + b"}")
-    if any(word in text for word in _JSON_WORDS):
-        return None
-    try:
-        samples = json.loads(b"[" + text + b"]")
-    except ValueError:  # a value that is not a JSON number, bytes that are not UTF-8, ...
-        return None
-    # A key given twice collapses in a dict: every `=` must have become its own key.
-    if sum(map(len, samples)) != block.count(b"="):
-        return None
-    if not all(map(_metric_key_ok, set().union(*samples))):
-        return None
-    if not stepped:
-        numbered = [b'{"step": %d, %s' % (step, line[1:])
-                    for step, line in enumerate(text.split(b"\n"), first_step)]
-        return b"\n".join(numbered), samples
-    if set(map(type, map(operator.itemgetter("step"), samples))) != {int}:
-        return None
-    return text, samples
-
-
 def may_hold_metric(data: bytes) -> bool:
-    """`b"METRIC" in data`, sooner: memchr finds each `M` at ≈ 100 GB/s where the substring search
-    runs at ≈ 2.5 GB/s (0.4 s of CPU per GB of output), and most output has few capital Ms."""
+    """`b"METRIC" in data`, sooner: finding each `M` with memchr is far cheaper than the substring
+    search over ordinary output, which has few capital Ms (README: Performance)."""
     at = data.find(b"M")
     for _ in range(8):
         if at < 0:
@@ -1934,49 +2257,22 @@ class MetricLog:
         """Parse and append the METRIC lines of one read in a single write."""
         if not lines:
             return
-        block = b"\n".join(lines)
-        fast = fast_metric_block(block, self.count + 1)
-        if fast is not None:
-            text, samples = fast
-            self._newest_values(samples)
-        else:
-            text, samples = self._line_by_line(block)
-        if not samples:
-            return
-        text = (b"\n" if self.count == 0 else b",\n") + text
-        self.count += len(samples)
-        if self.error is None:
-            try:
-                write_all(self.fd, text)
-            except OSError as exc:  # a full disk: the runner stops the job and says so
-                self.error = exc
-
-    def _line_by_line(self, block: bytes) -> tuple[bytes, list[dict]]:
-        out, samples = [], []
-        for line in block.decode("utf-8", "replace").split("\n"):  # one decode per read
+        out = []
+        for line in b"\n".join(lines).decode("utf-8", "replace").split("\n"):  # one decode per read
             sample = parse_metric_line(line)
             if sample is None:
                 self.malformed += 1
                 continue
-            samples.append(sample)
-            out.append(sample_json(sample.get("step", self.count + len(samples)), sample))
+            self.count += 1
+            out.append(sample_json(sample.get("step", self.count), sample))
             self.last.update(sample)
         self.last.pop("step", None)  # a position, not a metric
-        return ",\n".join(out).encode("utf-8"), samples
-
-    def _newest_values(self, samples: list[dict]) -> None:
-        """`last.update(sample)` for every sample, looking only at as many as hold every key."""
-        keys = dict.fromkeys(itertools.chain.from_iterable(samples))  # in order of first appearance
-        keys.pop("step", None)
-        wanted, newest = set(keys), {}
-        for sample in reversed(samples):
-            for key in wanted.intersection(sample):
-                newest[key] = sample[key]
-            wanted.difference_update(sample)
-            if not wanted:
-                break
-        for key in keys:
-            self.last[key] = newest[key]
+        if out and self.error is None:
+            try:
+                write_all(self.fd, ((b"\n" if self.count == len(out) else b",\n")
+                                    + ",\n".join(out).encode("utf-8")))
+            except OSError as exc:  # a full disk: the runner stops the job and says so
+                self.error = exc
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -2001,9 +2297,9 @@ def read_metrics(path: Path) -> list[dict]:
                 samples.append(json.loads(line))
     return samples
 
-# ==== 10. Engines: choosing one, its command line, its images ================
+# ==== 11. Engines: choosing one, its command line, its images ================
 
-def _quiet(argv: list[str], timeout: float = 30, env=None) -> subprocess.CompletedProcess:
+def quiet_run(argv: list[str], timeout: float = 30, env=None) -> subprocess.CompletedProcess:
     """Run a short helper command and capture its output; never raises for a bad status."""
     try:
         return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -2032,7 +2328,10 @@ def choose_engine(flag: str | None, config: JobConfig, environ, which=None) -> s
                       "or podman), or run without a container with --engine local")
 
 
-def gpu_args(engine: str, gpus: int | str | tuple[str, ...] | None) -> list[str]:
+Gpus = int | str | tuple[str, ...] | None
+
+
+def gpu_args(engine: str, gpus: Gpus) -> list[str]:
     """Docker's --gpus value, or Podman's CDI devices, for a count, 'all' or device ids."""
     if gpus is None:
         return []
@@ -2049,43 +2348,80 @@ def gpu_args(engine: str, gpus: int | str | tuple[str, ...] | None) -> list[str]
     return [arg for d in devices for arg in ("--device", f"nvidia.com/gpu={d}")]
 
 
-def job_environment(config: JobConfig, run_id: str, mount_paths: dict[str, str]) -> dict[str, str]:
-    """What the job sees in its environment besides the image's own (values, not yet ${VAR}-resolved)."""
+def job_environment(config: JobConfig, run_id: str, engine: str, environ) -> dict[str, str]:
+    """What the job sees in its environment besides the image's own: RunPilot's variables,
+    RUNPILOT_MOUNT_<NAME> for each named mount, then the config's env with ${VAR} expanded."""
     env = {"PYTHONUNBUFFERED": "1", "RUNPILOT_RUN_ID": run_id}
-    for name, path in mount_paths.items():
-        env["RUNPILOT_MOUNT_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()] = path
-    env.update(config.env)
+    for m in config.mounts:
+        if m.name:
+            name = "RUNPILOT_MOUNT_" + re.sub(r"[^A-Za-z0-9]", "_", m.name).upper()
+            env[name] = m.source if engine == "local" else m.target
+    env.update(expand_env(config.env, environ))
     return env
 
 
-def build_engine_argv(config: JobConfig, run_id: str, engine: str, env_names: list[str],
-                      keep_engine_logs: bool = False) -> list[str]:
+def env_file_text(env: dict[str, str]) -> tuple[bytes, list[str]]:
+    """The engines' --env-file lines for one-line values, and the names of the others.
+
+    The env-file format has no escapes, so a value with a line break cannot go in it.
+    """
+    lines, others = [], []
+    for name, value in env.items():
+        if "\n" in value or "\r" in value:
+            others.append(name)
+        else:
+            lines.append(os.fsencode(f"{name}={value}\n"))
+    return b"".join(lines), others
+
+
+def workdir_provided(config: JobConfig) -> bool:
+    """Whether a mount provides the workdir (else the image has it or the engine must create it)."""
+    for m in config.mounts:
+        if config.workdir == m.target:
+            return True
+        inside = os.path.relpath(str(config.workdir), m.target)
+        if not inside.startswith("..") and os.path.isdir(os.path.join(m.source, inside)):
+            return True
+    return False
+
+
+def build_engine_argv(config: JobConfig, run_id: str, engine: str, env_names: list[str] = (),
+                      keep_engine_logs: bool = False, env_file: str | None = None,
+                      devices: tuple[str, ...] | None = None) -> list[str]:
     """The `docker run` / `podman run` argv for a job (pure: no I/O, tested without an engine).
 
-    Env values never appear here (anyone can read argv in `ps`): `-e NAME` makes the engine
-    take each value from its own environment, which the runner sets.
+    Env values never appear here (anyone can read argv in `ps`): they come from ENV_FILE, which
+    the runner passes as a pipe, or by name (`-e NAME`) from the engine's own environment.
+    DEVICES, when given, are the GPUs this run was placed on.
     """
     argv = [engine, "run", "--rm", "--init", "--pull", "never",
             "--name", container_name(run_id), "--label", f"{RUN_LABEL}={run_id}"]
     if not keep_engine_logs:
         argv += ["--log-driver", "none"]
+    if env_file:
+        argv += ["--env-file", env_file]
     for name in env_names:
         argv += ["-e", name]
     for m in config.mounts:
         argv += ["-v", f"{m.source}:{m.target}" + (":ro" if m.read_only else "")]
+    # Docker creates a missing workdir; Podman refuses one given on its command line, so the
+    # job's own shell creates it there.
+    create_workdir = engine == "podman" and bool(config.workdir) and not workdir_provided(config)
     if config.workdir:
-        argv += ["-w", config.workdir]
+        argv += ["-w", "/" if create_workdir else config.workdir]
     res = config.resources
-    argv += gpu_args(engine, res.gpus)
+    argv += gpu_args(engine, devices if devices is not None else res.gpus)
     if res.cpu is not None:
         argv += ["--cpus", f"{res.cpu:g}"]
     if res.memory is not None:
         argv += ["--memory", str(res.memory)]
     if res.shm_size is not None:
         argv += ["--shm-size", str(res.shm_size)]
-    if isinstance(config.entrypoint, str):
-        return argv + ["--entrypoint", "/bin/sh", str(config.image), "-c", config.entrypoint]
-    return argv + ["--entrypoint", config.entrypoint[0], str(config.image), *config.entrypoint[1:]]
+    command = ["/bin/sh", "-c", config.entrypoint] if isinstance(config.entrypoint, str) else \
+        list(config.entrypoint)
+    if create_workdir:
+        command = ["/bin/sh", "-c", 'mkdir -p "$0" && cd "$0" && exec "$@"', str(config.workdir), *command]
+    return argv + ["--entrypoint", command[0], str(config.image), *command[1:]]
 
 
 def local_argv(config: JobConfig) -> list[str]:
@@ -2095,15 +2431,7 @@ def local_argv(config: JobConfig) -> list[str]:
     return list(config.entrypoint)
 
 
-def local_workdir(config: JobConfig) -> str:
-    """Engine `local` runs in the `code` mount's folder, else in the config file's folder."""
-    for m in config.mounts:
-        if m.name == "code":
-            return m.source
-    return str(Path(config.source).parent) if config.source else os.getcwd()
-
-
-def local_gpu_env(gpus: int | str | tuple[str, ...] | None) -> dict[str, str]:
+def local_gpu_env(gpus: Gpus) -> dict[str, str]:
     if gpus is None:
         return {"CUDA_VISIBLE_DEVICES": ""}
     if gpus == "all":
@@ -2113,7 +2441,7 @@ def local_gpu_env(gpus: int | str | tuple[str, ...] | None) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": ",".join(gpus)}
 
 
-def _engine_down(engine: str, stderr: str) -> EngineError | None:
+def engine_down(engine: str, stderr: str) -> EngineError | None:
     """What the engine CLI's stderr says when it could not use its daemon, as one line with the fix."""
     text = stderr.lower()
     if "permission denied" in text and "daemon socket" in text:  # not in the docker group
@@ -2129,105 +2457,19 @@ def _engine_down(engine: str, stderr: str) -> EngineError | None:
     return None
 
 
-def docker_socket(environ) -> str | None:
-    """The Unix socket of the Docker daemon the CLI would use, or None when it uses another kind.
-
-    DOCKER_HOST, DOCKER_CONTEXT or a context chosen with `docker context use` may point the CLI
-    elsewhere (TCP, SSH, another daemon): then only the CLI knows, and None says so.
-    """
-    if environ.get("DOCKER_CONTEXT"):
-        return None
-    host = environ.get("DOCKER_HOST")
-    if host:
-        return host.removeprefix("unix://") if host.startswith("unix://") else None
-    config_dir = environ.get("DOCKER_CONFIG") or os.path.join(environ.get("HOME") or "~", ".docker")
-    context = read_json(Path(os.path.expanduser(config_dir)) / "config.json").get("currentContext")
-    return "/var/run/docker.sock" if context in (None, "", "default") else None
-
-
-def docker_api_get(sock_path: str, url: str, timeout: float = 10.0) -> tuple[int, bytes] | None:
-    """GET URL from the Docker Engine API on a Unix socket: (status, body), or None if unreachable.
-
-    HTTP/1.0, so the daemon closes the connection after one plain (never chunked) response.
-    """
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(timeout)
-            conn.connect(sock_path)
-            conn.sendall(f"GET {url} HTTP/1.0\r\nHost: docker\r\n\r\n".encode("ascii"))
-            chunks = []
-            while chunk := conn.recv(READ_SIZE):
-                chunks.append(chunk)
-    except OSError:  # no such socket, no permission, refused, timed out
-        return None
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status = head.split(b" ", 2)[1:2]
-    return (int(status[0]), body) if status and status[0].isdigit() else None
-
-
-def _docker_api_image(image: str, environ) -> tuple[bool, dict | None]:
-    """`docker image inspect` asked of the daemon's socket, which takes ≈ 1 ms instead of the CLI's 20.
-
-    (True, info) or (True, None) for an image that is not present; (False, None) when only the CLI
-    can answer (another daemon, an unusual name, an error): the caller asks the CLI then.
-    """
-    sock_path = docker_socket(environ)
-    if sock_path is None or not DOCKER_IMAGE_REF_RE.match(image):
-        return False, None
-    reply = docker_api_get(sock_path, f"/images/{image}/json")
-    if reply is None or reply[0] not in (200, 404):
-        return False, None
-    if reply[0] == 404:
-        return True, None
-    try:
-        data = json.loads(reply[1])
-        return True, {"image_id": str(data["Id"]), "repo_digests": list(data.get("RepoDigests") or [])}
-    except (ValueError, KeyError, TypeError):
-        return False, None
-
-
-def prepare_image(engine: str, image: str, pull: str, cache: Path | None = None) -> dict:
-    """Make sure the image is present (pulling it as its own phase) and return its id and digests.
-
-    CACHE (a JSON file) keeps Podman's answers while its image store is unchanged.
-    """
-    info = _inspect_image(engine, image, cache if pull != "always" else None)
-    if info is None or pull == "always":
-        if pull == "never":
-            raise EngineError(f"image {image} is not present locally and --pull never was given; "
-                              f"pull it ({engine} pull {image}) or build it")
-        say(f"pulling {image} ...")
-        sys.stderr.flush()
-        try:
-            status = subprocess.run([engine, "pull", image], stdin=subprocess.DEVNULL,
-                                    stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno()).returncode
-        except (OSError, ValueError):
-            status = subprocess.run([engine, "pull", image], stdin=subprocess.DEVNULL,
-                                    capture_output=True).returncode
-        if status != 0:
-            raise EngineError(f"could not pull image {image} ({engine} pull exited {status}); check "
-                              "the name and your registry access, or build the image locally")
-        info = _inspect_image(engine, image) or {}
-    return info
-
-
-def _inspect_image(engine: str, image: str, cache: Path | None = None) -> dict | None:
+def require_engine_cli(engine: str) -> None:
     if not shutil.which(engine):
         raise EngineError(f"{engine} is not installed (not found on PATH); install it "
                           f"(apt-get install {'docker.io' if engine == 'docker' else 'podman'}) "
                           "or choose another engine with --engine")
-    if engine == "docker":
-        answered, info = _docker_api_image(image, os.environ)
-        if answered:
-            return info
-    elif cache is not None:
-        known = podman_cached_image(cache, image)
-        if known is not None:
-            return known
-    done = _quiet([engine, "image", "inspect", "--format",
-                   "{{.Id}}|{{json .RepoDigests}}|{{.GraphDriver.Name}}|{{json .GraphDriver.Data}}", image])
+
+
+def inspect_image(engine: str, image: str) -> dict | None:
+    """The image's id and repo digests, or None when it is not present (other failures raise)."""
+    require_engine_cli(engine)
+    done = quiet_run([engine, "image", "inspect", "--format", "{{.Id}}|{{json .RepoDigests}}", image])
     if done.returncode != 0:
-        down = _engine_down(engine, done.stderr)
+        down = engine_down(engine, done.stderr)
         if down:
             raise down
         if IMAGE_MISSING_RE.search(done.stderr):
@@ -2235,62 +2477,53 @@ def _inspect_image(engine: str, image: str, cache: Path | None = None) -> dict |
         first = done.stderr.strip().splitlines()[0] if done.stderr.strip() else f"exit status {done.returncode}"
         raise EngineError(f"{engine} could not look up image {image} ({first}); check that "
                           f"'{engine} image inspect {image}' works for this user")
-    image_id, digests, driver, driver_data = (done.stdout.strip().split("|", 3) + ["", "", ""])[:4]
+    image_id, _, digests = done.stdout.strip().partition("|")
     try:
-        info = {"image_id": image_id, "repo_digests": json.loads(digests) or []}
+        found = json.loads(digests) or []
     except ValueError:
-        info = {"image_id": image_id, "repo_digests": []}
-    if engine == "podman" and cache is not None:
-        podman_remember_image(cache, image, info, _podman_image_store(driver, driver_data))
-    return info
+        found = []
+    return {"image_id": image_id, "repo_digests": [str(d) for d in found if isinstance(d, str)]}
 
 
-# Podman has no daemon to ask: `podman image inspect` starts the whole CLI (≈ 35 ms). Its image
-# store rewrites <graphroot>/<driver>-images/images.lock on every change to any image (pull, tag,
-# rmi), which is how Podman itself knows to reload it; an answer recorded with the same lock
-# bytes, binary and storage settings is still the answer.
-def _podman_image_store(driver: str, driver_data: str) -> str | None:
-    """<graphroot>/<driver>-images, from an image's layer folder <graphroot>/<driver>/<id>/diff."""
-    with contextlib.suppress(ValueError, AttributeError):
-        upper = Path(json.loads(driver_data).get("UpperDir") or "")
-        if driver and upper.name == "diff" and upper.parent.parent.name == driver:
-            return str(upper.parent.parent.parent / f"{driver}-images")
-    return None
+def prepare_image(engine: str, image: str, pull: str, report: Reporter = ignore_events) -> dict:
+    """Make sure the image is present (pulling it as its own phase) and return its id and digests."""
+    info = inspect_image(engine, image)
+    if info is not None and pull != "always":
+        return info
+    if pull == "never":
+        raise EngineError(f"image {image} is not present locally and --pull never was given; "
+                          f"pull it ({engine} pull {image}) or build it")
+    report(RunEvent("pulling", None, f"pulling {image} ..."))
+    try:  # the engine's progress goes to our stderr; the job's log stays the job's
+        sys.stderr.flush()
+        status = subprocess.run([engine, "pull", image], stdin=subprocess.DEVNULL,
+                                stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno()).returncode
+    except (OSError, ValueError, AttributeError):
+        status = subprocess.run([engine, "pull", image], stdin=subprocess.DEVNULL,
+                                capture_output=True).returncode
+    if status != 0:
+        raise EngineError(f"could not pull image {image} ({engine} pull exited {status}); check "
+                          "the name and your registry access, or build the image locally")
+    return inspect_image(engine, image) or {}
 
 
-def _podman_store_state(store: str) -> str | None:
-    """What must be unchanged for a remembered answer to hold: the store's lock bytes and settings."""
-    try:
-        lock = Path(store, "images.lock").read_bytes().hex()
-    except OSError:
-        return None
-    return json.dumps([lock, _engine_key("podman"), os.environ.get("CONTAINERS_STORAGE_CONF"), os.getuid()])
+def engine_version(engine: str) -> str | None:
+    """The engine's version (the daemon's, for Docker), as its CLI reports it."""
+    fmt = "{{.Server.Version}}" if engine == "docker" else "{{.Client.Version}}"
+    return quiet_run([engine, "version", "--format", fmt], timeout=GIT_PROBE_SECONDS).stdout.strip() or None
 
 
-def podman_cached_image(cache: Path, image: str) -> dict | None:
-    entry = read_json(cache).get(image)
-    if not isinstance(entry, dict) or not entry.get("store") or not entry.get("image_id"):
-        return None
-    if _podman_store_state(entry["store"]) != entry.get("state"):
-        return None
-    return {"image_id": entry["image_id"], "repo_digests": entry.get("repo_digests") or []}
+def local_images(engine: str) -> list[str]:
+    """The repo:tag names of the images present locally (empty when the engine cannot say)."""
+    if not shutil.which(engine):
+        return []
+    done = quiet_run([engine, "images", "--format", "{{.Repository}}:{{.Tag}}"], timeout=20)
+    return [line for line in done.stdout.split() if "<none>" not in line] if done.returncode == 0 else []
 
-
-def podman_remember_image(cache: Path, image: str, info: dict, store: str | None) -> None:
-    state = _podman_store_state(store) if store else None
-    if state is None:
-        return
-    known = {k: v for k, v in read_json(cache).items() if isinstance(v, dict) and v.get("state") == state}
-    known[image] = {**info, "store": store, "state": state}  # answers of an older store state are dropped
-    with contextlib.suppress(OSError):  # a parallel run may write the same answer
-        write_atomic(cache, json.dumps(known).encode(), durable=False)
-
-# ==== 11. Host facts: GPUs, git, the engine's version, the runner ============
+# ==== 12. Host facts: GPUs and their claims, git, the runner ===================
 
 # Where Podman looks for CDI specs (`nvidia-ctk cdi generate` writes one of these).
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
-# A working-tree diff larger than this is not copied into the run folder (only noted).
-GIT_DIFF_MAX = 1 << 20
 NVIDIA_QUERY = "index,uuid,name,driver_version,memory.total"
 
 
@@ -2312,7 +2545,7 @@ def parse_cuda_version(banner: str) -> str | None:
     return match.group(1) if match else None
 
 
-def gpu_shortfall(requested: int | str | tuple[str, ...], gpus: list[dict]) -> str | None:
+def gpu_shortfall(requested: Gpus, gpus: list[dict]) -> str | None:
     """Why the GPUs found cannot satisfy the request, or None."""
     if not gpus:
         return "nvidia-smi lists no GPU on this machine"
@@ -2354,110 +2587,298 @@ def query_gpus(environ) -> dict:
     smi = shutil.which("nvidia-smi", path=environ.get("PATH"))
     if not smi:
         return {"error": "the NVIDIA driver is not installed here (nvidia-smi not found on PATH)"}
-    done = _quiet([smi, f"--query-gpu={NVIDIA_QUERY}", "--format=csv,noheader,nounits"], 30, environ)
+    done = quiet_run([smi, f"--query-gpu={NVIDIA_QUERY}", "--format=csv,noheader,nounits"], 30, environ)
     if done.returncode != 0:
         said = (done.stdout + done.stderr).strip().splitlines()
         return {"error": f"nvidia-smi failed (exit {done.returncode}): {said[0] if said else 'no output'}"}
     devices = parse_gpu_csv(done.stdout)
-    banner = _quiet([smi], 30, environ).stdout
+    banner = quiet_run([smi], 30, environ).stdout
     return {"devices": devices, "driver": devices[0]["driver"] if devices else None,
             "cuda": parse_cuda_version(banner)}
 
 
-def gpu_facts(requested, engine: str, check: bool, environ) -> dict:
-    """Check that the GPUs asked for exist (unless told not to) and describe what the run saw."""
+def gpu_facts(requested: Gpus, engine: str, check: bool, environ, pool: list[str] | None = None) -> dict:
+    """Check that the GPUs asked for exist (unless told not to) and describe what the run saw.
+
+    A POOL given on the command line (`--gpus 0,1,3`) stands for the GPUs to use; they are
+    still described from nvidia-smi when it answers.
+    """
     if requested is None:
         return {"requested": None, "devices": []}
     found = query_gpus(environ)
     if check:
-        problem = found.get("error") or gpu_shortfall(requested, found["devices"])
+        problem = None if pool else found.get("error") or gpu_shortfall(requested, found["devices"])
+        if pool and isinstance(requested, int) and requested > len(pool):
+            problem = f"resources.gpus asks for {requested} GPUs but --gpus offers {len(pool)}"
         problem = problem or (engine_gpu_problem(engine, environ) if engine != "local" else None)
         if problem:
             raise GpuError(f"{problem}; or start anyway with --no-gpu-check")
     return {"requested": list(requested) if isinstance(requested, tuple) else requested, **found}
 
 
-def git_facts(folder: str) -> dict | None:
-    """Commit, branch and dirtiness of the git work tree holding a folder (None outside git)."""
-    top = _quiet(["git", "-C", folder, "rev-parse", "--show-toplevel"], timeout=20)
-    if top.returncode != 0:
-        return None
-    status = _quiet(["git", "-C", folder, "status", "--porcelain=v2", "--branch"], timeout=60).stdout
-    heads = dict(line[2:].split(" ", 1) for line in status.splitlines()
-                 if line.startswith("# branch.") and " " in line[2:])
-    changes = [line for line in status.splitlines() if not line.startswith("#")]
-    return {"root": top.stdout.strip(), "commit": heads.get("branch.oid"), "branch": heads.get("branch.head"),
-            "dirty": bool(changes)}
+def gpu_pool(facts: dict, given: list[str] | None) -> list[str]:
+    """The GPUs runs are placed on: those given with --gpus, else every GPU nvidia-smi lists."""
+    if given:
+        return list(given)
+    return [str(d["index"]) for d in facts.get("devices") or []]
 
 
-def engine_version(engine: str, cache: Path) -> str | None:
-    """The engine's (server's) version, asked once per engine binary and daemon start.
+def gpu_request(requested: Gpus, pool: list[str], facts: dict) -> tuple[int, tuple[str, ...]]:
+    """(how many to pick from the pool, the devices a run is pinned to) for resources.gpus."""
+    if requested == "all":
+        return 0, tuple(pool)
+    if isinstance(requested, tuple):  # UUIDs are claimed under their index, so both spellings agree
+        by_uuid = {d["uuid"]: str(d["index"]) for d in facts.get("devices") or []}
+        return 0, tuple(by_uuid.get(d, d) for d in requested)
+    return int(requested or 0), ()
 
-    Asking costs a round trip that competes with the container's start on a small machine, so
-    the answer is kept in `cache`, keyed by the binary and (for Docker) its socket's mtime.
+
+@dataclass
+class GpuClaim:
+    """GPUs held for one run: open lock files, released by release() or by the process's death."""
+
+    devices: tuple[str, ...]
+    fds: list[int]
+
+    def release(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+class GpuClaims:
+    """Which GPUs of this machine RunPilot runs hold: `<home>/gpus/<device>.lock`, one per GPU.
+
+    A run holds an exclusive flock on each of its GPUs' files for as long as it lives. The kernel
+    drops the lock when the holding process ends, however it ends (a SIGKILLed runner cannot
+    leak a GPU), and flock locks of separate opens conflict within one process too, so the runs
+    of one sweep exclude each other exactly as separate `runpilot run` commands do.
     """
-    key = _engine_key(engine)
-    known = read_json(cache).get(engine) or {}
-    if key and known.get("key") == key:
-        return known.get("version")
-    fmt = "{{.Server.Version}}" if engine == "docker" else "{{.Client.Version}}"
-    version = _quiet([engine, "version", "--format", fmt]).stdout.strip() or None
-    if version and key:
-        with contextlib.suppress(OSError):  # a parallel run may write the same answer
-            write_atomic(cache, json.dumps({**read_json(cache), engine: {"key": key, "version": version}}).encode())
-    return version
 
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
 
-def _engine_key(engine: str) -> str | None:
-    binary = shutil.which(engine)
-    if not binary:
+    def try_claim(self, count: int, pinned: tuple[str, ...], pool: list[str], holder: dict) -> GpuClaim | None:
+        """Claim PINNED devices, or COUNT free ones of POOL; None (and nothing held) when busy."""
+        make_private_dirs(self.folder)
+        wanted = list(pinned) if pinned else list(pool)
+        need = len(pinned) if pinned else count
+        claim = GpuClaim((), [])
+        for device in wanted:
+            fd = self._lock(device)
+            if fd is None:
+                if pinned:
+                    break
+                continue
+            claim.fds.append(fd)
+            claim.devices += (device,)
+            if len(claim.devices) == need:
+                self.describe(claim, holder)
+                return claim
+        claim.release()
         return None
-    parts = [binary, os.stat(binary).st_mtime_ns]
-    if engine == "docker":
-        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+
+    def describe(self, claim: GpuClaim, holder: dict) -> None:
+        """Say who holds the claim's GPUs (read by holders() for a queued run's message)."""
+        for device in claim.devices:
+            with contextlib.suppress(OSError):
+                write_atomic(self.folder / f"{device}.json", json.dumps(holder).encode(), durable=False)
+
+    def _lock(self, device: str) -> int | None:
+        fd = os.open(self.folder / f"{device}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError:
+            os.close(fd)
+            return None
+
+    def holders(self, devices: list[str]) -> dict[str, dict]:
+        """Who holds each busy device (a device free for the taking is left out)."""
+        busy = {}
+        for device in devices:
+            fd = self._lock(device)
+            if fd is not None:
+                os.close(fd)
+                continue
+            try:
+                busy[device] = json.loads((self.folder / f"{device}.json").read_bytes())
+            except (OSError, ValueError):
+                busy[device] = {}
+        return busy
+
+
+def gpu_wait_text(count: int, pinned: tuple[str, ...], holders: dict[str, dict]) -> str:
+    """`waiting for 1 GPU: GPU 0 is held by run X (pid 12)` for the queued event."""
+    wanted = f"GPU {', '.join(pinned)}" if pinned else f"{count} GPU{'s' if count != 1 else ''}"
+    held = "; ".join(f"GPU {d} is held by run {h.get('run_id', '?')} (pid {h.get('pid', '?')})"
+                     for d, h in sorted(holders.items())) or "the GPUs are busy"
+    return f"waiting for {wanted}: {held}"
+
+
+# -- git, probed without running anything a repository configures ---------------------------
+
+GIT_REF_RE = re.compile(r"refs/[A-Za-z0-9._/+-]+\Z")
+
+
+def find_repository(folder: str) -> tuple[Path, Path, Path] | None:
+    """(work tree, git dir, common git dir) of the repository holding FOLDER, found by reading files."""
+    start = Path(folder).resolve()
+    for top in (start, *start.parents):
+        dot = top / ".git"
+        try:
+            if dot.is_dir():
+                gitdir = dot
+            elif dot.is_file():
+                text = dot.read_text(errors="replace").strip()
+                if not text.startswith("gitdir:"):
+                    return None
+                gitdir = (top / text[7:].strip()).resolve()
+            else:
+                continue
+            common = gitdir
+            if (gitdir / "commondir").is_file():
+                common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve()
+        except OSError:
+            return None
+        return top, gitdir, common
+    return None
+
+
+def git_head(gitdir: Path, common: Path) -> tuple[str | None, str | None]:
+    """(commit, branch) from HEAD, refs and packed-refs; commit None when it cannot be read."""
+    try:
+        head = (gitdir / "HEAD").read_text(errors="replace").strip()
+    except OSError:
+        return None, None
+    if not head.startswith("ref: "):
+        return (head if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", head) else None), "(detached)"
+    ref = head[5:].strip()
+    if not GIT_REF_RE.match(ref) or ".." in ref:
+        return None, None
+    branch = ref.removeprefix("refs/heads/")
+    with contextlib.suppress(OSError):
+        return (common / ref).read_text().strip(), branch
+    with contextlib.suppress(OSError):
+        for line in (common / "packed-refs").read_text(errors="replace").splitlines():
+            if line.endswith(" " + ref) and not line.startswith(("#", "^")):
+                return line.split(" ", 1)[0], branch
+    return "(initial)", branch
+
+
+def _object_format(common: Path) -> str:
+    with contextlib.suppress(OSError):
+        if re.search(r"objectformat\s*=\s*sha256", (common / "config").read_text(errors="replace"), re.I):
+            return "sha256"
+    return "sha1"
+
+
+def _sterile_git_dir(tmp: Path, gitdir: Path, common: Path, commit: str) -> Path:
+    """A git dir that shares the repository's objects and index but none of its configuration.
+
+    Nothing the repository configures (config, hooks, filters, diff drivers, fsmonitor, includes)
+    exists in it, so git run against it cannot be told to run a program; HEAD is detached at the
+    same commit, so no refs are needed.
+    """
+    sterile = tmp / "git"
+    (sterile / "objects" / "info").mkdir(parents=True)
+    (sterile / "refs").mkdir()
+    (sterile / "info").mkdir()
+    (sterile / "HEAD").write_text(commit + "\n")
+    (sterile / "objects" / "info" / "alternates").write_text(str(common / "objects") + "\n")
+    sha256 = _object_format(common) == "sha256"
+    (sterile / "config").write_text(
+        f"[core]\n\trepositoryformatversion = {1 if sha256 else 0}\n\tbare = false\n"
+        + ("[extensions]\n\tobjectformat = sha256\n" if sha256 else ""))
+    for source, target in ((gitdir / "index", sterile / "index"),
+                           (common / "info" / "exclude", sterile / "info" / "exclude")):
         with contextlib.suppress(OSError):
-            parts.append(os.stat(host.removeprefix("unix://")).st_mtime_ns)  # a new daemon, a new socket
-    return json.dumps(parts)
+            shutil.copyfile(source, target)
+    return sterile
+
+
+def _sterile_git(argv: list[str], sterile: Path, top: Path, deadline: float) -> subprocess.CompletedProcess:
+    """git ARGV against the sterile git dir, with no system or user configuration either."""
+    env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(sterile.parent), "LC_ALL": "C",
+           "XDG_CONFIG_HOME": str(sterile.parent), "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
+           "GIT_DIR": str(sterile), "GIT_WORK_TREE": str(top), "GIT_OPTIONAL_LOCKS": "0",
+           "GIT_TERMINAL_PROMPT": "0", "GIT_NO_REPLACE_OBJECTS": "1", "GIT_ATTR_NOSYSTEM": "1"}
+    safety = ["-c", "core.fsmonitor=false", "-c", "core.untrackedCache=false", "-c", "safe.directory=*"]
+    timeout = max(0.1, deadline - time.monotonic())
+    return quiet_run(["git", *safety, *argv], timeout=timeout, env=env)
+
+
+def git_facts(folder: str, deadline: float) -> tuple[dict, str] | None:
+    """Commit, branch and dirtiness of the work tree holding FOLDER, and its diff (None outside git).
+
+    Commit and branch are read from the repository's files; only the dirtiness and the diff need
+    git, and it runs against a sterile copy of the repository's git dir (see _sterile_git_dir).
+    """
+    found = find_repository(folder)
+    if found is None:
+        return None
+    top, gitdir, common = found
+    commit, branch = git_head(gitdir, common)
+    facts = {"root": str(top), "commit": commit, "branch": branch, "dirty": None}
+    if not commit or commit == "(initial)" or not shutil.which("git"):
+        return facts, ""
+    with tempfile.TemporaryDirectory(prefix="runpilot-git-") as tmp:
+        sterile = _sterile_git_dir(Path(tmp), gitdir, common, commit)
+        status = _sterile_git(["status", "--porcelain=v2", "--untracked-files=normal"], sterile, top, deadline)
+        if status.returncode != 0:
+            return facts, ""
+        facts["dirty"] = bool(status.stdout.strip())
+        if not facts["dirty"]:
+            return facts, ""
+        diff = _sterile_git(["diff", "HEAD", "--no-ext-diff", "--no-textconv", "--no-color"],
+                            sterile, top, deadline)
+        return facts, diff.stdout if diff.returncode == 0 else ""
 
 
 class StartProbes:
-    """Facts gathered in the background while the job starts: engine version, git state of mounts."""
+    """Facts gathered in a background thread while the job starts: the engine's version, the git
+    state of mounted folders. They never hold up the run: collect() waits at most until a deadline
+    and gives up at once when the caller says to."""
 
-    def __init__(self, engine: str, config: JobConfig, cache: Path) -> None:
-        import threading
+    def __init__(self, engine: str, folders: list[str]) -> None:
         self.engine = engine
-        self.cache = cache
-        self.folders = [m.source for m in config.mounts if os.path.isdir(m.source)]
-        if engine == "local" and config.source:
-            self.folders.append(local_workdir(config))
+        self.folders = folders
+        self.deadline = time.monotonic() + GIT_PROBE_SECONDS
         self.facts: dict = {}
+        self.diffs: dict[str, str] = {}
         self.thread = threading.Thread(target=self._probe, daemon=True)
         self.thread.start()
 
     def _probe(self) -> None:
         if self.engine != "local":
-            self.facts["engine_version"] = engine_version(self.engine, self.cache)
+            self.facts["engine_version"] = engine_version(self.engine)
         repos: dict[str, dict] = {}
         for folder in self.folders:
-            facts = git_facts(folder)
-            if facts and facts["root"] not in repos:
-                repos[facts["root"]] = facts
+            found = git_facts(folder, self.deadline)
+            if found and found[0]["root"] not in repos:
+                repos[found[0]["root"]] = found[0]
+                self.diffs[found[0]["root"]] = found[1]
         if repos:
             self.facts["git"] = list(repos.values())
-            self.diffs = {root: _quiet(["git", "-C", root, "diff", "HEAD"], timeout=60).stdout
-                          for root, f in repos.items() if f["dirty"]}
 
-    def collect(self, run_dir: Path) -> dict:
-        """Wait for the probes (briefly) and write git.diff when the changes are small."""
-        self.thread.join(timeout=60)
-        diffs = getattr(self, "diffs", {})
-        text = "".join(f"# {root}\n{diff}" for root, diff in diffs.items() if diff)
-        if text and len(text) <= GIT_DIFF_MAX:
+    def collect(self, run_dir: Path, give_up: Callable[[], bool]) -> dict:
+        """The facts found by the deadline (or until GIVE_UP says so); writes git.diff when small."""
+        while self.thread.is_alive() and time.monotonic() < self.deadline and not give_up():
+            self.thread.join(timeout=0.05)
+        if self.thread.is_alive():
+            return {"unfinished": True}
+        text = "".join(f"# {root}\n{diff}" for root, diff in self.diffs.items() if diff)
+        saved = bool(text) and len(text) <= GIT_DIFF_MAX
+        if saved:
             with contextlib.suppress(OSError):
                 write_private(run_dir / "git.diff", text.encode("utf-8", "replace"))
         for repo in self.facts.get("git", []):
-            repo["diff_saved"] = bool(text) and len(text) <= GIT_DIFF_MAX and repo["dirty"]
+            repo["diff_saved"] = saved and bool(repo["dirty"])
         return dict(self.facts)
+
+
+# -- the runner and the job's processes -----------------------------------------------------
 
 def _boot_id() -> str | None:
     with contextlib.suppress(OSError):
@@ -2465,7 +2886,7 @@ def _boot_id() -> str | None:
     return None
 
 
-def _process_start(pid: int) -> str | None:
+def process_start(pid: int) -> str | None:
     """Start time of a process in clock ticks since boot (tells a reused PID apart)."""
     with contextlib.suppress(OSError, IndexError):
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -2480,8 +2901,7 @@ def hostname() -> str:
 
 def runner_identity() -> dict:
     pid = os.getpid()
-    return {"pid": pid, "host": hostname(), "boot_id": _boot_id(),
-            "start": _process_start(pid)}
+    return {"pid": pid, "host": hostname(), "boot_id": _boot_id(), "start": process_start(pid)}
 
 
 def runner_alive(runner: dict) -> bool | None:
@@ -2491,10 +2911,10 @@ def runner_alive(runner: dict) -> bool | None:
     if runner.get("boot_id") and runner.get("boot_id") != _boot_id():
         return False  # the machine rebooted since
     pid = runner.get("pid")
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or pid <= 0:
         return None
     if runner.get("start") is not None and Path("/proc").is_dir():
-        return _process_start(pid) == runner["start"]
+        return process_start(pid) == runner["start"]
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -2503,7 +2923,171 @@ def runner_alive(runner: dict) -> bool | None:
         return True
     return True
 
-# ==== 12. Process I/O: the tee loop, signals, stopping the job ===============
+
+def become_subreaper() -> bool:
+    """Adopt the orphans of our children (Linux PR_SET_CHILD_SUBREAPER): a local job's child that
+    calls setsid and whose parent exits becomes our child, where the run can still end it."""
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # 36: PR_SET_CHILD_SUBREAPER
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
+
+
+def _belongs_to(pid: int, run_id: str) -> bool:
+    with contextlib.suppress(OSError):
+        return f"\0RUNPILOT_RUN_ID={run_id}\0".encode() in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+    return False
+
+
+def end_orphans(run_id: str, grace: float = 2.0) -> int:
+    """End the processes of RUN_ID's job that were adopted by this runner (see become_subreaper):
+    SIGTERM, then SIGKILL after GRACE seconds. A process is the job's when its environment holds
+    the run's RUNPILOT_RUN_ID. Returns how many there were."""
+    ended = 0
+    for _ in range(20):  # an ended process's own children are adopted next
+        orphans = [pid for pid in _children(os.getpid()) if _belongs_to(pid, run_id)]
+        if not orphans:
+            break
+        ended += len(orphans)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in orphans:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5)
+            while orphans and time.monotonic() < deadline:
+                orphans = [pid for pid in orphans if not _reaped(pid)]
+                time.sleep(0.02)
+    return ended
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == pid
+
+# ==== 13. Process I/O: the terminal, the tee loop, signals, stopping the job ==
+
+def terminal_writer(stream) -> Callable[[bytes], object] | None:
+    """Write raw bytes to a text stream's file descriptor (or decoded, for an in-memory stream)."""
+    if stream is None:
+        return None
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return lambda chunk: stream.write(chunk.decode("utf-8", "replace"))
+    with contextlib.suppress(OSError, ValueError):
+        stream.flush()
+    return lambda chunk: write_all(fd, chunk)
+
+
+def _same_file(a, b) -> bool:
+    """Whether two streams write to the same place (then their lines share one screen)."""
+    if a is b:
+        return True
+    try:
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def visible(text: str) -> str:
+    """Text safe to print: control characters (escape codes, bidi overrides) shown as escapes."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+class Terminal:
+    """Where a run's output goes: the job's bytes as they come, and RunPilot's own lines.
+
+    A thread does the writing, so a reader that stops reading (a full pipe, a pager) never holds
+    up the clock or the signals; the tee stops reading the job while too much is waiting (the
+    job then waits, as it would writing to that terminal itself). A closed output is dropped
+    quietly. RunPilot's lines always start on a fresh line of the screen.
+    """
+
+    def __init__(self, stdout, stderr) -> None:
+        self.writers: dict[int, Callable | None] = {1: terminal_writer(stdout), 2: terminal_writer(stderr)}
+        self.shared = stdout is not None and stderr is not None and _same_file(stdout, stderr)
+        self.ends_line = {1: True, 2: True}
+        self.last = 2
+        self.queue: list[tuple[int, bytes]] = []
+        self.pending = 0
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._write_queued, daemon=True)
+        self.thread.start()
+
+    def job_output(self, which: int, chunk: bytes) -> None:
+        self._put(which, chunk)
+
+    def say(self, line: str) -> None:
+        """One line of RunPilot's own (prefixed `runpilot: `) on stderr, control codes made visible."""
+        self._put(0, ("runpilot: " + visible(line) + "\n").encode("utf-8", "replace"))
+
+    def _put(self, which: int, data: bytes) -> None:
+        with self.cond:
+            if self.writers[which or 2] is None:
+                return
+            self.queue.append((which, data))
+            self.pending += len(data)
+            self.cond.notify_all()
+
+    def backlog(self) -> int:
+        return self.pending
+
+    def wait_for_room(self, timeout: float) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.pending < TERMINAL_BACKLOG, timeout)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything queued is written; False if the reader is still behind."""
+        with self.cond:
+            return self.cond.wait_for(lambda: not self.queue and self.pending == 0, timeout)
+
+    def abandon(self) -> None:
+        """Drop what is queued and write nothing more (the reader stopped; logs.txt has it all)."""
+        with self.cond:
+            self.writers = {1: None, 2: None}
+            self.queue.clear()
+            self.pending = 0
+            self.cond.notify_all()
+
+    def _write_queued(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.queue)
+                which, data = self.queue.pop(0)
+            fd, size = which or 2, len(data)
+            if which == 0 and not self._at_line_start():
+                data = b"\n" + data
+            write = self.writers.get(fd)
+            try:
+                if write is not None:
+                    write(data)
+            except (OSError, ValueError):  # the reader is gone: keep running, stop echoing there
+                self.writers[fd] = None
+            with self.cond:
+                self.pending = max(0, self.pending - size)
+                self.ends_line[fd] = data.endswith(b"\n")
+                self.last = fd
+                self.cond.notify_all()
+
+    def _at_line_start(self) -> bool:
+        return self.ends_line[self.last] if self.shared else self.ends_line[2]
+
 
 @dataclass
 class Launch:
@@ -2514,13 +3098,32 @@ class Launch:
     cwd: str | None
     engine: str
     container: str | None = None      # container name; None for engine `local`
+    env_file: bytes = b""             # the engine's --env-file, handed over through a pipe
+    run_id: str = ""
+    devices: tuple[str, ...] = ()     # the GPUs the run was placed on
 
 
-def _grow_pipe(fd: int) -> None:
-    """Ask Linux for a PIPE_SIZE pipe buffer (fewer wake-ups for a loud job); fine if refused."""
-    import fcntl
+def _grow_pipe(fd: int, size: int = PIPE_SIZE) -> None:
+    """Ask Linux for a bigger pipe buffer (fewer wake-ups for a loud job); fine if refused."""
     with contextlib.suppress(OSError, AttributeError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+
+
+def env_file_pipe(data: bytes) -> int:
+    """A pipe holding DATA whole, for the engine CLI to read as /dev/fd/N; returns its read end."""
+    read_fd, write_fd = os.pipe()
+    try:
+        _grow_pipe(write_fd, max(len(data), 4096))
+        if len(data) > fcntl.fcntl(write_fd, fcntl.F_GETPIPE_SZ):
+            raise ConfigError(f"the job's environment is {len(data)} bytes, more than a pipe can hand "
+                              "to the engine at once; make the env values smaller")
+        write_all(write_fd, data)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return read_fd
 
 
 class Job:
@@ -2533,20 +3136,39 @@ class Job:
         self.kill_at: float | None = None
         self.first_stop = 0.0
         self.last_stop = 0.0
-        self.proc = subprocess.Popen(
-            launch.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=launch.env, cwd=launch.cwd, start_new_session=True)  # our signals, not the tty's
+        self.forced = False
+        argv, fds = launch.argv, ()
+        env_fd = env_file_pipe(launch.env_file) if launch.container else None
+        try:
+            if env_fd is not None:
+                argv = [f"/dev/fd/{env_fd}" if a == "/dev/fd/ENV" else a for a in argv]
+                fds = (env_fd,)
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=launch.env, cwd=launch.cwd, start_new_session=True, pass_fds=fds)
+        finally:
+            if env_fd is not None:
+                os.close(env_fd)
         for pipe in (self.proc.stdout, self.proc.stderr):
             _grow_pipe(pipe.fileno())
 
     def request_stop(self, force: bool) -> None:
-        """SIGTERM through the engine, SIGKILL after the grace period (or at once if force)."""
+        """SIGTERM through the engine, SIGKILL after the grace period (or at once if FORCE).
+
+        Asking again without force changes nothing: the grace period holds.
+        """
+        if self.first_stop and not force:
+            return
+        self.forced = self.forced or force
         self.last_stop = time.monotonic()
         self.first_stop = self.first_stop or self.last_stop
         if self.launch.container is None:
-            self._signal_group(signal.SIGKILL if force else signal.SIGTERM)
+            self.signal_group(signal.SIGKILL if force else signal.SIGTERM)
             self.kill_at = self.last_stop if force else self.last_stop + self.stop_timeout
             return
+        self._engine_stop(force)
+
+    def _engine_stop(self, force: bool) -> None:
         engine, name = self.launch.engine, self.launch.container
         argv = [engine, "kill", name] if force else [engine, "stop", "-t", str(int(self.stop_timeout)), name]
         self.helpers.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -2557,15 +3179,22 @@ class Job:
         now = time.monotonic()
         if self.launch.container is None:
             if self.kill_at is not None and now >= self.kill_at and self.proc.poll() is None:
-                self._signal_group(signal.SIGKILL)
+                self.signal_group(signal.SIGKILL)
                 self.kill_at = None
         elif self.last_stop and self.proc.poll() is None and now - self.last_stop > 2 and \
                 all(h.poll() is not None for h in self.helpers):
-            self.request_stop(force=now - self.first_stop > self.stop_timeout + 5)
+            self.last_stop = now
+            self._engine_stop(force=self.forced or now - self.first_stop > self.stop_timeout + 5)
 
-    def _signal_group(self, sig: int) -> None:
+    def signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
+
+    def end_leftovers(self) -> None:
+        """Nothing a local job started outlives its run: its process group, and its adopted orphans."""
+        if self.launch.container is None:
+            self.signal_group(signal.SIGKILL)
+            end_orphans(self.launch.run_id)
 
     def reap_helpers(self) -> None:
         for helper in self.helpers:
@@ -2578,7 +3207,11 @@ class Job:
 
 
 class StopSignals:
-    """Records SIGINT/SIGTERM/SIGHUP while a run is live; the loop acts on them."""
+    """Records SIGINT/SIGTERM/SIGHUP while a run is live; the loop acts on them.
+
+    Used as a context manager in the main thread it installs the handlers; a plain instance is a
+    mailbox that a sweep fills for each of its runs.
+    """
 
     HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -2587,7 +3220,7 @@ class StopSignals:
         self.previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
-        if sys.platform == "win32" or not _in_main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return self
         for sig in self.HANDLED:
             old = signal.getsignal(sig)
@@ -2605,16 +3238,15 @@ class StopSignals:
         self.received.append(signum)
 
 
-def _in_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
+def signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
 @dataclass
 class TeeResult:
     """What happened while the job ran."""
 
-    returncode: int
+    returncode: int | None              # None: the job never started
     stop_reason: str | None = None      # "interrupted" or "timeout"
     stop_signal: int | None = None
     log_error: OSError | None = None
@@ -2624,13 +3256,18 @@ class Tee:
     """Copies the job's stdout/stderr to the terminal and logs.txt and feeds METRIC lines on.
 
     The loop follows subprocess.Popen._communicate: a selector over both pipes, os.read of
-    large chunks, bytes all the way, unregister on EOF.
+    large chunks, bytes all the way, unregister on EOF. It runs until the pipes are closed and
+    the job has exited, looking after signals and the timeout all along, whatever the job does
+    with its output and however slowly the terminal reads.
     """
 
-    def __init__(self, log_fd: int, metrics: MetricLog, terminal: dict) -> None:
+    def __init__(self, log_fd: int, metrics: MetricLog, terminal: Terminal | None,
+                 report: Reporter, run_id: str) -> None:
         self.log_fd = log_fd
         self.metrics = metrics
-        self.term = dict(terminal)   # 1 and 2 -> a function writing bytes, or None
+        self.terminal = terminal
+        self.report = report
+        self.run_id = run_id
         self.log_error: OSError | None = None
 
     def run(self, job: Job, signals: StopSignals, timeout: float | None) -> TeeResult:
@@ -2644,8 +3281,8 @@ class Tee:
             scanners[pipe.fileno()] = (which, MetricScanner())
             sel.register(pipe.fileno(), selectors.EVENT_READ)
         next_check = 0.0
-        while sel.get_map():
-            events = sel.select(POLL_SECONDS)
+        while sel.get_map() or job.proc.poll() is None:
+            events = self._wait(sel)
             for key, _ in events:
                 self._pump(sel, key.fd, *scanners[key.fd])
             now = time.monotonic()
@@ -2656,16 +3293,21 @@ class Tee:
         for _, scanner in scanners.values():
             self.metrics.add_lines(scanner.finish())
             self.metrics.malformed += scanner.overlong
-        while True:  # both pipes closed; the engine CLI is finishing (docker's --rm, podman's cleanup)
-            try:  # Popen.wait polls from 0.5 ms up: the exit is seen at once, not up to 50 ms late
-                job.proc.wait(timeout=POLL_SECONDS / 4)
-                break
-            except subprocess.TimeoutExpired:
-                self._on_signals()
-                job.tick()
+        sel.close()
         self.result.returncode = job.proc.returncode
         self.result.log_error = self.log_error
         return self.result
+
+    def _wait(self, sel) -> list:
+        """Ready pipes; or, while the terminal is behind or the pipes are closed, a short wait."""
+        if not sel.get_map():  # the job closed its output, or the engine CLI is finishing
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.job.proc.wait(timeout=POLL_SECONDS / 4)
+            return []
+        if self.terminal is not None and self.terminal.backlog() >= TERMINAL_BACKLOG:
+            self.terminal.wait_for_room(POLL_SECONDS)
+            return []
+        return sel.select(POLL_SECONDS)
 
     def _look_after(self, sel, now: float) -> None:
         """Signals, the timeout, a full disk, an ignored stop, pipes held by an orphan."""
@@ -2673,11 +3315,15 @@ class Tee:
         self._on_signals()
         if self.deadline and result.stop_reason is None and now > self.deadline:
             result.stop_reason = "timeout"
+            self.report(RunEvent("stopping", self.run_id, f"run {self.run_id} hit its timeout; stopping it "
+                                 f"(the job has {job.stop_timeout:g}s to exit)"))
             job.request_stop(force=False)
         self.log_error = self.log_error or self.metrics.error
         if self.log_error and result.stop_reason is None:
             result.stop_reason = "failed"
             job.request_stop(force=False)
+        if result.stop_reason and self.terminal is not None and self.terminal.backlog() >= TERMINAL_BACKLOG:
+            self.terminal.abandon()  # a stalled reader must not keep a stopping job's output in its pipes
         job.tick()
         self._drop_orphan_pipes(sel)
 
@@ -2686,22 +3332,14 @@ class Tee:
         if not chunk:
             sel.unregister(fd)
             return
-        self._to_terminal(which, chunk)
+        if self.terminal is not None:
+            self.terminal.job_output(which, chunk)
         self._to_log(chunk)
         lines = scanner.feed(chunk)
         if lines:
             self.metrics.add_lines(lines)
         if len(chunk) < READ_SIZE // 4:
             time.sleep(FILL_PAUSE)  # let the pipe fill: fewer, larger reads cost less CPU per byte
-
-    def _to_terminal(self, which: int, chunk: bytes) -> None:
-        write = self.term.get(which)
-        if write is None:
-            return
-        try:
-            write(chunk)
-        except OSError:  # the reader went away (a closed pipe): keep logging, stop echoing
-            self.term[which] = None
 
     def _to_log(self, chunk: bytes) -> None:
         if self.log_error is None:
@@ -2711,37 +3349,86 @@ class Tee:
                 self.log_error = exc
 
     def _on_signals(self) -> None:
-        """The first signal stops the job gracefully, any further one kills it."""
+        """The first signal stops the job gracefully; a second Ctrl-C kills it. Further SIGTERMs
+        and SIGHUPs (two `runpilot stop` at once, say) change nothing: the grace period holds."""
         for signum in self.signals.received[self.handled:]:
             if self.result.stop_signal is None:
                 self.result.stop_reason, self.result.stop_signal = "interrupted", signum
+                grace = f"the job has {self.job.stop_timeout:g}s to exit"
+                again = "; press Ctrl-C again to kill it now" if signum == signal.SIGINT else ""
+                self.report(RunEvent("stopping", self.run_id,
+                                     f"stopping run {self.run_id} ({signal_name(signum)}): {grace}{again}"))
                 self.job.request_stop(force=False)
-            else:
+            elif signum == signal.SIGINT:
+                if not self.job.forced:
+                    self.report(RunEvent("stopping", self.run_id, f"killing run {self.run_id} now"))
                 self.job.request_stop(force=True)
         self.handled = len(self.signals.received)
 
     def _drop_orphan_pipes(self, sel) -> None:
         """A background child of a local job can hold the pipes open after the job exits."""
-        if self.job.proc.poll() is None:
+        if self.job.proc.poll() is None or not sel.get_map():
             return
         self.exited_at = self.exited_at or time.monotonic()
         if time.monotonic() - self.exited_at > 2:
-            self.job._signal_group(signal.SIGKILL)
+            self.job.end_leftovers()
             for fd in list(sel.get_map()):
                 sel.unregister(fd)
 
-def terminal_writer(stream) -> Callable[[bytes], object] | None:
-    """Write raw bytes to a text stream's file descriptor (or decoded, for an in-memory stream)."""
-    if stream is None:
-        return None
-    try:
-        fd = stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        return lambda chunk: stream.write(chunk.decode("utf-8", "replace"))
-    stream.flush()
-    return lambda chunk: write_all(fd, chunk)
+# ==== 14. The run store: run folders and the sqlite index ===================
 
-# ==== 13. The run store: run folders and the sqlite index ===================
+@dataclass(frozen=True)
+class RunFolder:
+    """One run's folder, `<home>/runs/<run_id>/`: the only place that knows the names of its files."""
+
+    path: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    config = property(lambda self: self.path / "config.yaml")
+    logs = property(lambda self: self.path / "logs.txt")
+    metrics = property(lambda self: self.path / "metrics.json")
+    meta_file = property(lambda self: self.path / "meta.json")
+    git_diff = property(lambda self: self.path / "git.diff")
+    batch_script = property(lambda self: self.path / "slurm.sh")        # --on slurm: what sbatch ran
+    program = property(lambda self: self.path / "runpilot.py")          # --on slurm: what the node runs
+    reserve = property(lambda self: self.path / ".reserve")             # space kept for the final record
+
+    def read_meta(self) -> RunMeta:
+        """The run's meta.json, never raising: a missing or corrupt file is a problem on the result."""
+        try:
+            return RunMeta.from_json(read_json_file(self.meta_file), self.run_id)
+        except FileNotFoundError:
+            meta = RunMeta(self.run_id)
+            meta.problems.append("meta.json is missing")
+        except (OSError, ValueError) as exc:
+            meta = RunMeta(self.run_id)
+            meta.problems.append(f"meta.json cannot be read ({exc})")
+        return meta
+
+    def write_meta(self, meta: RunMeta, durable: bool = True) -> None:
+        """Replace meta.json whole; on a full disk, free the space set aside for this and retry."""
+        try:
+            write_atomic(self.meta_file, meta.to_json(), durable)
+        except OSError:
+            if not self.free_reserve():
+                raise
+            write_atomic(self.meta_file, meta.to_json(), durable)
+
+    def set_aside_space(self) -> None:
+        """Keep RESERVE_BYTES of disk for the final meta.json and index row (see write_meta)."""
+        with contextlib.suppress(OSError):
+            write_private(self.reserve, b"\0" * RESERVE_BYTES)
+
+    def free_reserve(self) -> bool:
+        try:
+            os.unlink(self.reserve)
+            return True
+        except OSError:
+            return False
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -2751,22 +3438,26 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at   TEXT NOT NULL,
     finished_at  TEXT,
     exit_code    INTEGER,
-    path         TEXT NOT NULL,
     duration     REAL,
     engine       TEXT,
     image        TEXT,
     last_metrics TEXT NOT NULL DEFAULT '{}',
     tags         TEXT NOT NULL DEFAULT '{}',
-    watched      TEXT NOT NULL DEFAULT '[]'
+    metric_names TEXT NOT NULL DEFAULT '[]',
+    sweep_id     TEXT,
+    reason       TEXT,
+    runner       TEXT NOT NULL DEFAULT '{}',
+    slurm_job    TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_duration ON runs(duration);
 CREATE INDEX IF NOT EXISTS runs_by_start ON runs(started_at);
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status, started_at);
 CREATE INDEX IF NOT EXISTS runs_by_name ON runs(name, started_at);
+CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs(sweep_id, started_at);
 """
-RUN_COLUMNS = ("id", "name", "status", "started_at", "finished_at", "exit_code", "path",
-               "duration", "engine", "image", "last_metrics", "tags", "watched")
-JSON_COLUMNS = ("last_metrics", "tags", "watched")
+RUN_COLUMNS = ("id", "name", "status", "started_at", "finished_at", "exit_code", "duration", "engine",
+               "image", "last_metrics", "tags", "metric_names", "sweep_id", "reason", "runner", "slurm_job")
+JSON_COLUMNS = ("last_metrics", "tags", "metric_names", "runner")
 
 
 def iso_utc(when: _dt.datetime) -> str:
@@ -2788,106 +3479,213 @@ def new_run_id(now: _dt.datetime | None = None) -> str:
     return f"{now:%Y%m%d-%H%M%S}-{os.urandom(3).hex()}"
 
 
-def _record_from_row(row: tuple) -> RunRecord:
-    values = dict(zip(RUN_COLUMNS, row))
-    for column in JSON_COLUMNS:
-        values[column] = json.loads(values[column])
-    return RunRecord(**values)
+def short_id(run_id: str) -> str:
+    """The last six hex digits of a run id: what tables show, and what every command accepts."""
+    return run_id.rsplit("-", 1)[-1] if RUN_ID_RE.match(run_id) else run_id
 
 
-def record_from_meta(meta: dict, path: Path) -> RunRecord | None:
-    """The index row for a run folder, rebuilt from its meta.json (None if unusable)."""
-    try:
-        return RunRecord(
-            id=meta["run_id"], name=str(meta.get("name", "")), status=meta.get("status", "lost"),
-            started_at=meta["started_at"], path=str(path), finished_at=meta.get("finished_at"),
-            exit_code=meta.get("exit_code"), duration=meta.get("duration"), engine=meta.get("engine"),
-            image=meta.get("image"), last_metrics=meta.get("last_metrics") or {},
-            tags=meta.get("tags") or {}, watched=meta.get("watched") or [])
-    except (KeyError, TypeError):
-        return None
+def check_run_id(run_id: str) -> str:
+    """A run id as the store names folders; anything else (../x, an absolute path) is refused."""
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
+        raise UsageError(f"{run_id!r} is not a run id; run ids look like 20261128-224705-a3f9c1")
+    return run_id
+
+
+@dataclass
+class RunFilter:
+    """What `list`, `gc` and friends ask of the index (filtering and sorting happen in SQL)."""
+
+    status: str | None = None
+    name_glob: str | None = None
+    since: str | None = None           # ISO time
+    before: str | None = None          # ISO time
+    tags: dict = field(default_factory=dict)
+    sweep_id: str | None = None
+    sort: str = "started"              # started, duration, or a metric name
+    ascending: bool = False
+    limit: int | None = None
+    keep_newest: int | None = None     # gc: leave the N newest runs out
+    final_only: bool = False           # gc: never a queued or running run
+
+    def sql(self) -> tuple[str, tuple, str]:
+        where, params = [], []
+        for clause, value in (("status = ?", self.status), ("name GLOB ?", self.name_glob),
+                              ("started_at >= ?", self.since), ("started_at < ?", self.before),
+                              ("sweep_id = ?", self.sweep_id)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        for key, value in self.tags.items():
+            where.append("json_extract(tags, ?) = ?")
+            params += [f'$."{key}"', value]
+        if self.final_only:
+            where.append(f"status NOT IN ({', '.join('?' for _ in ACTIVE_STATUSES)})")
+            params += ACTIVE_STATUSES
+        if self.keep_newest is not None:
+            where.append("id NOT IN (SELECT id FROM runs ORDER BY started_at DESC LIMIT ?)")
+            params.append(max(0, self.keep_newest))
+        return " AND ".join(where), tuple(params), self._order(params)
+
+    def _order(self, params: list) -> str:
+        direction = "ASC" if self.ascending else "DESC"
+        if self.sort == "started":
+            return f"started_at {direction}"
+        if self.sort == "duration":
+            return f"duration IS NULL, duration {direction}, started_at DESC"
+        if METRIC_KEY_RE.match(self.sort):
+            params += [f'$."{self.sort}"'] * 2
+            return f"json_extract(last_metrics, ?) IS NULL, json_extract(last_metrics, ?) {direction}, started_at DESC"
+        raise UsageError(f"--sort {self.sort!r}: use started, duration or a metric name")
 
 
 class RunStore:
-    """`<home>/runs/<id>/` folders (the truth) and `<home>/runs.db` (an index rebuilt from them)."""
+    """`<home>/runs/<id>/` folders (the truth) and `<home>/runs.db` (an index rebuilt from them).
 
-    def __init__(self, home: Path) -> None:
+    An index that cannot be written when a run records itself (locked past the timeout, full,
+    damaged) is not fatal: the run leaves a marker in `<home>/pending/` and every later use of
+    the index first catches up from those runs' folders. With write_index=False (a job on a
+    Slurm node, where SQLite's locks are not safe) only the run folders are written.
+    """
+
+    def __init__(self, home: Path, db_timeout: float = DB_TIMEOUT, write_index: bool = True,
+                 note: Callable[[str], None] = lambda text: None) -> None:
         self.home = home
         self.runs_dir = home / "runs"
+        self.sweeps_dir = home / "sweeps"
+        self.pending_dir = home / "pending"
         self.db_path = home / "runs.db"
+        self.db_timeout = db_timeout
+        self.write_index = write_index
+        self.note = note   # told what the store did on its own (a damaged index set aside)
 
     @classmethod
-    def default(cls, environ=os.environ) -> "RunStore":
+    def default(cls, environ=os.environ, note: Callable[[str], None] = lambda text: None) -> "RunStore":
         home = environ.get("RUNPILOT_HOME") or os.path.join(os.path.expanduser("~"), ".runpilot")
-        return cls(Path(home).absolute())
+        try:
+            timeout = float(environ.get("RUNPILOT_DB_TIMEOUT") or DB_TIMEOUT)
+        except ValueError:
+            timeout = DB_TIMEOUT
+        return cls(Path(home).absolute(), timeout if math.isfinite(timeout) and timeout >= 0 else DB_TIMEOUT,
+                   note=note)
 
     # -- folders ------------------------------------------------------------
     def ensure(self) -> None:
         try:
-            for folder in (self.home, self.runs_dir):
-                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dirs(self.runs_dir)
         except OSError as exc:
-            raise StoreError(f"cannot create {exc.filename or self.home}: {exc.strerror}; "
+            raise StoreError(f"cannot create {exc.filename or self.runs_dir}: {exc.strerror}; "
                              "set RUNPILOT_HOME to a writable folder") from exc
 
-    def create_run_dir(self, wanted: str | None = None) -> tuple[str, Path]:
-        """A fresh, exclusively created folder and its id (safe under parallel starts)."""
+    def folder(self, run_id: str) -> RunFolder:
+        return RunFolder(self.runs_dir / check_run_id(run_id))
+
+    def create_run_dir(self, wanted: str | None = None) -> RunFolder:
+        """A fresh, exclusively created folder (safe under parallel starts)."""
         self.ensure()
         for _ in range(100):
-            run_id = wanted or new_run_id()
-            path = self.runs_dir / run_id
+            folder = self.folder(wanted or new_run_id())
             try:
-                path.mkdir(mode=0o700)
-                return run_id, path
+                folder.path.mkdir(mode=0o700)
+                return folder
             except FileExistsError:
                 if wanted:
                     raise StoreError(f"run {wanted} exists already") from None
-                continue
             except OSError as exc:
-                raise StoreError(f"cannot create run folder {path}: {exc.strerror}") from exc
+                raise StoreError(f"cannot create run folder {folder.path}: {exc.strerror}; free some space "
+                                 "or set RUNPILOT_HOME to a writable folder") from exc
         raise StoreError("could not find a free run id after 100 tries")
+
+    def adopt(self, run_id: str) -> RunFolder:
+        """The folder of a run whose id was chosen beforehand: a queued one (a sweep's point, a Slurm
+        job), or a new one (a detached run)."""
+        folder = self.folder(run_id)
+        if not folder.path.is_dir():
+            return self.create_run_dir(run_id)
+        status = folder.read_meta().status
+        if status != QUEUED:
+            raise StoreError(f"run {run_id} is {status}, not queued; it cannot be started again")
+        return folder
+
+    def folders(self) -> list[RunFolder]:
+        try:
+            names = sorted(os.listdir(self.runs_dir))
+        except OSError:
+            return []
+        return [RunFolder(self.runs_dir / n) for n in names if RUN_ID_RE.match(n)]
 
     # -- database -----------------------------------------------------------
     @contextlib.contextmanager
-    def db(self, read_only: bool = False):
-        """A connection with the schema in place; a damaged index is set aside and rebuilt.
+    def db(self, read_only: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection with the schema in place, caught up with runs that could not write to it.
 
-        A reader on a full or read-only disk still gets the last checkpointed rows.
+        A damaged index is set aside and rebuilt; a reader on a full or read-only disk still gets
+        the last checkpointed rows.
         """
         self.ensure()
         try:
             conn = self._open()
         except sqlite3.OperationalError as exc:  # locked past the timeout, unwritable, full disk
-            if not (read_only and self.db_path.exists()):
-                raise StoreError(f"cannot use {self.db_path}: {exc}") from exc
-            conn = sqlite3.connect(f"{self.db_path.as_uri()}?immutable=1", uri=True)
-            if conn.execute("PRAGMA user_version").fetchone()[0] != DB_SCHEMA_VERSION:
-                conn.close()
-                raise StoreError(f"cannot use {self.db_path}: {exc}") from exc
+            conn = self._open_read_only(exc) if read_only else None
+            if conn is None:
+                raise self._error(exc) from exc
         except sqlite3.DatabaseError as exc:     # not a database, or a malformed one
             conn = self._rebuild_damaged(exc)
         try:
             yield conn
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.db_path}: {exc}; 'runpilot reindex' rebuilds it from the run folders") from exc
+            raise self._error(exc) from exc
         finally:
             conn.close()
 
+    def _error(self, exc: sqlite3.Error) -> StoreError:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return StoreError(f"{self.db_path} is locked by another process (waited {self.db_timeout:g}s); "
+                              "try again when it is done")
+        if self.db_path.is_dir():
+            return StoreError(f"{self.db_path} is a folder, not RunPilot's index; move it away "
+                              "(runpilot reindex then rebuilds the index from the run folders)")
+        return StoreError(f"cannot use {self.db_path}: {exc}; check the folder's permissions and free space "
+                          "(runpilot reindex rebuilds the index from the run folders)")
+
     def _open(self) -> sqlite3.Connection:
-        fresh = not self.db_path.exists()
-        if fresh:
+        if not self.db_path.exists():
             os.close(os.open(self.db_path, os.O_WRONLY | os.O_CREAT, 0o600))
-        conn = sqlite3.connect(self.db_path, timeout=DB_TIMEOUT, isolation_level=None)
+        conn = sqlite3.connect(self.db_path, timeout=self.db_timeout, isolation_level=None)
         try:
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                _while_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+                self._while_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
             if conn.execute("PRAGMA user_version").fetchone()[0] != DB_SCHEMA_VERSION and self._migrate(conn):
                 self._index_folders(conn)
+            if self.write_index:
+                self._catch_up(conn)
             return conn
         except BaseException:
             conn.close()
             raise
+
+    def _open_read_only(self, exc: Exception) -> sqlite3.Connection | None:
+        if not self.db_path.is_file():
+            return None
+        conn = sqlite3.connect(f"{self.db_path.as_uri()}?immutable=1", uri=True)
+        try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] == DB_SCHEMA_VERSION:
+                return conn
+        except sqlite3.DatabaseError:
+            pass
+        conn.close()
+        return None
+
+    def _while_locked(self, action):
+        """Retry what SQLite refuses at once with 'database is locked' (switching to WAL does)."""
+        deadline = time.monotonic() + self.db_timeout
+        while True:
+            try:
+                return action()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> bool:
@@ -2905,103 +3703,150 @@ class RunStore:
         return True
 
     def _rebuild_damaged(self, exc: Exception) -> sqlite3.Connection:
-        aside = self.db_path.with_name(f"runs.db.damaged-{int(time.time())}")
-        print(f"runpilot: {self.db_path} is damaged ({exc}); moved it to {aside.name} and "
-              "rebuilt the index from the run folders", file=sys.stderr)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.db_path.with_name(f"runs.db.damaged-{stamp}-{os.getpid()}-{os.urandom(2).hex()}")
+        self.note(f"{self.db_path} is damaged ({exc}); moved it to {aside.name} and rebuilt the "
+                            "index from the run folders")
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(f"{self.db_path}{suffix}", f"{aside}{suffix}")
         try:
             return self._open()
         except sqlite3.DatabaseError as again:
-            raise StoreError(f"cannot open {self.db_path}: {again}") from again
+            raise self._error(again) from again
 
     def _index_folders(self, conn: sqlite3.Connection) -> int:
         """Insert a row for every run folder that has none (used on creation and by reindex)."""
         known = {row[0] for row in conn.execute("SELECT id FROM runs")}
-        records = []
-        for path in sorted(self.runs_dir.glob("*/meta.json")):
-            if path.parent.name not in known and RUN_ID_RE.match(path.parent.name):
-                record = record_from_meta(read_json(path), path.parent)
-                if record:
-                    records.append(record)
+        rows = [_row(RunRecord.of(meta, folder.path)) for folder in self.folders()
+                if folder.run_id not in known and (meta := folder.read_meta()).started_at is not None]
         with _transaction(conn):
-            for record in records:
-                conn.execute(_upsert_sql(), _row(record))
-        return len(records)
+            conn.executemany(_UPSERT, rows)
+        return len(rows)
 
-    def reindex(self) -> int:
-        """Rebuild runs.db from the run folders; returns the number of runs indexed."""
-        self.ensure()
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(f"{self.db_path}{suffix}")
-        with self.db() as conn:
-            return conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+    # -- runs that could not reach the index --------------------------------
+    def defer(self, run_id: str) -> None:
+        """Remember that RUN_ID's row is behind its folder; the next use of the index catches up."""
+        make_private_dirs(self.pending_dir)
+        write_private(self.pending_dir / check_run_id(run_id), b"")
 
-    def delete(self, record: RunRecord) -> None:
+    def _catch_up(self, conn: sqlite3.Connection) -> None:
+        try:
+            pending = [n for n in os.listdir(self.pending_dir) if RUN_ID_RE.match(n)]
+        except OSError:
+            return
+        for run_id in pending:
+            meta = self.folder(run_id).read_meta()
+            with _transaction(conn):
+                if meta.started_at is not None:
+                    conn.execute(_UPSERT, _row(RunRecord.of(meta, self.folder(run_id).path)))
+                else:
+                    conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+            with contextlib.suppress(OSError):
+                os.unlink(self.pending_dir / run_id)
+
+    # -- rows ---------------------------------------------------------------
+    def save(self, meta: RunMeta) -> None:
+        """Write the index row of a run from its meta (raises StoreError)."""
+        self.save_record(RunRecord.of(meta, self.folder(meta.run_id).path))
+
+    def save_record(self, record: RunRecord) -> None:
+        if not self.write_index:
+            return
+        with self.db() as conn, _transaction(conn):
+            conn.execute(_UPSERT, _row(record))
+
+    def save_or_defer(self, meta: RunMeta) -> str | None:
+        """save(), or leave a marker for a later catch-up; returns why the index is behind, if it is."""
+        try:
+            self.save(meta)
+            return None
+        except StoreError as exc:
+            try:
+                self.defer(meta.run_id)
+            except OSError as again:
+                return f"{exc} (and no marker could be left: {again.strerror})"
+            return f"{exc}; the index catches up from the run folder the next time it is used"
+
+    def delete(self, run_id: str) -> None:
         """Remove a run's folder, then its row (a folder left by a crash comes back on reindex)."""
-        path = Path(record.path)
-        if path.parent != self.runs_dir or not RUN_ID_RE.match(path.name):
-            raise StoreError(f"refusing to delete {path}: not a run folder of {self.runs_dir}")
-        trash = self.runs_dir / f".deleting-{path.name}"
+        folder = self.folder(run_id)
+        trash = self.runs_dir / f".deleting-{run_id}"
         with contextlib.suppress(FileNotFoundError):
-            os.replace(path, trash)
+            os.replace(folder.path, trash)
         shutil.rmtree(trash, ignore_errors=True)
         with self.db() as conn, _transaction(conn):
-            conn.execute("DELETE FROM runs WHERE id = ?", (record.id,))
-
-    def save(self, record: RunRecord) -> None:
-        with self.db() as conn, _transaction(conn):
-            conn.execute(_upsert_sql(), _row(record))
+            conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
     def get(self, run_id: str) -> RunRecord | None:
         with self.db(read_only=True) as conn:
             row = conn.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return _record_from_row(row) if row else None
+        return self._record(row) if row else None
 
-    def query(self, where: str = "", params: tuple = (), order: str = "started_at DESC",
-              limit: int | None = None) -> list[RunRecord]:
-        sql = f"SELECT {', '.join(RUN_COLUMNS)} FROM runs"
-        if where:
-            sql += f" WHERE {where}"
-        sql += f" ORDER BY {order}"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+    def query(self, what: RunFilter | None = None) -> list[RunRecord]:
+        where, params, order = (what or RunFilter()).sql()
+        sql = f"SELECT {', '.join(RUN_COLUMNS)} FROM runs" + (f" WHERE {where}" if where else "") + f" ORDER BY {order}"
+        if what is not None and what.limit is not None:
+            sql += f" LIMIT {max(0, int(what.limit))}"
         with self.db(read_only=True) as conn:
-            return [_record_from_row(row) for row in conn.execute(sql, params)]
+            return [self._record(row) for row in conn.execute(sql, params)]
 
-    def resolve(self, ref: str) -> RunRecord:
-        """A run by full id, unique id prefix, `latest` or `-N` (N-th newest)."""
+    def active_slurm_runs(self) -> list[RunRecord]:
+        """The runs submitted to Slurm that the index holds as queued or running."""
+        marks = ", ".join("?" for _ in ACTIVE_STATUSES)
+        with self.db(read_only=True) as conn:
+            rows = conn.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE slurm_job IS NOT NULL "
+                                f"AND status IN ({marks})", ACTIVE_STATUSES).fetchall()
+        return [self._record(row) for row in rows]
+
+    def _record(self, row: tuple) -> RunRecord:
+        values = dict(zip(RUN_COLUMNS, row))
+        for column in JSON_COLUMNS:
+            values[column] = json.loads(values[column])
+        return RunRecord(path=str(self.runs_dir / values["id"]), **values)
+
+    def find(self, ref: str) -> RunRecord:
+        """A run by full id, unique id prefix, its short id (the last six hex digits), `latest` or `-N`."""
         if ref in ("latest", "last") or re.fullmatch(r"-\d+", ref):
             offset = 0 if not ref.startswith("-") else int(ref[1:]) - 1
-            rows = self.query(limit=1 if offset < 0 else offset + 1)
+            rows = self.query(RunFilter(limit=max(offset, 0) + 1))
             if len(rows) <= max(offset, 0):
                 raise StoreError(f"there is no run {ref!r} yet; start one with runpilot run CONFIG")
             return rows[max(offset, 0)]
         if not re.fullmatch(r"[0-9a-f-]{1,22}", ref):
-            raise UsageError(f"{ref!r} is not a run id; run ids look like 20261128-224705-a3f9c1 "
-                             "(see runpilot list)")
-        rows = self.query("id >= ? AND id < ?", (ref, ref + "\x7f"), order="id", limit=6)
-        if not rows:
+            raise UsageError(f"{visible(ref)!r} is not a run id; run ids look like 20261128-224705-a3f9c1, "
+                             "or a3f9c1 for short (see runpilot list)")
+        with self.db(read_only=True) as conn:
+            ids = [r[0] for r in conn.execute("SELECT id FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 6",
+                                              (ref, ref + "\x7f"))]
+            if not ids and re.fullmatch(r"[0-9a-f]{6}", ref):
+                ids = [r[0] for r in conn.execute("SELECT id FROM runs WHERE id LIKE ? ORDER BY id LIMIT 6",
+                                                  (f"%-{ref}",))]
+        if not ids:
             raise StoreError(f"no run matches {ref!r}; see runpilot list")
-        if len(rows) > 1 and rows[0].id != ref:
-            ids = ", ".join(r.id for r in rows[:5])
-            raise StoreError(f"{ref!r} matches several runs ({ids}{', ...' if len(rows) > 5 else ''}); "
+        if len(ids) > 1 and ids[0] != ref:
+            listed = ", ".join(ids[:5])
+            raise StoreError(f"{ref!r} matches several runs ({listed}{', ...' if len(ids) > 5 else ''}); "
                              "give more of the id")
-        return rows[0]
+        record = self.get(ids[0])
+        assert record is not None
+        return record
 
-
-def _while_locked(action):
-    """Retry what SQLite refuses at once with 'database is locked' (switching to WAL does) until DB_TIMEOUT."""
-    deadline = time.monotonic() + DB_TIMEOUT
-    while True:
-        try:
-            return action()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    def reindex(self) -> int:
+        """Rebuild runs.db from the run folders; returns the number of runs indexed."""
+        self.ensure()
+        if self.db_path.is_dir():
+            raise self._error(sqlite3.DatabaseError("is a folder"))
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.remove(f"{self.db_path}{suffix}")
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"cannot remove {self.db_path}{suffix}: {exc.strerror}; check the "
+                                 "folder's permissions") from exc
+        with self.db() as conn:
+            return conn.execute("SELECT count(*) FROM runs").fetchone()[0]
 
 
 @contextlib.contextmanager
@@ -3016,9 +3861,8 @@ def _transaction(conn: sqlite3.Connection):
     conn.execute("COMMIT")
 
 
-def _upsert_sql() -> str:
-    return (f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) "
-            f"VALUES ({', '.join('?' for _ in RUN_COLUMNS)})")
+_UPSERT = (f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) "
+           f"VALUES ({', '.join('?' for _ in RUN_COLUMNS)})")
 
 
 def _row(record: RunRecord) -> tuple:
@@ -3027,8 +3871,7 @@ def _row(record: RunRecord) -> tuple:
         values[column] = json.dumps(json_safe(values[column]), sort_keys=True)
     return tuple(values[c] for c in RUN_COLUMNS)
 
-
-# ==== 14. Orchestration: run_job and the life of a run =======================
+# ==== 15. Orchestration: run_job and the life of a run =======================
 
 @dataclass
 class RunOptions:
@@ -3042,78 +3885,101 @@ class RunOptions:
     overrides: list = field(default_factory=list)
     gpu_check: bool = True
     rerun_of: str | None = None
-    previous: dict = field(default_factory=dict)  # meta.json of the run being rerun
-    run_id: str | None = None                     # chosen by the parent of a detached run
+    previous: RunMeta | None = None               # the run being rerun
+    run_id: str | None = None                     # chosen beforehand: a detached run, a sweep's point
+    gpu_pool: list[str] | None = None             # --gpus 0,1,3: the GPUs runs are placed on
+    wait_for_gpus: bool = True                    # --no-wait: fail at once when the GPUs are busy
+    claim_gpus: bool = True                       # False on a Slurm node: Slurm placed the job
+    sweep: dict = field(default_factory=dict)     # id, index, point, repeat
+    slurm: dict = field(default_factory=dict)     # job_id, partition, node: a run submitted to Slurm
+    extra_env: dict = field(default_factory=dict) # RUNPILOT_SWEEP_ID, RUNPILOT_REPEAT, ...
 
 
 @dataclass
 class RunOutcome:
     record: RunRecord
-    exit_code: int
-    meta: dict
+    exit_code: int        # RunPilot's exit status (the job's own status is record.exit_code)
+    meta: RunMeta
 
 
-def make_launch(config: JobConfig, run_id: str, engine: str, env: dict[str, str],
-                options: RunOptions, environ) -> Launch:
-    """Argv, environment and folder of the job for its engine."""
-    child_env = dict(environ)
+def make_launch(config: JobConfig, run_id: str, engine: str, env: dict[str, str], options: RunOptions,
+                environ, devices: tuple[str, ...] | None) -> Launch:
+    """Argv, environment and folder of the job for its engine.
+
+    A container's engine CLI keeps the runner's environment untouched: the job's variables reach
+    the container through --env-file (a pipe), so `env: {PATH: ..., DOCKER_HOST: ...}` is the
+    job's business only.
+    """
     if engine == "local":
-        child_env.update(local_gpu_env(config.resources.gpus))
-        child_env.update(env)
-        return Launch(local_argv(config), child_env, local_workdir(config), engine)
-    child_env.update(env)
-    argv = build_engine_argv(config, run_id, engine, list(env), options.keep_engine_logs)
-    return Launch(argv, child_env, None, engine, container_name(run_id))
+        gpus = devices if devices is not None else config.resources.gpus
+        child_env = {**environ, **local_gpu_env(gpus), **env}
+        return Launch(local_argv(config), child_env, local_workdir(config), engine, run_id=run_id,
+                      devices=tuple(devices or ()))
+    lines, by_name = split_job_env(env, environ, engine)
+    argv = build_engine_argv(config, run_id, engine, by_name, options.keep_engine_logs, "/dev/fd/ENV", devices)
+    child_env = {**environ, **{n: env[n] for n in by_name}}
+    return Launch(argv, child_env, None, engine, container_name(run_id), lines, run_id, tuple(devices or ()))
 
 
-def base_meta(config: JobConfig, run_id: str, engine: str, launch: Launch, options: RunOptions) -> dict:
-    return {
-        "run_id": run_id, "name": config.name, "status": "running", "started_at": utc_now(),
-        "finished_at": None, "duration": None, "exit_code": None,
-        "engine": engine, "engine_version": None, "image": config.image,
-        "command": launch.argv, "command_line": shlex.join(launch.argv), "container": launch.container,
-        "workdir": launch.cwd if engine == "local" else config.workdir,
-        "host": hostname(), "user": _user(), "runpilot_version": __version__,
-        "python": ".".join(map(str, sys.version_info[:3])), "os": _os_name(), "runner": runner_identity(),
-        "config_file": config.source, "tags": options.tags, "overrides": options.overrides,
-        "rerun_of": options.rerun_of, "metrics": {"count": 0, "malformed": 0}, "watched": list(config.metrics),
-        "config": config_to_dict(config),
-        "last_metrics": {}, "warnings": [],
-    }
+def split_job_env(env: dict[str, str], environ, engine: str) -> tuple[bytes, list[str]]:
+    """The job's variables as --env-file lines, and the few that must travel by name (a line break);
+    those may not replace a variable of the runner's own, which the engine CLI itself reads."""
+    if engine == "local":
+        return b"", []
+    lines, by_name = env_file_text(env)
+    if len(lines) > PIPE_SIZE:
+        raise ConfigError(f"the job's environment is {len(lines)} bytes, more than the {PIPE_SIZE} bytes a pipe "
+                          "hands to the engine at once; make the env values smaller")
+    clash = [n for n in by_name if n in environ and environ[n] != env[n]]
+    if clash:
+        raise ConfigError(f"env.{clash[0]} holds a line break, so it can reach the job only through the "
+                          f"{engine} command's own environment, where it would replace your {clash[0]}; "
+                          "rename it or remove the line break")
+    return lines, by_name
+
+
+def new_meta(config: JobConfig, run_id: str, engine: str, options: RunOptions, facts: dict) -> RunMeta:
+    known = {f.name for f in dataclasses.fields(RunMeta)}
+    meta = RunMeta(
+        run_id=run_id, name=config.name, status=RUNNING, started_at=utc_now(), engine=engine,
+        image=config.image, workdir=local_workdir(config) if engine == "local" else config.workdir,
+        host=hostname(), user=_user(), runpilot_version=__version__,
+        python=".".join(map(str, sys.version_info[:3])), os=_os_name(), runner=runner_identity(),
+        config_file=config.source, config=config_to_dict(config), overrides=list(options.overrides),
+        tags=dict(options.tags), rerun_of=options.rerun_of, metric_names=list(config.metrics),
+        samples={"count": 0, "malformed": 0}, sweep=dict(options.sweep), slurm=dict(options.slurm))
+    for key, value in facts.items():
+        if key in known:
+            setattr(meta, key, value)
+    return meta
 
 
 def _os_name() -> str:
-    """`Linux-6.1.0-amd64-x86_64`, like platform.platform() without its 6 ms of probing."""
+    """`Linux-6.1.0-amd64-x86_64`, like platform.platform() without its probing."""
     u = os.uname()
     return f"{u.sysname}-{u.release}-{u.machine}"
 
 
 def _user() -> str | None:
+    import getpass
     with contextlib.suppress(KeyError, OSError):  # no name for this uid (containers, LDAP outages)
         return getpass.getuser()
     return None
 
 
-def record_of(meta: dict, path: Path) -> RunRecord:
-    record = record_from_meta(meta, path)
-    assert record is not None
-    return record
-
-
-def record_start(store: RunStore, config: JobConfig, path: Path, meta: dict) -> None:
-    """Write config.yaml and meta.json and insert the `running` row; on failure leave nothing."""
+def record_start(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta) -> str | None:
+    """Write config.yaml and meta.json, set space aside, and index the run. A folder that cannot be
+    written is removed whole (nothing half-recorded); an index that cannot be written catches up
+    later. Returns why the index is behind, if it is."""
     try:
-        write_private(path / "config.yaml", dump_yaml(config_to_dict(config)).encode("utf-8"))
-        write_atomic(path / "meta.json", _meta_bytes(meta), durable=False)  # the final write is durable
-        store.save(record_of(meta, path))
-    except (OSError, sqlite3.Error) as exc:
-        shutil.rmtree(path, ignore_errors=True)
-        raise StoreError(f"cannot record the run in {store.home}: {exc}; free some space or set "
+        write_private(folder.config, dump_yaml(config_to_dict(config)).encode("utf-8"))
+        folder.write_meta(meta, durable=False)  # the final write is durable
+    except OSError as exc:
+        shutil.rmtree(folder.path, ignore_errors=True)
+        raise StoreError(f"cannot record the run in {store.home}: {exc.strerror}; free some space or set "
                          "RUNPILOT_HOME to a writable folder") from exc
-
-
-def _meta_bytes(meta: dict) -> bytes:
-    return (json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+    folder.set_aside_space()
+    return store.save_or_defer(meta)
 
 
 def job_exit_code(returncode: int) -> int:
@@ -3123,38 +3989,85 @@ def job_exit_code(returncode: int) -> int:
 
 def finish_status(result: TeeResult) -> tuple[str, int]:
     """The run's status and RunPilot's exit status from how the job ended."""
+    if result.returncode is None:  # stopped before the job started
+        return CANCELLED, 128 + (result.stop_signal or signal.SIGINT)
     if result.stop_reason == "interrupted":
-        return "interrupted", 128 + (result.stop_signal or signal.SIGINT)
+        return INTERRUPTED, 128 + (result.stop_signal or signal.SIGINT)
     if result.stop_reason == "timeout":
-        return "timeout", 124
+        return TIMEOUT, 124
     code = job_exit_code(result.returncode)
     if result.log_error is not None:
-        return "failed", code or 1
-    return ("succeeded" if code == 0 else "failed"), code
+        return FAILED, 1
+    return (SUCCEEDED if code == 0 else FAILED), code
 
 
-def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: dict | None = None,
-            environ=None) -> RunOutcome:
-    """Run one job end to end: check, record `running`, tee its output, record how it ended."""
+def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: Terminal | None = None,
+            report: Reporter = ignore_events, environ=None, signals: StopSignals | None = None) -> RunOutcome:
+    """Run one job end to end: check, record, wait for its GPUs, tee its output, record how it ended.
+
+    TERMINAL receives the job's output (None: only logs.txt does); REPORT receives the run's
+    events; SIGNALS, when given, is the caller's mailbox of stop requests (a sweep's), else
+    Ctrl-C, SIGTERM and SIGHUP are handled here.
+    """
     environ = os.environ if environ is None else environ
     engine = choose_engine(options.engine, config, environ)
     config = dataclasses.replace(config, engine=engine)  # the stored config says where it ran
-    env = resolve_env(job_environment(config, "", _mount_env(config, engine)), environ)
-    facts = check_host(config, engine, options, environ, store)  # raises before anything is recorded
-    run_id, path = store.create_run_dir(options.run_id)
-    env["RUNPILOT_RUN_ID"] = run_id
-    launch = make_launch(config, run_id, engine, env, options, environ)
-    meta = {**base_meta(config, run_id, engine, launch, options), **facts}
-    with StopSignals() as signals:  # from here on, Ctrl-C is recorded, never a half-written run
-        record_start(store, config, path, meta)
-        _announce(config, run_id, engine, path)
-        probes = StartProbes(engine, config, store.home / "engines.json")
-        result = _supervise(launch, options, config, path, meta, terminal, signals)
-        meta.update(probes.collect(path))
-        return _finish(store, config, path, meta, result, options.previous)
+    env = {**job_environment(config, "", engine, environ), **options.extra_env, "RUNPILOT_RUN_ID": "0" * 22}
+    split_job_env(env, environ, engine)  # every problem found before anything is recorded
+    facts = check_host(config, engine, options, environ, report)
+    placement = GpuPlacement.plan(config, options, facts, store)
+    placement.claim(options.run_id)  # with --no-wait, busy GPUs are an error here
+    folder = store.adopt(options.run_id) if options.run_id else store.create_run_dir()
+    placement.name_holder(folder.run_id)
+    env["RUNPILOT_RUN_ID"] = folder.run_id
+    meta = new_meta(config, folder.run_id, engine, options, facts)
+    meta.status = RUNNING if placement.ready else QUEUED
+    with (contextlib.nullcontext(signals) if signals is not None else StopSignals()) as signals:
+        try:
+            _report_behind(report, folder.run_id, record_start(store, config, folder, meta))
+            if not placement.ready and not placement.wait(folder.run_id, signals, report):
+                return finish(store, config, folder, meta, TeeResult(None, "interrupted", signals.received[0]),
+                              options.previous, report)
+            launch = make_launch(config, folder.run_id, engine, env, options, environ, placement.devices)
+            return _run_placed(store, config, folder, meta, options, launch, terminal, report, signals)
+        finally:
+            placement.release()
 
 
-def check_host(config: JobConfig, engine: str, options: RunOptions, environ, store: RunStore) -> dict:
+def _run_placed(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta, options: RunOptions,
+                launch: Launch, terminal: Terminal | None, report: Reporter, signals: StopSignals) -> RunOutcome:
+    """The run holds its GPUs: mark it running, start the job, tee it, finish."""
+    meta.command, meta.command_line, meta.container = launch.argv, shlex.join(launch.argv), launch.container
+    meta.devices = list(launch.devices)
+    if meta.status == QUEUED:
+        meta.status, meta.started_at = RUNNING, utc_now()
+        folder.write_meta(meta, durable=False)
+        _report_behind(report, folder.run_id, store.save_or_defer(meta))
+    _announce(config, meta, report)
+    probes = StartProbes(meta.engine or "", _probe_folders(config))
+    result = supervise(launch, options, config, folder, meta, terminal, signals, report)
+    meta.finished_at = utc_now()  # before the probes: their time is not the job's
+    seen = len(signals.received)
+    facts = probes.collect(folder.path, give_up=lambda: len(signals.received) > seen)
+    meta.engine_version, meta.git = facts.get("engine_version"), facts.get("git", [])
+    if facts.get("unfinished"):
+        meta.extra["probes"] = "unfinished: recorded without the engine's version and the git state"
+    return finish(store, config, folder, meta, result, options.previous, report)
+
+
+def _probe_folders(config: JobConfig) -> list[str]:
+    folders = [m.source for m in config.mounts if os.path.isdir(m.source)]
+    if config.engine == "local" and config.source:
+        folders.append(local_workdir(config))
+    return folders
+
+
+def _report_behind(report: Reporter, run_id: str, behind: str | None) -> None:
+    if behind:
+        report(RunEvent("warning", run_id, f"the index was not updated: {behind}"))
+
+
+def check_host(config: JobConfig, engine: str, options: RunOptions, environ, report: Reporter) -> dict:
     """Fail fast on what would stop the job from starting; return the facts learnt for meta.json."""
     facts: dict = {}
     if engine == "local":
@@ -3164,209 +4077,951 @@ def check_host(config: JobConfig, engine: str, options: RunOptions, environ, sto
             raise ConfigError(f"{program} (the entrypoint) is not found on PATH for engine local", config.source)
         facts["executable"] = os.path.abspath(found)
     else:
-        facts.update(prepare_image(engine, str(config.image), options.pull, store.home / "podman-images.json"))
-    facts["gpus"] = gpu_facts(config.resources.gpus, engine, options.gpu_check, environ)
+        facts.update(prepare_image(engine, str(config.image), options.pull, report))
+    facts["gpus"] = gpu_facts(config.resources.gpus, engine, options.gpu_check, environ, options.gpu_pool)
     return facts
 
 
-def _mount_env(config: JobConfig, engine: str) -> dict[str, str]:
-    """RUNPILOT_MOUNT_<NAME> for each named mount: its path as the job sees it."""
-    return {m.name: (m.source if engine == "local" else m.target) for m in config.mounts if m.name}
+class GpuPlacement:
+    """The GPUs one run holds: a count picked from the pool, or pinned devices, claimed across
+    processes (see GpuClaims) and held until the run ends."""
+
+    def __init__(self, claims: GpuClaims | None, count: int, pinned: tuple[str, ...], pool: list[str],
+                 wait_allowed: bool) -> None:
+        self.claims, self.count, self.pinned, self.pool = claims, count, pinned, pool
+        self.wait_allowed = wait_allowed
+        self.held: GpuClaim | None = None
+
+    @classmethod
+    def plan(cls, config: JobConfig, options: RunOptions, facts: dict, store: RunStore) -> "GpuPlacement":
+        """No placement without GPUs asked for, or without a pool to place them on."""
+        requested = config.resources.gpus
+        pool = gpu_pool(facts.get("gpus") or {}, options.gpu_pool)
+        if requested is None or not pool or not options.claim_gpus:
+            return cls(None, 0, (), [], options.wait_for_gpus)
+        count, pinned = gpu_request(requested, pool, facts.get("gpus") or {})
+        return cls(GpuClaims(store.home / "gpus"), count, pinned, pool, options.wait_for_gpus)
+
+    @property
+    def ready(self) -> bool:
+        return self.claims is None or self.held is not None
+
+    @property
+    def devices(self) -> tuple[str, ...] | None:
+        return self.held.devices if self.held else None
+
+    def claim(self, run_id: str | None) -> bool:
+        """Try to take the GPUs now; busy GPUs are an error when waiting is not allowed."""
+        if self.ready:
+            return True
+        assert self.claims is not None
+        holder = {"run_id": run_id, "pid": os.getpid(), "host": hostname()}
+        self.held = self.claims.try_claim(self.count, self.pinned, self.pool, holder)
+        if self.held is None and not self.wait_allowed:
+            raise GpuError(self.waiting_text() + "; try again later, or leave out --no-wait to wait for them")
+        return self.held is not None
+
+    def name_holder(self, run_id: str) -> None:
+        if self.claims is not None and self.held is not None:
+            self.claims.describe(self.held, {"run_id": run_id, "pid": os.getpid(), "host": hostname()})
+
+    def waiting_text(self) -> str:
+        assert self.claims is not None
+        return gpu_wait_text(self.count, self.pinned, self.claims.holders(list(self.pinned) or self.pool))
+
+    def wait(self, run_id: str, signals: StopSignals, report: Reporter) -> bool:
+        """Wait, queued, until the GPUs are free (True) or a stop is asked for (False)."""
+        said = ""
+        while not self.claim(run_id):
+            if signals.received:
+                return False
+            text = self.waiting_text()
+            if text != said:
+                report(RunEvent("queued", run_id, f"run {run_id} queued, {text}"))
+                said = text
+            time.sleep(POLL_SECONDS)
+        return True
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.held.release()
 
 
-def _announce(config: JobConfig, run_id: str, engine: str, path: Path) -> None:
-    what = f"{config.image} on {engine}" if engine != "local" else "on this host (engine local)"
-    say(f"run {run_id} ({config.name}) starting: {what}")
-    if engine == "local":
+def _announce(config: JobConfig, meta: RunMeta, report: Reporter) -> None:
+    what = f"{config.image} on {meta.engine}" if meta.engine != "local" else "on this host (engine local)"
+    where = f" on GPU {','.join(meta.devices)}" if meta.devices else ""
+    report(RunEvent("starting", meta.run_id, f"run {meta.run_id} ({config.name}) starting: {what}{where}"))
+    if meta.engine == "local":
         ignored = [k for k, v in (("workdir", config.workdir), ("image", config.image)) if v]
         if ignored:
-            say(f"engine local ignores {' and '.join(ignored)}: the job runs in {local_workdir(config)}")
+            report(RunEvent("notice", meta.run_id, f"engine local ignores {' and '.join(ignored)}: the job runs "
+                                                   f"in {local_workdir(config)}"))
         if config.resources.cpu or config.resources.memory or config.resources.shm_size:
-            say("engine local does not enforce resources.cpu, memory or shm_size")
+            report(RunEvent("notice", meta.run_id, "engine local does not enforce resources.cpu, memory or shm_size"))
+    for warning in entrypoint_warnings(config, meta.engine):
+        report(RunEvent("warning", meta.run_id, warning))
 
 
-def _supervise(launch: Launch, options: RunOptions, config: JobConfig, path: Path, meta: dict,
-               terminal: dict | None, signals: StopSignals) -> TeeResult:
-    """Start the job and tee it until it ends; after a stop, make sure nothing of it is left."""
-    if terminal is None:
-        terminal = {1: terminal_writer(sys.stdout), 2: terminal_writer(sys.stderr)}
-    metrics = MetricLog(path / "metrics.json", config.metrics)
-    log_fd = os.open(path / "logs.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: RunFolder, meta: RunMeta,
+              terminal: Terminal | None, signals: StopSignals, report: Reporter) -> TeeResult:
+    """Start the job and tee it until it ends; after it, make sure nothing of it is left."""
+    try:
+        metrics = MetricLog(folder.metrics)
+        log_fd = os.open(folder.logs, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as exc:
+        return TeeResult(None, "failed", log_error=exc)
     try:
         if signals.received:  # stopped while the run was being recorded: never start the job
-            return TeeResult(128 + signals.received[0], "interrupted", signals.received[0])
+            return TeeResult(None, "interrupted", signals.received[0])
+        if launch.container is None:
+            become_subreaper()
         try:
             job = Job(launch, options.stop_timeout)
         except OSError as exc:  # recorded as failed like a shell's "command not found"
-            say(f"cannot start {launch.argv[0]}: {exc.strerror}")
+            report(RunEvent("warning", meta.run_id, f"cannot start {launch.argv[0]}: {exc.strerror}"))
             return TeeResult(127)
         if launch.container is None:  # so `stop` can end a local job whose runner died
-            meta["job"] = {"pgid": job.proc.pid, "start": _process_start(job.proc.pid)}
+            meta.job = {"pgid": job.proc.pid, "start": process_start(job.proc.pid)}
             with contextlib.suppress(OSError):
-                write_atomic(path / "meta.json", _meta_bytes(meta))
+                folder.write_meta(meta)
         try:
-            result = Tee(log_fd, metrics, terminal).run(job, signals, config.timeout)
+            result = Tee(log_fd, metrics, terminal, report, meta.run_id).run(job, signals, config.timeout)
         except BaseException:  # a bug in the loop must not leave a job running behind the user's back
             job.request_stop(force=True)
             job.reap_helpers()
-            _remove_container(launch)
+            remove_container(launch)
+            job.end_leftovers()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 job.proc.wait(timeout=job.stop_timeout + 15)
             raise
         finally:
             job.close_pipes()
+        job.end_leftovers()
         if result.stop_reason:
             job.reap_helpers()
-            _remove_container(launch)
+            remove_container(launch)
     finally:
         os.close(log_fd)
         metrics.close()
-        meta["metrics"] = {"count": metrics.count, "malformed": metrics.malformed}
-        meta["last_metrics"] = metrics.last
+        meta.samples = {"count": metrics.count, "malformed": metrics.malformed}
+        meta.last_metrics = metrics.last
     return result
 
 
-def _remove_container(launch: Launch) -> None:
+def remove_container(launch: Launch) -> None:
     """After a stop, make sure no container of the run is left (podman's --rm needs its CLI alive)."""
     if launch.container:
-        _quiet([launch.engine, "rm", "-f", launch.container], timeout=60)
+        quiet_run([launch.engine, "rm", "-f", launch.container], timeout=60)
 
 
-def _finish(store: RunStore, config: JobConfig, path: Path, meta: dict, result: TeeResult,
-            previous: dict) -> RunOutcome:
-    status, exit_code = finish_status(result)
-    finished = utc_now()
-    meta.update(status=status, exit_code=exit_code if status not in ("interrupted", "timeout") else
-                job_exit_code(result.returncode), finished_at=finished,
-                duration=round((parse_time(finished) - parse_time(meta["started_at"])).total_seconds(), 3))
-    meta["warnings"] = run_warnings(config, meta, path, status, previous)
-    record = record_of(meta, path)
-    unsaved = []
-    for what, save in (("meta.json", lambda: write_atomic(path / "meta.json", _meta_bytes(meta))),
-                       ("runs.db", lambda: store.save(record))):
-        try:
-            save()
-        except (OSError, StoreError) as exc:  # each is tried: the row may land when the file cannot
-            unsaved.append(f"{what} ({getattr(exc, 'strerror', None) or exc})")
-    recorded = f"not recorded in {', '.join(unsaved)}" if unsaved else "recorded as failed"
+def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta, result: TeeResult,
+           previous: RunMeta | None, report: Reporter) -> RunOutcome:
+    """Record how the run ended (meta.json first: it is the truth), report it, return the outcome."""
+    meta.status, exit_status = finish_status(result)
+    meta.exit_code = None if result.returncode is None else job_exit_code(result.returncode)
+    meta.stop_signal = result.stop_signal if meta.status in (INTERRUPTED, CANCELLED) else None
+    meta.finished_at = meta.finished_at or utc_now()
+    meta.duration = round((parse_time(meta.finished_at) - parse_time(meta.started_at or meta.finished_at))
+                          .total_seconds(), 3) if meta.status != CANCELLED else None
     if result.log_error is not None:
-        raise StoreError(f"cannot write the run's files in {path} ({result.log_error.strerror}); the job was "
-                         f"stopped and {recorded}. Free some space or set RUNPILOT_HOME to a writable folder")
-    if unsaved:
-        raise StoreError(f"the job ended ({status}) but its record was {recorded}")
-    return RunOutcome(record, exit_code, meta)
+        meta.reason = (f"cannot write the run's files in {folder.path} ({result.log_error.strerror}); "
+                       "the job was stopped")
+    meta.warnings = run_warnings(config, meta, previous)
+    meta.hint = failure_hint(config, meta, folder) if meta.status == FAILED else None
+    try:
+        folder.write_meta(meta)
+    except OSError as exc:
+        raise StoreError(f"the job ended ({meta.status}) but {folder.meta_file} could not be written "
+                         f"({exc.strerror}); free some space and run runpilot reindex") from exc
+    folder.free_reserve()
+    behind = store.save_or_defer(meta)
+    outcome = RunOutcome(RunRecord.of(meta, folder.path), exit_status, meta)
+    report(RunEvent("finished", meta.run_id, outcome=outcome))
+    for warning in meta.warnings:
+        report(RunEvent("warning", meta.run_id, warning))
+    _report_behind(report, meta.run_id, behind)
+    if meta.hint:
+        report(RunEvent("hint", meta.run_id, meta.hint))
+    if result.log_error is not None:
+        raise StoreError(f"{meta.reason}; it is recorded as failed. Free some space or set RUNPILOT_HOME "
+                         "to a writable folder")
+    return outcome
 
 
-def rerun_changes(meta: dict, previous: dict) -> list[str]:
+def rerun_changes(meta: RunMeta, previous: RunMeta | None) -> list[str]:
     """What differs from the run being rerun: the image behind the tag, or a mount's git commit."""
-    if not previous:
+    if previous is None:
         return []
     changes = []
-    if previous.get("image_id") and meta.get("image_id") and previous["image_id"] != meta["image_id"]:
-        changes.append(f"image {meta.get('image')} is now {meta['image_id'][:19]}, was {previous['image_id'][:19]} "
-                       f"in run {previous.get('run_id')}")
-    before = {g["root"]: g.get("commit") for g in previous.get("git") or []}
-    for repo in meta.get("git") or []:
-        if repo["root"] in before and before[repo["root"]] != repo.get("commit"):
+    if previous.image_id and meta.image_id and previous.image_id != meta.image_id:
+        changes.append(f"image {meta.image} is now {meta.image_id[:19]}, was {previous.image_id[:19]} "
+                       f"in run {previous.run_id}")
+    before = {g.get("root"): g.get("commit") for g in previous.git}
+    for repo in meta.git:
+        if repo.get("root") in before and before[repo["root"]] != repo.get("commit"):
             changes.append(f"{repo['root']} is at commit {str(repo.get('commit'))[:12]}, was "
-                           f"{str(before[repo['root']])[:12]} in run {previous.get('run_id')}")
+                           f"{str(before[repo['root']])[:12]} in run {previous.run_id}")
     return changes
 
 
-def run_warnings(config: JobConfig, meta: dict, path: Path, status: str, previous: dict) -> list[str]:
-    """Things the user should hear about once the run is over."""
+def run_warnings(config: JobConfig, meta: RunMeta, previous: RunMeta | None) -> list[str]:
+    """Things the user should hear about once the run is over.
+
+    A featured metric that never appeared is a likely typo, but only worth saying when the job
+    got as far as printing metrics (or succeeded): a job that failed at once printed none at all.
+    """
     warnings = []
-    missing = [m for m in config.metrics if m not in meta["last_metrics"]]
-    if missing:
+    count, malformed = meta.samples.get("count", 0), meta.samples.get("malformed", 0)
+    missing = [m for m in config.metrics if m not in meta.last_metrics]
+    if missing and (count or meta.status == SUCCEEDED):
         warnings.append(f"metric {', '.join(missing)} listed in the config never appeared "
                         "(a METRIC line is: METRIC name=value)")
-    if meta["metrics"]["malformed"]:
-        warnings.append(f"{meta['metrics']['malformed']} METRIC line(s) were malformed and skipped "
+    if malformed:
+        warnings.append(f"{malformed} METRIC line(s) were malformed and skipped "
                         "(expected: METRIC name=value [name=value ...])")
-    warnings += rerun_changes(meta, previous)
-    if status == "failed" and _log_tail_has(path / "logs.txt", SHM_HINT_RE):
-        warnings.append("the log mentions a bus error or shared memory: PyTorch DataLoader workers "
-                        "need more /dev/shm; set resources.shm_size (e.g. 8g)")
-    return warnings
+    return warnings + rerun_changes(meta, previous)
 
 
-def _log_tail_has(path: Path, pattern: re.Pattern, size: int = 8192) -> bool:
+# What a failed job's last log lines say, and what to do about it: the famous ML failures first.
+LOG_HINTS = (
+    (re.compile(rb"bus error|insufficient shared memory|unable to (?:allocate|write to) shared memory|/dev/shm"
+                rb"|\bshm\b", re.IGNORECASE),
+     "the job ran out of shared memory (/dev/shm): PyTorch DataLoader workers pass batches through it; "
+     "set resources.shm_size (e.g. 8g), or use fewer num_workers"),
+    (re.compile(rb"CUDA out of memory|CUDA error: out of memory|OutOfMemoryError", re.IGNORECASE),
+     "the GPU ran out of memory: lower the batch size or the model size, or give the run more GPUs"),
+    (re.compile(rb"NCCL (?:error|WARN)|ncclSystemError|ncclInternalError|ncclUnhandledCudaError"),
+     "NCCL (GPU-to-GPU communication) failed: rerun with env NCCL_DEBUG=INFO to see why; in a container "
+     "NCCL also needs a large /dev/shm (resources.shm_size)"),
+)
+NOT_FOUND_RE = re.compile(rb"(?:^|[\s:])([\w./+-]+): (?:\d+: )?(?:[\w./+-]+: )?(?:command )?not found|"
+                          rb"exec: \"([^\"]+)\": executable file not found|"
+                          rb"\"([^\"]+)\": executable file not found", re.MULTILINE)
+
+
+def log_tail(path: Path, size: int = 16384) -> bytes:
     try:
         with open(path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - size))
-            tail = f.read()
+            return f.read()
     except OSError:
-        return False
-    return pattern.search(tail) is not None
+        return b""
 
 
-def mark_lost_runs(store: RunStore, records: list[RunRecord]) -> list[RunRecord]:
-    """Store `lost` for runs whose runner died (SIGKILL, reboot); say if a container lives on."""
-    for record in records:
-        if record.status != "running":
-            continue
-        meta_path = Path(record.path) / "meta.json"
-        meta = read_json(meta_path)
-        if runner_alive(meta.get("runner") or {}) is not False:
-            continue
-        meta.update(status="lost", lost_at=utc_now())
+def failure_hint(config: JobConfig, meta: RunMeta, folder: RunFolder) -> str | None:
+    """The likely cause of a failed run, and the fix, from its log and its exit status."""
+    tail = log_tail(folder.logs)
+    for pattern, hint in LOG_HINTS:
+        if pattern.search(tail):
+            return hint
+    code = meta.exit_code
+    if code == 137:
+        limit = config.resources.memory
+        if limit:
+            return (f"the job was killed (exit 137, SIGKILL), most likely for using more than its memory "
+                    f"limit, resources.memory {size_spec(limit)}: raise it, or use less memory")
+        return ("the job was killed (exit 137, SIGKILL), most likely by the kernel's out-of-memory killer "
+                "(see `dmesg`): use less memory, or run it on a machine with more")
+    if code == 127:
+        found = NOT_FOUND_RE.search(tail)
+        name = next((g for g in found.groups() if g), b"").decode(errors="replace") if found else ""
+        what = f"the command {name!r} was not found" if name else "a command was not found"
+        fix = " (python images often have only python3)" if name == "python" else ""
+        return f"{what} (exit 127): check the entrypoint's program exists in the image{fix}"
+    if code == 126:
+        return ("the entrypoint could not be executed (exit 126): it is not a program or not executable; "
+                "chmod +x it, or run it through its interpreter (python train.py)")
+    if code == 139:
+        return ("the job crashed with a segmentation fault (exit 139, SIGSEGV) in native code (an extension, "
+                "a driver, CUDA); look at the last lines of its log (runpilot logs --tail 50)")
+    return None
+
+# ==== 16. Sweeps: a grid of runs from one config ==============================
+# A sweep is a plan (<home>/sweeps/<id>/sweep.json) and ordinary runs, one per point, recorded
+# up front as `queued`. One process runs them, a thread per running run, as many at once as
+# --parallel and the GPU pool allow; every run claims its own GPUs (GpuPlacement), so a sweep
+# and separate `runpilot run` commands share a machine without ever sharing a GPU.
+
+def new_sweep_id() -> str:
+    return "sw-" + new_run_id()
+
+
+def check_sweep_id(sweep_id: str) -> str:
+    if not SWEEP_ID_RE.match(sweep_id):
+        raise UsageError(f"{visible(sweep_id)!r} is not a sweep id; sweep ids look like sw-20261201-120000-a1b2c3")
+    return sweep_id
+
+
+def parse_grid(items: list[str]) -> tuple[tuple[str, tuple], ...]:
+    """`--grid env.LR=0.1,0.01` (or a YAML list: `env.LR=[0.1, 0.01]`) -> ((key, values), ...)."""
+    axes = []
+    for item in items:
+        key, _, raw = item.partition("=")
+        if raw.strip().startswith("["):
+            parts, values = parse_override(item, "--grid")
+        else:
+            pieces = [parse_override(f"{key}={value}", "--grid") for value in raw.split(",")]
+            parts, values = pieces[0][0], [value for _, value in pieces]
+        if not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
+            raise UsageError(f"--grid {item!r} must give one or more plain values: --grid {key}=0.1,0.01")
+        axes.append((".".join(parts), tuple(values)))
+    return tuple(axes)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of the grid: a value per swept key, and which repeat of it this is."""
+
+    index: int
+    values: tuple[tuple[str, object], ...]
+    repeat: int
+
+    def label(self, repeats: int) -> str:
+        text = ",".join(f"{key.rsplit('.', 1)[-1]}={fmt_scalar(value)}" for key, value in self.values)
+        return text + (f",repeat={self.repeat}" if repeats > 1 else "")
+
+
+def sweep_points(axes: tuple[tuple[str, tuple], ...], repeat: int) -> list[SweepPoint]:
+    """The Cartesian product of the axes (the first key varies slowest), each point REPEAT times."""
+    keys = [key for key, _ in axes]
+    combos = itertools.product(*(values for _, values in axes))
+    return [SweepPoint(i * repeat + r, tuple(zip(keys, combo)), r)
+            for i, combo in enumerate(combos) for r in range(repeat)]
+
+
+def point_config(data: object, path: str, text: str, positions: dict, blamed: dict, point: SweepPoint,
+                 repeats: int) -> JobConfig:
+    """The config of one point: the file's data with --set and the point's values applied."""
+    data = json.loads(json.dumps(data))  # a private copy (the data is plain JSON-like values)
+    if isinstance(data, dict):
+        data.pop("sweep", None)
+    for key, value in point.values:
+        data = set_dotted(data, tuple(key.split(".")), value, f"sweep key {key}")
+    blamed = {**blamed, **{tuple(k.split(".")): f"{k}={fmt_scalar(v)} (sweep point {point.index})"
+                           for k, v in point.values}}
+    config = validate_config(data, path, text, positions, overrides=blamed)
+    return dataclasses.replace(config, name=f"{config.name}[{point.label(repeats)}]")
+
+
+@dataclass
+class Sweep:
+    """A sweep's plan, kept in sweep.json: what to run, and which run is which point."""
+
+    sweep_id: str
+    config_file: str | None
+    axes: list                          # [[key, [values]], ...]
+    repeat: int
+    points: list[dict]                  # index, values, repeat, run_id
+    options: dict                       # engine, pull, stop_timeout, tags, gpus, parallel, fail_fast
+    created_at: str = ""
+    runner: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, store: RunStore, sweep_id: str) -> "Sweep":
+        path = store.sweeps_dir / check_sweep_id(sweep_id) / "sweep.json"
+        try:
+            data = read_json_file(path)
+            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        except FileNotFoundError:
+            raise StoreError(f"there is no sweep {sweep_id}; see runpilot list") from None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+
+    def save(self, store: RunStore) -> None:
+        folder = store.sweeps_dir / self.sweep_id
+        make_private_dirs(folder)
+        write_atomic(folder / "sweep.json", (json.dumps(dataclasses.asdict(self), indent=2) + "\n").encode())
+
+
+def plan_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint, JobConfig]], axes,
+               repeat: int, options: dict, config_file: str | None) -> Sweep:
+    """Record every point as a queued run (folder, config.yaml, meta.json, one index transaction)."""
+    store.ensure()
+    sweep = Sweep(sweep_id, config_file, [[k, list(v)] for k, v in axes], repeat, [], options, utc_now(),
+                  runner_identity())
+    metas = []
+    for point, config in configs:
+        folder = store.create_run_dir()
+        meta = queued_meta(config, folder.run_id, sweep, point)
+        record_start_queued(folder, config, meta)
+        metas.append(meta)
+        sweep.points.append({"index": point.index, "values": [[k, v] for k, v in point.values],
+                             "repeat": point.repeat, "run_id": folder.run_id})
+    sweep.save(store)
+    if store.write_index:
+        try:
+            with store.db() as conn, _transaction(conn):
+                conn.executemany(_UPSERT, [_row(RunRecord.of(m, store.folder(m.run_id).path)) for m in metas])
+        except StoreError:
+            for meta in metas:
+                store.defer(meta.run_id)
+    return sweep
+
+
+def queued_meta(config: JobConfig, run_id: str, sweep: Sweep, point: SweepPoint) -> RunMeta:
+    return RunMeta(run_id=run_id, name=config.name, status=QUEUED, started_at=utc_now(), engine=config.engine,
+                   image=config.image, config_file=config.source, config=config_to_dict(config),
+                   metric_names=list(config.metrics), runner=dict(sweep.runner), host=hostname(),
+                   tags=dict(sweep.options.get("tags") or {}),
+                   sweep={"id": sweep.sweep_id, "index": point.index, "repeat": point.repeat,
+                          "point": {k: v for k, v in point.values}})
+
+
+def record_start_queued(folder: RunFolder, config: JobConfig, meta: RunMeta) -> None:
+    try:
+        write_private(folder.config, dump_yaml(config_to_dict(config)).encode("utf-8"))
+        folder.write_meta(meta, durable=False)
+    except OSError as exc:
+        shutil.rmtree(folder.path, ignore_errors=True)
+        raise StoreError(f"cannot record the sweep in {folder.path.parent}: {exc.strerror}") from exc
+
+
+def sweep_parallel(configs: list[JobConfig], options: RunOptions, asked: int | None, environ) -> int:
+    """How many runs at once: --parallel if given; for runs with GPUs, as many as the pool holds."""
+    if asked:
+        return asked
+    wanted = configs[0].resources.gpus if configs else None
+    if wanted is None:
+        return 1
+    pool = options.gpu_pool or [str(d["index"]) for d in query_gpus(environ).get("devices") or []]
+    per_run = wanted if isinstance(wanted, int) else len(pool) if wanted == "all" else len(wanted)
+    return max(1, len(pool) // max(1, per_run)) if not isinstance(wanted, tuple) else 1
+
+
+class SweepRunner:
+    """Runs a sweep's queued points: a thread per running run, signals forwarded to each."""
+
+    def __init__(self, store: RunStore, sweep: Sweep, jobs: list[tuple[dict, JobConfig]], options: RunOptions,
+                 parallel: int, fail_fast: bool, terminal: Terminal | None, report: Reporter) -> None:
+        self.store, self.sweep, self.options = store, sweep, options
+        self.pending = list(jobs)
+        self.parallel, self.fail_fast = parallel, fail_fast
+        self.terminal, self.report = terminal, report
+        self.running: dict[str, tuple[threading.Thread, StopSignals]] = {}
+        self.outcomes: dict[str, RunOutcome | RunPilotError] = {}
+        self.lock = threading.Lock()
+        self.stopping: int | None = None   # the signal that stopped the sweep
+
+    def run(self, signals: StopSignals) -> int:
+        """Run every point; RunPilot's exit status: 0, 1 if a run did not succeed, 128+N when stopped."""
+        handled = 0
+        while self.pending or self.running:
+            for signum in signals.received[handled:]:
+                self.stop(signum)
+            handled = len(signals.received)
+            while self.pending and len(self.running) < self.parallel and self.stopping is None:
+                self.start(*self.pending.pop(0))
+            for run_id, (thread, _) in list(self.running.items()):
+                thread.join(timeout=POLL_SECONDS / len(self.running))
+                if not thread.is_alive():
+                    del self.running[run_id]
+                    self.after(run_id)
+        if self.stopping is not None:
+            return 128 + self.stopping
+        return 0 if all(isinstance(o, RunOutcome) and o.record.status == SUCCEEDED
+                        for o in self.outcomes.values()) else 1
+
+    def start(self, point: dict, config: JobConfig) -> None:
+        mailbox = StopSignals()
+        options = dataclasses.replace(
+            self.options, run_id=point["run_id"], overrides=list(self.options.overrides) + [
+                f"{k}={fmt_scalar(v)}" for k, v in point["values"]],
+            sweep={"id": self.sweep.sweep_id, "index": point["index"], "repeat": point["repeat"],
+                   "point": {k: v for k, v in point["values"]}},
+            extra_env={"RUNPILOT_SWEEP_ID": self.sweep.sweep_id, "RUNPILOT_SWEEP_POINT": str(point["index"]),
+                       "RUNPILOT_REPEAT": str(point["repeat"])})
+        thread = threading.Thread(target=self._work, args=(config, options, mailbox), daemon=True)
+        self.running[point["run_id"]] = (thread, mailbox)
+        thread.start()
+
+    def _work(self, config: JobConfig, options: RunOptions, mailbox: StopSignals) -> None:
+        run_id = str(options.run_id)
+        try:
+            outcome: RunOutcome | RunPilotError = run_job(config, options, self.store, self.terminal, self.report,
+                                                          signals=mailbox)
+        except RunPilotError as exc:  # failed before the job started: the point must not stay queued
+            outcome = exc
+            self._record_failure(run_id, exc)
+        with self.lock:
+            self.outcomes[run_id] = outcome
+
+    def _record_failure(self, run_id: str, exc: RunPilotError) -> None:
+        folder = self.store.folder(run_id)
+        meta = folder.read_meta()
+        if meta.final:
+            return
+        meta.status, meta.finished_at, meta.reason = FAILED, utc_now(), str(exc).splitlines()[0]
         with contextlib.suppress(OSError):
-            write_atomic(meta_path, _meta_bytes(meta))
-        record.status = "lost"
-        with contextlib.suppress(StoreError):  # a full disk: shown as lost now, stored next time
-            store.save(record)
-        if _leftover_job(record, meta):
-            what = "process group" if record.engine == "local" else "container"
-            say(f"run {record.id} lost its runner but its {what} is still running; "
-                f"'runpilot stop {record.id}' removes it")
-    return records
+            folder.write_meta(meta)
+        self.store.save_or_defer(meta)
+        self.report(RunEvent("warning", run_id, f"run {run_id} could not start: {meta.reason}"))
+
+    def after(self, run_id: str) -> None:
+        outcome = self.outcomes.get(run_id)
+        failed = not isinstance(outcome, RunOutcome) or outcome.record.status != SUCCEEDED
+        if failed and self.fail_fast and self.stopping is None:
+            self.report(RunEvent("stopping", run_id, f"--fail-fast: run {run_id} did not succeed; stopping the sweep"))
+            self.stop(signal.SIGTERM)
+
+    def stop(self, signum: int) -> None:
+        """Stop the running runs as `run` would, and cancel the points not started yet."""
+        first = self.stopping is None
+        self.stopping = self.stopping or signum
+        for _, mailbox in self.running.values():
+            mailbox.received.append(signum)
+        if first:
+            for point, _ in self.pending:
+                cancel_queued(self.store, point["run_id"], signum)
+            if self.pending:
+                self.report(RunEvent("stopping", None, f"cancelled {len(self.pending)} point(s) not started yet"))
+            self.pending = []
 
 
-def _leftover_job(record: RunRecord, meta: dict) -> bool:
+def cancel_queued(store: RunStore, run_id: str, signum: int | None) -> None:
+    folder = store.folder(run_id)
+    meta = folder.read_meta()
+    if meta.status != QUEUED:
+        return
+    meta.status, meta.stop_signal, meta.finished_at = CANCELLED, signum, utc_now()
+    meta.reason = "the sweep was stopped before this point started"
+    with contextlib.suppress(OSError):
+        folder.write_meta(meta)
+    store.save_or_defer(meta)
+
+
+def stop_sweep(store: RunStore, sweep_id: str, wait: float) -> str:
+    """`runpilot stop SWEEP_ID`: ask the sweep's runner to stop, as Ctrl-C would; say what became of it."""
+    sweep = Sweep.load(store, sweep_id)
+    if runner_alive(sweep.runner):
+        os.kill(sweep.runner["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while runner_alive(sweep.runner) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if runner_alive(sweep.runner):
+            raise RunPilotError(f"sweep {sweep_id} did not stop within {wait:.0f}s; try again, or kill its "
+                                f"runner (pid {sweep.runner['pid']})")
+    for point in sweep.points:  # a runner that died left its queued points behind
+        cancel_queued(store, point["run_id"], None)
+    statuses = [store.folder(p["run_id"]).read_meta().status for p in sweep.points]
+    return f"sweep {sweep_id}: " + ", ".join(f"{statuses.count(s)} {s}" for s in STATUSES if s in statuses)
+
+# ==== 17. Slurm: the same config on a cluster ==================================
+# `--on slurm` records the run as `queued`, copies this very file into the run folder, and
+# submits a batch script that runs it on the node (`runpilot.py _slurm-job FOLDER`): the job
+# runs there with the config's engine and writes only its own run folder, whole files renamed
+# into place (the home is shared over NFS or Lustre, where SQLite's locks are unsafe). The
+# submit side keeps the index: every look at the runs asks squeue once for all active jobs,
+# and scontrol (or sacct) for the few that left the queue without a final status.
+
+# Slurm's job states (squeue %T, scontrol JobState) -> a status, for a job whose runner wrote
+# none; states missing here (COMPLETING, STAGE_OUT, ...) count as running.
+SLURM_FINAL = {"COMPLETED": LOST, "FAILED": FAILED, "CANCELLED": INTERRUPTED, "TIMEOUT": TIMEOUT,
+               "DEADLINE": TIMEOUT, "OUT_OF_MEMORY": FAILED, "NODE_FAIL": LOST, "BOOT_FAIL": LOST,
+               "PREEMPTED": LOST, "SPECIAL_EXIT": FAILED, "REVOKED": LOST}
+SLURM_QUEUED = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "CONFIGURING")
+# Between the config's timeout and Slurm's --time: RunPilot's own stop comes first and is recorded.
+SLURM_TIME_MARGIN = 300
+SQUEUE_FORMAT = "%i|%T|%r|%N|%P"
+
+
+def slurm_status(state: str) -> str:
+    """RunPilot's status for a Slurm job state (`CANCELLED by 0` is CANCELLED)."""
+    state = state.split()[0].rstrip("+") if state else ""
+    if state in SLURM_QUEUED:
+        return QUEUED
+    return SLURM_FINAL.get(state, RUNNING)
+
+
+def parse_squeue(text: str) -> dict[str, dict]:
+    """Rows of `squeue -h -r -o '%i|%T|%r|%N|%P'`, by job id (`123`, or `123_4` for an array task)."""
+    jobs = {}
+    for line in text.splitlines():
+        cells = line.strip().split("|")
+        if len(cells) == 5 and cells[0]:
+            jobs[cells[0]] = {"state": cells[1], "reason": cells[2] if cells[2] not in ("None", "(null)") else None,
+                              "node": cells[3] or None, "partition": cells[4] or None}
+    return jobs
+
+
+def parse_scontrol(text: str) -> dict[str, str]:
+    """`scontrol show job -o ID`'s Key=Value pairs (values up to the next space)."""
+    return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+
+def sbatch_lines(config: JobConfig, script_name: str, output: str, array: str | None = None) -> list[str]:
+    """The #SBATCH options for a config: resources and the slurm: section (pure)."""
+    s, res = config.slurm, config.resources
+    lines = [f"--job-name=runpilot-{script_name}", f"--output={output}", "--nodes=1", "--ntasks=1"]
+    time_limit = s.time or (slurm_time(config.timeout + SLURM_TIME_MARGIN) if config.timeout else None)
+    for flag, value in (("partition", s.partition), ("time", time_limit), ("account", s.account),
+                        ("qos", s.qos), ("constraint", s.constraint)):
+        if value:
+            lines.append(f"--{flag}={value}")
+    if res.gpus is not None:
+        count = len(res.gpus) if isinstance(res.gpus, tuple) else res.gpus
+        if count == "all":
+            raise ConfigError("resources.gpus: all cannot be asked of Slurm; give a count", config.source)
+        lines.append(f"--gres=gpu:{count}" if s.gpu_flag == "gres" else f"--gpus={count}")
+    if res.cpu is not None:
+        lines.append(f"--cpus-per-task={math.ceil(res.cpu)}")
+    if res.memory is not None:
+        lines.append(f"--mem={max(1, math.ceil(res.memory / (1 << 20)))}M")
+    if array:
+        lines.append(f"--array={array}")
+    return lines + list(s.extra)
+
+
+def slurm_script(config: JobConfig, options: list[str], program: Path, target: str) -> str:
+    """The batch script: #SBATCH lines, the setup lines, then RunPilot on the node."""
+    head = ["#!/bin/sh", f"# Written by RunPilot {__version__}: the job of {target}. One node per run."]
+    body = list(config.slurm.setup) + [
+        f"exec {shlex.quote(config.slurm.python)} {shlex.quote(str(program))} _slurm-job {shlex.quote(target)}"]
+    return "\n".join(head + [f"#SBATCH {line}" for line in options] + body) + "\n"
+
+
+def sbatch(script: Path) -> str:
+    """Submit a batch script; the job id, or SlurmError with sbatch's own words."""
+    if not shutil.which("sbatch"):
+        raise SlurmError("sbatch is not installed here; run this on a Slurm login node (where sbatch works)")
+    done = quiet_run(["sbatch", "--parsable", str(script)], timeout=120)
+    if done.returncode != 0:
+        said = " ".join(line.strip() for line in done.stderr.strip().splitlines()[-2:]) or f"exit {done.returncode}"
+        raise SlurmError(f"sbatch refused the job: {said}; check the slurm: section of the config")
+    return done.stdout.strip().split(";")[0]
+
+
+def slurm_queued_meta(config: JobConfig, run_id: str, options: RunOptions) -> RunMeta:
+    meta = new_meta(config, run_id, config.engine or "docker", options, {})
+    meta.status, meta.runner, meta.host = QUEUED, {}, None
+    meta.slurm = {"partition": config.slurm.partition, "state": "PENDING", "submitted_from": hostname(),
+                  "options": {"stop_timeout": options.stop_timeout, "pull": options.pull,
+                              "keep_engine_logs": options.keep_engine_logs}}
+    return meta
+
+
+def copy_program(target: Path) -> None:
+    """Put the very runpilot.py that submits beside the run: the node runs exactly this version."""
+    shutil.copyfile(os.path.abspath(__file__), target)
+    os.chmod(target, 0o600)
+
+
+def submit_run(store: RunStore, config: JobConfig, options: RunOptions) -> RunMeta:
+    """Record a queued run, write its batch script and submit it; nothing is left if sbatch refuses."""
+    folder = store.create_run_dir()
+    try:
+        meta = slurm_queued_meta(config, folder.run_id, options)
+        record_start_queued(folder, config, meta)
+        copy_program(folder.program)
+        lines = sbatch_lines(config, short_id(folder.run_id), str(folder.path / "slurm-%j.out"))
+        write_private(folder.batch_script, slurm_script(config, lines, folder.program, str(folder.path)).encode())
+        meta.slurm["job_id"] = sbatch(folder.batch_script)
+    except BaseException:
+        shutil.rmtree(folder.path, ignore_errors=True)
+        raise
+    folder.write_meta(meta)
+    store.save_or_defer(meta)
+    return meta
+
+
+def submit_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint, JobConfig]], axes, repeat: int,
+                 options: RunOptions, parallel: int | None, stored: dict) -> Sweep:
+    """Record the sweep's points and submit them as one job array (`%N` from --parallel)."""
+    swept = {key.split(".")[0] for key, _ in axes}
+    if swept & {"resources", "slurm"}:
+        raise UsageError("a Slurm job array gives every point the same resources and slurm settings; sweep "
+                         "other keys, or submit the points one by one with runpilot run --on slurm")
+    first = configs[0][1]
+    sweep = plan_sweep(store, sweep_id, configs, axes, repeat, stored, first.source)
+    folder = store.sweeps_dir / sweep_id
+    try:
+        copy_program(folder / "runpilot.py")
+        listing = "".join(f"{store.folder(p['run_id']).path}\n" for p in sweep.points)
+        write_private(folder / "runs.txt", listing.encode())
+        array = f"0-{len(sweep.points) - 1}" + (f"%{parallel}" if parallel else "")
+        lines = sbatch_lines(first, sweep_id, str(folder / "slurm-%A_%a.out"), array)
+        write_private(folder / "slurm.sh", slurm_script(first, lines, folder / "runpilot.py",
+                                                        str(folder / "runs.txt")).encode())
+        array_id = sbatch(folder / "slurm.sh")
+    except BaseException:
+        for point in sweep.points:
+            with contextlib.suppress(RunPilotError):
+                store.delete(point["run_id"])
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    for point in sweep.points:
+        run = store.folder(point["run_id"])
+        meta = run.read_meta()
+        meta.slurm = {**slurm_queued_meta(first, run.run_id, options).slurm, "job_id": f"{array_id}_{point['index']}",
+                      "array_job_id": array_id, "array_task_id": point["index"]}
+        run.write_meta(meta, durable=False)
+        store.save_or_defer(meta)
+    return sweep
+
+
+def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str], None]) -> None:
+    """Bring every active Slurm run up to date with one squeue call (see the section's header)."""
+    active = store.active_slurm_runs() if any(r.slurm_job for r in records) or not records else []
+    if not active or not shutil.which("squeue"):
+        return
+    done = quiet_run(["squeue", "-h", "-r", "--me", "-o", SQUEUE_FORMAT], timeout=60)
+    if done.returncode != 0:
+        note(f"squeue failed ({done.stderr.strip()[:200]}); Slurm runs are shown as last known")
+        return
+    queue = parse_squeue(done.stdout)
+    changed = []
+    for record in active:
+        job = queue.get(str(record.slurm_job))
+        if job is not None:
+            status = slurm_status(job["state"])
+            reason = job["reason"] if status == QUEUED else None
+            if (status, reason) != (record.status, record.reason):
+                record.status, record.reason = status, reason
+                changed.append(record)
+        else:
+            changed.append(_slurm_left_queue(store, record))
+    if changed and store.write_index:
+        with contextlib.suppress(StoreError), store.db() as conn, _transaction(conn):
+            conn.executemany(_UPSERT, [_row(r) for r in changed])
+
+
+def _slurm_left_queue(store: RunStore, record: RunRecord) -> RunRecord:
+    """A job that left the queue: its runner's final status, else Slurm's final state, recorded."""
+    folder = store.folder(record.id)
+    meta = folder.read_meta()
+    if meta.final:
+        return RunRecord.of(meta, folder.path)
+    job = str(record.slurm_job)
+    info = parse_scontrol(quiet_run(["scontrol", "show", "job", "-o", job], timeout=30).stdout)
+    state, exit_code = info.get("JobState"), info.get("ExitCode")
+    if not state and shutil.which("sacct"):
+        rows = quiet_run(["sacct", "-j", job, "-X", "-P", "-n", "-o", "State,ExitCode"], timeout=30).stdout
+        state, _, exit_code = (rows.splitlines() or [""])[0].partition("|")
+    never_started = meta.status == QUEUED
+    meta.status = slurm_status(state or "") if state else LOST
+    if meta.status in ACTIVE_STATUSES:
+        meta.status = LOST
+    meta.finished_at = meta.finished_at or utc_now()
+    meta.slurm.update(state=state or "unknown", node=info.get("NodeList") or meta.slurm.get("node"))
+    if exit_code and exit_code.split(":")[0].isdigit() and meta.exit_code is None and not never_started:
+        meta.exit_code = int(exit_code.split(":")[0])
+    meta.reason = _slurm_reason(meta, state, info, never_started, store.home)
+    if state == "OUT_OF_MEMORY":
+        meta.hint = ("the job went over the memory Slurm gave it (OUT_OF_MEMORY): raise resources.memory "
+                     "(sbatch --mem)")
+    with contextlib.suppress(OSError):
+        folder.write_meta(meta)
+    return RunRecord.of(meta, folder.path)
+
+
+def _slurm_reason(meta: RunMeta, state: str | None, info: dict, never_started: bool, home: Path) -> str:
+    if not state:
+        return (f"Slurm no longer knows job {meta.slurm.get('job_id')} and RunPilot on the node recorded no "
+                "final status")
+    if never_started and state not in ("CANCELLED", "NODE_FAIL", "BOOT_FAIL", "PREEMPTED"):
+        return (f"Slurm says {state}, but RunPilot never started on node {info.get('NodeList') or '?'}: is "
+                f"{home} on a file system the nodes share, and is {meta.config.get('slurm', {}).get('python', 'python3')} "
+                f"installed there? See slurm-{meta.slurm.get('job_id')}.out in the run folder")
+    return f"Slurm ended the job: {state}" + (f" ({info['Reason']})" if info.get("Reason") not in (None, "None") else "")
+
+
+def slurm_stop(store: RunStore, record: RunRecord, meta: RunMeta, wait: float,
+               note: Callable[[str], None]) -> RunRecord:
+    """`runpilot stop` for a Slurm run: scancel, then wait for the job to record how it ended."""
+    job = str(meta.slurm.get("job_id"))
+    done = quiet_run(["scancel", job], timeout=60)
+    if done.returncode != 0:
+        raise SlurmError(f"scancel {job} failed: {done.stderr.strip()[:200]}")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        slurm_refresh(store, [record], note)
+        current = store.get(record.id)
+        if current and current.status not in ACTIVE_STATUSES:
+            return current
+        time.sleep(1)
+    raise RunPilotError(f"Slurm job {job} of run {record.id} has not ended within {wait:.0f}s; "
+                        "look at it with squeue, or try again")
+
+
+def exit_status_of(meta: RunMeta) -> int:
+    """RunPilot's exit status for a recorded run, as `run` would have exited for it."""
+    if meta.status == SUCCEEDED:
+        return 0
+    if meta.status in (INTERRUPTED, CANCELLED):
+        return 128 + (meta.stop_signal or signal.SIGTERM)
+    if meta.status == TIMEOUT:
+        return 124
+    return meta.exit_code or 1
+
+
+def node_options(meta: RunMeta, slurm: dict) -> RunOptions:
+    """The run's options as recorded at submission; the GPUs are the ones Slurm gave the job."""
+    stored = meta.slurm.get("options") or {}
+    extra = {"RUNPILOT_SWEEP_ID": meta.sweep.get("id"), "RUNPILOT_SWEEP_POINT": meta.sweep.get("index"),
+             "RUNPILOT_REPEAT": meta.sweep.get("repeat")}
+    return RunOptions(stop_timeout=float(stored.get("stop_timeout", DEFAULT_STOP_TIMEOUT)),
+                      pull=str(stored.get("pull", "missing")), keep_engine_logs=bool(stored.get("keep_engine_logs")),
+                      tags=meta.tags, overrides=meta.overrides, run_id=meta.run_id, gpu_check=False,
+                      claim_gpus=False, sweep=meta.sweep, slurm=slurm,
+                      extra_env={k: str(v) for k, v in extra.items() if v is not None})
+
+
+def run_on_node(folder: RunFolder, environ, report: Reporter) -> int:
+    """The job of a Slurm run, on its node: run the recorded config, record in the folder only."""
+    store = RunStore(folder.path.parent.parent, write_index=False)
+    meta = folder.read_meta()
+    if meta.status != QUEUED:
+        raise StoreError(f"run {folder.run_id} is {meta.status}, not queued: Slurm started it twice?")
+    slurm = {**meta.slurm, "state": "RUNNING", "node": environ.get("SLURMD_NODENAME") or hostname()}
+    try:
+        config = dataclasses.replace(load_config(folder.config), source=meta.config_file)
+        devices = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+        if devices and config.resources.gpus is not None:  # Slurm chose the GPUs: use exactly those
+            config = dataclasses.replace(config, resources=dataclasses.replace(config.resources, gpus=tuple(devices)))
+        meta.slurm = slurm
+        folder.write_meta(meta)
+        outcome = run_job(config, node_options(meta, slurm), store, None, report, environ)
+    except RunPilotError as exc:  # the node cannot run it (no engine, no image, no python...)
+        failed = folder.read_meta()
+        if not failed.final:
+            failed.status, failed.finished_at, failed.reason = FAILED, utc_now(), str(exc).splitlines()[0]
+            failed.slurm = slurm
+            failed.host = slurm["node"]
+            folder.write_meta(failed)
+        raise
+    return outcome.exit_code
+
+
+def node_folder(target: str, environ) -> RunFolder:
+    """The run folder a Slurm job runs: TARGET itself, or line $SLURM_ARRAY_TASK_ID of a runs.txt."""
+    path = Path(target)
+    if path.name == "runs.txt":
+        try:
+            lines = path.read_text().splitlines()
+            path = Path(lines[int(environ["SLURM_ARRAY_TASK_ID"])])
+        except (OSError, KeyError, ValueError, IndexError) as exc:
+            raise StoreError(f"cannot find this array task's run in {target} ({exc}): is RUNPILOT_HOME on a "
+                             f"file system that node {hostname()} shares with the login node?") from exc
+    if not (path / "meta.json").is_file():
+        raise StoreError(f"run folder {path} is missing on node {hostname()}: RUNPILOT_HOME must be on a file "
+                         "system the nodes share with the login node (NFS, Lustre)")
+    return RunFolder(path)
+
+# ==== 18. Runs over time: keeping statuses true, stopping, deleting ============
+
+def refresh(store: RunStore, records: list[RunRecord], note: Callable[[str], None]) -> list[RunRecord]:
+    """Bring queued and running runs up to date: the folder is the truth.
+
+    A run whose meta.json holds a final status is indexed as such (the index catches up). A run
+    whose runner died (SIGKILL, a reboot) is stored `lost`, or `cancelled` when it never started;
+    a container or process group that lives on is reported. Final statuses are never rewritten.
+    """
+    slurm_refresh(store, [r for r in records if r.status in ACTIVE_STATUSES], note)
+    return [_refresh_one(store, r, note) if r.status in ACTIVE_STATUSES else r for r in records]
+
+
+def _refresh_one(store: RunStore, record: RunRecord, note: Callable[[str], None]) -> RunRecord:
+    folder = store.folder(record.id)
+    meta = folder.read_meta()
+    readable = meta.started_at is not None
+    if readable and meta.final:
+        store.save_or_defer(meta)
+        return RunRecord.of(meta, folder.path)
+    if record.slurm_job:  # slurm_refresh brought its row up to date
+        return store.get(record.id) or record
+    runner = meta.runner or record.runner
+    if runner_alive(runner) is not False:
+        return RunRecord.of(meta, folder.path) if readable else record
+    never_started = (meta.status if readable else record.status) == QUEUED
+    if readable:
+        meta.status = CANCELLED if never_started else LOST
+        meta.lost_at = utc_now()
+        meta.reason = ("the process that queued it ended before it started" if never_started else
+                       f"its runner (pid {runner.get('pid')}) ended without recording how the run ended")
+        with contextlib.suppress(OSError):
+            folder.write_meta(meta)
+        record = RunRecord.of(meta, folder.path)
+    else:
+        record.status, record.reason = LOST, f"its runner ended, and meta.json is unreadable ({meta.problems[0]})"
+    with contextlib.suppress(StoreError):
+        store.save_record(record)
+    if leftover_job(record, meta):
+        what = "process group" if record.engine == "local" else "container"
+        note(f"run {record.id} lost its runner but its {what} is still running; "
+             f"'runpilot stop {record.id}' removes it")
+    return record
+
+
+def leftover_job(record: RunRecord, meta: RunMeta) -> bool:
     """Whether the job of a run whose runner died is still alive (container or process group)."""
     if record.engine in ("docker", "podman"):
-        return bool(_containers_of(record.engine, record.id))
-    job = meta.get("job") or {}
-    return bool(job.get("pgid")) and _process_start(job["pgid"]) == job.get("start")
+        return bool(containers_of(record.engine, record.id))
+    pgid = meta.job.get("pgid")
+    return isinstance(pgid, int) and process_start(pgid) == meta.job.get("start")
 
 
-def _containers_of(engine: str, run_id: str) -> list[str]:
+def containers_of(engine: str, run_id: str) -> list[str]:
     if not shutil.which(engine):
         return []
-    done = _quiet([engine, "ps", "-a", "-q", "--filter", f"label={RUN_LABEL}={run_id}"])
+    done = quiet_run([engine, "ps", "-a", "-q", "--filter", f"label={RUN_LABEL}={run_id}"])
     return done.stdout.split() if done.returncode == 0 else []
 
 
-def stop_run(store: RunStore, record: RunRecord, wait: float) -> RunRecord:
-    """Stop a run from another terminal: signal its runner, or remove its orphaned container."""
-    meta = read_json(Path(record.path) / "meta.json")
-    runner = meta.get("runner") or {}
+def stop_run(store: RunStore, record: RunRecord, wait: float, note: Callable[[str], None]) -> RunRecord:
+    """Stop a run from another terminal: signal its runner, or remove its orphaned job."""
+    folder = store.folder(record.id)
+    meta = folder.read_meta()
+    if meta.slurm:
+        return slurm_stop(store, record, meta, wait, note)
+    runner = meta.runner or record.runner
     alive = runner_alive(runner)
     if alive:
         os.kill(runner["pid"], signal.SIGTERM)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            current = store.get(record.id)
-            if current and current.status != "running":
-                return current
-            time.sleep(0.2)
+            current = folder.read_meta()
+            if current.final:
+                store.save_or_defer(current)
+                return RunRecord.of(current, folder.path)
+            time.sleep(0.1)
         raise RunPilotError(f"run {record.id} did not stop within {wait:.0f}s; try again, "
                             f"or kill its runner (pid {runner['pid']})")
-    if alive is None and record.status == "running":
-        raise RunPilotError(f"run {record.id} runs on host {runner.get('host')}; stop it there")
-    if record.engine in ("docker", "podman"):
-        for container in _containers_of(record.engine, record.id):
-            _quiet([record.engine, "rm", "-f", container], timeout=60)
-    elif _leftover_job(record, meta):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(meta["job"]["pgid"], signal.SIGKILL)
-    mark_lost_runs(store, [record])
-    return store.get(record.id) or record
+    if alive is None and record.status in ACTIVE_STATUSES:
+        raise RunPilotError(f"run {record.id} runs on host {runner.get('host') or 'unknown'}; stop it there")
+    end_leftover_job(record, meta)
+    return refresh(store, [record], note)[0]
 
-# ==== 15. Presentation: tables, durations, sparklines ========================
+
+def end_leftover_job(record: RunRecord, meta: RunMeta) -> None:
+    if record.engine in ("docker", "podman"):
+        for container in containers_of(record.engine, record.id):
+            quiet_run([record.engine, "rm", "-f", container], timeout=60)
+    elif leftover_job(record, meta):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(meta.job["pgid"], signal.SIGKILL)
+
+
+def deletable(store: RunStore, records: list[RunRecord], note: Callable[[str], None]) -> list[str]:
+    """Why each run that must not be deleted must not be: still active, or its job lives on."""
+    refused = []
+    for record in refresh(store, records, note):
+        if record.status in ACTIVE_STATUSES:
+            refused.append(f"run {record.id} is {record.status}; stop it first (runpilot stop {record.id})")
+        elif record.status == LOST and leftover_job(record, store.folder(record.id).read_meta()):
+            refused.append(f"run {record.id} is lost but its job is still running; 'runpilot stop {record.id}' "
+                           "ends it, then delete the run")
+    return refused
+
+# ==== 19. Presentation: tables, durations, sparklines ========================
+# Everything here turns data into text for a terminal: pure functions, and every value that
+# came from a job, a config or a file goes through visible() on its way out.
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 SPARK_ASCII = "_.-=+*#@"
+ELLIPSIS = "…"
+STATUS_COLOURS = {SUCCEEDED: "32", FAILED: "31", INTERRUPTED: "33", TIMEOUT: "33", RUNNING: "36", LOST: "35",
+                  QUEUED: "34", CANCELLED: "90"}
+# Metrics whose name says lower is better; every other metric is better higher.
+LOWER_IS_BETTER = re.compile(r"loss|err|mse|mae|rmse|perplexity|ppl|wer|cer|time|latency", re.IGNORECASE)
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -3385,7 +5040,10 @@ def fmt_ago(iso: str | None, now: _dt.datetime | None = None) -> str:
     if not iso:
         return "-"
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    seconds = max(0.0, (now - parse_time(iso)).total_seconds())
+    try:
+        seconds = max(0.0, (now - parse_time(iso)).total_seconds())
+    except ValueError:
+        return visible(iso)
     for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
         if seconds >= size:
             return f"{int(seconds // size)}{unit} ago"
@@ -3395,35 +5053,67 @@ def fmt_ago(iso: str | None, now: _dt.datetime | None = None) -> str:
 def fmt_value(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    return "-" if value is None else str(value)
+    return "-" if value is None else visible(str(value))
 
 
-def printable(text: str) -> str:
-    """A name safe to print: control characters shown as escapes, never sent to the terminal."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+def fmt_size(size: float) -> str:
+    """1536 -> "1.5 KiB": a file's size for people."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
 
 
 def text_width(text: str) -> int:
     """Columns a string takes on a terminal: wide (CJK) characters take two, combining marks none."""
     if text.isascii():
         return len(text)
+    import unicodedata
     return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
                for ch in text)
 
 
-def format_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset(),
-                 width: int | None = None, min_columns: int = 1, paint=None) -> str:
-    """Aligned columns; columns past `min_columns` are dropped whole (never cut) to fit `width`.
+def clip(text: str, width: int) -> str:
+    """TEXT cut to WIDTH columns, ending in … when cut."""
+    if width <= 0:
+        return ""
+    if text_width(text) <= width:
+        return text
+    out, used = [], 0
+    for ch in text:
+        w = text_width(ch)
+        if used + w > width - 1:
+            break
+        out.append(ch)
+        used += w
+    return "".join(out) + ELLIPSIS
 
-    `paint(column, padded_text, row)` may decorate a body cell (colour) after alignment.
+
+def render_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset(),
+                 width: int | None = None, min_columns: int = 1, shrink: set[int] = frozenset(),
+                 paint=None) -> str:
+    """Aligned columns that fit WIDTH: the SHRINK columns are cut with … (down to 8 columns wide),
+    then whole columns past MIN_COLUMNS are dropped from the right.
+
+    Cells are made visible (no control codes). `paint(column, padded_text, row)` may decorate a
+    body cell (colour) after alignment.
     """
+    rows = [[visible(c) for c in r] for r in rows]
     widths = [max([text_width(h)] + [text_width(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def total(keep: int) -> int:
+        return sum(widths[:keep]) + 2 * (keep - 1)
+    while width and total(len(widths)) > width and any(widths[i] > 8 for i in shrink):
+        widest = max((i for i in shrink if widths[i] > 8), key=lambda i: widths[i])
+        widths[widest] = max(8, widths[widest] - (total(len(widths)) - width))
     keep = len(headers)
-    while width and keep > min_columns and sum(widths[:keep]) + 2 * (keep - 1) > width:
+    while width and keep > min_columns and total(keep) > width:
         keep -= 1
 
     def line(cells: list[str], row: list[str] | None) -> str:
-        pads = [" " * (widths[i] - text_width(c)) for i, c in enumerate(cells[:keep])]
+        cells = [clip(c, widths[i]) for i, c in enumerate(cells[:keep])]
+        pads = [" " * (widths[i] - text_width(c)) for i, c in enumerate(cells)]
         parts = [pad + c if i in right else c + pad for i, (c, pad) in enumerate(zip(cells, pads))]
         if paint and row is not None:
             parts = [paint(i, p, row) for i, p in enumerate(parts)]
@@ -3434,7 +5124,7 @@ def format_table(headers: list[str], rows: list[list[str]], right: set[int] = fr
 def sparkline(values: list[float], width: int = 40, ascii_only: bool = False) -> str:
     """The shape of a series in block characters, resampled to at most `width` points."""
     numbers = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not numbers:
+    if not numbers or width <= 0:
         return ""
     if len(numbers) > width:
         step = len(numbers) / width
@@ -3465,50 +5155,38 @@ def metric_summary(samples: list[dict]) -> dict[str, dict]:
     return summary
 
 
-def run_table(records: list[RunRecord], metrics: list[str], absolute: bool,
-              width: int | None, colour: bool = False) -> str:
-    headers = ["ID", "NAME", "STATUS", "STARTED", "DURATION", "EXIT"] + [m.upper() for m in metrics]
-    rows = list_rows(records, metrics, absolute)
-    paint = (lambda col, text, row: colour_status(text, row[2]) if col == 2 else text) if colour else None
-    return format_table(headers, rows, {4, 5} | set(range(6, 6 + len(metrics))), width, min_columns=6,
-                        paint=paint)
-
-
-STATUS_COLOURS = {"succeeded": "32", "failed": "31", "interrupted": "33", "timeout": "33",
-                  "running": "36", "lost": "35"}
-# Metrics whose name says lower is better; every other metric is better higher.
-LOWER_IS_BETTER = re.compile(r"loss|err|mse|mae|rmse|perplexity|ppl|wer|cer|time|latency", re.IGNORECASE)
-
-
 def colour_status(text: str, status: str) -> str:
     """Wrap an already padded cell in the status's ANSI colour."""
     return f"\x1b[{STATUS_COLOURS[status]}m{text}\x1b[0m" if status in STATUS_COLOURS else text
 
 
 def list_columns(records: list[RunRecord]) -> list[str]:
-    """The metrics the runs' configs list, in first-seen order (all metrics if none is listed)."""
-    names = list(dict.fromkeys(m for r in records for m in r.watched))
+    """The metrics the runs' configs feature, in first-seen order (all metrics if none is listed)."""
+    names = list(dict.fromkeys(m for r in records for m in r.metric_names))
     return names or sorted({m for r in records for m in r.last_metrics})[:6]
 
 
-def list_rows(records: list[RunRecord], metrics: list[str], absolute: bool) -> list[list[str]]:
+def fmt_tags(tags: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(tags.items())) or "-"
+
+
+def render_runs(records: list[RunRecord], metrics: list[str], absolute: bool, width: int | None,
+                colour: bool = False, full: bool = False) -> str:
+    """`list`: one row per run; ids short and long values cut to fit WIDTH unless FULL."""
+    tags = any(r.tags for r in records)
+    headers = ["ID", "NAME", "STATUS", "STARTED", "DURATION", "EXIT"] + (["TAGS"] if tags else []) + \
+        [m.upper() for m in metrics]
     rows = []
     for r in records:
         started = r.started_at if absolute else fmt_ago(r.started_at)
-        row = [r.id, printable(r.name)[:40], r.status, started, fmt_duration(r.duration),
-               "-" if r.exit_code is None else str(r.exit_code)]
+        row = [r.id if full else short_id(r.id), r.name, r.status, started, fmt_duration(r.duration),
+               "-" if r.exit_code is None else str(r.exit_code)] + ([fmt_tags(r.tags)] if tags else [])
         rows.append(row + [fmt_value(r.last_metrics.get(m)) for m in metrics])
-    return rows
-
-
-def csv_text(header: list[str], rows: list[list]) -> str:
-    import csv
-    import io
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return out.getvalue()
+    first_metric = 7 if tags else 6
+    paint = (lambda col, text, row: colour_status(text, row[2]) if col == 2 else text) if colour else None
+    shrink = set() if full else {1} | ({6} if tags else set())
+    return render_table(headers, rows, {4, 5} | set(range(first_metric, len(headers))), width,
+                        min_columns=first_metric + min(len(metrics), 2), shrink=shrink, paint=paint)
 
 
 def flatten(data: object, prefix: str = "") -> dict[str, object]:
@@ -3528,17 +5206,20 @@ def best_of(name: str, values: list) -> object:
     return min(numbers) if LOWER_IS_BETTER.search(name) else max(numbers)
 
 
+def differing(configs: list[dict]) -> list[str]:
+    """The flattened config keys whose values differ between runs."""
+    keys = sorted({k for flat in configs for k in flat})
+    return [k for k in keys if any(flat.get(k) != configs[0].get(k) for flat in configs)]
+
+
 def compare_rows(runs: list[tuple[RunRecord, dict, dict]]) -> list[list[str]]:
     """Rows of `compare`: differing config values, status, duration, each metric's last and best.
 
     `runs` holds (record, flattened config, metric summary); the best value of a row gets a `*`.
     """
     rows = []
-    keys = sorted({k for _, flat, _ in runs for k in flat})
-    for key in keys:
-        values = [flat.get(key) for _, flat, _ in runs]
-        if any(v != values[0] for v in values):
-            rows.append([key] + [_cell(v) for v in values])
+    for key in differing([flat for _, flat, _ in runs]):
+        rows.append([key] + [fmt_cell(flat.get(key)) for _, flat, _ in runs])
     rows.append(["status"] + [r.status for r, _, _ in runs])
     rows.append(["duration"] + [fmt_duration(r.duration) for r, _, _ in runs])
     for metric in dict.fromkeys(m for _, _, summary in runs for m in summary):
@@ -3552,87 +5233,133 @@ def compare_rows(runs: list[tuple[RunRecord, dict, dict]]) -> list[list[str]]:
     return rows
 
 
-def _cell(value: object) -> str:
+def fmt_cell(value: object) -> str:
     if isinstance(value, list):
-        return ",".join(scalar_text(v) for v in value)
-    return "-" if value is None else scalar_text(value)
+        return ",".join(fmt_scalar(v) for v in value)
+    return "-" if value is None else fmt_scalar(value)
 
 
-def export_rows(runs: list[tuple[RunRecord, list[dict]]]) -> tuple[list[str], list[list]]:
-    """One row per sample of every run: run_id, name, step, then every metric (empty if absent)."""
-    metrics = list(dict.fromkeys(k for _, samples in runs for s in samples for k in s if k != "step"))
-    rows = [[r.id, r.name, s.get("step")] + [s.get(m, "") for m in metrics] for r, samples in runs for s in samples]
-    return ["run_id", "name", "step"] + metrics, rows
+def export_rows(runs: list[tuple[RunRecord, list[dict], dict]], keys: list[str],
+                tag_names: list[str]) -> tuple[list[str], list[list]]:
+    """One row per sample of every run: run_id, name, the config KEYS and tags asked for, step,
+    then every metric (empty if absent). runs holds (record, samples, flattened config)."""
+    metrics = list(dict.fromkeys(k for _, samples, _ in runs for s in samples for k in s if k != "step"))
+    rows = [[r.id, r.name] + [fmt_cell(flat.get(k)) for k in keys] + [r.tags.get(t, "") for t in tag_names]
+            + [s.get("step")] + [s.get(m, "") for m in metrics] for r, samples, flat in runs for s in samples]
+    return ["run_id", "name"] + keys + [f"tag.{t}" for t in tag_names] + ["step"] + metrics, rows
+
+
+def csv_text(header: list[str], rows: list[list]) -> str:
+    import csv
+    import io
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 def summary_lines(outcome: RunOutcome) -> list[str]:
+    """What `run` says when a run ends: how, the featured metrics, where its files are."""
     r, meta = outcome.record, outcome.meta
-    lines = [f"run {r.id} {r.status} in {fmt_duration(r.duration)} (exit code {outcome.exit_code})"]
+    lines = [f"run {r.id} {ending_text(meta)}"
+             + (f"; runpilot exits with {outcome.exit_code}" if outcome.exit_code != (r.exit_code or 0) or
+                r.exit_code is None else "")]
     if r.last_metrics:
         lines.append("  " + "  ".join(f"{k}={fmt_value(v)}" for k, v in sorted(r.last_metrics.items())[:12]))
-    lines += [f"  folder: {r.path}"] + [f"warning: {w}" for w in meta.get("warnings", [])]
-    return lines
+    return lines + [f"  folder: {r.path}"]
 
 
-def show_text(record: RunRecord, meta: dict, samples: list[dict], ascii_only: bool) -> str:
-    path = Path(record.path)
-    out = [f"run        {record.id}", f"name       {printable(record.name)}",
-           f"status     {record.status}" + ("" if record.exit_code is None else f" (exit code {record.exit_code})"),
-           f"started    {record.started_at}", f"finished   {record.finished_at or '-'}",
-           f"duration   {fmt_duration(record.duration)}",
-           f"engine     {meta.get('engine') or '-'} {meta.get('engine_version') or ''}".rstrip(),
-           f"image      {meta.get('image') or '-'}" + (f"  ({meta['image_id']})" if meta.get("image_id") else ""),
-           *[f"digest     {digest}" for digest in meta.get("repo_digests") or []],
-           f"command    {meta.get('command_line') or '-'}",
-           f"host       {meta.get('host') or '-'}", f"folder     {path}"]
+def ending_text(meta: RunMeta) -> str:
+    """`failed in 3.2s (exit code 3)`, `interrupted by Ctrl-C after 2.0s (exit code 143)`."""
+    code = "" if meta.exit_code is None else f" (exit code {meta.exit_code})"
+    took = fmt_duration(meta.duration)
+    if meta.status == INTERRUPTED:
+        by = f" by {signal_name(meta.stop_signal)}" if meta.stop_signal else ""
+        return f"interrupted{by} after {took}{code}"
+    if meta.status == TIMEOUT:
+        return f"timed out after {took}{code}"
+    if meta.status == CANCELLED:
+        by = f" by {signal_name(meta.stop_signal)}" if meta.stop_signal else ""
+        return f"cancelled{by} before the job started"
+    return f"{meta.status} in {took}{code}"
+
+
+def render_show(record: RunRecord, meta: RunMeta, samples: list[dict], files: dict[str, int],
+                config_text: str, log_lines: list[str], ascii_only: bool, width: int | None) -> str:
+    """`show`: everything about one run, each line cut to WIDTH (None: no limit)."""
+    fit = (lambda text: clip(visible(text), width)) if width else visible
+    status = record.status + ("" if record.exit_code is None else f" (exit code {record.exit_code})")
+    out = [f"run        {record.id}", f"name       {record.name}", f"status     {status}"]
+    if record.reason:
+        out.append(f"reason     {record.reason}")
+    out += [f"started    {record.started_at}", f"finished   {record.finished_at or '-'}",
+            f"duration   {fmt_duration(record.duration)}",
+            f"engine     {meta.engine or '-'} {meta.engine_version or ''}".rstrip(),
+            f"image      {meta.image or '-'}" + (f"  ({meta.image_id})" if meta.image_id else ""),
+            *[f"digest     {digest}" for digest in meta.repo_digests],
+            f"command    {meta.command_line or '-'}", f"host       {meta.host or '-'}"]
+    if meta.devices:
+        out.append(f"gpus       {', '.join(meta.devices)}")
+    out.append(f"folder     {record.path}")
     if record.tags:
         out.append("tags       " + " ".join(f"{k}={v}" for k, v in sorted(record.tags.items())))
-    if meta.get("rerun_of"):
-        out.append(f"rerun of   {meta['rerun_of']}")
-    for repo in meta.get("git") or []:
-        out.append(f"git        {repo['root']} {repo.get('branch')} {str(repo.get('commit'))[:12]}"
-                   + (" (uncommitted changes)" if repo.get("dirty") else ""))
+    if meta.sweep.get("id"):
+        out.append(f"sweep      {meta.sweep['id']} point {meta.sweep.get('index')}")
+    if meta.rerun_of:
+        out.append(f"rerun of   {meta.rerun_of}")
+    for repo in meta.git:
+        dirty = " (uncommitted changes)" if repo.get("dirty") else ""
+        out.append(f"git        {repo.get('root')} {repo.get('branch')} {str(repo.get('commit'))[:12]}{dirty}")
     out.append("files")
-    for f in sorted(path.iterdir()) if path.is_dir() else []:
-        if not f.name.startswith("."):
-            out.append(f"  {f.name:<14} {_size_text(f.stat().st_size):>10}")
-    out += _metrics_block(samples, ascii_only)
-    out += [f"warning    {w}" for w in meta.get("warnings", [])]
-    config = path / "config.yaml"
-    if config.is_file():
+    out += [f"  {name:<14} {fmt_size(size):>10}" for name, size in files.items()]
+    out = [fit(line) for line in out]
+    out += _metrics_block(samples, ascii_only, width)
+    out += [fit(f"warning    {w}") for w in meta.warnings]
+    if meta.hint:
+        out.append(fit(f"hint       {meta.hint}"))
+    if log_lines:
+        out.append(f"log        the last {len(log_lines)} line(s) of logs.txt")
+        out += [fit("  " + line) for line in log_lines]
+    if config_text:
         out.append("config")
-        out += ["  " + line for line in config.read_text(encoding="utf-8", errors="replace").splitlines()]
+        out += [fit("  " + line) for line in config_text.splitlines()]
     return "\n".join(out)
 
 
-def _metrics_block(samples: list[dict], ascii_only: bool) -> list[str]:
+def _metrics_block(samples: list[dict], ascii_only: bool, width: int | None) -> list[str]:
     summary = metric_summary(samples)
     if not summary:
         return ["metrics    none"]
     rows = [[name, str(e["count"]), fmt_value(e["first"]), fmt_value(e["last"]), fmt_value(e["min"]),
-             fmt_value(e["max"]), sparkline(e["values"], ascii_only=ascii_only)]
-            for name, e in summary.items()]
-    table = format_table(["metric", "count", "first", "last", "min", "max", "trend"], rows, right={1, 2, 3, 4, 5})
+             fmt_value(e["max"])] for name, e in summary.items()]
+    headers = ["metric", "count", "first", "last", "min", "max"]
+    used = max(map(len, render_table(headers, rows, right={1, 2, 3, 4, 5}).splitlines()))
+    trend = 40 if width is None else max(0, min(40, width - 2 - used - 2))
+    if trend >= 8:
+        headers.append("trend")
+        rows = [row + [sparkline(e["values"], trend, ascii_only)] for row, e in zip(rows, summary.values())]
+    table = render_table(headers, rows, right={1, 2, 3, 4, 5}, width=None if width is None else width - 2,
+                         shrink={0})
     return ["metrics"] + ["  " + line for line in table.splitlines()]
 
 
-def _size_text(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(size)
+def render_compare(runs: list[tuple[RunRecord, dict, dict]], width: int | None, full: bool) -> str:
+    header = [""] + [r.id if full else short_id(r.id) for r, _, _ in runs]
+    return render_table(header, compare_rows(runs), set(range(1, len(runs) + 1)), None if full else width,
+                        min_columns=len(header), shrink=set() if full else set(range(len(header))))
 
-# ==== 16. Command line =======================================================
+# ==== 21. Command line =======================================================
+# Each command reads: parse its arguments, ask the store or the orchestrator, present.
 
 SAMPLE_CONFIG = """\
 # RunPilot run config: `runpilot run config.yaml` (see `runpilot run --help`).
 name: sample-training            # shown by `runpilot list`; any text
-image: "python:3.12-slim"        # the container image the job runs in
+image: "{image}"{image_note}
 entrypoint: "python train.py"    # a string runs through the image's /bin/sh; a list runs as is
 # engine: docker                 # docker, podman or local (no container); default: docker if present
 
-env:                             # passed to the job; ${VAR} takes VAR from your environment
+env:                             # passed to the job; ${{VAR}} takes VAR from your environment
   EPOCHS: 5
   LR: 0.01
 
@@ -3655,7 +5382,6 @@ metrics:                         # the job prints lines such as: METRIC loss=0.2
 SAMPLE_TRAIN = '''\
 """A tiny stand-in for a training script: prints METRIC lines that RunPilot records."""
 import math
-import operator
 import os
 
 epochs = int(os.environ.get("EPOCHS", "5"))
@@ -3666,6 +5392,66 @@ for epoch in range(1, epochs + 1):
     print(f"METRIC step={epoch} loss={loss:.4f} accuracy={1 - loss / 2:.4f}")
 print("done")
 '''
+# The image `init` writes when no Python image is present locally: it must be pulled once.
+SAMPLE_IMAGE = "python:3.12-slim"
+
+
+def echo(text: str = "", err: bool = False) -> None:
+    """print() that a closed output (`runpilot list | head`) cannot turn into a failure."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        print(text, file=stream, flush=err)
+    except BrokenPipeError:
+        _silence(stream)
+
+
+def _silence(stream) -> None:
+    """Send a stream whose reader has gone to /dev/null, so nothing more fails on it (nor at exit)."""
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+def note(text: str) -> None:
+    echo(f"runpilot: {visible(text)}", err=True)
+
+
+def _store() -> RunStore:
+    return RunStore.default(note=note)
+
+
+def output_width(stream=None) -> int | None:
+    """The width views fit: the terminal's, else $COLUMNS, else none (piped output is not cut)."""
+    stream = stream or sys.stdout
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        if stream.isatty():
+            return os.get_terminal_size(stream.fileno()).columns
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else None
+
+
+def cli_reporter(terminal: Terminal) -> Reporter:
+    """A run's events as `runpilot: ...` lines on stderr, the way `runpilot run` shows them."""
+    def report(event: RunEvent) -> None:
+        if event.kind == "finished" and event.outcome is not None:
+            lines = summary_lines(event.outcome)
+        elif event.kind in ("warning", "hint"):
+            lines = [f"{event.kind}: {event.message}"]
+        else:
+            lines = [event.message]
+        for line in lines:
+            terminal.say(line)
+        if event.kind == "pulling":  # the engine's own progress follows on the same stderr
+            terminal.drain(5)
+    return report
+
+
+def finish_output(terminal: Terminal, signals: StopSignals) -> None:
+    """Let the terminal catch up before exiting; a Ctrl-C meanwhile drops what it has not shown."""
+    seen = len(signals.received)
+    while not terminal.drain(POLL_SECONDS):
+        if len(signals.received) > seen:
+            terminal.abandon()
+            return
 
 
 def _tags(items: list[str]) -> dict:
@@ -3681,52 +5467,63 @@ def _tags(items: list[str]) -> dict:
 def _run_options(args, **more) -> RunOptions:
     return RunOptions(engine=args.engine, stop_timeout=args.stop_timeout, keep_engine_logs=args.engine_logs,
                       pull=args.pull, tags=_tags(args.tag), overrides=args.set, gpu_check=not args.no_gpu_check,
-                      run_id=args.run_id, **more)
+                      run_id=args.run_id, gpu_pool=args.gpus, wait_for_gpus=not args.no_wait, **more)
 
 
 def cmd_run(args) -> int:
     config = load_config(args.config, args.set)
     if args.name:
         config = dataclasses.replace(config, name=args.name)
+    if config.sweep:
+        note("this config has a sweep: section, which only `runpilot sweep` reads; running it once, "
+             "with the values of the rest of the file")
     options = _run_options(args)
+    if args.on == "slurm":
+        return slurm_run_cli(args, config, options)
     if args.dry_run:
-        print(dry_run_text(config, options))
+        echo(dry_run_text(config, options))
         return 0
     return _launch(args, config, options)
 
 
 def cmd_rerun(args) -> int:
-    store = RunStore.default()
-    old = _resolve(store, args.run)
-    old_meta = read_json(Path(old.path) / "meta.json")
-    config = load_config(Path(old.path) / "config.yaml", args.set)
-    config = dataclasses.replace(config, name=args.name or config.name, source=old_meta.get("config_file"))
-    tags = {**old.tags, **_tags(args.tag)}
-    options = dataclasses.replace(_run_options(args, rerun_of=old.id, previous=old_meta), tags=tags)
+    store = _store()
+    old = find_run(store, args.run)
+    old_meta = store.folder(old.id).read_meta()
+    config = load_config(store.folder(old.id).config, args.set)
+    config = dataclasses.replace(config, name=args.name or config.name, source=old_meta.config_file)
+    options = dataclasses.replace(_run_options(args, rerun_of=old.id, previous=old_meta),
+                                  tags={**old.tags, **_tags(args.tag)})
     return _launch(args, config, options)
 
 
 def _launch(args, config: JobConfig, options: RunOptions) -> int:
+    store = _store()
     if args.detach:
-        return detach(args.argv, RunStore.default())
-    outcome = run_job(config, options, RunStore.default())
-    for line in summary_lines(outcome):
-        say(line)
+        return detach(args.argv, store, "--run-id", store.folder(new_run_id()))
+    terminal = Terminal(sys.stdout, sys.stderr)
+    with StopSignals() as signals:
+        try:
+            outcome = run_job(config, options, store, terminal, cli_reporter(terminal), signals=signals)
+        finally:
+            finish_output(terminal, signals)
     return outcome.exit_code
 
 
-def detach(argv: list[str], store: RunStore) -> int:
-    """Start the same command in the background, in its own session; print the run id once recorded."""
-    run_id = new_run_id()
+def detach(argv: list[str], store: RunStore, flag: str, folder: RunFolder | None = None,
+           sweep: Path | None = None) -> int:
+    """Start the same command in the background, in its own session; print the id once recorded."""
     store.ensure()
-    errors = store.home / f".detach-{run_id}.err"
-    child_argv = [a for a in argv if a not in ("-d", "--detach")] + ["--run-id", run_id]
+    key = folder.run_id if folder else sweep.name if sweep else ""
+    errors = store.home / f".detach-{key}.err"
+    child_argv = [a for a in argv if a not in ("-d", "--detach")] + [flag, key]
     with open(os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as err:
         child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *child_argv],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                  start_new_session=True)
+    recorded = folder.meta_file if folder else (sweep / "sweep.json")  # type: ignore[operator]
     try:
-        while store.get(run_id) is None:  # the child may be pulling an image first
+        while not recorded.exists():  # the child may be pulling an image first
             if child.poll() is not None:
                 sys.stderr.write(errors.read_text(errors="replace"))
                 return child.returncode or 1
@@ -3734,108 +5531,99 @@ def detach(argv: list[str], store: RunStore) -> int:
     finally:
         with contextlib.suppress(OSError):
             errors.unlink()
-    print(run_id)
+    echo(key)
     return 0
 
 
 def dry_run_text(config: JobConfig, options: RunOptions) -> str:
     engine = choose_engine(options.engine, config, os.environ)
     run_id = new_run_id()
-    env = job_environment(config, run_id, _mount_env(config, engine))
-    launch = make_launch(config, run_id, engine, env, options, {})
+    env = {**job_environment(dataclasses.replace(config, env={}), run_id, engine, os.environ), **config.env}
+    launch = make_launch(config, run_id, engine, env, options, {}, None)
     where = f"# in {launch.cwd}\n" if launch.cwd else ""
-    return (f"# resolved config\n{dump_yaml(config_to_dict(config))}\n# command ({engine})\n"
-            f"{where}{shlex.join(launch.argv)}")
+    text = f"# resolved config\n{dump_yaml(config_to_dict(config))}\n# command ({engine})\n{where}{shlex.join(launch.argv)}"
+    return "\n".join(visible(line) for line in text.split("\n"))
 
 
-def since_cutoff(text: str, now: _dt.datetime | None = None) -> str:
+def since_cutoff(text: str, flag: str = "--since", now: _dt.datetime | None = None) -> str:
     """ISO time from `2d`, `12h`, `30m` (ago) or a date `2026-11-01` / time `2026-11-01T08:00`."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
     with contextlib.suppress(ValueError):
-        return iso_utc(now - _dt.timedelta(seconds=parse_duration(text)))
+        seconds = parse_duration(text)
+        if seconds > MAX_AGE_SECONDS:
+            raise UsageError(f"{flag} {text!r} reaches back more than ten years; give a date (2020-01-01)")
+        return iso_utc(now - _dt.timedelta(seconds=seconds))
     try:
         when = _dt.datetime.fromisoformat(text)
     except ValueError:
-        raise UsageError(f"--since {text!r}: give an age (2d, 12h, 30m) or a date (2026-11-01)") from None
+        raise UsageError(f"{flag} {visible(text)!r}: give an age (2d, 12h, 30m) or a date (2026-11-01)") from None
     return iso_utc(when.replace(tzinfo=when.tzinfo or _dt.timezone.utc))
 
 
-def list_query(args) -> tuple[str, tuple, str]:
-    """WHERE, parameters and ORDER BY of `list` (filtering and sorting happen in SQL)."""
-    where, params = [], []
-    for column, value in (("status = ?", args.status), ("name GLOB ?", args.name)):
-        if value:
-            where.append(column)
-            params.append(value)
-    if args.since:
-        where.append("started_at >= ?")
-        params.append(since_cutoff(args.since))
-    for key, value in _tags(args.tag).items():
-        where.append("json_extract(tags, ?) = ?")
-        params += [f'$."{key}"', value]
-    direction = "ASC" if args.ascending else "DESC"
-    if args.sort == "started":
-        order = f"started_at {direction}"
-    elif args.sort == "duration":
-        order = f"duration IS NULL, duration {direction}, started_at DESC"
-    elif METRIC_KEY_RE.match(args.sort):
-        expr = "json_extract(last_metrics, ?)"
-        order = f"{expr} IS NULL, {expr} {direction}, started_at DESC"
-        params += [f'$."{args.sort}"'] * 2
-    else:
-        raise UsageError(f"--sort {args.sort!r}: use started, duration or a metric name")
-    return " AND ".join(where), tuple(params), order
+def find_run(store: RunStore, ref: str) -> RunRecord:
+    """The run a command names, with its status brought up to date."""
+    return refresh(store, [store.find(ref)], note)[0]
+
+
+def _run_details(store: RunStore, ref: str) -> tuple[RunRecord, RunMeta, list[dict]]:
+    """A run with its meta.json and its samples."""
+    record = find_run(store, ref)
+    folder = store.folder(record.id)
+    return record, folder.read_meta(), read_metrics(folder.metrics)
+
+
+def _list_filter(args) -> RunFilter:
+    limit = None if args.all else args.limit
+    if limit is None and not args.all:
+        limit = max(5, shutil.get_terminal_size().lines - 3) if sys.stdout.isatty() else 20
+    return RunFilter(status=args.status, name_glob=args.name, since=since_cutoff(args.since) if args.since else None,
+                     tags=_tags(args.tag), sweep_id=args.sweep, sort=args.sort, ascending=bool(args.ascending),
+                     limit=None if args.sweep and not args.limit else limit)
 
 
 def cmd_list(args) -> int:
-    store = RunStore.default()
-    where, params, order = list_query(args)
-    tty = sys.stdout.isatty()
-    limit = None if args.all else args.limit or (max(5, shutil.get_terminal_size().lines - 3) if tty else 20)
-    records = mark_lost_runs(store, store.query(where, params, order, limit))
+    store = _store()
+    what = _list_filter(args)
+    records = refresh(store, store.query(what), note)
     metrics = list_columns(records)
     if args.quiet:
-        print("\n".join(r.id for r in records))
+        echo("\n".join(r.id for r in records))
     elif args.json:
-        print(json.dumps(json_safe([dataclasses.asdict(r) for r in records]), indent=2, sort_keys=True))
+        rows = [{k: v for k, v in dataclasses.asdict(r).items() if k not in ("runner", "slurm_job")} for r in records]
+        echo(json.dumps(json_safe(rows), indent=2, sort_keys=True))
     elif args.format == "csv":
-        header = ["id", "name", "status", "started_at", "finished_at", "duration", "exit_code"] + metrics
-        print(csv_text(header, [[r.id, r.name, r.status, r.started_at, r.finished_at, r.duration, r.exit_code]
-                                + [r.last_metrics.get(m) for m in metrics] for r in records]), end="")
+        header = ["id", "name", "status", "started_at", "finished_at", "duration", "exit_code", "tags"] + metrics
+        echo(csv_text(header, [[r.id, r.name, r.status, r.started_at, r.finished_at, r.duration, r.exit_code,
+                                fmt_tags(r.tags) if r.tags else ""] + [r.last_metrics.get(m) for m in metrics]
+                               for r in records]).rstrip("\n"))
     elif not records:
-        print("no runs yet; start one with: runpilot run CONFIG" if not where else "no run matches")
+        filtered = what.status or what.name_glob or what.since or what.tags or what.sweep_id
+        echo("no run matches" if filtered else "no runs yet; start one with: runpilot run CONFIG")
     else:
-        colour = tty and not args.no_color and not os.environ.get("NO_COLOR")
-        width = shutil.get_terminal_size().columns if tty else None
-        print(run_table(records, metrics, args.absolute, width, colour))
+        colour = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR")
+        echo(render_runs(records, metrics, args.absolute, output_width(), colour, args.no_trunc))
     return 0
-
-
-def _resolve(store: RunStore, ref: str) -> RunRecord:
-    record = store.resolve(ref)
-    return mark_lost_runs(store, [record])[0]
-
-
-def _run_details(store: RunStore, ref: str) -> tuple[RunRecord, dict, list[dict]]:
-    """A run with its meta.json and its samples."""
-    record = _resolve(store, ref)
-    return record, read_json(Path(record.path) / "meta.json"), read_metrics(Path(record.path) / "metrics.json")
 
 
 def cmd_show(args) -> int:
-    record, meta, samples = _run_details(RunStore.default(), args.run)
+    store = _store()
+    record, meta, samples = _run_details(store, args.run)
+    folder = store.folder(record.id)
+    files = {f.name: f.stat().st_size for f in sorted(folder.path.iterdir()) if not f.name.startswith(".")} \
+        if folder.path.is_dir() else {}
     if args.json:
         summary = {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in metric_summary(samples).items()}
-        print(json.dumps(json_safe({"run": dataclasses.asdict(record), "meta": meta, "metrics": summary,
-                                    "files": _files(Path(record.path))}), indent=2, sort_keys=True))
-    else:
-        print(show_text(record, meta, samples, args.ascii or not _can_encode(SPARK_BLOCKS)))
+        meta_data = json.loads(meta.to_json())
+        echo(json.dumps(json_safe({"run": dataclasses.asdict(record), "meta": meta_data, "metrics": summary,
+                                   "files": files}), indent=2, sort_keys=True))
+        return 0
+    tail = args.tail if args.tail is not None else SHOW_LOG_TAIL if record.status in (
+        FAILED, INTERRUPTED, TIMEOUT, LOST) else 0
+    log = log_tail(folder.logs, 64 << 10).decode("utf-8", "replace").splitlines()[-tail:] if tail > 0 else []
+    config = folder.config.read_text(encoding="utf-8", errors="replace") if folder.config.is_file() else ""
+    ascii_only = args.ascii or not _can_encode(SPARK_BLOCKS)
+    echo(render_show(record, meta, samples, files, config, log, ascii_only, None if args.no_trunc else output_width()))
     return 0
-
-
-def _files(path: Path) -> dict:
-    return {f.name: f.stat().st_size for f in sorted(path.iterdir()) if not f.name.startswith(".")} \
-        if path.is_dir() else {}
 
 
 def _can_encode(text: str) -> bool:
@@ -3847,19 +5635,20 @@ def _can_encode(text: str) -> bool:
 
 
 def cmd_logs(args) -> int:
-    store = RunStore.default()
-    record = _resolve(store, args.run)
-    path = Path(record.path) / "logs.txt"
+    store = _store()
+    record = find_run(store, args.run)
+    path = store.folder(record.id).logs
     out = terminal_writer(sys.stdout)
-    offset = _print_log(path, out, args.tail)
-    while args.follow:
-        current = store.get(record.id)
-        running = current is not None and current.status == "running" and \
-            mark_lost_runs(store, [current])[0].status == "running"
-        offset = _copy_from(path, out, offset)
-        if not running:
-            break
-        time.sleep(POLL_SECONDS)
+    try:
+        offset = _print_log(path, out, args.tail)
+        while args.follow:
+            running = find_run(store, record.id).status in ACTIVE_STATUSES
+            offset = _copy_from(path, out, offset)
+            if not running:
+                break
+            time.sleep(POLL_SECONDS)
+    except BrokenPipeError:
+        _silence(sys.stdout)
     return 0
 
 
@@ -3909,46 +5698,79 @@ def _copy_from(path: Path, out, offset: int, end: int | None = None) -> int:
 
 
 def cmd_stop(args) -> int:
-    store = RunStore.default()
-    record = _resolve(store, args.run)
-    if record.status != "running" and not (record.status == "lost" and _leftover_job(
-            record, read_json(Path(record.path) / "meta.json"))):
-        print(f"run {record.id} is not running ({record.status})")
+    store = _store()
+    if SWEEP_ID_RE.match(args.run):
+        echo(stop_sweep(store, args.run, args.wait))
         return 0
-    record = stop_run(store, record, args.wait)
-    print(f"run {record.id} {record.status}")
+    record = find_run(store, args.run)
+    meta = store.folder(record.id).read_meta()
+    if record.status not in ACTIVE_STATUSES and not (record.status == LOST and leftover_job(record, meta)):
+        echo(f"run {record.id} is not running ({record.status})")
+        return 0
+    record = stop_run(store, record, args.wait, note)
+    echo(f"run {record.id} {record.status}")
     return 0
 
 
+def _sweep_runs(store: RunStore, sweep_id: str) -> list[RunRecord]:
+    records = refresh(store, store.query(RunFilter(sweep_id=check_sweep_id(sweep_id), ascending=True)), note)
+    if not records:
+        raise StoreError(f"no run belongs to sweep {sweep_id}; see runpilot list")
+    return records
+
+
+def _refs_or_sweep(store: RunStore, args) -> list[RunRecord]:
+    if args.sweep:
+        return _sweep_runs(store, args.sweep)
+    if not args.runs:
+        raise UsageError("name the runs (ids, prefixes, latest, -N), or a sweep with --sweep ID")
+    return [find_run(store, ref) for ref in args.runs]
+
+
+def _config_of(store: RunStore, record: RunRecord) -> dict:
+    path = store.folder(record.id).config
+    try:
+        return flatten(parse_yaml(path.read_text(encoding="utf-8"), str(path)))
+    except (OSError, ConfigError):
+        return {}
+
+
 def cmd_compare(args) -> int:
-    store = RunStore.default()
-    runs = []
-    for ref in args.runs:
-        record, _, samples = _run_details(store, ref)
-        config = Path(record.path) / "config.yaml"
-        data = parse_yaml(config.read_text(encoding="utf-8")) if config.is_file() else {}
-        runs.append((record, flatten(data), metric_summary(samples)))
-    header = [""] + [r.id for r, _, _ in runs]
-    print(format_table(header, compare_rows(runs), set(range(1, len(runs) + 1))))
+    store = _store()
+    runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics)))
+            for r in _refs_or_sweep(store, args)]
+    echo(render_compare(runs, output_width(), args.no_trunc))
+    if sys.stdout.isatty() and len(runs) > 1:
+        note(f"curves: runpilot plot {args.sweep and '--sweep ' + args.sweep or ' '.join(short_id(r.id) for r, _, _ in runs)}")
     return 0
 
 
 def cmd_export(args) -> int:
-    store = RunStore.default()
-    runs = [(record, samples) for record, _, samples in (_run_details(store, ref) for ref in args.runs)]
+    store = _store()
+    records = _refs_or_sweep(store, args)
+    runs = [(r, read_metrics(store.folder(r.id).metrics), _config_of(store, r)) for r in records]
+    keys = differing([flat for _, _, flat in runs]) if args.config else []
+    tag_names = sorted({t for r in records for t in r.tags}) if args.tags else []
     if args.format == "csv":
-        text = csv_text(*export_rows(runs))
+        text = csv_text(*export_rows(runs, keys, tag_names))
+        if sys.stdout.isatty() and not args.output:
+            text = "\n".join(visible(line) for line in text.split("\n"))
     else:
-        text = "".join(json.dumps(json_safe({"run_id": r.id, "name": r.name, **s})) + "\n"
-                       for r, samples in runs for s in samples)
-    if args.output:
+        text = "".join(json.dumps(json_safe({"run_id": r.id, "name": r.name, **{k: flat.get(k) for k in keys},
+                                             **{f"tag.{t}": r.tags.get(t) for t in tag_names}, **s})) + "\n"
+                       for r, samples, flat in runs for s in samples)
+    if not args.output:
         try:
-            Path(args.output).write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise RunPilotError(f"cannot write {args.output}: {exc.strerror}; choose another -o path") from exc
-        print(f"wrote {sum(len(s) for _, s in runs)} sample(s) of {len(runs)} run(s) to {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence(sys.stdout)
+        return 0
+    try:
+        Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise RunPilotError(f"cannot write {args.output}: {exc.strerror}; choose another -o path") from exc
+    echo(f"wrote {sum(len(s) for _, s, _ in runs)} sample(s) of {len(runs)} run(s) to {args.output}", err=True)
     return 0
 
 
@@ -3960,81 +5782,351 @@ def _confirm(question: str, yes: bool) -> bool:
     return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
-def delete_runs(store: RunStore, records: list[RunRecord], yes: bool) -> int:
-    busy = [r.id for r in mark_lost_runs(store, records) if r.status == "running"]
-    if busy:
-        raise UsageError(f"run {', '.join(busy)} is still running; stop it first (runpilot stop ID)")
+def delete_runs(store: RunStore, records: list[RunRecord], yes: bool, skip_busy: bool = False) -> int:
+    """Delete runs after a confirmation; a run that is active or whose job lives on is never deleted."""
+    refused = deletable(store, records, note)
+    if refused and not skip_busy:
+        raise UsageError(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""))
+    busy = {line.split()[1] for line in refused}
+    for line in refused:
+        note(f"skipped: {line}")
+    records = [r for r in records if r.id not in busy]
     if not records:
-        print("nothing to delete")
+        echo("nothing to delete")
         return 0
     if not _confirm(f"delete {len(records)} run(s) and their files?", yes):
-        print("nothing deleted")
+        echo("nothing deleted")
         return 1
     for record in records:
-        store.delete(record)
-        print(f"deleted {record.id} ({printable(record.name)})")
+        store.delete(record.id)
+        echo(f"deleted {record.id} ({visible(record.name)})")
     return 0
 
 
 def cmd_rm(args) -> int:
-    store = RunStore.default()
-    records = list({r.id: r for r in (_resolve(store, ref) for ref in args.runs)}.values())
+    store = _store()
+    records = list({r.id: r for r in (store.find(ref) for ref in args.runs)}.values())
     return delete_runs(store, records, args.yes)
 
 
 def cmd_gc(args) -> int:
     if args.keep is None and args.older_than is None:
         raise UsageError("gc needs --keep N and/or --older-than AGE")
-    store = RunStore.default()
-    where, params = ["status != 'running'"], []
-    if args.older_than:
-        where.append("started_at < ?")
-        params.append(since_cutoff(args.older_than))
-    if args.keep is not None:
-        where.append("id NOT IN (SELECT id FROM runs ORDER BY started_at DESC LIMIT ?)")
-        params.append(max(0, args.keep))
-    records = store.query(" AND ".join(where), tuple(params), "started_at")
+    store = _store()
+    before = since_cutoff(args.older_than, "--older-than") if args.older_than else None
+    records = store.query(RunFilter(before=before, keep_newest=args.keep, final_only=True, ascending=True))
     if args.dry_run:
         for record in records:
-            print(f"would delete {record.id} ({printable(record.name)}, {record.status}, {record.started_at})")
-        print(f"{len(records)} run(s) would be deleted")
+            echo(f"would delete {record.id} ({visible(record.name)}, {record.status}, {record.started_at})")
+        echo(f"{len(records)} run(s) would be deleted")
         return 0
-    return delete_runs(store, records, args.yes)
+    return delete_runs(store, records, args.yes, skip_busy=True)
 
 
 def cmd_validate(args) -> int:
     config = load_config(args.config, args.set)
-    print(f"{args.config}: ok ({config.name}, image {config.image or '-'}, "
-          f"{len(config.mounts)} mount(s), {len(config.env)} env value(s))")
+    engine = config.engine or os.environ.get("RUNPILOT_ENGINE")
+    for warning in entrypoint_warnings(config, engine):
+        note(f"warning: {warning}")
+    echo(visible(f"{args.config}: ok ({config.name}, image {config.image or '-'}, {len(config.mounts)} mount(s), "
+                 f"{len(config.env)} env value(s))"))
     return 0
 
 
+def init_image() -> tuple[str, str]:
+    """The image `init` writes: a Python image present here when there is one, and a note why."""
+    for engine in ("docker", "podman"):
+        found = [i for i in local_images(engine) if re.search(r"(^|/)(python|pytorch)[^/]*:", i)]
+        if found:
+            return found[0], f"found locally ({engine})"
+    return SAMPLE_IMAGE, f"not present here: pull it first (docker pull {SAMPLE_IMAGE}), or run the job " \
+                         "without a container: runpilot run config.yaml --engine local"
+
+
 def cmd_init(args) -> int:
-    files = {Path("config.yaml"): SAMPLE_CONFIG, Path("train.py"): SAMPLE_TRAIN}
+    image, why = init_image()
+    note_line = f"  # {why}" if len(why) < 60 else f"\n# {why}"
+    files = {Path("config.yaml"): SAMPLE_CONFIG.format(image=image, image_note=note_line),
+             Path("train.py"): SAMPLE_TRAIN}
     existing = [str(p) for p in files if p.exists()]
     if existing and not args.force:
         raise UsageError(f"{', '.join(existing)} already exist(s) here; use --force to overwrite")
     for path, text in files.items():
-        path.write_text(text, encoding="utf-8")
-        print(f"wrote {path}")
-    print("next: runpilot run config.yaml")
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise RunPilotError(f"cannot write {path}: {exc.strerror}; move it away or run init elsewhere") from exc
+        echo(f"wrote {path}")
+    echo(visible(f"image: {image} ({why})"))
+    echo("next: runpilot run config.yaml")
     return 0
 
 
 def cmd_reindex(args) -> int:
-    count = RunStore.default().reindex()
-    print(f"indexed {count} run(s)")
+    count = _store().reindex()
+    echo(f"indexed {count} run(s)")
     return 0
+
+
+def sweep_reporter(sweep: Sweep, terminal: Terminal) -> Reporter:
+    """One line per run event, the point's values in front: parallel jobs' output stays in logs.txt."""
+    labels = {p["run_id"]: f"[{p['index'] + 1}/{len(sweep.points)} " +
+              ",".join(f"{k}={fmt_scalar(v)}" for k, v in p["values"]) +
+              (f",repeat={p['repeat']}" if sweep.repeat > 1 else "") + "]" for p in sweep.points}
+
+    def report(event: RunEvent) -> None:
+        label = labels.get(event.run_id or "", "")
+        if event.kind == "finished" and event.outcome is not None:
+            meta = event.outcome.meta
+            shown = ", ".join(f"{k} {fmt_value(meta.last_metrics[k])}" for k in meta.metric_names
+                              if k in meta.last_metrics)
+            terminal.say(f"{label} {ending_text(meta)}" + (f", {shown}" if shown else "") + f" (run {short_id(meta.run_id)})")
+        elif event.kind == "starting":
+            meta_devices = re.search(r" on GPU (\S+)$", event.message)
+            where = f" on GPU {meta_devices.group(1)}" if meta_devices else ""
+            terminal.say(f"{label} started{where} (run {short_id(event.run_id or '')})")
+        elif event.kind in ("warning", "hint"):
+            terminal.say(f"{label} {event.kind}: {event.message}".strip())
+        elif event.kind not in ("notice", "pulling") or not label:
+            terminal.say(f"{label} {event.message}".strip())
+    return report
+
+
+def _sweep_plan_text(sweep_id: str, points: list[SweepPoint], repeat: int, parallel: int, pool: list[str] | None) -> str:
+    where = f" on GPUs {','.join(pool)}" if pool else ""
+    lines = [f"sweep {sweep_id}: {len(points)} run(s), {parallel} at a time{where}"]
+    lines += [f"  {p.index + 1:>3}. {p.label(repeat)}" for p in points]
+    return "\n".join(visible(line) for line in lines)
+
+
+def cmd_sweep(args) -> int:
+    store = _store()
+    if args.resume:
+        return _resume_sweep(store, args)
+    if not args.config:
+        raise UsageError("sweep needs a CONFIG (or --resume SWEEP_ID)")
+    data, text, positions = load_config_data(args.config)
+    data, blamed = apply_overrides(data, args.set)
+    if args.name and isinstance(data, dict):
+        data["name"] = args.name
+    base = validate_config(data, str(args.config), text, positions, overrides=blamed)
+    axes = parse_grid(args.grid) or base.sweep
+    if not axes:
+        raise UsageError("nothing to sweep: give --grid KEY=V1,V2 or a sweep: section in the config")
+    points = sweep_points(axes, args.repeat)
+    configs = [(p, point_config(data, str(args.config), text, positions, blamed, p, args.repeat)) for p in points]
+    options = _run_options(args)
+    if args.on == "slurm":
+        return slurm_sweep_cli(args, store, configs, axes, options)
+    sweep_id = args.sweep_id or new_sweep_id()
+    parallel = sweep_parallel([c for _, c in configs], options, args.parallel, os.environ)
+    echo(_sweep_plan_text(sweep_id, points, args.repeat, parallel, options.gpu_pool), err=True)
+    if args.dry_run:
+        return 0
+    if args.detach:
+        return detach(args.argv, store, "--sweep-id", sweep=store.sweeps_dir / sweep_id)
+    stored = {"engine": args.engine, "tags": options.tags, "gpus": args.gpus, "parallel": args.parallel,
+              "fail_fast": args.fail_fast, "stop_timeout": args.stop_timeout, "pull": args.pull,
+              "overrides": args.set}
+    sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, stored, base.source)
+    jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
+    return _run_sweep(store, sweep, jobs, options, parallel, args.fail_fast)
+
+
+def _run_sweep(store: RunStore, sweep: Sweep, jobs: list, options: RunOptions, parallel: int,
+               fail_fast: bool) -> int:
+    terminal = Terminal(sys.stdout, sys.stderr)
+    report = cli_reporter(terminal) if parallel == 1 else sweep_reporter(sweep, terminal)
+    runner = SweepRunner(store, sweep, jobs, options, parallel, fail_fast, terminal if parallel == 1 else None,
+                         report)
+    with StopSignals() as signals:
+        try:
+            code = runner.run(signals)
+        finally:
+            finish_output(terminal, signals)
+    records = refresh(store, [r for p in sweep.points if (r := store.get(p["run_id"])) is not None], note)
+    runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics))) for r in records]
+    echo(render_compare(runs, output_width(), False))
+    note(f"sweep {sweep.sweep_id}: runpilot list --sweep {sweep.sweep_id}; runpilot plot --sweep {sweep.sweep_id}")
+    return code
+
+
+def _resume_sweep(store: RunStore, args) -> int:
+    """Run again the points of a sweep that never finished (queued, cancelled, interrupted, lost)."""
+    sweep = Sweep.load(store, args.resume)
+    if runner_alive(sweep.runner):
+        raise UsageError(f"sweep {sweep.sweep_id} is still running (pid {sweep.runner.get('pid')}); "
+                         f"stop it first (runpilot stop {sweep.sweep_id})")
+    sweep.runner = runner_identity()
+    jobs = []
+    for point in sweep.points:
+        folder = store.folder(point["run_id"])
+        meta = folder.read_meta()
+        if meta.status in (SUCCEEDED, FAILED, TIMEOUT):
+            continue
+        config = dataclasses.replace(load_config(folder.config), source=meta.config_file, name=meta.name)
+        if meta.status not in (QUEUED, CANCELLED):  # it ran: its record stays, the point gets a new run
+            folder = store.create_run_dir()
+            point["run_id"] = folder.run_id
+        values = SweepPoint(point["index"], tuple((k, v) for k, v in point["values"]), point["repeat"])
+        record_start_queued(folder, config, queued_meta(config, folder.run_id, sweep, values))
+        store.save_or_defer(folder.read_meta())
+        jobs.append((point, config))
+    sweep.save(store)
+    if not jobs:
+        echo(f"sweep {sweep.sweep_id}: every point has finished; nothing to resume")
+        return 0
+    stored = sweep.options
+    options = RunOptions(engine=stored.get("engine"), tags=stored.get("tags") or {}, gpu_pool=stored.get("gpus"),
+                         stop_timeout=stored.get("stop_timeout") or DEFAULT_STOP_TIMEOUT,
+                         pull=stored.get("pull") or "missing", overrides=stored.get("overrides") or [])
+    parallel = args.parallel or stored.get("parallel") or sweep_parallel([c for _, c in jobs], options, None,
+                                                                           os.environ)
+    note(f"resuming sweep {sweep.sweep_id}: {len(jobs)} point(s)")
+    return _run_sweep(store, sweep, jobs, options, parallel, args.fail_fast or bool(stored.get("fail_fast")))
+
+
+def _sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="the run config (YAML); its sweep: section, or --grid, gives the grid")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a dotted key and its values (repeatable; the runs are every combination)")
+    p.add_argument("--repeat", type=_positive_int, default=1, metavar="N",
+                   help="run each point N times (the job sees RUNPILOT_REPEAT=0..N-1)")
+    p.add_argument("--parallel", type=_positive_int, metavar="N",
+                   help="at most N runs at once (default: one per free GPU, or 1 without GPUs)")
+    p.add_argument("--fail-fast", action="store_true", help="stop the sweep when a run does not succeed")
+    p.add_argument("--resume", metavar="SWEEP_ID", help="run the points of a sweep that never finished")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; run and record nothing")
+    p.add_argument("--on", choices=("here", "slurm"), default="here",
+                   help="here (default), or submit the sweep to Slurm as one job array")
+    p.add_argument("--sweep-id", help=argparse.SUPPRESS)  # chosen by a detached sweep's parent
+    _add_run_options(p)
+
+
+def slurm_run_cli(args, config: JobConfig, options: RunOptions) -> int:
+    """`run --on slurm`: submit, then (unless -d) follow the job as a local run would be followed."""
+    store = _store()
+    if args.dry_run:
+        lines = sbatch_lines(config, "RUNID", "RUN_FOLDER/slurm-%j.out")
+        echo("\n".join(visible(line) for line in slurm_script(config, lines, Path("RUN_FOLDER/runpilot.py"),
+                                                                  "RUN_FOLDER").split("\n")))
+        return 0
+    meta = submit_run(store, config, options)
+    note(f"run {meta.run_id} ({config.name}) submitted to Slurm as job {meta.slurm['job_id']}")
+    if args.detach:
+        echo(meta.run_id)
+        return 0
+    return follow_slurm(store, [meta.run_id], stream=True)
+
+
+def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOptions) -> int:
+    sweep_id = args.sweep_id or new_sweep_id()
+    points = [p for p, _ in configs]
+    echo(_sweep_plan_text(sweep_id, points, args.repeat, args.parallel or len(points), None), err=True)
+    if args.dry_run:
+        lines = sbatch_lines(configs[0][1], sweep_id, "SWEEP_FOLDER/slurm-%A_%a.out",
+                             f"0-{len(points) - 1}" + (f"%{args.parallel}" if args.parallel else ""))
+        echo(slurm_script(configs[0][1], lines, Path("SWEEP_FOLDER/runpilot.py"), "SWEEP_FOLDER/runs.txt"))
+        return 0
+    stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": "slurm"}
+    sweep = submit_sweep(store, sweep_id, configs, axes, args.repeat, options, args.parallel, stored)
+    array = store.folder(sweep.points[0]["run_id"]).read_meta().slurm.get("array_job_id")
+    note(f"sweep {sweep_id}: {len(sweep.points)} run(s) submitted to Slurm as job array {array}")
+    if args.detach:
+        echo(sweep_id)
+        return 0
+    return follow_slurm(store, [p["run_id"] for p in sweep.points], stream=False)
+
+
+def follow_slurm(store: RunStore, run_ids: list[str], stream: bool) -> int:
+    """Show queue state changes, stream the log of a single run, and end with the runs. Ctrl-C
+    cancels the jobs (scancel), and the runs end `interrupted` as a local Ctrl-C would end them."""
+    out, offset, said, cancelled = terminal_writer(sys.stdout), 0, {}, False
+    with StopSignals() as signals:
+        while True:
+            if signals.received and not cancelled:
+                jobs = sorted({str(r.slurm_job).split("_")[0] if len(run_ids) > 1 else str(r.slurm_job)
+                               for i in run_ids if (r := store.get(i)) and r.slurm_job})
+                note(f"cancelling Slurm job {', '.join(jobs)} (scancel); the run ends when the job has stopped")
+                quiet_run(["scancel", *jobs], timeout=60)
+                cancelled = True
+            records = refresh(store, [r for i in run_ids if (r := store.get(i))], note)
+            for r in records:
+                text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
+                if said.get(r.id) != text and r.status in ACTIVE_STATUSES:
+                    note(f"run {r.id} {text}" + (f" on {store.folder(r.id).read_meta().slurm.get('node') or '?'}"
+                                                 if r.status == RUNNING else ""))
+                said[r.id] = text
+            if stream:
+                with contextlib.suppress(OSError):
+                    offset = _copy_from(store.folder(run_ids[0]).logs, out, offset)
+            if all(r.status not in ACTIVE_STATUSES for r in records):
+                break
+            time.sleep(1)
+    metas = [store.folder(i).read_meta() for i in run_ids]
+    for meta in metas:
+        note(f"run {meta.run_id} {ending_text(meta)}" + (f": {meta.reason}" if meta.reason else ""))
+        if meta.hint:
+            note(f"hint: {meta.hint}")
+    if cancelled:
+        return 128 + signals.received[0]
+    return exit_status_of(metas[0]) if len(metas) == 1 else (0 if all(m.status == SUCCEEDED for m in metas) else 1)
+
+
+def cmd_slurm_job(args) -> int:
+    """The job of a Slurm run on its node (what the batch script runs)."""
+    def report(event: RunEvent) -> None:
+        lines = summary_lines(event.outcome) if event.kind == "finished" and event.outcome else \
+            [f"{event.kind}: {event.message}" if event.kind in ("warning", "hint") else event.message]
+        for line in lines:
+            note(line)
+    return run_on_node(node_folder(args.target, os.environ), os.environ, report)
+
+
+def _slurm_job_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="the run folder, or a sweep's runs.txt (one line per array task)")
+
+def _stop_timeout(text: str) -> float:
+    """--stop-timeout: a finite number of seconds, at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (0 <= value <= MAX_STOP_TIMEOUT):
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and {MAX_STOP_TIMEOUT} seconds")
+    return value
+
+
+def _run_id_arg(text: str) -> str:
+    if not RUN_ID_RE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run id (like 20261128-224705-a3f9c1)")
+    return text
+
+
+def _gpu_list(text: str) -> list[str]:
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices or not all(re.fullmatch(r"[\w-]+", d) for d in devices):
+        raise argparse.ArgumentTypeError(f"{text!r} must list GPU indices or UUIDs: 0,1,3")
+    return list(dict.fromkeys(devices))
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of 1 or more")
+    return int(text)
+
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the run config (YAML)")
     _add_run_options(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the engine command line; run and record nothing")
+    p.add_argument("--on", choices=("here", "slurm"), default="here",
+                   help="here (default), or submit to a Slurm cluster with sbatch")
 
 
 def _rerun_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run id, unique prefix, latest or -N")
+    p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
     _add_run_options(p)
 
 
@@ -4043,6 +6135,7 @@ def _list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", metavar="PATTERN", help="only runs whose name matches this glob")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag")
     p.add_argument("--since", metavar="WHEN", help="only runs started since: 2d, 12h, 30m or 2026-11-01")
+    p.add_argument("--sweep", metavar="ID", help="only the runs of this sweep (all of them)")
     p.add_argument("--sort", default="started", metavar="KEY",
                    help="started (default), duration, or the name of a metric")
     order = p.add_mutually_exclusive_group()
@@ -4052,25 +6145,29 @@ def _list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true", help="show every run")
     p.add_argument("--absolute", action="store_true", help="show start times as ISO 8601 UTC")
     p.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1)")
+    p.add_argument("--no-trunc", action="store_true", help="full run ids and values, however wide")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("--format", choices=("table", "csv"), default="table", help="table (default) or csv")
     p.add_argument("-q", "--quiet", action="store_true", help="print run ids only")
 
 
 def _show_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run id, unique prefix, latest or -N")
+    p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--ascii", action="store_true", help="draw sparklines with ASCII only")
+    p.add_argument("--tail", type=int, metavar="N",
+                   help=f"print the last N lines of the log (default: {SHOW_LOG_TAIL} for a run that did not succeed)")
+    p.add_argument("--no-trunc", action="store_true", help="print long values whole")
 
 
 def _logs_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run id, unique prefix, latest or -N")
+    p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
     p.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
 
 
 def _stop_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run id, unique prefix, latest or -N")
+    p.add_argument("run", help="run id, unique prefix, short id, latest, -N, or a sweep id")
     p.add_argument("--wait", type=float, default=60, metavar="SECONDS", help="how long to wait (default 60)")
 
 
@@ -4080,12 +6177,17 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="run", help="run ids, unique prefixes, latest or -N")
+    p.add_argument("runs", nargs="*", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
+    p.add_argument("--sweep", metavar="ID", help="every run of this sweep")
+    p.add_argument("--no-trunc", action="store_true", help="full run ids and values, however wide")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="run")
+    p.add_argument("runs", nargs="*", metavar="run")
+    p.add_argument("--sweep", metavar="ID", help="every run of this sweep")
     p.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
+    p.add_argument("--config", action="store_true", help="add the config values that differ between the runs")
+    p.add_argument("--tags", action="store_true", help="add each tag as a column tag.NAME")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout")
 
 
@@ -4112,21 +6214,26 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="override a config value, dotted keys (repeatable): --set env.LR=0.01")
     p.add_argument("--name", help="override the run name")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="attach a tag (repeatable)")
-    p.add_argument("-d", "--detach", action="store_true", help="run in the background; print the run id")
-    p.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background; print the id")
+    p.add_argument("--stop-timeout", type=_stop_timeout, default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
                    help=f"grace period between SIGTERM and SIGKILL when stopped (default {DEFAULT_STOP_TIMEOUT})")
     p.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
                    help="when to pull the image (default: missing)")
     p.add_argument("--engine-logs", action="store_true",
                    help="keep the engine's own log driver (docker logs works; output is slower)")
     p.add_argument("--no-gpu-check", action="store_true", help="skip the check that the GPUs asked for exist")
-    p.add_argument("--run-id", help=argparse.SUPPRESS)  # chosen by the parent of a detached run
+    p.add_argument("--gpus", type=_gpu_list, metavar="LIST",
+                   help="the GPUs to place runs on, e.g. 0,1,3 (default: every GPU nvidia-smi lists)")
+    p.add_argument("--no-wait", action="store_true", help="fail at once when the GPUs are held by other runs")
+    p.add_argument("--run-id", type=_run_id_arg, help=argparse.SUPPRESS)  # chosen by a detached run's parent
 
 
 # name, function, help, example, arguments: the commands in the order --help lists them.
 COMMANDS = [
     ("run", cmd_run, "run a job from a config file and record it",
      "runpilot run config.yaml --set env.LR=0.01 --tag try=3", _run_arguments),
+    ("sweep", cmd_sweep, "run a grid of configs, one run per point, placed on free GPUs",
+     "runpilot sweep config.yaml --grid env.LR=0.1,0.01 --repeat 3", _sweep_arguments),
     ("rerun", cmd_rerun, "run a recorded run again with its stored config",
      "runpilot rerun latest --set env.LR=0.02", _rerun_arguments),
     ("list", cmd_list, "list runs, newest first",
@@ -4135,8 +6242,8 @@ COMMANDS = [
      "runpilot show latest", _show_arguments),
     ("logs", cmd_logs, "print the saved log of a run",
      "runpilot logs latest --tail 20", _logs_arguments),
-    ("stop", cmd_stop, "stop a running run (from another terminal)",
-     "runpilot stop 20261128-2247", _stop_arguments),
+    ("stop", cmd_stop, "stop a running run or sweep (from another terminal)",
+     "runpilot stop a3f9c1", _stop_arguments),
     ("validate", cmd_validate, "check a config without running it",
      "runpilot validate config.yaml", _validate_arguments),
     ("compare", cmd_compare, "compare runs side by side",
@@ -4144,7 +6251,7 @@ COMMANDS = [
     ("export", cmd_export, "write the metrics of runs as CSV or JSON lines",
      "runpilot export latest -2 --format csv -o metrics.csv", _export_arguments),
     ("rm", cmd_rm, "delete runs (folder and history row)",
-     "runpilot rm 20261128-2247 -y", _rm_arguments),
+     "runpilot rm a3f9c1 -y", _rm_arguments),
     ("gc", cmd_gc, "delete old runs in bulk",
      "runpilot gc --keep 100 --dry-run", _gc_arguments),
     ("init", cmd_init, "write a sample config.yaml and train.py here",
@@ -4152,10 +6259,12 @@ COMMANDS = [
     ("reindex", cmd_reindex, "rebuild runs.db from the run folders",
      "runpilot reindex", None),
 ]
+# Commands RunPilot gives itself, not listed in --help: the job of a Slurm run on its node.
+HIDDEN_COMMANDS = [("_slurm-job", cmd_slurm_job, "", "", _slurm_job_arguments)]
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The whole command line, or only the command ARGV names (what `run` needs: 2 ms, not 7)."""
+    """The whole command line, or only the command ARGV names (what `run` needs)."""
     parser = argparse.ArgumentParser(
         prog="runpilot", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run training jobs in containers; keep their logs, metrics and history.",
@@ -4163,44 +6272,48 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"runpilot {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    named = argv[0] if argv and argv[0] in {spec[0] for spec in COMMANDS} else None
-    for name, func, help_text, example, add_arguments in COMMANDS:
-        if named is None or name == named:
-            p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+    names = {spec[0] for spec in COMMANDS + HIDDEN_COMMANDS}
+    named = argv[0] if argv and argv[0] in names else None
+    for name, func, help_text, example, add_arguments in COMMANDS + HIDDEN_COMMANDS:
+        if name == named or (named is None and not name.startswith("_")):
+            p = sub.add_parser(name, help=help_text or argparse.SUPPRESS, description=help_text,
+                               epilog=f"example:\n  {example}" if example else None,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
             p.set_defaults(func=func)
             if add_arguments:
                 add_arguments(p)
     return parser
 
-# ==== 17. Entry point ========================================================
+# ==== 22. Entry point ========================================================
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (RunPilot errors become one clear line)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
     try:
-        args = parser.parse_args(argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = build_parser(argv).parse_args(argv)
         args.argv = argv
-        return args.func(args)
+        code = args.func(args)
     except SystemExit as exc:  # argparse: --help, --version, usage errors
-        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     except RunPilotError as exc:
         _report(exc)
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt:
-        print("runpilot: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `runpilot list | head`
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        echo("runpilot: interrupted", err=True)
+        code = 130
+    except BrokenPipeError:  # a reader that went away before a command could tell: not a failure of it
+        _silence(sys.stdout)
+        code = 0
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        _silence(sys.stdout)
+    return code
 
 
 def _report(exc: RunPilotError) -> None:
-    problems = [exc] + list(getattr(exc, "others", []))
-    for problem in problems:
-        print(f"runpilot: error: {problem}", file=sys.stderr)
+    for problem in [exc] + list(getattr(exc, "others", [])):
+        echo("\n".join(visible(line) for line in f"runpilot: error: {problem}".split("\n")), err=True)
 
 
 if __name__ == "__main__":
