@@ -6,7 +6,7 @@
 # Installs Debian's slurm-wlm and munge, writes /etc/slurm/slurm.conf from this machine's facts (hostname -s,
 # nproc, memory), starts munged, slurmctld and slurmd, and waits until `sinfo` shows the node ready for jobs.
 # Idempotent: installed packages, a current slurm.conf and daemons that answer are kept, so a second run takes
-# about a second. Daemons that died (stale pid files) are started again; a changed slurm.conf restarts the
+# 0.2 s. Daemons that died (stale pid files) are started again; a changed slurm.conf restarts the
 # Slurm daemons. Accounting is off on purpose (`sacct` fails), as the tests must not depend on it.
 #
 # The daemons fork into the background and stay up after this script ends; their logs are
@@ -22,7 +22,7 @@ readonly SLURMCTLD_PID=/run/slurmctld.pid
 readonly SLURMD_PID=/run/slurmd.pid
 readonly SLURMCTLD_LOG=/var/log/slurmctld.log
 readonly SLURMD_LOG=/var/log/slurmd.log
-# A fresh cluster answers within 2 s here; 60 s means something is wrong.
+# A fresh cluster is ready at once here, a restarted slurmctld within 5 s; 60 s means something is wrong.
 readonly READY_WAIT_S=60
 # Every client call below answers at once when the daemons are up; 10 s means "not answering".
 readonly CALL_TIMEOUT_S=10
@@ -30,6 +30,7 @@ readonly CALL_TIMEOUT_S=10
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 export DEBIAN_FRONTEND=noninteractive
 
+CONF_CHANGED=no
 STEP_NAMES=()
 STEP_TIMES=()
 STEP_START="$(date +%s.%N)"
@@ -69,7 +70,7 @@ show_logs() {
 # ==== processes ====
 
 # Print the pid in PIDFILE when that process is alive and is the program NAME; else print nothing, fail.
-# A dead daemon can linger as a zombie of its name: this machine's pid 1 does not reap orphans.
+# A killed daemon can linger as a zombie of its name until pid 1 reaps it, which was not immediate here.
 live_pid() {
     local name="$1" pidfile="$2" pid stat
     pid="$(cat "$pidfile" 2>/dev/null)" || return 1
@@ -183,17 +184,18 @@ PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
-# Write slurm.conf when it differs; succeed when it changed.
+# Write slurm.conf when it differs, and then set CONF_CHANGED=yes.
 write_slurm_conf() {
     local wanted
     wanted="$(slurm_conf)"
     if [[ -f "$SLURM_CONF" && "$(cat "$SLURM_CONF")" == "$wanted" ]]; then
         echo "$SLURM_CONF is current"
-        return 1
+        return 0
     fi
     mkdir -p "$(dirname "$SLURM_CONF")"
     printf '%s\n' "$wanted" >"$SLURM_CONF.tmp"
     mv "$SLURM_CONF.tmp" "$SLURM_CONF"
+    CONF_CHANGED=yes
     echo "wrote $SLURM_CONF:"
     grep -E '^(SlurmctldHost|NodeName)=' "$SLURM_CONF"
 }
@@ -206,10 +208,10 @@ slurmd_answers() {
     timeout "$CALL_TIMEOUT_S" scontrol show slurmd >/dev/null 2>&1
 }
 
+# Start slurmctld and slurmd unless they answer; restart both when slurm.conf changed.
 start_slurm() {
-    local conf_changed="$1"
     mkdir -p /var/spool/slurmd /var/spool/slurmctld
-    if [[ "$conf_changed" == yes ]]; then
+    if [[ "$CONF_CHANGED" == yes ]]; then
         stop_daemon slurmd "$SLURMD_PID"
         stop_daemon slurmctld "$SLURMCTLD_PID"
     fi
@@ -262,13 +264,12 @@ wait_until_ready() {
 
 main() {
     [[ $(id -u) -eq 0 ]] || die "run as root: it installs packages and starts the Slurm daemons"
-    local conf_changed=no
     install_packages
     took "apt packages"
     start_munged
     took "munged"
-    write_slurm_conf && conf_changed=yes
-    start_slurm "$conf_changed"
+    write_slurm_conf
+    start_slurm
     took "slurmctld + slurmd"
     wait_until_ready
     took "node ready"
