@@ -1,11 +1,14 @@
-"""Helpers for the integration tests that start real containers with Docker and Podman.
+"""Helpers for the integration tests that start real containers with Docker and Podman, or real Slurm jobs.
 
 The engines and the two local test images are prepared by `.ci/run` (or `.ci/run --setup-only` on a developer's
 machine) and `tests/images/build.sh docker podman`. A test calls `require_engine(self, "docker")` first: it
 skips when that engine is unusable here, or fails when the environment variable RUNPILOT_TEST_ENGINES (a
 comma-separated list, set by CI to "docker,podman") says the engine must work.
 
-Nothing runs at import time; engine probes run on first use and are cached for the process.
+Slurm tests call `require_slurm(self)` first: it skips when no one-node cluster answers here (start one with
+`tests/slurm/setup.sh`, as root; `.ci/run` does), or fails when RUNPILOT_TEST_SLURM=1 (set by CI).
+
+Nothing runs at import time; engine and Slurm probes run on first use and are cached for the process.
 """
 
 import functools
@@ -13,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import unittest
 
 BUSYBOX_IMAGE = "runpilot-test-busybox:latest"
@@ -117,3 +121,70 @@ def remove_containers_with_label(engine: str, label: str) -> list[str]:
     if ids:
         _engine_output([engine, "rm", "-f", *ids])
     return ids
+
+
+# ---- Slurm ----
+
+# Environment variable that, set to "1", makes the Slurm tests fail instead of skipping (CI sets it).
+REQUIRED_SLURM_VAR = "RUNPILOT_TEST_SLURM"
+SLURM_COMMANDS = ("sinfo", "sbatch", "squeue", "scontrol", "scancel")
+# Node states in which a partition runs jobs: "allocated" is a busy node, not a broken one. A trailing "*"
+# (not responding), "drained" or "down" means a job would never start.
+SLURM_READY_STATES = ("idle", "mixed", "allocated", "completing")
+# Keys start a `scontrol show job -o` field: "JobState=FAILED", "AllocNode:Sid=vm:5651", "Socks/Node=*".
+_SCONTROL_KEY = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9:/_]*)=")
+
+
+@functools.cache
+def slurm_problem() -> str | None:
+    """Return None when the Slurm commands exist and a partition has a node that runs jobs, else why not."""
+    missing = [name for name in SLURM_COMMANDS if shutil.which(name) is None]
+    if missing:
+        return f"Slurm not installed ({', '.join(missing)} missing): run tests/slurm/setup.sh as root"
+    try:
+        done = subprocess.run(["sinfo", "-h", "-o", "%R|%T"], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"sinfo: no answer within {PROBE_TIMEOUT_S} s"
+    if done.returncode != 0:
+        return f"sinfo failed: {_first_line(done.stderr)} (run tests/slurm/setup.sh as root)"
+    partitions = [line.split("|", 1) for line in done.stdout.splitlines() if "|" in line]
+    if any(state in SLURM_READY_STATES for _, state in partitions):
+        return None
+    seen = ", ".join(f"{name} {state}" for name, state in partitions) or "no partitions"
+    return f"no Slurm partition has a node that runs jobs (sinfo: {seen}): run tests/slurm/setup.sh as root"
+
+
+def require_slurm(test: unittest.TestCase) -> None:
+    """Skip TEST when no Slurm cluster runs jobs here, or fail it when RUNPILOT_TEST_SLURM=1 requires one."""
+    problem = slurm_problem()
+    if problem is None:
+        return
+    if os.environ.get(REQUIRED_SLURM_VAR) == "1":
+        test.fail(f"{problem} (required by {REQUIRED_SLURM_VAR}=1)")
+    test.skipTest(problem)
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    """Return the fields of `scontrol show job -o JOB_ID` (one job; for an array, its first line)."""
+    line = _engine_output(["scontrol", "show", "job", "-o", job_id]).splitlines()[0]
+    keys = list(_SCONTROL_KEY.finditer(line))
+    return {key[1]: line[key.end():nxt.start() if nxt else len(line)].strip()
+            for key, nxt in zip(keys, keys[1:] + [None])}
+
+
+def wait_until_left_queue(job_id: str, timeout_s: float) -> None:
+    """Wait until JOB_ID no longer shows in squeue (finished, including COMPLETING); raise AssertionError after
+    TIMEOUT_S seconds."""
+    deadline = time.monotonic() + timeout_s
+    # A list, even of one id twice, gets exit 0 and no rows once slurmctld forgot the job; one id gets exit 1.
+    while _engine_output(["squeue", "-h", "-o", "%i", "-j", f"{job_id},{job_id}"]).strip():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Slurm job {job_id} still in squeue after {timeout_s} s")
+        time.sleep(0.2)
+
+
+def cancel_slurm_jobs(*job_ids: str) -> None:
+    """Cancel Slurm jobs (test cleanup); unknown or finished ids are fine."""
+    if job_ids:
+        _engine_output(["scancel", *job_ids])
