@@ -73,7 +73,8 @@ def main() -> None:
     lr = float(os.environ.get("LR", 0.01))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data_dir = os.environ.get("RUNPILOT_MOUNT_DATA", "(no data mount)")
-    print(f"torch {torch.__version__} on {device}; images generated, data mount: {data_dir}", flush=True)
+    print(f"torch {torch.__version__} on {device}; data mount at {data_dir} (unused: the images are generated)",
+          flush=True)
     print(f"{epochs} epochs, batch {batch} x 3x{side}x{side}, lr={lr}, {workers} loader workers", flush=True)
 
     torch.manual_seed(seed)
