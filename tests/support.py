@@ -8,6 +8,9 @@ comma-separated list, set by CI to "docker,podman") says the engine must work.
 Slurm tests call `require_slurm(self)` first: it skips when no one-node cluster answers here (start one with
 `tests/slurm/setup.sh`, as root; `.ci/run` does), or fails when RUNPILOT_TEST_SLURM=1 (set by CI).
 
+The PyTorch image is optional (about 1 GB, `tests/images/build.sh --pytorch docker podman`):
+`require_pytorch_image(self, "docker")` skips without it, saying why, unless RUNPILOT_TEST_PYTORCH=1.
+
 Nothing runs at import time; engine and Slurm probes run on first use and are cached for the process.
 """
 
@@ -94,6 +97,48 @@ def require_engine(test: unittest.TestCase, name: str) -> None:
         return
     if name in required_engines():
         test.fail(f"{problem} (required by {REQUIRED_ENGINES_VAR}={os.environ[REQUIRED_ENGINES_VAR]})")
+    test.skipTest(problem)
+
+
+# -- the optional PyTorch image (tests/test_pytorch.py) ---------------------------------------------
+
+PYTORCH_IMAGE = "runpilot-test-pytorch:latest"
+# Set to 1 to make a missing PyTorch image fail its tests rather than skip (CI sets it once build.sh built it).
+REQUIRED_PYTORCH_VAR = "RUNPILOT_TEST_PYTORCH"
+# build.sh --pytorch writes why it could not install torch here, in its cache folder.
+PYTORCH_UNAVAILABLE = "pytorch-unavailable.txt"
+IMAGE_CACHE_VAR = "RUNPILOT_IMAGE_CACHE"
+DEFAULT_IMAGE_CACHE = "/var/cache/runpilot-test-images"
+
+
+def _last_pytorch_build_problem() -> str | None:
+    """Why the last `build.sh --pytorch` on this machine could not install torch, or None."""
+    path = os.path.join(os.environ.get(IMAGE_CACHE_VAR) or DEFAULT_IMAGE_CACHE, PYTORCH_UNAVAILABLE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+@functools.cache
+def pytorch_image_problem(engine: str) -> str | None:
+    """Return None when ENGINE has the PyTorch test image, else a one-line reason and how to build it."""
+    if _probe([engine, "image", "inspect", PYTORCH_IMAGE]) is None:
+        return None
+    problem = f"image {PYTORCH_IMAGE} missing: run tests/images/build.sh --pytorch {engine}"
+    last = _last_pytorch_build_problem()
+    return f"{problem} (its last build said: {last})" if last else problem
+
+
+def require_pytorch_image(test: unittest.TestCase, engine: str) -> None:
+    """require_engine, then skip TEST when ENGINE lacks the PyTorch image, or fail when RUNPILOT_TEST_PYTORCH=1."""
+    require_engine(test, engine)
+    problem = pytorch_image_problem(engine)
+    if problem is None:
+        return
+    if os.environ.get(REQUIRED_PYTORCH_VAR) == "1":
+        test.fail(f"{problem} (required by {REQUIRED_PYTORCH_VAR}=1)")
     test.skipTest(problem)
 
 

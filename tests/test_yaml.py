@@ -58,23 +58,18 @@ SEED_VALUE = {
 }
 
 
-def find_suite() -> Path | None:
-    """The yaml-test-suite as data: $RUNPILOT_YAML_SUITE, else shared/yaml-test-suite/cases.json
-    in the repository root or the nearest folder above it that has one."""
-    if os.environ.get("RUNPILOT_YAML_SUITE"):
-        return Path(os.environ["RUNPILOT_YAML_SUITE"])
-    for folder in (REPO_ROOT, *REPO_ROOT.parents):
-        candidate = folder / "shared" / "yaml-test-suite" / "cases.json"
-        if candidate.is_file():
-            return candidate
-    return None
+SUITE = REPO_ROOT / "tests" / "yaml-test-suite" / "cases.json"  # vendored, MIT (LICENSE beside it)
+
+
+def find_suite() -> Path:
+    """The yaml-test-suite as data: $RUNPILOT_YAML_SUITE when set, else the copy in tests/yaml-test-suite/."""
+    return Path(os.environ.get("RUNPILOT_YAML_SUITE") or SUITE)
 
 
 @functools.lru_cache(maxsize=1)
-def suite_cases() -> list | None:
-    """The suite's cases, or None when the file is absent."""
-    path = find_suite()
-    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else None
+def suite_cases() -> list:
+    """The suite's cases. The suite ships with the repository, so a missing file is an error, not a skip."""
+    return json.loads(find_suite().read_text(encoding="utf-8"))
 
 
 def same(a: object, b: object) -> bool:
@@ -380,8 +375,6 @@ MISLABELLED: dict[str, str] = {}
 class YamlTestSuite(StrictCase):
     def setUp(self):
         self.cases = suite_cases()
-        if self.cases is None:
-            self.skipTest("shared/yaml-test-suite/cases.json not found (set RUNPILOT_YAML_SUITE)")
 
     def outcome(self, case):
         try:
@@ -627,16 +620,12 @@ class PyYamlDifferential(StrictCase):
                     self.assertSame(self.pyyaml(text), expected, repr(text))
 
     def test_suite_in_subset_cases(self):
-        if suite_cases() is None:
-            self.skipTest("shared/yaml-test-suite/cases.json not found (set RUNPILOT_YAML_SUITE)")
         for case in suite_cases():
             if case["in_subset"] and case["id"] not in PYYAML_DEVIATIONS:
                 with self.subTest(case["id"]):
                     self.assertSame(parse_yaml(case["yaml"]), self.pyyaml(case["yaml"]), repr(case["yaml"]))
 
     def test_pyyaml_deviations_still_deviate(self):
-        if suite_cases() is None:
-            self.skipTest("shared/yaml-test-suite/cases.json not found (set RUNPILOT_YAML_SUITE)")
         for case in suite_cases():
             if case["id"] in PYYAML_DEVIATIONS:
                 with self.subTest(case["id"], reason=PYYAML_DEVIATIONS[case["id"]]):
@@ -746,7 +735,7 @@ class Fuzz(StrictCase):
 
     def test_mutations_of_valid_documents(self):
         corpus = [SEED_CONFIG] + [text for _, text, _ in VALID + CONFIG_EXAMPLES] + [t for _, t, *_ in ERRORS[:20]]
-        corpus += [case["yaml"] for case in suite_cases() or []]
+        corpus += [case["yaml"] for case in suite_cases()]
         deadline = time.monotonic() + FUZZ_SECONDS
         for seed in range(20000):
             if time.monotonic() > deadline:
