@@ -26,6 +26,11 @@ The module is standard library only, Python 3.10+: copy it onto a box and run
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # run as a script: a Ctrl-C while Python reads the rest of this file ends it
+    import signal as _signal  # quietly, as the default action does; main() then takes Ctrl-C over
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+
 import argparse
 import contextlib
 import ctypes
@@ -362,6 +367,16 @@ class RunMeta:
         if meta.status not in STATUSES:
             meta.problems.append(f"unknown status {meta.status!r}")
             meta.status = LOST
+        for key in ("started_at", "finished_at"):
+            value = getattr(meta, key)
+            try:
+                if value is not None:
+                    _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                meta.problems.append(f"field {key!r} is not a time: {value[:40]!r}")
+                setattr(meta, key, None)
+        if meta.started_at is None and RUN_ID_RE.match(run_id) and "meta.json" not in " ".join(meta.problems):
+            meta.started_at = f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}T{run_id[9:11]}:{run_id[11:13]}:{run_id[13:15]}.000Z"
         return meta
 
     def to_json(self) -> bytes:
@@ -2887,10 +2902,11 @@ def _boot_id() -> str | None:
 
 
 def process_start(pid: int) -> str | None:
-    """Start time of a process in clock ticks since boot (tells a reused PID apart)."""
+    """Start time of a live process in clock ticks since boot (tells a reused PID apart); None for
+    a process that is gone or a zombie (dead, waiting for its parent to notice)."""
     with contextlib.suppress(OSError, IndexError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2:].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else fields[19]
     return None
 
 
@@ -3010,83 +3026,96 @@ def visible(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
-class Terminal:
-    """Where a run's output goes: the job's bytes as they come, and RunPilot's own lines.
+class _Writer:
+    """A thread that writes queued bytes to one destination, so the caller never waits on it."""
 
-    A thread does the writing, so a reader that stops reading (a full pipe, a pager) never holds
-    up the clock or the signals; the tee stops reading the job while too much is waiting (the
-    job then waits, as it would writing to that terminal itself). A closed output is dropped
-    quietly. RunPilot's lines always start on a fresh line of the screen.
-    """
-
-    def __init__(self, stdout, stderr) -> None:
-        self.writers: dict[int, Callable | None] = {1: terminal_writer(stdout), 2: terminal_writer(stderr)}
-        self.shared = stdout is not None and stderr is not None and _same_file(stdout, stderr)
-        self.ends_line = {1: True, 2: True}
-        self.last = 2
-        self.queue: list[tuple[int, bytes]] = []
+    def __init__(self, write: Callable[[bytes], object] | None) -> None:
+        self.write = write
+        self.queue: list[tuple[bool, bytes]] = []
         self.pending = 0
+        self.ends_line = True
         self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._write_queued, daemon=True)
-        self.thread.start()
+        threading.Thread(target=self._run, daemon=True).start()
 
-    def job_output(self, which: int, chunk: bytes) -> None:
-        self._put(which, chunk)
-
-    def say(self, line: str) -> None:
-        """One line of RunPilot's own (prefixed `runpilot: `) on stderr, control codes made visible."""
-        self._put(0, ("runpilot: " + visible(line) + "\n").encode("utf-8", "replace"))
-
-    def _put(self, which: int, data: bytes) -> None:
+    def put(self, data: bytes, own_line: bool = False) -> None:
+        """Queue DATA; OWN_LINE data starts on a fresh line of this destination."""
         with self.cond:
-            if self.writers[which or 2] is None:
-                return
-            self.queue.append((which, data))
-            self.pending += len(data)
-            self.cond.notify_all()
+            if self.write is not None:
+                self.queue.append((own_line, data))
+                self.pending += len(data)
+                self.cond.notify_all()
 
-    def backlog(self) -> int:
-        return self.pending
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.queue)
+                own_line, data = self.queue.pop(0)
+                write = self.write
+            size = len(data)
+            if own_line and not self.ends_line:  # RunPilot's own line after a partial line of the job
+                data = b"\n" + data
+            try:
+                if write is not None:
+                    write(data)
+            except (OSError, ValueError):  # the reader is gone: keep running, stop writing there
+                self.abandon()
+            with self.cond:
+                self.pending = max(0, self.pending - size)
+                if data:
+                    self.ends_line = data.endswith(b"\n")
+                self.cond.notify_all()
 
-    def wait_for_room(self, timeout: float) -> None:
+    def wait(self, predicate, timeout: float) -> bool:
         with self.cond:
-            self.cond.wait_for(lambda: self.pending < TERMINAL_BACKLOG, timeout)
-
-    def drain(self, timeout: float) -> bool:
-        """Wait until everything queued is written; False if the reader is still behind."""
-        with self.cond:
-            return self.cond.wait_for(lambda: not self.queue and self.pending == 0, timeout)
+            return self.cond.wait_for(predicate, timeout)
 
     def abandon(self) -> None:
-        """Drop what is queued and write nothing more (the reader stopped; logs.txt has it all)."""
         with self.cond:
-            self.writers = {1: None, 2: None}
+            self.write = None
             self.queue.clear()
             self.pending = 0
             self.cond.notify_all()
 
-    def _write_queued(self) -> None:
-        while True:
-            with self.cond:
-                self.cond.wait_for(lambda: self.queue)
-                which, data = self.queue.pop(0)
-            fd, size = which or 2, len(data)
-            if which == 0 and not self._at_line_start():
-                data = b"\n" + data
-            write = self.writers.get(fd)
-            try:
-                if write is not None:
-                    write(data)
-            except (OSError, ValueError):  # the reader is gone: keep running, stop echoing there
-                self.writers[fd] = None
-            with self.cond:
-                self.pending = max(0, self.pending - size)
-                self.ends_line[fd] = data.endswith(b"\n")
-                self.last = fd
-                self.cond.notify_all()
 
-    def _at_line_start(self) -> bool:
-        return self.ends_line[self.last] if self.shared else self.ends_line[2]
+class Terminal:
+    """Where a run's output goes: the job's bytes as they come, and RunPilot's own lines.
+
+    Threads do the writing, one per destination, so a reader that stops reading (a full pipe,
+    a pager) never holds up the clock or the signals; the tee stops reading the job while too
+    much is waiting (the job then waits, as it would writing to that terminal itself). A closed
+    output is dropped quietly. RunPilot's lines always start on a fresh line of the screen.
+    """
+
+    def __init__(self, stdout, stderr) -> None:
+        err = _Writer(terminal_writer(stderr))
+        shared = stdout is not None and stderr is not None and _same_file(stdout, stderr)
+        self.writers = {1: err if shared else _Writer(terminal_writer(stdout)), 2: err}
+
+    def job_output(self, which: int, chunk: bytes) -> None:
+        self.writers[which].put(chunk)
+
+    def say(self, line: str) -> None:
+        """One line of RunPilot's own (prefixed `runpilot: `) on stderr, control codes made visible."""
+        self.writers[2].put(("runpilot: " + visible(line) + "\n").encode("utf-8", "replace"), own_line=True)
+
+    def backlog(self) -> int:
+        return max(w.pending for w in self.writers.values())
+
+    def wait_for_room(self, timeout: float) -> None:
+        stalled = max(self.writers.values(), key=lambda w: w.pending)
+        stalled.wait(lambda: stalled.pending < TERMINAL_BACKLOG, timeout)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything queued is written; False if a reader is still behind."""
+        deadline = time.monotonic() + timeout
+        return all(w.wait(lambda w=w: not w.queue and w.pending == 0, max(0.0, deadline - time.monotonic()))
+                   for w in set(self.writers.values()))
+
+    def abandon(self, stalled_only: bool = False) -> None:
+        """Write nothing more (to the stalled destinations only, if asked): logs.txt has it all."""
+        for writer in set(self.writers.values()):
+            if not stalled_only or writer.pending >= TERMINAL_BACKLOG:
+                writer.abandon()
 
 
 @dataclass
@@ -3323,7 +3352,7 @@ class Tee:
             result.stop_reason = "failed"
             job.request_stop(force=False)
         if result.stop_reason and self.terminal is not None and self.terminal.backlog() >= TERMINAL_BACKLOG:
-            self.terminal.abandon()  # a stalled reader must not keep a stopping job's output in its pipes
+            self.terminal.abandon(stalled_only=True)  # a stalled reader must not hold a stopping job's output
         job.tick()
         self._drop_orphan_pipes(sel)
 
@@ -4759,11 +4788,15 @@ def submit_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint,
 
 
 def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str], None]) -> None:
-    """Bring every active Slurm run up to date with one squeue call (see the section's header)."""
-    active = store.active_slurm_runs() if any(r.slurm_job for r in records) or not records else []
+    """Bring every active Slurm run up to date with one squeue call (see the section's header).
+
+    `squeue -t all` also lists jobs that ended in the last minutes, with their final state; a
+    job's runner's own final status (meta.json) always wins over Slurm's state.
+    """
+    active = store.active_slurm_runs() if not records or any(r.slurm_job for r in records) else []
     if not active or not shutil.which("squeue"):
         return
-    done = quiet_run(["squeue", "-h", "-r", "--me", "-o", SQUEUE_FORMAT], timeout=60)
+    done = quiet_run(["squeue", "-h", "-r", "--me", "-t", "all", "-o", SQUEUE_FORMAT], timeout=60)
     if done.returncode != 0:
         note(f"squeue failed ({done.stderr.strip()[:200]}); Slurm runs are shown as last known")
         return
@@ -4771,57 +4804,64 @@ def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str
     changed = []
     for record in active:
         job = queue.get(str(record.slurm_job))
-        if job is not None:
-            status = slurm_status(job["state"])
-            reason = job["reason"] if status == QUEUED else None
+        status = slurm_status(job["state"]) if job else None
+        if status in ACTIVE_STATUSES:
+            reason = job["reason"] if status == QUEUED else None  # type: ignore[index]
             if (status, reason) != (record.status, record.reason):
                 record.status, record.reason = status, reason
                 changed.append(record)
         else:
-            changed.append(_slurm_left_queue(store, record))
+            changed.append(_slurm_ended(store, record, job))
     if changed and store.write_index:
         with contextlib.suppress(StoreError), store.db() as conn, _transaction(conn):
             conn.executemany(_UPSERT, [_row(r) for r in changed])
 
 
-def _slurm_left_queue(store: RunStore, record: RunRecord) -> RunRecord:
-    """A job that left the queue: its runner's final status, else Slurm's final state, recorded."""
+def _slurm_ended(store: RunStore, record: RunRecord, job: dict | None) -> RunRecord:
+    """A job that ended: its runner's final status, else Slurm's final state, recorded in meta.json.
+
+    The job is gone, so the submit side may write the run folder now.
+    """
     folder = store.folder(record.id)
     meta = folder.read_meta()
     if meta.final:
         return RunRecord.of(meta, folder.path)
-    job = str(record.slurm_job)
-    info = parse_scontrol(quiet_run(["scontrol", "show", "job", "-o", job], timeout=30).stdout)
-    state, exit_code = info.get("JobState"), info.get("ExitCode")
+    info = parse_scontrol(quiet_run(["scontrol", "show", "job", "-o", str(record.slurm_job)], timeout=30).stdout)
+    state = info.get("JobState") or (job or {}).get("state")
     if not state and shutil.which("sacct"):
-        rows = quiet_run(["sacct", "-j", job, "-X", "-P", "-n", "-o", "State,ExitCode"], timeout=30).stdout
+        rows = quiet_run(["sacct", "-j", str(record.slurm_job), "-X", "-P", "-n", "-o", "State,ExitCode"],
+                         timeout=30).stdout
         state, _, exit_code = (rows.splitlines() or [""])[0].partition("|")
+        info.setdefault("ExitCode", exit_code)
     never_started = meta.status == QUEUED
-    meta.status = slurm_status(state or "") if state else LOST
-    if meta.status in ACTIVE_STATUSES:
-        meta.status = LOST
+    meta.status = slurm_status(state) if state else LOST
+    meta.status = LOST if meta.status in ACTIVE_STATUSES else meta.status
     meta.finished_at = meta.finished_at or utc_now()
     meta.slurm.update(state=state or "unknown", node=info.get("NodeList") or meta.slurm.get("node"))
-    if exit_code and exit_code.split(":")[0].isdigit() and meta.exit_code is None and not never_started:
-        meta.exit_code = int(exit_code.split(":")[0])
+    code, _, sig = (info.get("ExitCode") or "").partition(":")
+    if code.isdigit() and not never_started:  # "3:0" is exit 3; "0:15" died of signal 15
+        meta.exit_code = 128 + int(sig) if int(code) == 0 and sig.isdigit() and int(sig) else int(code)
     meta.reason = _slurm_reason(meta, state, info, never_started, store.home)
     if state == "OUT_OF_MEMORY":
-        meta.hint = ("the job went over the memory Slurm gave it (OUT_OF_MEMORY): raise resources.memory "
-                     "(sbatch --mem)")
+        meta.hint = "the job went over the memory Slurm gave it: raise resources.memory (sbatch --mem)"
     with contextlib.suppress(OSError):
         folder.write_meta(meta)
     return RunRecord.of(meta, folder.path)
 
 
 def _slurm_reason(meta: RunMeta, state: str | None, info: dict, never_started: bool, home: Path) -> str:
+    job = meta.slurm.get("job_id")
     if not state:
-        return (f"Slurm no longer knows job {meta.slurm.get('job_id')} and RunPilot on the node recorded no "
-                "final status")
+        return f"Slurm no longer knows job {job}, and RunPilot on the node recorded no final status"
+    if info.get("ExitCode", "").endswith(":53"):  # slurmd could not open the job's output file
+        return (f"the job could not start on node {info.get('NodeList') or '?'}: its run folder is not there. "
+                f"RUNPILOT_HOME ({home}) must be on a file system the nodes share (NFS, Lustre)")
     if never_started and state not in ("CANCELLED", "NODE_FAIL", "BOOT_FAIL", "PREEMPTED"):
+        python = (meta.config.get("slurm") or {}).get("python", "python3")
         return (f"Slurm says {state}, but RunPilot never started on node {info.get('NodeList') or '?'}: is "
-                f"{home} on a file system the nodes share, and is {meta.config.get('slurm', {}).get('python', 'python3')} "
-                f"installed there? See slurm-{meta.slurm.get('job_id')}.out in the run folder")
-    return f"Slurm ended the job: {state}" + (f" ({info['Reason']})" if info.get("Reason") not in (None, "None") else "")
+                f"{python} (slurm.python) installed there? See slurm-{job}.out in the run folder")
+    reason = info.get("Reason")
+    return f"Slurm ended job {job}: {state}" + (f" ({reason})" if reason not in (None, "None") else "")
 
 
 def slurm_stop(store: RunStore, record: RunRecord, meta: RunMeta, wait: float,
@@ -4865,6 +4905,30 @@ def node_options(meta: RunMeta, slurm: dict) -> RunOptions:
                       extra_env={k: str(v) for k, v in extra.items() if v is not None})
 
 
+def parse_slurm_duration(text: str) -> float | None:
+    """Seconds from squeue's %L (time left): `59`, `4:59`, `1:04:59`, `2-01:04:59`; None if unlimited."""
+    days, _, clock = text.strip().rpartition("-")
+    parts = clock.split(":")
+    if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3 or (days and not days.isdigit()):
+        return None
+    seconds = sum(int(p) * 60 ** i for i, p in enumerate(reversed(parts)))
+    return seconds + int(days or 0) * 86400
+
+
+def within_slurm_limit(config: JobConfig, environ) -> tuple[JobConfig, bool]:
+    """The config with its timeout moved before Slurm's time limit, so that RunPilot stops the job
+    itself (and records `timeout`) before Slurm signals everything; also whether it was moved."""
+    job = environ.get("SLURM_JOB_ID")
+    left = parse_slurm_duration(quiet_run(["squeue", "-h", "-j", job, "-o", "%L"], timeout=30).stdout) \
+        if job and shutil.which("squeue") else None
+    if left is None:
+        return config, False
+    own = max(5.0, left - min(60.0, left / 4))
+    if config.timeout is not None and config.timeout <= own:
+        return config, False
+    return dataclasses.replace(config, timeout=own), True
+
+
 def run_on_node(folder: RunFolder, environ, report: Reporter) -> int:
     """The job of a Slurm run, on its node: run the recorded config, record in the folder only."""
     store = RunStore(folder.path.parent.parent, write_index=False)
@@ -4877,9 +4941,13 @@ def run_on_node(folder: RunFolder, environ, report: Reporter) -> int:
         devices = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
         if devices and config.resources.gpus is not None:  # Slurm chose the GPUs: use exactly those
             config = dataclasses.replace(config, resources=dataclasses.replace(config.resources, gpus=tuple(devices)))
+        config, limited = within_slurm_limit(config, environ)
         meta.slurm = slurm
         folder.write_meta(meta)
         outcome = run_job(config, node_options(meta, slurm), store, None, report, environ)
+        if limited and outcome.meta.status == TIMEOUT:
+            outcome.meta.reason = "stopped before Slurm's time limit (slurm.time, sbatch --time)"
+            folder.write_meta(outcome.meta)
     except RunPilotError as exc:  # the node cannot run it (no engine, no image, no python...)
         failed = folder.read_meta()
         if not failed.final:
@@ -6289,6 +6357,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (RunPilot errors become one clear line)."""
     try:
+        if signal.getsignal(signal.SIGINT) == signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # see the top of the file
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser(argv).parse_args(argv)
         args.argv = argv
