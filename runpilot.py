@@ -4323,9 +4323,9 @@ LOG_HINTS = (
      "NCCL (GPU-to-GPU communication) failed: rerun with env NCCL_DEBUG=INFO to see why; in a container "
      "NCCL also needs a large /dev/shm (resources.shm_size)"),
 )
-NOT_FOUND_RE = re.compile(rb"(?:^|[\s:])([\w./+-]+): (?:\d+: )?(?:[\w./+-]+: )?(?:command )?not found|"
-                          rb"exec: \"([^\"]+)\": executable file not found|"
-                          rb"\"([^\"]+)\": executable file not found", re.MULTILINE)
+# `sh: 1: python: not found`, `bash: line 1: python: command not found`, an engine's `exec: "python":
+# executable file not found in $PATH`: the name just before "not found".
+NOT_FOUND_RE = re.compile(rb'([^\s:"]+)"?: (?:command not found|not found|executable file not found)')
 
 
 def log_tail(path: Path, size: int = 16384) -> bytes:
@@ -4352,8 +4352,8 @@ def failure_hint(config: JobConfig, meta: RunMeta, folder: RunFolder) -> str | N
         return ("the job was killed (exit 137, SIGKILL), most likely by the kernel's out-of-memory killer "
                 "(see `dmesg`): use less memory, or run it on a machine with more")
     if code == 127:
-        found = NOT_FOUND_RE.search(tail)
-        name = next((g for g in found.groups() if g), b"").decode(errors="replace") if found else ""
+        found = NOT_FOUND_RE.findall(tail)
+        name = found[-1].decode(errors="replace") if found else ""
         what = f"the command {name!r} was not found" if name else "a command was not found"
         fix = " (python images often have only python3)" if name == "python" else ""
         return f"{what} (exit 127): check the entrypoint's program exists in the image{fix}"
@@ -5240,21 +5240,22 @@ def fmt_tags(tags: dict) -> str:
 
 def render_runs(records: list[RunRecord], metrics: list[str], absolute: bool, width: int | None,
                 colour: bool = False, full: bool = False) -> str:
-    """`list`: one row per run; ids short and long values cut to fit WIDTH unless FULL."""
+    """`list`: one row per run, metrics featured by the configs, then tags; short ids and long values
+    cut to fit WIDTH (tags go first when it is narrow) unless FULL."""
     tags = any(r.tags for r in records)
-    headers = ["ID", "NAME", "STATUS", "STARTED", "DURATION", "EXIT"] + (["TAGS"] if tags else []) + \
-        [m.upper() for m in metrics]
+    headers = ["ID", "NAME", "STATUS", "STARTED", "DURATION", "EXIT"] + [m.upper() for m in metrics] + \
+        (["TAGS"] if tags else [])
     rows = []
     for r in records:
         started = r.started_at if absolute else fmt_ago(r.started_at)
-        row = [r.id if full else short_id(r.id), r.name, r.status, started, fmt_duration(r.duration),
-               "-" if r.exit_code is None else str(r.exit_code)] + ([fmt_tags(r.tags)] if tags else [])
-        rows.append(row + [fmt_value(r.last_metrics.get(m)) for m in metrics])
-    first_metric = 7 if tags else 6
-    paint = (lambda col, text, row: colour_status(text, row[2]) if col == 2 else text) if colour else None
-    shrink = set() if full else {1} | ({6} if tags else set())
-    return render_table(headers, rows, {4, 5} | set(range(first_metric, len(headers))), width,
-                        min_columns=first_metric + min(len(metrics), 2), shrink=shrink, paint=paint)
+        status = f"{r.status} ({r.reason})" if r.status == QUEUED and r.reason else r.status
+        row = [r.id if full else short_id(r.id), r.name, status, started, fmt_duration(r.duration),
+               "-" if r.exit_code is None else str(r.exit_code)] + [fmt_value(r.last_metrics.get(m)) for m in metrics]
+        rows.append(row + ([fmt_tags(r.tags)] if tags else []))
+    paint = (lambda col, text, row: colour_status(text, row[2].split()[0]) if col == 2 else text) if colour else None
+    shrink = set() if full else {1} | ({len(headers) - 1} if tags else set())
+    return render_table(headers, rows, {4, 5} | set(range(6, 6 + len(metrics))), width,
+                        min_columns=6 + min(len(metrics), 2), shrink=shrink, paint=paint)
 
 
 def flatten(data: object, prefix: str = "") -> dict[str, object]:
@@ -5369,6 +5370,10 @@ def render_show(record: RunRecord, meta: RunMeta, samples: list[dict], files: di
             f"command    {meta.command_line or '-'}", f"host       {meta.host or '-'}"]
     if meta.devices:
         out.append(f"gpus       {', '.join(meta.devices)}")
+    if meta.slurm.get("job_id"):
+        where = f" on {meta.slurm['node']}" if meta.slurm.get("node") else ""
+        part = f", partition {meta.slurm['partition']}" if meta.slurm.get("partition") else ""
+        out.append(f"slurm      job {meta.slurm['job_id']}{where}{part}")
     out.append(f"folder     {record.path}")
     if record.tags:
         out.append("tags       " + " ".join(f"{k}={v}" for k, v in sorted(record.tags.items())))
@@ -5904,7 +5909,7 @@ def cmd_validate(args) -> int:
 def init_image() -> tuple[str, str]:
     """The image `init` writes: a Python image present here when there is one, and a note why."""
     for engine in ("docker", "podman"):
-        found = [i for i in local_images(engine) if re.search(r"(^|/)(python|pytorch)[^/]*:", i)]
+        found = [i for i in local_images(engine) if re.search(r"(python|pytorch)[^/]*:[^/]*$", i)]
         if found:
             return found[0], f"found locally ({engine})"
     return SAMPLE_IMAGE, f"not present here: pull it first (docker pull {SAMPLE_IMAGE}), or run the job " \
