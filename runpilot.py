@@ -3553,7 +3553,8 @@ class RunFilter:
         if self.keep_newest is not None:
             where.append("id NOT IN (SELECT id FROM runs ORDER BY started_at DESC LIMIT ?)")
             params.append(max(0, self.keep_newest))
-        return " AND ".join(where), tuple(params), self._order(params)
+        order = self._order(params)  # it may add the metric's parameters
+        return " AND ".join(where), tuple(params), order
 
     def _order(self, params: list) -> str:
         direction = "ASC" if self.ascending else "DESC"
@@ -5654,6 +5655,11 @@ def _list_filter(args) -> RunFilter:
                      limit=None if args.sweep and not args.limit else limit)
 
 
+def record_json(record: RunRecord) -> dict:
+    """A run as `list --json` and `show --json` give it: the index row without its bookkeeping."""
+    return {k: v for k, v in dataclasses.asdict(record).items() if k not in ("runner", "slurm_job")}
+
+
 def cmd_list(args) -> int:
     store = _store()
     what = _list_filter(args)
@@ -5662,8 +5668,7 @@ def cmd_list(args) -> int:
     if args.quiet:
         echo("\n".join(r.id for r in records))
     elif args.json:
-        rows = [{k: v for k, v in dataclasses.asdict(r).items() if k not in ("runner", "slurm_job")} for r in records]
-        echo(json.dumps(json_safe(rows), indent=2, sort_keys=True))
+        echo(json.dumps(json_safe([record_json(r) for r in records]), indent=2, sort_keys=True))
     elif args.format == "csv":
         header = ["id", "name", "status", "started_at", "finished_at", "duration", "exit_code", "tags"] + metrics
         echo(csv_text(header, [[r.id, r.name, r.status, r.started_at, r.finished_at, r.duration, r.exit_code,
@@ -5687,7 +5692,7 @@ def cmd_show(args) -> int:
     if args.json:
         summary = {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in metric_summary(samples).items()}
         meta_data = json.loads(meta.to_json())
-        echo(json.dumps(json_safe({"run": dataclasses.asdict(record), "meta": meta_data, "metrics": summary,
+        echo(json.dumps(json_safe({"run": record_json(record), "meta": meta_data, "metrics": summary,
                                    "files": files}), indent=2, sort_keys=True))
         return 0
     tail = args.tail if args.tail is not None else SHOW_LOG_TAIL if record.status in (
