@@ -4386,7 +4386,9 @@ def parse_grid(items: list[str]) -> tuple[tuple[str, tuple], ...]:
     """`--grid env.LR=0.1,0.01` (or a YAML list: `env.LR=[0.1, 0.01]`) -> ((key, values), ...)."""
     axes = []
     for item in items:
-        key, _, raw = item.partition("=")
+        key, sep, raw = item.partition("=")
+        if not sep or not raw.strip():
+            raise UsageError(f"--grid {item!r} must look like KEY=V1,V2,..., e.g. --grid env.LR=0.1,0.01")
         if raw.strip().startswith("["):
             parts, values = parse_override(item, "--grid")
         else:
@@ -5282,13 +5284,13 @@ def differing(configs: list[dict]) -> list[str]:
     return [k for k in keys if any(flat.get(k) != configs[0].get(k) for flat in configs)]
 
 
-def compare_rows(runs: list[tuple[RunRecord, dict, dict]]) -> list[list[str]]:
-    """Rows of `compare`: differing config values, status, duration, each metric's last and best.
-
-    `runs` holds (record, flattened config, metric summary); the best value of a row gets a `*`.
+def compare_rows(runs: list[tuple[RunRecord, dict, dict]], skip: tuple[str, ...] = ()) -> list[list[str]]:
+    """Rows of `compare`: differing config values (but the SKIP keys), status, duration, each
+    metric's last and best. `runs` holds (record, flattened config, metric summary); the best
+    value of a row gets a `*`.
     """
     rows = []
-    for key in differing([flat for _, flat, _ in runs]):
+    for key in [k for k in differing([flat for _, flat, _ in runs]) if k not in skip]:
         rows.append([key] + [fmt_cell(flat.get(key)) for _, flat, _ in runs])
     rows.append(["status"] + [r.status for r, _, _ in runs])
     rows.append(["duration"] + [fmt_duration(r.duration) for r, _, _ in runs])
@@ -5418,9 +5420,11 @@ def _metrics_block(samples: list[dict], ascii_only: bool, width: int | None) -> 
     return ["metrics"] + ["  " + line for line in table.splitlines()]
 
 
-def render_compare(runs: list[tuple[RunRecord, dict, dict]], width: int | None, full: bool) -> str:
+def render_compare(runs: list[tuple[RunRecord, dict, dict]], width: int | None, full: bool,
+                   skip: tuple[str, ...] = ()) -> str:
+    """`compare`: runs side by side (a sweep's leave out their names: the swept values say it)."""
     header = [""] + [r.id if full else short_id(r.id) for r, _, _ in runs]
-    return render_table(header, compare_rows(runs), set(range(1, len(runs) + 1)), None if full else width,
+    return render_table(header, compare_rows(runs, skip), set(range(1, len(runs) + 1)), None if full else width,
                         min_columns=len(header), shrink=set() if full else set(range(len(header))))
 
 # ==== 21. Command line =======================================================
@@ -5817,7 +5821,7 @@ def cmd_compare(args) -> int:
     store = _store()
     runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics)))
             for r in _refs_or_sweep(store, args)]
-    echo(render_compare(runs, output_width(), args.no_trunc))
+    echo(render_compare(runs, output_width(), args.no_trunc, ("name",) if args.sweep else ()))
     if sys.stdout.isatty() and len(runs) > 1:
         note(f"curves: runpilot plot {args.sweep and '--sweep ' + args.sweep or ' '.join(short_id(r.id) for r, _, _ in runs)}")
     return 0
@@ -6024,7 +6028,10 @@ def _run_sweep(store: RunStore, sweep: Sweep, jobs: list, options: RunOptions, p
             finish_output(terminal, signals)
     records = refresh(store, [r for p in sweep.points if (r := store.get(p["run_id"])) is not None], note)
     runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics))) for r in records]
-    echo(render_compare(runs, output_width(), False))
+    echo(render_compare(runs, output_width(), False, ("name",)))
+    sweep.runner = {}  # no one runs it any more: --resume may
+    with contextlib.suppress(OSError):
+        sweep.save(store)
     note(f"sweep {sweep.sweep_id}: runpilot list --sweep {sweep.sweep_id}; runpilot plot --sweep {sweep.sweep_id}")
     return code
 

@@ -1,0 +1,284 @@
+"""Many runs on one GPU box (issue 15): sweeps, one run per free GPU, claims across processes.
+
+Without GPUs: tests/fixtures/nvidia-smi stands in for the real tool (FAKE_NVIDIA_SMI=4xh100 lists
+four), and engine local jobs print CUDA_VISIBLE_DEVICES with their start and end times, so the
+tests can check that no two overlapping runs ever shared a GPU. Real Docker and Podman sweeps are
+in test_integration.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import runpilot
+from tests.common import ROOT, RUNPILOT, HomeTestCase
+from tests.test_safety import LiveRun, pid_alive
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+# A job that records which GPUs it got and when it held them.
+TIMED = """\
+import json, os, time
+start = time.time()
+time.sleep(float(os.environ.get("HOLD", "0.6")))
+gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+with open("spans.jsonl", "a") as f:
+    f.write(json.dumps({"gpus": gpus, "start": start, "end": time.time(), "lr": os.environ.get("LR"),
+                        "repeat": os.environ.get("RUNPILOT_REPEAT"), "run": os.environ["RUNPILOT_RUN_ID"]}) + "\\n")
+print(f"METRIC loss={float(os.environ.get('LR', '1')) * 10}")
+"""
+
+
+class SweepCase(HomeTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.env = {"PATH": f"{FIXTURES}:{os.environ['PATH']}", "FAKE_NVIDIA_SMI": "4xh100"}
+        self.patch_env(self.env)
+
+    def patch_env(self, env: dict) -> None:
+        from unittest import mock
+        patcher = mock.patch.dict(os.environ, env)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def config(self, gpus: object = 1, extra: str = "", script: str = TIMED) -> Path:
+        return self.local_config(script, name="lr", extra=f"resources: {{gpus: {json.dumps(gpus)}}}\n"
+                                 f"metrics: [loss]\nenv: {{LR: 0.5}}\n{extra}")
+
+    def spans(self) -> list[dict]:
+        path = self.work / "spans.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def assert_never_shared(self, spans: list[dict]) -> int:
+        """No two runs that overlapped in time held the same GPU; returns the most held at once."""
+        for i, a in enumerate(spans):
+            for b in spans[i + 1:]:
+                if a["start"] < b["end"] and b["start"] < a["end"]:
+                    shared = set(a["gpus"].split(",")) & set(b["gpus"].split(","))
+                    self.assertEqual(shared, set(), f"{a} and {b} overlapped on a GPU")
+        moments = sorted({s["start"] for s in spans})
+        return max(sum(1 for s in spans if s["start"] <= t < s["end"]) for t in moments)
+
+
+class Grid(SweepCase):
+    def test_points_are_the_product_typed_as_yaml(self):
+        axes = runpilot.parse_grid(["env.LR=0.1,1e-3,x", "seed=[1, 2]"])
+        self.assertEqual(axes, (("env.LR", (0.1, 0.001, "x")), ("seed", (1, 2))))
+        points = runpilot.sweep_points(axes, repeat=2)
+        self.assertEqual(len(points), 12)
+        self.assertEqual([p.values for p in points[:3]],
+                         [(("env.LR", 0.1), ("seed", 1))] * 2 + [(("env.LR", 0.1), ("seed", 2))])
+        self.assertEqual([p.repeat for p in points[:4]], [0, 1, 0, 1])
+        self.assertEqual(points[7].label(2), "LR=0.001,seed=2,repeat=1")
+        for bad in ("env.LR", "=1,2", "env.LR=[[1], 2]"):
+            with self.subTest(bad=bad), self.assertRaises(runpilot.UsageError):
+                runpilot.parse_grid([bad])
+
+    def test_dry_run_prints_the_plan_and_records_nothing(self):
+        code, out, err = self.cli("sweep", self.config(), "--grid", "env.LR=0.1,0.01", "--repeat", "2", "--dry-run")
+        self.assertEqual(code, 0, err)
+        self.assertIn("4 run(s), 4 at a time", err)
+        self.assertIn("  4. LR=0.01,repeat=1", err)
+        self.assertFalse(self.home.exists())
+
+    def test_a_sweep_section_is_read_by_sweep_only(self):
+        config = self.config(gpus=0, extra="sweep:\n  env.LR: [0.2, 0.02]\n")
+        code, out, err = self.cli("run", config)
+        self.assertEqual(code, 0, err)
+        self.assertIn("only `runpilot sweep` reads", err)
+        self.assertEqual([s["lr"] for s in self.spans()], ["0.5"])
+        code, out, err = self.cli("sweep", config)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(sorted(s["lr"] for s in self.spans()), ["0.02", "0.2", "0.5"])
+
+    def test_a_bad_value_for_one_point_records_nothing(self):
+        code, out, err = self.cli("sweep", self.config(gpus=0), "--grid", "resources.cpu=1,-2")
+        self.assertEqual(code, 2, err)
+        self.assertIn("sweep point", err)
+        self.assertFalse((self.home / "runs").exists() and any((self.home / "runs").iterdir()))
+
+
+class Placement(SweepCase):
+    def test_a_sweep_fills_the_pool_and_never_shares_a_gpu(self):
+        code, out, err = self.cli("sweep", self.config(), "--grid", "env.LR=0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8")
+        self.assertEqual(code, 0, err)
+        spans = self.spans()
+        self.assertEqual(len(spans), 8)
+        most = self.assert_never_shared(spans)
+        self.assertEqual(most, 4)  # reaches the pool, never more
+        self.assertTrue(all(s["gpus"] in ("0", "1", "2", "3") for s in spans))
+        for line in ("started on GPU", "succeeded in"):
+            self.assertEqual(err.count(line), 8, err)
+        last = next(line for line in out.splitlines() if line.startswith("loss (last)"))
+        self.assertEqual(last.split()[2:4], ["1*", "2"])  # the end table marks the best run
+        self.assertNotIn("name", out)  # a sweep's runs are told apart by the swept values
+
+    def test_two_gpus_per_run_and_parallel_caps_it(self):
+        code, out, err = self.cli("sweep", self.config(gpus=2), "--grid", "env.LR=0.1,0.2,0.3,0.4")
+        self.assertEqual(code, 0, err)
+        spans = self.spans()
+        self.assertEqual(self.assert_never_shared(spans), 2)
+        self.assertTrue(all(len(s["gpus"].split(",")) == 2 for s in spans))
+        (self.work / "spans.jsonl").unlink()
+        code, out, err = self.cli("sweep", self.config(), "--grid", "env.LR=0.1,0.2,0.3", "--parallel", "1",
+                                  "--gpus", "2,3")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.assert_never_shared(self.spans()), 1)
+        self.assertTrue(all(s["gpus"] in ("2", "3") for s in self.spans()))
+
+    def test_runs_without_gpus_run_one_at_a_time_unless_parallel(self):
+        code, out, err = self.cli("sweep", self.config(gpus=0), "--grid", "env.LR=0.1,0.2,0.3")
+        self.assertEqual(code, 0, err)
+        spans = self.spans()
+        self.assertEqual(self.assert_never_shared(spans), 1)
+        self.assertEqual({s["gpus"] for s in spans}, {""})
+
+    def test_separate_runs_get_different_gpus_and_wait_queued(self):
+        config = self.config(gpus=2)
+        env = {"HOLD": "2.5"}
+        procs = [subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env={**os.environ, **env}) for _ in range(3)]
+        results = [p.communicate(timeout=60) for p in procs]
+        self.assertEqual([p.returncode for p in procs], [0, 0, 0], results)
+        spans = self.spans()
+        self.assertEqual(self.assert_never_shared(spans), 2)
+        waited = [err for _, err in results if b"queued, waiting for 2 GPUs: GPU" in err]
+        self.assertEqual(len(waited), 1, results)
+        self.assertIn(b"is held by run", waited[0])
+
+    def test_no_wait_fails_at_once_and_records_nothing(self):
+        live = LiveRun(self, self.config(gpus="all", script="import time\nprint('ready', flush=True)\n"
+                                                             "time.sleep(30)\n"))
+        started = time.monotonic()
+        code, out, err = self.cli("run", self.config(gpus=1), "--no-wait")
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(code, 1, err)
+        self.assertIn("waiting for 1 GPU: GPU 0 is held by run", err)
+        self.assertEqual(len(self.runs()), 1)
+        live.proc.send_signal(signal.SIGINT)
+        live.finish()
+
+    def test_a_sigkilled_runners_gpus_are_free_again(self):
+        live = LiveRun(self, self.config(gpus="all", script="import os, time\nopen('job.pid', 'w').write("
+                                                             "str(os.getpid()))\nprint('ready', flush=True)\n"
+                                                             "time.sleep(30)\n"))
+        live.proc.kill()
+        live.proc.wait()
+        os.kill(int((self.work / "job.pid").read_text()), signal.SIGKILL)  # its job too, as `stop` would
+        code, out, err = self.cli("run", self.config(gpus=4), "--no-wait")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(self.cli("list", "--json")[1])[0]["status"], "succeeded")
+
+    def test_devices_are_recorded_and_pinned_runs_wait_for_theirs(self):
+        code, out, err = self.cli("run", self.config(gpus=[2, 0]))
+        self.assertEqual(code, 0, err)
+        meta = self.meta(self.only_run())
+        self.assertEqual((meta["devices"], self.spans()[0]["gpus"]), (["2", "0"], "2,0"))
+
+
+class Control(SweepCase):
+    def sweep(self, *args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, str(RUNPILOT), "sweep", *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        return proc
+
+    def wait_for_running(self, count: int) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if (self.home / "runs.db").exists():
+                code, out, _ = self.cli("list", "--status", "running", "-q")
+                if len(out.split()) >= count:
+                    return
+            time.sleep(0.1)
+        self.fail("the sweep's runs never started")
+
+    LONG = "import os, time\nopen(f\"{os.environ['RUNPILOT_RUN_ID']}.pid\", 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
+
+    def test_ctrl_c_stops_the_running_cancels_the_rest_and_leaves_nothing(self):
+        proc = self.sweep(self.config(script=self.LONG), "--grid", "env.LR=1,2,3,4,5,6")
+        self.wait_for_running(4)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 130, err)
+        statuses = sorted(r["status"] for r in json.loads(self.cli("list", "--json", "--all")[1]))
+        self.assertEqual(statuses, ["cancelled"] * 2 + ["interrupted"] * 4)
+        for pid_file in self.work.glob("*.pid"):
+            self.assertFalse(pid_alive(int(pid_file.read_text())))
+
+    def test_stop_from_another_terminal_and_resume(self):
+        job = self.LONG.replace("time.sleep(60)", "time.sleep(0 if os.path.exists('fast') else 60)")
+        proc = self.sweep(self.config(script=job), "--grid", "env.LR=1,2,3,4,5,6")
+        self.wait_for_running(4)
+        sweep_id = json.loads(self.cli("list", "--json")[1])[0]["sweep_id"]
+        code, out, err = self.cli("stop", sweep_id)
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"sweep {sweep_id}: 4 interrupted, 2 cancelled", out)
+        self.assertEqual(proc.wait(timeout=30), 143)
+        (self.work / "fast").write_text("")
+        code, out, err = self.cli("sweep", "--resume", sweep_id)
+        self.assertEqual(code, 0, err)
+        self.assertIn("resuming sweep", err)
+        rows = json.loads(self.cli("list", "--json", "--sweep", sweep_id)[1])
+        self.assertEqual(sorted(r["status"] for r in rows), ["interrupted"] * 4 + ["succeeded"] * 6)
+        points = json.loads((self.home / "sweeps" / sweep_id / "sweep.json").read_text())["points"]
+        latest = {r["id"]: r["status"] for r in rows}
+        self.assertEqual([latest[p["run_id"]] for p in points], ["succeeded"] * 6)
+        code, out, err = self.cli("sweep", "--resume", sweep_id)
+        self.assertEqual((code, out.strip()), (0, f"sweep {sweep_id}: every point has finished; nothing to resume"))
+
+    def test_fail_fast_and_the_exit_status(self):
+        failing = ("import os, sys, time\ntime.sleep(float(os.environ['LR']))\n"
+                   "sys.exit(3 if os.environ['LR'] == '0.2' else 0)\n")
+        code, out, err = self.cli("sweep", self.config(gpus=0, script=failing), "--grid", "env.LR=0.2,0.1,5",
+                                  "--fail-fast")
+        self.assertEqual(code, 143, err)
+        statuses = {r["name"]: r["status"] for r in json.loads(self.cli("list", "--json")[1])}
+        self.assertEqual(statuses, {"lr[LR=0.2]": "failed", "lr[LR=0.1]": "cancelled", "lr[LR=5]": "cancelled"})
+        code, out, err = self.cli("sweep", self.config(gpus=0, script=failing), "--grid", "env.LR=0.2,0.1")
+        self.assertEqual(code, 1, err)  # one failure does not stop the others, but the sweep says so
+
+    def test_detached_sweep_survives_and_stops(self):
+        code, out, err = self.cli("sweep", self.config(script=self.LONG), "--grid", "env.LR=1,2", "-d")
+        self.assertEqual(code, 0, err)
+        sweep_id = out.strip()
+        self.assertRegex(sweep_id, r"^sw-\d{8}-\d{6}-[0-9a-f]{6}$")
+        self.wait_for_running(2)
+        self.assertEqual(self.cli("stop", sweep_id)[0], 0)
+        statuses = sorted(r["status"] for r in json.loads(self.cli("list", "--json", "--sweep", sweep_id)[1]))
+        self.assertEqual(statuses, ["interrupted", "interrupted"])
+
+
+class LookingAtASweep(SweepCase):
+    def test_list_compare_export_by_sweep(self):
+        code, out, err = self.cli("sweep", self.config(gpus=0), "--grid", "env.LR=0.1,0.3", "--repeat", "2",
+                                  "--parallel", "2")
+        self.assertEqual(code, 0, err)
+        self.cli("run", self.config(gpus=0))  # not part of the sweep
+        rows = json.loads(self.cli("list", "--json")[1])
+        sweep_id = next(r["sweep_id"] for r in rows if r["sweep_id"])
+        listed = json.loads(self.cli("list", "--json", "--sweep", sweep_id)[1])
+        self.assertEqual(len(listed), 4)
+        self.assertTrue(all(r["sweep_id"] == sweep_id for r in listed))
+        meta = self.meta(self.home / "runs" / listed[0]["id"])
+        self.assertEqual(set(meta["sweep"]), {"id", "index", "point", "repeat"})
+        self.assertEqual(sorted({s["repeat"] for s in self.spans() if s["repeat"]}), ["0", "1"])
+        code, out, err = self.cli("compare", "--sweep", sweep_id)
+        self.assertEqual(code, 0, err)
+        self.assertIn("env.LR", out)
+        self.assertEqual(out.count("*"), 2 * 2)  # best loss (last and best rows) for the two LR=0.1 runs
+        code, out, err = self.cli("export", "--sweep", sweep_id, "--config")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.splitlines()[0].split(",")[:3], ["run_id", "name", "env.LR"])
+        self.assertEqual(len(out.splitlines()), 5)
+
+    def test_parallel_one_streams_the_job_as_run_does(self):
+        code, out, err = self.cli("sweep", self.config(gpus=0, script="print('hello', flush=True)\n"),
+                                  "--grid", "env.LR=1,2")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.count("hello\n"), 2)
+        self.assertEqual(err.count("starting: on this host"), 2)
