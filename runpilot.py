@@ -3623,6 +3623,900 @@ def _size_text(size: int) -> str:
         size /= 1024
     return str(size)
 
+# ==== 15b. Plots: braille charts and the HTML page ===========================
+# `runpilot plot` reads metrics.json in blocks, one regex pass per metric, and folds each series into at
+# most PLOT_BUCKETS min/max buckets as it reads, so memory stays flat however long a run is. Everything
+# after the reader is pure: points in, lines of text or one HTML page out.
+
+# Braille dot bits by [row][column] within a cell of 2 x 4 dots (dots 1-2-3-7 left, 4-5-6-8 right).
+BRAILLE_BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
+BRAILLE_BASE = 0x2800
+# One marker per run where colour cannot tell runs apart; with --ascii the curve is drawn with it.
+PLOT_MARKERS = "*o+x#@%&=$~^"
+# ANSI colours per run (normal, then bright); the raw series under a smoothed one is drawn faint (SGR 2).
+PLOT_COLOURS = ("36", "33", "35", "32", "34", "31", "96", "93", "95", "92", "94", "91")
+# The page's colours per run (Tableau 10): told apart on screen and on paper.
+SVG_COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+               "#9c755f", "#bab0ac")
+# Buckets a series keeps while it is read (two points each): more than any chart has pixel columns.
+PLOT_BUCKETS = 1024
+# metrics.json is read in blocks this big (about 20,000 samples): few Python steps per sample.
+PLOT_READ_SIZE = 1 << 20
+# Below this a chart has no room for its axis labels and a legend.
+PLOT_MIN_WIDTH = 20
+PLOT_MIN_HEIGHT = 6
+# --follow redraws this often at most (re-reading a long run costs more; the pause grows with it).
+FOLLOW_SECONDS = 1.0
+# The SVG's drawing area in user units (the page scales it to its width).
+SVG_WIDTH = 960
+SVG_PLOT_HEIGHT = 260
+# A sample line as MetricLog writes it starts with its step; the regexes below rely on that layout.
+_SAMPLE_STEP_RE = re.compile(rb'\{"step": (-?\d+)[,}]')
+_SAMPLE_KEY_RE = re.compile(rb'"([A-Za-z_][A-Za-z0-9_.\-/]*)": ')
+
+
+@functools.lru_cache(maxsize=256)
+def _value_re(key: str) -> re.Pattern:
+    """`"key": VALUE` in sample lines (a quote inside a JSON string is escaped, so only keys match)."""
+    return re.compile(rb'"' + re.escape(key.encode()) + rb'": ([^,}\n]*)')
+
+
+@functools.lru_cache(maxsize=256)
+def _step_value_re(key: str) -> re.Pattern:
+    """The step and the value of KEY on each sample line that has KEY."""
+    return re.compile(rb'\{"step": (-?\d+),[^\n]*?"' + re.escape(key.encode()) + rb'": ([^,}\n]*)')
+
+
+# -- series, folded as they are read -------------------------------------------
+
+def ema(values, weight: float, state: tuple[float, float] = (0.0, 1.0)) -> tuple[list[float], tuple]:
+    """TensorBoard's smoothing: an exponential moving average, debiased at the start.
+
+    WEIGHT 0 gives the values back; 0.99 is very smooth. STATE (the running average and weight**n)
+    carries one call over to the next, so a series can be smoothed block by block.
+    """
+    average, decay = state
+    keep = 1.0 - weight
+    out = []
+    for value in values:
+        average = average * weight + keep * value
+        decay *= weight
+        out.append(average / (1.0 - decay) if decay < 1.0 else value)
+    return out, (average, decay)
+
+
+def _extremes(points: tuple) -> tuple:
+    """The lowest and the highest of some (x, y) points in their order; the first and last if all are level."""
+    low = min(range(len(points)), key=lambda i: points[i][1])
+    high = max(range(len(points)), key=lambda i: points[i][1])
+    if low == high:
+        return points[:1] if len(points) == 1 else (points[0], points[-1])
+    return (points[low], points[high]) if low < high else (points[high], points[low])
+
+
+def _bucket(ys, x_at: Callable[[int], float], start: int, end: int) -> tuple:
+    """_extremes of the samples START..END of a block, found by C's min and max, not per sample in Python."""
+    seg = ys[start:end]
+    low, high = min(seg), max(seg)
+    i, j = seg.index(low), seg.index(high)
+    if i == j:
+        return ((x_at(start), seg[0]),) if end - start == 1 else ((x_at(start), seg[0]), (x_at(end - 1), seg[-1]))
+    a, b = (i, j) if i < j else (j, i)
+    return (x_at(start + a), seg[a]), (x_at(start + b), seg[b])
+
+
+class SeriesDigest:
+    """A series folded as it arrives: count, first, last, lowest and highest, and at most CAPACITY
+    buckets of consecutive samples, each keeping its lowest and highest point so that spikes survive.
+
+    Whenever the buckets are full, neighbours merge and each bucket covers twice as many samples.
+    Blocks come as values and a function giving the x of a value by its index, so that only the
+    x values of the points kept are ever worked out.
+    """
+
+    def __init__(self, capacity: int = PLOT_BUCKETS) -> None:
+        self.capacity = capacity
+        self.per = 1                                   # samples per bucket
+        self.buckets: list[tuple] = []                 # each: one or two (x, y) in arrival order
+        self.pending: tuple = ()                       # first, lowest, highest, last of an unfinished bucket
+        self.pending_count = 0
+        self.count = 0
+        self.first: tuple[float, float] | None = None
+        self.last: tuple[float, float] | None = None
+        self.low: tuple[float, float] | None = None    # (x, y) of the lowest value
+        self.high: tuple[float, float] | None = None
+
+    def add(self, ys, x_at: Callable[[int], float]) -> None:
+        """Fold in a block of finite floats (a list or an array); X_AT(i) is the x of ys[i]."""
+        n = len(ys)
+        if not n:
+            return
+        self._stats(ys, x_at)
+        while len(self.buckets) + (self.pending_count + n) // self.per > self.capacity:
+            self._merge()
+        start = min(n, self.per - self.pending_count) if self.pending_count else 0
+        if start:
+            self._pend(ys, x_at, 0, start)
+        full = start + (n - start) // self.per * self.per
+        self.buckets += [_bucket(ys, x_at, a, a + self.per) for a in range(start, full, self.per)]
+        if full < n:
+            self._pend(ys, x_at, full, n)
+
+    def _pend(self, ys, x_at: Callable[[int], float], start: int, end: int) -> None:
+        """Add samples START..END to the unfinished bucket (kept as its first, extremes and last)."""
+        seg = ys[start:end]
+        marks = sorted({0, seg.index(min(seg)), seg.index(max(seg)), len(seg) - 1})
+        self.pending += tuple((x_at(start + k), seg[k]) for k in marks)
+        self.pending_count += end - start
+        if self.pending_count == self.per:
+            self.buckets.append(_extremes(self.pending))
+            self.pending, self.pending_count = (), 0
+
+    def _stats(self, ys, x_at: Callable[[int], float]) -> None:
+        self.count += len(ys)
+        if self.first is None:
+            self.first = (x_at(0), ys[0])
+        self.last = (x_at(len(ys) - 1), ys[-1])
+        low, high = min(ys), max(ys)
+        if self.low is None or low < self.low[1]:
+            self.low = (x_at(ys.index(low)), low)
+        if self.high is None or high > self.high[1]:
+            self.high = (x_at(ys.index(high)), high)
+
+    def _merge(self) -> None:
+        pairs = [_extremes(a + b) for a, b in zip(self.buckets[0::2], self.buckets[1::2])]
+        self.buckets = pairs + self.buckets[len(pairs) * 2:]
+        self.per *= 2
+
+    def points(self) -> list[tuple[float, float]]:
+        """The kept points in arrival order, from the first sample to the last."""
+        kept = [point for bucket in self.buckets for point in bucket]
+        if self.pending:
+            kept += _extremes(self.pending)
+        if self.first is not None and (not kept or kept[0] != self.first):
+            kept.insert(0, self.first)
+        if self.last is not None and kept[-1] != self.last:
+            kept.append(self.last)
+        return kept
+
+
+class MetricSeries:
+    """One metric of one run: the raw series and, with smoothing, its moving average, both digested."""
+
+    def __init__(self, smooth: float | None = None) -> None:
+        self.raw = SeriesDigest()
+        self.weight = smooth or 0.0
+        self.smoothed = SeriesDigest() if smooth else None
+        self._ema_state = (0.0, 1.0)
+
+    def add(self, ys, x_at: Callable[[int], float]) -> None:
+        self.raw.add(ys, x_at)
+        if self.smoothed is not None and len(ys):
+            values, self._ema_state = ema(ys, self.weight, self._ema_state)
+            self.smoothed.add(values, x_at)
+
+
+# -- reading metrics.json as a stream -----------------------------------------
+
+def read_metric_series(path: Path, names: list[str] | None,
+                       smooth: float | None = None) -> dict[str, MetricSeries]:
+    """The numeric samples of NAMES (None: every metric) in a metrics.json, read block by block.
+
+    Never holds more than a block of the file: each series is digested as it is read. Text values,
+    NaN and infinities are left out. A last line cut short by a crash is skipped, as read_metrics does.
+    """
+    series: dict[str, MetricSeries] = {}
+    try:
+        with open(path, "rb") as f:
+            rest = b""
+            while chunk := f.read(PLOT_READ_SIZE):
+                data = rest + chunk
+                cut = data.rfind(b"\n") + 1
+                rest = data[cut:]
+                _fold_block(data[:cut], names, series, smooth)
+    except FileNotFoundError:
+        return series
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+    _fold_lines([rest], names, series, smooth)  # the line after the last newline, if whole
+    return series
+
+
+def _fold_block(block: bytes, names: list[str] | None, series: dict, smooth: float | None) -> None:
+    """Fold in whole sample lines: one regex pass per metric; a JSON parse only for an unusual layout."""
+    count = block.count(b"\n{") + block.startswith(b"{")
+    if not count:
+        return
+    lines = block.split(b"\n")
+    if block.count(b'{"step": ') != count:  # not MetricLog's layout: parse line by line
+        _fold_lines(lines, names, series, smooth)
+        return
+    lines.pop()  # the block ends with a newline
+    if len(lines) != count:  # the opening `[` or closing `]` of the list
+        lines = [line for line in lines if line.startswith(b"{")]
+    keys = names if names is not None else sorted({k.decode() for k in _SAMPLE_KEY_RE.findall(block)})
+    for key in keys:
+        values = _value_re(key).findall(block) if key != "step" else []
+        if len(values) == count:
+            ys, kept = _finite(values)
+            x_at = _line_step_reader(lines if kept is None else [lines[i] for i in kept])
+        elif values:  # only some samples have it
+            pairs = _step_value_re(key).findall(block)
+            ys, kept = _finite([value for _, value in pairs])
+            steps = [step for step, _ in pairs] if kept is None else [pairs[i][0] for i in kept]
+            x_at = _float_reader(steps)
+        else:
+            continue
+        series.setdefault(key, MetricSeries(smooth)).add(ys, x_at)
+
+
+def _line_step_reader(lines: list[bytes]) -> Callable[[int], float]:
+    return lambda i: float(_SAMPLE_STEP_RE.match(lines[i])[1])
+
+
+def _float_reader(values: list) -> Callable[[int], float]:
+    return lambda i: float(values[i])
+
+
+def _fold_lines(lines: list[bytes], names: list[str] | None, series: dict, smooth: float | None) -> None:
+    """Fold in sample lines parsed one by one as JSON; a line that does not parse is skipped."""
+    found: dict[str, tuple[list, list]] = {}
+    for number, line in enumerate(lines):
+        line = line.strip().rstrip(b",")
+        if not line.startswith(b"{"):
+            continue
+        try:
+            sample = json.loads(line)
+        except ValueError:
+            continue
+        x = sample.get("step", number) if isinstance(sample, dict) else None
+        if not _is_number(x):
+            continue
+        for key, value in sample.items():
+            if key != "step" and (names is None or key in names) and _is_number(value):
+                xs, ys = found.setdefault(key, ([], []))
+                xs.append(float(x))
+                ys.append(float(value))
+    for key, (xs, ys) in found.items():
+        series.setdefault(key, MetricSeries(smooth)).add(ys, xs.__getitem__)
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float (not a bool, not text)."""
+    return type(value) is int or (type(value) is float and value - value == 0.0)
+
+
+def _finite(values: list) -> tuple["array", list[int] | None]:
+    """The finite numbers among VALUES (JSON text as bytes) as floats, and the indexes kept (None: all)."""
+    from array import array
+    try:
+        ys = array("d", map(float, values))
+    except (ValueError, OverflowError):  # a text value among them
+        ys = array("d", [_float_or_nan(v) for v in values])
+    total = sum(ys)
+    if total - total == 0.0:
+        return ys, None
+    kept = [i for i, y in enumerate(ys) if y - y == 0.0]  # drops NaN and ±inf
+    return array("d", [ys[i] for i in kept]), kept
+
+
+def _float_or_nan(value) -> float:
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return math.nan
+
+
+# -- what a chart shows ------------------------------------------------------
+
+@dataclass
+class Curve:
+    """One run's series of one metric, ready to draw."""
+
+    run: int                                   # position among the runs shown: its colour and marker
+    name: str                                  # the run's name, as recorded (escape it to show it)
+    run_id: str
+    points: list                               # (x, y) in arrival order, decimated
+    smoothed: list = field(default_factory=list)
+    last: float | None = None
+    best: float | None = None
+    best_x: float | None = None
+    low: float | None = None                   # the lowest value (a log axis needs it above zero)
+    count: int = 0
+    running: bool = False
+
+    @property
+    def short_id(self) -> str:
+        return self.run_id[-6:]
+
+
+@dataclass
+class Chart:
+    metric: str
+    curves: list                               # one Curve per run shown, in the runs' order
+
+
+@dataclass(frozen=True)
+class PlotStyle:
+    braille: bool = True
+    colour: bool = False
+    log: bool = False
+    smooth: float | None = None
+    x_label: str = "step"
+
+
+def lower_is_better(metric: str) -> bool:
+    return LOWER_IS_BETTER.search(metric) is not None
+
+
+def make_curve(run: int, record: RunRecord, metric: str, series: MetricSeries | None) -> Curve:
+    """A chart's view of a run's series (an empty curve where the run has no such samples)."""
+    curve = Curve(run, record.name, record.id, [], running=record.status == "running")
+    if series is None or not series.raw.count:
+        return curve
+    digest = series.raw
+    best = digest.low if lower_is_better(metric) else digest.high
+    curve.points = digest.points()
+    curve.smoothed = series.smoothed.points() if series.smoothed is not None else []
+    curve.last, curve.count = digest.last[1], digest.count
+    curve.best_x, curve.best = best
+    curve.low = digest.low[1]
+    return curve
+
+
+def decimate(points: list, columns: int, x_lo: float, x_hi: float) -> list:
+    """At most two points per column of x (its lowest and highest), in their order, plus the first
+    and the last point: a line through them has every spike a full series would show."""
+    if len(points) <= 2 * columns + 2:
+        return list(points)
+    span = (x_hi - x_lo) or 1.0
+    lows: dict[int, int] = {}
+    highs: dict[int, int] = {}
+    for i, (x, y) in enumerate(points):
+        column = int((x - x_lo) / span * (columns - 1) + 0.5)
+        if column not in lows or y < points[lows[column]][1]:
+            lows[column] = i
+        if column not in highs or y > points[highs[column]][1]:
+            highs[column] = i
+    keep = sorted({0, len(points) - 1, *lows.values(), *highs.values()})
+    return [points[i] for i in keep]
+
+
+# -- axes ---------------------------------------------------------------------
+
+def _widen(lo: float, hi: float) -> tuple[float, float]:
+    """A range to draw a flat series in: around the value (±10 %, or ±1 around zero)."""
+    if hi > lo:
+        return lo, hi
+    margin = abs(lo) * 0.1 or 1.0
+    return lo - margin, hi + margin
+
+
+def nice_ticks(lo: float, hi: float, max_count: int, extend: bool = False) -> tuple[list[float], float, float, float]:
+    """Ticks at round numbers (1, 2, 2.5 or 5 times a power of ten) for the range LO..HI.
+
+    Returns (ticks, axis_lo, axis_hi, step): at most MAX_COUNT ticks. EXTEND widens the range out to
+    the ticks around it (a y axis that starts and ends on a label); otherwise the ticks lie inside it.
+    """
+    lo, hi = _widen(min(lo, hi), max(lo, hi))
+    rough = (hi - lo) / max(1, max_count - 1)
+    exponent = math.floor(math.log10(rough))
+    for exp in (exponent, exponent + 1, exponent + 2):
+        for mantissa in (1, 2, 2.5, 5):
+            step = mantissa * 10.0 ** exp if exp >= 0 else mantissa / 10.0 ** -exp
+            first = math.floor(lo / step + 1e-9) if extend else math.ceil(lo / step - 1e-9)
+            last = math.ceil(hi / step - 1e-9) if extend else math.floor(hi / step + 1e-9)
+            if last - first + 1 <= max_count:
+                ticks = [_tick_value(k, mantissa, exp) for k in range(first, last + 1)]
+                return (ticks, ticks[0], ticks[-1], step) if extend else (ticks, lo, hi, step)
+    return [lo, hi], lo, hi, hi - lo
+
+
+def _tick_value(k: int, mantissa: float, exp: int) -> float:
+    """k steps of mantissa * 10**exp, computed so that 3 x 0.1 is 0.3."""
+    scaled = k * mantissa
+    return float(scaled * 10 ** exp) if exp >= 0 else scaled / 10.0 ** -exp
+
+
+def log_ticks(lo: float, hi: float, max_count: int) -> tuple[list[float], float, float]:
+    """Ticks at powers of ten spanning LO..HI (both > 0), with 2 and 5 between them over one decade."""
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    if last == first:
+        last += 1
+    stride = max(1, math.ceil((last - first) / max(1, max_count - 1)))
+    last = first + stride * math.ceil((last - first) / stride)
+    ticks = [10.0 ** e for e in range(first, last + 1, stride)]
+    if last - first == 1 and max_count >= 4:
+        ticks = sorted(ticks + [2 * ticks[0], 5 * ticks[0]])
+    return ticks, 10.0 ** first, 10.0 ** last
+
+
+def tick_text(value: float, step: float) -> str:
+    """A tick label with the digits its step needs: 0.25, 1.5k, 2M, 1e-07."""
+    if value == 0:
+        return "0"
+    size = abs(value)
+    if size >= 1e4 and step >= 1:
+        for divisor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if size >= divisor:
+                text = f"{value / divisor:.{_decimals(step / divisor)}f}"
+                return (text.rstrip("0").rstrip(".") if "." in text else text) + suffix
+    decimals = _decimals(step)
+    if decimals <= 6:
+        return f"{value:.{decimals}f}"
+    digits = max(1, math.floor(math.log10(size)) - math.floor(math.log10(step)) + 1)
+    return f"{value:.{digits - 1}e}"
+
+
+def _decimals(step: float) -> int:
+    """The fewest decimals that write STEP exactly (0.25 → 2)."""
+    for decimals in range(13):
+        if abs(round(step, decimals) - step) <= abs(step) * 1e-6:
+            return decimals
+    return 13
+
+
+def _log_text(value: float) -> str:
+    return f"{value:g}"
+
+
+@dataclass
+class _Axes:
+    """Where values land: the ranges, the y ticks and their labels."""
+
+    x_lo: float
+    x_hi: float
+    y_lo: float          # in log10 when the axis is logarithmic
+    y_hi: float
+    y_ticks: list        # (value, label)
+    log: bool
+
+    def y(self, value: float) -> float:
+        """Height of a value as a fraction, 0 at the bottom."""
+        value = math.log10(value) if self.log else value
+        return (value - self.y_lo) / ((self.y_hi - self.y_lo) or 1.0)
+
+    def x(self, value: float) -> float:
+        return (value - self.x_lo) / ((self.x_hi - self.x_lo) or 1.0)
+
+
+def chart_axes(chart: Chart, log: bool, max_y_ticks: int) -> _Axes | None:
+    """The ranges of a chart and its y ticks (None when no curve has a point)."""
+    points = [p for c in chart.curves for p in itertools.chain(c.points, c.smoothed)]
+    if not points:
+        return None
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x_lo, x_hi = _widen(min(xs), max(xs)) if min(xs) == max(xs) else (min(xs), max(xs))
+    if log:
+        ticks, lo, hi = log_ticks(min(ys), max(ys), max_y_ticks)
+        labelled = [(t, _log_text(t)) for t in ticks]
+        return _Axes(x_lo, x_hi, math.log10(lo), math.log10(hi), labelled, True)
+    ticks, lo, hi, step = nice_ticks(min(ys), max(ys), max_y_ticks, extend=True)
+    return _Axes(x_lo, x_hi, lo, hi, [(t, tick_text(t, step)) for t in ticks], False)
+
+
+def x_tick_labels(lo: float, hi: float, columns: int, place: Callable[[float], int]) -> list[tuple[int, str]]:
+    """(column, label) of round x ticks, as many as fit side by side in COLUMNS without touching."""
+    for count in range(max(2, columns // 10), 1, -1):
+        ticks, _, _, step = nice_ticks(lo, hi, count)
+        labels = [(place(t), tick_text(t, step)) for t in ticks]
+        spans = [(max(0, min(columns - len(text), col - len(text) // 2)), text) for col, text in labels]
+        if all(a[0] + len(a[1]) < b[0] for a, b in zip(spans, spans[1:])):
+            return spans
+    return [(0, tick_text(lo, hi - lo or 1.0))]
+
+
+# -- the terminal chart -------------------------------------------------------
+
+class BrailleCanvas:
+    """A grid of character cells drawn in dots: 2 x 4 per cell in braille, 1 x 1 in ASCII.
+
+    Each cell remembers the last owner (run, faint) that drew in it, for its colour or marker.
+    """
+
+    def __init__(self, cols: int, rows: int, braille: bool = True) -> None:
+        self.cols, self.rows, self.braille = cols, rows, braille
+        self.sx, self.sy = (2, 4) if braille else (1, 1)
+        self.width, self.height = cols * self.sx, rows * self.sy
+        self.dots = [0] * (cols * rows)
+        self.owner: list = [None] * (cols * rows)
+        self.trail: dict[int, dict[int, set]] = {}    # run -> column -> rows its main curve touched
+
+    def dot(self, x: int, y: int, owner: tuple[int, bool]) -> None:
+        if not (0 <= x < self.width and 0 <= y < self.height):
+            return
+        col, row = x // self.sx, y // self.sy
+        cell = row * self.cols + col
+        self.dots[cell] |= BRAILLE_BITS[y % 4][x % 2] if self.braille else 1
+        self.owner[cell] = owner
+        if not owner[1]:
+            self.trail.setdefault(owner[0], {}).setdefault(col, set()).add(row)
+
+    def line(self, x0: int, y0: int, x1: int, y1: int, owner: tuple[int, bool]) -> None:
+        steps = max(abs(x1 - x0), abs(y1 - y0))
+        if steps == 0:
+            self.dot(x0, y0, owner)
+            return
+        for i in range(steps + 1):
+            self.dot(int(x0 + (x1 - x0) * i / steps + 0.5), int(y0 + (y1 - y0) * i / steps + 0.5), owner)
+
+    def polyline(self, points: list, owner: tuple[int, bool], to_dots: Callable) -> None:
+        previous = None
+        for point in points:
+            current = to_dots(point)
+            if previous is None:
+                self.dot(*current, owner)
+            else:
+                self.line(*previous, *current, owner)
+            previous = current
+
+    def marker_cells(self, runs: list[int], gap: int) -> dict[int, int]:
+        """Cells where each run's marker goes: every GAP columns along its curve, staggered per run."""
+        cells: dict[int, int] = {}
+        for order, run in enumerate(runs):
+            columns = self.trail.get(run, {})
+            offset = (order * gap) // max(1, len(runs))
+            chosen = [c for c in sorted(columns) if (c - offset) % gap == 0] + ([max(columns)] if columns else [])
+            for col in chosen:
+                rows = sorted(columns[col])
+                cell = rows[len(rows) // 2] * self.cols + col
+                cells.setdefault(cell, run)
+        return cells
+
+    def row_text(self, row: int, style: PlotStyle, markers: dict[int, int]) -> str:
+        """One row of cells as text, coloured by owner when STYLE says so."""
+        parts: list[str] = []
+        current = None
+        for col in range(self.cols):
+            cell = row * self.cols + col
+            owner, dots = self.owner[cell], self.dots[cell]
+            if cell in markers:
+                text, owner = PLOT_MARKERS[markers[cell] % len(PLOT_MARKERS)], (markers[cell], False)
+            elif not dots:
+                text, owner = " ", None
+            elif self.braille:
+                text = chr(BRAILLE_BASE + dots)
+            else:
+                text = "." if owner[1] else PLOT_MARKERS[owner[0] % len(PLOT_MARKERS)]
+            if style.colour and owner != current:
+                parts.append("\x1b[0m" if owner is None else _sgr(owner))
+                current = owner
+            parts.append(text)
+        if style.colour and current is not None:
+            parts.append("\x1b[0m")
+        return "".join(parts)
+
+
+def _sgr(owner: tuple[int, bool]) -> str:
+    colour = PLOT_COLOURS[owner[0] % len(PLOT_COLOURS)]
+    return f"\x1b[0;2;{colour}m" if owner[1] else f"\x1b[0;{colour}m"
+
+
+def fit_text(text: str, width: int, ellipsis: str = "…") -> str:
+    """TEXT cut to WIDTH terminal columns (wide characters count two), ending in ELLIPSIS if cut."""
+    if text_width(text) <= width:
+        return text
+    room = width - text_width(ellipsis)
+    out, used = [], 0
+    for ch in text:
+        w = text_width(ch)
+        if used + w > room:
+            break
+        out.append(ch)
+        used += w
+    return "".join(out) + ellipsis if width > 0 else ""
+
+
+def legend_line(curve: Curve, width: int, style: PlotStyle) -> str:
+    """`* name 3f9c1a  last 0.012  best 0.011`, cut to WIDTH; the marker in the run's colour."""
+    marker = PLOT_MARKERS[curve.run % len(PLOT_MARKERS)]
+    ellipsis = "…" if style.braille else "~"
+    name = printable(curve.name)
+    state = " (running)" if curve.running else ""
+    if curve.count:
+        forms = [f"  last {fmt_value(curve.last)}  best {fmt_value(curve.best)}",
+                 f" last {fmt_value(curve.last)} best {fmt_value(curve.best)}"]
+    else:
+        forms = ["  no samples", " -"]
+    for tail, with_id in ((forms[0], True), (forms[1], True), (forms[1], False)):
+        head = f" {curve.short_id}{state}" if with_id else ""
+        room = width - 2 - text_width(head + tail)
+        if room >= min(8, text_width(name)):
+            text = fit_text(name, room, ellipsis) + head + tail
+            break
+    else:
+        text = fit_text(name + f" {curve.short_id}" + forms[1], width - 2, ellipsis)
+    sign = _sgr((curve.run, False)) + marker + "\x1b[0m" if style.colour else marker
+    return f"{sign} {text}"
+
+
+def chart_title(metric: str, style: PlotStyle) -> str:
+    notes = ([f"smoothed {style.smooth:g}"] if style.smooth else []) + (["log scale"] if style.log else [])
+    return printable(metric) + "".join(f"  ({note})" for note in notes)
+
+
+def chart_lines(chart: Chart, width: int, height: int, style: PlotStyle) -> list[str]:
+    """One metric as a terminal chart: title, plot with y ticks, x axis and ticks, a legend line per run.
+
+    Takes HEIGHT lines where it can (at least three plot rows) and never a line wider than WIDTH.
+    """
+    ellipsis = "…" if style.braille else "~"
+    title = fit_text(chart_title(chart.metric, style), width, ellipsis)
+    legend = [legend_line(c, width, style) for c in chart.curves]
+    rows = max(3, height - 3 - len(legend))
+    axes = chart_axes(chart, style.log, max(2, min(8, rows // 2)))
+    if axes is None:
+        return [title, fit_text("  no numeric samples in these runs", width, ellipsis)]
+    label_width = max(len(label) for _, label in axes.y_ticks)
+    cols = width - label_width - 2
+    if cols < 4:  # labels too long for the width: keep the plot
+        label_width, cols = 0, width - 2
+    canvas = BrailleCanvas(cols, rows, style.braille)
+    _draw_curves(canvas, chart, axes, style)
+    markers = {} if style.colour or not style.braille else canvas.marker_cells(
+        [c.run for c in chart.curves if c.points], max(3, cols // 6))
+    tick_rows = {}
+    for value, label in axes.y_ticks:
+        row = int((1 - axes.y(value)) * (canvas.height - 1) + 0.5) // canvas.sy
+        tick_rows.setdefault(min(rows - 1, max(0, row)), label)
+    bar, tee, corner, dash, down = ("│", "┤", "└", "─", "┬") if style.braille else ("|", "+", "+", "-", "+")
+    lines = [title]
+    for row in range(rows):
+        label = tick_rows.get(row, "")[:label_width]
+        lines.append((f"{label:>{label_width}} {tee if row in tick_rows else bar}"
+                      + canvas.row_text(row, style, markers)).rstrip())
+    ticks = x_tick_labels(axes.x_lo, axes.x_hi, cols,
+                          lambda t: int(axes.x(t) * (canvas.width - 1) + 0.5) // canvas.sx)
+    axis = [dash] * cols
+    for col, text in ticks:
+        centre = min(cols - 1, col + len(text) // 2)
+        axis[centre] = down
+    lines.append(" " * label_width + " " + corner + "".join(axis))
+    lines.append(_x_label_line(ticks, label_width, cols, style.x_label))
+    return lines + legend
+
+
+def _draw_curves(canvas: BrailleCanvas, chart: Chart, axes: _Axes, style: PlotStyle) -> None:
+    """Faint raw series first (under smoothing, where colour or --ascii can show them), then the curves."""
+    def to_dots(point: tuple[float, float]) -> tuple[int, int]:
+        return (int(axes.x(point[0]) * (canvas.width - 1) + 0.5),
+                int((1 - axes.y(point[1])) * (canvas.height - 1) + 0.5))
+
+    smoothing = any(c.smoothed for c in chart.curves)
+    if smoothing and (style.colour or not style.braille):
+        for curve in chart.curves:
+            canvas.polyline(decimate(curve.points, canvas.width, axes.x_lo, axes.x_hi), (curve.run, True), to_dots)
+    for curve in chart.curves:
+        points = curve.smoothed if smoothing else curve.points
+        canvas.polyline(decimate(points, canvas.width, axes.x_lo, axes.x_hi), (curve.run, False), to_dots)
+
+
+def _x_label_line(ticks: list[tuple[int, str]], label_width: int, cols: int, x_label: str) -> str:
+    line = [" "] * cols
+    for col, text in ticks:
+        line[col:col + len(text)] = text
+    prefix = x_label.rjust(label_width + 1) + " " if len(x_label) <= label_width else " " * (label_width + 2)
+    return (prefix + "".join(line[:cols])).rstrip()
+
+
+def plot_text(charts: list[Chart], width: int, height: int, style: PlotStyle) -> str:
+    """Every chart, one after the other, separated by a blank line."""
+    return "\n\n".join("\n".join(chart_lines(c, width, height, style)) for c in charts)
+
+
+# -- the HTML page ------------------------------------------------------------
+
+_PAGE_STYLE = """\
+:root{color-scheme:light}
+*{box-sizing:border-box}
+body{margin:0;background:#f6f7f9;color:#1f2328;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,\
+"Helvetica Neue",Arial,sans-serif}
+main{max-width:1040px;margin:0 auto;padding:28px 20px 40px}
+h1{font-size:22px;margin:0 0 2px;font-weight:650}
+.sub{color:#59636e;margin:0 0 20px}
+h2{font-size:15px;margin:0 0 4px;font-weight:600}
+.card{background:#fff;border:1px solid #d8dee4;border-radius:10px;padding:14px 16px 10px;margin:0 0 16px;\
+break-inside:avoid;page-break-inside:avoid}
+svg{display:block;width:100%;height:auto}
+.pt{fill-opacity:0}
+.pt:hover{fill-opacity:1}
+.wrap{overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
+th,td{padding:6px 10px;border-bottom:1px solid #eaeef2;text-align:left;white-space:nowrap;vertical-align:top}
+th{font-weight:600;color:#59636e;font-size:12px}
+td.num,th.num{text-align:right}
+th.grp{text-align:center;border-bottom-color:#d8dee4}
+td.best{font-weight:650;color:#1a7f37}
+.sw{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px}
+.id{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px;color:#59636e}
+.st-succeeded{color:#1a7f37}.st-failed,.st-lost{color:#cf222e}.st-running{color:#0969da}
+.st-interrupted,.st-timeout{color:#9a6700}
+footer{color:#8c959f;font-size:12px;margin-top:8px}
+@media print{body{background:#fff}main{max-width:none;padding:0}.card{border-color:#ccc}.wrap{overflow:visible}}
+"""
+
+
+def _h(value: object) -> str:
+    """A run-provided value made safe for HTML and XML: control characters spelled out, markup escaped."""
+    import html
+    return html.escape(printable(str(value)), quote=True)
+
+
+def _num(value: float) -> str:
+    """An SVG coordinate: one decimal, no trailing zero."""
+    text = f"{value:.1f}"
+    return text[:-2] if text.endswith(".0") else text
+
+
+def html_page(charts: list[Chart], runs: list[tuple[RunRecord, dict]], style: PlotStyle,
+              generated: str, refresh: int | None = None) -> str:
+    """One self-contained page: an SVG chart per metric and a table of the runs; nothing fetched.
+
+    RUNS holds each run's record and flattened config. REFRESH (seconds) makes the page reload itself
+    while runs are still running (--follow).
+    """
+    names = ", ".join(dict.fromkeys(r.name for r, _ in runs))
+    head = [f'<meta http-equiv="refresh" content="{refresh}"/>'] if refresh else []
+    notes = [f"{len(runs)} run(s)", f"x: {style.x_label}"] + ([f"smoothed {style.smooth:g}"] if style.smooth else []) \
+        + (["log scale"] if style.log else []) + [f"made {generated[:16].replace('T', ' ')} UTC by RunPilot {__version__}"]
+    body = [f"<h1>Learning curves: {_h(fit_text(names, 80))}</h1>", f'<p class="sub">{_h(" · ".join(notes))}</p>']
+    body += [f'<section class="card"><h2>{_h(c.metric)}</h2>{svg_chart(c, style)}</section>' for c in charts]
+    body.append(f'<section class="card"><h2>Runs</h2><div class="wrap">{runs_table(charts, runs)}</div></section>')
+    body.append('<footer>Hover a point for its value. Made by <code>runpilot plot --html</code>.</footer>')
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\"/>\n"
+            '<meta name="viewport" content="width=device-width, initial-scale=1"/>\n'
+            + "".join(line + "\n" for line in head)
+            + f"<title>RunPilot: {_h(fit_text(names, 80))}</title>\n<style>\n{_PAGE_STYLE}</style>\n</head>\n"
+            + "<body>\n<main>\n" + "\n".join(body) + "\n</main>\n</body>\n</html>\n")
+
+
+def svg_chart(chart: Chart, style: PlotStyle) -> str:
+    """An inline SVG: grid, axes with round ticks, one polyline per run (raw faint under smoothing),
+    points with <title> tooltips, the best value marked, and a legend."""
+    axes = chart_axes(chart, style.log, 6)
+    legend_rows = (len(chart.curves) + 1) // 2 if len(chart.curves) > 3 else len(chart.curves)
+    if axes is None:
+        return '<p class="sub">No numeric samples in these runs.</p>'
+    labels = [label for _, label in axes.y_ticks]
+    left, top, right = 14 + 7 * max(map(len, labels)), 10, 16
+    plot_w, plot_h = SVG_WIDTH - left - right, SVG_PLOT_HEIGHT
+    height = top + plot_h + 48 + 20 * legend_rows
+
+    def at(point: tuple[float, float]) -> tuple[float, float]:
+        return left + axes.x(point[0]) * plot_w, top + (1 - axes.y(point[1])) * plot_h
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {SVG_WIDTH} {height}" role="img" '
+           f'font-family="system-ui, -apple-system, Segoe UI, Roboto, Arial, sans-serif" font-size="12" '
+           f'aria-label="{_h(chart.metric)}">']
+    out += _svg_axes(axes, left, top, plot_w, plot_h, style)
+    for curve in chart.curves:
+        out += _svg_curve(curve, chart.metric, at, plot_w, axes)
+    out += _svg_legend(chart.curves, left, top + plot_h + 44)
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _svg_axes(axes: _Axes, left: float, top: float, plot_w: float, plot_h: float, style: PlotStyle) -> list[str]:
+    out = []
+    for value, label in axes.y_ticks:
+        y = _num(top + (1 - axes.y(value)) * plot_h)
+        out.append(f'<line x1="{_num(left)}" y1="{y}" x2="{_num(left + plot_w)}" y2="{y}" stroke="#eaeef2"/>')
+        out.append(f'<text x="{_num(left - 6)}" y="{y}" dy="4" text-anchor="end" fill="#59636e">{_h(label)}</text>')
+    bottom = top + plot_h
+    for value, text in _svg_x_ticks(axes):
+        x = _num(left + axes.x(value) * plot_w)
+        out.append(f'<line x1="{x}" y1="{_num(bottom)}" x2="{x}" y2="{_num(bottom + 5)}" stroke="#8c959f"/>')
+        out.append(f'<text x="{x}" y="{_num(bottom + 18)}" text-anchor="middle" fill="#59636e">{_h(text)}</text>')
+    out.append(f'<line x1="{_num(left)}" y1="{_num(bottom)}" x2="{_num(left + plot_w)}" y2="{_num(bottom)}" '
+               f'stroke="#8c959f"/>')
+    out.append(f'<line x1="{_num(left)}" y1="{_num(top)}" x2="{_num(left)}" y2="{_num(bottom)}" stroke="#8c959f"/>')
+    out.append(f'<text x="{_num(left + plot_w)}" y="{_num(bottom + 34)}" text-anchor="end" fill="#59636e">'
+               f'{_h(style.x_label)}</text>')
+    return out
+
+
+def _svg_x_ticks(axes: _Axes) -> list[tuple[float, str]]:
+    ticks, _, _, step = nice_ticks(axes.x_lo, axes.x_hi, 9)
+    return [(t, tick_text(t, step)) for t in ticks]
+
+
+def _svg_points(points: list, at: Callable, plot_w: float, axes: _Axes) -> str:
+    """The polyline's points, at most two per unit of width, repeated positions dropped."""
+    out, previous = [], None
+    for point in decimate(points, int(plot_w), axes.x_lo, axes.x_hi):
+        x, y = at(point)
+        text = f"{_num(x)},{_num(y)}"
+        if text != previous:
+            out.append(text)
+            previous = text
+    return " ".join(out)
+
+
+def _svg_curve(curve: Curve, metric: str, at: Callable, plot_w: float, axes: _Axes) -> list[str]:
+    if not curve.points:
+        return []
+    colour = SVG_COLOURS[curve.run % len(SVG_COLOURS)]
+    who = f"{curve.name} ({curve.run_id})"
+    out = [f'<g data-run="{_h(curve.run_id)}">']
+    main = curve.smoothed or curve.points
+    if curve.smoothed:
+        out.append(f'<polyline class="raw" points="{_svg_points(curve.points, at, plot_w, axes)}" fill="none" '
+                   f'stroke="{colour}" stroke-opacity="0.28" stroke-width="1"/>')
+    out.append(f'<polyline class="curve" data-run="{_h(curve.run_id)}" points="{_svg_points(main, at, plot_w, axes)}"'
+               f' fill="none" stroke="{colour}" stroke-width="2" stroke-linejoin="round" stroke-linecap="round">'
+               f'<title>{_h(who)}</title></polyline>')
+    for point in _tooltip_points(curve.points):
+        x, y = at(point)
+        out.append(f'<circle class="pt" cx="{_num(x)}" cy="{_num(y)}" r="4" fill="{colour}">'
+                   f'<title>{_h(who)}&#10;step {_h(fmt_value(point[0]))}: {_h(f"{point[1]:.6g}")}</title></circle>')
+    if curve.best is not None:
+        x, y = at((curve.best_x, curve.best))
+        out.append(f'<circle cx="{_num(x)}" cy="{_num(y)}" r="3.5" fill="#fff" stroke="{colour}" stroke-width="2">'
+                   f'<title>{_h(who)}&#10;best {_h(metric)}: {_h(f"{curve.best:.6g}")} at step '
+                   f'{_h(fmt_value(curve.best_x))}</title></circle>')
+    out.append("</g>")
+    return out
+
+
+def _tooltip_points(points: list, count: int = 24) -> list:
+    """About COUNT points spread along a series, and its last one."""
+    if len(points) <= count:
+        return list(points)
+    return [points[i * (len(points) - 1) // (count - 1)] for i in range(count)]
+
+
+def _svg_legend(curves: list[Curve], left: float, top: float) -> list[str]:
+    two = len(curves) > 3
+    column = (SVG_WIDTH - left) / 2 if two else SVG_WIDTH - left
+    out = []
+    for i, curve in enumerate(curves):
+        x, y = left + (i % 2) * column if two else left, top + (i // 2 if two else i) * 20
+        colour = SVG_COLOURS[curve.run % len(SVG_COLOURS)]
+        values = (f"last {fmt_value(curve.last)} · best {fmt_value(curve.best)}" if curve.count
+                  else "no samples")
+        name = fit_text(printable(curve.name), 34 if two else 60)
+        out.append(f'<rect x="{_num(x)}" y="{_num(y - 9)}" width="12" height="12" rx="2" fill="{colour}"/>')
+        out.append(f'<text x="{_num(x + 18)}" y="{_num(y + 1)}" fill="#1f2328">{_h(name)}'
+                   f'<tspan dx="6" fill="#8c959f">{_h(curve.short_id)}</tspan>'
+                   f'<tspan dx="10" fill="#59636e">{_h(values)}</tspan></text>')
+    return out
+
+
+def runs_table(charts: list[Chart], runs: list[tuple[RunRecord, dict]]) -> str:
+    """The runs: colour, name and id, status, start, duration, the config values that differ, and each
+    metric's last and best value, the best of each column marked."""
+    keys = sorted({k for _, flat in runs for k in flat})
+    differing = [k for k in keys if any(flat.get(k) != runs[0][1].get(k) for _, flat in runs)]
+    top = ["", "run", "status", "started", "duration"] + differing
+    head = "".join(f'<th rowspan="2" class="{"num" if h == "duration" else ""}">{_h(h)}</th>' for h in top)
+    head += "".join(f'<th colspan="2" class="grp">{_h(c.metric)}</th>' for c in charts)
+    sub = '<th class="num">last</th><th class="num">best</th>' * len(charts)
+    columns = []
+    for chart in charts:
+        for pick in (lambda c: c.last, lambda c: c.best):
+            values = [pick(c) if c.count else None for c in chart.curves]
+            winner = best_of(chart.metric, values)
+            columns.append([_value_cell(v, v is not None and v == winner and len(runs) > 1) for v in values])
+    rows = []
+    for i, (record, flat) in enumerate(runs):
+        cells = [f'<td><span class="sw" style="background:{SVG_COLOURS[i % len(SVG_COLOURS)]}"></span></td>',
+                 f'<td>{_h(record.name)}<br/><span class="id">{_h(record.id)}</span></td>',
+                 f'<td class="st-{_h(record.status)}">{_h(record.status)}</td>',
+                 f'<td>{_h(record.started_at[:16].replace("T", " "))}</td>',
+                 f'<td class="num">{_h(fmt_duration(record.duration))}</td>']
+        cells += [f"<td>{_h(_cell(flat.get(k)))}</td>" for k in differing]
+        rows.append("<tr>" + "".join(cells + [column[i] for column in columns]) + "</tr>")
+    return (f"<table>\n<thead><tr>{head}</tr><tr>{sub}</tr></thead>\n<tbody>\n" + "\n".join(rows)
+            + "\n</tbody>\n</table>")
+
+
+def _value_cell(value: float | None, best: bool) -> str:
+    if value is None:
+        return '<td class="num">-</td>'
+    if best:
+        return f'<td class="num best" title="best of these runs">★ {_h(fmt_value(value))}</td>'
+    return f'<td class="num">{_h(fmt_value(value))}</td>'
+
 # ==== 16. Command line =======================================================
 
 SAMPLE_CONFIG = """\
@@ -3930,6 +4824,8 @@ def cmd_compare(args) -> int:
         runs.append((record, flatten(data), metric_summary(samples)))
     header = [""] + [r.id for r, _, _ in runs]
     print(format_table(header, compare_rows(runs), set(range(1, len(runs) + 1))))
+    if sys.stderr.isatty():
+        say(f"curves: runpilot plot {' '.join(dict.fromkeys(r.id for r, _, _ in runs))}")
     return 0
 
 
@@ -4025,6 +4921,203 @@ def cmd_reindex(args) -> int:
     count = RunStore.default().reindex()
     print(f"indexed {count} run(s)")
     return 0
+
+
+def cmd_plot(args) -> int:
+    style = _plot_style(args)
+    store = RunStore.default()
+    records = _plot_records(store, args)
+    names = list(dict.fromkeys(args.metric)) or list(dict.fromkeys(m for r in records for m in r.watched)) or None
+    if args.html:
+        return _plot_html(store, records, names, style, args)
+    out = sys.stdout
+    tty = out.isatty()
+
+    def draw(current: list[RunRecord]) -> str:
+        charts = plot_charts(current, names, style, explicit=bool(args.metric))
+        width, height = _plot_size(args, out, len(charts) if args.follow and tty else 0)
+        return plot_text(charts, width, height, style)
+
+    if not args.follow:
+        print(draw(records))
+    elif tty:
+        _follow_on_terminal(store, records, draw, out)
+    else:  # a file or a pipe gets the final picture once, without cursor moves
+        print(draw(_wait_for_runs(store, records)))
+    return 0
+
+
+def _plot_style(args) -> PlotStyle:
+    """The drawing choices of the command line, checked."""
+    if args.x == "time":
+        raise UsageError("--x time: metrics.json records no time for its samples (only steps), so minutes "
+                         "since the start cannot be drawn without guessing; plot by step (the default)")
+    if not 0 <= args.smooth < 1:
+        raise UsageError(f"--smooth {args.smooth:g}: give a weight from 0 (no smoothing) to below 1, "
+                         "e.g. --smooth 0.6")
+    colour = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR") and not args.html
+    braille = not args.ascii and _can_encode("⣿│┤└─┬…")
+    return PlotStyle(braille=braille, colour=bool(colour), log=args.log, smooth=args.smooth or None)
+
+
+def _plot_records(store: RunStore, args) -> list[RunRecord]:
+    """The runs to plot, each once, in the order given."""
+    refs = list(args.runs)
+    # TODO(sweeps): `--sweep ID` adds the runs of sweep ID to refs here (the lead adds sweeps).
+    records: dict[str, RunRecord] = {}
+    for ref in refs:
+        record = _resolve(store, ref)
+        records.setdefault(record.id, record)
+    return list(records.values())
+
+
+def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotStyle,
+                explicit: bool = False) -> list[Chart]:
+    """Each run's metrics.json read as a stream, laid out as one chart per metric.
+
+    NAMES None means every numeric metric; EXPLICIT names (--metric) that no run has are an error.
+    """
+    per_run = [read_metric_series(Path(r.path) / "metrics.json", names or _recorded_metrics(r), style.smooth)
+               for r in records]
+    found = [k for k in sorted({k for series in per_run for k in series}) if any(
+        s.get(k) and s[k].raw.count for s in per_run)]
+    metrics = names if names is not None else found
+    ids = ", ".join(r.id for r in records)
+    if not metrics or (explicit and not set(metrics) & set(found) and not any(r.status == "running" for r in records)):
+        known = sorted({k for r in records for k in r.last_metrics}) or found
+        asked = f"of {', '.join(map(repr, metrics))} " if metrics else ""
+        raise RunPilotError(f"no numeric samples {asked}in run(s) {ids}" +
+                            (f"; they have: {', '.join(known)}" if known else
+                             "; a job records them by printing lines such as: METRIC step=1 loss=0.5"))
+    charts = [Chart(m, [make_curve(i, r, m, s.get(m)) for i, (r, s) in enumerate(zip(records, per_run))])
+              for m in metrics]
+    if style.log:
+        _check_log_axis(charts)
+    return charts
+
+
+def _recorded_metrics(record: RunRecord) -> list[str] | None:
+    """The numeric metrics a finished run recorded (None: look for them in metrics.json)."""
+    if record.status == "running" or not record.last_metrics:
+        return None
+    return [k for k, v in record.last_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _check_log_axis(charts: list[Chart]) -> None:
+    for chart in charts:
+        for curve in chart.curves:
+            if curve.count and curve.low <= 0:
+                raise UsageError(f"--log: {chart.metric!r} of run {curve.run_id} goes down to {curve.low:g}, "
+                                 f"which a log axis cannot show; plot it without --log")
+
+
+def _plot_size(args, out, charts_on_screen: int = 0) -> tuple[int, int]:
+    """Columns and lines per chart: --width/--height, else the terminal's, else $COLUMNS/$LINES, else 80 x 24.
+
+    CHARTS_ON_SCREEN > 0 (following on a terminal) shares the screen's lines between that many charts.
+    """
+    width, height = 0, 0
+    if out.isatty():
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            width, height = os.get_terminal_size(out.fileno())
+    if width <= 0 or height <= 0:
+        width, height = (_env_int("COLUMNS") or 80), (_env_int("LINES") or 24)
+    if charts_on_screen:
+        height = max(PLOT_MIN_HEIGHT, (height - charts_on_screen) // charts_on_screen)
+    width, height = args.width or width, args.height or height
+    if width < PLOT_MIN_WIDTH or height < PLOT_MIN_HEIGHT:
+        raise UsageError(f"a chart of {width} x {height} is too small; give at least --width {PLOT_MIN_WIDTH} "
+                         f"--height {PLOT_MIN_HEIGHT}")
+    return width, height
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else 0
+
+
+def _refresh(store: RunStore, record: RunRecord) -> RunRecord:
+    current = store.get(record.id) or record
+    return mark_lost_runs(store, [current])[0]
+
+
+def _wait_for_runs(store: RunStore, records: list[RunRecord]) -> list[RunRecord]:
+    while any(r.status == "running" for r in records):
+        time.sleep(FOLLOW_SECONDS)
+        records = [_refresh(store, r) for r in records]
+    return records
+
+
+def _follow_on_terminal(store: RunStore, records: list[RunRecord], draw: Callable, out) -> None:
+    """Redraw in place (the cursor moves up over the last picture) until no run is running."""
+    shown = 0
+    while True:
+        started = time.monotonic()
+        records = [_refresh(store, r) for r in records]
+        running = sum(r.status == "running" for r in records)
+        lines = draw(records).split("\n")
+        if running:
+            lines.append(f"following {running} running run(s); Ctrl-C stops watching (the runs go on)")
+        out.write((f"\x1b[{shown}F" if shown else "") + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J")
+        out.flush()
+        shown = len(lines)
+        if not running:
+            return
+        time.sleep(max(FOLLOW_SECONDS, 3 * (time.monotonic() - started)))
+
+
+def _plot_html(store: RunStore, records: list[RunRecord], names: list[str] | None, style: PlotStyle,
+               args) -> int:
+    """Write the page (again and again with --follow, reloading itself, until the runs end)."""
+    path = Path(args.html)
+    while True:
+        started = time.monotonic()
+        records = [_refresh(store, r) for r in records] if args.follow else records
+        running = args.follow and any(r.status == "running" for r in records)
+        charts = plot_charts(records, names, style, explicit=bool(args.metric))
+        runs = [(r, _flat_config(r)) for r in records]
+        page = html_page(charts, runs, style, utc_now(), refresh=5 if running else None)
+        try:
+            write_atomic(path, page.encode("utf-8"), durable=False)
+        except OSError as exc:
+            raise RunPilotError(f"cannot write {path}: {exc.strerror}; choose another --html path") from exc
+        if not running:
+            break
+        time.sleep(max(5 * FOLLOW_SECONDS, 3 * (time.monotonic() - started)))
+    say(f"wrote {path} ({len(charts)} chart(s) of {len(records)} run(s), {len(page.encode()) / 1024:.0f} KiB)")
+    return 0
+
+
+def _flat_config(record: RunRecord) -> dict:
+    """A run's config.yaml flattened (env.LR, ...), empty where it cannot be read."""
+    try:
+        data = parse_yaml((Path(record.path) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ConfigError):
+        return {}
+    return flatten(data) if isinstance(data, dict) else {}
+
+
+def _plot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="run", help="run ids, unique prefixes, latest or -N")
+    # TODO(sweeps): `--sweep ID` plots the runs of a sweep (then `runs` becomes nargs="*"); see _plot_records.
+    p.add_argument("--metric", action="append", default=[], metavar="NAME",
+                   help="a metric to plot (repeatable; default: the configs' metrics, else every numeric one)")
+    p.add_argument("--x", choices=("step", "time"), default="step",
+                   help="x axis: step (default); time is refused, as samples carry no time")
+    p.add_argument("--smooth", type=float, default=0.0, metavar="N",
+                   help="exponential moving average weight, 0 <= N < 1, as TensorBoard's slider "
+                        "(the raw curve stays, faint)")
+    p.add_argument("--log", action="store_true", help="logarithmic y axis (every value must be above 0)")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="redraw while a run is running; stop when they have ended")
+    p.add_argument("--width", type=int, metavar="COLUMNS",
+                   help="chart width (default: the terminal's, else $COLUMNS, else 80)")
+    p.add_argument("--height", type=int, metavar="LINES",
+                   help="lines per chart (default: the terminal's, else $LINES, else 24)")
+    p.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1); runs get markers")
+    p.add_argument("--ascii", action="store_true", help="draw with ASCII characters instead of braille dots")
+    p.add_argument("--html", metavar="FILE",
+                   help="write one self-contained HTML page (SVG charts, a table of the runs) instead")
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the run config (YAML)")
@@ -4141,6 +5234,8 @@ COMMANDS = [
      "runpilot validate config.yaml", _validate_arguments),
     ("compare", cmd_compare, "compare runs side by side",
      "runpilot compare -1 -2", _compare_arguments),
+    ("plot", cmd_plot, "draw learning curves in the terminal, or as an HTML page",
+     "runpilot plot -1 -2 --metric val_loss --smooth 0.6", _plot_arguments),
     ("export", cmd_export, "write the metrics of runs as CSV or JSON lines",
      "runpilot export latest -2 --format csv -o metrics.csv", _export_arguments),
     ("rm", cmd_rm, "delete runs (folder and history row)",
