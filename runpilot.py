@@ -3640,8 +3640,8 @@ SVG_COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948",
                "#9c755f", "#bab0ac")
 # Buckets a series keeps while it is read (two points each): more than any chart has pixel columns.
 PLOT_BUCKETS = 1024
-# metrics.json is read in blocks this big (about 20,000 samples): few Python steps per sample.
-PLOT_READ_SIZE = 1 << 20
+# metrics.json is read in blocks this big (about 5,000 samples): few Python steps per sample, a few MB.
+PLOT_READ_SIZE = 1 << 18
 # Below this a chart has no room for its axis labels and a legend.
 PLOT_MIN_WIDTH = 20
 PLOT_MIN_HEIGHT = 6
@@ -3847,7 +3847,8 @@ def _fold_block(block: bytes, names: list[str] | None, series: dict, smooth: flo
             x_at = _float_reader(steps)
         else:
             continue
-        series.setdefault(key, MetricSeries(smooth)).add(ys, x_at)
+        if len(ys):
+            series.setdefault(key, MetricSeries(smooth)).add(ys, x_at)
 
 
 def _line_step_reader(lines: list[bytes]) -> Callable[[int], float]:
@@ -3882,11 +3883,13 @@ def _fold_lines(lines: list[bytes], names: list[str] | None, series: dict, smoot
 
 
 def _is_number(value: object) -> bool:
-    """A finite int or float (not a bool, not text)."""
-    return type(value) is int or (type(value) is float and value - value == 0.0)
+    """A number a float holds (not a bool, not text, not NaN, not infinite, not a 400-digit int)."""
+    if type(value) is int:
+        return abs(value) < 1 << 1023
+    return type(value) is float and value - value == 0.0
 
 
-def _finite(values: list) -> tuple["array", list[int] | None]:
+def _finite(values: list) -> tuple:
     """The finite numbers among VALUES (JSON text as bytes) as floats, and the indexes kept (None: all)."""
     from array import array
     try:
@@ -4095,15 +4098,16 @@ def chart_axes(chart: Chart, log: bool, max_y_ticks: int) -> _Axes | None:
     return _Axes(x_lo, x_hi, lo, hi, [(t, tick_text(t, step)) for t in ticks], False)
 
 
-def x_tick_labels(lo: float, hi: float, columns: int, place: Callable[[float], int]) -> list[tuple[int, str]]:
-    """(column, label) of round x ticks, as many as fit side by side in COLUMNS without touching."""
+def x_tick_labels(lo: float, hi: float, columns: int, place: Callable[[float], int]) -> list[tuple[int, str, int]]:
+    """(where the label starts, label, the tick's column) of round x ticks, as many as fit side by side
+    in COLUMNS without touching."""
     for count in range(max(2, columns // 10), 1, -1):
         ticks, _, _, step = nice_ticks(lo, hi, count)
-        labels = [(place(t), tick_text(t, step)) for t in ticks]
-        spans = [(max(0, min(columns - len(text), col - len(text) // 2)), text) for col, text in labels]
+        labels = [(min(columns - 1, max(0, place(t))), tick_text(t, step)) for t in ticks]
+        spans = [(max(0, min(columns - len(text), col - len(text) // 2)), text, col) for col, text in labels]
         if all(a[0] + len(a[1]) < b[0] for a, b in zip(spans, spans[1:])):
             return spans
-    return [(0, tick_text(lo, hi - lo or 1.0))]
+    return [(0, tick_text(lo, hi - lo or 1.0), 0)]
 
 
 # -- the terminal chart -------------------------------------------------------
@@ -4253,8 +4257,9 @@ def chart_lines(chart: Chart, width: int, height: int, style: PlotStyle) -> list
         label_width, cols = 0, width - 2
     canvas = BrailleCanvas(cols, rows, style.braille)
     _draw_curves(canvas, chart, axes, style)
-    markers = {} if style.colour or not style.braille else canvas.marker_cells(
-        [c.run for c in chart.curves if c.points], max(3, cols // 6))
+    drawn = [c.run for c in chart.curves if c.points]
+    markers = {} if style.colour or not style.braille or len(drawn) < 2 else \
+        canvas.marker_cells(drawn, max(3, cols // 6))
     tick_rows = {}
     for value, label in axes.y_ticks:
         row = int((1 - axes.y(value)) * (canvas.height - 1) + 0.5) // canvas.sy
@@ -4268,9 +4273,8 @@ def chart_lines(chart: Chart, width: int, height: int, style: PlotStyle) -> list
     ticks = x_tick_labels(axes.x_lo, axes.x_hi, cols,
                           lambda t: int(axes.x(t) * (canvas.width - 1) + 0.5) // canvas.sx)
     axis = [dash] * cols
-    for col, text in ticks:
-        centre = min(cols - 1, col + len(text) // 2)
-        axis[centre] = down
+    for _, _, col in ticks:
+        axis[col] = down
     lines.append(" " * label_width + " " + corner + "".join(axis))
     lines.append(_x_label_line(ticks, label_width, cols, style.x_label))
     return lines + legend
@@ -4291,10 +4295,10 @@ def _draw_curves(canvas: BrailleCanvas, chart: Chart, axes: _Axes, style: PlotSt
         canvas.polyline(decimate(points, canvas.width, axes.x_lo, axes.x_hi), (curve.run, False), to_dots)
 
 
-def _x_label_line(ticks: list[tuple[int, str]], label_width: int, cols: int, x_label: str) -> str:
+def _x_label_line(ticks: list[tuple[int, str, int]], label_width: int, cols: int, x_label: str) -> str:
     line = [" "] * cols
-    for col, text in ticks:
-        line[col:col + len(text)] = text
+    for start, text, _ in ticks:
+        line[start:start + len(text)] = text
     prefix = x_label.rjust(label_width + 1) + " " if len(x_label) <= label_width else " " * (label_width + 2)
     return (prefix + "".join(line[:cols])).rstrip()
 
