@@ -3677,12 +3677,14 @@ def ema(values, weight: float, state: tuple[float, float] = (0.0, 1.0)) -> tuple
     """
     average, decay = state
     keep = 1.0 - weight
-    out = []
-    for value in values:
-        average = average * weight + keep * value
+    out = list(itertools.accumulate(values, lambda a, v: a * weight + keep * v, initial=average))[1:]
+    state = (out[-1] if out else average, decay * weight ** len(out))
+    done = 0
+    while done < len(out) and decay > 1e-17:  # debiasing matters until weight**n is lost in a double
         decay *= weight
-        out.append(average / (1.0 - decay) if decay < 1.0 else value)
-    return out, (average, decay)
+        out[done] /= 1.0 - decay
+        done += 1
+    return out, state
 
 
 def _extremes(points: tuple) -> tuple:
@@ -4326,13 +4328,14 @@ svg{display:block;width:100%;height:auto}
 .pt:hover{fill-opacity:1}
 .wrap{overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
-th,td{padding:6px 10px;border-bottom:1px solid #eaeef2;text-align:left;white-space:nowrap;vertical-align:top}
+table{font-size:13px}
+th,td{padding:6px 8px;border-bottom:1px solid #eaeef2;text-align:left;white-space:nowrap;vertical-align:top}
 th{font-weight:600;color:#59636e;font-size:12px}
 td.num,th.num{text-align:right}
 th.grp{text-align:center;border-bottom-color:#d8dee4}
 td.best{font-weight:650;color:#1a7f37}
 .sw{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px}
-.id{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px;color:#59636e}
+.id{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:11px;color:#59636e;margin-left:16px}
 .st-succeeded{color:#1a7f37}.st-failed,.st-lost{color:#cf222e}.st-running{color:#0969da}
 .st-interrupted,.st-timeout{color:#9a6700}
 footer{color:#8c959f;font-size:12px;margin-top:8px}
@@ -4489,9 +4492,9 @@ def _svg_legend(curves: list[Curve], left: float, top: float) -> list[str]:
 def runs_table(charts: list[Chart], runs: list[tuple[RunRecord, dict]]) -> str:
     """The runs: colour, name and id, status, start, duration, the config values that differ, and each
     metric's last and best value, the best of each column marked."""
-    keys = sorted({k for _, flat in runs for k in flat})
+    keys = sorted({k for _, flat in runs for k in flat} - {"name"})  # the name has its own column
     differing = [k for k in keys if any(flat.get(k) != runs[0][1].get(k) for _, flat in runs)]
-    top = ["", "run", "status", "started", "duration"] + differing
+    top = ["run", "status", "started", "duration"] + differing
     head = "".join(f'<th rowspan="2" class="{"num" if h == "duration" else ""}">{_h(h)}</th>' for h in top)
     head += "".join(f'<th colspan="2" class="grp">{_h(c.metric)}</th>' for c in charts)
     sub = '<th class="num">last</th><th class="num">best</th>' * len(charts)
@@ -4503,8 +4506,8 @@ def runs_table(charts: list[Chart], runs: list[tuple[RunRecord, dict]]) -> str:
             columns.append([_value_cell(v, v is not None and v == winner and len(runs) > 1) for v in values])
     rows = []
     for i, (record, flat) in enumerate(runs):
-        cells = [f'<td><span class="sw" style="background:{SVG_COLOURS[i % len(SVG_COLOURS)]}"></span></td>',
-                 f'<td>{_h(record.name)}<br/><span class="id">{_h(record.id)}</span></td>',
+        cells = [f'<td><span class="sw" style="background:{SVG_COLOURS[i % len(SVG_COLOURS)]}"></span>'
+                 f'{_h(record.name)}<br/><span class="id">{_h(record.id)}</span></td>',
                  f'<td class="st-{_h(record.status)}">{_h(record.status)}</td>',
                  f'<td>{_h(record.started_at[:16].replace("T", " "))}</td>',
                  f'<td class="num">{_h(fmt_duration(record.duration))}</td>']
