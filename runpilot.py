@@ -4327,8 +4327,7 @@ svg{display:block;width:100%;height:auto}
 .pt{fill-opacity:0}
 .pt:hover{fill-opacity:1}
 .wrap{overflow-x:auto}
-table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
-table{font-size:13px}
+table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums;font-size:13px}
 th,td{padding:6px 8px;border-bottom:1px solid #eaeef2;text-align:left;white-space:nowrap;vertical-align:top}
 th{font-weight:600;color:#59636e;font-size:12px}
 td.num,th.num{text-align:right}
@@ -4364,8 +4363,9 @@ def html_page(charts: list[Chart], runs: list[tuple[RunRecord, dict]], style: Pl
     """
     names = ", ".join(dict.fromkeys(r.name for r, _ in runs))
     head = [f'<meta http-equiv="refresh" content="{refresh}"/>'] if refresh else []
-    notes = [f"{len(runs)} run(s)", f"x: {style.x_label}"] + ([f"smoothed {style.smooth:g}"] if style.smooth else []) \
-        + (["log scale"] if style.log else []) + [f"made {generated[:16].replace('T', ' ')} UTC by RunPilot {__version__}"]
+    notes = ([f"{len(runs)} run(s)", f"x: {style.x_label}"] + ([f"smoothed {style.smooth:g}"] if style.smooth else [])
+             + (["log scale"] if style.log else [])
+             + [f"made {generated[:16].replace('T', ' ')} UTC by RunPilot {__version__}"])
     body = [f"<h1>Learning curves: {_h(fit_text(names, 80))}</h1>", f'<p class="sub">{_h(" · ".join(notes))}</p>']
     body += [f'<section class="card"><h2>{_h(c.metric)}</h2>{svg_chart(c, style)}</section>' for c in charts]
     body.append(f'<section class="card"><h2>Runs</h2><div class="wrap">{runs_table(charts, runs)}</div></section>')
@@ -4455,14 +4455,18 @@ def _svg_curve(curve: Curve, metric: str, at: Callable, plot_w: float, axes: _Ax
     for point in _tooltip_points(curve.points):
         x, y = at(point)
         out.append(f'<circle class="pt" cx="{_num(x)}" cy="{_num(y)}" r="4" fill="{colour}">'
-                   f'<title>{_h(who)}&#10;step {_h(fmt_value(point[0]))}: {_h(f"{point[1]:.6g}")}</title></circle>')
+                   f'<title>{_h(who)}&#10;step {_step_text(point[0])}: {_h(f"{point[1]:.6g}")}</title></circle>')
     if curve.best is not None:
         x, y = at((curve.best_x, curve.best))
         out.append(f'<circle cx="{_num(x)}" cy="{_num(y)}" r="3.5" fill="#fff" stroke="{colour}" stroke-width="2">'
                    f'<title>{_h(who)}&#10;best {_h(metric)}: {_h(f"{curve.best:.6g}")} at step '
-                   f'{_h(fmt_value(curve.best_x))}</title></circle>')
+                   f'{_step_text(curve.best_x)}</title></circle>')
     out.append("</g>")
     return out
+
+
+def _step_text(step: float) -> str:
+    return str(int(step)) if step.is_integer() else f"{step:g}"
 
 
 def _tooltip_points(points: list, count: int = 24) -> list:
@@ -4495,7 +4499,8 @@ def runs_table(charts: list[Chart], runs: list[tuple[RunRecord, dict]]) -> str:
     keys = sorted({k for _, flat in runs for k in flat} - {"name"})  # the name has its own column
     differing = [k for k in keys if any(flat.get(k) != runs[0][1].get(k) for _, flat in runs)]
     top = ["run", "status", "started", "duration"] + differing
-    head = "".join(f'<th rowspan="2" class="{"num" if h == "duration" else ""}">{_h(h)}</th>' for h in top)
+    head = "".join(f'<th rowspan="2" class="num">{_h(h)}</th>' if h == "duration" else f'<th rowspan="2">{_h(h)}</th>'
+                   for h in top)
     head += "".join(f'<th colspan="2" class="grp">{_h(c.metric)}</th>' for c in charts)
     sub = '<th class="num">last</th><th class="num">best</th>' * len(charts)
     columns = []
@@ -4940,10 +4945,10 @@ def cmd_plot(args) -> int:
     out = sys.stdout
     tty = out.isatty()
 
-    def draw(current: list[RunRecord]) -> str:
+    def draw(current: list[RunRecord], status: str = "") -> str:
         charts = plot_charts(current, names, style, explicit=bool(args.metric))
         width, height = _plot_size(args, out, len(charts) if args.follow and tty else 0)
-        return plot_text(charts, width, height, style)
+        return plot_text(charts, width, height, style) + (f"\n{fit_text(status, width)}" if status else "")
 
     if not args.follow:
         print(draw(records))
@@ -4986,21 +4991,23 @@ def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotSt
     """
     per_run = [read_metric_series(Path(r.path) / "metrics.json", names or _recorded_metrics(r), style.smooth)
                for r in records]
-    found = [k for k in sorted({k for series in per_run for k in series}) if any(
-        s.get(k) and s[k].raw.count for s in per_run)]
+    found = sorted({k for series in per_run for k in series})
     metrics = names if names is not None else found
-    ids = ", ".join(r.id for r in records)
-    if not metrics or (explicit and not set(metrics) & set(found) and not any(r.status == "running" for r in records)):
-        known = sorted({k for r in records for k in r.last_metrics}) or found
-        asked = f"of {', '.join(map(repr, metrics))} " if metrics else ""
-        raise RunPilotError(f"no numeric samples {asked}in run(s) {ids}" +
-                            (f"; they have: {', '.join(known)}" if known else
-                             "; a job records them by printing lines such as: METRIC step=1 loss=0.5"))
+    if not metrics or explicit and not set(metrics) & set(found) and all(r.status != "running" for r in records):
+        raise RunPilotError(_nothing_to_plot(records, metrics, found))
     charts = [Chart(m, [make_curve(i, r, m, s.get(m)) for i, (r, s) in enumerate(zip(records, per_run))])
               for m in metrics]
     if style.log:
         _check_log_axis(charts)
     return charts
+
+
+def _nothing_to_plot(records: list[RunRecord], asked: list[str], found: list[str]) -> str:
+    known = [printable(k) for k in sorted({k for r in records for k in r.last_metrics}) or found]
+    what = f"of {', '.join(map(repr, asked))} " if asked else ""
+    how = (f"they have: {', '.join(known)}" if known else
+           "a job records them by printing lines such as: METRIC step=1 loss=0.5")
+    return f"no numeric samples {what}in run(s) {', '.join(r.id for r in records)}; {how}"
 
 
 def _recorded_metrics(record: RunRecord) -> list[str] | None:
@@ -5062,9 +5069,8 @@ def _follow_on_terminal(store: RunStore, records: list[RunRecord], draw: Callabl
         started = time.monotonic()
         records = [_refresh(store, r) for r in records]
         running = sum(r.status == "running" for r in records)
-        lines = draw(records).split("\n")
-        if running:
-            lines.append(f"following {running} running run(s); Ctrl-C stops watching (the runs go on)")
+        status = f"following {running} running run(s); Ctrl-C stops watching (the runs go on)" if running else ""
+        lines = draw(records, status).split("\n")
         out.write((f"\x1b[{shown}F" if shown else "") + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J")
         out.flush()
         shown = len(lines)

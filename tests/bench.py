@@ -1054,7 +1054,7 @@ def case_plot(bench: Bench) -> None:
             f"python -c pass: {base * 1000:.0f} ms",
             f"--smooth 0.6: {median_of(samples[names[1]], 'wall').median * 1000:.0f} ms",
             f"< {TARGETS['plot_s']:.0f} s", wall.median < TARGETS["plot_s"]),
-        Row("7", f"… its peak RSS", f"{rss:.1f} MB", f"{size / MB:.0f} MB of metrics.json", "",
+        Row("7", "… its peak RSS", f"{rss:.1f} MB", f"{size / MB:.0f} MB of metrics.json", "",
             f"< {TARGETS['plot_rss_mb']:.0f} MB", rss < TARGETS["plot_rss_mb"]),
         Row("7", f"`--html` page, {runs} runs x {steps:,} steps (2 metrics)", f"{html_mb:.2f} MB",
             f"--smooth 0.6: {smooth_mb:.2f} MB", f"written in {median_of(samples[names[2]], 'wall').median:.2f} s",

@@ -195,7 +195,8 @@ class Ticks(unittest.TestCase):
 
     def test_labels_have_the_digits_the_step_needs(self):
         for value, step, text in ((0, 0.25, "0"), (0.25, 0.25, "0.25"), (1.0, 0.5, "1.0"), (12, 2, "12"),
-                                  (1500, 500, "1500"), (12_500, 2500, "12.5k"), (15_000, 5000, "15k"), (250_000, 50_000, "250k"), (2_000_000, 1_000_000, "2M"),
+                                  (1500, 500, "1500"), (12_500, 2500, "12.5k"), (15_000, 5000, "15k"),
+                                  (250_000, 50_000, "250k"), (2_000_000, 1_000_000, "2M"),
                                   (1e-7, 1e-8, "1.0e-07"), (-0.5, 0.5, "-0.5")):
             with self.subTest(value=value, step=step):
                 self.assertEqual(runpilot.tick_text(value, step), text)
