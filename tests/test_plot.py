@@ -659,20 +659,22 @@ class RealRuns(PlotHome):
         self.assertNotIn(b"\x1b", piped.stdout)
 
         code, out, err = self.cli("run", config, "-d")
-        frames = self.on_a_terminal(["plot", out.strip(), "--follow", "--metric", "loss"], {"NO_COLOR": "1"})
-        self.assertIn("following 1 running run(s)", frames)
+        frames = self.on_a_terminal(["plot", out.strip(), "--follow", "--metric", "loss"], {"NO_COLOR": "1"}, 40)
+        self.assertIn("following 1 running run", frames)
         self.assertRegex(frames, r"\x1b\[\d+F")  # the cursor went up to redraw
         self.assertNotRegex(frames, r"\x1b\[[0-9;]*m")  # NO_COLOR: cursor moves only, no colour
+        lines = [visible(line).rstrip("\r") for line in frames.split("\n")]
+        self.assertLessEqual(max(runpilot.text_width(line) for line in lines), 40)
         final = frames[frames.rindex("\x1b[") :]
         self.assertNotIn("following", final)
 
-    def on_a_terminal(self, args: list[str], env: dict) -> str:
-        """Run runpilot with stdout on a pseudo-terminal of 80 x 24; return everything it wrote there."""
+    def on_a_terminal(self, args: list[str], env: dict, columns: int = 80) -> str:
+        """Run runpilot with stdout on a pseudo-terminal of COLUMNS x 24; return everything it wrote there."""
         import fcntl
         import pty
         import termios
         master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
         child = subprocess.Popen([sys.executable, str(RUNPILOT), *args], stdout=slave, stderr=subprocess.PIPE,
                                  env={**os.environ, **env})
         os.close(slave)
