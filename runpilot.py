@@ -4091,7 +4091,7 @@ def chart_axes(chart: Chart, log: bool, max_y_ticks: int) -> _Axes | None:
     if not points:
         return None
     xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x_lo, x_hi = _widen(min(xs), max(xs)) if min(xs) == max(xs) else (min(xs), max(xs))
+    x_lo, x_hi = (min(xs), max(xs)) if min(xs) < max(xs) else (xs[0] - 1, xs[0] + 1)  # one step: around it
     if log:
         ticks, lo, hi = log_ticks(min(ys), max(ys), max_y_ticks)
         labelled = [(t, _log_text(t)) for t in ticks]
@@ -4250,7 +4250,7 @@ def chart_lines(chart: Chart, width: int, height: int, style: PlotStyle) -> list
     title = fit_text(chart_title(chart.metric, style), width, ellipsis)
     legend = [legend_line(c, width, style) for c in chart.curves]
     rows = max(3, height - 3 - len(legend))
-    axes = chart_axes(chart, style.log, max(2, min(8, rows // 2)))
+    axes = chart_axes(chart, style.log, max(2, min(8, (rows + 1) // 2)))
     if axes is None:
         return [title, fit_text("  no numeric samples in these runs", width, ellipsis)]
     label_width = max(len(label) for _, label in axes.y_ticks)
@@ -4307,6 +4307,8 @@ def _x_label_line(ticks: list[tuple[int, str, int]], label_width: int, cols: int
 
 def plot_text(charts: list[Chart], width: int, height: int, style: PlotStyle) -> str:
     """Every chart, one after the other, separated by a blank line."""
+    if not charts:
+        return "no numeric samples yet"
     return "\n\n".join("\n".join(chart_lines(c, width, height, style)) for c in charts)
 
 
@@ -4993,7 +4995,10 @@ def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotSt
                for r in records]
     found = sorted({k for series in per_run for k in series})
     metrics = names if names is not None else found
-    if not metrics or explicit and not set(metrics) & set(found) and all(r.status != "running" for r in records):
+    running = any(r.status == "running" for r in records)
+    if not metrics and running:
+        return []  # --follow on a run that has not printed a sample yet
+    if not metrics or explicit and not set(metrics) & set(found) and not running:
         raise RunPilotError(_nothing_to_plot(records, metrics, found))
     charts = [Chart(m, [make_curve(i, r, m, s.get(m)) for i, (r, s) in enumerate(zip(records, per_run))])
               for m in metrics]
@@ -5003,11 +5008,13 @@ def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotSt
 
 
 def _nothing_to_plot(records: list[RunRecord], asked: list[str], found: list[str]) -> str:
-    known = [printable(k) for k in sorted({k for r in records for k in r.last_metrics}) or found]
-    what = f"of {', '.join(map(repr, asked))} " if asked else ""
-    how = (f"they have: {', '.join(known)}" if known else
-           "a job records them by printing lines such as: METRIC step=1 loss=0.5")
-    return f"no numeric samples {what}in run(s) {', '.join(r.id for r in records)}; {how}"
+    ids = ", ".join(r.id for r in records)
+    known = ", ".join(printable(k) for k in sorted({k for r in records for k in r.last_metrics} | set(found)))
+    if asked:
+        return f"no numeric samples of {', '.join(map(repr, asked))} in run(s) {ids}; they have: {known or 'none'}"
+    if known:
+        return f"no finite numeric samples in run(s) {ids} (their metrics: {known})"
+    return f"no metrics in run(s) {ids}; a job records them by printing lines such as: METRIC step=1 loss=0.5"
 
 
 def _recorded_metrics(record: RunRecord) -> list[str] | None:

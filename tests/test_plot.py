@@ -439,6 +439,8 @@ class TerminalCharts(PlotHome):
         code, out, err = self.cli("plot", running.id)
         self.assertEqual((code, out.splitlines()[0]), (0, "z"), err)
         self.assertIn("(running)", out)
+        starting = self.add_run("starting", [], status="running")  # what --follow sees first
+        self.assertEqual(self.cli("plot", starting.id), (0, "no numeric samples yet\n", ""))
 
     def test_ids_prefixes_latest_and_minus_n(self):
         code, out, err = self.cli("plot", "latest", "-2", self.a.id[:17], "--metric", "acc")
@@ -469,7 +471,9 @@ class TerminalCharts(PlotHome):
         self.assertOneLineError(self.cli("plot", self.a.id, "--metric", "los"), 1,
                                 "no numeric samples of 'los'", "they have: acc, loss")
         empty = self.add_run("quiet", [])
-        self.assertOneLineError(self.cli("plot", empty.id), 1, "no numeric samples in run", "METRIC step=1")
+        self.assertOneLineError(self.cli("plot", empty.id), 1, f"no metrics in run(s) {empty.id}", "METRIC step=1")
+        nan = self.add_run("nan", [{"step": 1, "loss": "nan"}, {"step": 2, "loss": "inf"}])
+        self.assertOneLineError(self.cli("plot", nan.id), 1, "no finite numeric samples", "(their metrics: loss)")
         self.assertOneLineError(self.cli("plot", "19990101"), 1, "no run matches '19990101'")
         self.assertEqual(self.cli("plot")[0], 2)
 
