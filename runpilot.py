@@ -3914,40 +3914,50 @@ def _float_or_nan(value) -> float:
 
 # -- what a chart shows ------------------------------------------------------
 
-@dataclass
 class Curve:
-    """One run's series of one metric, ready to draw."""
+    """One run's series of one metric, ready to draw.
 
-    run: int                                   # position among the runs shown: its colour and marker
-    name: str                                  # the run's name, as recorded (escape it to show it)
-    run_id: str
-    points: list                               # (x, y) in arrival order, decimated
-    smoothed: list = field(default_factory=list)
-    last: float | None = None
-    best: float | None = None
-    best_x: float | None = None
-    low: float | None = None                   # the lowest value (a log axis needs it above zero)
-    count: int = 0
-    running: bool = False
+    The plot types are plain classes: a dataclass costs a few tenths of a millisecond at import.
+    """
+
+    __slots__ = ("run", "name", "run_id", "points", "smoothed", "last", "best", "best_x", "low", "count",
+                 "running")
+
+    def __init__(self, run: int, name: str, run_id: str, points: list, smoothed: list | None = None,
+                 last: float | None = None, best: float | None = None, best_x: float | None = None,
+                 low: float | None = None, count: int = 0, running: bool = False) -> None:
+        self.run = run                      # position among the runs shown: its colour and marker
+        self.name = name                    # the run's name, as recorded (escape it to show it)
+        self.run_id = run_id
+        self.points = points                # (x, y) in arrival order, decimated
+        self.smoothed = smoothed or []      # the moving average, decimated (empty: no smoothing)
+        self.last, self.best, self.best_x = last, best, best_x
+        self.low = low                      # the lowest value (a log axis needs it above zero)
+        self.count = count
+        self.running = running
 
     @property
     def short_id(self) -> str:
         return self.run_id[-6:]
 
 
-@dataclass
 class Chart:
-    metric: str
-    curves: list                               # one Curve per run shown, in the runs' order
+    """One metric and one Curve per run shown, in the runs' order."""
+
+    __slots__ = ("metric", "curves")
+
+    def __init__(self, metric: str, curves: list[Curve]) -> None:
+        self.metric, self.curves = metric, curves
 
 
-@dataclass(frozen=True)
 class PlotStyle:
-    braille: bool = True
-    colour: bool = False
-    log: bool = False
-    smooth: float | None = None
-    x_label: str = "step"
+    """How to draw: braille or ASCII, colours or markers, a log axis, smoothing."""
+
+    __slots__ = ("braille", "colour", "log", "smooth", "x_label")
+
+    def __init__(self, braille: bool = True, colour: bool = False, log: bool = False,
+                 smooth: float | None = None, x_label: str = "step") -> None:
+        self.braille, self.colour, self.log, self.smooth, self.x_label = braille, colour, log, smooth, x_label
 
 
 def lower_is_better(metric: str) -> bool:
@@ -4065,16 +4075,16 @@ def _log_text(value: float) -> str:
     return f"{value:g}"
 
 
-@dataclass
 class _Axes:
     """Where values land: the ranges, the y ticks and their labels."""
 
-    x_lo: float
-    x_hi: float
-    y_lo: float          # in log10 when the axis is logarithmic
-    y_hi: float
-    y_ticks: list        # (value, label)
-    log: bool
+    __slots__ = ("x_lo", "x_hi", "y_lo", "y_hi", "y_ticks", "log")
+
+    def __init__(self, x_lo: float, x_hi: float, y_lo: float, y_hi: float, y_ticks: list, log: bool) -> None:
+        self.x_lo, self.x_hi = x_lo, x_hi
+        self.y_lo, self.y_hi = y_lo, y_hi    # in log10 when the axis is logarithmic
+        self.y_ticks = y_ticks               # (value, label)
+        self.log = log
 
     def y(self, value: float) -> float:
         """Height of a value as a fraction, 0 at the bottom."""
