@@ -14,6 +14,8 @@ Cases (each prints its own block; a markdown table of every figure against its t
   4  history at scale            `list`, `list --status failed`, `show PREFIX` on a home with 100,000 runs
   5  start-up                    `import runpilot` (-X importtime) and `runpilot --help` vs `python -c pass`
   6  config parsing              a generated 2,000-line config through runpilot.parse_yaml
+  7  plots                       `runpilot plot` of a run of 1,000,000 samples (wall, peak RSS), and the size of
+                                 the `--html` page of 10 runs x 100,000 steps
 
 How it measures:
 - Every command is a whole process, timed wall-clock from spawn to exit; variants alternate (A B A B ...) so
@@ -99,6 +101,9 @@ TARGETS = {
     "show_ms": 100.0,
     "import_ms": 30.0,
     "yaml_ms": 50.0,
+    "plot_s": 1.0,             # `runpilot plot` of a run of 1,000,000 samples, whole process
+    "plot_rss_mb": 60.0,       # ... its peak RSS
+    "html_mb": 1.0,            # the --html page of 10 runs x 100,000 steps
 }
 
 
@@ -982,9 +987,85 @@ def case_yaml(bench: Bench) -> None:
                           f"< {TARGETS['yaml_ms']:.0f} ms", st.median * 1000 < TARGETS["yaml_ms"]))
 
 
+# ==== case 7: plots ===========================================================
+
+def plot_run(rp, store, name: str, n: int, seed: int) -> str:
+    """A finished run of N samples of loss and acc, written through RunPilot's own MetricLog; its id."""
+    run_id, path = store.create_run_dir()
+    rnd = random.Random(seed)
+    log = rp.MetricLog(path / "metrics.json", ("loss", "acc"))
+    for start in range(0, n, 10_000):
+        log.add_lines([f"METRIC step={i} loss={2 / (1 + i * seed / 20_000) + rnd.random() * 0.1:.5f} "
+                       f"acc={1 - 1 / (1 + i * seed / 30_000) - rnd.random() * 0.05:.5f}".encode()
+                       for i in range(start, min(n, start + 10_000))])
+    log.close()
+    (path / "config.yaml").write_text(f"name: {name}\nengine: local\nentrypoint: [python3, train.py]\n"
+                                      f"env:\n  SEED: {seed}\nmetrics: [loss, acc]\n")
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    meta = {"run_id": run_id, "name": name, "status": "succeeded", "started_at": now, "finished_at": now,
+            "duration": 60.0, "exit_code": 0, "engine": "local", "watched": ["loss", "acc"],
+            "last_metrics": log.last, "metrics": {"count": log.count, "malformed": 0}, "tags": {}}
+    (path / "meta.json").write_bytes(rp._meta_bytes(meta))
+    store.save(rp.record_from_meta(meta, path))
+    return run_id
+
+
+def case_plot(bench: Bench) -> None:
+    import runpilot as rp
+    n, runs, steps = 1_000_000, 10, 100_000
+    reps = max(3, bench.reps)
+    say(f"\n## 7. Plots: `runpilot plot` of one run of {n:,} samples (loss, acc), and the `--html` page of "
+        f"{runs} runs x {steps:,} steps ({reps} reps, alternating; load {loadavg()})")
+    home = bench.new_home("plot")
+    store = rp.RunStore(home)
+    started = time.perf_counter()
+    big = plot_run(rp, store, "big", n, 1)
+    many = [plot_run(rp, store, f"run{i}", steps, i + 1) for i in range(runs)]
+    size = (home / "runs" / big / "metrics.json").stat().st_size
+    say(f"wrote the runs in {time.perf_counter() - started:.0f} s; metrics.json of the big run: {size / MB:.1f} MB")
+    page, smooth_page = bench.tmp / "plot.html", bench.tmp / "plot-smooth.html"
+    variants = {
+        "runpilot plot ID (80 x 24 per chart)": lambda: bench.runpilot(["plot", big, "--no-color"], home),
+        "runpilot plot ID --smooth 0.6": lambda: bench.runpilot(["plot", big, "--no-color", "--smooth", "0.6"], home),
+        f"runpilot plot {runs} IDS --html FILE": lambda: bench.runpilot(["plot", *many, "--html", str(page)], home),
+        f"runpilot plot {runs} IDS --html FILE --smooth 0.6": lambda: bench.runpilot(
+            ["plot", *many, "--html", str(smooth_page), "--smooth", "0.6"], home),
+        "python -c pass": lambda: bench.timed([bench.clean, "-c", "pass"], bench.env()),
+    }
+    for fn in variants.values():  # warm-up: bytecode, page cache
+        fn()
+    samples: dict[str, list[Sample]] = {k: [] for k in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            samples[name].append(fn())
+    names = list(variants)
+    say(table(["variant", "wall", "RunPilot's own CPU", "peak RSS"],
+              [[name, median_of(samples[name], "wall").fmt(1000, 0, "ms"),
+                median_of(samples[name], "cpu_self").fmt(1000, 0, "ms") if samples[name][0].cpu_self else "–",
+                f"{max(s.maxrss_kb for s in samples[name]) / 1024:.1f} MB" if samples[name][0].maxrss_kb else "–"]
+               for name in names]))
+    wall = median_of(samples[names[0]], "wall")
+    rss = max(s.maxrss_kb for s in samples[names[0]]) / 1024
+    base = median_of(samples[names[-1]], "wall").median
+    html_mb, smooth_mb = page.stat().st_size / MB, smooth_page.stat().st_size / MB
+    say(f"HTML page: {html_mb:.2f} MB ({smooth_mb:.2f} MB with --smooth 0.6: a faint raw line under each curve)")
+    bench.rows += [
+        Row("7", f"`runpilot plot`, one run of {n:,} samples (2 metrics), whole process", wall.fmt(1000, 0, "ms"),
+            f"python -c pass: {base * 1000:.0f} ms",
+            f"--smooth 0.6: {median_of(samples[names[1]], 'wall').median * 1000:.0f} ms",
+            f"< {TARGETS['plot_s']:.0f} s", wall.median < TARGETS["plot_s"]),
+        Row("7", "… its peak RSS", f"{rss:.1f} MB", f"{size / MB:.0f} MB of metrics.json", "",
+            f"< {TARGETS['plot_rss_mb']:.0f} MB", rss < TARGETS["plot_rss_mb"]),
+        Row("7", f"`--html` page, {runs} runs x {steps:,} steps (2 metrics)", f"{html_mb:.2f} MB",
+            f"--smooth 0.6: {smooth_mb:.2f} MB", f"written in {median_of(samples[names[2]], 'wall').median:.2f} s",
+            f"< {TARGETS['html_mb']:.0f} MB", max(html_mb, smooth_mb) < TARGETS["html_mb"]),
+    ]
+
+
 # ==== main =====================================================================
 
-CASES = {1: case_overhead, 2: case_throughput, 3: case_metrics, 4: case_history, 5: case_startup, 6: case_yaml}
+CASES = {1: case_overhead, 2: case_throughput, 3: case_metrics, 4: case_history, 5: case_startup, 6: case_yaml,
+         7: case_plot}
 ENGINE_CASES = {1, 2, 3}
 
 
@@ -997,7 +1078,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="fewer reps and smaller sizes (100 MB, 200k METRIC lines, 20k runs): about 2 minutes")
     parser.add_argument("--reps", type=int, help="repetitions per variant (default 5, --quick 2); short cases "
                                                  "run twice as many")
-    parser.add_argument("--cases", default="1,2,3,4,5,6", help="comma-separated case numbers (default all)")
+    parser.add_argument("--cases", default="1,2,3,4,5,6,7", help="comma-separated case numbers (default all)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for RunPilot (default: this one)")
     parser.add_argument("--fresh-home", action="store_true", help="rebuild the cached history home of case 4")
     args = parser.parse_args(argv)
