@@ -3853,6 +3853,8 @@ class RunStore:
             if not ids and re.fullmatch(r"[0-9a-f]{6}", ref):
                 ids = [r[0] for r in conn.execute("SELECT id FROM runs WHERE id LIKE ? ORDER BY id LIMIT 6",
                                                   (f"%-{ref}",))]
+        if not ids and RUN_ID_RE.match(ref) and (meta := self.folder(ref).read_meta()).started_at is not None:
+            return RunRecord.of(meta, self.folder(ref).path)  # the folder is the truth; its row comes later
         if not ids:
             raise StoreError(f"no run matches {ref!r}; see runpilot list")
         if len(ids) > 1 and ids[0] != ref:
