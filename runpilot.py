@@ -4720,7 +4720,8 @@ def sbatch(script: Path) -> str:
         raise SlurmError("sbatch is not installed here; run this on a Slurm login node (where sbatch works)")
     done = quiet_run(["sbatch", "--parsable", str(script)], timeout=120)
     if done.returncode != 0:
-        said = " ".join(line.strip() for line in done.stderr.strip().splitlines()[-2:]) or f"exit {done.returncode}"
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip() and not line.startswith("Try ")]
+        said = lines[-1] if lines else f"exit status {done.returncode}"
         raise SlurmError(f"sbatch refused the job: {said}; check the slurm: section of the config")
     return done.stdout.strip().split(";")[0]
 
