@@ -82,9 +82,9 @@ class EngineCase(HomeTestCase):
         self.assertEqual(meta["command"][:3], [self.engine, "run", "--rm"])
         self.assertIn(f"runpilot.run_id={run.name}", meta["command"])
         row = self.db_rows()[0]
-        self.assertEqual((row["id"], row["status"], row["exit_code"], row["path"]), (run.name, "succeeded", 0, str(run)))
+        self.assertEqual((row["id"], row["status"], row["exit_code"]), (run.name, "succeeded", 0))
         listing = self.process("list").stdout.decode()
-        self.assertRegex(listing, rf"{run.name}\s+quickstart\s+succeeded\s+")
+        self.assertRegex(listing, rf"{run.name[-6:]}\s+quickstart\s+succeeded\s+")
         shown = self.process("show", run.name[:18]).stdout.decode()
         self.assertIn(f"engine     {self.engine} {meta['engine_version']}", shown)
         self.assertRegex(shown, r"train_loss\s+8\s")
@@ -128,7 +128,52 @@ class EngineCase(HomeTestCase):
         self.assertEqual((self.work / "multi.txt").read_text(), "one\ntwo = three")  # a newline arrives as is
         meta = self.meta(self.only_run())
         self.assertNotIn("p@ss", json.dumps(meta["command"]))
-        self.assertIn("SECRET", meta["command"])
+        self.assertEqual(meta["command"][meta["command"].index("--env-file") + 1], "/dev/fd/ENV")  # a pipe
+        self.assertIn("MULTI", meta["command"])  # a line break travels by name
+
+    def test_config_env_is_the_jobs_and_never_the_engines(self):
+        # PATH, DOCKER_HOST and CONTAINERS_CONF set in a config used to reach the engine CLI itself:
+        # docker could not start, podman failed in netavark, DOCKER_HOST sent the job elsewhere.
+        config = self.config("env", BUSYBOX_IMAGE, 'echo "$PATH|$DOCKER_HOST|$CONTAINERS_CONF"; ls /bin/sh',
+                             extra="env:\n  PATH: /usr/bin:/bin:/job/bin\n  DOCKER_HOST: tcp://192.0.2.1:2375\n"
+                                   "  CONTAINERS_CONF: /nonexistent.conf\n  CONTAINERS_STORAGE_CONF: /nonexistent\n")
+        result = self.process("run", config)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.decode().splitlines(),
+                         ["/usr/bin:/bin:/job/bin|tcp://192.0.2.1:2375|/nonexistent.conf", "/bin/sh"])
+
+    def test_a_workdir_the_image_lacks_is_created_on_both_engines(self):
+        config = self.write("wd.yaml", f"name: wd\nengine: {self.engine}\nimage: {BUSYBOX_IMAGE}\n"
+                                       "workdir: /not/in/the/image\nentrypoint: [pwd]\n")
+        result = self.process("run", config)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, b"/not/in/the/image\n")
+        self.assertEqual(self.meta(self.only_run())["status"], "succeeded")
+
+    def test_failures_get_a_hint(self):
+        cases = (("oom", PYTHON_IMAGE, "python -c 'x = bytearray(512 << 20); print(len(x))'",
+                  "resources:\n  memory: 64m\n", 137, "resources.memory 64m"),
+                 ("notfound", BUSYBOX_IMAGE, "python train.py", "", 127, "'python' was not found"))
+        for name, image, entrypoint, extra, code, words in cases:
+            with self.subTest(name):
+                result = self.process("run", self.config(name, image, entrypoint, extra=extra))
+                self.assertEqual(result.returncode, code, result.stderr)
+                hints = [l for l in result.stderr.decode().splitlines() if l.startswith("runpilot: hint: ")]
+                self.assertEqual(len(hints), 1, result.stderr)
+                self.assertIn(words, hints[0])
+                run = max(self.runs(), key=lambda r: r.name)
+                self.assertIn(words, self.meta(run)["hint"])
+
+    def test_a_sweep_on_the_engine(self):
+        config = self.config("sweep", BUSYBOX_IMAGE, 'echo "METRIC loss=$LR repeat=$RUNPILOT_REPEAT"')
+        result = self.process("sweep", config, "--grid", "env.LR=0.5,0.25", "--repeat", "2", "--parallel", "2")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rows = json.loads(self.process("list", "--json").stdout)
+        self.assertEqual(sorted((r["status"], r["last_metrics"]["loss"], r["last_metrics"]["repeat"]) for r in rows),
+                         [("succeeded", 0.25, 0), ("succeeded", 0.25, 1), ("succeeded", 0.5, 0), ("succeeded", 0.5, 1)])
+        self.assertEqual(len({r["sweep_id"] for r in rows}), 1)
+        for row in rows:
+            self.assertEqual(self.leftovers(row["id"]), [])
 
     def test_missing_image_with_pull_never(self):
         config = self.config("missing", "runpilot-no-such-image:latest", "true")
