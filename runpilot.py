@@ -6553,8 +6553,9 @@ def _list_filter(args) -> RunFilter:
     limit = None if args.all else args.limit
     if limit is None and not args.all:
         limit = max(5, shutil.get_terminal_size().lines - 3) if sys.stdout.isatty() else 20
+    ascending = args.ascending if args.ascending is not None else bool(args.sweep)  # a sweep: in plan order
     return RunFilter(status=args.status, name_glob=args.name, since=since_cutoff(args.since) if args.since else None,
-                     tags=_tags(args.tag), sweep_id=args.sweep, sort=args.sort, ascending=bool(args.ascending),
+                     tags=_tags(args.tag), sweep_id=args.sweep, sort=args.sort, ascending=ascending,
                      limit=None if args.sweep and not args.limit else limit)
 
 
@@ -7049,9 +7050,9 @@ def _plot_arguments(p: argparse.ArgumentParser) -> None:
 
 def sweep_reporter(sweep: Sweep, terminal: Terminal) -> Reporter:
     """One line per run event, the point's values in front: parallel jobs' output stays in logs.txt."""
-    labels = {p["run_id"]: f"[{p['index'] + 1}/{len(sweep.points)} " +
-              ",".join(f"{k}={fmt_scalar(v)}" for k, v in p["values"]) +
-              (f",repeat={p['repeat']}" if sweep.repeat > 1 else "") + "]" for p in sweep.points}
+    labels = {p["run_id"]: f"[{p['index'] + 1}/{len(sweep.points)} "
+              f"{SweepPoint(p['index'], tuple(map(tuple, p['values'])), p['repeat']).label(sweep.repeat)}]"
+              for p in sweep.points}
 
     def report(event: RunEvent) -> None:
         label = labels.get(event.run_id or "", "")
