@@ -2376,7 +2376,7 @@ def job_environment(config: JobConfig, run_id: str, engine: str, environ) -> dic
     return env
 
 
-def env_file_text(env: dict[str, str]) -> tuple[bytes, list[str]]:
+def env_file_lines(env: dict[str, str]) -> tuple[bytes, list[str]]:
     """The engines' --env-file lines for one-line values, and the names of the others.
 
     The env-file format has no escapes, so a value with a line break cannot go in it.
@@ -2725,7 +2725,7 @@ class GpuClaims:
         return busy
 
 
-def gpu_wait_text(count: int, pinned: tuple[str, ...], holders: dict[str, dict]) -> str:
+def fmt_gpu_wait(count: int, pinned: tuple[str, ...], holders: dict[str, dict]) -> str:
     """`waiting for 1 GPU: GPU 0 is held by run X (pid 12)` for the queued event."""
     wanted = f"GPU {', '.join(pinned)}" if pinned else f"{count} GPU{'s' if count != 1 else ''}"
     held = "; ".join(f"GPU {d} is held by run {h.get('run_id', '?')} (pid {h.get('pid', '?')})"
@@ -3277,7 +3277,7 @@ class TeeResult:
     """What happened while the job ran."""
 
     returncode: int | None              # None: the job never started
-    stop_reason: str | None = None      # "interrupted" or "timeout"
+    stop_reason: str | None = None      # INTERRUPTED, TIMEOUT or FAILED (the disk)
     stop_signal: int | None = None
     log_error: OSError | None = None
 
@@ -3344,13 +3344,13 @@ class Tee:
         job, result = self.job, self.result
         self._on_signals()
         if self.deadline and result.stop_reason is None and now > self.deadline:
-            result.stop_reason = "timeout"
+            result.stop_reason = TIMEOUT
             self.report(RunEvent("stopping", self.run_id, f"run {self.run_id} hit its timeout; stopping it "
                                  f"(the job has {job.stop_timeout:g}s to exit)"))
             job.request_stop(force=False)
         self.log_error = self.log_error or self.metrics.error
         if self.log_error and result.stop_reason is None:
-            result.stop_reason = "failed"
+            result.stop_reason = FAILED
             job.request_stop(force=False)
         if result.stop_reason and self.terminal is not None and self.terminal.backlog() >= TERMINAL_BACKLOG:
             self.terminal.abandon(stalled_only=True)  # a stalled reader must not hold a stopping job's output
@@ -3383,7 +3383,7 @@ class Tee:
         and SIGHUPs (two `runpilot stop` at once, say) change nothing: the grace period holds."""
         for signum in self.signals.received[self.handled:]:
             if self.result.stop_signal is None:
-                self.result.stop_reason, self.result.stop_signal = "interrupted", signum
+                self.result.stop_reason, self.result.stop_signal = INTERRUPTED, signum
                 grace = f"the job has {self.job.stop_timeout:g}s to exit"
                 again = "; press Ctrl-C again to kill it now" if signum == signal.SIGINT else ""
                 self.report(RunEvent("stopping", self.run_id,
@@ -3959,7 +3959,7 @@ def split_job_env(env: dict[str, str], environ, engine: str) -> tuple[bytes, lis
     those may not replace a variable of the runner's own, which the engine CLI itself reads."""
     if engine == "local":
         return b"", []
-    lines, by_name = env_file_text(env)
+    lines, by_name = env_file_lines(env)
     if len(lines) > PIPE_SIZE:
         raise ConfigError(f"the job's environment is {len(lines)} bytes, more than the {PIPE_SIZE} bytes a pipe "
                           "hands to the engine at once; make the env values smaller")
@@ -4024,9 +4024,9 @@ def finish_status(result: TeeResult) -> tuple[str, int]:
     """The run's status and RunPilot's exit status from how the job ended."""
     if result.returncode is None:  # stopped before the job started
         return CANCELLED, 128 + (result.stop_signal or signal.SIGINT)
-    if result.stop_reason == "interrupted":
+    if result.stop_reason == INTERRUPTED:
         return INTERRUPTED, 128 + (result.stop_signal or signal.SIGINT)
-    if result.stop_reason == "timeout":
+    if result.stop_reason == TIMEOUT:
         return TIMEOUT, 124
     code = job_exit_code(result.returncode)
     if result.log_error is not None:
@@ -4059,7 +4059,7 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: T
         try:
             _report_behind(report, folder.run_id, record_start(store, config, folder, meta))
             if not placement.ready and not placement.wait(folder.run_id, signals, report):
-                return finish(store, config, folder, meta, TeeResult(None, "interrupted", signals.received[0]),
+                return finish(store, config, folder, meta, TeeResult(None, INTERRUPTED, signals.received[0]),
                               options.previous, report)
             launch = make_launch(config, folder.run_id, engine, env, options, environ, placement.devices)
             return _run_placed(store, config, folder, meta, options, launch, terminal, report, signals)
@@ -4160,7 +4160,7 @@ class GpuPlacement:
 
     def waiting_text(self) -> str:
         assert self.claims is not None
-        return gpu_wait_text(self.count, self.pinned, self.claims.holders(list(self.pinned) or self.pool))
+        return fmt_gpu_wait(self.count, self.pinned, self.claims.holders(list(self.pinned) or self.pool))
 
     def wait(self, run_id: str, signals: StopSignals, report: Reporter) -> bool:
         """Wait, queued, until the GPUs are free (True) or a stop is asked for (False)."""
@@ -4202,10 +4202,10 @@ def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: Ru
         metrics = MetricLog(folder.metrics)
         log_fd = os.open(folder.logs, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except OSError as exc:
-        return TeeResult(None, "failed", log_error=exc)
+        return TeeResult(None, FAILED, log_error=exc)
     try:
         if signals.received:  # stopped while the run was being recorded: never start the job
-            return TeeResult(None, "interrupted", signals.received[0])
+            return TeeResult(None, INTERRUPTED, signals.received[0])
         if launch.container is None:
             become_subreaper()
         try:
@@ -5325,7 +5325,7 @@ def export_rows(runs: list[tuple[RunRecord, list[dict], dict]], keys: list[str],
     return ["run_id", "name"] + keys + [f"tag.{t}" for t in tag_names] + ["step"] + metrics, rows
 
 
-def csv_text(header: list[str], rows: list[list]) -> str:
+def render_csv(header: list[str], rows: list[list]) -> str:
     import csv
     import io
     out = io.StringIO()
@@ -5335,10 +5335,10 @@ def csv_text(header: list[str], rows: list[list]) -> str:
     return out.getvalue()
 
 
-def summary_lines(outcome: RunOutcome) -> list[str]:
+def render_summary(outcome: RunOutcome) -> list[str]:
     """What `run` says when a run ends: how, the featured metrics, where its files are."""
     r, meta = outcome.record, outcome.meta
-    lines = [f"run {r.id} {ending_text(meta)}"
+    lines = [f"run {r.id} {fmt_ending(meta)}"
              + (f"; runpilot exits with {outcome.exit_code}" if outcome.exit_code != (r.exit_code or 0) or
                 r.exit_code is None else "")]
     if r.last_metrics:
@@ -5346,7 +5346,7 @@ def summary_lines(outcome: RunOutcome) -> list[str]:
     return lines + [f"  folder: {r.path}"]
 
 
-def ending_text(meta: RunMeta) -> str:
+def fmt_ending(meta: RunMeta) -> str:
     """`failed in 3.2s (exit code 3)`, `interrupted by Ctrl-C after 2.0s (exit code 143)`."""
     code = "" if meta.exit_code is None else f" (exit code {meta.exit_code})"
     took = fmt_duration(meta.duration)
@@ -5848,7 +5848,7 @@ def log_ticks(lo: float, hi: float, max_count: int) -> tuple[list[float], float,
     return ticks, 10.0 ** first, 10.0 ** last
 
 
-def tick_text(value: float, step: float) -> str:
+def fmt_tick(value: float, step: float) -> str:
     """A tick label with the digits its step needs: 0.25, 1.5k, 2M, 1e-07."""
     if value == 0:
         return "0"
@@ -5909,7 +5909,7 @@ def chart_axes(chart: Chart, log: bool, max_y_ticks: int) -> _Axes | None:
         labelled = [(t, _log_text(t)) for t in ticks]
         return _Axes(x_lo, x_hi, math.log10(lo), math.log10(hi), labelled, True)
     ticks, lo, hi, step = nice_ticks(min(ys), max(ys), max_y_ticks, extend=True)
-    return _Axes(x_lo, x_hi, lo, hi, [(t, tick_text(t, step)) for t in ticks], False)
+    return _Axes(x_lo, x_hi, lo, hi, [(t, fmt_tick(t, step)) for t in ticks], False)
 
 
 def x_tick_labels(lo: float, hi: float, columns: int, place: Callable[[float], int]) -> list[tuple[int, str, int]]:
@@ -5917,11 +5917,11 @@ def x_tick_labels(lo: float, hi: float, columns: int, place: Callable[[float], i
     in COLUMNS without touching."""
     for count in range(max(2, columns // 10), 1, -1):
         ticks, _, _, step = nice_ticks(lo, hi, count)
-        labels = [(min(columns - 1, max(0, place(t))), tick_text(t, step)) for t in ticks]
+        labels = [(min(columns - 1, max(0, place(t))), fmt_tick(t, step)) for t in ticks]
         spans = [(max(0, min(columns - len(text), col - len(text) // 2)), text, col) for col, text in labels]
         if all(a[0] + len(a[1]) < b[0] for a, b in zip(spans, spans[1:])):
             return spans
-    return [(0, tick_text(lo, hi - lo or 1.0), 0)]
+    return [(0, fmt_tick(lo, hi - lo or 1.0), 0)]
 
 
 # -- the terminal chart -------------------------------------------------------
@@ -6102,7 +6102,7 @@ def _x_label_line(ticks: list[tuple[int, str, int]], label_width: int, cols: int
     return (prefix + "".join(line[:cols])).rstrip()
 
 
-def plot_text(charts: list[Chart], width: int, height: int, style: PlotStyle) -> str:
+def render_plot(charts: list[Chart], width: int, height: int, style: PlotStyle) -> str:
     """Every chart, one after the other, separated by a blank line."""
     if not charts:
         return "no numeric samples yet"
@@ -6222,7 +6222,7 @@ def _svg_axes(axes: _Axes, left: float, top: float, plot_w: float, plot_h: float
 
 def _svg_x_ticks(axes: _Axes) -> list[tuple[float, str]]:
     ticks, _, _, step = nice_ticks(axes.x_lo, axes.x_hi, 9)
-    return [(t, tick_text(t, step)) for t in ticks]
+    return [(t, fmt_tick(t, step)) for t in ticks]
 
 
 def _svg_points(points: list, at: Callable, plot_w: float, axes: _Axes) -> str:
@@ -6410,7 +6410,7 @@ def cli_reporter(terminal: Terminal) -> Reporter:
     """A run's events as `runpilot: ...` lines on stderr, the way `runpilot run` shows them."""
     def report(event: RunEvent) -> None:
         if event.kind == "finished" and event.outcome is not None:
-            lines = summary_lines(event.outcome)
+            lines = render_summary(event.outcome)
         elif event.kind in ("warning", "hint"):
             lines = [f"{event.kind}: {event.message}"]
         else:
@@ -6458,7 +6458,7 @@ def cmd_run(args) -> int:
     if args.on == "slurm":
         return slurm_run_cli(args, config, options)
     if args.dry_run:
-        echo(dry_run_text(config, options))
+        echo(render_dry_run(config, options))
         return 0
     return _launch(args, config, options)
 
@@ -6512,7 +6512,7 @@ def detach(argv: list[str], store: RunStore, flag: str, folder: RunFolder | None
     return 0
 
 
-def dry_run_text(config: JobConfig, options: RunOptions) -> str:
+def render_dry_run(config: JobConfig, options: RunOptions) -> str:
     engine = choose_engine(options.engine, config, os.environ)
     run_id = new_run_id()
     env = {**job_environment(dataclasses.replace(config, env={}), run_id, engine, os.environ), **config.env}
@@ -6575,7 +6575,7 @@ def cmd_list(args) -> int:
         echo(json.dumps(json_safe([record_json(r) for r in records]), indent=2, sort_keys=True))
     elif args.format == "csv":
         header = ["id", "name", "status", "started_at", "finished_at", "duration", "exit_code", "tags"] + metrics
-        echo(csv_text(header, [[r.id, r.name, r.status, r.started_at, r.finished_at, r.duration, r.exit_code,
+        echo(render_csv(header, [[r.id, r.name, r.status, r.started_at, r.finished_at, r.duration, r.exit_code,
                                 fmt_tags(r.tags) if r.tags else ""] + [r.last_metrics.get(m) for m in metrics]
                                for r in records]).rstrip("\n"))
     elif not records:
@@ -6735,7 +6735,7 @@ def cmd_export(args) -> int:
     keys = differing([flat for _, _, flat in runs]) if args.config else []
     tag_names = sorted({t for r in records for t in r.tags}) if args.tags else []
     if args.format == "csv":
-        text = csv_text(*export_rows(runs, keys, tag_names))
+        text = render_csv(*export_rows(runs, keys, tag_names))
         if sys.stdout.isatty() and not args.output:
             text = "\n".join(visible(line) for line in text.split("\n"))
     else:
@@ -6864,7 +6864,7 @@ def cmd_plot(args) -> int:
     def draw(current: list[RunRecord], status: str = "") -> str:
         charts = plot_charts(current, names, style, explicit=bool(args.metric))
         width, height = _plot_size(args, out, len(charts) if args.follow and tty else 0)
-        return plot_text(charts, width, height, style) + (f"\n{clip(status, width)}" if status else "")
+        return render_plot(charts, width, height, style) + (f"\n{clip(status, width)}" if status else "")
 
     if not args.follow:
         print(draw(records))
@@ -7060,7 +7060,7 @@ def sweep_reporter(sweep: Sweep, terminal: Terminal) -> Reporter:
             meta = event.outcome.meta
             shown = ", ".join(f"{k} {fmt_value(meta.last_metrics[k])}" for k in meta.metric_names
                               if k in meta.last_metrics)
-            terminal.say(f"{label} {ending_text(meta)}" + (f", {shown}" if shown else "") + f" (run {short_id(meta.run_id)})")
+            terminal.say(f"{label} {fmt_ending(meta)}" + (f", {shown}" if shown else "") + f" (run {short_id(meta.run_id)})")
         elif event.kind == "starting":
             meta_devices = re.search(r" on GPU (\S+)$", event.message)
             where = f" on GPU {meta_devices.group(1)}" if meta_devices else ""
@@ -7072,7 +7072,7 @@ def sweep_reporter(sweep: Sweep, terminal: Terminal) -> Reporter:
     return report
 
 
-def _sweep_plan_text(sweep_id: str, points: list[SweepPoint], repeat: int, parallel: int, pool: list[str] | None) -> str:
+def render_sweep_plan(sweep_id: str, points: list[SweepPoint], repeat: int, parallel: int, pool: list[str] | None) -> str:
     where = f" on GPUs {','.join(pool)}" if pool else ""
     lines = [f"sweep {sweep_id}: {len(points)} run(s), {parallel} at a time{where}"]
     lines += [f"  {p.index + 1:>3}. {p.label(repeat)}" for p in points]
@@ -7100,7 +7100,7 @@ def cmd_sweep(args) -> int:
         return slurm_sweep_cli(args, store, configs, axes, options)
     sweep_id = args.sweep_id or new_sweep_id()
     parallel = sweep_parallel([c for _, c in configs], options, args.parallel, os.environ)
-    echo(_sweep_plan_text(sweep_id, points, args.repeat, parallel, options.gpu_pool), err=True)
+    echo(render_sweep_plan(sweep_id, points, args.repeat, parallel, options.gpu_pool), err=True)
     if args.dry_run:
         return 0
     if args.detach:
@@ -7205,7 +7205,7 @@ def slurm_run_cli(args, config: JobConfig, options: RunOptions) -> int:
 def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOptions) -> int:
     sweep_id = args.sweep_id or new_sweep_id()
     points = [p for p, _ in configs]
-    echo(_sweep_plan_text(sweep_id, points, args.repeat, args.parallel or len(points), None), err=True)
+    echo(render_sweep_plan(sweep_id, points, args.repeat, args.parallel or len(points), None), err=True)
     if args.dry_run:
         lines = sbatch_lines(configs[0][1], sweep_id, "SWEEP_FOLDER/slurm-%A_%a.out",
                              f"0-{len(points) - 1}" + (f"%{args.parallel}" if args.parallel else ""))
@@ -7248,7 +7248,7 @@ def follow_slurm(store: RunStore, run_ids: list[str], stream: bool) -> int:
             time.sleep(1)
     metas = [store.folder(i).read_meta() for i in run_ids]
     for meta in metas:
-        note(f"run {meta.run_id} {ending_text(meta)}" + (f": {meta.reason}" if meta.reason else ""))
+        note(f"run {meta.run_id} {fmt_ending(meta)}" + (f": {meta.reason}" if meta.reason else ""))
         if meta.hint:
             note(f"hint: {meta.hint}")
     if cancelled:
@@ -7259,7 +7259,7 @@ def follow_slurm(store: RunStore, run_ids: list[str], stream: bool) -> int:
 def cmd_slurm_job(args) -> int:
     """The job of a Slurm run on its node (what the batch script runs)."""
     def report(event: RunEvent) -> None:
-        lines = summary_lines(event.outcome) if event.kind == "finished" and event.outcome else \
+        lines = render_summary(event.outcome) if event.kind == "finished" and event.outcome else \
             [f"{event.kind}: {event.message}" if event.kind in ("warning", "hint") else event.message]
         for line in lines:
             note(line)

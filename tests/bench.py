@@ -12,16 +12,32 @@ Cases (each prints its own block; a markdown table of every figure against its t
                                  tee to a file costs), and the bare command with the engine's default driver
   3  METRIC-heavy output         1,000,000 METRIC lines vs as many bytes without METRIC: CPU per sample, peak RSS
   4  history at scale            `list`, `list --status failed`, `show PREFIX` on a home with 100,000 runs
-  5  start-up                    `import runpilot` (-X importtime) and `runpilot --help` vs `python -c pass`
+  5  start-up                    `import runpilot` (-X importtime), `runpilot --help` vs `python -c pass`, and
+                                 `runpilot --version` as a copied file (`python3 -B runpilot.py`: no bytecode
+                                 cache) and installed (pip into a venv, as pipx does)
   6  config parsing              a generated 2,000-line config through runpilot.parse_yaml
   7  plots                       `runpilot plot` of a run of 1,000,000 samples (wall, peak RSS), and the size of
                                  the `--html` page of 10 runs x 100,000 steps
+  8  the removed fast paths      the module before the refactor of issue 14 (commit OLD_COMMIT below) beside
+                                 today's, in the same run: per run of `true` as a whole, with each fast path
+                                 of the old module switched off in turn (Docker socket image check, Podman
+                                 image-answer cache, engine-version cache, lazy imports), METRIC CPU per
+                                 sample (old with and without its block fast path), `import runpilot`, and
+                                 `list` on 100,000 runs
+  9  sweeps                      100 short runs on engine local with `--parallel 4` vs the same commands under
+                                 `xargs -P 4` (ratio of wall times), RunPilot's CPU per run, and
+                                 `runpilot list --sweep ID` of a 1,000-run sweep (installed)
+ 10  Slurm                       `runpilot list` with 1,000 active Slurm runs, answered by the stand-in
+                                 tests/fixtures/squeue (wall, and the number of squeue calls: one), and a
+                                 100-point `sweep --on slurm` submitted to the real cluster when `sinfo`
+                                 answers (one sbatch call; the array is scancelled at once)
 
 How it measures:
 - Every command is a whole process, timed wall-clock from spawn to exit; variants alternate (A B A B ...) so
   that drift on a shared machine hits all of them alike; figures are medians with min-max over --reps.
 - "RunPilot's own CPU" and peak RSS are the runpilot Python process alone (RUSAGE_SELF read at the end of
-  runpilot.main inside that process), not the engine CLI it starts (reported apart as "CLI CPU").
+  runpilot.main inside that process), not the engine CLI or the local jobs it starts (reported apart as
+  "CLI CPU").
 - RunPilot runs under a clean interpreter: a venv of --python made for the run, as `pipx install` makes,
   so none of --python's own site-packages .pth files run at start (this sandbox's python3 runs a certifi
   hook from one, ≈ 30 ms at every start, that a GPU box's Python does not have). `import runpilot` uses
@@ -29,17 +45,21 @@ How it measures:
   itself, and both interpreters' bare start. Child Pythons get
   PYTHONPYCACHEPREFIX under /tmp (so nothing is written into the repository) and never PYTHONDONTWRITEBYTECODE.
   `python runpilot.py` (a copied file) recompiles the whole script on every start; cases 1, 4 and 5 show it.
-- Every RUNPILOT_HOME is a temporary folder; the 100,000-run home of case 4 is cached in
-  /tmp/runpilot-bench-cache (keyed by runpilot.DB_SCHEMA_VERSION, the schema text and the size;
-  --fresh-home rebuilds it; about 0.8 GB for 100,000 runs).
+  "Installed" (cases 5, 9, 10) is `pip install` of the project into a venv made without pip (pipx's kind):
+  the `runpilot` console script, bytecode compiled by pip; cached per runpilot.py in /tmp/runpilot-bench-cache.
+- Every RUNPILOT_HOME is a temporary folder; the 100,000-run homes of cases 4 and 8 are cached in
+  /tmp/runpilot-bench-cache (keyed by the module's DB_SCHEMA_VERSION, the schema text and the size;
+  --fresh-home rebuilds them; about 0.8 GB per 100,000 runs).
   Containers started by the benchmark are removed at the end, also after Ctrl-C.
 
 Standard library only, Python 3.10+. Not a unit test (the name does not match test*.py); the targets are
-printed, never asserted. Needs the engine and the image from tests/images/build.sh.
+printed, never asserted. Needs the engine and the image from tests/images/build.sh; case 8 needs git (the
+old module is read from the repository's history).
 """
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -59,13 +79,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNPILOT_PY = ROOT / "runpilot.py"
+SQUEUE_STANDIN = ROOT / "tests" / "fixtures" / "squeue"
+# The last commit before the refactor of issue 14 removed the fast paths that case 8 measures.
+OLD_COMMIT = "291c273"
 BUSYBOX_IMAGE = "runpilot-test-busybox:latest"
 # Label on every container the benchmark starts itself (RunPilot's own carry runpilot.run_id).
 BENCH_LABEL = "runpilot.bench"
 CACHE_DIR = Path(tempfile.gettempdir()) / "runpilot-bench-cache"
 PYCACHE_DIR = CACHE_DIR / "pycache"
 # Bump when the generated history home changes shape, so a cached one is rebuilt.
-HOME_GENERATION = 1
+HOME_GENERATION = 2
 MARK = "@@RUNPILOT-BENCH@@"
 TEE_VARIANT = "bare --log-driver none | tee FILE"
 MB = 1_000_000
@@ -75,10 +98,28 @@ PROCESS_TIMEOUT_S = 1800
 # RUSAGE_SELF leaves out the engine CLI (a child), which RUSAGE_CHILDREN gives apart. Peak RSS is VmHWM:
 # Linux carries the spawning process's RSS into ru_maxrss across vfork+exec, so ru_maxrss would report
 # the benchmark's own size whenever that is larger.
+# RUNPILOT_BENCH_OFF (case 8, the old module only) switches fast paths off before main runs: each is
+# replaced by the plain path the old module fell back to, exactly as the old code did when the fast
+# path could not answer.
 WRAPPER = f"""\
-import resource, sys
+import os, resource, sys
 sys.path.insert(0, sys.argv[1])
+off = set(filter(None, os.environ.pop("RUNPILOT_BENCH_OFF", "").split(",")))
+if "lazy" in off:  # what the old module imported lazily, imported before it: an eager import's cost
+    import argparse, difflib, getpass, selectors, shutil, socket, sqlite3, subprocess, unicodedata
 import runpilot
+if "docker_api" in off:   # no answer from the socket: `docker image inspect`, as for a remote daemon
+    runpilot._docker_api_image = lambda image, environ: (False, None)
+if "podman_cache" in off:  # nothing remembered: `podman image inspect` at every run
+    runpilot.podman_cached_image = lambda cache, image: None
+    runpilot.podman_remember_image = lambda *args: None
+if "version_cache" in off:  # `ENGINE version` at every run (in the start-up probe thread, as before)
+    def _ask(engine, cache):
+        fmt = "{{{{.Server.Version}}}}" if engine == "docker" else "{{{{.Client.Version}}}}"
+        return runpilot._quiet([engine, "version", "--format", fmt]).stdout.strip() or None
+    runpilot.engine_version = _ask
+if "fast_block" in off:  # every METRIC block line by line
+    runpilot.fast_metric_block = lambda block, first_step: None
 rc = runpilot.main(sys.argv[2:])
 s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 peak = s.ru_maxrss
@@ -104,6 +145,8 @@ TARGETS = {
     "plot_s": 1.0,             # `runpilot plot` of a run of 1,000,000 samples, whole process
     "plot_rss_mb": 60.0,       # ... its peak RSS
     "html_mb": 1.0,            # the --html page of 10 runs x 100,000 steps
+    "list_sweep_ms": 150.0,    # `list --sweep ID` of a 1,000-run sweep, installed, whole process (issue 15)
+    "slurm_list_ms": 300.0,    # `list` with 1,000 active Slurm runs, installed, whole process (issue 16)
 }
 
 
@@ -282,12 +325,71 @@ class Bench:
             subprocess.run([self.python, "-m", "venv", "--without-pip", str(venv)], check=True)
         return str(venv / "bin" / "python")
 
-    def runpilot(self, args: list[str], home: Path, cwd: Path | None = None, python: str | None = None) -> Sample:
-        """`runpilot ARGS` as an installed runpilot runs (module import), with its own CPU and RSS."""
-        sample = self.timed([python or self.venv_python(), "-c", WRAPPER, str(ROOT), *args], self.env(home), cwd)
+    def runpilot(self, args: list[str], home: Path, cwd: Path | None = None, python: str | None = None,
+                 module: Path = ROOT, off: tuple[str, ...] = (), extra_env: dict[str, str] | None = None,
+                 expect_rc: int | None = 0) -> Sample:
+        """`runpilot ARGS` as an installed runpilot runs (module import), with its own CPU and RSS.
+
+        MODULE is the folder of the runpilot.py to import (case 8: the old one); OFF names the old
+        module's fast paths to switch off (see WRAPPER).
+        """
+        env = self.env(home, **(extra_env or {}))
+        if off:
+            env["RUNPILOT_BENCH_OFF"] = ",".join(off)
+        sample = self.timed([python or self.venv_python(), "-c", WRAPPER, str(module), *args], env, cwd,
+                            expect_rc=expect_rc)
         if sample.cpu_self is None:
             raise BenchError(f"runpilot {' '.join(args)} printed no measurement line:\n{sample.stderr[-2000:]}")
         return sample
+
+    @property
+    def old_dir(self) -> Path:
+        """A folder holding the runpilot.py of OLD_COMMIT (before the fast paths were removed)."""
+        folder = self.tmp / "old"
+        if not (folder / "runpilot.py").exists():
+            folder.mkdir(exist_ok=True)
+            done = subprocess.run(["git", "-C", str(ROOT), "show", f"{OLD_COMMIT}:runpilot.py"],
+                                  capture_output=True, timeout=60)
+            if done.returncode != 0:
+                raise BenchError(f"git show {OLD_COMMIT}:runpilot.py failed: "
+                                 f"{done.stderr.decode(errors='replace').strip()[:300]}")
+            (folder / "runpilot.py").write_bytes(done.stdout)
+        return folder
+
+    def installed(self) -> Path:
+        """The `runpilot` console script of a venv that pip installed this checkout into, as pipx does.
+
+        The venv is made without pip (pipx's kind: nothing but RunPilot in it); the system's pip
+        installs into it from a copy of the project's files (a build in the repository would leave
+        build/ and *.egg-info there). Cached per runpilot.py and pyproject.toml.
+        """
+        digest = hashlib.sha256(RUNPILOT_PY.read_bytes() + (ROOT / "pyproject.toml").read_bytes()
+                                + self.python.encode()).hexdigest()[:12]
+        venv = CACHE_DIR / f"installed-{digest}"
+        script = venv / "bin" / "runpilot"
+        if script.exists():
+            return script
+        shutil.rmtree(venv, ignore_errors=True)
+        src = self.tmp / "install-src"
+        shutil.rmtree(src, ignore_errors=True)
+        src.mkdir()
+        for name in ("pyproject.toml", "README.md", "LICENSE", "runpilot.py"):
+            if (ROOT / name).exists():
+                shutil.copy2(ROOT / name, src / name)
+        subprocess.run([self.python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+        done = subprocess.run([self.python, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                               "--quiet", "--disable-pip-version-check", "--no-deps", str(src)],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0 or not script.exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            raise BenchError(f"pip install of runpilot into a venv failed: {done.stderr.strip()[-800:]}")
+        return script
+
+    def installed_env(self, home: Path | None = None, **extra: str) -> dict[str, str]:
+        """The environment of an installed runpilot: the bytecode pip compiled, no pycache prefix."""
+        env = self.env(home, **extra)
+        env.pop("PYTHONPYCACHEPREFIX", None)
+        return env
 
     def bare(self, flags: list[str], image_and_cmd: list[str]) -> Sample:
         """`ENGINE run FLAGS --name N --label runpilot.bench=1 IMAGE CMD...` with stdout to /dev/null."""
@@ -360,6 +462,12 @@ def only_run(home: Path) -> tuple[Path, dict]:
     return runs[0], json.loads((runs[0] / "meta.json").read_text())
 
 
+def sample_count(meta: dict) -> int | None:
+    """The number of METRIC samples a meta.json records (`samples` since 0.5, `metrics` before)."""
+    counts = meta.get("samples") or meta.get("metrics") or {}
+    return counts.get("count") if isinstance(counts, dict) else None
+
+
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -421,11 +529,19 @@ def case_overhead(bench: Bench) -> None:
     own_argv = list(meta["command"])
     run_label = next(a for a in own_argv if a.startswith("runpilot.run_id="))
 
+    # RunPilot hands the job's environment to the engine through `--env-file /dev/fd/N` (a pipe); bare,
+    # the same variables come from a file.
+    env_file = bench.tmp / "overhead.env"
+    import runpilot as rp
+    job_env = rp.job_environment(rp.load_config(cfg), meta["run_id"], bench.engine, bench.env())
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in job_env.items() if "\n" not in v))
+    own_argv = [str(env_file) if a.startswith("/dev/fd/") else a for a in own_argv]
+
     def same_flags() -> Sample:
         argv = list(own_argv)
         argv[argv.index("--name") + 1] = bench.unique("runpilot-bench")
         argv[argv.index(run_label)] = f"{BENCH_LABEL}=1"
-        return bench.timed(argv, bench.env(PYTHONUNBUFFERED="1", RUNPILOT_RUN_ID="bench"))
+        return bench.timed(argv, bench.env())
 
     venv = bench.venv_python()
     variants = {
@@ -628,7 +744,7 @@ def case_metrics(bench: Bench) -> None:
     def rp(kind: str) -> Sample:
         s = bench.runpilot(["run", str(configs[kind])], home)
         run, meta = only_run(home)
-        count = meta.get("metrics", {}).get("count")
+        count = sample_count(meta)
         if meta.get("status") != "succeeded" or count != (n if kind == "metric" else 0):
             raise BenchError(f"run {run.name}: status {meta.get('status')}, {count} samples recorded")
         shutil.rmtree(run)
@@ -682,9 +798,11 @@ PROJECT_NAMES = [f"{a}-{b}" for a in ("resnet", "vit", "bert", "gpt2", "unet", "
 STATUS_WEIGHTS = {"succeeded": 80, "failed": 12, "interrupted": 5, "timeout": 2, "lost": 1}
 
 
-def history_home(bench: Bench, n: int) -> tuple[Path, str, str]:
-    """A home with N runs made through runpilot's own store code; cached. Returns (home, show ref, run id)."""
-    import runpilot as rp
+def history_home(bench: Bench, n: int, rp=None) -> tuple[Path, str, str]:
+    """A home with N runs made through the store code of module RP (today's runpilot by default, or the
+    old one of case 8); cached. Returns (home, show ref, run id)."""
+    if rp is None:
+        import runpilot as rp
     shape = hashlib.sha256(f"{getattr(rp, 'SCHEMA', '')}{getattr(rp, 'RUN_COLUMNS', '')}".encode()).hexdigest()[:8]
     key = f"home-s{rp.DB_SCHEMA_VERSION}-{shape}-g{HOME_GENERATION}-n{n}"
     home = CACHE_DIR / key
@@ -708,15 +826,14 @@ def history_home(bench: Bench, n: int) -> tuple[Path, str, str]:
         run_id = time.strftime("%Y%m%d-%H%M%S", start) + f"-{rnd.getrandbits(24):06x}"
         status = rnd.choices(statuses, weights)[0]
         duration = round(rnd.uniform(5, 7200), 3)
-        exit_code = {"succeeded": 0, "failed": 1, "interrupted": 130, "timeout": 124, "lost": None}[status]
+        exit_code = {"succeeded": 0, "failed": 1, "interrupted": 143, "timeout": 143, "lost": None}[status]
         meta = _fake_meta(run_id, rnd.choice(PROJECT_NAMES), status, start, when, duration, exit_code, rnd, i)
         path = store.runs_dir / run_id
         path.mkdir(mode=0o700)
-        (path / "meta.json").write_bytes(rp._meta_bytes(meta))
-        rows.append(rp._row(rp.record_from_meta(meta, path)))
+        rows.append(_write_meta_and_row(rp, path, meta))
         ids.append(run_id)
     with store.db() as conn, rp._transaction(conn):
-        conn.executemany(rp._upsert_sql(), rows)
+        conn.executemany(_upsert_sql(rp), rows)
     target = ids[n // 2]
     _full_run_files(rp, store.runs_dir / target)
     ordered = sorted(ids)
@@ -728,6 +845,35 @@ def history_home(bench: Bench, n: int) -> tuple[Path, str, str]:
     marker.write_text(json.dumps({"n": n, "ref": ref, "target": target, "build_s": build_s}))
     say(f"built {home}: {n:,} run folders with meta.json + rows inserted in one transaction ({build_s:.1f} s)")
     return home, ref, target
+
+
+def _write_meta_and_row(rp, path: Path, meta: dict) -> tuple:
+    """Write meta.json as module RP writes it; the index row it makes of it.
+
+    META is in the 0.4 layout (`watched`, `metrics: {count}`), which the old module writes as it is and
+    today's reads through RunMeta.from_json (as it reads any older file) and writes in its own layout.
+    """
+    if hasattr(rp, "RunMeta"):
+        typed = rp.RunMeta.from_json(meta, path.name)
+        (path / "meta.json").write_bytes(typed.to_json())
+        return rp._row(rp.RunRecord.of(typed, path))
+    (path / "meta.json").write_bytes(rp._meta_bytes(meta))
+    return rp._row(rp.record_from_meta(meta, path))
+
+
+def _upsert_sql(rp) -> str:
+    return rp._UPSERT if hasattr(rp, "_UPSERT") else rp._upsert_sql()
+
+
+def load_module(path: Path, name: str):
+    """Import the runpilot.py at PATH under another module name (the old module beside today's)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up in sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
 def _fake_meta(run_id, name, status, start, when, duration, exit_code, rnd, i) -> dict:
@@ -803,9 +949,9 @@ def case_history(bench: Bench) -> None:
 IMPORTTIME_RE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \| ( *)(\S+)\s*$")
 
 
-def importtime(bench: Bench, flags: list[str]) -> tuple[float, list[tuple[int, str]]]:
+def importtime(bench: Bench, flags: list[str], module: Path = ROOT) -> tuple[float, list[tuple[int, str]]]:
     """Cumulative µs of the top-level `runpilot` import, and its direct imports' cumulative µs."""
-    done = subprocess.run([bench.clean, *flags, "-X", "importtime", "-c", "import runpilot"], cwd=ROOT,
+    done = subprocess.run([bench.clean, *flags, "-X", "importtime", "-c", "import runpilot"], cwd=module,
                           env=bench.env(), capture_output=True, text=True)
     if done.returncode != 0:
         raise BenchError(f"import runpilot failed: {done.stderr[-1000:]}")
@@ -861,6 +1007,53 @@ def case_startup(bench: Bench) -> None:
             f"+{(walls['python -m runpilot --help'].median - base) * 1000:.0f} ms "
             f"(`python runpilot.py --help`: +{(walls['python runpilot.py --help'].median - base) * 1000:.0f} ms)",
             "", None),
+    ]
+    version_startup(bench, reps)
+
+
+def version_startup(bench: Bench, reps: int) -> None:
+    """`runpilot --version` as a copied file (compiled at every start) and installed (issue 14).
+
+    The copied file lies alone in a fresh folder and runs under `python3 -B`: no __pycache__ beside it
+    and none written, as when someone copies runpilot.py to a login node and runs it. The file before
+    the refactor (OLD_COMMIT) is shown the same way, so that the cost of the file's growth stays visible.
+    """
+    copied, old_copied = bench.tmp / "copied", bench.tmp / "old-copied"
+    for folder, source in ((copied, RUNPILOT_PY), (old_copied, bench.old_dir / "runpilot.py")):
+        folder.mkdir(exist_ok=True)
+        shutil.copy2(source, folder / "runpilot.py")
+    script = bench.installed()
+    lines = {"today": RUNPILOT_PY.read_text().count("\n"), "old": (old_copied / "runpilot.py").read_text().count("\n")}
+    commands = {
+        "python3 -c pass (this python3)": [bench.python, "-c", "pass"],
+        "python -c pass (a venv's)": [bench.clean, "-c", "pass"],
+        "python3 -B runpilot.py --version (copied file, this python3)": [bench.python, "-B",
+                                                                         str(copied / "runpilot.py"), "--version"],
+        "python -B runpilot.py --version (copied file, a venv's python)": [bench.clean, "-B",
+                                                                           str(copied / "runpilot.py"), "--version"],
+        f"… the same, runpilot.py of {OLD_COMMIT} (before the refactor)": [bench.clean, "-B",
+                                                                            str(old_copied / "runpilot.py"), "--version"],
+        "runpilot --version (installed: pip into a venv, as pipx)": [str(script), "--version"],
+    }
+    env = bench.installed_env()
+    walls = {k: median_of(v, "wall") for k, v in bench.alternate(commands, env, reps).items()}
+    say(f"\n`runpilot --version`: runpilot.py has {lines['today']:,} lines today, {lines['old']:,} at {OLD_COMMIT}")
+    names = list(commands)
+    base = {name: walls[names[0] if "this python3" in name else names[1]].median for name in names}
+    say(table(["command (stdout to /dev/null)", "wall median (min–max)", "over its python -c pass"],
+              [[k, v.fmt(1000, 0, "ms"), f"+{(v.median - base[k]) * 1000:.0f} ms"] for k, v in walls.items()]))
+    copied_sys, copied_venv, old_venv, inst = (walls[n] for n in names[2:6])
+    bench.rows += [
+        Row("5", "`python3 -B runpilot.py --version`, copied file (no bytecode cache), whole process",
+            copied_sys.fmt(1000, 0, "ms"), f"python3 -c pass: {base[names[2]] * 1000:.0f} ms",
+            f"+{(copied_sys.median - base[names[2]]) * 1000:.0f} ms; a venv's python: "
+            f"{copied_venv.median * 1000:.0f} ms (+{(copied_venv.median - base[names[3]]) * 1000:.0f} ms)", "", None),
+        Row("5", f"… the copied file of {OLD_COMMIT} ({lines['old']:,} lines; today {lines['today']:,})",
+            old_venv.fmt(1000, 0, "ms"), f"today: {copied_venv.median * 1000:.0f} ms",
+            f"{(copied_venv.median - old_venv.median) * 1000:+.0f} ms", "", None),
+        Row("5", "`runpilot --version` installed (pip into a venv, as pipx), whole process",
+            inst.fmt(1000, 0, "ms"), f"python -c pass: {base[names[5]] * 1000:.0f} ms",
+            f"+{(inst.median - base[names[5]]) * 1000:.0f} ms", "", None),
     ]
 
 
@@ -991,23 +1184,23 @@ def case_yaml(bench: Bench) -> None:
 
 def plot_run(rp, store, name: str, n: int, seed: int) -> str:
     """A finished run of N samples of loss and acc, written through RunPilot's own MetricLog; its id."""
-    run_id, path = store.create_run_dir()
+    folder = store.create_run_dir()
     rnd = random.Random(seed)
-    log = rp.MetricLog(path / "metrics.json", ("loss", "acc"))
+    log = rp.MetricLog(folder.metrics)
     for start in range(0, n, 10_000):
         log.add_lines([f"METRIC step={i} loss={2 / (1 + i * seed / 20_000) + rnd.random() * 0.1:.5f} "
                        f"acc={1 - 1 / (1 + i * seed / 30_000) - rnd.random() * 0.05:.5f}".encode()
                        for i in range(start, min(n, start + 10_000))])
     log.close()
-    (path / "config.yaml").write_text(f"name: {name}\nengine: local\nentrypoint: [python3, train.py]\n"
-                                      f"env:\n  SEED: {seed}\nmetrics: [loss, acc]\n")
-    now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
-    meta = {"run_id": run_id, "name": name, "status": "succeeded", "started_at": now, "finished_at": now,
-            "duration": 60.0, "exit_code": 0, "engine": "local", "watched": ["loss", "acc"],
-            "last_metrics": log.last, "metrics": {"count": log.count, "malformed": 0}, "tags": {}}
-    (path / "meta.json").write_bytes(rp._meta_bytes(meta))
-    store.save(rp.record_from_meta(meta, path))
-    return run_id
+    folder.config.write_text(f"name: {name}\nengine: local\nentrypoint: [python3, train.py]\n"
+                             f"env:\n  SEED: {seed}\nmetrics: [loss, acc]\n")
+    now = rp.utc_now()
+    meta = rp.RunMeta(folder.run_id, name=name, status=rp.SUCCEEDED, started_at=now, finished_at=now,
+                      duration=60.0, exit_code=0, engine="local", metric_names=["loss", "acc"],
+                      last_metrics=dict(log.last), samples={"count": log.count, "malformed": 0})
+    folder.write_meta(meta, durable=False)
+    store.save(meta)
+    return folder.run_id
 
 
 def case_plot(bench: Bench) -> None:
@@ -1062,11 +1255,497 @@ def case_plot(bench: Bench) -> None:
     ]
 
 
+# ==== case 8: the removed fast paths, old module beside today's ==================
+
+def run_variants(variants: dict, reps: int, warmups: int = 1) -> dict[str, list[Sample]]:
+    """WARMUPS rounds of every variant, then REPS rounds in turn (A B C A B C ...)."""
+    for _ in range(warmups):
+        for fn in variants.values():
+            fn()
+    samples: dict[str, list[Sample]] = {k: [] for k in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            samples[name].append(fn())
+    return samples
+
+
+def case_fastpaths(bench: Bench) -> None:
+    """What each fast path that issue 14 removed bought, on whole processes (README: Performance)."""
+    old = bench.old_dir
+    say(f"\n## 8. The removed fast paths: runpilot.py of {OLD_COMMIT} (before the refactor) beside today's, "
+        f"on {bench.engine} (load {loadavg()})")
+    say("Each fast path of the old module is switched off in turn (replaced by the plain path it fell back "
+        "to); today's module has only the plain paths, and has grown (sweeps, Slurm, plots, typed records).")
+    _fastpath_runs(bench, old)
+    _fastpath_metrics(bench, old)
+    _fastpath_import(bench, old)
+    _fastpath_list(bench, old)
+
+
+def _fastpath_runs(bench: Bench, old: Path) -> None:
+    reps = bench.reps * 2
+    image_fp = "docker_api" if bench.engine == "docker" else "podman_cache"
+    image_label = ("Docker socket image check" if bench.engine == "docker"
+                   else "Podman image-answer cache")
+    cfg = write_config(bench.tmp / "fp-true.yaml", "bench-fastpath", bench.engine, ["true"])
+    home_new, home_old = bench.new_home("fp-new"), bench.new_home("fp-old")
+    variants = {
+        "today's runpilot run": lambda: bench.runpilot(["run", str(cfg)], home_new),
+        f"{OLD_COMMIT} as it was": lambda: bench.runpilot(["run", str(cfg)], home_old, module=old),
+        f"{OLD_COMMIT} without the {image_label}": lambda: bench.runpilot(["run", str(cfg)], home_old, module=old,
+                                                                         off=(image_fp,)),
+        f"{OLD_COMMIT} without the engine-version cache": lambda: bench.runpilot(
+            ["run", str(cfg)], home_old, module=old, off=("version_cache",)),
+        f"{OLD_COMMIT} without lazy imports": lambda: bench.runpilot(["run", str(cfg)], home_old, module=old,
+                                                                     off=("lazy",)),
+        f"{OLD_COMMIT} with all three off": lambda: bench.runpilot(
+            ["run", str(cfg)], home_old, module=old, off=(image_fp, "version_cache", "lazy")),
+        "bare: run --rm --init IMG true": lambda: bench.bare(["--rm", "--init"], [BUSYBOX_IMAGE, "true"]),
+    }
+    samples = run_variants(variants, reps)
+    names = list(variants)
+    walls = {n: median_of(samples[n], "wall") for n in names}
+    as_was = walls[names[1]].median
+    rows = []
+    for n in names:
+        ss = samples[n]
+        rp_row = ss[0].cpu_self is not None
+        rows.append([n, walls[n].fmt(1000, 0, "ms"), f"{(walls[n].median - as_was) * 1000:+.0f} ms",
+                     median_of(ss, "cpu_self").fmt(1000, 0, "ms") if rp_row else "–",
+                     median_of(ss, "cpu_children").fmt(1000, 0, "ms")])
+    say(f"\nA run of `true` on {bench.engine} ({reps} reps, alternating; load {loadavg()})")
+    say(table(["variant", "wall median (min–max)", f"vs {OLD_COMMIT} as it was", "RunPilot's own CPU",
+               "engine CLI CPU"], rows))
+    bare = walls[names[-1]].median
+    bench.rows += [
+        Row("8", f"run of `true` on {bench.engine}: today vs {OLD_COMMIT} (overhead over bare `run --rm --init`)",
+            f"{walls[names[0]].median * 1000:.0f} ms (+{(walls[names[0]].median - bare) * 1000:.0f})",
+            f"{as_was * 1000:.0f} ms (+{(as_was - bare) * 1000:.0f})",
+            f"{(walls[names[0]].median - as_was) * 1000:+.0f} ms per run", "", None),
+    ]
+    for n in names[2:6]:
+        what = n.removeprefix(f"{OLD_COMMIT} ")
+        bench.rows.append(Row("8", f"… {OLD_COMMIT} {what}: what it saved per run", walls[n].fmt(1000, 0, "ms"),
+                              f"as it was: {as_was * 1000:.0f} ms",
+                              f"{(walls[n].median - as_was) * 1000:+.0f} ms wall, "
+                              f"{(median_of(samples[n], 'cpu_self').median - median_of(samples[names[1]], 'cpu_self').median) * 1000:+.0f} ms own CPU, "
+                              f"{(median_of(samples[n], 'cpu_children').median - median_of(samples[names[1]], 'cpu_children').median) * 1000:+.0f} ms CLI CPU",
+                              "", None))
+
+
+def _fastpath_metrics(bench: Bench, old: Path) -> None:
+    n = 200_000 if bench.quick else 1_000_000
+    reps = bench.reps
+    data = bench.tmp / "fp-metric-data"
+    data.mkdir(exist_ok=True)
+    rnd = random.Random(8)
+    metric_text = "".join(f"METRIC step={i} loss={rnd.random() * 2:.6f} acc={rnd.random():.6f}\n"
+                          for i in range(n)).encode()
+    (data / "metric.txt").write_bytes(metric_text)
+    (data / "plain.txt").write_bytes(metric_text.replace(b"METRIC", b"NOTICE"))
+    configs = {kind: write_config(bench.tmp / f"fp-{kind}.yaml", f"bench-fp-{kind}", bench.engine,
+                                  ["cat", f"/mnt/data/{kind}.txt"], data) for kind in ("metric", "plain")}
+    homes = {"new": bench.new_home("fp-m-new"), "old": bench.new_home("fp-m-old")}
+
+    def rp(which: str, kind: str, off: tuple[str, ...] = ()) -> Sample:
+        home = homes[which]
+        s = bench.runpilot(["run", str(configs[kind])], home, module=old if which == "old" else ROOT, off=off)
+        run, meta = only_run(home)
+        count = sample_count(meta)
+        if meta.get("status") != "succeeded" or count != (n if kind == "metric" else 0):
+            raise BenchError(f"run {run.name} ({which}): status {meta.get('status')}, {count} samples recorded")
+        shutil.rmtree(run)
+        return s
+
+    variants = {
+        "today, METRIC lines": lambda: rp("new", "metric"),
+        "today, same bytes without METRIC": lambda: rp("new", "plain"),
+        f"{OLD_COMMIT}, METRIC lines": lambda: rp("old", "metric"),
+        f"{OLD_COMMIT}, same bytes without METRIC": lambda: rp("old", "plain"),
+        f"{OLD_COMMIT} without the block fast path, METRIC lines": lambda: rp("old", "metric", ("fast_block",)),
+    }
+    samples = run_variants(variants, reps, warmups=0)
+    names = list(variants)
+    cpu = {k: median_of(v, "cpu_self") for k, v in samples.items()}
+    per = {
+        "today": (cpu[names[0]].median - cpu[names[1]].median) / n * 1e6,
+        OLD_COMMIT: (cpu[names[2]].median - cpu[names[3]].median) / n * 1e6,
+        f"{OLD_COMMIT}, no fast path": (cpu[names[4]].median - cpu[names[3]].median) / n * 1e6,
+    }
+    say(f"\nMETRIC capture: {n:,} lines ({len(metric_text) / MB:.0f} MB, `cat` of a mounted file) "
+        f"({reps} reps, alternating; load {loadavg()})")
+    say(table(["variant", "wall", "RunPilot's own CPU", "peak RSS"],
+              [[k, median_of(v, "wall").fmt(1, 2, "s"), cpu[k].fmt(1, 2, "s"),
+                f"{max(x.maxrss_kb for x in v) / 1024:.1f} MB"] for k, v in samples.items()]))
+    say("CPU per sample (METRIC run − the same bytes without METRIC): "
+        + "; ".join(f"{k} {v:.2f} µs" for k, v in per.items()))
+    bench.rows.append(Row("8", f"METRIC CPU per sample ({n:,} lines): today vs {OLD_COMMIT} (its block fast path)",
+                          f"{per['today']:.2f} µs", f"{per[OLD_COMMIT]:.2f} µs",
+                          f"{OLD_COMMIT} without the fast path: {per[f'{OLD_COMMIT}, no fast path']:.2f} µs; "
+                          f"today costs {(per['today'] - per[OLD_COMMIT]) * n / 1e6:+.2f} s of CPU per "
+                          f"{n:,} samples", "", None))
+
+
+def _fastpath_import(bench: Bench, old: Path) -> None:
+    reps = max(5, bench.reps * 2)
+    lazy = "import argparse, difflib, getpass, selectors, shutil, socket, sqlite3, subprocess, unicodedata"
+    importtime(bench, [], ROOT)
+    importtime(bench, [], old)
+    cum = {"today": [], OLD_COMMIT: []}
+    for _ in range(reps):
+        cum["today"].append(importtime(bench, [], ROOT)[0] / 1e6)
+        cum[OLD_COMMIT].append(importtime(bench, [], old)[0] / 1e6)
+    variants = {
+        "python -c pass": lambda: bench.timed([bench.clean, "-c", "pass"], bench.env()),
+        "today: python -c 'import runpilot'": lambda: bench.timed([bench.clean, "-c", "import runpilot"],
+                                                                  bench.env(), cwd=ROOT),
+        f"{OLD_COMMIT}: python -c 'import runpilot'": lambda: bench.timed([bench.clean, "-c", "import runpilot"],
+                                                                         bench.env(), cwd=old),
+        f"{OLD_COMMIT}, lazy modules imported first": lambda: bench.timed(
+            [bench.clean, "-c", f"{lazy}; import runpilot"], bench.env(), cwd=old),
+    }
+    samples = run_variants(variants, reps)
+    walls = {k: median_of(v, "wall") for k, v in samples.items()}
+    names = list(variants)
+    base = walls[names[0]].median
+    say(f"\n`import runpilot` ({reps} reps, alternating; load {loadavg()})")
+    say(table(["measure", "median (min–max)", "over python -c pass"],
+              [[f"-X importtime, runpilot cumulative: {k}", Stats(v).fmt(1000, 1, "ms"), ""] for k, v in cum.items()]
+              + [[k, v.fmt(1000, 0, "ms"), f"+{(v.median - base) * 1000:.0f} ms"] for k, v in walls.items()]))
+    bench.rows += [
+        Row("8", f"`import runpilot` (-X importtime): today vs {OLD_COMMIT}", Stats(cum["today"]).fmt(1000, 1, "ms"),
+            Stats(cum[OLD_COMMIT]).fmt(1000, 1, "ms"),
+            f"whole process: {walls[names[1]].median * 1000:.0f} vs {walls[names[2]].median * 1000:.0f} ms; "
+            f"{OLD_COMMIT} without its lazy imports: {walls[names[3]].median * 1000:.0f} ms", "", None),
+    ]
+
+
+def _fastpath_list(bench: Bench, old: Path) -> None:
+    n = 20_000 if bench.quick else 100_000
+    reps = max(5, bench.reps * 2)
+    home_new, _, _ = history_home(bench, n)
+    home_old, _, _ = history_home(bench, n, load_module(old / "runpilot.py", "runpilot_old"))
+    variants = {
+        "today: runpilot list": lambda: bench.runpilot(["list"], home_new),
+        f"{OLD_COMMIT}: runpilot list": lambda: bench.runpilot(["list"], home_old, module=old),
+        f"{OLD_COMMIT} without lazy imports: runpilot list": lambda: bench.runpilot(["list"], home_old, module=old,
+                                                                                   off=("lazy",)),
+        "python -c pass": lambda: bench.timed([bench.clean, "-c", "pass"], bench.env()),
+    }
+    samples = run_variants(variants, reps)
+    names = list(variants)
+    walls = {k: median_of(v, "wall") for k, v in samples.items()}
+    base = walls[names[-1]].median
+    say(f"\n`runpilot list` on {n:,} runs ({reps} reps, alternating; load {loadavg()})")
+    say(table(["variant", "wall median (min–max)", "over python -c pass", "RunPilot's own CPU"],
+              [[k, v.fmt(1000, 0, "ms"), f"+{(v.median - base) * 1000:.0f} ms",
+                median_of(samples[k], "cpu_self").fmt(1000, 0, "ms") if samples[k][0].cpu_self else "–"]
+               for k, v in walls.items()]))
+    bench.rows.append(Row("8", f"`runpilot list`, {n:,} runs: today vs {OLD_COMMIT}", walls[names[0]].fmt(1000, 0, "ms"),
+                          walls[names[1]].fmt(1000, 0, "ms"),
+                          f"{(walls[names[0]].median - walls[names[1]].median) * 1000:+.0f} ms; {OLD_COMMIT} "
+                          f"without lazy imports: {walls[names[2]].median * 1000:.0f} ms", "", None))
+
+
+# ==== case 9: sweeps ============================================================
+
+def case_sweeps(bench: Bench) -> None:
+    """Issue 15: a sweep's cost over the same commands under xargs, and `list --sweep` of a big sweep."""
+    say(f"\n## 9. Sweeps on engine local (load {loadavg()})")
+    _sweep_vs_xargs(bench)
+    _list_sweep(bench)
+
+
+def _sweep_vs_xargs(bench: Bench) -> None:
+    points, parallel = 100, 4
+    reps = bench.reps
+    grid = f"env.I={','.join(map(str, range(points)))}"
+    jobs = {"true": ["true"], "sleep 0.5": ["sleep", "0.5"]}
+    variants: dict = {}
+    for label, argv in jobs.items():
+        cfg = bench.tmp / f"sweep-{argv[0]}.yaml"
+        cfg.write_text(f"name: bench-sweep\nengine: local\nentrypoint: {json.dumps(argv)}\n")
+        home = bench.new_home(f"sweep-{argv[0]}")
+        xargs = ["sh", "-c", f"seq {points} | xargs -P {parallel} -I{{}} {shlex.join(argv)}"]
+        variants[f"runpilot sweep, {points} x `{label}`, --parallel {parallel}"] = (
+            lambda cfg=cfg, home=home: bench.runpilot(["sweep", str(cfg), "--grid", grid, "--parallel",
+                                                       str(parallel)], home))
+        variants[f"xargs -P {parallel}, {points} x `{label}`"] = (
+            lambda xargs=xargs: bench.timed(xargs, bench.env()))
+    samples = run_variants(variants, reps)
+    names = list(variants)
+    say(f"\n{points} runs, {parallel} at a time ({reps} reps, alternating; load {loadavg()}). RunPilot's own CPU "
+        "is its process alone (the jobs are its children); total CPU is the whole process tree")
+    rows = []
+    for name in names:
+        ss = samples[name]
+        own = median_of(ss, "cpu_self") if ss[0].cpu_self is not None else None
+        total = Stats([(s.cpu_self or 0) + (s.cpu_children or 0) for s in ss])
+        rows.append([name, median_of(ss, "wall").fmt(1, 2, "s"),
+                     own.fmt(1000 / points, 1, "ms") if own else "–", total.fmt(1000 / points, 1, "ms")])
+    say(table(["variant", "wall median (min–max)", "RunPilot's own CPU per run", "total CPU per run"], rows))
+    for i, label in enumerate(jobs):
+        sweep, xargs = samples[names[2 * i]], samples[names[2 * i + 1]]
+        ratio = median_of(sweep, "wall").median / median_of(xargs, "wall").median
+        extra = (median_of(sweep, "wall").median - median_of(xargs, "wall").median) / points * parallel * 1000
+        own = median_of(sweep, "cpu_self").median / points * 1000
+        total = (statistics.median((s.cpu_self or 0) + (s.cpu_children or 0) for s in sweep)
+                 - statistics.median(s.cpu_children for s in xargs)) / points * 1000
+        bench.rows.append(Row("9", f"sweep of {points} x `{label}`, --parallel {parallel}, vs `xargs -P {parallel}`",
+                              median_of(sweep, "wall").fmt(1, 2, "s"), median_of(xargs, "wall").fmt(1, 2, "s"),
+                              f"{ratio:.2f}× wall (+{extra:.0f} ms per run and slot); RunPilot's CPU "
+                              f"{own:.1f} ms per run (tree minus xargs': {total:.1f} ms)", "", None))
+
+
+def sweep_home(bench: Bench, rp, runs: int, finished: bool) -> tuple[Path, str]:
+    """A home holding one sweep of RUNS points, planned by runpilot.plan_sweep (folders, config.yaml,
+    meta.json, one index transaction) and, when FINISHED, every run then recorded succeeded."""
+    home = bench.new_home(f"sweep-{runs}-{'done' if finished else 'queued'}")
+    store = rp.RunStore(home)
+    cfg = bench.tmp / "sweep-list.yaml"
+    cfg.write_text("name: lr-grid\nengine: local\nentrypoint: [python3, train.py]\nmetrics: [loss, acc]\n")
+    data, text, positions = rp.load_config_data(cfg)
+    axes = (("env.LR", tuple(round(10 ** (-1 - 3 * i / runs), 8) for i in range(runs))),)
+    points = rp.sweep_points(axes, 1)
+    configs = [(p, rp.point_config(data, str(cfg), text, positions, {}, p, 1)) for p in points]
+    sweep_id = rp.new_sweep_id()
+    sweep = rp.plan_sweep(store, sweep_id, configs, axes, 1, {"parallel": 4}, str(cfg))
+    if finished:
+        rnd = random.Random(9)
+        rows = []
+        for point in sweep.points:
+            folder = store.folder(point["run_id"])
+            meta = folder.read_meta()
+            loss = round(rnd.uniform(0.05, 2), 5)
+            meta.status, meta.exit_code, meta.duration = rp.SUCCEEDED, 0, round(rnd.uniform(60, 600), 3)
+            meta.finished_at, meta.runner = rp.utc_now(), {}
+            meta.last_metrics = {"loss": loss, "acc": round(1 - loss / 2, 5)}
+            meta.samples = {"count": 1000, "malformed": 0}
+            folder.write_meta(meta, durable=False)
+            rows.append(rp._row(rp.RunRecord.of(meta, folder.path)))
+        with store.db() as conn, rp._transaction(conn):
+            conn.executemany(rp._UPSERT, rows)
+    return home, sweep_id
+
+
+def _list_sweep(bench: Bench) -> None:
+    import runpilot as rp
+    runs = 1000
+    reps = max(5, bench.reps * 2)
+    script = bench.installed()
+    started = time.perf_counter()
+    done_home, done_id = sweep_home(bench, rp, runs, finished=True)
+    queued_home, queued_id = sweep_home(bench, rp, runs, finished=False)
+    say(f"\nplanned two sweeps of {runs:,} runs through runpilot.plan_sweep in {time.perf_counter() - started:.1f} s")
+    for home, sweep_id, status in ((done_home, done_id, "succeeded"), (queued_home, queued_id, "queued")):
+        out = subprocess.run([str(script), "list", "--sweep", sweep_id, "--json"], env=bench.installed_env(home),
+                             capture_output=True, text=True, timeout=120)
+        listed = json.loads(out.stdout) if out.returncode == 0 else []
+        if len(listed) != runs or any(r["status"] != status for r in listed):
+            raise BenchError(f"list --sweep {sweep_id} --json gave {len(listed)} runs (expected {runs} {status}): "
+                             f"{out.stderr.strip()[:300]}")
+    variants = {
+        f"list --sweep ID, {runs:,} finished runs": lambda: bench.timed(
+            [str(script), "list", "--sweep", done_id], bench.installed_env(done_home)),
+        f"list --sweep ID, {runs:,} queued runs (the sweep's runner alive)": lambda: bench.timed(
+            [str(script), "list", "--sweep", queued_id], bench.installed_env(queued_home)),
+        f"list --sweep ID --json, {runs:,} finished runs": lambda: bench.timed(
+            [str(script), "list", "--sweep", done_id, "--json"], bench.installed_env(done_home)),
+        "python -c pass (the installed venv's)": lambda: bench.timed([str(script.parent / "python"), "-c", "pass"],
+                                                                     bench.installed_env()),
+    }
+    samples = run_variants(variants, reps)
+    walls = {k: median_of(v, "wall") for k, v in samples.items()}
+    names = list(variants)
+    base = walls[names[-1]].median
+    say(f"\n`runpilot list --sweep ID` (installed; {reps} reps, alternating; load {loadavg()})")
+    say(table(["command (stdout to /dev/null)", "wall median (min–max)", "over python -c pass"],
+              [[k, v.fmt(1000, 0, "ms"), f"+{(v.median - base) * 1000:.0f} ms"] for k, v in walls.items()]))
+    limit = TARGETS["list_sweep_ms"]
+    for name in names[:2]:
+        bench.rows.append(Row("9", f"`runpilot {name.split(',')[0]}`, {name.split(', ', 1)[1]}, installed, whole process",
+                              walls[name].fmt(1000, 0, "ms"), f"python -c pass: {base * 1000:.0f} ms",
+                              f"+{(walls[name].median - base) * 1000:.0f} ms", f"< {limit:.0f} ms",
+                              walls[name].median * 1000 < limit))
+
+
+# ==== case 10: Slurm ============================================================
+
+def case_slurm(bench: Bench) -> None:
+    """Issue 16: `list` with 1,000 active Slurm runs (one squeue call), and a 100-point array submitted."""
+    say(f"\n## 10. Slurm (load {loadavg()})")
+    _slurm_list(bench)
+    _slurm_submit(bench)
+
+
+def fake_queue(bench: Bench, bin_dir: Path, rows: int, first_id: int) -> list[tuple[str, str, str | None]]:
+    """(job id, state, reason) of every job the squeue stand-in lists, as RunPilot asks it."""
+    env = bench.env(RUNPILOT_FAKE_SQUEUE_ROWS=str(rows), RUNPILOT_FAKE_SQUEUE_FIRST_ID=str(first_id))
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    done = subprocess.run(["squeue", "-h", "-r", "--me", "-t", "all", "-o", "%i|%T|%r|%N|%P"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise BenchError(f"the squeue stand-in failed: {done.stderr.strip()[:300]}")
+    jobs = []
+    for line in done.stdout.splitlines():
+        job, state, reason = line.split("|")[:3]
+        jobs.append((job, state, None if reason in ("None", "(null)") else reason))
+    return jobs
+
+
+def slurm_home(bench: Bench, rp, jobs: list[tuple[str, str, str | None]], runs: int) -> Path:
+    """A home with RUNS Slurm runs, queued or running as the stand-in's queue says, one job each."""
+    home = bench.new_home("slurm-list")
+    store = rp.RunStore(home)
+    rows = []
+    for job, state, reason in jobs[:runs]:
+        folder = store.create_run_dir()
+        status = rp.slurm_status(state)
+        meta = rp.RunMeta(folder.run_id, name="train-on-cluster", status=status, started_at=rp.utc_now(),
+                          engine="podman", image="pytorch/pytorch:2.3.0", metric_names=["loss"],
+                          reason=reason if status == rp.QUEUED else None,
+                          slurm={"job_id": job, "partition": "gpu", "state": state, "submitted_from": rp.hostname()})
+        folder.write_meta(meta, durable=False)
+        rows.append(rp._row(rp.RunRecord.of(meta, folder.path)))
+    with store.db() as conn, rp._transaction(conn):
+        conn.executemany(rp._UPSERT, rows)
+    return home
+
+
+def _slurm_list(bench: Bench) -> None:
+    import runpilot as rp
+    runs, first_id = 1000, 5000
+    reps = max(5, bench.reps * 2)
+    bin_dir = bench.tmp / "squeue-bin"
+    bin_dir.mkdir(exist_ok=True)
+    if not (bin_dir / "squeue").exists():
+        os.symlink(SQUEUE_STANDIN, bin_dir / "squeue")  # the stand-in alone (fixtures also hold nvidia-smi)
+    jobs = fake_queue(bench, bin_dir, runs, first_id)
+    if len(jobs) < runs:
+        raise BenchError(f"the squeue stand-in listed {len(jobs)} jobs, fewer than {runs}")
+    home = slurm_home(bench, rp, jobs, runs)
+    log = bench.tmp / "squeue-calls.jsonl"
+    script = bench.installed()
+    env = bench.installed_env(home, RUNPILOT_FAKE_SQUEUE_ROWS=str(runs), RUNPILOT_FAKE_SQUEUE_FIRST_ID=str(first_id),
+                              RUNPILOT_FAKE_SQUEUE_LOG=str(log))
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    calls: dict[str, list[int]] = {}
+
+    def counted(name: str, args: list[str]):
+        def run() -> Sample:
+            log.write_text("")
+            sample = bench.timed([str(script), *args], env)
+            calls.setdefault(name, []).append(len(log.read_text().splitlines()))
+            return sample
+        return run
+
+    queued = sum(1 for _, state, _ in jobs[:runs] if rp.slurm_status(state) == rp.QUEUED)
+    variants = {
+        "runpilot list": counted("runpilot list", ["list"]),
+        "runpilot list --all": counted("runpilot list --all", ["list", "--all"]),
+        "runpilot list --status queued": counted("runpilot list --status queued", ["list", "--status", "queued"]),
+        "squeue stand-in alone (one call)": lambda: bench.timed(
+            ["squeue", "-h", "-r", "--me", "-t", "all", "-o", "%i|%T|%r|%N|%P"], env),
+        "python -c pass (the installed venv's)": lambda: bench.timed([str(script.parent / "python"), "-c", "pass"],
+                                                                     bench.installed_env()),
+    }
+    samples = run_variants(variants, reps)
+    out = subprocess.run([str(script), "list", "--all", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    listed = json.loads(out.stdout) if out.returncode == 0 else []
+    wrong = sum(1 for r in listed if r["status"] not in rp.ACTIVE_STATUSES)
+    walls = {k: median_of(v, "wall") for k, v in samples.items()}
+    names = list(variants)
+    base = walls[names[-1]].median
+    say(f"\n{runs:,} active Slurm runs ({runs - queued} running, {queued} queued), squeue = tests/fixtures/squeue "
+        f"listing {len(jobs):,} jobs; installed runpilot ({reps} reps, alternating; load {loadavg()})")
+    say(table(["command (stdout to /dev/null)", "wall median (min–max)", "over python -c pass", "squeue calls per command"],
+              [[k, v.fmt(1000, 0, "ms"), f"+{(v.median - base) * 1000:.0f} ms",
+                ", ".join(map(str, sorted(set(calls[k])))) if k in calls else "–"] for k, v in walls.items()]))
+    say(f"`list --all --json` afterwards: {len(listed)} runs, {wrong} not queued/running")
+    if len(listed) != runs or wrong:
+        say("WARNING: the runs did not all stay active: the figures above include re-recording them")
+    limit = TARGETS["slurm_list_ms"]
+    for name in names[:2]:
+        once = set(calls[name]) == {1}
+        bench.rows.append(Row("10", f"`{name}`, {runs:,} active Slurm runs (squeue stand-in), installed",
+                              walls[name].fmt(1000, 0, "ms"), f"python -c pass: {base * 1000:.0f} ms",
+                              f"+{(walls[name].median - base) * 1000:.0f} ms; squeue calls per list: "
+                              f"{', '.join(map(str, sorted(set(calls[name]))))}",
+                              f"< {limit:.0f} ms, 1 squeue call", walls[name].median * 1000 < limit and once))
+
+
+def _slurm_submit(bench: Bench) -> None:
+    points = 100
+    reps = max(2, bench.reps)
+    sinfo = shutil.which("sinfo")
+    reason = None
+    if sinfo is None or shutil.which("sbatch") is None:
+        reason = "sinfo/sbatch are not installed"
+    else:
+        try:
+            done = subprocess.run([sinfo, "-h"], capture_output=True, text=True, timeout=15)
+            if done.returncode != 0 or not done.stdout.strip():
+                reason = f"sinfo does not answer ({(done.stderr.strip() or 'no partition')[:200]})"
+        except subprocess.TimeoutExpired:
+            reason = "sinfo did not answer within 15 s"
+    if reason:
+        say(f"\n`sweep --on slurm` of {points} points: skipped: {reason}")
+        bench.rows.append(Row("10", f"`sweep --on slurm`, {points} points", "skipped", "", reason, "1 sbatch call", None))
+        return
+    real_sbatch = shutil.which("sbatch")
+    bin_dir = bench.tmp / "sbatch-bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = bench.tmp / "sbatch-calls.txt"
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$*" >> {shlex.quote(str(calls))}\n'
+                                    f'exec {shlex.quote(real_sbatch)} "$@"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    cfg = bench.tmp / "slurm-sweep.yaml"
+    cfg.write_text("name: bench-slurm-sweep\nengine: local\nentrypoint: [\"true\"]\n")
+    grid = f"env.I={','.join(map(str, range(points)))}"
+    env_extra = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    samples, counts, arrays = [], [], []
+    try:
+        for rep in range(reps + 1):  # the first is a warm-up
+            home = bench.new_home(f"slurm-sweep-{rep}")
+            calls.write_text("")
+            # --parallel 1: at most one task of the array starts before it is cancelled
+            sample = bench.runpilot(["sweep", str(cfg), "--grid", grid, "--on", "slurm", "--parallel", "1", "-d"],
+                                    home, extra_env=env_extra)
+            array = _cancel_array(home)
+            if array:
+                arrays.append(array)
+            if rep:
+                samples.append(sample)
+                counts.append(len(calls.read_text().splitlines()))
+    finally:
+        for array in arrays:
+            subprocess.run(["scancel", array], capture_output=True, timeout=60)
+    wall, own = median_of(samples, "wall"), median_of(samples, "cpu_self")
+    say(f"\n`runpilot sweep CONFIG --grid (100 values) --on slurm --parallel 1 -d` against the real cluster "
+        f"({reps} reps; each array scancelled at once: {', '.join(arrays)}; load {loadavg()})")
+    say(table(["measure", "median (min–max)"],
+              [["wall, whole process", wall.fmt(1000, 0, "ms")], ["RunPilot's own CPU", own.fmt(1000, 0, "ms")],
+               ["sbatch calls per sweep", ", ".join(map(str, counts))]]))
+    bench.rows.append(Row("10", f"`sweep --on slurm -d`, {points} points, real Slurm (one job array)",
+                          wall.fmt(1000, 0, "ms"), f"own CPU {own.median * 1000:.0f} ms",
+                          f"sbatch calls: {', '.join(map(str, counts))}", "1 sbatch call", set(counts) == {1}))
+
+
+def _cancel_array(home: Path) -> str | None:
+    """scancel the job array of the one sweep in HOME at once; its id."""
+    for meta_file in (home / "runs").glob("*/meta.json"):
+        array = (json.loads(meta_file.read_text()).get("slurm") or {}).get("array_job_id")
+        if array:
+            subprocess.run(["scancel", str(array)], capture_output=True, timeout=60)
+            return str(array)
+    return None
+
+
 # ==== main =====================================================================
 
 CASES = {1: case_overhead, 2: case_throughput, 3: case_metrics, 4: case_history, 5: case_startup, 6: case_yaml,
-         7: case_plot}
-ENGINE_CASES = {1, 2, 3}
+         7: case_plot, 8: case_fastpaths, 9: case_sweeps, 10: case_slurm}
+ENGINE_CASES = {1, 2, 3, 8}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1078,7 +1757,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="fewer reps and smaller sizes (100 MB, 200k METRIC lines, 20k runs): about 2 minutes")
     parser.add_argument("--reps", type=int, help="repetitions per variant (default 5, --quick 2); short cases "
                                                  "run twice as many")
-    parser.add_argument("--cases", default="1,2,3,4,5,6,7", help="comma-separated case numbers (default all)")
+    parser.add_argument("--cases", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated case numbers (default all)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for RunPilot (default: this one)")
     parser.add_argument("--fresh-home", action="store_true", help="rebuild the cached history home of case 4")
     args = parser.parse_args(argv)

@@ -1,6 +1,8 @@
 """Shared helpers for RunPilot's tests: a private home per test and ways to call the CLI."""
 
 import contextlib
+import dataclasses
+import datetime as dt
 import io
 import json
 import os
@@ -18,6 +20,14 @@ import runpilot
 ROOT = Path(__file__).resolve().parents[1]
 RUNPILOT = ROOT / "runpilot.py"
 EXAMPLES = ROOT / "examples"
+UTC = dt.timezone.utc
+# When synthetic runs start unless a test says otherwise.
+BASE = dt.datetime(2026, 11, 20, 10, 0, 0, tzinfo=UTC)
+# Env values a config may hold that must never show in argv, logs or meta.json.
+SECRETS = {"API_TOKEN": "sk-live-9f8e7d6c5b4a", "DB_PASSWORD": "hunter2-correct-horse", "LR": "0.0123456"}
+# Variables of the caller's shell that change what RunPilot prints or how long it waits for the index:
+# each test starts without them.
+CALLER_ENV = ("COLUMNS", "LINES", "NO_COLOR", "RUNPILOT_DB_TIMEOUT")
 
 
 # A job that says when it is ready, writes its pid, and exits cleanly on SIGTERM.
@@ -46,18 +56,24 @@ while True:
 
 
 class HomeTestCase(unittest.TestCase):
-    """Each test gets its own RUNPILOT_HOME and a scratch folder for configs."""
+    """Each test gets its own RUNPILOT_HOME (not created: RunPilot creates it) and a scratch folder for configs.
+
+    self.tmp is the test's private folder (symlinks resolved), self.home the RUNPILOT_HOME in it and
+    self.work a folder for configs and scripts. The environment is restored after the test.
+    """
 
     def setUp(self) -> None:
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
-        self.tmp = Path(tmp.name)
+        self.tmp = Path(tmp.name).resolve()
         self.home = self.tmp / "home"
         self.work = self.tmp / "work"
         self.work.mkdir()
         patcher = mock.patch.dict(os.environ, {"RUNPILOT_HOME": str(self.home)})
         patcher.start()
         self.addCleanup(patcher.stop)
+        for name in CALLER_ENV:
+            os.environ.pop(name, None)
 
     # -- files -----------------------------------------------------------------
     def write(self, name: str, text: str) -> Path:
@@ -75,10 +91,12 @@ class HomeTestCase(unittest.TestCase):
         return self.write(f"{name}.yaml", text)
 
     # -- running the CLI -------------------------------------------------------
-    def cli(self, *args: str) -> tuple[int, str, str]:
-        """runpilot.main in this process; job output goes to the captured streams too."""
+    def cli(self, *args: str, env: dict | None = None) -> tuple[int, str, str]:
+        """runpilot.main in this process, with ENV added to the environment; job output goes to the captured
+        streams too (main() returns once the run's output is written)."""
         out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
             code = runpilot.main([str(a) for a in args])
         return code, out.getvalue(), err.getvalue()
 
@@ -111,6 +129,86 @@ class HomeTestCase(unittest.TestCase):
         with contextlib.closing(sqlite3.connect(db)) as conn:
             conn.row_factory = sqlite3.Row
             return [dict(r) for r in conn.execute("SELECT * FROM runs ORDER BY started_at")]
+
+
+class ConfigTestCase(HomeTestCase):
+    """Configs validated in memory (runpilot.validate_config), relative to self.tmp, where the folders
+    src, data, ckpt and two with awkward names (we,ird and a:b) exist for mounts."""
+
+    FOLDERS = ("src", "data", "ckpt", "we,ird", "a:b")
+
+    def setUp(self) -> None:
+        super().setUp()
+        for folder in self.FOLDERS:
+            (self.tmp / folder).mkdir()
+        self.config_file = str(self.tmp / "config.yaml")
+
+    def validate(self, data: object) -> runpilot.JobConfig:
+        return runpilot.validate_config(data, self.config_file, base_dir=self.tmp)
+
+    def problems(self, data: object) -> list[str]:
+        """The messages of every problem validation finds (it must find one: exit status 2)."""
+        with self.assertRaises(runpilot.ConfigError) as caught:
+            self.validate(data)
+        self.assertEqual(caught.exception.exit_code, 2)
+        return [p.message for p in [caught.exception] + caught.exception.others]
+
+    def full_config(self, **changes) -> runpilot.JobConfig:
+        """A config using every section: three named mounts, secrets in env, every resource."""
+        data = {"name": "exp", "image": "pytorch/pytorch:2.4", "entrypoint": "python train.py --lr 0.1",
+                "env": dict(SECRETS),
+                "mounts": {"code": "./src", "data": "./data", "ckpt": "./ckpt:/ckpt:ro"},
+                "resources": {"gpus": 2, "cpu": 4.5, "memory": "8g", "shm_size": "2g"}}
+        data.update(changes)
+        return self.validate(data)
+
+
+class RunsHome(HomeTestCase):
+    """A home with synthetic runs, written through RunPilot's own store code (RunFolder, RunMeta,
+    MetricLog, RunStore.save) with controlled start times, statuses, names, tags and metrics."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.store = runpilot.RunStore(self.home)
+        self.serial = 0
+
+    def add_run(self, name: str = "job", status: str = "succeeded", started: dt.datetime | None = None,
+                ago: dt.timedelta | None = None, duration: float | None = 10.0, exit_code: int | None = None,
+                samples: list[dict] = (), metric_names: list[str] = (), tags: dict | None = None,
+                log: bytes = b"", config: str | None = None, index: bool = True, write_meta: bool = True,
+                run_id: str | None = None, **meta_fields) -> runpilot.RunRecord:
+        """One run: its folder, meta.json, metrics.json, logs.txt, config.yaml and (unless index=False,
+        which leaves it to a later reindex) its row. A queued or running run has no end yet; its runner
+        is this process. META_FIELDS set other RunMeta fields (engine, image, runner, warnings...);
+        write_meta=False leaves the folder without meta.json (the row is still written)."""
+        if started is None:
+            started = dt.datetime.now(UTC) - ago if ago is not None else BASE
+        self.serial += 1
+        folder = self.store.create_run_dir(run_id or f"{started:%Y%m%d-%H%M%S}-{self.serial:06x}")
+        active = status in runpilot.ACTIVE_STATUSES
+        if exit_code is None and not active and status != runpilot.CANCELLED:
+            exit_code = 0 if status == runpilot.SUCCEEDED else 1
+        metric_log = runpilot.MetricLog(folder.metrics)
+        metric_log.add_lines([("METRIC " + " ".join(f"{k}={v}" for k, v in s.items())).encode() for s in samples])
+        metric_log.close()
+        runpilot.write_private(folder.logs, log)
+        runpilot.write_private(folder.config, (
+            config if config is not None else f"name: {name}\nengine: local\nentrypoint: [python3, train.py]\n"
+        ).encode("utf-8"))
+        meta = runpilot.RunMeta(
+            run_id=folder.run_id, name=name, status=status, started_at=runpilot.iso_utc(started),
+            finished_at=None if active else runpilot.iso_utc(started + dt.timedelta(seconds=duration or 0)),
+            duration=None if active else duration, exit_code=exit_code, engine="local",
+            command=["python3", "train.py"], command_line="python3 train.py", host="testhost", tags=tags or {},
+            metric_names=list(metric_names), samples={"count": metric_log.count, "malformed": metric_log.malformed},
+            last_metrics=metric_log.last,
+            runner=runpilot.runner_identity() if active else {"pid": 1, "host": "elsewhere"})
+        meta = dataclasses.replace(meta, **meta_fields)
+        if write_meta:
+            folder.write_meta(meta)
+        if index:
+            self.store.save(meta)
+        return runpilot.RunRecord.of(meta, folder.path)
 
 
 def small_disk(test: unittest.TestCase, size: str = "1m", read_only: bool = False) -> Path:

@@ -89,14 +89,17 @@ class RunLocal(HomeTestCase):
         self.assertEqual(meta["name"], "job")
         self.assertEqual(meta["run_id"], run.name)
         self.assertEqual(meta["last_metrics"], {"loss": 0.333, "acc": 0.75})
+        self.assertEqual(meta["metric_names"], ["loss", "acc"])
+        self.assertEqual(meta["samples"], {"count": 3, "malformed": 0})
         self.assertEqual(meta["command"], [sys.executable, "job.py"])
         self.assertEqual(meta["runpilot_version"], runpilot.__version__)
         for key in ("started_at", "finished_at", "duration", "host", "user", "python", "os", "runner"):
             self.assertIsNotNone(meta[key], key)
         self.assertRegex(meta["started_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
         rows = self.db_rows()
-        self.assertEqual([(r["id"], r["name"], r["status"], r["exit_code"], r["path"]) for r in rows],
-                         [(run.name, "job", "succeeded", 0, str(run))])
+        self.assertEqual([(r["id"], r["name"], r["status"], r["exit_code"], json.loads(r["metric_names"]))
+                          for r in rows], [(run.name, "job", "succeeded", 0, ["loss", "acc"])])
+        self.assertEqual(run, self.home / "runs" / rows[0]["id"])
         self.assertIn(f"run {run.name} succeeded", err)
         self.assertIn("acc=0.75  loss=0.333", err)
         self.assertIn(f"folder: {run}", err)
@@ -140,7 +143,11 @@ class RunLocal(HomeTestCase):
         self.assertEqual(code, 0)
         self.assertEqual(err.count("val_acc listed in the config never appeared"), 1)
         self.assertEqual(err.count("2 METRIC line(s) were malformed"), 1)
-        self.assertEqual(self.meta(self.only_run())["metrics"], {"count": 1, "malformed": 2})
+        meta = self.meta(self.only_run())
+        self.assertEqual(meta["samples"], {"count": 1, "malformed": 2})
+        self.assertEqual(len(meta["warnings"]), 2, meta["warnings"])
+        self.assertIn("metric val_acc listed in the config never appeared", meta["warnings"][0])
+        self.assertIn("2 METRIC line(s) were malformed", meta["warnings"][1])
 
     def test_overrides_name_and_tags(self):
         config = self.local_config('import os\nprint("METRIC lr=" + os.environ["LR"])\n', LR=0.1)
@@ -229,7 +236,7 @@ class ListShowLogs(HomeTestCase):
         self.assertEqual(code, 0)
         lines = out.splitlines()
         self.assertEqual(lines[0].split()[:6], ["ID", "NAME", "STATUS", "STARTED", "DURATION", "EXIT"])
-        self.assertEqual([ln.split()[0] for ln in lines[1:]], ids[::-1])
+        self.assertEqual([ln.split()[0] for ln in lines[1:]], [run_id[-6:] for run_id in ids[::-1]])
         self.assertEqual(lines[1].split()[1:3], ["job", "succeeded"])
         self.assertEqual(len({ln.index("STATUS") if "STATUS" in ln else None for ln in lines[:1]}), 1)
 

@@ -1,53 +1,18 @@
-"""Config validation and the command lines RunPilot builds for docker, podman and engine `local`."""
+"""The command lines RunPilot builds for docker, podman and engine `local`, the job's environment, choosing
+the engine, and what the engine CLI's answers about images mean. (Config validation: test_config.py.)"""
 
 import dataclasses
-import json
-import math
 import os
-import socket
-import tempfile
-import threading
 import unittest
-from pathlib import Path
 from unittest import mock
 
 import runpilot
+from tests.common import SECRETS, ConfigTestCase
 
 RUN_ID = "20261128-224705-a3f9c1"
-SECRETS = {"API_TOKEN": "sk-live-9f8e7d6c5b4a", "DB_PASSWORD": "hunter2-correct-horse", "LR": "0.0123456"}
 
 
-class HomeTestCase(unittest.TestCase):
-    def setUp(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.tmp = Path(tmp.name).resolve()
-        patcher = mock.patch.dict(os.environ, {"RUNPILOT_HOME": str(self.tmp / "home")})
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        for folder in ("src", "data", "ckpt", "we,ird", "a:b"):
-            (self.tmp / folder).mkdir()
-        self.config_file = str(self.tmp / "config.yaml")
-
-    def validate(self, data: dict) -> runpilot.JobConfig:
-        return runpilot.validate_config(data, self.config_file, base_dir=self.tmp)
-
-    def problems(self, data: dict) -> list[str]:
-        with self.assertRaises(runpilot.ConfigError) as caught:
-            self.validate(data)
-        self.assertEqual(caught.exception.exit_code, 2)
-        return [p.message for p in [caught.exception] + caught.exception.others]
-
-    def full_config(self, **changes) -> runpilot.JobConfig:
-        data = {"name": "exp", "image": "pytorch/pytorch:2.4", "entrypoint": "python train.py --lr 0.1",
-                "env": dict(SECRETS),
-                "mounts": {"code": "./src", "data": "./data", "ckpt": "./ckpt:/ckpt:ro"},
-                "resources": {"gpus": 2, "cpu": 4.5, "memory": "8g", "shm_size": "2g"}}
-        data.update(changes)
-        return self.validate(data)
-
-
-class BuildEngineArgvTest(HomeTestCase):
+class BuildEngineArgvTest(ConfigTestCase):
     def expected_head(self, engine: str) -> list[str]:
         return [engine, "run", "--rm", "--init", "--pull", "never", "--name", f"runpilot-{RUN_ID}",
                 "--label", f"runpilot.run_id={RUN_ID}"]
@@ -78,34 +43,65 @@ class BuildEngineArgvTest(HomeTestCase):
                          self.expected_head("docker") + ["--log-driver", "none", "--entrypoint", "/bin/sh",
                                                          "busybox", "-c", "true"])
 
+    def test_env_file_comes_before_the_names(self):
+        config = self.validate({"name": "m", "image": "busybox", "entrypoint": "true"})
+        argv = runpilot.build_engine_argv(config, RUN_ID, "docker", ["MULTI"], env_file="/dev/fd/7")
+        self.assertEqual(argv, self.expected_head("docker") + [
+            "--log-driver", "none", "--env-file", "/dev/fd/7", "-e", "MULTI",
+            "--entrypoint", "/bin/sh", "busybox", "-c", "true"])
+
     def test_list_entrypoint_is_exec_form(self):
         config = self.validate({"name": "m", "image": "img:1", "workdir": "/app",
                                 "entrypoint": ["python", "-u", "train.py", "--msg", "a b; rm -rf /"]})
-        argv = runpilot.build_engine_argv(config, RUN_ID, "podman", [])
-        self.assertEqual(argv, self.expected_head("podman") + [
+        argv = runpilot.build_engine_argv(config, RUN_ID, "docker", [])
+        self.assertEqual(argv, self.expected_head("docker") + [
             "--log-driver", "none", "-w", "/app",
             "--entrypoint", "python", "img:1", "-u", "train.py", "--msg", "a b; rm -rf /"])
 
-    def test_no_env_value_in_argv(self):
+    def test_podman_creates_a_workdir_that_no_mount_provides(self):
+        # docker creates a missing workdir itself; podman refuses it, so the job's own shell makes it first
+        wrapper = ["/bin/sh", "img:1", "-c", 'mkdir -p "$0" && cd "$0" && exec "$@"', "/app"]
+        config = self.validate({"name": "m", "image": "img:1", "workdir": "/app",
+                                "entrypoint": ["python", "-u", "train.py", "--msg", "a b; rm -rf /"]})
+        self.assertEqual(runpilot.build_engine_argv(config, RUN_ID, "podman", []), self.expected_head("podman") + [
+            "--log-driver", "none", "-w", "/", "--entrypoint", *wrapper,
+            "python", "-u", "train.py", "--msg", "a b; rm -rf /"])
+        shell = self.validate({"name": "m", "image": "img:1", "workdir": "/app", "entrypoint": "python train.py"})
+        self.assertEqual(runpilot.build_engine_argv(shell, RUN_ID, "podman", []), self.expected_head("podman") + [
+            "--log-driver", "none", "-w", "/", "--entrypoint", *wrapper, "/bin/sh", "-c", "python train.py"])
+        provided = self.validate({"name": "m", "image": "img:1", "workdir": "/app", "entrypoint": ["python"],
+                                  "mounts": {"code": "./src"}})
+        self.assertEqual(runpilot.build_engine_argv(provided, RUN_ID, "podman", []), self.expected_head("podman") + [
+            "--log-driver", "none", "-v", f"{self.tmp}/src:/app", "-w", "/app", "--entrypoint", "python", "img:1"])
+
+    def test_env_values_reach_the_engine_through_the_env_file_never_argv(self):
         config = self.full_config()
         environ = {"PATH": "/usr/bin", "HOME_SECRET": "should-not-leak-either"}
-        config = dataclasses.replace(config, env={**config.env, "REF": "${HOME_SECRET}"})
-        values = list(SECRETS.values()) + ["should-not-leak-either"]
+        multi = "line one\nline two"
+        config = dataclasses.replace(config, env={**config.env, "REF": "${HOME_SECRET}", "MULTI": multi,
+                                                  "PATH": "/opt/job/bin"})
+        values = list(SECRETS.values()) + ["should-not-leak-either", multi, "/opt/job/bin"]
         for engine in ("docker", "podman"):
             with self.subTest(engine=engine):
-                env = runpilot.resolve_env(
-                    runpilot.job_environment(config, RUN_ID, runpilot._mount_env(config, engine)), environ)
-                launch = runpilot.make_launch(config, RUN_ID, engine, env, runpilot.RunOptions(), environ)
+                env = runpilot.job_environment(config, RUN_ID, engine, environ)
+                launch = runpilot.make_launch(config, RUN_ID, engine, env, runpilot.RunOptions(), environ, None)
                 for value in values:
                     self.assertFalse([a for a in launch.argv if value in a], f"{value!r} in argv")
+                lines = launch.env_file.decode().splitlines()
                 for name, value in SECRETS.items():
-                    self.assertEqual(launch.env[name], value)  # the engine takes values from here
-                    self.assertEqual(launch.argv[launch.argv.index(name) - 1], "-e")
-                self.assertEqual(launch.env["REF"], "should-not-leak-either")
+                    self.assertIn(f"{name}={value}", lines)
+                self.assertIn("REF=should-not-leak-either", lines)
+                self.assertIn("PATH=/opt/job/bin", lines)
+                self.assertEqual(launch.argv[launch.argv.index("--env-file") + 1], "/dev/fd/ENV")
+                # a value with a line break cannot go in an env file: it travels by name, from the engine
+                # CLI's own environment, which is otherwise the runner's, untouched (PATH stays the runner's)
+                self.assertEqual([launch.argv[i + 1] for i, a in enumerate(launch.argv) if a == "-e"], ["MULTI"])
+                self.assertFalse([line for line in lines if line.startswith(("MULTI=", "line two"))])
+                self.assertEqual(launch.env, {**environ, "MULTI": multi})
                 self.assertEqual(launch.container, f"runpilot-{RUN_ID}")
 
 
-class GpuArgsTest(HomeTestCase):
+class GpuArgsTest(ConfigTestCase):
     def test_table(self):
         cases = [
             ("docker", None, []),
@@ -131,7 +127,7 @@ class GpuArgsTest(HomeTestCase):
         self.assertEqual(argv[argv.index("--gpus") + 1], '"device=0,2"')
 
 
-class ChooseEngineTest(HomeTestCase):
+class ChooseEngineTest(ConfigTestCase):
     def test_precedence(self):
         def which_of(*found):
             return lambda name: f"/usr/bin/{name}" if name in found else None
@@ -164,182 +160,82 @@ class ChooseEngineTest(HomeTestCase):
         self.assertIn("RUNPILOT_ENGINE", str(caught.exception))
 
 
-class FakeDockerApi:
-    """A Unix socket that answers one canned HTTP response per request, as dockerd's API does."""
-
-    def __init__(self, path: Path, replies: dict[str, tuple[int, bytes]]) -> None:
-        self.replies, self.requests = replies, []
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(path))
-        self.server.listen()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    request += conn.recv(4096)
-                line = request.split(b"\r\n")[0].decode()
-                self.requests.append(line)
-                status, body = self.replies.get(line.split()[1], (500, b'{"message": "boom"}'))
-                conn.sendall(b"HTTP/1.0 %d X\r\nContent-Type: application/json\r\n\r\n%s" % (status, body))
-
-    def close(self) -> None:
-        self.server.close()
-
-
-class DockerApiTest(HomeTestCase):
-    IMAGE_JSON = json.dumps({"Id": "sha256:" + "ab" * 32, "RepoDigests": ["busybox@sha256:" + "cd" * 32],
-                             "Config": {"Env": ["PATH=/bin"]}, "Size": 4096}).encode()
-
-    def serve(self, replies: dict) -> tuple[FakeDockerApi, dict]:
-        path = self.tmp / "docker.sock"
-        api = FakeDockerApi(path, replies)
-        self.addCleanup(api.close)
-        return api, {"DOCKER_HOST": f"unix://{path}"}
-
-    def test_present_image(self):
-        api, env = self.serve({"/images/busybox:1.36/json": (200, self.IMAGE_JSON)})
-        self.assertEqual(runpilot._docker_api_image("busybox:1.36", env),
-                         (True, {"image_id": "sha256:" + "ab" * 32, "repo_digests": ["busybox@sha256:" + "cd" * 32]}))
-        self.assertEqual(api.requests, ["GET /images/busybox:1.36/json HTTP/1.0"])
-
-    def test_missing_image(self):
-        _, env = self.serve({"/images/ghcr.io/org/img@sha256:00/json": (404, b'{"message": "No such image"}')})
-        self.assertEqual(runpilot._docker_api_image("ghcr.io/org/img@sha256:00", env), (True, None))
-
-    def test_anything_else_is_left_to_the_cli(self):
-        api, env = self.serve({"/images/bad/json": (200, b"not json"), "/images/noid/json": (200, b"{}")})
-        for image in ("other:1", "bad", "noid"):  # a 500, a body that is not JSON, no Id
-            with self.subTest(image):
-                self.assertEqual(runpilot._docker_api_image(image, env), (False, None))
-        self.assertEqual(runpilot._docker_api_image("has space", env), (False, None))  # never sent
-        self.assertEqual(len(api.requests), 3)
-        gone = {"DOCKER_HOST": f"unix://{self.tmp}/nothing.sock"}
-        self.assertIsNone(runpilot.docker_api_get(gone["DOCKER_HOST"][7:], "/version"))
-        self.assertEqual(runpilot._docker_api_image("busybox", gone), (False, None))
-
-    def test_which_socket(self):
-        home = self.tmp / "user"
-        (home / ".docker").mkdir(parents=True)
-        contexts = self.tmp / "contexts"
-        contexts.mkdir()
-        (contexts / "config.json").write_text('{"currentContext": "remote"}')
-        cases = [
-            ({"HOME": str(home)}, "/var/run/docker.sock"),
-            ({"HOME": str(home), "DOCKER_HOST": "unix:///run/user/1000/docker.sock"}, "/run/user/1000/docker.sock"),
-            ({"HOME": str(home), "DOCKER_HOST": "tcp://10.0.0.5:2376"}, None),
-            ({"HOME": str(home), "DOCKER_HOST": "ssh://me@box"}, None),
-            ({"HOME": str(home), "DOCKER_CONTEXT": "remote"}, None),
-            ({"HOME": str(home), "DOCKER_CONFIG": str(contexts)}, None),
-        ]
-        for env, expected in cases:
-            with self.subTest(env=env):
-                self.assertEqual(runpilot.docker_socket(env), expected)
-        (home / ".docker" / "config.json").write_text('{"currentContext": "default", "auths": {}}')
-        self.assertEqual(runpilot.docker_socket({"HOME": str(home)}), "/var/run/docker.sock")
-        (home / ".docker" / "config.json").write_text('{"currentContext": "colima"}')
-        self.assertIsNone(runpilot.docker_socket({"HOME": str(home)}))
-
-
-FAKE_PODMAN = """#!/bin/sh
-# Answers `podman image inspect` like podman 4 with the 4-field format RunPilot asks for; logs each call.
-echo "$*" >> "$FAKE_PODMAN_LOG"
-printf '%s|["img@sha256:00"]|overlay|{"UpperDir":"%s/overlay/l1/diff","WorkDir":"%s/overlay/l1/work"}\\n' \\
-    "$(cat "$FAKE_PODMAN_ID")" "$FAKE_PODMAN_ROOT" "$FAKE_PODMAN_ROOT"
-"""
-
-
-class PodmanImageCacheTest(HomeTestCase):
-    def setUp(self):
-        super().setUp()
-        self.root = self.tmp / "storage"
-        (self.root / "overlay-images").mkdir(parents=True)
-        self.lock = self.root / "overlay-images" / "images.lock"
-        self.lock.write_bytes(b"\x01" * 64)
-        bin_dir = self.tmp / "bin"
-        bin_dir.mkdir()
-        (bin_dir / "podman").write_text(FAKE_PODMAN)
-        (bin_dir / "podman").chmod(0o755)
-        self.log, self.id_file = self.tmp / "calls.log", self.tmp / "id"
-        self.id_file.write_text("sha256:aaa")
-        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_PODMAN_LOG": str(self.log),
-               "FAKE_PODMAN_ROOT": str(self.root), "FAKE_PODMAN_ID": str(self.id_file)}
-        patcher = mock.patch.dict(os.environ, env)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        self.cache = self.tmp / "home" / "podman-images.json"
-        self.cache.parent.mkdir()
-
-    def inspect(self, image: str = "busybox:1") -> tuple[str, int]:
-        info = runpilot.prepare_image("podman", image, "missing", self.cache)
-        calls = len(self.log.read_text().splitlines()) if self.log.exists() else 0
-        return info["image_id"], calls
-
-    def test_store_folder_from_the_layer_folder(self):
-        data = json.dumps({"UpperDir": "/var/lib/containers/storage/overlay/abc/diff", "WorkDir": "/x"})
-        self.assertEqual(runpilot._podman_image_store("overlay", data), "/var/lib/containers/storage/overlay-images")
-        self.assertIsNone(runpilot._podman_image_store("vfs", data))  # the layer is not where vfs keeps it
-        self.assertIsNone(runpilot._podman_image_store("overlay", "{}"))
-        self.assertIsNone(runpilot._podman_image_store("overlay", "<no value>"))
-
-    def test_answer_is_remembered_while_the_store_is_unchanged(self):
-        self.assertEqual(self.inspect(), ("sha256:aaa", 1))
-        self.assertEqual(self.inspect(), ("sha256:aaa", 1))  # no second CLI call
-        self.assertEqual(self.inspect("other:2"), ("sha256:aaa", 2))  # another image is asked for
-        self.id_file.write_text("sha256:bbb")
-        self.lock.write_bytes(b"\x02" * 64)  # Podman rewrites the lock on every pull, tag or rmi
-        self.assertEqual(self.inspect(), ("sha256:bbb", 3))
-        self.assertEqual(set(json.loads(self.cache.read_text())), {"busybox:1"})  # older answers dropped
-        self.assertEqual(self.inspect(), ("sha256:bbb", 3))
-
-    def test_anything_else_asks_the_cli(self):
-        self.inspect()
-        with mock.patch.dict(os.environ, {"CONTAINERS_STORAGE_CONF": str(self.tmp / "storage.conf")}):
-            self.assertEqual(self.inspect()[1], 2)  # other storage settings
-        self.assertEqual(runpilot.prepare_image("podman", "busybox:1", "missing", None)["image_id"], "sha256:aaa")
-        self.assertEqual(self.inspect()[1], 4)  # the answer under other settings replaced the first
-        self.lock.unlink()
-        self.assertEqual(self.inspect()[1], 5)  # no lock to compare
-        self.assertEqual(self.inspect()[1], 6)  # and nothing remembered without one
-        self.cache.write_text("not json")
-        self.lock.write_bytes(b"\x03" * 64)
-        self.assertEqual(self.inspect()[1], 7)  # a damaged cache is only a miss
-
-
 class EngineDownTest(unittest.TestCase):
     def test_what_the_cli_said_becomes_one_line_with_the_fix(self):
         denied = ('permission denied while trying to connect to the Docker daemon socket at '
                   'unix:///var/run/docker.sock: Get "http://%2Fvar%2Frun%2Fdocker.sock/v1.50/images/x/json": '
                   'dial unix /var/run/docker.sock: connect: permission denied\n')
         down = "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?\n"
-        self.assertEqual(str(runpilot._engine_down("docker", denied)),
+        self.assertEqual(str(runpilot.engine_down("docker", denied)),
                          "this user may not use the docker engine (permission denied on /var/run/docker.sock); "
                          "add it to the docker group ('sudo usermod -aG docker $USER', then log in again), "
                          "or use rootless Docker or Podman")
-        error = runpilot._engine_down("docker", down)
+        error = runpilot.engine_down("docker", down)
         self.assertEqual(str(error), f"the docker engine is not answering ({down.strip()}); start it "
                                      "(e.g. 'sudo systemctl start docker' or 'sudo dockerd &') and retry")
         self.assertEqual(error.exit_code, 125)
         for other in ("Error: No such image: x\n", "Error: x: image not known\n", ""):
-            self.assertIsNone(runpilot._engine_down("docker", other))
+            self.assertIsNone(runpilot.engine_down("docker", other))
 
 
-class ImageLookupErrorTest(HomeTestCase):
-    """A failed `image inspect` is a missing image only when the CLI says so; else a clear error."""
 
-    def test_missing_or_broken(self):
+
+# A stand-in for `docker` / `podman`: logs each call; answers `image inspect` with the id in $FAKE_ID
+# (in the --format RunPilot asks for), or fails with $FAKE_ERR on stderr.
+FAKE_ENGINE = """#!/bin/sh
+echo "$*" >> "$FAKE_LOG"
+if [ -n "$FAKE_ERR" ]; then printf '%s\\n' "$FAKE_ERR" >&2; exit 125; fi
+printf '%s|["busybox@sha256:cdcd"]\\n' "$(cat "$FAKE_ID")"
+"""
+
+
+class ImageLookupTest(ConfigTestCase):
+    """`image inspect` through the engine CLI: present, missing, or an error that says what to check."""
+
+    def setUp(self) -> None:
+        super().setUp()
         bin_dir = self.tmp / "bin"
         bin_dir.mkdir()
         for engine in ("docker", "podman"):
-            (bin_dir / engine).write_text('#!/bin/sh\nprintf "%s\\n" "$FAKE_ERR" >&2\nexit 125\n')
+            (bin_dir / engine).write_text(FAKE_ENGINE)
             (bin_dir / engine).chmod(0o755)
+        self.log, self.id_file = self.tmp / "calls.log", self.tmp / "id"
+        self.id_file.write_text("sha256:" + "ab" * 32)
+        patcher = mock.patch.dict(os.environ, {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_LOG": str(self.log),
+                                               "FAKE_ID": str(self.id_file), "FAKE_ERR": ""})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def calls(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def test_present_image(self):
+        for engine in ("docker", "podman"):
+            with self.subTest(engine=engine):
+                self.assertEqual(runpilot.inspect_image(engine, "busybox:1.36"), {
+                    "image_id": "sha256:" + "ab" * 32, "repo_digests": ["busybox@sha256:cdcd"]})
+        self.assertEqual([c.split()[:2] + c.split()[-1:] for c in self.calls()],
+                         [["image", "inspect", "busybox:1.36"]] * 2)
+
+    def test_a_moved_tag_is_seen_at_once(self):
+        # what `run` does before it records anything: no answer is remembered between runs, so a pull, tag or
+        # rmi in between is always seen
+        for engine in ("docker", "podman"):
+            with self.subTest(engine=engine):
+                self.id_file.write_text("sha256:" + "aa" * 32)
+                self.assertEqual(runpilot.prepare_image(engine, "busybox:1", "missing")["image_id"],
+                                 "sha256:" + "aa" * 32)
+                self.id_file.write_text("sha256:" + "bb" * 32)
+                self.assertEqual(runpilot.prepare_image(engine, "busybox:1", "missing")["image_id"],
+                                 "sha256:" + "bb" * 32)
+                with mock.patch.dict(os.environ, {"FAKE_ERR": "Error: busybox:1: image not known"}):
+                    with self.assertRaises(runpilot.EngineError) as caught:
+                        runpilot.prepare_image(engine, "busybox:1", "never")
+                self.assertEqual(str(caught.exception), "image busybox:1 is not present locally and --pull never "
+                                                        f"was given; pull it ({engine} pull busybox:1) or build it")
+        self.assertEqual(len(self.calls()), 6)
+
+    def test_missing_or_broken(self):
         cases = [
             ("podman", "Error: inspecting object: img:1: image not known", None),
             ("docker", "Error response from daemon: no such image: img:1: No such image: img:1", None),
@@ -347,22 +243,28 @@ class ImageLookupErrorTest(HomeTestCase):
             ("podman", "cannot resolve /nonexistent: lstat /nonexistent: no such file or directory",
              "podman could not look up image img:1 (cannot resolve /nonexistent: lstat /nonexistent: no such "
              "file or directory); check that 'podman image inspect img:1' works for this user"),
-            ("podman", "", "podman could not look up image img:1 (exit status 125); check that "
-                           "'podman image inspect img:1' works for this user"),
+            ("podman", " ", "podman could not look up image img:1 (exit status 125); check that "
+                            "'podman image inspect img:1' works for this user"),
         ]
         for engine, err, expected in cases:
-            env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_ERR": err, "DOCKER_HOST": "tcp://127.0.0.1:9"}
-            with self.subTest(engine=engine, err=err), mock.patch.dict(os.environ, env):
+            with self.subTest(engine=engine, err=err), mock.patch.dict(os.environ, {"FAKE_ERR": err}):
                 if expected is None:
-                    self.assertIsNone(runpilot._inspect_image(engine, "img:1"))
+                    self.assertIsNone(runpilot.inspect_image(engine, "img:1"))
                 else:
                     with self.assertRaises(runpilot.EngineError) as caught:
-                        runpilot._inspect_image(engine, "img:1")
+                        runpilot.inspect_image(engine, "img:1")
                     self.assertEqual(str(caught.exception), expected)
                     self.assertEqual(caught.exception.exit_code, 125)
 
+    def test_engine_not_installed(self):
+        with mock.patch.dict(os.environ, {"PATH": str(self.tmp / "nothing")}):
+            with self.assertRaises(runpilot.EngineError) as caught:
+                runpilot.inspect_image("docker", "img:1")
+        self.assertIn("docker is not installed", str(caught.exception))
+        self.assertEqual(self.calls(), [])
 
-class LocalEngineTest(HomeTestCase):
+
+class LocalEngineTest(ConfigTestCase):
     def test_local_argv(self):
         config = self.validate({"name": "l", "engine": "local", "entrypoint": "echo $HOME && ls"})
         self.assertEqual(runpilot.local_argv(config), ["/bin/sh", "-c", "echo $HOME && ls"])
@@ -387,230 +289,38 @@ class LocalEngineTest(HomeTestCase):
                 self.assertEqual(runpilot.local_gpu_env(gpus), expected)
 
 
-class EnvironmentTest(HomeTestCase):
+
+
+class JobEnvironmentTest(ConfigTestCase):
+    """What the job sees besides the image's own environment, per engine."""
+
     def test_job_environment(self):
-        config = self.validate({"name": "e", "image": "i", "entrypoint": "e", "env": {"LR": 0.01, "FLAG": True},
-                                "mounts": {"code": "./src", "my-data.v2": "./data"}})
-        env = runpilot.job_environment(config, RUN_ID, runpilot._mount_env(config, "docker"))
-        self.assertEqual(env, {"PYTHONUNBUFFERED": "1", "RUNPILOT_RUN_ID": RUN_ID,
-                               "RUNPILOT_MOUNT_CODE": "/workspace", "RUNPILOT_MOUNT_MY_DATA_V2": "/mnt/my-data.v2",
-                               "LR": "0.01", "FLAG": "true"})
-        local = runpilot.job_environment(config, RUN_ID, runpilot._mount_env(config, "local"))
+        (self.tmp / "${HOME}").mkdir()  # mount paths are taken as written, never expanded
+        config = self.validate({"name": "e", "image": "i", "entrypoint": "e",
+                                "env": {"LR": 0.01, "FLAG": True, "TOKEN": "${RP_TOKEN}", "LIT": "$${RP_TOKEN}"},
+                                "mounts": {"code": "./src", "my-data.v2": "./data", "odd": "./${HOME}"}})
+        environ = {"RP_TOKEN": "t0k", "HOME": "/root"}
+        for engine in ("docker", "podman"):
+            with self.subTest(engine=engine):
+                self.assertEqual(runpilot.job_environment(config, RUN_ID, engine, environ), {
+                    "PYTHONUNBUFFERED": "1", "RUNPILOT_RUN_ID": RUN_ID, "RUNPILOT_MOUNT_CODE": "/workspace",
+                    "RUNPILOT_MOUNT_MY_DATA_V2": "/mnt/my-data.v2", "RUNPILOT_MOUNT_ODD": "/mnt/odd",
+                    "LR": "0.01", "FLAG": "true", "TOKEN": "t0k", "LIT": "${RP_TOKEN}"})
+        local = runpilot.job_environment(config, RUN_ID, "local", environ)
         self.assertEqual(local["RUNPILOT_MOUNT_MY_DATA_V2"], str(self.tmp / "data"))
         self.assertEqual(local["RUNPILOT_MOUNT_CODE"], str(self.tmp / "src"))
+        self.assertEqual(local["RUNPILOT_MOUNT_ODD"], str(self.tmp / "${HOME}"))
+        self.assertEqual(local["TOKEN"], "t0k")
+
+    def test_unset_variable_is_a_config_error(self):
+        config = self.validate({"name": "e", "image": "i", "entrypoint": "e", "env": {"TOKEN": "${RP_UNSET}"}})
+        with self.assertRaises(runpilot.ConfigError) as caught:
+            runpilot.job_environment(config, RUN_ID, "docker", {})
+        self.assertIn("env.TOKEN refers to ${RP_UNSET}", str(caught.exception))
 
     def test_config_may_set_pythonunbuffered(self):
         config = self.validate({"name": "e", "image": "i", "entrypoint": "e", "env": {"PYTHONUNBUFFERED": ""}})
-        self.assertEqual(runpilot.job_environment(config, RUN_ID, {})["PYTHONUNBUFFERED"], "")
-
-    def test_resolve_env(self):
-        environ = {"USER_TOKEN": "abc", "HOST": "h1", "EMPTY": ""}
-        env = {"T": "${USER_TOKEN}", "URL": "https://${HOST}:80/${USER_TOKEN}/x", "PLAIN": "$USER_TOKEN",
-               "E": "${EMPTY}", "NONE": "no refs", "DOLLAR": "$${HOST}"}
-        self.assertEqual(runpilot.resolve_env(env, environ),
-                         {"T": "abc", "URL": "https://h1:80/abc/x", "PLAIN": "$USER_TOKEN", "E": "",
-                          "NONE": "no refs", "DOLLAR": "$h1"})
-
-    def test_resolve_env_unset(self):
-        for value in ("${MISSING_VAR}", "prefix-${MISSING_VAR}-suffix"):
-            with self.subTest(value=value):
-                with self.assertRaises(runpilot.ConfigError) as caught:
-                    runpilot.resolve_env({"OK": "${SET}", "X": value}, {"SET": "1"})
-                self.assertIn("MISSING_VAR", str(caught.exception))
-                self.assertIn("env.X", str(caught.exception))
-                self.assertEqual(caught.exception.exit_code, 2)
-
-
-class ParseTest(HomeTestCase):
-    def test_parse_size(self):
-        good = [("8g", 8 << 30), ("512m", 512 << 20), ("8GiB", 8 << 30), ("1.5G", 3 << 29), ("1024", 1024),
-                (1024, 1024), ("2k", 2048), ("1t", 1 << 40), ("100b", 100), (" 4g ", 4 << 30)]
-        for text, expected in good:
-            with self.subTest(text=text):
-                self.assertEqual(runpilot.parse_size(text), expected)
-        for text in ("8 apples", "-1", "", 0, True, False, None, -5, "0.5", "8i", "g", "1,5g", "8gb!"):
-            with self.subTest(text=text), self.assertRaises(ValueError):
-                runpilot.parse_size(text)
-
-    def test_parse_duration(self):
-        good = [(90, 90.0), ("90", 90.0), ("90s", 90.0), ("30m", 1800.0), ("2h", 7200.0), ("1d", 86400.0),
-                ("1.5h", 5400.0), (0.5, 0.5), ("2H", 7200.0)]
-        for text, expected in good:
-            with self.subTest(text=text):
-                self.assertEqual(runpilot.parse_duration(text), expected)
-        for text in ("2 weeks", 0, -5, math.nan, math.inf, "nan", "", True, None, "-5s", "1w", "5 m s"):
-            with self.subTest(text=text), self.assertRaises(ValueError):
-                runpilot.parse_duration(text)
-
-
-class RoundTripTest(HomeTestCase):
-    def test_config_to_dict_round_trip(self):
-        configs = {
-            "named mounts": {"name": "a", "image": "i", "entrypoint": "python t.py",
-                             "mounts": {"code": "./src", "data": "./data"}},
-            "named mounts with targets": {"name": "a", "image": "i", "entrypoint": "x", "workdir": "/app",
-                                          "mounts": {"code": "./src", "data": "./data:/data:ro",
-                                                     "ckpt": str(self.tmp / "ckpt") + ":/mnt/ckpt:ro"}},
-            "explicit mounts": {"name": "b", "image": "i", "entrypoint": ["python", "t.py"],
-                                "mounts": ["./data:/data:ro", "./ckpt:/ckpt", "./src:/workspace:rw"]},
-            "gpus list": {"name": "c", "image": "i", "entrypoint": "x", "resources": {"gpus": [0, 2]}},
-            "gpus all": {"name": "c", "image": "i", "entrypoint": "x", "resources": {"gpus": "all"}},
-            "resources": {"name": "d", "image": "i", "entrypoint": "x", "env": {"A": "1", "B": "${HOME}"},
-                          "resources": {"gpus": 1, "cpu": 2.5, "memory": "1.5G", "shm_size": "512m"},
-                          "metrics": ["loss", "val/acc"], "engine": "podman"},
-            "timeout": {"name": "e", "image": "i", "entrypoint": "x", "timeout": "2h"},
-            "fractional timeout": {"name": "e", "image": "i", "entrypoint": "x", "timeout": 1.5},
-            "local": {"name": "f", "engine": "local", "entrypoint": "x", "mounts": {"code": "./src"}},
-        }
-        for label, data in configs.items():
-            with self.subTest(label):
-                config = self.validate(data)
-                self.assertEqual(self.validate(runpilot.config_to_dict(config)), config)
-
-    def test_round_trip_values(self):
-        config = self.validate({"name": "d", "image": "i", "entrypoint": "x", "timeout": "30m",
-                                "resources": {"gpus": [0, 2], "memory": "8g"}})
-        self.assertEqual(runpilot.config_to_dict(config),
-                         {"name": "d", "image": "i", "entrypoint": "x",
-                          "resources": {"gpus": ["0", "2"], "memory": "8g"}, "timeout": 1800})
-        self.assertEqual(runpilot.size_text(8 << 30), "8g")
-        self.assertEqual(runpilot.size_text(1536 << 20), "1536m")
-        self.assertEqual(runpilot.size_text(1000), 1000)
-
-
-class ValidateConfigTest(HomeTestCase):
-    BASE = {"name": "n", "image": "i", "entrypoint": "e"}
-
-    def with_(self, **changes) -> dict:
-        return {**self.BASE, **changes}
-
-    def assertProblem(self, data: dict, *words: str):
-        problems = self.problems(data)
-        self.assertTrue(any(all(w in p for w in words) for p in problems), f"{words} not in {problems}")
-
-    def test_full_config_values(self):
-        config = self.full_config(timeout="2h", metrics=["loss"], workdir="/w")
-        self.assertEqual(config.mounts, (
-            runpilot.Mount(str(self.tmp / "src"), "/w", False, "code"),
-            runpilot.Mount(str(self.tmp / "data"), "/mnt/data", False, "data"),
-            runpilot.Mount(str(self.tmp / "ckpt"), "/ckpt", True, "ckpt")))
-        self.assertEqual(config.resources, runpilot.Resources(gpus=2, cpu=4.5, memory=8 << 30, shm_size=2 << 30))
-        self.assertEqual((config.timeout, config.workdir, config.env), (7200.0, "/w", SECRETS))
-        self.assertEqual(config.source, self.config_file)
-
-    def test_required(self):
-        for key in ("name", "image", "entrypoint"):
-            with self.subTest(key=key):
-                data = dict(self.BASE)
-                del data[key]
-                self.assertProblem(data, f"'{key}' is required")
-        with self.subTest("local needs no image"):
-            self.assertIsNone(self.validate({"name": "n", "engine": "local", "entrypoint": "e"}).image)
-
-    def test_unknown_key(self):
-        self.assertProblem(self.with_(enviroment={"A": "1"}), "unknown key 'enviroment'", "did you mean 'env'")
-        self.assertProblem(self.with_(resources={"gpu": 1}), "unknown key 'gpu'", "did you mean 'gpus'")
-
-    def test_bad_env_name(self):
-        for name in ("A B", "1X", "A=B", "", "A-B"):
-            with self.subTest(name=name):
-                self.assertProblem(self.with_(env={name: "1"}), "env name", repr(name), "not a valid variable name")
-
-    def test_env_value(self):
-        self.assertProblem(self.with_(env={"A": "x\0y"}), "env.A", "NUL")
-        self.assertProblem(self.with_(env={"A": {"b": 1}}), "env.A", "single value")
-
-    def test_mounts(self):
-        cases = [
-            ("missing source", {"data": "./nope"}, ("mounts.data", "does not exist")),
-            ("comma", {"data": "./we,ird"}, ("mounts.data", "':' or ','")),
-            ("comma in list", ["./we,ird:/data"], ("mounts.0", "':' or ','")),
-            ("colon in list", [f"{self.tmp}/a:b:/data"], ("mounts.0", "too many ':'")),
-            ("colon in named", {"data": "./a:b"}, ("mounts.data", "absolute container path")),
-            ("relative target", ["./data:data"], ("mounts.0", "absolute container path")),
-            ("no target in list", ["./data"], ("'./data' needs a container path",)),
-            ("bad name", {"my data": "./data"}, ("mount name", "my data")),
-            ("not a string", {"data": 5}, ("mounts.data",)),
-        ]
-        for label, mounts, words in cases:
-            with self.subTest(label):
-                self.assertProblem(self.with_(mounts=mounts), *words)
-
-    def test_bad_gpus(self):
-        for gpus in (-1, "two", True, False, 1.5, [], [True], ["a b"], {"n": 1}):
-            with self.subTest(gpus=gpus):
-                self.assertProblem(self.with_(resources={"gpus": gpus}), "resources.gpus must be", repr(gpus))
-        for gpus, expected in ((0, None), (None, None), ("ALL", "all"), (3, 3), (["GPU-ab12", 1], ("GPU-ab12", "1"))):
-            with self.subTest(gpus=gpus):
-                self.assertEqual(self.validate(self.with_(resources={"gpus": gpus})).resources.gpus, expected)
-
-    def test_bad_resources(self):
-        self.assertProblem(self.with_(resources={"memory": "8 apples"}), "resources.memory must be a size", "8 apples")
-        self.assertProblem(self.with_(resources={"shm_size": -1}), "resources.shm_size must be a size")
-        self.assertProblem(self.with_(resources={"cpu": 0}), "resources.cpu must be a positive number")
-        self.assertProblem(self.with_(resources={"cpu": "nan"}), "resources.cpu")
-        self.assertProblem(self.with_(timeout="2 weeks"), "timeout must be a duration")
-
-    def test_bad_engine(self):
-        self.assertProblem(self.with_(engine="dockr"), "engine must be one of docker, podman, local", "dockr")
-
-    def test_workdir(self):
-        self.assertProblem(self.with_(workdir="app"), "workdir must be an absolute path")
-
-    def test_not_a_mapping(self):
-        for data in ([], "text"):
-            with self.subTest(data=data):
-                self.assertProblem(data, "must be a mapping")
-        self.assertProblem(None, "the config is empty", "name, image and entrypoint")
-
-    def test_all_problems_reported(self):
-        data = {"image": "i", "entrypoint": "e", "enviroment": {}, "env": {"1X": "a"},
-                "mounts": {"data": "./nope"}, "resources": {"gpus": "two", "memory": "lots"}, "engine": "dockr"}
-        problems = self.problems(data)
-        expected = ["unknown key 'enviroment'", "engine must be one of", "mounts.data", "'name' is required",
-                    "env name '1X'", "resources.gpus", "resources.memory"]
-        for words in expected:
-            with self.subTest(words):
-                self.assertTrue(any(words in p for p in problems), f"{words!r} not in {problems}")
-        self.assertEqual(len(problems), len(expected))
-
-    def test_error_text(self):
-        with self.assertRaises(runpilot.ConfigError) as caught:
-            self.validate(self.with_(engine="dockr"))
-        self.assertTrue(str(caught.exception).startswith(self.config_file + ": engine must be one of"),
-                        str(caught.exception))
-
-
-class ApplyOverridesTest(HomeTestCase):
-    def test_overrides(self):
-        data = {"name": "n", "env": {"A": "1"}, "resources": {"cpu": 2}}
-        out = runpilot.apply_overrides(data, ["env.LR=0.01", "resources.gpus=2", "new.nested.key=x",
-                                              "name=other", "env.EMPTY="])
-        self.assertEqual(out, {"name": "other", "env": {"A": "1", "LR": 0.01, "EMPTY": ""},
-                               "resources": {"cpu": 2, "gpus": 2}, "new": {"nested": {"key": "x"}}})
-        self.assertIsInstance(out["env"]["LR"], float)
-        self.assertIsInstance(out["resources"]["gpus"], int)
-
-    def test_value_keeps_equals(self):
-        out = runpilot.apply_overrides({}, ["env.OPTS=a=b"])
-        self.assertEqual(out, {"env": {"OPTS": "a=b"}})
-
-    def test_then_validates(self):
-        data = runpilot.apply_overrides({"name": "n", "image": "i", "entrypoint": "e"},
-                                        ["env.LR=0.01", "resources.gpus=2"])
-        config = self.validate(data)
-        self.assertEqual((config.env, config.resources.gpus), ({"LR": "0.01"}, 2))
-
-    def test_bad_syntax(self):
-        for item in ("LR", "=1", "env..LR=1", "env.=1", ".env=1", "env.A.B=1"):
-            with self.subTest(item=item):
-                with self.assertRaises(runpilot.UsageError) as caught:
-                    runpilot.apply_overrides({"env": {"A": "1"}}, [item])
-                self.assertEqual(caught.exception.exit_code, 2)
-
-    def test_not_a_mapping(self):
-        with self.assertRaises(runpilot.UsageError):
-            runpilot.apply_overrides(None, ["a=1"])
+        self.assertEqual(runpilot.job_environment(config, RUN_ID, "docker", {})["PYTHONUNBUFFERED"], "")
 
 
 if __name__ == "__main__":

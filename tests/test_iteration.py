@@ -39,7 +39,7 @@ class Iteration(HomeTestCase):
         return out, err
 
     def newest(self) -> Path:
-        return Path(self.db_rows()[-1]["path"])
+        return self.home / "runs" / self.db_rows()[-1]["id"]
 
     def assertNothingRecorded(self) -> None:
         self.assertEqual(self.runs(), [])
@@ -110,7 +110,9 @@ class NameAndTags(Iteration):
         tuned = self.db_rows()[-1]
         self.assertEqual((tuned["name"], json.loads(tuned["tags"])), ("tuned", {"opt": "adam", "try": "2"}))
         listing = self.run_ok("list", "--absolute")[0].splitlines()
-        self.assertEqual([line.split()[:2] for line in listing[1:]], [[tuned["id"], "tuned"], [plain, "job"]])
+        tags = listing[0].split().index("TAGS")
+        self.assertEqual([line.split()[:2] + [line.split()[tags]] for line in listing[1:]],
+                         [[tuned["id"][-6:], "tuned", "opt=adam,try=2"], [plain[-6:], "job", "-"]])
         shown = self.run_ok("show", tuned["id"])[0].splitlines()
         self.assertIn("name       tuned", shown)
         self.assertIn("tags       opt=adam try=2", shown)
@@ -153,7 +155,9 @@ class DryRun(Iteration):
         self.assertEqual(argv[:2], ["podman", "run"])
         self.assertEqual(argv[-4:], ["--entrypoint", "echo", "busybox:1.36", "hi"])
         self.assertIn("--memory 1073741824", command)
-        self.assertIn("-e A", command)
+        # the job's variables reach the container through an env file (a pipe), never on the command line
+        self.assertEqual(argv[argv.index("--env-file") + 1], "/dev/fd/ENV")
+        self.assertNotIn("-e", argv)
         self.assertNothingRecorded()
 
 
@@ -351,42 +355,49 @@ class GitFacts(Iteration):
             self.skipTest("the temporary folder is inside a git work tree")
         self.run_ok("run", self.local_config(LR_JOB, LR=0.1))
         run = self.only_run()
-        self.assertNotIn("git", self.meta(run))
+        self.assertEqual(self.meta(run)["git"], [])
         self.assertFalse((run / "git.diff").exists())
 
 
-SHM_WARNING = ("the log mentions a bus error or shared memory: PyTorch DataLoader workers need more /dev/shm; "
-               "set resources.shm_size (e.g. 8g)")
+SHM_HINT = ("the job ran out of shared memory (/dev/shm): PyTorch DataLoader workers pass batches through it; "
+            "set resources.shm_size (e.g. 8g), or use fewer num_workers")
 
 
 class SharedMemoryHint(Iteration):
-    def run_job(self, text: str, code: int) -> tuple[list[str], str]:
+    def run_job(self, text: str, code: int) -> tuple[str | None, str]:
+        """The hint recorded for a job that says TEXT on stderr and exits CODE, and RunPilot's stderr."""
         script = f"import sys\nsys.stderr.write({text!r} + '\\n')\nsys.exit({code})\n"
         got, _, err = self.cli("run", self.local_config(script))
         self.assertEqual(got, code, err)
-        return self.meta(self.newest())["warnings"], err
+        meta = self.meta(self.newest())
+        self.assertEqual(meta["warnings"], [])  # a hint, not a warning
+        return meta["hint"], err
 
     def test_failed_job_with_a_bus_error_gets_the_hint(self):
-        warnings, err = self.run_job("ERROR: Unexpected bus error encountered in worker. "
-                                     "This might be caused by insufficient shared memory (shm).", 1)
-        self.assertEqual(warnings, [SHM_WARNING])
-        self.assertIn(f"runpilot: warning: {SHM_WARNING}\n", err)
+        hint, err = self.run_job("ERROR: Unexpected bus error encountered in worker. "
+                                 "This might be caused by insufficient shared memory (shm).", 1)
+        self.assertEqual(hint, SHM_HINT)
+        self.assertEqual(err.count("runpilot: hint: "), 1)
+        self.assertIn(f"runpilot: hint: {SHM_HINT}\n", err)
 
     def test_plain_bus_error(self):
-        self.assertEqual(self.run_job("Bus error (core dumped)", 135)[0], [SHM_WARNING])
+        self.assertEqual(self.run_job("Bus error (core dumped)", 135)[0], SHM_HINT)
 
     def test_succeeding_job_gets_no_hint(self):
-        warnings, err = self.run_job("Bus error (core dumped), retried fine", 0)
-        self.assertEqual(warnings, [])
+        hint, err = self.run_job("Bus error (core dumped), retried fine", 0)
+        self.assertIsNone(hint)
         self.assertNotIn("/dev/shm", err)
+        self.assertNotIn("runpilot: hint:", err)
 
     def test_other_failures_get_no_hint(self):
-        self.assertEqual(self.run_job("ValueError: bad input", 1)[0], [])
+        hint, err = self.run_job("ValueError: bad input", 1)
+        self.assertIsNone(hint)
+        self.assertNotIn("runpilot: hint:", err)
 
     def test_words_containing_shm_are_not_a_hint(self):
         # Was a bug (fixed): SHM_HINT_WORDS matches the bare substring b"shm", so any failed job whose log tail says
         # "hashmap", "HashMap" or "refreshment" gets the /dev/shm advice.
-        self.assertEqual(self.run_job("KeyError: 'epoch' not in hashmap", 1)[0], [])
+        self.assertIsNone(self.run_job("KeyError: 'epoch' not in hashmap", 1)[0])
 
 
 POLITE_SLEEPER = "import time\nprint('working', flush=True)\ntime.sleep(30)\n"
@@ -403,7 +414,10 @@ class Timeout(Iteration):
         self.assertEqual(meta["status"], "timeout")
         self.assertGreaterEqual(meta["duration"], 1)
         self.assertEqual([(r["status"], r["id"]) for r in self.db_rows()], [("timeout", meta["run_id"])])
-        self.assertIn(f"run {meta['run_id']} timeout", err)
+        # the exit code is the job's own (SIGTERM); RunPilot's own exit status is said in words
+        self.assertRegex(err, rf"runpilot: run {meta['run_id']} timed out after \d+\.\ds \(exit code 143\); "
+                              r"runpilot exits with 124\n")
+        self.assertEqual(meta["exit_code"], 143)
         self.assertEqual(out, "working\n")
 
     def test_set_timeout_on_the_command_line(self):

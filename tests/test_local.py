@@ -66,6 +66,12 @@ class Signals(HomeTestCase):
         meta = self.meta(run)
         self.assertEqual(meta["status"], "interrupted")
         self.assertIsNotNone(meta["finished_at"])
+        # said at once; the exit code is the job's own (it saved and exited 0), RunPilot's is said in words
+        self.assertIn(f"runpilot: stopping run {run.name} (Ctrl-C): the job has 10s to exit; press Ctrl-C "
+                      "again to kill it now\n".encode(), err)
+        self.assertEqual((meta["exit_code"], meta["stop_signal"]), (0, signal.SIGINT))
+        self.assertRegex(err.decode(), rf"runpilot: run {run.name} interrupted by Ctrl-C after \d+\.\ds "
+                                       r"\(exit code 0\); runpilot exits with 130\n")
         self.assertEqual(self.db_rows()[0]["status"], "interrupted")
         self.assertIn(b"got signal 15, saving checkpoint", (run / "logs.txt").read_bytes())
         self.assertEqual(self.metrics(run), [{"step": 1, "loss": 1.5}])
@@ -195,7 +201,7 @@ out.flush()
         self.assertNotEqual(samples[5]["acc"], samples[5]["acc"])  # nan
         self.assertEqual(samples[5]["big"], int("9" * 400))
         self.assertEqual(len(samples[-1]), 10001)  # 10,000 pairs and the step
-        self.assertEqual(self.meta(run)["metrics"], {"count": 20001, "malformed": 3})
+        self.assertEqual(self.meta(run)["samples"], {"count": 20001, "malformed": 3})
         self.assertEqual(result.stderr.count(b"3 METRIC line(s) were malformed"), 1)
 
 
@@ -284,7 +290,7 @@ class DiskAndPermissions(HomeTestCase):
                                                  f"from {quiet} KiB to {loud} KiB")
         run = max(self.runs(), key=lambda p: (p / "logs.txt").stat().st_size)
         self.assertEqual((run / "logs.txt").stat().st_size, 300000000 + 1 + 300000 * 16)
-        self.assertEqual(self.meta(run)["metrics"]["count"], 300000)
+        self.assertEqual(self.meta(run)["samples"]["count"], 300000)
 
 
 class NoOrphanOnABug(HomeTestCase):

@@ -6,12 +6,10 @@ import math
 import os
 import random
 import sys
-import tempfile
 import unittest
-from pathlib import Path
-from unittest import mock
 
 import runpilot
+from tests.common import HomeTestCase
 
 BIG_400 = "7" * 400
 BIG_5000 = "9" * 5000
@@ -54,16 +52,6 @@ def scan(chunks, scanner=None) -> list[bytes]:
         if chunk:  # os.read never hands the tee an empty chunk before EOF
             found += scanner.feed(chunk)
     return found + scanner.finish()
-
-
-class HomeTestCase(unittest.TestCase):
-    def setUp(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.tmp = Path(tmp.name)
-        patcher = mock.patch.dict(os.environ, {"RUNPILOT_HOME": str(self.tmp / "home")})
-        patcher.start()
-        self.addCleanup(patcher.stop)
 
 
 class ParseMetricLineTest(HomeTestCase):
@@ -377,8 +365,8 @@ class FuzzTest(HomeTestCase):
         self.assertGreater(totals[2], 10000)
 
 
-class FastBlockTest(HomeTestCase):
-    """fast_metric_block: the common blocks take it, every other block goes line by line, same samples."""
+class MetricLogAgainstReferenceTest(HomeTestCase):
+    """metrics.json and `last` hold what a whole-stream parse gives, also for values that look like JSON."""
 
     VALUES = ["1", "-2", "0", "-0", "0.5", "0.500000", "1e-3", "1E5", "1e999", "12345678901234567890", "NaN",
               "Infinity", "-Infinity", "true", "false", "null", "[1]", "{}", '"x"', "1,2", "1:2", "007", ".5",
@@ -401,32 +389,14 @@ class FastBlockTest(HomeTestCase):
         last.pop("step", None)
         return _norm(samples), _norm(list(last.items())), len(samples), malformed
 
-    def test_common_blocks_take_the_fast_path(self):
-        blocks = {
+    def test_blocks(self):
+        cases = {
             "step first": [b"METRIC step=%d loss=%.6f acc=0.%d" % (i, 1 / (i + 1), i) for i in range(50)],
             "no step": [b"METRIC loss=%d.25 lr=1e-3" % i for i in range(50)],
             "tabs": [b"METRIC\tstep=1\tloss=0.5", b"METRIC step=2\tloss=0.25"],
             "changing keys": [b"METRIC step=1 loss=1", b"METRIC step=2 loss=0.5 val/loss=0.7", b"METRIC step=3 loss=0.25"],
             "non-finite": [b"METRIC step=1 loss=NaN", b"METRIC step=2 loss=Infinity grad=-Infinity"],
             "step only": [b"METRIC step=5"],
-        }
-        for label, lines in blocks.items():
-            with self.subTest(label):
-                block = b"\n".join(lines)
-                fast = runpilot.fast_metric_block(block, 1)
-                self.assertIsNotNone(fast)
-                text, samples = fast
-                self.assertEqual(len(text.split(b"\n")), len(lines))  # one sample per line, as read_metrics wants
-                expected = self.expected(lines)
-                self.assertEqual(_norm(json.loads(b"[" + text + b"]")), expected[0])
-                self.assertEqual(self.log_of(lines), expected)
-
-    def test_numbers_keep_their_spelling(self):
-        text, _ = runpilot.fast_metric_block(b"METRIC step=3 loss=0.500000 n=1E5", 1)
-        self.assertEqual(text, b'{"step": 3, "loss": 0.500000, "n": 1E5}')
-
-    def test_other_blocks_go_line_by_line(self):
-        cases = {
             "text value": [b"METRIC step=1 opt=adam"],
             "JSON true": [b"METRIC step=1 ok=true"], "JSON null": [b"METRIC step=1 x=null"],
             "JSON list": [b"METRIC step=1 x=[1]"], "JSON object": [b"METRIC step=1 x={}"],
@@ -446,11 +416,20 @@ class FastBlockTest(HomeTestCase):
         }
         for label, lines in cases.items():
             with self.subTest(label):
-                self.assertIsNone(runpilot.fast_metric_block(b"\n".join(lines), 1))
                 self.assertEqual(self.log_of(lines), self.expected(lines))
 
-    def test_fuzz_against_line_by_line(self):
-        fast_blocks = 0
+    def test_numbers_are_written_as_python_writes_them(self):
+        path = self.tmp / "m.json"
+        log = runpilot.MetricLog(path)
+        log.add_lines([b"METRIC step=3 loss=0.500000 n=1E5 k=007 big=1e999"])
+        log.close()
+        self.assertIn('{"step": 3, "loss": 0.5, "n": 100000.0, "k": 7, "big": Infinity}',
+                      path.read_text(encoding="utf-8").splitlines())  # one sample per line
+        self.assertEqual(runpilot.read_metrics(path), [{"step": 3, "loss": 0.5, "n": 100000.0, "k": 7,
+                                                        "big": math.inf}])
+
+    def test_fuzz(self):
+        checked = 0
         for seed in range(1500):
             rng = random.Random(seed)
             stepped = rng.random()
@@ -465,9 +444,10 @@ class FastBlockTest(HomeTestCase):
                     pairs.insert(0, f"step={rng.choice([str(i), str(i * 1000), '-3', '1.5'] if rng.random() < 0.2 else [str(i)])}")
                 lines.append(("METRIC " + " ".join(pairs)).encode())
             with self.subTest(seed=seed, lines=lines):
-                fast_blocks += runpilot.fast_metric_block(b"\n".join(lines), 1) is not None
-                self.assertEqual(self.log_of(lines), self.expected(lines))
-        self.assertGreater(fast_blocks, 150)  # the fuzz reaches the fast path as well
+                expected = self.expected(lines)
+                self.assertEqual(self.log_of(lines), expected)
+                checked += expected[2]
+        self.assertGreater(checked, 3000)  # the fuzz makes mostly valid samples
 
 
 CHILD = r"""
@@ -486,6 +466,18 @@ while i < len(out) or j < len(err):
     if j < len(err):
         put(2, err[j:j + size]); j += size
 """
+
+
+class RecordingTerminal(runpilot.Terminal):
+    """The real Terminal, writing to two files, that also keeps each chunk of the job's output it was handed."""
+
+    def __init__(self, stdout, stderr) -> None:
+        super().__init__(stdout, stderr)
+        self.seen: list[tuple[int, bytes]] = []
+
+    def job_output(self, which: int, chunk: bytes) -> None:
+        self.seen.append((which, chunk))
+        super().job_output(which, chunk)
 
 
 class TeeTest(HomeTestCase):
@@ -514,17 +506,24 @@ class TeeTest(HomeTestCase):
         log_path, metrics_path = self.tmp / "logs.txt", self.tmp / "metrics.json"
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         metric_log = runpilot.MetricLog(metrics_path)
-        seen = []
-        terminal = {1: lambda chunk: seen.append((1, chunk)), 2: lambda chunk: seen.append((2, chunk))}
-        try:
-            job = runpilot.Job(runpilot.Launch(argv, dict(os.environ), None, "local"), 5)
-            self.addCleanup(job.proc.stdout.close)
-            self.addCleanup(job.proc.stderr.close)
-            result = runpilot.Tee(log_fd, metric_log, terminal).run(job, runpilot.StopSignals(), None)
-        finally:
-            os.close(log_fd)
-            metric_log.close()
-        return result, log_path.read_bytes(), metric_log, runpilot.read_metrics(metrics_path), seen
+        events = []
+        with open(self.tmp / "terminal.out", "wb") as out_file, open(self.tmp / "terminal.err", "wb") as err_file:
+            terminal = RecordingTerminal(out_file, err_file)
+            try:
+                job = runpilot.Job(runpilot.Launch(argv, dict(os.environ), None, "local"), 5)
+                self.addCleanup(job.proc.stdout.close)
+                self.addCleanup(job.proc.stderr.close)
+                result = runpilot.Tee(log_fd, metric_log, terminal, events.append, "r").run(
+                    job, runpilot.StopSignals(), None)
+            finally:
+                os.close(log_fd)
+                metric_log.close()
+            self.assertTrue(terminal.drain(30))
+        # what reached the terminal's two streams, byte for byte
+        self.assertEqual((self.tmp / "terminal.out").read_bytes(), out)
+        self.assertEqual((self.tmp / "terminal.err").read_bytes(), err)
+        self.assertEqual(events, [])  # nothing to report about a job that ran and ended by itself
+        return result, log_path.read_bytes(), metric_log, runpilot.read_metrics(metrics_path), terminal.seen
 
     def test_stdout_only_is_byte_identical(self):
         out = self.payload(1, 10_000, "loss")
@@ -568,7 +567,8 @@ class TeeTest(HomeTestCase):
         job = runpilot.Job(runpilot.Launch(argv, dict(os.environ), None, "local"), 5)
         self.addCleanup(job.proc.stdout.close)
         self.addCleanup(job.proc.stderr.close)
-        result = runpilot.Tee(log_fd, metric_log, {1: None, 2: None}).run(job, runpilot.StopSignals(), None)
+        result = runpilot.Tee(log_fd, metric_log, None, lambda event: None, "r").run(
+            job, runpilot.StopSignals(), None)
         self.assertEqual(result.returncode, 3)
         self.assertEqual((self.tmp / "logs.txt").read_bytes(), b"METRIC a=1\n")
         self.assertEqual(metric_log.last, {"a": 1})

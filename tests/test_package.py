@@ -1,7 +1,6 @@
 """The shape the product promises: one stdlib-only module for Python 3.10+, version defined once."""
 
 import ast
-import re
 import shutil
 import subprocess
 import sys
@@ -21,10 +20,9 @@ class StandardLibraryOnly(unittest.TestCase):
                 names.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names.add(node.module)
-        lazy = set(re.findall(r'_LazyModule\("([\w.]+)"\)', RUNPILOT.read_text(encoding="utf-8")))
-        outside = {n for n in names | lazy if n.split(".")[0] not in sys.stdlib_module_names}
+        outside = {n for n in names if n.split(".")[0] not in sys.stdlib_module_names}
         self.assertEqual(outside, set())
-        self.assertIn("sqlite3", lazy)  # the lazy imports are checked too
+        self.assertIn("sqlite3", names)  # the walk sees the imports at all
 
     def test_minimum_python_is_3_10(self):
         vermin = shutil.which("vermin")
@@ -61,8 +59,9 @@ class Packaging(unittest.TestCase):
 
 class ImportedAsLibrary(HomeTestCase):
     def test_import_has_no_side_effects(self):
-        done = subprocess.run([sys.executable, "-c", "import runpilot, sys; print(sorted(m for m in "
-                               "('sqlite3', 'subprocess', 'argparse', 'selectors') if m in sys.modules))"],
-                              cwd=ROOT, capture_output=True, text=True)
-        self.assertEqual(done.stdout.strip(), "[]", done.stderr)  # imported lazily, when a command needs them
+        probe = ("import signal, threading; before = [signal.getsignal(s) for s in (2, 15, 1)]; "
+                 "import runpilot; print(threading.active_count(), [signal.getsignal(s) for s in (2, 15, 1)] == before)")
+        done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+        self.assertEqual(done.stdout.split(), ["1", "True"], done.stderr)  # no thread, no signal handler
+        self.assertEqual(done.stderr, "")
         self.assertFalse(self.home.exists())

@@ -180,7 +180,7 @@ class Ticks(unittest.TestCase):
                                   (250_000, 50_000, "250k"), (2_000_000, 1_000_000, "2M"),
                                   (1e-7, 1e-8, "1.0e-07"), (-0.5, 0.5, "-0.5")):
             with self.subTest(value=value, step=step):
-                self.assertEqual(runpilot.tick_text(value, step), text)
+                self.assertEqual(runpilot.fmt_tick(value, step), text)
 
     def test_log_ticks_are_powers_of_ten(self):
         self.assertEqual(runpilot.log_ticks(0.001, 1, 6), ([0.001, 0.01, 0.1, 1.0], 0.001, 1.0))

@@ -1,16 +1,11 @@
 """The run store: run ids, private folders and files, the sqlite index, lost runs, parallel writers."""
 
-import contextlib
-import dataclasses
 import datetime as dt
-import io
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import unittest
@@ -18,50 +13,28 @@ from pathlib import Path
 from unittest import mock
 
 import runpilot
-
-REPO = Path(__file__).resolve().parent.parent
-UTC = dt.timezone.utc
+from tests.common import ROOT, UTC, RunsHome
 
 
 def mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
 
 
-class StoreTestCase(unittest.TestCase):
-    def setUp(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.tmp = Path(tmp.name)
-        self.home = self.tmp / "home"  # not there yet: the store creates it
-        patcher = mock.patch.dict(os.environ, {"RUNPILOT_HOME": str(self.home)})
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        self.store = runpilot.RunStore.default()
+class StoreTestCase(RunsHome):
+    """The store of a home that does not exist yet; what it notes on its own is kept in self.notes."""
 
-    def make_run(self, when: dt.datetime, name: str = "job", status: str = "succeeded", write_meta: bool = True,
-                 run_id: str | None = None, extra_meta: dict | None = None, **fields) -> runpilot.RunRecord:
-        """A run folder with its meta.json, and its row."""
-        run_id = run_id or runpilot.new_run_id(when)
-        path = self.store.runs_dir / run_id
-        self.store.ensure()
-        path.mkdir(mode=0o700)
-        record = runpilot.RunRecord(id=run_id, name=name, status=status,
-                                    started_at=when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                                    path=str(path), **fields)
-        if write_meta:
-            meta = dataclasses.asdict(record)
-            meta["run_id"] = meta.pop("id")
-            del meta["path"]
-            meta.update(extra_meta or {})
-            runpilot.write_atomic(path / "meta.json", json.dumps(meta).encode())
-        self.store.save(record)
-        return record
+    def setUp(self):
+        super().setUp()
+        self.notes: list[str] = []
+        self.store = runpilot.RunStore.default(note=self.notes.append)
 
     def full_record(self, when: dt.datetime) -> runpilot.RunRecord:
-        return self.make_run(when, name="resnet · ü", status="failed", finished_at="2026-01-01T00:01:00.500Z",
-                             exit_code=3, duration=60.5, engine="podman", image="pytorch:2.4",
-                             last_metrics={"loss": 0.25, "acc": 1, "opt": "adam"},
-                             tags={"try": "3", "owner": "ana"})
+        return self.add_run("resnet · ü", "failed", started=when, duration=60.5, exit_code=3, engine="podman",
+                            image="pytorch:2.4", samples=[{"loss": 0.25, "acc": 1, "opt": "adam"}],
+                            tags={"try": "3", "owner": "ana"})
+
+    def running(self, run_id: str, name: str = "n") -> runpilot.RunMeta:
+        return runpilot.RunMeta(run_id=run_id, name=name, status=runpilot.RUNNING, started_at=runpilot.utc_now())
 
 
 class RunIdTest(StoreTestCase):
@@ -80,11 +53,11 @@ class RunIdTest(StoreTestCase):
 
     def test_distinct_under_rapid_calls(self):
         made = [self.store.create_run_dir() for _ in range(200)]
-        ids = [run_id for run_id, _ in made]
+        ids = [folder.run_id for folder in made]
         self.assertEqual(len(set(ids)), 200)
-        for run_id, path in made:
-            self.assertEqual(path, self.store.runs_dir / run_id)
-            self.assertTrue(path.is_dir())
+        for folder in made:
+            self.assertEqual(folder.path, self.store.runs_dir / folder.run_id)
+            self.assertTrue(folder.path.is_dir())
         self.assertEqual(sorted(p.name for p in self.store.runs_dir.iterdir()), sorted(ids))
 
 
@@ -92,13 +65,13 @@ class PermissionTest(StoreTestCase):
     def test_private_modes_even_with_umask_0(self):
         old = os.umask(0)  # modes must not rely on the user's umask
         self.addCleanup(os.umask, old)
-        run_id, path = self.store.create_run_dir()
-        self.store.save(runpilot.RunRecord(id=run_id, name="n", status="running", started_at=runpilot.utc_now(),
-                                           path=str(path)))
-        runpilot.write_private(path / "logs.txt", b"secret")
-        runpilot.write_atomic(path / "meta.json", b"{}")
-        runpilot.write_atomic(path / "meta.json", b'{"a": 1}')
-        runpilot.MetricLog(path / "metrics.json").close()
+        folder = self.store.create_run_dir()
+        path = folder.path
+        self.store.save(self.running(folder.run_id))
+        runpilot.write_private(folder.logs, b"secret")
+        runpilot.write_atomic(folder.meta_file, b"{}")
+        runpilot.write_atomic(folder.meta_file, b'{"a": 1}')
+        runpilot.MetricLog(folder.metrics).close()
         self.assertEqual(mode(self.home), 0o700)
         self.assertEqual(mode(self.store.runs_dir), 0o700)
         self.assertEqual(mode(path), 0o700)
@@ -120,21 +93,27 @@ class RoundTripTest(StoreTestCase):
     def test_save_get_query(self):
         when = dt.datetime(2026, 1, 1, tzinfo=UTC)
         full = self.full_record(when)
-        running = self.make_run(when + dt.timedelta(minutes=5), name="b", status="running")
+        running = self.add_run("b", "running", started=when + dt.timedelta(minutes=5))
         self.assertEqual(self.store.get(full.id), full)
         self.assertEqual(self.store.get(full.id).last_metrics, {"loss": 0.25, "acc": 1, "opt": "adam"})
         self.assertEqual(self.store.get(full.id).tags, {"try": "3", "owner": "ana"})
+        self.assertEqual((full.finished_at, full.exit_code, full.duration), ("2026-01-01T00:01:00.500Z", 3, 60.5))
         self.assertIsNone(self.store.get("20990101-000000-000000"))
         self.assertEqual(self.store.query(), [running, full])  # newest first
-        self.assertEqual(self.store.query("status = ?", ("failed",)), [full])
-        self.assertEqual(self.store.query(limit=1), [running])
-        self.assertEqual(self.store.query(order="started_at"), [full, running])
+        self.assertEqual(self.store.query(runpilot.RunFilter(status="failed")), [full])
+        self.assertEqual(self.store.query(runpilot.RunFilter(limit=1)), [running])
+        self.assertEqual(self.store.query(runpilot.RunFilter(ascending=True)), [full, running])
 
     def test_save_replaces(self):
-        record = self.make_run(dt.datetime(2026, 1, 1, tzinfo=UTC), status="running")
+        record = self.add_run(status="running", started=dt.datetime(2026, 1, 1, tzinfo=UTC))
         record.status, record.exit_code, record.last_metrics = "succeeded", 0, {"loss": 0.1}
-        self.store.save(record)
+        self.store.save_record(record)
         self.assertEqual(self.store.query(), [record])
+        meta = self.store.folder(record.id).read_meta()  # still running there
+        meta.status, meta.exit_code = "failed", 2
+        self.store.save(meta)
+        self.assertEqual(self.store.query(), [runpilot.RunRecord.of(meta, Path(record.path))])
+        self.assertEqual((self.store.get(record.id).status, self.store.get(record.id).exit_code), ("failed", 2))
 
     def test_rows_in_sqlite(self):
         record = self.full_record(dt.datetime(2026, 1, 1, tzinfo=UTC))
@@ -149,35 +128,36 @@ class ResolveTest(StoreTestCase):
     def setUp(self):
         super().setUp()
         t0 = dt.datetime(2026, 1, 1, tzinfo=UTC)
-        self.a = self.make_run(t0, run_id="20260101-000000-aaaa11")
-        self.b = self.make_run(t0 + dt.timedelta(seconds=1), run_id="20260101-000001-aaaa22")
-        self.c = self.make_run(t0 + dt.timedelta(days=1), run_id="20260102-000000-cccccc")
+        self.a = self.add_run(started=t0, run_id="20260101-000000-aaaa11")
+        self.b = self.add_run(started=t0 + dt.timedelta(seconds=1), run_id="20260101-000001-aaaa22")
+        self.c = self.add_run(started=t0 + dt.timedelta(days=1), run_id="20260102-000000-cccccc")
 
-    def test_resolve(self):
+    def test_find(self):
         cases = [(self.a.id, self.a), (self.b.id, self.b), ("20260102", self.c), ("20260101-000000", self.a),
-                 ("20260101-000001-a", self.b), ("latest", self.c), ("-1", self.c), ("-2", self.b), ("-3", self.a)]
+                 ("20260101-000001-a", self.b), ("latest", self.c), ("-1", self.c), ("-2", self.b), ("-3", self.a),
+                 ("aaaa11", self.a), ("aaaa22", self.b), ("cccccc", self.c)]  # the short id: the last six hex digits
         for ref, expected in cases:
             with self.subTest(ref=ref):
-                self.assertEqual(self.store.resolve(ref), expected)
+                self.assertEqual(self.store.find(ref), expected)
 
     def test_ambiguous(self):
         with self.assertRaises(runpilot.StoreError) as caught:
-            self.store.resolve("20260101")
+            self.store.find("20260101")
         self.assertIn(self.a.id, str(caught.exception))
         self.assertIn(self.b.id, str(caught.exception))
         self.assertNotIn(self.c.id, str(caught.exception))
 
     def test_unknown(self):
-        for ref in ("2025", "20260103", "-4", "ffffff"):
+        for ref in ("2025", "20260103", "-4", "ffffff", "aaaa1"):
             with self.subTest(ref=ref), self.assertRaises(runpilot.StoreError):
-                self.store.resolve(ref)
+                self.store.find(ref)
 
     def test_not_a_run_id(self):
         for ref in ("../../etc", "abc/def", "/etc/passwd", "..", "20260101-000000-AAAA11", "x" * 5, "",
                     "20260101-000000-aaaa11-extra", "a b"):
             with self.subTest(ref=ref):
                 with self.assertRaises(runpilot.UsageError) as caught:
-                    self.store.resolve(ref)
+                    self.store.find(ref)
                 self.assertNotIsInstance(caught.exception, runpilot.StoreError)
                 self.assertEqual(caught.exception.exit_code, 2)
 
@@ -185,7 +165,7 @@ class ResolveTest(StoreTestCase):
         empty = runpilot.RunStore(self.tmp / "empty")
         for ref in ("latest", "-1"):
             with self.subTest(ref=ref), self.assertRaises(runpilot.StoreError):
-                empty.resolve(ref)
+                empty.find(ref)
 
 
 class ReindexTest(StoreTestCase):
@@ -193,9 +173,9 @@ class ReindexTest(StoreTestCase):
         super().setUp()
         t0 = dt.datetime(2026, 3, 1, 12, tzinfo=UTC)
         self.records = [self.full_record(t0),
-                        self.make_run(t0 + dt.timedelta(hours=1), name="two", status="running",
-                                      engine="local", tags={"k": "v"}),
-                        self.make_run(t0 + dt.timedelta(hours=2), name="three", last_metrics={"x": -1.5})]
+                        self.add_run("two", "running", started=t0 + dt.timedelta(hours=1), tags={"k": "v"}),
+                        self.add_run("three", started=t0 + dt.timedelta(hours=2), samples=[{"x": -1.5}],
+                                     metric_names=["x"])]
         self.expected = sorted(self.records, key=lambda r: r.started_at, reverse=True)
         # folders that are not runs are skipped
         (self.store.runs_dir / "not-a-run").mkdir()
@@ -213,10 +193,10 @@ class ReindexTest(StoreTestCase):
         for garbage in (b"garbage", os.urandom(8192), b"\xff" * 100_000):
             with self.subTest(size=len(garbage)):
                 self.store.db_path.write_bytes(garbage)
-                err = io.StringIO()
-                with contextlib.redirect_stderr(err):
-                    self.assertEqual(self.store.query(), self.expected)
-                self.assertIn("damaged", err.getvalue())
+                self.notes.clear()
+                self.assertEqual(self.store.query(), self.expected)
+                self.assertEqual(len(self.notes), 1, self.notes)
+                self.assertIn("damaged", self.notes[0])
                 aside = sorted(self.home.glob("runs.db.damaged-*"))
                 self.assertTrue(aside, list(self.home.iterdir()))
                 self.assertIn(garbage, [p.read_bytes() for p in aside])
@@ -230,26 +210,22 @@ class ReindexTest(StoreTestCase):
         data = self.store.db_path.read_bytes()
         self.assertGreater(len(data), 2 * page)
         self.store.db_path.write_bytes(data[:page] + b"\xff" * (len(data) - page))
-        with contextlib.redirect_stderr(io.StringIO()):
-            try:
-                rows = self.store.query()
-            except runpilot.StoreError as exc:
-                self.assertIn("reindex", str(exc))
-            else:
-                self.assertEqual(rows, self.expected)
-            self.assertEqual(self.store.reindex(), 3)
+        try:
+            rows = self.store.query()
+        except runpilot.StoreError as exc:
+            self.assertIn("reindex", str(exc))
+        else:
+            self.assertEqual(rows, self.expected)
+        self.assertEqual(self.store.reindex(), 3)
         self.assertEqual(self.store.query(), self.expected)
 
     def test_reindex_command(self):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            self.assertEqual(runpilot.main(["reindex"]), 0)
-        self.assertEqual(out.getvalue(), "indexed 3 run(s)\n")
+        self.assertEqual(self.cli("reindex"), (0, "indexed 3 run(s)\n", ""))
         self.assertEqual(self.store.query(), self.expected)
 
     def test_reindex_picks_up_folder_without_row(self):
         t = dt.datetime(2026, 3, 2, tzinfo=UTC)
-        orphan = self.make_run(t, name="orphan")
+        orphan = self.add_run("orphan", started=t)
         with self.store.db() as conn:
             conn.execute("DELETE FROM runs WHERE id = ?", (orphan.id,))
         self.assertEqual(len(self.store.query()), 3)
@@ -259,20 +235,23 @@ class ReindexTest(StoreTestCase):
 
 class LockTest(StoreTestCase):
     def test_locked_db_is_not_damage(self):
-        record = self.make_run(dt.datetime(2026, 1, 1, tzinfo=UTC))
+        record = self.add_run(started=dt.datetime(2026, 1, 1, tzinfo=UTC))
         other = sqlite3.connect(self.store.db_path, isolation_level=None)
         self.addCleanup(other.close)
         other.execute("BEGIN IMMEDIATE")  # a writer that does not let go
         self.addCleanup(other.execute, "ROLLBACK")
-        err = io.StringIO()
-        with mock.patch.object(runpilot, "DB_TIMEOUT", 0.3), contextlib.redirect_stderr(err):
-            self.assertEqual(self.store.query(), [record])  # WAL: readers are not blocked
-            record.status = "lost"
-            with self.assertRaises(runpilot.StoreError) as caught:
-                self.store.save(record)
+        with mock.patch.dict(os.environ, {"RUNPILOT_DB_TIMEOUT": "0.3"}):
+            store = runpilot.RunStore.default(note=self.notes.append)
+        self.assertEqual(store.db_timeout, 0.3)
+        started = time.monotonic()
+        self.assertEqual(store.query(), [record])  # WAL: readers are not blocked
+        record.status = "lost"
+        with self.assertRaises(runpilot.StoreError) as caught:
+            store.save_record(record)
+        self.assertLess(time.monotonic() - started, 10)
         self.assertIn("locked", str(caught.exception))
         self.assertEqual(list(self.home.glob("runs.db.damaged-*")), [])
-        self.assertNotIn("damaged", err.getvalue())
+        self.assertEqual(self.notes, [])
         other.execute("ROLLBACK")
         other.execute("BEGIN")  # for the cleanup's ROLLBACK
         self.assertEqual(self.store.get(record.id).status, "succeeded")
@@ -287,57 +266,68 @@ class LockTest(StoreTestCase):
         timer.start()
         self.addCleanup(timer.join)
         started = time.monotonic()
-        run_id, path = self.store.create_run_dir()
-        record = runpilot.RunRecord(id=run_id, name="n", status="running", started_at=runpilot.utc_now(),
-                                    path=str(path))
-        with mock.patch.object(runpilot, "DB_TIMEOUT", 10), contextlib.redirect_stderr(io.StringIO()):
-            try:
-                self.store.save(record)
-            finally:
-                waited = time.monotonic() - started
+        store = runpilot.RunStore(self.home, db_timeout=10, note=self.notes.append)
+        folder = store.create_run_dir()
+        meta = self.running(folder.run_id)
+        try:
+            store.save(meta)
+        finally:
+            waited = time.monotonic() - started
         self.assertGreater(waited, 0.4)
-        self.assertEqual(self.store.get(run_id), record)
+        self.assertEqual(store.get(folder.run_id), runpilot.RunRecord.of(meta, folder.path))
 
 
-class MarkLostTest(StoreTestCase):
+class RefreshTest(StoreTestCase):
+    """refresh(): a queued or running run whose runner died becomes lost (cancelled if it never started)."""
+
     def dead_pid(self) -> int:
         proc = subprocess.Popen([sys.executable, "-c", "pass"])
         proc.wait()
         return proc.pid
 
-    def running_run(self, runner: dict, minutes: int) -> runpilot.RunRecord:
+    def active_run(self, runner: dict, minutes: int, status: str = "running") -> runpilot.RunRecord:
         when = dt.datetime(2026, 1, 1, tzinfo=UTC) + dt.timedelta(minutes=minutes)
-        return self.make_run(when, status="running", engine="local", extra_meta={"runner": runner})
+        return self.add_run(status=status, started=when, runner=runner)
 
-    def test_mark_lost(self):
+    def test_lost_and_cancelled(self):
         me = runpilot.runner_identity()
-        dead = self.running_run({"pid": self.dead_pid(), "host": socket.gethostname(),
-                                 "boot_id": runpilot._boot_id(), "start": "1"}, 0)
-        alive = self.running_run(me, 1)
-        elsewhere = self.running_run({**me, "host": "not-" + socket.gethostname()}, 2)
-        rebooted = self.running_run({**me, "boot_id": "00000000-0000-0000-0000-000000000000"}, 3)
-        finished = self.make_run(dt.datetime(2026, 1, 1, 1, tzinfo=UTC), status="succeeded", engine="local",
-                                 extra_meta={"runner": {**me, "pid": self.dead_pid()}})
-        before = {r.id: (Path(r.path) / "meta.json").read_bytes() for r in (alive, elsewhere, finished)}
-        with contextlib.redirect_stderr(io.StringIO()):
-            out = runpilot.mark_lost_runs(self.store, self.store.query())
+        dead_runner = {"pid": self.dead_pid(), "host": runpilot.hostname(), "boot_id": runpilot._boot_id(),
+                       "start": "1"}
+        dead = self.active_run(dead_runner, 0)
+        alive = self.active_run(me, 1)
+        elsewhere = self.active_run({**me, "host": "not-" + runpilot.hostname()}, 2)
+        rebooted = self.active_run({**me, "boot_id": "00000000-0000-0000-0000-000000000000"}, 3)
+        never_started = self.active_run(dead_runner, 4, status="queued")
+        waiting = self.active_run(me, 5, status="queued")
+        finished = self.add_run(started=dt.datetime(2026, 1, 1, 1, tzinfo=UTC),
+                                runner={**me, "pid": self.dead_pid()})
+        untouched = (alive, elsewhere, waiting, finished)
+        before = {r.id: (Path(r.path) / "meta.json").read_bytes() for r in untouched}
+        out = runpilot.refresh(self.store, self.store.query(), self.notes.append)
         statuses = {r.id: r.status for r in out}
         expected = {dead.id: "lost", alive.id: "running", elsewhere.id: "running", finished.id: "succeeded",
-                    rebooted.id: "lost"}
+                    rebooted.id: "lost", never_started.id: "cancelled", waiting.id: "queued"}
         self.assertEqual(statuses, expected)
         self.assertEqual({r.id: r.status for r in self.store.query()}, expected)
-        for record in (dead, alive, elsewhere, rebooted, finished):
+        for record in (dead, alive, elsewhere, rebooted, never_started, waiting, finished):
             with self.subTest(record.id):
                 meta = json.loads((Path(record.path) / "meta.json").read_text())
                 self.assertEqual(meta["status"], expected[record.id])
-                self.assertEqual("lost_at" in meta, expected[record.id] == "lost")
-                if record.id in before:
+                if record in untouched:
                     self.assertEqual((Path(record.path) / "meta.json").read_bytes(), before[record.id])
+                    self.assertIsNone(meta["lost_at"])
+                elif meta["status"] == "lost":
+                    self.assertIsNotNone(meta["lost_at"])
+                    self.assertIn(f"pid {meta['runner']['pid']}", meta["reason"])
+                else:  # cancelled: the job never started, so it has no exit code
+                    self.assertIsNone(meta["exit_code"])
+                    self.assertIn("before it started", meta["reason"])
+        self.assertEqual(self.notes, [])  # no job of theirs is left running
 
     def test_meta_without_runner_is_untouched(self):
-        record = self.make_run(dt.datetime(2026, 1, 1, tzinfo=UTC), status="running", engine="local",
-                               write_meta=False)
-        runpilot.mark_lost_runs(self.store, [record])
+        record = self.add_run(status="running", started=dt.datetime(2026, 1, 1, tzinfo=UTC), write_meta=False,
+                              runner={})
+        runpilot.refresh(self.store, [record], self.notes.append)
         self.assertEqual(self.store.get(record.id).status, "running")
 
 
@@ -349,11 +339,13 @@ import runpilot
 go = float(sys.argv[2])
 while time.time() < go:
     time.sleep(0.001)
-store = runpilot.RunStore.default()
-run_id, path = store.create_run_dir()
-store.save(runpilot.RunRecord(id=run_id, name=f"writer-{sys.argv[3]}", status="running",
-                              started_at=runpilot.utc_now(), path=str(path), tags={"n": sys.argv[3]}))
-print(run_id)
+store = runpilot.RunStore.default(note=lambda text: print(text, file=sys.stderr))
+folder = store.create_run_dir()
+meta = runpilot.RunMeta(run_id=folder.run_id, name=f"writer-{sys.argv[3]}", status="running",
+                        started_at=runpilot.utc_now(), tags={"n": sys.argv[3]})
+folder.write_meta(meta)
+store.save(meta)
+print(folder.run_id)
 """
 
 
@@ -363,17 +355,15 @@ class ParallelTest(StoreTestCase):
         # (see LockTest.test_first_open_waits_for_a_parallel_writer).
         self.assertEqual(self.store.query(), [])
         go = time.time() + 1.0
-        procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(REPO), str(go), str(n)],
+        procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT), str(go), str(n)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(16)]
         reads = 0
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            while time.time() < go:
-                time.sleep(0.001)
-            while any(p.poll() is None for p in procs):
-                rows = self.store.query()  # must never fail
-                self.assertLessEqual(len(rows), 16)
-                reads += 1
+        while time.time() < go:
+            time.sleep(0.001)
+        while any(p.poll() is None for p in procs):
+            rows = self.store.query()  # must never fail
+            self.assertLessEqual(len(rows), 16)
+            reads += 1
         outputs = [p.communicate(timeout=60) for p in procs]
         for proc, (out, stderr) in zip(procs, outputs):
             self.assertEqual((proc.returncode, stderr), (0, ""))
@@ -384,7 +374,7 @@ class ParallelTest(StoreTestCase):
         self.assertEqual(sorted(r.tags["n"] for r in rows), sorted(str(n) for n in range(16)))
         self.assertEqual(sorted(p.name for p in self.store.runs_dir.iterdir()), sorted(ids))
         self.assertGreater(reads, 0)
-        self.assertEqual(err.getvalue(), "")
+        self.assertEqual(self.notes, [])
         self.assertEqual(list(self.home.glob("runs.db.damaged-*")), [])
 
 

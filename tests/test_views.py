@@ -20,15 +20,9 @@ import unittest
 from unittest import mock
 
 import runpilot
-from tests.common import RUNPILOT, HomeTestCase
+from tests.common import BASE, RUNPILOT, UTC, RunsHome
 
-UTC = dt.timezone.utc
-BASE = dt.datetime(2026, 11, 20, 10, 0, 0, tzinfo=UTC)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def iso(when: dt.datetime) -> str:
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Tty(io.StringIO):
@@ -38,56 +32,14 @@ class Tty(io.StringIO):
         return True
 
 
-class RunsHome(HomeTestCase):
-    """A home with synthetic runs, written the way runpilot writes them."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.store = runpilot.RunStore(self.home)
-        self.serial = 0
+class ViewsHome(RunsHome):
+    """Synthetic runs (tests.common.RunsHome) and ways to look at them as a user does."""
 
     def without_terminal(self) -> None:
         """stdin is not a terminal (as in CI): commands that ask must be told -y instead."""
         patcher = mock.patch("sys.stdin", io.StringIO(""))
         patcher.start()
         self.addCleanup(patcher.stop)
-
-    def add_run(self, name: str = "job", status: str = "succeeded", started: dt.datetime | None = None,
-                ago: dt.timedelta | None = None, duration: float | None = 10.0, exit_code: int | None = None,
-                samples: list[dict] = (), watched: list[str] = (), tags: dict | None = None,
-                log: bytes = b"", config: str | None = None, index: bool = True,
-                **meta_extra) -> runpilot.RunRecord:
-        """One finished (or running) run; index=False leaves the row to a later store.reindex()."""
-        if started is None:
-            started = dt.datetime.now(UTC) - ago if ago is not None else BASE
-        self.serial += 1
-        run_id, path = self.store.create_run_dir(f"{started:%Y%m%d-%H%M%S}-{self.serial:06x}")
-        running = status == "running"
-        if exit_code is None and not running:
-            exit_code = 0 if status == "succeeded" else 1
-        metric_log = runpilot.MetricLog(path / "metrics.json", tuple(watched))
-        metric_log.add_lines([("METRIC " + " ".join(f"{k}={v}" for k, v in s.items())).encode() for s in samples])
-        metric_log.close()
-        (path / "logs.txt").write_bytes(log)
-        (path / "config.yaml").write_text(
-            config if config is not None else f"name: {name}\nengine: local\nentrypoint: [python3, train.py]\n")
-        meta = {
-            "run_id": run_id, "name": name, "status": status, "started_at": iso(started),
-            "finished_at": None if running else iso(started + dt.timedelta(seconds=duration or 0)),
-            "duration": None if running else duration, "exit_code": None if running else exit_code,
-            "engine": "local", "engine_version": None, "image": None,
-            "command": ["python3", "train.py"], "command_line": "python3 train.py", "host": "testhost",
-            "tags": tags or {}, "overrides": [], "rerun_of": None,
-            "metrics": {"count": metric_log.count, "malformed": metric_log.malformed},
-            "watched": list(watched), "last_metrics": metric_log.last, "warnings": [],
-            "runner": runpilot.runner_identity() if running else {"pid": 1, "host": "elsewhere"},
-        }
-        meta.update(meta_extra)
-        runpilot.write_atomic(path / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
-        record = runpilot.record_from_meta(meta, path)
-        if index:
-            self.store.save(record)
-        return record
 
     def tty_cli(self, *args: str, env: dict | None = None) -> tuple[int, str, str]:
         """main() with a stdout that is a terminal of 200 x 40 unless env says otherwise."""
@@ -120,24 +72,44 @@ def columns_of(header: str) -> list[tuple[int, int]]:
 
 # ==== list ==================================================================
 
-class ListTable(RunsHome):
+class ListTable(ViewsHome):
     def three_runs(self) -> list[runpilot.RunRecord]:
-        a = self.add_run("alpha", started=BASE, duration=5.0, watched=["loss", "acc"],
+        a = self.add_run("alpha", started=BASE, duration=5.0, metric_names=["loss", "acc"],
                          samples=[{"loss": 0.5, "acc": 0.5}, {"loss": 0.25, "acc": 0.9}])
         b = self.add_run("beta-long-name", "failed", started=BASE + dt.timedelta(hours=1), duration=75.0,
-                         exit_code=3, watched=["loss", "acc"], samples=[{"loss": 1.25}])
-        c = self.add_run("c", "running", started=BASE + dt.timedelta(hours=2), watched=["loss"])
+                         exit_code=3, metric_names=["loss", "acc"], samples=[{"loss": 1.25}])
+        c = self.add_run("c", "running", started=BASE + dt.timedelta(hours=2), metric_names=["loss"])
         return [a, b, c]
 
     def test_absolute_table_is_aligned_and_newest_first(self):
         a, b, c = self.three_runs()
         code, out, err = self.cli("list", "--absolute")
         self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.splitlines(), [  # ids shown short: their last six hex digits
+            "ID      NAME            STATUS     STARTED                   DURATION  EXIT  LOSS  ACC",
+            f"{c.id[-6:]}  c               running    2026-11-20T12:00:00.000Z         -     -     -    -",
+            f"{b.id[-6:]}  beta-long-name  failed     2026-11-20T11:00:00.000Z     1m15s     3  1.25    -",
+            f"{a.id[-6:]}  alpha           succeeded  2026-11-20T10:00:00.000Z      5.0s     0  0.25  0.9",
+        ])
+        code, out, err = self.cli("list", "--absolute", "--no-trunc")
+        self.assertEqual((code, err), (0, ""))
         self.assertEqual(out.splitlines(), [
             "ID                      NAME            STATUS     STARTED                   DURATION  EXIT  LOSS  ACC",
             f"{c.id}  c               running    2026-11-20T12:00:00.000Z         -     -     -    -",
             f"{b.id}  beta-long-name  failed     2026-11-20T11:00:00.000Z     1m15s     3  1.25    -",
             f"{a.id}  alpha           succeeded  2026-11-20T10:00:00.000Z      5.0s     0  0.25  0.9",
+        ])
+
+    def test_tags_column_when_a_run_has_tags(self):
+        a = self.add_run("alpha", started=BASE, metric_names=["loss"], samples=[{"loss": 0.5}])
+        b = self.add_run("beta", started=BASE + dt.timedelta(minutes=1), metric_names=["loss"],
+                         tags={"try": "2", "opt": "adam"})
+        code, out, err = self.cli("list", "--absolute")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.splitlines(), [
+            "ID      NAME   STATUS     STARTED                   DURATION  EXIT  LOSS  TAGS",
+            f"{b.id[-6:]}  beta   succeeded  2026-11-20T10:01:00.000Z     10.0s     0     -  opt=adam,try=2",
+            f"{a.id[-6:]}  alpha  succeeded  2026-11-20T10:00:00.000Z     10.0s     0   0.5  -",
         ])
 
     def test_columns_line_up_under_their_headers(self):
@@ -167,8 +139,8 @@ class ListTable(RunsHome):
     def test_colour_codes_only_decorate_the_status(self):
         self.three_runs()
         records = self.store.query()
-        plain = runpilot.run_table(records, ["loss", "acc"], True, None, colour=False)
-        coloured = runpilot.run_table(records, ["loss", "acc"], True, None, colour=True)
+        plain = runpilot.render_runs(records, ["loss", "acc"], True, None, colour=False)
+        coloured = runpilot.render_runs(records, ["loss", "acc"], True, None, colour=True)
         self.assertIn("\x1b[36mrunning  \x1b[0m", coloured)
         self.assertIn("\x1b[31mfailed   \x1b[0m", coloured)
         self.assertIn("\x1b[32msucceeded\x1b[0m", coloured)
@@ -188,34 +160,37 @@ class ListTable(RunsHome):
         self.assertEqual(self.tty_cli("list", "--no-color")[1], out)
         self.assertEqual(self.tty_cli("list", env={"NO_COLOR": "1"})[1], out)
 
-    def test_metric_columns_are_the_watched_metrics(self):
-        self.add_run("one", started=BASE, watched=["loss"], samples=[{"loss": 0.5, "noise": 7}])
-        self.add_run("two", started=BASE + dt.timedelta(minutes=1), watched=["f1", "loss"],
+    def test_metric_columns_are_the_featured_metrics(self):
+        self.add_run("one", started=BASE, metric_names=["loss"], samples=[{"loss": 0.5, "noise": 7}])
+        self.add_run("two", started=BASE + dt.timedelta(minutes=1), metric_names=["f1", "loss"],
                      samples=[{"f1": 0.75, "other": 1}])
         lines = self.cli("list", "--absolute")[1].splitlines()
         self.assertEqual(lines[0].split()[6:], ["F1", "LOSS"])
         self.assertEqual([line.split()[6:] for line in lines[1:]], [["0.75", "-"], ["-", "0.5"]])
 
-    def test_width_drops_whole_metric_columns_but_never_the_first_six(self):
-        self.add_run("wide", duration=3725.0, watched=["loss", "accuracy", "f1"],
+    def test_width_drops_metric_columns_past_the_second_but_never_the_first_six(self):
+        self.add_run("wide", duration=3725.0, metric_names=["loss", "accuracy", "f1"],
                      samples=[{"loss": 0.125, "accuracy": 0.875, "f1": 0.5}])
         records = self.store.query()
-        full = runpilot.run_table(records, ["loss", "accuracy", "f1"], True, None)
+        full = runpilot.render_runs(records, ["loss", "accuracy", "f1"], True, None)
         full_width = max(len(line) for line in full.splitlines())
+        two_metrics = full_width - len("  0.5")  # the F1 column and its separator
         six = [line.split()[:6] for line in full.splitlines()]
         for width, headers in ((full_width, ["LOSS", "ACCURACY", "F1"]),
-                               (full_width - 1, ["LOSS", "ACCURACY"]),
-                               (full_width - 5, ["LOSS", "ACCURACY"]), (full_width - 6, ["LOSS"]),
-                               (60, []), (10, []), (1, [])):
+                               (full_width - 1, ["LOSS", "ACCURACY"]), (two_metrics, ["LOSS", "ACCURACY"]),
+                               (two_metrics - 1, ["LOSS", "ACCURACY"]), (60, ["LOSS", "ACCURACY"]),
+                               (10, ["LOSS", "ACCURACY"]), (1, ["LOSS", "ACCURACY"])):
             with self.subTest(width=width):
-                table = runpilot.run_table(records, ["loss", "accuracy", "f1"], True, width)
+                table = runpilot.render_runs(records, ["loss", "accuracy", "f1"], True, width)
                 lines = table.splitlines()
                 self.assertEqual(lines[0].split()[6:], headers)
                 self.assertEqual([line.split()[:6] for line in lines], six)
                 self.assertEqual([len(line.split()) for line in lines], [6 + len(headers)] * 2)
-                if headers:
+                self.assertTrue(full.splitlines()[0].startswith(lines[0]))
+                if width >= two_metrics:  # it fits; narrower, the first two metrics are kept anyway
                     self.assertLessEqual(max(len(line) for line in lines), width)
-                    self.assertTrue(full.splitlines()[0].startswith(lines[0]))
+                else:
+                    self.assertEqual(max(len(line) for line in lines), two_metrics)
         self.assertEqual(six[1][4], "1h02m")
 
     def test_wide_characters_keep_the_columns_aligned(self):
@@ -231,15 +206,25 @@ class ListTable(RunsHome):
         columns = [display_column(line, word) for line, word in zip(lines, ("STATUS", "succeeded", "succeeded"))]
         self.assertEqual(columns, [columns[0]] * 3)
 
-    def test_terminal_width_applies_to_the_cli(self):
-        self.add_run("wide", watched=["loss", "accuracy"], samples=[{"loss": 0.125, "accuracy": 0.875}])
-        full = self.cli("list")[1].splitlines()
-        code, out, _ = self.tty_cli("list", "--no-color", env={"COLUMNS": str(len(full[0]) - 1)})
-        self.assertEqual(out.splitlines()[0], full[0][:full[0].rindex("ACCURACY")].rstrip())
-        self.assertEqual(out.splitlines()[1].split(), full[1].split()[:-1])
+    def test_terminal_width_cuts_the_name_and_keeps_the_metrics(self):
+        name = "wide-" + "x" * 40
+        self.add_run(name, metric_names=["loss", "accuracy"], samples=[{"loss": 0.125, "accuracy": 0.875}])
+        full = self.cli("list")[1].splitlines()  # piped without COLUMNS: no limit
+        self.assertEqual(full[1].split()[1], name)
+        width = len(full[1]) - 10
+        code, out, _ = self.tty_cli("list", "--no-color", env={"COLUMNS": str(width)})
+        self.assertEqual(code, 0)
+        lines = out.splitlines()
+        self.assertEqual([len(line) for line in lines], [width, width])
+        self.assertEqual(lines[0].split()[-2:], ["LOSS", "ACCURACY"])
+        self.assertEqual(lines[1].split()[1], name[:len(name) - 11] + "…")
+        self.assertEqual(lines[1].split()[-2:], ["0.125", "0.875"])
+        self.assertEqual(self.cli("list", env={"COLUMNS": str(width)})[1], out)  # piped: COLUMNS holds too
+        self.assertEqual(self.tty_cli("list", "--no-color", "--no-trunc", env={"COLUMNS": str(width)})[1].split(),
+                         (self.cli("list", "--no-trunc")[1]).split())
 
 
-class ListFilters(RunsHome):
+class ListFilters(ViewsHome):
     def test_status_name_and_tags(self):
         a = self.add_run("sweep-lr1", "succeeded", started=BASE, tags={"lr": "0.1", "opt": "adam"})
         b = self.add_run("sweep-lr2", "failed", started=BASE + dt.timedelta(minutes=1), tags={"lr": "0.2"})
@@ -265,7 +250,7 @@ class ListFilters(RunsHome):
         self.assertEqual(self.ids("--since", "12h"), [newest.id])
         self.assertEqual(self.ids("--since", "4d"), [newest.id, new.id, old.id])
         for gone in (old, new, newest):
-            self.store.delete(gone)
+            self.store.delete(gone.id)
         before = self.add_run("before", started=dt.datetime(2026, 10, 31, 23, 59, 59, tzinfo=UTC))
         first = self.add_run("first", started=dt.datetime(2026, 11, 1, 0, 0, 0, tzinfo=UTC))
         later = self.add_run("later", started=dt.datetime(2026, 11, 15, 8, 0, 0, tzinfo=UTC))
@@ -292,14 +277,14 @@ class ListFilters(RunsHome):
         self.assertLessEqual(len(out.splitlines()), 15)
         self.assertGreaterEqual(len(out.splitlines()), 5)
         self.assertEqual([ln.split()[0] for ln in ANSI.sub("", out).splitlines()[1:]],
-                         newest_first[:len(out.splitlines()) - 1])
+                         [run_id[-6:] for run_id in newest_first[:len(out.splitlines()) - 1]])
 
     def test_hundreds_of_runs(self):
         records = []
         for i in range(300):
             status = ("succeeded", "failed", "timeout")[i % 3]
             records.append(self.add_run(f"sweep-{i:03d}", status, started=BASE - dt.timedelta(hours=i),
-                                        duration=float(i), watched=["loss"], samples=[{"loss": i / 1000}],
+                                        duration=float(i), metric_names=["loss"], samples=[{"loss": i / 1000}],
                                         index=False))
         self.assertEqual(self.store.reindex(), 300)
         everything = self.ids("--all")
@@ -311,7 +296,7 @@ class ListFilters(RunsHome):
         self.assertEqual(len(self.cli("list", "--all")[1].splitlines()), 301)
 
 
-class ListSorting(RunsHome):
+class ListSorting(ViewsHome):
     def setUp(self) -> None:
         super().setUp()
         self.fast = self.add_run("fast", started=BASE, duration=2.0, samples=[{"loss": 0.5, "acc": 0.25}])
@@ -356,16 +341,16 @@ class ListSorting(RunsHome):
         self.assertEqual([line.split()[1] for line in out.splitlines()[1:3]], ["mid", "diverged"])
 
 
-class ListForScripts(RunsHome):
-    KEYS = ["duration", "engine", "exit_code", "finished_at", "id", "image", "last_metrics", "name", "path",
-            "started_at", "status", "tags", "watched"]
+class ListForScripts(ViewsHome):
+    KEYS = ["duration", "engine", "exit_code", "finished_at", "id", "image", "last_metrics", "metric_names", "name",
+            "path", "reason", "started_at", "status", "sweep_id", "tags"]
 
     def setUp(self) -> None:
         super().setUp()
-        self.a = self.add_run("a,b \"quoted\"", started=BASE, duration=1.5, watched=["loss"],
+        self.a = self.add_run("a,b \"quoted\"", started=BASE, duration=1.5, metric_names=["loss"],
                               samples=[{"loss": 0.5}], tags={"try": "1"})
         self.b = self.add_run("plain", "failed", started=BASE + dt.timedelta(minutes=1), duration=2.0,
-                              exit_code=3, watched=["loss", "acc"], samples=[{"acc": 0.875}])
+                              exit_code=3, metric_names=["loss", "acc"], samples=[{"acc": 0.875}])
 
     def test_json_has_stable_keys_and_values(self):
         code, out, err = self.cli("list", "--json")
@@ -374,9 +359,9 @@ class ListForScripts(RunsHome):
         self.assertEqual([list(r) for r in rows], [self.KEYS, self.KEYS])
         self.assertEqual(rows[1], {
             "duration": 1.5, "engine": "local", "exit_code": 0, "finished_at": "2026-11-20T10:00:01.500Z",
-            "id": self.a.id, "image": None, "last_metrics": {"loss": 0.5}, "name": 'a,b "quoted"',
-            "path": str(self.home / "runs" / self.a.id), "started_at": "2026-11-20T10:00:00.000Z",
-            "status": "succeeded", "tags": {"try": "1"}, "watched": ["loss"]})
+            "id": self.a.id, "image": None, "last_metrics": {"loss": 0.5}, "metric_names": ["loss"],
+            "name": 'a,b "quoted"', "path": str(self.home / "runs" / self.a.id), "reason": None,
+            "started_at": "2026-11-20T10:00:00.000Z", "status": "succeeded", "sweep_id": None, "tags": {"try": "1"}})
         self.assertEqual((rows[0]["id"], rows[0]["exit_code"], rows[0]["last_metrics"]), (self.b.id, 3, {"acc": 0.875}))
         self.assertEqual(self.cli("list", "--json")[1], out)
         self.assertEqual(json.loads(self.cli("list", "--json", "--status", "timeout")[1]), [])
@@ -393,12 +378,12 @@ class ListForScripts(RunsHome):
         self.assertEqual((code, err), (0, ""))
         rows = list(csv.reader(io.StringIO(out)))
         self.assertEqual(rows[0], ["id", "name", "status", "started_at", "finished_at", "duration", "exit_code",
-                                   "loss", "acc"])
+                                   "tags", "loss", "acc"])
         self.assertEqual(rows[1:], [
             [self.b.id, "plain", "failed", "2026-11-20T10:01:00.000Z", "2026-11-20T10:01:02.000Z", "2.0", "3",
-             "", "0.875"],
+             "", "", "0.875"],
             [self.a.id, 'a,b "quoted"', "succeeded", "2026-11-20T10:00:00.000Z", "2026-11-20T10:00:01.500Z",
-             "1.5", "0", "0.5", ""]])
+             "1.5", "0", "try=1", "0.5", ""]])
 
     def test_quiet_prints_ids_only(self):
         code, out, err = self.cli("list", "-q")
@@ -436,17 +421,25 @@ class Sparkline(unittest.TestCase):
         self.assertTrue(runpilot.sparkline(list(range(1000)), ascii_only=True).isascii())
 
 
-class Show(RunsHome):
+def shown_size(size: int) -> str:
+    """How `show` spells a file's size: bytes below 1 KiB, else KiB with one decimal."""
+    return f"{size} B" if size < 1024 else f"{size / 1024:.1f} KiB"
+
+
+class Show(ViewsHome):
     SAMPLES = [{"loss": 1.0, "acc": 0.5}, {"loss": 0.5}, {"loss": 0.25, "acc": 0.75}, {"loss": 0.125}]
+    LOG = b"".join(b"step %026d\n" % i for i in range(64))  # 2 KiB in 64 lines
+    HINT = "the job ran out of shared memory (/dev/shm): set resources.shm_size (e.g. 8g)"
 
     def make(self) -> runpilot.RunRecord:
         return self.add_run(
             "mnist", "failed", started=BASE, duration=125.0, exit_code=3, samples=self.SAMPLES,
-            watched=["loss", "acc"], tags={"try": "2", "opt": "adam"}, log=b"x" * 2048,
+            metric_names=["loss", "acc"], tags={"try": "2", "opt": "adam"}, log=self.LOG,
             config="name: mnist\nimage: pytorch/pytorch:2.2\nentrypoint: python train.py\nenv:\n  LR: '0.01'\n",
             engine="docker", engine_version="27.1.1", image="pytorch/pytorch:2.2", image_id="sha256:abc123",
             command_line="docker run --rm --init pytorch/pytorch:2.2 -c 'python train.py'",
-            warnings=["the log mentions a bus error"], rerun_of="20261119-080000-aaaaaa")
+            warnings=["metric f1 listed in the config never appeared"], hint=self.HINT,
+            rerun_of="20261119-080000-aaaaaa")
 
     def test_every_field(self):
         r = self.make()
@@ -456,7 +449,7 @@ class Show(RunsHome):
         meta_size = (folder / "meta.json").stat().st_size
         metrics_size = (folder / "metrics.json").stat().st_size
         config_size = (folder / "config.yaml").stat().st_size
-        self.assertLess(max(meta_size, metrics_size, config_size), 1024)
+        self.assertEqual(len(self.LOG), 2048)
         self.assertEqual(out.splitlines(), [
             f"run        {r.id}",
             "name       mnist",
@@ -472,15 +465,18 @@ class Show(RunsHome):
             "tags       opt=adam try=2",
             "rerun of   20261119-080000-aaaaaa",
             "files",
-            f"  config.yaml    {f'{config_size} B':>10}",
+            f"  config.yaml    {shown_size(config_size):>10}",
             "  logs.txt          2.0 KiB",
-            f"  meta.json      {f'{meta_size} B':>10}",
-            f"  metrics.json   {f'{metrics_size} B':>10}",
+            f"  meta.json      {shown_size(meta_size):>10}",
+            f"  metrics.json   {shown_size(metrics_size):>10}",
             "metrics",
             "  metric  count  first   last    min   max  trend",
             "  loss        4      1  0.125  0.125     1  @=._",
             "  acc         2    0.5   0.75    0.5  0.75  _@",
-            "warning    the log mentions a bus error",
+            "warning    metric f1 listed in the config never appeared",
+            f"hint       {self.HINT}",
+            "log        the last 10 line(s) of logs.txt",  # a failed run shows how its log ends
+            *[f"  step {i:026d}" for i in range(54, 64)],
             "config",
             "  name: mnist",
             "  image: pytorch/pytorch:2.2",
@@ -539,7 +535,7 @@ print("the end", flush=True)
 """
 
 
-class Logs(RunsHome):
+class Logs(ViewsHome):
     LOG = b"plain\r\nbytes \xff\xfe not utf-8\n\x1b[31mred\x1b[0m\n\tlast line without newline"
 
     def test_whole_log_is_byte_exact(self):
@@ -574,7 +570,7 @@ class Logs(RunsHome):
         self.addCleanup(lambda: runner.poll() is None and (runner.kill(), runner.wait()))
         self.addCleanup(runner.stderr.close)
         deadline = time.monotonic() + 20
-        while not self.store.query("status = 'running'"):
+        while not self.store.query(runpilot.RunFilter(status="running")):
             self.assertLess(time.monotonic(), deadline, "the run never started")
             time.sleep(0.05)
         follower = self.process("logs", "-f", "latest", timeout=30)
@@ -599,7 +595,7 @@ class Logs(RunsHome):
 
 # ==== compare ===============================================================
 
-class Compare(RunsHome):
+class Compare(ViewsHome):
     def test_differences_status_duration_last_and_best(self):
         a = self.add_run("mnist", "succeeded", started=BASE, duration=75.0,
                          config="name: mnist\nengine: local\nentrypoint: [python3, t.py]\n"
@@ -610,6 +606,19 @@ class Compare(RunsHome):
                                 "env:\n  LR: 0.2\n  EPOCHS: 5\n",
                          samples=[{"loss": 0.9, "acc": 0.6}, {"loss": 0.45, "acc": 0.75}])
         code, out, err = self.cli("compare", a.id, b.id)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out.splitlines(), [  # short ids in the header
+            f"                   {a.id[-6:]}  {b.id[-6:]}",
+            "env.LR                0.1     0.2",
+            "resources.gpus          1       -",
+            "status          succeeded  failed",
+            "duration            1m15s    5.0s",
+            "loss (last)           0.5   0.45*",
+            "loss (best)          0.4*    0.45",
+            "acc (last)            0.7   0.75*",
+            "acc (best)           0.8*    0.75",
+        ])
+        code, out, err = self.cli("compare", a.id, b.id, "--no-trunc")
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(out.splitlines(), [
             f"                {a.id}  {b.id}",
@@ -650,7 +659,7 @@ class Compare(RunsHome):
 
 # ==== export ================================================================
 
-class Export(RunsHome):
+class Export(ViewsHome):
     def setUp(self) -> None:
         super().setUp()
         self.a = self.add_run("first", started=BASE, samples=[{"loss": 1.0, "acc": 0.5}, {"loss": 0.5}])
@@ -687,7 +696,7 @@ class Export(RunsHome):
         self.assertEqual(len(target.read_text().splitlines()), 2)
 
 
-class ExportErrors(RunsHome):
+class ExportErrors(ViewsHome):
     def test_unwritable_output_is_one_line(self):
         # Was a bug (fixed): cmd_export writes -o FILE with Path.write_text and does not catch OSError, so a missing folder
         # or a full disk ends in a Python traceback instead of one "runpilot: error:" line.
@@ -700,7 +709,7 @@ class ExportErrors(RunsHome):
 
 # ==== rm and gc =============================================================
 
-class Remove(RunsHome):
+class Remove(ViewsHome):
     def setUp(self) -> None:
         super().setUp()
         self.keep = self.add_run("keep", started=BASE)
@@ -742,13 +751,14 @@ class Remove(RunsHome):
 
     def test_a_running_run_is_refused(self):
         live = self.add_run("live", "running", started=BASE + dt.timedelta(minutes=2))
-        self.assertCleanError(self.cli("rm", live.id, "-y"), 2, live.id, "still running")
-        self.assertCleanError(self.cli("rm", live.id, self.drop.id, "-y"), 2, "still running")
+        self.assertCleanError(self.cli("rm", live.id, "-y"), 2, f"run {live.id} is running; stop it first",
+                              f"runpilot stop {live.id}")
+        self.assertCleanError(self.cli("rm", live.id, self.drop.id, "-y"), 2, f"run {live.id} is running")
         self.assertPresent(self.keep, self.drop, live)
         self.assertEqual(self.db_rows()[-1]["status"], "running")
 
 
-class GarbageCollect(RunsHome):
+class GarbageCollect(ViewsHome):
     def setUp(self) -> None:
         super().setUp()
         self.without_terminal()
@@ -810,7 +820,7 @@ class GarbageCollect(RunsHome):
 
 # ==== naming a run ==========================================================
 
-class References(RunsHome):
+class References(ViewsHome):
     def setUp(self) -> None:
         super().setUp()
         self.without_terminal()
@@ -832,7 +842,7 @@ class References(RunsHome):
                 self.assertEqual(self.cli("logs", ref, "--tail", "1")[1], f"{record.name} log\n")
                 self.assertEqual(json.loads(self.cli("show", ref, "--json")[1])["run"]["id"], record.id)
                 self.assertEqual(self.cli("export", ref, "--format", "jsonl")[1].count(record.id), 1)
-                self.assertEqual(self.cli("compare", ref, ref)[1].splitlines()[0].split(), [record.id] * 2)
+                self.assertEqual(self.cli("compare", ref, ref)[1].splitlines()[0].split(), [record.id[-6:]] * 2)
 
     def test_rm_by_reference(self):
         self.assertEqual(self.cli("rm", "-2", "-y")[1], f"deleted {self.mid.id} (mid)\n")
