@@ -12,6 +12,7 @@ import tempfile
 import unittest
 from pathlib import Path
 
+from tests.common import HomeTestCase
 from tests.support import cancel_slurm_jobs, require_slurm, scontrol_job, wait_until_left_queue
 
 FAKE_SQUEUE = Path(__file__).resolve().parent / "fixtures" / "squeue"
@@ -33,14 +34,12 @@ def shape(row: str) -> str:
     return re.sub(r"\d+", "N", "|".join([id_, job_id, array_id, task_id, state, node]))
 
 
-class SlurmClusterTest(unittest.TestCase):
-    """Real jobs on the cluster that tests/slurm/setup.sh starts."""
+class SlurmClusterTest(HomeTestCase):
+    """Real jobs on the cluster that tests/slurm/setup.sh starts (in the test's private folder)."""
 
     def setUp(self) -> None:
         require_slurm(self)
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.tmp = Path(tmp.name)
+        super().setUp()
 
     def sbatch(self, *args: str) -> str:
         """Submit with sbatch --parsable; return the job id, cancelled at cleanup if it is still queued."""
