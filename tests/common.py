@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import unittest
 from pathlib import Path
 from unittest import mock
@@ -53,6 +54,23 @@ print("ready", flush=True)
 while True:
     time.sleep(0.05)
 """
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process lives (a zombie is dead for our purpose)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Tty(io.StringIO):
+    """A captured stdout that says it is a UTF-8 terminal (with no file descriptor: its size comes from $COLUMNS)."""
+
+    encoding = "utf-8"
+
+    def isatty(self) -> bool:
+        return True
 
 
 class HomeTestCase(unittest.TestCase):
@@ -172,6 +190,24 @@ class RunsHome(HomeTestCase):
         self.store = runpilot.RunStore(self.home)
         self.serial = 0
 
+    def tty_cli(self, *args: str, env: dict | None = None) -> tuple[int, str, str]:
+        """main() with a stdout that is a terminal of 200 x 40 unless env says otherwise."""
+        out, err = Tty(), io.StringIO()
+        with mock.patch.dict(os.environ, {"COLUMNS": "200", "LINES": "40", **(env or {})}), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = runpilot.main([str(a) for a in args])
+        return code, out.getvalue(), err.getvalue()
+
+    def assertCleanError(self, result: tuple[int, str, str], code: int, *parts: str) -> None:
+        """An error: the exit status, one line on stderr that says why, nothing on stdout."""
+        got, out, err = result
+        self.assertEqual(got, code, err)
+        self.assertEqual(out, "")
+        self.assertTrue(err.startswith("runpilot: error: "), err)
+        self.assertEqual(err.count("\n"), 1, err)
+        for part in parts:
+            self.assertIn(part, err)
+
     def add_run(self, name: str = "job", status: str = "succeeded", started: dt.datetime | None = None,
                 ago: dt.timedelta | None = None, duration: float | None = 10.0, exit_code: int | None = None,
                 samples: list[dict] = (), metric_names: list[str] = (), tags: dict | None = None,
@@ -209,6 +245,30 @@ class RunsHome(HomeTestCase):
         if index:
             self.store.save(meta)
         return runpilot.RunRecord.of(meta, folder.path)
+
+
+class LiveRun:
+    """`python runpilot.py run CONFIG` in the background, read until the job prints `ready`."""
+
+    def __init__(self, test: HomeTestCase, config: Path, *extra: str, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config), *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+        test.addCleanup(self.cleanup)
+        self.started = time.monotonic()
+        line = b""
+        while b"ready" not in line:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"job never got ready: {self.proc.stderr.read().decode()}")
+
+    def finish(self, timeout: float = 60) -> tuple[int, bytes, bytes]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
 
 
 def small_disk(test: unittest.TestCase, size: str = "1m", read_only: bool = False) -> Path:

@@ -11,47 +11,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from tests.common import POLITE, RUNPILOT, STUBBORN, HomeTestCase, small_disk
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0); it is dead for our purpose
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-class LiveRun:
-    """`python runpilot.py run CONFIG` in the background, read until the job says ready."""
-
-    def __init__(self, test: HomeTestCase, config: Path, *extra: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config), *extra],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
-        test.addCleanup(self.cleanup)
-        self.started = time.monotonic()
-        line = b""
-        while b"ready" not in line:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"job never got ready: {self.proc.stderr.read().decode()}")
-
-    def finish(self, timeout: float = 60) -> tuple[int, bytes, bytes]:
-        out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out, err
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-
+from tests.common import POLITE, RUNPILOT, STUBBORN, HomeTestCase, LiveRun, pid_alive, small_disk
 
 class Signals(HomeTestCase):
     def job_pid(self) -> int:

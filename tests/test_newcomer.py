@@ -10,11 +10,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import runpilot
-from tests.common import BASE, RUNPILOT, HomeTestCase, RunsHome
-from tests.test_safety import LiveRun
+from tests.common import BASE, RUNPILOT, HomeTestCase, LiveRun, RunsHome
 
 
 class ExitStatusAndTerminal(HomeTestCase):
@@ -42,7 +40,7 @@ class ExitStatusAndTerminal(HomeTestCase):
         run_id = self.only_run().name
         job_code = self.meta(self.only_run())["exit_code"]
         self.assertEqual(job_code, 143)  # the job's own status: it died of SIGTERM
-        self.assertIn(f"interrupted by Ctrl-C after".encode(), err)
+        self.assertIn(b"interrupted by Ctrl-C after", err)
         self.assertIn(f"(exit code {job_code}); runpilot exits with 130".encode(), err)
         self.assertIn(f"status     interrupted (exit code {job_code})", self.cli("show", run_id)[1])
         row = json.loads(self.cli("list", "--json")[1])[0]
@@ -174,24 +172,7 @@ class ConfigMistakes(HomeTestCase):
         self.assertEqual(self.cli("validate", good)[2], "")
 
 
-class Tty(io.StringIO):
-    """A captured stdout that says it is a terminal."""
-
-    def isatty(self) -> bool:
-        return True
-
-
 class EightyColumns(RunsHome):
-    def tty_cli(self, *args: str, env: dict | None = None) -> tuple[int, str, str]:
-        """main() with a stdout that is a terminal (its width from COLUMNS, as it has no real size)."""
-        import contextlib
-        from unittest import mock
-        out, err = Tty(), io.StringIO()
-        with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), \
-                contextlib.redirect_stderr(err):
-            code = runpilot.main([str(a) for a in args])
-        return code, out.getvalue(), err.getvalue()
-
     def fill(self) -> None:
         self.add_run("resnet50-imagenet-baseline-with-a-very-long-name", samples=[{"train_loss": 0.1234567,
                      "val_accuracy": 0.912345}], metric_names=["train_loss", "val_accuracy"],

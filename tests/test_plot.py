@@ -29,7 +29,7 @@ from pathlib import Path
 from unittest import mock
 
 import runpilot
-from tests.common import RUNPILOT, RunsHome
+from tests.common import RUNPILOT, RunsHome, Tty
 
 UTC = dt.timezone.utc
 BASE = dt.datetime(2026, 11, 20, 10, 0, 0, tzinfo=UTC)
@@ -55,16 +55,8 @@ for step in range(1, steps + 1):
 """
 
 
-class Tty(io.StringIO):
-    """A captured stdout that says it is a UTF-8 terminal (with no file descriptor: its size comes from $COLUMNS)."""
-
-    encoding = "utf-8"
-
-    def isatty(self) -> bool:
-        return True
-
-
 def visible(line: str) -> str:
+    """A line as it shows on the screen: without its colour codes."""
     return ESCAPE.sub("", line)
 
 
@@ -83,22 +75,6 @@ class PlotHome(RunsHome):
                                metric_names=metric_names, config=config or f"name: {json.dumps(name)}\n"
                                "engine: local\nentrypoint: [python3, train.py]\n")
 
-    def tty_cli(self, *args: str, env: dict | None = None) -> tuple[int, str, str]:
-        """main() with a stdout that is a terminal of $COLUMNS x $LINES (default 200 x 40)."""
-        out, err = Tty(), io.StringIO()
-        with mock.patch.dict(os.environ, {"COLUMNS": "200", "LINES": "40", **(env or {})}), \
-                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = runpilot.main([str(a) for a in args])
-        return code, out.getvalue(), err.getvalue()
-
-    def assertOneLineError(self, result: tuple[int, str, str], code: int, *parts: str) -> None:
-        got, out, err = result
-        self.assertEqual(got, code, err)
-        self.assertEqual(out, "")
-        self.assertTrue(err.startswith("runpilot: error: "), err)
-        self.assertEqual(err.count("\n"), 1, err)
-        for part in parts:
-            self.assertIn(part, err)
 
 
 # ==== the drawing, as pure functions =========================================
@@ -438,24 +414,24 @@ class TerminalCharts(PlotHome):
         self.assertRegex(out, r"(?m)^ *1 \+")
         self.assertRegex(out, r"(?m)^ *0\.1 \+")
         self.assertRegex(self.tty_cli("plot", self.a.id, "--metric", "loss", "--log")[1], r"(?m)^ *10 ┤")
-        self.assertOneLineError(self.cli("plot", self.a.id, "--metric", "acc", "--log"), 2,
-                                "--log: 'acc' of run", "goes down to 0", "without --log")
+        self.assertCleanError(self.cli("plot", self.a.id, "--metric", "acc", "--log"), 2,
+                              "--log: 'acc' of run", "goes down to 0", "without --log")
         negative = self.add_run("neg", [{"step": 1, "loss": -1.5}, {"step": 2, "loss": 3}])
-        self.assertOneLineError(self.cli("plot", negative.id, "--log"), 2, "goes down to -1.5")
+        self.assertCleanError(self.cli("plot", negative.id, "--log"), 2, "goes down to -1.5")
 
     def test_refusals_are_one_line(self):
-        self.assertOneLineError(self.cli("plot", self.a.id, "--smooth", "1"), 2, "--smooth 1", "below 1")
-        self.assertOneLineError(self.cli("plot", self.a.id, "--smooth", "-0.1"), 2, "--smooth -0.1")
-        self.assertOneLineError(self.cli("plot", self.a.id, "--x", "time"), 2, "--x time",
+        self.assertCleanError(self.cli("plot", self.a.id, "--smooth", "1"), 2, "--smooth 1", "below 1")
+        self.assertCleanError(self.cli("plot", self.a.id, "--smooth", "-0.1"), 2, "--smooth -0.1")
+        self.assertCleanError(self.cli("plot", self.a.id, "--x", "time"), 2, "--x time",
                                 "records no time", "plot by step")
-        self.assertOneLineError(self.cli("plot", self.a.id, "--width", "12"), 2, "too small", "--width 20")
-        self.assertOneLineError(self.cli("plot", self.a.id, "--metric", "los"), 1,
+        self.assertCleanError(self.cli("plot", self.a.id, "--width", "12"), 2, "too small", "--width 20")
+        self.assertCleanError(self.cli("plot", self.a.id, "--metric", "los"), 1,
                                 "no numeric samples of 'los'", "they have: acc, loss")
         empty = self.add_run("quiet", [])
-        self.assertOneLineError(self.cli("plot", empty.id), 1, f"no metrics in run(s) {empty.id}", "METRIC step=1")
+        self.assertCleanError(self.cli("plot", empty.id), 1, f"no metrics in run(s) {empty.id}", "METRIC step=1")
         nan = self.add_run("nan", [{"step": 1, "loss": "nan"}, {"step": 2, "loss": "inf"}])
-        self.assertOneLineError(self.cli("plot", nan.id), 1, "no finite numeric samples", "(their metrics: loss)")
-        self.assertOneLineError(self.cli("plot", "19990101"), 1, "no run matches '19990101'")
+        self.assertCleanError(self.cli("plot", nan.id), 1, "no finite numeric samples", "(their metrics: loss)")
+        self.assertCleanError(self.cli("plot", "19990101"), 1, "no run matches '19990101'")
         self.assertEqual(self.cli("plot")[0], 2)
 
     def test_smoothing_draws_the_raw_series_faint(self):
@@ -587,7 +563,7 @@ class HtmlPage(PlotHome):
         self.assertLess(sizes[40_000], sizes[4_000] * 1.2, sizes)  # bench.py: 10 runs x 100,000 steps < 1 MB
 
     def test_an_unwritable_path_is_one_line(self):
-        self.assertOneLineError(self.cli("plot", self.a.id, "--html", self.tmp / "no" / "such" / "p.html"), 1,
+        self.assertCleanError(self.cli("plot", self.a.id, "--html", self.tmp / "no" / "such" / "p.html"), 1,
                                 "cannot write", "choose another --html path")
 
 

@@ -19,40 +19,9 @@ import time
 from pathlib import Path
 
 import runpilot
-from tests.common import RUNPILOT, RunsHome, HomeTestCase, small_disk
+from tests.common import RUNPILOT, HomeTestCase, LiveRun, RunsHome, pid_alive, small_disk
 
 ESC = "\x1b]0;PWNED\x07"   # sets the terminal's title when printed raw
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process lives (a zombie does not count)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-class LiveRun:
-    """`python runpilot.py run CONFIG` in the background, read until the job prints `ready`."""
-
-    def __init__(self, test: HomeTestCase, config: Path, *extra: str, env: dict | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config), *extra],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
-        test.addCleanup(self.cleanup)
-        line = b""
-        while b"ready" not in line:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"job never got ready: {self.proc.stderr.read().decode()}")
-
-    def finish(self, timeout: float = 60) -> tuple[int, bytes, bytes]:
-        out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out, err
-
-    def cleanup(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
 
 
 def hold_lock(db: Path, seconds: float, after: float = 0.0) -> threading.Thread:
@@ -301,7 +270,7 @@ class NoHostCommands(HomeTestCase):
 class NoControlCodes(RunsHome):
     def test_job_and_config_values_are_printed_visibly(self):
         job = f"print('METRIC step=1 loss=x{ESC}y')\n"
-        config = self.local_config(job, name="evil", extra=f"metrics: [loss]\n")
+        config = self.local_config(job, name="evil", extra="metrics: [loss]\n")
         code, out, err = self.cli("run", config, "--name", f"name{ESC}", "--tag", f"t=v{ESC}")
         self.assertEqual(code, 0, err)
         self.assertIn(ESC, out)  # the job's own output passes through as it is...

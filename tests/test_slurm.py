@@ -6,8 +6,6 @@ they skip with the reason where no cluster answers, and fail where RUNPILOT_TEST
 """
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import runpilot
-from tests.common import ROOT, RUNPILOT, HomeTestCase
-from tests.test_safety import LiveRun, pid_alive
+from tests.common import ROOT, RUNPILOT, HomeTestCase, LiveRun, pid_alive
 
 FIXTURES = ROOT / "tests" / "fixtures"
 

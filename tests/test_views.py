@@ -5,7 +5,6 @@ meta.json, metrics.json, runs.db row) with controlled start times, statuses, nam
 only `logs -f` starts a real job (engine local).
 """
 
-import contextlib
 import csv
 import datetime as dt
 import io
@@ -20,16 +19,9 @@ import unittest
 from unittest import mock
 
 import runpilot
-from tests.common import BASE, RUNPILOT, UTC, RunsHome
+from tests.common import BASE, RUNPILOT, UTC, RunsHome, Tty
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-class Tty(io.StringIO):
-    """A captured stdout that says it is a terminal."""
-
-    def isatty(self) -> bool:
-        return True
 
 
 class ViewsHome(RunsHome):
@@ -41,29 +33,10 @@ class ViewsHome(RunsHome):
         patcher.start()
         self.addCleanup(patcher.stop)
 
-    def tty_cli(self, *args: str, env: dict | None = None) -> tuple[int, str, str]:
-        """main() with a stdout that is a terminal of 200 x 40 unless env says otherwise."""
-        out, err = Tty(), io.StringIO()
-        with mock.patch.dict(os.environ, {"COLUMNS": "200", "LINES": "40", **(env or {})}), \
-                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = runpilot.main([str(a) for a in args])
-        return code, out.getvalue(), err.getvalue()
-
     def ids(self, *args: str) -> list[str]:
         code, out, err = self.cli("list", "-q", *args)
         self.assertEqual(code, 0, err)
         return out.split()
-
-    def assertCleanError(self, result: tuple[int, str, str], code: int, *parts: str) -> None:
-        """An error: the exit status, one line on stderr that says why, nothing on stdout."""
-        got, out, err = result
-        self.assertEqual(got, code, err)
-        self.assertEqual(out, "")
-        self.assertTrue(err.startswith("runpilot: error: "), err)
-        self.assertEqual(err.count("\n"), 1, err)
-        for part in parts:
-            self.assertIn(part, err)
-
 
 def columns_of(header: str) -> list[tuple[int, int]]:
     """(start, end) of each header word."""
