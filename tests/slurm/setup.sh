@@ -215,20 +215,20 @@ start_slurm() {
         stop_daemon slurmd "$SLURMD_PID"
         stop_daemon slurmctld "$SLURMCTLD_PID"
     fi
-    if live_pid slurmctld "$SLURMCTLD_PID" >/dev/null && slurmctld_answers; then
-        echo "slurmctld already answering"
-    else
-        stop_daemon slurmctld "$SLURMCTLD_PID"
-        slurmctld || { show_logs "$SLURMCTLD_LOG"; die "slurmctld did not start"; }
-        echo "slurmctld started"
+    ensure_daemon slurmctld "$SLURMCTLD_PID" slurmctld_answers "$SLURMCTLD_LOG"
+    ensure_daemon slurmd "$SLURMD_PID" slurmd_answers "$SLURMD_LOG"
+}
+
+# Start daemon NAME (pid file PID_FILE) unless it lives and ANSWERS (a function); LOG is shown if it fails.
+ensure_daemon() {
+    local name="$1" pid_file="$2" answers="$3" log="$4"
+    if live_pid "$name" "$pid_file" >/dev/null && "$answers"; then
+        echo "$name already answering"
+        return 0
     fi
-    if live_pid slurmd "$SLURMD_PID" >/dev/null && slurmd_answers; then
-        echo "slurmd already answering"
-    else
-        stop_daemon slurmd "$SLURMD_PID"
-        slurmd || { show_logs "$SLURMD_LOG"; die "slurmd did not start"; }
-        echo "slurmd started"
-    fi
+    stop_daemon "$name" "$pid_file"
+    "$name" || { show_logs "$log"; die "$name did not start"; }
+    echo "$name started"
 }
 
 # Print the node's state as sinfo reports it (idle, mixed, allocated, down*, drained...), or nothing.
