@@ -39,6 +39,7 @@ import datetime as _dt
 import difflib
 import fcntl
 import functools
+import getpass
 import html
 import itertools
 import json
@@ -3994,7 +3995,6 @@ def _os_name() -> str:
 
 
 def _user() -> str | None:
-    import getpass
     with contextlib.suppress(KeyError, OSError):  # no name for this uid (containers, LDAP outages)
         return getpass.getuser()
     return None
@@ -4050,21 +4050,21 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: T
     facts = check_host(config, engine, options, environ, report)
     placement = GpuPlacement.plan(config, options, facts, store)
     placement.claim(options.run_id)  # with --no-wait, busy GPUs are an error here
-    folder = store.adopt(options.run_id) if options.run_id else store.create_run_dir()
-    placement.name_holder(folder.run_id)
-    env["RUNPILOT_RUN_ID"] = folder.run_id
-    meta = new_meta(config, folder.run_id, engine, options, facts)
-    meta.status = RUNNING if placement.ready else QUEUED
-    with (contextlib.nullcontext(signals) if signals is not None else StopSignals()) as signals:
-        try:
+    try:
+        with (contextlib.nullcontext(signals) if signals is not None else StopSignals()) as signals:
+            folder = store.adopt(options.run_id) if options.run_id else store.create_run_dir()
+            placement.name_holder(folder.run_id)
+            env["RUNPILOT_RUN_ID"] = folder.run_id
+            meta = new_meta(config, folder.run_id, engine, options, facts)
+            meta.status = RUNNING if placement.ready else QUEUED
             _report_behind(report, folder.run_id, record_start(store, config, folder, meta))
             if not placement.ready and not placement.wait(folder.run_id, signals, report):
                 return finish(store, config, folder, meta, TeeResult(None, INTERRUPTED, signals.received[0]),
                               options.previous, report)
             launch = make_launch(config, folder.run_id, engine, env, options, environ, placement.devices)
             return _run_placed(store, config, folder, meta, options, launch, terminal, report, signals)
-        finally:
-            placement.release()
+    finally:
+        placement.release()
 
 
 def _run_placed(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta, options: RunOptions,
