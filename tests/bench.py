@@ -419,22 +419,41 @@ class Bench:
             raise BenchError(f"image {BUSYBOX_IMAGE} missing: run tests/images/build.sh {self.engine}") from None
 
     def cleanup(self) -> None:
-        """Remove the benchmark's containers (its own label, and RunPilot's for runs in its homes)."""
-        labels = [f"{BENCH_LABEL}=1"]
+        """Remove the benchmark's containers (its own label, and RunPilot's for runs in its homes).
+
+        One listing of the engine's labelled containers, matched against the homes' run ids (the
+        sweep and Slurm cases leave thousands of runs: one `ps` per run would take minutes).
+        """
+        run_ids: set[str] = set()
         for home in self.homes:
             runs = home / "runs"
             if runs.is_dir():
-                labels += [f"runpilot.run_id={p.name}" for p in runs.iterdir()]
+                run_ids.update(p.name for p in runs.iterdir())
         ids: set[str] = set()
         if shutil.which(self.engine):
-            for label in labels:
-                done = subprocess.run([self.engine, "ps", "-aq", "--filter", f"label={label}"],
-                                      capture_output=True, text=True, timeout=60)
-                ids.update(done.stdout.split())
+            for label, wanted in ((BENCH_LABEL, None), ("runpilot.run_id", run_ids)):
+                done = subprocess.run([self.engine, "ps", "-a", "--filter", f"label={label}", "--format",
+                                       "{{.ID}} {{json .Labels}}"], capture_output=True, text=True, timeout=60)
+                for line in done.stdout.splitlines():
+                    cid, _, labels = line.partition(" ")
+                    if cid and (wanted is None or _label_value(labels, label) in wanted):
+                        ids.add(cid)
         if ids:
             subprocess.run([self.engine, "rm", "-f", *sorted(ids)], capture_output=True, timeout=120)
             say(f"removed {len(ids)} leftover container(s)")
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _label_value(text: str, key: str) -> str | None:
+    """A label's value from `ps --format '{{json .Labels}}'`: Podman gives a JSON object, Docker a JSON
+    string `k=v,k=v`."""
+    try:
+        labels = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(labels, str):
+        labels = dict(item.partition("=")[::2] for item in labels.split(",") if item)
+    return labels.get(key) if isinstance(labels, dict) else None
 
 
 def _kill_group(pid: int) -> None:
@@ -1476,6 +1495,9 @@ def _sweep_vs_xargs(bench: Bench) -> None:
     names = list(variants)
     say(f"\n{points} runs, {parallel} at a time ({reps} reps, alternating; load {loadavg()}). RunPilot's own CPU "
         "is its process alone (the jobs are its children); total CPU is the whole process tree")
+    for label, argv in jobs.items():
+        say(f"the last sweep of `{label}`, from its runs' meta.json: " + sweep_timeline(
+            bench.tmp / f"home-sweep-{argv[0]}", parallel, float(argv[1]) if len(argv) > 1 else 0.0))
     rows = []
     for name in names:
         ss = samples[name]
@@ -1495,6 +1517,24 @@ def _sweep_vs_xargs(bench: Bench) -> None:
                               median_of(sweep, "wall").fmt(1, 2, "s"), median_of(xargs, "wall").fmt(1, 2, "s"),
                               f"{ratio:.2f}× wall (+{extra:.0f} ms per run and slot); RunPilot's CPU "
                               f"{own:.1f} ms per run (tree minus xargs': {total:.1f} ms)", "", None))
+
+
+def sweep_timeline(home: Path, parallel: int, job_s: float) -> str:
+    """Where a sweep's time goes: inside each run (duration beyond the job's own) and between runs
+    (from a run's end to the start of the run that takes its place)."""
+    import runpilot as rp
+    metas = [rp.RunFolder(p).read_meta() for p in sorted((home / "runs").iterdir()) if p.is_dir()]
+    last = max(m.sweep.get("id") or "" for m in metas)
+    metas = [m for m in metas if m.sweep.get("id") == last and m.started_at and m.finished_at]
+    starts = sorted(rp.parse_time(m.started_at).timestamp() for m in metas)
+    ends = sorted(rp.parse_time(m.finished_at).timestamp() for m in metas)
+    inside = [(m.duration or 0) - job_s for m in metas]
+    gaps = [s - e for s, e in zip(starts[parallel:], ends)]
+    if not gaps:
+        return "too few runs to tell"
+    return (f"{len(metas)} runs; each run's duration beyond the job's {job_s:g}s: median "
+            f"{statistics.median(inside) * 1000:.0f} ms; from a run's end to the next run's start in its slot: "
+            f"median {statistics.median(gaps) * 1000:.0f} ms (max {max(gaps) * 1000:.0f} ms)")
 
 
 def sweep_home(bench: Bench, rp, runs: int, finished: bool) -> tuple[Path, str]:

@@ -120,6 +120,18 @@ class GpuArgsTest(ConfigTestCase):
             with self.subTest(engine=engine, gpus=gpus):
                 self.assertEqual(runpilot.gpu_args(engine, gpus), expected)
 
+    def test_placed_devices_replace_the_count_on_both_engines(self):
+        # `gpus: 2` placed on GPUs 2 and 3: explicit devices, never Docker's count (which means 0..N-1)
+        config = self.validate({"name": "g", "image": "i", "entrypoint": "e", "resources": {"gpus": 2}})
+        docker = runpilot.build_engine_argv(config, RUN_ID, "docker", devices=("2", "3"))
+        self.assertEqual(docker[docker.index("--gpus"):docker.index("--gpus") + 2], ["--gpus", '"device=2,3"'])
+        podman = runpilot.build_engine_argv(config, RUN_ID, "podman", devices=("2", "3"))
+        self.assertEqual([a for a in podman if a.startswith("nvidia.com/gpu=")],
+                         ["nvidia.com/gpu=2", "nvidia.com/gpu=3"])
+        self.assertNotIn("--gpus", podman)
+        local = runpilot.make_launch(config, RUN_ID, "local", {}, runpilot.RunOptions(), {}, ("2", "3"))
+        self.assertEqual(local.env["CUDA_VISIBLE_DEVICES"], "2,3")
+
     def test_validated_list_reaches_argv(self):
         config = self.validate({"name": "g", "image": "i", "entrypoint": "e", "resources": {"gpus": [0, 2]}})
         self.assertEqual(config.resources.gpus, ("0", "2"))

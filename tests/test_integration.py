@@ -161,7 +161,7 @@ class EngineCase(HomeTestCase):
                 hints = [l for l in result.stderr.decode().splitlines() if l.startswith("runpilot: hint: ")]
                 self.assertEqual(len(hints), 1, result.stderr)
                 self.assertIn(words, hints[0])
-                run = max(self.runs(), key=lambda r: r.name)
+                run = next(r for r in self.runs() if self.meta(r)["name"] == name)
                 self.assertIn(words, self.meta(run)["hint"])
 
     def test_a_sweep_on_the_engine(self):
@@ -325,6 +325,23 @@ class EngineCase(HomeTestCase):
         self.assertEqual(self.metrics(new), [{"step": 1, "lr": 0.2}])
         self.assertEqual(meta["image_id"], self.meta(old)["image_id"])
         self.assertEqual(meta["warnings"], [])
+
+    def test_ctrl_c_on_a_sweep_leaves_no_container(self):
+        config = self.config("sweep-stop", BUSYBOX_IMAGE, "echo ready; sleep 60")
+        proc = subprocess.Popen([sys.executable, str(RUNPILOT), "sweep", str(config), "--grid", "env.X=1,2,3",
+                                 "--parallel", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(self._reap, proc)
+        deadline = time.monotonic() + 60
+        while len([r for r in self.runs() if (r / "logs.txt").exists() and b"ready" in (r / "logs.txt").read_bytes()]) < 2:
+            self.assertLess(time.monotonic(), deadline, "the sweep's runs never started")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+        self.assertEqual(proc.returncode, 130, err)
+        statuses = sorted(self.meta(r)["status"] for r in self.runs())
+        self.assertEqual(statuses, ["cancelled", "interrupted", "interrupted"])
+        for run in self.runs():
+            self.assertEqual(self.leftovers(run.name), [])
 
     def test_parallel_runs(self):
         config = self.config("par", BUSYBOX_IMAGE, "echo METRIC x=1")

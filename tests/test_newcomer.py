@@ -99,7 +99,7 @@ class FailuresExplainThemselves(HomeTestCase):
                 hints = [l for l in result.stderr.decode().splitlines() if l.startswith("runpilot: hint: ")]
                 self.assertEqual(len(hints), 1, result.stderr)
                 self.assertIn(words, hints[0])
-                run = max(self.runs(), key=lambda p: p.stat().st_mtime_ns)
+                run = next(r for r in self.runs() if self.meta(r)["name"] == name.replace(" ", "_"))
                 self.assertIn(words, self.meta(run)["hint"])
 
     def test_the_memory_limit_is_named_for_a_killed_job(self):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import runpilot
 from tests.common import RUNPILOT, HomeTestCase
-from tests.support import cancel_slurm_jobs, require_slurm
+from tests.support import cancel_slurm_jobs, containers_with_label, require_engine, require_slurm
 
 
 class BatchScript(HomeTestCase):
@@ -175,6 +175,22 @@ class StopAndLimits(SlurmCase):
         self.assertEqual((code, out.strip()), (0, f"run {run_id} interrupted"), err)
         meta = self.meta(self.only_run())
         self.assertEqual(meta["status"], "interrupted")
+
+    def test_stop_leaves_no_container_on_the_node(self):
+        for engine in ("docker", "podman"):
+            with self.subTest(engine=engine):
+                require_engine(self, engine)
+                config = self.config("echo ready; sleep 120", engine=engine,
+                                     extra="image: runpilot-test-busybox:latest\n")
+                run_id = self.submit(config, "-d").stdout.decode().strip()
+                deadline = time.monotonic() + 60
+                while b"ready" not in (self.home / "runs" / run_id / "logs.txt").read_bytes() \
+                        if (self.home / "runs" / run_id / "logs.txt").exists() else True:
+                    self.assertLess(time.monotonic(), deadline, "the job never ran")
+                    time.sleep(0.5)
+                code, out, err = self.cli("stop", run_id)
+                self.assertEqual((code, out.strip()), (0, f"run {run_id} interrupted"), err)
+                self.assertEqual(containers_with_label(engine, f"runpilot.run_id={run_id}"), [])
 
     def test_ctrl_c_on_an_attached_run_cancels_it(self):
         config = self.config("echo ready; sleep 120")
