@@ -1357,7 +1357,7 @@ class _YamlParser:
             self.row, self.col, line = row, match.end(), text
         return "".join(parts)
 
-# ==== 8. YAML writer ==========================================================
+# ==== 8. YAML writer =========================================================
 # dump_yaml writes block YAML that the reader above and PyYAML's safe_load both read
 # back to the same data: it is how config.yaml is stored in each run folder.
 
@@ -2537,7 +2537,7 @@ def local_images(engine: str) -> list[str]:
     done = quiet_run([engine, "images", "--format", "{{.Repository}}:{{.Tag}}"], timeout=20)
     return [line for line in done.stdout.split() if "<none>" not in line] if done.returncode == 0 else []
 
-# ==== 12. Host facts: GPUs and their claims, git, the runner ===================
+# ==== 12. Host facts: GPUs and their claims, git, the runner =================
 
 # Where Podman looks for CDI specs (`nvidia-ctk cdi generate` writes one of these).
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
@@ -2995,7 +2995,7 @@ def _reaped(pid: int) -> bool:
         return True
     return done == pid
 
-# ==== 13. Process I/O: the terminal, the tee loop, signals, stopping the job ==
+# ==== 13. Process I/O: the terminal, the tee loop, signals, stopping the job ===
 
 def terminal_writer(stream) -> Callable[[bytes], object] | None:
     """Write raw bytes to a text stream's file descriptor (or decoded, for an in-memory stream)."""
@@ -3406,7 +3406,7 @@ class Tee:
             for fd in list(sel.get_map()):
                 sel.unregister(fd)
 
-# ==== 14. The run store: run folders and the sqlite index ===================
+# ==== 14. The run store: run folders and the sqlite index ====================
 
 @dataclass(frozen=True)
 class RunFolder:
@@ -4369,7 +4369,7 @@ def failure_hint(config: JobConfig, meta: RunMeta, folder: RunFolder) -> str | N
                 "a driver, CUDA); look at the last lines of its log (runpilot logs --tail 50)")
     return None
 
-# ==== 16. Sweeps: a grid of runs from one config ==============================
+# ==== 16. Sweeps: a grid of runs from one config =============================
 # A sweep is a plan (<home>/sweeps/<id>/sweep.json) and ordinary runs, one per point, recorded
 # up front as `queued`. One process runs them, a thread per running run, as many at once as
 # --parallel and the GPU pool allow; every run claims its own GPUs (GpuPlacement), so a sweep
@@ -4640,7 +4640,7 @@ def stop_sweep(store: RunStore, sweep_id: str, wait: float) -> str:
     statuses = [store.folder(p["run_id"]).read_meta().status for p in sweep.points]
     return f"sweep {sweep_id}: " + ", ".join(f"{statuses.count(s)} {s}" for s in STATUSES if s in statuses)
 
-# ==== 17. Slurm: the same config on a cluster ==================================
+# ==== 17. Slurm: the same config on a cluster ================================
 # `--on slurm` records the run as `queued`, copies this very file into the run folder, and
 # submits a batch script that runs it on the node (`runpilot.py _slurm-job FOLDER`): the job
 # runs there with the config's engine and writes only its own run folder, whole files renamed
@@ -4981,7 +4981,7 @@ def node_folder(target: str, environ) -> RunFolder:
                          "system the nodes share with the login node (NFS, Lustre)")
     return RunFolder(path)
 
-# ==== 18. Runs over time: keeping statuses true, stopping, deleting ============
+# ==== 18. Runs over time: keeping statuses true, stopping, deleting ==========
 
 def refresh(store: RunStore, records: list[RunRecord], note: Callable[[str], None]) -> list[RunRecord]:
     """Bring queued and running runs up to date: the folder is the truth.
