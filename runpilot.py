@@ -5066,13 +5066,20 @@ def stop_run(store: RunStore, record: RunRecord, wait: float, note: Callable[[st
     return refresh(store, [record], note)[0]
 
 
-def end_leftover_job(record: RunRecord, meta: RunMeta) -> None:
+def end_leftover_job(record: RunRecord, meta: RunMeta, wait: float = 5.0) -> None:
+    """Remove the container, or kill the process group, that a dead runner left behind, and wait
+    (up to WAIT seconds) until it is gone."""
     if record.engine in ("docker", "podman"):
         for container in containers_of(record.engine, record.id):
             quiet_run([record.engine, "rm", "-f", container], timeout=60)
-    elif leftover_job(record, meta):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(meta.job["pgid"], signal.SIGKILL)
+        return
+    if not leftover_job(record, meta):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(meta.job["pgid"], signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    while leftover_job(record, meta) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def deletable(store: RunStore, records: list[RunRecord], note: Callable[[str], None]) -> list[str]:
