@@ -63,9 +63,10 @@ from pathlib import Path
 __version__ = "0.5.0"
 
 __all__ = [
-    "ConfigError", "EngineError", "JobConfig", "Mount", "Resources", "RunEvent", "RunMeta", "RunOptions",
-    "RunPilotError", "RunRecord", "RunStore", "StoreError", "YamlError", "build_engine_argv", "dump_yaml",
-    "load_config", "main", "parse_metric_line", "parse_yaml", "parse_yaml_located", "run_job",
+    "ConfigError", "EngineError", "GpuError", "JobConfig", "Mount", "Resources", "RunEvent", "RunFilter",
+    "RunFolder", "RunMeta", "RunOptions", "RunPilotError", "RunRecord", "RunStore", "SlurmError", "StoreError",
+    "Terminal", "UsageError", "YamlError", "build_engine_argv", "dump_yaml", "load_config", "main",
+    "parse_metric_line", "parse_yaml", "parse_yaml_located", "run_job",
 ]
 
 # ==== 3. Constants ===========================================================
