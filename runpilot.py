@@ -4535,7 +4535,7 @@ class SweepRunner:
         self.terminal, self.report = terminal, report
         self.running: dict[str, tuple[threading.Thread, StopSignals]] = {}
         self.outcomes: dict[str, RunOutcome | RunPilotError] = {}
-        self.lock = threading.Lock()
+        self.ended = threading.Condition()   # notified when a run's thread is done
         self.stopping: int | None = None   # the signal that stopped the sweep
 
     def run(self, signals: StopSignals) -> int:
@@ -4547,11 +4547,12 @@ class SweepRunner:
             handled = len(signals.received)
             while self.pending and len(self.running) < self.parallel and self.stopping is None:
                 self.start(*self.pending.pop(0))
-            for run_id, (thread, _) in list(self.running.items()):
-                thread.join(timeout=POLL_SECONDS / len(self.running))
-                if not thread.is_alive():
-                    del self.running[run_id]
-                    self.after(run_id)
+            with self.ended:  # a freed slot is filled at once; signals are looked at between runs' ends
+                self.ended.wait_for(lambda: any(run_id in self.outcomes for run_id in self.running), POLL_SECONDS)
+            for run_id in [r for r in self.running if r in self.outcomes]:
+                self.running[run_id][0].join()
+                del self.running[run_id]
+                self.after(run_id)
         if self.stopping is not None:
             return 128 + self.stopping
         return 0 if all(isinstance(o, RunOutcome) and o.record.status == SUCCEEDED
@@ -4578,8 +4579,9 @@ class SweepRunner:
         except RunPilotError as exc:  # failed before the job started: the point must not stay queued
             outcome = exc
             self._record_failure(run_id, exc)
-        with self.lock:
+        with self.ended:
             self.outcomes[run_id] = outcome
+            self.ended.notify_all()
 
     def _record_failure(self, run_id: str, exc: RunPilotError) -> None:
         folder = self.store.folder(run_id)
@@ -4795,19 +4797,20 @@ def submit_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint,
     return sweep
 
 
-def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str], None]) -> None:
-    """Bring every active Slurm run up to date with one squeue call (see the section's header).
+def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str], None]) -> dict[str, RunRecord]:
+    """Bring every active Slurm run up to date with one squeue call (see the section's header);
+    returns them by id, as they are now.
 
     `squeue -t all` also lists jobs that ended in the last minutes, with their final state; a
     job's runner's own final status (meta.json) always wins over Slurm's state.
     """
     active = store.active_slurm_runs() if not records or any(r.slurm_job for r in records) else []
     if not active or not shutil.which("squeue"):
-        return
+        return {r.id: r for r in active}
     done = quiet_run(["squeue", "-h", "-r", "--me", "-t", "all", "-o", SQUEUE_FORMAT], timeout=60)
     if done.returncode != 0:
         note(f"squeue failed ({done.stderr.strip()[:200]}); Slurm runs are shown as last known")
-        return
+        return {r.id: r for r in active}
     queue = parse_squeue(done.stdout)
     changed = []
     for record in active:
@@ -4823,6 +4826,7 @@ def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str
     if changed and store.write_index:
         with contextlib.suppress(StoreError), store.db() as conn, _transaction(conn):
             conn.executemany(_UPSERT, [_row(r) for r in changed])
+    return {r.id: r for r in active} | {r.id: r for r in changed}
 
 
 def _slurm_ended(store: RunStore, record: RunRecord, job: dict | None) -> RunRecord:
@@ -4991,8 +4995,9 @@ def refresh(store: RunStore, records: list[RunRecord], note: Callable[[str], Non
     whose runner died (SIGKILL, a reboot) is stored `lost`, or `cancelled` when it never started;
     a container or process group that lives on is reported. Final statuses are never rewritten.
     """
-    slurm_refresh(store, [r for r in records if r.status in ACTIVE_STATUSES], note)
-    return [_refresh_one(store, r, note) if r.status in ACTIVE_STATUSES else r for r in records]
+    slurm = slurm_refresh(store, [r for r in records if r.status in ACTIVE_STATUSES], note)
+    return [slurm.get(r.id, r) if r.slurm_job else _refresh_one(store, r, note) if r.status in ACTIVE_STATUSES
+            else r for r in records]
 
 
 def _refresh_one(store: RunStore, record: RunRecord, note: Callable[[str], None]) -> RunRecord:
@@ -5002,8 +5007,6 @@ def _refresh_one(store: RunStore, record: RunRecord, note: Callable[[str], None]
     if readable and meta.final:
         store.save_or_defer(meta)
         return RunRecord.of(meta, folder.path)
-    if record.slurm_job:  # slurm_refresh brought its row up to date
-        return store.get(record.id) or record
     runner = meta.runner or record.runner
     if runner_alive(runner) is not False:
         return RunRecord.of(meta, folder.path) if readable else record
