@@ -4207,38 +4207,51 @@ def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: Ru
     try:
         if signals.received:  # stopped while the run was being recorded: never start the job
             return TeeResult(None, INTERRUPTED, signals.received[0])
-        if launch.container is None:
-            become_subreaper()
-        try:
-            job = Job(launch, options.stop_timeout)
-        except OSError as exc:  # recorded as failed like a shell's "command not found"
-            report(RunEvent("warning", meta.run_id, f"cannot start {launch.argv[0]}: {exc.strerror}"))
+        job = _start_job(launch, options, folder, meta, report)
+        if job is None:  # recorded as failed like a shell's "command not found"
             return TeeResult(127)
-        if launch.container is None:  # so `stop` can end a local job whose runner died
-            meta.job = {"pgid": job.proc.pid, "start": process_start(job.proc.pid)}
-            with contextlib.suppress(OSError):
-                folder.write_meta(meta)
-        try:
-            result = Tee(log_fd, metrics, terminal, report, meta.run_id).run(job, signals, config.timeout)
-        except BaseException:  # a bug in the loop must not leave a job running behind the user's back
-            job.request_stop(force=True)
-            job.reap_helpers()
-            remove_container(launch)
-            job.end_leftovers()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                job.proc.wait(timeout=job.stop_timeout + 15)
-            raise
-        finally:
-            job.close_pipes()
-        job.end_leftovers()
-        if result.stop_reason:
-            job.reap_helpers()
-            remove_container(launch)
+        return _tee_to_the_end(job, Tee(log_fd, metrics, terminal, report, meta.run_id), signals, config.timeout)
     finally:
         os.close(log_fd)
         metrics.close()
         meta.samples = {"count": metrics.count, "malformed": metrics.malformed}
         meta.last_metrics = metrics.last
+
+
+def _start_job(launch: Launch, options: RunOptions, folder: RunFolder, meta: RunMeta, report: Reporter) -> Job | None:
+    """The started job, or None (said as a warning) when its program cannot be started."""
+    if launch.container is None:
+        become_subreaper()
+    try:
+        job = Job(launch, options.stop_timeout)
+    except OSError as exc:
+        report(RunEvent("warning", meta.run_id, f"cannot start {launch.argv[0]}: {exc.strerror}"))
+        return None
+    if launch.container is None:  # so `stop` can end a local job whose runner died
+        meta.job = {"pgid": job.proc.pid, "start": process_start(job.proc.pid)}
+        with contextlib.suppress(OSError):
+            folder.write_meta(meta)
+    return job
+
+
+def _tee_to_the_end(job: Job, tee: Tee, signals: StopSignals, timeout: float | None) -> TeeResult:
+    """Tee the job until it ends; then nothing of it is left, also after a bug in the loop."""
+    try:
+        result = tee.run(job, signals, timeout)
+    except BaseException:  # a bug in the loop must not leave a job running behind the user's back
+        job.request_stop(force=True)
+        job.reap_helpers()
+        remove_container(job.launch)
+        job.end_leftovers()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            job.proc.wait(timeout=job.stop_timeout + 15)
+        raise
+    finally:
+        job.close_pipes()
+    job.end_leftovers()
+    if result.stop_reason:
+        job.reap_helpers()
+        remove_container(job.launch)
     return result
 
 
@@ -5376,35 +5389,8 @@ def render_show(record: RunRecord, meta: RunMeta, samples: list[dict], files: di
                 config_text: str, log_lines: list[str], ascii_only: bool, width: int | None) -> str:
     """`show`: everything about one run, each line cut to WIDTH (None: no limit)."""
     fit = (lambda text: clip(visible(text), width)) if width else visible
-    status = record.status + ("" if record.exit_code is None else f" (exit code {record.exit_code})")
-    out = [f"run        {record.id}", f"name       {record.name}", f"status     {status}"]
-    if record.reason:
-        out.append(f"reason     {record.reason}")
-    out += [f"started    {record.started_at}", f"finished   {record.finished_at or '-'}",
-            f"duration   {fmt_duration(record.duration)}",
-            f"engine     {meta.engine or '-'} {meta.engine_version or ''}".rstrip(),
-            f"image      {meta.image or '-'}" + (f"  ({meta.image_id})" if meta.image_id else ""),
-            *[f"digest     {digest}" for digest in meta.repo_digests],
-            f"command    {meta.command_line or '-'}", f"host       {meta.host or '-'}"]
-    if meta.devices:
-        out.append(f"gpus       {', '.join(meta.devices)}")
-    if meta.slurm.get("job_id"):
-        where = f" on {meta.slurm['node']}" if meta.slurm.get("node") else ""
-        part = f", partition {meta.slurm['partition']}" if meta.slurm.get("partition") else ""
-        out.append(f"slurm      job {meta.slurm['job_id']}{where}{part}")
-    out.append(f"folder     {record.path}")
-    if record.tags:
-        out.append("tags       " + " ".join(f"{k}={v}" for k, v in sorted(record.tags.items())))
-    if meta.sweep.get("id"):
-        out.append(f"sweep      {meta.sweep['id']} point {meta.sweep.get('index')}")
-    if meta.rerun_of:
-        out.append(f"rerun of   {meta.rerun_of}")
-    for repo in meta.git:
-        dirty = " (uncommitted changes)" if repo.get("dirty") else ""
-        out.append(f"git        {repo.get('root')} {repo.get('branch')} {str(repo.get('commit'))[:12]}{dirty}")
-    out.append("files")
-    out += [f"  {name:<14} {fmt_size(size):>10}" for name, size in files.items()]
-    out = [fit(line) for line in out]
+    out = [fit(line) for line in _show_facts(record, meta)]
+    out += ["files"] + [fit(f"  {name:<14} {fmt_size(size):>10}") for name, size in files.items()]
     out += _metrics_block(samples, ascii_only, width)
     out += [fit(f"warning    {w}") for w in meta.warnings]
     if meta.hint:
@@ -5413,9 +5399,32 @@ def render_show(record: RunRecord, meta: RunMeta, samples: list[dict], files: di
         out.append(f"log        the last {len(log_lines)} line(s) of logs.txt")
         out += [fit("  " + line) for line in log_lines]
     if config_text:
-        out.append("config")
-        out += [fit("  " + line) for line in config_text.splitlines()]
+        out += ["config"] + [fit("  " + line) for line in config_text.splitlines()]
     return "\n".join(out)
+
+
+def _show_facts(record: RunRecord, meta: RunMeta) -> list[str]:
+    """`show`'s `label  value` lines, those a run has."""
+    status = record.status + ("" if record.exit_code is None else f" (exit code {record.exit_code})")
+    slurm = meta.slurm
+    facts = [
+        ("run", record.id), ("name", record.name), ("status", status), ("reason", record.reason),
+        ("started", record.started_at), ("finished", record.finished_at or "-"),
+        ("duration", fmt_duration(record.duration)),
+        ("engine", f"{meta.engine or '-'} {meta.engine_version or ''}".rstrip()),
+        ("image", f"{meta.image or '-'}" + (f"  ({meta.image_id})" if meta.image_id else "")),
+        *[("digest", digest) for digest in meta.repo_digests],
+        ("command", meta.command_line or "-"), ("host", meta.host or "-"),
+        ("gpus", ", ".join(meta.devices)),
+        ("slurm", slurm.get("job_id") and f"job {slurm['job_id']}" + (f" on {slurm['node']}" if slurm.get("node")
+                                                                        else "")
+         + (f", partition {slurm['partition']}" if slurm.get("partition") else "")),
+        ("folder", record.path), ("tags", " ".join(f"{k}={v}" for k, v in sorted(record.tags.items()))),
+        ("sweep", meta.sweep.get("id") and f"{meta.sweep['id']} point {meta.sweep.get('index')}"),
+        ("rerun of", meta.rerun_of),
+        *[("git", f"{repo.get('root')} {repo.get('branch')} {str(repo.get('commit'))[:12]}"
+                  + (" (uncommitted changes)" if repo.get("dirty") else "")) for repo in meta.git]]
+    return [f"{label:<10} {value}" for label, value in facts if value]
 
 
 def _metrics_block(samples: list[dict], ascii_only: bool, width: int | None) -> list[str]:
