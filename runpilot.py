@@ -5009,11 +5009,17 @@ def refresh(store: RunStore, records: list[RunRecord], note: Callable[[str], Non
     a container or process group that lives on is reported. Final statuses are never rewritten.
     """
     slurm = slurm_refresh(store, [r for r in records if r.status in ACTIVE_STATUSES], note)
-    return [slurm.get(r.id, r) if r.slurm_job else _refresh_one(store, r, note) if r.status in ACTIVE_STATUSES
-            else r for r in records]
+    alive = functools.lru_cache(maxsize=None)(lambda runner: runner_alive(json.loads(runner)))
+    return [slurm.get(r.id, r) if r.slurm_job else _refresh_one(store, r, note, alive)
+            if r.status in ACTIVE_STATUSES else r for r in records]
 
 
-def _refresh_one(store: RunStore, record: RunRecord, note: Callable[[str], None]) -> RunRecord:
+def _refresh_one(store: RunStore, record: RunRecord, note: Callable[[str], None],
+                 alive: Callable[[str], bool | None]) -> RunRecord:
+    """One active run: its row stands while its runner lives (the runner keeps it current; a
+    sweep's thousand queued points share one runner, looked at once); else its folder decides."""
+    if record.runner and alive(json.dumps(record.runner, sort_keys=True)):
+        return record
     folder = store.folder(record.id)
     meta = folder.read_meta()
     readable = meta.started_at is not None
@@ -5021,7 +5027,7 @@ def _refresh_one(store: RunStore, record: RunRecord, note: Callable[[str], None]
         store.save_or_defer(meta)
         return RunRecord.of(meta, folder.path)
     runner = meta.runner or record.runner
-    if runner_alive(runner) is not False:
+    if alive(json.dumps(runner, sort_keys=True)) is not False:
         return RunRecord.of(meta, folder.path) if readable else record
     never_started = (meta.status if readable else record.status) == QUEUED
     if readable:

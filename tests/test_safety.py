@@ -59,10 +59,10 @@ class StatusesStayTrue(RunsHome):
 
     def test_a_runner_killed_after_its_final_record_is_not_lost(self):
         # The runner wrote meta.json (final) and was SIGKILLed before the index row: the folder wins.
-        record = self.add_run("done", status="running")
+        dead = {"pid": 999999, "host": runpilot.hostname(), "boot_id": runpilot._boot_id(), "start": "1"}
+        record = self.add_run("done", status="running", runner=dead)
         meta = self.store.folder(record.id).read_meta()
         meta.status, meta.exit_code, meta.finished_at, meta.duration = "succeeded", 0, meta.started_at, 1.0
-        meta.runner = {"pid": 999999, "host": runpilot.hostname(), "boot_id": runpilot._boot_id(), "start": "1"}
         self.store.folder(record.id).write_meta(meta)
         code, out, _ = self.cli("list", "--json")
         self.assertEqual(json.loads(out)[0]["status"], "succeeded")
