@@ -369,7 +369,8 @@ class Bench:
         script = venv / "bin" / "runpilot"
         if script.exists():
             return script
-        shutil.rmtree(venv, ignore_errors=True)
+        for stale in CACHE_DIR.glob("installed-*"):  # venvs of runpilot.py versions gone since
+            shutil.rmtree(stale, ignore_errors=True)
         src = self.tmp / "install-src"
         shutil.rmtree(src, ignore_errors=True)
         src.mkdir()
@@ -526,7 +527,15 @@ def machine_lines(bench: Bench) -> list[str]:
         except BenchError:
             details = ""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True,
+                          text=True).stdout.strip()[:72] or "?"
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "runpilot.py"],
+                           capture_output=True, text=True).stdout.strip()
+    source = RUNPILOT_PY.read_bytes()
+    lines = source.count(b"\n")
     return [
+        f"runpilot.py: {lines:,} lines, sha256 {hashlib.sha256(source).hexdigest()[:12]}, "
+        f"at {head}{' (modified)' if dirty else ''}",
         f"machine: {cpus} CPUs ({model}), {mem:.1f} GiB RAM, {platform.system()} {platform.release()}",
         f"python:  {py} ({bench.python})",
         f"engine:  {bench.engine} — {versions}; {details}",
@@ -1050,8 +1059,8 @@ def version_startup(bench: Bench, reps: int) -> None:
                                                                          str(copied / "runpilot.py"), "--version"],
         "python -B runpilot.py --version (copied file, a venv's python)": [bench.clean, "-B",
                                                                            str(copied / "runpilot.py"), "--version"],
-        f"… the same, runpilot.py of {OLD_COMMIT} (before the refactor)": [bench.clean, "-B",
-                                                                            str(old_copied / "runpilot.py"), "--version"],
+        f"… the same, runpilot.py of {OLD_COMMIT} (before the refactor)": [
+            bench.clean, "-B", str(old_copied / "runpilot.py"), "--version"],
         "runpilot --version (installed: pip into a venv, as pipx)": [str(script), "--version"],
     }
     env = bench.installed_env()
@@ -1302,7 +1311,7 @@ def case_fastpaths(bench: Bench) -> None:
 
 
 def _fastpath_runs(bench: Bench, old: Path) -> None:
-    reps = bench.reps * 2
+    reps = bench.reps * 4  # differences of 10-30 ms on runs of 200-500 ms
     image_fp = "docker_api" if bench.engine == "docker" else "podman_cache"
     image_label = ("Docker socket image check" if bench.engine == "docker"
                    else "Podman image-answer cache")
@@ -1335,6 +1344,7 @@ def _fastpath_runs(bench: Bench, old: Path) -> None:
     say(f"\nA run of `true` on {bench.engine} ({reps} reps, alternating; load {loadavg()})")
     say(table(["variant", "wall median (min–max)", f"vs {OLD_COMMIT} as it was", "RunPilot's own CPU",
                "engine CLI CPU"], rows))
+    _plain_paths(bench, reps)
     bare = walls[names[-1]].median
     bench.rows += [
         Row("8", f"run of `true` on {bench.engine}: today vs {OLD_COMMIT} (overhead over bare `run --rm --init`)",
@@ -1342,14 +1352,35 @@ def _fastpath_runs(bench: Bench, old: Path) -> None:
             f"{as_was * 1000:.0f} ms (+{(as_was - bare) * 1000:.0f})",
             f"{(walls[names[0]].median - as_was) * 1000:+.0f} ms per run", "", None),
     ]
+    def more(name: str, attr: str) -> float:
+        """Milliseconds of ATTR (median) the variant NAME takes beyond the old module as it was."""
+        return (median_of(samples[name], attr).median - median_of(samples[names[1]], attr).median) * 1000
+
     for n in names[2:6]:
         what = n.removeprefix(f"{OLD_COMMIT} ")
         bench.rows.append(Row("8", f"… {OLD_COMMIT} {what}: what it saved per run", walls[n].fmt(1000, 0, "ms"),
                               f"as it was: {as_was * 1000:.0f} ms",
-                              f"{(walls[n].median - as_was) * 1000:+.0f} ms wall, "
-                              f"{(median_of(samples[n], 'cpu_self').median - median_of(samples[names[1]], 'cpu_self').median) * 1000:+.0f} ms own CPU, "
-                              f"{(median_of(samples[n], 'cpu_children').median - median_of(samples[names[1]], 'cpu_children').median) * 1000:+.0f} ms CLI CPU",
-                              "", None))
+                              f"{(walls[n].median - as_was) * 1000:+.0f} ms wall, {more(n, 'cpu_self'):+.0f} ms own "
+                              f"CPU, {more(n, 'cpu_children'):+.0f} ms CLI CPU", "", None))
+
+
+def _plain_paths(bench: Bench, reps: int) -> None:
+    """What the fast paths saved a run from doing, alone: the engine CLI calls of the plain paths (today's
+    image check and engine-version probe; the probe runs in a thread beside the job's start)."""
+    fmt = "{{.Server.Version}}" if bench.engine == "docker" else "{{.Client.Version}}"
+    commands = {
+        f"{bench.engine} image inspect IMG (the image check)": [bench.engine, "image", "inspect", "--format",
+                                                                 "{{.Id}}|{{json .RepoDigests}}", BUSYBOX_IMAGE],
+        f"{bench.engine} version (the engine-version probe)": [bench.engine, "version", "--format", fmt],
+    }
+    samples = bench.alternate(commands, bench.env(), reps)
+    say(table(["the plain path alone, whole process", "wall median (min–max)", "its CPU"],
+              [[k, median_of(v, "wall").fmt(1000, 0, "ms"), median_of(v, "cpu_children").fmt(1000, 0, "ms")]
+               for k, v in samples.items()]))
+    bench.rows.append(Row("8", f"the plain paths alone: `{bench.engine} image inspect` / `{bench.engine} version`",
+                          " / ".join(median_of(v, "wall").fmt(1000, 0, "ms") for v in samples.values()),
+                          "", "CPU " + " / ".join(f"{median_of(v, 'cpu_children').median * 1000:.0f} ms"
+                                                  for v in samples.values()), "", None))
 
 
 def _fastpath_metrics(bench: Bench, old: Path) -> None:
@@ -1460,8 +1491,8 @@ def _fastpath_list(bench: Bench, old: Path) -> None:
               [[k, v.fmt(1000, 0, "ms"), f"+{(v.median - base) * 1000:.0f} ms",
                 median_of(samples[k], "cpu_self").fmt(1000, 0, "ms") if samples[k][0].cpu_self else "–"]
                for k, v in walls.items()]))
-    bench.rows.append(Row("8", f"`runpilot list`, {n:,} runs: today vs {OLD_COMMIT}", walls[names[0]].fmt(1000, 0, "ms"),
-                          walls[names[1]].fmt(1000, 0, "ms"),
+    bench.rows.append(Row("8", f"`runpilot list`, {n:,} runs: today vs {OLD_COMMIT}",
+                          walls[names[0]].fmt(1000, 0, "ms"), walls[names[1]].fmt(1000, 0, "ms"),
                           f"{(walls[names[0]].median - walls[names[1]].median) * 1000:+.0f} ms; {OLD_COMMIT} "
                           f"without lazy imports: {walls[names[2]].median * 1000:.0f} ms", "", None))
 
@@ -1603,7 +1634,8 @@ def _list_sweep(bench: Bench) -> None:
               [[k, v.fmt(1000, 0, "ms"), f"+{(v.median - base) * 1000:.0f} ms"] for k, v in walls.items()]))
     limit = TARGETS["list_sweep_ms"]
     for name in names[:2]:
-        bench.rows.append(Row("9", f"`runpilot {name.split(',')[0]}`, {name.split(', ', 1)[1]}, installed, whole process",
+        command, runs_said = name.split(", ", 1)
+        bench.rows.append(Row("9", f"`runpilot {command}`, {runs_said}, installed, whole process",
                               walls[name].fmt(1000, 0, "ms"), f"python -c pass: {base * 1000:.0f} ms",
                               f"+{(walls[name].median - base) * 1000:.0f} ms", f"< {limit:.0f} ms",
                               walls[name].median * 1000 < limit))
@@ -1698,7 +1730,8 @@ def _slurm_list(bench: Bench) -> None:
     base = walls[names[-1]].median
     say(f"\n{runs:,} active Slurm runs ({runs - queued} running, {queued} queued), squeue = tests/fixtures/squeue "
         f"listing {len(jobs):,} jobs; installed runpilot ({reps} reps, alternating; load {loadavg()})")
-    say(table(["command (stdout to /dev/null)", "wall median (min–max)", "over python -c pass", "squeue calls per command"],
+    say(table(["command (stdout to /dev/null)", "wall median (min–max)", "over python -c pass",
+               "squeue calls per command"],
               [[k, v.fmt(1000, 0, "ms"), f"+{(v.median - base) * 1000:.0f} ms",
                 ", ".join(map(str, sorted(set(calls[k])))) if k in calls else "–"] for k, v in walls.items()]))
     say(f"`list --all --json` afterwards: {len(listed)} runs, {wrong} not queued/running")
@@ -1730,7 +1763,8 @@ def _slurm_submit(bench: Bench) -> None:
             reason = "sinfo did not answer within 15 s"
     if reason:
         say(f"\n`sweep --on slurm` of {points} points: skipped: {reason}")
-        bench.rows.append(Row("10", f"`sweep --on slurm`, {points} points", "skipped", "", reason, "1 sbatch call", None))
+        bench.rows.append(Row("10", f"`sweep --on slurm`, {points} points", "skipped", "", reason, "1 sbatch call",
+                              None))
         return
     real_sbatch = shutil.which("sbatch")
     bin_dir = bench.tmp / "sbatch-bin"
@@ -1794,7 +1828,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog="Prints a plain-text report ending in a markdown table.")
     parser.add_argument("--engine", choices=("docker", "podman"), default="docker")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer reps and smaller sizes (100 MB, 200k METRIC lines, 20k runs): about 2 minutes")
+                        help="fewer reps and smaller sizes (100 MB, 200k METRIC lines, 20k runs): about 5 minutes")
     parser.add_argument("--reps", type=int, help="repetitions per variant (default 5, --quick 2); short cases "
                                                  "run twice as many")
     parser.add_argument("--cases", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated case numbers (default all)")

@@ -1,6 +1,6 @@
 """Reliability stress run: faults at random moments, on real engines; every run's outcome checked.
 
-    python3 tests/stress.py [--engines docker,podman,local] [--interrupts 10] [--parallel 16] [--faults 6]
+    python3 tests/stress.py [--engines docker,podman,local] [--interrupts 10] [--parallel 16] [--faults 8]
                             [--seed 1] [--runpilot PATH]
 
 Needs the test images (tests/images/build.sh) for docker and podman. Cases, per engine:
@@ -19,10 +19,14 @@ Needs the test images (tests/images/build.sh) for docker and podman. Cases, per 
                  by `timeout: 2`, by one Ctrl-C, or by two: right exit status and status, in time
   parallel       N runs started at once: N exit 0, N distinct ids, folders and index rows
 
-"In time" is the limit (timeout or signal) + --stop-timeout + a slack for the engine (local 2 s,
-docker 4 s, podman 5 s). "Processes left": local jobs still alive afterwards (any process whose
-working folder is in the stress run's temporary folder) and containers carrying the run's label.
-docker and podman run a third of --faults (at least 2) of the three fault cases, local all of them.
+A RunPilot killed by the signal it was sent counts as the right exit status (a shell's $? is 128+N
+either way) in two places only: a signal before RunPilot's own code runs (nothing may be recorded
+then), and the second Ctrl-C of the stalled reader landing while RunPilot exits, after the run was
+recorded (the report counts these apart). "In time" is the limit (timeout or signal) + --stop-timeout
++ a slack for the engine (local 2 s, docker 4 s, podman 5 s). "Processes left": local jobs still
+alive afterwards (any process whose working folder is in the stress run's temporary folder) and
+containers carrying the run's label. docker and podman run half of --faults (at least 2) of the
+three fault cases, local all of them.
 
 Prints one table row per engine and case: faults tried, exit statuses wrong, statuses wrong, runs
 that overran, processes left; every count but the first should be 0. The README's Reliability
@@ -77,6 +81,7 @@ class Tally:
     status_wrong: int = 0
     overruns: int = 0
     left: int = 0
+    by_signal: int = 0        # runs that ended killed by the signal sent (a shell's $? is 128+N all the same)
     notes: list[str] = field(default_factory=list)
 
     def wrong(self, what: str, detail: str) -> None:
@@ -107,9 +112,10 @@ class Stress:
                         f"mounts:\n  code: .\n{extra}")
         return path
 
-    def start(self, args: list[str], stdout=subprocess.DEVNULL, **env: str) -> subprocess.Popen:
+    def start(self, args: list[str], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+              **env: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, str(self.program), *args], stdin=subprocess.DEVNULL, stdout=stdout,
-                                stderr=subprocess.DEVNULL, env=self.env(**env), cwd=ROOT)
+                                stderr=stderr, env=self.env(**env), cwd=ROOT)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(self.program), *args], stdin=subprocess.DEVNULL, capture_output=True,
@@ -199,12 +205,15 @@ def signals_case(s: Stress, count: int) -> Tally:
         sig = s.rng.choice([signal.SIGINT, signal.SIGTERM])
         cfg = s.config(f"sig-{kind}", ["python3", "job.py", kind], image=PYTHON_IMAGE)
         before = s.run_ids()
-        proc = s.start(["run", str(cfg), "--stop-timeout", str(stubborn_grace)])
-        delay = s.rng.uniform(0.1, 2.0)  # while Python reads the file, before the container, while it runs
-        time.sleep(delay)
-        proc.send_signal(sig)
-        sent = time.monotonic()
-        code, ended = s.wait(proc)
+        with tempfile.TemporaryFile() as err:
+            proc = s.start(["run", str(cfg), "--stop-timeout", str(stubborn_grace)], stderr=err)
+            delay = s.rng.uniform(0.1, 2.0)  # while Python reads the file, before the container, while it runs
+            time.sleep(delay)
+            proc.send_signal(sig)
+            sent = time.monotonic()
+            code, ended = s.wait(proc)
+            err.seek(0)
+            said = err.read().decode("utf-8", "replace").strip().splitlines()
         t.tried += 1
         new = sorted(s.run_ids() - before)
         what = f"{signal.Signals(sig).name} after {delay:.2f}s ({kind})"
@@ -212,7 +221,8 @@ def signals_case(s: Stress, count: int) -> Tally:
             t.wrong("overruns", f"{what}: exited {ended - sent:.1f}s after the signal")
         if not new:  # stopped before RunPilot recorded anything: it must end as the signal's default does
             if code not in (-sig, 128 + sig):
-                t.wrong("exit_wrong", f"{what}: nothing recorded, exit {code}")
+                t.wrong("exit_wrong", f"{what}: nothing recorded, exit {code}, stderr ends "
+                                      f"{said[-1][:100] if said else '(nothing)'!r}")
             continue
         meta = s.meta(new[0])
         if code != 128 + sig:
@@ -291,7 +301,8 @@ def closed_pipes_case(s: Stress, count: int) -> Tally:
     for _ in range(count):
         stubborn = s.rng.random() < 0.5
         trap = "trap '' TERM; " if stubborn else ""
-        cfg = s.config(f"closed-{int(stubborn)}", f"{trap}exec >/dev/null 2>&1; sleep 12", extra=f"timeout: {timeout}\n")
+        cfg = s.config(f"closed-{int(stubborn)}", f"{trap}exec >/dev/null 2>&1; sleep 12",
+                       extra=f"timeout: {timeout}\n")
         before = s.run_ids()
         started = time.monotonic()
         proc = s.start(["run", str(cfg), "--stop-timeout", str(grace)])
@@ -343,8 +354,11 @@ def stalled_reader_case(s: Stress, count: int) -> Tally:
         t.tried += 1
         took = ended - limit_from
         if took > limit + SLACK[s.engine]:
-            t.wrong("overruns", f"{how}: exited {took:.1f}s after the limit's start (allowed {limit + SLACK[s.engine]:.0f}s)")
-        if rc != expected_rc:
+            t.wrong("overruns", f"{how}: exited {took:.1f}s after the limit's start "
+                                f"(allowed {limit + SLACK[s.engine]:.0f}s)")
+        if rc == -signal.SIGINT and expected_rc == 130:  # the second Ctrl-C landed while RunPilot exited
+            t.by_signal += 1
+        elif rc != expected_rc:
             t.wrong("exit_wrong", f"{how}: exit {rc}, expected {expected_rc}")
         new = sorted(s.run_ids() - before)
         status = s.meta(new[0]).get("status") if new else None
@@ -386,9 +400,9 @@ def main() -> int:
     parser.add_argument("--engines", default="docker,podman,local")
     parser.add_argument("--interrupts", type=int, default=10, help="random signals per engine (default 10)")
     parser.add_argument("--parallel", type=int, default=16, help="runs started at once per engine (default 16)")
-    parser.add_argument("--faults", type=int, default=6,
+    parser.add_argument("--faults", type=int, default=8,
                         help="tries of each of index lock, closed pipes and stalled reader on local; docker and "
-                             "podman a third of it, at least 2 (default 6)")
+                             "podman half of it, at least 2 (default 8)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--runpilot", type=Path, default=RUNPILOT, help="the runpilot.py to run (default: this "
                                                                           "checkout's)")
@@ -399,7 +413,7 @@ def main() -> int:
     print("| engine | case | faults tried | exit status wrong | status wrong | overran | processes left |")
     print("|---|---|---|---|---|---|---|", flush=True)
     for engine in args.engines.split(","):
-        faults = args.faults if engine == "local" else max(2, args.faults // 3)
+        faults = args.faults if engine == "local" else max(2, args.faults // 2)
         with tempfile.TemporaryDirectory(prefix=f"runpilot-stress-{engine}-") as tmp:
             s = Stress(engine, Path(tmp), rng, args.runpilot.resolve())
             for case, n in ((signals_case, args.interrupts), (index_lock_case, faults),
@@ -421,6 +435,10 @@ def main() -> int:
     for t in tallies:
         for note in t.notes:
             print(f"- {t.engine}, {t.case}: {note}")
+        if t.by_signal:
+            print(f"- {t.engine}, {t.case}: {t.by_signal} run(s) recorded right, then RunPilot was killed by the "
+                  "signal itself while exiting (a second signal after the stop; a shell's $? is 128+N the same); "
+                  "counted right")
     bad = total.exit_wrong + total.status_wrong + total.overruns + total.left
     return 1 if bad else 0
 
