@@ -26,8 +26,13 @@ The module is standard library only, Python 3.10+: copy it onto a box and run
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # run as a script: a Ctrl-C while Python reads the rest of this file ends it
-    import signal as _signal  # quietly, as the default action does; main() then takes Ctrl-C over
+import sys as _sys
+
+# Run as a script or as the `runpilot` command: a Ctrl-C while Python loads the rest of this file ends
+# it quietly, as the default action does (no traceback); main() then takes Ctrl-C over. A library's
+# import changes nothing.
+if __name__ == "__main__" or _sys.argv[:1] and _sys.argv[0].rsplit("/", 1)[-1] == "runpilot":
+    import signal as _signal
     if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
         _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
 
