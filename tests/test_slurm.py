@@ -162,6 +162,17 @@ class AttachedAndDetached(SlurmCase):
         self.assertIn(b"podman is not installed", result.stderr)
 
 
+    def test_python_missing_on_the_node_is_reported(self):
+        config = self.config("echo never").read_text().replace(json.dumps(sys.executable), "/nonexistent/python3")
+        result = self.submit(self.write("nopython.yaml", config))
+        self.assertNotEqual(result.returncode, 0)
+        meta = self.meta(self.only_run())
+        self.assertEqual(meta["status"], "failed")
+        self.assertIn("RunPilot never started on node", meta["reason"])
+        self.assertIn("slurm.python", meta["reason"])
+        self.assertIn(b"slurm.python", result.stderr)
+
+
 class StopAndLimits(SlurmCase):
     def test_stop_cancels_the_job_and_the_run_ends_interrupted(self):
         config = self.config("echo ready; sleep 120")
