@@ -2267,14 +2267,15 @@ class MetricLog:
     killed before close() (see read_metrics).
     """
 
-    def __init__(self, path: Path, watched: tuple[str, ...] = ()) -> None:
+    def __init__(self, path: Path, times: Path | None = None) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         os.write(self.fd, b"[\n")
+        self.times_fd = os.open(times, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600) if times else -1
+        self.started = time.monotonic()
         self.error: OSError | None = None
         self.count = 0
         self.malformed = 0
         self.last: dict = {}
-        self.watched = watched
 
     def add_lines(self, lines: list[bytes]) -> None:
         """Parse and append the METRIC lines of one read in a single write."""
@@ -2294,6 +2295,8 @@ class MetricLog:
             try:
                 write_all(self.fd, ((b"\n" if self.count == len(out) else b",\n")
                                     + ",\n".join(out).encode("utf-8")))
+                if self.times_fd >= 0:  # when they arrived: samples 1..count by these seconds (plot --x time)
+                    write_all(self.times_fd, f"{self.count} {time.monotonic() - self.started:.3f}\n".encode())
             except OSError as exc:  # a full disk: the runner stops the job and says so
                 self.error = exc
 
@@ -2304,6 +2307,9 @@ class MetricLog:
                     os.write(self.fd, b"\n]\n")
             os.close(self.fd)
             self.fd = -1
+        if self.times_fd >= 0:
+            os.close(self.times_fd)
+            self.times_fd = -1
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -3427,6 +3433,7 @@ class RunFolder:
     config = property(lambda self: self.path / "config.yaml")
     logs = property(lambda self: self.path / "logs.txt")
     metrics = property(lambda self: self.path / "metrics.json")
+    sample_times = property(lambda self: self.path / "metrics.times")  # `count seconds` per write of samples
     meta_file = property(lambda self: self.path / "meta.json")
     git_diff = property(lambda self: self.path / "git.diff")
     batch_script = property(lambda self: self.path / "slurm.sh")        # --on slurm: what sbatch ran
@@ -4205,7 +4212,7 @@ def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: Ru
               terminal: Terminal | None, signals: StopSignals, report: Reporter) -> TeeResult:
     """Start the job and tee it until it ends; after it, make sure nothing of it is left."""
     try:
-        metrics = MetricLog(folder.metrics)
+        metrics = MetricLog(folder.metrics, folder.sample_times)
         log_fd = os.open(folder.logs, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except OSError as exc:
         return TeeResult(None, FAILED, log_error=exc)
@@ -5639,14 +5646,34 @@ class MetricSeries:
 
 # -- reading metrics.json as a stream -----------------------------------------
 
-def read_metric_series(path: Path, names: list[str] | None,
-                       smooth: float | None = None) -> dict[str, MetricSeries]:
+def read_sample_times(path: Path) -> Callable[[int], float] | None:
+    """From metrics.times, the minutes since the start at which sample N (0-based) arrived; None
+    when the run has no such file (runs of RunPilot before 0.5)."""
+    import bisect
+    counts, minutes = [], []
+    try:
+        for line in path.read_text(errors="replace").splitlines():
+            count, _, seconds = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                counts.append(int(count))
+                minutes.append(float(seconds) / 60)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+    return lambda n: minutes[min(bisect.bisect_right(counts, n), len(minutes) - 1)] if minutes else 0.0
+
+
+def read_metric_series(path: Path, names: list[str] | None, smooth: float | None = None,
+                       x_time: Callable[[int], float] | None = None) -> dict[str, MetricSeries]:
     """The numeric samples of NAMES (None: every metric) in a metrics.json, read block by block.
 
     Never holds more than a block of the file: each series is digested as it is read. Text values,
     NaN and infinities are left out. A last line cut short by a crash is skipped, as read_metrics does.
+    X_TIME (see read_sample_times) puts each sample at its time instead of its step.
     """
     series: dict[str, MetricSeries] = {}
+    first = 0  # how many samples came before the block
     try:
         with open(path, "rb") as f:
             rest = b""
@@ -5654,24 +5681,25 @@ def read_metric_series(path: Path, names: list[str] | None,
                 data = rest + chunk
                 cut = data.rfind(b"\n") + 1
                 rest = data[cut:]
-                _fold_block(data[:cut], names, series, smooth)
+                first += _fold_block(data[:cut], names, series, smooth, first, x_time)
     except FileNotFoundError:
         return series
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
-    _fold_lines([rest], names, series, smooth)  # the line after the last newline, if whole
+    _fold_lines([rest], names, series, smooth, first, x_time)  # the line after the last newline, if whole
     return series
 
 
-def _fold_block(block: bytes, names: list[str] | None, series: dict, smooth: float | None) -> None:
-    """Fold in whole sample lines: one regex pass per metric; a JSON parse only for an unusual layout."""
+def _fold_block(block: bytes, names: list[str] | None, series: dict, smooth: float | None, first: int,
+                x_time: Callable[[int], float] | None) -> int:
+    """Fold in whole sample lines: one regex pass per metric; a JSON parse only for an unusual layout
+    (or a metric that only some samples have, placed in time). Returns how many samples it held."""
     count = block.count(b"\n{") + block.startswith(b"{")
     if not count:
-        return
+        return 0
     lines = block.split(b"\n")
     if block.count(b'{"step": ') != count:  # not MetricLog's layout: parse line by line
-        _fold_lines(lines, names, series, smooth)
-        return
+        return _fold_lines(lines, names, series, smooth, first, x_time)
     lines.pop()  # the block ends with a newline
     if len(lines) != count:  # the opening `[` or closing `]` of the list
         lines = [line for line in lines if line.startswith(b"{")]
@@ -5680,7 +5708,13 @@ def _fold_block(block: bytes, names: list[str] | None, series: dict, smooth: flo
         values = _value_re(key).findall(block) if key != "step" else []
         if len(values) == count:
             ys, kept = _finite(values)
-            x_at = _line_step_reader(lines if kept is None else [lines[i] for i in kept])
+            if x_time is not None:
+                x_at = (lambda i, kept=kept: x_time(first + (i if kept is None else kept[i])))
+            else:
+                x_at = _line_step_reader(lines if kept is None else [lines[i] for i in kept])
+        elif values and x_time is not None:
+            _fold_lines(lines, [key], series, smooth, first, x_time)
+            continue
         elif values:  # only some samples have it
             pairs = _step_value_re(key).findall(block)
             ys, kept = _finite([value for _, value in pairs])
@@ -5690,6 +5724,7 @@ def _fold_block(block: bytes, names: list[str] | None, series: dict, smooth: flo
             continue
         if len(ys):
             series.setdefault(key, MetricSeries(smooth)).add(ys, x_at)
+    return count
 
 
 def _line_step_reader(lines: list[bytes]) -> Callable[[int], float]:
@@ -5700,18 +5735,23 @@ def _float_reader(values: list) -> Callable[[int], float]:
     return lambda i: float(values[i])
 
 
-def _fold_lines(lines: list[bytes], names: list[str] | None, series: dict, smooth: float | None) -> None:
-    """Fold in sample lines parsed one by one as JSON; a line that does not parse is skipped."""
+def _fold_lines(lines: list[bytes], names: list[str] | None, series: dict, smooth: float | None,
+                first: int = 0, x_time: Callable[[int], float] | None = None) -> int:
+    """Fold in sample lines parsed one by one as JSON; a line that does not parse is skipped.
+    Returns how many sample lines there were."""
     found: dict[str, tuple[list, list]] = {}
-    for number, line in enumerate(lines):
+    number = -1
+    for line in lines:
         line = line.strip().rstrip(b",")
         if not line.startswith(b"{"):
             continue
+        number += 1
         try:
             sample = json.loads(line)
         except ValueError:
             continue
-        x = sample.get("step", number) if isinstance(sample, dict) else None
+        x = x_time(first + number) if x_time is not None else \
+            sample.get("step", first + number) if isinstance(sample, dict) else None
         if not _is_number(x):
             continue
         for key, value in sample.items():
@@ -5721,6 +5761,7 @@ def _fold_lines(lines: list[bytes], names: list[str] | None, series: dict, smoot
                 ys.append(float(value))
     for key, (xs, ys) in found.items():
         series.setdefault(key, MetricSeries(smooth)).add(ys, xs.__getitem__)
+    return number + 1
 
 
 def _is_number(value: object) -> bool:
@@ -6065,7 +6106,8 @@ def legend_line(curve: Curve, width: int, style: PlotStyle) -> str:
 
 
 def chart_title(metric: str, style: PlotStyle) -> str:
-    notes = ([f"smoothed {style.smooth:g}"] if style.smooth else []) + (["log scale"] if style.log else [])
+    notes = ([f"smoothed {style.smooth:g}"] if style.smooth else []) + (["log scale"] if style.log else []) \
+        + (["x: minutes since the start"] if style.x_label == "minutes" else [])
     return visible(metric) + "".join(f"  ({note})" for note in notes)
 
 
@@ -6908,15 +6950,13 @@ def cmd_plot(args) -> int:
 
 def _plot_style(args) -> PlotStyle:
     """The drawing choices of the command line, checked."""
-    if args.x == "time":
-        raise UsageError("--x time: metrics.json records no time for its samples (only steps), so minutes "
-                         "since the start cannot be drawn without guessing; plot by step (the default)")
     if not 0 <= args.smooth < 1:
         raise UsageError(f"--smooth {args.smooth:g}: give a weight from 0 (no smoothing) to below 1, "
                          "e.g. --smooth 0.6")
     colour = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR") and not args.html
     braille = not args.ascii and _can_encode("⣿│┤└─┬…")
-    return PlotStyle(braille=braille, colour=bool(colour), log=args.log, smooth=args.smooth or None)
+    return PlotStyle(braille=braille, colour=bool(colour), log=args.log, smooth=args.smooth or None,
+                     x_label="minutes" if args.x == "time" else "step")
 
 
 def _plot_records(store: RunStore, args) -> list[RunRecord]:
@@ -6931,8 +6971,8 @@ def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotSt
 
     NAMES None means every numeric metric; EXPLICIT names (--metric) that no run has are an error.
     """
-    per_run = [read_metric_series(RunFolder(Path(r.path)).metrics, names or _recorded_metrics(r), style.smooth)
-               for r in records]
+    per_run = [read_metric_series(RunFolder(Path(r.path)).metrics, names or _recorded_metrics(r), style.smooth,
+                                  _sample_minutes(r) if style.x_label == "minutes" else None) for r in records]
     found = sorted({k for series in per_run for k in series})
     metrics = names if names is not None else found
     running = any(r.status in ACTIVE_STATUSES for r in records)
@@ -6945,6 +6985,15 @@ def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotSt
     if style.log:
         _check_log_axis(charts)
     return charts
+
+
+def _sample_minutes(record: RunRecord) -> Callable[[int], float]:
+    """When each sample of a run arrived, for --x time (recorded since RunPilot 0.5)."""
+    at = read_sample_times(RunFolder(Path(record.path)).sample_times)
+    if at is None:
+        raise UsageError(f"--x time: run {record.id} has no metrics.times (runs recorded before RunPilot 0.5 "
+                         "keep steps only); plot it by step")
+    return at
 
 
 def _nothing_to_plot(records: list[RunRecord], asked: list[str], found: list[str]) -> str:
@@ -7062,7 +7111,7 @@ def _plot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", action="append", default=[], metavar="NAME",
                    help="a metric to plot (repeatable; default: the configs' metrics, else every numeric one)")
     p.add_argument("--x", choices=("step", "time"), default="step",
-                   help="x axis: step (default); time is refused, as samples carry no time")
+                   help="x axis: step (default), or time: minutes since the run started")
     p.add_argument("--smooth", type=float, default=0.0, metavar="N",
                    help="exponential moving average weight, 0 <= N < 1, as TensorBoard's slider "
                         "(the raw curve stays, faint)")

@@ -270,7 +270,7 @@ class ListShowLogs(HomeTestCase):
         data = json.loads(self.cli("show", ids[0], "--json")[1])
         self.assertEqual(data["run"]["id"], ids[0])
         self.assertEqual(data["metrics"]["loss"], {"count": 3, "first": 1.0, "last": 0.333, "min": 0.333, "max": 1.0})
-        self.assertEqual(set(data["files"]), {"config.yaml", "logs.txt", "meta.json", "metrics.json"})
+        self.assertEqual(set(data["files"]), {"config.yaml", "logs.txt", "meta.json", "metrics.json", "metrics.times"})
 
     def test_logs_and_tail(self):
         ids = self.make_runs(1)

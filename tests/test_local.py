@@ -229,7 +229,7 @@ class DiskAndPermissions(HomeTestCase):
                                                              self.home / "runs.db", *run.iterdir()]}
         self.assertEqual(modes, {self.home.name: 0o700, "runs": 0o700, run.name: 0o700, "runs.db": 0o600,
                                  "config.yaml": 0o600, "logs.txt": 0o600, "metrics.json": 0o600,
-                                 "meta.json": 0o600})
+                                 "metrics.times": 0o600, "meta.json": 0o600})
 
     def peak_rss_kib(self, entrypoint: str) -> int:
         """Peak RSS of `python runpilot.py run` for a job (the job itself is a tiny shell tool)."""

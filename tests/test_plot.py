@@ -263,6 +263,25 @@ class StreamingReader(PlotHome):
         self.assertEqual(digest.low[1], min(v for _, v in values))
         self.assertEqual(digest.high[1], max(v for _, v in values))
 
+    def test_time_puts_each_sample_where_it_arrived(self):
+        path, times = self.tmp / "metrics.json", self.tmp / "metrics.times"
+        log = runpilot.MetricLog(path, times)
+        log.add_lines([b"METRIC step=1 loss=3 acc=0.1", b"METRIC step=2 loss=2"])
+        time.sleep(0.6)
+        log.add_lines([b"METRIC step=3 loss=1 acc=0.3"])
+        log.close()
+        counts = [int(line.split()[0]) for line in times.read_text().splitlines()]
+        self.assertEqual(counts, [2, 3])
+        at = runpilot.read_sample_times(times)
+        got = runpilot.read_metric_series(path, None, x_time=at)
+        loss = got["loss"].raw.points()
+        self.assertEqual([y for _, y in loss], [3.0, 2.0, 1.0])
+        self.assertEqual(loss[0][0], loss[1][0])  # arrived together
+        self.assertAlmostEqual(loss[2][0] - loss[0][0], 0.6 / 60, delta=0.3 / 60)
+        acc = got["acc"].raw.points()  # a metric only some samples have keeps its samples' times
+        self.assertEqual([(x, y) for x, y in acc], [(loss[0][0], 0.1), (loss[2][0], 0.3)])
+        self.assertIsNone(runpilot.read_sample_times(self.tmp / "none.times"))
+
     def test_the_same_numbers_as_read_metrics(self):
         rnd = random.Random(2)
         samples = []
@@ -423,7 +442,7 @@ class TerminalCharts(PlotHome):
         self.assertCleanError(self.cli("plot", self.a.id, "--smooth", "1"), 2, "--smooth 1", "below 1")
         self.assertCleanError(self.cli("plot", self.a.id, "--smooth", "-0.1"), 2, "--smooth -0.1")
         self.assertCleanError(self.cli("plot", self.a.id, "--x", "time"), 2, "--x time",
-                                "records no time", "plot by step")
+                              "has no metrics.times", "plot it by step")
         self.assertCleanError(self.cli("plot", self.a.id, "--width", "12"), 2, "too small", "--width 20")
         self.assertCleanError(self.cli("plot", self.a.id, "--metric", "los"), 1,
                                 "no numeric samples of 'los'", "they have: acc, loss")
@@ -595,6 +614,16 @@ class RealRuns(PlotHome):
         self.assertIn(f"* curves {ids[1][-6:]}  last {runpilot.fmt_value(last[ids[1]]['loss'])}", charts[0])
         self.assertIn(f"o curves {ids[0][-6:]}  last {runpilot.fmt_value(last[ids[0]]['loss'])}", charts[0])
         self.assertRegex(charts[0], r"\n +10 +20 .*60\n")
+
+    def test_x_time_on_a_real_run(self):
+        job = ("import time\nfor i in range(4):\n    print(f'METRIC step={i * 1000} loss={4 - i}', flush=True)\n"
+               "    time.sleep(0.4)\n")
+        self.cli("run", self.local_config(job, name="timed", extra="metrics: [loss]\n"))
+        code, out, err = self.cli("plot", "latest", "--x", "time", "--width", "60", "--height", "10")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.splitlines()[0], "loss  (x: minutes since the start)")
+        self.assertNotRegex(out, r"\b1000\b|\b3000\b")  # not the steps
+        self.assertRegex(out, r"0\.0[0-9]")  # minutes: the run lasted about 1.6 s
 
     def test_sparse_metric_and_html_of_real_runs(self):
         ids = self.make_runs()
