@@ -211,6 +211,18 @@ class Sample:
     stderr: str = ""
 
 
+def run_variants(variants: dict, reps: int, warmups: int = 1) -> dict[str, list[Sample]]:
+    """WARMUPS rounds of every variant, then REPS rounds in turn (A B C A B C ...)."""
+    for _ in range(warmups):
+        for fn in variants.values():
+            fn()
+    samples: dict[str, list[Sample]] = {k: [] for k in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            samples[name].append(fn())
+    return samples
+
+
 def median_of(samples: list[Sample], attr: str) -> Stats:
     return Stats([getattr(s, attr) for s in samples])
 
@@ -583,12 +595,7 @@ def case_overhead(bench: Bench) -> None:
         "python3 -c pass (this python3)": lambda: bench.timed([bench.python, "-c", "pass"], bench.env()),
         "python -c pass (the venv's)": lambda: bench.timed([venv, "-c", "pass"], bench.env()),
     }
-    for fn in variants.values():  # one more warm-up round of every variant
-        fn()
-    samples: dict[str, list[Sample]] = {k: [] for k in variants}
-    for _ in range(reps):
-        for name, fn in variants.items():
-            samples[name].append(fn())
+    samples = run_variants(variants, reps)  # after one more warm-up round of every variant
     names = list(variants)
     for sample in samples[names[0]]:
         bench.record("1 true", sample)
@@ -712,10 +719,7 @@ def _throughput_workload(bench: Bench, w: Workload, size: int, reps: int, data: 
     variants = _throughput_variants(bench, w.command.format(n=size), w.command.format(n=small), data,
                                     bench.new_home(f"tp-{w.key}"), size, w.key)
     nbytes = {"runpilot run": size, "bare --log-driver none": size, TEE_VARIANT: size, "bare, default log driver": small}
-    samples: dict[str, list[Sample]] = {k: [] for k in variants}
-    for _ in range(reps):
-        for name, fn in variants.items():
-            samples[name].append(fn())
+    samples = run_variants(variants, reps, warmups=0)
     rates = {n: Stats([nbytes[n] / s.wall / MB for s in samples[n]]) for n in variants}
     net = {n: nbytes[n] / max(median_of(samples[n], "wall").median - start_wall[n], 1e-3) / MB for n in variants}
     none = "bare --log-driver none"
@@ -786,10 +790,7 @@ def case_metrics(bench: Bench) -> None:
             ["--rm", "--init", "--log-driver", "none", "-v", f"{data}:/mnt/data"],
             [BUSYBOX_IMAGE, "cat", "/mnt/data/metric.txt"]),
     }
-    samples: dict[str, list[Sample]] = {k: [] for k in variants}
-    for _ in range(reps):
-        for name, fn in variants.items():
-            samples[name].append(fn())
+    samples = run_variants(variants, reps, warmups=0)
     names = list(variants)
     rows = []
     for name in names:
@@ -1253,12 +1254,7 @@ def case_plot(bench: Bench) -> None:
             ["plot", *many, "--html", str(smooth_page), "--smooth", "0.6"], home),
         "python -c pass": lambda: bench.timed([bench.clean, "-c", "pass"], bench.env()),
     }
-    for fn in variants.values():  # warm-up: bytecode, page cache
-        fn()
-    samples: dict[str, list[Sample]] = {k: [] for k in variants}
-    for _ in range(reps):
-        for name, fn in variants.items():
-            samples[name].append(fn())
+    samples = run_variants(variants, reps)  # the warm-up reads bytecode and the page cache
     names = list(variants)
     say(table(["variant", "wall", "RunPilot's own CPU", "peak RSS"],
               [[name, median_of(samples[name], "wall").fmt(1000, 0, "ms"),
@@ -1284,18 +1280,6 @@ def case_plot(bench: Bench) -> None:
 
 
 # ==== case 8: the removed fast paths, old module beside today's ==================
-
-def run_variants(variants: dict, reps: int, warmups: int = 1) -> dict[str, list[Sample]]:
-    """WARMUPS rounds of every variant, then REPS rounds in turn (A B C A B C ...)."""
-    for _ in range(warmups):
-        for fn in variants.values():
-            fn()
-    samples: dict[str, list[Sample]] = {k: [] for k in variants}
-    for _ in range(reps):
-        for name, fn in variants.items():
-            samples[name].append(fn())
-    return samples
-
 
 def case_fastpaths(bench: Bench) -> None:
     """What each fast path that issue 14 removed bought, on whole processes (README: Performance)."""
