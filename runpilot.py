@@ -6446,6 +6446,44 @@ print("done")
 SAMPLE_IMAGE = "python:3.12-slim"
 
 
+# -- the command line's value types, checked where they enter
+
+def _stop_timeout(text: str) -> float:
+    """--stop-timeout: a finite number of seconds, at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (0 <= value <= MAX_STOP_TIMEOUT):
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and {MAX_STOP_TIMEOUT} seconds")
+    return value
+
+
+def _run_id_arg(text: str) -> str:
+    if not RUN_ID_RE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run id (like 20261128-224705-a3f9c1)")
+    return text
+
+
+def _sweep_id_arg(text: str) -> str:
+    if not SWEEP_ID_RE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sweep id (like sw-20261201-120000-a1b2c3)")
+    return text
+
+
+def _gpu_list(text: str) -> list[str]:
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices or not all(re.fullmatch(r"[\w-]+", d) for d in devices):
+        raise argparse.ArgumentTypeError(f"{text!r} must list GPU indices or UUIDs: 0,1,3")
+    return list(dict.fromkeys(devices))
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of 1 or more")
+    return int(text)
+
+
 def echo(text: str = "", err: bool = False) -> None:
     """print() that a closed output (`runpilot list | head`) cannot turn into a failure."""
     stream = sys.stderr if err else sys.stdout
@@ -7107,7 +7145,7 @@ def _flat_config(record: RunRecord) -> dict:
 
 def _plot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
-    p.add_argument("--sweep", metavar="ID", help="every run of this sweep")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
     p.add_argument("--metric", action="append", default=[], metavar="NAME",
                    help="a metric to plot (repeatable; default: the configs' metrics, else every numeric one)")
     p.add_argument("--x", choices=("step", "time"), default="step",
@@ -7258,11 +7296,11 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=_positive_int, metavar="N",
                    help="at most N runs at once (default: one per free GPU, or 1 without GPUs)")
     p.add_argument("--fail-fast", action="store_true", help="stop the sweep when a run does not succeed")
-    p.add_argument("--resume", metavar="SWEEP_ID", help="run the points of a sweep that never finished")
+    p.add_argument("--resume", metavar="SWEEP_ID", type=_sweep_id_arg, help="run the points of a sweep that never finished")
     p.add_argument("--dry-run", action="store_true", help="print the plan; run and record nothing")
     p.add_argument("--on", choices=("here", "slurm"), default="here",
                    help="here (default), or submit the sweep to Slurm as one job array")
-    p.add_argument("--sweep-id", help=argparse.SUPPRESS)  # chosen by a detached sweep's parent
+    p.add_argument("--sweep-id", type=_sweep_id_arg, help=argparse.SUPPRESS)  # chosen by a detached sweep's parent
     _add_run_options(p)
 
 
@@ -7349,36 +7387,6 @@ def cmd_slurm_job(args) -> int:
 def _slurm_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", help="the run folder, or a sweep's runs.txt (one line per array task)")
 
-def _stop_timeout(text: str) -> float:
-    """--stop-timeout: a finite number of seconds, at most a day."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (0 <= value <= MAX_STOP_TIMEOUT):
-        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and {MAX_STOP_TIMEOUT} seconds")
-    return value
-
-
-def _run_id_arg(text: str) -> str:
-    if not RUN_ID_RE.match(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a run id (like 20261128-224705-a3f9c1)")
-    return text
-
-
-def _gpu_list(text: str) -> list[str]:
-    devices = [d.strip() for d in text.split(",") if d.strip()]
-    if not devices or not all(re.fullmatch(r"[\w-]+", d) for d in devices):
-        raise argparse.ArgumentTypeError(f"{text!r} must list GPU indices or UUIDs: 0,1,3")
-    return list(dict.fromkeys(devices))
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of 1 or more")
-    return int(text)
-
-
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the run config (YAML)")
     _add_run_options(p)
@@ -7398,7 +7406,7 @@ def _list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", metavar="PATTERN", help="only runs whose name matches this glob")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag")
     p.add_argument("--since", metavar="WHEN", help="only runs started since: 2d, 12h, 30m or 2026-11-01")
-    p.add_argument("--sweep", metavar="ID", help="only the runs of this sweep (all of them)")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="only the runs of this sweep (all of them)")
     p.add_argument("--sort", default="started", metavar="KEY",
                    help="started (default), duration, or the name of a metric")
     order = p.add_mutually_exclusive_group()
@@ -7441,13 +7449,13 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
-    p.add_argument("--sweep", metavar="ID", help="every run of this sweep")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
     p.add_argument("--no-trunc", action="store_true", help="full run ids and values, however wide")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run")
-    p.add_argument("--sweep", metavar="ID", help="every run of this sweep")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
     p.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
     p.add_argument("--config", action="store_true", help="add the config values that differ between the runs")
     p.add_argument("--tags", action="store_true", help="add each tag as a column tag.NAME")
