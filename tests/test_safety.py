@@ -312,6 +312,13 @@ class IdsStayInTheHome(HomeTestCase):
         self.assertFalse((self.tmp / "x").exists())
         self.assertFalse(Path("/tmp/elsewhere").exists())
         self.assertEqual(self.runs(), [])
+        for args in (["sweep", config, "--grid", "env.X=1", "--sweep-id", "../../x"], ["sweep", "--resume", "../x"],
+                     ["list", "--sweep", "/etc"], ["compare", "--sweep", "../x"]):
+            with self.subTest(args=args):
+                code, out, err = self.cli(*args)
+                self.assertEqual(code, 2, err)
+                self.assertIn("is not a sweep id", err)
+        self.assertFalse((self.tmp / "x").exists())
         store = runpilot.RunStore(self.home)
         for bad in ("../x", "/etc", "a/b"):
             with self.subTest(bad=bad), self.assertRaises(runpilot.UsageError):
