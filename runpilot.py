@@ -32,7 +32,7 @@ import sys as _sys
 # it quietly, as the default action does (no traceback); main() then takes Ctrl-C over. A library's
 # import changes nothing.
 if __name__ == "__main__" or _sys.argv[:1] and _sys.argv[0].rsplit("/", 1)[-1] == "runpilot":
-    import signal as _signal
+    import _signal  # built in and already loaded: `signal` would first be looked for on disk
     if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
         _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
 
