@@ -2668,12 +2668,17 @@ class GpuClaim:
 
     devices: tuple[str, ...]
     fds: list[int]
+    holder_files: list[Path] = field(default_factory=list)
 
     def release(self) -> None:
+        """Say no one holds the GPUs (while still holding them), then let them go."""
+        for path in self.holder_files:
+            with contextlib.suppress(OSError):
+                path.unlink()
         for fd in self.fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.fds = []
+        self.fds, self.holder_files = [], []
 
 
 class GpuClaims:
@@ -2683,10 +2688,15 @@ class GpuClaims:
     drops the lock when the holding process ends, however it ends (a SIGKILLed runner cannot
     leak a GPU), and flock locks of separate opens conflict within one process too, so the runs
     of one sweep exclude each other exactly as separate `runpilot run` commands do.
+
+    `<device>.json` names the holder; a run that ends removes it before letting go. So a free lock
+    beside a holder file means the holder's runner died holding it, and its job may live on
+    (a container keeps running without its runner): OUTLIVED(run_id) says whether it does, and
+    such a GPU stays busy until that job ends.
     """
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, outlived: Callable[[str], bool] = lambda run_id: False) -> None:
+        self.folder, self.outlived = folder, outlived
 
     def try_claim(self, count: int, pinned: tuple[str, ...], pool: list[str], holder: dict) -> GpuClaim | None:
         """Claim PINNED devices, or COUNT free ones of POOL; None (and nothing held) when busy."""
@@ -2696,12 +2706,16 @@ class GpuClaims:
         claim = GpuClaim((), [])
         for device in wanted:
             fd = self._lock(device)
+            if fd is not None and self._left_behind(device):
+                os.close(fd)
+                fd = None
             if fd is None:
                 if pinned:
                     break
                 continue
             claim.fds.append(fd)
             claim.devices += (device,)
+            claim.holder_files.append(self.folder / f"{device}.json")
             if len(claim.devices) == need:
                 self.describe(claim, holder)
                 return claim
@@ -2723,27 +2737,45 @@ class GpuClaims:
             os.close(fd)
             return None
 
+    def _holder(self, device: str) -> dict:
+        try:
+            holder = json.loads((self.folder / f"{device}.json").read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _left_behind(self, device: str) -> bool:
+        """Whether a free device is still used by the job of a runner that died holding it."""
+        run_id = self._holder(device).get("run_id")
+        return isinstance(run_id, str) and self.outlived(run_id)
+
     def holders(self, devices: list[str]) -> dict[str, dict]:
         """Who holds each busy device (a device free for the taking is left out)."""
         busy = {}
         for device in devices:
             fd = self._lock(device)
-            if fd is not None:
-                os.close(fd)
+            if fd is None:
+                busy[device] = self._holder(device)
                 continue
-            try:
-                busy[device] = json.loads((self.folder / f"{device}.json").read_bytes())
-            except (OSError, ValueError):
-                busy[device] = {}
+            os.close(fd)
+            if self._left_behind(device):
+                busy[device] = {**self._holder(device), "runner_died": True}
         return busy
 
 
 def fmt_gpu_wait(count: int, pinned: tuple[str, ...], holders: dict[str, dict]) -> str:
     """`waiting for 1 GPU: GPU 0 is held by run X (pid 12)` for the queued event."""
     wanted = f"GPU {', '.join(pinned)}" if pinned else f"{count} GPU{'s' if count != 1 else ''}"
-    held = "; ".join(f"GPU {d} is held by run {h.get('run_id', '?')} (pid {h.get('pid', '?')})"
-                     for d, h in sorted(holders.items())) or "the GPUs are busy"
+    held = "; ".join(_fmt_gpu_holder(d, h) for d, h in sorted(holders.items())) or "the GPUs are busy"
     return f"waiting for {wanted}: {held}"
+
+
+def _fmt_gpu_holder(device: str, holder: dict) -> str:
+    run_id = holder.get("run_id", "?")
+    if holder.get("runner_died"):
+        return (f"GPU {device} is used by run {run_id}, whose runner died while its job runs on "
+                f"('runpilot stop {run_id}' ends it)")
+    return f"GPU {device} is held by run {run_id} (pid {holder.get('pid', '?')})"
 
 
 # -- git, probed without running anything a repository configures ---------------------------
@@ -2952,6 +2984,21 @@ def runner_alive(runner: dict) -> bool | None:
     except PermissionError:
         return True
     return True
+
+
+def leftover_job(record: RunRecord, meta: RunMeta) -> bool:
+    """Whether the job of a run whose runner died is still alive (container or process group)."""
+    if record.engine in ("docker", "podman"):
+        return bool(containers_of(record.engine, record.id))
+    pgid = meta.job.get("pgid")
+    return isinstance(pgid, int) and process_start(pgid) == meta.job.get("start")
+
+
+def containers_of(engine: str, run_id: str) -> list[str]:
+    if not shutil.which(engine):
+        return []
+    done = quiet_run([engine, "ps", "-a", "-q", "--filter", f"label={RUN_LABEL}={run_id}"])
+    return done.stdout.split() if done.returncode == 0 else []
 
 
 def become_subreaper() -> bool:
@@ -4128,9 +4175,22 @@ def check_host(config: JobConfig, engine: str, options: RunOptions, environ, rep
     return facts
 
 
+def outlived_its_runner(store: RunStore, run_id: str) -> bool:
+    """Whether run RUN_ID's runner died here while its job (container or process group) lives on."""
+    try:
+        folder = store.folder(run_id)
+    except UsageError:
+        return False
+    meta = folder.read_meta()
+    if meta.status not in (*ACTIVE_STATUSES, LOST) or runner_alive(meta.runner) is not False:
+        return False
+    return leftover_job(RunRecord.of(meta, folder.path), meta)
+
+
 class GpuPlacement:
     """The GPUs one run holds: a count picked from the pool, or pinned devices, claimed across
-    processes (see GpuClaims) and held until the run ends."""
+    processes (see GpuClaims) and held until the run ends, or while a job whose runner died
+    holding them still runs."""
 
     def __init__(self, claims: GpuClaims | None, count: int, pinned: tuple[str, ...], pool: list[str],
                  wait_allowed: bool) -> None:
@@ -4146,7 +4206,8 @@ class GpuPlacement:
         if requested is None or not pool or not options.claim_gpus:
             return cls(None, 0, (), [], options.wait_for_gpus)
         count, pinned = gpu_request(requested, pool, facts.get("gpus") or {})
-        return cls(GpuClaims(store.home / "gpus"), count, pinned, pool, options.wait_for_gpus)
+        claims = GpuClaims(store.home / "gpus", functools.partial(outlived_its_runner, store))
+        return cls(claims, count, pinned, pool, options.wait_for_gpus)
 
     @property
     def ready(self) -> bool:
@@ -5059,21 +5120,6 @@ def _refresh_one(store: RunStore, record: RunRecord, note: Callable[[str], None]
         note(f"run {record.id} lost its runner but its {what} is still running; "
              f"'runpilot stop {record.id}' removes it")
     return record
-
-
-def leftover_job(record: RunRecord, meta: RunMeta) -> bool:
-    """Whether the job of a run whose runner died is still alive (container or process group)."""
-    if record.engine in ("docker", "podman"):
-        return bool(containers_of(record.engine, record.id))
-    pgid = meta.job.get("pgid")
-    return isinstance(pgid, int) and process_start(pgid) == meta.job.get("start")
-
-
-def containers_of(engine: str, run_id: str) -> list[str]:
-    if not shutil.which(engine):
-        return []
-    done = quiet_run([engine, "ps", "-a", "-q", "--filter", f"label={RUN_LABEL}={run_id}"])
-    return done.stdout.split() if done.returncode == 0 else []
 
 
 def stop_run(store: RunStore, record: RunRecord, wait: float, note: Callable[[str], None]) -> RunRecord:

@@ -172,6 +172,28 @@ class Placement(SweepCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(json.loads(self.cli("list", "--json")[1])[0]["status"], "succeeded")
 
+    def test_a_job_that_outlives_its_runner_keeps_its_gpus_until_it_ends(self):
+        live = LiveRun(self, self.config(gpus=[0], script="import os, time\nopen('job.pid', 'w').write("
+                                                         "str(os.getpid()))\nprint('ready', flush=True)\n"
+                                                         "time.sleep(30)\n"))
+        live.proc.kill()  # the runner dies holding GPU 0; its job runs on, as a container would
+        live.proc.wait()
+        job = int((self.work / "job.pid").read_text())
+        self.addCleanup(lambda: pid_alive(job) and os.kill(job, signal.SIGKILL))
+        run_id = self.runs()[0].name
+        code, out, err = self.cli("run", self.config(gpus=[0]), "--no-wait")
+        self.assertEqual(code, 1, err)
+        self.assertIn(f"waiting for GPU 0: GPU 0 is used by run {run_id}, whose runner died while its job "
+                      f"runs on ('runpilot stop {run_id}' ends it)", err)
+        self.assertEqual(len(self.runs()), 1)
+        code, out, err = self.cli("run", self.config(gpus=4), "--no-wait")  # the other three are not enough
+        self.assertEqual(code, 1, err)
+        self.assertEqual(self.cli("stop", run_id)[0], 0)
+        self.assertFalse(pid_alive(job))
+        code, out, err = self.cli("run", self.config(gpus=4), "--no-wait")
+        self.assertEqual(code, 0, err)
+        self.assertIn("on GPU 0,1,2,3", err)
+
     def test_devices_are_recorded_and_pinned_runs_wait_for_theirs(self):
         code, out, err = self.cli("run", self.config(gpus=[2, 0]))
         self.assertEqual(code, 0, err)
@@ -183,7 +205,7 @@ class Control(SweepCase):
     def sweep(self, *args: str) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, str(RUNPILOT), "sweep", *map(str, args)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.communicate()))
         return proc
 
     def wait_for_running(self, count: int) -> None:
