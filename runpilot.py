@@ -2516,7 +2516,11 @@ def inspect_image(engine: str, image: str) -> dict | None:
 
 def prepare_image(engine: str, image: str, pull: str, report: Reporter = ignore_events) -> dict:
     """Make sure the image is present (pulling it as its own phase) and return its id and digests."""
-    info = inspect_image(engine, image)
+    return pull_image(engine, image, pull, inspect_image(engine, image), report)
+
+
+def pull_image(engine: str, image: str, pull: str, info: dict | None, report: Reporter) -> dict:
+    """Pull the image as --pull says, given what inspect_image said of it (INFO)."""
     if info is not None and pull != "always":
         return info
     if pull == "never":
@@ -4169,9 +4173,11 @@ def check_host(config: JobConfig, engine: str, options: RunOptions, environ, rep
         if not found:
             raise ConfigError(f"{program} (the entrypoint) is not found on PATH for engine local", config.source)
         facts["executable"] = os.path.abspath(found)
-    else:
-        facts.update(prepare_image(engine, str(config.image), options.pull, report))
+    else:  # the image lookup also tells a stopped engine; a pull, which may take minutes, comes last
+        present = inspect_image(engine, str(config.image))
     facts["gpus"] = gpu_facts(config.resources.gpus, engine, options.gpu_check, environ, options.gpu_pool)
+    if engine != "local":
+        facts.update(pull_image(engine, str(config.image), options.pull, present, report))
     return facts
 
 

@@ -247,6 +247,16 @@ class ImageLookupTest(ConfigTestCase):
                                                         f"was given; pull it ({engine} pull busybox:1) or build it")
         self.assertEqual(len(self.calls()), 6)
 
+    def test_the_gpus_are_checked_before_a_pull(self):
+        # a box without a GPU learns it at once, not after pulling a multi-GB CUDA image
+        config = self.validate({"name": "gpu", "image": "pytorch/pytorch:2.4", "entrypoint": "true",
+                                "resources": {"gpus": 1}})
+        with mock.patch.dict(os.environ, {"FAKE_ERR": "Error: No such image: pytorch/pytorch:2.4"}):
+            with self.assertRaises(runpilot.GpuError) as caught:
+                runpilot.check_host(config, "docker", runpilot.RunOptions(), os.environ, runpilot.ignore_events)
+        self.assertIn("nvidia-smi not found on PATH", str(caught.exception))
+        self.assertEqual([c.split()[:2] for c in self.calls()], [["image", "inspect"]])
+
     def test_missing_or_broken(self):
         cases = [
             ("podman", "Error: inspecting object: img:1: image not known", None),
