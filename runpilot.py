@@ -3332,6 +3332,11 @@ class StopSignals:
         self.received.append(signum)
 
 
+def job_exit_code(returncode: int) -> int:
+    """A shell's spelling of how the job ended: a local process killed by signal N is 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def signal_name(signum: int) -> str:
     return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
 
@@ -3344,6 +3349,7 @@ class TeeResult:
     stop_reason: str | None = None      # INTERRUPTED, TIMEOUT or FAILED (the disk)
     stop_signal: int | None = None
     log_error: OSError | None = None
+    killed: str | None = None           # after a stop: `by a second Ctrl-C`, `after its grace period of 10s`
 
 
 class Tee:
@@ -3390,6 +3396,10 @@ class Tee:
         sel.close()
         self.result.returncode = job.proc.returncode
         self.result.log_error = self.log_error
+        if job.forced:
+            self.result.killed = "by a second Ctrl-C"
+        elif job.first_stop and job_exit_code(job.proc.returncode) == 128 + signal.SIGKILL:
+            self.result.killed = f"after its grace period of {job.stop_timeout:g}s"
         return self.result
 
     def _wait(self, sel) -> list:
@@ -4079,11 +4089,6 @@ def record_start(store: RunStore, config: JobConfig, folder: RunFolder, meta: Ru
     return store.save_or_defer(meta)
 
 
-def job_exit_code(returncode: int) -> int:
-    """A shell's spelling of how the job ended: a local process killed by signal N is 128+N."""
-    return 128 - returncode if returncode < 0 else returncode
-
-
 def finish_status(result: TeeResult) -> tuple[str, int]:
     """The run's status and RunPilot's exit status from how the job ended."""
     if result.returncode is None:  # stopped before the job started
@@ -4340,6 +4345,17 @@ def remove_container(launch: Launch) -> None:
         quiet_run([launch.engine, "rm", "-f", launch.container], timeout=60)
 
 
+def stop_reason(meta: RunMeta, result: TeeResult, config: JobConfig) -> str | None:
+    """Why a stopped run ended, in words: `stopped by Ctrl-C; killed after its 10s grace period`."""
+    killed = f"; killed {result.killed}" if result.killed else ""
+    if meta.status == TIMEOUT:
+        return f"it ran into its timeout of {config.timeout:g}s and was stopped{killed}"
+    if meta.status not in (INTERRUPTED, CANCELLED) or not result.stop_signal:
+        return None
+    by = f"stopped by {signal_name(result.stop_signal)}"
+    return f"{by} before the job started" if meta.status == CANCELLED else by + killed
+
+
 def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta, result: TeeResult,
            previous: RunMeta | None, report: Reporter) -> RunOutcome:
     """Record how the run ended (meta.json first: it is the truth), report it, return the outcome."""
@@ -4352,6 +4368,7 @@ def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta,
     if result.log_error is not None:
         meta.reason = (f"cannot write the run's files in {folder.path} ({result.log_error.strerror}); "
                        "the job was stopped")
+    meta.reason = meta.reason or stop_reason(meta, result, config)
     meta.warnings = run_warnings(config, meta, previous)
     meta.hint = failure_hint(config, meta, folder) if meta.status == FAILED else None
     try:

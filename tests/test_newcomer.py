@@ -45,6 +45,28 @@ class ExitStatusAndTerminal(HomeTestCase):
         self.assertIn(f"status     interrupted (exit code {job_code})", self.cli("show", run_id)[1])
         row = json.loads(self.cli("list", "--json")[1])[0]
         self.assertEqual(row["exit_code"], job_code)
+        self.assertEqual(row["reason"], "stopped by Ctrl-C")
+
+    def test_a_stopped_run_says_why_in_its_record(self):
+        # a 137 after a stop reads like out-of-memory unless the record says who killed it
+        stubborn = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                    "print('ready', flush=True)\ntime.sleep(60)\n")
+        live = LiveRun(self, self.local_config(stubborn), "--stop-timeout", "1")
+        live.proc.send_signal(signal.SIGINT)
+        self.assertEqual(live.finish()[0], 130)
+        live = LiveRun(self, self.local_config(stubborn))
+        live.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        live.proc.send_signal(signal.SIGINT)
+        self.assertEqual(live.finish()[0], 130)
+        timed = self.local_config("import time\ntime.sleep(30)\n", extra="timeout: 1\n")
+        self.assertEqual(self.process("run", timed).returncode, 124)
+        rows = json.loads(self.cli("list", "--json")[1])
+        self.assertEqual([(r["status"], r["exit_code"], r["reason"]) for r in rows], [
+            ("timeout", 143, "it ran into its timeout of 1s and was stopped"),
+            ("interrupted", 137, "stopped by Ctrl-C; killed by a second Ctrl-C"),
+            ("interrupted", 137, "stopped by Ctrl-C; killed after its grace period of 1s")])
+        self.assertIn("reason     it ran into its timeout of 1s and was stopped", self.cli("show", rows[0]["id"])[1])
 
     def test_ctrl_c_says_at_once_that_the_run_is_stopping(self):
         job = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
