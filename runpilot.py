@@ -1587,13 +1587,22 @@ class _Checker:
         self.problems: list[ConfigError] = []
 
     def problem(self, path: tuple, message: str) -> None:
-        for length in range(len(path), 0, -1):
-            if path[:length] in self.overrides:
-                self.problems.append(ConfigError(message, f"--set {self.overrides[path[:length]]}"))
-                return
+        blamed = self._blamed(path)
+        if blamed:
+            self.problems.append(ConfigError(message, f"--set {blamed}"))
+            return
         line, col = self._locate(path)
         source = self.lines[line - 1] if line and line <= len(self.lines) else None
         self.problems.append(ConfigError(message, self.filename, line, col, source))
+
+    def _blamed(self, path: tuple) -> str | None:
+        """The --set argument that set PATH or a key above it, or that made the mapping at PATH."""
+        for length in range(len(path), 0, -1):
+            if path[:length] in self.overrides:
+                return self.overrides[path[:length]]
+        if path not in self.positions:  # not in the file: a --set below it created it
+            return next((item for where, item in self.overrides.items() if where[:len(path)] == path), None)
+        return None
 
     def _locate(self, path: tuple) -> tuple[int | None, int | None]:
         while path not in self.positions and path:
@@ -1609,6 +1618,11 @@ class _Checker:
 
 def _dotted(path: tuple) -> str:
     return ".".join(str(p) for p in path)
+
+
+def _shown(value: object) -> str:
+    """A value as a message quotes it: 'text', 3, {"x": 1} (JSON is YAML's flow style; no Python reprs)."""
+    return repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
 
 
 def _did_you_mean(word: str, choices: tuple[str, ...]) -> str:
@@ -1767,7 +1781,7 @@ def _check_gpus(chk: _Checker, value: object) -> int | str | tuple[str, ...] | N
             for v in value):
         return tuple(str(v) for v in value)
     chk.problem(path, "resources.gpus must be a count (1), 'all', or a list of device indices or "
-                      f"UUIDs ([0, 2]); got {value!r}")
+                      f"UUIDs ([0, 2]); got {_shown(value)}")
     return None
 
 
@@ -1777,7 +1791,7 @@ def _check_number(chk: _Checker, path: tuple, value: object, parse, what: str):
     try:
         return parse(value)
     except (ValueError, OverflowError):
-        chk.problem(path, f"{_dotted(path)} must be {what}; got {value!r}")
+        chk.problem(path, f"{_dotted(path)} must be {what}; got {_shown(value)}")
         return None
 
 
@@ -1874,7 +1888,7 @@ def _check_slurm_time(chk: _Checker, value: object) -> str | None:
         return slurm_time(parse_duration(value))
     except ValueError:
         chk.problem(("slurm", "time"), f"slurm.time must be Slurm's D-HH:MM:SS or a duration such as 2h; "
-                                       f"got {value!r}")
+                                       f"got {_shown(value)}")
         return None
 
 

@@ -124,9 +124,11 @@ class ValidateConfigTest(ConfigTestCase):
                 self.assertProblem(self.with_(mounts=mounts), *words)
 
     def test_bad_gpus(self):
-        for gpus in (-1, "two", True, False, 1.5, [], [True], ["a b"], {"n": 1}):
+        # values are quoted as YAML writes them, never as Python reprs
+        for gpus, shown in ((-1, "-1"), ("two", "'two'"), (True, "true"), (False, "false"), (1.5, "1.5"),
+                            ([], "[]"), ([True], "[true]"), (["a b"], '["a b"]'), ({"n": 1}, '{"n": 1}')):
             with self.subTest(gpus=gpus):
-                self.assertProblem(self.with_(resources={"gpus": gpus}), "resources.gpus must be", repr(gpus))
+                self.assertProblem(self.with_(resources={"gpus": gpus}), "resources.gpus must be", f"got {shown}")
         for gpus, expected in ((0, None), (None, None), ("ALL", "all"), (3, 3), (["GPU-ab12", 1], ("GPU-ab12", "1"))):
             with self.subTest(gpus=gpus):
                 self.assertEqual(self.validate(self.with_(resources={"gpus": gpus})).resources.gpus, expected)
@@ -243,6 +245,22 @@ class ApplyOverridesTest(ConfigTestCase):
             runpilot.load_config(path, ["env.LR=0.01"])
         self.assertTrue(str(caught.exception).startswith(f"{path}:5:3: resources.gpus must be a count"),
                         str(caught.exception))
+
+    def test_a_mapping_that_a_set_creates_is_blamed_on_it(self):
+        path = self.tmp / "config.yaml"
+        path.write_text("name: n\nimage: i\nentrypoint: e\n")
+        for item, message in (("envv.LR=1", "unknown key 'envv' (did you mean 'env'?)"),
+                              ("resources.gpus.x=1", 'resources.gpus must be a count (1), \'all\', or a list of '
+                                                     'device indices or UUIDs ([0, 2]); got {"x": 1}'),
+                              ("sweep.env.LR=1", "sweep.env must be a non-empty list")):
+            with self.subTest(item=item):
+                with self.assertRaises(runpilot.ConfigError) as caught:
+                    runpilot.load_config(path, [item])
+                self.assertTrue(str(caught.exception).startswith(f"--set {item}: {message}"), str(caught.exception))
+        path.write_text("name: n\nimage: i\nentrypoint: e\nresources:\n  gpus: {x: 1}\n")
+        with self.assertRaises(runpilot.ConfigError) as caught:  # the file's own mapping stays the file's
+            runpilot.load_config(path, ["resources.gpus.y=2"])
+        self.assertTrue(str(caught.exception).startswith(f"{path}:5:3: resources.gpus must be"), str(caught.exception))
 
     def test_bad_syntax(self):
         for item in ("LR", "=1", "env..LR=1", "env.=1", ".env=1", "env.A.B=1"):
