@@ -1705,12 +1705,12 @@ def _check_env(chk: _Checker, env: object) -> dict[str, str]:
 
 
 def _mount_problem(path_text: str) -> str | None:
+    """What makes a path unmountable as `-v host:container`: ':' and ',' split the option."""
     if not path_text:
         return "is empty"
-    if ":" in path_text or "," in path_text:
-        return f"contains ':' or ',' ({path_text!r}), which the engines cannot mount exactly; rename the folder"
-    if "\n" in path_text:
-        return "contains a line break"
+    for char in ":,\n":
+        if char in path_text:
+            return f"holds {char!r}, which the engines cannot mount exactly"
     return None
 
 
@@ -1740,11 +1740,16 @@ def _check_mount(chk: _Checker, path: tuple, spec: object, name: str | None, bas
             chk.problem(path, f"mount {spec!r} needs a container path: write '{spec}:/data'")
             return None
         target = (workdir or DEFAULT_WORKDIR) if name == "code" else f"{NAMED_MOUNT_ROOT}/{name}"
-    problem = _mount_problem(host) or ("" if target.startswith("/") else "needs an absolute container path")
-    if problem:
-        chk.problem(path, f"mount {_dotted(path)} {problem}")
+    elif not target.startswith("/"):
+        chk.problem(path, f"mount {_dotted(path)} reads as host path {host!r} and container path {target!r}, "
+                          "which needs an absolute container path; a folder whose name holds ':' cannot be mounted")
         return None
     source = str((base / os.path.expanduser(host)).resolve())
+    for where, text, fix in ((path, host, "rename the folder"), (path, source, "move or rename the folder"),
+                             (("workdir",) if name == "code" else path, target, "choose another container path")):
+        if _mount_problem(text):
+            chk.problem(where, f"mount {_dotted(path)}: {text!r} {_mount_problem(text)}; {fix}")
+            return None
     if not os.path.exists(source):
         chk.problem(path, f"mount {_dotted(path)}: {source} does not exist; create it or fix the path")
         return None

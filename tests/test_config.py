@@ -110,8 +110,8 @@ class ValidateConfigTest(ConfigTestCase):
     def test_mounts(self):
         cases = [
             ("missing source", {"data": "./nope"}, ("mounts.data", "does not exist")),
-            ("comma", {"data": "./we,ird"}, ("mounts.data", "':' or ','")),
-            ("comma in list", ["./we,ird:/data"], ("mounts.0", "':' or ','")),
+            ("comma", {"data": "./we,ird"}, ("mounts.data", "holds ','", "rename the folder")),
+            ("comma in list", ["./we,ird:/data"], ("mounts.0", "holds ','")),
             ("colon in list", [f"{self.tmp}/a:b:/data"], ("mounts.0", "too many ':'")),
             ("colon in named", {"data": "./a:b"}, ("mounts.data", "absolute container path")),
             ("relative target", ["./data:data"], ("mounts.0", "absolute container path")),
@@ -122,6 +122,17 @@ class ValidateConfigTest(ConfigTestCase):
         for label, mounts, words in cases:
             with self.subTest(label):
                 self.assertProblem(self.with_(mounts=mounts), *words)
+
+    def test_a_colon_that_only_resolving_or_the_workdir_brings_is_refused(self):
+        (self.tmp / "link").symlink_to(self.tmp / "a:b")  # `code: .` in a folder named exp:1 is the same
+        self.assertProblem(self.with_(mounts={"code": "./link"}), "mounts.code", f"'{self.tmp}/a:b' holds ':'",
+                           "move or rename the folder")
+        with self.assertRaises(runpilot.ConfigError) as caught:  # it would mount the code read-only at /work
+            runpilot.load_config(self.write("c.yaml", "name: n\nimage: i\nentrypoint: e\nworkdir: /work:ro\n"
+                                                   "mounts: {code: .}\n"))
+        self.assertEqual((caught.exception.line, caught.exception.message),
+                         (4, "mount mounts.code: '/work:ro' holds ':', which the engines cannot mount exactly; "
+                             "choose another container path"))
 
     def test_bad_gpus(self):
         # values are quoted as YAML writes them, never as Python reprs
