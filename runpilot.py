@@ -6717,6 +6717,10 @@ def render_dry_run(config: JobConfig, options: RunOptions) -> str:
     env = {**job_environment(dataclasses.replace(config, env={}), run_id, engine, os.environ), **config.env}
     launch = make_launch(config, run_id, engine, env, options, {}, None)
     where = f"# in {launch.cwd}\n" if launch.cwd else ""
+    if "/dev/fd/ENV" in launch.argv:
+        where += (f"# /dev/fd/ENV stands for the pipe that carries the job's environment "
+                  f"({', '.join(sorted(env))}):\n# to paste the command, put NAME=VALUE lines in a file and "
+                  "give its path instead\n")
     text = f"# resolved config\n{dump_yaml(config_to_dict(config))}\n# command ({engine})\n{where}{shlex.join(launch.argv)}"
     return "\n".join(visible(line) for line in text.split("\n"))
 
