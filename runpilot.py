@@ -2361,8 +2361,16 @@ def container_name(run_id: str) -> str:
 
 
 def choose_engine(flag: str | None, config: JobConfig, environ, which=None) -> str:
-    """--engine, then the config's `engine`, then RUNPILOT_ENGINE, then docker if present, else podman."""
-    which = which or shutil.which
+    """--engine, then the config's `engine`, then RUNPILOT_ENGINE, then docker if present, else podman;
+    a container engine needs the config to name an image."""
+    engine = _pick_engine(flag, config, environ, which or shutil.which)
+    if engine != "local" and not config.image:
+        raise ConfigError(f"engine {engine} needs an image, and the config names none; add 'image:' to it, "
+                          "or run with --engine local", config.source)
+    return engine
+
+
+def _pick_engine(flag: str | None, config: JobConfig, environ, which) -> str:
     for choice, where in ((flag, "--engine"), (config.engine, "the config"),
                           (environ.get("RUNPILOT_ENGINE"), "RUNPILOT_ENGINE")):
         if choice:
@@ -2442,6 +2450,8 @@ def build_engine_argv(config: JobConfig, run_id: str, engine: str, env_names: li
     the runner passes as a pipe, or by name (`-e NAME`) from the engine's own environment.
     DEVICES, when given, are the GPUs this run was placed on.
     """
+    if not config.image:
+        raise ConfigError(f"engine {engine} needs an image, and the config names none", config.source)
     argv = [engine, "run", "--rm", "--init", "--pull", "never",
             "--name", container_name(run_id), "--label", f"{RUN_LABEL}={run_id}"]
     if not keep_engine_logs:
@@ -7308,6 +7318,8 @@ def cmd_sweep(args) -> int:
     options = _run_options(args)
     if args.on == "slurm":
         return slurm_sweep_cli(args, store, configs, axes, options)
+    for _, config in configs:  # a mistake common to every point records nothing
+        choose_engine(options.engine, config, os.environ)
     sweep_id = args.sweep_id or new_sweep_id()
     parallel = sweep_parallel([c for _, c in configs], options, args.parallel, os.environ)
     echo(render_sweep_plan(sweep_id, points, args.repeat, parallel, options.gpu_pool), err=True)

@@ -172,6 +172,21 @@ class ChooseEngineTest(ConfigTestCase):
         self.assertIn("RUNPILOT_ENGINE", str(caught.exception))
 
 
+    def test_a_container_engine_needs_an_image(self):
+        # a config written for engine local has none: --engine docker must not pull an image named "None"
+        config = runpilot.JobConfig(name="n", image=None, entrypoint="e", engine="local", source="c.yaml")
+        self.assertEqual(runpilot.choose_engine(None, config, {}, which=lambda name: "/x"), "local")
+        for engine in ("docker", "podman"):
+            with self.subTest(engine=engine):
+                with self.assertRaises(runpilot.ConfigError) as caught:
+                    runpilot.choose_engine(engine, config, {}, which=lambda name: "/x")
+                self.assertEqual(str(caught.exception), f"c.yaml: engine {engine} needs an image, and the config "
+                                                        "names none; add 'image:' to it, or run with --engine local")
+                self.assertEqual(caught.exception.exit_code, 2)
+                with self.assertRaises(runpilot.ConfigError):
+                    runpilot.build_engine_argv(config, "20261128-000000-abcdef", engine)
+
+
 class EngineDownTest(unittest.TestCase):
     def test_what_the_cli_said_becomes_one_line_with_the_fix(self):
         denied = ('permission denied while trying to connect to the Docker daemon socket at '

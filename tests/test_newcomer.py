@@ -160,6 +160,16 @@ class FailuresExplainThemselves(HomeTestCase):
 
 
 class ConfigMistakes(HomeTestCase):
+    def test_a_local_config_on_a_container_engine_records_nothing(self):
+        config = self.local_config("print(1)")  # no image
+        for argv in (("run", config, "--engine", "docker"), ("sweep", config, "--engine", "podman", "--grid", "env.A=1,2")):
+            with self.subTest(argv[0]):
+                code, out, err = self.cli(*argv)
+                self.assertEqual(code, 2, err)
+                self.assertTrue(err.startswith("runpilot: error: ") and "needs an image, and the config names none" in err
+                                and err.count("\n") == 1, err)
+                self.assertFalse((self.home / "runs").exists() and any((self.home / "runs").iterdir()))
+
     def test_set_errors_blame_the_argument(self):
         config = self.local_config("print(1)")
         code, out, err = self.cli("run", config, "--set", "resources.gpus=two")
