@@ -7506,7 +7506,7 @@ def _rerun_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _list_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--status", choices=STATUSES, help="only runs with this status")
+    p.add_argument("--status", choices=STATUSES, metavar="STATUS", help=f"only runs with this status: {', '.join(STATUSES)}")
     p.add_argument("--name", metavar="PATTERN", help="only runs whose name matches this glob")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag")
     p.add_argument("--since", metavar="WHEN", help="only runs started since: 2d, 12h, 30m or 2026-11-01")
@@ -7640,9 +7640,25 @@ COMMANDS = [
 HIDDEN_COMMANDS = [("_slurm-job", cmd_slurm_job, "", "", _slurm_job_arguments)]
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, whose mistakes are one line like every other: `list: argument --limit: invalid int
+    value: 'abc'; see runpilot list --help` (argparse prints its usage and exits)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("runpilot").strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message}; see {self.prog} --help")
+
+
+def parse_command_line(argv: list[str]) -> argparse.Namespace:
+    args, extra = build_parser(argv).parse_known_args(argv)
+    if extra:  # argparse would blame the top level for an option that the command does not know
+        raise UsageError(f"{args.command}: unknown argument(s) {' '.join(extra)}; see runpilot {args.command} --help")
+    return args
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The whole command line, or only the command ARGV names (what `run` needs)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="runpilot", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run training jobs in containers; keep their logs, metrics and history.",
         epilog="example:\n  runpilot run config.yaml && runpilot list")
@@ -7669,7 +7685,7 @@ def main(argv: list[str] | None = None) -> int:
         if signal.getsignal(signal.SIGINT) == signal.SIG_DFL and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.default_int_handler)  # see the top of the file
         argv = list(sys.argv[1:] if argv is None else argv)
-        args = build_parser(argv).parse_args(argv)
+        args = parse_command_line(argv)
         args.argv = argv
         code = args.func(args)
     except SystemExit as exc:  # argparse: --help, --version, usage errors

@@ -38,8 +38,22 @@ class VersionAndHelp(HomeTestCase):
 
     def test_no_command_is_a_usage_error(self):
         code, _, err = self.cli()
-        self.assertEqual(code, 2)
-        self.assertIn("usage:", err)
+        self.assertEqual((code, err), (2, "runpilot: error: the following arguments are required: COMMAND; "
+                                          "see runpilot --help\n"))
+
+    def test_a_command_line_mistake_is_one_line_naming_the_command(self):
+        # argparse printed its usage block, and blamed the top level for an option a command lacks
+        cases = [(("run", "--bogus", "c.yaml"), "run: unknown argument(s) --bogus; see runpilot run --help"),
+                 (("list", "--limit", "abc"), "list: argument --limit: invalid int value: 'abc'; "
+                                              "see runpilot list --help"),
+                 (("bogus",), "argument COMMAND: invalid choice: 'bogus' (choose from 'run', "),
+                 (("list", "--status", "\x1b]0;x\x07"), "list: argument --status: invalid choice: '\\x1b]0;x\\x07'")]
+        for argv, message in cases:
+            with self.subTest(argv=argv):
+                code, out, err = self.cli(*argv)
+                self.assertEqual((code, out), (2, ""))
+                self.assertTrue(err.startswith(f"runpilot: error: {message}"), err)
+                self.assertEqual(err.count("\n"), 1, err)
 
 
 class Init(HomeTestCase):
