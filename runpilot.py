@@ -3942,12 +3942,14 @@ class RunStore:
 
     def find(self, ref: str) -> RunRecord:
         """A run by full id, unique id prefix, its short id (the last six hex digits), `latest` or `-N`."""
-        if ref in ("latest", "last") or re.fullmatch(r"-\d+", ref):
+        if ref in ("latest", "last") or re.fullmatch(r"-[1-9]\d*", ref):
             offset = 0 if not ref.startswith("-") else int(ref[1:]) - 1
-            rows = self.query(RunFilter(limit=max(offset, 0) + 1))
-            if len(rows) <= max(offset, 0):
-                raise StoreError(f"there is no run {ref!r} yet; start one with runpilot run CONFIG")
-            return rows[max(offset, 0)]
+            rows = self.query(RunFilter(limit=offset + 1))
+            if len(rows) <= offset:
+                raise UsageError(f"there is no run {ref!r} yet; start one with runpilot run CONFIG")
+            return rows[offset]
+        if re.fullmatch(r"-0+", ref):
+            raise UsageError(f"{ref!r} names no run: -1 is the newest, -2 the one before")
         if not re.fullmatch(r"[0-9a-f-]{1,22}", ref):
             raise UsageError(f"{visible(ref)!r} is not a run id; run ids look like 20261128-224705-a3f9c1, "
                              "or a3f9c1 for short (see runpilot list)")
@@ -3960,10 +3962,10 @@ class RunStore:
         if not ids and RUN_ID_RE.match(ref) and (meta := self.folder(ref).read_meta()).started_at is not None:
             return RunRecord.of(meta, self.folder(ref).path)  # the folder is the truth; its row comes later
         if not ids:
-            raise StoreError(f"no run matches {ref!r}; see runpilot list")
+            raise UsageError(f"no run matches {ref!r}; see runpilot list")
         if len(ids) > 1 and ids[0] != ref:
             listed = ", ".join(ids[:5])
-            raise StoreError(f"{ref!r} matches several runs ({listed}{', ...' if len(ids) > 5 else ''}); "
+            raise UsageError(f"{ref!r} matches several runs ({listed}{', ...' if len(ids) > 5 else ''}); "
                              "give more of the id")
         record = self.get(ids[0])
         assert record is not None
@@ -4597,7 +4599,7 @@ class Sweep:
             data = read_json_file(path)
             return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
         except FileNotFoundError:
-            raise StoreError(f"there is no sweep {sweep_id}; see runpilot list") from None
+            raise UsageError(f"there is no sweep {sweep_id}; see runpilot list") from None
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise StoreError(f"cannot read {path}: {exc}") from exc
 

@@ -275,9 +275,10 @@ class ListShowLogs(HomeTestCase):
         self.assertIn(f"run        {ids[0]}", self.cli("show", "-2")[1])
         code, _, err = self.cli("show", ids[0][:-1])  # all but the last hex digit: still unique here
         self.assertEqual(code, 0, err)
-        code, _, err = self.cli("show", "1999")
-        self.assertEqual(code, 1)
+        code, _, err = self.cli("show", "1999")  # a reference to no run is a usage mistake, like a malformed one
+        self.assertEqual(code, 2)
         self.assertIn("no run matches '1999'", err)
+        self.assertEqual(self.cli("show", "-0")[:2], (2, ""))
         code, _, err = self.cli("show", "../../etc/passwd")
         self.assertEqual(code, 2)
         self.assertIn("is not a run id", err)

@@ -450,7 +450,7 @@ class TerminalCharts(PlotHome):
         self.assertCleanError(self.cli("plot", empty.id), 1, f"no metrics in run(s) {empty.id}", "METRIC step=1")
         nan = self.add_run("nan", [{"step": 1, "loss": "nan"}, {"step": 2, "loss": "inf"}])
         self.assertCleanError(self.cli("plot", nan.id), 1, "no finite numeric samples", "(their metrics: loss)")
-        self.assertCleanError(self.cli("plot", "19990101"), 1, "no run matches '19990101'")
+        self.assertCleanError(self.cli("plot", "19990101"), 2, "no run matches '19990101'")
         self.assertEqual(self.cli("plot")[0], 2)
 
     def test_smoothing_draws_the_raw_series_faint(self):

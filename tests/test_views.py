@@ -827,10 +827,10 @@ class References(ViewsHome):
         ambiguous = self.old.id[:4]  # all three start with 2026
         for command in (["show"], ["logs"], ["export"], ["compare", "latest"], ["rm", "-y"], ["stop"]):
             with self.subTest(command=command[0]):
-                self.assertCleanError(self.cli(*command, ambiguous), 1, f"{ambiguous!r} matches several runs",
+                self.assertCleanError(self.cli(*command, ambiguous), 2, f"{ambiguous!r} matches several runs",
                                       self.old.id, self.new.id)
-                self.assertCleanError(self.cli(*command, "19990101"), 1, "no run matches '19990101'")
-                self.assertCleanError(self.cli(*command, "-9"), 1, "no run '-9'")
+                self.assertCleanError(self.cli(*command, "19990101"), 2, "no run matches '19990101'")
+                self.assertCleanError(self.cli(*command, "-9"), 2, "no run '-9'")
                 self.assertCleanError(self.cli(*command, "../x"), 2, "is not a run id")
         self.assertEqual(len(self.db_rows()), 3)
 
@@ -838,7 +838,7 @@ class References(ViewsHome):
         with mock.patch.dict(os.environ, {"RUNPILOT_HOME": str(self.tmp / "empty")}):
             for command in ("show", "logs", "export", "compare", "rm"):
                 with self.subTest(command=command):
-                    self.assertCleanError(self.cli(command, "latest"), 1, "no run 'latest' yet",
+                    self.assertCleanError(self.cli(command, "latest"), 2, "no run 'latest' yet",
                                           "runpilot run CONFIG")
 
 
