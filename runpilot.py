@@ -5383,28 +5383,35 @@ def list_columns(records: list[RunRecord]) -> list[str]:
     return names or sorted({m for r in records for m in r.last_metrics})[:6]
 
 
+def fmt_utc_seconds(iso: str) -> str:
+    """`2026-12-02T02:30:45.321Z` as `2026-12-02T02:30:45Z`: ISO 8601 UTC, to the second."""
+    head, dot, _ = iso.partition(".")
+    return f"{head}Z" if dot else iso
+
+
 def fmt_tags(tags: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(tags.items())) or "-"
 
 
 def render_runs(records: list[RunRecord], metrics: list[str], absolute: bool, width: int | None,
                 colour: bool = False, full: bool = False) -> str:
-    """`list`: one row per run, metrics featured by the configs, then tags; short ids and long values
-    cut to fit WIDTH (tags go first when it is narrow) unless FULL."""
+    """`list`: one row per run, metrics featured by the configs, then tags; short ids, long values cut
+    and then the last columns dropped (tags first, then metrics) to fit WIDTH, unless FULL. The first
+    six columns always stay."""
     tags = any(r.tags for r in records)
-    headers = ["ID", "NAME", "STATUS", "STARTED", "DURATION", "EXIT"] + [m.upper() for m in metrics] + \
-        (["TAGS"] if tags else [])
+    fixed = ["ID", "NAME", "STATUS", "STARTED", "DURATION", "EXIT", "TAGS"]
+    headers = fixed[:6] + [m if m.upper() in fixed else m.upper() for m in metrics] + (["TAGS"] if tags else [])
     rows = []
     for r in records:
-        started = r.started_at if absolute else fmt_ago(r.started_at)
+        started = fmt_utc_seconds(r.started_at) if absolute else fmt_ago(r.started_at)
         status = f"{r.status} ({r.reason})" if r.status == QUEUED and r.reason else r.status
         row = [r.id if full else short_id(r.id), r.name, status, started, fmt_duration(r.duration),
                "-" if r.exit_code is None else str(r.exit_code)] + [fmt_value(r.last_metrics.get(m)) for m in metrics]
         rows.append(row + ([fmt_tags(r.tags)] if tags else []))
     paint = (lambda col, text, row: colour_status(text, row[2].split()[0]) if col == 2 else text) if colour else None
     shrink = set() if full else {1} | ({len(headers) - 1} if tags else set())
-    return render_table(headers, rows, {4, 5} | set(range(6, 6 + len(metrics))), width,
-                        min_columns=6 + min(len(metrics), 2), shrink=shrink, paint=paint)
+    return render_table(headers, rows, {4, 5} | set(range(6, 6 + len(metrics))), None if full else width,
+                        min_columns=6, shrink=shrink, paint=paint)
 
 
 def flatten(data: object, prefix: str = "") -> dict[str, object]:
@@ -6584,6 +6591,18 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number (0 or more)")
+    return int(text)
+
+
+def _run_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the name is empty; give some text, or leave out --name")
+    return text
+
+
 def echo(text: str = "", err: bool = False) -> None:
     """print() that a closed output (`runpilot list | head`) cannot turn into a failure."""
     stream = sys.stderr if err else sys.stdout
@@ -6648,6 +6667,8 @@ def _tags(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--tag {item!r} must look like KEY=VALUE, e.g. --tag try=3")
+        if key in tags and tags[key] != value:
+            raise UsageError(f"--tag {key} is given twice ({key}={tags[key]}, {item}); give each key once")
         tags[key] = value
     return tags
 
@@ -6779,10 +6800,20 @@ def record_json(record: RunRecord) -> dict:
     return {k: v for k, v in dataclasses.asdict(record).items() if k not in ("runner", "slurm_job")}
 
 
+def _check_sort_metric(sort: str, records: list[RunRecord]) -> None:
+    """A metric to sort by that no listed run has is a typo: the list would come back unsorted."""
+    if sort in ("started", "duration") or not records or any(sort in r.last_metrics for r in records):
+        return
+    known = sorted({m for r in records for m in r.last_metrics})
+    raise UsageError(f"--sort {sort!r}: no listed run has that metric; sort by started, duration"
+                     + (f" or one of {', '.join(known)}" if known else ""))
+
+
 def cmd_list(args) -> int:
     store = _store()
     what = _list_filter(args)
     records = refresh(store, store.query(what), note)
+    _check_sort_metric(what.sort, records)
     metrics = list_columns(records)
     if args.quiet:
         echo("\n".join(r.id for r in records))
@@ -7518,7 +7549,7 @@ def _list_arguments(p: argparse.ArgumentParser) -> None:
     order = p.add_mutually_exclusive_group()
     order.add_argument("--desc", dest="ascending", action="store_false", default=None, help="largest first")
     order.add_argument("--asc", dest="ascending", action="store_true", help="smallest first")
-    p.add_argument("--limit", type=int, metavar="N", help="show at most N runs (default: a screenful)")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="show at most N runs (default: a screenful)")
     p.add_argument("--all", action="store_true", help="show every run")
     p.add_argument("--absolute", action="store_true", help="show start times as ISO 8601 UTC")
     p.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1)")
@@ -7532,14 +7563,14 @@ def _show_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--ascii", action="store_true", help="draw sparklines with ASCII only")
-    p.add_argument("--tail", type=int, metavar="N",
+    p.add_argument("--tail", type=_count, metavar="N",
                    help=f"print the last N lines of the log (default: {SHOW_LOG_TAIL} for a run that did not succeed)")
     p.add_argument("--no-trunc", action="store_true", help="print long values whole")
 
 
 def _logs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
-    p.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("--tail", type=_count, metavar="N", help="only the last N lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
 
 
@@ -7589,7 +7620,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "$RUNPILOT_ENGINE, then docker if installed, else podman)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, dotted keys (repeatable): --set env.LR=0.01")
-    p.add_argument("--name", help="override the run name")
+    p.add_argument("--name", type=_run_name, help="override the run name")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="attach a tag (repeatable)")
     p.add_argument("-d", "--detach", action="store_true", help="run in the background; print the id")
     p.add_argument("--stop-timeout", type=_stop_timeout, default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",

@@ -44,8 +44,16 @@ class VersionAndHelp(HomeTestCase):
     def test_a_command_line_mistake_is_one_line_naming_the_command(self):
         # argparse printed its usage block, and blamed the top level for an option a command lacks
         cases = [(("run", "--bogus", "c.yaml"), "run: unknown argument(s) --bogus; see runpilot run --help"),
-                 (("list", "--limit", "abc"), "list: argument --limit: invalid int value: 'abc'; "
-                                              "see runpilot list --help"),
+                 (("list", "--limit", "abc"), "list: argument --limit: 'abc' must be a whole number of 1 or "
+                                              "more; see runpilot list --help"),
+                 (("list", "--limit", "0"), "list: argument --limit: '0' must be a whole number of 1 or more"),
+                 (("logs", "latest", "--tail", "-3"), "logs: argument --tail: '-3' must be a whole number (0 or "
+                                                      "more)"),
+                 (("show", "latest", "--tail", "-1"), "show: argument --tail: '-1' must be a whole number"),
+                 (("run", "c.yaml", "--name", " "), "run: argument --name: the name is empty; give some text, or "
+                                                    "leave out --name"),
+                 (("run", self.local_config("print(1)"), "--tag", "k=1", "--tag", "k=2"), "--tag k is given twice (k=1, k=2); "
+                                                                     "give each key once"),
                  (("bogus",), "argument COMMAND: invalid choice: 'bogus' (choose from 'run', "),
                  (("list", "--status", "\x1b]0;x\x07"), "list: argument --status: invalid choice: '\\x1b]0;x\\x07'")]
         for argv, message in cases:

@@ -59,18 +59,18 @@ class ListTable(ViewsHome):
         code, out, err = self.cli("list", "--absolute")
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(out.splitlines(), [  # ids shown short: their last six hex digits
-            "ID      NAME            STATUS     STARTED                   DURATION  EXIT  LOSS  ACC",
-            f"{c.id[-6:]}  c               running    2026-11-20T12:00:00.000Z         -     -     -    -",
-            f"{b.id[-6:]}  beta-long-name  failed     2026-11-20T11:00:00.000Z     1m15s     3  1.25    -",
-            f"{a.id[-6:]}  alpha           succeeded  2026-11-20T10:00:00.000Z      5.0s     0  0.25  0.9",
+            "ID      NAME            STATUS     STARTED               DURATION  EXIT  LOSS  ACC",
+            f"{c.id[-6:]}  c               running    2026-11-20T12:00:00Z         -     -     -    -",
+            f"{b.id[-6:]}  beta-long-name  failed     2026-11-20T11:00:00Z     1m15s     3  1.25    -",
+            f"{a.id[-6:]}  alpha           succeeded  2026-11-20T10:00:00Z      5.0s     0  0.25  0.9",
         ])
         code, out, err = self.cli("list", "--absolute", "--no-trunc")
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(out.splitlines(), [
-            "ID                      NAME            STATUS     STARTED                   DURATION  EXIT  LOSS  ACC",
-            f"{c.id}  c               running    2026-11-20T12:00:00.000Z         -     -     -    -",
-            f"{b.id}  beta-long-name  failed     2026-11-20T11:00:00.000Z     1m15s     3  1.25    -",
-            f"{a.id}  alpha           succeeded  2026-11-20T10:00:00.000Z      5.0s     0  0.25  0.9",
+            "ID                      NAME            STATUS     STARTED               DURATION  EXIT  LOSS  ACC",
+            f"{c.id}  c               running    2026-11-20T12:00:00Z         -     -     -    -",
+            f"{b.id}  beta-long-name  failed     2026-11-20T11:00:00Z     1m15s     3  1.25    -",
+            f"{a.id}  alpha           succeeded  2026-11-20T10:00:00Z      5.0s     0  0.25  0.9",
         ])
 
     def test_tags_column_when_a_run_has_tags(self):
@@ -80,9 +80,9 @@ class ListTable(ViewsHome):
         code, out, err = self.cli("list", "--absolute")
         self.assertEqual((code, err), (0, ""))
         self.assertEqual(out.splitlines(), [
-            "ID      NAME   STATUS     STARTED                   DURATION  EXIT  LOSS  TAGS",
-            f"{b.id[-6:]}  beta   succeeded  2026-11-20T10:01:00.000Z     10.0s     0     -  opt=adam,try=2",
-            f"{a.id[-6:]}  alpha  succeeded  2026-11-20T10:00:00.000Z     10.0s     0   0.5  -",
+            "ID      NAME   STATUS     STARTED               DURATION  EXIT  LOSS  TAGS",
+            f"{b.id[-6:]}  beta   succeeded  2026-11-20T10:01:00Z     10.0s     0     -  opt=adam,try=2",
+            f"{a.id[-6:]}  alpha  succeeded  2026-11-20T10:00:00Z     10.0s     0   0.5  -",
         ])
 
     def test_columns_line_up_under_their_headers(self):
@@ -141,18 +141,34 @@ class ListTable(ViewsHome):
         self.assertEqual(lines[0].split()[6:], ["F1", "LOSS"])
         self.assertEqual([line.split()[6:] for line in lines[1:]], [["0.75", "-"], ["-", "0.5"]])
 
-    def test_width_drops_metric_columns_past_the_second_but_never_the_first_six(self):
+    def test_a_metric_named_like_a_column_keeps_its_case(self):
+        self.add_run("s", metric_names=["loss", "status"], samples=[{"loss": 1, "status": "ok"}])
+        self.assertEqual(self.cli("list")[1].splitlines()[0].split(),
+                         ["ID", "NAME", "STATUS", "STARTED", "DURATION", "EXIT", "LOSS", "status"])
+
+    def test_sorting_by_a_metric_no_run_has_is_an_error(self):
+        # a typo (durations) came back unsorted with exit 0
+        self.add_run("a", samples=[{"loss": 0.5, "acc": 0.9}])
+        code, out, err = self.cli("list", "--sort", "durations")
+        self.assertEqual((code, out), (2, ""))
+        self.assertEqual(err, "runpilot: error: --sort 'durations': no listed run has that metric; sort by "
+                              "started, duration or one of acc, loss\n")
+        self.assertEqual(self.cli("list", "--sort", "acc")[0], 0)
+
+    def test_width_drops_the_last_metric_columns_but_never_the_first_six(self):
+        # a line wider than the terminal wraps and garbles the table: metrics give way from the right
         self.add_run("wide", duration=3725.0, metric_names=["loss", "accuracy", "f1"],
                      samples=[{"loss": 0.125, "accuracy": 0.875, "f1": 0.5}])
         records = self.store.query()
         full = runpilot.render_runs(records, ["loss", "accuracy", "f1"], True, None)
         full_width = max(len(line) for line in full.splitlines())
         two_metrics = full_width - len("  0.5")  # the F1 column and its separator
+        one_metric = two_metrics - len("  ACCURACY")
         six = [line.split()[:6] for line in full.splitlines()]
         for width, headers in ((full_width, ["LOSS", "ACCURACY", "F1"]),
                                (full_width - 1, ["LOSS", "ACCURACY"]), (two_metrics, ["LOSS", "ACCURACY"]),
-                               (two_metrics - 1, ["LOSS", "ACCURACY"]), (60, ["LOSS", "ACCURACY"]),
-                               (10, ["LOSS", "ACCURACY"]), (1, ["LOSS", "ACCURACY"])):
+                               (two_metrics - 1, ["LOSS"]), (one_metric, ["LOSS"]), (one_metric - 1, []),
+                               (10, []), (1, [])):
             with self.subTest(width=width):
                 table = runpilot.render_runs(records, ["loss", "accuracy", "f1"], True, width)
                 lines = table.splitlines()
@@ -160,10 +176,10 @@ class ListTable(ViewsHome):
                 self.assertEqual([line.split()[:6] for line in lines], six)
                 self.assertEqual([len(line.split()) for line in lines], [6 + len(headers)] * 2)
                 self.assertTrue(full.splitlines()[0].startswith(lines[0]))
-                if width >= two_metrics:  # it fits; narrower, the first two metrics are kept anyway
+                if headers:  # it fits; narrower than the first six columns, they stay anyway
                     self.assertLessEqual(max(len(line) for line in lines), width)
-                else:
-                    self.assertEqual(max(len(line) for line in lines), two_metrics)
+        self.assertEqual(runpilot.render_runs(records, ["loss", "accuracy", "f1"], True, 10, full=True),
+                         runpilot.render_runs(records, ["loss", "accuracy", "f1"], True, None, full=True))
         self.assertEqual(six[1][4], "1h02m")
 
     def test_wide_characters_keep_the_columns_aligned(self):
@@ -298,7 +314,7 @@ class ListSorting(ViewsHome):
         self.assertEqual(self.names("--sort", "loss", "--asc"), ["slow", "mid", "fast", "live"])
         self.assertEqual(self.names("--sort", "acc", "--desc"), ["mid", "fast", "live", "slow"])
         self.assertEqual(self.names("--sort", "acc", "--asc"), ["fast", "mid", "live", "slow"])
-        self.assertEqual(self.names("--sort", "nothing"), ["mid", "live", "slow", "fast"])
+        self.assertEqual(self.cli("list", "--sort", "nothing")[0], 2)  # a typo, not an unsorted list
 
     def test_asc_and_desc_exclude_each_other_and_bad_keys_fail(self):
         self.assertEqual(self.cli("list", "--asc", "--desc")[0], 2)
