@@ -4281,7 +4281,7 @@ class GpuPlacement:
     def wait(self, run_id: str, signals: StopSignals, report: Reporter) -> bool:
         """Wait, queued, until the GPUs are free (True) or a stop is asked for (False)."""
         said = ""
-        while not self.claim(run_id):
+        while signals.received or not self.claim(run_id):
             if signals.received:
                 return False
             text = self.waiting_text()
@@ -4540,7 +4540,10 @@ def parse_grid(items: list[str]) -> tuple[tuple[str, tuple], ...]:
             parts, values = pieces[0][0], [value for _, value in pieces]
         if not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
             raise UsageError(f"--grid {item!r} must give one or more plain values: --grid {key}=0.1,0.01")
-        axes.append((".".join(parts), tuple(values)))
+        name = ".".join(parts)
+        if any(name == seen for seen, _ in axes):
+            raise UsageError(f"--grid {name} is given twice; give each key once, with all its values")
+        axes.append((name, tuple(values)))
     return tuple(axes)
 
 
@@ -4634,6 +4637,19 @@ def plan_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint, J
     return sweep
 
 
+def in_plan_order(store: RunStore, sweep_id: str, records: list[RunRecord]) -> list[RunRecord]:
+    """A sweep's runs in the order of its plan, a point's earlier runs (before a --resume) first."""
+    try:
+        sweep = Sweep.load(store, sweep_id)
+    except RunPilotError:
+        return records
+    rank: dict[str, int] = {}
+    for point in sweep.points:
+        for run_id in [*point.get("earlier", []), point["run_id"]]:
+            rank[run_id] = len(rank)
+    return sorted(records, key=lambda record: rank.get(record.id, len(rank)))
+
+
 def queued_meta(config: JobConfig, run_id: str, sweep: Sweep, point: SweepPoint) -> RunMeta:
     return RunMeta(run_id=run_id, name=config.name, status=QUEUED, started_at=utc_now(), engine=config.engine,
                    image=config.image, config_file=config.source, config=config_to_dict(config),
@@ -4677,6 +4693,8 @@ class SweepRunner:
         self.outcomes: dict[str, RunOutcome | RunPilotError] = {}
         self.ended = threading.Condition()   # notified when a run's thread is done
         self.stopping: int | None = None   # the signal that stopped the sweep
+        self.halted = False                # no more points start (a stop, or --fail-fast)
+        self.requests = store.sweeps_dir / sweep.sweep_id / "stop"  # `runpilot stop RUN_ID` of one point
 
     def run(self, signals: StopSignals) -> int:
         """Run every point; RunPilot's exit status: 0, 1 if a run did not succeed, 128+N when stopped."""
@@ -4685,7 +4703,8 @@ class SweepRunner:
             for signum in signals.received[handled:]:
                 self.stop(signum)
             handled = len(signals.received)
-            while self.pending and len(self.running) < self.parallel and self.stopping is None:
+            self.stop_requested_runs()
+            while self.pending and len(self.running) < self.parallel and not self.halted:
                 self.start(*self.pending.pop(0))
             with self.ended:  # a freed slot is filled at once; signals are looked at between runs' ends
                 self.ended.wait_for(lambda: any(run_id in self.outcomes for run_id in self.running), POLL_SECONDS)
@@ -4737,51 +4756,53 @@ class SweepRunner:
     def after(self, run_id: str) -> None:
         outcome = self.outcomes.get(run_id)
         failed = not isinstance(outcome, RunOutcome) or outcome.record.status != SUCCEEDED
-        if failed and self.fail_fast and self.stopping is None:
-            self.report(RunEvent("stopping", run_id, f"--fail-fast: run {run_id} did not succeed; stopping the sweep"))
-            self.stop(signal.SIGTERM)
+        if failed and self.fail_fast and not self.halted:
+            why = f"--fail-fast: run {run_id} did not succeed"
+            self.report(RunEvent("stopping", run_id, f"{why}; stopping the sweep"))
+            self.stop(signal.SIGTERM, why)
 
-    def stop(self, signum: int) -> None:
-        """Stop the running runs as `run` would, and cancel the points not started yet."""
-        first = self.stopping is None
-        self.stopping = self.stopping or signum
+    def stop(self, signum: int, why: str | None = None) -> None:
+        """Stop the running runs as `run` would, and cancel the points not started yet. WHY, when
+        given, is a reason other than a signal (--fail-fast): it sets no exit status of its own."""
+        if why is None:
+            self.stopping = self.stopping or signum
         for _, mailbox in self.running.values():
             mailbox.received.append(signum)
-        if first:
+        if not self.halted:
+            self.halted = True
             for point, _ in self.pending:
-                cancel_queued(self.store, point["run_id"], signum)
+                cancel_queued(self.store, point["run_id"], None if why else signum, why)
             if self.pending:
                 self.report(RunEvent("stopping", None, f"cancelled {len(self.pending)} point(s) not started yet"))
             self.pending = []
 
+    def stop_requested_runs(self) -> None:
+        """`runpilot stop RUN_ID` of one point leaves a request file: stop that run, or cancel it."""
+        try:
+            requested = [path for path in self.requests.iterdir() if RUN_ID_RE.match(path.name)]
+        except OSError:
+            return
+        for path in requested:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            if path.name in self.running:
+                self.running[path.name][1].received.append(signal.SIGTERM)
+            for point, config in [job for job in self.pending if job[0]["run_id"] == path.name]:
+                self.pending.remove((point, config))
+                cancel_queued(self.store, path.name, signal.SIGTERM, "stopped with runpilot stop before it started")
 
-def cancel_queued(store: RunStore, run_id: str, signum: int | None) -> None:
+
+def cancel_queued(store: RunStore, run_id: str, signum: int | None, why: str | None = None) -> None:
     folder = store.folder(run_id)
     meta = folder.read_meta()
     if meta.status != QUEUED:
         return
     meta.status, meta.stop_signal, meta.finished_at = CANCELLED, signum, utc_now()
-    meta.reason = "the sweep was stopped before this point started"
+    meta.reason = why or "the sweep was stopped before this point started"
     with contextlib.suppress(OSError):
         folder.write_meta(meta)
     store.save_or_defer(meta)
 
-
-def stop_sweep(store: RunStore, sweep_id: str, wait: float) -> str:
-    """`runpilot stop SWEEP_ID`: ask the sweep's runner to stop, as Ctrl-C would; say what became of it."""
-    sweep = Sweep.load(store, sweep_id)
-    if runner_alive(sweep.runner):
-        os.kill(sweep.runner["pid"], signal.SIGTERM)
-        deadline = time.monotonic() + wait
-        while runner_alive(sweep.runner) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if runner_alive(sweep.runner):
-            raise RunPilotError(f"sweep {sweep_id} did not stop within {wait:.0f}s; try again, or kill its "
-                                f"runner (pid {sweep.runner['pid']})")
-    for point in sweep.points:  # a runner that died left its queued points behind
-        cancel_queued(store, point["run_id"], None)
-    statuses = [store.folder(p["run_id"]).read_meta().status for p in sweep.points]
-    return f"sweep {sweep_id}: " + ", ".join(f"{statuses.count(s)} {s}" for s in STATUSES if s in statuses)
 
 # ==== 17. Slurm: the same config on a cluster ================================
 # `--on slurm` records the run as `queued`, copies this very file into the run folder, and
@@ -5185,7 +5206,12 @@ def stop_run(store: RunStore, record: RunRecord, wait: float, note: Callable[[st
     runner = meta.runner or record.runner
     alive = runner_alive(runner)
     if alive:
-        os.kill(runner["pid"], signal.SIGTERM)
+        if meta.sweep and SWEEP_ID_RE.match(str(meta.sweep.get("id"))):  # its runner runs the whole sweep
+            requests = store.sweeps_dir / meta.sweep["id"] / "stop"
+            make_private_dirs(requests)
+            write_private(requests / record.id, b"")
+        else:
+            os.kill(runner["pid"], signal.SIGTERM)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             current = folder.read_meta()
@@ -5199,6 +5225,30 @@ def stop_run(store: RunStore, record: RunRecord, wait: float, note: Callable[[st
         raise RunPilotError(f"run {record.id} runs on host {runner.get('host') or 'unknown'}; stop it there")
     end_leftover_job(record, meta)
     return refresh(store, [record], note)[0]
+
+
+def stop_sweep(store: RunStore, sweep_id: str, wait: float, note: Callable[[str], None]) -> str:
+    """`runpilot stop SWEEP_ID`: ask the sweep's runner to stop, as Ctrl-C would (or, when it died,
+    end the jobs it left and cancel its queued points); say what became of its runs."""
+    sweep = Sweep.load(store, sweep_id)
+    if runner_alive(sweep.runner):
+        os.kill(sweep.runner["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while runner_alive(sweep.runner) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if runner_alive(sweep.runner):
+            raise RunPilotError(f"sweep {sweep_id} did not stop within {wait:.0f}s; try again, or kill its "
+                                f"runner (pid {sweep.runner['pid']})")
+    for point in sweep.points:  # a runner that died left its queued points behind
+        cancel_queued(store, point["run_id"], None)
+    records = [RunRecord.of(store.folder(p["run_id"]).read_meta(), store.folder(p["run_id"]).path)
+               for p in sweep.points]
+    for record in refresh(store, records, lambda text: None):
+        meta = store.folder(record.id).read_meta()
+        if record.status == LOST and leftover_job(record, meta):
+            end_leftover_job(record, meta)
+    statuses = [record.status for record in refresh(store, records, note)]
+    return f"sweep {sweep_id}: " + ", ".join(f"{statuses.count(s)} {s}" for s in STATUSES if s in statuses)
 
 
 def end_leftover_job(record: RunRecord, meta: RunMeta, wait: float = 5.0) -> None:
@@ -6814,6 +6864,8 @@ def cmd_list(args) -> int:
     what = _list_filter(args)
     records = refresh(store, store.query(what), note)
     _check_sort_metric(what.sort, records)
+    if args.sweep and args.sort == "started" and args.ascending is None:
+        records = in_plan_order(store, args.sweep, records)
     metrics = list_columns(records)
     if args.quiet:
         echo("\n".join(r.id for r in records))
@@ -6928,7 +6980,7 @@ def _copy_from(path: Path, out, offset: int, end: int | None = None) -> int:
 def cmd_stop(args) -> int:
     store = _store()
     if SWEEP_ID_RE.match(args.run):
-        echo(stop_sweep(store, args.run, args.wait))
+        echo(stop_sweep(store, args.run, args.wait, note))
         return 0
     record = find_run(store, args.run)
     meta = store.folder(record.id).read_meta()
@@ -6942,6 +6994,7 @@ def cmd_stop(args) -> int:
 
 def _sweep_runs(store: RunStore, sweep_id: str) -> list[RunRecord]:
     records = refresh(store, store.query(RunFilter(sweep_id=check_sweep_id(sweep_id), ascending=True)), note)
+    records = in_plan_order(store, sweep_id, records)
     if not records:
         raise StoreError(f"no run belongs to sweep {sweep_id}; see runpilot list")
     return records
@@ -6978,7 +7031,7 @@ def cmd_export(args) -> int:
     store = _store()
     records = _refs_or_sweep(store, args)
     runs = [(r, read_metrics(store.folder(r.id).metrics), _config_of(store, r)) for r in records]
-    keys = differing([flat for _, _, flat in runs]) if args.config else []
+    keys = [k for k in differing([flat for _, _, flat in runs]) if k != "name"] if args.config else []  # a column
     tag_names = sorted({t for r in records for t in r.tags}) if args.tags else []
     if args.format == "csv":
         text = render_csv(*export_rows(runs, keys, tag_names))
@@ -7353,6 +7406,8 @@ def cmd_sweep(args) -> int:
         return slurm_sweep_cli(args, store, configs, axes, options)
     for _, config in configs:  # a mistake common to every point records nothing
         choose_engine(options.engine, config, os.environ)
+    if args.sweep_id and (store.sweeps_dir / args.sweep_id).exists():
+        raise UsageError(f"sweep {args.sweep_id} exists already; leave out --sweep-id")
     sweep_id = args.sweep_id or new_sweep_id()
     parallel = sweep_parallel([c for _, c in configs], options, args.parallel, os.environ)
     echo(render_sweep_plan(sweep_id, points, args.repeat, parallel, options.gpu_pool), err=True)
@@ -7362,7 +7417,8 @@ def cmd_sweep(args) -> int:
         return detach(args.argv, store, "--sweep-id", sweep=store.sweeps_dir / sweep_id)
     stored = {"engine": args.engine, "tags": options.tags, "gpus": args.gpus, "parallel": args.parallel,
               "fail_fast": args.fail_fast, "stop_timeout": args.stop_timeout, "pull": args.pull,
-              "overrides": args.set}
+              "overrides": args.set, "no_gpu_check": args.no_gpu_check, "no_wait": args.no_wait,
+              "engine_logs": args.engine_logs}
     sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, stored, base.source)
     jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
     return _run_sweep(store, sweep, jobs, options, parallel, args.fail_fast)
@@ -7391,19 +7447,35 @@ def _run_sweep(store: RunStore, sweep: Sweep, jobs: list, options: RunOptions, p
 
 def _resume_sweep(store: RunStore, args) -> int:
     """Run again the points of a sweep that never finished (queued, cancelled, interrupted, lost)."""
+    changed = [flag for flag, given in (
+        ("CONFIG", args.config), ("--grid", args.grid), ("--set", args.set), ("--name", args.name),
+        ("--tag", args.tag), ("--engine", args.engine), ("--repeat", args.repeat != 1), ("--on", args.on != "here"),
+        ("--dry-run", args.dry_run), ("--pull", args.pull != "missing"),
+        ("--stop-timeout", args.stop_timeout != DEFAULT_STOP_TIMEOUT)) if given]
+    if changed:
+        raise UsageError(f"--resume runs the points as they were recorded; {', '.join(changed)} cannot be given "
+                         "with it (start a new sweep to change them)")
     sweep = Sweep.load(store, args.resume)
     if runner_alive(sweep.runner):
         raise UsageError(f"sweep {sweep.sweep_id} is still running (pid {sweep.runner.get('pid')}); "
                          f"stop it first (runpilot stop {sweep.sweep_id})")
-    sweep.runner = runner_identity()
-    jobs = []
+    todo = []
     for point in sweep.points:
         folder = store.folder(point["run_id"])
         meta = folder.read_meta()
         if meta.status in (SUCCEEDED, FAILED, TIMEOUT):
             continue
+        if not folder.config.is_file():
+            note(f"point {point['index'] + 1} of sweep {sweep.sweep_id} is not resumed: its run {point['run_id']} "
+                 "was deleted, and its config with it")
+            continue
+        todo.append((point, folder, meta))
+    sweep.runner = runner_identity()
+    jobs = []
+    for point, folder, meta in todo:
         config = dataclasses.replace(load_config(folder.config), source=meta.config_file, name=meta.name)
         if meta.status not in (QUEUED, CANCELLED):  # it ran: its record stays, the point gets a new run
+            point.setdefault("earlier", []).append(point["run_id"])
             folder = store.create_run_dir()
             point["run_id"] = folder.run_id
         values = SweepPoint(point["index"], tuple((k, v) for k, v in point["values"]), point["repeat"])
@@ -7415,9 +7487,13 @@ def _resume_sweep(store: RunStore, args) -> int:
         echo(f"sweep {sweep.sweep_id}: every point has finished; nothing to resume")
         return 0
     stored = sweep.options
-    options = RunOptions(engine=stored.get("engine"), tags=stored.get("tags") or {}, gpu_pool=stored.get("gpus"),
+    options = RunOptions(engine=stored.get("engine"), tags=stored.get("tags") or {},
+                         gpu_pool=args.gpus or stored.get("gpus"),
                          stop_timeout=stored.get("stop_timeout") or DEFAULT_STOP_TIMEOUT,
-                         pull=stored.get("pull") or "missing", overrides=stored.get("overrides") or [])
+                         pull=stored.get("pull") or "missing", overrides=stored.get("overrides") or [],
+                         gpu_check=not (args.no_gpu_check or stored.get("no_gpu_check")),
+                         wait_for_gpus=not (args.no_wait or stored.get("no_wait")),
+                         keep_engine_logs=args.engine_logs or bool(stored.get("engine_logs")))
     parallel = args.parallel or stored.get("parallel") or sweep_parallel([c for _, c in jobs], options, None,
                                                                            os.environ)
     note(f"resuming sweep {sweep.sweep_id}: {len(jobs)} point(s)")
@@ -7576,7 +7652,7 @@ def _logs_arguments(p: argparse.ArgumentParser) -> None:
 
 def _stop_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run id, unique prefix, short id, latest, -N, or a sweep id")
-    p.add_argument("--wait", type=float, default=60, metavar="SECONDS", help="how long to wait (default 60)")
+    p.add_argument("--wait", type=_stop_timeout, default=60, metavar="SECONDS", help="how long to wait (default 60)")
 
 
 def _validate_arguments(p: argparse.ArgumentParser) -> None:

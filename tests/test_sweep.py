@@ -257,9 +257,16 @@ class Control(SweepCase):
                    "sys.exit(3 if os.environ['LR'] == '0.2' else 0)\n")
         code, out, err = self.cli("sweep", self.config(gpus=0, script=failing), "--grid", "env.LR=0.2,0.1,5",
                                   "--fail-fast")
-        self.assertEqual(code, 143, err)
-        statuses = {r["name"]: r["status"] for r in json.loads(self.cli("list", "--json")[1])}
+        self.assertEqual(code, 1, err)  # a run failed; no signal stopped the sweep (128+N would say one did)
+        rows = json.loads(self.cli("list", "--json")[1])
+        statuses = {r["name"]: r["status"] for r in rows}
         self.assertEqual(statuses, {"lr[LR=0.2]": "failed", "lr[LR=0.1]": "cancelled", "lr[LR=5]": "cancelled"})
+        failed = next(r["id"] for r in rows if r["status"] == "failed")
+        for row in rows:
+            if row["status"] == "cancelled":
+                meta = json.loads((self.home / "runs" / row["id"] / "meta.json").read_text())
+                self.assertEqual((meta["stop_signal"], meta["reason"]),
+                                 (None, f"--fail-fast: run {failed} did not succeed"))
         code, out, err = self.cli("sweep", self.config(gpus=0, script=failing), "--grid", "env.LR=0.2,0.1")
         self.assertEqual(code, 1, err)  # one failure does not stop the others, but the sweep says so
 
@@ -272,6 +279,76 @@ class Control(SweepCase):
         self.assertEqual(self.cli("stop", sweep_id)[0], 0)
         statuses = sorted(r["status"] for r in json.loads(self.cli("list", "--json", "--sweep", sweep_id)[1]))
         self.assertEqual(statuses, ["interrupted", "interrupted"])
+
+    def test_stopping_one_run_stops_only_that_run(self):
+        # the sweep's runner runs every point: a SIGTERM to it stopped the whole sweep
+        proc = self.sweep(self.config(gpus=0, script=self.LONG), "--grid", "env.LR=1,2,3,4", "--parallel", "2")
+        self.wait_for_running(2)
+        rows = json.loads(self.cli("list", "--json", "--status", "running")[1])
+        queued = json.loads(self.cli("list", "--json", "--status", "queued")[1])[0]["id"]
+        self.assertEqual(self.cli("stop", queued)[1], f"run {queued} cancelled\n")  # a point not started yet
+        code, out, err = self.cli("stop", rows[0]["id"])
+        self.assertEqual((code, out), (0, f"run {rows[0]['id']} interrupted\n"), err)
+        self.wait_for_running(2)  # the sweep goes on: the last point takes the freed slot
+        self.assertIn(rows[1]["id"], self.cli("list", "--status", "running", "-q")[1])
+        sweep_id = rows[0]["sweep_id"]
+        self.assertEqual(self.cli("stop", sweep_id)[1], f"sweep {sweep_id}: 3 interrupted, 1 cancelled\n")
+        self.assertEqual(proc.wait(timeout=30), 143)
+
+    def test_stopping_a_sweep_whose_runner_died_ends_its_jobs(self):
+        proc = self.sweep(self.config(gpus=0, script=self.LONG), "--grid", "env.LR=1,2,3")
+        self.wait_for_running(1)
+        proc.kill()
+        proc.wait()
+        sweep_id = json.loads(self.cli("list", "--json")[1])[0]["sweep_id"]
+        code, out, err = self.cli("stop", sweep_id)
+        self.assertEqual((code, out), (0, f"sweep {sweep_id}: 2 cancelled, 1 lost\n"), err)
+        for pid_file in self.work.glob("*.pid"):
+            self.assertFalse(pid_alive(int(pid_file.read_text())))
+
+    def test_resume_keeps_the_sweeps_options_and_refuses_changes(self):
+        env = {"FAKE_NVIDIA_SMI": "none"}  # nvidia-smi answers, with no GPU: only --no-gpu-check lets a run start
+        self.patch_env(env)
+        job = self.LONG.replace("time.sleep(60)", "time.sleep(0 if os.path.exists('fast') else 60)")
+        proc = self.sweep(self.config(gpus=1, script=job), "--grid", "env.LR=1,2", "--no-gpu-check")
+        self.wait_for_running(1)
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(timeout=30), 130)
+        sweep_id = json.loads(self.cli("list", "--json")[1])[0]["sweep_id"]
+        code, out, err = self.cli("sweep", "--resume", sweep_id, "--set", "env.LR=9")
+        self.assertEqual((code, err), (2, "runpilot: error: --resume runs the points as they were recorded; --set "
+                                          "cannot be given with it (start a new sweep to change them)\n"))
+        (self.work / "fast").write_text("")
+        code, out, err = self.cli("sweep", "--resume", sweep_id)
+        self.assertEqual(code, 0, err)
+        rows = json.loads(self.cli("list", "--json", "--sweep", sweep_id)[1])
+        self.assertEqual([(r["name"], r["status"]) for r in rows],  # in plan order, a point's earlier run first
+                         [("lr[LR=1]", "interrupted"), ("lr[LR=1]", "succeeded"), ("lr[LR=2]", "succeeded")])
+
+    def test_a_deleted_point_is_not_resumed_and_nothing_stray_is_left(self):
+        proc = self.sweep(self.config(gpus=0, script=self.LONG), "--grid", "env.LR=1,2,3")
+        self.wait_for_running(1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        rows = json.loads(self.cli("list", "--json")[1])
+        sweep_id, cancelled = rows[0]["sweep_id"], [r["id"] for r in rows if r["status"] == "cancelled"]
+        self.assertEqual(self.cli("rm", "-y", cancelled[0])[0], 0)
+        (self.work / "fast").write_text("")
+        code, out, err = self.cli("sweep", "--resume", sweep_id, "--parallel", "3", "--set", "x=1")
+        self.assertEqual(code, 2, err)
+        self.assertEqual(len(self.runs()), 2)  # nothing recorded by the refused resume
+
+    def test_grid_mistakes_and_a_taken_sweep_id_record_nothing(self):
+        config = self.config(gpus=0)
+        code, out, err = self.cli("sweep", config, "--grid", "env.LR=1,2", "--grid", "env.LR=3")
+        self.assertEqual((code, err), (2, "runpilot: error: --grid env.LR is given twice; give each key once, "
+                                          "with all its values\n"))
+        self.assertEqual(self.cli("sweep", config, "--grid", "env.LR=1")[0], 0)
+        sweep_id = json.loads(self.cli("list", "--json")[1])[0]["sweep_id"]
+        code, out, err = self.cli("sweep", config, "--grid", "env.LR=2", "--sweep-id", sweep_id)
+        self.assertEqual((code, err), (2, f"runpilot: error: sweep {sweep_id} exists already; leave out --sweep-id\n"))
+        self.assertEqual(len(self.runs()), 1)
+        self.assertEqual(self.cli("stop", sweep_id, "--wait", "nan")[0], 2)
 
 
 class LookingAtASweep(SweepCase):
@@ -294,7 +371,7 @@ class LookingAtASweep(SweepCase):
         self.assertEqual(out.count("*"), 2 * 2)  # best loss (last and best rows) for the two LR=0.1 runs
         code, out, err = self.cli("export", "--sweep", sweep_id, "--config")
         self.assertEqual(code, 0, err)
-        self.assertEqual(out.splitlines()[0].split(",")[:3], ["run_id", "name", "env.LR"])
+        self.assertEqual(out.splitlines()[0].split(","), ["run_id", "name", "env.LR", "step", "loss"])  # one name
         self.assertEqual(len(out.splitlines()), 5)
 
     def test_parallel_one_streams_the_job_as_run_does(self):
