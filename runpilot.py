@@ -5648,6 +5648,10 @@ PLOT_READ_SIZE = 1 << 18
 # Below this a chart has no room for its axis labels and a legend.
 PLOT_MIN_WIDTH = 20
 PLOT_MIN_HEIGHT = 6
+# ... and above this it is no longer a picture (and its grid of cells would fill the memory).
+PLOT_MAX_SIZE = 1000
+# Values and steps beyond this are left out, as NaN is: an axis around them would overflow a float.
+PLOT_MAX_VALUE = 1e300
 # --follow redraws this often at most (re-reading a long run costs more; the pause grows with it).
 FOLLOW_SECONDS = 1.0
 # The SVG's drawing area in user units (the page scales it to its width).
@@ -5812,8 +5816,11 @@ def read_sample_times(path: Path) -> Callable[[int], float] | None:
         for line in path.read_text(errors="replace").splitlines():
             count, _, seconds = line.partition(" ")
             with contextlib.suppress(ValueError):
+                at = float(seconds) / 60
+                if not 0 <= at <= PLOT_MAX_VALUE:  # a damaged line (nan, inf, negative) is skipped
+                    continue
                 counts.append(int(count))
-                minutes.append(float(seconds) / 60)
+                minutes.append(at)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -5885,11 +5892,17 @@ def _fold_block(block: bytes, names: list[str] | None, series: dict, smooth: flo
 
 
 def _line_step_reader(lines: list[bytes]) -> Callable[[int], float]:
-    return lambda i: float(_SAMPLE_STEP_RE.match(lines[i])[1])
+    return lambda i: _plot_x(_SAMPLE_STEP_RE.match(lines[i])[1])
 
 
 def _float_reader(values: list) -> Callable[[int], float]:
-    return lambda i: float(values[i])
+    return lambda i: _plot_x(values[i])
+
+
+def _plot_x(text) -> float:
+    """A step as an x: a step beyond what an axis holds is put at its edge (the sample stays)."""
+    x = _float_or_nan(text)
+    return x if abs(x) <= PLOT_MAX_VALUE else math.copysign(PLOT_MAX_VALUE, x if x == x else 1.0)
 
 
 def _fold_lines(lines: list[bytes], names: list[str] | None, series: dict, smooth: float | None,
@@ -5922,10 +5935,8 @@ def _fold_lines(lines: list[bytes], names: list[str] | None, series: dict, smoot
 
 
 def _is_number(value: object) -> bool:
-    """A number a float holds (not a bool, not text, not NaN, not infinite, not a 400-digit int)."""
-    if type(value) is int:
-        return abs(value) < 1 << 1023
-    return type(value) is float and value - value == 0.0
+    """A number a chart can place (not a bool, not text, not NaN, not infinite, not beyond ±1e300)."""
+    return type(value) in (int, float) and abs(value) <= PLOT_MAX_VALUE
 
 
 def _finite(values: list) -> tuple:
@@ -5936,9 +5947,9 @@ def _finite(values: list) -> tuple:
     except (ValueError, OverflowError):  # a text value among them
         ys = array("d", [_float_or_nan(v) for v in values])
     total = sum(ys)
-    if total - total == 0.0:
+    if total - total == 0.0 and (not ys or -PLOT_MAX_VALUE <= min(ys) and max(ys) <= PLOT_MAX_VALUE):
         return ys, None
-    kept = [i for i, y in enumerate(ys) if y - y == 0.0]  # drops NaN and ±inf
+    kept = [i for i, y in enumerate(ys) if abs(y) <= PLOT_MAX_VALUE]  # drops NaN, ±inf and the huge
     return array("d", [ys[i] for i in kept]), kept
 
 
@@ -5965,7 +5976,7 @@ class Curve:
     best_x: float | None = None
     low: float | None = None            # the lowest value (a log axis needs it above zero)
     count: int = 0
-    running: bool = False
+    active: str | None = None           # queued or running: said in the legend
 
     @property
     def short_id(self) -> str:
@@ -5997,7 +6008,7 @@ def lower_is_better(metric: str) -> bool:
 
 def make_curve(run: int, record: RunRecord, metric: str, series: MetricSeries | None) -> Curve:
     """A chart's view of a run's series (an empty curve where the run has no such samples)."""
-    curve = Curve(run, record.name, record.id, [], running=record.status in ACTIVE_STATUSES)
+    curve = Curve(run, record.name, record.id, [], active=record.status if record.status in ACTIVE_STATUSES else None)
     if series is None or not series.raw.count:
         return curve
     digest = series.raw
@@ -6244,7 +6255,7 @@ def legend_line(curve: Curve, width: int, style: PlotStyle) -> str:
     marker = PLOT_MARKERS[curve.run % len(PLOT_MARKERS)]
     ellipsis = "…" if style.braille else "~"
     name = visible(curve.name)
-    state = " (running)" if curve.running else ""
+    state = f" ({curve.active})" if curve.active else ""
     if curve.count:
         forms = [f"  last {fmt_value(curve.last)}  best {fmt_value(curve.best)}",
                  f" last {fmt_value(curve.last)} best {fmt_value(curve.best)}"]
@@ -6638,6 +6649,12 @@ def _gpu_list(text: str) -> list[str]:
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of 1 or more")
+    return int(text)
+
+
+def _plot_dimension(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= PLOT_MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number from 1 to {PLOT_MAX_SIZE}")
     return int(text)
 
 
@@ -7155,7 +7172,7 @@ def cmd_plot(args) -> int:
     store = _store()
     records = _plot_records(store, args)
     names = list(dict.fromkeys(args.metric)) or list(dict.fromkeys(m for r in records for m in r.metric_names)) or None
-    if args.html:
+    if args.html is not None:
         return _plot_html(store, records, names, style, args)
     out = sys.stdout
     tty = out.isatty()
@@ -7179,7 +7196,7 @@ def _plot_style(args) -> PlotStyle:
     if not 0 <= args.smooth < 1:
         raise UsageError(f"--smooth {args.smooth:g}: give a weight from 0 (no smoothing) to below 1, "
                          "e.g. --smooth 0.6")
-    colour = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR") and not args.html
+    colour = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR") and args.html is None
     braille = not args.ascii and _can_encode("⣿│┤└─┬…")
     return PlotStyle(braille=braille, colour=bool(colour), log=args.log, smooth=args.smooth or None,
                      x_label="minutes" if args.x == "time" else "step")
@@ -7187,6 +7204,8 @@ def _plot_style(args) -> PlotStyle:
 
 def _plot_records(store: RunStore, args) -> list[RunRecord]:
     """The runs to plot, each once, in the order given."""
+    if args.sweep and args.runs:
+        raise UsageError("give runs or --sweep ID, not both")
     records = {r.id: r for r in _refs_or_sweep(store, args)}
     return list(records.values())
 
@@ -7205,7 +7224,7 @@ def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotSt
     if not metrics and running:
         return []  # --follow on a run that has not printed a sample yet
     if not metrics or explicit and not set(metrics) & set(found) and not running:
-        raise RunPilotError(_nothing_to_plot(records, metrics, found))
+        raise (UsageError if explicit else RunPilotError)(_nothing_to_plot(records, metrics, found))
     charts = [Chart(m, [make_curve(i, r, m, s.get(m)) for i, (r, s) in enumerate(zip(records, per_run))])
               for m in metrics]
     if style.log:
@@ -7216,6 +7235,8 @@ def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotSt
 def _sample_minutes(record: RunRecord) -> Callable[[int], float]:
     """When each sample of a run arrived, for --x time (recorded since RunPilot 0.5)."""
     at = read_sample_times(RunFolder(Path(record.path)).sample_times)
+    if at is None and record.status in ACTIVE_STATUSES:  # no sample has arrived yet
+        return lambda count: 0.0
     if at is None:
         raise UsageError(f"--x time: run {record.id} has no metrics.times (runs recorded before RunPilot 0.5 "
                          "keep steps only); plot it by step")
@@ -7224,25 +7245,29 @@ def _sample_minutes(record: RunRecord) -> Callable[[int], float]:
 
 def _nothing_to_plot(records: list[RunRecord], asked: list[str], found: list[str]) -> str:
     ids = ", ".join(r.id for r in records)
-    known = ", ".join(visible(k) for k in sorted({k for r in records for k in r.last_metrics} | set(found)))
+    drawable = ", ".join(visible(k) for k in sorted(set(found) | {
+        k for r in records for k, v in r.last_metrics.items() if _is_number(v)})) or "none"
     if asked:
-        return f"no numeric samples of {', '.join(map(repr, asked))} in run(s) {ids}; they have: {known or 'none'}"
-    if known:
-        return f"no finite numeric samples in run(s) {ids} (their metrics: {known})"
+        return (f"no numeric samples of {', '.join(visible(repr(a)) for a in asked)} in run(s) {ids}; "
+                f"the metrics with numbers there: {drawable}")
+    if {k for r in records for k in r.last_metrics}:
+        return (f"no numeric samples that a chart can place in run(s) {ids} (text, NaN, infinities and values "
+                "beyond ±1e300 are left out)")
     return f"no metrics in run(s) {ids}; a job records them by printing lines such as: METRIC step=1 loss=0.5"
 
 
 def _recorded_metrics(record: RunRecord) -> list[str] | None:
     """The numeric metrics a finished run recorded (None: look for them in metrics.json)."""
-    if record.status in ACTIVE_STATUSES or not record.last_metrics:
-        return None
-    return [k for k, v in record.last_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    numeric = [k for k, v in record.last_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if record.status in ACTIVE_STATUSES or len(numeric) < len(record.last_metrics):
+        return None  # a metric whose last value was text may still have numbers before it
+    return numeric
 
 
 def _check_log_axis(charts: list[Chart]) -> None:
     for chart in charts:
         for curve in chart.curves:
-            if curve.count and curve.low <= 0:
+            if curve.count and curve.low < 1 / PLOT_MAX_VALUE:
                 raise UsageError(f"--log: {chart.metric!r} of run {curve.run_id} goes down to {curve.low:g}, "
                                  f"which a log axis cannot show; plot it without --log")
 
@@ -7260,7 +7285,7 @@ def _plot_size(args, out, charts_on_screen: int = 0) -> tuple[int, int]:
         width, height = (_env_int("COLUMNS") or 80), (_env_int("LINES") or 24)
     if charts_on_screen:
         height = max(PLOT_MIN_HEIGHT, (height - charts_on_screen) // charts_on_screen)
-    width, height = args.width or width, args.height or height
+    width, height = args.width or min(width, PLOT_MAX_SIZE), args.height or min(height, PLOT_MAX_SIZE)
     if width < PLOT_MIN_WIDTH or height < PLOT_MIN_HEIGHT:
         raise UsageError(f"a chart of {width} x {height} is too small; give at least --width {PLOT_MIN_WIDTH} "
                          f"--height {PLOT_MIN_HEIGHT}")
@@ -7303,7 +7328,7 @@ def _follow_on_terminal(store: RunStore, records: list[RunRecord], draw: Callabl
 def _plot_html(store: RunStore, records: list[RunRecord], names: list[str] | None, style: PlotStyle,
                args) -> int:
     """Write the page (again and again with --follow, reloading itself, until the runs end)."""
-    path = Path(args.html)
+    path = html_target(args.html)
     while True:
         started = time.monotonic()
         records = [_refresh(store, r) for r in records] if args.follow else records
@@ -7320,6 +7345,17 @@ def _plot_html(store: RunStore, records: list[RunRecord], names: list[str] | Non
         time.sleep(max(5 * FOLLOW_SECONDS, 3 * (time.monotonic() - started)))
     note(f"wrote {path} ({len(charts)} chart(s) of {len(records)} run(s), {len(page.encode()) / 1024:.0f} KiB)")
     return 0
+
+
+def html_target(text: str) -> Path:
+    """--html's file: a symlink's target; never a device, a pipe or a folder, which replacing the
+    path with the page would destroy (`--html /dev/null`)."""
+    if not text.strip():
+        raise UsageError("--html needs a file path, e.g. --html curves.html")
+    path = Path(text)
+    if path.exists() and not path.is_file():
+        raise UsageError(f"--html {text} is not a regular file; give the path of a file to write")
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _flat_config(record: RunRecord) -> dict:
@@ -7344,9 +7380,9 @@ def _plot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", action="store_true", help="logarithmic y axis (every value must be above 0)")
     p.add_argument("-f", "--follow", action="store_true",
                    help="redraw while a run is running; stop when they have ended")
-    p.add_argument("--width", type=int, metavar="COLUMNS",
+    p.add_argument("--width", type=_plot_dimension, metavar="COLUMNS",
                    help="chart width (default: the terminal's, else $COLUMNS, else 80)")
-    p.add_argument("--height", type=int, metavar="LINES",
+    p.add_argument("--height", type=_plot_dimension, metavar="LINES",
                    help="lines per chart (default: the terminal's, else $LINES, else 24)")
     p.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1); runs get markers")
     p.add_argument("--ascii", action="store_true", help="draw with ASCII characters instead of braille dots")
@@ -7790,6 +7826,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (RunPilot errors become one clear line)."""
+    _usable_output()
     try:
         if signal.getsignal(signal.SIGINT) == signal.SIG_DFL and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.default_int_handler)  # see the top of the file
@@ -7813,6 +7850,16 @@ def main(argv: list[str] | None = None) -> int:
     except (BrokenPipeError, ValueError):
         _silence(sys.stdout)
     return code
+
+
+def _usable_output() -> None:
+    """Output that a terminal's encoding or a closed descriptor cannot turn into a traceback: what
+    cannot be encoded is escaped (`caf\\xe9`), and a closed stdout or stderr goes to /dev/null."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            getattr(sys, name).reconfigure(errors="backslashreplace")
 
 
 def _report(exc: RunPilotError) -> None:

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -444,14 +445,72 @@ class TerminalCharts(PlotHome):
         self.assertCleanError(self.cli("plot", self.a.id, "--x", "time"), 2, "--x time",
                               "has no metrics.times", "plot it by step")
         self.assertCleanError(self.cli("plot", self.a.id, "--width", "12"), 2, "too small", "--width 20")
-        self.assertCleanError(self.cli("plot", self.a.id, "--metric", "los"), 1,
-                                "no numeric samples of 'los'", "they have: acc, loss")
+        self.assertCleanError(self.cli("plot", self.a.id, "--metric", "los"), 2,  # a usage mistake
+                              "no numeric samples of 'los'", "the metrics with numbers there: acc, loss")
         empty = self.add_run("quiet", [])
         self.assertCleanError(self.cli("plot", empty.id), 1, f"no metrics in run(s) {empty.id}", "METRIC step=1")
         nan = self.add_run("nan", [{"step": 1, "loss": "nan"}, {"step": 2, "loss": "inf"}])
-        self.assertCleanError(self.cli("plot", nan.id), 1, "no finite numeric samples", "(their metrics: loss)")
+        self.assertCleanError(self.cli("plot", nan.id), 1, "no numeric samples that a chart can place",
+                              "values beyond ±1e300 are left out")
         self.assertCleanError(self.cli("plot", "19990101"), 2, "no run matches '19990101'")
         self.assertEqual(self.cli("plot")[0], 2)
+        for argv, words in ((("--html", ""), "--html needs a file path"), (("--width", "0"), "from 1 to 1000"),
+                            (("--height", "100000"), "from 1 to 1000"), (("--sweep", "sw-20261120-100000-abcdef"),
+                                                                         "give runs or --sweep ID, not both")):
+            with self.subTest(argv=argv):
+                self.assertCleanError(self.cli("plot", self.a.id, *argv), 2, words)
+
+    def test_extreme_but_accepted_values_never_crash(self):
+        # each was a traceback: an axis around ±1e308 overflowed, log10 of a subnormal, a 400-digit step
+        huge = self.add_run("huge", [{"step": 1, "loss": 1e308}, {"step": 2, "loss": -1e308}, {"step": 3, "loss": 2}])
+        code, out, err = self.cli("plot", huge.id, "--width", "40", "--height", "8")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("last 2  best 2", out)  # the huge values are left out, as NaN is
+        tiny = self.add_run("tiny", [{"step": 1, "loss": 5e-324}, {"step": 2, "loss": 1}])
+        self.assertCleanError(self.cli("plot", tiny.id, "--log"), 2, "goes down to 4.94066e-324")
+        far = self.add_run("far", [{"step": 10 ** 400, "loss": 1}, {"step": 2, "loss": 2}])
+        self.assertEqual(self.cli("plot", far.id, "--width", "40", "--height", "8")[0], 0)
+        self.assertEqual(self.cli("plot", far.id, "--html", str(self.tmp / "far.html"))[0], 0)
+        (Path(huge.path) / "metrics.times").write_text("1 0.1\n2 inf\n3 nan\n")
+        self.assertEqual(self.cli("plot", huge.id, "--x", "time", "--width", "40", "--height", "8")[0], 0)
+
+    def test_a_queued_run_is_called_queued_and_has_no_time_yet(self):
+        queued = self.add_run("later", [], status="queued")
+        for extra in ((), ("--x", "time")):
+            with self.subTest(extra=extra):
+                if extra:
+                    (Path(self.a.path) / "metrics.times").write_text("2 0.5\n")
+                code, out, err = self.cli("plot", self.a.id, queued.id, "--metric", "loss", *extra)
+                self.assertEqual((code, err), (0, ""))
+                self.assertIn(f"later {queued.id[-6:]} (queued)  no samples", out)
+
+    def test_a_metric_whose_last_value_was_text_is_still_drawn(self):
+        run = self.add_run("diverged", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": "diverged"}])
+        out = self.cli("plot", run.id, "--width", "40", "--height", "8")[1]
+        self.assertEqual(out.splitlines()[0], "loss")
+
+    def test_html_never_replaces_what_is_not_a_regular_file(self):
+        # replacing the path with the page turned a device (as root: /dev/null) or a pipe into a file
+        fifo = self.tmp / "pipe"
+        os.mkfifo(fifo)
+        self.assertCleanError(self.cli("plot", self.a.id, "--html", str(fifo)), 2,
+                              f"--html {fifo} is not a regular file")
+        self.assertTrue(stat.S_ISFIFO(os.stat(fifo).st_mode))
+        self.assertCleanError(self.cli("plot", self.a.id, "--html", str(self.tmp)), 2, "is not a regular file")
+        target, link = self.tmp / "page.html", self.tmp / "link.html"
+        target.write_text("old")
+        link.symlink_to(target)
+        self.assertEqual(self.cli("plot", self.a.id, "--html", str(link))[0], 0)
+        self.assertTrue(link.is_symlink())  # the page went where the link points
+        self.assertIn("<svg", target.read_text())
+
+    def test_output_that_cannot_encode_a_name_is_escaped(self):
+        run = self.add_run("café", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}])
+        for command in (("plot", run.id, "--width", "40", "--height", "8"), ("list",), ("show", run.id)):
+            with self.subTest(command=command[0]):
+                done = self.process(*command, env={"PYTHONIOENCODING": "ascii"})
+                self.assertEqual((done.returncode, done.stderr), (0, b""))
+                self.assertIn(b"caf\\xe9", done.stdout)
 
     def test_smoothing_draws_the_raw_series_faint(self):
         noisy = self.add_run("noisy", [{"step": i, "loss": 1 + (i % 2)} for i in range(200)])
