@@ -2669,7 +2669,8 @@ def gpu_facts(requested: Gpus, engine: str, check: bool, environ, pool: list[str
         return {"requested": None, "devices": []}
     found = query_gpus(environ)
     if check:
-        problem = None if pool else found.get("error") or gpu_shortfall(requested, found["devices"])
+        problem = _unknown_in_pool(pool, found["devices"]) if pool else \
+            found.get("error") or gpu_shortfall(requested, found["devices"])
         if pool and isinstance(requested, int) and requested > len(pool):
             problem = f"resources.gpus asks for {requested} GPUs but --gpus offers {len(pool)}"
         problem = problem or (engine_gpu_problem(engine, environ) if engine != "local" else None)
@@ -2678,11 +2679,26 @@ def gpu_facts(requested: Gpus, engine: str, check: bool, environ, pool: list[str
     return {"requested": list(requested) if isinstance(requested, tuple) else requested, **found}
 
 
+def _unknown_in_pool(pool: list[str], devices: list[dict]) -> str | None:
+    """--gpus naming a GPU that nvidia-smi does not list (where it lists any)."""
+    known = {str(d["index"]) for d in devices} | {d["uuid"] for d in devices}
+    unknown = [d for d in pool if d not in known]
+    if devices and unknown:
+        have = ", ".join(str(d["index"]) for d in devices)
+        return f"--gpus names GPU {', '.join(unknown)}, which nvidia-smi does not list (GPUs here: {have})"
+    return None
+
+
 def gpu_pool(facts: dict, given: list[str] | None) -> list[str]:
-    """The GPUs runs are placed on: those given with --gpus, else every GPU nvidia-smi lists."""
-    if given:
-        return list(given)
-    return [str(d["index"]) for d in facts.get("devices") or []]
+    """The GPUs runs are placed on: those given with --gpus (a UUID as its index, so that both
+    spellings claim the same GPU), else every GPU nvidia-smi lists."""
+    if not given:
+        return [str(d["index"]) for d in facts.get("devices") or []]
+    by_uuid = {d["uuid"]: str(d["index"]) for d in facts.get("devices") or []}
+    pool = [by_uuid.get(d, d) for d in given]
+    if len(set(pool)) < len(pool):
+        raise UsageError(f"--gpus {','.join(given)} names one GPU twice (by its index and its UUID); name it once")
+    return pool
 
 
 def gpu_request(requested: Gpus, pool: list[str], facts: dict) -> tuple[int, tuple[str, ...]]:
@@ -7440,8 +7456,7 @@ def cmd_sweep(args) -> int:
     options = _run_options(args)
     if args.on == "slurm":
         return slurm_sweep_cli(args, store, configs, axes, options)
-    for _, config in configs:  # a mistake common to every point records nothing
-        choose_engine(options.engine, config, os.environ)
+    _check_sweep_host([c for _, c in configs], options)
     if args.sweep_id and (store.sweeps_dir / args.sweep_id).exists():
         raise UsageError(f"sweep {args.sweep_id} exists already; leave out --sweep-id")
     sweep_id = args.sweep_id or new_sweep_id()
@@ -7458,6 +7473,20 @@ def cmd_sweep(args) -> int:
     sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, stored, base.source)
     jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
     return _run_sweep(store, sweep, jobs, options, parallel, args.fail_fast)
+
+
+def _check_sweep_host(configs: list[JobConfig], options: RunOptions) -> None:
+    """What `run` refuses before recording anything (no image, GPUs this machine lacks, a GPU named
+    twice in --gpus), checked once per distinct engine, image and GPU request, before a sweep records
+    its points; a missing image is pulled here, once."""
+    checked = set()
+    for config in configs:
+        engine = choose_engine(options.engine, config, os.environ)
+        key = (engine, config.image, repr(config.resources.gpus))
+        if key not in checked:
+            checked.add(key)
+            facts = check_host(config, engine, options, os.environ, lambda event: note(event.message))
+            gpu_pool(facts.get("gpus") or {}, options.gpu_pool)
 
 
 def _run_sweep(store: RunStore, sweep: Sweep, jobs: list, options: RunOptions, parallel: int,

@@ -194,6 +194,34 @@ class Placement(SweepCase):
         self.assertEqual(code, 0, err)
         self.assertIn("on GPU 0,1,2,3", err)
 
+    def test_a_uuid_in_the_pool_claims_the_same_gpu_as_its_index(self):
+        # locked under the text typed, GPU-6f2e... and 0 were two GPUs: two runs at once on GPU 0
+        uuid = "GPU-6f2e4b7a-1c0d-3e7f-9a8b-2c4d6e8f0a1b"
+        live = LiveRun(self, self.config(script="import time\nprint('ready', flush=True)\ntime.sleep(30)\n"),
+                       "--gpus", uuid)
+        code, out, err = self.cli("run", self.config(), "--gpus", "0", "--no-wait")
+        self.assertEqual(code, 1, err)
+        self.assertIn("waiting for 1 GPU: GPU 0 is held by run", err)
+        live.proc.send_signal(signal.SIGINT)
+        live.finish()
+        self.assertEqual(self.meta(self.runs()[0])["devices"], ["0"])
+        code, out, err = self.cli("sweep", self.config(), "--gpus", f"{uuid},0", "--grid", "env.LR=1,2")
+        self.assertEqual((code, err), (2, f"runpilot: error: --gpus {uuid},0 names one GPU twice (by its index and "
+                                          "its UUID); name it once\n"))
+
+    def test_what_run_refuses_a_sweep_refuses_before_recording(self):
+        # each was a failed run per point: GPUs the machine lacks, in the config or in --gpus
+        for argv, words in ((("--set", "resources.gpus=5"), "resources.gpus asks for 5 GPUs but this machine has 4"),
+                            (("--gpus", "9"), "--gpus names GPU 9, which nvidia-smi does not list (GPUs here: "
+                                              "0, 1, 2, 3)")):
+            with self.subTest(argv=argv):
+                code, out, err = self.cli("sweep", self.config(), *argv, "--grid", "env.LR=1,2")
+                self.assertEqual(code, 1, err)
+                self.assertTrue(err.startswith(f"runpilot: error: {words}") and err.count("\n") == 1, err)
+                self.assertFalse((self.home / "runs").exists() and any((self.home / "runs").iterdir()))
+        self.assertEqual(self.cli("run", self.config(), "--gpus", "9")[0], 1)
+        self.assertEqual(self.cli("run", self.config(), "--gpus", "9", "--no-gpu-check")[0], 0)
+
     def test_devices_are_recorded_and_pinned_runs_wait_for_theirs(self):
         code, out, err = self.cli("run", self.config(gpus=[2, 0]))
         self.assertEqual(code, 0, err)
