@@ -7470,9 +7470,10 @@ def cmd_sweep(args) -> int:
               "fail_fast": args.fail_fast, "stop_timeout": args.stop_timeout, "pull": args.pull,
               "overrides": args.set, "no_gpu_check": args.no_gpu_check, "no_wait": args.no_wait,
               "engine_logs": args.engine_logs}
-    sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, stored, base.source)
-    jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
-    return _run_sweep(store, sweep, jobs, options, parallel, args.fail_fast)
+    with StopSignals() as signals:
+        sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, stored, base.source)
+        jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
+        return _run_sweep(store, sweep, jobs, options, parallel, args.fail_fast, signals)
 
 
 def _check_sweep_host(configs: list[JobConfig], options: RunOptions) -> None:
@@ -7490,16 +7491,17 @@ def _check_sweep_host(configs: list[JobConfig], options: RunOptions) -> None:
 
 
 def _run_sweep(store: RunStore, sweep: Sweep, jobs: list, options: RunOptions, parallel: int,
-               fail_fast: bool) -> int:
+               fail_fast: bool, signals: StopSignals) -> int:
+    """Run the recorded points; SIGNALS has held Ctrl-C since before they were recorded (a stop then
+    cancels them all, once every one is recorded)."""
     terminal = Terminal(sys.stdout, sys.stderr)
     report = cli_reporter(terminal) if parallel == 1 else sweep_reporter(sweep, terminal)
     runner = SweepRunner(store, sweep, jobs, options, parallel, fail_fast, terminal if parallel == 1 else None,
                          report)
-    with StopSignals() as signals:
-        try:
-            code = runner.run(signals)
-        finally:
-            finish_output(terminal, signals)
+    try:
+        code = runner.run(signals)
+    finally:
+        finish_output(terminal, signals)
     records = refresh(store, [r for p in sweep.points if (r := store.get(p["run_id"])) is not None], note)
     runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics))) for r in records]
     echo(render_compare(runs, output_width(), False, ("name",)))
@@ -7524,6 +7526,23 @@ def _resume_sweep(store: RunStore, args) -> int:
     if runner_alive(sweep.runner):
         raise UsageError(f"sweep {sweep.sweep_id} is still running (pid {sweep.runner.get('pid')}); "
                          f"stop it first (runpilot stop {sweep.sweep_id})")
+    todo = _unfinished_points(store, sweep)
+    if not todo:
+        echo(f"sweep {sweep.sweep_id}: every point has finished; nothing to resume")
+        return 0
+    options = _resume_options(sweep.options, args)
+    with StopSignals() as signals:
+        sweep.runner = runner_identity()
+        jobs = [_requeue(store, sweep, point, folder, meta) for point, folder, meta in todo]
+        sweep.save(store)
+        parallel = args.parallel or sweep.options.get("parallel") or sweep_parallel([c for _, c in jobs], options,
+                                                                                      None, os.environ)
+        note(f"resuming sweep {sweep.sweep_id}: {len(jobs)} point(s)")
+        return _run_sweep(store, sweep, jobs, options, parallel,
+                          args.fail_fast or bool(sweep.options.get("fail_fast")), signals)
+
+
+def _unfinished_points(store: RunStore, sweep: Sweep) -> list[tuple[dict, RunFolder, RunMeta]]:
     todo = []
     for point in sweep.points:
         folder = store.folder(point["run_id"])
@@ -7535,34 +7554,31 @@ def _resume_sweep(store: RunStore, args) -> int:
                  "was deleted, and its config with it")
             continue
         todo.append((point, folder, meta))
-    sweep.runner = runner_identity()
-    jobs = []
-    for point, folder, meta in todo:
-        config = dataclasses.replace(load_config(folder.config), source=meta.config_file, name=meta.name)
-        if meta.status not in (QUEUED, CANCELLED):  # it ran: its record stays, the point gets a new run
-            point.setdefault("earlier", []).append(point["run_id"])
-            folder = store.create_run_dir()
-            point["run_id"] = folder.run_id
-        values = SweepPoint(point["index"], tuple((k, v) for k, v in point["values"]), point["repeat"])
-        record_start_queued(folder, config, queued_meta(config, folder.run_id, sweep, values))
-        store.save_or_defer(folder.read_meta())
-        jobs.append((point, config))
-    sweep.save(store)
-    if not jobs:
-        echo(f"sweep {sweep.sweep_id}: every point has finished; nothing to resume")
-        return 0
-    stored = sweep.options
-    options = RunOptions(engine=stored.get("engine"), tags=stored.get("tags") or {},
-                         gpu_pool=args.gpus or stored.get("gpus"),
-                         stop_timeout=stored.get("stop_timeout") or DEFAULT_STOP_TIMEOUT,
-                         pull=stored.get("pull") or "missing", overrides=stored.get("overrides") or [],
-                         gpu_check=not (args.no_gpu_check or stored.get("no_gpu_check")),
-                         wait_for_gpus=not (args.no_wait or stored.get("no_wait")),
-                         keep_engine_logs=args.engine_logs or bool(stored.get("engine_logs")))
-    parallel = args.parallel or stored.get("parallel") or sweep_parallel([c for _, c in jobs], options, None,
-                                                                           os.environ)
-    note(f"resuming sweep {sweep.sweep_id}: {len(jobs)} point(s)")
-    return _run_sweep(store, sweep, jobs, options, parallel, args.fail_fast or bool(stored.get("fail_fast")))
+    return todo
+
+
+def _requeue(store: RunStore, sweep: Sweep, point: dict, folder: RunFolder, meta: RunMeta) -> tuple[dict, JobConfig]:
+    """A point queued again: in its own run if it never started, else in a new one (the old stays)."""
+    config = dataclasses.replace(load_config(folder.config), source=meta.config_file, name=meta.name)
+    if meta.status not in (QUEUED, CANCELLED):
+        point.setdefault("earlier", []).append(point["run_id"])
+        folder = store.create_run_dir()
+        point["run_id"] = folder.run_id
+    values = SweepPoint(point["index"], tuple((k, v) for k, v in point["values"]), point["repeat"])
+    record_start_queued(folder, config, queued_meta(config, folder.run_id, sweep, values))
+    store.save_or_defer(folder.read_meta())
+    return point, config
+
+
+def _resume_options(stored: dict, args) -> RunOptions:
+    """The options the sweep was started with; how-to-run flags given again are added."""
+    return RunOptions(engine=stored.get("engine"), tags=stored.get("tags") or {},
+                      gpu_pool=args.gpus or stored.get("gpus"),
+                      stop_timeout=stored.get("stop_timeout") or DEFAULT_STOP_TIMEOUT,
+                      pull=stored.get("pull") or "missing", overrides=stored.get("overrides") or [],
+                      gpu_check=not (args.no_gpu_check or stored.get("no_gpu_check")),
+                      wait_for_gpus=not (args.no_wait or stored.get("no_wait")),
+                      keep_engine_logs=args.engine_logs or bool(stored.get("engine_logs")))
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:

@@ -308,6 +308,23 @@ class Control(SweepCase):
         statuses = sorted(r["status"] for r in json.loads(self.cli("list", "--json", "--sweep", sweep_id)[1]))
         self.assertEqual(statuses, ["interrupted", "interrupted"])
 
+    def test_ctrl_c_while_the_points_are_recorded_leaves_every_record_true(self):
+        # a Ctrl-C that landed while 1,000 points were recorded left queued folders no index row knew
+        config = self.config(gpus=0, script="pass\n")
+        values = ",".join(str(i) for i in range(1, 1001))
+        for delay in (0.3, 0.6, 1.0):
+            with self.subTest(delay=delay):
+                proc = self.sweep(config, "--grid", f"env.LR={values}")
+                time.sleep(delay)
+                proc.send_signal(signal.SIGINT)
+                self.assertEqual(proc.wait(timeout=60), 130)
+                folders = {path.name for path in self.runs()}
+                rows = json.loads(self.cli("list", "--json", "--all")[1])
+                self.assertEqual({r["id"] for r in rows}, folders)
+                self.assertNotIn("queued", {r["status"] for r in rows})
+                self.assertEqual({self.meta(self.home / "runs" / r["id"])["status"] for r in rows},
+                                 {r["status"] for r in rows})
+
     def test_stopping_one_run_stops_only_that_run(self):
         # the sweep's runner runs every point: a SIGTERM to it stopped the whole sweep
         proc = self.sweep(self.config(gpus=0, script=self.LONG), "--grid", "env.LR=1,2,3,4", "--parallel", "2")
