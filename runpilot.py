@@ -1583,13 +1583,13 @@ class _Checker:
         self.filename = filename
         self.lines = text.splitlines()
         self.positions = positions
-        self.overrides = overrides or {}   # path -> the --set argument that set it
+        self.overrides = overrides or {}   # path -> what set it: `--set env.LR=1`, `--grid ...`
         self.problems: list[ConfigError] = []
 
     def problem(self, path: tuple, message: str) -> None:
         blamed = self._blamed(path)
         if blamed:
-            self.problems.append(ConfigError(message, f"--set {blamed}"))
+            self.problems.append(ConfigError(message, blamed))
             return
         line, col = self._locate(path)
         source = self.lines[line - 1] if line and line <= len(self.lines) else None
@@ -2001,7 +2001,7 @@ def apply_overrides(data: object, overrides: list[str]) -> tuple[object, dict[tu
     for item in overrides:
         parts, value = parse_override(item)
         data = set_dotted(data, parts, value, f"--set {item}")
-        blamed[parts] = item
+        blamed[parts] = f"--set {item}"
     return data, blamed
 
 
@@ -4585,17 +4585,26 @@ def sweep_points(axes: tuple[tuple[str, tuple], ...], repeat: int) -> list[Sweep
 
 
 def point_config(data: object, path: str, text: str, positions: dict, blamed: dict, point: SweepPoint,
-                 repeats: int) -> JobConfig:
-    """The config of one point: the file's data with --set and the point's values applied."""
+                 repeats: int, from_grid: bool = True) -> JobConfig:
+    """The config of one point: the file's data with --set and the point's values applied; a
+    problem with a value is blamed on its --grid, or on its line of the file's sweep: section."""
     data = json.loads(json.dumps(data))  # a private copy (the data is plain JSON-like values)
     if isinstance(data, dict):
         data.pop("sweep", None)
     for key, value in point.values:
         data = set_dotted(data, tuple(key.split(".")), value, f"sweep key {key}")
-    blamed = {**blamed, **{tuple(k.split(".")): f"{k}={fmt_scalar(v)} (sweep point {point.index})"
+    blamed = {**blamed, **{tuple(k.split(".")): _sweep_blame(k, v, point, path, positions, from_grid)
                            for k, v in point.values}}
     config = validate_config(data, path, text, positions, overrides=blamed)
     return dataclasses.replace(config, name=f"{config.name}[{point.label(repeats)}]")
+
+
+def _sweep_blame(key: str, value: object, point: SweepPoint, path: str, positions: dict, from_grid: bool) -> str:
+    where = f"--grid {key}" if from_grid else path
+    line, col = positions.get(("sweep", key), (None, None))
+    if not from_grid and line:
+        where += f":{line}:{col}"
+    return f"{where} (point {point.index + 1}: {key}={fmt_scalar(value)})"
 
 
 @dataclass
@@ -7140,6 +7149,11 @@ def cmd_gc(args) -> int:
 
 def cmd_validate(args) -> int:
     config = load_config(args.config, args.set)
+    if config.sweep:  # each point of the sweep: section is a config too
+        data, text, positions = load_config_data(args.config)
+        data, blamed = apply_overrides(data, args.set)
+        for point in sweep_points(config.sweep, 1):
+            point_config(data, str(args.config), text, positions, blamed, point, 1, from_grid=False)
     engine = config.engine or os.environ.get("RUNPILOT_ENGINE")
     for warning in entrypoint_warnings(config, engine):
         note(f"warning: {warning}")
@@ -7452,7 +7466,8 @@ def cmd_sweep(args) -> int:
     if not axes:
         raise UsageError("nothing to sweep: give --grid KEY=V1,V2 or a sweep: section in the config")
     points = sweep_points(axes, args.repeat)
-    configs = [(p, point_config(data, str(args.config), text, positions, blamed, p, args.repeat)) for p in points]
+    configs = [(p, point_config(data, str(args.config), text, positions, blamed, p, args.repeat, bool(args.grid)))
+               for p in points]
     options = _run_options(args)
     if args.on == "slurm":
         return slurm_sweep_cli(args, store, configs, axes, options)

@@ -227,9 +227,9 @@ class ApplyOverridesTest(ConfigTestCase):
                                "resources": {"cpu": 2, "gpus": 2}, "new": {"nested": {"key": "x"}}})
         self.assertIsInstance(out["env"]["LR"], float)
         self.assertIsInstance(out["resources"]["gpus"], int)
-        self.assertEqual(blamed, {("env", "LR"): "env.LR=0.01", ("resources", "gpus"): "resources.gpus=2",
-                                  ("new", "nested", "key"): "new.nested.key=x", ("name",): "name=other",
-                                  ("env", "EMPTY"): "env.EMPTY="})
+        self.assertEqual(blamed, {("env", "LR"): "--set env.LR=0.01", ("resources", "gpus"): "--set resources.gpus=2",
+                                  ("new", "nested", "key"): "--set new.nested.key=x", ("name",): "--set name=other",
+                                  ("env", "EMPTY"): "--set env.EMPTY="})
 
     def test_value_keeps_equals(self):
         out, _ = runpilot.apply_overrides({}, ["env.OPTS=a=b"])

@@ -97,8 +97,19 @@ class Grid(SweepCase):
     def test_a_bad_value_for_one_point_records_nothing(self):
         code, out, err = self.cli("sweep", self.config(gpus=0), "--grid", "resources.cpu=1,-2")
         self.assertEqual(code, 2, err)
-        self.assertIn("sweep point", err)
+        self.assertEqual(err, "runpilot: error: --grid resources.cpu (point 2: resources.cpu=-2): resources.cpu must "
+                              "be a positive number of CPUs; got -2\n")
         self.assertFalse((self.home / "runs").exists() and any((self.home / "runs").iterdir()))
+
+    def test_a_bad_sweep_section_is_located_in_the_file_by_validate_too(self):
+        config = self.write("bad.yaml", "name: s\nengine: local\nentrypoint: 'true'\nsweep:\n"
+                                        "  env.LR: [0.1]\n  resources.gpus: [1, two]\n")
+        for command in ("validate", "sweep"):
+            with self.subTest(command=command):
+                code, out, err = self.cli(command, config)
+                self.assertEqual((code, out), (2, ""))
+                self.assertTrue(err.startswith(f"runpilot: error: {config}:6:3 (point 2: resources.gpus=two): "
+                                               "resources.gpus must be a count"), err)
 
 
 class Placement(SweepCase):
