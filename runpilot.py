@@ -1908,6 +1908,11 @@ def _check_lines(chk: _Checker, data: dict, key: str) -> tuple[str, ...]:
     return tuple(line for text in lines for line in text.splitlines() if line.strip())
 
 
+# sbatch options that RunPilot writes itself (see sbatch_lines): slurm.extra may not change them.
+SLURM_OWNED_OPTIONS = {"--job-name", "-J", "--output", "-o", "--nodes", "-N", "--ntasks", "-n", "--array", "-a",
+                       "--parsable", "--wrap"}
+
+
 def _check_slurm(chk: _Checker, slurm: object) -> SlurmSettings:
     if slurm is None:
         return SlurmSettings()
@@ -1920,10 +1925,21 @@ def _check_slurm(chk: _Checker, slurm: object) -> SlurmSettings:
     if text["gpu_flag"] not in (None, "gpus", "gres"):
         chk.problem(("slurm", "gpu_flag"), f"slurm.gpu_flag must be gpus (--gpus=K) or gres (--gres=gpu:K); "
                                            f"got {text['gpu_flag']!r}")
+    for key, value in text.items():  # each becomes one #SBATCH line: a line break would end the block
+        if value and re.search(r"[\x00-\x1f\x7f]", value):
+            chk.problem(("slurm", key), f"slurm.{key} must be one line of text, without control characters; "
+                                        f"got {value!r}")
+            text[key] = None
+    extra = _check_lines(chk, slurm, "extra")
+    for line in extra:
+        flag = line.strip().split("=")[0].split()[0]
+        if flag in SLURM_OWNED_OPTIONS:
+            chk.problem(("slurm", "extra"), f"slurm.extra sets {flag}, which RunPilot sets itself (job name, "
+                                            "output, one node and task, the array of a sweep); leave it out")
     return SlurmSettings(partition=text["partition"], time=_check_slurm_time(chk, slurm.get("time")),
                          account=text["account"], qos=text["qos"], constraint=text["constraint"],
                          python=text["python"] or "python3", setup=_check_lines(chk, slurm, "setup"),
-                         extra=_check_lines(chk, slurm, "extra"),
+                         extra=extra,
                          gpu_flag=text["gpu_flag"] if text["gpu_flag"] in ("gpus", "gres") else "gpus")
 
 
@@ -5016,35 +5032,56 @@ def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str
 
 
 def _slurm_ended(store: RunStore, record: RunRecord, job: dict | None) -> RunRecord:
-    """A job that ended: its runner's final status, else Slurm's final state, recorded in meta.json.
+    """A job that ended: its runner's final status, else Slurm's final state, recorded in meta.json
+    (with Slurm's last word in its slurm block either way).
 
     The job is gone, so the submit side may write the run folder now.
     """
     folder = store.folder(record.id)
     meta = folder.read_meta()
-    if meta.final:
-        return RunRecord.of(meta, folder.path)
-    info = parse_scontrol(quiet_run(["scontrol", "show", "job", "-o", str(record.slurm_job)], timeout=30).stdout)
+    state, info = _slurm_final_state(record, job, ask=not (meta.final and job))
+    meta.slurm.update(state=state or "unknown", node=info.get("NodeList") or meta.slurm.get("node"),
+                      reason=info.get("Reason") if info.get("Reason") not in (None, "None") else None)
+    if not meta.final:
+        _record_slurm_ending(meta, state, info, store.home, seen_running=record.status == RUNNING)
+    with contextlib.suppress(OSError):
+        folder.write_meta(meta)
+    return RunRecord.of(meta, folder.path)
+
+
+def _slurm_final_state(record: RunRecord, job: dict | None, ask: bool) -> tuple[str | None, dict]:
+    """Slurm's final state of a job and what scontrol (or sacct) says of it; squeue's row is enough
+    for a run whose runner recorded its own end (ASK False)."""
+    info = {"Reason": job.get("reason")} if job else {}
+    if ask:
+        info = parse_scontrol(quiet_run(["scontrol", "show", "job", "-o", str(record.slurm_job)], timeout=30).stdout)
     state = info.get("JobState") or (job or {}).get("state")
-    if not state and shutil.which("sacct"):
+    if not state and ask and shutil.which("sacct"):
         rows = quiet_run(["sacct", "-j", str(record.slurm_job), "-X", "-P", "-n", "-o", "State,ExitCode"],
                          timeout=30).stdout
         state, _, exit_code = (rows.splitlines() or [""])[0].partition("|")
         info.setdefault("ExitCode", exit_code)
+    return (state.split()[0] if state else None), info
+
+
+def _record_slurm_ending(meta: RunMeta, state: str | None, info: dict, home: Path, seen_running: bool) -> None:
+    """How a run ended whose runner recorded nothing: Slurm's final state, mapped (see SLURM_FINAL).
+
+    A job cancelled in the queue (never SEEN_RUNNING) was `cancelled`; a runner that started and
+    then ended without a word (killed, say) leaves the job's own ending unknown: `lost`."""
     never_started = meta.status == QUEUED
     meta.status = slurm_status(state) if state else LOST
-    meta.status = LOST if meta.status in ACTIVE_STATUSES else meta.status
+    if meta.status in ACTIVE_STATUSES or (meta.status == FAILED and state != "OUT_OF_MEMORY" and not never_started):
+        meta.status = LOST
+    if never_started and not seen_running and state == "CANCELLED":
+        meta.status = CANCELLED
     meta.finished_at = meta.finished_at or utc_now()
-    meta.slurm.update(state=state or "unknown", node=info.get("NodeList") or meta.slurm.get("node"))
     code, _, sig = (info.get("ExitCode") or "").partition(":")
-    if code.isdigit() and not never_started:  # "3:0" is exit 3; "0:15" died of signal 15
+    if code.isdigit() and not never_started and meta.status != LOST:  # "3:0" is exit 3; "0:15" signal 15
         meta.exit_code = 128 + int(sig) if int(code) == 0 and sig.isdigit() and int(sig) else int(code)
-    meta.reason = _slurm_reason(meta, state, info, never_started, store.home)
+    meta.reason = _slurm_reason(meta, state, info, never_started, home)
     if state == "OUT_OF_MEMORY":
         meta.hint = "the job went over the memory Slurm gave it: raise resources.memory (sbatch --mem)"
-    with contextlib.suppress(OSError):
-        folder.write_meta(meta)
-    return RunRecord.of(meta, folder.path)
 
 
 def _slurm_reason(meta: RunMeta, state: str | None, info: dict, never_started: bool, home: Path) -> str:
@@ -5059,6 +5096,13 @@ def _slurm_reason(meta: RunMeta, state: str | None, info: dict, never_started: b
         return (f"Slurm says {state}, but RunPilot never started on node {info.get('NodeList') or '?'}: is "
                 f"{python} (slurm.python) installed there? See slurm-{job}.out in the run folder")
     reason = info.get("Reason")
+    said = f"Slurm: {state}" + (f", {reason}" if reason not in (None, "None") else "") + \
+        (f", exit {info['ExitCode']}" if info.get("ExitCode") else "")
+    if meta.status == LOST and state in ("FAILED", "COMPLETED"):
+        return (f"RunPilot on node {info.get('NodeList') or '?'} ended without recording how the run ended "
+                f"({said}); see slurm-{job}.out in the run folder")
+    if meta.status == CANCELLED:
+        return f"Slurm job {job} was cancelled before it started"
     return f"Slurm ended job {job}: {state}" + (f" ({reason})" if reason not in (None, "None") else "")
 
 
@@ -5078,6 +5122,25 @@ def slurm_stop(store: RunStore, record: RunRecord, meta: RunMeta, wait: float,
         time.sleep(1)
     raise RunPilotError(f"Slurm job {job} of run {record.id} has not ended within {wait:.0f}s; "
                         "look at it with squeue, or try again")
+
+
+def slurm_stop_sweep(store: RunStore, sweep: Sweep, wait: float, note: Callable[[str], None]) -> str:
+    """`runpilot stop SWEEP_ID` of a sweep submitted as a job array: scancel the array, then wait
+    until every point has ended as Slurm and the nodes record it."""
+    metas = [store.folder(p["run_id"]).read_meta() for p in sweep.points]
+    arrays = sorted({str(m.slurm.get("array_job_id")) for m in metas if m.slurm.get("array_job_id")})
+    done = quiet_run(["scancel", *arrays], timeout=60) if arrays else None
+    if done is not None and done.returncode != 0:
+        raise SlurmError(f"scancel {' '.join(arrays)} failed: {done.stderr.strip()[:200]}")
+    deadline = time.monotonic() + wait
+    while True:
+        slurm_refresh(store, [], note)
+        records = [r for p in sweep.points if (r := store.get(p["run_id"]))]
+        if all(r.status not in ACTIVE_STATUSES for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    statuses = [r.status for r in records]
+    return f"sweep {sweep.sweep_id}: " + ", ".join(f"{statuses.count(s)} {s}" for s in STATUSES if s in statuses)
 
 
 def exit_status_of(meta: RunMeta) -> int:
@@ -5256,6 +5319,8 @@ def stop_sweep(store: RunStore, sweep_id: str, wait: float, note: Callable[[str]
     """`runpilot stop SWEEP_ID`: ask the sweep's runner to stop, as Ctrl-C would (or, when it died,
     end the jobs it left and cancel its queued points); say what became of its runs."""
     sweep = Sweep.load(store, sweep_id)
+    if sweep.options.get("on") == "slurm":
+        return slurm_stop_sweep(store, sweep, wait, note)
     if runner_alive(sweep.runner):
         os.kill(sweep.runner["pid"], signal.SIGTERM)
         deadline = time.monotonic() + wait
@@ -7538,6 +7603,9 @@ def _resume_sweep(store: RunStore, args) -> int:
         raise UsageError(f"--resume runs the points as they were recorded; {', '.join(changed)} cannot be given "
                          "with it (start a new sweep to change them)")
     sweep = Sweep.load(store, args.resume)
+    if sweep.options.get("on") == "slurm":
+        raise UsageError(f"sweep {sweep.sweep_id} was submitted to Slurm, and --resume runs points here; submit "
+                         "the points that did not finish again with runpilot sweep ... --on slurm")
     if runner_alive(sweep.runner):
         raise UsageError(f"sweep {sweep.sweep_id} is still running (pid {sweep.runner.get('pid')}); "
                          f"stop it first (runpilot stop {sweep.sweep_id})")
@@ -7613,74 +7681,93 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     _add_run_options(p)
 
 
+def _slurm_refusals(args, sweep: bool) -> None:
+    """Options that mean nothing where Slurm places the job are refused, not ignored."""
+    given = [flag for flag, value in (("--engine", args.engine), ("--gpus", args.gpus), ("--no-wait", args.no_wait),
+                                      ("--fail-fast", sweep and args.fail_fast)) if value]
+    if given:
+        raise UsageError(f"{', '.join(given)} cannot be given with --on slurm: Slurm places the job and the node "
+                         "runs the config's engine (set engine: in the config)")
+    home = str(RunStore.default().home)
+    if re.search(r"[\s%]", home):
+        raise UsageError(f"RUNPILOT_HOME {home!r} holds a space or '%', which sbatch's --output cannot take; "
+                         "choose a home without them")
+
+
 def slurm_run_cli(args, config: JobConfig, options: RunOptions) -> int:
     """`run --on slurm`: submit, then (unless -d) follow the job as a local run would be followed."""
+    _slurm_refusals(args, sweep=False)
     store = _store()
     if args.dry_run:
         lines = sbatch_lines(config, "RUNID", "RUN_FOLDER/slurm-%j.out")
         echo("\n".join(visible(line) for line in slurm_script(config, lines, Path("RUN_FOLDER/runpilot.py"),
                                                                   "RUN_FOLDER").split("\n")))
         return 0
-    meta = submit_run(store, config, options)
-    note(f"run {meta.run_id} ({config.name}) submitted to Slurm as job {meta.slurm['job_id']}")
-    if args.detach:
-        echo(meta.run_id)
-        return 0
-    return follow_slurm(store, [meta.run_id], stream=True)
+    with StopSignals() as signals:  # from before sbatch: a Ctrl-C then cancels the job it accepted
+        meta = submit_run(store, config, options)
+        note(f"run {meta.run_id} ({config.name}) submitted to Slurm as job {meta.slurm['job_id']}")
+        if args.detach and not signals.received:
+            echo(meta.run_id)
+            return 0
+        return follow_slurm(store, [meta.run_id], stream=True, signals=signals)
 
 
 def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOptions) -> int:
+    _slurm_refusals(args, sweep=True)
     sweep_id = args.sweep_id or new_sweep_id()
     points = [p for p, _ in configs]
     echo(render_sweep_plan(sweep_id, points, args.repeat, args.parallel or len(points), None), err=True)
     if args.dry_run:
         lines = sbatch_lines(configs[0][1], sweep_id, "SWEEP_FOLDER/slurm-%A_%a.out",
                              f"0-{len(points) - 1}" + (f"%{args.parallel}" if args.parallel else ""))
-        echo(slurm_script(configs[0][1], lines, Path("SWEEP_FOLDER/runpilot.py"), "SWEEP_FOLDER/runs.txt"))
+        script = slurm_script(configs[0][1], lines, Path("SWEEP_FOLDER/runpilot.py"), "SWEEP_FOLDER/runs.txt")
+        echo("\n".join(visible(line) for line in script.split("\n")))
         return 0
     stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": "slurm"}
-    sweep = submit_sweep(store, sweep_id, configs, axes, args.repeat, options, args.parallel, stored)
-    array = store.folder(sweep.points[0]["run_id"]).read_meta().slurm.get("array_job_id")
-    note(f"sweep {sweep_id}: {len(sweep.points)} run(s) submitted to Slurm as job array {array}")
-    if args.detach:
-        echo(sweep_id)
-        return 0
-    return follow_slurm(store, [p["run_id"] for p in sweep.points], stream=False)
-
-
-def follow_slurm(store: RunStore, run_ids: list[str], stream: bool) -> int:
-    """Show queue state changes, stream the log of a single run, and end with the runs. Ctrl-C
-    cancels the jobs (scancel), and the runs end `interrupted` as a local Ctrl-C would end them."""
-    out, offset, said, cancelled = terminal_writer(sys.stdout), 0, {}, False
     with StopSignals() as signals:
-        while True:
-            if signals.received and not cancelled:
-                jobs = sorted({str(r.slurm_job).split("_")[0] if len(run_ids) > 1 else str(r.slurm_job)
-                               for i in run_ids if (r := store.get(i)) and r.slurm_job})
-                note(f"cancelling Slurm job {', '.join(jobs)} (scancel); the run ends when the job has stopped")
-                quiet_run(["scancel", *jobs], timeout=60)
-                cancelled = True
-            records = refresh(store, [r for i in run_ids if (r := store.get(i))], note)
-            for r in records:
-                text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
-                if said.get(r.id) != text and r.status in ACTIVE_STATUSES:
-                    note(f"run {r.id} {text}" + (f" on {store.folder(r.id).read_meta().slurm.get('node') or '?'}"
-                                                 if r.status == RUNNING else ""))
-                said[r.id] = text
-            if stream:
-                with contextlib.suppress(OSError):
-                    offset = _copy_from(store.folder(run_ids[0]).logs, out, offset)
-            if all(r.status not in ACTIVE_STATUSES for r in records):
-                break
-            time.sleep(1)
+        sweep = submit_sweep(store, sweep_id, configs, axes, args.repeat, options, args.parallel, stored)
+        array = store.folder(sweep.points[0]["run_id"]).read_meta().slurm.get("array_job_id")
+        note(f"sweep {sweep_id}: {len(sweep.points)} run(s) submitted to Slurm as job array {array}")
+        if args.detach and not signals.received:
+            echo(sweep_id)
+            return 0
+        return follow_slurm(store, [p["run_id"] for p in sweep.points], stream=False, signals=signals)
+
+
+def follow_slurm(store: RunStore, run_ids: list[str], stream: bool, signals: StopSignals) -> int:
+    """Show queue state changes, stream the log of a single run, and end with the runs. Ctrl-C
+    (held in SIGNALS since before the submission) cancels the jobs (scancel), and the runs end
+    `interrupted` as a local Ctrl-C would end them (`cancelled` if they had not started)."""
+    out, offset, said, cancelled = terminal_writer(sys.stdout), 0, {}, False
+    while True:
+        if signals.received and not cancelled:
+            jobs = sorted({str(r.slurm_job).split("_")[0] if len(run_ids) > 1 else str(r.slurm_job)
+                           for i in run_ids if (r := store.get(i)) and r.slurm_job})
+            note(f"cancelling Slurm job {', '.join(jobs)} (scancel); the run ends when the job has stopped")
+            quiet_run(["scancel", *jobs], timeout=60)
+            cancelled = True
+        records = refresh(store, [r for i in run_ids if (r := store.get(i))], note)
+        for r in records:
+            text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
+            if said.get(r.id) != text and r.status in ACTIVE_STATUSES:
+                note(f"run {r.id} {text}" + (f" on {store.folder(r.id).read_meta().slurm.get('node') or '?'}"
+                                             if r.status == RUNNING else ""))
+            said[r.id] = text
+        if stream:
+            with contextlib.suppress(OSError):
+                offset = _copy_from(store.folder(run_ids[0]).logs, out, offset)
+        if all(r.status not in ACTIVE_STATUSES for r in records):
+            break
+        time.sleep(1)
     metas = [store.folder(i).read_meta() for i in run_ids]
+    code = 128 + signals.received[0] if cancelled else \
+        exit_status_of(metas[0]) if len(metas) == 1 else (0 if all(m.status == SUCCEEDED for m in metas) else 1)
     for meta in metas:
-        note(f"run {meta.run_id} {fmt_ending(meta)}" + (f": {meta.reason}" if meta.reason else ""))
+        own = f"; runpilot exits with {code}" if len(metas) == 1 and exit_status_of(meta) != code else ""
+        note(f"run {meta.run_id} {fmt_ending(meta)}" + (f": {meta.reason}" if meta.reason else "") + own)
         if meta.hint:
             note(f"hint: {meta.hint}")
-    if cancelled:
-        return 128 + signals.received[0]
-    return exit_status_of(metas[0]) if len(metas) == 1 else (0 if all(m.status == SUCCEEDED for m in metas) else 1)
+    return code
 
 
 def cmd_slurm_job(args) -> int:

@@ -6,11 +6,14 @@ they skip with the reason where no cluster answers, and fail where RUNPILOT_TEST
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from unittest import mock
 
 import runpilot
 from tests.common import RUNPILOT, HomeTestCase
@@ -48,7 +51,12 @@ class BatchScript(HomeTestCase):
     def test_the_slurm_section_is_validated_always(self):
         for bad, words in (({"partiton": "x"}, "did you mean 'partition'"), ({"time": "soon"}, "slurm.time"),
                            ({"gpu_flag": "mig"}, "slurm.gpu_flag"), ({"extra": [1]}, "slurm.extra"),
-                           ("gpu", "'slurm' must be a mapping")):
+                           ("gpu", "'slurm' must be a mapping"),
+                           # a line break would end the #SBATCH block: the rest ran as shell on the node
+                           ({"partition": "debug\ntouch /tmp/x"}, "slurm.partition must be one line of text"),
+                           ({"account": "lab\r"}, "slurm.account must be one line"),
+                           ({"extra": ["--array=0-3"]}, "slurm.extra sets --array, which RunPilot sets itself"),
+                           ({"extra": ["-J other"]}, "slurm.extra sets -J")):
             with self.subTest(bad=bad), self.assertRaises(runpilot.ConfigError) as caught:
                 self.config(slurm=bad)
             self.assertIn(words, str(caught.exception))
@@ -61,6 +69,43 @@ class BatchScript(HomeTestCase):
         for state, status in table.items():
             with self.subTest(state=state):
                 self.assertEqual(runpilot.slurm_status(state), status)
+
+    def test_a_job_whose_runner_recorded_nothing(self):
+        # a runner killed on the node is not the job failing with 137; a job cancelled in the queue never ran
+        cases = [("running", "FAILED", "0:9", "lost", None, "ended without recording how the run ended"),
+                 ("running", "COMPLETED", "0:0", "lost", None, "ended without recording how the run ended"),
+                 ("running", "CANCELLED", "0:15", "interrupted", 143, "Slurm ended job 7: CANCELLED"),
+                 ("running", "OUT_OF_MEMORY", "0:9", "failed", 137, "OUT_OF_MEMORY"),
+                 ("queued", "CANCELLED", "0:0", "cancelled", None, "was cancelled before it started"),
+                 ("queued", "FAILED", "2:0", "failed", None, "RunPilot never started on node vm")]
+        for before, state, exit_code, status, code, reason in cases:
+            with self.subTest(before=before, state=state):
+                meta = runpilot.RunMeta("20261128-000000-abcdef", status=before, slurm={"job_id": "7"})
+                runpilot._record_slurm_ending(meta, state, {"ExitCode": exit_code, "NodeList": "vm"}, self.home,
+                                              seen_running=before == "running")
+                self.assertEqual((meta.status, meta.exit_code), (status, code))
+                self.assertIn(reason, meta.reason)
+
+    def test_options_slurm_cannot_honour_are_refused(self):
+        config = self.write("c.yaml", "name: x\nengine: local\nentrypoint: 'true'\n")
+        for argv, words in ((("run", config, "--engine", "docker"), "--engine cannot be given with --on slurm"),
+                            (("run", config, "--gpus", "0"), "--gpus cannot be given with --on slurm"),
+                            (("sweep", config, "--grid", "env.A=1,2", "--fail-fast"), "--fail-fast cannot be given")):
+            with self.subTest(argv=argv):
+                code, out, err = self.cli(*argv, "--on", "slurm", "--dry-run")
+                self.assertEqual(code, 2, err)
+                self.assertIn(words, err)
+        with mock.patch.dict(os.environ, {"RUNPILOT_HOME": str(self.tmp / "my home")}):
+            code, out, err = self.cli("run", config, "--on", "slurm", "--dry-run")
+        self.assertEqual(code, 2)
+        self.assertIn("holds a space or '%', which sbatch's --output cannot take", err)
+
+    def test_a_sweeps_dry_run_shows_control_characters_escaped(self):
+        config = self.write("c.yaml", "name: x\nengine: local\nentrypoint: 'true'\n"
+                                      "slurm: {setup: \"echo \\e]0;owned\\a\"}\n")
+        code, out, err = self.cli("sweep", config, "--grid", "env.A=1,2", "--on", "slurm", "--dry-run")
+        self.assertEqual(code, 0, err)
+        self.assertIn("\necho \\x1b]0;owned\\x07\n", out)
 
     def test_squeue_scontrol_and_time_left(self):
         rows = runpilot.parse_squeue("84_1|PENDING|Priority||debug\n81|RUNNING|None|vm|debug\nbad\n")
@@ -123,6 +168,8 @@ class AttachedAndDetached(SlurmCase):
         self.assertEqual((meta["status"], meta["exit_code"]), ("failed", 3))
         self.assertEqual(meta["slurm"]["node"], node)
         self.assertEqual(meta["host"], node)
+        self.assertIn(meta["slurm"]["state"], ("COMPLETED", "FAILED"))  # Slurm's last word, not RUNNING
+        self.assertIn("reason", meta["slurm"])
         for name in ("slurm.sh", "runpilot.py", "logs.txt", "metrics.json"):
             self.assertTrue((run / name).exists(), name)
         self.assertEqual((run / "runpilot.py").read_bytes(), RUNPILOT.read_bytes())
@@ -244,6 +291,37 @@ class StopAndLimits(SlurmCase):
         self.assertEqual(meta["status"], "failed")
         self.assertIn("must be on a file system the nodes share", meta["reason"])
         self.assertIn("must be on a file system the nodes share", out)
+
+
+class ControlOfSubmitted(SlurmCase):
+    def test_ctrl_c_right_after_submitting_cancels_the_job(self):
+        # between sbatch and the follow loop, Ctrl-C left the job queued in Slurm (and the run queued)
+        config = self.config("true", slurm="  extra: [--hold]\n")
+        proc = subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config), "--on", "slurm"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertIn(b"submitted to Slurm as job", proc.stderr.readline())
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        self.assertEqual(proc.returncode, 130, err)
+        meta = self.meta(self.only_run())
+        self.assertEqual(meta["status"], "cancelled", err)
+        self.assertIn(b"runpilot exits with 130", err)
+        queue = subprocess.run(["squeue", "-h", "-j", meta["slurm"]["job_id"]], capture_output=True, text=True)
+        self.assertEqual(queue.stdout.strip(), "")
+
+    def test_stop_and_resume_of_a_slurm_sweep(self):
+        config = self.config("sleep 120", slurm="  extra: [--hold]\n")
+        result = self.process("sweep", config, "--grid", "env.A=1,2", "--on", "slurm", "-d", timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        sweep_id = result.stdout.decode().strip()
+        code, out, err = self.cli("sweep", "--resume", sweep_id)
+        self.assertEqual(code, 2)
+        self.assertIn("was submitted to Slurm, and --resume runs points here", err)
+        code, out, err = self.cli("stop", sweep_id)
+        self.assertEqual((code, out), (0, f"sweep {sweep_id}: 2 cancelled\n"), err)
+        arrays = {self.meta(run)["slurm"]["array_job_id"] for run in self.runs()}
+        queue = subprocess.run(["squeue", "-h", "-j", ",".join(arrays)], capture_output=True, text=True)
+        self.assertEqual(queue.stdout.strip(), "")
 
 
 class Arrays(SlurmCase):
