@@ -5713,8 +5713,31 @@ def render_compare(runs: list[tuple[RunRecord, dict, dict]], width: int | None, 
                    skip: tuple[str, ...] = ()) -> str:
     """`compare`: runs side by side (a sweep's leave out their names: the swept values say it)."""
     header = [""] + [r.id if full else short_id(r.id) for r, _, _ in runs]
-    return render_table(header, compare_rows(runs, skip), set(range(1, len(runs) + 1)), None if full else width,
-                        min_columns=len(header), shrink=set() if full else set(range(len(header))))
+    rows = compare_rows(runs, skip)
+    if full or not width:
+        return render_table(header, rows, set(range(1, len(runs) + 1)), None, min_columns=len(header))
+    blocks = []
+    for columns in _column_blocks([header] + rows, width):  # too many runs for one table: several, one below another
+        block = [0, *columns]
+        blocks.append(render_table([header[i] for i in block], [[row[i] for i in block] for row in rows],
+                                   set(range(1, len(block))), width, min_columns=len(block),
+                                   shrink=set(range(len(block)))))
+    return "\n\n".join(blocks)
+
+
+def _column_blocks(table: list[list[str]], width: int) -> list[list[int]]:
+    """The columns after the first, packed into groups that fit WIDTH beside the first column."""
+    widths = [max(text_width(visible(row[i])) for row in table) for i in range(len(table[0]))]
+    label = min(widths[0], max(8, width // 3))
+    blocks: list[list[int]] = [[]]
+    used = label
+    for i in range(1, len(widths)):
+        if blocks[-1] and used + 2 + widths[i] > width:
+            blocks.append([])
+            used = label
+        blocks[-1].append(i)
+        used += 2 + widths[i]
+    return blocks
 
 # ==== 20. Plots: braille charts and the HTML page ============================
 # `runpilot plot` reads metrics.json in blocks, one regex pass per metric, and folds each series into at

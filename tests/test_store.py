@@ -141,7 +141,7 @@ class ResolveTest(StoreTestCase):
                 self.assertEqual(self.store.find(ref), expected)
 
     def test_ambiguous(self):
-        with self.assertRaises(runpilot.StoreError) as caught:
+        with self.assertRaises(runpilot.UsageError) as caught:
             self.store.find("20260101")
         self.assertIn(self.a.id, str(caught.exception))
         self.assertIn(self.b.id, str(caught.exception))
@@ -149,7 +149,7 @@ class ResolveTest(StoreTestCase):
 
     def test_unknown(self):
         for ref in ("2025", "20260103", "-4", "ffffff", "aaaa1"):
-            with self.subTest(ref=ref), self.assertRaises(runpilot.StoreError):
+            with self.subTest(ref=ref), self.assertRaises(runpilot.UsageError):
                 self.store.find(ref)
 
     def test_not_a_run_id(self):
@@ -164,7 +164,7 @@ class ResolveTest(StoreTestCase):
     def test_latest_when_empty(self):
         empty = runpilot.RunStore(self.tmp / "empty")
         for ref in ("latest", "-1"):
-            with self.subTest(ref=ref), self.assertRaises(runpilot.StoreError):
+            with self.subTest(ref=ref), self.assertRaises(runpilot.UsageError):
                 empty.find(ref)
 
 

@@ -621,6 +621,22 @@ class Compare(ViewsHome):
             "acc (best)                        0.8*                    0.75",
         ])
 
+    def test_many_runs_go_in_blocks_that_fit_the_width(self):
+        # eight runs made an 88-column table at any width: it wrapped and garbled
+        ids = [self.add_run(f"run{i}", started=BASE + dt.timedelta(minutes=i),
+                            samples=[{"val_loss": 0.125 * (i + 1)}]).id for i in range(8)]
+        code, out, err = self.tty_cli("compare", *ids, env={"COLUMNS": "60"})
+        self.assertEqual(code, 0, err)
+        blocks = out.split("\n\n")
+        self.assertGreater(len(blocks), 1)
+        self.assertLessEqual(max(len(line) for line in out.splitlines()), 60)
+        shown = [short for block in blocks for short in block.splitlines()[0].split()]
+        self.assertEqual(shown, [run_id[-6:] for run_id in ids])  # every run once, in order
+        for block in blocks:
+            self.assertEqual([line.split()[0] for line in block.splitlines()[1:]],
+                             ["name", "status", "duration", "val_loss", "val_loss"])
+        self.assertEqual(self.cli("compare", *ids, "--no-trunc")[1].count("\n\n"), 0)
+
     def test_three_runs_by_reference_and_lower_is_better_names(self):
         for i, (val_loss, f1) in enumerate(((0.3, 0.5), (0.1, 0.9), (0.2, 0.7))):
             self.add_run(f"run{i}", started=BASE + dt.timedelta(minutes=i),
