@@ -7772,9 +7772,9 @@ def follow_slurm(store: RunStore, run_ids: list[str], stream: bool, signals: Sto
         records = refresh(store, [r for i in run_ids if (r := store.get(i))], note)
         for r in records:
             text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
+            node = store.folder(r.id).read_meta().slurm.get("node") if r.status == RUNNING else None
             if said.get(r.id) != text and r.status in ACTIVE_STATUSES:
-                note(f"run {r.id} {text}" + (f" on {store.folder(r.id).read_meta().slurm.get('node') or '?'}"
-                                             if r.status == RUNNING else ""))
+                note(f"run {r.id} {text}" + (f" on {node}" if node else ""))
             said[r.id] = text
         if stream:
             with contextlib.suppress(OSError):
