@@ -7401,8 +7401,8 @@ def _plot_size(args, out, charts_on_screen: int = 0) -> tuple[int, int]:
             width, height = os.get_terminal_size(out.fileno())
     if width <= 0 or height <= 0:
         width, height = (_env_int("COLUMNS") or 80), (_env_int("LINES") or 24)
-    if charts_on_screen:
-        height = max(PLOT_MIN_HEIGHT, (height - charts_on_screen) // charts_on_screen)
+    if charts_on_screen:  # the charts, a blank line between them and the status line, then the cursor's line
+        height = max(PLOT_MIN_HEIGHT, (height - 1 - charts_on_screen) // charts_on_screen)
     width, height = args.width or min(width, PLOT_MAX_SIZE), args.height or min(height, PLOT_MAX_SIZE)
     if width < PLOT_MIN_WIDTH or height < PLOT_MIN_HEIGHT:
         raise UsageError(f"a chart of {width} x {height} is too small; give at least --width {PLOT_MIN_WIDTH} "

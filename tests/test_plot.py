@@ -712,6 +712,8 @@ class RealRuns(PlotHome):
         frames = self.on_a_terminal(["plot", out.strip(), "--follow", "--metric", "loss"], {"NO_COLOR": "1"}, 40)
         self.assertIn("following 1 running run", frames)
         self.assertRegex(frames, r"\x1b\[\d+F")  # the cursor went up to redraw
+        # ... over the whole picture: it fits the 24 rows with the cursor's line, so nothing scrolled away
+        self.assertLessEqual(max(int(n) for n in re.findall(r"\x1b\[(\d+)F", frames)), 23)
         self.assertNotRegex(frames, r"\x1b\[[0-9;]*m")  # NO_COLOR: cursor moves only, no colour
         lines = [visible(line).rstrip("\r") for line in frames.split("\n")]
         self.assertLessEqual(max(runpilot.text_width(line) for line in lines), 40)
