@@ -1747,8 +1747,9 @@ def _check_mount(chk: _Checker, path: tuple, spec: object, name: str | None, bas
     source = str((base / os.path.expanduser(host)).resolve())
     for where, text, fix in ((path, host, "rename the folder"), (path, source, "move or rename the folder"),
                              (("workdir",) if name == "code" else path, target, "choose another container path")):
-        if _mount_problem(text):
-            chk.problem(where, f"mount {_dotted(path)}: {text!r} {_mount_problem(text)}; {fix}")
+        problem = _mount_problem(text)
+        if problem:
+            chk.problem(where, f"mount {_dotted(path)}: {text!r} {problem}; {fix}")
             return None
     if not os.path.exists(source):
         chk.problem(path, f"mount {_dotted(path)}: {source} does not exist; create it or fix the path")
@@ -2376,13 +2377,18 @@ def container_name(run_id: str) -> str:
     return f"runpilot-{run_id}"
 
 
+def require_image(config: JobConfig, engine: str) -> None:
+    if not config.image:
+        raise ConfigError(f"engine {engine} needs an image, and the config names none; add 'image:' to it, "
+                          "or run with --engine local", config.source)
+
+
 def choose_engine(flag: str | None, config: JobConfig, environ, which=None) -> str:
     """--engine, then the config's `engine`, then RUNPILOT_ENGINE, then docker if present, else podman;
     a container engine needs the config to name an image."""
     engine = _pick_engine(flag, config, environ, which or shutil.which)
-    if engine != "local" and not config.image:
-        raise ConfigError(f"engine {engine} needs an image, and the config names none; add 'image:' to it, "
-                          "or run with --engine local", config.source)
+    if engine != "local":
+        require_image(config, engine)
     return engine
 
 
@@ -2466,8 +2472,7 @@ def build_engine_argv(config: JobConfig, run_id: str, engine: str, env_names: li
     the runner passes as a pipe, or by name (`-e NAME`) from the engine's own environment.
     DEVICES, when given, are the GPUs this run was placed on.
     """
-    if not config.image:
-        raise ConfigError(f"engine {engine} needs an image, and the config names none", config.source)
+    require_image(config, engine)
     argv = [engine, "run", "--rm", "--init", "--pull", "never",
             "--name", container_name(run_id), "--label", f"{RUN_LABEL}={run_id}"]
     if not keep_engine_logs:
@@ -4833,6 +4838,11 @@ class SweepRunner:
                 cancel_queued(self.store, path.name, signal.SIGTERM, "stopped with runpilot stop before it started")
 
 
+def fmt_sweep_statuses(sweep_id: str, statuses: list[str]) -> str:
+    """`sweep sw-...: 2 interrupted, 1 cancelled`, what `runpilot stop SWEEP_ID` says."""
+    return f"sweep {sweep_id}: " + ", ".join(f"{statuses.count(s)} {s}" for s in STATUSES if s in statuses)
+
+
 def cancel_queued(store: RunStore, run_id: str, signum: int | None, why: str | None = None) -> None:
     folder = store.folder(run_id)
     meta = folder.read_meta()
@@ -5139,8 +5149,7 @@ def slurm_stop_sweep(store: RunStore, sweep: Sweep, wait: float, note: Callable[
         if all(r.status not in ACTIVE_STATUSES for r in records) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    statuses = [r.status for r in records]
-    return f"sweep {sweep.sweep_id}: " + ", ".join(f"{statuses.count(s)} {s}" for s in STATUSES if s in statuses)
+    return fmt_sweep_statuses(sweep.sweep_id, [r.status for r in records])
 
 
 def exit_status_of(meta: RunMeta) -> int:
@@ -5337,8 +5346,7 @@ def stop_sweep(store: RunStore, sweep_id: str, wait: float, note: Callable[[str]
         meta = store.folder(record.id).read_meta()
         if record.status == LOST and leftover_job(record, meta):
             end_leftover_job(record, meta)
-    statuses = [record.status for record in refresh(store, records, note)]
-    return f"sweep {sweep_id}: " + ", ".join(f"{statuses.count(s)} {s}" for s in STATUSES if s in statuses)
+    return fmt_sweep_statuses(sweep_id, [record.status for record in refresh(store, records, note)])
 
 
 def end_leftover_job(record: RunRecord, meta: RunMeta, wait: float = 5.0) -> None:
