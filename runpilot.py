@@ -5340,13 +5340,13 @@ def stop_sweep(store: RunStore, sweep_id: str, wait: float, note: Callable[[str]
                                 f"runner (pid {sweep.runner['pid']})")
     for point in sweep.points:  # a runner that died left its queued points behind
         cancel_queued(store, point["run_id"], None)
-    records = [RunRecord.of(store.folder(p["run_id"]).read_meta(), store.folder(p["run_id"]).path)
-               for p in sweep.points]
-    for record in refresh(store, records, lambda text: None):
+    records = refresh(store, [RunRecord.of(store.folder(p["run_id"]).read_meta(), store.folder(p["run_id"]).path)
+                              for p in sweep.points], lambda text: None)  # quiet: it ends what it would note
+    for record in records:
         meta = store.folder(record.id).read_meta()
         if record.status == LOST and leftover_job(record, meta):
             end_leftover_job(record, meta)
-    return fmt_sweep_statuses(sweep_id, [record.status for record in refresh(store, records, note)])
+    return fmt_sweep_statuses(sweep_id, [record.status for record in records])
 
 
 def end_leftover_job(record: RunRecord, meta: RunMeta, wait: float = 5.0) -> None:
@@ -7244,12 +7244,11 @@ def cmd_gc(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    config = load_config(args.config, args.set)
-    if config.sweep:  # each point of the sweep: section is a config too
-        data, text, positions = load_config_data(args.config)
-        data, blamed = apply_overrides(data, args.set)
-        for point in sweep_points(config.sweep, 1):
-            point_config(data, str(args.config), text, positions, blamed, point, 1, from_grid=False)
+    data, text, positions = load_config_data(args.config)
+    data, blamed = apply_overrides(data, args.set)
+    config = validate_config(data, str(args.config), text, positions, overrides=blamed)
+    for point in sweep_points(config.sweep, 1) if config.sweep else []:  # a sweep: section's points are configs too
+        point_config(data, str(args.config), text, positions, blamed, point, 1, from_grid=False)
     engine = config.engine or os.environ.get("RUNPILOT_ENGINE")
     for warning in entrypoint_warnings(config, engine):
         note(f"warning: {warning}")
