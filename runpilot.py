@@ -3174,27 +3174,35 @@ class _Writer:
             if self.write is not None:
                 self.queue.append((own_line, data))
                 self.pending += len(data)
-                self.cond.notify_all()
+                if len(self.queue) == 1:  # the thread only sleeps on an empty queue
+                    self.cond.notify_all()
 
     def _run(self) -> None:
         while True:
             with self.cond:
                 self.cond.wait_for(lambda: self.queue)
-                own_line, data = self.queue.pop(0)
+                batch, self.queue = self.queue, []
                 write = self.write
-            size = len(data)
-            if own_line and not self.ends_line:  # RunPilot's own line after a partial line of the job
-                data = b"\n" + data
+            data = self._join(batch)
             try:
                 if write is not None:
                     write(data)
             except (OSError, ValueError):  # the reader is gone: keep running, stop writing there
                 self.abandon()
             with self.cond:
-                self.pending = max(0, self.pending - size)
-                if data:
-                    self.ends_line = data.endswith(b"\n")
+                self.pending = max(0, self.pending - sum(len(chunk) for _, chunk in batch))
                 self.cond.notify_all()
+
+    def _join(self, batch: list[tuple[bool, bytes]]) -> bytes:
+        """Everything queued as one write: a thread hand-off per read of the job costs more than the write."""
+        parts = []
+        for own_line, data in batch:
+            if own_line and not self.ends_line:  # RunPilot's own line after a partial line of the job
+                parts.append(b"\n")
+            parts.append(data)
+            if data:
+                self.ends_line = data.endswith(b"\n")
+        return b"".join(parts)
 
     def wait(self, predicate, timeout: float) -> bool:
         with self.cond:
