@@ -78,7 +78,7 @@ __all__ = [
 
 # Keys a config may have at the top level; anything else is a typo to report.
 TOP_LEVEL_KEYS = ("name", "image", "entrypoint", "workdir", "env", "mounts", "resources",
-                  "metrics", "engine", "timeout", "sweep", "slurm")
+                  "metrics", "engine", "timeout", "sweep", "slurm", "stop_signal")
 RESOURCE_KEYS = ("gpus", "cpu", "memory", "shm_size")
 # What people write by habit from docker-compose and Kubernetes, for "did you mean".
 KEY_SYNONYMS = {"environment": "env", "volumes": "mounts", "command": "entrypoint", "cmd": "entrypoint",
@@ -268,6 +268,7 @@ class JobConfig:
     source: str | None = None                           # the config file it came from
     sweep: tuple[tuple[str, tuple], ...] = ()           # (dotted key, values); only `sweep` reads it
     slurm: SlurmSettings = SlurmSettings()              # only `--on slurm` reads it
+    stop_signal: str | None = None                      # e.g. "SIGUSR1": the signal every stop sends
 
 
 def _type_ok(value: object, annotation: str) -> bool:
@@ -1978,6 +1979,7 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
         source=str(Path(filename).resolve()) if filename and not filename.startswith("<") else None,
         sweep=_check_sweep(chk, data.get("sweep")),
         slurm=_check_slurm(chk, data.get("slurm")),
+        stop_signal=_check_stop_signal(chk, data.get("stop_signal")),
     )
     chk.raise_if_any()
     return config
@@ -2007,7 +2009,8 @@ def parse_override(item: str, flag: str = "--set") -> tuple[tuple[str, ...], obj
     if not sep or not all(parts):
         raise UsageError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} env.LR=0.01")
     try:
-        return parts, parse_yaml(raw, f"{flag} {key}") if raw.strip() else ""
+        value, _, texts = parse_config_yaml(raw, f"{flag} {key}") if raw.strip() else ("", {}, {})
+        return parts, with_plain_text(value, texts, ()) if parts[0] == "env" else value
     except YamlError as exc:
         raise UsageError(f"{flag} {item}: cannot read the value {raw!r}: {exc.message}") from None
 
@@ -2017,6 +2020,7 @@ def apply_overrides(data: object, overrides: list[str]) -> tuple[object, dict[tu
     blamed: dict[tuple, str] = {}
     for item in overrides:
         parts, value = parse_override(item)
+        check_new_key(data, parts, f"--set {item}")
         data = set_dotted(data, parts, value, f"--set {item}")
         blamed[parts] = f"--set {item}"
     return data, blamed
@@ -2041,8 +2045,8 @@ def set_dotted(data: object, parts: tuple[str, ...], value: object, what: str) -
 def load_config_data(path: str | os.PathLike) -> tuple[object, str, dict]:
     """A config file's parsed data, text and node positions (raises ConfigError)."""
     text = read_config_text(path)
-    data, positions = parse_yaml_located(text, str(path))
-    return data, text, positions
+    data, positions, texts = parse_config_yaml(text, str(path))
+    return keep_env_text(data, texts), text, positions
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
@@ -2084,6 +2088,8 @@ def config_to_dict(config: JobConfig) -> dict:
              if v != getattr(SlurmSettings(), k)}
     if slurm:
         data["slurm"] = slurm
+    if config.stop_signal:
+        data["stop_signal"] = config.stop_signal
     return data
 
 
@@ -2154,6 +2160,144 @@ def entrypoint_warnings(config: JobConfig, engine: str | None) -> list[str]:
     missing = [f for f in files if not os.path.exists(os.path.join(holder.source, f))]
     return [f"the entrypoint names {', '.join(missing)}, which is not in {holder.source} (mounted at "
             f"{holder.target})"] if missing else []
+
+def parse_stop_signal(value: object) -> str:
+    """`SIGINT`, `INT`, `sigint` or a number such as 2 -> "SIGINT"; ValueError if no such signal.
+
+    SIGKILL and SIGSTOP are refused: a job cannot act on them, and SIGKILL follows the grace
+    period anyway.
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        raise ValueError
+    if isinstance(value, int):
+        sig = signal.Signals(value)
+    else:
+        name = str(value).strip().upper()
+        sig = signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+    if sig in (signal.SIGKILL, signal.SIGSTOP):
+        raise ValueError
+    return sig.name
+
+
+def _check_stop_signal(chk: _Checker, value: object) -> str | None:
+    if value is None:
+        return None
+    try:
+        return parse_stop_signal(value)
+    except (ValueError, KeyError):
+        chk.problem(("stop_signal",), f"stop_signal must name a signal the job can handle, such as SIGINT, "
+                                      f"SIGTERM, SIGUSR1 or SIGQUIT (or INT, TERM, ...); got {_shown(value)}")
+        return None
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions of one character each."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def key_meant(key: str, existing: list[str]) -> str | None:
+    """The existing key that KEY is most likely a typo of, or None when KEY is truly new.
+
+    Close means equal but for case (`lr`, `LR`), or a small edit distance on longer keys (one edit
+    from 4 characters on, two from 8); keys that differ only in digits (`GPU0`, `GPU1`) are
+    different on purpose.
+    """
+    def strip_digits(text: str) -> str:
+        return re.sub(r"\d+", "#", text)
+
+    low = key.lower()
+    for name in existing:
+        if name.lower() == low:
+            return name
+    allowed = 2 if len(key) >= 8 else 1 if len(key) >= 4 else 0
+    scored = sorted((_edit_distance(low, name.lower()), name) for name in existing
+                    if strip_digits(name.lower()) != strip_digits(low))
+    return scored[0][1] if scored and scored[0][0] <= allowed else None
+
+
+def check_new_key(data: object, parts: tuple[str, ...], what: str) -> None:
+    """Refuse a --set/--grid key the config lacks when it is close to one it has (`env.lr` for
+    `env.LR`): that typo would otherwise add a variable no one reads and run the same job again."""
+    node = data
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict):
+            return
+        if part not in node:
+            meant = key_meant(part, [k for k in node if isinstance(k, str)])
+            if meant is not None:
+                where = ".".join(parts[:depth] + (meant,))
+                raise UsageError(f"{what}: the config has no {'.'.join(parts[:depth + 1])}; did you mean "
+                                 f"'{where}'? (a key that is meant to be new and this close to another "
+                                 "goes in the config file)")
+            return
+        node = node[part]
+
+
+class _PlainTextParser(_YamlParser):
+    """The YAML reader, also keeping the text of each plain scalar it typed as other than text
+    (`3.10`, `007`, `0x1F`, `true`), by the path of its node: environment values are text."""
+
+    def __init__(self, text: str, filename: str) -> None:
+        super().__init__(text, filename)
+        self.node_at: dict[tuple[int, int], tuple] = {}   # (row, col) -> the innermost node's path there
+        self.plain_at: dict[tuple[int, int], str] = {}
+
+    def node(self, n: int, path: tuple, context: str) -> object:
+        self.node_at[(self.row, self.col)] = path
+        return super().node(n, path, context)
+
+    def flow_node(self, n: int, path: tuple) -> tuple[object, str]:
+        self.node_at[(self.row, self.col)] = path
+        return super().flow_node(n, path)
+
+    def type_plain(self, text: str, row: int, col: int) -> object:
+        value = super().type_plain(text, row, col)
+        if not isinstance(value, str):
+            self.plain_at[(row, col)] = text
+        return value
+
+    def plain_texts(self) -> dict[tuple, str]:
+        return {self.node_at[at]: text for at, text in self.plain_at.items() if at in self.node_at}
+
+
+def parse_config_yaml(text: str, filename: str) -> tuple[object, dict, dict[tuple, str]]:
+    """parse_yaml_located, plus the written text of the plain scalars that were typed (by path)."""
+    parser = _PlainTextParser(text, filename)
+    try:
+        value = parser.document()
+    except RecursionError as exc:
+        raise YamlError("document nested too deeply to read", filename) from exc
+    return value, parser.positions, parser.plain_texts()
+
+
+def with_plain_text(value: object, texts: dict[tuple, str], path: tuple) -> object:
+    """VALUE with every typed plain scalar under PATH spelled as it was written (`3.10`, not 3.1).
+    An empty value, `~` or `null` stays None: the variable is set, to the empty string."""
+    if isinstance(value, dict):
+        return {k: with_plain_text(v, texts, path + (k,)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [with_plain_text(v, texts, path + (i,)) for i, v in enumerate(value)]
+    if value is None or isinstance(value, str):
+        return value
+    return texts.get(path, value)
+
+
+def keep_env_text(data: object, texts: dict[tuple, str]) -> object:
+    """Config data whose env values (and env.* values of its sweep: section) are as written."""
+    if not isinstance(data, dict):
+        return data
+    if isinstance(data.get("env"), dict):
+        data["env"] = with_plain_text(data["env"], texts, ("env",))
+    if isinstance(data.get("sweep"), dict):
+        data["sweep"] = {key: with_plain_text(values, texts, ("sweep", key)) if str(key).startswith("env.")
+                         else values for key, values in data["sweep"].items()}
+    return data
+
 
 # ==== 10. Metrics: the METRIC line protocol ==================================
 
@@ -3261,6 +3405,7 @@ class Launch:
     env_file: bytes = b""             # the engine's --env-file, handed over through a pipe
     run_id: str = ""
     devices: tuple[str, ...] = ()     # the GPUs the run was placed on
+    stop_signal: str | None = None    # the config's stop_signal: sent on every stop instead
 
 
 def _grow_pipe(fd: int, size: int = PIPE_SIZE) -> None:
@@ -3297,6 +3442,7 @@ class Job:
         self.first_stop = 0.0
         self.last_stop = 0.0
         self.forced = False
+        self.sent = 0                     # the last signal sent to the job
         argv, fds = launch.argv, ()
         env_fd = env_file_pipe(launch.env_file) if launch.container else None
         try:
@@ -3312,39 +3458,52 @@ class Job:
         for pipe in (self.proc.stdout, self.proc.stderr):
             _grow_pipe(pipe.fileno())
 
-    def request_stop(self, force: bool) -> None:
-        """SIGTERM through the engine, SIGKILL after the grace period (or at once if FORCE).
+    def request_stop(self, force: bool, sig: int = signal.SIGTERM) -> int:
+        """Signal SIG to the job (through the engine), SIGKILL after the grace period (or at once
+        if FORCE); returns the signal the job got (the config's stop_signal wins over SIG).
 
         Asking again without force changes nothing: the grace period holds.
         """
         if self.first_stop and not force:
-            return
+            return self.sent
+        sig = signal.Signals[self.launch.stop_signal] if self.launch.stop_signal else sig
         self.forced = self.forced or force
+        self.sent = signal.SIGKILL if force else sig
         self.last_stop = time.monotonic()
         self.first_stop = self.first_stop or self.last_stop
+        self.kill_at = self.last_stop if force else self.last_stop + self.stop_timeout
         if self.launch.container is None:
-            self.signal_group(signal.SIGKILL if force else signal.SIGTERM)
-            self.kill_at = self.last_stop if force else self.last_stop + self.stop_timeout
-            return
-        self._engine_stop(force)
+            self.signal_group(self.sent)
+        else:
+            self._engine_signal(self.sent)
+        return self.sent
 
-    def _engine_stop(self, force: bool) -> None:
-        engine, name = self.launch.engine, self.launch.container
-        argv = [engine, "kill", name] if force else [engine, "stop", "-t", str(int(self.stop_timeout)), name]
+    def _engine_signal(self, sig: int) -> None:
+        """`docker kill --signal SIG NAME`: the container's init hands SIG to the job."""
+        argv = [self.launch.engine, "kill", "--signal", signal.Signals(sig).name, self.launch.container]
         self.helpers.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.DEVNULL, start_new_session=True))
 
     def tick(self) -> None:
-        """Escalate a stop that the job ignores; retry one sent before the container existed."""
+        """SIGKILL a job that outlives its grace period; retry a signal sent before the container
+        existed (its `kill` failed), but never send the job its stop signal twice."""
         now = time.monotonic()
+        if not self.first_stop or self.proc.poll() is not None:
+            return
         if self.launch.container is None:
-            if self.kill_at is not None and now >= self.kill_at and self.proc.poll() is None:
+            if self.kill_at is not None and now >= self.kill_at:
                 self.signal_group(signal.SIGKILL)
                 self.kill_at = None
-        elif self.last_stop and self.proc.poll() is None and now - self.last_stop > 2 and \
-                all(h.poll() is not None for h in self.helpers):
+            return
+        if now - self.last_stop <= 2 or any(h.poll() is None for h in self.helpers):
+            return
+        failed = bool(self.helpers) and self.helpers[-1].returncode != 0
+        if self.kill_at is not None and now >= self.kill_at:
+            self.sent, self.last_stop = signal.SIGKILL, now
+            self._engine_signal(signal.SIGKILL)
+        elif failed:
             self.last_stop = now
-            self._engine_stop(force=self.forced or now - self.first_stop > self.stop_timeout + 5)
+            self._engine_signal(self.sent)
 
     def signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -3403,8 +3562,16 @@ def job_exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def signal_name(signum: int) -> str:
-    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+def signal_name(signum: int, job: bool = False) -> str:
+    """How a message names a signal: the one RunPilot got (Ctrl-C), or the one the JOB got (SIGINT)."""
+    return "Ctrl-C" if signum == signal.SIGINT and not job else signal.Signals(signum).name
+
+
+def job_stop_signal(received: int) -> int:
+    """The signal a job gets when RunPilot gets RECEIVED: Ctrl-C stays SIGINT (as `docker run`
+    forwards it, so `except KeyboardInterrupt:` runs); SIGTERM and SIGHUP become SIGTERM (as
+    `docker stop`). A config's stop_signal overrides both (Job.request_stop)."""
+    return signal.SIGINT if received == signal.SIGINT else signal.SIGTERM
 
 
 @dataclass
@@ -3416,6 +3583,7 @@ class TeeResult:
     stop_signal: int | None = None
     log_error: OSError | None = None
     killed: str | None = None           # after a stop: `by a second Ctrl-C`, `after its grace period of 10s`
+    job_signal: int | None = None       # the signal the job got when it was asked to stop
 
 
 class Tee:
@@ -3485,9 +3653,11 @@ class Tee:
         self._on_signals()
         if self.deadline and result.stop_reason is None and now > self.deadline:
             result.stop_reason = TIMEOUT
+            sent = job.request_stop(force=False)
+            result.job_signal = sent
             self.report(RunEvent("stopping", self.run_id, f"run {self.run_id} hit its timeout; stopping it "
-                                 f"(the job has {job.stop_timeout:g}s to exit)"))
-            job.request_stop(force=False)
+                                 f"(the job got {signal_name(sent, job=True)} and has {job.stop_timeout:g}s "
+                                 "to exit)"))
         self.log_error = self.log_error or self.metrics.error
         if self.log_error and result.stop_reason is None:
             result.stop_reason = FAILED
@@ -3524,11 +3694,12 @@ class Tee:
         for signum in self.signals.received[self.handled:]:
             if self.result.stop_signal is None:
                 self.result.stop_reason, self.result.stop_signal = INTERRUPTED, signum
-                grace = f"the job has {self.job.stop_timeout:g}s to exit"
+                sent = self.job.request_stop(force=False, sig=job_stop_signal(signum))
+                self.result.job_signal = sent
+                grace = f"the job got {signal_name(sent, job=True)} and has {self.job.stop_timeout:g}s to exit"
                 again = "; press Ctrl-C again to kill it now" if signum == signal.SIGINT else ""
                 self.report(RunEvent("stopping", self.run_id,
                                      f"stopping run {self.run_id} ({signal_name(signum)}): {grace}{again}"))
-                self.job.request_stop(force=False)
             elif signum == signal.SIGINT:
                 if not self.job.forced:
                     self.report(RunEvent("stopping", self.run_id, f"killing run {self.run_id} now"))
@@ -4090,11 +4261,12 @@ def make_launch(config: JobConfig, run_id: str, engine: str, env: dict[str, str]
         gpus = devices if devices is not None else config.resources.gpus
         child_env = {**environ, **local_gpu_env(gpus), **env}
         return Launch(local_argv(config), child_env, local_workdir(config), engine, run_id=run_id,
-                      devices=tuple(devices or ()))
+                      devices=tuple(devices or ()), stop_signal=config.stop_signal)
     lines, by_name = split_job_env(env, environ, engine)
     argv = build_engine_argv(config, run_id, engine, by_name, options.keep_engine_logs, "/dev/fd/ENV", devices)
     child_env = {**environ, **{n: env[n] for n in by_name}}
-    return Launch(argv, child_env, None, engine, container_name(run_id), lines, run_id, tuple(devices or ()))
+    return Launch(argv, child_env, None, engine, container_name(run_id), lines, run_id, tuple(devices or ()),
+                  config.stop_signal)
 
 
 def split_job_env(env: dict[str, str], environ, engine: str) -> tuple[bytes, list[str]]:
@@ -4417,10 +4589,13 @@ def stop_reason(meta: RunMeta, result: TeeResult, config: JobConfig) -> str | No
     """Why a stopped run ended, in words: `stopped by Ctrl-C; killed after its 10s grace period`."""
     killed = f"; killed {result.killed}" if result.killed else ""
     if meta.status == TIMEOUT:
-        return f"it ran into its timeout of {config.timeout:g}s and was stopped{killed}"
+        got = f" (the job got {signal_name(result.job_signal, job=True)})" if result.job_signal else ""
+        return f"it ran into its timeout of {config.timeout:g}s and was stopped{got}{killed}"
     if meta.status not in (INTERRUPTED, CANCELLED) or not result.stop_signal:
         return None
     by = f"stopped by {signal_name(result.stop_signal)}"
+    if result.job_signal and meta.status != CANCELLED:
+        by += f" (the job got {signal_name(result.job_signal, job=True)})"
     return f"{by} before the job started" if meta.status == CANCELLED else by + killed
 
 
@@ -5243,6 +5418,24 @@ def node_folder(target: str, environ) -> RunFolder:
         raise StoreError(f"run folder {path} is missing on node {hostname()}: RUNPILOT_HOME must be on a file "
                          "system the nodes share with the login node (NFS, Lustre)")
     return RunFolder(path)
+
+def slurm_stop_jobs(jobs: list[str], signum: int | None, note: Callable[[str], None]) -> None:
+    """Stop attached Slurm jobs as a local run stops: at Ctrl-C the runner on the node gets SIGINT
+    (`scancel --batch`, so only the runner: it hands the job SIGINT, or the config's stop_signal,
+    then the grace period, then SIGKILL); queued ones are cancelled. SIGNUM None (a second Ctrl-C)
+    or another signal: scancel, which ends the job now (SIGTERM, then Slurm's KillWait)."""
+    if not jobs:
+        return
+    if signum == signal.SIGINT:
+        note(f"stopping Slurm job {', '.join(jobs)}: the job gets SIGINT through its runner; "
+             "press Ctrl-C again to cancel it now")
+        quiet_run(["scancel", "--state=PENDING", *jobs], timeout=60)
+        quiet_run(["scancel", "--batch", "--signal=INT", *jobs], timeout=60)
+        return
+    note(f"cancelling Slurm job {', '.join(jobs)} (scancel: the job gets SIGTERM); "
+         "the run ends when the job has stopped")
+    quiet_run(["scancel", *jobs], timeout=60)
+
 
 # ==== 18. Runs over time: keeping statuses true, stopping, deleting ==========
 
@@ -7558,6 +7751,8 @@ def cmd_sweep(args) -> int:
         data["name"] = args.name
     base = validate_config(data, str(args.config), text, positions, overrides=blamed)
     axes = parse_grid(args.grid) or base.sweep
+    for key, _ in axes:
+        check_new_key(data, tuple(key.split(".")), f"--grid {key}" if args.grid else f"{args.config}: sweep: {key}")
     if not axes:
         raise UsageError("nothing to sweep: give --grid KEY=V1,V2 or a sweep: section in the config")
     points = sweep_points(axes, args.repeat)
@@ -7769,13 +7964,13 @@ def follow_slurm(store: RunStore, run_ids: list[str], stream: bool, signals: Sto
     (held in SIGNALS since before the submission) cancels the jobs (scancel), and the runs end
     `interrupted` as a local Ctrl-C would end them (`cancelled` if they had not started)."""
     out, offset, said, cancelled = terminal_writer(sys.stdout), 0, {}, False
+    handled = 0
     while True:
-        if signals.received and not cancelled:
+        if len(signals.received) > handled:
             jobs = sorted({str(r.slurm_job).split("_")[0] if len(run_ids) > 1 else str(r.slurm_job)
                            for i in run_ids if (r := store.get(i)) and r.slurm_job})
-            note(f"cancelling Slurm job {', '.join(jobs)} (scancel); the run ends when the job has stopped")
-            quiet_run(["scancel", *jobs], timeout=60)
-            cancelled = True
+            slurm_stop_jobs(jobs, signals.received[handled] if not cancelled else None, note)
+            cancelled, handled = True, len(signals.received)
         records = refresh(store, [r for i in run_ids if (r := store.get(i))], note)
         for r in records:
             text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")

@@ -1,0 +1,131 @@
+"""The researcher's daily loop (issue 21), without an engine: stop_signal, typos in --set/--grid
+keys, env values as written, metrics in list/compare/export, init's interpreter, gc of sweeps.
+
+Ctrl-C reaching real jobs as SIGINT is proven in tests/test_daily_integration.py.
+"""
+
+import json
+import signal
+import sys
+import unittest
+from unittest import mock
+
+import runpilot
+from tests.common import HomeTestCase
+
+
+class StopSignalConfig(HomeTestCase):
+    def config(self, extra: str) -> str:
+        return str(self.write("c.yaml", f"name: c\nengine: local\nentrypoint: [\"true\"]\n{extra}"))
+
+    def test_stop_signal_is_read_in_every_spelling(self):
+        for written, name in (("SIGINT", "SIGINT"), ("INT", "SIGINT"), ("sigusr1", "SIGUSR1"), ("QUIT", "SIGQUIT"),
+                              ("15", "SIGTERM"), ("TERM", "SIGTERM")):
+            with self.subTest(written=written):
+                self.assertEqual(runpilot.load_config(self.config(f"stop_signal: {written}\n")).stop_signal, name)
+        self.assertIsNone(runpilot.load_config(self.config("")).stop_signal)
+
+    def test_a_bad_stop_signal_is_a_located_error(self):
+        for bad in ("SIGFOO", "KILL", "SIGSTOP", "1.5", "true", "[INT]"):
+            with self.subTest(bad=bad):
+                code, out, err = self.cli("validate", self.config(f"stop_signal: {bad}\n"))
+                self.assertEqual(code, 2)
+                first = err.splitlines()[0]
+                self.assertTrue(first.startswith(f"runpilot: error: {self.work}/c.yaml:4:1: stop_signal must name a "
+                                                 "signal the job can handle, such as SIGINT"), err)
+                self.assertNotIn("Traceback", err)
+
+    def test_stop_signal_is_kept_in_the_runs_config(self):
+        config = runpilot.load_config(self.config("stop_signal: USR1\n"))
+        self.assertEqual(runpilot.config_to_dict(config)["stop_signal"], "SIGUSR1")
+
+    def test_the_job_gets_sigint_for_ctrl_c_and_sigterm_otherwise(self):
+        self.assertEqual(runpilot.job_stop_signal(signal.SIGINT), signal.SIGINT)
+        self.assertEqual(runpilot.job_stop_signal(signal.SIGTERM), signal.SIGTERM)
+        self.assertEqual(runpilot.job_stop_signal(signal.SIGHUP), signal.SIGTERM)
+
+    def test_an_engine_job_is_signalled_with_engine_kill(self):
+        launch = runpilot.Launch(["x"], {}, None, "podman", "runpilot-x", stop_signal="SIGUSR1")
+        job = runpilot.Job.__new__(runpilot.Job)
+        job.launch, job.stop_timeout, job.helpers = launch, 10.0, []
+        job.kill_at, job.first_stop, job.last_stop, job.forced, job.sent = None, 0.0, 0.0, False, 0
+        with mock.patch("subprocess.Popen") as popen:
+            self.assertEqual(job.request_stop(False, signal.SIGINT), signal.SIGUSR1)
+        self.assertEqual(popen.call_args[0][0], ["podman", "kill", "--signal", "SIGUSR1", "runpilot-x"])
+
+
+class TyposInOverrideKeys(HomeTestCase):
+    def config(self) -> str:
+        return str(self.write("c.yaml", "name: c\nengine: local\nentrypoint: [\"true\"]\n"
+                                         "env:\n  LR: 0.1\n  EPOCHS: 3\n  GPU0: a\n"))
+
+    def test_a_key_close_to_one_the_config_has_is_an_error_naming_it(self):
+        for flag, arg, meant in (("--set", "env.lr=1", "env.LR"), ("--set", "env.EPOCH=2", "env.EPOCHS"),
+                                 ("--grid", "env.lr=0.1,0.2", "env.LR"), ("--grid", "env.Epochs=1,2", "env.EPOCHS")):
+            with self.subTest(arg=arg):
+                command = "run" if flag == "--set" else "sweep"
+                code, out, err = self.cli(command, self.config(), flag, arg, "--dry-run")
+                self.assertEqual(code, 2, err)
+                key = arg.split("=")[0]
+                self.assertIn(f"runpilot: error: {flag} {key}", err)
+                self.assertIn(f"the config has no {key}; did you mean '{meant}'?", err)
+                self.assertEqual(len(err.splitlines()), 1, err)
+                self.assertFalse((self.home / "runs").exists() and any((self.home / "runs").iterdir()))
+
+    def test_a_truly_new_key_can_still_be_added(self):
+        for arg in ("env.NEW=1", "env.GPU1=b", "env.B=2", "env.LR=5"):
+            with self.subTest(arg=arg):
+                code, out, err = self.cli("run", self.config(), "--set", arg, "--dry-run")
+                self.assertEqual(code, 0, err)
+        code, out, err = self.cli("sweep", self.config(), "--grid", "env.SEED=1,2", "--dry-run")
+        self.assertEqual(code, 0, err)
+
+    def test_closeness(self):
+        for key, existing, meant in (("lr", ["LR"], "LR"), ("x", ["y"], None), ("abc", ["abd"], None),
+                                     ("epoch", ["EPOCHS"], "EPOCHS"), ("GPU1", ["GPU0"], None),
+                                     ("learnig_rate", ["learning_rate"], "learning_rate"),
+                                     ("batch", ["LR"], None)):
+            with self.subTest(key=key):
+                self.assertEqual(runpilot.key_meant(key, existing), meant)
+
+
+class EnvValuesAreText(HomeTestCase):
+    TEXT = ("name: e\nengine: local\nentrypoint: [\"true\"]\nenv:\n  PYVER: 3.10\n  ID: 007\n  HEX: 0x1F\n"
+            "  BIG: 1e400\n  T: true\n  TT: True\n  EMPTY:\n  NOTHING: ~\n  Q: \"3.10\"\n  FLOW: {}\n"
+            "timeout: 0x10\nsweep:\n  env.LR: [3.10, 007]\n  timeout: [010]\n")
+
+    def test_plain_env_values_reach_the_job_as_written(self):
+        config = runpilot.load_config(self.write("e.yaml", self.TEXT.replace("  FLOW: {}\n", "")))
+        self.assertEqual(config.env, {"PYVER": "3.10", "ID": "007", "HEX": "0x1F", "BIG": "1e400", "T": "true",
+                                      "TT": "True", "EMPTY": "", "NOTHING": "", "Q": "3.10"})
+        self.assertEqual(config.timeout, 16.0)  # other keys are typed as before
+        self.assertEqual(config.sweep, (("env.LR", ("3.10", "007")), ("timeout", (10,))))
+
+    def test_flow_mappings_keep_the_text_too(self):
+        config = runpilot.load_config(self.write("f.yaml", "name: e\nengine: local\nentrypoint: [\"true\"]\n"
+                                                           "env: {A: 3.10, B: [1], C: 2}\n"
+                                      .replace(", B: [1]", "")))
+        self.assertEqual(config.env, {"A": "3.10", "C": "2"})
+
+    def test_set_and_grid_keep_the_text(self):
+        config = runpilot.load_config(self.write("e.yaml", "name: e\nengine: local\nentrypoint: [\"true\"]\n"),
+                                      ["env.PYVER=3.10", "env.ID=007", "timeout=0x10"])
+        self.assertEqual((config.env, config.timeout), ({"PYVER": "3.10", "ID": "007"}, 16.0))
+        self.assertEqual(runpilot.parse_grid(["env.LR=3.10,1e400", "epochs=010"]),
+                         (("env.LR", ("3.10", "1e400")), ("epochs", (10,))))
+        self.assertEqual(runpilot.parse_grid(["env.LR=[3.10, 0x1F, 'q']"]), (("env.LR", ("3.10", "0x1F", "q")),))
+
+    def test_the_job_sees_the_text(self):
+        script = "import os\nprint(os.environ['PYVER'], os.environ['ID'], os.environ['HEX'])\n"
+        self.write("j.py", script)
+        config = self.write("j.yaml", f"name: j\nengine: local\nentrypoint: [{json.dumps(sys.executable)}, j.py]\n"
+                                      "env:\n  PYVER: 3.10\n  ID: 007\n  HEX: 0x1F\n")
+        result = self.process("run", config)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, b"3.10 007 0x1F\n")
+        result = self.process("run", config, "--set", "env.PYVER=3.20")
+        self.assertEqual(result.stdout, b"3.20 007 0x1F\n")
+
+
+if __name__ == "__main__":
+    unittest.main()
