@@ -146,6 +146,9 @@ DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # The longest age `list --since` and `gc --older-than` take: beyond it dates stop being dates.
 MAX_AGE_SECONDS = 3650 * 86400
 
+# How much of a running run's metrics.json `list` reads for its latest values (about 500 samples).
+METRICS_TAIL = 64 << 10
+
 # ==== 4. Errors ==============================================================
 
 class RunPilotError(Exception):
@@ -2505,6 +2508,26 @@ def read_metrics(path: Path) -> list[dict]:
             with contextlib.suppress(ValueError):
                 samples.append(json.loads(line))
     return samples
+
+def latest_metrics(path: Path, size: int = METRICS_TAIL) -> dict:
+    """The latest value of each metric in the last SIZE bytes of a metrics.json being written:
+    what `list` shows for a running run, read cheaply (the index learns them when the run ends)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            tail = f.read(size)
+    except OSError:
+        return {}
+    latest: dict = {}
+    for line in reversed(tail.decode("utf-8", "replace").splitlines()):
+        line = line.rstrip(",").strip()
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError, AttributeError):
+                for key, value in json.loads(line).items():
+                    latest.setdefault(key, value)
+    latest.pop("step", None)  # a position, not a metric
+    return latest
+
 
 # ==== 11. Engines: choosing one, its command line, its images ================
 
@@ -5569,6 +5592,13 @@ def deletable(store: RunStore, records: list[RunRecord], note: Callable[[str], N
                            "ends it, then delete the run")
     return refused
 
+def with_live_metrics(store: RunStore, records: list[RunRecord]) -> list[RunRecord]:
+    """Running runs with their latest metric values from their metrics.json (the index row has
+    them only once the run has ended); other runs as they are."""
+    return [dataclasses.replace(r, last_metrics={**r.last_metrics, **latest_metrics(store.folder(r.id).metrics)})
+            if r.status == RUNNING else r for r in records]
+
+
 # ==== 19. Presentation: tables, durations, sparklines ========================
 # Everything here turns data into text for a terminal: pure functions, and every value that
 # came from a job, a config or a file goes through visible() on its way out.
@@ -7193,7 +7223,7 @@ def _check_sort_metric(sort: str, records: list[RunRecord]) -> None:
 def cmd_list(args) -> int:
     store = _store()
     what = _list_filter(args)
-    records = refresh(store, store.query(what), note)
+    records = with_live_metrics(store, refresh(store, store.query(what), note))
     _check_sort_metric(what.sort, records)
     if args.sweep and args.sort == "started" and args.ascending is None:
         records = in_plan_order(store, args.sweep, records)

@@ -7,11 +7,12 @@ Ctrl-C reaching real jobs as SIGINT is proven in tests/test_daily_integration.py
 import json
 import signal
 import sys
+import time
 import unittest
 from unittest import mock
 
 import runpilot
-from tests.common import HomeTestCase
+from tests.common import HomeTestCase, LiveRun
 
 
 class StopSignalConfig(HomeTestCase):
@@ -125,6 +126,33 @@ class EnvValuesAreText(HomeTestCase):
         self.assertEqual(result.stdout, b"3.10 007 0x1F\n")
         result = self.process("run", config, "--set", "env.PYVER=3.20")
         self.assertEqual(result.stdout, b"3.20 007 0x1F\n")
+
+
+class RunningRunsShowTheirMetrics(HomeTestCase):
+    def test_list_shows_a_running_runs_latest_values(self):
+        script = ("import time\nfor i in range(1, 4):\n    print(f'METRIC loss={i / 4} acc={i}', flush=True)\n"
+                  "print('METRIC loss=0.125', flush=True)\nprint('ready', flush=True)\ntime.sleep(60)\n")
+        live = LiveRun(self, self.local_config(script, extra="metrics: [loss, acc]\n"))
+        deadline = time.monotonic() + 10
+        while True:
+            code, out, err = self.cli("list")
+            row = out.splitlines()[1].split()
+            if row[-2:] == ["0.125", "3"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.assertEqual(code, 0, err)
+        self.assertIn("running", row)
+        self.assertEqual(row[-2:], ["0.125", "3"], out)
+        listed = json.loads(self.cli("list", "--json")[1])[0]
+        self.assertEqual(listed["last_metrics"], {"loss": 0.125, "acc": 3})
+        live.proc.send_signal(signal.SIGINT)
+        self.assertEqual(live.finish()[0], 130)
+
+    def test_the_tail_gives_the_latest_value_of_each_metric(self):
+        path = self.work / "metrics.json"
+        path.write_text('[\n{"step": 1, "a": 1, "b": 2},\n{"step": 2, "a": 3},\n{"step": 3, "a": 4, "c": "x"}')
+        self.assertEqual(runpilot.latest_metrics(path), {"a": 4, "b": 2, "c": "x"})
+        self.assertEqual(runpilot.latest_metrics(self.work / "none.json"), {})
 
 
 if __name__ == "__main__":
