@@ -5610,6 +5610,9 @@ STATUS_COLOURS = {SUCCEEDED: "32", FAILED: "31", INTERRUPTED: "33", TIMEOUT: "33
                   QUEUED: "34", CANCELLED: "90"}
 # Metrics whose name says lower is better; every other metric is better higher.
 LOWER_IS_BETTER = re.compile(r"loss|err|mse|mae|rmse|perplexity|ppl|wer|cer|time|latency", re.IGNORECASE)
+# Names whose larger values are better: with LOWER_IS_BETTER, the metrics `compare` may star when
+# no config lists its metrics (a star on `lr` or `epoch` means nothing).
+HIGHER_IS_BETTER = re.compile(r"acc|f1|auc|precision|recall|score|bleu|rouge|map|iou|reward|top\d", re.IGNORECASE)
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -5808,11 +5811,13 @@ def differing(configs: list[dict]) -> list[str]:
     return [k for k in keys if any(flat.get(k) != configs[0].get(k) for flat in configs)]
 
 
-def compare_rows(runs: list[tuple[RunRecord, dict, dict]], skip: tuple[str, ...] = ()) -> list[list[str]]:
+def compare_rows(runs: list[tuple[RunRecord, dict, dict]], skip: tuple[str, ...] = (),
+                 starred: list[str] | None = None) -> list[list[str]]:
     """Rows of `compare`: differing config values (but the SKIP keys), status, duration, each
     metric's last and best. `runs` holds (record, flattened config, metric summary); the best
-    value of a row gets a `*`.
+    value of a row gets a `*` where best means something (see metrics_to_star).
     """
+    starred = metrics_to_star(runs, starred)
     rows = []
     for key in [k for k in differing([flat for _, flat, _ in runs]) if k not in skip]:
         rows.append([key] + [fmt_cell(flat.get(key)) for _, flat, _ in runs])
@@ -5823,10 +5828,22 @@ def compare_rows(runs: list[tuple[RunRecord, dict, dict]], skip: tuple[str, ...]
         for label, pick in (("last", lambda e: e["last"]), ("best", lambda e: best_of(metric, e["values"]))):
             values = [pick(e) if e else None for e in entries]
             winner = best_of(metric, values)
-            cells = [fmt_value(v) + ("*" if winner is not None and v == winner and len(runs) > 1 else "")
-                     for v in values]
+            cells = [fmt_value(v) + ("*" if winner is not None and v == winner and len(runs) > 1
+                                     and metric in starred else "") for v in values]
             rows.append([f"{metric} ({label})"] + cells)
     return rows
+
+
+def metrics_to_star(runs: list[tuple[RunRecord, dict, dict]], asked: list[str] | None) -> set[str]:
+    """The metrics whose best value `compare` stars: those ASKED for (--metric), else the ones the
+    runs' configs list (metrics:), else those whose name says which way is better (loss, acc)."""
+    if asked:
+        return set(asked)
+    listed = {m for r, _, _ in runs for m in r.metric_names}
+    if listed:
+        return listed
+    return {m for _, _, summary in runs for m in summary
+            if LOWER_IS_BETTER.search(m) or HIGHER_IS_BETTER.search(m)}
 
 
 def fmt_cell(value: object) -> str:
@@ -5941,10 +5958,10 @@ def _metrics_block(samples: list[dict], ascii_only: bool, width: int | None) -> 
 
 
 def render_compare(runs: list[tuple[RunRecord, dict, dict]], width: int | None, full: bool,
-                   skip: tuple[str, ...] = ()) -> str:
+                   skip: tuple[str, ...] = (), starred: list[str] | None = None) -> str:
     """`compare`: runs side by side (a sweep's leave out their names: the swept values say it)."""
     header = [""] + [r.id if full else short_id(r.id) for r, _, _ in runs]
-    rows = compare_rows(runs, skip)
+    rows = compare_rows(runs, skip, starred)
     if full or not width:
         return render_table(header, rows, set(range(1, len(runs) + 1)), None, min_columns=len(header))
     blocks = []
@@ -7381,7 +7398,12 @@ def cmd_compare(args) -> int:
     store = _store()
     runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics)))
             for r in _refs_or_sweep(store, args)]
-    echo(render_compare(runs, output_width(), args.no_trunc, ("name",) if args.sweep else ()))
+    known = {m for _, _, summary in runs for m in summary}
+    for name in args.metric:
+        if name not in known:
+            raise UsageError(f"--metric {visible(name)!r}: none of these runs has that metric; choose one of "
+                             f"{', '.join(sorted(visible(m) for m in known)) or '(none: no metrics recorded)'}")
+    echo(render_compare(runs, output_width(), args.no_trunc, ("name",) if args.sweep else (), args.metric))
     if sys.stderr.isatty() and len(runs) > 1:  # a pointer for people, not for scripts
         refs = f"--sweep {args.sweep}" if args.sweep else " ".join(dict.fromkeys(short_id(r.id) for r, _, _ in runs))
         note(f"curves: runpilot plot {refs}")
@@ -7393,6 +7415,8 @@ def cmd_export(args) -> int:
     records = _refs_or_sweep(store, args)
     runs = [(r, read_metrics(store.folder(r.id).metrics), _config_of(store, r)) for r in records]
     keys = [k for k in differing([flat for _, _, flat in runs]) if k != "name"] if args.config else []  # a column
+    if args.sweep:  # a sweep's points differ in their swept keys: always columns, first
+        keys = list(dict.fromkeys(swept_keys(store, args.sweep) + keys))
     tag_names = sorted({t for r in records for t in r.tags}) if args.tags else []
     if args.format == "csv":
         text = render_csv(*export_rows(runs, keys, tag_names))
@@ -7415,6 +7439,15 @@ def cmd_export(args) -> int:
         raise RunPilotError(f"cannot write {args.output}: {exc.strerror}; choose another -o path") from exc
     echo(f"wrote {sum(len(s) for _, s, _ in runs)} sample(s) of {len(runs)} run(s) to {args.output}", err=True)
     return 0
+
+
+def swept_keys(store: RunStore, sweep_id: str) -> list[str]:
+    """The keys a sweep varies (env.LR, ...), as a flattened config names them; [] if unreadable."""
+    try:
+        return [str(axis[0]) for axis in Sweep.load(store, sweep_id).axes
+                if isinstance(axis, list) and axis and str(axis[0]) != "name"]
+    except RunPilotError:
+        return []
 
 
 def _confirm(question: str, yes: bool) -> bool:
@@ -8102,13 +8135,17 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
     p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
     p.add_argument("--no-trunc", action="store_true", help="full run ids and values, however wide")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME",
+                   help="star the best value of this metric (repeatable; default: the configs' metrics:, "
+                        "else metrics named like loss or accuracy)")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run")
     p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
     p.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
-    p.add_argument("--config", action="store_true", help="add the config values that differ between the runs")
+    p.add_argument("--config", action="store_true", help="add the config values that differ between the runs "
+                                                         "(a --sweep has its swept keys as columns always)")
     p.add_argument("--tags", action="store_true", help="add each tag as a column tag.NAME")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout")
 

@@ -12,7 +12,7 @@ import unittest
 from unittest import mock
 
 import runpilot
-from tests.common import HomeTestCase, LiveRun
+from tests.common import HomeTestCase, LiveRun, RunsHome
 
 
 class StopSignalConfig(HomeTestCase):
@@ -153,6 +153,50 @@ class RunningRunsShowTheirMetrics(HomeTestCase):
         path.write_text('[\n{"step": 1, "a": 1, "b": 2},\n{"step": 2, "a": 3},\n{"step": 3, "a": 4, "c": "x"}')
         self.assertEqual(runpilot.latest_metrics(path), {"a": 4, "b": 2, "c": "x"})
         self.assertEqual(runpilot.latest_metrics(self.work / "none.json"), {})
+
+
+class CompareAndExportKnowMetricsFromSettings(RunsHome):
+    def runs(self, metric_names=()) -> list:
+        return [self.add_run("sw", samples=[{"lr": lr, "epoch": 3, "loss": loss}], metric_names=metric_names,
+                             config=f"name: sw\nengine: local\nentrypoint: [python3, t.py]\nenv:\n  LR: {lr}\n")
+                for lr, loss in ((0.03, 0.5), (0.01, 0.4))]
+
+    def starred(self, out: str) -> list[str]:
+        return [line.split()[0] for line in out.splitlines() if "*" in line]
+
+    def test_stars_only_where_best_means_something(self):
+        a, b = self.runs()
+        code, out, err = self.cli("compare", a.id, b.id)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.starred(out), ["loss", "loss"])  # not lr (last) 0.03*, not epoch 3*
+        self.assertIn(["lr", "(last)", "0.03", "0.01"], [line.split() for line in out.splitlines()])
+
+    def test_the_configs_metrics_and_the_metric_option_choose(self):
+        a, b = self.runs(metric_names=["lr"])
+        self.assertEqual(self.starred(self.cli("compare", a.id, b.id)[1]), ["lr", "lr"])
+        code, out, err = self.cli("compare", a.id, b.id, "--metric", "epoch")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.starred(out), ["epoch", "epoch"])  # asked for: starred (here both runs tie)
+        self.assertNotIn("0.01*", out)
+        code, out, err = self.cli("compare", a.id, b.id, "--metric", "loss")
+        self.assertEqual(self.starred(out), ["loss", "loss"])
+        self.assertCleanError(self.cli("compare", a.id, b.id, "--metric", "los"), 2,
+                              "--metric 'los': none of these runs has that metric; choose one of epoch, loss, lr")
+
+    def test_export_of_a_sweep_carries_its_swept_keys(self):
+        config = self.local_config("print('METRIC loss=1')\n", name="lr", extra="env: {LR: 0.5, B: 1}\n")
+        code, out, err = self.cli("sweep", config, "--grid", "env.LR=0.1,3.10")
+        self.assertEqual(code, 0, err)
+        sweep_id = json.loads(self.cli("list", "--json")[1])[0]["sweep_id"]
+        code, out, err = self.cli("export", "--sweep", sweep_id)
+        self.assertEqual(code, 0, err)
+        lines = out.splitlines()
+        self.assertEqual(lines[0], "run_id,name,env.LR,step,loss")
+        self.assertEqual([line.split(",")[2] for line in lines[1:]], ["0.1", "3.10"])
+        code, out, err = self.cli("export", "--sweep", sweep_id, "--format", "jsonl")
+        self.assertEqual([json.loads(line)["env.LR"] for line in out.splitlines()], ["0.1", "3.10"])
+        code, out, err = self.cli("export", "--sweep", sweep_id, "--config")
+        self.assertEqual(out.splitlines()[0], "run_id,name,env.LR,step,loss")  # once, not twice
 
 
 if __name__ == "__main__":
