@@ -146,6 +146,8 @@ DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # The longest age `list --since` and `gc --older-than` take: beyond it dates stop being dates.
 MAX_AGE_SECONDS = 3650 * 86400
 
+# How many Python-like local images `init` tries (a throwaway container each) before it gives up.
+INIT_PROBES = 3
 # How much of a running run's metrics.json `list` reads for its latest values (about 500 samples).
 METRICS_TAIL = 64 << 10
 
@@ -2769,6 +2771,17 @@ def local_images(engine: str) -> list[str]:
         return []
     done = quiet_run([engine, "images", "--format", "{{.Repository}}:{{.Tag}}"], timeout=20)
     return [line for line in done.stdout.split() if "<none>" not in line] if done.returncode == 0 else []
+
+def image_python(engine: str, image: str) -> str | None:
+    """`python` or `python3`: the first that IMAGE runs (`--version` in a throwaway container
+    without network), or None; `init` must not write a sample whose first run exits 127."""
+    for python in ("python", "python3"):
+        done = quiet_run([engine, "run", "--rm", "--pull", "never", "--network", "none", "--log-driver", "none",
+                          "--entrypoint", python, image, "--version"], timeout=60)
+        if done.returncode == 0:
+            return python
+    return None
+
 
 # ==== 12. Host facts: GPUs and their claims, git, the runner =================
 
@@ -6935,7 +6948,7 @@ SAMPLE_CONFIG = """\
 # RunPilot run config: `runpilot run config.yaml` (see `runpilot run --help`).
 name: sample-training            # shown by `runpilot list`; any text
 image: "{image}"{image_note}
-entrypoint: "python train.py"    # a string runs through the image's /bin/sh; a list runs as is
+entrypoint: "{python} train.py"{pad}# a string runs through the image's /bin/sh; a list runs as is
 # engine: docker                 # docker, podman or local (no container); default: docker if present
 
 env:                             # passed to the job; ${{VAR}} takes VAR from your environment
@@ -7513,20 +7526,26 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def init_image() -> tuple[str, str]:
-    """The image `init` writes: a Python image present here when there is one, and a note why."""
-    for engine in ("docker", "podman"):
+def init_image(candidates: list[str] | None = None) -> tuple[str, str]:
+    """The image `init` writes: a Python image present here that runs Python, and a note why."""
+    for engine in ("docker", "podman") if candidates is None else ():
         found = [i for i in local_images(engine) if re.search(r"(python|pytorch)[^/]*:[^/]*$", i)]
-        if found:
-            return found[0], f"found locally ({engine})"
+        for image in found[:INIT_PROBES]:
+            if image_python(engine, image) is not None:
+                return image, f"found locally ({engine})"
     return SAMPLE_IMAGE, f"not present here: pull it first (docker pull {SAMPLE_IMAGE}), or run the job " \
                          "without a container: runpilot run config.yaml --engine local"
 
 
 def cmd_init(args) -> int:
     image, why = init_image()
+    python = init_python(image, why)
     note_line = f"  # {why}" if len(why) < 60 else f"\n# {why}"
-    files = {Path("config.yaml"): SAMPLE_CONFIG.format(image=image, image_note=note_line),
+    if python is None:  # no candidate image runs Python: the sample's own image, as for none here
+        image, why = init_image(candidates=[])
+        python, note_line = "python", f"\n# {why}"
+    pad = " " * max(1, 10 - len(python))
+    files = {Path("config.yaml"): SAMPLE_CONFIG.format(image=image, image_note=note_line, python=python, pad=pad),
              Path("train.py"): SAMPLE_TRAIN}
     existing = [str(p) for p in files if p.exists()]
     if existing and not args.force:
@@ -7540,6 +7559,13 @@ def cmd_init(args) -> int:
     echo(visible(f"image: {image} ({why})"))
     echo("next: runpilot run config.yaml")
     return 0
+
+
+def init_python(image: str, why: str) -> str | None:
+    """The interpreter the sample's entrypoint names: the one IMAGE runs (python, else python3);
+    `python` for an image not here (the official python images have it); None if it runs neither."""
+    engine = re.search(r"found locally \((\w+)\)", why)
+    return image_python(engine.group(1), image) if engine else "python"
 
 
 def cmd_reindex(args) -> int:

@@ -8,6 +8,7 @@ RUNPILOT_TEST_SLURM=1 (see tests/support.py).
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,8 +16,9 @@ import time
 import unittest
 from pathlib import Path
 
+import runpilot
 from tests.common import RUNPILOT, HomeTestCase
-from tests.support import PYTHON_IMAGE, cancel_slurm_jobs, containers_with_label, \
+from tests.support import BUSYBOX_IMAGE, PYTHON_IMAGE, cancel_slurm_jobs, containers_with_label, \
     remove_containers_with_label, require_engine, require_slurm
 
 # A training loop that saves a checkpoint on Ctrl-C and cleans up in `finally:`, as people write them.
@@ -121,6 +123,41 @@ class DockerStopSignals(StopSignalsOnAnEngine):
 
 class PodmanStopSignals(StopSignalsOnAnEngine):
     engine = "podman"
+
+
+class InitWritesAnInterpreterTheImageHas(HomeTestCase):
+    """An image with python3 only (as some are): init's sample ran `python train.py` and exited 127."""
+
+    def python3_only_image(self, engine: str) -> str:
+        require_engine(self, engine)
+        image = f"localhost/runpilot-test-python3only-{os.getpid()}:latest"
+        name = f"runpilot-test-py3only-{os.getpid()}"
+        subprocess.run([engine, "rm", "-f", name], capture_output=True)
+        subprocess.run([engine, "run", "--name", name, "--entrypoint", "/bin/sh", PYTHON_IMAGE, "-c",
+                        "rm -f $(command -v python)"], check=True, capture_output=True, timeout=120)
+        self.addCleanup(subprocess.run, [engine, "rmi", "-f", image], capture_output=True)
+        subprocess.run([engine, "commit", name, image], check=True, capture_output=True, timeout=120)
+        subprocess.run([engine, "rm", "-f", name], capture_output=True)
+        return image
+
+    def test_the_image_python_check_on_both_engines(self):
+        for engine in ("docker", "podman"):
+            with self.subTest(engine=engine):
+                image = self.python3_only_image(engine)
+                self.assertEqual(runpilot.image_python(engine, image), "python3")
+                self.assertEqual(runpilot.image_python(engine, PYTHON_IMAGE), "python")
+                self.assertIsNone(runpilot.image_python(engine, BUSYBOX_IMAGE))
+
+    def test_inits_sample_runs_on_the_image_it_chose(self):
+        image = self.python3_only_image("docker")  # the newest image: the one init finds first
+        done = self.process("init", cwd=self.work)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        config = (self.work / "config.yaml").read_text()
+        self.assertIn(f'image: "{image}"', config)
+        self.assertIn('entrypoint: "python3 train.py"', config)
+        result = self.process("run", self.work / "config.yaml", "--engine", "docker", cwd=self.work)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(b"done", result.stdout)
 
 
 class SlurmCtrlC(HomeTestCase):
