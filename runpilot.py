@@ -7504,12 +7504,32 @@ def cmd_gc(args) -> int:
     store = _store()
     before = since_cutoff(args.older_than, "--older-than") if args.older_than else None
     records = store.query(RunFilter(before=before, keep_newest=args.keep, final_only=True, ascending=True))
+    records = whole_sweeps_only(store, records, note)
     if args.dry_run:
+        width = output_width()
         for record in records:
-            echo(f"would delete {record.id} ({visible(record.name)}, {record.status}, {record.started_at})")
+            line = visible(f"would delete {record.id} {record.status:<11} {record.name}")
+            echo(clip(line, width) if width else line)
         echo(f"{len(records)} run(s) would be deleted")
         return 0
     return delete_runs(store, records, args.yes, skip_busy=True)
+
+
+def whole_sweeps_only(store: RunStore, records: list[RunRecord], say: Callable[[str], None]) -> list[RunRecord]:
+    """RECORDS without the runs of a sweep that RECORDS holds only in part: gc deletes a sweep whole
+    or not at all (half a sweep compares and plots as a different experiment), and says which it kept."""
+    chosen: dict[str, int] = {}
+    for record in records:
+        if record.sweep_id:
+            chosen[record.sweep_id] = chosen.get(record.sweep_id, 0) + 1
+    partial = set()
+    for sweep_id, count in chosen.items():
+        total = len(store.query(RunFilter(sweep_id=sweep_id)))
+        if count < total:
+            partial.add(sweep_id)
+            say(f"kept sweep {sweep_id} whole: {total - count} of its {total} runs are not to be deleted, "
+                f"so its other {count} stay too")
+    return [r for r in records if r.sweep_id not in partial]
 
 
 def cmd_validate(args) -> int:
@@ -7850,7 +7870,8 @@ def cmd_sweep(args) -> int:
     options = _run_options(args)
     if args.on == "slurm":
         return slurm_sweep_cli(args, store, configs, axes, options)
-    _check_sweep_host([c for _, c in configs], options)
+    if not args.dry_run:  # a dry run prints the plan, also on a box without the GPUs or the image
+        _check_sweep_host([c for _, c in configs], options)
     if args.sweep_id and (store.sweeps_dir / args.sweep_id).exists():
         raise UsageError(f"sweep {args.sweep_id} exists already; leave out --sweep-id")
     sweep_id = args.sweep_id or new_sweep_id()

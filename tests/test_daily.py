@@ -4,7 +4,9 @@ keys, env values as written, metrics in list/compare/export, init's interpreter,
 Ctrl-C reaching real jobs as SIGINT is proven in tests/test_daily_integration.py.
 """
 
+import datetime as dt
 import json
+import os
 import signal
 import sys
 import time
@@ -197,6 +199,52 @@ class CompareAndExportKnowMetricsFromSettings(RunsHome):
         self.assertEqual([json.loads(line)["env.LR"] for line in out.splitlines()], ["0.1", "3.10"])
         code, out, err = self.cli("export", "--sweep", sweep_id, "--config")
         self.assertEqual(out.splitlines()[0], "run_id,name,env.LR,step,loss")  # once, not twice
+
+
+class GcAndDryRuns(RunsHome):
+    SWEEP = "sw-20261201-120000-a1b2c3"
+
+    def add_sweep_and_runs(self) -> tuple[list, list]:
+        start = runpilot.parse_time("2026-12-01T12:00:00Z")
+        alone = [self.add_run(f"alone{i}", started=start + dt.timedelta(hours=i)) for i in range(2)]
+        points = [self.add_run(f"lr[LR={i}]", started=start + dt.timedelta(hours=2 + i),
+                               sweep={"id": self.SWEEP, "index": i, "repeat": 0, "point": {"env.LR": i}})
+                  for i in range(3)]
+        return alone, points
+
+    def remaining(self) -> list[str]:
+        return sorted(r["id"] for r in self.db_rows())
+
+    def test_keep_n_keeps_a_sweep_whole_and_says_so(self):
+        alone, points = self.add_sweep_and_runs()
+        code, out, err = self.cli("gc", "--keep", "2", "--dry-run")  # the 2 newest are points of the sweep
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.splitlines(), [f"would delete {r.id} succeeded   {r.name}" for r in alone]
+                         + ["2 run(s) would be deleted"])
+        self.assertEqual(err, f"runpilot: kept sweep {self.SWEEP} whole: 2 of its 3 runs are not to be deleted, "
+                              "so its other 1 stay too\n")
+        code, out, err = self.cli("gc", "--keep", "2", "-y")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.remaining(), sorted(r.id for r in points))
+        code, out, err = self.cli("gc", "--keep", "0", "-y")  # all of it may go: the sweep goes whole
+        self.assertEqual((code, self.remaining()), (0, []), err)
+
+    def test_dry_run_lines_fit_80_columns(self):
+        self.add_run("a-very-long-experiment-name-" * 4, status="interrupted")
+        code, out, err = self.cli("gc", "--keep", "0", "--dry-run", env={"COLUMNS": "80"})
+        self.assertEqual(code, 0, err)
+        self.assertLessEqual(max(len(line) for line in out.splitlines()), 80, out)
+        self.assertEqual(out.splitlines()[0], "would delete 20261120-100000-000001 interrupted "
+                                              "a-very-long-experiment-name-a-v…")
+
+    def test_a_gpu_sweeps_dry_run_prints_the_plan_on_a_box_without_gpus(self):
+        config = self.write("g.yaml", "name: g\nengine: local\nentrypoint: [python3, t.py]\nresources:\n  gpus: 1\n")
+        with mock.patch.dict(os.environ, {"PATH": "/usr/bin:/bin"}):  # no nvidia-smi
+            self.assertEqual(self.cli("run", config)[0], 1)  # a real run still needs the GPU
+            code, out, err = self.cli("sweep", config, "--grid", "env.A=1,2", "--dry-run")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(err, r"sweep sw-\S+: 2 run\(s\), 1 at a time\n    1\. A=1\n    2\. A=2\n")
+        self.assertFalse((self.home / "sweeps").exists() and any((self.home / "sweeps").iterdir()))
 
 
 if __name__ == "__main__":
