@@ -3738,7 +3738,7 @@ class Tee:
                                      f"stopping run {self.run_id} ({signal_name(signum)}): {grace}{again}"))
             elif signum == signal.SIGINT:
                 if not self.job.forced:
-                    self.report(RunEvent("stopping", self.run_id, f"killing run {self.run_id} now"))
+                    self.report(RunEvent("stopping", self.run_id, f"killing run {self.run_id} now (SIGKILL)"))
                 self.job.request_stop(force=True)
         self.handled = len(self.signals.received)
 

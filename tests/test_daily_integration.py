@@ -108,6 +108,19 @@ class StopSignalsOnAnEngine(HomeTestCase):
         self.assertEqual(code, 143, err)
         self.assertIn(b"got signal 15\nfinally ran\n", self.logs())
 
+    def test_a_second_ctrl_c_kills_a_job_that_ignores_the_first(self):
+        self.write("ckpt.py", "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                              "print('ready', flush=True)\ntime.sleep(120)\n")
+        proc = self.start(self.config())
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        code, err, meta = self.stopped(proc, lambda p: p.send_signal(signal.SIGINT))
+        self.assertEqual(code, 130, err)
+        self.assertIn(b"killing run", err)
+        self.assertIn(b"now (SIGKILL)", err)
+        self.assertEqual((meta["exit_code"], meta["reason"]),
+                         (137, "stopped by Ctrl-C (the job got SIGINT); killed by a second Ctrl-C"))
+
     def test_the_configs_stop_signal_is_what_the_job_gets(self):
         proc = self.start(self.config("stop_signal: USR1\n"))
         code, err, meta = self.stopped(proc, lambda p: p.send_signal(signal.SIGINT))
