@@ -2015,7 +2015,8 @@ def parse_override(item: str, flag: str = "--set") -> tuple[tuple[str, ...], obj
         raise UsageError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} env.LR=0.01")
     try:
         value, _, texts = parse_config_yaml(raw, f"{flag} {key}") if raw.strip() else ("", {}, {})
-        return parts, with_plain_text(value, texts, ()) if parts[0] == "env" else value
+        in_env = parts[0] == "env" and (len(parts) > 1 or isinstance(value, dict))  # env values are text
+        return parts, with_plain_text(value, texts, ()) if in_env else value
     except YamlError as exc:
         raise UsageError(f"{flag} {item}: cannot read the value {raw!r}: {exc.message}") from None
 
