@@ -78,7 +78,7 @@ __all__ = [
 
 # Keys a config may have at the top level; anything else is a typo to report.
 TOP_LEVEL_KEYS = ("name", "image", "entrypoint", "workdir", "env", "mounts", "resources",
-                  "metrics", "engine", "timeout", "sweep", "slurm")
+                  "metrics", "engine", "timeout", "sweep", "slurm", "stop_signal")
 RESOURCE_KEYS = ("gpus", "cpu", "memory", "shm_size")
 # What people write by habit from docker-compose and Kubernetes, for "did you mean".
 KEY_SYNONYMS = {"environment": "env", "volumes": "mounts", "command": "entrypoint", "cmd": "entrypoint",
@@ -145,6 +145,11 @@ SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # The longest age `list --since` and `gc --older-than` take: beyond it dates stop being dates.
 MAX_AGE_SECONDS = 3650 * 86400
+
+# How many Python-like local images `init` tries (a throwaway container each) before it gives up.
+INIT_PROBES = 3
+# How much of a running run's metrics.json `list` reads for its latest values (about 500 samples).
+METRICS_TAIL = 64 << 10
 
 # ==== 4. Errors ==============================================================
 
@@ -268,6 +273,7 @@ class JobConfig:
     source: str | None = None                           # the config file it came from
     sweep: tuple[tuple[str, tuple], ...] = ()           # (dotted key, values); only `sweep` reads it
     slurm: SlurmSettings = SlurmSettings()              # only `--on slurm` reads it
+    stop_signal: str | None = None                      # e.g. "SIGUSR1": the signal every stop sends
 
 
 def _type_ok(value: object, annotation: str) -> bool:
@@ -1978,6 +1984,7 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
         source=str(Path(filename).resolve()) if filename and not filename.startswith("<") else None,
         sweep=_check_sweep(chk, data.get("sweep")),
         slurm=_check_slurm(chk, data.get("slurm")),
+        stop_signal=_check_stop_signal(chk, data.get("stop_signal")),
     )
     chk.raise_if_any()
     return config
@@ -2007,7 +2014,9 @@ def parse_override(item: str, flag: str = "--set") -> tuple[tuple[str, ...], obj
     if not sep or not all(parts):
         raise UsageError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} env.LR=0.01")
     try:
-        return parts, parse_yaml(raw, f"{flag} {key}") if raw.strip() else ""
+        value, _, texts = parse_config_yaml(raw, f"{flag} {key}") if raw.strip() else ("", {}, {})
+        in_env = parts[0] == "env" and (len(parts) > 1 or isinstance(value, dict))  # env values are text
+        return parts, with_plain_text(value, texts, ()) if in_env else value
     except YamlError as exc:
         raise UsageError(f"{flag} {item}: cannot read the value {raw!r}: {exc.message}") from None
 
@@ -2017,6 +2026,7 @@ def apply_overrides(data: object, overrides: list[str]) -> tuple[object, dict[tu
     blamed: dict[tuple, str] = {}
     for item in overrides:
         parts, value = parse_override(item)
+        check_new_key(data, parts, f"--set {item}")
         data = set_dotted(data, parts, value, f"--set {item}")
         blamed[parts] = f"--set {item}"
     return data, blamed
@@ -2041,8 +2051,8 @@ def set_dotted(data: object, parts: tuple[str, ...], value: object, what: str) -
 def load_config_data(path: str | os.PathLike) -> tuple[object, str, dict]:
     """A config file's parsed data, text and node positions (raises ConfigError)."""
     text = read_config_text(path)
-    data, positions = parse_yaml_located(text, str(path))
-    return data, text, positions
+    data, positions, texts = parse_config_yaml(text, str(path))
+    return keep_env_text(data, texts), text, positions
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
@@ -2084,6 +2094,8 @@ def config_to_dict(config: JobConfig) -> dict:
              if v != getattr(SlurmSettings(), k)}
     if slurm:
         data["slurm"] = slurm
+    if config.stop_signal:
+        data["stop_signal"] = config.stop_signal
     return data
 
 
@@ -2154,6 +2166,144 @@ def entrypoint_warnings(config: JobConfig, engine: str | None) -> list[str]:
     missing = [f for f in files if not os.path.exists(os.path.join(holder.source, f))]
     return [f"the entrypoint names {', '.join(missing)}, which is not in {holder.source} (mounted at "
             f"{holder.target})"] if missing else []
+
+def parse_stop_signal(value: object) -> str:
+    """`SIGINT`, `INT`, `sigint` or a number such as 2 -> "SIGINT"; ValueError if no such signal.
+
+    SIGKILL and SIGSTOP are refused: a job cannot act on them, and SIGKILL follows the grace
+    period anyway.
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        raise ValueError
+    if isinstance(value, int):
+        sig = signal.Signals(value)
+    else:
+        name = str(value).strip().upper()
+        sig = signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+    if sig in (signal.SIGKILL, signal.SIGSTOP):
+        raise ValueError
+    return sig.name
+
+
+def _check_stop_signal(chk: _Checker, value: object) -> str | None:
+    if value is None:
+        return None
+    try:
+        return parse_stop_signal(value)
+    except (ValueError, KeyError):
+        chk.problem(("stop_signal",), f"stop_signal must name a signal the job can handle, such as SIGINT, "
+                                      f"SIGTERM, SIGUSR1 or SIGQUIT (or INT, TERM, ...); got {_shown(value)}")
+        return None
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions of one character each."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def key_meant(key: str, existing: list[str]) -> str | None:
+    """The existing key that KEY is most likely a typo of, or None when KEY is truly new.
+
+    Close means equal but for case (`lr`, `LR`), or a small edit distance on longer keys (one edit
+    from 4 characters on, two from 8); keys that differ only in digits (`GPU0`, `GPU1`) are
+    different on purpose.
+    """
+    def strip_digits(text: str) -> str:
+        return re.sub(r"\d+", "#", text)
+
+    low = key.lower()
+    for name in existing:
+        if name.lower() == low:
+            return name
+    allowed = 2 if len(key) >= 8 else 1 if len(key) >= 4 else 0
+    scored = sorted((_edit_distance(low, name.lower()), name) for name in existing
+                    if strip_digits(name.lower()) != strip_digits(low))
+    return scored[0][1] if scored and scored[0][0] <= allowed else None
+
+
+def check_new_key(data: object, parts: tuple[str, ...], what: str) -> None:
+    """Refuse a --set/--grid key the config lacks when it is close to one it has (`env.lr` for
+    `env.LR`): that typo would otherwise add a variable no one reads and run the same job again."""
+    node = data
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict):
+            return
+        if part not in node:
+            meant = key_meant(part, [k for k in node if isinstance(k, str)])
+            if meant is not None:
+                where = ".".join(parts[:depth] + (meant,))
+                raise UsageError(f"{what}: the config has no {'.'.join(parts[:depth + 1])}; did you mean "
+                                 f"'{where}'? (a key that is meant to be new and this close to another "
+                                 "goes in the config file)")
+            return
+        node = node[part]
+
+
+class _PlainTextParser(_YamlParser):
+    """The YAML reader, also keeping the text of each plain scalar it typed as other than text
+    (`3.10`, `007`, `0x1F`, `true`), by the path of its node: environment values are text."""
+
+    def __init__(self, text: str, filename: str) -> None:
+        super().__init__(text, filename)
+        self.node_at: dict[tuple[int, int], tuple] = {}   # (row, col) -> the innermost node's path there
+        self.plain_at: dict[tuple[int, int], str] = {}
+
+    def node(self, n: int, path: tuple, context: str) -> object:
+        self.node_at[(self.row, self.col)] = path
+        return super().node(n, path, context)
+
+    def flow_node(self, n: int, path: tuple) -> tuple[object, str]:
+        self.node_at[(self.row, self.col)] = path
+        return super().flow_node(n, path)
+
+    def type_plain(self, text: str, row: int, col: int) -> object:
+        value = super().type_plain(text, row, col)
+        if not isinstance(value, str):
+            self.plain_at[(row, col)] = text
+        return value
+
+    def plain_texts(self) -> dict[tuple, str]:
+        return {self.node_at[at]: text for at, text in self.plain_at.items() if at in self.node_at}
+
+
+def parse_config_yaml(text: str, filename: str) -> tuple[object, dict, dict[tuple, str]]:
+    """parse_yaml_located, plus the written text of the plain scalars that were typed (by path)."""
+    parser = _PlainTextParser(text, filename)
+    try:
+        value = parser.document()
+    except RecursionError as exc:
+        raise YamlError("document nested too deeply to read", filename) from exc
+    return value, parser.positions, parser.plain_texts()
+
+
+def with_plain_text(value: object, texts: dict[tuple, str], path: tuple) -> object:
+    """VALUE with every typed plain scalar under PATH spelled as it was written (`3.10`, not 3.1).
+    An empty value, `~` or `null` stays None: the variable is set, to the empty string."""
+    if isinstance(value, dict):
+        return {k: with_plain_text(v, texts, path + (k,)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [with_plain_text(v, texts, path + (i,)) for i, v in enumerate(value)]
+    if value is None or isinstance(value, str):
+        return value
+    return texts.get(path, value)
+
+
+def keep_env_text(data: object, texts: dict[tuple, str]) -> object:
+    """Config data whose env values (and env.* values of its sweep: section) are as written."""
+    if not isinstance(data, dict):
+        return data
+    if isinstance(data.get("env"), dict):
+        data["env"] = with_plain_text(data["env"], texts, ("env",))
+    if isinstance(data.get("sweep"), dict):
+        data["sweep"] = {key: with_plain_text(values, texts, ("sweep", key)) if str(key).startswith("env.")
+                         else values for key, values in data["sweep"].items()}
+    return data
+
 
 # ==== 10. Metrics: the METRIC line protocol ==================================
 
@@ -2361,6 +2511,26 @@ def read_metrics(path: Path) -> list[dict]:
             with contextlib.suppress(ValueError):
                 samples.append(json.loads(line))
     return samples
+
+def latest_metrics(path: Path, size: int = METRICS_TAIL) -> dict:
+    """The latest value of each metric in the last SIZE bytes of a metrics.json being written:
+    what `list` shows for a running run, read cheaply (the index learns them when the run ends)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            tail = f.read(size)
+    except OSError:
+        return {}
+    latest: dict = {}
+    for line in reversed(tail.decode("utf-8", "replace").splitlines()):
+        line = line.rstrip(",").strip()
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError, AttributeError):
+                for key, value in json.loads(line).items():
+                    latest.setdefault(key, value)
+    latest.pop("step", None)  # a position, not a metric
+    return latest
+
 
 # ==== 11. Engines: choosing one, its command line, its images ================
 
@@ -2602,6 +2772,17 @@ def local_images(engine: str) -> list[str]:
         return []
     done = quiet_run([engine, "images", "--format", "{{.Repository}}:{{.Tag}}"], timeout=20)
     return [line for line in done.stdout.split() if "<none>" not in line] if done.returncode == 0 else []
+
+def image_python(engine: str, image: str) -> str | None:
+    """`python` or `python3`: the first that IMAGE runs (`--version` in a throwaway container
+    without network), or None; `init` must not write a sample whose first run exits 127."""
+    for python in ("python", "python3"):
+        done = quiet_run([engine, "run", "--rm", "--pull", "never", "--network", "none", "--log-driver", "none",
+                          "--entrypoint", python, image, "--version"], timeout=60)
+        if done.returncode == 0:
+            return python
+    return None
+
 
 # ==== 12. Host facts: GPUs and their claims, git, the runner =================
 
@@ -3269,6 +3450,7 @@ class Launch:
     env_file: bytes = b""             # the engine's --env-file, handed over through a pipe
     run_id: str = ""
     devices: tuple[str, ...] = ()     # the GPUs the run was placed on
+    stop_signal: str | None = None    # the config's stop_signal: sent on every stop instead
 
 
 def _grow_pipe(fd: int, size: int = PIPE_SIZE) -> None:
@@ -3305,6 +3487,7 @@ class Job:
         self.first_stop = 0.0
         self.last_stop = 0.0
         self.forced = False
+        self.sent = 0                     # the last signal sent to the job
         argv, fds = launch.argv, ()
         env_fd = env_file_pipe(launch.env_file) if launch.container else None
         try:
@@ -3320,39 +3503,52 @@ class Job:
         for pipe in (self.proc.stdout, self.proc.stderr):
             _grow_pipe(pipe.fileno())
 
-    def request_stop(self, force: bool) -> None:
-        """SIGTERM through the engine, SIGKILL after the grace period (or at once if FORCE).
+    def request_stop(self, force: bool, sig: int = signal.SIGTERM) -> int:
+        """Signal SIG to the job (through the engine), SIGKILL after the grace period (or at once
+        if FORCE); returns the signal the job got (the config's stop_signal wins over SIG).
 
         Asking again without force changes nothing: the grace period holds.
         """
         if self.first_stop and not force:
-            return
+            return self.sent
+        sig = signal.Signals[self.launch.stop_signal] if self.launch.stop_signal else sig
         self.forced = self.forced or force
+        self.sent = signal.SIGKILL if force else sig
         self.last_stop = time.monotonic()
         self.first_stop = self.first_stop or self.last_stop
+        self.kill_at = self.last_stop if force else self.last_stop + self.stop_timeout
         if self.launch.container is None:
-            self.signal_group(signal.SIGKILL if force else signal.SIGTERM)
-            self.kill_at = self.last_stop if force else self.last_stop + self.stop_timeout
-            return
-        self._engine_stop(force)
+            self.signal_group(self.sent)
+        else:
+            self._engine_signal(self.sent)
+        return self.sent
 
-    def _engine_stop(self, force: bool) -> None:
-        engine, name = self.launch.engine, self.launch.container
-        argv = [engine, "kill", name] if force else [engine, "stop", "-t", str(int(self.stop_timeout)), name]
+    def _engine_signal(self, sig: int) -> None:
+        """`docker kill --signal SIG NAME`: the container's init hands SIG to the job."""
+        argv = [self.launch.engine, "kill", "--signal", signal.Signals(sig).name, self.launch.container]
         self.helpers.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.DEVNULL, start_new_session=True))
 
     def tick(self) -> None:
-        """Escalate a stop that the job ignores; retry one sent before the container existed."""
+        """SIGKILL a job that outlives its grace period; retry a signal sent before the container
+        existed (its `kill` failed), but never send the job its stop signal twice."""
         now = time.monotonic()
+        if not self.first_stop or self.proc.poll() is not None:
+            return
         if self.launch.container is None:
-            if self.kill_at is not None and now >= self.kill_at and self.proc.poll() is None:
+            if self.kill_at is not None and now >= self.kill_at:
                 self.signal_group(signal.SIGKILL)
                 self.kill_at = None
-        elif self.last_stop and self.proc.poll() is None and now - self.last_stop > 2 and \
-                all(h.poll() is not None for h in self.helpers):
+            return
+        if now - self.last_stop <= 2 or any(h.poll() is None for h in self.helpers):
+            return
+        failed = bool(self.helpers) and self.helpers[-1].returncode != 0
+        if self.kill_at is not None and now >= self.kill_at:
+            self.sent, self.last_stop = signal.SIGKILL, now
+            self._engine_signal(signal.SIGKILL)
+        elif failed:
             self.last_stop = now
-            self._engine_stop(force=self.forced or now - self.first_stop > self.stop_timeout + 5)
+            self._engine_signal(self.sent)
 
     def signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -3411,8 +3607,16 @@ def job_exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def signal_name(signum: int) -> str:
-    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+def signal_name(signum: int, job: bool = False) -> str:
+    """How a message names a signal: the one RunPilot got (Ctrl-C), or the one the JOB got (SIGINT)."""
+    return "Ctrl-C" if signum == signal.SIGINT and not job else signal.Signals(signum).name
+
+
+def job_stop_signal(received: int) -> int:
+    """The signal a job gets when RunPilot gets RECEIVED: Ctrl-C stays SIGINT (as `docker run`
+    forwards it, so `except KeyboardInterrupt:` runs); SIGTERM and SIGHUP become SIGTERM (as
+    `docker stop`). A config's stop_signal overrides both (Job.request_stop)."""
+    return signal.SIGINT if received == signal.SIGINT else signal.SIGTERM
 
 
 @dataclass
@@ -3424,6 +3628,7 @@ class TeeResult:
     stop_signal: int | None = None
     log_error: OSError | None = None
     killed: str | None = None           # after a stop: `by a second Ctrl-C`, `after its grace period of 10s`
+    job_signal: int | None = None       # the signal the job got when it was asked to stop
 
 
 class Tee:
@@ -3493,9 +3698,11 @@ class Tee:
         self._on_signals()
         if self.deadline and result.stop_reason is None and now > self.deadline:
             result.stop_reason = TIMEOUT
+            sent = job.request_stop(force=False)
+            result.job_signal = sent
             self.report(RunEvent("stopping", self.run_id, f"run {self.run_id} hit its timeout; stopping it "
-                                 f"(the job has {job.stop_timeout:g}s to exit)"))
-            job.request_stop(force=False)
+                                 f"(the job got {signal_name(sent, job=True)} and has {job.stop_timeout:g}s "
+                                 "to exit)"))
         self.log_error = self.log_error or self.metrics.error
         if self.log_error and result.stop_reason is None:
             result.stop_reason = FAILED
@@ -3532,14 +3739,15 @@ class Tee:
         for signum in self.signals.received[self.handled:]:
             if self.result.stop_signal is None:
                 self.result.stop_reason, self.result.stop_signal = INTERRUPTED, signum
-                grace = f"the job has {self.job.stop_timeout:g}s to exit"
+                sent = self.job.request_stop(force=False, sig=job_stop_signal(signum))
+                self.result.job_signal = sent
+                grace = f"the job got {signal_name(sent, job=True)} and has {self.job.stop_timeout:g}s to exit"
                 again = "; press Ctrl-C again to kill it now" if signum == signal.SIGINT else ""
                 self.report(RunEvent("stopping", self.run_id,
                                      f"stopping run {self.run_id} ({signal_name(signum)}): {grace}{again}"))
-                self.job.request_stop(force=False)
             elif signum == signal.SIGINT:
                 if not self.job.forced:
-                    self.report(RunEvent("stopping", self.run_id, f"killing run {self.run_id} now"))
+                    self.report(RunEvent("stopping", self.run_id, f"killing run {self.run_id} now (SIGKILL)"))
                 self.job.request_stop(force=True)
         self.handled = len(self.signals.received)
 
@@ -4098,11 +4306,12 @@ def make_launch(config: JobConfig, run_id: str, engine: str, env: dict[str, str]
         gpus = devices if devices is not None else config.resources.gpus
         child_env = {**environ, **local_gpu_env(gpus), **env}
         return Launch(local_argv(config), child_env, local_workdir(config), engine, run_id=run_id,
-                      devices=tuple(devices or ()))
+                      devices=tuple(devices or ()), stop_signal=config.stop_signal)
     lines, by_name = split_job_env(env, environ, engine)
     argv = build_engine_argv(config, run_id, engine, by_name, options.keep_engine_logs, "/dev/fd/ENV", devices)
     child_env = {**environ, **{n: env[n] for n in by_name}}
-    return Launch(argv, child_env, None, engine, container_name(run_id), lines, run_id, tuple(devices or ()))
+    return Launch(argv, child_env, None, engine, container_name(run_id), lines, run_id, tuple(devices or ()),
+                  config.stop_signal)
 
 
 def split_job_env(env: dict[str, str], environ, engine: str) -> tuple[bytes, list[str]]:
@@ -4425,10 +4634,13 @@ def stop_reason(meta: RunMeta, result: TeeResult, config: JobConfig) -> str | No
     """Why a stopped run ended, in words: `stopped by Ctrl-C; killed after its 10s grace period`."""
     killed = f"; killed {result.killed}" if result.killed else ""
     if meta.status == TIMEOUT:
-        return f"it ran into its timeout of {config.timeout:g}s and was stopped{killed}"
+        got = f" (the job got {signal_name(result.job_signal, job=True)})" if result.job_signal else ""
+        return f"it ran into its timeout of {config.timeout:g}s and was stopped{got}{killed}"
     if meta.status not in (INTERRUPTED, CANCELLED) or not result.stop_signal:
         return None
     by = f"stopped by {signal_name(result.stop_signal)}"
+    if result.job_signal and meta.status != CANCELLED:
+        by += f" (the job got {signal_name(result.job_signal, job=True)})"
     return f"{by} before the job started" if meta.status == CANCELLED else by + killed
 
 
@@ -5252,6 +5464,24 @@ def node_folder(target: str, environ) -> RunFolder:
                          "system the nodes share with the login node (NFS, Lustre)")
     return RunFolder(path)
 
+def slurm_stop_jobs(jobs: list[str], signum: int | None, note: Callable[[str], None]) -> None:
+    """Stop attached Slurm jobs as a local run stops: at Ctrl-C the runner on the node gets SIGINT
+    (`scancel --batch`, so only the runner: it hands the job SIGINT, or the config's stop_signal,
+    then the grace period, then SIGKILL); queued ones are cancelled. SIGNUM None (a second Ctrl-C)
+    or another signal: scancel, which ends the job now (SIGTERM, then Slurm's KillWait)."""
+    if not jobs:
+        return
+    if signum == signal.SIGINT:
+        note(f"stopping Slurm job {', '.join(jobs)}: the job gets SIGINT through its runner; "
+             "press Ctrl-C again to cancel it now")
+        quiet_run(["scancel", "--state=PENDING", *jobs], timeout=60)
+        quiet_run(["scancel", "--batch", "--signal=INT", *jobs], timeout=60)
+        return
+    note(f"cancelling Slurm job {', '.join(jobs)} (scancel: the job gets SIGTERM); "
+         "the run ends when the job has stopped")
+    quiet_run(["scancel", *jobs], timeout=60)
+
+
 # ==== 18. Runs over time: keeping statuses true, stopping, deleting ==========
 
 def refresh(store: RunStore, records: list[RunRecord], note: Callable[[str], None]) -> list[RunRecord]:
@@ -5384,6 +5614,13 @@ def deletable(store: RunStore, records: list[RunRecord], note: Callable[[str], N
                            "ends it, then delete the run")
     return refused
 
+def with_live_metrics(store: RunStore, records: list[RunRecord]) -> list[RunRecord]:
+    """Running runs with their latest metric values from their metrics.json (the index row has
+    them only once the run has ended); other runs as they are."""
+    return [dataclasses.replace(r, last_metrics={**r.last_metrics, **latest_metrics(store.folder(r.id).metrics)})
+            if r.status == RUNNING else r for r in records]
+
+
 # ==== 19. Presentation: tables, durations, sparklines ========================
 # Everything here turns data into text for a terminal: pure functions, and every value that
 # came from a job, a config or a file goes through visible() on its way out.
@@ -5395,6 +5632,9 @@ STATUS_COLOURS = {SUCCEEDED: "32", FAILED: "31", INTERRUPTED: "33", TIMEOUT: "33
                   QUEUED: "34", CANCELLED: "90"}
 # Metrics whose name says lower is better; every other metric is better higher.
 LOWER_IS_BETTER = re.compile(r"loss|err|mse|mae|rmse|perplexity|ppl|wer|cer|time|latency", re.IGNORECASE)
+# Names whose larger values are better: with LOWER_IS_BETTER, the metrics `compare` may star when
+# no config lists its metrics (a star on `lr` or `epoch` means nothing).
+HIGHER_IS_BETTER = re.compile(r"acc|f1|auc|precision|recall|score|bleu|rouge|map|iou|reward|top\d", re.IGNORECASE)
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -5593,11 +5833,13 @@ def differing(configs: list[dict]) -> list[str]:
     return [k for k in keys if any(flat.get(k) != configs[0].get(k) for flat in configs)]
 
 
-def compare_rows(runs: list[tuple[RunRecord, dict, dict]], skip: tuple[str, ...] = ()) -> list[list[str]]:
+def compare_rows(runs: list[tuple[RunRecord, dict, dict]], skip: tuple[str, ...] = (),
+                 starred: list[str] | None = None) -> list[list[str]]:
     """Rows of `compare`: differing config values (but the SKIP keys), status, duration, each
     metric's last and best. `runs` holds (record, flattened config, metric summary); the best
-    value of a row gets a `*`.
+    value of a row gets a `*` where best means something (see metrics_to_star).
     """
+    starred = metrics_to_star(runs, starred)
     rows = []
     for key in [k for k in differing([flat for _, flat, _ in runs]) if k not in skip]:
         rows.append([key] + [fmt_cell(flat.get(key)) for _, flat, _ in runs])
@@ -5608,10 +5850,22 @@ def compare_rows(runs: list[tuple[RunRecord, dict, dict]], skip: tuple[str, ...]
         for label, pick in (("last", lambda e: e["last"]), ("best", lambda e: best_of(metric, e["values"]))):
             values = [pick(e) if e else None for e in entries]
             winner = best_of(metric, values)
-            cells = [fmt_value(v) + ("*" if winner is not None and v == winner and len(runs) > 1 else "")
-                     for v in values]
+            cells = [fmt_value(v) + ("*" if winner is not None and v == winner and len(runs) > 1
+                                     and metric in starred else "") for v in values]
             rows.append([f"{metric} ({label})"] + cells)
     return rows
+
+
+def metrics_to_star(runs: list[tuple[RunRecord, dict, dict]], asked: list[str] | None) -> set[str]:
+    """The metrics whose best value `compare` stars: those ASKED for (--metric), else the ones the
+    runs' configs list (metrics:), else those whose name says which way is better (loss, acc)."""
+    if asked:
+        return set(asked)
+    listed = {m for r, _, _ in runs for m in r.metric_names}
+    if listed:
+        return listed
+    return {m for _, _, summary in runs for m in summary
+            if LOWER_IS_BETTER.search(m) or HIGHER_IS_BETTER.search(m)}
 
 
 def fmt_cell(value: object) -> str:
@@ -5726,10 +5980,10 @@ def _metrics_block(samples: list[dict], ascii_only: bool, width: int | None) -> 
 
 
 def render_compare(runs: list[tuple[RunRecord, dict, dict]], width: int | None, full: bool,
-                   skip: tuple[str, ...] = ()) -> str:
+                   skip: tuple[str, ...] = (), starred: list[str] | None = None) -> str:
     """`compare`: runs side by side (a sweep's leave out their names: the swept values say it)."""
     header = [""] + [r.id if full else short_id(r.id) for r, _, _ in runs]
-    rows = compare_rows(runs, skip)
+    rows = compare_rows(runs, skip, starred)
     if full or not width:
         return render_table(header, rows, set(range(1, len(runs) + 1)), None, min_columns=len(header))
     blocks = []
@@ -6703,7 +6957,7 @@ SAMPLE_CONFIG = """\
 # RunPilot run config: `runpilot run config.yaml` (see `runpilot run --help`).
 name: sample-training            # shown by `runpilot list`; any text
 image: "{image}"{image_note}
-entrypoint: "python train.py"    # a string runs through the image's /bin/sh; a list runs as is
+entrypoint: "{python} train.py"{pad}# a string runs through the image's /bin/sh; a list runs as is
 # engine: docker                 # docker, podman or local (no container); default: docker if present
 
 env:                             # passed to the job; ${{VAR}} takes VAR from your environment
@@ -7008,7 +7262,7 @@ def _check_sort_metric(sort: str, records: list[RunRecord]) -> None:
 def cmd_list(args) -> int:
     store = _store()
     what = _list_filter(args)
-    records = refresh(store, store.query(what), note)
+    records = with_live_metrics(store, refresh(store, store.query(what), note))
     _check_sort_metric(what.sort, records)
     if args.sweep and args.sort == "started" and args.ascending is None:
         records = in_plan_order(store, args.sweep, records)
@@ -7166,7 +7420,12 @@ def cmd_compare(args) -> int:
     store = _store()
     runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics)))
             for r in _refs_or_sweep(store, args)]
-    echo(render_compare(runs, output_width(), args.no_trunc, ("name",) if args.sweep else ()))
+    known = {m for _, _, summary in runs for m in summary}
+    for name in args.metric:
+        if name not in known:
+            raise UsageError(f"--metric {visible(name)!r}: none of these runs has that metric; choose one of "
+                             f"{', '.join(sorted(visible(m) for m in known)) or '(none: no metrics recorded)'}")
+    echo(render_compare(runs, output_width(), args.no_trunc, ("name",) if args.sweep else (), args.metric))
     if sys.stderr.isatty() and len(runs) > 1:  # a pointer for people, not for scripts
         refs = f"--sweep {args.sweep}" if args.sweep else " ".join(dict.fromkeys(short_id(r.id) for r, _, _ in runs))
         note(f"curves: runpilot plot {refs}")
@@ -7178,6 +7437,8 @@ def cmd_export(args) -> int:
     records = _refs_or_sweep(store, args)
     runs = [(r, read_metrics(store.folder(r.id).metrics), _config_of(store, r)) for r in records]
     keys = [k for k in differing([flat for _, _, flat in runs]) if k != "name"] if args.config else []  # a column
+    if args.sweep:  # a sweep's points differ in their swept keys: always columns, first
+        keys = list(dict.fromkeys(swept_keys(store, args.sweep) + keys))
     tag_names = sorted({t for r in records for t in r.tags}) if args.tags else []
     if args.format == "csv":
         text = render_csv(*export_rows(runs, keys, tag_names))
@@ -7200,6 +7461,15 @@ def cmd_export(args) -> int:
         raise RunPilotError(f"cannot write {args.output}: {exc.strerror}; choose another -o path") from exc
     echo(f"wrote {sum(len(s) for _, s, _ in runs)} sample(s) of {len(runs)} run(s) to {args.output}", err=True)
     return 0
+
+
+def swept_keys(store: RunStore, sweep_id: str) -> list[str]:
+    """The keys a sweep varies (env.LR, ...), as a flattened config names them; [] if unreadable."""
+    try:
+        return [str(axis[0]) for axis in Sweep.load(store, sweep_id).axes
+                if isinstance(axis, list) and axis and str(axis[0]) != "name"]
+    except RunPilotError:
+        return []
 
 
 def _confirm(question: str, yes: bool) -> bool:
@@ -7243,12 +7513,32 @@ def cmd_gc(args) -> int:
     store = _store()
     before = since_cutoff(args.older_than, "--older-than") if args.older_than else None
     records = store.query(RunFilter(before=before, keep_newest=args.keep, final_only=True, ascending=True))
+    records = whole_sweeps_only(store, records, note)
     if args.dry_run:
+        width = output_width()
         for record in records:
-            echo(f"would delete {record.id} ({visible(record.name)}, {record.status}, {record.started_at})")
+            line = visible(f"would delete {record.id} {record.status:<11} {record.name}")
+            echo(clip(line, width) if width else line)
         echo(f"{len(records)} run(s) would be deleted")
         return 0
     return delete_runs(store, records, args.yes, skip_busy=True)
+
+
+def whole_sweeps_only(store: RunStore, records: list[RunRecord], say: Callable[[str], None]) -> list[RunRecord]:
+    """RECORDS without the runs of a sweep that RECORDS holds only in part: gc deletes a sweep whole
+    or not at all (half a sweep compares and plots as a different experiment), and says which it kept."""
+    chosen: dict[str, int] = {}
+    for record in records:
+        if record.sweep_id:
+            chosen[record.sweep_id] = chosen.get(record.sweep_id, 0) + 1
+    partial = set()
+    for sweep_id, count in chosen.items():
+        total = len(store.query(RunFilter(sweep_id=sweep_id)))
+        if count < total:
+            partial.add(sweep_id)
+            say(f"kept sweep {sweep_id} whole: {total - count} of its {total} runs are not to be deleted, "
+                f"so its other {count} stay too")
+    return [r for r in records if r.sweep_id not in partial]
 
 
 def cmd_validate(args) -> int:
@@ -7265,20 +7555,26 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def init_image() -> tuple[str, str]:
-    """The image `init` writes: a Python image present here when there is one, and a note why."""
-    for engine in ("docker", "podman"):
+def init_image(candidates: list[str] | None = None) -> tuple[str, str]:
+    """The image `init` writes: a Python image present here that runs Python, and a note why."""
+    for engine in ("docker", "podman") if candidates is None else ():
         found = [i for i in local_images(engine) if re.search(r"(python|pytorch)[^/]*:[^/]*$", i)]
-        if found:
-            return found[0], f"found locally ({engine})"
+        for image in found[:INIT_PROBES]:
+            if image_python(engine, image) is not None:
+                return image, f"found locally ({engine})"
     return SAMPLE_IMAGE, f"not present here: pull it first (docker pull {SAMPLE_IMAGE}), or run the job " \
                          "without a container: runpilot run config.yaml --engine local"
 
 
 def cmd_init(args) -> int:
     image, why = init_image()
+    python = init_python(image, why)
     note_line = f"  # {why}" if len(why) < 60 else f"\n# {why}"
-    files = {Path("config.yaml"): SAMPLE_CONFIG.format(image=image, image_note=note_line),
+    if python is None:  # no candidate image runs Python: the sample's own image, as for none here
+        image, why = init_image(candidates=[])
+        python, note_line = "python", f"\n# {why}"
+    pad = " " * max(1, 10 - len(python))
+    files = {Path("config.yaml"): SAMPLE_CONFIG.format(image=image, image_note=note_line, python=python, pad=pad),
              Path("train.py"): SAMPLE_TRAIN}
     existing = [str(p) for p in files if p.exists()]
     if existing and not args.force:
@@ -7292,6 +7588,13 @@ def cmd_init(args) -> int:
     echo(visible(f"image: {image} ({why})"))
     echo("next: runpilot run config.yaml")
     return 0
+
+
+def init_python(image: str, why: str) -> str | None:
+    """The interpreter the sample's entrypoint names: the one IMAGE runs (python, else python3);
+    `python` for an image not here (the official python images have it); None if it runs neither."""
+    engine = re.search(r"found locally \((\w+)\)", why)
+    return image_python(engine.group(1), image) if engine else "python"
 
 
 def cmd_reindex(args) -> int:
@@ -7566,6 +7869,8 @@ def cmd_sweep(args) -> int:
         data["name"] = args.name
     base = validate_config(data, str(args.config), text, positions, overrides=blamed)
     axes = parse_grid(args.grid) or base.sweep
+    for key, _ in axes:
+        check_new_key(data, tuple(key.split(".")), f"--grid {key}" if args.grid else f"{args.config}: sweep: {key}")
     if not axes:
         raise UsageError("nothing to sweep: give --grid KEY=V1,V2 or a sweep: section in the config")
     points = sweep_points(axes, args.repeat)
@@ -7574,7 +7879,8 @@ def cmd_sweep(args) -> int:
     options = _run_options(args)
     if args.on == "slurm":
         return slurm_sweep_cli(args, store, configs, axes, options)
-    _check_sweep_host([c for _, c in configs], options)
+    if not args.dry_run:  # a dry run prints the plan, also on a box without the GPUs or the image
+        _check_sweep_host([c for _, c in configs], options)
     if args.sweep_id and (store.sweeps_dir / args.sweep_id).exists():
         raise UsageError(f"sweep {args.sweep_id} exists already; leave out --sweep-id")
     sweep_id = args.sweep_id or new_sweep_id()
@@ -7777,13 +8083,13 @@ def follow_slurm(store: RunStore, run_ids: list[str], stream: bool, signals: Sto
     (held in SIGNALS since before the submission) cancels the jobs (scancel), and the runs end
     `interrupted` as a local Ctrl-C would end them (`cancelled` if they had not started)."""
     out, offset, said, cancelled = terminal_writer(sys.stdout), 0, {}, False
+    handled = 0
     while True:
-        if signals.received and not cancelled:
+        if len(signals.received) > handled:
             jobs = sorted({str(r.slurm_job).split("_")[0] if len(run_ids) > 1 else str(r.slurm_job)
                            for i in run_ids if (r := store.get(i)) and r.slurm_job})
-            note(f"cancelling Slurm job {', '.join(jobs)} (scancel); the run ends when the job has stopped")
-            quiet_run(["scancel", *jobs], timeout=60)
-            cancelled = True
+            slurm_stop_jobs(jobs, signals.received[handled] if not cancelled else None, note)
+            cancelled, handled = True, len(signals.received)
         records = refresh(store, [r for i in run_ids if (r := store.get(i))], note)
         for r in records:
             text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
@@ -7885,13 +8191,17 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
     p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
     p.add_argument("--no-trunc", action="store_true", help="full run ids and values, however wide")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME",
+                   help="star the best value of this metric (repeatable; default: the configs' metrics:, "
+                        "else metrics named like loss or accuracy)")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run")
     p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
     p.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
-    p.add_argument("--config", action="store_true", help="add the config values that differ between the runs")
+    p.add_argument("--config", action="store_true", help="add the config values that differ between the runs "
+                                                         "(a --sweep has its swept keys as columns always)")
     p.add_argument("--tags", action="store_true", help="add each tag as a column tag.NAME")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout")
 

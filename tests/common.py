@@ -31,7 +31,7 @@ SECRETS = {"API_TOKEN": "sk-live-9f8e7d6c5b4a", "DB_PASSWORD": "hunter2-correct-
 CALLER_ENV = ("COLUMNS", "LINES", "NO_COLOR", "RUNPILOT_DB_TIMEOUT")
 
 
-# A job that says when it is ready, writes its pid, and exits cleanly on SIGTERM.
+# A job that says when it is ready, writes its pid, and exits cleanly on SIGTERM or SIGINT (Ctrl-C).
 POLITE = """\
 import os, signal, sys, time
 open("job.pid", "w").write(str(os.getpid()))
@@ -39,17 +39,19 @@ def bye(signum, frame):
     print(f"got signal {signum}, saving checkpoint", flush=True)
     sys.exit(0)
 signal.signal(signal.SIGTERM, bye)
+signal.signal(signal.SIGINT, bye)
 print("METRIC loss=1.5", flush=True)
 print("ready", flush=True)
 while True:
     time.sleep(0.05)
 """
 
-# A job that ignores SIGTERM: only SIGKILL ends it.
+# A job that ignores SIGTERM and SIGINT: only SIGKILL ends it.
 STUBBORN = """\
 import os, signal, time
 open("job.pid", "w").write(str(os.getpid()))
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 print("ready", flush=True)
 while True:
     time.sleep(0.05)

@@ -59,8 +59,9 @@ JOB = """\
 import signal, sys, time
 if sys.argv[1] == "polite":
     signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
-else:
+else:  # Ctrl-C reaches the job as SIGINT: a stubborn job ignores both
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 print("METRIC loss=1", flush=True)
 while True:
     time.sleep(0.05)

@@ -223,9 +223,9 @@ class ApplyOverridesTest(ConfigTestCase):
         data = {"name": "n", "env": {"A": "1"}, "resources": {"cpu": 2}}
         items = ["env.LR=0.01", "resources.gpus=2", "new.nested.key=x", "name=other", "env.EMPTY="]
         out, blamed = runpilot.apply_overrides(data, items)
-        self.assertEqual(out, {"name": "other", "env": {"A": "1", "LR": 0.01, "EMPTY": ""},
+        self.assertEqual(out, {"name": "other", "env": {"A": "1", "LR": "0.01", "EMPTY": ""},
                                "resources": {"cpu": 2, "gpus": 2}, "new": {"nested": {"key": "x"}}})
-        self.assertIsInstance(out["env"]["LR"], float)
+        self.assertIsInstance(out["env"]["LR"], str)  # env values are text, as written (issue 21)
         self.assertIsInstance(out["resources"]["gpus"], int)
         self.assertEqual(blamed, {("env", "LR"): "--set env.LR=0.01", ("resources", "gpus"): "--set resources.gpus=2",
                                   ("new", "nested", "key"): "--set new.nested.key=x", ("name",): "--set name=other",

@@ -237,7 +237,7 @@ class EngineCase(HomeTestCase):
         self.assertEqual(proc.returncode, 130, err)
         run = self.only_run()
         self.assertEqual((self.meta(run)["status"], self.db_rows()[0]["status"]), ("interrupted", "interrupted"))
-        self.assertIn(b"got signal 15, saving checkpoint", (run / "logs.txt").read_bytes())
+        self.assertIn(b"got signal 2, saving checkpoint", (run / "logs.txt").read_bytes())
         self.assertEqual(self.metrics(run), [{"step": 1, "loss": 1.5}])
         self.assertEqual(self.leftovers(run.name), [])
 

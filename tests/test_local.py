@@ -28,13 +28,13 @@ class Signals(HomeTestCase):
         self.assertEqual(meta["status"], "interrupted")
         self.assertIsNotNone(meta["finished_at"])
         # said at once; the exit code is the job's own (it saved and exited 0), RunPilot's is said in words
-        self.assertIn(f"runpilot: stopping run {run.name} (Ctrl-C): the job has 10s to exit; press Ctrl-C "
-                      "again to kill it now\n".encode(), err)
+        self.assertIn(f"runpilot: stopping run {run.name} (Ctrl-C): the job got SIGINT and has 10s to exit; press "
+                      "Ctrl-C again to kill it now\n".encode(), err)
         self.assertEqual((meta["exit_code"], meta["stop_signal"]), (0, signal.SIGINT))
         self.assertRegex(err.decode(), rf"runpilot: run {run.name} interrupted by Ctrl-C after \d+\.\ds "
                                        r"\(exit code 0\); runpilot exits with 130\n")
         self.assertEqual(self.db_rows()[0]["status"], "interrupted")
-        self.assertIn(b"got signal 15, saving checkpoint", (run / "logs.txt").read_bytes())
+        self.assertIn(b"got signal 2, saving checkpoint", (run / "logs.txt").read_bytes())
         self.assertEqual(self.metrics(run), [{"step": 1, "loss": 1.5}])
         self.assertFalse(pid_alive(self.job_pid()))
 

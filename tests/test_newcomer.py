@@ -39,18 +39,18 @@ class ExitStatusAndTerminal(HomeTestCase):
         self.assertEqual(code, 130)
         run_id = self.only_run().name
         job_code = self.meta(self.only_run())["exit_code"]
-        self.assertEqual(job_code, 143)  # the job's own status: it died of SIGTERM
+        self.assertEqual(job_code, 130)  # the job's own status: Python died of its KeyboardInterrupt (SIGINT)
         self.assertIn(b"interrupted by Ctrl-C after", err)
-        self.assertIn(f"(exit code {job_code}); runpilot exits with 130".encode(), err)
+        self.assertIn(f"(exit code {job_code})\n".encode(), err)  # RunPilot's 130 too: said once
         self.assertIn(f"status     interrupted (exit code {job_code})", self.cli("show", run_id)[1])
         row = json.loads(self.cli("list", "--json")[1])[0]
         self.assertEqual(row["exit_code"], job_code)
-        self.assertEqual(row["reason"], "stopped by Ctrl-C")
+        self.assertEqual(row["reason"], "stopped by Ctrl-C (the job got SIGINT)")
 
     def test_a_stopped_run_says_why_in_its_record(self):
         # a 137 after a stop reads like out-of-memory unless the record says who killed it
         stubborn = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                    "print('ready', flush=True)\ntime.sleep(60)\n")
+                    "signal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(60)\n")
         live = LiveRun(self, self.local_config(stubborn), "--stop-timeout", "1")
         live.proc.send_signal(signal.SIGINT)
         self.assertEqual(live.finish()[0], 130)
@@ -63,14 +63,14 @@ class ExitStatusAndTerminal(HomeTestCase):
         self.assertEqual(self.process("run", timed).returncode, 124)
         rows = json.loads(self.cli("list", "--json")[1])
         self.assertEqual([(r["status"], r["exit_code"], r["reason"]) for r in rows], [
-            ("timeout", 143, "it ran into its timeout of 1s and was stopped"),
-            ("interrupted", 137, "stopped by Ctrl-C; killed by a second Ctrl-C"),
-            ("interrupted", 137, "stopped by Ctrl-C; killed after its grace period of 1s")])
-        self.assertIn("reason     it ran into its timeout of 1s and was stopped", self.cli("show", rows[0]["id"])[1])
+            ("timeout", 143, "it ran into its timeout of 1s and was stopped (the job got SIGTERM)"),
+            ("interrupted", 137, "stopped by Ctrl-C (the job got SIGINT); killed by a second Ctrl-C"),
+            ("interrupted", 137, "stopped by Ctrl-C (the job got SIGINT); killed after its grace period of 1s")])
+        self.assertIn("reason     it ran into its timeout of 1s and was stopped (the job got SIGTERM)", self.cli("show", rows[0]["id"])[1])
 
     def test_ctrl_c_says_at_once_that_the_run_is_stopping(self):
         job = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-               "print('ready', flush=True)\nwhile True: print('tick', flush=True); time.sleep(0.1)\n")
+               "signal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('ready', flush=True)\nwhile True: print('tick', flush=True); time.sleep(0.1)\n")
         live = LiveRun(self, self.local_config(job), "--stop-timeout", "3")
         live.proc.send_signal(signal.SIGINT)
         said = b""
@@ -81,7 +81,7 @@ class ExitStatusAndTerminal(HomeTestCase):
             time.sleep(0.05)
         self.assertLess(time.monotonic() - started, 1.5)
         self.assertIn(b"stopping run", said)
-        self.assertIn(b"the job has 3s to exit; press Ctrl-C again to kill it now", said)
+        self.assertIn(b"the job got SIGINT and has 3s to exit; press Ctrl-C again to kill it now", said)
         os.set_blocking(live.proc.stderr.fileno(), True)
         self.assertEqual(live.finish()[0], 130)
 

@@ -258,8 +258,10 @@ class StopAndLimits(SlurmCase):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
         self.assertEqual(proc.returncode, 130, err)
-        self.assertIn(b"cancelling Slurm job", err)
+        self.assertIn(b"stopping Slurm job", err)
+        self.assertIn(b"the job gets SIGINT through its runner", err)
         self.assertEqual(self.meta(self.only_run())["status"], "interrupted")
+        self.assertEqual(self.meta(self.only_run())["reason"], "stopped by Ctrl-C (the job got SIGINT)")
 
     def test_a_slurm_time_limit_ends_the_run_as_timeout(self):
         config = self.config("echo start; sleep 300", slurm="  time: 1\n")

@@ -65,12 +65,13 @@ class SweepCase(HomeTestCase):
 
 class Grid(SweepCase):
     def test_points_are_the_product_typed_as_yaml(self):
-        axes = runpilot.parse_grid(["env.LR=0.1,1e-3,x", "seed=[1, 2]"])
-        self.assertEqual(axes, (("env.LR", (0.1, 0.001, "x")), ("seed", (1, 2))))
+        axes = runpilot.parse_grid(["train.LR=0.1,1e-3,x", "seed=[1, 2]"])
+        self.assertEqual(axes, (("train.LR", (0.1, 0.001, "x")), ("seed", (1, 2))))
+        self.assertEqual(runpilot.parse_grid(["env.LR=0.1,1e-3"]), (("env.LR", ("0.1", "1e-3")),))  # env: text
         points = runpilot.sweep_points(axes, repeat=2)
         self.assertEqual(len(points), 12)
         self.assertEqual([p.values for p in points[:3]],
-                         [(("env.LR", 0.1), ("seed", 1))] * 2 + [(("env.LR", 0.1), ("seed", 2))])
+                         [(("train.LR", 0.1), ("seed", 1))] * 2 + [(("train.LR", 0.1), ("seed", 2))])
         self.assertEqual([p.repeat for p in points[:4]], [0, 1, 0, 1])
         self.assertEqual(points[7].label(2), "LR=0.001,seed=2,repeat=1")
         for bad in ("env.LR", "=1,2", "env.LR=[[1], 2]"):

@@ -799,7 +799,7 @@ class GarbageCollect(ViewsHome):
         self.assertEqual((code, err), (0, ""))
         lines = out.splitlines()
         doomed = [self.records[9], self.records[8]]  # oldest first; the running one is never collected
-        self.assertEqual(lines, [f"would delete {r.id} ({r.name}, succeeded, {r.started_at})" for r in doomed]
+        self.assertEqual(lines, [f"would delete {r.id} succeeded   {r.name}" for r in doomed]
                          + ["2 run(s) would be deleted"])
         self.assertEqual((self.db_rows(), self.runs()), before)
 
