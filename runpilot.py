@@ -4648,7 +4648,7 @@ class Sweep:
             data = read_json_file(path)
             return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
         except FileNotFoundError:
-            raise UsageError(f"there is no sweep {sweep_id}; see runpilot list") from None
+            raise UsageError(f"there is no sweep {sweep_id}; see runpilot sweeps") from None
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise StoreError(f"cannot read {path}: {exc}") from exc
 
@@ -4853,6 +4853,102 @@ def cancel_queued(store: RunStore, run_id: str, signum: int | None, why: str | N
     with contextlib.suppress(OSError):
         folder.write_meta(meta)
     store.save_or_defer(meta)
+
+
+SWEEP_REF_RE = re.compile(r"(sw-)?[0-9a-f-]{1,22}\Z")
+
+
+def sweep_ids(store: RunStore) -> list[str]:
+    """The sweeps this home holds (their folders), newest first (ids begin with their start time)."""
+    try:
+        names = [p.name for p in store.sweeps_dir.iterdir() if SWEEP_ID_RE.match(p.name)]
+    except OSError:
+        return []
+    return sorted(names, reverse=True)
+
+
+def find_sweep(store: RunStore, ref: str) -> str:
+    """A sweep's full id from what a user typed, as runs are named: the full id, a unique prefix
+    (`sw-20261201-23`), its short id (`391ffe` or `sw-391ffe`), `latest` or `-N` (the N-th newest)."""
+    ids = sweep_ids(store)
+    if ref in ("latest", "last") or re.fullmatch(r"-[1-9]\d*", ref):
+        offset = 0 if not ref.startswith("-") else int(ref[1:]) - 1
+        if len(ids) <= offset:
+            raise UsageError(f"there is no sweep {ref!r} yet; start one with runpilot sweep CONFIG --grid KEY=V1,V2")
+        return ids[offset]
+    if re.fullmatch(r"-0+", ref):
+        raise UsageError(f"{ref!r} names no sweep: -1 is the newest, -2 the one before")
+    if not SWEEP_REF_RE.match(ref):
+        raise UsageError(f"{visible(ref)!r} is not a sweep id; sweep ids look like sw-20261201-120000-a1b2c3, or "
+                         "a1b2c3 for short (see runpilot sweeps)")
+    bare = ref.removeprefix("sw-")
+    found = [i for i in ids if i.startswith(ref) or i[3:].startswith(bare)]
+    if not found and re.fullmatch(r"[0-9a-f]{6}", bare):
+        found = [i for i in ids if i.endswith("-" + bare)]
+    if ref in found or (not found and SWEEP_ID_RE.match(ref)):
+        return ref  # a full id: Sweep.load says it if it is not there
+    if not found:
+        raise UsageError(f"no sweep matches {ref!r}; see runpilot sweeps")
+    if len(found) > 1:
+        raise UsageError(f"{ref!r} matches several sweeps ({', '.join(sorted(found)[:5])}"
+                         f"{', ...' if len(found) > 5 else ''}); give more of the id")
+    return found[0]
+
+
+def sweep_point_values(sweep: Sweep) -> dict[str, dict]:
+    """Each run of a sweep (earlier runs of a point too) -> its point's values, `repeat` included."""
+    values = {}
+    for point in sweep.points:
+        if not isinstance(point, dict):
+            continue
+        entry = {str(k): v for k, v in (point.get("values") or []) if isinstance(k, str)}
+        entry["repeat"] = point.get("repeat")
+        for run_id in [*(point.get("earlier") or []), point.get("run_id")]:
+            values[str(run_id)] = entry
+    return values
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    """A line of `runpilot sweeps`: a sweep, how far it is, and its best value of the first metric.
+    DONE counts the points that finished (succeeded, failed, timeout): those `--resume` leaves alone."""
+
+    sweep_id: str
+    name: str
+    created_at: str
+    on: str
+    total: int
+    done: int
+    statuses: dict
+    metric: str | None = None
+    best: object = None
+    best_run: str | None = None
+
+    def json(self) -> dict:
+        return {"id": self.sweep_id, "name": self.name, "created_at": self.created_at, "on": self.on,
+                "points": self.total, "done": self.done, "statuses": self.statuses,
+                "best": None if self.metric is None else {"metric": self.metric, "value": self.best,
+                                                          "run_id": self.best_run}}
+
+
+def base_name(name: str) -> str:
+    """A sweep run's name without its point: `synth-cnn[LR=0.1]` -> `synth-cnn`."""
+    return name[:name.rindex("[")] if name.endswith("]") and "[" in name else name
+
+
+def summarize_sweep(sweep: Sweep, records: dict[str, RunRecord]) -> SweepSummary:
+    """The summary of a sweep from its plan and the current run of each point (RECORDS by id)."""
+    current = [records[p["run_id"]] for p in sweep.points if isinstance(p, dict) and p.get("run_id") in records]
+    statuses = [r.status for r in current]
+    counts = {s: statuses.count(s) for s in STATUSES if s in statuses}
+    metric = next((m for r in current for m in r.metric_names), None) or \
+        next((m for r in current for m in sorted(r.last_metrics)), None)
+    scored = [(r.last_metrics.get(metric), r.id) for r in current if metric]
+    best = best_of(metric, [v for v, _ in scored]) if metric else None
+    name = next((base_name(r.name) for r in current), "") or Path(str(sweep.config_file or "-")).name
+    return SweepSummary(sweep.sweep_id, name, sweep.created_at, str(sweep.options.get("on") or "here"),
+                        len(sweep.points), sum(s in (SUCCEEDED, FAILED, TIMEOUT) for s in statuses), counts, metric, best,
+                        next((i for v, i in scored if best is not None and v == best), None))
 
 
 # ==== 17. Slurm: the same config on a cluster ================================
@@ -5457,33 +5553,75 @@ def clip(text: str, width: int, ellipsis: str = ELLIPSIS) -> str:
 
 def render_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset(),
                  width: int | None = None, min_columns: int = 1, shrink: set[int] = frozenset(),
-                 paint=None) -> str:
-    """Aligned columns that fit WIDTH: the SHRINK columns are cut with … (down to 8 columns wide),
-    then whole columns past MIN_COLUMNS are dropped from the right.
+                 paint=None, middle: set[int] = frozenset()) -> str:
+    """Aligned columns that fit WIDTH: whole columns past MIN_COLUMNS are dropped from the right
+    until the rest fits with the SHRINK columns cut to 8 columns wide; then the SHRINK columns are
+    cut with … only as much as needed, the widest first, so the table uses the whole width. The
+    MIDDLE columns are cut in their middle, keeping their end (clip_middle).
 
     Cells are made visible (no control codes). `paint(column, padded_text, row)` may decorate a
     body cell (colour) after alignment.
     """
     rows = [[visible(c) for c in r] for r in rows]
     widths = [max([text_width(h)] + [text_width(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def total(keep: int) -> int:
-        return sum(widths[:keep]) + 2 * (keep - 1)
-    while width and total(len(widths)) > width and any(widths[i] > 8 for i in shrink):
-        widest = max((i for i in shrink if widths[i] > 8), key=lambda i: widths[i])
-        widths[widest] = max(8, widths[widest] - (total(len(widths)) - width))
     keep = len(headers)
-    while width and keep > min_columns and total(keep) > width:
-        keep -= 1
+    if width:
+        keep = _columns_that_fit(widths, width, min_columns, shrink)
+        _shrink_to(widths, width, keep, shrink)
 
     def line(cells: list[str], row: list[str] | None) -> str:
-        cells = [clip(c, widths[i]) for i, c in enumerate(cells[:keep])]
+        cells = [(clip_middle if i in middle else clip)(c, widths[i]) for i, c in enumerate(cells[:keep])]
         pads = [" " * (widths[i] - text_width(c)) for i, c in enumerate(cells)]
         parts = [pad + c if i in right else c + pad for i, (c, pad) in enumerate(zip(cells, pads))]
         if paint and row is not None:
             parts = [paint(i, p, row) for i, p in enumerate(parts)]
         return "  ".join(parts).rstrip()
     return "\n".join([line(headers, None)] + [line(r, r) for r in rows])
+
+
+def _columns_that_fit(widths: list[int], width: int, min_columns: int, shrink: set[int]) -> int:
+    """How many columns from the left fit WIDTH with the SHRINK columns cut to 8 (at least MIN_COLUMNS)."""
+    least = [min(w, 8) if i in shrink else w for i, w in enumerate(widths)]
+    keep = len(widths)
+    while keep > min_columns and sum(least[:keep]) + 2 * (keep - 1) > width:
+        keep -= 1
+    return keep
+
+
+def _shrink_to(widths: list[int], width: int, keep: int, shrink: set[int]) -> None:
+    """Narrow the SHRINK columns among the first KEEP, the widest first, until they fit WIDTH."""
+    excess = sum(widths[:keep]) + 2 * (keep - 1) - width
+    cuttable = [i for i in shrink if i < keep]
+    while excess > 0 and any(widths[i] > 8 for i in cuttable):
+        widest = max((i for i in cuttable if widths[i] > 8), key=lambda i: widths[i])
+        widths[widest] -= 1
+        excess -= 1
+
+
+def clip_middle(text: str, width: int, ellipsis: str = ELLIPSIS) -> str:
+    """TEXT cut to WIDTH columns in its middle, keeping its end, which tells similar names apart: a
+    sweep point's `[LR=0.01]` is kept whole when it fits (`synth-…[LR=0.01]`), else two thirds are end."""
+    if text_width(text) <= width:
+        return text
+    room = width - text_width(ellipsis)
+    if room < 2:
+        return clip(text, width, ellipsis)
+    bracket = text.rfind("[") if text.endswith("]") else -1
+    tail_room = text_width(text[bracket:]) if 0 < bracket and text_width(text[bracket:]) < room else room - room // 3
+    tail = _fitting(reversed(text), tail_room)
+    head = _fitting(text, room - text_width(tail))
+    return head + ellipsis + tail[::-1]
+
+
+def _fitting(chars, room: int) -> str:
+    """The leading CHARS that fit ROOM terminal columns."""
+    out, used = [], 0
+    for ch in chars:
+        if used + text_width(ch) > room:
+            break
+        out.append(ch)
+        used += text_width(ch)
+    return "".join(out)
 
 
 def sparkline(values: list[float], width: int = 40, ascii_only: bool = False) -> str:
@@ -5542,24 +5680,63 @@ def fmt_tags(tags: dict) -> str:
 
 
 def render_runs(records: list[RunRecord], metrics: list[str], absolute: bool, width: int | None,
-                colour: bool = False, full: bool = False) -> str:
+                colour: bool = False, full: bool = False, points: dict[str, dict] | None = None) -> str:
     """`list`: one row per run, metrics featured by the configs, then tags; short ids, long values cut
-    and then the last columns dropped (tags first, then metrics) to fit WIDTH, unless FULL. The first
-    six columns always stay."""
+    (names in their middle) and then the last columns dropped (tags first, then metrics) to fit WIDTH,
+    unless FULL. The first six columns always stay. With POINTS (`list --sweep`: run id -> its
+    point's values) the swept keys follow them as columns of their own, and stay too; else a SWEEP
+    column says which sweep a run is in, when some are."""
     tags = any(r.tags for r in records)
     fixed = ["ID", "NAME", "STATUS", "STARTED", "DURATION", "EXIT", "TAGS"]
-    headers = fixed[:6] + [m if m.upper() in fixed else m.upper() for m in metrics] + (["TAGS"] if tags else [])
+    keys = swept_columns(points) if points else []
+    sweep = not points and any(r.sweep_id for r in records)
+    between = [_key_header(k, keys) for k in keys] + (["SWEEP"] if sweep else [])
+    headers = fixed[:6] + between + [m if m.upper() in fixed else m.upper() for m in metrics] + \
+        (["TAGS"] if tags else [])
     rows = []
     for r in records:
         started = fmt_utc_seconds(r.started_at) if absolute else fmt_ago(r.started_at)
         status = f"{r.status} ({r.reason})" if r.status == QUEUED and r.reason else r.status
-        row = [r.id if full else short_id(r.id), r.name, status, started, fmt_duration(r.duration),
-               "-" if r.exit_code is None else str(r.exit_code)] + [fmt_value(r.last_metrics.get(m)) for m in metrics]
+        row = [r.id if full else short_id(r.id), base_name(r.name) if keys else r.name, status, started,
+               fmt_duration(r.duration), "-" if r.exit_code is None else str(r.exit_code)]
+        row += [fmt_cell((points or {}).get(r.id, {}).get(k)) for k in keys]
+        row += [fmt_sweep_ref(r.sweep_id, full)] if sweep else []
+        row += [fmt_value(r.last_metrics.get(m)) for m in metrics]
         rows.append(row + ([fmt_tags(r.tags)] if tags else []))
     paint = (lambda col, text, row: colour_status(text, row[2].split()[0]) if col == 2 else text) if colour else None
     shrink = set() if full else {1} | ({len(headers) - 1} if tags else set())
-    return render_table(headers, rows, {4, 5} | set(range(6, 6 + len(metrics))), None if full else width,
-                        min_columns=6, shrink=shrink, paint=paint)
+    first = 6 + len(between)
+    return render_table(headers, rows, {4, 5} | set(range(6, 6 + len(keys))) | set(range(first, first + len(metrics))),
+                        None if full else width, min_columns=6 + len(keys), shrink=shrink, paint=paint, middle={1})
+
+
+def swept_columns(points: dict[str, dict]) -> list[str]:
+    """The keys a sweep's points set, in plan order, then `repeat` when a point ran more than once."""
+    keys = list(dict.fromkeys(k for values in points.values() for k in values if k != "repeat"))
+    return keys + (["repeat"] if any(values.get("repeat") for values in points.values()) else [])
+
+
+def _key_header(key: str, keys: list[str]) -> str:
+    """A swept key's column: its last part (`env.LR` -> `LR`), the whole key where two share it."""
+    short = key.rsplit(".", 1)[-1]
+    return (key if sum(k.rsplit(".", 1)[-1] == short for k in keys) > 1 else short).upper()
+
+
+def fmt_sweep_ref(sweep_id: str | None, full: bool = False) -> str:
+    """A sweep as views name it: `sw-391ffe` (its short id, which every SWEEP_ID argument takes)."""
+    if not sweep_id:
+        return "-"
+    return sweep_id if full else f"sw-{sweep_id[-6:]}"
+
+
+def render_sweeps(summaries: list, width: int | None, full: bool = False) -> str:
+    """`runpilot sweeps`: one row per sweep (SweepSummary), newest first, fit to WIDTH."""
+    headers = ["SWEEP", "NAME", "CREATED", "ON", "DONE", "STATUSES", "BEST"]
+    rows = [[fmt_sweep_ref(s.sweep_id, full), s.name, fmt_ago(s.created_at), s.on, f"{s.done}/{s.total}",
+             ", ".join(f"{n} {status}" for status, n in s.statuses.items()) or "-",
+             "-" if s.best is None else f"{s.metric}={fmt_value(s.best)}"] for s in summaries]
+    return render_table(headers, rows, {4}, None if full else width, min_columns=len(headers),
+                        shrink=set() if full else {1, 5, 6}, middle={1, 6})
 
 
 def flatten(data: object, prefix: str = "") -> dict[str, object]:
@@ -6760,6 +6937,14 @@ def _sweep_id_arg(text: str) -> str:
     return text
 
 
+def _sweep_ref_arg(text: str) -> str:
+    """A sweep as a user names it (full id, prefix, short id, latest, -N); find_sweep resolves it."""
+    if not (SWEEP_REF_RE.match(text) or text in ("latest", "last") or re.fullmatch(r"-\d+", text)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sweep id (like sw-20261201-120000-a1b2c3, "
+                                         "sw-a1b2c3, latest or -2)")
+    return text
+
+
 def _gpu_list(text: str) -> list[str]:
     devices = [d.strip() for d in text.split(",") if d.strip()]
     if not devices or not all(re.fullmatch(r"[\w-]+", d) for d in devices):
@@ -6999,6 +7184,7 @@ def _check_sort_metric(sort: str, records: list[RunRecord]) -> None:
 
 def cmd_list(args) -> int:
     store = _store()
+    args.sweep = args.sweep and find_sweep(store, args.sweep)
     what = _list_filter(args)
     records = refresh(store, store.query(what), note)
     _check_sort_metric(what.sort, records)
@@ -7019,8 +7205,17 @@ def cmd_list(args) -> int:
         echo("no run matches" if filtered else "no runs yet; start one with: runpilot run CONFIG")
     else:
         colour = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR")
-        echo(render_runs(records, metrics, args.absolute, output_width(), colour, args.no_trunc))
+        points = _sweep_points_of(store, args.sweep) if args.sweep else None
+        echo(render_runs(records, metrics, args.absolute, output_width(), colour, args.no_trunc, points))
     return 0
+
+
+def _sweep_points_of(store: RunStore, sweep_id: str) -> dict[str, dict] | None:
+    """Run id -> its point's values, for the columns of `list --sweep`; None if the plan is unreadable."""
+    try:
+        return sweep_point_values(Sweep.load(store, sweep_id))
+    except (RunPilotError, TypeError, AttributeError, ValueError):
+        return None
 
 
 def cmd_show(args) -> int:
@@ -7117,9 +7312,13 @@ def _copy_from(path: Path, out, offset: int, end: int | None = None) -> int:
 
 def cmd_stop(args) -> int:
     store = _store()
-    if SWEEP_ID_RE.match(args.run):
-        echo(stop_sweep(store, args.run, args.wait, note))
+    if args.sweep or (args.run or "").startswith("sw-"):
+        if args.sweep and args.run:
+            raise UsageError("give a run or --sweep ID, not both")
+        echo(stop_sweep(store, find_sweep(store, args.sweep or args.run), args.wait, note))
         return 0
+    if not args.run:
+        raise UsageError("name the run to stop (id, prefix, latest, -N), or a sweep with --sweep ID")
     record = find_run(store, args.run)
     meta = store.folder(record.id).read_meta()
     if record.status not in ACTIVE_STATUSES and not (record.status == LOST and leftover_job(record, meta)):
@@ -7140,6 +7339,7 @@ def _sweep_runs(store: RunStore, sweep_id: str) -> list[RunRecord]:
 
 def _refs_or_sweep(store: RunStore, args) -> list[RunRecord]:
     if args.sweep:
+        args.sweep = find_sweep(store, args.sweep)
         return _sweep_runs(store, args.sweep)
     if not args.runs:
         raise UsageError("name the runs (ids, prefixes, latest, -N), or a sweep with --sweep ID")
@@ -7494,7 +7694,7 @@ def _flat_config(record: RunRecord) -> dict:
 
 def _plot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
-    p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
     p.add_argument("--metric", action="append", default=[], metavar="NAME",
                    help="a metric to plot (repeatable; default: the configs' metrics, else every numeric one)")
     p.add_argument("--x", choices=("step", "time"), default="step",
@@ -7632,7 +7832,7 @@ def _resume_sweep(store: RunStore, args) -> int:
     if changed:
         raise UsageError(f"--resume runs the points as they were recorded; {', '.join(changed)} cannot be given "
                          "with it (start a new sweep to change them)")
-    sweep = Sweep.load(store, args.resume)
+    sweep = Sweep.load(store, find_sweep(store, args.resume))
     if sweep.options.get("on") == "slurm":
         raise UsageError(f"sweep {sweep.sweep_id} was submitted to Slurm, and --resume runs points here; submit "
                          "the points that did not finish again with runpilot sweep ... --on slurm")
@@ -7703,7 +7903,7 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=_positive_int, metavar="N",
                    help="at most N runs at once (default: one per free GPU, or 1 without GPUs)")
     p.add_argument("--fail-fast", action="store_true", help="stop the sweep when a run does not succeed")
-    p.add_argument("--resume", metavar="SWEEP_ID", type=_sweep_id_arg, help="run the points of a sweep that never finished")
+    p.add_argument("--resume", metavar="SWEEP_ID", type=_sweep_ref_arg, help="run the points of a sweep that never finished")
     p.add_argument("--dry-run", action="store_true", help="print the plan; run and record nothing")
     p.add_argument("--on", choices=("here", "slurm"), default="here",
                    help="here (default), or submit the sweep to Slurm as one job array")
@@ -7832,7 +8032,7 @@ def _list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", metavar="PATTERN", help="only runs whose name matches this glob")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag")
     p.add_argument("--since", metavar="WHEN", help="only runs started since: 2d, 12h, 30m or 2026-11-01")
-    p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="only the runs of this sweep (all of them)")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="only the runs of this sweep (all of them)")
     p.add_argument("--sort", default="started", metavar="KEY",
                    help="started (default), duration, or the name of a metric")
     order = p.add_mutually_exclusive_group()
@@ -7864,7 +8064,8 @@ def _logs_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _stop_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run id, unique prefix, short id, latest, -N, or a sweep id")
+    p.add_argument("run", nargs="?", help="run id, unique prefix, short id, latest, -N, or a sweep id (sw-...)")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="stop this sweep (sw-a1b2c3, latest, -N, ...)")
     p.add_argument("--wait", type=_stop_timeout, default=60, metavar="SECONDS", help="how long to wait (default 60)")
 
 
@@ -7875,13 +8076,13 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
-    p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
     p.add_argument("--no-trunc", action="store_true", help="full run ids and values, however wide")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run")
-    p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
     p.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
     p.add_argument("--config", action="store_true", help="add the config values that differ between the runs")
     p.add_argument("--tags", action="store_true", help="add each tag as a column tag.NAME")
@@ -7925,6 +8126,44 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-id", type=_run_id_arg, help=argparse.SUPPRESS)  # chosen by a detached run's parent
 
 
+def cmd_sweeps(args) -> int:
+    """`runpilot sweeps`: every sweep, newest first, with how far it got and its best value."""
+    store = _store()
+    summaries = sweep_summaries(store, note)[:None if args.all else args.limit]
+    if args.json:
+        echo(json.dumps(json_safe([s.json() for s in summaries]), indent=2, sort_keys=True))
+    elif not summaries:
+        echo("no sweeps yet; start one with: runpilot sweep CONFIG --grid KEY=V1,V2")
+    else:
+        echo(render_sweeps(summaries, output_width(), args.no_trunc))
+    return 0
+
+
+def sweep_summaries(store: RunStore, note: Callable[[str], None]) -> list[SweepSummary]:
+    """Each sweep's summary from its plan and its runs' index rows, statuses brought up to date."""
+    plans = []
+    for sweep_id in sweep_ids(store):
+        try:
+            sweep = Sweep.load(store, sweep_id)
+        except RunPilotError as exc:
+            note(f"sweep {sweep_id} is left out: {exc}")
+            continue
+        if not isinstance(sweep.points, list) or not isinstance(sweep.options, dict):
+            note(f"sweep {sweep_id} is left out: its sweep.json is not a sweep's plan")
+            continue
+        plans.append(sweep)
+    rows = [r for sweep in plans for r in store.query(RunFilter(sweep_id=sweep.sweep_id))] if plans else []
+    records = {r.id: r for r in refresh(store, rows, note)}
+    return [summarize_sweep(sweep, records) for sweep in plans]
+
+
+def _sweeps_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=_positive_int, default=20, metavar="N", help="show the N newest (default 20)")
+    p.add_argument("--all", action="store_true", help="show every sweep")
+    p.add_argument("--no-trunc", action="store_true", help="full sweep ids and values, however wide")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
+
 # name, function, help, example, arguments: the commands in the order --help lists them.
 COMMANDS = [
     ("run", cmd_run, "run a job from a config file and record it",
@@ -7935,6 +8174,8 @@ COMMANDS = [
      "runpilot rerun latest --set env.LR=0.02", _rerun_arguments),
     ("list", cmd_list, "list runs, newest first",
      "runpilot list --status failed --since 2d --sort val_accuracy", _list_arguments),
+    ("sweeps", cmd_sweeps, "list sweeps, newest first: points done, statuses, best value",
+     "runpilot sweeps && runpilot list --sweep latest", _sweeps_arguments),
     ("show", cmd_show, "show one run: status, files, metrics, config",
      "runpilot show latest", _show_arguments),
     ("logs", cmd_logs, "print the saved log of a run",
