@@ -4859,12 +4859,23 @@ SWEEP_REF_RE = re.compile(r"(sw-)?[0-9a-f-]{1,22}\Z")
 
 
 def sweep_ids(store: RunStore) -> list[str]:
-    """The sweeps this home holds (their folders), newest first (ids begin with their start time)."""
+    """The sweeps this home holds (their folders), newest first: ids begin with their start second,
+    and sweeps of the same second are ordered by the time their plan records."""
     try:
         names = [p.name for p in store.sweeps_dir.iterdir() if SWEEP_ID_RE.match(p.name)]
     except OSError:
         return []
-    return sorted(names, reverse=True)
+    seconds = [name[3:18] for name in names]
+    return sorted(names, key=lambda name: (name[3:18], _created_at(store, name) if seconds.count(name[3:18]) > 1
+                                           else ""), reverse=True)
+
+
+def _created_at(store: RunStore, sweep_id: str) -> str:
+    try:
+        created = read_json_file(store.sweeps_dir / sweep_id / "sweep.json").get("created_at")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return created if isinstance(created, str) else ""
 
 
 def find_sweep(store: RunStore, ref: str) -> str:
@@ -5731,12 +5742,18 @@ def fmt_sweep_ref(sweep_id: str | None, full: bool = False) -> str:
 
 def render_sweeps(summaries: list, width: int | None, full: bool = False) -> str:
     """`runpilot sweeps`: one row per sweep (SweepSummary), newest first, fit to WIDTH."""
-    headers = ["SWEEP", "NAME", "CREATED", "ON", "DONE", "STATUSES", "BEST"]
-    rows = [[fmt_sweep_ref(s.sweep_id, full), s.name, fmt_ago(s.created_at), s.on, f"{s.done}/{s.total}",
+    headers = ["SWEEP", "NAME", "CREATED", "DONE", "STATUSES", "BEST"]
+    rows = [[fmt_sweep_ref(s.sweep_id, full), s.name + (" (slurm)" if s.on == "slurm" else ""),
+             fmt_ago(s.created_at), f"{s.done}/{s.total}",
              ", ".join(f"{n} {status}" for status, n in s.statuses.items()) or "-",
              "-" if s.best is None else f"{s.metric}={fmt_value(s.best)}"] for s in summaries]
-    return render_table(headers, rows, {4}, None if full else width, min_columns=len(headers),
-                        shrink=set() if full else {1, 5, 6}, middle={1, 6})
+    if full or not width:
+        return render_table(headers, rows, {3}, None, min_columns=len(headers))
+    for shrink in ({1}, {1, 4, 5}):  # the name gives way first; the statuses and the best when it is not enough
+        table = render_table(headers, rows, {3}, width, min_columns=len(headers), shrink=shrink, middle={1, 5})
+        if max(text_width(line) for line in table.splitlines()) <= width:
+            break
+    return table
 
 
 def flatten(data: object, prefix: str = "") -> dict[str, object]:
