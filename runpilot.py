@@ -5278,7 +5278,7 @@ def node_options(meta: RunMeta, slurm: dict) -> RunOptions:
     return RunOptions(stop_timeout=float(stored.get("stop_timeout", DEFAULT_STOP_TIMEOUT)),
                       pull=str(stored.get("pull", "missing")), keep_engine_logs=bool(stored.get("keep_engine_logs")),
                       tags=meta.tags, overrides=meta.overrides, run_id=meta.run_id, gpu_check=False,
-                      claim_gpus=False, sweep=meta.sweep, slurm=slurm,
+                      claim_gpus=False, sweep=meta.sweep, slurm=slurm, rerun_of=meta.rerun_of,
                       extra_env={k: str(v) for k, v in extra.items() if v is not None})
 
 
@@ -7093,6 +7093,8 @@ def cmd_rerun(args) -> int:
     config = dataclasses.replace(config, name=args.name or config.name, source=old_meta.config_file)
     options = dataclasses.replace(_run_options(args, rerun_of=old.id, previous=old_meta),
                                   tags={**old.tags, **_tags(args.tag)})
+    if args.on == "slurm":
+        return slurm_run_cli(args, config, options)
     return _launch(args, config, options)
 
 
@@ -7732,11 +7734,16 @@ def _plot_arguments(p: argparse.ArgumentParser) -> None:
                    help="write one self-contained HTML page (SVG charts, a table of the runs) instead")
 
 
+def sweep_labels(sweep: Sweep) -> dict[str, str]:
+    """Each point's run -> `[1/3 LR=0.1]`, what a sweep's lines begin with."""
+    return {p["run_id"]: f"[{p['index'] + 1}/{len(sweep.points)} "
+            f"{SweepPoint(p['index'], tuple(map(tuple, p['values'])), p['repeat']).label(sweep.repeat)}]"
+            for p in sweep.points}
+
+
 def sweep_reporter(sweep: Sweep, terminal: Terminal) -> Reporter:
     """One line per run event, the point's values in front: parallel jobs' output stays in logs.txt."""
-    labels = {p["run_id"]: f"[{p['index'] + 1}/{len(sweep.points)} "
-              f"{SweepPoint(p['index'], tuple(map(tuple, p['values'])), p['repeat']).label(sweep.repeat)}]"
-              for p in sweep.points}
+    labels = sweep_labels(sweep)
 
     def report(event: RunEvent) -> None:
         label = labels.get(event.run_id or "", "")
@@ -7829,14 +7836,19 @@ def _run_sweep(store: RunStore, sweep: Sweep, jobs: list, options: RunOptions, p
         code = runner.run(signals)
     finally:
         finish_output(terminal, signals)
-    records = refresh(store, [r for p in sweep.points if (r := store.get(p["run_id"])) is not None], note)
-    runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics))) for r in records]
-    echo(render_compare(runs, output_width(), False, ("name",)))
     sweep.runner = {}  # no one runs it any more: --resume may
     with contextlib.suppress(OSError):
         sweep.save(store)
-    note(f"sweep {sweep.sweep_id}: runpilot list --sweep {sweep.sweep_id}; runpilot plot --sweep {sweep.sweep_id}")
+    print_sweep_end(store, sweep)
     return code
+
+
+def print_sweep_end(store: RunStore, sweep: Sweep) -> None:
+    """What a sweep ends with, wherever it ran: the comparison table, then how to look at it again."""
+    records = refresh(store, [r for p in sweep.points if (r := store.get(p["run_id"])) is not None], note)
+    runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics))) for r in records]
+    echo(render_compare(runs, output_width(), False, ("name",)))
+    note(f"sweep {sweep.sweep_id}: runpilot list --sweep {sweep.sweep_id}; runpilot plot --sweep {sweep.sweep_id}")
 
 
 def _resume_sweep(store: RunStore, args) -> int:
@@ -7945,7 +7957,7 @@ def slurm_run_cli(args, config: JobConfig, options: RunOptions) -> int:
     """`run --on slurm`: submit, then (unless -d) follow the job as a local run would be followed."""
     _slurm_refusals(args, sweep=False)
     store = _store()
-    if args.dry_run:
+    if getattr(args, "dry_run", False):  # rerun has no --dry-run
         lines = sbatch_lines(config, "RUNID", "RUN_FOLDER/slurm-%j.out")
         echo("\n".join(visible(line) for line in slurm_script(config, lines, Path("RUN_FOLDER/runpilot.py"),
                                                                   "RUN_FOLDER").split("\n")))
@@ -7978,43 +7990,107 @@ def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOpti
         if args.detach and not signals.received:
             echo(sweep_id)
             return 0
-        return follow_slurm(store, [p["run_id"] for p in sweep.points], stream=False, signals=signals)
+        return follow_slurm(store, [p["run_id"] for p in sweep.points], stream=False, signals=signals, sweep=sweep)
 
 
-def follow_slurm(store: RunStore, run_ids: list[str], stream: bool, signals: StopSignals) -> int:
-    """Show queue state changes, stream the log of a single run, and end with the runs. Ctrl-C
-    (held in SIGNALS since before the submission) cancels the jobs (scancel), and the runs end
-    `interrupted` as a local Ctrl-C would end them (`cancelled` if they had not started)."""
-    out, offset, said, cancelled = terminal_writer(sys.stdout), 0, {}, False
-    while True:
-        if signals.received and not cancelled:
-            jobs = sorted({str(r.slurm_job).split("_")[0] if len(run_ids) > 1 else str(r.slurm_job)
-                           for i in run_ids if (r := store.get(i)) and r.slurm_job})
-            note(f"cancelling Slurm job {', '.join(jobs)} (scancel); the run ends when the job has stopped")
-            quiet_run(["scancel", *jobs], timeout=60)
-            cancelled = True
-        records = refresh(store, [r for i in run_ids if (r := store.get(i))], note)
-        for r in records:
-            text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
-            node = store.folder(r.id).read_meta().slurm.get("node") if r.status == RUNNING else None
-            if said.get(r.id) != text and r.status in ACTIVE_STATUSES:
-                note(f"run {r.id} {text}" + (f" on {node}" if node else ""))
-            said[r.id] = text
-        if stream:
-            with contextlib.suppress(OSError):
-                offset = _copy_from(store.folder(run_ids[0]).logs, out, offset)
-        if all(r.status not in ACTIVE_STATUSES for r in records):
-            break
-        time.sleep(1)
-    metas = [store.folder(i).read_meta() for i in run_ids]
-    code = 128 + signals.received[0] if cancelled else \
-        exit_status_of(metas[0]) if len(metas) == 1 else (0 if all(m.status == SUCCEEDED for m in metas) else 1)
-    for meta in metas:
-        own = f"; runpilot exits with {code}" if len(metas) == 1 and exit_status_of(meta) != code else ""
-        note(f"run {meta.run_id} {fmt_ending(meta)}" + (f": {meta.reason}" if meta.reason else "") + own)
-        if meta.hint:
-            note(f"hint: {meta.hint}")
+def follow_slurm(store: RunStore, run_ids: list[str], stream: bool, signals: StopSignals,
+                 sweep: Sweep | None = None) -> int:
+    """Show queue state changes, stream the log of a single run, and end with the runs, as a local
+    run or sweep ends (closing lines with metrics and folder; a sweep's `[1/3 LR=...]` lines, its
+    comparison table and `plot` line). Ctrl-C (held in SIGNALS since before the submission) cancels
+    the jobs (scancel), and the runs end `interrupted` as a local Ctrl-C would end them (`cancelled`
+    if they had not started), reported as stopped by that Ctrl-C."""
+    terminal = Terminal(sys.stdout, sys.stderr)  # RunPilot's lines start on a fresh line of the job's output
+    labels = sweep_labels(sweep) if sweep else {}
+    offset, said, cancelled, cancelled_at = 0, {}, False, ""
+    try:
+        while True:
+            if signals.received and not cancelled:
+                jobs = sorted({str(r.slurm_job).split("_")[0] if len(run_ids) > 1 else str(r.slurm_job)
+                               for i in run_ids if (r := store.get(i)) and r.slurm_job})
+                terminal.say(f"cancelling Slurm job {', '.join(jobs)} (scancel); the run ends when the job has stopped")
+                cancelled_at = utc_now()
+                quiet_run(["scancel", *jobs], timeout=60)
+                cancelled = True
+            records = refresh(store, [r for i in run_ids if (r := store.get(i))], terminal.say)
+            for r in records:
+                _say_slurm_state(store, r, said, labels, terminal.say)
+            if stream:
+                with contextlib.suppress(OSError):
+                    offset = _copy_from(store.folder(run_ids[0]).logs, lambda chunk: terminal.job_output(1, chunk),
+                                        offset)
+            if all(r.status not in ACTIVE_STATUSES for r in records):
+                break
+            time.sleep(1)
+        metas = [store.folder(i).read_meta() for i in run_ids]
+        if cancelled:
+            metas = [stopped_from_here(store, meta, signals.received[0], cancelled_at) for meta in metas]
+        code = 128 + signals.received[0] if cancelled else \
+            exit_status_of(metas[0]) if len(metas) == 1 else (0 if all(m.status == SUCCEEDED for m in metas) else 1)
+        for meta in metas:
+            for line in slurm_closing_lines(store, meta, code if len(metas) == 1 else exit_status_of(meta),
+                                            labels.get(meta.run_id), stopped_here=cancelled):
+                terminal.say(line)
+    finally:
+        finish_output(terminal, signals)
+    if sweep is not None:
+        print_sweep_end(store, sweep)
     return code
+
+
+def _say_slurm_state(store: RunStore, r: RunRecord, said: dict, labels: dict, say: Callable[[str], None]) -> None:
+    """A run's queue state, when it changes: `run ID queued (Priority)`, `running on NODE`; a sweep's
+    point says `[1/3 LR=0.1] started on NODE (run ID)`, as a local sweep does."""
+    text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
+    node = store.folder(r.id).read_meta().slurm.get("node") if r.status == RUNNING else None
+    if said.get(r.id) != text and r.status in ACTIVE_STATUSES:
+        if r.id not in labels:
+            say(f"run {r.id} {text}" + (f" on {node}" if node else ""))
+        elif r.status == RUNNING:
+            say(f"{labels[r.id]} started" + (f" on {node}" if node else "") + f" (run {short_id(r.id)})")
+    said[r.id] = text
+
+
+def slurm_closing_lines(store: RunStore, meta: RunMeta, code: int, label: str | None,
+                        stopped_here: bool) -> list[str]:
+    """How a Slurm run ended, in the words of a local run (render_summary: ending, metrics, folder)
+    or of a local sweep's point (LABEL); the reason too, unless this terminal stopped it."""
+    why = f": {meta.reason}" if meta.reason and meta.status != SUCCEEDED and not stopped_here else ""
+    if label is not None:
+        shown = ", ".join(f"{k} {fmt_value(meta.last_metrics[k])}" for k in meta.metric_names if k in meta.last_metrics)
+        lines = [f"{label} {fmt_ending(meta)}" + (f", {shown}" if shown else "") + f" (run {short_id(meta.run_id)})"
+                 + why]
+    else:
+        lines = render_summary(RunOutcome(RunRecord.of(meta, store.folder(meta.run_id).path), code, meta))
+        head, sep, tail = lines[0].partition("; runpilot exits with")
+        lines[0] = head + why + sep + tail
+    return lines + ([f"hint: {meta.hint}"] if meta.hint else [])
+
+
+def stopped_from_here(store: RunStore, meta: RunMeta, signum: int, cancelled_at: str) -> RunMeta:
+    """A Slurm run that this terminal's Ctrl-C (or SIGTERM, SIGHUP) cancelled: recorded as stopped by
+    that signal, naming the one scancel gave the job (the node saw only that one).
+
+    scancel signals every process of the job at once, so the job may die of it before RunPilot on
+    the node has looked at its own signal, and the node records `failed` with 128+N: a job that
+    ended so after the cancel was interrupted by it."""
+    killed = meta.status == FAILED and meta.exit_code in (128 + signal.SIGTERM, 128 + signal.SIGKILL,
+                                                          128 + signal.SIGINT) \
+        and (meta.finished_at or "") >= cancelled_at
+    if killed:
+        meta.status, meta.reason = INTERRUPTED, None
+    if meta.status not in (INTERRUPTED, CANCELLED) or (meta.stop_signal == signum and meta.reason
+                                                        and "scancel" in meta.reason):
+        return meta
+    got = f"; the job got {signal_name(meta.stop_signal)}" if meta.stop_signal not in (None, signum) else ""
+    before, _, rest = (meta.reason or "").partition(";")
+    kept = rest.strip() if before.startswith("stopped by") else (meta.reason or "")
+    meta.stop_signal = signum
+    meta.reason = f"stopped by {signal_name(signum)} (scancel{got})" + (f"; {kept}" if kept else "")
+    with contextlib.suppress(OSError):
+        store.folder(meta.run_id).write_meta(meta)
+    store.save_or_defer(meta)
+    return meta
 
 
 def cmd_slurm_job(args) -> int:
@@ -8042,6 +8118,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 def _rerun_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
     _add_run_options(p)
+    p.add_argument("--on", choices=("here", "slurm"), default="here",
+                   help="here (default), or submit to a Slurm cluster with sbatch")
 
 
 def _list_arguments(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ The sweeps here are real ones on engine local (no container engine needed).
 
 import json
 import re
+import signal
 
 import runpilot
 from tests.common import RunsHome, Tty
@@ -211,6 +212,61 @@ class SweepsCommand(SweepViewsCase):
         self.store.save(meta)
         [row] = json.loads(self.cli("sweeps", "--json")[1])
         self.assertEqual((row["done"], row["statuses"]), (1, {"succeeded": 1, "queued": 1}))
+
+
+class SlurmEndings(RunsHome):
+    """How an attached Slurm run's end is told and recorded (pure parts; the cluster tests are in
+    test_sweepviews_slurm)."""
+
+    CANCELLED_AT = "2026-11-20T10:00:05.000Z"  # add_run's runs start at 10:00:00 and last 10 s
+
+    def meta(self, **fields) -> runpilot.RunMeta:
+        record = self.add_run("on-slurm", metric_names=["loss"], samples=[{"loss": 0.5}], **fields)
+        return self.store.folder(record.id).read_meta()
+
+    def test_a_job_killed_by_the_cancel_is_interrupted_by_ctrl_c(self):
+        meta = runpilot.stopped_from_here(self.store, self.meta(status="failed", exit_code=143), signal.SIGINT,
+                                          self.CANCELLED_AT)
+        again = self.store.folder(meta.run_id).read_meta()
+        self.assertEqual((again.status, again.stop_signal, again.reason),
+                         ("interrupted", signal.SIGINT, "stopped by Ctrl-C (scancel)"))
+        self.assertEqual(self.store.get(meta.run_id).status, "interrupted")
+
+    def test_the_signal_the_node_saw_is_named_and_the_rest_of_its_reason_kept(self):
+        meta = self.meta(status="interrupted", exit_code=143, stop_signal=signal.SIGTERM,
+                         reason="stopped by SIGTERM; killed after its 10s grace period")
+        meta = runpilot.stopped_from_here(self.store, meta, signal.SIGINT, self.CANCELLED_AT)
+        self.assertEqual((meta.stop_signal, meta.reason), (signal.SIGINT, "stopped by Ctrl-C (scancel; the job got "
+                                                           "SIGTERM); killed after its 10s grace period"))
+
+    def test_other_endings_stay_as_recorded(self):
+        cases = [dict(status="failed", exit_code=1), dict(status="succeeded", exit_code=0),
+                 dict(status="failed", exit_code=143, started=runpilot.parse_time("2026-11-20T09:00:00Z"))]
+        for fields in cases:
+            with self.subTest(**{k: str(v) for k, v in fields.items()}):
+                meta = self.meta(**fields)
+                after = runpilot.stopped_from_here(self.store, meta, signal.SIGINT, self.CANCELLED_AT)
+                self.assertEqual((after.status, after.stop_signal, after.reason), (fields["status"], None, None))
+
+    def test_closing_lines_are_a_local_runs(self):
+        meta = self.meta(status="interrupted", exit_code=143, stop_signal=signal.SIGINT,
+                         reason="stopped by Ctrl-C (scancel; the job got SIGTERM)")
+        folder = self.store.folder(meta.run_id).path
+        self.assertEqual(runpilot.slurm_closing_lines(self.store, meta, 130, None, stopped_here=True),
+                         [f"run {meta.run_id} interrupted by Ctrl-C after 10.0s (exit code 143); runpilot exits "
+                          "with 130", "  loss=0.5", f"  folder: {folder}"])
+
+    def test_a_failure_keeps_its_reason_and_hint(self):
+        meta = self.meta(status="failed", exit_code=1, reason="podman is not installed on node vm", hint="use local")
+        lines = runpilot.slurm_closing_lines(self.store, meta, 1, None, stopped_here=False)
+        self.assertEqual(lines[0], f"run {meta.run_id} failed in 10.0s (exit code 1): podman is not installed on "
+                                   "node vm")
+        self.assertEqual(lines[-1], "hint: use local")
+
+    def test_a_sweeps_point_closes_as_a_local_sweeps(self):
+        meta = self.meta(status="succeeded", exit_code=0)
+        self.assertEqual(runpilot.slurm_closing_lines(self.store, meta, 0, "[2/3 LR=0.1]", stopped_here=False),
+                         [f"[2/3 LR=0.1] succeeded in 10.0s (exit code 0), loss 0.5 (run {meta.run_id[-6:]})"])
 
 
 if __name__ == "__main__":
