@@ -6580,7 +6580,7 @@ def legend_line(curve: Curve, width: int, style: PlotStyle) -> str:
         head = f" {curve.short_id}{state}" if with_id else ""
         room = width - 2 - text_width(head + tail)
         if room >= min(8, text_width(name)):
-            text = clip(name, room, ellipsis) + head + tail
+            text = clip_middle(name, room, ellipsis) + head + tail  # a sweep's names differ at their end
             break
     else:
         text = clip(name + f" {curve.short_id}" + forms[1], width - 2, ellipsis)
@@ -6839,7 +6839,7 @@ def _svg_legend(curves: list[Curve], left: float, top: float) -> list[str]:
         colour = SVG_COLOURS[curve.run % len(SVG_COLOURS)]
         values = (f"last {fmt_value(curve.last)} · best {fmt_value(curve.best)}" if curve.count
                   else "no samples")
-        name = clip(visible(curve.name), 34 if two else 60)
+        name = clip_middle(visible(curve.name), 34 if two else 60)
         out.append(f'<rect x="{_num(x)}" y="{_num(y - 9)}" width="12" height="12" rx="2" fill="{colour}"/>')
         out.append(f'<text x="{_num(x + 18)}" y="{_num(y + 1)}" fill="#1f2328">{_h(name)}'
                    f'<tspan dx="6" fill="#8c959f">{_h(curve.short_id)}</tspan>'

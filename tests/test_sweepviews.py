@@ -86,6 +86,15 @@ class UsingTheWidth(SweepViewsCase):
         self.assertTrue(all(n.startswith("syn") for n in names), names)
         self.assertEqual({self.cells(line)[6] for line in lines[1:]}, {"sw-" + sweep_id[-6:]})
 
+    def test_the_plot_legend_keeps_the_points_of_long_names(self):
+        self.sweep("env.LR=0.1,0.05", name="x" * 70)
+        code, out, err = self.cli("plot", "--sweep", "latest", "--ascii", "--width", "80", "--metric", "train_loss")
+        self.assertEqual(code, 0, err)
+        legend = out.splitlines()[-2:]
+        self.assertRegex(legend[0], r"^\* x+~\[LR=0\.1\] [0-9a-f]{6}  last 0\.1  best 0\.1$")
+        self.assertRegex(legend[1], r"^o x+~\[LR=0\.05\] [0-9a-f]{6}  last 0\.05  best 0\.05$")
+        self.assertFits(legend)
+
     def test_no_sweep_column_without_sweeps(self):
         self.add_run("plain", metric_names=["loss"], samples=[{"loss": 1}])
         self.assertNotIn("SWEEP", self.view("list")[0])
