@@ -4915,7 +4915,8 @@ def sweep_point_values(sweep: Sweep) -> dict[str, dict]:
         entry = {str(k): v for k, v in (point.get("values") or []) if isinstance(k, str)}
         entry["repeat"] = point.get("repeat")
         for run_id in [*(point.get("earlier") or []), point.get("run_id")]:
-            values[str(run_id)] = entry
+            if isinstance(run_id, str):
+                values[run_id] = entry
     return values
 
 
@@ -4949,7 +4950,8 @@ def base_name(name: str) -> str:
 
 def summarize_sweep(sweep: Sweep, records: dict[str, RunRecord]) -> SweepSummary:
     """The summary of a sweep from its plan and the current run of each point (RECORDS by id)."""
-    current = [records[p["run_id"]] for p in sweep.points if isinstance(p, dict) and p.get("run_id") in records]
+    current = [records[p["run_id"]] for p in sweep.points
+               if isinstance(p, dict) and isinstance(p.get("run_id"), str) and p["run_id"] in records]
     statuses = [r.status for r in current]
     counts = {s: statuses.count(s) for s in STATUSES if s in statuses}
     metric = next((m for r in current for m in r.metric_names), None) or \
@@ -4957,7 +4959,7 @@ def summarize_sweep(sweep: Sweep, records: dict[str, RunRecord]) -> SweepSummary
     scored = [(r.last_metrics.get(metric), r.id) for r in current if metric]
     best = best_of(metric, [v for v, _ in scored]) if metric else None
     name = next((base_name(r.name) for r in current), "") or Path(str(sweep.config_file or "-")).name
-    return SweepSummary(sweep.sweep_id, name, sweep.created_at, str(sweep.options.get("on") or "here"),
+    return SweepSummary(sweep.sweep_id, name, str(sweep.created_at), str(sweep.options.get("on") or "here"),
                         len(sweep.points), sum(s in (SUCCEEDED, FAILED, TIMEOUT) for s in statuses), counts, metric, best,
                         next((i for v, i in scored if best is not None and v == best), None))
 
@@ -8249,7 +8251,13 @@ def sweep_summaries(store: RunStore, note: Callable[[str], None]) -> list[SweepS
         plans.append(sweep)
     rows = [r for sweep in plans for r in store.query(RunFilter(sweep_id=sweep.sweep_id))] if plans else []
     records = {r.id: r for r in refresh(store, rows, note)}
-    return [summarize_sweep(sweep, records) for sweep in plans]
+    summaries = []
+    for sweep in plans:
+        try:
+            summaries.append(summarize_sweep(sweep, records))
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a hand-edited sweep.json
+            note(f"sweep {sweep.sweep_id} is left out: its sweep.json is not a sweep's plan ({exc})")
+    return summaries
 
 
 def _sweeps_arguments(p: argparse.ArgumentParser) -> None:

@@ -211,6 +211,20 @@ class SweepsCommand(SweepViewsCase):
         code, out, err = self.cli("sweeps")
         self.assertEqual((code, out), (0, "no sweeps yet; start one with: runpilot sweep CONFIG --grid KEY=V1,V2\n"))
 
+    def test_a_wrongly_typed_plan_is_left_out_with_a_note(self):
+        good = self.sweep("env.LR=0.3")
+        for broken in ({"points": [5]}, {"options": []}, {"points": [{"index": 0}]}, {"points": {"a": 1}},
+                       {"points": [{"run_id": ["x"]}], "created_at": 5}):
+            with self.subTest(broken=broken):
+                plan = self.home / "sweeps" / "sw-20990101-000000-abcdef" / "sweep.json"
+                plan.parent.mkdir(parents=True, exist_ok=True)
+                plan.write_text(json.dumps({"sweep_id": plan.parent.name, "config_file": None, "axes": [],
+                                            "repeat": 1, "points": [], "options": {}, **broken}))
+                code, out, err = self.cli("sweeps", "--json")
+                self.assertEqual(code, 0, err)
+                self.assertIn([row["id"] for row in json.loads(out)], ([good], [plan.parent.name, good]))
+                self.assertEqual(runpilot._sweep_points_of(self.store, plan.parent.name) or {}, {})
+
     def test_a_queued_point_counts_as_not_done(self):
         sweep_id = self.sweep("env.LR=0.3,0.1")
         sweep = runpilot.Sweep.load(self.store, sweep_id)
