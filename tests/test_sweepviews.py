@@ -165,6 +165,7 @@ class SweepIds(SweepViewsCase):
                  (("compare", "--sweep", "sw-2"), "matches several sweeps"),
                  (("list", "--sweep", "bad id"), "is not a sweep id"),
                  (("stop", "--sweep", "-1", "latest"), "give a run or --sweep ID, not both"),
+                 (("stop",), "name the run to stop (id, prefix, latest, -N), or a sweep with --sweep ID"),
                  (("sweep", "--resume", "nope!"), "is not a sweep id")]
         for args, message in cases:
             with self.subTest(args=args):
