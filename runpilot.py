@@ -4959,8 +4959,9 @@ def summarize_sweep(sweep: Sweep, records: dict[str, RunRecord]) -> SweepSummary
     scored = [(r.last_metrics.get(metric), r.id) for r in current if metric]
     best = best_of(metric, [v for v, _ in scored]) if metric else None
     name = next((base_name(r.name) for r in current), "") or Path(str(sweep.config_file or "-")).name
+    done = sum(s in (SUCCEEDED, FAILED, TIMEOUT) for s in statuses)
     return SweepSummary(sweep.sweep_id, name, str(sweep.created_at), str(sweep.options.get("on") or "here"),
-                        len(sweep.points), sum(s in (SUCCEEDED, FAILED, TIMEOUT) for s in statuses), counts, metric, best,
+                        len(sweep.points), done, counts, metric, best,
                         next((i for v, i in scored if best is not None and v == best), None))
 
 

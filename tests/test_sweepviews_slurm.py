@@ -31,7 +31,8 @@ class SlurmLikeLocal(SlurmCase):
         result = self.submit(config)
         self.assertNotEqual(result.returncode, 0)
         run = self.only_run()
-        closing = [line for line in result.stderr.decode().splitlines() if line.startswith(f"runpilot: run {run.name} failed")]
+        closing = [line for line in result.stderr.decode().splitlines()
+                   if line.startswith(f"runpilot: run {run.name} failed")]
         self.assertEqual(len(closing), 1, result.stderr)
         self.assertIn("podman is not installed", closing[0])
         self.assertIn(f"runpilot:   folder: {run}", result.stderr.decode())
