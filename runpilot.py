@@ -8077,10 +8077,9 @@ def stopped_from_here(store: RunStore, meta: RunMeta, signum: int, cancelled_at:
     scancel signals every process of the job at once, so the job may die of it before RunPilot on
     the node has looked at its own signal, and the node records `failed` with 128+N: a job that
     ended so after the cancel was interrupted by it."""
-    killed = meta.status == FAILED and meta.exit_code in (128 + signal.SIGTERM, 128 + signal.SIGKILL,
-                                                          128 + signal.SIGINT) \
-        and (meta.finished_at or "") >= cancelled_at
-    if killed:
+    if (meta.finished_at or "") < cancelled_at:  # it had ended before: not by this cancel
+        return meta
+    if meta.status == FAILED and meta.exit_code in (128 + signal.SIGTERM, 128 + signal.SIGKILL, 128 + signal.SIGINT):
         meta.status, meta.reason = INTERRUPTED, None
     if meta.status not in (INTERRUPTED, CANCELLED) or (meta.stop_signal == signum and meta.reason
                                                         and "scancel" in meta.reason):

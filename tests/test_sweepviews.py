@@ -265,7 +265,8 @@ class SlurmEndings(RunsHome):
 
     def test_other_endings_stay_as_recorded(self):
         cases = [dict(status="failed", exit_code=1), dict(status="succeeded", exit_code=0),
-                 dict(status="failed", exit_code=143, started=runpilot.parse_time("2026-11-20T09:00:00Z"))]
+                 dict(status="failed", exit_code=143, started=runpilot.parse_time("2026-11-20T09:00:00Z")),
+                 dict(status="interrupted", exit_code=143, started=runpilot.parse_time("2026-11-20T09:00:00Z"))]
         for fields in cases:
             with self.subTest(**{k: str(v) for k, v in fields.items()}):
                 meta = self.meta(**fields)
