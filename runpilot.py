@@ -4868,7 +4868,7 @@ class Sweep:
             data = read_json_file(path)
             return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
         except FileNotFoundError:
-            raise UsageError(f"there is no sweep {sweep_id}; see runpilot list") from None
+            raise UsageError(f"there is no sweep {sweep_id}; see runpilot sweeps") from None
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise StoreError(f"cannot read {path}: {exc}") from exc
 
@@ -5073,6 +5073,116 @@ def cancel_queued(store: RunStore, run_id: str, signum: int | None, why: str | N
     with contextlib.suppress(OSError):
         folder.write_meta(meta)
     store.save_or_defer(meta)
+
+
+SWEEP_REF_RE = re.compile(r"(sw-)?[0-9a-f-]{1,22}\Z")
+
+
+def sweep_ids(store: RunStore) -> list[str]:
+    """The sweeps this home holds (their folders), newest first: ids begin with their start second,
+    and sweeps of the same second are ordered by the time their plan records."""
+    try:
+        names = [p.name for p in store.sweeps_dir.iterdir() if SWEEP_ID_RE.match(p.name)]
+    except OSError:
+        return []
+    seconds = [name[3:18] for name in names]
+    return sorted(names, key=lambda name: (name[3:18], _created_at(store, name) if seconds.count(name[3:18]) > 1
+                                           else ""), reverse=True)
+
+
+def _created_at(store: RunStore, sweep_id: str) -> str:
+    try:
+        created = read_json_file(store.sweeps_dir / sweep_id / "sweep.json").get("created_at")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return created if isinstance(created, str) else ""
+
+
+def find_sweep(store: RunStore, ref: str) -> str:
+    """A sweep's full id from what a user typed, as runs are named: the full id, a unique prefix
+    (`sw-20261201-23`), its short id (`391ffe` or `sw-391ffe`), `latest` or `-N` (the N-th newest)."""
+    ids = sweep_ids(store)
+    if ref in ("latest", "last") or re.fullmatch(r"-[1-9]\d*", ref):
+        offset = 0 if not ref.startswith("-") else int(ref[1:]) - 1
+        if len(ids) <= offset:
+            raise UsageError(f"there is no sweep {ref!r} yet; start one with runpilot sweep CONFIG --grid KEY=V1,V2")
+        return ids[offset]
+    if re.fullmatch(r"-0+", ref):
+        raise UsageError(f"{ref!r} names no sweep: -1 is the newest, -2 the one before")
+    if not SWEEP_REF_RE.match(ref):
+        raise UsageError(f"{visible(ref)!r} is not a sweep id; sweep ids look like sw-20261201-120000-a1b2c3, or "
+                         "a1b2c3 for short (see runpilot sweeps)")
+    bare = ref.removeprefix("sw-")
+    found = [i for i in ids if i.startswith(ref) or i[3:].startswith(bare)]
+    if not found and re.fullmatch(r"[0-9a-f]{6}", bare):
+        found = [i for i in ids if i.endswith("-" + bare)]
+    if ref in found or (not found and SWEEP_ID_RE.match(ref)):
+        return ref  # a full id: Sweep.load says it if it is not there
+    if not found:
+        raise UsageError(f"no sweep matches {ref!r}; see runpilot sweeps")
+    if len(found) > 1:
+        raise UsageError(f"{ref!r} matches several sweeps ({', '.join(sorted(found)[:5])}"
+                         f"{', ...' if len(found) > 5 else ''}); give more of the id")
+    return found[0]
+
+
+def sweep_point_values(sweep: Sweep) -> dict[str, dict]:
+    """Each run of a sweep (earlier runs of a point too) -> its point's values, `repeat` included."""
+    values = {}
+    for point in sweep.points:
+        if not isinstance(point, dict):
+            continue
+        entry = {str(k): v for k, v in (point.get("values") or []) if isinstance(k, str)}
+        entry["repeat"] = point.get("repeat")
+        for run_id in [*(point.get("earlier") or []), point.get("run_id")]:
+            if isinstance(run_id, str):
+                values[run_id] = entry
+    return values
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    """A line of `runpilot sweeps`: a sweep, how far it is, and its best value of the first metric.
+    DONE counts the points that finished (succeeded, failed, timeout): those `--resume` leaves alone."""
+
+    sweep_id: str
+    name: str
+    created_at: str
+    on: str
+    total: int
+    done: int
+    statuses: dict
+    metric: str | None = None
+    best: object = None
+    best_run: str | None = None
+
+    def json(self) -> dict:
+        return {"id": self.sweep_id, "name": self.name, "created_at": self.created_at, "on": self.on,
+                "points": self.total, "done": self.done, "statuses": self.statuses,
+                "best": None if self.metric is None else {"metric": self.metric, "value": self.best,
+                                                          "run_id": self.best_run}}
+
+
+def base_name(name: str) -> str:
+    """A sweep run's name without its point: `synth-cnn[LR=0.1]` -> `synth-cnn`."""
+    return name[:name.rindex("[")] if name.endswith("]") and "[" in name else name
+
+
+def summarize_sweep(sweep: Sweep, records: dict[str, RunRecord]) -> SweepSummary:
+    """The summary of a sweep from its plan and the current run of each point (RECORDS by id)."""
+    current = [records[p["run_id"]] for p in sweep.points
+               if isinstance(p, dict) and isinstance(p.get("run_id"), str) and p["run_id"] in records]
+    statuses = [r.status for r in current]
+    counts = {s: statuses.count(s) for s in STATUSES if s in statuses}
+    metric = next((m for r in current for m in r.metric_names), None) or \
+        next((m for r in current for m in sorted(r.last_metrics)), None)
+    scored = [(r.last_metrics.get(metric), r.id) for r in current if metric]
+    best = best_of(metric, [v for v, _ in scored]) if metric else None
+    name = next((base_name(r.name) for r in current), "") or Path(str(sweep.config_file or "-")).name
+    done = sum(s in (SUCCEEDED, FAILED, TIMEOUT) for s in statuses)
+    return SweepSummary(sweep.sweep_id, name, str(sweep.created_at), str(sweep.options.get("on") or "here"),
+                        len(sweep.points), done, counts, metric, best,
+                        next((i for v, i in scored if best is not None and v == best), None))
 
 
 # ==== 17. Slurm: the same config on a cluster ================================
@@ -5391,7 +5501,7 @@ def node_options(meta: RunMeta, slurm: dict) -> RunOptions:
     return RunOptions(stop_timeout=float(stored.get("stop_timeout", DEFAULT_STOP_TIMEOUT)),
                       pull=str(stored.get("pull", "missing")), keep_engine_logs=bool(stored.get("keep_engine_logs")),
                       tags=meta.tags, overrides=meta.overrides, run_id=meta.run_id, gpu_check=False,
-                      claim_gpus=False, sweep=meta.sweep, slurm=slurm,
+                      claim_gpus=False, sweep=meta.sweep, slurm=slurm, rerun_of=meta.rerun_of,
                       extra_env={k: str(v) for k, v in extra.items() if v is not None})
 
 
@@ -5705,33 +5815,75 @@ def clip(text: str, width: int, ellipsis: str = ELLIPSIS) -> str:
 
 def render_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset(),
                  width: int | None = None, min_columns: int = 1, shrink: set[int] = frozenset(),
-                 paint=None) -> str:
-    """Aligned columns that fit WIDTH: the SHRINK columns are cut with … (down to 8 columns wide),
-    then whole columns past MIN_COLUMNS are dropped from the right.
+                 paint=None, middle: set[int] = frozenset()) -> str:
+    """Aligned columns that fit WIDTH: whole columns past MIN_COLUMNS are dropped from the right
+    until the rest fits with the SHRINK columns cut to 8 columns wide; then the SHRINK columns are
+    cut with … only as much as needed, the widest first, so the table uses the whole width. The
+    MIDDLE columns are cut in their middle, keeping their end (clip_middle).
 
     Cells are made visible (no control codes). `paint(column, padded_text, row)` may decorate a
     body cell (colour) after alignment.
     """
     rows = [[visible(c) for c in r] for r in rows]
     widths = [max([text_width(h)] + [text_width(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def total(keep: int) -> int:
-        return sum(widths[:keep]) + 2 * (keep - 1)
-    while width and total(len(widths)) > width and any(widths[i] > 8 for i in shrink):
-        widest = max((i for i in shrink if widths[i] > 8), key=lambda i: widths[i])
-        widths[widest] = max(8, widths[widest] - (total(len(widths)) - width))
     keep = len(headers)
-    while width and keep > min_columns and total(keep) > width:
-        keep -= 1
+    if width:
+        keep = _columns_that_fit(widths, width, min_columns, shrink)
+        _shrink_to(widths, width, keep, shrink)
 
     def line(cells: list[str], row: list[str] | None) -> str:
-        cells = [clip(c, widths[i]) for i, c in enumerate(cells[:keep])]
+        cells = [(clip_middle if i in middle else clip)(c, widths[i]) for i, c in enumerate(cells[:keep])]
         pads = [" " * (widths[i] - text_width(c)) for i, c in enumerate(cells)]
         parts = [pad + c if i in right else c + pad for i, (c, pad) in enumerate(zip(cells, pads))]
         if paint and row is not None:
             parts = [paint(i, p, row) for i, p in enumerate(parts)]
         return "  ".join(parts).rstrip()
     return "\n".join([line(headers, None)] + [line(r, r) for r in rows])
+
+
+def _columns_that_fit(widths: list[int], width: int, min_columns: int, shrink: set[int]) -> int:
+    """How many columns from the left fit WIDTH with the SHRINK columns cut to 8 (at least MIN_COLUMNS)."""
+    least = [min(w, 8) if i in shrink else w for i, w in enumerate(widths)]
+    keep = len(widths)
+    while keep > min_columns and sum(least[:keep]) + 2 * (keep - 1) > width:
+        keep -= 1
+    return keep
+
+
+def _shrink_to(widths: list[int], width: int, keep: int, shrink: set[int]) -> None:
+    """Narrow the SHRINK columns among the first KEEP, the widest first, until they fit WIDTH."""
+    excess = sum(widths[:keep]) + 2 * (keep - 1) - width
+    cuttable = [i for i in shrink if i < keep]
+    while excess > 0 and any(widths[i] > 8 for i in cuttable):
+        widest = max((i for i in cuttable if widths[i] > 8), key=lambda i: widths[i])
+        widths[widest] -= 1
+        excess -= 1
+
+
+def clip_middle(text: str, width: int, ellipsis: str = ELLIPSIS) -> str:
+    """TEXT cut to WIDTH columns in its middle, keeping its end, which tells similar names apart: a
+    sweep point's `[LR=0.01]` is kept whole when it fits (`synth-…[LR=0.01]`), else two thirds are end."""
+    if text_width(text) <= width:
+        return text
+    room = width - text_width(ellipsis)
+    if room < 2:
+        return clip(text, width, ellipsis)
+    bracket = text.rfind("[") if text.endswith("]") else -1
+    tail_room = text_width(text[bracket:]) if 0 < bracket and text_width(text[bracket:]) < room else room - room // 3
+    tail = _fitting(reversed(text), tail_room)
+    head = _fitting(text, room - text_width(tail))
+    return head + ellipsis + tail[::-1]
+
+
+def _fitting(chars, room: int) -> str:
+    """The leading CHARS that fit ROOM terminal columns."""
+    out, used = [], 0
+    for ch in chars:
+        if used + text_width(ch) > room:
+            break
+        out.append(ch)
+        used += text_width(ch)
+    return "".join(out)
 
 
 def sparkline(values: list[float], width: int = 40, ascii_only: bool = False) -> str:
@@ -5790,24 +5942,69 @@ def fmt_tags(tags: dict) -> str:
 
 
 def render_runs(records: list[RunRecord], metrics: list[str], absolute: bool, width: int | None,
-                colour: bool = False, full: bool = False) -> str:
+                colour: bool = False, full: bool = False, points: dict[str, dict] | None = None) -> str:
     """`list`: one row per run, metrics featured by the configs, then tags; short ids, long values cut
-    and then the last columns dropped (tags first, then metrics) to fit WIDTH, unless FULL. The first
-    six columns always stay."""
+    (names in their middle) and then the last columns dropped (tags first, then metrics) to fit WIDTH,
+    unless FULL. The first six columns always stay. With POINTS (`list --sweep`: run id -> its
+    point's values) the swept keys follow them as columns of their own, and stay too; else a SWEEP
+    column says which sweep a run is in, when some are."""
     tags = any(r.tags for r in records)
     fixed = ["ID", "NAME", "STATUS", "STARTED", "DURATION", "EXIT", "TAGS"]
-    headers = fixed[:6] + [m if m.upper() in fixed else m.upper() for m in metrics] + (["TAGS"] if tags else [])
+    keys = swept_columns(points) if points else []
+    sweep = not points and any(r.sweep_id for r in records)
+    between = [_key_header(k, keys) for k in keys] + (["SWEEP"] if sweep else [])
+    headers = fixed[:6] + between + [m if m.upper() in fixed else m.upper() for m in metrics] + \
+        (["TAGS"] if tags else [])
     rows = []
     for r in records:
         started = fmt_utc_seconds(r.started_at) if absolute else fmt_ago(r.started_at)
         status = f"{r.status} ({r.reason})" if r.status == QUEUED and r.reason else r.status
-        row = [r.id if full else short_id(r.id), r.name, status, started, fmt_duration(r.duration),
-               "-" if r.exit_code is None else str(r.exit_code)] + [fmt_value(r.last_metrics.get(m)) for m in metrics]
+        row = [r.id if full else short_id(r.id), base_name(r.name) if keys else r.name, status, started,
+               fmt_duration(r.duration), "-" if r.exit_code is None else str(r.exit_code)]
+        row += [fmt_cell((points or {}).get(r.id, {}).get(k)) for k in keys]
+        row += [fmt_sweep_ref(r.sweep_id, full)] if sweep else []
+        row += [fmt_value(r.last_metrics.get(m)) for m in metrics]
         rows.append(row + ([fmt_tags(r.tags)] if tags else []))
     paint = (lambda col, text, row: colour_status(text, row[2].split()[0]) if col == 2 else text) if colour else None
     shrink = set() if full else {1} | ({len(headers) - 1} if tags else set())
-    return render_table(headers, rows, {4, 5} | set(range(6, 6 + len(metrics))), None if full else width,
-                        min_columns=6, shrink=shrink, paint=paint)
+    first = 6 + len(between)
+    return render_table(headers, rows, {4, 5} | set(range(6, 6 + len(keys))) | set(range(first, first + len(metrics))),
+                        None if full else width, min_columns=6 + len(keys), shrink=shrink, paint=paint, middle={1})
+
+
+def swept_columns(points: dict[str, dict]) -> list[str]:
+    """The keys a sweep's points set, in plan order, then `repeat` when a point ran more than once."""
+    keys = list(dict.fromkeys(k for values in points.values() for k in values if k != "repeat"))
+    return keys + (["repeat"] if any(values.get("repeat") for values in points.values()) else [])
+
+
+def _key_header(key: str, keys: list[str]) -> str:
+    """A swept key's column: its last part (`env.LR` -> `LR`), the whole key where two share it."""
+    short = key.rsplit(".", 1)[-1]
+    return (key if sum(k.rsplit(".", 1)[-1] == short for k in keys) > 1 else short).upper()
+
+
+def fmt_sweep_ref(sweep_id: str | None, full: bool = False) -> str:
+    """A sweep as views name it: `sw-391ffe` (its short id, which every SWEEP_ID argument takes)."""
+    if not sweep_id:
+        return "-"
+    return sweep_id if full else f"sw-{sweep_id[-6:]}"
+
+
+def render_sweeps(summaries: list, width: int | None, full: bool = False) -> str:
+    """`runpilot sweeps`: one row per sweep (SweepSummary), newest first, fit to WIDTH."""
+    headers = ["SWEEP", "NAME", "CREATED", "DONE", "STATUSES", "BEST"]
+    rows = [[fmt_sweep_ref(s.sweep_id, full), s.name + (" (slurm)" if s.on == "slurm" else ""),
+             fmt_ago(s.created_at), f"{s.done}/{s.total}",
+             ", ".join(f"{n} {status}" for status, n in s.statuses.items()) or "-",
+             "-" if s.best is None else f"{s.metric}={fmt_value(s.best)}"] for s in summaries]
+    if full or not width:
+        return render_table(headers, rows, {3}, None, min_columns=len(headers))
+    for shrink in ({1}, {1, 4, 5}):  # the name gives way first; the statuses and the best when it is not enough
+        table = render_table(headers, rows, {3}, width, min_columns=len(headers), shrink=shrink, middle={1, 5})
+        if max(text_width(line) for line in table.splitlines()) <= width:
+            break
+    return table
 
 
 def flatten(data: object, prefix: str = "") -> dict[str, object]:
@@ -6648,7 +6845,7 @@ def legend_line(curve: Curve, width: int, style: PlotStyle) -> str:
         head = f" {curve.short_id}{state}" if with_id else ""
         room = width - 2 - text_width(head + tail)
         if room >= min(8, text_width(name)):
-            text = clip(name, room, ellipsis) + head + tail
+            text = clip_middle(name, room, ellipsis) + head + tail  # a sweep's names differ at their end
             break
     else:
         text = clip(name + f" {curve.short_id}" + forms[1], width - 2, ellipsis)
@@ -6907,7 +7104,7 @@ def _svg_legend(curves: list[Curve], left: float, top: float) -> list[str]:
         colour = SVG_COLOURS[curve.run % len(SVG_COLOURS)]
         values = (f"last {fmt_value(curve.last)} · best {fmt_value(curve.best)}" if curve.count
                   else "no samples")
-        name = clip(visible(curve.name), 34 if two else 60)
+        name = clip_middle(visible(curve.name), 34 if two else 60)
         out.append(f'<rect x="{_num(x)}" y="{_num(y - 9)}" width="12" height="12" rx="2" fill="{colour}"/>')
         out.append(f'<text x="{_num(x + 18)}" y="{_num(y + 1)}" fill="#1f2328">{_h(name)}'
                    f'<tspan dx="6" fill="#8c959f">{_h(curve.short_id)}</tspan>'
@@ -7019,6 +7216,14 @@ def _run_id_arg(text: str) -> str:
 def _sweep_id_arg(text: str) -> str:
     if not SWEEP_ID_RE.match(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a sweep id (like sw-20261201-120000-a1b2c3)")
+    return text
+
+
+def _sweep_ref_arg(text: str) -> str:
+    """A sweep as a user names it (full id, prefix, short id, latest, -N); find_sweep resolves it."""
+    if not (SWEEP_REF_RE.match(text) or text in ("latest", "last") or re.fullmatch(r"-\d+", text)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sweep id (like sw-20261201-120000-a1b2c3, "
+                                         "sw-a1b2c3, latest or -2)")
     return text
 
 
@@ -7153,6 +7358,8 @@ def cmd_rerun(args) -> int:
     config = dataclasses.replace(config, name=args.name or config.name, source=old_meta.config_file)
     options = dataclasses.replace(_run_options(args, rerun_of=old.id, previous=old_meta),
                                   tags={**old.tags, **_tags(args.tag)})
+    if args.on == "slurm":
+        return slurm_run_cli(args, config, options)
     return _launch(args, config, options)
 
 
@@ -7261,6 +7468,7 @@ def _check_sort_metric(sort: str, records: list[RunRecord]) -> None:
 
 def cmd_list(args) -> int:
     store = _store()
+    args.sweep = args.sweep and find_sweep(store, args.sweep)
     what = _list_filter(args)
     records = with_live_metrics(store, refresh(store, store.query(what), note))
     _check_sort_metric(what.sort, records)
@@ -7281,8 +7489,17 @@ def cmd_list(args) -> int:
         echo("no run matches" if filtered else "no runs yet; start one with: runpilot run CONFIG")
     else:
         colour = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR")
-        echo(render_runs(records, metrics, args.absolute, output_width(), colour, args.no_trunc))
+        points = _sweep_points_of(store, args.sweep) if args.sweep else None
+        echo(render_runs(records, metrics, args.absolute, output_width(), colour, args.no_trunc, points))
     return 0
+
+
+def _sweep_points_of(store: RunStore, sweep_id: str) -> dict[str, dict] | None:
+    """Run id -> its point's values, for the columns of `list --sweep`; None if the plan is unreadable."""
+    try:
+        return sweep_point_values(Sweep.load(store, sweep_id))
+    except (RunPilotError, TypeError, AttributeError, ValueError):
+        return None
 
 
 def cmd_show(args) -> int:
@@ -7379,9 +7596,13 @@ def _copy_from(path: Path, out, offset: int, end: int | None = None) -> int:
 
 def cmd_stop(args) -> int:
     store = _store()
-    if SWEEP_ID_RE.match(args.run):
-        echo(stop_sweep(store, args.run, args.wait, note))
+    if args.sweep or (args.run or "").startswith("sw-"):
+        if args.sweep and args.run:
+            raise UsageError("give a run or --sweep ID, not both")
+        echo(stop_sweep(store, find_sweep(store, args.sweep or args.run), args.wait, note))
         return 0
+    if not args.run:
+        raise UsageError("name the run to stop (id, prefix, latest, -N), or a sweep with --sweep ID")
     record = find_run(store, args.run)
     meta = store.folder(record.id).read_meta()
     if record.status not in ACTIVE_STATUSES and not (record.status == LOST and leftover_job(record, meta)):
@@ -7402,6 +7623,7 @@ def _sweep_runs(store: RunStore, sweep_id: str) -> list[RunRecord]:
 
 def _refs_or_sweep(store: RunStore, args) -> list[RunRecord]:
     if args.sweep:
+        args.sweep = find_sweep(store, args.sweep)
         return _sweep_runs(store, args.sweep)
     if not args.runs:
         raise UsageError("name the runs (ids, prefixes, latest, -N), or a sweep with --sweep ID")
@@ -7805,7 +8027,7 @@ def _flat_config(record: RunRecord) -> dict:
 
 def _plot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
-    p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
     p.add_argument("--metric", action="append", default=[], metavar="NAME",
                    help="a metric to plot (repeatable; default: the configs' metrics, else every numeric one)")
     p.add_argument("--x", choices=("step", "time"), default="step",
@@ -7826,11 +8048,16 @@ def _plot_arguments(p: argparse.ArgumentParser) -> None:
                    help="write one self-contained HTML page (SVG charts, a table of the runs) instead")
 
 
+def sweep_labels(sweep: Sweep) -> dict[str, str]:
+    """Each point's run -> `[1/3 LR=0.1]`, what a sweep's lines begin with."""
+    return {p["run_id"]: f"[{p['index'] + 1}/{len(sweep.points)} "
+            f"{SweepPoint(p['index'], tuple(map(tuple, p['values'])), p['repeat']).label(sweep.repeat)}]"
+            for p in sweep.points}
+
+
 def sweep_reporter(sweep: Sweep, terminal: Terminal) -> Reporter:
     """One line per run event, the point's values in front: parallel jobs' output stays in logs.txt."""
-    labels = {p["run_id"]: f"[{p['index'] + 1}/{len(sweep.points)} "
-              f"{SweepPoint(p['index'], tuple(map(tuple, p['values'])), p['repeat']).label(sweep.repeat)}]"
-              for p in sweep.points}
+    labels = sweep_labels(sweep)
 
     def report(event: RunEvent) -> None:
         label = labels.get(event.run_id or "", "")
@@ -7926,14 +8153,19 @@ def _run_sweep(store: RunStore, sweep: Sweep, jobs: list, options: RunOptions, p
         code = runner.run(signals)
     finally:
         finish_output(terminal, signals)
-    records = refresh(store, [r for p in sweep.points if (r := store.get(p["run_id"])) is not None], note)
-    runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics))) for r in records]
-    echo(render_compare(runs, output_width(), False, ("name",)))
     sweep.runner = {}  # no one runs it any more: --resume may
     with contextlib.suppress(OSError):
         sweep.save(store)
-    note(f"sweep {sweep.sweep_id}: runpilot list --sweep {sweep.sweep_id}; runpilot plot --sweep {sweep.sweep_id}")
+    print_sweep_end(store, sweep)
     return code
+
+
+def print_sweep_end(store: RunStore, sweep: Sweep) -> None:
+    """What a sweep ends with, wherever it ran: the comparison table, then how to look at it again."""
+    records = refresh(store, [r for p in sweep.points if (r := store.get(p["run_id"])) is not None], note)
+    runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics))) for r in records]
+    echo(render_compare(runs, output_width(), False, ("name",)))
+    note(f"sweep {sweep.sweep_id}: runpilot list --sweep {sweep.sweep_id}; runpilot plot --sweep {sweep.sweep_id}")
 
 
 def _resume_sweep(store: RunStore, args) -> int:
@@ -7946,7 +8178,7 @@ def _resume_sweep(store: RunStore, args) -> int:
     if changed:
         raise UsageError(f"--resume runs the points as they were recorded; {', '.join(changed)} cannot be given "
                          "with it (start a new sweep to change them)")
-    sweep = Sweep.load(store, args.resume)
+    sweep = Sweep.load(store, find_sweep(store, args.resume))
     if sweep.options.get("on") == "slurm":
         raise UsageError(f"sweep {sweep.sweep_id} was submitted to Slurm, and --resume runs points here; submit "
                          "the points that did not finish again with runpilot sweep ... --on slurm")
@@ -8017,7 +8249,7 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=_positive_int, metavar="N",
                    help="at most N runs at once (default: one per free GPU, or 1 without GPUs)")
     p.add_argument("--fail-fast", action="store_true", help="stop the sweep when a run does not succeed")
-    p.add_argument("--resume", metavar="SWEEP_ID", type=_sweep_id_arg, help="run the points of a sweep that never finished")
+    p.add_argument("--resume", metavar="SWEEP_ID", type=_sweep_ref_arg, help="run the points of a sweep that never finished")
     p.add_argument("--dry-run", action="store_true", help="print the plan; run and record nothing")
     p.add_argument("--on", choices=("here", "slurm"), default="here",
                    help="here (default), or submit the sweep to Slurm as one job array")
@@ -8042,7 +8274,7 @@ def slurm_run_cli(args, config: JobConfig, options: RunOptions) -> int:
     """`run --on slurm`: submit, then (unless -d) follow the job as a local run would be followed."""
     _slurm_refusals(args, sweep=False)
     store = _store()
-    if args.dry_run:
+    if getattr(args, "dry_run", False):  # rerun has no --dry-run
         lines = sbatch_lines(config, "RUNID", "RUN_FOLDER/slurm-%j.out")
         echo("\n".join(visible(line) for line in slurm_script(config, lines, Path("RUN_FOLDER/runpilot.py"),
                                                                   "RUN_FOLDER").split("\n")))
@@ -8075,43 +8307,92 @@ def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOpti
         if args.detach and not signals.received:
             echo(sweep_id)
             return 0
-        return follow_slurm(store, [p["run_id"] for p in sweep.points], stream=False, signals=signals)
+        return follow_slurm(store, [p["run_id"] for p in sweep.points], stream=False, signals=signals, sweep=sweep)
 
 
-def follow_slurm(store: RunStore, run_ids: list[str], stream: bool, signals: StopSignals) -> int:
-    """Show queue state changes, stream the log of a single run, and end with the runs. Ctrl-C
-    (held in SIGNALS since before the submission) cancels the jobs (scancel), and the runs end
-    `interrupted` as a local Ctrl-C would end them (`cancelled` if they had not started)."""
-    out, offset, said, cancelled = terminal_writer(sys.stdout), 0, {}, False
-    handled = 0
-    while True:
-        if len(signals.received) > handled:
-            jobs = sorted({str(r.slurm_job).split("_")[0] if len(run_ids) > 1 else str(r.slurm_job)
-                           for i in run_ids if (r := store.get(i)) and r.slurm_job})
-            slurm_stop_jobs(jobs, signals.received[handled] if not cancelled else None, note)
-            cancelled, handled = True, len(signals.received)
-        records = refresh(store, [r for i in run_ids if (r := store.get(i))], note)
-        for r in records:
-            text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
-            node = store.folder(r.id).read_meta().slurm.get("node") if r.status == RUNNING else None
-            if said.get(r.id) != text and r.status in ACTIVE_STATUSES:
-                note(f"run {r.id} {text}" + (f" on {node}" if node else ""))
-            said[r.id] = text
-        if stream:
-            with contextlib.suppress(OSError):
-                offset = _copy_from(store.folder(run_ids[0]).logs, out, offset)
-        if all(r.status not in ACTIVE_STATUSES for r in records):
-            break
-        time.sleep(1)
-    metas = [store.folder(i).read_meta() for i in run_ids]
-    code = 128 + signals.received[0] if cancelled else \
-        exit_status_of(metas[0]) if len(metas) == 1 else (0 if all(m.status == SUCCEEDED for m in metas) else 1)
-    for meta in metas:
-        own = f"; runpilot exits with {code}" if len(metas) == 1 and exit_status_of(meta) != code else ""
-        note(f"run {meta.run_id} {fmt_ending(meta)}" + (f": {meta.reason}" if meta.reason else "") + own)
-        if meta.hint:
-            note(f"hint: {meta.hint}")
+def follow_slurm(store: RunStore, run_ids: list[str], stream: bool, signals: StopSignals,
+                 sweep: Sweep | None = None) -> int:
+    """Show queue state changes, stream the log of a single run, and end with the runs, as a local
+    run or sweep ends (closing lines with metrics and folder; a sweep's `[1/3 LR=...]` lines, its
+    comparison table and `plot` line). Ctrl-C (held in SIGNALS since before the submission) cancels
+    the jobs (scancel), and the runs end `interrupted` as a local Ctrl-C would end them (`cancelled`
+    if they had not started), reported as stopped by that Ctrl-C."""
+    terminal = Terminal(sys.stdout, sys.stderr)  # RunPilot's lines start on a fresh line of the job's output
+    labels = sweep_labels(sweep) if sweep else {}
+    offset, said, cancelled, handled = 0, {}, False, 0
+    try:
+        while True:
+            if len(signals.received) > handled:
+                jobs = sorted({str(r.slurm_job).split("_")[0] if len(run_ids) > 1 else str(r.slurm_job)
+                               for i in run_ids if (r := store.get(i)) and r.slurm_job})
+                if not cancelled:
+                    _note_queued_stop(store, run_ids, signals.received[handled])
+                slurm_stop_jobs(jobs, signals.received[handled] if not cancelled else None, terminal.say)
+                cancelled, handled = True, len(signals.received)
+            records = refresh(store, [r for i in run_ids if (r := store.get(i))], terminal.say)
+            for r in records:
+                _say_slurm_state(store, r, said, labels, terminal.say)
+            if stream:
+                with contextlib.suppress(OSError):
+                    offset = _copy_from(store.folder(run_ids[0]).logs, lambda chunk: terminal.job_output(1, chunk),
+                                        offset)
+            if all(r.status not in ACTIVE_STATUSES for r in records):
+                break
+            time.sleep(1)
+        metas = [store.folder(i).read_meta() for i in run_ids]
+        code = 128 + signals.received[0] if cancelled else \
+            exit_status_of(metas[0]) if len(metas) == 1 else (0 if all(m.status == SUCCEEDED for m in metas) else 1)
+        for meta in metas:
+            for line in slurm_closing_lines(store, meta, code if len(metas) == 1 else exit_status_of(meta),
+                                            labels.get(meta.run_id), stopped_here=cancelled):
+                terminal.say(line)
+    finally:
+        finish_output(terminal, signals)
+    if sweep is not None:
+        print_sweep_end(store, sweep)
     return code
+
+
+def _note_queued_stop(store: RunStore, run_ids: list[str], signum: int) -> None:
+    """Record on each still-queued run which signal cancels it, before the scancel: the ending that
+    Slurm's CANCELLED later gives it then says `cancelled by Ctrl-C` (a run that started meanwhile
+    is the node's to record)."""
+    for run_id in run_ids:
+        folder = store.folder(run_id)
+        with contextlib.suppress(OSError, StoreError):
+            meta = folder.read_meta()
+            if meta.status == QUEUED and meta.stop_signal is None:
+                meta.stop_signal = signum
+                folder.write_meta(meta)
+
+
+def _say_slurm_state(store: RunStore, r: RunRecord, said: dict, labels: dict, say: Callable[[str], None]) -> None:
+    """A run's queue state, when it changes: `run ID queued (Priority)`, `running on NODE`; a sweep's
+    point says `[1/3 LR=0.1] started on NODE (run ID)`, as a local sweep does."""
+    text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
+    node = store.folder(r.id).read_meta().slurm.get("node") if r.status == RUNNING else None
+    if said.get(r.id) != text and r.status in ACTIVE_STATUSES:
+        if r.id not in labels:
+            say(f"run {r.id} {text}" + (f" on {node}" if node else ""))
+        elif r.status == RUNNING:
+            say(f"{labels[r.id]} started" + (f" on {node}" if node else "") + f" (run {short_id(r.id)})")
+    said[r.id] = text
+
+
+def slurm_closing_lines(store: RunStore, meta: RunMeta, code: int, label: str | None,
+                        stopped_here: bool) -> list[str]:
+    """How a Slurm run ended, in the words of a local run (render_summary: ending, metrics, folder)
+    or of a local sweep's point (LABEL); the reason too, unless this terminal stopped it."""
+    why = f": {meta.reason}" if meta.reason and meta.status != SUCCEEDED and not stopped_here else ""
+    if label is not None:
+        shown = ", ".join(f"{k} {fmt_value(meta.last_metrics[k])}" for k in meta.metric_names if k in meta.last_metrics)
+        lines = [f"{label} {fmt_ending(meta)}" + (f", {shown}" if shown else "") + f" (run {short_id(meta.run_id)})"
+                 + why]
+    else:
+        lines = render_summary(RunOutcome(RunRecord.of(meta, store.folder(meta.run_id).path), code, meta))
+        head, sep, tail = lines[0].partition("; runpilot exits with")
+        lines[0] = head + why + sep + tail
+    return lines + ([f"hint: {meta.hint}"] if meta.hint else [])
 
 
 def cmd_slurm_job(args) -> int:
@@ -8139,6 +8420,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 def _rerun_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
     _add_run_options(p)
+    p.add_argument("--on", choices=("here", "slurm"), default="here",
+                   help="here (default), or submit to a Slurm cluster with sbatch")
 
 
 def _list_arguments(p: argparse.ArgumentParser) -> None:
@@ -8146,7 +8429,7 @@ def _list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", metavar="PATTERN", help="only runs whose name matches this glob")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag")
     p.add_argument("--since", metavar="WHEN", help="only runs started since: 2d, 12h, 30m or 2026-11-01")
-    p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="only the runs of this sweep (all of them)")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="only the runs of this sweep (all of them)")
     p.add_argument("--sort", default="started", metavar="KEY",
                    help="started (default), duration, or the name of a metric")
     order = p.add_mutually_exclusive_group()
@@ -8178,7 +8461,8 @@ def _logs_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _stop_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run id, unique prefix, short id, latest, -N, or a sweep id")
+    p.add_argument("run", nargs="?", help="run id, unique prefix, short id, latest, -N, or a sweep id (sw-...)")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="stop this sweep (sw-a1b2c3, latest, -N, ...)")
     p.add_argument("--wait", type=_stop_timeout, default=60, metavar="SECONDS", help="how long to wait (default 60)")
 
 
@@ -8189,7 +8473,7 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
-    p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
     p.add_argument("--no-trunc", action="store_true", help="full run ids and values, however wide")
     p.add_argument("--metric", action="append", default=[], metavar="NAME",
                    help="star the best value of this metric (repeatable; default: the configs' metrics:, "
@@ -8198,7 +8482,7 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run")
-    p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
     p.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
     p.add_argument("--config", action="store_true", help="add the config values that differ between the runs "
                                                          "(a --sweep has its swept keys as columns always)")
@@ -8243,6 +8527,50 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-id", type=_run_id_arg, help=argparse.SUPPRESS)  # chosen by a detached run's parent
 
 
+def cmd_sweeps(args) -> int:
+    """`runpilot sweeps`: every sweep, newest first, with how far it got and its best value."""
+    store = _store()
+    summaries = sweep_summaries(store, note)[:None if args.all else args.limit]
+    if args.json:
+        echo(json.dumps(json_safe([s.json() for s in summaries]), indent=2, sort_keys=True))
+    elif not summaries:
+        echo("no sweeps yet; start one with: runpilot sweep CONFIG --grid KEY=V1,V2")
+    else:
+        echo(render_sweeps(summaries, output_width(), args.no_trunc))
+    return 0
+
+
+def sweep_summaries(store: RunStore, note: Callable[[str], None]) -> list[SweepSummary]:
+    """Each sweep's summary from its plan and its runs' index rows, statuses brought up to date."""
+    plans = []
+    for sweep_id in sweep_ids(store):
+        try:
+            sweep = Sweep.load(store, sweep_id)
+        except RunPilotError as exc:
+            note(f"sweep {sweep_id} is left out: {exc}")
+            continue
+        if not isinstance(sweep.points, list) or not isinstance(sweep.options, dict):
+            note(f"sweep {sweep_id} is left out: its sweep.json is not a sweep's plan")
+            continue
+        plans.append(sweep)
+    rows = [r for sweep in plans for r in store.query(RunFilter(sweep_id=sweep.sweep_id))] if plans else []
+    records = {r.id: r for r in refresh(store, rows, note)}
+    summaries = []
+    for sweep in plans:
+        try:
+            summaries.append(summarize_sweep(sweep, records))
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a hand-edited sweep.json
+            note(f"sweep {sweep.sweep_id} is left out: its sweep.json is not a sweep's plan ({exc})")
+    return summaries
+
+
+def _sweeps_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=_positive_int, default=20, metavar="N", help="show the N newest (default 20)")
+    p.add_argument("--all", action="store_true", help="show every sweep")
+    p.add_argument("--no-trunc", action="store_true", help="full sweep ids and values, however wide")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
+
 # name, function, help, example, arguments: the commands in the order --help lists them.
 COMMANDS = [
     ("run", cmd_run, "run a job from a config file and record it",
@@ -8253,6 +8581,8 @@ COMMANDS = [
      "runpilot rerun latest --set env.LR=0.02", _rerun_arguments),
     ("list", cmd_list, "list runs, newest first",
      "runpilot list --status failed --since 2d --sort val_accuracy", _list_arguments),
+    ("sweeps", cmd_sweeps, "list sweeps, newest first: points done, statuses, best value",
+     "runpilot sweeps && runpilot list --sweep latest", _sweeps_arguments),
     ("show", cmd_show, "show one run: status, files, metrics, config",
      "runpilot show latest", _show_arguments),
     ("logs", cmd_logs, "print the saved log of a run",

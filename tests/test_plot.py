@@ -386,8 +386,8 @@ class TerminalCharts(PlotHome):
             code, out, err = run("plot", self.b.id, "--metric", "acc", "--no-color", "--width", "80")
             self.assertEqual(code, 0, err)
             legend = out.splitlines()[-1]
-            self.assertEqual(legend, "* evil\\x1b[31m\\nname<script>長い名前長い名前長い名前長い"
-                                     f"{ellipsis} {self.b.id[-6:]}  last 1  best 1")
+            self.assertEqual(legend, f"* evil\\x1b[31m\\nname{ellipsis}名前長い名前長い名前長い名前長い名前"
+                                     f" {self.b.id[-6:]}  last 1  best 1")  # cut in the middle, the end kept
             self.assertIn(runpilot.text_width(legend), (79, 80))  # 長 takes two columns: one may stay free
             self.assertNotIn("\x1b", out)
 

@@ -206,7 +206,7 @@ class ListTable(ViewsHome):
         lines = out.splitlines()
         self.assertEqual([len(line) for line in lines], [width, width])
         self.assertEqual(lines[0].split()[-2:], ["LOSS", "ACCURACY"])
-        self.assertEqual(lines[1].split()[1], name[:len(name) - 11] + "…")
+        self.assertEqual(lines[1].split()[1], "wide-" + "x" * 6 + "…" + "x" * 23)  # cut in the middle, end kept
         self.assertEqual(lines[1].split()[-2:], ["0.125", "0.875"])
         self.assertEqual(self.cli("list", env={"COLUMNS": str(width)})[1], out)  # piped: COLUMNS holds too
         self.assertEqual(self.tty_cli("list", "--no-color", "--no-trunc", env={"COLUMNS": str(width)})[1].split(),
