@@ -49,6 +49,7 @@ import html
 import itertools
 import json
 import math
+import operator
 import os
 import re
 import selectors
@@ -56,6 +57,7 @@ import shlex
 import shutil
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -338,6 +340,7 @@ class RunMeta:
     warnings: list[str] = field(default_factory=list)
     gpus: dict = field(default_factory=dict)       # what nvidia-smi reported, and what was asked
     devices: list[str] = field(default_factory=list)  # the GPUs this run was given
+    usage: dict = field(default_factory=dict)      # what the job used: peak memory, its GPUs' utilization
     git: list[dict] = field(default_factory=list)
     lost_at: str | None = None
     sweep: dict = field(default_factory=dict)      # id, index, point, repeat: its place in a sweep
@@ -2404,6 +2407,192 @@ def encode_varint(value: int) -> bytes:
     out.append(value)
     return bytes(out)
 
+# What TensorBoard's reader checks first in every event file.
+TB_FILE_VERSION = b"brain.Event:2"
+# float32's largest finite value: a scalar beyond it is written as ±inf, as numpy would round it.
+FLOAT32_MAX = 3.4028234663852886e38
+# The hparams plugin's summary tags and its SessionEndInfo.Status values.
+HPARAMS_START_TAG, HPARAMS_END_TAG = "_hparams_/session_start_info", "_hparams_/session_end_info"
+HPARAMS_STATUS = {SUCCEEDED: 1, FAILED: 2, TIMEOUT: 2, LOST: 2, INTERRUPTED: 2, CANCELLED: 2, RUNNING: 3}
+
+
+def pb_field(number: int, data: bytes) -> bytes:
+    """A length-delimited protocol-buffer field (a string, bytes or a nested message)."""
+    return encode_varint(number << 3 | 2) + encode_varint(len(data)) + data
+
+
+def tfrecord(data: bytes) -> bytes:
+    """TFRecord framing: length, its masked CRC, the payload, the payload's masked CRC."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+def tb_event(wall_time: float, step: int = 0, summary: bytes | None = None, file_version: bytes | None = None) -> bytes:
+    """An Event message: wall_time (1, double), step (2, int64), file_version (3) or summary (5)."""
+    out = b"\x09" + struct.pack("<d", wall_time)
+    if step:
+        out += b"\x10" + encode_varint(step)
+    if file_version is not None:
+        out += pb_field(3, file_version)
+    if summary is not None:
+        out += pb_field(5, summary)
+    return out
+
+
+def tb_float(value: float) -> bytes:
+    """A float32's four bytes; beyond float32's range, ±inf."""
+    if value > FLOAT32_MAX or value < -FLOAT32_MAX:
+        value = math.inf if value > 0 else -math.inf
+    return struct.pack("<f", value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tb_tag(tag: str) -> bytes:
+    return pb_field(1, tag.encode("utf-8")) + b"\x15"
+
+
+def tb_scalars(values: dict) -> bytes:
+    """A Summary of simple_value scalars: Summary.value (1) holding Value{tag (1), simple_value (2, float)}."""
+    return b"".join([pb_field(1, _tb_tag(tag) + tb_float(value)) for tag, value in values.items()])
+
+
+def _pb_value(value: object) -> bytes:
+    """A google.protobuf.Value: number_value (2), string_value (3) or bool_value (4)."""
+    if isinstance(value, bool):
+        return b"\x20" + (b"\x01" if value else b"\x00")
+    if isinstance(value, (int, float)) and math.isfinite(value) and abs(value) < 1e300:
+        return b"\x11" + struct.pack("<d", value)
+    return pb_field(3, fmt_cell(value).encode("utf-8"))
+
+
+def _hparams_value(tag: str, plugin_data: bytes) -> bytes:
+    """A Summary.Value the hparams plugin reads: its plugin data in the metadata (9), a null float
+    tensor (8) as TensorBoard's own hparams summaries carry."""
+    metadata = pb_field(1, pb_field(1, b"hparams") + pb_field(2, plugin_data))
+    null_tensor = b"\x08\x01" + pb_field(2, b"") + pb_field(5, struct.pack("<f", 0.0))
+    return pb_field(1, pb_field(1, tag.encode("utf-8")) + pb_field(8, null_tensor) + pb_field(9, metadata))
+
+
+def tb_hparams_start(hparams: dict, start_time: float, group: str) -> bytes:
+    """The Summary of a SessionStartInfo: hparams (1, map of Value), group_name (4), start_time_secs (5)."""
+    entries = b"".join(pb_field(1, pb_field(1, str(k).encode("utf-8")) + pb_field(2, _pb_value(v)))
+                       for k, v in sorted(hparams.items()))
+    info = entries + pb_field(4, group.encode("utf-8")) + b"\x29" + struct.pack("<d", start_time)
+    return _hparams_value(HPARAMS_START_TAG, pb_field(3, info))
+
+
+def tb_hparams_end(status: str, end_time: float) -> bytes:
+    """The Summary of a SessionEndInfo: status (1, enum) and end_time_secs (2)."""
+    info = b"\x08" + encode_varint(HPARAMS_STATUS.get(status, 0)) + b"\x11" + struct.pack("<d", end_time)
+    return _hparams_value(HPARAMS_END_TAG, pb_field(4, info))
+
+
+_SMALL_VARINTS = [bytes((n,)) for n in range(128)]
+
+
+def _crc_mask(crc: int) -> int:
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class ScalarEvents:
+    """Encodes a sample's scalars as one framed Event, fast enough for the tee loop.
+
+    CRC-32C is linear: between two messages of one length, a byte that differs changes the CRC by
+    an amount that depends only on the XOR of the two bytes and on its distance from the end. So
+    each layout (the tags in order, the length of the step's varint) keeps the CRC of its message
+    with the changing bytes (wall time, step, values) zeroed, and a sample's CRC is that CRC patched
+    with one table look-up per changing byte rather than eight bit operations per byte in Python.
+    """
+
+    def __init__(self) -> None:
+        self.shifts = [list(_CRC32C_TABLE)]   # shifts[k][b]: byte b, k bytes before the end
+        self.layouts: dict[tuple, tuple] = {}
+        self.headers: dict[int, bytes] = {}
+
+    def record(self, wall_time: float, step: int, values: dict) -> bytes:
+        """The framed Event of VALUES (ints and floats) at STEP."""
+        step_bytes = (_SMALL_VARINTS[step] if 0 <= step < 128 else encode_varint(step)) if step else b""
+        key = (len(step_bytes), *values)
+        encoder, args, variable, crc, tables = self.layouts.get(key) or self._layout(key)
+        args[1], args[3], args[5::2] = wall_time, step_bytes, values.values()
+        try:
+            payload = encoder.pack(*args)
+        except (OverflowError, struct.error):  # beyond float32, or an int beyond float: ±inf, as numpy rounds
+            args[5::2] = [v if -FLOAT32_MAX <= v <= FLOAT32_MAX else math.inf if v > 0 else -math.inf
+                          for v in values.values()]
+            payload = encoder.pack(*args)
+        crc = functools.reduce(operator.xor, map(list.__getitem__, tables, variable(payload)), crc)
+        header = self.headers.get(len(payload)) or self._header(len(payload))
+        return header + payload + struct.pack("<I", _crc_mask(crc))
+
+    def _layout(self, key: tuple) -> tuple:
+        """The struct that packs a layout's message, the places of its changing bytes, their tables."""
+        step_len, tags = key[0], key[1:]
+        heads = [pb_field(1, _tb_tag(tag) + b"\0\0\0\0")[:-4] for tag in tags]
+        heads[0] = b"\x2a" + encode_varint(sum(len(h) + 4 for h in heads)) + heads[0]
+        args = [b"\x09", 0.0, b"\x10" if step_len else b"", b""]
+        for head in heads:
+            args += [head, 0.0]
+        encoder = struct.Struct("<1sd%ds%ds" % (len(args[2]), step_len) + "".join("%dsf" % len(h) for h in heads))
+        places, at = [], 1
+        for width, constant in zip([8, step_len] + [4] * len(heads), [args[2]] + heads + [b""]):
+            places += range(at, at + width)
+            at += width + len(constant)
+        template = bytearray(encoder.pack(*args))
+        for place in places:
+            template[place] = 0
+        tables = [self._shift(len(template) - 1 - place) for place in places]
+        self.layouts[key] = layout = (encoder, args, operator.itemgetter(*places), crc32c(bytes(template)), tables)
+        return layout
+
+    def _shift(self, distance: int) -> list[int]:
+        base = _CRC32C_TABLE
+        while len(self.shifts) <= distance:
+            self.shifts.append([base[crc & 0xFF] ^ (crc >> 8) for crc in self.shifts[-1]])
+        return self.shifts[distance]
+
+    def _header(self, length: int) -> bytes:
+        head = struct.pack("<Q", length)
+        self.headers[length] = header = head + struct.pack("<I", masked_crc32c(head))
+        return header
+
+
+class EventFileWriter:
+    """Appends TFRecord-framed Event messages to one TensorBoard event file as samples arrive.
+
+    The file starts with the file_version event; every add() is one event (a sample's scalars at
+    its step) written with one os.write, so a reader never sees half a record for long.
+    """
+
+    def __init__(self, path: Path, wall_time: float, append: bool = False) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        self.path = path
+        self.fd = os.open(path, flags, 0o600)
+        self.error: OSError | None = None
+        if not append or os.fstat(self.fd).st_size == 0:
+            self.write(tfrecord(tb_event(wall_time, file_version=TB_FILE_VERSION)))
+
+    def add(self, wall_time: float, step: int, values: dict) -> None:
+        """One event holding the numeric VALUES of a sample (text, bools and None are left out)."""
+        numbers = {k: v for k, v in values.items() if type(v) is float or type(v) is int}
+        if numbers:
+            self.write(tfrecord(tb_event(wall_time, step, tb_scalars(numbers))))
+
+    def add_summary(self, wall_time: float, summary: bytes, step: int = 0) -> None:
+        self.write(tfrecord(tb_event(wall_time, step, summary)))
+
+    def write(self, data: bytes) -> None:
+        if self.error is None:
+            try:
+                write_all(self.fd, data)
+            except OSError as exc:
+                self.error = exc
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
 # ==== 11. Engines: choosing one, its command line, its images ================
 
 def quiet_run(argv: list[str], timeout: float = 30, env=None) -> subprocess.CompletedProcess:
@@ -3166,6 +3355,184 @@ def _reaped(pid: int) -> bool:
         return True
     return done == pid
 
+# What the runner asks nvidia-smi while a run holds GPUs, and how often by default (--gpu-stats-every).
+GPU_STATS_QUERY = "index,uuid,utilization.gpu,memory.used"
+GPU_STATS_SECONDS = 10.0
+# The job's memory is looked at this often: reading a cgroup file or /proc costs well under a millisecond.
+MEMORY_SAMPLE_SECONDS = 1.0
+# Below this mean utilization (percent) a run's closing lines say its GPU mostly waited.
+LOW_GPU_UTIL = 20.0
+GPU_STAT_KEY_RE = re.compile(r"gpu(\d+)\.(util|mem_mib)\Z")
+
+
+def parse_gpu_stats(text: str) -> list[dict]:
+    """Rows of `nvidia-smi --query-gpu=index,uuid,utilization.gpu,memory.used --format=csv,noheader,nounits`;
+    a value nvidia-smi cannot give (`[N/A]`, `[Not Supported]`) is None."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) == 4 and cells[0].isdigit():
+            util, mem = (metric_value(c) for c in cells[2:])
+            rows.append({"index": int(cells[0]), "uuid": cells[1], "util": util if _is_number(util) else None,
+                         "mem_mib": mem if _is_number(mem) else None})
+    return rows
+
+
+def gpu_stats_sample(rows: list[dict], devices: list[str]) -> dict:
+    """The sample of one nvidia-smi answer: gpuN.util and gpuN.mem_mib of the run's DEVICES (indices or
+    UUIDs; none named: every GPU), N being nvidia-smi's index."""
+    sample = {}
+    for row in rows:
+        if devices and str(row["index"]) not in devices and row["uuid"] not in devices:
+            continue
+        for key in ("util", "mem_mib"):
+            if row[key] is not None:
+                sample[f"gpu{row['index']}.{key}"] = row[key]
+    return sample
+
+
+def summarise_gpu_stats(samples: list[dict]) -> dict[str, dict]:
+    """Per GPU index: mean and peak utilization (percent), peak memory used (MiB), number of samples."""
+    per_gpu: dict[str, dict] = {}
+    for sample in samples:
+        for key, value in sample.items():
+            match = GPU_STAT_KEY_RE.match(key)
+            if match and _is_number(value):
+                per_gpu.setdefault(match[1], {"util": [], "mem_mib": []})[match[2]].append(float(value))
+    summary = {}
+    for index, series in sorted(per_gpu.items(), key=lambda item: int(item[0])):
+        util, mem = series["util"], series["mem_mib"]
+        summary[index] = {"util_mean": round(sum(util) / len(util), 1) if util else None,
+                          "util_peak": max(util) if util else None, "mem_peak_mib": max(mem) if mem else None,
+                          "samples": max(len(util), len(mem))}
+    return summary
+
+
+def low_gpu_hint(summary: dict[str, dict]) -> str | None:
+    """A hint for a run whose GPUs were mostly idle (by their mean utilization)."""
+    idle = [f"GPU {index} {s['util_mean']:g}%" for index, s in summary.items()
+            if s.get("util_mean") is not None and s["util_mean"] < LOW_GPU_UTIL]
+    if not idle:
+        return None
+    return (f"the GPU was busy less than {LOW_GPU_UTIL:g}% of the time on average ({', '.join(idle)}): "
+            "the job may be bound by data loading or the CPU (more DataLoader workers, pin_memory, "
+            "a larger batch)")
+
+
+def process_group_memory(pgid: int) -> int | None:
+    """The resident memory of every process of a process group together, in bytes (Linux /proc)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, found = 0, False
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) == pgid:  # after `pid (comm)`: state, ppid, pgrp, ..., rss is the 22nd
+                total += int(fields[21]) * page
+                found = True
+    return total if found else None
+
+
+def cgroup_memory_files(pid: int) -> list[Path]:
+    """The files holding the peak (and else the current) memory of PID's cgroup, cgroup v2 or v1."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    files = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            files += [Path("/sys/fs/cgroup" + path) / name for name in ("memory.peak", "memory.current")]
+        elif "memory" in controllers.split(","):
+            files += [Path("/sys/fs/cgroup/memory" + path) / name
+                      for name in ("memory.max_usage_in_bytes", "memory.usage_in_bytes")]
+    return [f for f in files if f.is_file()]
+
+
+class MemoryProbe:
+    """The job's memory now (or its peak so far, where the kernel keeps one): the container's cgroup
+    (found through the engine once the container runs), or the local job's process group."""
+
+    def __init__(self, engine: str, container: str | None, pgid: int | None) -> None:
+        self.engine, self.container, self.pgid = engine, container, pgid
+        self.files: list[Path] | None = None
+        self.source = "container" if container else "process group"
+
+    def __call__(self) -> int | None:
+        if self.container is None:
+            return process_group_memory(self.pgid) if self.pgid else None
+        if not self.files:
+            done = quiet_run([self.engine, "inspect", "--format", "{{.State.Pid}}", self.container], timeout=10)
+            pid = done.stdout.strip()
+            self.files = cgroup_memory_files(int(pid)) if done.returncode == 0 and pid.isdigit() and pid != "0" \
+                else None
+        for path in self.files or []:
+            with contextlib.suppress(OSError, ValueError):
+                return int(path.read_text().split()[0])
+        return None
+
+
+class UsageSampler:
+    """What the job used, sampled on a thread of its own so the tee loop never waits for it:
+    the run's GPUs through one nvidia-smi call per interval (written to gpu.json as samples
+    `gpuN.util`, `gpuN.mem_mib` whose step is the second of the run), and the job's memory every
+    second (its peak)."""
+
+    def __init__(self, gpu_log: MetricLog | None, smi: list[str] | None, devices: list[str], interval: float,
+                 memory: Callable[[], int | None]) -> None:
+        self.gpu_log, self.smi, self.devices, self.interval = gpu_log, smi, devices, interval
+        self.memory = memory
+        self.peak_memory: int | None = None
+        self.gpu_errors: list[str] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="runpilot-usage", daemon=True)
+
+    def start(self) -> "UsageSampler":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=15)
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        next_gpu = started
+        while True:
+            self._sample_memory()
+            now = time.monotonic()
+            if self.smi and now >= next_gpu:
+                self._sample_gpus(round(now - started))
+                next_gpu = max(next_gpu + self.interval, time.monotonic())
+            wait = min(MEMORY_SAMPLE_SECONDS, next_gpu - time.monotonic()) if self.smi else MEMORY_SAMPLE_SECONDS
+            if self.stopping.wait(max(0.01, wait)):
+                break
+        self._sample_memory()
+
+    def _sample_memory(self) -> None:
+        with contextlib.suppress(OSError):
+            used = self.memory()
+            if used is not None and (self.peak_memory is None or used > self.peak_memory):
+                self.peak_memory = used
+
+    def _sample_gpus(self, second: int) -> None:
+        assert self.smi is not None and self.gpu_log is not None
+        try:
+            done = subprocess.run(self.smi, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=max(5.0, self.interval))
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.gpu_errors.append(str(exc))
+            return
+        sample = gpu_stats_sample(parse_gpu_stats(done.stdout), self.devices) if done.returncode == 0 else {}
+        if not sample:
+            self.gpu_errors.append(f"nvidia-smi exit {done.returncode}: {(done.stdout + done.stderr).strip()[:200]}")
+            return
+        pairs = " ".join(f"{k}={v}" for k, v in sample.items())
+        self.gpu_log.add_lines([f"METRIC step={second} {pairs}".encode()])
+
 # ==== 13. Process I/O: the terminal, the tee loop, signals, stopping the job ===
 
 def terminal_writer(stream) -> Callable[[bytes], object] | None:
@@ -3608,6 +3975,7 @@ class RunFolder:
     batch_script = property(lambda self: self.path / "slurm.sh")        # --on slurm: what sbatch ran
     program = property(lambda self: self.path / "runpilot.py")          # --on slurm: what the node runs
     reserve = property(lambda self: self.path / ".reserve")             # space kept for the final record
+    gpu_stats = property(lambda self: self.path / "gpu.json")           # samples of gpuN.util, gpuN.mem_mib
 
     def read_meta(self) -> RunMeta:
         """The run's meta.json, never raising: a missing or corrupt file is a problem on the result."""
@@ -4111,6 +4479,7 @@ class RunOptions:
     sweep: dict = field(default_factory=dict)     # id, index, point, repeat
     slurm: dict = field(default_factory=dict)     # job_id, partition, node: a run submitted to Slurm
     extra_env: dict = field(default_factory=dict) # RUNPILOT_SWEEP_ID, RUNPILOT_REPEAT, ...
+    gpu_stats: float | None = GPU_STATS_SECONDS   # seconds between GPU samples; None: --no-gpu-stats
 
 
 @dataclass
@@ -4404,7 +4773,11 @@ def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: Ru
         job = _start_job(launch, options, folder, meta, report)
         if job is None:  # recorded as failed like a shell's "command not found"
             return TeeResult(127)
-        return _tee_to_the_end(job, Tee(log_fd, metrics, terminal, report, meta.run_id), signals, config.timeout)
+        sampler = start_usage_sampler(launch, job, options, config, folder, meta)
+        try:
+            return _tee_to_the_end(job, Tee(log_fd, metrics, terminal, report, meta.run_id), signals, config.timeout)
+        finally:
+            record_usage(sampler, folder, meta)
     finally:
         os.close(log_fd)
         metrics.close()
@@ -4495,6 +4868,8 @@ def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta,
     _report_behind(report, meta.run_id, behind)
     if meta.hint:
         report(RunEvent("hint", meta.run_id, meta.hint))
+    if meta.usage.get("hint"):
+        report(RunEvent("hint", meta.run_id, meta.usage["hint"]))
     if result.log_error is not None:
         raise StoreError(f"{meta.reason}; it is recorded as failed. Free some space or set RUNPILOT_HOME "
                          "to a writable folder")
@@ -4588,6 +4963,40 @@ def failure_hint(config: JobConfig, meta: RunMeta, folder: RunFolder) -> str | N
         return ("the job crashed with a segmentation fault (exit 139, SIGSEGV) in native code (an extension, "
                 "a driver, CUDA); look at the last lines of its log (runpilot logs --tail 50)")
     return None
+
+
+def start_usage_sampler(launch: Launch, job: Job, options: RunOptions, config: JobConfig, folder: RunFolder,
+                        meta: RunMeta) -> UsageSampler:
+    """Sample the job's memory, and its GPUs (when it holds some, nvidia-smi answers and --no-gpu-stats
+    was not given), from now until record_usage."""
+    smi = None
+    if options.gpu_stats and config.resources.gpus is not None:
+        found = shutil.which("nvidia-smi", path=(launch.env or os.environ).get("PATH"))
+        smi = [found, f"--query-gpu={GPU_STATS_QUERY}", "--format=csv,noheader,nounits"] if found else None
+    gpu_log = None
+    if smi:
+        with contextlib.suppress(OSError):
+            gpu_log = MetricLog(folder.gpu_stats)
+    memory = MemoryProbe(launch.engine, launch.container, job.proc.pid if launch.container is None else None)
+    return UsageSampler(gpu_log, smi if gpu_log else None, list(meta.devices), options.gpu_stats or GPU_STATS_SECONDS,
+                        memory).start()
+
+
+def record_usage(sampler: UsageSampler, folder: RunFolder, meta: RunMeta) -> None:
+    """Stop sampling; put the job's peak memory and its GPUs' summary (and a hint if they idled) in META."""
+    sampler.stop()
+    usage: dict = {}
+    if sampler.peak_memory is not None:
+        usage.update(peak_memory=sampler.peak_memory, memory_of=getattr(sampler.memory, "source", "job"))
+    if sampler.gpu_log is not None:
+        sampler.gpu_log.close()
+        gpus = summarise_gpu_stats(read_metrics(folder.gpu_stats))
+        usage.update(gpus=gpus, gpu_interval=sampler.interval)
+        if not gpus and sampler.gpu_errors:
+            usage["gpu_error"] = sampler.gpu_errors[-1]
+        if low_gpu_hint(gpus):
+            usage["hint"] = low_gpu_hint(gpus)
+    meta.usage = usage
 
 # ==== 16. Sweeps: a grid of runs from one config =============================
 # A sweep is a plan (<home>/sweeps/<id>/sweep.json) and ordinary runs, one per point, recorded
@@ -5707,6 +6116,7 @@ def render_show(record: RunRecord, meta: RunMeta, samples: list[dict], files: di
     out = [fit(line) for line in _show_facts(record, meta)]
     out += ["files"] + [fit(f"  {name:<14} {fmt_size(size):>10}") for name, size in files.items()]
     out += _metrics_block(samples, ascii_only, width)
+    out += [fit(line) for line in usage_lines(meta)]
     out += [fit(f"warning    {w}") for w in meta.warnings]
     if meta.hint:
         out.append(fit(f"hint       {meta.hint}"))
@@ -5788,6 +6198,25 @@ def _column_blocks(table: list[list[str]], width: int) -> list[list[int]]:
         blocks[-1].append(i)
         used += 2 + widths[i]
     return blocks
+
+
+def usage_lines(meta: RunMeta) -> list[str]:
+    """`show`'s lines on what the job used: its peak memory and, per GPU, utilization and memory."""
+    usage, lines = meta.usage, []
+    number = (lambda value, unit: f"{value:g}{unit}" if _is_number(value) else "?")
+    if _is_number(usage.get("peak_memory")):
+        lines.append(f"memory     peak {fmt_size(usage['peak_memory'])} ({usage.get('memory_of', 'job')})")
+    gpus = usage.get("gpus") if isinstance(usage.get("gpus"), dict) else {}
+    for index, s in gpus.items():
+        if isinstance(s, dict):
+            lines.append(f"gpu {index:<6} util mean {number(s.get('util_mean'), '%')}, peak "
+                         f"{number(s.get('util_peak'), '%')}; memory peak {number(s.get('mem_peak_mib'), ' MiB')} "
+                         f"({s.get('samples')} samples)")
+    if usage.get("gpu_error"):
+        lines.append(f"gpu stats  none: {usage['gpu_error']}")
+    if usage.get("hint"):
+        lines.append(f"hint       {usage['hint']}")
+    return lines
 
 # ==== 20. Plots: braille charts and the HTML page ============================
 # `runpilot plot` reads metrics.json in blocks, one regex pass per metric, and folds each series into at
@@ -6809,6 +7238,16 @@ def _gpu_list(text: str) -> list[str]:
     return list(dict.fromkeys(devices))
 
 
+def _gpu_interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 1 <= seconds <= 86400:  # a sample's step is the second of the run it was taken in
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 1 to 86400")
+    return seconds
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of 1 or more")
@@ -6906,7 +7345,9 @@ def _tags(items: list[str]) -> dict:
 def _run_options(args, **more) -> RunOptions:
     return RunOptions(engine=args.engine, stop_timeout=args.stop_timeout, keep_engine_logs=args.engine_logs,
                       pull=args.pull, tags=_tags(args.tag), overrides=args.set, gpu_check=not args.no_gpu_check,
-                      run_id=args.run_id, gpu_pool=args.gpus, wait_for_gpus=not args.no_wait, **more)
+                      run_id=args.run_id, gpu_pool=args.gpus, wait_for_gpus=not args.no_wait,
+                      gpu_stats=None if getattr(args, "no_gpu_stats", False) else getattr(
+                          args, "gpu_stats_every", GPU_STATS_SECONDS), **more)
 
 
 def cmd_run(args) -> int:
@@ -7964,6 +8405,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=_gpu_list, metavar="LIST",
                    help="the GPUs to place runs on, e.g. 0,1,3 (default: every GPU nvidia-smi lists)")
     p.add_argument("--no-wait", action="store_true", help="fail at once when the GPUs are held by other runs")
+    p.add_argument("--no-gpu-stats", action="store_true", help="do not sample the run's GPUs with nvidia-smi")
+    p.add_argument("--gpu-stats-every", type=_gpu_interval, default=GPU_STATS_SECONDS, metavar="SECONDS",
+                   help=f"seconds between samples of the run's GPUs (default {GPU_STATS_SECONDS:g})")
     p.add_argument("--run-id", type=_run_id_arg, help=argparse.SUPPRESS)  # chosen by a detached run's parent
 
 
