@@ -216,6 +216,12 @@ class SlurmError(RunPilotError):
 
     exit_code = 2
 
+
+class ExportError(RunPilotError):
+    """An export could not be written, or the server it goes to refused it or could not be reached."""
+
+    exit_code = 1
+
 # ==== 5. Data types ==========================================================
 
 @dataclass(frozen=True)
@@ -7159,6 +7165,303 @@ def _value_cell(value: float | None, best: bool) -> str:
         return f'<td class="num best" title="best of these runs">★ {_h(fmt_value(value))}</td>'
     return f'<td class="num">{_h(fmt_value(value))}</td>'
 
+# ==== 20a. Exports: TensorBoard folders and MLflow ===========================
+
+# MLflow's statuses for RunPilot's, and what one runs/log-batch request may hold (MLflow's own limits).
+MLFLOW_STATUS = {SUCCEEDED: "FINISHED", FAILED: "FAILED", TIMEOUT: "FAILED", LOST: "FAILED",
+                 INTERRUPTED: "KILLED", CANCELLED: "KILLED", RUNNING: "RUNNING", QUEUED: "SCHEDULED"}
+MLFLOW_BATCH = {"metrics": 1000, "params": 100, "tags": 100}
+# The longest param value MLflow 2 stores (and tag value); longer config values are cut, saying so.
+MLFLOW_PARAM_MAX, MLFLOW_TAG_MAX = 6000, 5000
+MLFLOW_TIMEOUT = 30.0
+
+
+def read_samples_from(path: Path, offset: int) -> tuple[list[dict], int]:
+    """The complete samples of a metrics.json (or gpu.json) after byte OFFSET, and where they end."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+    whole = data[:data.rfind(b"\n") + 1]
+    samples = []
+    for line in whole.decode("utf-8", "replace").splitlines():
+        line = line.rstrip(",").strip()
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                samples.append(json.loads(line))
+    return samples, offset + len(whole)
+
+
+def run_start_epoch(record: RunRecord) -> float:
+    return parse_time(record.started_at).timestamp() if record.started_at else time.time()
+
+
+def tb_run_dirname(record: RunRecord) -> str:
+    """The run's folder in a TensorBoard export: its name and short id, so TensorBoard's run list
+    tells runs apart and a second export of the run lands in the same place."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", record.name).strip("._") or "run"
+    return f"{name}-{short_id(record.id)}"
+
+
+def scalar_values(sample: dict) -> dict:
+    """The numbers of a sample (not its step, not text or true/false)."""
+    return {k: v for k, v in sample.items() if k != "step" and (type(v) is float or type(v) is int)}
+
+
+class TensorBoardRun:
+    """One run's event file in an export folder, `DIR/<name>-<short id>/events.out.tfevents.*`,
+    written whole at first and grown by update() while the run records samples (--follow)."""
+
+    def __init__(self, target: Path, record: RunRecord, hparams: dict | None) -> None:
+        self.record, self.folder = record, RunFolder(Path(record.path))
+        self.start = run_start_epoch(record)
+        self.dir = target / tb_run_dirname(record)
+        self.offsets = {"metrics": 0, "gpu": 0}
+        self.count, self.ended = 0, False
+        self.events = ScalarEvents()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for old in self.dir.glob("events.out.tfevents.*.runpilot"):  # an earlier export of this run
+                old.unlink()
+            self.writer = EventFileWriter(self.dir / f"events.out.tfevents.{int(self.start)}.runpilot", self.start)
+        except OSError as exc:
+            raise ExportError(f"cannot write {self.dir}: {exc.strerror}; choose another -o folder") from exc
+        self.sessions = hparams is not None  # the hparams plugin's session: its config values, how it ended
+        if hparams is not None:
+            self.writer.add_summary(self.start, tb_hparams_start(hparams, self.start, tb_run_dirname(record)))
+
+    def update(self, record: RunRecord) -> int:
+        """Append the samples recorded since the last update (and, once the run ended, how it ended)."""
+        self.record = record
+        at = read_sample_times(self.folder.sample_times) or (lambda index: 0.0)
+        samples, self.offsets["metrics"] = read_samples_from(self.folder.metrics, self.offsets["metrics"])
+        for i, sample in enumerate(samples, self.count):
+            self._write(self.start + at(i) * 60, sample.get("step", i + 1), scalar_values(sample))
+        self.count += len(samples)
+        gpu, self.offsets["gpu"] = read_samples_from(self.folder.gpu_stats, self.offsets["gpu"])
+        for sample in gpu:
+            step = sample.get("step", 0)
+            self._write(self.start + (step if _is_number(step) else 0), step, scalar_values(sample))
+        if record.status not in ACTIVE_STATUSES and self.sessions and not self.ended:
+            end = parse_time(record.finished_at).timestamp() if record.finished_at else time.time()
+            self.writer.add_summary(end, tb_hparams_end(record.status, end))
+            self.ended = True
+        if self.writer.error is not None:
+            raise ExportError(f"cannot write {self.writer.path}: {self.writer.error.strerror}; free some space or "
+                              "choose another -o folder")
+        return len(samples) + len(gpu)
+
+    def _write(self, wall_time: float, step: object, values: dict) -> None:
+        if values and type(step) is int:
+            self.writer.write(self.events.record(wall_time, step, values))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tb_hparams(runs: list[tuple[RunRecord, dict]]) -> dict[str, dict | None]:
+    """Per run id, the config values that differ between the runs (None when none differ)."""
+    keys = [k for k in differing([flat for _, flat in runs]) if k != "name"]
+    return {r.id: {k: flat[k] for k in keys if flat.get(k) is not None} if keys else None for r, flat in runs}
+
+
+def export_tensorboard(store: RunStore, records: list[RunRecord], target: Path, follow: bool) -> tuple[int, int]:
+    """Write each run's event file under TARGET; with FOLLOW, keep them growing until every run has
+    ended. Returns (samples written, runs)."""
+    hparams = tb_hparams([(r, _config_of(store, r)) for r in records])
+    runs = [TensorBoardRun(target, r, hparams[r.id]) for r in records]
+    try:
+        written = sum(run.update(r) for run, r in zip(runs, records))
+        while follow and any(run.record.status in ACTIVE_STATUSES for run in runs):
+            time.sleep(FOLLOW_SECONDS)
+            written += sum(run.update(_refresh(store, run.record)) for run in runs)
+    finally:
+        for run in runs:
+            run.close()
+    return written, len(runs)
+
+
+class MlflowClient:
+    """MLflow's tracking REST API 2.0 over urllib: one JSON request, one JSON answer, errors as ExportError.
+
+    $MLFLOW_TRACKING_TOKEN (a bearer token) or $MLFLOW_TRACKING_USERNAME and _PASSWORD authenticate,
+    as MLflow's own client does.
+    """
+
+    def __init__(self, uri: str, environ=os.environ, opener: Callable | None = None,
+                 timeout: float = MLFLOW_TIMEOUT) -> None:
+        import urllib.parse
+        import urllib.request
+        parsed = urllib.parse.urlsplit(uri)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise UsageError(f"--format mlflow: {visible(uri)!r} is not a tracking server's http(s) URL; give "
+                             "-o http://HOST:5000 or set MLFLOW_TRACKING_URI")
+        self.uri, self.timeout = uri.rstrip("/"), timeout
+        self.opener = opener or urllib.request.urlopen
+        self.headers = {"Content-Type": "application/json", "User-Agent": f"runpilot/{__version__}"}
+        if environ.get("MLFLOW_TRACKING_TOKEN"):
+            self.headers["Authorization"] = f"Bearer {environ['MLFLOW_TRACKING_TOKEN']}"
+        elif environ.get("MLFLOW_TRACKING_USERNAME"):
+            import base64
+            pair = f"{environ['MLFLOW_TRACKING_USERNAME']}:{environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+            self.headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+
+    def call(self, method: str, endpoint: str, body: dict | None = None, query: dict | None = None) -> dict:
+        """POST (or GET) /api/2.0/mlflow/ENDPOINT; the answer's JSON object."""
+        import http.client
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+        url = f"{self.uri}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        request = urllib.request.Request(url, data=data, method=method, headers=self.headers)
+        try:
+            with self.opener(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raise MlflowRefusal(exc.code, endpoint, exc.read()) from exc
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ExportError(f"cannot reach the MLflow server at {self.uri} ({reason}); start it, or check -o "
+                              "and MLFLOW_TRACKING_URI") from exc
+        try:
+            answer = json.loads(raw or b"{}")
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise ExportError(f"{self.uri} answered {endpoint} with something that is not MLflow's JSON "
+                              f"({visible(raw[:60].decode('utf-8', 'replace'))!r}); is -o a tracking server?")
+        return answer
+
+
+class MlflowRefusal(ExportError):
+    """The tracking server answered with an HTTP error (MLflow's error_code and message when it says them)."""
+
+    def __init__(self, status: int, endpoint: str, raw: bytes) -> None:
+        try:
+            said = json.loads(raw)
+        except ValueError:
+            said = {}
+        said = said if isinstance(said, dict) else {}
+        self.status, self.error_code = status, said.get("error_code")
+        message = str(said.get("message") or "")[:300] or (
+            "not MLflow's JSON; is -o the tracking server's address?" if raw.strip() else "no message")
+        super().__init__(f"the MLflow server refused {endpoint} (HTTP {status}"
+                         + (f", {self.error_code}" if self.error_code else "") + f"): {visible(message)}")
+
+
+def mlflow_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment NAME, created when the server does not know it."""
+    try:
+        found = client.call("GET", "experiments/get-by-name", query={"experiment_name": name})
+    except MlflowRefusal as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        created = client.call("POST", "experiments/create", {"name": name})
+        return str(created.get("experiment_id"))
+    experiment = found.get("experiment") or {}
+    if experiment.get("lifecycle_stage") == "deleted":
+        raise ExportError(f"MLflow experiment {visible(name)!r} is deleted; restore it (mlflow experiments restore) "
+                          "or export with --experiment NAME")
+    return str(experiment.get("experiment_id"))
+
+
+def mlflow_tags(record: RunRecord, meta: RunMeta) -> dict[str, str]:
+    """The run's tags plus RunPilot's own: its id (how an export again finds it), image, engine, backend."""
+    tags = {str(k): str(v) for k, v in record.tags.items()}
+    tags.update({"runpilot.run_id": record.id, "runpilot.engine": record.engine or "",
+                 "runpilot.image": record.image or "", "runpilot.backend": "slurm" if meta.slurm else "host",
+                 "runpilot.status": record.status})
+    return {k: v[:MLFLOW_TAG_MAX] for k, v in tags.items() if v}
+
+
+def mlflow_metrics(record: RunRecord, folder: RunFolder) -> list[dict]:
+    """Every numeric sample of the run (and of its GPUs) as MLflow metrics with step and time (ms)."""
+    start = run_start_epoch(record)
+    at = read_sample_times(folder.sample_times) or (lambda index: 0.0)
+    out = []
+    for i, sample in enumerate(read_metrics(folder.metrics)):
+        when = int((start + at(i) * 60) * 1000)
+        for key, value in scalar_values(sample).items():
+            out.append({"key": key, "value": float(value), "timestamp": when, "step": sample.get("step", i + 1)})
+    for sample in read_metrics(folder.gpu_stats):
+        step = sample.get("step", 0)
+        for key, value in scalar_values(sample).items():
+            out.append({"key": key, "value": float(value), "timestamp": int((start + step) * 1000), "step": step})
+    return out
+
+
+def mlflow_logged(client: MlflowClient, run_id: str, keys: list[str]) -> set[tuple]:
+    """(key, step, timestamp) of every metric value the server already holds for the run."""
+    logged = set()
+    for key in keys:
+        token = None
+        while True:
+            query = {"run_id": run_id, "metric_key": key, "max_results": 25000, **({"page_token": token} if token else {})}
+            answer = client.call("GET", "metrics/get-history", query=query)
+            logged.update((key, m.get("step"), m.get("timestamp")) for m in answer.get("metrics") or [])
+            token = answer.get("next_page_token")
+            if not token:
+                break
+    return logged
+
+
+def export_mlflow_run(client: MlflowClient, experiment_id: str, record: RunRecord, meta: RunMeta,
+                      params: dict) -> tuple[str, int]:
+    """Create the run in MLflow (or find it by its runpilot.run_id tag), send what it lacks, set its
+    status and times. Returns (MLflow's run id, metric values sent)."""
+    folder = RunFolder(Path(record.path))
+    found = client.call("POST", "runs/search", {
+        "experiment_ids": [experiment_id], "filter": f"tags.`runpilot.run_id` = '{record.id}'", "max_results": 1})
+    metrics = mlflow_metrics(record, folder)
+    if found.get("runs"):
+        run_id = found["runs"][0]["info"]["run_id"]
+        logged = mlflow_logged(client, run_id, list(dict.fromkeys(m["key"] for m in metrics)))
+        metrics = [m for m in metrics if (m["key"], m["step"], m["timestamp"]) not in logged]
+    else:
+        created = client.call("POST", "runs/create", {
+            "experiment_id": experiment_id, "run_name": record.name, "start_time": int(run_start_epoch(record) * 1000)})
+        run_id = (created.get("run") or {}).get("info", {}).get("run_id")
+        if not run_id:
+            raise ExportError(f"{client.uri} answered runs/create without a run id; is -o a tracking server?")
+    tags = [{"key": k, "value": v} for k, v in mlflow_tags(record, meta).items()]
+    values = [{"key": k, "value": fmt_cell(v)[:MLFLOW_PARAM_MAX]} for k, v in params.items()]
+    for kind, items in (("tags", tags), ("params", values), ("metrics", metrics)):
+        size = MLFLOW_BATCH[kind]
+        for at in range(0, len(items), size):
+            client.call("POST", "runs/log-batch", {"run_id": run_id, kind: items[at:at + size]})
+    update = {"run_id": run_id, "status": MLFLOW_STATUS.get(record.status, "FAILED"), "run_name": record.name}
+    if record.finished_at and record.status not in ACTIVE_STATUSES:
+        update["end_time"] = int(parse_time(record.finished_at).timestamp() * 1000)
+    client.call("POST", "runs/update", update)
+    return run_id, len(metrics)
+
+
+def export_mlflow(store: RunStore, records: list[RunRecord], client: MlflowClient, experiment: str | None,
+                  say: Callable[[str], None]) -> int:
+    """Send every run; on an error, say which runs went over and which did not. Returns the values sent."""
+    experiments: dict[str, str] = {}
+    sent, done = 0, []
+    for record in records:
+        try:
+            name = experiment or record.name
+            experiments[name] = experiments.get(name) or mlflow_experiment(client, name)
+            meta = store.folder(record.id).read_meta()
+            run_id, count = export_mlflow_run(client, experiments[name], record, meta, _config_of(store, record))
+        except RunPilotError as exc:
+            over = ", ".join(short_id(r.id) for r in done) or "none"
+            left = ", ".join(short_id(r.id) for r in records[len(done):])
+            raise ExportError(f"{exc}; runs exported: {over}; not (or only partly) exported: {left} "
+                              "(exporting them again completes them, without duplicates)") from exc
+        done.append(record)
+        sent += count
+        say(f"run {record.id} -> MLflow run {run_id} in experiment {visible(name)!r} ({count} new value(s))")
+    return sent
+
 # ==== 21. Command line =======================================================
 # Each command reads: parse its arguments, ask the store or the orchestrator, present.
 
@@ -7650,7 +7953,13 @@ def cmd_compare(args) -> int:
 
 def cmd_export(args) -> int:
     store = _store()
+    if args.follow and args.format != "tensorboard":
+        raise UsageError(f"--follow keeps a TensorBoard export growing; --format {args.format} writes once")
+    if args.experiment is not None and args.format != "mlflow":
+        raise UsageError("--experiment names an MLflow experiment; give it with --format mlflow")
     records = _refs_or_sweep(store, args)
+    if args.format in ("tensorboard", "mlflow"):
+        return export_to_tool(store, records, args)
     runs = [(r, read_metrics(store.folder(r.id).metrics), _config_of(store, r)) for r in records]
     keys = [k for k in differing([flat for _, _, flat in runs]) if k != "name"] if args.config else []  # a column
     tag_names = sorted({t for r in records for t in r.tags}) if args.tags else []
@@ -7676,6 +7985,22 @@ def cmd_export(args) -> int:
     echo(f"wrote {sum(len(s) for _, s, _ in runs)} sample(s) of {len(runs)} run(s) to {args.output}", err=True)
     return 0
 
+
+def export_to_tool(store: RunStore, records: list[RunRecord], args) -> int:
+    """`export --format tensorboard|mlflow`: event files in a folder, or runs on a tracking server."""
+    if args.format == "tensorboard":
+        if not args.output:
+            raise UsageError("--format tensorboard writes a folder of event files; name it with -o DIR")
+        written, runs = export_tensorboard(store, records, Path(args.output), args.follow)
+        echo(f"wrote {written} sample(s) of {runs} run(s) to {visible(args.output)}; see them with: "
+             f"tensorboard --logdir {shlex.quote(args.output)}", err=True)
+        return 0
+    uri = args.output or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise UsageError("--format mlflow needs the tracking server: -o http://HOST:5000 or MLFLOW_TRACKING_URI")
+    sent = export_mlflow(store, records, MlflowClient(uri), args.experiment, lambda text: echo(text, err=True))
+    echo(f"exported {len(records)} run(s) ({sent} new metric value(s)) to {visible(uri)}", err=True)
+    return 0
 
 def _confirm(question: str, yes: bool) -> bool:
     if yes:
@@ -7826,6 +8151,7 @@ def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotSt
     """
     per_run = [read_metric_series(RunFolder(Path(r.path)).metrics, names or _recorded_metrics(r), style.smooth,
                                   _sample_minutes(r) if style.x_label == "minutes" else None) for r in records]
+    per_run = [with_gpu_series(r, names, series, style) for r, series in zip(records, per_run)]
     found = sorted({k for series in per_run for k in series})
     metrics = names if names is not None else found
     running = any(r.status in ACTIVE_STATUSES for r in records)
@@ -7839,6 +8165,14 @@ def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotSt
         _check_log_axis(charts)
     return charts
 
+
+def with_gpu_series(record: RunRecord, names: list[str] | None, series: dict, style: PlotStyle) -> dict:
+    """A run's metric series plus the GPU statistics NAMES asks for by name (`--metric gpu0.util`),
+    read from its gpu.json; their step is the second of the run (with --x time too)."""
+    wanted = [n for n in names or [] if GPU_STAT_KEY_RE.match(n) and n not in series]
+    if not wanted:
+        return series
+    return {**series, **read_metric_series(RunFolder(Path(record.path)).gpu_stats, wanted, style.smooth)}
 
 def _sample_minutes(record: RunRecord) -> Callable[[int], float]:
     """When each sample of a run arrived, for --x time (recorded since RunPilot 0.5)."""
@@ -8365,10 +8699,14 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run")
     p.add_argument("--sweep", metavar="ID", type=_sweep_id_arg, help="every run of this sweep")
-    p.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
+    p.add_argument("--format", choices=("csv", "jsonl", "tensorboard", "mlflow"), default="csv",
+                   help="csv (default), jsonl, tensorboard (event files in -o DIR) or mlflow (to the server -o URI)")
     p.add_argument("--config", action="store_true", help="add the config values that differ between the runs")
     p.add_argument("--tags", action="store_true", help="add each tag as a column tag.NAME")
-    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout (tensorboard: a "
+                   "folder; mlflow: the tracking server's URL, default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--follow", action="store_true", help="tensorboard: keep the event files growing until the runs end")
+    p.add_argument("--experiment", metavar="NAME", help="mlflow: the experiment (default: each run's name)")
 
 
 def _rm_arguments(p: argparse.ArgumentParser) -> None:
