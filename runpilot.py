@@ -80,7 +80,7 @@ __all__ = [
 
 # Keys a config may have at the top level; anything else is a typo to report.
 TOP_LEVEL_KEYS = ("name", "image", "entrypoint", "workdir", "env", "mounts", "resources",
-                  "metrics", "engine", "timeout", "sweep", "slurm")
+                  "metrics", "engine", "timeout", "sweep", "slurm", "tensorboard")
 RESOURCE_KEYS = ("gpus", "cpu", "memory", "shm_size")
 # What people write by habit from docker-compose and Kubernetes, for "did you mean".
 KEY_SYNONYMS = {"environment": "env", "volumes": "mounts", "command": "entrypoint", "cmd": "entrypoint",
@@ -276,6 +276,7 @@ class JobConfig:
     source: str | None = None                           # the config file it came from
     sweep: tuple[tuple[str, tuple], ...] = ()           # (dotted key, values); only `sweep` reads it
     slurm: SlurmSettings = SlurmSettings()              # only `--on slurm` reads it
+    tensorboard: bool = False                           # the runner writes a TensorBoard event file too
 
 
 def _type_ok(value: object, annotation: str) -> bool:
@@ -1953,6 +1954,14 @@ def _check_slurm(chk: _Checker, slurm: object) -> SlurmSettings:
                          gpu_flag=text["gpu_flag"] if text["gpu_flag"] in ("gpus", "gres") else "gpus")
 
 
+def _check_switch(chk: _Checker, data: dict, key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        chk.problem((key,), f"{key} must be true or false; got {value!r}")
+        return False
+    return value
+
+
 def validate_config(data: object, filename: str, text: str = "", positions: dict | None = None,
                     base_dir: Path | None = None, overrides: dict | None = None) -> JobConfig:
     """Turn parsed YAML into a JobConfig, or raise ConfigError listing every problem."""
@@ -1987,6 +1996,7 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
         source=str(Path(filename).resolve()) if filename and not filename.startswith("<") else None,
         sweep=_check_sweep(chk, data.get("sweep")),
         slurm=_check_slurm(chk, data.get("slurm")),
+        tensorboard=_check_switch(chk, data, "tensorboard"),
     )
     chk.raise_if_any()
     return config
@@ -2093,6 +2103,8 @@ def config_to_dict(config: JobConfig) -> dict:
              if v != getattr(SlurmSettings(), k)}
     if slurm:
         data["slurm"] = slurm
+    if config.tensorboard:
+        data["tensorboard"] = True
     return data
 
 
@@ -2321,12 +2333,14 @@ class MetricLog:
         self.count = 0
         self.malformed = 0
         self.last: dict = {}
+        self.events: LiveEvents | None = None   # config `tensorboard: true`: the run's event file
 
     def add_lines(self, lines: list[bytes]) -> None:
         """Parse and append the METRIC lines of one read in a single write."""
         if not lines:
             return
         out = []
+        events = self.events
         for line in b"\n".join(lines).decode("utf-8", "replace").split("\n"):  # one decode per read
             sample = parse_metric_line(line)
             if sample is None:
@@ -2335,6 +2349,10 @@ class MetricLog:
             self.count += 1
             out.append(sample_json(sample.get("step", self.count), sample))
             self.last.update(sample)
+            if events is not None:
+                events.samples.append(sample)
+        if events is not None:
+            events.flush(self.count - len(events.samples) + 1)
         self.last.pop("step", None)  # a position, not a metric
         if out and self.error is None:
             try:
@@ -2355,6 +2373,8 @@ class MetricLog:
         if self.times_fd >= 0:
             os.close(self.times_fd)
             self.times_fd = -1
+        if self.events is not None:
+            self.events.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -2598,6 +2618,165 @@ class EventFileWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _lanes(count: int, lane: int) -> int:
+    """LANE (a 32-bit pattern) repeated COUNT times, as one little-endian big int."""
+    return int.from_bytes(struct.pack("<I", lane) * count, "little")
+
+
+class BatchEvents:
+    """Encodes many samples of one layout as framed Events at once, for the runner's tee loop.
+
+    A read of a fast job holds hundreds of METRIC lines; Python spends about 0.1 µs per byte on a
+    CRC, more than the whole METRIC capture may cost. Here the events of a layout (the same tags,
+    the same wall time, steps of one varint length) are built as a matrix from a template: the
+    changing bytes are columns set by slice assignment, and the CRCs are computed column-wise,
+    since CRC-32C is linear: each changing byte adds a table value that depends on its distance
+    from the message's end, looked up for a whole column with bytes.translate and XORed as big
+    ints. TFRecord's mask (a 32-bit rotation and addition) is done for all lanes with big-int
+    masks too. Byte for byte what tb_event and tfrecord write (tests/test_exports.py).
+    """
+
+    def __init__(self) -> None:
+        self.shifts = [list(_CRC32C_TABLE)]   # shifts[k][b]: what byte b, k bytes before the end, adds
+        self.byte_tables: dict[int, list[bytes]] = {}
+
+    def records(self, wall_time: float, steps: list[int], names: list[str], values: list) -> bytes:
+        """The framed Events of len(STEPS) samples at WALL_TIME: sample i has values[i * len(NAMES) + j]
+        (an int or a float) for names[j] at steps[i], all steps having one varint length."""
+        count = len(steps)
+        length = len(encode_varint(steps[0])) if steps[0] else 0
+        summary = tb_scalars({name: 0.0 for name in names})
+        payload = tb_event(wall_time, 1, summary)[:9] + (b"\x10" + b"\0" * length if length else b"") \
+            + pb_field(5, summary)
+        head = struct.pack("<Q", len(payload))
+        record = head + struct.pack("<I", masked_crc32c(head)) + payload + b"\0\0\0\0"
+        size, at = len(record), 12
+        out = bytearray(record * count)
+        varying: list[tuple[int, bytes]] = []           # (place in the payload, its column)
+        if length:
+            varying += [(10 + k, column) for k, column in enumerate(_varint_columns(steps, length))]
+        value_at = payload.find(b"\x2a") + len(pb_field(5, summary)) - len(summary)
+        packed, stride = _pack_floats(values), 4 * len(names)
+        for j, name in enumerate(names):
+            value_at += len(pb_field(1, _tb_tag(name) + b"\0\0\0\0")) - 4
+            varying += [(value_at + b, packed[4 * j + b::stride]) for b in range(4)]
+            value_at += 4
+        for place, column in varying:
+            out[at + place::size] = column
+        crc = self._crcs(crc32c(payload), len(payload), varying, count)
+        out[at + len(payload)::size] = crc[0::4]
+        out[at + len(payload) + 1::size] = crc[1::4]
+        out[at + len(payload) + 2::size] = crc[2::4]
+        out[at + len(payload) + 3::size] = crc[3::4]
+        return bytes(out)
+
+    def _crcs(self, base: int, length: int, varying: list[tuple[int, bytes]], count: int) -> bytes:
+        """The masked CRCs (4 bytes each, little-endian) of COUNT messages: BASE patched by the columns."""
+        lanes = [int.from_bytes(bytes([(base >> (8 * j)) & 0xFF]) * count, "little") for j in range(4)]
+        for place, column in varying:
+            tables = self._byte_tables(length - 1 - place)
+            for j in range(4):
+                lanes[j] ^= int.from_bytes(column.translate(tables[j]), "little")
+        crcs = bytearray(4 * count)
+        for j in range(4):
+            crcs[j::4] = lanes[j].to_bytes(count, "little")
+        x = int.from_bytes(crcs, "little")
+        x = ((x >> 15) & _lanes(count, 0x0001FFFF)) | ((x << 17) & _lanes(count, 0xFFFE0000))
+        low, top = _lanes(count, 0x7FFFFFFF), _lanes(count, 0x80000000)
+        k = _lanes(count, 0xA282EAD8)
+        x = ((x & low) + (k & low)) ^ ((x ^ k) & top)   # lane-wise addition mod 2**32
+        return x.to_bytes(4 * count, "little")
+
+    def _byte_tables(self, distance: int) -> list[bytes]:
+        """For a byte DISTANCE bytes before the end: four 256-byte tables, byte j of what it adds."""
+        if distance not in self.byte_tables:
+            base = _CRC32C_TABLE
+            while len(self.shifts) <= distance:
+                self.shifts.append([base[crc & 0xFF] ^ (crc >> 8) for crc in self.shifts[-1]])
+            table = self.shifts[distance]
+            self.byte_tables[distance] = [bytes((v >> (8 * j)) & 0xFF for v in table) for j in range(4)]
+        return self.byte_tables[distance]
+
+
+def _varint_columns(steps: list[int], length: int) -> list[bytes]:
+    """Byte k of each step's varint (all of LENGTH bytes), as column k. Steps below 2**32 are cut
+    into 7-bit groups as 32-bit lanes of one big int, without a Python loop over the steps."""
+    count = len(steps)
+    if min(steps) < 0 or max(steps) >= 1 << 32:
+        wide = [s + (1 << 64) if s < 0 else s for s in steps]
+        return [bytes([((s >> (7 * k)) & 0x7F) | (0x80 if k < length - 1 else 0) for s in wide])
+                for k in range(length)]
+    lanes = int.from_bytes(struct.pack(f"<{count}I", *steps), "little")
+    columns = []
+    for k in range(length):
+        group = (lanes >> (7 * k)) & _lanes(count, 0x7F & ((1 << (32 - 7 * k)) - 1))  # no bit of the next lane
+        if k < length - 1:
+            group |= _lanes(count, 0x80)
+        columns.append(group.to_bytes(4 * count, "little")[0::4])
+    return columns
+
+def _pack_floats(values: list) -> bytes:
+    """VALUES as float32s; beyond float32 (or an int beyond float), ±inf as numpy would round them."""
+    try:
+        return struct.pack(f"<{len(values)}f", *values)
+    except (OverflowError, struct.error):
+        return b"".join(map(tb_float, values))
+
+# The bytes of a step's varint by the step's bit length (0: a zero step, which an Event leaves out).
+_VARINT_BYTES = [0] + [(bits + 6) // 7 for bits in range(1, 65)]
+
+
+class LiveEvents:
+    """The runner's own event file (config `tensorboard: true`): each read's samples as events,
+    written together once the read is parsed, so `tensorboard --logdir ~/.runpilot/runs` shows a
+    run as it runs. Consecutive samples of one layout are encoded together (BatchEvents); the
+    samples' order is kept, since TensorBoard drops a tag's later points when its step goes back.
+    Per sample only C-level maps run here: the whole METRIC capture may cost a few microseconds."""
+
+    def __init__(self, path: Path, start: float) -> None:
+        self.writer = EventFileWriter(path, start)
+        self.single = ScalarEvents()
+        self.batch = BatchEvents()
+        self.samples: list[dict] = []   # MetricLog appends a read's samples, then calls flush
+
+    def flush(self, first: int) -> None:
+        """Write the pending samples' events in one write; FIRST is the first one's number, the step
+        of a sample without one."""
+        samples, self.samples = self.samples, []
+        if not samples:
+            return
+        steps = list(map(dict.get, samples, itertools.repeat("step"), itertools.count(first)))
+        if min(steps) < 0:  # a negative step is ten bytes long
+            lengths = [_VARINT_BYTES[s.bit_length()] if s >= 0 else 10 for s in steps]
+        else:
+            lengths = list(map(_VARINT_BYTES.__getitem__, map(int.bit_length, steps)))
+        keys = list(map(tuple, samples))
+        if len(set(keys)) == 1 and len(set(lengths)) == 1:
+            cuts = [0, len(steps)]
+        else:
+            layouts = list(zip(keys, lengths))
+            cuts = [0, *itertools.compress(range(1, len(steps)), map(operator.ne, layouts[1:], layouts[:-1])),
+                    len(steps)]
+        now = time.time()
+        self.writer.write(b"".join([self._encode(now, steps[a:b], samples[a:b]) for a, b in zip(cuts, cuts[1:])]))
+
+    def _encode(self, now: float, steps: list[int], samples: list[dict]) -> bytes:
+        """The events of samples that have the same keys and steps of one varint length."""
+        names = [k for k in samples[0] if k != "step"]
+        if not names:
+            return b""
+        values = list(itertools.chain.from_iterable(map(operator.itemgetter(*names), samples))) \
+            if len(names) > 1 else list(map(operator.itemgetter(names[0]), samples))
+        if len(steps) < 32 or set(map(type, values)) - {int, float}:
+            return b"".join(self.single.record(now, step, numbers) for step, numbers in (  # few, or text: one by one
+                (step, {k: v for k, v in sample.items() if (type(v) is float or type(v) is int) and k != "step"})
+                for step, sample in zip(steps, samples)) if numbers)
+        return self.batch.records(now, steps, names, values)
+
+    def close(self) -> None:
+        self.writer.close()
 
 # ==== 11. Engines: choosing one, its command line, its images ================
 
@@ -3983,6 +4162,10 @@ class RunFolder:
     reserve = property(lambda self: self.path / ".reserve")             # space kept for the final record
     gpu_stats = property(lambda self: self.path / "gpu.json")           # samples of gpuN.util, gpuN.mem_mib
 
+    def tensorboard_events(self, start: float) -> Path:
+        """The event file of config `tensorboard: true` (TensorBoard reads files named *tfevents*)."""
+        return self.path / f"events.out.tfevents.{int(start)}.runpilot"
+
     def read_meta(self) -> RunMeta:
         """The run's meta.json, never raising: a missing or corrupt file is a problem on the result."""
         try:
@@ -4770,6 +4953,8 @@ def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: Ru
     """Start the job and tee it until it ends; after it, make sure nothing of it is left."""
     try:
         metrics = MetricLog(folder.metrics, folder.sample_times)
+        if config.tensorboard:
+            metrics.events = LiveEvents(folder.tensorboard_events(time.time()), time.time())
         log_fd = os.open(folder.logs, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except OSError as exc:
         return TeeResult(None, FAILED, log_error=exc)
