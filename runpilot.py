@@ -3673,6 +3673,7 @@ class UsageSampler:
         self.peak_memory: int | None = None
         self.gpu_errors: list[str] = []
         self.stopping = threading.Event()
+        self.writing = threading.Lock()   # gpu.json is closed by stop(), never while a sample is written
         self.thread = threading.Thread(target=self._run, name="runpilot-usage", daemon=True)
 
     def start(self) -> "UsageSampler":
@@ -3680,8 +3681,12 @@ class UsageSampler:
         return self
 
     def stop(self) -> None:
+        """Stop sampling and close gpu.json; a hung nvidia-smi does not hold the run's end."""
         self.stopping.set()
-        self.thread.join(timeout=15)
+        self.thread.join(timeout=1.0)
+        with self.writing:
+            if self.gpu_log is not None:
+                self.gpu_log.close()
 
     def _run(self) -> None:
         started = time.monotonic()
@@ -3716,7 +3721,9 @@ class UsageSampler:
             self.gpu_errors.append(f"nvidia-smi exit {done.returncode}: {(done.stdout + done.stderr).strip()[:200]}")
             return
         pairs = " ".join(f"{k}={v}" for k, v in sample.items())
-        self.gpu_log.add_lines([f"METRIC step={second} {pairs}".encode()])
+        with self.writing:
+            if not self.stopping.is_set():
+                self.gpu_log.add_lines([f"METRIC step={second} {pairs}".encode()])
 
 # ==== 13. Process I/O: the terminal, the tee loop, signals, stopping the job ===
 
@@ -5180,7 +5187,6 @@ def record_usage(sampler: UsageSampler, folder: RunFolder, meta: RunMeta) -> Non
     if sampler.peak_memory is not None:
         usage.update(peak_memory=sampler.peak_memory, memory_of=getattr(sampler.memory, "source", "job"))
     if sampler.gpu_log is not None:
-        sampler.gpu_log.close()
         gpus = summarise_gpu_stats(read_metrics(folder.gpu_stats))
         usage.update(gpus=gpus, gpu_interval=sampler.interval)
         if not gpus and sampler.gpu_errors:
@@ -7519,7 +7525,7 @@ class MlflowClient:
             answer = None
         if not isinstance(answer, dict):
             raise ExportError(f"{self.uri} answered {endpoint} with something that is not MLflow's JSON "
-                              f"({visible(raw[:60].decode('utf-8', 'replace'))!r}); is -o a tracking server?")
+                              f"({raw[:60].decode('utf-8', 'replace')!r}); is -o a tracking server?")
         return answer
 
 
@@ -7630,7 +7636,7 @@ def export_mlflow(store: RunStore, records: list[RunRecord], client: MlflowClien
                   say: Callable[[str], None]) -> int:
     """Send every run; on an error, say which runs went over and which did not. Returns the values sent."""
     experiments: dict[str, str] = {}
-    sent, done = 0, []
+    sent, done, lines = 0, [], []
     for record in records:
         try:
             name = experiment or record.name
@@ -7644,7 +7650,9 @@ def export_mlflow(store: RunStore, records: list[RunRecord], client: MlflowClien
                               "(exporting them again completes them, without duplicates)") from exc
         done.append(record)
         sent += count
-        say(f"run {record.id} -> MLflow run {run_id} in experiment {visible(name)!r} ({count} new value(s))")
+        lines.append(f"run {record.id} -> MLflow run {run_id} in experiment {visible(name)!r} ({count} new value(s))")
+    for line in lines:  # once all went over: an error is one line
+        say(line)
     return sent
 
 # ==== 21. Command line =======================================================
