@@ -7377,14 +7377,17 @@ def read_samples_from(path: Path, offset: int) -> tuple[list[dict], int]:
         return [], offset
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
-    whole = data[:data.rfind(b"\n") + 1]
-    samples = []
-    for line in whole.decode("utf-8", "replace").splitlines():
-        line = line.rstrip(",").strip()
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                samples.append(json.loads(line))
-    return samples, offset + len(whole)
+    samples, used = [], 0
+    for line in data.splitlines(keepends=True):
+        text = line.decode("utf-8", "replace").rstrip(",\n").strip()
+        if text.startswith("{"):
+            try:
+                samples.append(json.loads(text))
+            except ValueError:
+                if not line.endswith(b"\n"):  # a sample still being written
+                    break
+        used += len(line)   # MetricLog ends a sample's line only when the next comes: a whole object counts
+    return samples, offset + used
 
 
 def run_start_epoch(record: RunRecord) -> float:
