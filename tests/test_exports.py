@@ -432,3 +432,24 @@ class TensorBoardSwitch(RunsHome):
         code, _, err = self.cli("validate", config)
         self.assertEqual(code, 2)
         self.assertIn("tensorboard must be true or false; got 3", err)
+
+
+class ContainerPeakMemory(RunsHome):
+    """The container's peak memory, found through the engine (its cgroup), on Docker and on Podman
+    (skipped without the engine or the test image; required where RUNPILOT_TEST_ENGINES names it)."""
+
+    def test_peak_memory_of_the_container(self):
+        from tests.support import PYTHON_IMAGE, require_engine
+        self.write("mem.py", "import time\nblock = bytearray(80 << 20)\nfor i in range(0, len(block), 4096):\n"
+                             "    block[i] = 1\ntime.sleep(2.5)\nprint('METRIC step=1 loss=0.5')\n")
+        for engine in ("docker", "podman"):
+            with self.subTest(engine=engine):
+                require_engine(self, engine)
+                config = self.write(f"{engine}.yaml", f"name: mem\nengine: {engine}\nimage: {PYTHON_IMAGE}\n"
+                                                      "entrypoint: python mem.py\nmounts:\n  code: .\n")
+                code, _, err = self.cli("run", config)
+                self.assertEqual(code, 0, err)
+                usage = self.meta(self.runs()[-1])["usage"]
+                self.assertEqual(usage["memory_of"], "container")
+                self.assertGreater(usage["peak_memory"], 80 << 20)
+                self.assertLess(usage["peak_memory"], 400 << 20)
