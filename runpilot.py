@@ -6408,7 +6408,7 @@ def usage_lines(meta: RunMeta) -> list[str]:
         if isinstance(s, dict):
             lines.append(f"gpu {index:<6} util mean {number(s.get('util_mean'), '%')}, peak "
                          f"{number(s.get('util_peak'), '%')}; memory peak {number(s.get('mem_peak_mib'), ' MiB')} "
-                         f"({s.get('samples')} samples)")
+                         f"({s.get('samples')} sample{'' if s.get('samples') == 1 else 's'})")
     if usage.get("gpu_error"):
         lines.append(f"gpu stats  none: {usage['gpu_error']}")
     if usage.get("hint"):
