@@ -2748,7 +2748,16 @@ class LiveEvents:
         if not samples:
             return
         steps = list(map(dict.get, samples, itertools.repeat("step"), itertools.count(first)))
-        if min(steps) < 0:  # a negative step is ten bytes long
+        now = time.time()
+        low, high = min(steps), max(steps)
+        with_step = sum(map(dict.__contains__, samples, itertools.repeat("step")))
+        if len(set(map(len, samples))) == 1 and with_step in (0, len(samples)) and low >= 0 and \
+                _VARINT_BYTES[low.bit_length()] == _VARINT_BYTES[high.bit_length()]:
+            # the usual read, one layout: as many keys each, and (no KeyError below) the first one's
+            with contextlib.suppress(KeyError):
+                self.writer.write(self._encode(now, steps, samples))
+                return
+        if low < 0:  # a negative step is ten bytes long
             lengths = [_VARINT_BYTES[s.bit_length()] if s >= 0 else 10 for s in steps]
         else:
             lengths = list(map(_VARINT_BYTES.__getitem__, map(int.bit_length, steps)))
@@ -2759,11 +2768,11 @@ class LiveEvents:
             layouts = list(zip(keys, lengths))
             cuts = [0, *itertools.compress(range(1, len(steps)), map(operator.ne, layouts[1:], layouts[:-1])),
                     len(steps)]
-        now = time.time()
         self.writer.write(b"".join([self._encode(now, steps[a:b], samples[a:b]) for a, b in zip(cuts, cuts[1:])]))
 
     def _encode(self, now: float, steps: list[int], samples: list[dict]) -> bytes:
-        """The events of samples that have the same keys and steps of one varint length."""
+        """The events of samples that have the same keys and steps of one varint length (KeyError: a
+        sample lacks a key of the first)."""
         names = [k for k in samples[0] if k != "step"]
         if not names:
             return b""

@@ -118,6 +118,8 @@ class EventBytes(RunsHome):
         lines = [f"METRIC step={i} loss={1 / (i + 1)}".encode() for i in range(100)]
         lines += [b"METRIC step=100 loss=0.5 acc=0.9", b"METRIC step=101 loss=0.25 note=warmup", b"METRIC acc=1"]
         lines += [f"METRIC step={i} loss={i}".encode() for i in range(120, 300)]
+        lines += [b"METRIC step=300 loss=1", b"METRIC loss=2 acc=3"] * 20   # as many keys, not the same
+        lines += [b"METRIC step=400 loss=1", b"METRIC step=401 acc=2"] * 20
         log = runpilot.MetricLog(self.tmp / "metrics.json")
         log.events = runpilot.LiveEvents(self.tmp / "events", 1000.0)
         with mock.patch.object(runpilot.time, "time", return_value=2000.0):
