@@ -8373,11 +8373,15 @@ def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotSt
 
 def with_gpu_series(record: RunRecord, names: list[str] | None, series: dict, style: PlotStyle) -> dict:
     """A run's metric series plus the GPU statistics NAMES asks for by name (`--metric gpu0.util`),
-    read from its gpu.json; their step is the second of the run (with --x time too)."""
+    read from its gpu.json, whose step is the second of the run (--x time: its minute)."""
     wanted = [n for n in names or [] if GPU_STAT_KEY_RE.match(n) and n not in series]
     if not wanted:
         return series
-    return {**series, **read_metric_series(RunFolder(Path(record.path)).gpu_stats, wanted, style.smooth)}
+    path, minutes = RunFolder(Path(record.path)).gpu_stats, None
+    if style.x_label == "minutes":
+        seconds = [s.get("step") if _is_number(s.get("step")) else 0 for s in read_metrics(path)]
+        minutes = (lambda i: seconds[min(i, len(seconds) - 1)] / 60 if seconds else 0.0)
+    return {**series, **read_metric_series(path, wanted, style.smooth, minutes)}
 
 def _sample_minutes(record: RunRecord) -> Callable[[int], float]:
     """When each sample of a run arrived, for --x time (recorded since RunPilot 0.5)."""

@@ -377,6 +377,9 @@ class GpuStatistics(RunsHome):
         self.assertEqual(code, 0, err)
         self.assertTrue(out.startswith("gpu0.util\n"), out)
         self.assertIn("last 12  best 12", out)
+        code, out, err = self.cli("plot", run.name, "--metric", "gpu0.util", "--x", "time", "--width", "60")
+        self.assertEqual(code, 0, err)
+        self.assertIn("minutes", out)
 
     def test_busy_gpus_give_no_hint_and_no_gpu_stats_turns_it_off(self):
         env = {**self.env, "FAKE_NVIDIA_SMI_UTIL": "85"}
