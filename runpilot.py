@@ -7604,7 +7604,9 @@ def mlflow_logged(client: MlflowClient, run_id: str, keys: list[str]) -> set[tup
     for key in keys:
         token = None
         while True:
-            query = {"run_id": run_id, "metric_key": key, "max_results": 25000, **({"page_token": token} if token else {})}
+            query = {"run_id": run_id, "metric_key": key, "max_results": 25000}
+            if token:
+                query["page_token"] = token
             answer = client.call("GET", "metrics/get-history", query=query)
             logged.update((key, m.get("step"), m.get("timestamp")) for m in answer.get("metrics") or [])
             token = answer.get("next_page_token")
@@ -7651,10 +7653,11 @@ def export_mlflow(store: RunStore, records: list[RunRecord], client: MlflowClien
     sent, done, lines = 0, [], []
     for record in records:
         try:
-            name = experiment or record.name
+            params = _config_of(store, record)
+            name = experiment or str(params.get("name") or record.name)   # default: the config's name
             experiments[name] = experiments.get(name) or mlflow_experiment(client, name)
             meta = store.folder(record.id).read_meta()
-            run_id, count = export_mlflow_run(client, experiments[name], record, meta, _config_of(store, record))
+            run_id, count = export_mlflow_run(client, experiments[name], record, meta, params)
         except RunPilotError as exc:
             over = ", ".join(short_id(r.id) for r in done) or "none"
             left = ", ".join(short_id(r.id) for r in records[len(done):])
