@@ -8918,7 +8918,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout (tensorboard: a "
                    "folder; mlflow: the tracking server's URL, default $MLFLOW_TRACKING_URI)")
     p.add_argument("--follow", action="store_true", help="tensorboard: keep the event files growing until the runs end")
-    p.add_argument("--experiment", metavar="NAME", help="mlflow: the experiment (default: each run's name)")
+    p.add_argument("--experiment", metavar="NAME", help="mlflow: the experiment (default: each run's config name)")
 
 
 def _rm_arguments(p: argparse.ArgumentParser) -> None:
