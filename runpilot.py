@@ -8983,7 +8983,7 @@ COMMANDS = [
      "runpilot compare -1 -2", _compare_arguments),
     ("plot", cmd_plot, "draw learning curves in the terminal, or as an HTML page",
      "runpilot plot -1 -2 --metric val_loss --smooth 0.6", _plot_arguments),
-    ("export", cmd_export, "write the metrics of runs as CSV or JSON lines",
+    ("export", cmd_export, "metrics as CSV or JSON lines, TensorBoard files, or to MLflow",
      "runpilot export latest -2 --format csv -o metrics.csv", _export_arguments),
     ("rm", cmd_rm, "delete runs (folder and history row)",
      "runpilot rm a3f9c1 -y", _rm_arguments),
