@@ -330,7 +330,7 @@ class GpuStatistics(RunsHome):
                     "FAKE_NVIDIA_SMI_LOG": str(self.calls)}
 
     def gpu_job(self, seconds: float = 2.5, gpus: str = "1", extra: str = "") -> Path:
-        script = (f"import time\nblock = bytearray(60 << 20)\nend = time.time() + {seconds}\ni = 0\n"
+        script = (f"import time\nblock = b'x' * (60 << 20)\nend = time.time() + {seconds}\ni = 0\n"
                   "while time.time() < end:\n    print(f'METRIC step={i} loss={1 / (i + 1)}', flush=True)\n"
                   "    i += 1\n    time.sleep(0.1)\n")
         return self.local_config(script, "gpujob", f"resources:\n  gpus: {gpus}\n{extra}")
