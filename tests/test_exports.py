@@ -361,6 +361,8 @@ class GpuStatistics(RunsHome):
         calls = self.calls.read_text().splitlines()
         self.assertEqual(calls[:2], ["--query-gpu=index,uuid,name,driver_version,memory.total "
                                      "--format=csv,noheader,nounits", ""])  # the start's check, the banner
+        # one call per sample, for all of the run's GPUs (and one more, if the run ended during it)
+        self.assertIn(len(calls[2:]), (len(gpu), len(gpu) + 1))
         self.assertEqual(set(calls[2:]), {"--query-gpu=index,uuid,utilization.gpu,memory.used "
                                           "--format=csv,noheader,nounits"})
         self.assertGreaterEqual(len(samples), 10)
