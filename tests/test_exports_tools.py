@@ -8,9 +8,7 @@ tests skip, saying so; RUNPILOT_TEST_EXPORT_TOOLS=1 (set by .ci/run) makes a mis
 """
 
 import importlib
-import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
