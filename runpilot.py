@@ -49,6 +49,7 @@ import html
 import itertools
 import json
 import math
+import operator
 import os
 import re
 import selectors
@@ -56,6 +57,7 @@ import shlex
 import shutil
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -78,7 +80,7 @@ __all__ = [
 
 # Keys a config may have at the top level; anything else is a typo to report.
 TOP_LEVEL_KEYS = ("name", "image", "entrypoint", "workdir", "env", "mounts", "resources",
-                  "metrics", "engine", "timeout", "sweep", "slurm", "stop_signal")
+                  "metrics", "engine", "timeout", "sweep", "slurm", "stop_signal", "tensorboard")
 RESOURCE_KEYS = ("gpus", "cpu", "memory", "shm_size")
 # What people write by habit from docker-compose and Kubernetes, for "did you mean".
 KEY_SYNONYMS = {"environment": "env", "volumes": "mounts", "command": "entrypoint", "cmd": "entrypoint",
@@ -219,6 +221,12 @@ class SlurmError(RunPilotError):
 
     exit_code = 2
 
+
+class ExportError(RunPilotError):
+    """An export could not be written, or the server it goes to refused it or could not be reached."""
+
+    exit_code = 1
+
 # ==== 5. Data types ==========================================================
 
 @dataclass(frozen=True)
@@ -274,6 +282,7 @@ class JobConfig:
     sweep: tuple[tuple[str, tuple], ...] = ()           # (dotted key, values); only `sweep` reads it
     slurm: SlurmSettings = SlurmSettings()              # only `--on slurm` reads it
     stop_signal: str | None = None                      # e.g. "SIGUSR1": the signal every stop sends
+    tensorboard: bool = False                           # the runner writes a TensorBoard event file too
 
 
 def _type_ok(value: object, annotation: str) -> bool:
@@ -344,6 +353,7 @@ class RunMeta:
     warnings: list[str] = field(default_factory=list)
     gpus: dict = field(default_factory=dict)       # what nvidia-smi reported, and what was asked
     devices: list[str] = field(default_factory=list)  # the GPUs this run was given
+    usage: dict = field(default_factory=dict)      # what the job used: peak memory, its GPUs' utilization
     git: list[dict] = field(default_factory=list)
     lost_at: str | None = None
     sweep: dict = field(default_factory=dict)      # id, index, point, repeat: its place in a sweep
@@ -1950,6 +1960,14 @@ def _check_slurm(chk: _Checker, slurm: object) -> SlurmSettings:
                          gpu_flag=text["gpu_flag"] if text["gpu_flag"] in ("gpus", "gres") else "gpus")
 
 
+def _check_switch(chk: _Checker, data: dict, key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        chk.problem((key,), f"{key} must be true or false; got {value!r}")
+        return False
+    return value
+
+
 def validate_config(data: object, filename: str, text: str = "", positions: dict | None = None,
                     base_dir: Path | None = None, overrides: dict | None = None) -> JobConfig:
     """Turn parsed YAML into a JobConfig, or raise ConfigError listing every problem."""
@@ -1985,6 +2003,7 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
         sweep=_check_sweep(chk, data.get("sweep")),
         slurm=_check_slurm(chk, data.get("slurm")),
         stop_signal=_check_stop_signal(chk, data.get("stop_signal")),
+        tensorboard=_check_switch(chk, data, "tensorboard"),
     )
     chk.raise_if_any()
     return config
@@ -2096,6 +2115,8 @@ def config_to_dict(config: JobConfig) -> dict:
         data["slurm"] = slurm
     if config.stop_signal:
         data["stop_signal"] = config.stop_signal
+    if config.tensorboard:
+        data["tensorboard"] = True
     return data
 
 
@@ -2462,12 +2483,14 @@ class MetricLog:
         self.count = 0
         self.malformed = 0
         self.last: dict = {}
+        self.events: LiveEvents | None = None   # config `tensorboard: true`: the run's event file
 
     def add_lines(self, lines: list[bytes]) -> None:
         """Parse and append the METRIC lines of one read in a single write."""
         if not lines:
             return
         out = []
+        events = self.events
         for line in b"\n".join(lines).decode("utf-8", "replace").split("\n"):  # one decode per read
             sample = parse_metric_line(line)
             if sample is None:
@@ -2476,6 +2499,10 @@ class MetricLog:
             self.count += 1
             out.append(sample_json(sample.get("step", self.count), sample))
             self.last.update(sample)
+            if events is not None:
+                events.samples.append(sample)
+        if events is not None:
+            events.flush(self.count - len(events.samples) + 1)
         self.last.pop("step", None)  # a position, not a metric
         if out and self.error is None:
             try:
@@ -2496,6 +2523,8 @@ class MetricLog:
         if self.times_fd >= 0:
             os.close(self.times_fd)
             self.times_fd = -1
+        if self.events is not None:
+            self.events.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -2531,6 +2560,402 @@ def latest_metrics(path: Path, size: int = METRICS_TAIL) -> dict:
     latest.pop("step", None)  # a position, not a metric
     return latest
 
+
+# ==== 10a. TensorBoard event files ===========================================
+
+def _crc32c_table() -> tuple[int, ...]:
+    """The 256 entries of the reflected CRC-32C (Castagnoli, polynomial 0x1EDC6F41) byte table."""
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C of data (what TFRecord framing checks; zlib only has the other CRC-32)."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC: rotate right by 15 and add a constant, so a CRC of CRCs is not trivial."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def encode_varint(value: int) -> bytes:
+    """A protocol-buffer base-128 varint; a negative int64 as its two's complement (ten bytes)."""
+    if value < 0:
+        value += 1 << 64
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+# What TensorBoard's reader checks first in every event file.
+TB_FILE_VERSION = b"brain.Event:2"
+# float32's largest finite value: a scalar beyond it is written as ±inf, as numpy would round it.
+FLOAT32_MAX = 3.4028234663852886e38
+# The hparams plugin's summary tags and its SessionEndInfo.Status values.
+HPARAMS_START_TAG, HPARAMS_END_TAG = "_hparams_/session_start_info", "_hparams_/session_end_info"
+HPARAMS_STATUS = {SUCCEEDED: 1, FAILED: 2, TIMEOUT: 2, LOST: 2, INTERRUPTED: 2, CANCELLED: 2, RUNNING: 3}
+
+
+def pb_field(number: int, data: bytes) -> bytes:
+    """A length-delimited protocol-buffer field (a string, bytes or a nested message)."""
+    return encode_varint(number << 3 | 2) + encode_varint(len(data)) + data
+
+
+def tfrecord(data: bytes) -> bytes:
+    """TFRecord framing: length, its masked CRC, the payload, the payload's masked CRC."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+def tb_event(wall_time: float, step: int = 0, summary: bytes | None = None, file_version: bytes | None = None) -> bytes:
+    """An Event message: wall_time (1, double), step (2, int64), file_version (3) or summary (5)."""
+    out = b"\x09" + struct.pack("<d", wall_time)
+    if step:
+        out += b"\x10" + encode_varint(step)
+    if file_version is not None:
+        out += pb_field(3, file_version)
+    if summary is not None:
+        out += pb_field(5, summary)
+    return out
+
+
+def tb_float(value: float) -> bytes:
+    """A float32's four bytes; beyond float32's range, ±inf."""
+    if value > FLOAT32_MAX or value < -FLOAT32_MAX:
+        value = math.inf if value > 0 else -math.inf
+    return struct.pack("<f", value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tb_tag(tag: str) -> bytes:
+    return pb_field(1, tag.encode("utf-8")) + b"\x15"
+
+
+def tb_scalars(values: dict) -> bytes:
+    """A Summary of simple_value scalars: Summary.value (1) holding Value{tag (1), simple_value (2, float)}."""
+    return b"".join([pb_field(1, _tb_tag(tag) + tb_float(value)) for tag, value in values.items()])
+
+
+def _pb_value(value: object) -> bytes:
+    """A google.protobuf.Value: number_value (2), string_value (3) or bool_value (4)."""
+    if isinstance(value, bool):
+        return b"\x20" + (b"\x01" if value else b"\x00")
+    if isinstance(value, (int, float)) and math.isfinite(value) and abs(value) < 1e300:
+        return b"\x11" + struct.pack("<d", value)
+    return pb_field(3, fmt_cell(value).encode("utf-8"))
+
+
+def _hparams_value(tag: str, plugin_data: bytes) -> bytes:
+    """A Summary.Value the hparams plugin reads: its plugin data in the metadata (9), a null float
+    tensor (8) as TensorBoard's own hparams summaries carry."""
+    metadata = pb_field(1, pb_field(1, b"hparams") + pb_field(2, plugin_data))
+    null_tensor = b"\x08\x01" + pb_field(2, b"") + pb_field(5, struct.pack("<f", 0.0))
+    return pb_field(1, pb_field(1, tag.encode("utf-8")) + pb_field(8, null_tensor) + pb_field(9, metadata))
+
+
+def tb_hparams_start(hparams: dict, start_time: float, group: str) -> bytes:
+    """The Summary of a SessionStartInfo: hparams (1, map of Value), group_name (4), start_time_secs (5)."""
+    entries = b"".join(pb_field(1, pb_field(1, str(k).encode("utf-8")) + pb_field(2, _pb_value(v)))
+                       for k, v in sorted(hparams.items()))
+    info = entries + pb_field(4, group.encode("utf-8")) + b"\x29" + struct.pack("<d", start_time)
+    return _hparams_value(HPARAMS_START_TAG, pb_field(3, info))
+
+
+def tb_hparams_end(status: str, end_time: float) -> bytes:
+    """The Summary of a SessionEndInfo: status (1, enum) and end_time_secs (2)."""
+    info = b"\x08" + encode_varint(HPARAMS_STATUS.get(status, 0)) + b"\x11" + struct.pack("<d", end_time)
+    return _hparams_value(HPARAMS_END_TAG, pb_field(4, info))
+
+
+_SMALL_VARINTS = [bytes((n,)) for n in range(128)]
+
+
+def _crc_mask(crc: int) -> int:
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+class ScalarEvents:
+    """Encodes a sample's scalars as one framed Event, fast enough for the tee loop.
+
+    CRC-32C is linear: between two messages of one length, a byte that differs changes the CRC by
+    an amount that depends only on the XOR of the two bytes and on its distance from the end. So
+    each layout (the tags in order, the length of the step's varint) keeps the CRC of its message
+    with the changing bytes (wall time, step, values) zeroed, and a sample's CRC is that CRC patched
+    with one table look-up per changing byte rather than eight bit operations per byte in Python.
+    """
+
+    def __init__(self) -> None:
+        self.shifts = [list(_CRC32C_TABLE)]   # shifts[k][b]: byte b, k bytes before the end
+        self.layouts: dict[tuple, tuple] = {}
+        self.headers: dict[int, bytes] = {}
+
+    def record(self, wall_time: float, step: int, values: dict) -> bytes:
+        """The framed Event of VALUES (ints and floats) at STEP."""
+        step_bytes = (_SMALL_VARINTS[step] if 0 <= step < 128 else encode_varint(step)) if step else b""
+        key = (len(step_bytes), *values)
+        encoder, args, variable, crc, tables = self.layouts.get(key) or self._layout(key)
+        args[1], args[3], args[5::2] = wall_time, step_bytes, values.values()
+        try:
+            payload = encoder.pack(*args)
+        except (OverflowError, struct.error):  # beyond float32, or an int beyond float: ±inf, as numpy rounds
+            args[5::2] = [v if -FLOAT32_MAX <= v <= FLOAT32_MAX else math.inf if v > 0 else -math.inf
+                          for v in values.values()]
+            payload = encoder.pack(*args)
+        crc = functools.reduce(operator.xor, map(list.__getitem__, tables, variable(payload)), crc)
+        header = self.headers.get(len(payload)) or self._header(len(payload))
+        return header + payload + struct.pack("<I", _crc_mask(crc))
+
+    def _layout(self, key: tuple) -> tuple:
+        """The struct that packs a layout's message, the places of its changing bytes, their tables."""
+        step_len, tags = key[0], key[1:]
+        heads = [pb_field(1, _tb_tag(tag) + b"\0\0\0\0")[:-4] for tag in tags]
+        heads[0] = b"\x2a" + encode_varint(sum(len(h) + 4 for h in heads)) + heads[0]
+        args = [b"\x09", 0.0, b"\x10" if step_len else b"", b""]
+        for head in heads:
+            args += [head, 0.0]
+        encoder = struct.Struct("<1sd%ds%ds" % (len(args[2]), step_len) + "".join("%dsf" % len(h) for h in heads))
+        places, at = [], 1
+        for width, constant in zip([8, step_len] + [4] * len(heads), [args[2]] + heads + [b""]):
+            places += range(at, at + width)
+            at += width + len(constant)
+        template = bytearray(encoder.pack(*args))
+        for place in places:
+            template[place] = 0
+        tables = [self._shift(len(template) - 1 - place) for place in places]
+        self.layouts[key] = layout = (encoder, args, operator.itemgetter(*places), crc32c(bytes(template)), tables)
+        return layout
+
+    def _shift(self, distance: int) -> list[int]:
+        base = _CRC32C_TABLE
+        while len(self.shifts) <= distance:
+            self.shifts.append([base[crc & 0xFF] ^ (crc >> 8) for crc in self.shifts[-1]])
+        return self.shifts[distance]
+
+    def _header(self, length: int) -> bytes:
+        head = struct.pack("<Q", length)
+        self.headers[length] = header = head + struct.pack("<I", masked_crc32c(head))
+        return header
+
+
+class EventFileWriter:
+    """Appends TFRecord-framed Event messages to one TensorBoard event file as samples arrive.
+
+    The file starts with the file_version event; every add() is one event (a sample's scalars at
+    its step) written with one os.write, so a reader never sees half a record for long.
+    """
+
+    def __init__(self, path: Path, wall_time: float, append: bool = False) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        self.path = path
+        self.fd = os.open(path, flags, 0o600)
+        self.error: OSError | None = None
+        if not append or os.fstat(self.fd).st_size == 0:
+            self.write(tfrecord(tb_event(wall_time, file_version=TB_FILE_VERSION)))
+
+    def add(self, wall_time: float, step: int, values: dict) -> None:
+        """One event holding the numeric VALUES of a sample (text, bools and None are left out)."""
+        numbers = {k: v for k, v in values.items() if type(v) is float or type(v) is int}
+        if numbers:
+            self.write(tfrecord(tb_event(wall_time, step, tb_scalars(numbers))))
+
+    def add_summary(self, wall_time: float, summary: bytes, step: int = 0) -> None:
+        self.write(tfrecord(tb_event(wall_time, step, summary)))
+
+    def write(self, data: bytes) -> None:
+        if self.error is None:
+            try:
+                write_all(self.fd, data)
+            except OSError as exc:
+                self.error = exc
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _lanes(count: int, lane: int) -> int:
+    """LANE (a 32-bit pattern) repeated COUNT times, as one little-endian big int."""
+    return int.from_bytes(struct.pack("<I", lane) * count, "little")
+
+
+class BatchEvents:
+    """Encodes many samples of one layout as framed Events at once, for the runner's tee loop.
+
+    A read of a fast job holds hundreds of METRIC lines; Python spends about 0.1 µs per byte on a
+    CRC, more than the whole METRIC capture may cost. Here the events of a layout (the same tags,
+    the same wall time, steps of one varint length) are built as a matrix from a template: the
+    changing bytes are columns set by slice assignment, and the CRCs are computed column-wise,
+    since CRC-32C is linear: each changing byte adds a table value that depends on its distance
+    from the message's end, looked up for a whole column with bytes.translate and XORed as big
+    ints. TFRecord's mask (a 32-bit rotation and addition) is done for all lanes with big-int
+    masks too. Byte for byte what tb_event and tfrecord write (tests/test_exports.py).
+    """
+
+    def __init__(self) -> None:
+        self.shifts = [list(_CRC32C_TABLE)]   # shifts[k][b]: what byte b, k bytes before the end, adds
+        self.byte_tables: dict[int, list[bytes]] = {}
+
+    def records(self, wall_time: float, steps: list[int], names: list[str], values: list) -> bytes:
+        """The framed Events of len(STEPS) samples at WALL_TIME: sample i has values[i * len(NAMES) + j]
+        (an int or a float) for names[j] at steps[i], all steps having one varint length."""
+        count = len(steps)
+        length = len(encode_varint(steps[0])) if steps[0] else 0
+        summary = tb_scalars({name: 0.0 for name in names})
+        payload = tb_event(wall_time, 1, summary)[:9] + (b"\x10" + b"\0" * length if length else b"") \
+            + pb_field(5, summary)
+        head = struct.pack("<Q", len(payload))
+        record = head + struct.pack("<I", masked_crc32c(head)) + payload + b"\0\0\0\0"
+        size, at = len(record), 12
+        out = bytearray(record * count)
+        varying: list[tuple[int, bytes]] = []           # (place in the payload, its column)
+        if length:
+            varying += [(10 + k, column) for k, column in enumerate(_varint_columns(steps, length))]
+        value_at = payload.find(b"\x2a") + len(pb_field(5, summary)) - len(summary)
+        packed, stride = _pack_floats(values), 4 * len(names)
+        for j, name in enumerate(names):
+            value_at += len(pb_field(1, _tb_tag(name) + b"\0\0\0\0")) - 4
+            varying += [(value_at + b, packed[4 * j + b::stride]) for b in range(4)]
+            value_at += 4
+        for place, column in varying:
+            out[at + place::size] = column
+        crc = self._crcs(crc32c(payload), len(payload), varying, count)
+        out[at + len(payload)::size] = crc[0::4]
+        out[at + len(payload) + 1::size] = crc[1::4]
+        out[at + len(payload) + 2::size] = crc[2::4]
+        out[at + len(payload) + 3::size] = crc[3::4]
+        return bytes(out)
+
+    def _crcs(self, base: int, length: int, varying: list[tuple[int, bytes]], count: int) -> bytes:
+        """The masked CRCs (4 bytes each, little-endian) of COUNT messages: BASE patched by the columns."""
+        lanes = [int.from_bytes(bytes([(base >> (8 * j)) & 0xFF]) * count, "little") for j in range(4)]
+        for place, column in varying:
+            tables = self._byte_tables(length - 1 - place)
+            for j in range(4):
+                lanes[j] ^= int.from_bytes(column.translate(tables[j]), "little")
+        crcs = bytearray(4 * count)
+        for j in range(4):
+            crcs[j::4] = lanes[j].to_bytes(count, "little")
+        x = int.from_bytes(crcs, "little")
+        x = ((x >> 15) & _lanes(count, 0x0001FFFF)) | ((x << 17) & _lanes(count, 0xFFFE0000))
+        low, top = _lanes(count, 0x7FFFFFFF), _lanes(count, 0x80000000)
+        k = _lanes(count, 0xA282EAD8)
+        x = ((x & low) + (k & low)) ^ ((x ^ k) & top)   # lane-wise addition mod 2**32
+        return x.to_bytes(4 * count, "little")
+
+    def _byte_tables(self, distance: int) -> list[bytes]:
+        """For a byte DISTANCE bytes before the end: four 256-byte tables, byte j of what it adds."""
+        if distance not in self.byte_tables:
+            base = _CRC32C_TABLE
+            while len(self.shifts) <= distance:
+                self.shifts.append([base[crc & 0xFF] ^ (crc >> 8) for crc in self.shifts[-1]])
+            table = self.shifts[distance]
+            self.byte_tables[distance] = [bytes((v >> (8 * j)) & 0xFF for v in table) for j in range(4)]
+        return self.byte_tables[distance]
+
+
+def _varint_columns(steps: list[int], length: int) -> list[bytes]:
+    """Byte k of each step's varint (all of LENGTH bytes), as column k. Steps below 2**32 are cut
+    into 7-bit groups as 32-bit lanes of one big int, without a Python loop over the steps."""
+    count = len(steps)
+    if min(steps) < 0 or max(steps) >= 1 << 32:
+        wide = [s + (1 << 64) if s < 0 else s for s in steps]
+        return [bytes([((s >> (7 * k)) & 0x7F) | (0x80 if k < length - 1 else 0) for s in wide])
+                for k in range(length)]
+    lanes = int.from_bytes(struct.pack(f"<{count}I", *steps), "little")
+    columns = []
+    for k in range(length):
+        group = (lanes >> (7 * k)) & _lanes(count, 0x7F & ((1 << (32 - 7 * k)) - 1))  # no bit of the next lane
+        if k < length - 1:
+            group |= _lanes(count, 0x80)
+        columns.append(group.to_bytes(4 * count, "little")[0::4])
+    return columns
+
+def _pack_floats(values: list) -> bytes:
+    """VALUES as float32s; beyond float32 (or an int beyond float), ±inf as numpy would round them."""
+    try:
+        return struct.pack(f"<{len(values)}f", *values)
+    except (OverflowError, struct.error):
+        return b"".join(map(tb_float, values))
+
+# The bytes of a step's varint by the step's bit length (0: a zero step, which an Event leaves out).
+_VARINT_BYTES = [0] + [(bits + 6) // 7 for bits in range(1, 65)]
+
+
+class LiveEvents:
+    """The runner's own event file (config `tensorboard: true`): each read's samples as events,
+    written together once the read is parsed, so `tensorboard --logdir ~/.runpilot/runs` shows a
+    run as it runs. Consecutive samples of one layout are encoded together (BatchEvents); the
+    samples' order is kept, since TensorBoard drops a tag's later points when its step goes back.
+    Per sample only C-level maps run here: the whole METRIC capture may cost a few microseconds."""
+
+    def __init__(self, path: Path, start: float) -> None:
+        self.writer = EventFileWriter(path, start)
+        self.single = ScalarEvents()
+        self.batch = BatchEvents()
+        self.samples: list[dict] = []   # MetricLog appends a read's samples, then calls flush
+
+    def flush(self, first: int) -> None:
+        """Write the pending samples' events in one write; FIRST is the first one's number, the step
+        of a sample without one."""
+        samples, self.samples = self.samples, []
+        if not samples:
+            return
+        steps = list(map(dict.get, samples, itertools.repeat("step"), itertools.count(first)))
+        now = time.time()
+        low, high = min(steps), max(steps)
+        with_step = sum(map(dict.__contains__, samples, itertools.repeat("step")))
+        if len(set(map(len, samples))) == 1 and with_step in (0, len(samples)) and low >= 0 and \
+                _VARINT_BYTES[low.bit_length()] == _VARINT_BYTES[high.bit_length()]:
+            # the usual read, one layout: as many keys each, and (no KeyError below) the first one's
+            with contextlib.suppress(KeyError):
+                self.writer.write(self._encode(now, steps, samples))
+                return
+        if low < 0:  # a negative step is ten bytes long
+            lengths = [_VARINT_BYTES[s.bit_length()] if s >= 0 else 10 for s in steps]
+        else:
+            lengths = list(map(_VARINT_BYTES.__getitem__, map(int.bit_length, steps)))
+        keys = list(map(tuple, samples))
+        if len(set(keys)) == 1 and len(set(lengths)) == 1:
+            cuts = [0, len(steps)]
+        else:
+            layouts = list(zip(keys, lengths))
+            cuts = [0, *itertools.compress(range(1, len(steps)), map(operator.ne, layouts[1:], layouts[:-1])),
+                    len(steps)]
+        self.writer.write(b"".join([self._encode(now, steps[a:b], samples[a:b]) for a, b in zip(cuts, cuts[1:])]))
+
+    def _encode(self, now: float, steps: list[int], samples: list[dict]) -> bytes:
+        """The events of samples that have the same keys and steps of one varint length (KeyError: a
+        sample lacks a key of the first)."""
+        names = [k for k in samples[0] if k != "step"]
+        if not names:
+            return b""
+        values = list(itertools.chain.from_iterable(map(operator.itemgetter(*names), samples))) \
+            if len(names) > 1 else list(map(operator.itemgetter(names[0]), samples))
+        if len(steps) < 32 or set(map(type, values)) - {int, float}:
+            return b"".join(self.single.record(now, step, numbers) for step, numbers in (  # few, or text: one by one
+                (step, {k: v for k, v in sample.items() if (type(v) is float or type(v) is int) and k != "step"})
+                for step, sample in zip(steps, samples)) if numbers)
+        return self.batch.records(now, steps, names, values)
+
+    def close(self) -> None:
+        self.writer.close()
 
 # ==== 11. Engines: choosing one, its command line, its images ================
 
@@ -3305,6 +3730,191 @@ def _reaped(pid: int) -> bool:
         return True
     return done == pid
 
+# What the runner asks nvidia-smi while a run holds GPUs, and how often by default (--gpu-stats-every).
+GPU_STATS_QUERY = "index,uuid,utilization.gpu,memory.used"
+GPU_STATS_SECONDS = 10.0
+# The job's memory is looked at this often: reading a cgroup file or /proc costs well under a millisecond.
+MEMORY_SAMPLE_SECONDS = 1.0
+# Below this mean utilization (percent) a run's closing lines say its GPU mostly waited.
+LOW_GPU_UTIL = 20.0
+GPU_STAT_KEY_RE = re.compile(r"gpu(\d+)\.(util|mem_mib)\Z")
+
+
+def parse_gpu_stats(text: str) -> list[dict]:
+    """Rows of `nvidia-smi --query-gpu=index,uuid,utilization.gpu,memory.used --format=csv,noheader,nounits`;
+    a value nvidia-smi cannot give (`[N/A]`, `[Not Supported]`) is None."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) == 4 and cells[0].isdigit():
+            util, mem = (metric_value(c) for c in cells[2:])
+            rows.append({"index": int(cells[0]), "uuid": cells[1], "util": util if _is_number(util) else None,
+                         "mem_mib": mem if _is_number(mem) else None})
+    return rows
+
+
+def gpu_stats_sample(rows: list[dict], devices: list[str]) -> dict:
+    """The sample of one nvidia-smi answer: gpuN.util and gpuN.mem_mib of the run's DEVICES (indices or
+    UUIDs; none named: every GPU), N being nvidia-smi's index."""
+    sample = {}
+    for row in rows:
+        if devices and str(row["index"]) not in devices and row["uuid"] not in devices:
+            continue
+        for key in ("util", "mem_mib"):
+            if row[key] is not None:
+                sample[f"gpu{row['index']}.{key}"] = row[key]
+    return sample
+
+
+def summarise_gpu_stats(samples: list[dict]) -> dict[str, dict]:
+    """Per GPU index: mean and peak utilization (percent), peak memory used (MiB), number of samples."""
+    per_gpu: dict[str, dict] = {}
+    for sample in samples:
+        for key, value in sample.items():
+            match = GPU_STAT_KEY_RE.match(key)
+            if match and _is_number(value):
+                per_gpu.setdefault(match[1], {"util": [], "mem_mib": []})[match[2]].append(float(value))
+    summary = {}
+    for index, series in sorted(per_gpu.items(), key=lambda item: int(item[0])):
+        util, mem = series["util"], series["mem_mib"]
+        summary[index] = {"util_mean": round(sum(util) / len(util), 1) if util else None,
+                          "util_peak": max(util) if util else None, "mem_peak_mib": max(mem) if mem else None,
+                          "samples": max(len(util), len(mem))}
+    return summary
+
+
+def low_gpu_hint(summary: dict[str, dict]) -> str | None:
+    """A hint for a run whose GPUs were mostly idle (by their mean utilization)."""
+    idle = [f"GPU {index} {s['util_mean']:g}%" for index, s in summary.items()
+            if s.get("util_mean") is not None and s["util_mean"] < LOW_GPU_UTIL]
+    if not idle:
+        return None
+    return (f"the GPU was busy less than {LOW_GPU_UTIL:g}% of the time on average ({', '.join(idle)}): "
+            "the job may be bound by data loading or the CPU (more DataLoader workers, pin_memory, "
+            "a larger batch)")
+
+
+def process_group_memory(pgid: int) -> int | None:
+    """The resident memory of every process of a process group together, in bytes (Linux /proc)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, found = 0, False
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) == pgid:  # after `pid (comm)`: state, ppid, pgrp, ..., rss is the 22nd
+                total += int(fields[21]) * page
+                found = True
+    return total if found else None
+
+
+def cgroup_memory_files(pid: int) -> list[Path]:
+    """The files holding the peak (and else the current) memory of PID's cgroup, cgroup v2 or v1."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    files = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            files += [Path("/sys/fs/cgroup" + path) / name for name in ("memory.peak", "memory.current")]
+        elif "memory" in controllers.split(","):
+            files += [Path("/sys/fs/cgroup/memory" + path) / name
+                      for name in ("memory.max_usage_in_bytes", "memory.usage_in_bytes")]
+    return [f for f in files if f.is_file()]
+
+
+class MemoryProbe:
+    """The job's memory now (or its peak so far, where the kernel keeps one): the container's cgroup
+    (found through the engine once the container runs), or the local job's process group."""
+
+    def __init__(self, engine: str, container: str | None, pgid: int | None) -> None:
+        self.engine, self.container, self.pgid = engine, container, pgid
+        self.files: list[Path] | None = None
+        self.source = "container" if container else "process group"
+
+    def __call__(self) -> int | None:
+        if self.container is None:
+            return process_group_memory(self.pgid) if self.pgid else None
+        if not self.files:
+            done = quiet_run([self.engine, "inspect", "--format", "{{.State.Pid}}", self.container], timeout=10)
+            pid = done.stdout.strip()
+            self.files = cgroup_memory_files(int(pid)) if done.returncode == 0 and pid.isdigit() and pid != "0" \
+                else None
+        for path in self.files or []:
+            with contextlib.suppress(OSError, ValueError):
+                return int(path.read_text().split()[0])
+        return None
+
+
+class UsageSampler:
+    """What the job used, sampled on a thread of its own so the tee loop never waits for it:
+    the run's GPUs through one nvidia-smi call per interval (written to gpu.json as samples
+    `gpuN.util`, `gpuN.mem_mib` whose step is the second of the run), and the job's memory every
+    second (its peak)."""
+
+    def __init__(self, gpu_log: MetricLog | None, smi: list[str] | None, devices: list[str], interval: float,
+                 memory: Callable[[], int | None]) -> None:
+        self.gpu_log, self.smi, self.devices, self.interval = gpu_log, smi, devices, interval
+        self.memory = memory
+        self.peak_memory: int | None = None
+        self.gpu_errors: list[str] = []
+        self.stopping = threading.Event()
+        self.writing = threading.Lock()   # gpu.json is closed by stop(), never while a sample is written
+        self.thread = threading.Thread(target=self._run, name="runpilot-usage", daemon=True)
+
+    def start(self) -> "UsageSampler":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop sampling and close gpu.json; a hung nvidia-smi does not hold the run's end."""
+        self.stopping.set()
+        self.thread.join(timeout=1.0)
+        with self.writing:
+            if self.gpu_log is not None:
+                self.gpu_log.close()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        next_gpu = started
+        while True:
+            self._sample_memory()
+            now = time.monotonic()
+            if self.smi and now >= next_gpu:
+                self._sample_gpus(round(now - started))
+                next_gpu = max(next_gpu + self.interval, time.monotonic())
+            wait = min(MEMORY_SAMPLE_SECONDS, next_gpu - time.monotonic()) if self.smi else MEMORY_SAMPLE_SECONDS
+            if self.stopping.wait(max(0.01, wait)):
+                break
+        self._sample_memory()
+
+    def _sample_memory(self) -> None:
+        with contextlib.suppress(OSError):
+            used = self.memory()
+            if used is not None and (self.peak_memory is None or used > self.peak_memory):
+                self.peak_memory = used
+
+    def _sample_gpus(self, second: int) -> None:
+        assert self.smi is not None and self.gpu_log is not None
+        try:
+            done = subprocess.run(self.smi, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=max(5.0, self.interval))
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.gpu_errors.append(str(exc))
+            return
+        sample = gpu_stats_sample(parse_gpu_stats(done.stdout), self.devices) if done.returncode == 0 else {}
+        if not sample:
+            self.gpu_errors.append(f"nvidia-smi exit {done.returncode}: {(done.stdout + done.stderr).strip()[:200]}")
+            return
+        pairs = " ".join(f"{k}={v}" for k, v in sample.items())
+        with self.writing:
+            if not self.stopping.is_set():
+                self.gpu_log.add_lines([f"METRIC step={second} {pairs}".encode()])
+
 # ==== 13. Process I/O: the terminal, the tee loop, signals, stopping the job ===
 
 def terminal_writer(stream) -> Callable[[bytes], object] | None:
@@ -3782,6 +4392,11 @@ class RunFolder:
     batch_script = property(lambda self: self.path / "slurm.sh")        # --on slurm: what sbatch ran
     program = property(lambda self: self.path / "runpilot.py")          # --on slurm: what the node runs
     reserve = property(lambda self: self.path / ".reserve")             # space kept for the final record
+    gpu_stats = property(lambda self: self.path / "gpu.json")           # samples of gpuN.util, gpuN.mem_mib
+
+    def tensorboard_events(self, start: float) -> Path:
+        """The event file of config `tensorboard: true` (TensorBoard reads files named *tfevents*)."""
+        return self.path / f"events.out.tfevents.{int(start)}.runpilot"
 
     def read_meta(self) -> RunMeta:
         """The run's meta.json, never raising: a missing or corrupt file is a problem on the result."""
@@ -4285,6 +4900,7 @@ class RunOptions:
     sweep: dict = field(default_factory=dict)     # id, index, point, repeat
     slurm: dict = field(default_factory=dict)     # job_id, partition, node: a run submitted to Slurm
     extra_env: dict = field(default_factory=dict) # RUNPILOT_SWEEP_ID, RUNPILOT_REPEAT, ...
+    gpu_stats: float | None = GPU_STATS_SECONDS   # seconds between GPU samples; None: --no-gpu-stats
 
 
 @dataclass
@@ -4570,6 +5186,8 @@ def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: Ru
     """Start the job and tee it until it ends; after it, make sure nothing of it is left."""
     try:
         metrics = MetricLog(folder.metrics, folder.sample_times)
+        if config.tensorboard:
+            metrics.events = LiveEvents(folder.tensorboard_events(time.time()), time.time())
         log_fd = os.open(folder.logs, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except OSError as exc:
         return TeeResult(None, FAILED, log_error=exc)
@@ -4579,7 +5197,11 @@ def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: Ru
         job = _start_job(launch, options, folder, meta, report)
         if job is None:  # recorded as failed like a shell's "command not found"
             return TeeResult(127)
-        return _tee_to_the_end(job, Tee(log_fd, metrics, terminal, report, meta.run_id), signals, config.timeout)
+        sampler = start_usage_sampler(launch, job, options, config, folder, meta)
+        try:
+            return _tee_to_the_end(job, Tee(log_fd, metrics, terminal, report, meta.run_id), signals, config.timeout)
+        finally:
+            record_usage(sampler, folder, meta)
     finally:
         os.close(log_fd)
         metrics.close()
@@ -4673,6 +5295,8 @@ def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta,
     _report_behind(report, meta.run_id, behind)
     if meta.hint:
         report(RunEvent("hint", meta.run_id, meta.hint))
+    if meta.usage.get("hint"):
+        report(RunEvent("hint", meta.run_id, meta.usage["hint"]))
     if result.log_error is not None:
         raise StoreError(f"{meta.reason}; it is recorded as failed. Free some space or set RUNPILOT_HOME "
                          "to a writable folder")
@@ -4766,6 +5390,39 @@ def failure_hint(config: JobConfig, meta: RunMeta, folder: RunFolder) -> str | N
         return ("the job crashed with a segmentation fault (exit 139, SIGSEGV) in native code (an extension, "
                 "a driver, CUDA); look at the last lines of its log (runpilot logs --tail 50)")
     return None
+
+
+def start_usage_sampler(launch: Launch, job: Job, options: RunOptions, config: JobConfig, folder: RunFolder,
+                        meta: RunMeta) -> UsageSampler:
+    """Sample the job's memory, and its GPUs (when it holds some, nvidia-smi answers and --no-gpu-stats
+    was not given), from now until record_usage."""
+    smi = None
+    if options.gpu_stats and config.resources.gpus is not None:
+        found = shutil.which("nvidia-smi", path=(launch.env or os.environ).get("PATH"))
+        smi = [found, f"--query-gpu={GPU_STATS_QUERY}", "--format=csv,noheader,nounits"] if found else None
+    gpu_log = None
+    if smi:
+        with contextlib.suppress(OSError):
+            gpu_log = MetricLog(folder.gpu_stats)
+    memory = MemoryProbe(launch.engine, launch.container, job.proc.pid if launch.container is None else None)
+    return UsageSampler(gpu_log, smi if gpu_log else None, list(meta.devices), options.gpu_stats or GPU_STATS_SECONDS,
+                        memory).start()
+
+
+def record_usage(sampler: UsageSampler, folder: RunFolder, meta: RunMeta) -> None:
+    """Stop sampling; put the job's peak memory and its GPUs' summary (and a hint if they idled) in META."""
+    sampler.stop()
+    usage: dict = {}
+    if sampler.peak_memory is not None:
+        usage.update(peak_memory=sampler.peak_memory, memory_of=getattr(sampler.memory, "source", "job"))
+    if sampler.gpu_log is not None:
+        gpus = summarise_gpu_stats(read_metrics(folder.gpu_stats))
+        usage.update(gpus=gpus, gpu_interval=sampler.interval)
+        if not gpus and sampler.gpu_errors:
+            usage["gpu_error"] = sampler.gpu_errors[-1]
+        if low_gpu_hint(gpus):
+            usage["hint"] = low_gpu_hint(gpus)
+    meta.usage = usage
 
 # ==== 16. Sweeps: a grid of runs from one config =============================
 # A sweep is a plan (<home>/sweeps/<id>/sweep.json) and ordinary runs, one per point, recorded
@@ -6124,6 +6781,7 @@ def render_show(record: RunRecord, meta: RunMeta, samples: list[dict], files: di
     out = [fit(line) for line in _show_facts(record, meta)]
     out += ["files"] + [fit(f"  {name:<14} {fmt_size(size):>10}") for name, size in files.items()]
     out += _metrics_block(samples, ascii_only, width)
+    out += [fit(line) for line in usage_lines(meta)]
     out += [fit(f"warning    {w}") for w in meta.warnings]
     if meta.hint:
         out.append(fit(f"hint       {meta.hint}"))
@@ -6205,6 +6863,25 @@ def _column_blocks(table: list[list[str]], width: int) -> list[list[int]]:
         blocks[-1].append(i)
         used += 2 + widths[i]
     return blocks
+
+
+def usage_lines(meta: RunMeta) -> list[str]:
+    """`show`'s lines on what the job used: its peak memory and, per GPU, utilization and memory."""
+    usage, lines = meta.usage, []
+    number = (lambda value, unit: f"{value:g}{unit}" if _is_number(value) else "?")
+    if _is_number(usage.get("peak_memory")):
+        lines.append(f"memory     peak {fmt_size(usage['peak_memory'])} ({usage.get('memory_of', 'job')})")
+    gpus = usage.get("gpus") if isinstance(usage.get("gpus"), dict) else {}
+    for index, s in gpus.items():
+        if isinstance(s, dict):
+            lines.append(f"gpu {index:<6} util mean {number(s.get('util_mean'), '%')}, peak "
+                         f"{number(s.get('util_peak'), '%')}; memory peak {number(s.get('mem_peak_mib'), ' MiB')} "
+                         f"({s.get('samples')} sample{'' if s.get('samples') == 1 else 's'})")
+    if usage.get("gpu_error"):
+        lines.append(f"gpu stats  none: {usage['gpu_error']}")
+    if usage.get("hint"):
+        lines.append(f"hint       {usage['hint']}")
+    return lines
 
 # ==== 20. Plots: braille charts and the HTML page ============================
 # `runpilot plot` reads metrics.json in blocks, one regex pass per metric, and folds each series into at
@@ -7147,6 +7824,311 @@ def _value_cell(value: float | None, best: bool) -> str:
         return f'<td class="num best" title="best of these runs">★ {_h(fmt_value(value))}</td>'
     return f'<td class="num">{_h(fmt_value(value))}</td>'
 
+# ==== 20a. Exports: TensorBoard folders and MLflow ===========================
+
+# MLflow's statuses for RunPilot's, and what one runs/log-batch request may hold (MLflow's own limits).
+MLFLOW_STATUS = {SUCCEEDED: "FINISHED", FAILED: "FAILED", TIMEOUT: "FAILED", LOST: "FAILED",
+                 INTERRUPTED: "KILLED", CANCELLED: "KILLED", RUNNING: "RUNNING", QUEUED: "SCHEDULED"}
+MLFLOW_BATCH = {"metrics": 1000, "params": 100, "tags": 100}
+# The longest param value MLflow 2 stores (and tag value); longer config values are cut, saying so.
+MLFLOW_PARAM_MAX, MLFLOW_TAG_MAX = 6000, 5000
+MLFLOW_TIMEOUT = 30.0
+
+
+def read_samples_from(path: Path, offset: int) -> tuple[list[dict], int]:
+    """The complete samples of a metrics.json (or gpu.json) after byte OFFSET, and where they end."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+    samples, used = [], 0
+    for line in data.splitlines(keepends=True):
+        text = line.decode("utf-8", "replace").rstrip(",\n").strip()
+        if text.startswith("{"):
+            try:
+                samples.append(json.loads(text))
+            except ValueError:
+                if not line.endswith(b"\n"):  # a sample still being written
+                    break
+        used += len(line)   # MetricLog ends a sample's line only when the next comes: a whole object counts
+    return samples, offset + used
+
+
+def run_start_epoch(record: RunRecord) -> float:
+    return parse_time(record.started_at).timestamp() if record.started_at else time.time()
+
+
+def tb_run_dirname(record: RunRecord) -> str:
+    """The run's folder in a TensorBoard export: its name and short id, so TensorBoard's run list
+    tells runs apart and a second export of the run lands in the same place."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", record.name).strip("._") or "run"
+    return f"{name}-{short_id(record.id)}"
+
+
+def scalar_values(sample: dict) -> dict:
+    """The numbers of a sample (not its step, not text or true/false)."""
+    return {k: v for k, v in sample.items() if k != "step" and (type(v) is float or type(v) is int)}
+
+
+class TensorBoardRun:
+    """One run's event file in an export folder, `DIR/<name>-<short id>/events.out.tfevents.*`,
+    written whole at first and grown by update() while the run records samples (--follow)."""
+
+    def __init__(self, target: Path, record: RunRecord, hparams: dict | None) -> None:
+        self.record, self.folder = record, RunFolder(Path(record.path))
+        self.start = run_start_epoch(record)
+        self.dir = target / tb_run_dirname(record)
+        self.offsets = {"metrics": 0, "gpu": 0}
+        self.count, self.ended = 0, False
+        self.events = ScalarEvents()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for old in self.dir.glob("events.out.tfevents.*.runpilot"):  # an earlier export of this run
+                old.unlink()
+            self.writer = EventFileWriter(self.dir / f"events.out.tfevents.{int(self.start)}.runpilot", self.start)
+        except OSError as exc:
+            raise ExportError(f"cannot write {self.dir}: {exc.strerror}; choose another -o folder") from exc
+        self.sessions = hparams is not None  # the hparams plugin's session: its config values, how it ended
+        if hparams is not None:
+            self.writer.add_summary(self.start, tb_hparams_start(hparams, self.start, tb_run_dirname(record)))
+
+    def update(self, record: RunRecord) -> int:
+        """Append the samples recorded since the last update (and, once the run ended, how it ended)."""
+        self.record = record
+        at = read_sample_times(self.folder.sample_times) or (lambda index: 0.0)
+        samples, self.offsets["metrics"] = read_samples_from(self.folder.metrics, self.offsets["metrics"])
+        for i, sample in enumerate(samples, self.count):
+            self._write(self.start + at(i) * 60, sample.get("step", i + 1), scalar_values(sample))
+        self.count += len(samples)
+        gpu, self.offsets["gpu"] = read_samples_from(self.folder.gpu_stats, self.offsets["gpu"])
+        for sample in gpu:
+            step = sample.get("step", 0)
+            self._write(self.start + (step if _is_number(step) else 0), step, scalar_values(sample))
+        if record.status not in ACTIVE_STATUSES and self.sessions and not self.ended:
+            end = parse_time(record.finished_at).timestamp() if record.finished_at else time.time()
+            self.writer.add_summary(end, tb_hparams_end(record.status, end))
+            self.ended = True
+        if self.writer.error is not None:
+            raise ExportError(f"cannot write {self.writer.path}: {self.writer.error.strerror}; free some space or "
+                              "choose another -o folder")
+        return len(samples) + len(gpu)
+
+    def _write(self, wall_time: float, step: object, values: dict) -> None:
+        if values and type(step) is int:
+            self.writer.write(self.events.record(wall_time, step, values))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tb_hparams(runs: list[tuple[RunRecord, dict]]) -> dict[str, dict | None]:
+    """Per run id, the config values that differ between the runs (None when none differ)."""
+    keys = [k for k in differing([flat for _, flat in runs]) if k != "name"]
+    return {r.id: {k: flat[k] for k in keys if flat.get(k) is not None} if keys else None for r, flat in runs}
+
+
+def export_tensorboard(store: RunStore, records: list[RunRecord], target: Path, follow: bool) -> tuple[int, int]:
+    """Write each run's event file under TARGET; with FOLLOW, keep them growing until every run has
+    ended. Returns (samples written, runs)."""
+    hparams = tb_hparams([(r, _config_of(store, r)) for r in records])
+    runs = [TensorBoardRun(target, r, hparams[r.id]) for r in records]
+    try:
+        written = sum(run.update(r) for run, r in zip(runs, records))
+        while follow and any(run.record.status in ACTIVE_STATUSES for run in runs):
+            time.sleep(FOLLOW_SECONDS)
+            written += sum(run.update(_refresh(store, run.record)) for run in runs)
+    finally:
+        for run in runs:
+            run.close()
+    return written, len(runs)
+
+
+class MlflowClient:
+    """MLflow's tracking REST API 2.0 over urllib: one JSON request, one JSON answer, errors as ExportError.
+
+    $MLFLOW_TRACKING_TOKEN (a bearer token) or $MLFLOW_TRACKING_USERNAME and _PASSWORD authenticate,
+    as MLflow's own client does.
+    """
+
+    def __init__(self, uri: str, environ=os.environ, opener: Callable | None = None,
+                 timeout: float = MLFLOW_TIMEOUT) -> None:
+        import urllib.parse
+        import urllib.request
+        parsed = urllib.parse.urlsplit(uri)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise UsageError(f"--format mlflow: {visible(uri)!r} is not a tracking server's http(s) URL; give "
+                             "-o http://HOST:5000 or set MLFLOW_TRACKING_URI")
+        self.uri, self.timeout = uri.rstrip("/"), timeout
+        self.opener = opener or urllib.request.urlopen
+        self.headers = {"Content-Type": "application/json", "User-Agent": f"runpilot/{__version__}"}
+        if environ.get("MLFLOW_TRACKING_TOKEN"):
+            self.headers["Authorization"] = f"Bearer {environ['MLFLOW_TRACKING_TOKEN']}"
+        elif environ.get("MLFLOW_TRACKING_USERNAME"):
+            import base64
+            pair = f"{environ['MLFLOW_TRACKING_USERNAME']}:{environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+            self.headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+
+    def call(self, method: str, endpoint: str, body: dict | None = None, query: dict | None = None) -> dict:
+        """POST (or GET) /api/2.0/mlflow/ENDPOINT; the answer's JSON object."""
+        import http.client
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+        url = f"{self.uri}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        request = urllib.request.Request(url, data=data, method=method, headers=self.headers)
+        try:
+            with self.opener(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raise MlflowRefusal(exc.code, endpoint, exc.read()) from exc
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ExportError(f"cannot reach the MLflow server at {self.uri} ({reason}); start it, or check -o "
+                              "and MLFLOW_TRACKING_URI") from exc
+        try:
+            answer = json.loads(raw or b"{}")
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise ExportError(f"{self.uri} answered {endpoint} with something that is not MLflow's JSON "
+                              f"({raw[:60].decode('utf-8', 'replace')!r}); is -o a tracking server?")
+        return answer
+
+
+class MlflowRefusal(ExportError):
+    """The tracking server answered with an HTTP error (MLflow's error_code and message when it says them)."""
+
+    def __init__(self, status: int, endpoint: str, raw: bytes) -> None:
+        try:
+            said = json.loads(raw)
+        except ValueError:
+            said = {}
+        said = said if isinstance(said, dict) else {}
+        self.status, self.error_code = status, said.get("error_code")
+        message = str(said.get("message") or "")[:300] or (
+            "not MLflow's JSON; is -o the tracking server's address?" if raw.strip() else "no message")
+        super().__init__(f"the MLflow server refused {endpoint} (HTTP {status}"
+                         + (f", {self.error_code}" if self.error_code else "") + f"): {visible(message)}")
+
+
+def mlflow_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment NAME, created when the server does not know it."""
+    try:
+        found = client.call("GET", "experiments/get-by-name", query={"experiment_name": name})
+    except MlflowRefusal as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        created = client.call("POST", "experiments/create", {"name": name})
+        return str(created.get("experiment_id"))
+    experiment = found.get("experiment") or {}
+    if experiment.get("lifecycle_stage") == "deleted":
+        raise ExportError(f"MLflow experiment {visible(name)!r} is deleted; restore it (mlflow experiments restore) "
+                          "or export with --experiment NAME")
+    return str(experiment.get("experiment_id"))
+
+
+def mlflow_tags(record: RunRecord, meta: RunMeta) -> dict[str, str]:
+    """The run's tags plus RunPilot's own: its id (how an export again finds it), image, engine, backend."""
+    tags = {str(k): str(v) for k, v in record.tags.items()}
+    tags.update({"runpilot.run_id": record.id, "runpilot.engine": record.engine or "",
+                 "runpilot.image": record.image or "", "runpilot.backend": "slurm" if meta.slurm else "host",
+                 "runpilot.status": record.status})
+    return {k: v[:MLFLOW_TAG_MAX] for k, v in tags.items() if v}
+
+
+def mlflow_metrics(record: RunRecord, folder: RunFolder) -> list[dict]:
+    """Every numeric sample of the run (and of its GPUs) as MLflow metrics with step and time (ms)."""
+    start = run_start_epoch(record)
+    at = read_sample_times(folder.sample_times) or (lambda index: 0.0)
+    out = []
+    for i, sample in enumerate(read_metrics(folder.metrics)):
+        when = int((start + at(i) * 60) * 1000)
+        for key, value in scalar_values(sample).items():
+            out.append({"key": key, "value": float(value), "timestamp": when, "step": sample.get("step", i + 1)})
+    for sample in read_metrics(folder.gpu_stats):
+        step = sample.get("step", 0)
+        for key, value in scalar_values(sample).items():
+            out.append({"key": key, "value": float(value), "timestamp": int((start + step) * 1000), "step": step})
+    return out
+
+
+def mlflow_logged(client: MlflowClient, run_id: str, keys: list[str]) -> set[tuple]:
+    """(key, step, timestamp) of every metric value the server already holds for the run."""
+    logged = set()
+    for key in keys:
+        token = None
+        while True:
+            query = {"run_id": run_id, "metric_key": key, "max_results": 25000}
+            if token:
+                query["page_token"] = token
+            answer = client.call("GET", "metrics/get-history", query=query)
+            logged.update((key, m.get("step"), m.get("timestamp")) for m in answer.get("metrics") or [])
+            token = answer.get("next_page_token")
+            if not token:
+                break
+    return logged
+
+
+def export_mlflow_run(client: MlflowClient, experiment_id: str, record: RunRecord, meta: RunMeta,
+                      params: dict) -> tuple[str, int]:
+    """Create the run in MLflow (or find it by its runpilot.run_id tag), send what it lacks, set its
+    status and times. Returns (MLflow's run id, metric values sent)."""
+    folder = RunFolder(Path(record.path))
+    found = client.call("POST", "runs/search", {
+        "experiment_ids": [experiment_id], "filter": f"tags.`runpilot.run_id` = '{record.id}'", "max_results": 1})
+    metrics = mlflow_metrics(record, folder)
+    if found.get("runs"):
+        run_id = found["runs"][0]["info"]["run_id"]
+        logged = mlflow_logged(client, run_id, list(dict.fromkeys(m["key"] for m in metrics)))
+        metrics = [m for m in metrics if (m["key"], m["step"], m["timestamp"]) not in logged]
+    else:
+        created = client.call("POST", "runs/create", {
+            "experiment_id": experiment_id, "run_name": record.name, "start_time": int(run_start_epoch(record) * 1000)})
+        run_id = (created.get("run") or {}).get("info", {}).get("run_id")
+        if not run_id:
+            raise ExportError(f"{client.uri} answered runs/create without a run id; is -o a tracking server?")
+    tags = [{"key": k, "value": v} for k, v in mlflow_tags(record, meta).items()]
+    values = [{"key": k, "value": fmt_cell(v)[:MLFLOW_PARAM_MAX]} for k, v in params.items()]
+    for kind, items in (("tags", tags), ("params", values), ("metrics", metrics)):
+        size = MLFLOW_BATCH[kind]
+        for at in range(0, len(items), size):
+            client.call("POST", "runs/log-batch", {"run_id": run_id, kind: items[at:at + size]})
+    update = {"run_id": run_id, "status": MLFLOW_STATUS.get(record.status, "FAILED"), "run_name": record.name}
+    if record.finished_at and record.status not in ACTIVE_STATUSES:
+        update["end_time"] = int(parse_time(record.finished_at).timestamp() * 1000)
+    client.call("POST", "runs/update", update)
+    return run_id, len(metrics)
+
+
+def export_mlflow(store: RunStore, records: list[RunRecord], client: MlflowClient, experiment: str | None,
+                  say: Callable[[str], None]) -> int:
+    """Send every run; on an error, say which runs went over and which did not. Returns the values sent."""
+    experiments: dict[str, str] = {}
+    sent, done, lines = 0, [], []
+    for record in records:
+        try:
+            params = _config_of(store, record)
+            name = experiment or str(params.get("name") or record.name)   # default: the config's name
+            experiments[name] = experiments.get(name) or mlflow_experiment(client, name)
+            meta = store.folder(record.id).read_meta()
+            run_id, count = export_mlflow_run(client, experiments[name], record, meta, params)
+        except RunPilotError as exc:
+            over = ", ".join(short_id(r.id) for r in done) or "none"
+            left = ", ".join(short_id(r.id) for r in records[len(done):])
+            raise ExportError(f"{exc}; runs exported: {over}; not (or only partly) exported: {left} "
+                              "(exporting them again completes them, without duplicates)") from exc
+        done.append(record)
+        sent += count
+        lines.append(f"run {record.id} -> MLflow run {run_id} in experiment {visible(name)!r} ({count} new value(s))")
+    for line in lines:  # once all went over: an error is one line
+        say(line)
+    return sent
+
 # ==== 21. Command line =======================================================
 # Each command reads: parse its arguments, ask the store or the orchestrator, present.
 
@@ -7232,6 +8214,16 @@ def _gpu_list(text: str) -> list[str]:
     if not devices or not all(re.fullmatch(r"[\w-]+", d) for d in devices):
         raise argparse.ArgumentTypeError(f"{text!r} must list GPU indices or UUIDs: 0,1,3")
     return list(dict.fromkeys(devices))
+
+
+def _gpu_interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 1 <= seconds <= 86400:  # a sample's step is the second of the run it was taken in
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 1 to 86400")
+    return seconds
 
 
 def _positive_int(text: str) -> int:
@@ -7331,7 +8323,9 @@ def _tags(items: list[str]) -> dict:
 def _run_options(args, **more) -> RunOptions:
     return RunOptions(engine=args.engine, stop_timeout=args.stop_timeout, keep_engine_logs=args.engine_logs,
                       pull=args.pull, tags=_tags(args.tag), overrides=args.set, gpu_check=not args.no_gpu_check,
-                      run_id=args.run_id, gpu_pool=args.gpus, wait_for_gpus=not args.no_wait, **more)
+                      run_id=args.run_id, gpu_pool=args.gpus, wait_for_gpus=not args.no_wait,
+                      gpu_stats=None if getattr(args, "no_gpu_stats", False) else getattr(
+                          args, "gpu_stats_every", GPU_STATS_SECONDS), **more)
 
 
 def cmd_run(args) -> int:
@@ -7656,7 +8650,13 @@ def cmd_compare(args) -> int:
 
 def cmd_export(args) -> int:
     store = _store()
+    if args.follow and args.format != "tensorboard":
+        raise UsageError(f"--follow keeps a TensorBoard export growing; --format {args.format} writes once")
+    if args.experiment is not None and args.format != "mlflow":
+        raise UsageError("--experiment names an MLflow experiment; give it with --format mlflow")
     records = _refs_or_sweep(store, args)
+    if args.format in ("tensorboard", "mlflow"):
+        return export_to_tool(store, records, args)
     runs = [(r, read_metrics(store.folder(r.id).metrics), _config_of(store, r)) for r in records]
     keys = [k for k in differing([flat for _, _, flat in runs]) if k != "name"] if args.config else []  # a column
     if args.sweep:  # a sweep's points differ in their swept keys: always columns, first
@@ -7693,6 +8693,21 @@ def swept_keys(store: RunStore, sweep_id: str) -> list[str]:
     except RunPilotError:
         return []
 
+def export_to_tool(store: RunStore, records: list[RunRecord], args) -> int:
+    """`export --format tensorboard|mlflow`: event files in a folder, or runs on a tracking server."""
+    if args.format == "tensorboard":
+        if not args.output:
+            raise UsageError("--format tensorboard writes a folder of event files; name it with -o DIR")
+        written, runs = export_tensorboard(store, records, Path(args.output), args.follow)
+        echo(f"wrote {written} sample(s) of {runs} run(s) to {visible(args.output)}; see them with: "
+             f"tensorboard --logdir {shlex.quote(args.output)}", err=True)
+        return 0
+    uri = args.output or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise UsageError("--format mlflow needs the tracking server: -o http://HOST:5000 or MLFLOW_TRACKING_URI")
+    sent = export_mlflow(store, records, MlflowClient(uri), args.experiment, lambda text: echo(text, err=True))
+    echo(f"exported {len(records)} run(s) ({sent} new metric value(s)) to {visible(uri)}", err=True)
+    return 0
 
 def _confirm(question: str, yes: bool) -> bool:
     if yes:
@@ -7876,6 +8891,7 @@ def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotSt
     """
     per_run = [read_metric_series(RunFolder(Path(r.path)).metrics, names or _recorded_metrics(r), style.smooth,
                                   _sample_minutes(r) if style.x_label == "minutes" else None) for r in records]
+    per_run = [with_gpu_series(r, names, series, style) for r, series in zip(records, per_run)]
     found = sorted({k for series in per_run for k in series})
     metrics = names if names is not None else found
     running = any(r.status in ACTIVE_STATUSES for r in records)
@@ -7889,6 +8905,18 @@ def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotSt
         _check_log_axis(charts)
     return charts
 
+
+def with_gpu_series(record: RunRecord, names: list[str] | None, series: dict, style: PlotStyle) -> dict:
+    """A run's metric series plus the GPU statistics NAMES asks for by name (`--metric gpu0.util`),
+    read from its gpu.json, whose step is the second of the run (--x time: its minute)."""
+    wanted = [n for n in names or [] if GPU_STAT_KEY_RE.match(n) and n not in series]
+    if not wanted:
+        return series
+    path, minutes = RunFolder(Path(record.path)).gpu_stats, None
+    if style.x_label == "minutes":
+        seconds = [s.get("step") if _is_number(s.get("step")) else 0 for s in read_metrics(path)]
+        minutes = (lambda i: seconds[min(i, len(seconds) - 1)] / 60 if seconds else 0.0)
+    return {**series, **read_metric_series(path, wanted, style.smooth, minutes)}
 
 def _sample_minutes(record: RunRecord) -> Callable[[int], float]:
     """When each sample of a run arrived, for --x time (recorded since RunPilot 0.5)."""
@@ -8483,11 +9511,15 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run")
     p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
-    p.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="csv (default) or jsonl")
+    p.add_argument("--format", choices=("csv", "jsonl", "tensorboard", "mlflow"), default="csv",
+                   help="csv (default), jsonl, tensorboard (event files in -o DIR) or mlflow (to the server -o URI)")
     p.add_argument("--config", action="store_true", help="add the config values that differ between the runs "
                                                          "(a --sweep has its swept keys as columns always)")
     p.add_argument("--tags", action="store_true", help="add each tag as a column tag.NAME")
-    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout (tensorboard: a "
+                   "folder; mlflow: the tracking server's URL, default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--follow", action="store_true", help="tensorboard: keep the event files growing until the runs end")
+    p.add_argument("--experiment", metavar="NAME", help="mlflow: the experiment (default: each run's config name)")
 
 
 def _rm_arguments(p: argparse.ArgumentParser) -> None:
@@ -8524,6 +9556,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=_gpu_list, metavar="LIST",
                    help="the GPUs to place runs on, e.g. 0,1,3 (default: every GPU nvidia-smi lists)")
     p.add_argument("--no-wait", action="store_true", help="fail at once when the GPUs are held by other runs")
+    p.add_argument("--no-gpu-stats", action="store_true", help="do not sample the run's GPUs with nvidia-smi")
+    p.add_argument("--gpu-stats-every", type=_gpu_interval, default=GPU_STATS_SECONDS, metavar="SECONDS",
+                   help=f"seconds between samples of the run's GPUs (default {GPU_STATS_SECONDS:g})")
     p.add_argument("--run-id", type=_run_id_arg, help=argparse.SUPPRESS)  # chosen by a detached run's parent
 
 
@@ -8595,7 +9630,7 @@ COMMANDS = [
      "runpilot compare -1 -2", _compare_arguments),
     ("plot", cmd_plot, "draw learning curves in the terminal, or as an HTML page",
      "runpilot plot -1 -2 --metric val_loss --smooth 0.6", _plot_arguments),
-    ("export", cmd_export, "write the metrics of runs as CSV or JSON lines",
+    ("export", cmd_export, "metrics as CSV or JSON lines, TensorBoard files, or to MLflow",
      "runpilot export latest -2 --format csv -o metrics.csv", _export_arguments),
     ("rm", cmd_rm, "delete runs (folder and history row)",
      "runpilot rm a3f9c1 -y", _rm_arguments),
