@@ -2362,6 +2362,48 @@ def read_metrics(path: Path) -> list[dict]:
                 samples.append(json.loads(line))
     return samples
 
+# ==== 10a. TensorBoard event files ===========================================
+
+def _crc32c_table() -> tuple[int, ...]:
+    """The 256 entries of the reflected CRC-32C (Castagnoli, polynomial 0x1EDC6F41) byte table."""
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C of data (what TFRecord framing checks; zlib only has the other CRC-32)."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC: rotate right by 15 and add a constant, so a CRC of CRCs is not trivial."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def encode_varint(value: int) -> bytes:
+    """A protocol-buffer base-128 varint; a negative int64 as its two's complement (ten bytes)."""
+    if value < 0:
+        value += 1 << 64
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
 # ==== 11. Engines: choosing one, its command line, its images ================
 
 def quiet_run(argv: list[str], timeout: float = 30, env=None) -> subprocess.CompletedProcess:
