@@ -2394,6 +2394,7 @@ class MetricLog:
         self.count = 0
         self.malformed = 0
         self.last: dict = {}
+        self.metric_lines = 0                        # samples from METRIC lines: their default step
         self.lines: LineSources | None = None       # metrics_from's recognisers and patterns
         self.watchers: list[TensorBoardWatcher] = []  # metrics_from's event-file folders
         self.next_poll = 0.0
@@ -2409,7 +2410,8 @@ class MetricLog:
                 self.malformed += 1
                 continue
             self.count += 1
-            out.append(sample_json(sample.get("step", self.count), sample))
+            self.metric_lines += 1
+            out.append(sample_json(sample.get("step", self.metric_lines), sample))
             self.last.update(sample)
         self.last.pop("step", None)  # a position, not a metric
         self._append(out)
@@ -2664,7 +2666,9 @@ def output_line_text(line: bytes) -> str:
     line = line.rstrip(b"\r")
     cut = line.rfind(b"\r")
     text = line[cut + 1:].decode("utf-8", "replace")
-    return ANSI_RE.sub("", text).strip() if "\x1b" in text else text.strip()
+    if "\x1b" in text or "\b" in text:  # Keras 3 colours its bar and backspaces over it
+        text = ANSI_RE.sub("", text).replace("\b", "")
+    return text.strip()
 
 
 class LineSources:
@@ -6088,7 +6092,7 @@ def reparse_run(store: RunStore, run_id: str, sources: tuple[MetricsSource, ...]
         raise UsageError(f"run {run_id} is {meta.status}; reparse it once it has ended")
     if not folder.logs.exists():
         raise StoreError(f"run {run_id} has no logs.txt in {folder.path}; there is nothing to reparse")
-    config = _reparse_config(folder, sources)
+    config = dataclasses.replace(_reparse_config(folder, sources), source=meta.config_file)
     sources = config.metrics_from if sources is None else sources
     tmp = folder.path / ".metrics.json.reparse"
     try:
@@ -6148,7 +6152,7 @@ def _reparse_watchers(config: JobConfig, meta: RunMeta, sources) -> list[TensorB
     """Event-file folders of the sources, keeping the files last written while the run ran."""
     if not meta.started_at:
         return []
-    start = parse_time(meta.started_at).timestamp() - 1
+    start = parse_time(meta.started_at).timestamp()
     end = parse_time(meta.finished_at).timestamp() + 60 if meta.finished_at else time.time()
     watchers = []
     for source in sources:
