@@ -104,6 +104,8 @@ HOUSEKEEPING_SECONDS = 0.05
 MAX_METRIC_LINE = 1 << 20
 # The notices about metrics never captured read logs in blocks this big (and a 0-sample run's last block).
 LOG_SCAN_BYTES = 1 << 20
+# --check-writes warns when a job left at least this much in its container's own filesystem (checkpoints).
+LARGE_WRITE_BYTES = 100 << 20
 # metrics_from's event files are read this often while the job runs: a curve a second behind is live enough.
 TB_POLL_SECONDS = 1.0
 # How often the tee loop wakes up to look at signals and timeouts when the job is silent.
@@ -2558,10 +2560,13 @@ class HuggingFaceRecogniser:
         self.logs = 0
 
     def feed(self, line: str) -> dict | None:
-        if not (line.startswith("{'") and line.endswith("}") and "'epoch'" in line):
+        if not (line.endswith("}") and "'epoch'" in line):
+            return None
+        at = line.find("{'")  # in logs.txt a progress bar on stderr may run into the dict without a newline
+        if at < 0:
             return None
         try:
-            data = self.literal_eval(line)
+            data = self.literal_eval(line[at:])
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             return None
         if not isinstance(data, dict) or HF_SUMMARY_KEYS & data.keys():
@@ -3139,15 +3144,16 @@ def workdir_provided(config: JobConfig) -> bool:
 
 def build_engine_argv(config: JobConfig, run_id: str, engine: str, env_names: list[str] = (),
                       keep_engine_logs: bool = False, env_file: str | None = None,
-                      devices: tuple[str, ...] | None = None) -> list[str]:
+                      devices: tuple[str, ...] | None = None, keep_container: bool = False) -> list[str]:
     """The `docker run` / `podman run` argv for a job (pure: no I/O, tested without an engine).
 
     Env values never appear here (anyone can read argv in `ps`): they come from ENV_FILE, which
     the runner passes as a pipe, or by name (`-e NAME`) from the engine's own environment.
-    DEVICES, when given, are the GPUs this run was placed on.
+    DEVICES, when given, are the GPUs this run was placed on. KEEP_CONTAINER (--check-writes) leaves
+    out --rm: the runner looks at what the job wrote, then removes the container itself.
     """
     require_image(config, engine)
-    argv = [engine, "run", "--rm", "--init", "--pull", "never",
+    argv = [engine, "run", *([] if keep_container else ["--rm"]), "--init", "--pull", "never",
             "--name", container_name(run_id), "--label", f"{RUN_LABEL}={run_id}"]
     if not keep_engine_logs:
         argv += ["--log-driver", "none"]
@@ -3935,6 +3941,7 @@ class Launch:
     env_file: bytes = b""             # the engine's --env-file, handed over through a pipe
     run_id: str = ""
     devices: tuple[str, ...] = ()     # the GPUs the run was placed on
+    check_writes: bool = False        # run without --rm; diff the container after the job (--check-writes)
 
 
 def _grow_pipe(fd: int, size: int = PIPE_SIZE) -> None:
@@ -4091,6 +4098,7 @@ class TeeResult:
     log_error: OSError | None = None
     killed: str | None = None           # after a stop: `by a second Ctrl-C`, `after its grace period of 10s`
     prefixed_metric: bool = False       # output had METRIC after a prefix: finish() counts and says so
+    unmounted_writes: list | None = None  # --check-writes: [(path, bytes)] the job left in its container
 
 
 class Tee:
@@ -4749,6 +4757,7 @@ class RunOptions:
     sweep: dict = field(default_factory=dict)     # id, index, point, repeat
     slurm: dict = field(default_factory=dict)     # job_id, partition, node: a run submitted to Slurm
     extra_env: dict = field(default_factory=dict) # RUNPILOT_SWEEP_ID, RUNPILOT_REPEAT, ...
+    check_writes: bool = False                    # --check-writes: warn of large files left in the container
 
 
 @dataclass
@@ -4772,9 +4781,11 @@ def make_launch(config: JobConfig, run_id: str, engine: str, env: dict[str, str]
         return Launch(local_argv(config), child_env, local_workdir(config), engine, run_id=run_id,
                       devices=tuple(devices or ()))
     lines, by_name = split_job_env(env, environ, engine)
-    argv = build_engine_argv(config, run_id, engine, by_name, options.keep_engine_logs, "/dev/fd/ENV", devices)
+    argv = build_engine_argv(config, run_id, engine, by_name, options.keep_engine_logs, "/dev/fd/ENV", devices,
+                             options.check_writes)
     child_env = {**environ, **{n: env[n] for n in by_name}}
-    return Launch(argv, child_env, None, engine, container_name(run_id), lines, run_id, tuple(devices or ()))
+    return Launch(argv, child_env, None, engine, container_name(run_id), lines, run_id, tuple(devices or ()),
+                  options.check_writes)
 
 
 def split_job_env(env: dict[str, str], environ, engine: str) -> tuple[bytes, list[str]]:
@@ -5101,10 +5112,56 @@ def _tee_to_the_end(job: Job, tee: Tee, signals: StopSignals, timeout: float | N
     finally:
         job.close_pipes()
     job.end_leftovers()
-    if result.stop_reason:
+    if job.launch.check_writes and job.launch.container:
+        result.unmounted_writes = container_writes(job.launch.engine, job.launch.container)
+    if result.stop_reason or job.launch.check_writes:
         job.reap_helpers()
         remove_container(job.launch)
     return result
+
+
+def container_writes(engine: str, container: str) -> list[tuple[str, int]] | None:
+    """Files the job added or changed in its container (outside every mount), with their sizes in
+    bytes (-1 when the engine's storage cannot be read from here); None when the engine cannot say."""
+    diff = quiet_run([engine, "diff", container], timeout=60)
+    if diff.returncode != 0:
+        return None
+    upper = quiet_run([engine, "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", container], timeout=60)
+    top = upper.stdout.strip() if upper.returncode == 0 else ""
+    return parse_container_diff(diff.stdout, functools.partial(_upper_size, top) if top.startswith("/") else None)
+
+
+def _upper_size(upper: str, path: str) -> int:
+    """A file's size in the container's own layer (folders count 0); -1 when it cannot be read here."""
+    import stat
+    try:
+        info = os.lstat(upper + path)
+    except OSError:
+        return -1
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0
+
+
+def parse_container_diff(text: str, size: Callable[[str], int] | None) -> list[tuple[str, int]]:
+    """`docker diff` / `podman diff` lines (`A /scratch/out/ckpt.pt`, `C /tmp`): added or changed paths
+    with their sizes (SIZE of the path; -1 unknown), largest first."""
+    found = []
+    for line in text.splitlines():
+        kind, _, path = line.partition(" ")
+        if kind in ("A", "C") and path.startswith("/"):
+            found.append((path, size(path) if size else -1))
+    return sorted(found, key=lambda item: -item[1])
+
+
+def unmounted_write_warnings(writes: list[tuple[str, int]] | None) -> list[str]:
+    """One warning when the job left large files in its container, where they are gone with it."""
+    if not writes:
+        return []
+    total = sum(size for _, size in writes if size > 0)
+    if total < LARGE_WRITE_BYTES:
+        return []
+    biggest = ", ".join(f"{path} ({fmt_size(size)})" for path, size in writes[:3] if size > 0)
+    return [f"the job wrote {fmt_size(total)} outside its mounts, now gone with its container: {biggest}; "
+            "write such files into a mount (e.g. --out_dir=/mnt/NAME)"]
 
 
 def remove_container(launch: Launch) -> None:
@@ -5137,7 +5194,7 @@ def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta,
         meta.reason = (f"cannot write the run's files in {folder.path} ({result.log_error.strerror}); "
                        "the job was stopped")
     meta.reason = meta.reason or stop_reason(meta, result, config)
-    meta.warnings = run_warnings(config, meta, previous)
+    meta.warnings = run_warnings(config, meta, previous) + unmounted_write_warnings(result.unmounted_writes)
     meta.hint = failure_hint(config, meta, folder) if meta.status == FAILED else None
     try:
         folder.write_meta(meta)
@@ -7650,7 +7707,8 @@ def _tags(items: list[str]) -> dict:
 def _run_options(args, **more) -> RunOptions:
     return RunOptions(engine=args.engine, stop_timeout=args.stop_timeout, keep_engine_logs=args.engine_logs,
                       pull=args.pull, tags=_tags(args.tag), overrides=args.set, gpu_check=not args.no_gpu_check,
-                      run_id=args.run_id, gpu_pool=args.gpus, wait_for_gpus=not args.no_wait, **more)
+                      run_id=args.run_id, gpu_pool=args.gpus, wait_for_gpus=not args.no_wait,
+                      check_writes=getattr(args, "check_writes", False), **more)
 
 
 def cmd_run(args) -> int:
@@ -8749,6 +8807,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=_gpu_list, metavar="LIST",
                    help="the GPUs to place runs on, e.g. 0,1,3 (default: every GPU nvidia-smi lists)")
     p.add_argument("--no-wait", action="store_true", help="fail at once when the GPUs are held by other runs")
+    p.add_argument("--check-writes", action="store_true",
+                   help="warn when the job leaves large files in its container, outside every mount "
+                        "(runs it without --rm; costs about half a second)")
     p.add_argument("--run-id", type=_run_id_arg, help=argparse.SUPPRESS)  # chosen by a detached run's parent
 
 

@@ -128,7 +128,7 @@ class Recognisers(HomeTestCase):
           b"{'loss': '0.693', 'grad_norm': '0.3927', 'learning_rate': '4.375e-05', 'epoch': '0.5'}\n"
           b"\r 17%|#6        | 4/24 [00:00<00:01, 11.2it/s]\x1b[A\r      \r\x1b[A"
           b"{'eval_loss': '0.6932', 'eval_runtime': '0.0027', 'epoch': '1'}\n"
-          b"{'loss': 0.25, 'global_step': 40, 'epoch': 1.5}\n"
+          b" 17%|#6        | 4/24 [00:00<00:01, 11.2it/s]{'loss': 0.25, 'global_step': 40, 'epoch': 1.5}\n"
           b"{'train_runtime': '0.1636', 'train_samples_per_second': '586.9', 'train_loss': '0.6931', 'epoch': '3'}\n"
           b"{'not': 'a log'}\n")
 
@@ -344,3 +344,24 @@ class Runs(HomeTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertNotIn(b"ignores", result.stderr)
         self.assertNotIn("workdir", (self.only_run() / "config.yaml").read_text())
+
+
+class CheckWrites(HomeTestCase):
+    def test_only_check_writes_leaves_out_rm(self):
+        config = runpilot.validate_config({"name": "t", "image": "i", "entrypoint": "x"}, "<t>")
+        self.assertEqual(runpilot.build_engine_argv(config, "r", "docker")[:3], ["docker", "run", "--rm"])
+        argv = runpilot.build_engine_argv(config, "r", "podman", keep_container=True)
+        self.assertNotIn("--rm", argv)
+        self.assertEqual(argv[:3], ["podman", "run", "--init"])
+
+    def test_diff_lines_sizes_and_the_warning(self):
+        sizes = {"/scratch/out/ckpt.pt": 150 << 20, "/tmp/small": 1, "/scratch": 0, "/scratch/out": 0}
+        writes = runpilot.parse_container_diff("C /tmp\nA /tmp/small\nA /scratch\nA /scratch/out\n"
+                                               "A /scratch/out/ckpt.pt\nD /etc/motd\n", lambda p: sizes.get(p, 0))
+        self.assertEqual(writes[0], ("/scratch/out/ckpt.pt", 150 << 20))
+        self.assertNotIn("/etc/motd", [p for p, _ in writes])
+        self.assertEqual(runpilot.unmounted_write_warnings(writes), [
+            "the job wrote 150.0 MiB outside its mounts, now gone with its container: /scratch/out/ckpt.pt "
+            "(150.0 MiB), /tmp/small (1 B); write such files into a mount (e.g. --out_dir=/mnt/NAME)"])
+        self.assertEqual(runpilot.unmounted_write_warnings([("/tmp/x", 99 << 20)]), [])
+        self.assertEqual(runpilot.unmounted_write_warnings(None), [])
