@@ -2359,9 +2359,10 @@ class MetricScanner:
             self._keep_tail(data[data.rfind(b"\n") + 1:])
             return []
         lines = data.split(b"\n")
-        self._keep_tail(lines.pop())
+        tail = lines.pop()
+        self._keep_tail(tail)
         found = list(filter(is_metric_line, lines))
-        if not self.prefixed and data.count(b"METRIC") > len(found):  # in C; the search only then
+        if not self.prefixed and data.count(b"METRIC") > len(found) + tail.count(b"METRIC"):  # in C
             self.prefixed = _INNER_METRIC_RE.search(data) is not None
         return [ln.rstrip(b"\r") for ln in found] if b"\r" in data else found
 
@@ -2508,6 +2509,7 @@ TQDM_DONE_RE = re.compile(r"\b(\d+)/(\1) \[[^\]]*?, ([A-Za-z_][^\]]*=[^\]]*)\]\s
 TQDM_PAIR_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_.\-/]*)=(" + _NUMBER + r")(?=,|$)")
 # Hugging Face Trainer's final summary dict: the run's totals, not a point on a curve.
 HF_SUMMARY_KEYS = frozenset(("train_runtime", "train_samples_per_second", "train_steps_per_second"))
+HF_BARE_NON_FINITE_RE = re.compile(r"(?<=: )(-?(?:nan|inf))(?=[,}])")
 
 
 def metrics_source_problem(kind: str, value: object) -> str | None:
@@ -2565,8 +2567,11 @@ class HuggingFaceRecogniser:
         at = line.find("{'")  # in logs.txt a progress bar on stderr may run into the dict without a newline
         if at < 0:
             return None
+        text = line[at:]
+        if "nan" in text or "inf" in text:  # older Transformers print a float nan/inf bare: quote it
+            text = HF_BARE_NON_FINITE_RE.sub(r"'\1'", text)
         try:
-            data = self.literal_eval(line[at:])
+            data = self.literal_eval(text)
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             return None
         if not isinstance(data, dict) or HF_SUMMARY_KEYS & data.keys():
@@ -2768,17 +2773,19 @@ def log_prefixed_metric_lines(path: Path) -> int:
 
 
 def capture_notices(log: Path, samples: dict, sources: tuple[MetricsSource, ...],
-                    scanner_saw_prefix: bool) -> list[str]:
+                    scanner_saw_prefix: bool, succeeded: bool = True) -> list[str]:
     """The closing notices about metrics never captured, reading the log only when they may apply."""
     prefixed = log_prefixed_metric_lines(log) if scanner_saw_prefix else 0
     tail = log_tail(log, LOG_SCAN_BYTES) if not samples.get("count", 0) else b""
-    return zero_sample_notices(samples.get("count", 0), prefixed, tail, sources)
+    return zero_sample_notices(samples.get("count", 0), prefixed, tail, sources, succeeded)
 
 
-def zero_sample_notices(count: int, prefixed: int, log: bytes, sources: tuple[MetricsSource, ...]) -> list[str]:
+def zero_sample_notices(count: int, prefixed: int, log: bytes, sources: tuple[MetricsSource, ...],
+                        succeeded: bool = True) -> list[str]:
     """What to say at the end about metrics never captured: a run with 0 samples, prefixed METRIC lines.
 
     LOG is the end of the log (for the style it looks like); PREFIXED the lines with METRIC after a prefix.
+    A run that failed without a known style gets no 0-sample notice: it may have failed before printing any.
     """
     notices = []
     if prefixed:
@@ -2792,7 +2799,7 @@ def zero_sample_notices(count: int, prefixed: int, log: bytes, sources: tuple[Me
         notices.append(f"the run captured no metrics; its log looks like {known} output: add "
                        f"`metrics_from: [{known}]` to the config, or run `runpilot reparse ID "
                        f"--metrics-from {known}`")
-    elif not prefixed:
+    elif not prefixed and succeeded:
         notices.append("the run captured no metrics (no METRIC lines"
                        + (", and its metrics_from sources found none" if sources else "")
                        + "); see README: Metrics from scripts as they are")
@@ -5209,7 +5216,8 @@ def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta,
         report(RunEvent("warning", meta.run_id, warning))
     _report_behind(report, meta.run_id, behind)
     if result.returncode is not None:
-        for notice in capture_notices(folder.logs, meta.samples, config.metrics_from, result.prefixed_metric):
+        for notice in capture_notices(folder.logs, meta.samples, config.metrics_from, result.prefixed_metric,
+                                      meta.status == SUCCEEDED):
             report(RunEvent("notice", meta.run_id, notice))
     if meta.hint:
         report(RunEvent("hint", meta.run_id, meta.hint))
@@ -6151,7 +6159,7 @@ def reparse_run(store: RunStore, run_id: str, sources: tuple[MetricsSource, ...]
         raise StoreError(f"run {run_id} has no logs.txt in {folder.path}; there is nothing to reparse")
     config = dataclasses.replace(_reparse_config(folder, sources), source=meta.config_file)
     sources = config.metrics_from if sources is None else sources
-    tmp = folder.path / ".metrics.json.reparse"
+    tmp = folder.path / f".metrics.json.reparse.{os.getpid()}"
     try:
         metrics = MetricLog(tmp)
         try:

@@ -6,6 +6,7 @@ checked against TensorBoard's own reader in tests/test_metricsfrom_frameworks.py
 """
 
 import json
+import math
 import os
 import re
 import struct
@@ -130,13 +131,14 @@ class Recognisers(HomeTestCase):
           b"{'eval_loss': '0.6932', 'eval_runtime': '0.0027', 'epoch': '1'}\n"
           b" 17%|#6        | 4/24 [00:00<00:01, 11.2it/s]{'loss': 0.25, 'global_step': 40, 'epoch': 1.5}\n"
           b"{'train_runtime': '0.1636', 'train_samples_per_second': '586.9', 'train_loss': '0.6931', 'epoch': '3'}\n"
+          b"{'loss': nan, 'grad_norm': inf, 'epoch': 2.0}\n"
           b"{'not': 'a log'}\n")
 
     def test_huggingface_dicts_are_samples_and_the_summary_is_not(self):
-        self.assertEqual(recognise(["huggingface"], self.HF), [
+        self.assertEqual(str(recognise(["huggingface"], self.HF)), str([
             {"step": 1, "loss": 0.693, "grad_norm": 0.3927, "learning_rate": 4.375e-05, "epoch": 0.5},
             {"step": 2, "eval_loss": 0.6932, "eval_runtime": 0.0027, "epoch": 1},
-            {"step": 40, "loss": 0.25, "epoch": 1.5}])
+            {"step": 40, "loss": 0.25, "epoch": 1.5}, {"step": 4, "loss": math.nan, "grad_norm": math.inf, "epoch": 2.0}]))
 
     KERAS = ("Epoch 1/2\n"
              "\r\x1b[1m1/6\x1b[0m \x1b[32m━━━\x1b[0m\x1b[37m━━━━━━\x1b[0m \x1b[1m0s\x1b[0m 101ms/step - accuracy: 0.5312"
@@ -264,6 +266,9 @@ class Runs(HomeTestCase):
         result = self.process("run", quiet)
         self.assertIn(b"runpilot: the run captured no metrics (no METRIC lines); see README: Metrics from scripts "
                       b"as they are\n", result.stderr)
+        failed = self.process("run", self.local_config("raise SystemExit(3)\n", "f"))
+        self.assertEqual(failed.returncode, 3)
+        self.assertNotIn(b"captured no metrics", failed.stderr)  # it may have failed before printing any
 
     def test_prefixed_metric_lines_get_one_notice_with_the_count(self):
         script = ("import logging\nlogging.basicConfig(level=logging.INFO)\n"
