@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import runpilot
-from tests.common import HomeTestCase
+from tests.common import HomeTestCase, LiveRun
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -339,6 +339,23 @@ class Runs(HomeTestCase):
         (run / "metrics.json").write_text("[]\n")
         self.assertEqual(self.cli("reparse", run.name)[0], 0)
         self.assertEqual(self.metrics(run), [{"step": 3, "Loss/train": 0.75}, {"step": 4, "lr": 0.5}])
+
+    def test_event_files_are_read_while_the_job_runs(self):
+        (self.work / "tb").mkdir()
+        events = record(simple_value_event(1, "loss", 0.5))
+        script = (f"import pathlib, time\npathlib.Path('tb/events.out.tfevents.1.h').write_bytes({events!r})\n"
+                  "print('ready', flush=True)\n"
+                  "while not pathlib.Path('go').exists():\n    time.sleep(0.05)\n")
+        live = LiveRun(self, self.local_config(script, "live", extra="metrics_from: [tensorboard: tb]\n"))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and b'"loss"' not in (self.only_run() / "metrics.json").read_bytes():
+            time.sleep(0.1)
+        self.assertIn(b'{"step": 1, "loss": 0.5}', (self.only_run() / "metrics.json").read_bytes())
+        self.assertIsNone(live.proc.poll())  # read while the job still runs
+        (self.work / "go").touch()
+        code, out, err = live.finish()
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.metrics(self.only_run()), [{"step": 1, "loss": 0.5}])
 
     def test_engine_local_says_nothing_of_a_workdir_nobody_wrote(self):
         (self.work / "src").mkdir()

@@ -125,8 +125,9 @@ class Frameworks(HomeTestCase):
         self.assertEqual(ours, theirs)
 
 
-class ContainerCase(HomeTestCase):
-    """metrics_from and --check-writes with a real engine (skips, or fails under RUNPILOT_TEST_ENGINES)."""
+class ContainerCase:
+    """metrics_from and --check-writes with a real engine (skips, or fails under RUNPILOT_TEST_ENGINES);
+    a mixin, so that only the engines' own classes below run."""
 
     engine = ""
 
@@ -176,11 +177,11 @@ class ContainerCase(HomeTestCase):
                                    {"step": 7, "val_acc": 0.91}])
 
 
-class DockerMetricsFrom(ContainerCase):
+class DockerMetricsFrom(ContainerCase, HomeTestCase):
     engine = "docker"
 
 
-class PodmanMetricsFrom(ContainerCase):
+class PodmanMetricsFrom(ContainerCase, HomeTestCase):
     engine = "podman"
 
 
