@@ -1,5 +1,6 @@
-"""metrics_from against the real frameworks (issue 26): Hugging Face Trainer, Keras 3 (torch backend) and
-torch.utils.tensorboard's SummaryWriter, installed as packages, run with engine local.
+"""metrics_from against the real frameworks (issue 26): Hugging Face Trainer, Keras 3 (torch backend),
+torch.utils.tensorboard's SummaryWriter and tqdm, installed as packages, run with engine local; and
+metrics_from and --check-writes in real Docker and Podman containers.
 
 Each run's metrics.json is checked against what the framework itself reported: the Trainer's
 state.log_history, Keras's History, and the event files as TensorBoard's own EventAccumulator reads them.
@@ -22,7 +23,7 @@ from tests.test_metricsfrom import record, simple_value_event, tensor_event
 
 HERE = Path(__file__).resolve().parent / "frameworks"
 FRAMEWORKS_VENV = Path("/var/cache/runpilot-test-frameworks")
-PACKAGES = ("torch", "transformers", "accelerate", "keras", "tensorboard")
+PACKAGES = ("torch", "transformers", "accelerate", "keras", "tensorboard", "tqdm")
 
 
 def framework_python() -> tuple[str | None, str]:
@@ -104,6 +105,15 @@ class Frameworks(HomeTestCase):
                 for key, values in history.items():
                     for sample, value in zip(samples, values):
                         self.assertAlmostEqual(sample[key], value, delta=0.000051, msg=f"{key} {sample}")
+
+    def test_tqdm_postfix_of_each_finished_epoch(self):
+        last_file = self.tmp / "last.json"
+        result, run = self.run_script("tqdm_epochs.py", [str(last_file)], "[tqdm]")
+        samples = self.metrics(run)
+        self.assertEqual([s["step"] for s in samples], [1, 2, 3])
+        for sample, want in zip(samples, json.loads(last_file.read_text())):
+            for key in ("loss", "acc"):
+                self.assertClose(sample[key], want[key], 3, f"epoch {sample['step']} {key}")
 
     def test_summary_writer_scalars_are_what_tensorboard_reads(self):
         result, run = self.run_script("tb_writer.py", ["tb"], "[tensorboard: tb]")
