@@ -2780,6 +2780,14 @@ def capture_notices(log: Path, samples: dict, sources: tuple[MetricsSource, ...]
     return zero_sample_notices(samples.get("count", 0), prefixed, tail, sources, succeeded)
 
 
+def damaged_event_warnings(damaged: int) -> list[str]:
+    """A record whose CRC failed ends the reading of its event file: say so, samples may be missing."""
+    if not damaged:
+        return []
+    return [f"{damaged} TensorBoard event file(s) hold a record whose CRC check failed; their samples from "
+            "there on were not taken (a file damaged or written by two writers at once)"]
+
+
 def zero_sample_notices(count: int, prefixed: int, log: bytes, sources: tuple[MetricsSource, ...],
                         succeeded: bool = True) -> list[str]:
     """What to say at the end about metrics never captured: a run with 0 samples, prefixed METRIC lines.
@@ -2790,8 +2798,8 @@ def zero_sample_notices(count: int, prefixed: int, log: bytes, sources: tuple[Me
     notices = []
     if prefixed:
         notices.append(f"{prefixed} line(s) carry METRIC after a prefix (e.g. from Python's logging) and were "
-                       "not captured: a METRIC line starts with METRIC (print it on a line of its own, or capture these "
-                       "lines with a metrics_from pattern)")
+                       "not captured: a METRIC line starts with METRIC (print it on a line of its own, or "
+                       "capture these lines with a metrics_from pattern)")
     if count:
         return notices
     known = None if prefixed else recogniser_for_log(log)
@@ -4106,6 +4114,7 @@ class TeeResult:
     killed: str | None = None           # after a stop: `by a second Ctrl-C`, `after its grace period of 10s`
     prefixed_metric: bool = False       # output had METRIC after a prefix: finish() counts and says so
     unmounted_writes: list | None = None  # --check-writes: [(path, bytes)] the job left in its container
+    damaged_events: int = 0             # metrics_from event files whose reading a failed CRC stopped
 
 
 class Tee:
@@ -4151,6 +4160,7 @@ class Tee:
             self.metrics.malformed += scanner.overlong
             self.result.prefixed_metric |= scanner.prefixed
         self.metrics.finish_sources()
+        self.result.damaged_events = sum(watcher.corrupt for watcher in self.metrics.watchers)
         sel.close()
         self.result.returncode = job.proc.returncode
         self.result.log_error = self.log_error
@@ -5201,7 +5211,8 @@ def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta,
         meta.reason = (f"cannot write the run's files in {folder.path} ({result.log_error.strerror}); "
                        "the job was stopped")
     meta.reason = meta.reason or stop_reason(meta, result, config)
-    meta.warnings = run_warnings(config, meta, previous) + unmounted_write_warnings(result.unmounted_writes)
+    meta.warnings = run_warnings(config, meta, previous) + unmounted_write_warnings(result.unmounted_writes) \
+        + damaged_event_warnings(result.damaged_events)
     meta.hint = failure_hint(config, meta, folder) if meta.status == FAILED else None
     try:
         folder.write_meta(meta)
@@ -6165,7 +6176,8 @@ def reparse_run(store: RunStore, run_id: str, sources: tuple[MetricsSource, ...]
         try:
             metrics.use_sources(sources, [])
             _reparse_log(folder.logs, metrics)
-            for watcher in _reparse_watchers(config, meta, sources):
+            watchers = _reparse_watchers(config, meta, sources)
+            for watcher in watchers:
                 metrics.add_samples(watcher.poll())
         finally:
             metrics.close()
@@ -6187,6 +6199,11 @@ def reparse_run(store: RunStore, run_id: str, sources: tuple[MetricsSource, ...]
     folder.write_meta(meta)
     behind = store.save_or_defer(meta)
     notices = capture_notices(folder.logs, meta.samples, sources, scanner_saw_prefix=True)
+    notices += damaged_event_warnings(sum(w.corrupt for w in watchers))
+    hidden = [s.value for s in sources if s.kind == "tensorboard"
+              and tensorboard_folder(config, meta.engine or "docker", s.value) is None]
+    notices += [f"tensorboard: {path} is not inside any mount of the run; its event files cannot be read"
+                for path in hidden]
     return metrics.count, old, notices + ([behind] if behind else [])
 
 

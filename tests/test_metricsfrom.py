@@ -357,6 +357,20 @@ class Runs(HomeTestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(self.metrics(self.only_run()), [{"step": 1, "loss": 0.5}])
 
+    def test_a_damaged_event_file_is_a_warning(self):
+        bad = bytearray(record(simple_value_event(2, "a", 2.0)))
+        bad[-6] ^= 0xFF
+        events = record(simple_value_event(1, "a", 1.0)) + bytes(bad)
+        (self.work / "tb").mkdir()
+        script = f"import pathlib\npathlib.Path('tb/x.tfevents.1').write_bytes({events!r})\n"
+        result = self.process("run", self.local_config(script, "bad", extra="metrics_from: [tensorboard: tb]\n"))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(b"runpilot: warning: 1 TensorBoard event file(s) hold a record whose CRC check failed",
+                      result.stderr)
+        run = self.only_run()
+        self.assertEqual(self.metrics(run), [{"step": 1, "a": 1.0}])
+        self.assertEqual(len(self.meta(run)["warnings"]), 1)
+
     def test_engine_local_says_nothing_of_a_workdir_nobody_wrote(self):
         (self.work / "src").mkdir()
         (self.work / "src" / "t.py").write_text("print('METRIC a=1')\n")
