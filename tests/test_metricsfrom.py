@@ -254,6 +254,15 @@ class Runs(HomeTestCase):
         self.assertIn("metrics_from:", (run / "config.yaml").read_text())
         self.assertNotIn(b"captured no metrics", result.stderr)
 
+    def test_rerun_adds_metrics_from_to_the_stored_config(self):
+        config = self.local_config("print(\"{'loss': 0.5, 'epoch': 1.0}\")\n", "hf")
+        self.assertEqual(self.process("run", config).returncode, 0)
+        result = self.process("rerun", "latest", "--metrics-from", "huggingface")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        first, second = self.runs()
+        self.assertEqual((self.metrics(first), self.metrics(second)), ([], [{"step": 1, "loss": 0.5, "epoch": 1.0}]))
+        self.assertIn("metrics_from:\n  - huggingface", (second / "config.yaml").read_text())
+
     def test_zero_samples_are_said_and_the_style_named(self):
         keras = Recognisers.KERAS.decode()
         config = self.local_config(f"import sys\nsys.stdout.write({keras!r})\n", "k")
