@@ -8254,8 +8254,8 @@ def _sample_minutes(record: RunRecord) -> Callable[[int], float]:
     if at is None and record.status in ACTIVE_STATUSES:  # no sample has arrived yet
         return lambda count: 0.0
     if at is None:
-        raise UsageError(f"--x time: run {record.id} has no metrics.times (runs recorded before RunPilot 0.5 "
-                         "keep steps only); plot it by step")
+        raise UsageError(f"--x time: run {record.id} has no metrics.times (runs recorded before RunPilot 0.5, "
+                         "and runs whose metrics `reparse` rebuilt, keep steps only); plot it by step")
     return at
 
 
