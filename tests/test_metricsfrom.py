@@ -313,6 +313,9 @@ class Runs(HomeTestCase):
                                                                  "metrics.json"])
         code, out, err = self.cli("show", run.name)
         self.assertRegex(out, r"val_loss +2 +4\.6 +4\.5 ")
+        code, out, err = self.cli("plot", run.name, "--x", "time")  # the old arrival times would mislabel
+        self.assertEqual(code, 2)
+        self.assertIn("runs whose metrics `reparse` rebuilt", err)
 
     def test_reparse_without_sources_uses_the_runs_own(self):
         config = self.local_config("print({'loss': 1.5, 'epoch': 0.5})\n", "hf", extra="metrics_from: [huggingface]\n")
