@@ -80,7 +80,8 @@ __all__ = [
 
 # Keys a config may have at the top level; anything else is a typo to report.
 TOP_LEVEL_KEYS = ("name", "image", "entrypoint", "workdir", "env", "mounts", "resources",
-                  "metrics", "engine", "timeout", "sweep", "slurm", "stop_signal", "tensorboard")
+                  "metrics", "engine", "timeout", "sweep", "slurm", "stop_signal", "tensorboard",
+                  "metrics_from")
 RESOURCE_KEYS = ("gpus", "cpu", "memory", "shm_size")
 # What people write by habit from docker-compose and Kubernetes, for "did you mean".
 KEY_SYNONYMS = {"environment": "env", "volumes": "mounts", "command": "entrypoint", "cmd": "entrypoint",
@@ -104,6 +105,12 @@ FILL_PAUSE = 0.001
 HOUSEKEEPING_SECONDS = 0.05
 # A METRIC line longer than this is not buffered whole: it is counted as malformed instead.
 MAX_METRIC_LINE = 1 << 20
+# The notices about metrics never captured read logs in blocks this big (and a 0-sample run's last block).
+LOG_SCAN_BYTES = 1 << 20
+# --check-writes warns when a job left at least this much in its container's own filesystem (checkpoints).
+LARGE_WRITE_BYTES = 100 << 20
+# metrics_from's event files are read this often while the job runs: a curve a second behind is live enough.
+TB_POLL_SECONDS = 1.0
 # How often the tee loop wakes up to look at signals and timeouts when the job is silent.
 POLL_SECONDS = 0.2
 # Output waiting for a slow terminal: past this, the job's pipes are not read (the job waits,
@@ -283,6 +290,8 @@ class JobConfig:
     slurm: SlurmSettings = SlurmSettings()              # only `--on slurm` reads it
     stop_signal: str | None = None                      # e.g. "SIGUSR1": the signal every stop sends
     tensorboard: bool = False                           # the runner writes a TensorBoard event file too
+    metrics_from: tuple[MetricsSource, ...] = ()        # sources of samples besides METRIC lines
+    workdir_implied: bool = False                       # workdir is the code mount's default, not written
 
 
 def _type_ok(value: object, annotation: str) -> bool:
@@ -465,6 +474,23 @@ Reporter = Callable[[RunEvent], None]
 def ignore_events(event: RunEvent) -> None:
     """A reporter for callers that want no messages (the Python API's default)."""
 
+
+@dataclass(frozen=True)
+class MetricsSource:
+    """One entry of `metrics_from`: a named recogniser, a `pattern:` regex or a `tensorboard:` folder."""
+
+    kind: str      # "recogniser", "pattern" or "tensorboard"
+    value: str     # the recogniser's name, the regex, or the folder as the job sees it
+
+    @property
+    def spec(self) -> str:
+        """The entry as `--metrics-from` takes it."""
+        return self.value if self.kind == "recogniser" else f"{self.kind}:{self.value}"
+
+    def to_data(self) -> object:
+        """The entry as the config writes it."""
+        return self.value if self.kind == "recogniser" else {self.kind: self.value}
+
 # ==== 6. Files: written whole, privately, atomically =========================
 
 def write_all(fd: int, data: bytes) -> None:
@@ -618,7 +644,6 @@ _YAML_NAN_RE = re.compile(r"\.(?:nan|NaN|NAN)")
 def _yaml_regex(pattern: str) -> re.Pattern:
     """Compile a large Unicode class on first use: only non-ASCII text needs one."""
     return re.compile(pattern)
-
 
 
 def parse_yaml(text: str, filename: str = "<string>") -> object:
@@ -1968,6 +1993,34 @@ def _check_switch(chk: _Checker, data: dict, key: str) -> bool:
     return value
 
 
+def _check_metrics_from(chk: _Checker, entries: object) -> tuple[MetricsSource, ...]:
+    """`metrics_from:` is a list of recogniser names, `pattern: REGEX` and `tensorboard: FOLDER`."""
+    if entries is None:
+        return ()
+    if isinstance(entries, (str, dict)):
+        entries = [entries]
+    if not isinstance(entries, list):
+        chk.problem(("metrics_from",), "'metrics_from' must be a list such as [huggingface, pattern: REGEX]")
+        return ()
+    sources = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)) in ("pattern", "tensorboard"):
+            kind, value = next(iter(entry.items()))
+            where: tuple = ("metrics_from", i, kind)
+        elif isinstance(entry, str):
+            kind, value, where = "recogniser", entry, ("metrics_from", i)
+        else:
+            chk.problem(("metrics_from", i), f"metrics_from entry {entry!r} must be a recogniser's name, "
+                        "pattern: REGEX or tensorboard: FOLDER")
+            continue
+        problem = metrics_source_problem(kind, value)
+        if problem:
+            chk.problem(where, problem)
+        else:
+            sources.append(MetricsSource(kind, value))
+    return tuple(sources)
+
+
 def validate_config(data: object, filename: str, text: str = "", positions: dict | None = None,
                     base_dir: Path | None = None, overrides: dict | None = None) -> JobConfig:
     """Turn parsed YAML into a JobConfig, or raise ConfigError listing every problem."""
@@ -1985,7 +2038,8 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
         chk.problem(("workdir",), f"workdir must be an absolute path inside the container; got {workdir!r}")
     base = base_dir or Path(filename).resolve().parent
     mounts = _check_mounts(chk, data.get("mounts"), base, workdir)
-    if workdir is None and any(m.name == "code" for m in mounts):
+    implied = workdir is None and any(m.name == "code" for m in mounts)
+    if implied:
         workdir = DEFAULT_WORKDIR
     config = JobConfig(
         name=_check_text(chk, data, ("name",), required=True) or "",
@@ -2004,6 +2058,8 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
         slurm=_check_slurm(chk, data.get("slurm")),
         stop_signal=_check_stop_signal(chk, data.get("stop_signal")),
         tensorboard=_check_switch(chk, data, "tensorboard"),
+        metrics_from=_check_metrics_from(chk, data.get("metrics_from")),
+        workdir_implied=implied,
     )
     chk.raise_if_any()
     return config
@@ -2092,7 +2148,7 @@ def config_to_dict(config: JobConfig) -> dict:
     if config.image:
         data["image"] = config.image
     data["entrypoint"] = config.entrypoint if isinstance(config.entrypoint, str) else list(config.entrypoint)
-    if config.workdir:
+    if config.workdir and not config.workdir_implied:
         data["workdir"] = config.workdir
     if config.env:
         data["env"] = dict(config.env)
@@ -2109,6 +2165,8 @@ def config_to_dict(config: JobConfig) -> dict:
         data["metrics"] = list(config.metrics)
     if config.timeout:
         data["timeout"] = int(config.timeout) if config.timeout == int(config.timeout) else config.timeout
+    if config.metrics_from:
+        data["metrics_from"] = [source.to_data() for source in config.metrics_from]
     slurm = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config.slurm).items()
              if v != getattr(SlurmSettings(), k)}
     if slurm:
@@ -2153,6 +2211,26 @@ def local_workdir(config: JobConfig) -> str:
         if m.name == "code":
             return m.source
     return str(Path(config.source).parent) if config.source else os.getcwd()
+
+
+def tensorboard_folder(config: JobConfig, engine: str, path: str) -> Path | None:
+    """The host folder behind a `tensorboard:` path as the job sees it; None when no mount shows it.
+
+    Engine local: relative to the job's folder. In a container: relative to the workdir, and
+    readable from here only inside a mount.
+    """
+    if engine == "local":
+        return Path(local_workdir(config), path)
+    if not path.startswith("/"):
+        if not config.workdir:
+            return None
+        path = config.workdir.rstrip("/") + "/" + path
+    inside = os.path.normpath(path)
+    for mount in sorted(config.mounts, key=lambda m: len(m.target), reverse=True):
+        target = mount.target.rstrip("/") or "/"
+        if inside == target or inside.startswith(target.rstrip("/") + "/"):
+            return Path(mount.source, os.path.relpath(inside, target))
+    return None
 
 
 # Files an entrypoint may name by a relative path: scripts a mount is expected to provide.
@@ -2330,6 +2408,9 @@ def keep_env_text(data: object, texts: dict[tuple, str]) -> object:
 
 _NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
 _METRIC_LINE_STARTS = frozenset((b"METRIC", b"METRIC ", b"METRIC\t", b"METRIC\r"))
+# A line that carries METRIC after something else (`INFO:root:METRIC loss=1`): counted, never parsed.
+PREFIXED_METRIC_RE = re.compile(rb".+?METRIC[ \t]+[A-Za-z_][^ \t=]*=")
+_INNER_METRIC_RE = re.compile(rb"[^\n]METRIC")
 
 
 def metric_value(text: str) -> int | float | str:
@@ -2436,6 +2517,7 @@ class MetricScanner:
         self.pending = b""       # start of the current line, kept only if it may be METRIC
         self.skipping = False    # inside a line known not to be (or too long to be) METRIC
         self.overlong = 0        # METRIC lines dropped for length
+        self.prefixed = False    # saw METRIC after a prefix (INFO:root:METRIC ...): worth a notice
 
     def feed(self, chunk: bytes) -> list[bytes]:
         if self.skipping:
@@ -2448,8 +2530,11 @@ class MetricScanner:
             self._keep_tail(data[data.rfind(b"\n") + 1:])
             return []
         lines = data.split(b"\n")
-        self._keep_tail(lines.pop())
+        tail = lines.pop()
+        self._keep_tail(tail)
         found = list(filter(is_metric_line, lines))
+        if not self.prefixed and data.count(b"METRIC") > len(found) + tail.count(b"METRIC"):  # in C
+            self.prefixed = _INNER_METRIC_RE.search(data) is not None
         return [ln.rstrip(b"\r") for ln in found] if b"\r" in data else found
 
     def finish(self) -> list[bytes]:
@@ -2484,6 +2569,10 @@ class MetricLog:
         self.malformed = 0
         self.last: dict = {}
         self.events: LiveEvents | None = None   # config `tensorboard: true`: the run's event file
+        self.metric_lines = 0                        # samples from METRIC lines: their default step
+        self.lines: LineSources | None = None       # metrics_from's recognisers and patterns
+        self.watchers: list[TensorBoardWatcher] = []  # metrics_from's event-file folders
+        self.next_poll = 0.0
 
     def add_lines(self, lines: list[bytes]) -> None:
         """Parse and append the METRIC lines of one read in a single write."""
@@ -2497,13 +2586,18 @@ class MetricLog:
                 self.malformed += 1
                 continue
             self.count += 1
-            out.append(sample_json(sample.get("step", self.count), sample))
+            self.metric_lines += 1
+            out.append(sample_json(sample.get("step", self.metric_lines), sample))
             self.last.update(sample)
             if events is not None:
                 events.samples.append(sample)
         if events is not None:
             events.flush(self.count - len(events.samples) + 1)
         self.last.pop("step", None)  # a position, not a metric
+        self._append(out)
+
+    def _append(self, out: list[str]) -> None:
+        """Write samples already counted in self.count, in one write."""
         if out and self.error is None:
             try:
                 write_all(self.fd, ((b"\n" if self.count == len(out) else b",\n")
@@ -2512,6 +2606,41 @@ class MetricLog:
                     write_all(self.times_fd, f"{self.count} {time.monotonic() - self.started:.3f}\n".encode())
             except OSError as exc:  # a full disk: the runner stops the job and says so
                 self.error = exc
+
+    def add_samples(self, samples: list[dict]) -> None:
+        """Append samples that metrics_from sources found (each has its step)."""
+        if not samples:
+            return
+        out = []
+        for sample in samples:
+            self.count += 1
+            out.append(sample_json(sample["step"], sample))
+            self.last.update(sample)
+        self.last.pop("step", None)
+        self._append(out)
+
+    def use_sources(self, sources: tuple[MetricsSource, ...], tensorboard: list[Path]) -> None:
+        """Also take samples from these recognisers and patterns, and these event-file folders."""
+        recognisers = make_recognisers(sources)
+        self.lines = LineSources(recognisers) if recognisers else None
+        self.watchers = [TensorBoardWatcher(folder) for folder in tensorboard]
+
+    def feed_sources(self, which: int, chunk: bytes) -> None:
+        if self.lines is not None:
+            self.add_samples(self.lines.feed(which, chunk))
+
+    def poll_sources(self, now: float) -> None:
+        """Read what the event files gained, at most once a TB_POLL_SECONDS."""
+        if self.watchers and now >= self.next_poll:
+            self.next_poll = now + TB_POLL_SECONDS
+            for watcher in self.watchers:
+                self.add_samples(watcher.poll())
+
+    def finish_sources(self) -> None:
+        if self.lines is not None:
+            self.add_samples(self.lines.finish())
+        for watcher in self.watchers:
+            self.add_samples(watcher.poll())
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -2560,6 +2689,327 @@ def latest_metrics(path: Path, size: int = METRICS_TAIL) -> dict:
     latest.pop("step", None)  # a position, not a metric
     return latest
 
+
+# -- metrics_from: recognisers, patterns and event files beside METRIC lines --
+# METRIC lines stay the fast default: nothing below runs unless a config's `metrics_from:` or
+# `--metrics-from` asks for it (README: Metrics from scripts as they are).
+
+# The named recognisers, in the order the 0-sample notice tries them.
+METRICS_FROM_RECOGNISERS = ("huggingface", "keras", "tqdm")
+# Terminal colour and cursor codes (Keras 3 colours its progress bar); stripped before recognising.
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+# A number as training code prints it: 1, -2.5, 1e-3, .5, nan, inf (what metric_value turns into a number).
+_NUMBER = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|NaN|inf|Infinity)"
+KERAS_EPOCH_RE = re.compile(r"^Epoch (\d+)/\d+\s*$")
+KERAS_PAIR_RE = re.compile(r" - ([A-Za-z_][A-Za-z0-9_.\-/]*): (" + _NUMBER + r")(?=\s|$)")
+# The closing state of a tqdm bar: `100/100 [00:01<00:00, 99.5it/s, loss=0.123, acc=0.9]`.
+TQDM_DONE_RE = re.compile(r"\b(\d+)/(\1) \[[^\]]*?, ([A-Za-z_][^\]]*=[^\]]*)\]\s*$")
+TQDM_PAIR_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_.\-/]*)=(" + _NUMBER + r")(?=,|$)")
+# Hugging Face Trainer's final summary dict: the run's totals, not a point on a curve.
+HF_SUMMARY_KEYS = frozenset(("train_runtime", "train_samples_per_second", "train_steps_per_second"))
+HF_BARE_NON_FINITE_RE = re.compile(r"(?<=: )(-?(?:nan|inf))(?=[,}])")
+
+
+def metrics_source_problem(kind: str, value: object) -> str | None:
+    """Why an entry of metrics_from cannot be used, or None (pure: the config and the CLI both ask)."""
+    if kind == "recogniser":
+        if value not in METRICS_FROM_RECOGNISERS:
+            names = ", ".join(METRICS_FROM_RECOGNISERS)
+            return (f"unknown metrics source {value!r}; use one of {names}, "
+                    "pattern: REGEX or tensorboard: FOLDER")
+        return None
+    if not isinstance(value, str) or not value:
+        return f"{kind}: needs a text value"
+    if kind == "tensorboard":
+        return None
+    try:
+        compiled = re.compile(value)
+    except re.error as exc:
+        return f"pattern '{value}' does not compile: {exc}; check its brackets and escapes"
+    names = [n for n in compiled.groupindex if n != "step"]
+    if not names:
+        return (f"pattern '{value}' names no metric; name what it captures with groups, e.g. "
+                r"loss (?P<loss>[\d.]+)")
+    bad = [n for n in names if not METRIC_KEY_RE.match(n)]
+    return f"pattern group {bad[0]!r} is not a metric name" if bad else None
+
+
+def parse_metrics_source(spec: str) -> MetricsSource:
+    """`--metrics-from`'s value: a recogniser's name, `pattern:REGEX` or `tensorboard:FOLDER`."""
+    kind, sep, value = spec.partition(":")
+    source = MetricsSource(kind, value) if sep and kind in ("pattern", "tensorboard") \
+        else MetricsSource("recogniser", spec)
+    problem = metrics_source_problem(source.kind, source.value)
+    if problem:
+        raise UsageError(f"--metrics-from {spec!r}: {problem}")
+    return source
+
+
+class HuggingFaceRecogniser:
+    """Trainer's log dicts, `{'loss': 2.34, 'learning_rate': 4.5e-05, 'epoch': 0.1}`, one sample each.
+
+    The step is `global_step` (or `step`) where the dict has it, else the count of log dicts; the
+    final summary dict (train_runtime, ...) is the run's totals, not a point on a curve.
+    """
+
+    name = "huggingface"
+
+    def __init__(self) -> None:
+        import ast  # only runs that ask for this recogniser pay for the import
+        self.literal_eval = ast.literal_eval
+        self.logs = 0
+
+    def feed(self, line: str) -> dict | None:
+        if not (line.endswith("}") and "'epoch'" in line):
+            return None
+        at = line.find("{'")  # in logs.txt a progress bar on stderr may run into the dict without a newline
+        if at < 0:
+            return None
+        text = line[at:]
+        if "nan" in text or "inf" in text:  # older Transformers print a float nan/inf bare: quote it
+            text = HF_BARE_NON_FINITE_RE.sub(r"'\1'", text)
+        try:
+            data = self.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return None
+        if not isinstance(data, dict) or HF_SUMMARY_KEYS & data.keys():
+            return None
+        sample = {}
+        for key, value in data.items():
+            if isinstance(value, str):
+                value = metric_value(value)
+            if isinstance(key, str) and METRIC_KEY_RE.match(key) and type(value) in (int, float):
+                sample[key] = value
+        self.logs += 1
+        step = sample.pop("global_step", sample.pop("step", None))
+        sample = {"step": step if type(step) is int else self.logs, **sample}
+        return sample if len(sample) > 1 else None
+
+
+class KerasRecogniser:
+    """`Epoch N/M` sets the step for the ` - key: value` pairs of the epoch's closing line."""
+
+    name = "keras"
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+
+    def feed(self, line: str) -> dict | None:
+        if line.startswith("Epoch "):
+            match = KERAS_EPOCH_RE.match(line)
+            if match:
+                self.epoch = int(match[1])
+                return None
+        if self.epoch is None or " - " not in line:
+            return None
+        pairs = KERAS_PAIR_RE.findall(line)
+        if not pairs:
+            return None
+        sample = {"step": self.epoch}
+        sample.update((key, metric_value(value)) for key, value in pairs if key != "step")
+        self.epoch = None  # one sample per epoch: evaluate() after fit() is not a point of the last epoch
+        return sample
+
+
+class TqdmRecogniser:
+    """The `key=value` postfix of a tqdm bar as it stands when the bar completes (n == total)."""
+
+    name = "tqdm"
+
+    def __init__(self) -> None:
+        self.bars = 0
+
+    def feed(self, line: str) -> dict | None:
+        if not line.endswith("]") or "=" not in line:
+            return None
+        match = TQDM_DONE_RE.search(line)
+        if not match:
+            return None
+        pairs = TQDM_PAIR_RE.findall(", ".join(p.strip() for p in match[3].split(",")).replace(", ", ","))
+        if not pairs:
+            return None
+        self.bars += 1
+        sample = {"step": self.bars}
+        sample.update((key, metric_value(value)) for key, value in pairs if key != "step")
+        return sample
+
+
+class PatternRecogniser:
+    """A user's regex: named groups are metrics, a group named `step` the step (else the match count)."""
+
+    def __init__(self, pattern: str) -> None:
+        self.name = f"pattern:{pattern}"
+        self.regex = re.compile(pattern)
+        self.matches = 0
+
+    def feed(self, line: str) -> dict | None:
+        match = self.regex.search(line)
+        if match is None:
+            return None
+        found = {k: v for k, v in match.groupdict().items() if v is not None}
+        step = metric_value(found.pop("step", "").strip())
+        sample = {k: metric_value(v.strip()) for k, v in found.items()}
+        if not sample:
+            return None
+        self.matches += 1
+        return {"step": step if type(step) is int else self.matches, **sample}
+
+
+RECOGNISERS = {"huggingface": HuggingFaceRecogniser, "keras": KerasRecogniser, "tqdm": TqdmRecogniser}
+
+
+def make_recognisers(sources: tuple[MetricsSource, ...]) -> list:
+    """Fresh recognisers (they keep state: the epoch, the log count) for the line sources."""
+    found = []
+    for source in sources:
+        if source.kind == "recogniser":
+            found.append(RECOGNISERS[source.value]())
+        elif source.kind == "pattern":
+            found.append(PatternRecogniser(source.value))
+    return found
+
+
+def output_line_text(line: bytes) -> str:
+    """What a terminal would show of one output line: the last `\\r` segment, colour codes gone."""
+    line = line.rstrip(b"\r")
+    cut = line.rfind(b"\r")
+    text = line[cut + 1:].decode("utf-8", "replace")
+    if "\x1b" in text or "\b" in text:  # Keras 3 colours its bar and backspaces over it
+        text = ANSI_RE.sub("", text).replace("\b", "")
+    return text.strip()
+
+
+class LineSources:
+    """Runs recognisers and patterns over each complete output line of both streams.
+
+    Only the text a terminal shows at a line's end counts (progress bars' intermediate states are
+    running estimates), so a line being redrawn with `\\r` is kept from its last `\\r` on only.
+    """
+
+    def __init__(self, recognisers: list) -> None:
+        self.recognisers = recognisers
+        self.pending: dict[int, bytes] = {}
+
+    def feed(self, which: int, chunk: bytes) -> list[dict]:
+        data = self.pending.get(which, b"") + chunk
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        cut = tail.rfind(b"\r", 0, len(tail) - 1)
+        if cut >= 0 or len(tail) > MAX_METRIC_LINE:
+            tail = tail[cut + 1:][-MAX_METRIC_LINE:]
+        self.pending[which] = tail
+        return self.samples(lines)
+
+    def finish(self) -> list[dict]:
+        """The last line of each stream when it ended without a newline."""
+        tails, self.pending = [t for t in self.pending.values() if t], {}
+        return self.samples(tails)
+
+    def samples(self, lines: list[bytes]) -> list[dict]:
+        found = []
+        for line in lines:
+            text = output_line_text(line)
+            if not text:
+                continue
+            for recogniser in self.recognisers:
+                sample = recogniser.feed(text)
+                if sample is not None:
+                    found.append(sample)
+        return found
+
+
+def samples_from_log(data: bytes, sources: tuple[MetricsSource, ...]) -> list[dict]:
+    """Every sample METRIC lines and the line sources give for a whole log, in order (reparse)."""
+    recognisers = make_recognisers(sources)
+    lines = LineSources(recognisers) if recognisers else None
+    found, count = [], 0
+    for line in data.split(b"\n"):
+        if is_metric_line(line.rstrip(b"\r")):
+            sample = parse_metric_line(line.rstrip(b"\r"))
+            if sample is not None:
+                count += 1
+                found.append({"step": sample.pop("step", count), **sample})
+        elif lines is not None:
+            found.extend(lines.samples([line]))
+    return found
+
+
+def prefixed_metric_lines(data: bytes) -> int:
+    """How many lines carry `METRIC k=v` after a prefix (a logging format): never captured."""
+    count, done = 0, -1
+    for found in _INNER_METRIC_RE.finditer(data):  # in C: METRIC not at a line's start
+        if found.start() < done:
+            continue  # a second METRIC on a line already counted
+        start, done = data.rfind(b"\n", 0, found.start()) + 1, data.find(b"\n", found.start())
+        done = len(data) if done < 0 else done
+        if not is_metric_line(data[start:done]) and PREFIXED_METRIC_RE.match(data, start, done):
+            count += 1
+    return count
+
+
+def recogniser_for_log(data: bytes) -> str | None:
+    """The named recogniser that would find samples in this log, if any: the 0-sample notice names it."""
+    for name in METRICS_FROM_RECOGNISERS:
+        if LineSources([RECOGNISERS[name]()]).feed(1, data + b"\n"):
+            return name
+    return None
+
+
+def log_prefixed_metric_lines(path: Path) -> int:
+    """prefixed_metric_lines over a whole log, read in blocks cut at line ends (memory stays flat)."""
+    count, carry = 0, b""
+    try:
+        with open(path, "rb") as f:
+            for block in iter(functools.partial(f.read, LOG_SCAN_BYTES), b""):
+                block = carry + block
+                cut = block.rfind(b"\n") + 1
+                count += prefixed_metric_lines(block[:cut])
+                carry = block[cut:][-MAX_METRIC_LINE:]
+    except OSError:
+        return count
+    return count + prefixed_metric_lines(carry)
+
+
+def capture_notices(log: Path, samples: dict, sources: tuple[MetricsSource, ...],
+                    scanner_saw_prefix: bool, succeeded: bool = True) -> list[str]:
+    """The closing notices about metrics never captured, reading the log only when they may apply."""
+    prefixed = log_prefixed_metric_lines(log) if scanner_saw_prefix else 0
+    tail = log_tail(log, LOG_SCAN_BYTES) if not samples.get("count", 0) else b""
+    return zero_sample_notices(samples.get("count", 0), prefixed, tail, sources, succeeded)
+
+
+def damaged_event_warnings(damaged: int) -> list[str]:
+    """A record whose CRC failed ends the reading of its event file: say so, samples may be missing."""
+    if not damaged:
+        return []
+    return [f"{damaged} TensorBoard event file(s) hold a record whose CRC check failed; their samples from "
+            "there on were not taken (a file damaged or written by two writers at once)"]
+
+
+def zero_sample_notices(count: int, prefixed: int, log: bytes, sources: tuple[MetricsSource, ...],
+                        succeeded: bool = True) -> list[str]:
+    """What to say at the end about metrics never captured: a run with 0 samples, prefixed METRIC lines.
+
+    LOG is the end of the log (for the style it looks like); PREFIXED the lines with METRIC after a prefix.
+    A run that failed without a known style gets no 0-sample notice: it may have failed before printing any.
+    """
+    notices = []
+    if prefixed:
+        notices.append(f"{prefixed} line(s) carry METRIC after a prefix (e.g. from Python's logging) and were "
+                       "not captured: a METRIC line starts with METRIC (print it on a line of its own, or "
+                       "capture these lines with a metrics_from pattern)")
+    if count:
+        return notices
+    known = None if prefixed else recogniser_for_log(log)
+    if known and not any(s.value == known for s in sources):
+        notices.append(f"the run captured no metrics; its log looks like {known} output: add "
+                       f"`metrics_from: [{known}]` to the config, or run `runpilot reparse ID "
+                       f"--metrics-from {known}`")
+    elif not prefixed and succeeded:
+        notices.append("the run captured no metrics (no METRIC lines"
+                       + (", and its metrics_from sources found none" if sources else "")
+                       + "); see README: Metrics from scripts as they are")
+    return notices
 
 # ==== 10a. TensorBoard event files ===========================================
 
@@ -2957,6 +3407,206 @@ class LiveEvents:
     def close(self) -> None:
         self.writer.close()
 
+# -- reading event files: TFRecord framing, then Event and Summary protobufs by hand --
+
+# TensorFlow's DataType numbers for the scalar tensors of TF2 summaries, and how each is packed.
+_TB_DTYPES = {1: ("<f", 5), 2: ("<d", 6), 3: ("<i", 7), 9: ("<q", 10), 19: ("<e", 13)}
+
+
+def decode_varint(data: bytes, at: int) -> tuple[int, int]:
+    """A protobuf varint at AT: (value, the position after it); ValueError when cut short."""
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+
+
+def protobuf_fields(data: bytes) -> Iterator[tuple[int, int, object]]:
+    """(field number, wire type, value) of one message: varints as ints, the rest as bytes."""
+    at = 0
+    while at < len(data):
+        key, at = decode_varint(data, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = decode_varint(data, at)
+        elif wire == 1:
+            value, at = data[at:at + 8], at + 8
+        elif wire == 2:
+            size, at = decode_varint(data, at)
+            value, at = data[at:at + size], at + size
+        elif wire == 5:
+            value, at = data[at:at + 4], at + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if at > len(data):
+            raise ValueError("truncated protobuf field")
+        yield number, wire, value
+
+
+def _tb_tensor_scalar(tensor: bytes) -> float | None:
+    """The one number of a TF2 scalar summary's TensorProto, or None when it is not one number."""
+    import struct
+    dtype, content, shape, packed = 0, b"", b"", {}
+    for number, wire, value in protobuf_fields(tensor):
+        if number == 1 and wire == 0:
+            dtype = value
+        elif number == 2 and wire == 2:
+            shape = value
+        elif number == 4 and wire == 2:
+            content = value
+        elif wire in (1, 2, 5):  # float_val, double_val, int_val...: packed (2) or one at a time
+            packed[number] = packed.get(number, b"") + value
+        elif wire == 0:
+            packed[number] = packed.get(number, b"") + encode_varint(value)
+    if dtype not in _TB_DTYPES or any(n == 2 for n, _, _ in protobuf_fields(shape)):
+        return None  # not a number type, or not a scalar (shape has a dim)
+    fmt, field_number = _TB_DTYPES[dtype]
+    if content:
+        return float(struct.unpack(fmt, content[:struct.calcsize(fmt)])[0])
+    raw = packed.get(field_number, b"")
+    if field_number in (7, 10, 13):  # int_val, int64_val, half_val: varints
+        if not raw:
+            return None
+        value, _ = decode_varint(raw, 0)
+        if field_number == 13:
+            return float(struct.unpack("<e", value.to_bytes(2, "little"))[0])
+        return float(value - (1 << 64) if value >= 1 << 63 else value)
+    return float(struct.unpack(fmt, raw[:struct.calcsize(fmt)])[0]) if raw else None
+
+
+def _tb_summary_value(value: bytes) -> tuple[str, float] | None:
+    """(tag, number) of one Summary.Value: `simple_value` (TF1, tensorboardX) or a TF2 scalar tensor."""
+    import struct
+    tag, simple, tensor, plugin = "", None, None, ""
+    for number, wire, field_value in protobuf_fields(value):
+        if number == 1 and wire == 2:
+            tag = field_value.decode("utf-8", "replace")
+        elif number == 2 and wire == 5:
+            simple = struct.unpack("<f", field_value)[0]
+        elif number == 8 and wire == 2:
+            tensor = field_value
+        elif number == 9 and wire == 2:  # SummaryMetadata.plugin_data.plugin_name
+            for n, w, meta in protobuf_fields(field_value):
+                if n == 1 and w == 2:
+                    plugin = next((p.decode("utf-8", "replace") for k, kw, p in protobuf_fields(meta)
+                                   if k == 1 and kw == 2), "")
+    if simple is not None:
+        return tag, float(simple)
+    if tensor is not None and plugin in ("scalars", ""):
+        number = _tb_tensor_scalar(tensor)
+        return (tag, number) if number is not None else None
+    return None
+
+
+def tb_metric_name(tag: str) -> str:
+    """A TensorBoard tag as a metric name: `Loss/train` stays, other characters become `_`."""
+    name = re.sub(r"[^A-Za-z0-9_.\-/]", "_", tag)
+    return name if METRIC_KEY_RE.match(name) else "_" + name
+
+
+def tb_event_sample(event: bytes) -> dict | None:
+    """The scalars of one Event as a sample {step, tag: value, ...}; None when it holds none."""
+    step, values = 0, {}
+    for number, wire, value in protobuf_fields(event):
+        if number == 2 and wire == 0:
+            step = value - (1 << 64) if value >= 1 << 63 else value
+        elif number == 5 and wire == 2:
+            for n, w, item in protobuf_fields(value):
+                if n == 1 and w == 2:
+                    found = _tb_summary_value(item)
+                    if found:
+                        values[tb_metric_name(found[0])] = found[1]
+    return {"step": step, **values} if values else None
+
+
+class EventFileReader:
+    """Reads the records of one growing event file from where it stopped; checks both CRCs.
+
+    A record not yet written whole is left for the next read; a CRC that does not match stops
+    the reading of that file (counted in `corrupt`), so no damaged number becomes a sample.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.corrupt = path, 0, 0
+
+    def read(self) -> list[dict]:
+        import struct
+        if self.corrupt:
+            return []
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        samples, at = [], 0
+        while len(data) - at >= 12:
+            header = data[at:at + 8]
+            if struct.unpack("<I", data[at + 8:at + 12])[0] != masked_crc32c(header):
+                self.corrupt += 1
+                break
+            size = struct.unpack("<Q", header)[0]
+            end = at + 12 + size + 4
+            if end > len(data):
+                break
+            body = data[at + 12:end - 4]
+            if struct.unpack("<I", data[end - 4:end])[0] != masked_crc32c(body):
+                self.corrupt += 1
+                break
+            try:
+                sample = tb_event_sample(body)
+            except ValueError:
+                sample = None
+            if sample:
+                samples.append(sample)
+            at = end
+        self.offset += at
+        return samples
+
+
+class TensorBoardWatcher:
+    """The event files under one folder, found and read as they grow (`*tfevents*`, any depth)."""
+
+    def __init__(self, folder: Path, window: tuple[float, float] | None = None) -> None:
+        """Live (no WINDOW): files there before the run are an earlier run's and are skipped.
+        With WINDOW (reparse): only files last modified within (start, end) epoch seconds."""
+        self.folder, self.window = folder, window
+        self.readers: dict[Path, EventFileReader] = {}
+        self.skipped = set() if window else set(self._files())
+
+    def _files(self) -> list[Path]:
+        with contextlib.suppress(OSError):
+            return sorted(p for p in self.folder.rglob("*tfevents*") if p.is_file())
+        return []
+
+    def _belongs(self, path: Path) -> bool:
+        if path in self.skipped:
+            return False
+        if self.window is None:
+            return True
+        with contextlib.suppress(OSError):
+            return self.window[0] <= path.stat().st_mtime <= self.window[1]
+        return False
+
+    def poll(self) -> list[dict]:
+        for path in self._files():
+            if path not in self.readers and self._belongs(path):
+                self.readers[path] = EventFileReader(path)
+        samples = []
+        for reader in self.readers.values():
+            samples.extend(reader.read())
+        return samples
+
+    @property
+    def corrupt(self) -> int:
+        return sum(r.corrupt for r in self.readers.values())
+
 # ==== 11. Engines: choosing one, its command line, its images ================
 
 def quiet_run(argv: list[str], timeout: float = 30, env=None) -> subprocess.CompletedProcess:
@@ -3060,15 +3710,16 @@ def workdir_provided(config: JobConfig) -> bool:
 
 def build_engine_argv(config: JobConfig, run_id: str, engine: str, env_names: list[str] = (),
                       keep_engine_logs: bool = False, env_file: str | None = None,
-                      devices: tuple[str, ...] | None = None) -> list[str]:
+                      devices: tuple[str, ...] | None = None, keep_container: bool = False) -> list[str]:
     """The `docker run` / `podman run` argv for a job (pure: no I/O, tested without an engine).
 
     Env values never appear here (anyone can read argv in `ps`): they come from ENV_FILE, which
     the runner passes as a pipe, or by name (`-e NAME`) from the engine's own environment.
-    DEVICES, when given, are the GPUs this run was placed on.
+    DEVICES, when given, are the GPUs this run was placed on. KEEP_CONTAINER (--check-writes) leaves
+    out --rm: the runner looks at what the job wrote, then removes the container itself.
     """
     require_image(config, engine)
-    argv = [engine, "run", "--rm", "--init", "--pull", "never",
+    argv = [engine, "run", *([] if keep_container else ["--rm"]), "--init", "--pull", "never",
             "--name", container_name(run_id), "--label", f"{RUN_LABEL}={run_id}"]
     if not keep_engine_logs:
         argv += ["--log-driver", "none"]
@@ -4061,6 +4712,7 @@ class Launch:
     run_id: str = ""
     devices: tuple[str, ...] = ()     # the GPUs the run was placed on
     stop_signal: str | None = None    # the config's stop_signal: sent on every stop instead
+    check_writes: bool = False        # run without --rm; diff the container after the job (--check-writes)
 
 
 def _grow_pipe(fd: int, size: int = PIPE_SIZE) -> None:
@@ -4239,6 +4891,9 @@ class TeeResult:
     log_error: OSError | None = None
     killed: str | None = None           # after a stop: `by a second Ctrl-C`, `after its grace period of 10s`
     job_signal: int | None = None       # the signal the job got when it was asked to stop
+    prefixed_metric: bool = False       # output had METRIC after a prefix: finish() counts and says so
+    unmounted_writes: list | None = None  # --check-writes: [(path, bytes)] the job left in its container
+    damaged_events: int = 0             # metrics_from event files whose reading a failed CRC stopped
 
 
 class Tee:
@@ -4282,6 +4937,9 @@ class Tee:
         for _, scanner in scanners.values():
             self.metrics.add_lines(scanner.finish())
             self.metrics.malformed += scanner.overlong
+            self.result.prefixed_metric |= scanner.prefixed
+        self.metrics.finish_sources()
+        self.result.damaged_events = sum(watcher.corrupt for watcher in self.metrics.watchers)
         sel.close()
         self.result.returncode = job.proc.returncode
         self.result.log_error = self.log_error
@@ -4319,6 +4977,7 @@ class Tee:
             job.request_stop(force=False)
         if result.stop_reason and self.terminal is not None and self.terminal.backlog() >= TERMINAL_BACKLOG:
             self.terminal.abandon(stalled_only=True)  # a stalled reader must not hold a stopping job's output
+        self.metrics.poll_sources(now)
         job.tick()
         self._drop_orphan_pipes(sel)
 
@@ -4333,6 +4992,8 @@ class Tee:
         lines = scanner.feed(chunk)
         if lines:
             self.metrics.add_lines(lines)
+        if self.metrics.lines is not None:
+            self.metrics.feed_sources(which, chunk)
         if len(chunk) < READ_SIZE // 4:
             time.sleep(FILL_PAUSE)  # let the pipe fill: fewer, larger reads cost less CPU per byte
 
@@ -4901,6 +5562,7 @@ class RunOptions:
     slurm: dict = field(default_factory=dict)     # job_id, partition, node: a run submitted to Slurm
     extra_env: dict = field(default_factory=dict) # RUNPILOT_SWEEP_ID, RUNPILOT_REPEAT, ...
     gpu_stats: float | None = GPU_STATS_SECONDS   # seconds between GPU samples; None: --no-gpu-stats
+    check_writes: bool = False                    # --check-writes: warn of large files left in the container
 
 
 @dataclass
@@ -4924,10 +5586,11 @@ def make_launch(config: JobConfig, run_id: str, engine: str, env: dict[str, str]
         return Launch(local_argv(config), child_env, local_workdir(config), engine, run_id=run_id,
                       devices=tuple(devices or ()), stop_signal=config.stop_signal)
     lines, by_name = split_job_env(env, environ, engine)
-    argv = build_engine_argv(config, run_id, engine, by_name, options.keep_engine_logs, "/dev/fd/ENV", devices)
+    argv = build_engine_argv(config, run_id, engine, by_name, options.keep_engine_logs, "/dev/fd/ENV", devices,
+                             options.check_writes)
     child_env = {**environ, **{n: env[n] for n in by_name}}
     return Launch(argv, child_env, None, engine, container_name(run_id), lines, run_id, tuple(devices or ()),
-                  config.stop_signal)
+                  stop_signal=config.stop_signal, check_writes=options.check_writes)
 
 
 def split_job_env(env: dict[str, str], environ, engine: str) -> tuple[bytes, list[str]]:
@@ -5171,7 +5834,9 @@ def _announce(config: JobConfig, meta: RunMeta, report: Reporter) -> None:
     where = f" on GPU {','.join(meta.devices)}" if meta.devices else ""
     report(RunEvent("starting", meta.run_id, f"run {meta.run_id} ({config.name}) starting: {what}{where}"))
     if meta.engine == "local":
-        ignored = [k for k, v in (("workdir", config.workdir), ("image", config.image)) if v]
+        # A code mount's default workdir is where engine local runs anyway: only a chosen one is ignored.
+        ignored = [k for k, v in (("workdir", config.workdir and not config.workdir_implied),
+                                  ("image", config.image)) if v]
         if ignored:
             report(RunEvent("notice", meta.run_id, f"engine local ignores {' and '.join(ignored)}: the job runs "
                                                    f"in {local_workdir(config)}"))
@@ -5191,6 +5856,8 @@ def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: Ru
         log_fd = os.open(folder.logs, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except OSError as exc:
         return TeeResult(None, FAILED, log_error=exc)
+    if config.metrics_from:
+        metrics.use_sources(config.metrics_from, _tensorboard_folders(config, meta, report))
     try:
         if signals.received:  # stopped while the run was being recorded: never start the job
             return TeeResult(None, INTERRUPTED, signals.received[0])
@@ -5207,6 +5874,22 @@ def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: Ru
         metrics.close()
         meta.samples = {"count": metrics.count, "malformed": metrics.malformed}
         meta.last_metrics = metrics.last
+
+
+def _tensorboard_folders(config: JobConfig, meta: RunMeta, report: Reporter) -> list[Path]:
+    """The host folders of the config's `tensorboard:` sources; one the engine hides is a warning."""
+    folders = []
+    for source in config.metrics_from:
+        if source.kind != "tensorboard":
+            continue
+        folder = tensorboard_folder(config, meta.engine or "docker", source.value)
+        if folder is None:
+            report(RunEvent("warning", meta.run_id, f"metrics_from tensorboard: {source.value} is not inside any "
+                                                    "mount, so its event files cannot be read from the host; "
+                                                    "mount that folder, or write the event files into a mount"))
+        else:
+            folders.append(folder)
+    return folders
 
 
 def _start_job(launch: Launch, options: RunOptions, folder: RunFolder, meta: RunMeta, report: Reporter) -> Job | None:
@@ -5240,10 +5923,56 @@ def _tee_to_the_end(job: Job, tee: Tee, signals: StopSignals, timeout: float | N
     finally:
         job.close_pipes()
     job.end_leftovers()
-    if result.stop_reason:
+    if job.launch.check_writes and job.launch.container:
+        result.unmounted_writes = container_writes(job.launch.engine, job.launch.container)
+    if result.stop_reason or job.launch.check_writes:
         job.reap_helpers()
         remove_container(job.launch)
     return result
+
+
+def container_writes(engine: str, container: str) -> list[tuple[str, int]] | None:
+    """Files the job added or changed in its container (outside every mount), with their sizes in
+    bytes (-1 when the engine's storage cannot be read from here); None when the engine cannot say."""
+    diff = quiet_run([engine, "diff", container], timeout=60)
+    if diff.returncode != 0:
+        return None
+    upper = quiet_run([engine, "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", container], timeout=60)
+    top = upper.stdout.strip() if upper.returncode == 0 else ""
+    return parse_container_diff(diff.stdout, functools.partial(_upper_size, top) if top.startswith("/") else None)
+
+
+def _upper_size(upper: str, path: str) -> int:
+    """A file's size in the container's own layer (folders count 0); -1 when it cannot be read here."""
+    import stat
+    try:
+        info = os.lstat(upper + path)
+    except OSError:
+        return -1
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0
+
+
+def parse_container_diff(text: str, size: Callable[[str], int] | None) -> list[tuple[str, int]]:
+    """`docker diff` / `podman diff` lines (`A /scratch/out/ckpt.pt`, `C /tmp`): added or changed paths
+    with their sizes (SIZE of the path; -1 unknown), largest first."""
+    found = []
+    for line in text.splitlines():
+        kind, _, path = line.partition(" ")
+        if kind in ("A", "C") and path.startswith("/"):
+            found.append((path, size(path) if size else -1))
+    return sorted(found, key=lambda item: -item[1])
+
+
+def unmounted_write_warnings(writes: list[tuple[str, int]] | None) -> list[str]:
+    """One warning when the job left large files in its container, where they are gone with it."""
+    if not writes:
+        return []
+    total = sum(size for _, size in writes if size > 0)
+    if total < LARGE_WRITE_BYTES:
+        return []
+    biggest = ", ".join(f"{path} ({fmt_size(size)})" for path, size in writes[:3] if size > 0)
+    return [f"the job wrote {fmt_size(total)} outside its mounts, now gone with its container: {biggest}; "
+            "write such files into a mount (e.g. --out_dir=/mnt/NAME)"]
 
 
 def remove_container(launch: Launch) -> None:
@@ -5279,7 +6008,8 @@ def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta,
         meta.reason = (f"cannot write the run's files in {folder.path} ({result.log_error.strerror}); "
                        "the job was stopped")
     meta.reason = meta.reason or stop_reason(meta, result, config)
-    meta.warnings = run_warnings(config, meta, previous)
+    meta.warnings = run_warnings(config, meta, previous) + unmounted_write_warnings(result.unmounted_writes) \
+        + damaged_event_warnings(result.damaged_events)
     meta.hint = failure_hint(config, meta, folder) if meta.status == FAILED else None
     try:
         folder.write_meta(meta)
@@ -5293,6 +6023,10 @@ def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta,
     for warning in meta.warnings:
         report(RunEvent("warning", meta.run_id, warning))
     _report_behind(report, meta.run_id, behind)
+    if result.returncode is not None:
+        for notice in capture_notices(folder.logs, meta.samples, config.metrics_from, result.prefixed_metric,
+                                      meta.status == SUCCEEDED):
+            report(RunEvent("notice", meta.run_id, notice))
     if meta.hint:
         report(RunEvent("hint", meta.run_id, meta.hint))
     if meta.usage.get("hint"):
@@ -6387,6 +7121,94 @@ def with_live_metrics(store: RunStore, records: list[RunRecord]) -> list[RunReco
     return [dataclasses.replace(r, last_metrics={**r.last_metrics, **latest_metrics(store.folder(r.id).metrics)})
             if r.status == RUNNING else r for r in records]
 
+
+def reparse_run(store: RunStore, run_id: str, sources: tuple[MetricsSource, ...] | None) -> tuple[int, int, list[str]]:
+    """Rebuild a finished run's metrics.json from its logs.txt (and event files): (new, old count, notices).
+
+    SOURCES None: the run's own metrics_from. The new file is written whole beside the old one,
+    which stays in place until the new one replaces it in one rename.
+    """
+    folder = store.folder(run_id)
+    meta = folder.read_meta()
+    if meta.status in ACTIVE_STATUSES:
+        raise UsageError(f"run {run_id} is {meta.status}; reparse it once it has ended")
+    if not folder.logs.exists():
+        raise StoreError(f"run {run_id} has no logs.txt in {folder.path}; there is nothing to reparse")
+    config = dataclasses.replace(_reparse_config(folder, sources), source=meta.config_file)
+    sources = config.metrics_from if sources is None else sources
+    tmp = folder.path / f".metrics.json.reparse.{os.getpid()}"
+    try:
+        metrics = MetricLog(tmp)
+        try:
+            metrics.use_sources(sources, [])
+            _reparse_log(folder.logs, metrics)
+            watchers = _reparse_watchers(config, meta, sources)
+            for watcher in watchers:
+                metrics.add_samples(watcher.poll())
+        finally:
+            metrics.close()
+        if metrics.error:
+            raise metrics.error
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, folder.metrics)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StoreError(f"cannot write the new metrics of run {run_id} in {folder.path} ({exc.strerror}); "
+                         "its old metrics.json is unchanged") from exc
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(folder.sample_times)  # arrival times of the old samples: they would mislabel the new ones
+    old = meta.samples.get("count", 0)
+    meta.samples = {"count": metrics.count, "malformed": metrics.malformed}
+    meta.last_metrics = metrics.last
+    folder.write_meta(meta)
+    behind = store.save_or_defer(meta)
+    notices = capture_notices(folder.logs, meta.samples, sources, scanner_saw_prefix=True)
+    notices += damaged_event_warnings(sum(w.corrupt for w in watchers))
+    hidden = [s.value for s in sources if s.kind == "tensorboard"
+              and tensorboard_folder(config, meta.engine or "docker", s.value) is None]
+    notices += [f"tensorboard: {path} is not inside any mount of the run; its event files cannot be read"
+                for path in hidden]
+    return metrics.count, old, notices + ([behind] if behind else [])
+
+
+def _reparse_config(folder: RunFolder, sources: tuple[MetricsSource, ...] | None) -> JobConfig:
+    """The run's stored config; without one, an empty config serves sources given on the command line."""
+    try:
+        return load_config(folder.config)
+    except ConfigError:
+        if sources is None:
+            raise
+        return JobConfig(name=folder.run_id, image=None, entrypoint="")
+
+
+def _reparse_log(path: Path, metrics: MetricLog) -> None:
+    """Feed logs.txt through the tee's own scanners, block by block, as if the job wrote it now."""
+    scanner = MetricScanner()
+    with open(path, "rb") as f:
+        for chunk in iter(functools.partial(f.read, READ_SIZE), b""):
+            metrics.add_lines(scanner.feed(chunk))
+            metrics.feed_sources(1, chunk)
+    metrics.add_lines(scanner.finish())
+    metrics.malformed += scanner.overlong
+    if metrics.lines is not None:
+        metrics.add_samples(metrics.lines.finish())
+
+
+def _reparse_watchers(config: JobConfig, meta: RunMeta, sources) -> list[TensorBoardWatcher]:
+    """Event-file folders of the sources, keeping the files last written while the run ran."""
+    if not meta.started_at:
+        return []
+    start = parse_time(meta.started_at).timestamp()
+    end = parse_time(meta.finished_at).timestamp() + 60 if meta.finished_at else time.time()
+    watchers = []
+    for source in sources:
+        folder = tensorboard_folder(config, meta.engine or "docker", source.value) \
+            if source.kind == "tensorboard" else None
+        if folder is not None:
+            watchers.append(TensorBoardWatcher(folder, (start, end)))
+    return watchers
 
 # ==== 19. Presentation: tables, durations, sparklines ========================
 # Everything here turns data into text for a terminal: pure functions, and every value that
@@ -8325,11 +9147,12 @@ def _run_options(args, **more) -> RunOptions:
                       pull=args.pull, tags=_tags(args.tag), overrides=args.set, gpu_check=not args.no_gpu_check,
                       run_id=args.run_id, gpu_pool=args.gpus, wait_for_gpus=not args.no_wait,
                       gpu_stats=None if getattr(args, "no_gpu_stats", False) else getattr(
-                          args, "gpu_stats_every", GPU_STATS_SECONDS), **more)
+                          args, "gpu_stats_every", GPU_STATS_SECONDS),
+                      check_writes=getattr(args, "check_writes", False), **more)
 
 
 def cmd_run(args) -> int:
-    config = load_config(args.config, args.set)
+    config = _with_metrics_from(load_config(args.config, args.set), args.metrics_from)
     if args.name:
         config = dataclasses.replace(config, name=args.name)
     if config.sweep:
@@ -8349,12 +9172,19 @@ def cmd_rerun(args) -> int:
     old = find_run(store, args.run)
     old_meta = store.folder(old.id).read_meta()
     config = load_config(store.folder(old.id).config, args.set)
-    config = dataclasses.replace(config, name=args.name or config.name, source=old_meta.config_file)
+    config = dataclasses.replace(_with_metrics_from(config, args.metrics_from), name=args.name or config.name,
+                                 source=old_meta.config_file)
     options = dataclasses.replace(_run_options(args, rerun_of=old.id, previous=old_meta),
                                   tags={**old.tags, **_tags(args.tag)})
     if args.on == "slurm":
         return slurm_run_cli(args, config, options)
     return _launch(args, config, options)
+
+
+def _with_metrics_from(config: JobConfig, specs: list[str]) -> JobConfig:
+    """The config with `--metrics-from` sources added after its own (recorded in the run's config)."""
+    added = tuple(parse_metrics_source(spec) for spec in specs)
+    return dataclasses.replace(config, metrics_from=config.metrics_from + added) if added else config
 
 
 def _launch(args, config: JobConfig, options: RunOptions) -> int:
@@ -8840,6 +9670,21 @@ def cmd_reindex(args) -> int:
     return 0
 
 
+def cmd_reparse(args) -> int:
+    store = _store()
+    sources = tuple(parse_metrics_source(spec) for spec in args.metrics_from) or None
+    records = [find_run(store, ref) for ref in args.runs]
+    for record in records:
+        if record.status in ACTIVE_STATUSES:
+            raise UsageError(f"run {record.id} is {record.status}; reparse it once it has ended")
+    for record in records:
+        count, old, notices = reparse_run(store, record.id, sources)
+        echo(f"run {record.id}: {count} sample(s) from its log (before: {old})")
+        for notice in notices:
+            note(notice)
+    return 0
+
+
 def cmd_plot(args) -> int:
     style = _plot_style(args)
     store = _store()
@@ -8924,8 +9769,8 @@ def _sample_minutes(record: RunRecord) -> Callable[[int], float]:
     if at is None and record.status in ACTIVE_STATUSES:  # no sample has arrived yet
         return lambda count: 0.0
     if at is None:
-        raise UsageError(f"--x time: run {record.id} has no metrics.times (runs recorded before RunPilot 0.5 "
-                         "keep steps only); plot it by step")
+        raise UsageError(f"--x time: run {record.id} has no metrics.times (runs recorded before RunPilot 0.5, "
+                         "and runs whose metrics `reparse` rebuilt, keep steps only); plot it by step")
     return at
 
 
@@ -9122,6 +9967,9 @@ def cmd_sweep(args) -> int:
     data, blamed = apply_overrides(data, args.set)
     if args.name and isinstance(data, dict):
         data["name"] = args.name
+    if args.metrics_from and isinstance(data, dict):
+        added = [parse_metrics_source(spec).to_data() for spec in args.metrics_from]
+        data["metrics_from"] = [*(data.get("metrics_from") or []), *added]
     base = validate_config(data, str(args.config), text, positions, overrides=blamed)
     axes = parse_grid(args.grid) or base.sweep
     for key, _ in axes:
@@ -9281,6 +10129,7 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan; run and record nothing")
     p.add_argument("--on", choices=("here", "slurm"), default="here",
                    help="here (default), or submit the sweep to Slurm as one job array")
+    _add_metrics_from(p)
     p.add_argument("--sweep-id", type=_sweep_id_arg, help=argparse.SUPPRESS)  # chosen by a detached sweep's parent
     _add_run_options(p)
 
@@ -9443,6 +10292,13 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the resolved config and the engine command line; run and record nothing")
     p.add_argument("--on", choices=("here", "slurm"), default="here",
                    help="here (default), or submit to a Slurm cluster with sbatch")
+    _add_metrics_from(p)
+
+
+def _add_metrics_from(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-from", action="append", default=[], metavar="SOURCE",
+                   help="also take metrics from huggingface, keras or tqdm output, pattern:REGEX or "
+                        "tensorboard:FOLDER (repeatable; adds to the config's metrics_from)")
 
 
 def _rerun_arguments(p: argparse.ArgumentParser) -> None:
@@ -9450,6 +10306,7 @@ def _rerun_arguments(p: argparse.ArgumentParser) -> None:
     _add_run_options(p)
     p.add_argument("--on", choices=("here", "slurm"), default="here",
                    help="here (default), or submit to a Slurm cluster with sbatch")
+    _add_metrics_from(p)
 
 
 def _list_arguments(p: argparse.ArgumentParser) -> None:
@@ -9522,6 +10379,13 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", metavar="NAME", help="mlflow: the experiment (default: each run's config name)")
 
 
+def _reparse_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
+    p.add_argument("--metrics-from", action="append", default=[], metavar="SOURCE",
+                   help="use these sources instead of the run's metrics_from: huggingface, keras, tqdm, "
+                        "pattern:REGEX, tensorboard:FOLDER (repeatable)")
+
+
 def _rm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="run")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
@@ -9559,6 +10423,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gpu-stats", action="store_true", help="do not sample the run's GPUs with nvidia-smi")
     p.add_argument("--gpu-stats-every", type=_gpu_interval, default=GPU_STATS_SECONDS, metavar="SECONDS",
                    help=f"seconds between samples of the run's GPUs (default {GPU_STATS_SECONDS:g})")
+    p.add_argument("--check-writes", action="store_true",
+                   help="warn when the job leaves large files in its container, outside every mount "
+                        "(runs it without --rm; costs about half a second)")
     p.add_argument("--run-id", type=_run_id_arg, help=argparse.SUPPRESS)  # chosen by a detached run's parent
 
 
@@ -9632,6 +10499,8 @@ COMMANDS = [
      "runpilot plot -1 -2 --metric val_loss --smooth 0.6", _plot_arguments),
     ("export", cmd_export, "metrics as CSV or JSON lines, TensorBoard files, or to MLflow",
      "runpilot export latest -2 --format csv -o metrics.csv", _export_arguments),
+    ("reparse", cmd_reparse, "rebuild finished runs' metrics from their logs",
+     "runpilot reparse latest --metrics-from huggingface", _reparse_arguments),
     ("rm", cmd_rm, "delete runs (folder and history row)",
      "runpilot rm a3f9c1 -y", _rm_arguments),
     ("gc", cmd_gc, "delete old runs in bulk",

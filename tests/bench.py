@@ -31,6 +31,10 @@ Cases (each prints its own block; a markdown table of every figure against its t
                                  tests/fixtures/squeue (wall, and the number of squeue calls: one), and a
                                  100-point `sweep --on slurm` submitted to the real cluster when `sinfo`
                                  answers (one sbatch call; the array is scancelled at once)
+ 11  metrics_from                RunPilot's own CPU with metrics_from (one recogniser; three and two patterns) beside
+                                 METRIC-only capture, per output line and per sample found, on a chatty job (a tqdm
+                                 bar at 100 updates/s, \r-redrawn) and a quiet one (nanoGPT's iteration lines);
+                                 engine local, `cat` of a generated log
 
 How it measures:
 - Every command is a whole process, timed wall-clock from spawn to exit; variants alternate (A B A B ...) so
@@ -1812,10 +1816,77 @@ def _cancel_array(home: Path) -> str | None:
     return None
 
 
+# ==== case 11: metrics_from =====================================================
+
+# What each variant asks for: nothing (METRIC only), one recogniser, or every recogniser and two patterns.
+METRICS_FROM_VARIANTS = {
+    "METRIC only (default)": "",
+    "metrics_from: [tqdm]": "metrics_from: [tqdm]\n",
+    "metrics_from: 3 recognisers + 2 patterns": (
+        "metrics_from:\n  - huggingface\n  - keras\n  - tqdm\n"
+        "  - pattern: '^step (?P<step>\\d+): train loss (?P<train_loss>[^,\\s]+), val loss (?P<val_loss>[^,\\s]+)'\n"
+        "  - pattern: '^iter (?P<step>\\d+): loss (?P<loss>[^,\\s]+), time (?P<iter_ms>[^,\\s]+)ms'\n"),
+}
+
+
+def metrics_from_logs(quick: bool) -> dict[str, tuple[bytes, int, int]]:
+    """The two workloads: name -> (output, its lines, the samples the patterns/recognisers find)."""
+    epochs, updates = (20, 3000) if quick else (100, 6000)   # a tqdm bar at 100 updates/s: 60 s an epoch
+    chatty = b"".join(
+        b"".join(f"\rEpoch {e}: {u * 100 // updates:3d}%|#####| {u}/{updates} [00:{u // 100:02d}<00:00, 100.0it/s, "
+                 f"loss={1 / (u + 1):.4f}, acc={u / updates:.4f}]".encode() for u in range(1, updates + 1)) + b"\n"
+        for e in range(epochs))
+    iters = 50_000 if quick else 200_000                       # nanoGPT: one line per iteration, quiet otherwise
+    quiet = b"".join(f"iter {i}: loss {4 - i / iters:.4f}, time 40.80ms, mfu 0.03%\n".encode() for i in range(iters))
+    return {"chatty (tqdm, 100 updates/s)": (chatty, epochs * updates, epochs),
+            "quiet (nanoGPT lines)": (quiet, iters, iters)}
+
+
+def case_metrics_from(bench: Bench) -> None:
+    """Runner CPU of metrics_from beside METRIC-only capture, engine local (`cat` of a log)."""
+    reps = bench.reps
+    say(f"\n## 11. metrics_from: recognisers and patterns beside METRIC lines ({reps} reps, alternating; "
+        f"engine local, `cat` of a log; load {loadavg()})")
+    home = bench.new_home("metrics-from")
+    rows = []
+    for workload, (data, lines, samples_expected) in metrics_from_logs(bench.quick).items():
+        log = bench.tmp / f"mf-{len(data)}.log"
+        log.write_bytes(data)
+        configs = {}
+        for i, (variant, extra) in enumerate(METRICS_FROM_VARIANTS.items()):
+            configs[variant] = bench.tmp / f"mf-{len(data)}-{i}.yaml"
+            configs[variant].write_text(f"name: mf\nengine: local\nentrypoint: [cat, {json.dumps(str(log))}]\n{extra}")
+
+        def rp(variant: str) -> Sample:
+            s = bench.runpilot(["run", str(configs[variant])], home)
+            run, meta = only_run(home)
+            if meta.get("status") != "succeeded":
+                raise BenchError(f"run {run.name}: status {meta.get('status')}")
+            s.samples = sample_count(meta)
+            shutil.rmtree(run)
+            bench.record(f"11 {variant}", s)
+            return s
+
+        samples = run_variants({v: (lambda v=v: rp(v)) for v in METRICS_FROM_VARIANTS}, reps, warmups=0)
+        base = median_of(samples["METRIC only (default)"], "cpu_self").median
+        for variant, ss in samples.items():
+            cpu = median_of(ss, "cpu_self")
+            count = ss[0].samples or 0
+            extra_us = (cpu.median - base) * 1e6
+            extra_us = max(extra_us, 0.0)  # below the noise: shown as 0
+            rows.append([workload, variant, f"{len(data) / MB:.1f} MB, {lines:,} lines", f"{count:,}",
+                         cpu.fmt(1, 2, "s"), f"{extra_us / lines:.2f} µs" if variant != "METRIC only (default)" else "–",
+                         f"{extra_us / count:.1f} µs" if count else "–"])
+        bench.rows.append(Row("11", f"metrics_from, all sources, {workload}: extra CPU per line",
+                              rows[-1][5], f"per sample {rows[-1][6]}", f"{rows[-1][3]} samples", "", None))
+    say(table(["workload", "variant", "output", "samples", "RunPilot's own CPU", "extra CPU per line",
+               "extra CPU per sample"], rows))
+
+
 # ==== main =====================================================================
 
 CASES = {1: case_overhead, 2: case_throughput, 3: case_metrics, 4: case_history, 5: case_startup, 6: case_yaml,
-         7: case_plot, 8: case_fastpaths, 9: case_sweeps, 10: case_slurm}
+         7: case_plot, 8: case_fastpaths, 9: case_sweeps, 10: case_slurm, 11: case_metrics_from}
 ENGINE_CASES = {1, 2, 3, 8}
 
 
@@ -1828,7 +1899,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="fewer reps and smaller sizes (100 MB, 200k METRIC lines, 20k runs): about 5 minutes")
     parser.add_argument("--reps", type=int, help="repetitions per variant (default 5, --quick 2); short cases "
                                                  "run twice as many")
-    parser.add_argument("--cases", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated case numbers (default all)")
+    parser.add_argument("--cases", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated case numbers (default all)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for RunPilot (default: this one)")
     parser.add_argument("--fresh-home", action="store_true", help="rebuild the cached history home of case 4")
     args = parser.parse_args(argv)
