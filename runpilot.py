@@ -78,7 +78,7 @@ __all__ = [
 
 # Keys a config may have at the top level; anything else is a typo to report.
 TOP_LEVEL_KEYS = ("name", "image", "entrypoint", "workdir", "env", "mounts", "resources",
-                  "metrics", "engine", "timeout", "sweep", "slurm")
+                  "metrics", "engine", "timeout", "sweep", "slurm", "outputs", "code_snapshot")
 RESOURCE_KEYS = ("gpus", "cpu", "memory", "shm_size")
 # What people write by habit from docker-compose and Kubernetes, for "did you mean".
 KEY_SYNONYMS = {"environment": "env", "volumes": "mounts", "command": "entrypoint", "cmd": "entrypoint",
@@ -122,6 +122,16 @@ GIT_PROBE_SECONDS = 10.0
 GIT_DIFF_MAX = 1 << 20
 # How many lines of a failed run's log `show` prints.
 SHOW_LOG_TAIL = 10
+# Where a container sees its run's outputs folder unless the config's `outputs:` names another path.
+OUTPUTS_TARGET = "/outputs"
+# A code folder larger than this is refused, not copied (`code_snapshot: 2g` raises it): a data set or
+# a checkpoint folder under the code would otherwise be copied at every run's start.
+CODE_SNAPSHOT_MAX = 100 << 20
+# A file's hash is taken from the snapshot cache only when the file was last changed this long before
+# the cache was written: a coarse file-system clock cannot then hide an edit (git's "racy" rule).
+SNAPSHOT_CACHE_SLACK_NS = 100_000_000
+# gc removes a snapshot no run names only once it is this old: a run starting now may not have said yet.
+SNAPSHOT_GC_AGE = 3600
 
 # Run statuses. queued and running may still change; every other one is final and is never
 # rewritten by lost-detection or by the index catching up.
@@ -214,6 +224,12 @@ class SlurmError(RunPilotError):
 
     exit_code = 2
 
+
+class SnapshotError(RunPilotError):
+    """The code folder cannot be recorded: too large, unreadable, or its snapshot is gone."""
+
+    exit_code = 2
+
 # ==== 5. Data types ==========================================================
 
 @dataclass(frozen=True)
@@ -268,6 +284,8 @@ class JobConfig:
     source: str | None = None                           # the config file it came from
     sweep: tuple[tuple[str, tuple], ...] = ()           # (dotted key, values); only `sweep` reads it
     slurm: SlurmSettings = SlurmSettings()              # only `--on slurm` reads it
+    outputs: str | None = None                          # the outputs folder's container path (/outputs)
+    code_snapshot: bool | int = True                    # False: run the live folder; an int: the size limit
 
 
 def _type_ok(value: object, annotation: str) -> bool:
@@ -342,6 +360,7 @@ class RunMeta:
     lost_at: str | None = None
     sweep: dict = field(default_factory=dict)      # id, index, point, repeat: its place in a sweep
     slurm: dict = field(default_factory=dict)      # job_id, array ids, partition, node, state, reason
+    code: dict = field(default_factory=dict)       # mode (snapshot, live, off), folder, snapshot, files, bytes
     extra: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list, repr=False)  # what from_json had to drop
 
@@ -1978,6 +1997,8 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
         source=str(Path(filename).resolve()) if filename and not filename.startswith("<") else None,
         sweep=_check_sweep(chk, data.get("sweep")),
         slurm=_check_slurm(chk, data.get("slurm")),
+        outputs=_check_outputs(chk, data, mounts),
+        code_snapshot=_check_code_snapshot(chk, data.get("code_snapshot")),
     )
     chk.raise_if_any()
     return config
@@ -2084,6 +2105,10 @@ def config_to_dict(config: JobConfig) -> dict:
              if v != getattr(SlurmSettings(), k)}
     if slurm:
         data["slurm"] = slurm
+    if config.outputs:
+        data["outputs"] = config.outputs
+    if config.code_snapshot is not True:
+        data["code_snapshot"] = size_spec(config.code_snapshot) if config.code_snapshot else False
     return data
 
 
@@ -2154,6 +2179,35 @@ def entrypoint_warnings(config: JobConfig, engine: str | None) -> list[str]:
     missing = [f for f in files if not os.path.exists(os.path.join(holder.source, f))]
     return [f"the entrypoint names {', '.join(missing)}, which is not in {holder.source} (mounted at "
             f"{holder.target})"] if missing else []
+
+def _check_outputs(chk: _Checker, data: dict, mounts: tuple[Mount, ...]) -> str | None:
+    """`outputs: /ckpt`: where a container sees the run's outputs folder (default /outputs)."""
+    target = _check_text(chk, data, ("outputs",))
+    if target is not None and (not target.startswith("/") or _mount_problem(target) or target == "/"):
+        chk.problem(("outputs",), f"outputs must be an absolute container path such as /outputs, without ':' "
+                                  f"or ','; got {target!r}")
+        return None
+    taken = next((m for m in mounts if m.target.rstrip("/") == (target or OUTPUTS_TARGET).rstrip("/")), None)
+    if taken is not None:
+        where = ("mounts", taken.name) if taken.name else ("mounts",)
+        chk.problem(("outputs",) if target else where,
+                    f"{(target or OUTPUTS_TARGET)} is where the run's outputs folder is mounted, and a mount "
+                    f"uses it too; set outputs: to another container path (outputs: /ckpt), or move the mount")
+    return target
+
+
+def _check_code_snapshot(chk: _Checker, value: object) -> bool | int:
+    """`code_snapshot: false` runs the live folder; `code_snapshot: 2g` raises the size limit."""
+    if value is None or value is True:
+        return True
+    if value is False:
+        return False
+    try:
+        return parse_size(value)
+    except ValueError:
+        chk.problem(("code_snapshot",), "code_snapshot must be true, false (run the folder as it is) or a "
+                                        f"size limit such as 500m or 2g; got {_shown(value)}")
+        return True
 
 # ==== 10. Metrics: the METRIC line protocol ==================================
 
@@ -3124,6 +3178,138 @@ def _reaped(pid: int) -> bool:
         return True
     return done == pid
 
+
+# -- the files of a code folder: git's view in a work tree, else .runpilotignore's ------------
+
+class IgnoreRules:
+    """The common subset of gitignore syntax, read from a `.runpilotignore`.
+
+    Supported: blank lines and `#` comments; `*` (any characters but `/`), `?` (one character
+    but `/`), `[abc]` and `[!a-z]` classes; `**` as a whole path component (`**/x`, `x/**`,
+    `a/**/b`); a `/` at the start or in the middle anchors a pattern to the folder, else it
+    matches at any depth; a trailing `/` matches folders only; `!` re-includes what an earlier
+    line excluded (not inside an excluded folder, as in git); `\\` quotes the next character.
+    The last matching line decides.
+    """
+
+    def __init__(self, text: str = "") -> None:
+        self.rules: list[tuple[re.Pattern, bool, bool]] = []   # (pattern, negated, folders only)
+        for line in text.splitlines():
+            line = line.rstrip()
+            if not line or line.startswith("#"):
+                continue
+            negated = line.startswith("!")
+            line = line[1:] if negated else line
+            dir_only = line.endswith("/")
+            line = line.rstrip("/")
+            if line:
+                self.rules.append((re.compile(_ignore_regex(line)), negated, dir_only))
+
+    def ignored(self, path: str, is_dir: bool) -> bool:
+        """Whether PATH (relative, `/`-separated) is excluded."""
+        verdict = False
+        for pattern, negated, dir_only in self.rules:
+            if (is_dir or not dir_only) and pattern.match(path):
+                verdict = not negated
+        return verdict
+
+
+def _ignore_regex(pattern: str) -> str:
+    """One gitignore pattern (without `!` and trailing `/`) as a regular expression for a whole path."""
+    anchored = "/" in pattern
+    pattern = pattern.removeprefix("/")
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i) and (i == 0 or pattern[i - 1] == "/"):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i) and i + 2 == len(pattern) and (i == 0 or pattern[i - 1] == "/"):
+            out.append(".*")
+            i += 2
+            continue
+        char = pattern[i]
+        if char == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        if char == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            body = "^" + body[1:] if body.startswith("!") else body
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+            continue
+        out.append("[^/]*" if char == "*" else "[^/]" if char == "?" else re.escape(char))
+        i += 1
+    return ("" if anchored else "(?:.*/)?") + "".join(out) + r"\Z"
+
+
+def read_ignore_rules(folder: Path) -> IgnoreRules:
+    try:
+        return IgnoreRules((folder / ".runpilotignore").read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return IgnoreRules()
+
+
+def walk_code_files(folder: Path, rules: IgnoreRules) -> list[str]:
+    """Every file and symlink under FOLDER (relative paths), but what RULES exclude and `.git`."""
+    found = []
+    for top, dirs, files in os.walk(folder, onerror=_walk_error):
+        rel_top = os.path.relpath(top, folder)
+        prefix = "" if rel_top == "." else rel_top.replace(os.sep, "/") + "/"
+        keep = []
+        for name in sorted(dirs):
+            path = Path(top, name)
+            if path.is_symlink():
+                if not rules.ignored(prefix + name, False):
+                    found.append(prefix + name)
+            elif name != ".git" and not rules.ignored(prefix + name, True):
+                keep.append(name)
+        dirs[:] = keep
+        found += [prefix + name for name in sorted(files) if not rules.ignored(prefix + name, False)]
+    return found
+
+
+def _walk_error(exc: OSError) -> None:
+    raise SnapshotError(f"cannot read {exc.filename}: {exc.strerror}; fix its permissions, or list it in "
+                        ".runpilotignore")
+
+
+def git_code_files(folder: Path) -> list[str] | None:
+    """The tracked and untracked-but-not-ignored files under FOLDER, as git sees them (run against a
+    sterile git dir, see _sterile_git_dir); None outside a work tree or when git cannot tell."""
+    found = find_repository(str(folder))
+    if found is None or not shutil.which("git"):
+        return None
+    top, gitdir, common = found
+    commit, _ = git_head(gitdir, common)
+    if not commit or commit == "(initial)":
+        return None
+    with tempfile.TemporaryDirectory(prefix="runpilot-git-") as tmp:
+        sterile = _sterile_git_dir(Path(tmp), gitdir, common, commit)
+        listed = _sterile_git(["-C", str(folder), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                              sterile, top, time.monotonic() + GIT_PROBE_SECONDS * 3)
+    if listed.returncode != 0:
+        return None
+    return sorted({path for path in listed.stdout.split("\0") if path})
+
+
+def code_files(folder: Path) -> tuple[list[str], str]:
+    """The files a snapshot of FOLDER records, and who listed them: git, or a walk of the folder;
+    `.runpilotignore` excludes files in both cases."""
+    rules = read_ignore_rules(folder)
+    listed = git_code_files(folder)
+    if listed is None:
+        return walk_code_files(folder, rules), "files"
+    kept = []
+    for path in listed:
+        parts = path.split("/")
+        if not any(rules.ignored("/".join(parts[:i]), True) for i in range(1, len(parts))) and \
+                not rules.ignored(path, False):
+            kept.append(path)
+    return kept, "git"
+
 # ==== 13. Process I/O: the terminal, the tee loop, signals, stopping the job ===
 
 def terminal_writer(stream) -> Callable[[bytes], object] | None:
@@ -3566,6 +3752,8 @@ class RunFolder:
     batch_script = property(lambda self: self.path / "slurm.sh")        # --on slurm: what sbatch ran
     program = property(lambda self: self.path / "runpilot.py")          # --on slurm: what the node runs
     reserve = property(lambda self: self.path / ".reserve")             # space kept for the final record
+    outputs = property(lambda self: self.path / "outputs")              # $RUNPILOT_OUTPUT_DIR: what the job keeps
+    code = property(lambda self: self.path / "code")                    # the run's copy of its code snapshot
 
     def read_meta(self) -> RunMeta:
         """The run's meta.json, never raising: a missing or corrupt file is a problem on the result."""
@@ -4047,6 +4235,236 @@ def _row(record: RunRecord) -> tuple:
         values[column] = json.dumps(json_safe(values[column]), sort_keys=True)
     return tuple(values[c] for c in RUN_COLUMNS)
 
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One recorded state of a code folder: its id (the hash of its manifest) and what it holds."""
+
+    snapshot_id: str
+    files: int
+    size: int
+    listed_by: str                      # git, or files (a walk that honours .runpilotignore)
+
+
+class SnapshotStore:
+    """Code snapshots, content-addressed under `<home>/snapshots/`.
+
+    `objects/ab/cdef...` holds each file's content once, named by its SHA-256, read-only;
+    `manifests/<id>.json` lists a snapshot's files (path, hash, size, mode, or a symlink's target),
+    and its id is the SHA-256 of that list, so N runs of the same code share one copy and one
+    manifest. `cache/` remembers the hash of each file by its stat, so an unchanged folder is not
+    read again. A run never uses the objects in place: it gets its own copy (materialize).
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.root = home / "snapshots"
+        self.objects = self.root / "objects"
+        self.manifests = self.root / "manifests"
+        self.cache_dir = self.root / "cache"
+
+    def object_path(self, digest: str) -> Path:
+        return self.objects / digest[:2] / digest[2:]
+
+    def manifest_path(self, snapshot_id: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", snapshot_id):
+            raise SnapshotError(f"{visible(snapshot_id)!r} is not a snapshot id")
+        return self.manifests / f"{snapshot_id}.json"
+
+    def manifest(self, snapshot_id: str) -> list[dict]:
+        """The files of a snapshot; SnapshotError when it is gone (gc, or another home)."""
+        try:
+            return json.loads(self.manifest_path(snapshot_id).read_bytes())["files"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SnapshotError(f"code snapshot {snapshot_id[:12]} is missing from {self.root} ({exc}); rerun "
+                                "with --current-code to run the folder as it is now") from None
+
+    def take(self, folder: Path, limit: int) -> Snapshot:
+        """Record FOLDER's code files (refused above LIMIT bytes) and return the snapshot."""
+        paths, listed_by = code_files(folder)
+        entries = self._stat_all(folder, paths)
+        total = sum(size for _, st, size in entries if st is not None)
+        if total > limit:
+            raise SnapshotError(oversize_message(folder, entries, total, limit, listed_by))
+        try:
+            make_private_dirs(self.objects)
+            make_private_dirs(self.manifests)
+            files = self._store_files(folder, entries)
+            body = json.dumps(files, sort_keys=True, separators=(",", ":")).encode()
+            snapshot_id = hashlib_sha256(body)
+            target = self.manifest_path(snapshot_id)
+            if not target.exists():
+                write_atomic(target, b'{"files":' + body + b"}\n", durable=False)
+            else:
+                os.utime(target)  # in use again: gc keeps young snapshots
+        except OSError as exc:
+            raise SnapshotError(f"cannot record the code of {folder} in {self.root}: {exc.strerror}; free some "
+                                "space, or run with --live-code") from exc
+        return Snapshot(snapshot_id, len(files), total, listed_by)
+
+    @staticmethod
+    def _stat_all(folder: Path, paths: list[str]) -> list[tuple[str, os.stat_result, int]]:
+        """(path, lstat, size) of each listed file or symlink that exists (git lists deleted files too)."""
+        entries = []
+        for path in paths:
+            try:
+                st = os.lstat(folder / path)
+            except OSError:
+                continue
+            if stat_is_file(st) or stat_is_link(st):
+                entries.append((path, st, st.st_size if stat_is_file(st) else 0))
+        return entries
+
+    def _store_files(self, folder: Path, entries: list) -> list[dict]:
+        cache, started = self._read_cache(folder), time.time_ns()
+        seen: dict[str, list] = {}
+        files = []
+        for path, st, size in entries:
+            if stat_is_link(st):
+                files.append({"path": path, "link": os.readlink(folder / path)})
+                continue
+            signature = [size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+            known = cache.get("files", {}).get(path)
+            trusted = known and known[:4] == signature and st.st_mtime_ns < cache.get("time", 0) - \
+                SNAPSHOT_CACHE_SLACK_NS and self.object_path(known[4]).exists()
+            digest = known[4] if trusted else self._add_object(folder / path)
+            seen[path] = signature + [digest]
+            files.append({"path": path, "sha256": digest, "size": size,
+                          "mode": 0o755 if st.st_mode & 0o111 else 0o644})
+        with contextlib.suppress(OSError):
+            make_private_dirs(self.cache_dir)
+            write_atomic(self._cache_file(folder), json.dumps({"time": started, "files": seen}).encode(),
+                         durable=False)
+        return files
+
+    def _cache_file(self, folder: Path) -> Path:
+        return self.cache_dir / (hashlib_sha256(os.fsencode(str(folder)))[:24] + ".json")
+
+    def _read_cache(self, folder: Path) -> dict:
+        try:
+            cache = json.loads(self._cache_file(folder).read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return cache if isinstance(cache, dict) and isinstance(cache.get("files"), dict) else {}
+
+    def _add_object(self, source: Path) -> str:
+        """Copy a file into the store while hashing it (one read: an edit meanwhile cannot split the two)."""
+        import hashlib  # only snapshots need it; the tool's start stays as fast as it was
+        tmp = self.objects / f".in-{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}"
+        digest = hashlib.sha256()
+        try:
+            with open(source, "rb") as src, open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400), "wb") as out:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            target = self.object_path(digest.hexdigest())
+            if target.exists():
+                os.unlink(tmp)
+            else:
+                target.parent.mkdir(mode=0o700, exist_ok=True)
+                os.replace(tmp, target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return digest.hexdigest()
+
+    def materialize(self, snapshot_id: str, target: Path) -> dict[str, tuple]:
+        """A private, writable copy of a snapshot in TARGET; returns each copied file's stat signature
+        (what prune_copy compares to find the files the job left as they were)."""
+        copied = {}
+        try:
+            target.mkdir(mode=0o700, exist_ok=True)
+            for entry in self.manifest(snapshot_id):
+                path = target / entry["path"]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if "link" in entry:
+                    os.symlink(entry["link"], path)
+                    continue
+                shutil.copyfile(self.object_path(entry["sha256"]), path)
+                os.chmod(path, entry["mode"])
+                st = os.lstat(path)
+                copied[entry["path"]] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            raise SnapshotError(f"cannot copy code snapshot {snapshot_id[:12]} into {target}: {exc.strerror}; "
+                                "free some space, or run with --live-code") from exc
+        return copied
+
+    def referenced(self, snapshot_ids: set[str]) -> set[str]:
+        """The object hashes the given snapshots use."""
+        digests = set()
+        for snapshot_id in snapshot_ids:
+            with contextlib.suppress(SnapshotError):
+                digests |= {e["sha256"] for e in self.manifest(snapshot_id) if "sha256" in e}
+        return digests
+
+    def collect(self, keep: set[str], min_age: float = SNAPSHOT_GC_AGE) -> int:
+        """Remove the snapshots not in KEEP (older than MIN_AGE seconds) and the objects no kept
+        snapshot uses; returns the bytes freed."""
+        freed, cutoff = 0, time.time() - min_age
+        for path in sorted(self.manifests.glob("*.json")) if self.manifests.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if path.stem not in keep and path.stat().st_mtime < cutoff:
+                    freed += path.stat().st_size
+                    path.unlink()
+        live = {p.stem for p in self.manifests.glob("*.json")} if self.manifests.is_dir() else set()
+        used = self.referenced(live)
+        for path in sorted(self.objects.glob("??/*")) if self.objects.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if path.parent.name + path.name not in used and path.stat().st_mtime < cutoff:
+                    freed += path.stat().st_size
+                    path.unlink()
+        return freed
+
+
+def hashlib_sha256(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def stat_is_file(st: os.stat_result) -> bool:
+    return (st.st_mode & 0o170000) == 0o100000
+
+
+def stat_is_link(st: os.stat_result) -> bool:
+    return (st.st_mode & 0o170000) == 0o120000
+
+
+def oversize_message(folder: Path, entries: list, total: int, limit: int, listed_by: str) -> str:
+    """Why a code folder is refused: its size, its three biggest entries, and the ways out."""
+    by_top: dict[str, int] = {}
+    for path, _, size in entries:
+        top = path.split("/")[0] + ("/" if "/" in path else "")
+        by_top[top] = by_top.get(top, 0) + size
+    biggest = sorted(by_top.items(), key=lambda item: (-item[1], item[0]))[:3]
+    named = ", ".join(f"{name} ({fmt_size(size)})" for name, size in biggest)
+    listed = " (the files git lists)" if listed_by == "git" else ""
+    return (f"the code folder {folder} holds {fmt_size(total)}{listed}, more than the code snapshot limit of "
+            f"{fmt_size(limit)}; biggest: {named}; list what the job does not need in {folder}/.runpilotignore "
+            "(gitignore syntax), raise the limit (code_snapshot: 2g in the config), or run the folder as it is "
+            "with --live-code")
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of the files under PATH (not following symlinks); 0 when it is gone."""
+    total = 0
+    for top, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(top, name)).st_size
+    return total
+
+
+def tree_files(path: Path) -> dict[str, int]:
+    """Relative path -> size of each file under PATH, sorted by path."""
+    found = {}
+    for top, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(top, name)
+            with contextlib.suppress(OSError):
+                found[os.path.relpath(full, path)] = os.lstat(full).st_size
+    return dict(sorted(found.items()))
+
 # ==== 15. Orchestration: run_job and the life of a run =======================
 
 @dataclass
@@ -4069,6 +4487,8 @@ class RunOptions:
     sweep: dict = field(default_factory=dict)     # id, index, point, repeat
     slurm: dict = field(default_factory=dict)     # job_id, partition, node: a run submitted to Slurm
     extra_env: dict = field(default_factory=dict) # RUNPILOT_SWEEP_ID, RUNPILOT_REPEAT, ...
+    live_code: bool = False                       # --live-code: run the code folder as it is
+    code_snapshots: dict = field(default_factory=dict)  # code folder -> the snapshot to run (sweep, rerun)
 
 
 @dataclass
@@ -4185,6 +4605,7 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: T
     env = {**job_environment(config, "", engine, environ), **options.extra_env, "RUNPILOT_RUN_ID": "0" * 22}
     split_job_env(env, environ, engine)  # every problem found before anything is recorded
     facts = check_host(config, engine, options, environ, report)
+    code = plan_code(config, options, store)  # a refused code folder is refused before anything is recorded
     placement = GpuPlacement.plan(config, options, facts, store)
     placement.claim(options.run_id)  # with --no-wait, busy GPUs are an error here
     try:
@@ -4193,13 +4614,25 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: T
             placement.name_holder(folder.run_id)
             env["RUNPILOT_RUN_ID"] = folder.run_id
             meta = new_meta(config, folder.run_id, engine, options, facts)
+            meta.code = code
             meta.status = RUNNING if placement.ready else QUEUED
             _report_behind(report, folder.run_id, record_start(store, config, folder, meta))
             if not placement.ready and not placement.wait(folder.run_id, signals, report):
                 return finish(store, config, folder, meta, TeeResult(None, INTERRUPTED, signals.received[0]),
                               options.previous, report)
-            launch = make_launch(config, folder.run_id, engine, env, options, environ, placement.devices)
-            return _run_placed(store, config, folder, meta, options, launch, terminal, report, signals)
+            try:
+                launched, files_env, copied = prepare_run_files(store, config, folder, code, engine)
+            except RunPilotError as exc:
+                fail_before_start(store, folder, meta, exc)
+                raise
+            env.update(files_env)
+            if engine == "local":
+                meta.workdir = local_workdir(launched)
+            launch = make_launch(launched, folder.run_id, engine, env, options, environ, placement.devices)
+            try:
+                return _run_placed(store, config, folder, meta, options, launch, terminal, report, signals)
+            finally:
+                settle_run_files(folder, engine, launched, copied, report)
     finally:
         placement.release()
 
@@ -4341,7 +4774,7 @@ def _announce(config: JobConfig, meta: RunMeta, report: Reporter) -> None:
         ignored = [k for k, v in (("workdir", config.workdir), ("image", config.image)) if v]
         if ignored:
             report(RunEvent("notice", meta.run_id, f"engine local ignores {' and '.join(ignored)}: the job runs "
-                                                   f"in {local_workdir(config)}"))
+                                                   f"in {meta.workdir or local_workdir(config)}"))
         if config.resources.cpu or config.resources.memory or config.resources.shm_size:
             report(RunEvent("notice", meta.run_id, "engine local does not enforce resources.cpu, memory or shm_size"))
     for warning in entrypoint_warnings(config, meta.engine):
@@ -4546,6 +4979,147 @@ def failure_hint(config: JobConfig, meta: RunMeta, folder: RunFolder) -> str | N
         return ("the job crashed with a segmentation fault (exit 139, SIGSEGV) in native code (an extension, "
                 "a driver, CUDA); look at the last lines of its log (runpilot logs --tail 50)")
     return None
+
+
+# -- what a run makes: its outputs folder, and the code snapshot it runs from ---------------
+
+def code_mount(config: JobConfig) -> Mount | None:
+    return next((m for m in config.mounts if m.name == "code"), None)
+
+
+def plan_code(config: JobConfig, options: RunOptions, store: RunStore) -> dict:
+    """What the run's code is, as meta.json records it: the snapshot it runs from (taken now, or the
+    one OPTIONS names for its folder: a sweep's, a rerun's), the live folder, or nothing (no `code`
+    mount). A folder above the size limit is refused here, before anything is recorded."""
+    mount = code_mount(config)
+    if mount is None:
+        return {}
+    if options.live_code or not os.path.isdir(mount.source):
+        return {"mode": "live", "folder": mount.source,
+                "reason": "--live-code" if options.live_code else "the code mount is not a folder"}
+    if config.code_snapshot is False:
+        return {"mode": "off", "folder": mount.source, "reason": "code_snapshot: false in the config"}
+    snapshots = SnapshotStore(store.home)
+    recorded = options.code_snapshots.get(mount.source)
+    if recorded:
+        files = snapshots.manifest(recorded)
+        return {"mode": "snapshot", "folder": mount.source, "snapshot": recorded, "files": len(files),
+                "bytes": sum(e.get("size", 0) for e in files)}
+    limit = CODE_SNAPSHOT_MAX if config.code_snapshot is True else int(config.code_snapshot)
+    snap = snapshots.take(Path(mount.source), limit)
+    return {"mode": "snapshot", "folder": mount.source, "snapshot": snap.snapshot_id, "files": snap.files,
+            "bytes": snap.size, "listed_by": snap.listed_by}
+
+
+def snapshots_once(store: RunStore, configs: list[JobConfig], options: RunOptions) -> dict[str, str]:
+    """One snapshot per code folder for many runs (a sweep's points): {folder: snapshot id}."""
+    taken: dict[str, str] = dict(options.code_snapshots)
+    for config in configs:
+        mount = code_mount(config)
+        if mount is not None and mount.source not in taken:
+            code = plan_code(config, dataclasses.replace(options, code_snapshots=taken), store)
+            if code.get("mode") == "snapshot":
+                taken[mount.source] = code["snapshot"]
+    return taken
+
+
+def prepare_run_files(store: RunStore, config: JobConfig, folder: RunFolder, code: dict,
+                      engine: str) -> tuple[JobConfig, dict[str, str], dict[str, tuple]]:
+    """Make the run's outputs folder and its private copy of the code snapshot; return the config the
+    job is launched with (its `code` mount on the copy, the outputs folder mounted), the variables
+    that say where they are, and the copied files' signatures (see prune_copy)."""
+    try:
+        folder.outputs.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create {folder.outputs}: {exc.strerror}; free some space") from exc
+    mounts, copied = list(config.mounts), {}
+    if code.get("mode") == "snapshot":
+        copied = SnapshotStore(store.home).materialize(code["snapshot"], folder.code)
+        mounts = [dataclasses.replace(m, source=str(folder.code)) if m.name == "code" else m for m in mounts]
+    if engine == "local":
+        env = {"RUNPILOT_OUTPUT_DIR": str(folder.outputs)}
+        if copied or code.get("mode") == "snapshot":
+            env["RUNPILOT_MOUNT_CODE"] = str(folder.code)
+    else:
+        target = config.outputs or OUTPUTS_TARGET
+        mounts.append(Mount(str(folder.outputs), target, False, None))
+        env = {"RUNPILOT_OUTPUT_DIR": target}
+    return dataclasses.replace(config, mounts=tuple(mounts)), env, copied
+
+
+def settle_run_files(folder: RunFolder, engine: str, config: JobConfig, copied: dict[str, tuple],
+                     report: Reporter) -> None:
+    """After the job: files it made as root belong to the user again (Docker), and the code copy
+    keeps only what the job wrote or changed (the snapshot itself is in the store)."""
+    if engine == "docker" and os.geteuid() != 0:
+        reclaim_files(engine, str(config.image), [folder.outputs, folder.code], report, folder.run_id)
+    prune_copy(folder.code, copied)
+
+
+def owned_by_others(path: Path) -> bool:
+    uid = os.geteuid()
+    for top, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                if os.lstat(os.path.join(top, name)).st_uid != uid:
+                    return True
+    return False
+
+
+def reclaim_files(engine: str, image: str, folders: list[Path], report: Reporter, run_id: str) -> None:
+    """Docker's jobs run as root: what they wrote into a bind mount is root's. Give it back to the
+    user who runs RunPilot with one short container of the run's own image (chown -R)."""
+    folders = [f for f in folders if f.is_dir() and owned_by_others(f)]
+    if not folders:
+        return
+    mounts = [arg for i, f in enumerate(folders) for arg in ("-v", f"{f}:/runpilot-files/{i}")]
+    argv = [engine, "run", "--rm", "--pull", "never", "--user", "0:0", "--network", "none", "--log-driver", "none",
+            *mounts, "--entrypoint", "chown", image, "-R", f"{os.geteuid()}:{os.getegid()}",
+            *[f"/runpilot-files/{i}" for i in range(len(folders))]]
+    done = quiet_run(argv, timeout=120)
+    if done.returncode != 0:
+        said = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        report(RunEvent("warning", run_id, f"the job's files in {folders[0].parent} are root's and could not be "
+                                           f"given back ({said[0]}); delete them with sudo"))
+
+
+def prune_copy(target: Path, copied: dict[str, tuple]) -> None:
+    """Remove the files of the code copy that the job left as they were copied, then empty folders."""
+    for rel, signature in copied.items():
+        with contextlib.suppress(OSError):
+            st = os.lstat(target / rel)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) == signature:
+                os.unlink(target / rel)
+    if not target.is_dir():
+        return
+    for top, _, _ in sorted(os.walk(target, topdown=False), key=lambda item: -len(item[0])):
+        with contextlib.suppress(OSError):
+            if not os.path.islink(top):
+                os.rmdir(top)
+
+
+def fail_before_start(store: RunStore, folder: RunFolder, meta: RunMeta, exc: RunPilotError) -> None:
+    """A recorded run whose job cannot start: it failed, and says why (it never stays `running`)."""
+    meta.status, meta.finished_at, meta.reason = FAILED, utc_now(), str(exc).splitlines()[0]
+    with contextlib.suppress(OSError):
+        folder.write_meta(meta)
+    store.save_or_defer(meta)
+
+
+def code_changes(old: list[dict], new: list[dict]) -> dict[str, list[str]]:
+    """Files added, removed and modified from snapshot OLD to NEW (manifests)."""
+    before = {e["path"]: e.get("sha256") or "link:" + str(e.get("link")) for e in old}
+    after = {e["path"]: e.get("sha256") or "link:" + str(e.get("link")) for e in new}
+    return {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
+            "modified": sorted(p for p in set(before) & set(after) if before[p] != after[p])}
+
+
+def fmt_code_changes(changes: dict[str, list[str]], run_id: str) -> str:
+    """`the code changed since run X: 1 modified (train.py), 1 added (new.py)`."""
+    parts = [f"{len(paths)} {kind} ({', '.join(paths[:5])}{', ...' if len(paths) > 5 else ''})"
+             for kind, paths in changes.items() if paths]
+    return f"the code changed since run {run_id}: " + ", ".join(parts) if parts else \
+        f"the code is unchanged since run {run_id}"
 
 # ==== 16. Sweeps: a grid of runs from one config =============================
 # A sweep is a plan (<home>/sweeps/<id>/sweep.json) and ordinary runs, one per point, recorded
