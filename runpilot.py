@@ -5535,6 +5535,7 @@ def submit_run(store: RunStore, config: JobConfig, options: RunOptions) -> RunMe
     folder = store.create_run_dir()
     try:
         meta = slurm_queued_meta(config, folder.run_id, options)
+        meta.code = plan_code(config, options, store)  # taken here: the node runs this snapshot
         record_start_queued(folder, config, meta)
         copy_program(folder.program)
         lines = sbatch_lines(config, short_id(folder.run_id), str(folder.path / "slurm-%j.out"))
@@ -5573,9 +5574,10 @@ def submit_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint,
                 store.delete(point["run_id"])
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    for point in sweep.points:
+    for point, (_, config) in zip(sweep.points, configs):
         run = store.folder(point["run_id"])
         meta = run.read_meta()
+        meta.code = plan_code(config, options, store)  # the sweep's one snapshot (see slurm_sweep_cli)
         meta.slurm = {**slurm_queued_meta(first, run.run_id, options).slurm, "job_id": f"{array_id}_{point['index']}",
                       "array_job_id": array_id, "array_task_id": point["index"]}
         run.write_meta(meta, durable=False)
@@ -5746,7 +5748,10 @@ def node_options(meta: RunMeta, slurm: dict) -> RunOptions:
                       pull=str(stored.get("pull", "missing")), keep_engine_logs=bool(stored.get("keep_engine_logs")),
                       tags=meta.tags, overrides=meta.overrides, run_id=meta.run_id, gpu_check=False,
                       claim_gpus=False, sweep=meta.sweep, slurm=slurm,
-                      extra_env={k: str(v) for k, v in extra.items() if v is not None})
+                      extra_env={k: str(v) for k, v in extra.items() if v is not None},
+                      live_code=meta.code.get("mode") == "live",
+                      code_snapshots={meta.code["folder"]: meta.code["snapshot"]}
+                      if meta.code.get("mode") == "snapshot" else {})
 
 
 def parse_slurm_duration(text: str) -> float | None:
@@ -6233,11 +6238,13 @@ def fmt_ending(meta: RunMeta) -> str:
 
 
 def render_show(record: RunRecord, meta: RunMeta, samples: list[dict], files: dict[str, int],
-                config_text: str, log_lines: list[str], ascii_only: bool, width: int | None) -> str:
+                config_text: str, log_lines: list[str], ascii_only: bool, width: int | None,
+                outputs: dict[str, int] | None = None) -> str:
     """`show`: everything about one run, each line cut to WIDTH (None: no limit)."""
     fit = (lambda text: clip(visible(text), width)) if width else visible
     out = [fit(line) for line in _show_facts(record, meta)]
     out += ["files"] + [fit(f"  {name:<14} {fmt_size(size):>10}") for name, size in files.items()]
+    out += [fit(line) for line in render_outputs(outputs or {})]
     out += _metrics_block(samples, ascii_only, width)
     out += [fit(f"warning    {w}") for w in meta.warnings]
     if meta.hint:
@@ -6268,7 +6275,7 @@ def _show_facts(record: RunRecord, meta: RunMeta) -> list[str]:
          + (f", partition {slurm['partition']}" if slurm.get("partition") else "")),
         ("folder", record.path), ("tags", " ".join(f"{k}={v}" for k, v in sorted(record.tags.items()))),
         ("sweep", meta.sweep.get("id") and f"{meta.sweep['id']} point {meta.sweep.get('index')}"),
-        ("rerun of", meta.rerun_of),
+        ("rerun of", meta.rerun_of), ("code", fmt_code(meta.code)),
         *[("git", f"{repo.get('root')} {repo.get('branch')} {str(repo.get('commit'))[:12]}"
                   + (" (uncommitted changes)" if repo.get("dirty") else "")) for repo in meta.git]]
     return [f"{label:<10} {value}" for label, value in facts if value]
@@ -6320,6 +6327,57 @@ def _column_blocks(table: list[list[str]], width: int) -> list[list[int]]:
         blocks[-1].append(i)
         used += 2 + widths[i]
     return blocks
+
+def render_outputs(outputs: dict[str, int], most: int = 20) -> list[str]:
+    """`show`'s outputs block: each file the job kept in $RUNPILOT_OUTPUT_DIR, with its size, and the total."""
+    if not outputs:
+        return []
+    lines = [f"outputs    {len(outputs)} file(s), {fmt_size(sum(outputs.values()))}"]
+    lines += [f"  {fmt_size(size):>10}  {name}" for name, size in list(outputs.items())[:most]]
+    if len(outputs) > most:
+        lines.append(f"  ... and {len(outputs) - most} more (runpilot show --json lists them all)")
+    return lines
+
+
+def fmt_code(code: dict) -> str | None:
+    """`snapshot 1a2b3c4d5e6f (12 files, 40.0 KiB) of /src`, or how else the run's code ran."""
+    if code.get("mode") == "snapshot":
+        return (f"snapshot {str(code.get('snapshot'))[:12]} ({code.get('files')} file(s), "
+                f"{fmt_size(code.get('bytes') or 0)}) of {code.get('folder')}")
+    if code.get("mode") in ("live", "off"):
+        return f"{code.get('folder')} as it was (live: {code.get('reason')})"
+    return None
+
+
+def render_code_diff(old: list[dict], new: list[dict], read: Callable[[str], bytes], names: tuple[str, str]) -> list[str]:
+    """A unified diff of two snapshots' files (READ gives an object's bytes by hash); binary files are named."""
+    before, after = {e["path"]: e for e in old}, {e["path"]: e for e in new}
+    lines = []
+    for path in sorted(set(before) | set(after)):
+        a, b = before.get(path), after.get(path)
+        if a is not None and b is not None and (a.get("sha256"), a.get("link")) == (b.get("sha256"), b.get("link")):
+            continue
+        texts = [_diff_text(e, read) for e in (a, b)]
+        if None in texts:
+            lines.append(f"Binary files {names[0]}/{path} and {names[1]}/{path} differ")
+            continue
+        lines += [line.rstrip("\n") for line in difflib.unified_diff(
+            texts[0], texts[1], f"{names[0]}/{path}" if a else "/dev/null", f"{names[1]}/{path}" if b else "/dev/null")]
+    return lines
+
+
+def _diff_text(entry: dict | None, read: Callable[[str], bytes]) -> list[str] | None:
+    """A snapshot file's lines, [] when absent, None when it is not text."""
+    if entry is None:
+        return []
+    if "link" in entry:
+        return [f"symlink to {entry['link']}\n"]
+    data = read(entry["sha256"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return None if "\0" in text else text.splitlines(keepends=True)
 
 # ==== 20. Plots: braille charts and the HTML page ============================
 # `runpilot plot` reads metrics.json in blocks, one regex pass per metric, and folds each series into at
@@ -7438,7 +7496,8 @@ def _tags(items: list[str]) -> dict:
 def _run_options(args, **more) -> RunOptions:
     return RunOptions(engine=args.engine, stop_timeout=args.stop_timeout, keep_engine_logs=args.engine_logs,
                       pull=args.pull, tags=_tags(args.tag), overrides=args.set, gpu_check=not args.no_gpu_check,
-                      run_id=args.run_id, gpu_pool=args.gpus, wait_for_gpus=not args.no_wait, **more)
+                      run_id=args.run_id, gpu_pool=args.gpus, wait_for_gpus=not args.no_wait,
+                      live_code=args.live_code, **more)
 
 
 def cmd_run(args) -> int:
@@ -7465,7 +7524,60 @@ def cmd_rerun(args) -> int:
     config = dataclasses.replace(config, name=args.name or config.name, source=old_meta.config_file)
     options = dataclasses.replace(_run_options(args, rerun_of=old.id, previous=old_meta),
                                   tags={**old.tags, **_tags(args.tag)})
+    if args.live_code and args.current_code:
+        raise UsageError("--live-code and --current-code both run today's folder; give one of them")
+    options = dataclasses.replace(options, code_snapshots=rerun_code(store, config, old_meta, options,
+                                                                    args.current_code, note))
+    config = rerun_image(config, old_meta, options, note)
     return _launch(args, config, options)
+
+
+def rerun_code(store: RunStore, config: JobConfig, old: RunMeta, options: RunOptions, current: bool,
+               say: Callable[[str], None]) -> dict[str, str]:
+    """The snapshot a rerun runs ({folder: id}): the recorded one, or with CURRENT a new one of the
+    folder as it is now, after saying what changed. Said before the job starts."""
+    mount, recorded = code_mount(config), old.code.get("snapshot") if old.code.get("mode") == "snapshot" else None
+    if mount is None or options.live_code:
+        return {}
+    snapshots = SnapshotStore(store.home)
+    if not current:
+        if not recorded:
+            say(f"run {old.run_id} recorded no code snapshot ({old.code.get('mode') or 'before snapshots'}); "
+                f"running {mount.source} as it is now")
+            return {}
+        files = snapshots.manifest(recorded)
+        say(f"rerunning the code of run {old.run_id} (snapshot {recorded[:12]}, {len(files)} file(s)); "
+            f"--current-code runs {mount.source} as it is now")
+        return {mount.source: recorded}
+    code = plan_code(config, options, store)
+    if code.get("mode") != "snapshot":
+        return {}
+    if recorded:
+        with contextlib.suppress(SnapshotError):
+            say(fmt_code_changes(code_changes(snapshots.manifest(recorded), snapshots.manifest(code["snapshot"])),
+                                 old.run_id))
+    return {mount.source: code["snapshot"]}
+
+
+def rerun_image(config: JobConfig, old: RunMeta, options: RunOptions, say: Callable[[str], None]) -> JobConfig:
+    """The config with the image the old run ran, where its tag has moved since (said before the job
+    starts): by digest when the registry gave one, else by the image id while it is still here."""
+    engine = options.engine or config.engine or old.engine
+    if engine not in ("docker", "podman") or not old.image_id or not config.image or config.image != old.image:
+        return config
+    with contextlib.suppress(RunPilotError):
+        now = inspect_image(engine, config.image)
+        if now is None or now["image_id"] == old.image_id:
+            return config
+        pinned = old.repo_digests[0] if old.repo_digests else old.image_id
+        if not old.repo_digests and inspect_image(engine, old.image_id) is None:
+            say(f"image {config.image} has moved since run {old.run_id}, and the image it ran "
+                f"({old.image_id[:19]}) is gone; running {config.image} as it is now")
+            return config
+        say(f"image {config.image} has moved since run {old.run_id} (now {now['image_id'][:19]}): running the "
+            f"recorded image {pinned}")
+        return dataclasses.replace(config, image=pinned)
+    return config
 
 
 def _launch(args, config: JobConfig, options: RunOptions) -> int:
@@ -7582,7 +7694,8 @@ def cmd_list(args) -> int:
     if args.quiet:
         echo("\n".join(r.id for r in records))
     elif args.json:
-        echo(json.dumps(json_safe([record_json(r) for r in records]), indent=2, sort_keys=True))
+        echo(json.dumps(json_safe([{**record_json(r), "outputs_bytes": tree_size(Path(r.path) / "outputs")}
+                                   for r in records]), indent=2, sort_keys=True))
     elif args.format == "csv":
         header = ["id", "name", "status", "started_at", "finished_at", "duration", "exit_code", "tags"] + metrics
         echo(render_csv(header, [[r.id, r.name, r.status, r.started_at, r.finished_at, r.duration, r.exit_code,
@@ -7607,14 +7720,15 @@ def cmd_show(args) -> int:
         summary = {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in metric_summary(samples).items()}
         meta_data = json.loads(meta.to_json())
         echo(json.dumps(json_safe({"run": record_json(record), "meta": meta_data, "metrics": summary,
-                                   "files": files}), indent=2, sort_keys=True))
+                                   "files": files, "outputs": tree_files(folder.outputs)}), indent=2, sort_keys=True))
         return 0
     tail = args.tail if args.tail is not None else SHOW_LOG_TAIL if record.status in (
         FAILED, INTERRUPTED, TIMEOUT, LOST) else 0
     log = log_tail(folder.logs, 64 << 10).decode("utf-8", "replace").splitlines()[-tail:] if tail > 0 else []
     config = folder.config.read_text(encoding="utf-8", errors="replace") if folder.config.is_file() else ""
     ascii_only = args.ascii or not _can_encode(SPARK_BLOCKS)
-    echo(render_show(record, meta, samples, files, config, log, ascii_only, None if args.no_trunc else output_width()))
+    echo(render_show(record, meta, samples, files, config, log, ascii_only, None if args.no_trunc else output_width(),
+                     tree_files(folder.outputs)))
     return 0
 
 
@@ -7742,6 +7856,10 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     store = _store()
     records = _refs_or_sweep(store, args)
+    if args.outputs:
+        export_outputs(store, records, Path(args.outputs))
+        if not args.output:
+            return 0
     runs = [(r, read_metrics(store.folder(r.id).metrics), _config_of(store, r)) for r in records]
     keys = [k for k in differing([flat for _, _, flat in runs]) if k != "name"] if args.config else []  # a column
     tag_names = sorted({t for r in records for t in r.tags}) if args.tags else []
@@ -7768,6 +7886,55 @@ def cmd_export(args) -> int:
     return 0
 
 
+def export_outputs(store: RunStore, records: list[RunRecord], target: Path) -> None:
+    """Copy each run's outputs folder to TARGET/<run id>/ (a run's copy that exists already is refused)."""
+    count = size = 0
+    for record in records:
+        source, dest = store.folder(record.id).outputs, target / record.id
+        if dest.exists():
+            raise UsageError(f"{dest} exists already; choose another --outputs folder or move it away")
+        files = tree_files(source)
+        try:
+            if source.is_dir():
+                shutil.copytree(source, dest, symlinks=True)
+        except (OSError, shutil.Error) as exc:
+            raise RunPilotError(f"cannot copy the outputs of run {record.id} to {dest}: {exc}; check the "
+                                "folder and its free space") from exc
+        count, size = count + len(files), size + sum(files.values())
+    echo(f"copied {count} output file(s), {fmt_size(size)}, of {len(records)} run(s) to {target}", err=True)
+
+
+def cmd_diff(args) -> int:
+    """How two runs' code and config differ: the config values, then a unified diff of the snapshots."""
+    store = _store()
+    runs = [find_run(store, ref) for ref in (args.run1, args.run2)]
+    metas = [store.folder(r.id).read_meta() for r in runs]
+    names = (short_id(runs[0].id), short_id(runs[1].id))
+    configs = [_config_of(store, r) for r in runs]
+    lines = [f"config {key}: {fmt_cell(configs[0].get(key))} -> {fmt_cell(configs[1].get(key))}"
+             for key in differing(configs) if key != "name"]
+    snapshots = SnapshotStore(store.home)
+    ids = [m.code.get("snapshot") if m.code.get("mode") == "snapshot" else None for m in metas]
+    for meta, snapshot in zip(metas, ids):
+        if not snapshot:
+            lines.append(f"run {meta.run_id} recorded no code snapshot ({fmt_code(meta.code) or 'no code mount'})")
+    if all(ids):
+        lines += render_code_diff(snapshots.manifest(ids[0]), snapshots.manifest(ids[1]),
+                                  lambda digest: snapshots.object_path(digest).read_bytes(), names)
+    if not lines:
+        lines = [f"runs {names[0]} and {names[1]} ran the same code with the same config"]
+    try:
+        echo("\n".join(visible(line) for line in lines))
+    except BrokenPipeError:
+        _silence(sys.stdout)
+    return 0
+
+
+def _diff_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run1", help="run id, unique prefix, short id, latest or -N")
+    p.add_argument("run2", help="the run to compare it with")
+
+
 def _confirm(question: str, yes: bool) -> bool:
     if yes:
         return True
@@ -7791,10 +7958,30 @@ def delete_runs(store: RunStore, records: list[RunRecord], yes: bool, skip_busy:
     if not _confirm(f"delete {len(records)} run(s) and their files?", yes):
         echo("nothing deleted")
         return 1
+    freed = 0
     for record in records:
+        size = tree_size(store.folder(record.id).path)
         store.delete(record.id)
-        echo(f"deleted {record.id} ({visible(record.name)})")
+        freed += size - tree_size(store.folder(record.id).path)
+        echo(f"deleted {record.id} ({visible(record.name)}), freed {fmt_size(size)}")
+    snapshots = collect_snapshots(store)
+    if snapshots:
+        echo(f"removed code snapshots no run uses, freed {fmt_size(snapshots)}")
+    echo(f"freed {fmt_size(freed + snapshots)} in all")
     return 0
+
+
+def collect_snapshots(store: RunStore) -> int:
+    """Remove the code snapshots that no run (nor a sweep's plan) names any more; the bytes freed."""
+    keep = set()
+    for folder in store.folders():
+        snapshot = folder.read_meta().code.get("snapshot")
+        if isinstance(snapshot, str):
+            keep.add(snapshot)
+    for plan in store.sweeps_dir.glob("*/sweep.json") if store.sweeps_dir.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            keep |= set((read_json_file(plan).get("options") or {}).get("code_snapshots", {}).values())
+    return SnapshotStore(store.home).collect(keep)
 
 
 def cmd_rm(args) -> int:
@@ -8150,10 +8337,13 @@ def cmd_sweep(args) -> int:
         return 0
     if args.detach:
         return detach(args.argv, store, "--sweep-id", sweep=store.sweeps_dir / sweep_id)
+    # one snapshot for every point: an edit made while the sweep runs changes none of them
+    options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
     stored = {"engine": args.engine, "tags": options.tags, "gpus": args.gpus, "parallel": args.parallel,
               "fail_fast": args.fail_fast, "stop_timeout": args.stop_timeout, "pull": args.pull,
               "overrides": args.set, "no_gpu_check": args.no_gpu_check, "no_wait": args.no_wait,
-              "engine_logs": args.engine_logs}
+              "engine_logs": args.engine_logs, "code_snapshots": options.code_snapshots,
+              "live_code": args.live_code}
     with StopSignals() as signals:
         sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, stored, base.source)
         jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
@@ -8265,7 +8455,9 @@ def _resume_options(stored: dict, args) -> RunOptions:
                       pull=stored.get("pull") or "missing", overrides=stored.get("overrides") or [],
                       gpu_check=not (args.no_gpu_check or stored.get("no_gpu_check")),
                       wait_for_gpus=not (args.no_wait or stored.get("no_wait")),
-                      keep_engine_logs=args.engine_logs or bool(stored.get("engine_logs")))
+                      keep_engine_logs=args.engine_logs or bool(stored.get("engine_logs")),
+                      code_snapshots=stored.get("code_snapshots") or {},
+                      live_code=args.live_code or bool(stored.get("live_code")))
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -8327,7 +8519,9 @@ def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOpti
         script = slurm_script(configs[0][1], lines, Path("SWEEP_FOLDER/runpilot.py"), "SWEEP_FOLDER/runs.txt")
         echo("\n".join(visible(line) for line in script.split("\n")))
         return 0
-    stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": "slurm"}
+    options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
+    stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": "slurm",
+              "code_snapshots": options.code_snapshots}
     with StopSignals() as signals:
         sweep = submit_sweep(store, sweep_id, configs, axes, args.repeat, options, args.parallel, stored)
         array = store.folder(sweep.points[0]["run_id"]).read_meta().slurm.get("array_job_id")
@@ -8398,6 +8592,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 
 def _rerun_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
+    p.add_argument("--current-code", action="store_true",
+                   help="run the code folder as it is now (a new snapshot), and say what changed")
     _add_run_options(p)
 
 
@@ -8460,6 +8656,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="store_true", help="add the config values that differ between the runs")
     p.add_argument("--tags", action="store_true", help="add each tag as a column tag.NAME")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout")
+    p.add_argument("--outputs", metavar="DIR", help="copy each run's outputs folder to DIR/RUN_ID/ (then the "
+                   "metrics are written only with -o)")
 
 
 def _rm_arguments(p: argparse.ArgumentParser) -> None:
@@ -8497,6 +8695,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="the GPUs to place runs on, e.g. 0,1,3 (default: every GPU nvidia-smi lists)")
     p.add_argument("--no-wait", action="store_true", help="fail at once when the GPUs are held by other runs")
     p.add_argument("--run-id", type=_run_id_arg, help=argparse.SUPPRESS)  # chosen by a detached run's parent
+    p.add_argument("--live-code", action="store_true",
+                   help="run the code folder as it is, not a snapshot of it (the record says so)")
 
 
 # name, function, help, example, arguments: the commands in the order --help lists them.
@@ -8523,6 +8723,8 @@ COMMANDS = [
      "runpilot plot -1 -2 --metric val_loss --smooth 0.6", _plot_arguments),
     ("export", cmd_export, "write the metrics of runs as CSV or JSON lines",
      "runpilot export latest -2 --format csv -o metrics.csv", _export_arguments),
+    ("diff", cmd_diff, "show how two runs' code and config differ",
+     "runpilot diff -2 -1", _diff_arguments),
     ("rm", cmd_rm, "delete runs (folder and history row)",
      "runpilot rm a3f9c1 -y", _rm_arguments),
     ("gc", cmd_gc, "delete old runs in bulk",
