@@ -7670,8 +7670,10 @@ def _list_filter(args) -> RunFilter:
 
 
 def record_json(record: RunRecord) -> dict:
-    """A run as `list --json` and `show --json` give it: the index row without its bookkeeping."""
-    return {k: v for k, v in dataclasses.asdict(record).items() if k not in ("runner", "slurm_job")}
+    """A run as `list --json` and `show --json` give it: the index row without its bookkeeping, and the
+    total size of its outputs folder."""
+    return {**{k: v for k, v in dataclasses.asdict(record).items() if k not in ("runner", "slurm_job")},
+            "outputs_bytes": tree_size(Path(record.path) / "outputs")}
 
 
 def _check_sort_metric(sort: str, records: list[RunRecord]) -> None:
@@ -7694,8 +7696,7 @@ def cmd_list(args) -> int:
     if args.quiet:
         echo("\n".join(r.id for r in records))
     elif args.json:
-        echo(json.dumps(json_safe([{**record_json(r), "outputs_bytes": tree_size(Path(r.path) / "outputs")}
-                                   for r in records]), indent=2, sort_keys=True))
+        echo(json.dumps(json_safe([record_json(r) for r in records]), indent=2, sort_keys=True))
     elif args.format == "csv":
         header = ["id", "name", "status", "started_at", "finished_at", "duration", "exit_code", "tags"] + metrics
         echo(render_csv(header, [[r.id, r.name, r.status, r.started_at, r.finished_at, r.duration, r.exit_code,
@@ -7714,8 +7715,8 @@ def cmd_show(args) -> int:
     store = _store()
     record, meta, samples = _run_details(store, args.run)
     folder = store.folder(record.id)
-    files = {f.name: f.stat().st_size for f in sorted(folder.path.iterdir()) if not f.name.startswith(".")} \
-        if folder.path.is_dir() else {}
+    files = {f.name: f.stat().st_size for f in sorted(folder.path.iterdir())
+             if not f.name.startswith(".") and not f.is_dir()} if folder.path.is_dir() else {}  # outputs/: below
     if args.json:
         summary = {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in metric_summary(samples).items()}
         meta_data = json.loads(meta.to_json())
@@ -7963,11 +7964,10 @@ def delete_runs(store: RunStore, records: list[RunRecord], yes: bool, skip_busy:
         size = tree_size(store.folder(record.id).path)
         store.delete(record.id)
         freed += size - tree_size(store.folder(record.id).path)
-        echo(f"deleted {record.id} ({visible(record.name)}), freed {fmt_size(size)}")
+        echo(f"deleted {record.id} ({visible(record.name)})")
     snapshots = collect_snapshots(store)
-    if snapshots:
-        echo(f"removed code snapshots no run uses, freed {fmt_size(snapshots)}")
-    echo(f"freed {fmt_size(freed + snapshots)} in all")
+    echo(f"freed {fmt_size(freed + snapshots)}" + (f" ({fmt_size(snapshots)} of it code snapshots no run uses)"
+                                                  if snapshots else ""))
     return 0
 
 
