@@ -4381,7 +4381,7 @@ class SnapshotStore:
                     os.symlink(entry["link"], path)
                     continue
                 shutil.copyfile(self.object_path(entry["sha256"]), path)
-                os.chmod(path, entry["mode"])
+                os.chmod(path, 0o700 if entry["mode"] & 0o111 else 0o600)  # private, as the whole home
                 st = os.lstat(path)
                 copied[entry["path"]] = (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError as exc:
@@ -5032,19 +5032,27 @@ def prepare_run_files(store: RunStore, config: JobConfig, folder: RunFolder, cod
         folder.outputs.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"cannot create {folder.outputs}: {exc.strerror}; free some space") from exc
-    mounts, copied = list(config.mounts), {}
+    copied = {}
     if code.get("mode") == "snapshot":
         copied = SnapshotStore(store.home).materialize(code["snapshot"], folder.code)
-        mounts = [dataclasses.replace(m, source=str(folder.code)) if m.name == "code" else m for m in mounts]
+    launched, env = run_files_config(config, folder, code.get("mode") == "snapshot", engine)
+    return launched, env, copied
+
+
+def run_files_config(config: JobConfig, folder: RunFolder, snapshot: bool, engine: str) -> tuple[JobConfig, dict]:
+    """The config a job is launched with: its `code` mount on the run's copy (SNAPSHOT), the outputs
+    folder mounted (containers); and $RUNPILOT_OUTPUT_DIR (pure: --dry-run shows it too)."""
+    mounts = [dataclasses.replace(m, source=str(folder.code)) if m.name == "code" and snapshot else m
+              for m in config.mounts]
     if engine == "local":
         env = {"RUNPILOT_OUTPUT_DIR": str(folder.outputs)}
-        if copied or code.get("mode") == "snapshot":
+        if snapshot:
             env["RUNPILOT_MOUNT_CODE"] = str(folder.code)
     else:
         target = config.outputs or OUTPUTS_TARGET
         mounts.append(Mount(str(folder.outputs), target, False, None))
         env = {"RUNPILOT_OUTPUT_DIR": target}
-    return dataclasses.replace(config, mounts=tuple(mounts)), env, copied
+    return dataclasses.replace(config, mounts=tuple(mounts)), env
 
 
 def settle_run_files(folder: RunFolder, engine: str, config: JobConfig, copied: dict[str, tuple],
@@ -7622,7 +7630,10 @@ def render_dry_run(config: JobConfig, options: RunOptions) -> str:
     engine = choose_engine(options.engine, config, os.environ)
     run_id = new_run_id()
     env = {**job_environment(dataclasses.replace(config, env={}), run_id, engine, os.environ), **config.env}
-    launch = make_launch(config, run_id, engine, env, options, {}, None)
+    snapshot = code_mount(config) is not None and not options.live_code and config.code_snapshot is not False
+    launched, files_env = run_files_config(config, _store().folder(run_id), snapshot, engine)
+    env.update(files_env)
+    launch = make_launch(launched, run_id, engine, env, options, {}, None)
     where = f"# in {launch.cwd}\n" if launch.cwd else ""
     if "/dev/fd/ENV" in launch.argv:
         where += (f"# /dev/fd/ENV stands for the pipe that carries the job's environment "

@@ -185,6 +185,14 @@ class Outputs(CodeFolderCase):
             self.assertEqual(sorted(p.name for p in (run / "code").iterdir()), ["scratch.txt"])  # only what it wrote
         self.assertEqual(self.meta(second)["workdir"], str(second / "code"))
 
+    def test_dry_run_shows_the_code_copy_and_the_outputs_folder_and_records_nothing(self):
+        out, _ = self.run_ok("run", self.config(), "--dry-run", "--engine", "docker", "--set", "image=img")
+        self.assertRegex(out, rf"-v {self.home}/runs/(\d{{8}}-\d{{6}}-[0-9a-f]{{6}})/code:/workspace "
+                              rf"-v {self.home}/runs/\1/outputs:/outputs -w /workspace ")
+        out, _ = self.run_ok("run", self.config(), "--dry-run", "--live-code")
+        self.assertIn(f"# in {self.src}\n", out)
+        self.assertEqual(self.runs(), [])
+
     def test_outputs_variable_and_where_the_job_runs_without_a_code_mount(self):
         config = self.local_config('import os\nprint(os.environ["RUNPILOT_OUTPUT_DIR"], os.getcwd())\n')
         out, _ = self.run_ok("run", config)
