@@ -7955,8 +7955,10 @@ def _confirm(question: str, yes: bool) -> bool:
     return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
-def delete_runs(store: RunStore, records: list[RunRecord], yes: bool, skip_busy: bool = False) -> int:
-    """Delete runs after a confirmation; a run that is active or whose job lives on is never deleted."""
+def delete_runs(store: RunStore, records: list[RunRecord], yes: bool, skip_busy: bool = False,
+                collect: bool = False) -> int:
+    """Delete runs after a confirmation; a run that is active or whose job lives on is never deleted.
+    Say what it freed; with COLLECT (gc) also the code snapshots no run names any more."""
     refused = deletable(store, records, note)
     if refused and not skip_busy:
         raise UsageError(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""))
@@ -7966,6 +7968,9 @@ def delete_runs(store: RunStore, records: list[RunRecord], yes: bool, skip_busy:
     records = [r for r in records if r.id not in busy]
     if not records:
         echo("nothing to delete")
+        snapshots = collect_snapshots(store) if collect and yes else 0
+        if snapshots:
+            echo(f"freed {fmt_size(snapshots)} of code snapshots no run uses")
         return 0
     if not _confirm(f"delete {len(records)} run(s) and their files?", yes):
         echo("nothing deleted")
@@ -7976,7 +7981,7 @@ def delete_runs(store: RunStore, records: list[RunRecord], yes: bool, skip_busy:
         store.delete(record.id)
         freed += size - tree_size(store.folder(record.id).path)
         echo(f"deleted {record.id} ({visible(record.name)})")
-    snapshots = collect_snapshots(store)
+    snapshots = collect_snapshots(store) if collect else 0
     echo(f"freed {fmt_size(freed + snapshots)}" + (f" ({fmt_size(snapshots)} of it code snapshots no run uses)"
                                                   if snapshots else ""))
     return 0
@@ -8012,7 +8017,7 @@ def cmd_gc(args) -> int:
             echo(f"would delete {record.id} ({visible(record.name)}, {record.status}, {record.started_at})")
         echo(f"{len(records)} run(s) would be deleted")
         return 0
-    return delete_runs(store, records, args.yes, skip_busy=True)
+    return delete_runs(store, records, args.yes, skip_busy=True, collect=True)
 
 
 def cmd_validate(args) -> int:

@@ -358,12 +358,23 @@ class Collecting(CodeFolderCase):
         old = 1_000_000_000
         for path in [*objects.rglob("*"), *(self.home / "snapshots" / "manifests").iterdir()]:
             os.utime(path, (old, old))
-        out, _ = self.run_ok("gc", "--keep", "1", "-y")
-        self.assertEqual(out, "nothing to delete\n")
-        self.assertEqual(len([p for p in objects.rglob("*") if p.is_file()]), 2)  # its run still names it
+        stored = [p for p in objects.rglob("*") if p.is_file()]
+        self.assertEqual(self.run_ok("gc", "--keep", "1", "-y")[0], "nothing to delete\n")
+        self.assertEqual([p for p in objects.rglob("*") if p.is_file()], stored)  # its run still names it
         out, _ = self.run_ok("rm", "-y", "latest")
-        self.assertRegex(out, r"freed [\d.]+ KiB \([\d.]+ (B|KiB) of it code snapshots no run uses\)\n$")
+        self.assertRegex(out, r"^deleted .*\nfreed [\d.]+ KiB\n$")  # rm: the run folder only
+        self.assertEqual([p for p in objects.rglob("*") if p.is_file()], stored)
+        size = sum(p.stat().st_size for p in stored) + sum(
+            p.stat().st_size for p in (self.home / "snapshots" / "manifests").iterdir())
+        out, _ = self.run_ok("gc", "--keep", "0", "-y")
+        self.assertEqual(out, f"nothing to delete\nfreed {runpilot.fmt_size(size)} of code snapshots no run uses\n")
         self.assertEqual([p for p in objects.rglob("*") if p.is_file()], [])
+
+    def test_gc_keeps_young_snapshots(self):
+        self.run_ok("run", self.config())
+        self.run_ok("rm", "-y", "latest")
+        self.assertEqual(self.run_ok("gc", "--keep", "0", "-y")[0], "nothing to delete\n")
+        self.assertEqual(len([p for p in (self.home / "snapshots" / "objects").rglob("*") if p.is_file()]), 2)
 
 
 if __name__ == "__main__":
