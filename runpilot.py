@@ -4900,6 +4900,8 @@ def rerun_changes(meta: RunMeta, previous: RunMeta | None) -> list[str]:
     if previous.image_id and meta.image_id and previous.image_id != meta.image_id:
         changes.append(f"image {meta.image} is now {meta.image_id[:19]}, was {previous.image_id[:19]} "
                        f"in run {previous.run_id}")
+    if meta.code.get("snapshot") and meta.code.get("snapshot") == previous.code.get("snapshot"):
+        return changes  # it ran the recorded code: today's commit of the folder says nothing about it
     before = {g.get("root"): g.get("commit") for g in previous.git}
     for repo in meta.git:
         if repo.get("root") in before and before[repo["root"]] != repo.get("commit"):
