@@ -285,13 +285,17 @@ class Snapshots(CodeFolderCase):
         subprocess.run(git + ["add", "train.py", ".gitignore"], check=True)
         subprocess.run(git + ["commit", "-qm", "x"], check=True)
         (self.src / "new.py").write_text("# untracked\n")
+        (self.src / "weights").mkdir()
+        (self.src / "weights" / "big.bin").write_text("tracked or not, .runpilotignore leaves it out")
+        (self.src / ".runpilotignore").write_text("weights/\n")
         hook = self.src / ".git" / "hooks" / "post-index-change"  # RunPilot never runs the repository's hooks
         hook.write_text(f"#!/bin/sh\ntouch {self.tmp}/hook-ran\n")
         hook.chmod(0o755)
         self.run_ok("run", self.config())
         code = self.meta(self.only_run())["code"]
         manifest = json.loads((self.home / "snapshots" / "manifests" / f"{code['snapshot']}.json").read_text())
-        self.assertEqual([f["path"] for f in manifest["files"]], [".gitignore", "new.py", "train.py", "version.txt"])
+        self.assertEqual([f["path"] for f in manifest["files"]],
+                         [".gitignore", ".runpilotignore", "new.py", "train.py", "version.txt"])
         self.assertEqual(code["listed_by"], "git")
         self.assertFalse((self.tmp / "hook-ran").exists())
 
@@ -310,6 +314,17 @@ class SweepsAndReruns(CodeFolderCase):
         self.assertEqual(out.count("version 1\n"), 3, out)
         self.assertEqual((self.src / "version.txt").read_text(), "2\n")
         self.assertEqual(len({self.meta(r)["code"]["snapshot"] for r in self.runs()}), 1)
+
+    def test_a_resumed_sweep_runs_the_code_of_its_start(self):
+        (self.src / "train.py").write_text(TRAIN + "sys.exit(3 if os.environ['X'] == '1' else 0)\n")
+        code, out, err = self.cli("sweep", str(self.config()), "--grid", "env.X=1,2", "--fail-fast")
+        self.assertEqual(code, 1, err)
+        self.assertEqual(out.count("version 1\n"), 1, out)  # the second point was cancelled
+        sweep_id = json.loads(self.run_ok("list", "--json")[0])[0]["sweep_id"]
+        (self.src / "version.txt").write_text("2\n")
+        out, _ = self.run_ok("sweep", "--resume", sweep_id)
+        self.assertIn("version 1\n", out)
+        self.assertNotIn("version 2", out)
 
     def test_rerun_runs_the_recorded_code_and_current_code_says_what_changed(self):
         self.run_ok("run", self.config())

@@ -10,6 +10,7 @@ import os
 import pwd
 import subprocess
 import sys
+import time
 import unittest
 from pathlib import Path
 
@@ -161,14 +162,35 @@ class SlurmOutputs(HomeTestCase):
                 if (r / "meta.json").exists()]
         cancel_slurm_jobs(*sorted({j for j in jobs if j}))
 
-    def test_the_node_runs_the_snapshot_taken_at_submission_and_keeps_its_outputs(self):
+    def config(self) -> tuple[Path, Path]:
         src = self.work / "src"
         src.mkdir()
         (src / "train.py").write_text(JOB)
         (src / "version.txt").write_text("1\n")
-        config = self.write("c.yaml", f"name: on-slurm\nengine: local\nentrypoint: [{json.dumps(sys.executable)}, "
-                                      f"train.py]\nmounts: {{code: ./src}}\n"
-                                      f"slurm:\n  python: {json.dumps(sys.executable)}\n")
+        return src, self.write("c.yaml", f"name: on-slurm\nengine: local\nentrypoint: [{json.dumps(sys.executable)}, "
+                                         f"train.py]\nmounts: {{code: ./src}}\n"
+                                         f"slurm:\n  python: {json.dumps(sys.executable)}\n")
+
+    def test_every_point_of_a_submitted_sweep_runs_the_code_of_its_submission(self):
+        src, config = self.config()
+        submitted = self.process("sweep", config, "--grid", "env.X=1,2", "--on", "slurm", "-d")
+        self.assertEqual(submitted.returncode, 0, submitted.stderr)
+        (src / "version.txt").write_text("2\n")
+        sweep_id = submitted.stdout.decode().strip()
+        deadline = time.monotonic() + 180
+        while True:
+            rows = json.loads(self.process("list", "--json", "--sweep", sweep_id).stdout)
+            if all(r["status"] not in ("queued", "running") for r in rows) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        self.assertEqual([r["status"] for r in rows], ["succeeded", "succeeded"])
+        for row in rows:
+            self.assertEqual((Path(row["path"]) / "logs.txt").read_text().splitlines()[0], "version 1")
+            self.assertEqual(row["outputs_bytes"], 4196)
+        self.assertEqual(len({self.meta(Path(r["path"]))["code"]["snapshot"] for r in rows}), 1)
+
+    def test_the_node_runs_the_snapshot_taken_at_submission_and_keeps_its_outputs(self):
+        src, config = self.config()
         submitted = self.process("run", config, "--on", "slurm", "-d")
         self.assertEqual(submitted.returncode, 0, submitted.stderr)
         (src / "version.txt").write_text("2\n")  # an edit after the submission changes nothing the node runs
