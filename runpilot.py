@@ -45,6 +45,7 @@ import difflib
 import fcntl
 import functools
 import getpass
+import hashlib
 import html
 import itertools
 import json
@@ -4265,6 +4266,10 @@ class SnapshotStore:
     def object_path(self, digest: str) -> Path:
         return self.objects / digest[:2] / digest[2:]
 
+    def _object_file(self, digest: str) -> str:
+        """object_path as text: the per-file loops run a thousand times per run's start."""
+        return f"{self.objects}/{digest[:2]}/{digest[2:]}"
+
     def manifest_path(self, snapshot_id: str) -> Path:
         if not re.fullmatch(r"[0-9a-f]{64}", snapshot_id):
             raise SnapshotError(f"{visible(snapshot_id)!r} is not a snapshot id")
@@ -4304,10 +4309,10 @@ class SnapshotStore:
     @staticmethod
     def _stat_all(folder: Path, paths: list[str]) -> list[tuple[str, os.stat_result, int]]:
         """(path, lstat, size) of each listed file or symlink that exists (git lists deleted files too)."""
-        entries = []
+        entries, top = [], str(folder)
         for path in paths:
             try:
-                st = os.lstat(folder / path)
+                st = os.lstat(os.path.join(top, path))
             except OSError:
                 continue
             if stat_is_file(st) or stat_is_link(st):
@@ -4325,7 +4330,7 @@ class SnapshotStore:
             signature = [size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
             known = cache.get("files", {}).get(path)
             trusted = known and known[:4] == signature and st.st_mtime_ns < cache.get("time", 0) - \
-                SNAPSHOT_CACHE_SLACK_NS and self.object_path(known[4]).exists()
+                SNAPSHOT_CACHE_SLACK_NS and os.path.exists(self._object_file(known[4]))
             digest = known[4] if trusted else self._add_object(folder / path)
             seen[path] = signature + [digest]
             files.append({"path": path, "sha256": digest, "size": size,
@@ -4348,7 +4353,6 @@ class SnapshotStore:
 
     def _add_object(self, source: Path) -> str:
         """Copy a file into the store while hashing it (one read: an edit meanwhile cannot split the two)."""
-        import hashlib  # only snapshots need it; the tool's start stays as fast as it was
         tmp = self.objects / f".in-{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}"
         digest = hashlib.sha256()
         try:
@@ -4371,18 +4375,22 @@ class SnapshotStore:
     def materialize(self, snapshot_id: str, target: Path) -> dict[str, tuple]:
         """A private, writable copy of a snapshot in TARGET; returns each copied file's stat signature
         (what prune_copy compares to find the files the job left as they were)."""
-        copied = {}
+        copied, made, top = {}, {str(target)}, str(target)
         try:
             target.mkdir(mode=0o700, exist_ok=True)
             for entry in self.manifest(snapshot_id):
-                path = target / entry["path"]
-                path.parent.mkdir(parents=True, exist_ok=True)
+                if entry["path"].startswith("/") or ".." in entry["path"].split("/"):
+                    raise SnapshotError(f"code snapshot {snapshot_id[:12]} names {visible(entry['path'])!r}, a "
+                                        "path outside its folder; it is damaged: rerun with --current-code")
+                path = os.path.join(top, entry["path"])
+                parent = os.path.dirname(path)
+                if parent not in made:
+                    os.makedirs(parent, mode=0o700, exist_ok=True)
+                    made.add(parent)
                 if "link" in entry:
                     os.symlink(entry["link"], path)
                     continue
-                shutil.copyfile(self.object_path(entry["sha256"]), path)
-                os.chmod(path, 0o700 if entry["mode"] & 0o111 else 0o600)  # private, as the whole home
-                st = os.lstat(path)
+                st = copy_object(self._object_file(entry["sha256"]), path, 0o700 if entry["mode"] & 0o111 else 0o600)
                 copied[entry["path"]] = (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError as exc:
             raise SnapshotError(f"cannot copy code snapshot {snapshot_id[:12]} into {target}: {exc.strerror}; "
@@ -4416,8 +4424,23 @@ class SnapshotStore:
         return freed
 
 
+def copy_object(source: str, target: str, mode: int) -> os.stat_result:
+    """Copy a stored file to a new private file (the kernel copies: sendfile); return the copy's stat."""
+    with open(source, "rb") as src:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            size, offset = os.fstat(src.fileno()).st_size, 0
+            while offset < size:
+                sent = os.sendfile(fd, src.fileno(), offset, size - offset)
+                if sent == 0:
+                    break
+                offset += sent
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+
 def hashlib_sha256(data: bytes) -> str:
-    import hashlib
     return hashlib.sha256(data).hexdigest()
 
 
@@ -5095,11 +5118,13 @@ def reclaim_files(engine: str, image: str, folders: list[Path], report: Reporter
 
 def prune_copy(target: Path, copied: dict[str, tuple]) -> None:
     """Remove the files of the code copy that the job left as they were copied, then empty folders."""
+    top = str(target)
     for rel, signature in copied.items():
         with contextlib.suppress(OSError):
-            st = os.lstat(target / rel)
+            path = os.path.join(top, rel)
+            st = os.lstat(path)
             if (st.st_ino, st.st_size, st.st_mtime_ns) == signature:
-                os.unlink(target / rel)
+                os.unlink(path)
     if not target.is_dir():
         return
     for top, _, _ in sorted(os.walk(target, topdown=False), key=lambda item: -len(item[0])):
