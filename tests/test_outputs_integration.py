@@ -5,6 +5,7 @@ when RUNPILOT_TEST_ENGINES names the engine; the Slurm test skips without a clus
 when RUNPILOT_TEST_SLURM=1 (see tests/support.py).
 """
 
+import grp
 import json
 import os
 import pwd
@@ -110,6 +111,10 @@ class DockerOutputs(EngineCase):
         # and be able to delete, what its job wrote.
         if os.geteuid() != 0:
             self.skipTest("switching to the user nobody needs root")
+        try:
+            grp.getgrnam("docker")
+        except KeyError:
+            self.skipTest("there is no docker group to put the user nobody in")
         def runs_as_nobody(python: str) -> bool:
             try:
                 return subprocess.run([python, "-c", "import sys; assert sys.version_info >= (3, 10)"],
