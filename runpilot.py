@@ -8748,7 +8748,7 @@ COMMANDS = [
      "runpilot run config.yaml --set env.LR=0.01 --tag try=3", _run_arguments),
     ("sweep", cmd_sweep, "run a grid of configs, one run per point, placed on free GPUs",
      "runpilot sweep config.yaml --grid env.LR=0.1,0.01 --repeat 3", _sweep_arguments),
-    ("rerun", cmd_rerun, "run a recorded run again with its stored config",
+    ("rerun", cmd_rerun, "run a recorded run again: its config, code snapshot and image",
      "runpilot rerun latest --set env.LR=0.02", _rerun_arguments),
     ("list", cmd_list, "list runs, newest first",
      "runpilot list --status failed --since 2d --sort val_accuracy", _list_arguments),
