@@ -4302,8 +4302,9 @@ class SnapshotStore:
             else:
                 os.utime(target)  # in use again: gc keeps young snapshots
         except OSError as exc:
-            raise SnapshotError(f"cannot record the code of {folder} in {self.root}: {exc.strerror}; free some "
-                                "space, or run with --live-code") from exc
+            raise SnapshotError(f"cannot record the code of {folder}: {exc.filename or self.root}: {exc.strerror}; "
+                                "fix its permissions or free some space, list it in .runpilotignore, or run with "
+                                "--live-code") from exc
         return Snapshot(snapshot_id, len(files), total, listed_by)
 
     @staticmethod

@@ -257,6 +257,18 @@ class Snapshots(CodeFolderCase):
                          {"mode": "off", "folder": str(self.src), "reason": "code_snapshot: false in the config"})
         self.assertTrue((self.src / "scratch.txt").exists())  # it ran in the folder itself
 
+    def test_an_unreadable_file_is_one_clear_line_and_nothing_is_recorded(self):
+        if os.geteuid() == 0:
+            self.skipTest("root reads every file")
+        (self.src / "secret.py").write_text("x")
+        (self.src / "secret.py").chmod(0)
+        code, _, err = self.cli("run", self.config())
+        self.assertEqual(code, 2)
+        self.assertEqual(err, f"runpilot: error: cannot record the code of {self.src}: {self.src}/secret.py: "
+                              "Permission denied; fix its permissions or free some space, list it in "
+                              ".runpilotignore, or run with --live-code\n")
+        self.assertEqual(self.runs(), [])
+
     def test_live_code_runs_the_folder_and_says_so(self):
         out, _ = self.run_ok("run", self.config(), "--live-code")
         self.assertIn("scratch before: 1", out)
