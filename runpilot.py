@@ -45,6 +45,7 @@ import difflib
 import fcntl
 import functools
 import getpass
+import hashlib
 import html
 import itertools
 import json
@@ -81,7 +82,7 @@ __all__ = [
 # Keys a config may have at the top level; anything else is a typo to report.
 TOP_LEVEL_KEYS = ("name", "image", "entrypoint", "workdir", "env", "mounts", "resources",
                   "metrics", "engine", "timeout", "sweep", "slurm", "stop_signal", "tensorboard",
-                  "metrics_from")
+                  "metrics_from", "outputs", "code_snapshot")
 RESOURCE_KEYS = ("gpus", "cpu", "memory", "shm_size")
 # What people write by habit from docker-compose and Kubernetes, for "did you mean".
 KEY_SYNONYMS = {"environment": "env", "volumes": "mounts", "command": "entrypoint", "cmd": "entrypoint",
@@ -131,6 +132,16 @@ GIT_PROBE_SECONDS = 10.0
 GIT_DIFF_MAX = 1 << 20
 # How many lines of a failed run's log `show` prints.
 SHOW_LOG_TAIL = 10
+# Where a container sees its run's outputs folder unless the config's `outputs:` names another path.
+OUTPUTS_TARGET = "/outputs"
+# A code folder larger than this is refused, not copied (`code_snapshot: 2g` raises it): a data set or
+# a checkpoint folder under the code would otherwise be copied at every run's start.
+CODE_SNAPSHOT_MAX = 100 << 20
+# A file's hash is taken from the snapshot cache only when the file was last changed this long before
+# the cache was written: a coarse file-system clock cannot then hide an edit (git's "racy" rule).
+SNAPSHOT_CACHE_SLACK_NS = 100_000_000
+# gc removes a snapshot no run names only once it is this old: a run starting now may not have said yet.
+SNAPSHOT_GC_AGE = 3600
 
 # Run statuses. queued and running may still change; every other one is final and is never
 # rewritten by lost-detection or by the index catching up.
@@ -234,6 +245,12 @@ class ExportError(RunPilotError):
 
     exit_code = 1
 
+
+class SnapshotError(RunPilotError):
+    """The code folder cannot be recorded: too large, unreadable, or its snapshot is gone."""
+
+    exit_code = 2
+
 # ==== 5. Data types ==========================================================
 
 @dataclass(frozen=True)
@@ -292,6 +309,8 @@ class JobConfig:
     tensorboard: bool = False                           # the runner writes a TensorBoard event file too
     metrics_from: tuple[MetricsSource, ...] = ()        # sources of samples besides METRIC lines
     workdir_implied: bool = False                       # workdir is the code mount's default, not written
+    outputs: str | None = None                          # the outputs folder's container path (/outputs)
+    code_snapshot: bool | int = True                    # False: run the live folder; an int: the size limit
 
 
 def _type_ok(value: object, annotation: str) -> bool:
@@ -367,6 +386,7 @@ class RunMeta:
     lost_at: str | None = None
     sweep: dict = field(default_factory=dict)      # id, index, point, repeat: its place in a sweep
     slurm: dict = field(default_factory=dict)      # job_id, array ids, partition, node, state, reason
+    code: dict = field(default_factory=dict)       # mode (snapshot, live, off), folder, snapshot, files, bytes
     extra: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list, repr=False)  # what from_json had to drop
 
@@ -2060,6 +2080,8 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
         tensorboard=_check_switch(chk, data, "tensorboard"),
         metrics_from=_check_metrics_from(chk, data.get("metrics_from")),
         workdir_implied=implied,
+        outputs=_check_outputs(chk, data, mounts),
+        code_snapshot=_check_code_snapshot(chk, data.get("code_snapshot")),
     )
     chk.raise_if_any()
     return config
@@ -2175,6 +2197,10 @@ def config_to_dict(config: JobConfig) -> dict:
         data["stop_signal"] = config.stop_signal
     if config.tensorboard:
         data["tensorboard"] = True
+    if config.outputs:
+        data["outputs"] = config.outputs
+    if config.code_snapshot is not True:
+        data["code_snapshot"] = size_spec(config.code_snapshot) if config.code_snapshot else False
     return data
 
 
@@ -2403,6 +2429,34 @@ def keep_env_text(data: object, texts: dict[tuple, str]) -> object:
                          else values for key, values in data["sweep"].items()}
     return data
 
+def _check_outputs(chk: _Checker, data: dict, mounts: tuple[Mount, ...]) -> str | None:
+    """`outputs: /ckpt`: where a container sees the run's outputs folder (default /outputs)."""
+    target = _check_text(chk, data, ("outputs",))
+    if target is not None and (not target.startswith("/") or _mount_problem(target) or target == "/"):
+        chk.problem(("outputs",), f"outputs must be an absolute container path such as /outputs, without ':' "
+                                  f"or ','; got {target!r}")
+        return None
+    taken = next((m for m in mounts if m.target.rstrip("/") == (target or OUTPUTS_TARGET).rstrip("/")), None)
+    if taken is not None:
+        where = ("mounts", taken.name) if taken.name else ("mounts",)
+        chk.problem(("outputs",) if target else where,
+                    f"{(target or OUTPUTS_TARGET)} is where the run's outputs folder is mounted, and a mount "
+                    f"uses it too; set outputs: to another container path (outputs: /ckpt), or move the mount")
+    return target
+
+
+def _check_code_snapshot(chk: _Checker, value: object) -> bool | int:
+    """`code_snapshot: false` runs the live folder; `code_snapshot: 2g` raises the size limit."""
+    if value is None or value is True:
+        return True
+    if value is False:
+        return False
+    try:
+        return parse_size(value)
+    except ValueError:
+        chk.problem(("code_snapshot",), "code_snapshot must be true, false (run the folder as it is) or a "
+                                        f"size limit such as 500m or 2g; got {_shown(value)}")
+        return True
 
 # ==== 10. Metrics: the METRIC line protocol ==================================
 
@@ -4566,6 +4620,138 @@ class UsageSampler:
             if not self.stopping.is_set():
                 self.gpu_log.add_lines([f"METRIC step={second} {pairs}".encode()])
 
+
+# -- the files of a code folder: git's view in a work tree, else .runpilotignore's ------------
+
+class IgnoreRules:
+    """The common subset of gitignore syntax, read from a `.runpilotignore`.
+
+    Supported: blank lines and `#` comments; `*` (any characters but `/`), `?` (one character
+    but `/`), `[abc]` and `[!a-z]` classes; `**` as a whole path component (`**/x`, `x/**`,
+    `a/**/b`); a `/` at the start or in the middle anchors a pattern to the folder, else it
+    matches at any depth; a trailing `/` matches folders only; `!` re-includes what an earlier
+    line excluded (not inside an excluded folder, as in git); `\\` quotes the next character.
+    The last matching line decides.
+    """
+
+    def __init__(self, text: str = "") -> None:
+        self.rules: list[tuple[re.Pattern, bool, bool]] = []   # (pattern, negated, folders only)
+        for line in text.splitlines():
+            line = line.rstrip()
+            if not line or line.startswith("#"):
+                continue
+            negated = line.startswith("!")
+            line = line[1:] if negated else line
+            dir_only = line.endswith("/")
+            line = line.rstrip("/")
+            if line:
+                self.rules.append((re.compile(_ignore_regex(line)), negated, dir_only))
+
+    def ignored(self, path: str, is_dir: bool) -> bool:
+        """Whether PATH (relative, `/`-separated) is excluded."""
+        verdict = False
+        for pattern, negated, dir_only in self.rules:
+            if (is_dir or not dir_only) and pattern.match(path):
+                verdict = not negated
+        return verdict
+
+
+def _ignore_regex(pattern: str) -> str:
+    """One gitignore pattern (without `!` and trailing `/`) as a regular expression for a whole path."""
+    anchored = "/" in pattern
+    pattern = pattern.removeprefix("/")
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i) and (i == 0 or pattern[i - 1] == "/"):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i) and i + 2 == len(pattern) and (i == 0 or pattern[i - 1] == "/"):
+            out.append(".*")
+            i += 2
+            continue
+        char = pattern[i]
+        if char == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        if char == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            body = "^" + body[1:] if body.startswith("!") else body
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+            continue
+        out.append("[^/]*" if char == "*" else "[^/]" if char == "?" else re.escape(char))
+        i += 1
+    return ("" if anchored else "(?:.*/)?") + "".join(out) + r"\Z"
+
+
+def read_ignore_rules(folder: Path) -> IgnoreRules:
+    try:
+        return IgnoreRules((folder / ".runpilotignore").read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return IgnoreRules()
+
+
+def walk_code_files(folder: Path, rules: IgnoreRules) -> list[str]:
+    """Every file and symlink under FOLDER (relative paths), but what RULES exclude and `.git`."""
+    found = []
+    for top, dirs, files in os.walk(folder, onerror=_walk_error):
+        rel_top = os.path.relpath(top, folder)
+        prefix = "" if rel_top == "." else rel_top.replace(os.sep, "/") + "/"
+        keep = []
+        for name in sorted(dirs):
+            path = Path(top, name)
+            if path.is_symlink():
+                if not rules.ignored(prefix + name, False):
+                    found.append(prefix + name)
+            elif name != ".git" and not rules.ignored(prefix + name, True):
+                keep.append(name)
+        dirs[:] = keep
+        found += [prefix + name for name in sorted(files) if not rules.ignored(prefix + name, False)]
+    return found
+
+
+def _walk_error(exc: OSError) -> None:
+    raise SnapshotError(f"cannot read {exc.filename}: {exc.strerror}; fix its permissions, or list it in "
+                        ".runpilotignore")
+
+
+def git_code_files(folder: Path) -> list[str] | None:
+    """The tracked and untracked-but-not-ignored files under FOLDER, as git sees them (run against a
+    sterile git dir, see _sterile_git_dir); None outside a work tree or when git cannot tell."""
+    found = find_repository(str(folder))
+    if found is None or not shutil.which("git"):
+        return None
+    top, gitdir, common = found
+    commit, _ = git_head(gitdir, common)
+    if not commit or commit == "(initial)":
+        return None
+    with tempfile.TemporaryDirectory(prefix="runpilot-git-") as tmp:
+        sterile = _sterile_git_dir(Path(tmp), gitdir, common, commit)
+        listed = _sterile_git(["-C", str(folder), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                              sterile, top, time.monotonic() + GIT_PROBE_SECONDS * 3)
+    if listed.returncode != 0:
+        return None
+    return sorted({path for path in listed.stdout.split("\0") if path})
+
+
+def code_files(folder: Path) -> tuple[list[str], str]:
+    """The files a snapshot of FOLDER records, and who listed them: git, or a walk of the folder;
+    `.runpilotignore` excludes files in both cases."""
+    rules = read_ignore_rules(folder)
+    listed = git_code_files(folder)
+    if listed is None:
+        return walk_code_files(folder, rules), "files"
+    kept = []
+    for path in listed:
+        parts = path.split("/")
+        if not any(rules.ignored("/".join(parts[:i]), True) for i in range(1, len(parts))) and \
+                not rules.ignored(path, False):
+            kept.append(path)
+    return kept, "git"
+
 # ==== 13. Process I/O: the terminal, the tee loop, signals, stopping the job ===
 
 def terminal_writer(stream) -> Callable[[bytes], object] | None:
@@ -5058,6 +5244,8 @@ class RunFolder:
     def tensorboard_events(self, start: float) -> Path:
         """The event file of config `tensorboard: true` (TensorBoard reads files named *tfevents*)."""
         return self.path / f"events.out.tfevents.{int(start)}.runpilot"
+    outputs = property(lambda self: self.path / "outputs")              # $RUNPILOT_OUTPUT_DIR: what the job keeps
+    code = property(lambda self: self.path / "code")                    # the run's copy of its code snapshot
 
     def read_meta(self) -> RunMeta:
         """The run's meta.json, never raising: a missing or corrupt file is a problem on the result."""
@@ -5539,6 +5727,259 @@ def _row(record: RunRecord) -> tuple:
         values[column] = json.dumps(json_safe(values[column]), sort_keys=True)
     return tuple(values[c] for c in RUN_COLUMNS)
 
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One recorded state of a code folder: its id (the hash of its manifest) and what it holds."""
+
+    snapshot_id: str
+    files: int
+    size: int
+    listed_by: str                      # git, or files (a walk that honours .runpilotignore)
+
+
+class SnapshotStore:
+    """Code snapshots, content-addressed under `<home>/snapshots/`.
+
+    `objects/ab/cdef...` holds each file's content once, named by its SHA-256, read-only;
+    `manifests/<id>.json` lists a snapshot's files (path, hash, size, mode, or a symlink's target),
+    and its id is the SHA-256 of that list, so N runs of the same code share one copy and one
+    manifest. `cache/` remembers the hash of each file by its stat, so an unchanged folder is not
+    read again. A run never uses the objects in place: it gets its own copy (materialize).
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.root = home / "snapshots"
+        self.objects = self.root / "objects"
+        self.manifests = self.root / "manifests"
+        self.cache_dir = self.root / "cache"
+
+    def object_path(self, digest: str) -> Path:
+        return self.objects / digest[:2] / digest[2:]
+
+    def _object_file(self, digest: str) -> str:
+        """object_path as text: the per-file loops run a thousand times per run's start."""
+        return f"{self.objects}/{digest[:2]}/{digest[2:]}"
+
+    def manifest_path(self, snapshot_id: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", snapshot_id):
+            raise SnapshotError(f"{visible(snapshot_id)!r} is not a snapshot id")
+        return self.manifests / f"{snapshot_id}.json"
+
+    def manifest(self, snapshot_id: str) -> list[dict]:
+        """The files of a snapshot; SnapshotError when it is gone (gc, or another home)."""
+        try:
+            return json.loads(self.manifest_path(snapshot_id).read_bytes())["files"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SnapshotError(f"code snapshot {snapshot_id[:12]} is missing from {self.root} ({exc}); rerun "
+                                "with --current-code to run the folder as it is now") from None
+
+    def take(self, folder: Path, limit: int) -> Snapshot:
+        """Record FOLDER's code files (refused above LIMIT bytes) and return the snapshot."""
+        paths, listed_by = code_files(folder)
+        entries = self._stat_all(folder, paths)
+        total = sum(size for _, st, size in entries if st is not None)
+        if total > limit:
+            raise SnapshotError(oversize_message(folder, entries, total, limit, listed_by))
+        try:
+            make_private_dirs(self.objects)
+            make_private_dirs(self.manifests)
+            files = self._store_files(folder, entries)
+            body = json.dumps(files, sort_keys=True, separators=(",", ":")).encode()
+            snapshot_id = hashlib_sha256(body)
+            target = self.manifest_path(snapshot_id)
+            if not target.exists():
+                write_atomic(target, b'{"files":' + body + b"}\n", durable=False)
+            else:
+                os.utime(target)  # in use again: gc keeps young snapshots
+        except OSError as exc:
+            raise SnapshotError(f"cannot record the code of {folder}: {exc.filename or self.root}: {exc.strerror}; "
+                                "fix its permissions or free some space, list it in .runpilotignore, or run with "
+                                "--live-code") from exc
+        return Snapshot(snapshot_id, len(files), total, listed_by)
+
+    @staticmethod
+    def _stat_all(folder: Path, paths: list[str]) -> list[tuple[str, os.stat_result, int]]:
+        """(path, lstat, size) of each listed file or symlink that exists (git lists deleted files too)."""
+        entries, top = [], str(folder)
+        for path in paths:
+            try:
+                st = os.lstat(os.path.join(top, path))
+            except OSError:
+                continue
+            if stat_is_file(st) or stat_is_link(st):
+                entries.append((path, st, st.st_size if stat_is_file(st) else 0))
+        return entries
+
+    def _store_files(self, folder: Path, entries: list) -> list[dict]:
+        cache, started = self._read_cache(folder), time.time_ns()
+        seen: dict[str, list] = {}
+        files = []
+        for path, st, size in entries:
+            if stat_is_link(st):
+                files.append({"path": path, "link": os.readlink(folder / path)})
+                continue
+            signature = [size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+            known = cache.get("files", {}).get(path)
+            trusted = known and known[:4] == signature and st.st_mtime_ns < cache.get("time", 0) - \
+                SNAPSHOT_CACHE_SLACK_NS and os.path.exists(self._object_file(known[4]))
+            digest = known[4] if trusted else self._add_object(folder / path)
+            seen[path] = signature + [digest]
+            files.append({"path": path, "sha256": digest, "size": size,
+                          "mode": 0o755 if st.st_mode & 0o111 else 0o644})
+        with contextlib.suppress(OSError):
+            make_private_dirs(self.cache_dir)
+            write_atomic(self._cache_file(folder), json.dumps({"time": started, "files": seen}).encode(),
+                         durable=False)
+        return files
+
+    def _cache_file(self, folder: Path) -> Path:
+        return self.cache_dir / (hashlib_sha256(os.fsencode(str(folder)))[:24] + ".json")
+
+    def _read_cache(self, folder: Path) -> dict:
+        try:
+            cache = json.loads(self._cache_file(folder).read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return cache if isinstance(cache, dict) and isinstance(cache.get("files"), dict) else {}
+
+    def _add_object(self, source: Path) -> str:
+        """Copy a file into the store while hashing it (one read: an edit meanwhile cannot split the two)."""
+        tmp = self.objects / f".in-{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}"
+        digest = hashlib.sha256()
+        try:
+            with open(source, "rb") as src, open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400), "wb") as out:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            target = self.object_path(digest.hexdigest())
+            if target.exists():
+                os.unlink(tmp)
+            else:
+                target.parent.mkdir(mode=0o700, exist_ok=True)
+                os.replace(tmp, target)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return digest.hexdigest()
+
+    def materialize(self, snapshot_id: str, target: Path) -> dict[str, tuple]:
+        """A private, writable copy of a snapshot in TARGET; returns each copied file's stat signature
+        (what prune_copy compares to find the files the job left as they were)."""
+        copied, made, top = {}, {str(target)}, str(target)
+        try:
+            target.mkdir(mode=0o700, exist_ok=True)
+            for entry in self.manifest(snapshot_id):
+                if entry["path"].startswith("/") or ".." in entry["path"].split("/"):
+                    raise SnapshotError(f"code snapshot {snapshot_id[:12]} names {visible(entry['path'])!r}, a "
+                                        "path outside its folder; it is damaged: rerun with --current-code")
+                path = os.path.join(top, entry["path"])
+                parent = os.path.dirname(path)
+                if parent not in made:
+                    os.makedirs(parent, mode=0o700, exist_ok=True)
+                    made.add(parent)
+                if "link" in entry:
+                    os.symlink(entry["link"], path)
+                    continue
+                st = copy_object(self._object_file(entry["sha256"]), path, 0o700 if entry["mode"] & 0o111 else 0o600)
+                copied[entry["path"]] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            raise SnapshotError(f"cannot copy code snapshot {snapshot_id[:12]} into {target}: {exc.strerror}; "
+                                "free some space, or run with --live-code") from exc
+        return copied
+
+    def referenced(self, snapshot_ids: set[str]) -> set[str]:
+        """The object hashes the given snapshots use."""
+        digests = set()
+        for snapshot_id in snapshot_ids:
+            with contextlib.suppress(SnapshotError):
+                digests |= {e["sha256"] for e in self.manifest(snapshot_id) if "sha256" in e}
+        return digests
+
+    def collect(self, keep: set[str], min_age: float = SNAPSHOT_GC_AGE) -> int:
+        """Remove the snapshots not in KEEP (older than MIN_AGE seconds) and the objects no kept
+        snapshot uses; returns the bytes freed."""
+        freed, cutoff = 0, time.time() - min_age
+        for path in sorted(self.manifests.glob("*.json")) if self.manifests.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if path.stem not in keep and path.stat().st_mtime < cutoff:
+                    freed += path.stat().st_size
+                    path.unlink()
+        live = {p.stem for p in self.manifests.glob("*.json")} if self.manifests.is_dir() else set()
+        used = self.referenced(live)
+        for path in sorted(self.objects.glob("??/*")) if self.objects.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if path.parent.name + path.name not in used and path.stat().st_mtime < cutoff:
+                    freed += path.stat().st_size
+                    path.unlink()
+        return freed
+
+
+def copy_object(source: str, target: str, mode: int) -> os.stat_result:
+    """Copy a stored file to a new private file (the kernel copies: sendfile); return the copy's stat."""
+    with open(source, "rb") as src:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            size, offset = os.fstat(src.fileno()).st_size, 0
+            while offset < size:
+                sent = os.sendfile(fd, src.fileno(), offset, size - offset)
+                if sent == 0:
+                    break
+                offset += sent
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+
+def hashlib_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stat_is_file(st: os.stat_result) -> bool:
+    return (st.st_mode & 0o170000) == 0o100000
+
+
+def stat_is_link(st: os.stat_result) -> bool:
+    return (st.st_mode & 0o170000) == 0o120000
+
+
+def oversize_message(folder: Path, entries: list, total: int, limit: int, listed_by: str) -> str:
+    """Why a code folder is refused: its size, its three biggest entries, and the ways out."""
+    by_top: dict[str, int] = {}
+    for path, _, size in entries:
+        top = path.split("/")[0] + ("/" if "/" in path else "")
+        by_top[top] = by_top.get(top, 0) + size
+    biggest = sorted(by_top.items(), key=lambda item: (-item[1], item[0]))[:3]
+    named = ", ".join(f"{name} ({fmt_size(size)})" for name, size in biggest)
+    listed = " (the files git lists)" if listed_by == "git" else ""
+    return (f"the code folder {folder} holds {fmt_size(total)}{listed}, more than the code snapshot limit of "
+            f"{fmt_size(limit)}; biggest: {named}; list what the job does not need in {folder}/.runpilotignore "
+            "(gitignore syntax), raise the limit (code_snapshot: 2g in the config), or run the folder as it is "
+            "with --live-code")
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of the files under PATH (not following symlinks); 0 when it is gone."""
+    total = 0
+    for top, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(top, name)).st_size
+    return total
+
+
+def tree_files(path: Path) -> dict[str, int]:
+    """Relative path -> size of each file under PATH, sorted by path."""
+    found = {}
+    for top, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(top, name)
+            with contextlib.suppress(OSError):
+                found[os.path.relpath(full, path)] = os.lstat(full).st_size
+    return dict(sorted(found.items()))
+
 # ==== 15. Orchestration: run_job and the life of a run =======================
 
 @dataclass
@@ -5563,6 +6004,8 @@ class RunOptions:
     extra_env: dict = field(default_factory=dict) # RUNPILOT_SWEEP_ID, RUNPILOT_REPEAT, ...
     gpu_stats: float | None = GPU_STATS_SECONDS   # seconds between GPU samples; None: --no-gpu-stats
     check_writes: bool = False                    # --check-writes: warn of large files left in the container
+    live_code: bool = False                       # --live-code: run the code folder as it is
+    code_snapshots: dict = field(default_factory=dict)  # code folder -> the snapshot to run (sweep, rerun)
 
 
 @dataclass
@@ -5681,6 +6124,7 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: T
     env = {**job_environment(config, "", engine, environ), **options.extra_env, "RUNPILOT_RUN_ID": "0" * 22}
     split_job_env(env, environ, engine)  # every problem found before anything is recorded
     facts = check_host(config, engine, options, environ, report)
+    code = plan_code(config, options, store)  # a refused code folder is refused before anything is recorded
     placement = GpuPlacement.plan(config, options, facts, store)
     placement.claim(options.run_id)  # with --no-wait, busy GPUs are an error here
     try:
@@ -5689,20 +6133,36 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: T
             placement.name_holder(folder.run_id)
             env["RUNPILOT_RUN_ID"] = folder.run_id
             meta = new_meta(config, folder.run_id, engine, options, facts)
+            meta.code = code
             meta.status = RUNNING if placement.ready else QUEUED
             _report_behind(report, folder.run_id, record_start(store, config, folder, meta))
             if not placement.ready and not placement.wait(folder.run_id, signals, report):
                 return finish(store, config, folder, meta, TeeResult(None, INTERRUPTED, signals.received[0]),
                               options.previous, report)
-            launch = make_launch(config, folder.run_id, engine, env, options, environ, placement.devices)
-            return _run_placed(store, config, folder, meta, options, launch, terminal, report, signals)
+            try:
+                launched, files_env, copied = prepare_run_files(store, config, folder, code, engine)
+            except RunPilotError as exc:
+                fail_before_start(store, folder, meta, exc)
+                raise
+            env.update(files_env)
+            if engine == "local":
+                meta.workdir = local_workdir(launched)
+            launch = make_launch(launched, folder.run_id, engine, env, options, environ, placement.devices)
+            try:
+                return _run_placed(store, config, folder, meta, options, (launched, launch), terminal, report,
+                                   signals)
+            finally:
+                settle_run_files(folder, engine, launched, copied, report)
     finally:
         placement.release()
 
 
 def _run_placed(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta, options: RunOptions,
-                launch: Launch, terminal: Terminal | None, report: Reporter, signals: StopSignals) -> RunOutcome:
-    """The run holds its GPUs: mark it running, start the job, tee it, finish."""
+                started: tuple[JobConfig, Launch], terminal: Terminal | None, report: Reporter,
+                signals: StopSignals) -> RunOutcome:
+    """The run holds its GPUs: mark it running, start the job, tee it, finish. STARTED is the config
+    the job is launched with (its code copy and outputs mounted) and its Launch."""
+    launched, launch = started
     meta.command, meta.command_line, meta.container = launch.argv, shlex.join(launch.argv), launch.container
     meta.devices = list(launch.devices)
     if meta.status == QUEUED:
@@ -5711,7 +6171,7 @@ def _run_placed(store: RunStore, config: JobConfig, folder: RunFolder, meta: Run
         _report_behind(report, folder.run_id, store.save_or_defer(meta))
     _announce(config, meta, report)
     probes = StartProbes(meta.engine or "", _probe_folders(config))
-    result = supervise(launch, options, config, folder, meta, terminal, signals, report)
+    result = supervise(launch, options, launched, folder, meta, terminal, signals, report)
     meta.finished_at = utc_now()  # before the probes: their time is not the job's
     seen = len(signals.received)
     facts = probes.collect(folder.path, give_up=lambda: len(signals.received) > seen)
@@ -5839,7 +6299,7 @@ def _announce(config: JobConfig, meta: RunMeta, report: Reporter) -> None:
                                   ("image", config.image)) if v]
         if ignored:
             report(RunEvent("notice", meta.run_id, f"engine local ignores {' and '.join(ignored)}: the job runs "
-                                                   f"in {local_workdir(config)}"))
+                                                   f"in {meta.workdir or local_workdir(config)}"))
         if config.resources.cpu or config.resources.memory or config.resources.shm_size:
             report(RunEvent("notice", meta.run_id, "engine local does not enforce resources.cpu, memory or shm_size"))
     for warning in entrypoint_warnings(config, meta.engine):
@@ -6045,6 +6505,8 @@ def rerun_changes(meta: RunMeta, previous: RunMeta | None) -> list[str]:
     if previous.image_id and meta.image_id and previous.image_id != meta.image_id:
         changes.append(f"image {meta.image} is now {meta.image_id[:19]}, was {previous.image_id[:19]} "
                        f"in run {previous.run_id}")
+    if meta.code.get("snapshot") and meta.code.get("snapshot") == previous.code.get("snapshot"):
+        return changes  # it ran the recorded code: today's commit of the folder says nothing about it
     before = {g.get("root"): g.get("commit") for g in previous.git}
     for repo in meta.git:
         if repo.get("root") in before and before[repo["root"]] != repo.get("commit"):
@@ -6157,6 +6619,157 @@ def record_usage(sampler: UsageSampler, folder: RunFolder, meta: RunMeta) -> Non
         if low_gpu_hint(gpus):
             usage["hint"] = low_gpu_hint(gpus)
     meta.usage = usage
+
+
+# -- what a run makes: its outputs folder, and the code snapshot it runs from ---------------
+
+def code_mount(config: JobConfig) -> Mount | None:
+    return next((m for m in config.mounts if m.name == "code"), None)
+
+
+def plan_code(config: JobConfig, options: RunOptions, store: RunStore) -> dict:
+    """What the run's code is, as meta.json records it: the snapshot it runs from (taken now, or the
+    one OPTIONS names for its folder: a sweep's, a rerun's), the live folder, or nothing (no `code`
+    mount). A folder above the size limit is refused here, before anything is recorded."""
+    mount = code_mount(config)
+    if mount is None:
+        return {}
+    if options.live_code or not os.path.isdir(mount.source):
+        return {"mode": "live", "folder": mount.source,
+                "reason": "--live-code" if options.live_code else "the code mount is not a folder"}
+    if config.code_snapshot is False:
+        return {"mode": "off", "folder": mount.source, "reason": "code_snapshot: false in the config"}
+    snapshots = SnapshotStore(store.home)
+    recorded = options.code_snapshots.get(mount.source)
+    if recorded:
+        files = snapshots.manifest(recorded)
+        return {"mode": "snapshot", "folder": mount.source, "snapshot": recorded, "files": len(files),
+                "bytes": sum(e.get("size", 0) for e in files)}
+    limit = CODE_SNAPSHOT_MAX if config.code_snapshot is True else int(config.code_snapshot)
+    snap = snapshots.take(Path(mount.source), limit)
+    return {"mode": "snapshot", "folder": mount.source, "snapshot": snap.snapshot_id, "files": snap.files,
+            "bytes": snap.size, "listed_by": snap.listed_by}
+
+
+def snapshots_once(store: RunStore, configs: list[JobConfig], options: RunOptions) -> dict[str, str]:
+    """One snapshot per code folder for many runs (a sweep's points): {folder: snapshot id}."""
+    taken: dict[str, str] = dict(options.code_snapshots)
+    for config in configs:
+        mount = code_mount(config)
+        if mount is not None and mount.source not in taken:
+            code = plan_code(config, dataclasses.replace(options, code_snapshots=taken), store)
+            if code.get("mode") == "snapshot":
+                taken[mount.source] = code["snapshot"]
+    return taken
+
+
+def prepare_run_files(store: RunStore, config: JobConfig, folder: RunFolder, code: dict,
+                      engine: str) -> tuple[JobConfig, dict[str, str], dict[str, tuple]]:
+    """Make the run's outputs folder and its private copy of the code snapshot; return the config the
+    job is launched with (its `code` mount on the copy, the outputs folder mounted), the variables
+    that say where they are, and the copied files' signatures (see prune_copy)."""
+    try:
+        folder.outputs.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create {folder.outputs}: {exc.strerror}; free some space") from exc
+    copied = {}
+    if code.get("mode") == "snapshot":
+        copied = SnapshotStore(store.home).materialize(code["snapshot"], folder.code)
+    launched, env = run_files_config(config, folder, code.get("mode") == "snapshot", engine)
+    return launched, env, copied
+
+
+def run_files_config(config: JobConfig, folder: RunFolder, snapshot: bool, engine: str) -> tuple[JobConfig, dict]:
+    """The config a job is launched with: its `code` mount on the run's copy (SNAPSHOT), the outputs
+    folder mounted (containers); and $RUNPILOT_OUTPUT_DIR (pure: --dry-run shows it too)."""
+    mounts = [dataclasses.replace(m, source=str(folder.code)) if m.name == "code" and snapshot else m
+              for m in config.mounts]
+    if engine == "local":
+        env = {"RUNPILOT_OUTPUT_DIR": str(folder.outputs)}
+        if snapshot:
+            env["RUNPILOT_MOUNT_CODE"] = str(folder.code)
+    else:
+        target = config.outputs or OUTPUTS_TARGET
+        mounts.append(Mount(str(folder.outputs), target, False, None))
+        env = {"RUNPILOT_OUTPUT_DIR": target}
+    return dataclasses.replace(config, mounts=tuple(mounts)), env
+
+
+def settle_run_files(folder: RunFolder, engine: str, config: JobConfig, copied: dict[str, tuple],
+                     report: Reporter) -> None:
+    """After the job: files it made as root belong to the user again (Docker), and the code copy
+    keeps only what the job wrote or changed (the snapshot itself is in the store)."""
+    if engine == "docker" and os.geteuid() != 0:
+        reclaim_files(engine, str(config.image), [folder.outputs, folder.code], report, folder.run_id)
+    prune_copy(folder.code, copied)
+
+
+def owned_by_others(path: Path) -> bool:
+    uid = os.geteuid()
+    for top, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                if os.lstat(os.path.join(top, name)).st_uid != uid:
+                    return True
+    return False
+
+
+def reclaim_files(engine: str, image: str, folders: list[Path], report: Reporter, run_id: str) -> None:
+    """Docker's jobs run as root: what they wrote into a bind mount is root's. Give it back to the
+    user who runs RunPilot with one short container of the run's own image (chown -R)."""
+    folders = [f for f in folders if f.is_dir() and owned_by_others(f)]
+    if not folders:
+        return
+    mounts = [arg for i, f in enumerate(folders) for arg in ("-v", f"{f}:/runpilot-files/{i}")]
+    argv = [engine, "run", "--rm", "--pull", "never", "--user", "0:0", "--network", "none", "--log-driver", "none",
+            *mounts, "--entrypoint", "chown", image, "-R", f"{os.geteuid()}:{os.getegid()}",
+            *[f"/runpilot-files/{i}" for i in range(len(folders))]]
+    done = quiet_run(argv, timeout=120)
+    if done.returncode != 0:
+        said = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        report(RunEvent("warning", run_id, f"the job's files in {folders[0].parent} are root's and could not be "
+                                           f"given back ({said[0]}); delete them with sudo"))
+
+
+def prune_copy(target: Path, copied: dict[str, tuple]) -> None:
+    """Remove the files of the code copy that the job left as they were copied, then empty folders."""
+    top = str(target)
+    for rel, signature in copied.items():
+        with contextlib.suppress(OSError):
+            path = os.path.join(top, rel)
+            st = os.lstat(path)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) == signature:
+                os.unlink(path)
+    if not target.is_dir():
+        return
+    for top, _, _ in sorted(os.walk(target, topdown=False), key=lambda item: -len(item[0])):
+        with contextlib.suppress(OSError):
+            if not os.path.islink(top):
+                os.rmdir(top)
+
+
+def fail_before_start(store: RunStore, folder: RunFolder, meta: RunMeta, exc: RunPilotError) -> None:
+    """A recorded run whose job cannot start: it failed, and says why (it never stays `running`)."""
+    meta.status, meta.finished_at, meta.reason = FAILED, utc_now(), str(exc).splitlines()[0]
+    with contextlib.suppress(OSError):
+        folder.write_meta(meta)
+    store.save_or_defer(meta)
+
+
+def code_changes(old: list[dict], new: list[dict]) -> dict[str, list[str]]:
+    """Files added, removed and modified from snapshot OLD to NEW (manifests)."""
+    before = {e["path"]: e.get("sha256") or "link:" + str(e.get("link")) for e in old}
+    after = {e["path"]: e.get("sha256") or "link:" + str(e.get("link")) for e in new}
+    return {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
+            "modified": sorted(p for p in set(before) & set(after) if before[p] != after[p])}
+
+
+def fmt_code_changes(changes: dict[str, list[str]], run_id: str) -> str:
+    """`the code changed since run X: 1 modified (train.py), 1 added (new.py)`."""
+    parts = [f"{len(paths)} {kind} ({', '.join(paths[:5])}{', ...' if len(paths) > 5 else ''})"
+             for kind, paths in changes.items() if paths]
+    return f"the code changed since run {run_id}: " + ", ".join(parts) if parts else \
+        f"the code is unchanged since run {run_id}"
 
 # ==== 16. Sweeps: a grid of runs from one config =============================
 # A sweep is a plan (<home>/sweeps/<id>/sweep.json) and ordinary runs, one per point, recorded
@@ -6682,6 +7295,7 @@ def submit_run(store: RunStore, config: JobConfig, options: RunOptions) -> RunMe
     folder = store.create_run_dir()
     try:
         meta = slurm_queued_meta(config, folder.run_id, options)
+        meta.code = plan_code(config, options, store)  # taken here: the node runs this snapshot
         record_start_queued(folder, config, meta)
         copy_program(folder.program)
         lines = sbatch_lines(config, short_id(folder.run_id), str(folder.path / "slurm-%j.out"))
@@ -6720,9 +7334,10 @@ def submit_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint,
                 store.delete(point["run_id"])
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    for point in sweep.points:
+    for point, (_, config) in zip(sweep.points, configs):
         run = store.folder(point["run_id"])
         meta = run.read_meta()
+        meta.code = plan_code(config, options, store)  # the sweep's one snapshot (see slurm_sweep_cli)
         meta.slurm = {**slurm_queued_meta(first, run.run_id, options).slurm, "job_id": f"{array_id}_{point['index']}",
                       "array_job_id": array_id, "array_task_id": point["index"]}
         run.write_meta(meta, durable=False)
@@ -6893,7 +7508,10 @@ def node_options(meta: RunMeta, slurm: dict) -> RunOptions:
                       pull=str(stored.get("pull", "missing")), keep_engine_logs=bool(stored.get("keep_engine_logs")),
                       tags=meta.tags, overrides=meta.overrides, run_id=meta.run_id, gpu_check=False,
                       claim_gpus=False, sweep=meta.sweep, slurm=slurm, rerun_of=meta.rerun_of,
-                      extra_env={k: str(v) for k, v in extra.items() if v is not None})
+                      extra_env={k: str(v) for k, v in extra.items() if v is not None},
+                      live_code=meta.code.get("mode") == "live",
+                      code_snapshots={meta.code["folder"]: meta.code["snapshot"]}
+                      if meta.code.get("mode") == "snapshot" else {})
 
 
 def parse_slurm_duration(text: str) -> float | None:
@@ -7597,11 +8215,13 @@ def fmt_ending(meta: RunMeta) -> str:
 
 
 def render_show(record: RunRecord, meta: RunMeta, samples: list[dict], files: dict[str, int],
-                config_text: str, log_lines: list[str], ascii_only: bool, width: int | None) -> str:
+                config_text: str, log_lines: list[str], ascii_only: bool, width: int | None,
+                outputs: dict[str, int] | None = None) -> str:
     """`show`: everything about one run, each line cut to WIDTH (None: no limit)."""
     fit = (lambda text: clip(visible(text), width)) if width else visible
     out = [fit(line) for line in _show_facts(record, meta)]
     out += ["files"] + [fit(f"  {name:<14} {fmt_size(size):>10}") for name, size in files.items()]
+    out += [fit(line) for line in render_outputs(outputs or {})]
     out += _metrics_block(samples, ascii_only, width)
     out += [fit(line) for line in usage_lines(meta)]
     out += [fit(f"warning    {w}") for w in meta.warnings]
@@ -7633,7 +8253,7 @@ def _show_facts(record: RunRecord, meta: RunMeta) -> list[str]:
          + (f", partition {slurm['partition']}" if slurm.get("partition") else "")),
         ("folder", record.path), ("tags", " ".join(f"{k}={v}" for k, v in sorted(record.tags.items()))),
         ("sweep", meta.sweep.get("id") and f"{meta.sweep['id']} point {meta.sweep.get('index')}"),
-        ("rerun of", meta.rerun_of),
+        ("rerun of", meta.rerun_of), ("code", fmt_code(meta.code)),
         *[("git", f"{repo.get('root')} {repo.get('branch')} {str(repo.get('commit'))[:12]}"
                   + (" (uncommitted changes)" if repo.get("dirty") else "")) for repo in meta.git]]
     return [f"{label:<10} {value}" for label, value in facts if value]
@@ -7704,6 +8324,57 @@ def usage_lines(meta: RunMeta) -> list[str]:
     if usage.get("hint"):
         lines.append(f"hint       {usage['hint']}")
     return lines
+
+def render_outputs(outputs: dict[str, int], most: int = 20) -> list[str]:
+    """`show`'s outputs block: each file the job kept in $RUNPILOT_OUTPUT_DIR, with its size, and the total."""
+    if not outputs:
+        return []
+    lines = [f"outputs    {len(outputs)} file(s), {fmt_size(sum(outputs.values()))}"]
+    lines += [f"  {fmt_size(size):>10}  {name}" for name, size in list(outputs.items())[:most]]
+    if len(outputs) > most:
+        lines.append(f"  ... and {len(outputs) - most} more (runpilot show --json lists them all)")
+    return lines
+
+
+def fmt_code(code: dict) -> str | None:
+    """`snapshot 1a2b3c4d5e6f (12 files, 40.0 KiB) of /src`, or how else the run's code ran."""
+    if code.get("mode") == "snapshot":
+        return (f"snapshot {str(code.get('snapshot'))[:12]} ({code.get('files')} file(s), "
+                f"{fmt_size(code.get('bytes') or 0)}) of {code.get('folder')}")
+    if code.get("mode") in ("live", "off"):
+        return f"{code.get('folder')} as it was (live: {code.get('reason')})"
+    return None
+
+
+def render_code_diff(old: list[dict], new: list[dict], read: Callable[[str], bytes], names: tuple[str, str]) -> list[str]:
+    """A unified diff of two snapshots' files (READ gives an object's bytes by hash); binary files are named."""
+    before, after = {e["path"]: e for e in old}, {e["path"]: e for e in new}
+    lines = []
+    for path in sorted(set(before) | set(after)):
+        a, b = before.get(path), after.get(path)
+        if a is not None and b is not None and (a.get("sha256"), a.get("link")) == (b.get("sha256"), b.get("link")):
+            continue
+        texts = [_diff_text(e, read) for e in (a, b)]
+        if None in texts:
+            lines.append(f"Binary files {names[0]}/{path} and {names[1]}/{path} differ")
+            continue
+        lines += [line.rstrip("\n") for line in difflib.unified_diff(
+            texts[0], texts[1], f"{names[0]}/{path}" if a else "/dev/null", f"{names[1]}/{path}" if b else "/dev/null")]
+    return lines
+
+
+def _diff_text(entry: dict | None, read: Callable[[str], bytes]) -> list[str] | None:
+    """A snapshot file's lines, [] when absent, None when it is not text."""
+    if entry is None:
+        return []
+    if "link" in entry:
+        return [f"symlink to {entry['link']}\n"]
+    data = read(entry["sha256"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return None if "\0" in text else text.splitlines(keepends=True)
 
 # ==== 20. Plots: braille charts and the HTML page ============================
 # `runpilot plot` reads metrics.json in blocks, one regex pass per metric, and folds each series into at
@@ -9148,7 +9819,8 @@ def _run_options(args, **more) -> RunOptions:
                       run_id=args.run_id, gpu_pool=args.gpus, wait_for_gpus=not args.no_wait,
                       gpu_stats=None if getattr(args, "no_gpu_stats", False) else getattr(
                           args, "gpu_stats_every", GPU_STATS_SECONDS),
-                      check_writes=getattr(args, "check_writes", False), **more)
+                      check_writes=getattr(args, "check_writes", False), live_code=args.live_code,
+                      **more)
 
 
 def cmd_run(args) -> int:
@@ -9176,6 +9848,11 @@ def cmd_rerun(args) -> int:
                                  source=old_meta.config_file)
     options = dataclasses.replace(_run_options(args, rerun_of=old.id, previous=old_meta),
                                   tags={**old.tags, **_tags(args.tag)})
+    if args.live_code and args.current_code:
+        raise UsageError("--live-code and --current-code both run today's folder; give one of them")
+    options = dataclasses.replace(options, code_snapshots=rerun_code(store, config, old_meta, options,
+                                                                    args.current_code, note))
+    config = rerun_image(config, old_meta, options, note)
     if args.on == "slurm":
         return slurm_run_cli(args, config, options)
     return _launch(args, config, options)
@@ -9185,6 +9862,54 @@ def _with_metrics_from(config: JobConfig, specs: list[str]) -> JobConfig:
     """The config with `--metrics-from` sources added after its own (recorded in the run's config)."""
     added = tuple(parse_metrics_source(spec) for spec in specs)
     return dataclasses.replace(config, metrics_from=config.metrics_from + added) if added else config
+
+
+def rerun_code(store: RunStore, config: JobConfig, old: RunMeta, options: RunOptions, current: bool,
+               say: Callable[[str], None]) -> dict[str, str]:
+    """The snapshot a rerun runs ({folder: id}): the recorded one, or with CURRENT a new one of the
+    folder as it is now, after saying what changed. Said before the job starts."""
+    mount, recorded = code_mount(config), old.code.get("snapshot") if old.code.get("mode") == "snapshot" else None
+    if mount is None or options.live_code:
+        return {}
+    snapshots = SnapshotStore(store.home)
+    if not current:
+        if not recorded:
+            say(f"run {old.run_id} recorded no code snapshot ({old.code.get('mode') or 'before snapshots'}); "
+                f"running {mount.source} as it is now")
+            return {}
+        files = snapshots.manifest(recorded)
+        say(f"rerunning the code of run {old.run_id} (snapshot {recorded[:12]}, {len(files)} file(s)); "
+            f"--current-code runs {mount.source} as it is now")
+        return {mount.source: recorded}
+    code = plan_code(config, options, store)
+    if code.get("mode") != "snapshot":
+        return {}
+    if recorded:
+        with contextlib.suppress(SnapshotError):
+            say(fmt_code_changes(code_changes(snapshots.manifest(recorded), snapshots.manifest(code["snapshot"])),
+                                 old.run_id))
+    return {mount.source: code["snapshot"]}
+
+
+def rerun_image(config: JobConfig, old: RunMeta, options: RunOptions, say: Callable[[str], None]) -> JobConfig:
+    """The config with the image the old run ran, where its tag has moved since (said before the job
+    starts): by digest when the registry gave one, else by the image id while it is still here."""
+    engine = options.engine or config.engine or old.engine
+    if engine not in ("docker", "podman") or not old.image_id or not config.image or config.image != old.image:
+        return config
+    with contextlib.suppress(RunPilotError):
+        now = inspect_image(engine, config.image)
+        if now is None or now["image_id"] == old.image_id:
+            return config
+        pinned = old.repo_digests[0] if old.repo_digests else old.image_id
+        if not old.repo_digests and inspect_image(engine, old.image_id) is None:
+            say(f"image {config.image} has moved since run {old.run_id}, and the image it ran "
+                f"({old.image_id[:19]}) is gone; running {config.image} as it is now")
+            return config
+        say(f"image {config.image} has moved since run {old.run_id} (now {now['image_id'][:19]}): running the "
+            f"recorded image {pinned}")
+        return dataclasses.replace(config, image=pinned)
+    return config
 
 
 def _launch(args, config: JobConfig, options: RunOptions) -> int:
@@ -9229,7 +9954,10 @@ def render_dry_run(config: JobConfig, options: RunOptions) -> str:
     engine = choose_engine(options.engine, config, os.environ)
     run_id = new_run_id()
     env = {**job_environment(dataclasses.replace(config, env={}), run_id, engine, os.environ), **config.env}
-    launch = make_launch(config, run_id, engine, env, options, {}, None)
+    snapshot = code_mount(config) is not None and not options.live_code and config.code_snapshot is not False
+    launched, files_env = run_files_config(config, _store().folder(run_id), snapshot, engine)
+    env.update(files_env)
+    launch = make_launch(launched, run_id, engine, env, options, {}, None)
     where = f"# in {launch.cwd}\n" if launch.cwd else ""
     if "/dev/fd/ENV" in launch.argv:
         where += (f"# /dev/fd/ENV stands for the pipe that carries the job's environment "
@@ -9277,8 +10005,10 @@ def _list_filter(args) -> RunFilter:
 
 
 def record_json(record: RunRecord) -> dict:
-    """A run as `list --json` and `show --json` give it: the index row without its bookkeeping."""
-    return {k: v for k, v in dataclasses.asdict(record).items() if k not in ("runner", "slurm_job")}
+    """A run as `list --json` and `show --json` give it: the index row without its bookkeeping, and the
+    total size of its outputs folder."""
+    return {**{k: v for k, v in dataclasses.asdict(record).items() if k not in ("runner", "slurm_job")},
+            "outputs_bytes": tree_size(Path(record.path) / "outputs")}
 
 
 def _check_sort_metric(sort: str, records: list[RunRecord]) -> None:
@@ -9330,20 +10060,21 @@ def cmd_show(args) -> int:
     store = _store()
     record, meta, samples = _run_details(store, args.run)
     folder = store.folder(record.id)
-    files = {f.name: f.stat().st_size for f in sorted(folder.path.iterdir()) if not f.name.startswith(".")} \
-        if folder.path.is_dir() else {}
+    files = {f.name: f.stat().st_size for f in sorted(folder.path.iterdir())
+             if not f.name.startswith(".") and not f.is_dir()} if folder.path.is_dir() else {}  # outputs/: below
     if args.json:
         summary = {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in metric_summary(samples).items()}
         meta_data = json.loads(meta.to_json())
         echo(json.dumps(json_safe({"run": record_json(record), "meta": meta_data, "metrics": summary,
-                                   "files": files}), indent=2, sort_keys=True))
+                                   "files": files, "outputs": tree_files(folder.outputs)}), indent=2, sort_keys=True))
         return 0
     tail = args.tail if args.tail is not None else SHOW_LOG_TAIL if record.status in (
         FAILED, INTERRUPTED, TIMEOUT, LOST) else 0
     log = log_tail(folder.logs, 64 << 10).decode("utf-8", "replace").splitlines()[-tail:] if tail > 0 else []
     config = folder.config.read_text(encoding="utf-8", errors="replace") if folder.config.is_file() else ""
     ascii_only = args.ascii or not _can_encode(SPARK_BLOCKS)
-    echo(render_show(record, meta, samples, files, config, log, ascii_only, None if args.no_trunc else output_width()))
+    echo(render_show(record, meta, samples, files, config, log, ascii_only, None if args.no_trunc else output_width(),
+                     tree_files(folder.outputs)))
     return 0
 
 
@@ -9485,6 +10216,10 @@ def cmd_export(args) -> int:
     if args.experiment is not None and args.format != "mlflow":
         raise UsageError("--experiment names an MLflow experiment; give it with --format mlflow")
     records = _refs_or_sweep(store, args)
+    if args.outputs:
+        export_outputs(store, records, Path(args.outputs))
+        if not args.output:
+            return 0
     if args.format in ("tensorboard", "mlflow"):
         return export_to_tool(store, records, args)
     runs = [(r, read_metrics(store.folder(r.id).metrics), _config_of(store, r)) for r in records]
@@ -9539,6 +10274,55 @@ def export_to_tool(store: RunStore, records: list[RunRecord], args) -> int:
     echo(f"exported {len(records)} run(s) ({sent} new metric value(s)) to {visible(uri)}", err=True)
     return 0
 
+def export_outputs(store: RunStore, records: list[RunRecord], target: Path) -> None:
+    """Copy each run's outputs folder to TARGET/<run id>/ (a run's copy that exists already is refused)."""
+    count = size = 0
+    for record in records:
+        source, dest = store.folder(record.id).outputs, target / record.id
+        if dest.exists():
+            raise UsageError(f"{dest} exists already; choose another --outputs folder or move it away")
+        files = tree_files(source)
+        try:
+            if source.is_dir():
+                shutil.copytree(source, dest, symlinks=True)
+        except (OSError, shutil.Error) as exc:
+            raise RunPilotError(f"cannot copy the outputs of run {record.id} to {dest}: {exc}; check the "
+                                "folder and its free space") from exc
+        count, size = count + len(files), size + sum(files.values())
+    echo(f"copied {count} output file(s), {fmt_size(size)}, of {len(records)} run(s) to {target}", err=True)
+
+
+def cmd_diff(args) -> int:
+    """How two runs' code and config differ: the config values, then a unified diff of the snapshots."""
+    store = _store()
+    runs = [find_run(store, ref) for ref in (args.run1, args.run2)]
+    metas = [store.folder(r.id).read_meta() for r in runs]
+    names = (short_id(runs[0].id), short_id(runs[1].id))
+    configs = [_config_of(store, r) for r in runs]
+    lines = [f"config {key}: {fmt_cell(configs[0].get(key))} -> {fmt_cell(configs[1].get(key))}"
+             for key in differing(configs) if key != "name"]
+    snapshots = SnapshotStore(store.home)
+    ids = [m.code.get("snapshot") if m.code.get("mode") == "snapshot" else None for m in metas]
+    for meta, snapshot in zip(metas, ids):
+        if not snapshot:
+            lines.append(f"run {meta.run_id} recorded no code snapshot ({fmt_code(meta.code) or 'no code mount'})")
+    if all(ids):
+        lines += render_code_diff(snapshots.manifest(ids[0]), snapshots.manifest(ids[1]),
+                                  lambda digest: snapshots.object_path(digest).read_bytes(), names)
+    if not lines:
+        lines = [f"runs {names[0]} and {names[1]} ran the same code with the same config"]
+    try:
+        echo("\n".join(visible(line) for line in lines))
+    except BrokenPipeError:
+        _silence(sys.stdout)
+    return 0
+
+
+def _diff_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run1", help="run id, unique prefix, short id, latest or -N")
+    p.add_argument("run2", help="the run to compare it with")
+
+
 def _confirm(question: str, yes: bool) -> bool:
     if yes:
         return True
@@ -9547,8 +10331,10 @@ def _confirm(question: str, yes: bool) -> bool:
     return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
-def delete_runs(store: RunStore, records: list[RunRecord], yes: bool, skip_busy: bool = False) -> int:
-    """Delete runs after a confirmation; a run that is active or whose job lives on is never deleted."""
+def delete_runs(store: RunStore, records: list[RunRecord], yes: bool, skip_busy: bool = False,
+                collect: bool = False) -> int:
+    """Delete runs after a confirmation; a run that is active or whose job lives on is never deleted.
+    Say what it freed; with COLLECT (gc) also the code snapshots no run names any more."""
     refused = deletable(store, records, note)
     if refused and not skip_busy:
         raise UsageError(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""))
@@ -9558,14 +10344,36 @@ def delete_runs(store: RunStore, records: list[RunRecord], yes: bool, skip_busy:
     records = [r for r in records if r.id not in busy]
     if not records:
         echo("nothing to delete")
+        snapshots = collect_snapshots(store) if collect and yes else 0
+        if snapshots:
+            echo(f"freed {fmt_size(snapshots)} of code snapshots no run uses")
         return 0
     if not _confirm(f"delete {len(records)} run(s) and their files?", yes):
         echo("nothing deleted")
         return 1
+    freed = 0
     for record in records:
+        size = tree_size(store.folder(record.id).path)
         store.delete(record.id)
+        freed += size - tree_size(store.folder(record.id).path)
         echo(f"deleted {record.id} ({visible(record.name)})")
+    snapshots = collect_snapshots(store) if collect else 0
+    echo(f"freed {fmt_size(freed + snapshots)}" + (f" ({fmt_size(snapshots)} of it code snapshots no run uses)"
+                                                  if snapshots else ""))
     return 0
+
+
+def collect_snapshots(store: RunStore) -> int:
+    """Remove the code snapshots that no run (nor a sweep's plan) names any more; the bytes freed."""
+    keep = set()
+    for folder in store.folders():
+        snapshot = folder.read_meta().code.get("snapshot")
+        if isinstance(snapshot, str):
+            keep.add(snapshot)
+    for plan in store.sweeps_dir.glob("*/sweep.json") if store.sweeps_dir.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            keep |= set((read_json_file(plan).get("options") or {}).get("code_snapshots", {}).values())
+    return SnapshotStore(store.home).collect(keep)
 
 
 def cmd_rm(args) -> int:
@@ -9588,7 +10396,7 @@ def cmd_gc(args) -> int:
             echo(clip(line, width) if width else line)
         echo(f"{len(records)} run(s) would be deleted")
         return 0
-    return delete_runs(store, records, args.yes, skip_busy=True)
+    return delete_runs(store, records, args.yes, skip_busy=True, collect=True)
 
 
 def whole_sweeps_only(store: RunStore, records: list[RunRecord], say: Callable[[str], None]) -> list[RunRecord]:
@@ -9993,10 +10801,13 @@ def cmd_sweep(args) -> int:
         return 0
     if args.detach:
         return detach(args.argv, store, "--sweep-id", sweep=store.sweeps_dir / sweep_id)
+    # one snapshot for every point: an edit made while the sweep runs changes none of them
+    options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
     stored = {"engine": args.engine, "tags": options.tags, "gpus": args.gpus, "parallel": args.parallel,
               "fail_fast": args.fail_fast, "stop_timeout": args.stop_timeout, "pull": args.pull,
               "overrides": args.set, "no_gpu_check": args.no_gpu_check, "no_wait": args.no_wait,
-              "engine_logs": args.engine_logs}
+              "engine_logs": args.engine_logs, "code_snapshots": options.code_snapshots,
+              "live_code": args.live_code}
     with StopSignals() as signals:
         sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, stored, base.source)
         jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
@@ -10113,7 +10924,9 @@ def _resume_options(stored: dict, args) -> RunOptions:
                       pull=stored.get("pull") or "missing", overrides=stored.get("overrides") or [],
                       gpu_check=not (args.no_gpu_check or stored.get("no_gpu_check")),
                       wait_for_gpus=not (args.no_wait or stored.get("no_wait")),
-                      keep_engine_logs=args.engine_logs or bool(stored.get("engine_logs")))
+                      keep_engine_logs=args.engine_logs or bool(stored.get("engine_logs")),
+                      code_snapshots=stored.get("code_snapshots") or {},
+                      live_code=args.live_code or bool(stored.get("live_code")))
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -10176,7 +10989,9 @@ def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOpti
         script = slurm_script(configs[0][1], lines, Path("SWEEP_FOLDER/runpilot.py"), "SWEEP_FOLDER/runs.txt")
         echo("\n".join(visible(line) for line in script.split("\n")))
         return 0
-    stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": "slurm"}
+    options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
+    stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": "slurm",
+              "code_snapshots": options.code_snapshots}
     with StopSignals() as signals:
         sweep = submit_sweep(store, sweep_id, configs, axes, args.repeat, options, args.parallel, stored)
         array = store.folder(sweep.points[0]["run_id"]).read_meta().slurm.get("array_job_id")
@@ -10303,6 +11118,8 @@ def _add_metrics_from(p: argparse.ArgumentParser) -> None:
 
 def _rerun_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
+    p.add_argument("--current-code", action="store_true",
+                   help="run the code folder as it is now (a new snapshot), and say what changed")
     _add_run_options(p)
     p.add_argument("--on", choices=("here", "slurm"), default="here",
                    help="here (default), or submit to a Slurm cluster with sbatch")
@@ -10375,6 +11192,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tags", action="store_true", help="add each tag as a column tag.NAME")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout (tensorboard: a "
                    "folder; mlflow: the tracking server's URL, default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--outputs", metavar="DIR", help="copy each run's outputs folder to DIR/RUN_ID/ (then the "
+                   "metrics are written only with -o)")
     p.add_argument("--follow", action="store_true", help="tensorboard: keep the event files growing until the runs end")
     p.add_argument("--experiment", metavar="NAME", help="mlflow: the experiment (default: each run's config name)")
 
@@ -10427,6 +11246,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="warn when the job leaves large files in its container, outside every mount "
                         "(runs it without --rm; costs about half a second)")
     p.add_argument("--run-id", type=_run_id_arg, help=argparse.SUPPRESS)  # chosen by a detached run's parent
+    p.add_argument("--live-code", action="store_true",
+                   help="run the code folder as it is, not a snapshot of it (the record says so)")
 
 
 def cmd_sweeps(args) -> int:
@@ -10479,7 +11300,7 @@ COMMANDS = [
      "runpilot run config.yaml --set env.LR=0.01 --tag try=3", _run_arguments),
     ("sweep", cmd_sweep, "run a grid of configs, one run per point, placed on free GPUs",
      "runpilot sweep config.yaml --grid env.LR=0.1,0.01 --repeat 3", _sweep_arguments),
-    ("rerun", cmd_rerun, "run a recorded run again with its stored config",
+    ("rerun", cmd_rerun, "run a recorded run again: its config, code snapshot and image",
      "runpilot rerun latest --set env.LR=0.02", _rerun_arguments),
     ("list", cmd_list, "list runs, newest first",
      "runpilot list --status failed --since 2d --sort val_accuracy", _list_arguments),
@@ -10501,6 +11322,8 @@ COMMANDS = [
      "runpilot export latest -2 --format csv -o metrics.csv", _export_arguments),
     ("reparse", cmd_reparse, "rebuild finished runs' metrics from their logs",
      "runpilot reparse latest --metrics-from huggingface", _reparse_arguments),
+    ("diff", cmd_diff, "show how two runs' code and config differ",
+     "runpilot diff -2 -1", _diff_arguments),
     ("rm", cmd_rm, "delete runs (folder and history row)",
      "runpilot rm a3f9c1 -y", _rm_arguments),
     ("gc", cmd_gc, "delete old runs in bulk",

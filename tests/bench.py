@@ -35,6 +35,10 @@ Cases (each prints its own block; a markdown table of every figure against its t
                                  METRIC-only capture, per output line and per sample found, on a chatty job (a tqdm
                                  bar at 100 updates/s, \r-redrawn) and a quiet one (nanoGPT's iteration lines);
                                  engine local, `cat` of a generated log
+ 11  code snapshots              `runpilot run` on engine local with a `code` mount of 1,000 files / 20 MiB: the
+                                 snapshot the first time (empty home) and of the unchanged folder, beside the
+                                 run without a code mount (the fixed start cost) and with --live-code; and the
+                                 home's size after those runs (one copy of the folder, not one per run)
 
 How it measures:
 - Every command is a whole process, timed wall-clock from spawn to exit; variants alternate (A B A B ...) so
@@ -1883,10 +1887,62 @@ def case_metrics_from(bench: Bench) -> None:
                "extra CPU per sample"], rows))
 
 
+# ==== case 12: code snapshots ==================================================
+
+def snapshot_folder(root: Path, files: int = 1000, size: int = 20 << 20) -> Path:
+    """A code folder of FILES files holding SIZE bytes in all (random, so nothing compresses or dedups)."""
+    folder = root / "snapshot-code"
+    rnd = random.Random(23)
+    each = size // files
+    for i in range(files):
+        path = folder / f"pkg{i // 100}" / f"mod{i}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rnd.randbytes(each))
+    return folder
+
+
+def case_snapshots(bench: Bench) -> None:
+    reps = bench.reps * 2
+    say(f"\n## 12. Code snapshots at a run's start: 1,000 files, 20 MiB, engine local ({reps} reps; load {loadavg()})")
+    folder = snapshot_folder(bench.tmp)
+    cfg = bench.tmp / "snapshot.yaml"
+    cfg.write_text(f"name: bench-snapshot\nengine: local\nentrypoint: [\"true\"]\nmounts:\n  code: \"{folder}\"\n")
+    bare = bench.tmp / "snapshot-bare.yaml"
+    bare.write_text("name: bench-snapshot\nengine: local\nentrypoint: [\"true\"]\n")
+    warm = bench.new_home("snapshot-warm")
+    bench.runpilot(["run", str(cfg)], warm)
+    fresh = iter(range(10_000))
+    variants = {
+        "run, no code mount (the fixed start cost)": lambda: bench.runpilot(["run", str(bare)], warm),
+        "run, code mount, snapshot first time (empty home)": lambda: bench.runpilot(
+            ["run", str(cfg)], bench.new_home(f"snapshot-first-{next(fresh)}")),
+        "run, code mount, folder unchanged": lambda: bench.runpilot(["run", str(cfg)], warm),
+        "run, code mount, --live-code": lambda: bench.runpilot(["run", str(cfg), "--live-code"], warm),
+    }
+    samples = run_variants(variants, reps)
+    names = list(variants)
+    walls = {n: median_of(samples[n], "wall") for n in names}
+    ref = walls[names[0]].median
+    say(table(["variant", "wall median (min–max)", "vs no code mount", "RunPilot's own CPU"],
+              [[n, walls[n].fmt(1000, 0, "ms"), f"{(walls[n].median - ref) * 1000:+.0f} ms",
+                median_of(samples[n], "cpu_self").fmt(1000, 0, "ms")] for n in names]))
+    runs = len(list((warm / "runs").iterdir()))
+    grown = sum(p.stat().st_size for p in warm.rglob("*") if p.is_file())
+    code = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    say(f"home after {runs} runs of the 20 MiB folder: {grown / MB:.1f} MB (the folder: {code / MB:.1f} MB)")
+    for n, label in ((names[1], "first time"), (names[2], "unchanged folder")):
+        bench.rows.append(Row("12", f"snapshot of 1,000 files / 20 MiB at a run's start, {label}",
+                              walls[n].fmt(1000, 0, "ms"), walls[names[0]].fmt(1000, 0, "ms"),
+                              f"+{(walls[n].median - ref) * 1000:.0f} ms", "", None))
+    bench.rows.append(Row("12", f"home after {runs} runs of that folder", f"{grown / MB:.1f} MB",
+                          f"folder {code / MB:.1f} MB", f"{grown / code:.2f}×", "", None))
+
+
 # ==== main =====================================================================
 
 CASES = {1: case_overhead, 2: case_throughput, 3: case_metrics, 4: case_history, 5: case_startup, 6: case_yaml,
-         7: case_plot, 8: case_fastpaths, 9: case_sweeps, 10: case_slurm, 11: case_metrics_from}
+         7: case_plot, 8: case_fastpaths, 9: case_sweeps, 10: case_slurm, 11: case_metrics_from,
+         12: case_snapshots}
 ENGINE_CASES = {1, 2, 3, 8}
 
 

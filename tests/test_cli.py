@@ -187,7 +187,7 @@ class RunLocal(HomeTestCase):
         self.assertIn("--gpus 1 --cpus 4 --memory 8589934592", out)
         self.assertIn("-c 'python train.py'", out)
         self.assertIn("\n# /dev/fd/ENV stands for the pipe that carries the job's environment (", out)
-        self.assertIn("RUNPILOT_MOUNT_CODE, RUNPILOT_MOUNT_DATA, RUNPILOT_RUN_ID):\n# to paste the command, put "
+        self.assertIn("RUNPILOT_MOUNT_CODE, RUNPILOT_MOUNT_DATA, RUNPILOT_OUTPUT_DIR, RUNPILOT_RUN_ID):\n# to paste the command, put "
                       "NAME=VALUE lines in a file and give its path instead\n", out)
         self.assertFalse(self.home.exists() and any((self.home / "runs").iterdir()))
 

@@ -107,7 +107,8 @@ class EngineCase(HomeTestCase):
         result = self.process("run", config)
         self.assertEqual(result.returncode, 0, result.stderr)
         run = self.only_run()
-        expected = (self.work / "out.bin").read_bytes() + b"\nMETRIC a=1\nMETRIC b=2.5\n"
+        # what the job writes into its working folder stays in its run's copy of the code (issue 23)
+        expected = (run / "code" / "out.bin").read_bytes() + b"\nMETRIC a=1\nMETRIC b=2.5\n"
         self.assertEqual(hashlib.sha256((run / "logs.txt").read_bytes()).hexdigest(),
                          hashlib.sha256(expected).hexdigest())
         self.assertEqual(self.metrics(run), [{"step": 1, "a": 1}, {"step": 2, "b": 2.5}])
@@ -125,7 +126,8 @@ class EngineCase(HomeTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.decode().splitlines(),
                          ["p@ss word;$x|0.001|1|/mnt/data|data!|/workspace", "read-only"])
-        self.assertEqual((self.work / "multi.txt").read_text(), "one\ntwo = three")  # a newline arrives as is
+        multi = self.only_run() / "code" / "multi.txt"  # the job's writes stay in its run's copy (issue 23)
+        self.assertEqual(multi.read_text(), "one\ntwo = three")  # a newline arrives as is
         meta = self.meta(self.only_run())
         self.assertNotIn("p@ss", json.dumps(meta["command"]))
         self.assertEqual(meta["command"][meta["command"].index("--env-file") + 1], "/dev/fd/ENV")  # a pipe

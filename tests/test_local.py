@@ -187,12 +187,14 @@ class LocalEngineEnvironment(HomeTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         seen = json.loads(result.stdout)
         run = self.only_run()
-        self.assertEqual(seen, {"cwd": str(self.work / "src"), "data": str(self.work / "data"), "cuda": "0,2",
+        # the job runs in the run's own copy of the code snapshot (issue 23), not in the folder itself
+        self.assertEqual(seen, {"cwd": str(run / "code"), "data": str(self.work / "data"), "cuda": "0,2",
                                 "unbuf": "1", "lr": "0.5", "id": run.name})
         self.assertEqual(result.stderr.count(b"ignores workdir"), 1)
         self.assertIn(b"does not enforce", result.stderr)
         meta = self.meta(run)
-        self.assertEqual((meta["engine"], meta["workdir"]), ("local", str(self.work / "src")))
+        self.assertEqual((meta["engine"], meta["workdir"]), ("local", str(run / "code")))
+        self.assertEqual((meta["code"]["mode"], meta["code"]["folder"]), ("snapshot", str(self.work / "src")))
 
 
 class DiskAndPermissions(HomeTestCase):
@@ -229,7 +231,7 @@ class DiskAndPermissions(HomeTestCase):
                                                              self.home / "runs.db", *run.iterdir()]}
         self.assertEqual(modes, {self.home.name: 0o700, "runs": 0o700, run.name: 0o700, "runs.db": 0o600,
                                  "config.yaml": 0o600, "logs.txt": 0o600, "metrics.json": 0o600,
-                                 "metrics.times": 0o600, "meta.json": 0o600})
+                                 "metrics.times": 0o600, "meta.json": 0o600, "outputs": 0o700})
 
     def peak_rss_kib(self, entrypoint: str) -> int:
         """Peak RSS of `python runpilot.py run` for a job (the job itself is a tiny shell tool)."""

@@ -235,6 +235,16 @@ class EventFiles(HomeTestCase):
         self.assertIsNone(runpilot.tensorboard_folder(config, "docker", "/scratch/tb"))
         self.assertEqual(runpilot.tensorboard_folder(config, "local", "runs"), self.tmp / "runs")
 
+    def test_folder_as_the_launched_job_sees_it_its_code_copy_and_outputs(self):
+        config = runpilot.validate_config({"name": "t", "image": "i", "entrypoint": "x",
+                                           "mounts": {"code": str(self.tmp)}}, "<t>")
+        folder = runpilot.RunFolder(self.work / "run")
+        for engine in ("docker", "local"):
+            launched, _ = runpilot.run_files_config(config, folder, True, engine)
+            self.assertEqual(runpilot.tensorboard_folder(launched, engine, "runs"), folder.code / "runs")
+        launched, _ = runpilot.run_files_config(config, folder, True, "docker")
+        self.assertEqual(runpilot.tensorboard_folder(launched, "docker", "/outputs/tb"), folder.outputs / "tb")
+
 
 class Runs(HomeTestCase):
     NANO = ("for i in (0, 10):\n"
@@ -259,7 +269,7 @@ class Runs(HomeTestCase):
         self.assertEqual(self.process("run", config).returncode, 0)
         result = self.process("rerun", "latest", "--metrics-from", "huggingface")
         self.assertEqual(result.returncode, 0, result.stderr)
-        first, second = self.runs()
+        first, second = sorted(self.runs(), key=lambda run: self.meta(run).get("rerun_of") is not None)
         self.assertEqual((self.metrics(first), self.metrics(second)), ([], [{"step": 1, "loss": 0.5, "epoch": 1.0}]))
         self.assertIn("metrics_from:\n  - huggingface", (second / "config.yaml").read_text())
 
@@ -310,7 +320,7 @@ class Runs(HomeTestCase):
         self.assertEqual(json.loads(self.db_rows()[0]["last_metrics"])["val_loss"], 4.5)
         self.assertEqual((run / "logs.txt").read_bytes(), logs_before)
         self.assertEqual(sorted(p.name for p in run.iterdir()), ["config.yaml", "logs.txt", "meta.json",
-                                                                 "metrics.json"])
+                                                                 "metrics.json", "outputs"])
         code, out, err = self.cli("show", run.name)
         self.assertRegex(out, r"val_loss +2 +4\.6 +4\.5 ")
         code, out, err = self.cli("plot", run.name, "--x", "time")  # the old arrival times would mislabel
@@ -351,6 +361,17 @@ class Runs(HomeTestCase):
         (run / "metrics.json").write_text("[]\n")
         self.assertEqual(self.cli("reparse", run.name)[0], 0)
         self.assertEqual(self.metrics(run), [{"step": 3, "Loss/train": 0.75}, {"step": 4, "lr": 0.5}])
+
+    def test_event_files_in_the_code_copy_of_a_snapshot_run_become_samples(self):
+        events = record(simple_value_event(3, "Loss/train", 0.75))
+        script = (f"import pathlib\npathlib.Path('tb').mkdir()\n"
+                  f"pathlib.Path('tb/events.out.tfevents.1.h').write_bytes({events!r})\n")
+        config = self.local_config(script, "tbcode", extra="mounts:\n  code: .\nmetrics_from: [tensorboard: tb]\n")
+        result = self.process("run", config)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        run = self.only_run()
+        self.assertFalse((self.work / "tb").exists())  # the job ran in its own copy of the code
+        self.assertEqual(self.metrics(run), [{"step": 3, "Loss/train": 0.75}])
 
     def test_event_files_are_read_while_the_job_runs(self):
         (self.work / "tb").mkdir()

@@ -19,6 +19,7 @@ import unittest
 from unittest import mock
 
 import runpilot
+from pathlib import Path
 from tests.common import BASE, RUNPILOT, UTC, RunsHome, Tty
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -332,7 +333,7 @@ class ListSorting(ViewsHome):
 
 class ListForScripts(ViewsHome):
     KEYS = ["duration", "engine", "exit_code", "finished_at", "id", "image", "last_metrics", "metric_names", "name",
-            "path", "reason", "started_at", "status", "sweep_id", "tags"]
+            "outputs_bytes", "path", "reason", "started_at", "status", "sweep_id", "tags"]
 
     def setUp(self) -> None:
         super().setUp()
@@ -349,7 +350,7 @@ class ListForScripts(ViewsHome):
         self.assertEqual(rows[1], {
             "duration": 1.5, "engine": "local", "exit_code": 0, "finished_at": "2026-11-20T10:00:01.500Z",
             "id": self.a.id, "image": None, "last_metrics": {"loss": 0.5}, "metric_names": ["loss"],
-            "name": 'a,b "quoted"', "path": str(self.home / "runs" / self.a.id), "reason": None,
+            "name": 'a,b "quoted"', "outputs_bytes": 0, "path": str(self.home / "runs" / self.a.id), "reason": None,
             "started_at": "2026-11-20T10:00:00.000Z", "status": "succeeded", "sweep_id": None, "tags": {"try": "1"}})
         self.assertEqual((rows[0]["id"], rows[0]["exit_code"], rows[0]["last_metrics"]), (self.b.id, 3, {"acc": 0.875}))
         self.assertEqual(self.cli("list", "--json")[1], out)
@@ -500,7 +501,7 @@ class Show(ViewsHome):
         code, out, err = self.cli("show", "latest", "--json")
         self.assertEqual((code, err), (0, ""))
         data = json.loads(out)
-        self.assertEqual(sorted(data), ["files", "meta", "metrics", "run"])
+        self.assertEqual(sorted(data), ["files", "meta", "metrics", "outputs", "run"])
         self.assertEqual(data["run"], json.loads(self.cli("list", "--json")[1])[0])
         self.assertEqual(data["meta"], self.meta(folder))
         self.assertEqual(data["files"], {name: (folder / name).stat().st_size
@@ -731,16 +732,18 @@ class Remove(ViewsHome):
         self.assertPresent(self.keep, self.drop)
 
     def test_yes_deletes_folder_and_row(self):
+        size = runpilot.fmt_size(runpilot.tree_size(Path(self.drop.path)))
         code, out, err = self.cli("rm", self.drop.id[:18], "-y")
-        self.assertEqual((code, out, err), (0, f"deleted {self.drop.id} (drop)\n", ""))
+        self.assertEqual((code, out, err), (0, f"deleted {self.drop.id} (drop)\nfreed {size}\n", ""))
         self.assertPresent(self.keep)
         self.assertEqual([p.name for p in (self.home / "runs").iterdir()], [self.keep.id])
 
     def test_several_and_the_same_twice(self):
         code, out, _ = self.cli("rm", "-1", "-2", self.drop.id, "-y")
         self.assertEqual(code, 0)
-        self.assertEqual(sorted(out.splitlines()), sorted([f"deleted {self.drop.id} (drop)",
-                                                           f"deleted {self.keep.id} (keep)"]))
+        self.assertEqual(sorted(out.splitlines()[:-1]), sorted([f"deleted {self.drop.id} (drop)",
+                                                                f"deleted {self.keep.id} (keep)"]))
+        self.assertRegex(out.splitlines()[-1], r"^freed [\d.]+ KiB$")  # what rm frees (issue 23)
         self.assertPresent()
 
     def test_confirmation_on_a_terminal(self):
@@ -780,7 +783,7 @@ class GarbageCollect(ViewsHome):
         expected = [r.id for r in self.records[:3]] + [self.records[7].id]
         self.assertEqual(self.remaining(), expected)
         self.assertEqual(sorted(p.name for p in self.runs()), sorted(expected))
-        self.assertEqual(len(out.splitlines()), 6)
+        self.assertEqual(len(out.splitlines()), 7)  # a line per run, and what they freed
 
     def test_older_than(self):
         self.assertEqual(self.cli("gc", "--older-than", "5d12h", "-y")[0], 2)  # not a duration
@@ -818,7 +821,7 @@ class GarbageCollect(ViewsHome):
         self.assertEqual(len(self.db_rows()), 260)
         code, out, err = self.cli("gc", "--older-than", "30d", "-y")
         self.assertEqual(code, 0, err)
-        self.assertEqual(len(out.splitlines()), 250)
+        self.assertEqual(len(out.splitlines()), 251)  # a line per run, and what they freed
         self.assertEqual(self.remaining(), [r.id for r in self.records])
         self.assertEqual(len(self.runs()), 10)
 
@@ -850,9 +853,9 @@ class References(ViewsHome):
                 self.assertEqual(self.cli("compare", ref, ref)[1].splitlines()[0].split(), [record.id[-6:]] * 2)
 
     def test_rm_by_reference(self):
-        self.assertEqual(self.cli("rm", "-2", "-y")[1], f"deleted {self.mid.id} (mid)\n")
-        self.assertEqual(self.cli("rm", "latest", "-y")[1], f"deleted {self.new.id} (new)\n")
-        self.assertEqual(self.cli("rm", self.old.id[:11], "-y")[1], f"deleted {self.old.id} (old)\n")
+        self.assertEqual(self.cli("rm", "-2", "-y")[1].splitlines()[0], f"deleted {self.mid.id} (mid)")
+        self.assertEqual(self.cli("rm", "latest", "-y")[1].splitlines()[0], f"deleted {self.new.id} (new)")
+        self.assertEqual(self.cli("rm", self.old.id[:11], "-y")[1].splitlines()[0], f"deleted {self.old.id} (old)")
         self.assertEqual(self.db_rows(), [])
 
     def test_errors_go_to_stderr_only(self):
