@@ -122,6 +122,13 @@ GIT_PROBE_SECONDS = 10.0
 GIT_DIFF_MAX = 1 << 20
 # How many lines of a failed run's log `show` prints.
 SHOW_LOG_TAIL = 10
+# Where every RunPilot of this machine, whatever its user and home, claims GPUs (RUNPILOT_GPU_CLAIMS
+# names another): /tmp is root's, sticky and world-writable on every Linux, so each user can create
+# claim files there that only that user (and root) can remove.
+GPU_CLAIMS_DIR = "/tmp"
+# A claim file is published (renamed into its place) only once it is locked; one still unpublished
+# after this long was left by a runner that died between creating and publishing it.
+GPU_CLAIM_STALE_SECONDS = 60.0
 
 # Run statuses. queued and running may still change; every other one is final and is never
 # rewritten by lost-detection or by the index catching up.
@@ -2752,21 +2759,30 @@ class GpuClaim:
 
 
 class GpuClaims:
-    """Which GPUs of this machine RunPilot runs hold: `<home>/gpus/<device>.lock`, one per GPU.
+    """Which GPUs of this machine RunPilot runs hold, for every user and every home.
 
-    A run holds an exclusive flock on each of its GPUs' files for as long as it lives. The kernel
-    drops the lock when the holding process ends, however it ends (a SIGKILLed runner cannot
-    leak a GPU), and flock locks of separate opens conflict within one process too, so the runs
-    of one sweep exclude each other exactly as separate `runpilot run` commands do.
+    A claim on GPU D is a file `runpilot-gpu-D.<pid>-<random>.lock` in the machine's claims folder
+    (/tmp, see gpu_claims_folder), created by the claimer, private to it, flock'ed before it is
+    published under that name and unlinked before it is let go. GPU D is held while any published
+    claim file of D is locked: /proc/locks says which are, for files of every user, without opening
+    them. A claimer publishes its own locked file first and then looks for another locked one (and
+    withdraws when it finds one), so of two claimers at once at least one sees the other: no GPU is
+    ever held twice. The kernel drops a lock when its process ends, however it ends (a SIGKILLed
+    runner cannot leak a GPU); its file stays behind unlocked, which means free, and is removed by
+    its owner's next claim. No user can block or fake another's claim: a claim counts only while
+    its creator's process holds the lock, each file is private to its creator, and in a sticky
+    folder nobody else can remove or replace it.
 
-    `<device>.json` names the holder; a run that ends removes it before letting go. So a free lock
-    beside a holder file means the holder's runner died holding it, and its job may live on
-    (a container keeps running without its runner): OUTLIVED(run_id) says whether it does, and
-    such a GPU stays busy until that job ends.
+    `<home>/gpus/<device>.json` names the holder for the runs of one home; a run that ends removes
+    it before letting go. So a free GPU beside a holder file means the holder's runner died holding
+    it, and its job may live on (a container keeps running without its runner): OUTLIVED(run_id)
+    says whether it does, and such a GPU stays busy until that job ends.
     """
 
-    def __init__(self, folder: Path, outlived: Callable[[str], bool] = lambda run_id: False) -> None:
+    def __init__(self, folder: Path, outlived: Callable[[str], bool] = lambda run_id: False,
+                 machine: Path | None = None) -> None:
         self.folder, self.outlived = folder, outlived
+        self.machine = machine if machine is not None else folder
 
     def try_claim(self, count: int, pinned: tuple[str, ...], pool: list[str], holder: dict) -> GpuClaim | None:
         """Claim PINNED devices, or COUNT free ones of POOL; None (and nothing held) when busy."""
@@ -2775,17 +2791,14 @@ class GpuClaims:
         need = len(pinned) if pinned else count
         claim = GpuClaim((), [])
         for device in wanted:
-            fd = self._lock(device)
-            if fd is not None and self._left_behind(device):
-                os.close(fd)
-                fd = None
-            if fd is None:
+            taken = None if self._left_behind(device) else self._lock(device)
+            if taken is None:
                 if pinned:
                     break
                 continue
-            claim.fds.append(fd)
+            claim.fds.append(taken[0])
             claim.devices += (device,)
-            claim.holder_files.append(self.folder / f"{device}.json")
+            claim.holder_files += [taken[1], self.folder / f"{device}.json"]
             if len(claim.devices) == need:
                 self.describe(claim, holder)
                 return claim
@@ -2798,14 +2811,61 @@ class GpuClaims:
             with contextlib.suppress(OSError):
                 write_atomic(self.folder / f"{device}.json", json.dumps(holder).encode(), durable=False)
 
-    def _lock(self, device: str) -> int | None:
-        fd = os.open(self.folder / f"{device}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except OSError:
+    def _lock(self, device: str) -> tuple[int, Path] | None:
+        """Publish a locked claim file for DEVICE and keep it unless another claim of DEVICE is held."""
+        self._remove_stale(device)
+        fd, path = self._publish(device)
+        if self._machine_holders(device, besides=path):
+            with contextlib.suppress(OSError):
+                path.unlink()
             os.close(fd)
             return None
+        return fd, path
+
+    def _publish(self, device: str) -> tuple[int, Path]:
+        token = f"{os.getpid()}-{os.urandom(6).hex()}"
+        fresh = self.machine / f"runpilot-gpu-new.{token}"
+        fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file just made: nobody else has it open
+            path = self.machine / f"{_claim_prefix(device)}{token}.lock"
+            os.rename(fresh, path)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                fresh.unlink()
+            raise
+        return fd, path
+
+    def _claim_files(self, prefix: str) -> list[tuple[Path, os.stat_result]]:
+        """The regular files of the claims folder whose name starts with PREFIX, not followed."""
+        found = []
+        with os.scandir(self.machine) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix):
+                    with contextlib.suppress(OSError):
+                        st = entry.stat(follow_symlinks=False)
+                        if stat_is_file(st):
+                            found.append((Path(entry.path), st))
+        return found
+
+    def _machine_holders(self, device: str, besides: Path | None = None) -> list[dict]:
+        """{pid, uid} of each live claim on DEVICE by anyone (the listing comes before /proc/locks,
+        so a claim file published meanwhile is locked by the time the locks are read)."""
+        files = [(p, st) for p, st in self._claim_files(_claim_prefix(device)) if p != besides]
+        locked = flock_holders() if files else {}
+        return [{"pid": locked[_lock_key(st)], "uid": st.st_uid} for _, st in files if _lock_key(st) in locked]
+
+    def _remove_stale(self, device: str) -> None:
+        """Remove this user's claim files whose runner died (unlocked), so that they do not pile up."""
+        mine = [(p, st) for p, st in self._claim_files(_claim_prefix(device)) + self._claim_files("runpilot-gpu-new.")
+                if st.st_uid == os.geteuid()]
+        locked = flock_holders() if mine else {}
+        for path, st in mine:
+            young = path.name.startswith("runpilot-gpu-new.") and time.time() - st.st_mtime < GPU_CLAIM_STALE_SECONDS
+            if _lock_key(st) not in locked and not young:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def _holder(self, device: str) -> dict:
         try:
@@ -2816,6 +2876,8 @@ class GpuClaims:
 
     def _left_behind(self, device: str) -> bool:
         """Whether a free device is still used by the job of a runner that died holding it."""
+        if self._machine_holders(device):
+            return False
         run_id = self._holder(device).get("run_id")
         return isinstance(run_id, str) and self.outlived(run_id)
 
@@ -2823,14 +2885,76 @@ class GpuClaims:
         """Who holds each busy device (a device free for the taking is left out)."""
         busy = {}
         for device in devices:
-            fd = self._lock(device)
-            if fd is None:
-                busy[device] = self._holder(device)
-                continue
-            os.close(fd)
-            if self._left_behind(device):
-                busy[device] = {**self._holder(device), "runner_died": True}
+            held = self._machine_holders(device)
+            ours = self._holder(device)
+            if held:
+                busy[device] = ours if ours.get("pid") in [h["pid"] for h in held] else \
+                    {"pid": held[0]["pid"], "user": user_name(held[0]["uid"])}
+            elif self._left_behind(device):
+                busy[device] = {**ours, "runner_died": True}
         return busy
+
+
+def _claim_prefix(device: str) -> str:
+    """The start of a claim file's name for DEVICE (an index or a UUID: kept to safe characters)."""
+    return f"runpilot-gpu-{re.sub(r'[^A-Za-z0-9_-]', '_', device)}."
+
+
+def stat_is_file(st: os.stat_result) -> bool:
+    return (st.st_mode & 0o170000) == 0o100000
+
+
+def _lock_key(st: os.stat_result) -> tuple[int, int, int]:
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
+def parse_proc_locks(text: str) -> dict[tuple[int, int, int], int]:
+    """{(major, minor, inode): pid} of the granted flock locks listed in /proc/locks."""
+    held = {}
+    for match in re.finditer(r"^\d+: FLOCK\s+\S+\s+\S+\s+(-?\d+)\s+([0-9a-f]+):([0-9a-f]+):(\d+)\s", text, re.M):
+        held[(int(match[2], 16), int(match[3], 16), int(match[4]))] = int(match[1])
+    return held
+
+
+def flock_holders() -> dict[tuple[int, int, int], int]:
+    """The flock locks held on this machine now, by any user (see parse_proc_locks)."""
+    try:
+        return parse_proc_locks(Path("/proc/locks").read_text(errors="replace"))
+    except OSError as e:
+        raise GpuError(f"cannot read /proc/locks to tell which GPUs are claimed: {e.strerror}; "
+                       "RunPilot places GPUs only where /proc is mounted (or pin the run with --gpus)") from e
+
+
+def user_name(uid: int) -> str:
+    import pwd  # only for a message about another user's claim
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def gpu_claims_folder(environ) -> Path:
+    """The folder where GPUs are claimed machine-wide (RUNPILOT_GPU_CLAIMS or /tmp), checked: a
+    folder (not a link) that only root or this user owns, sticky if others may write in it (so that
+    no one can remove another's claim file)."""
+    folder = Path(environ.get("RUNPILOT_GPU_CLAIMS") or GPU_CLAIMS_DIR)
+    with contextlib.suppress(FileExistsError, FileNotFoundError):
+        if environ.get("RUNPILOT_GPU_CLAIMS"):
+            folder.mkdir(mode=0o700)
+    try:
+        st = os.lstat(folder)
+    except OSError as e:
+        raise GpuError(f"cannot use {folder} for GPU claims: {e.strerror}; "
+                       "set RUNPILOT_GPU_CLAIMS to a folder every RunPilot user of this machine can write") from e
+    problem = ("is not a folder" if (st.st_mode & 0o170000) != 0o040000 else
+               f"belongs to {user_name(st.st_uid)}, who could remove other users' claims"
+               if st.st_uid not in (0, os.geteuid()) else
+               "is writable by others but not sticky (chmod +t), so anyone could remove a claim"
+               if st.st_mode & 0o022 and not st.st_mode & 0o1000 else None)
+    if problem:
+        raise GpuError(f"the GPU claims folder {folder} {problem}; set RUNPILOT_GPU_CLAIMS to a folder "
+                       "owned by root (mode 1777, like /tmp) or by you")
+    return folder
 
 
 def fmt_gpu_wait(count: int, pinned: tuple[str, ...], holders: dict[str, dict]) -> str:
@@ -2842,6 +2966,8 @@ def fmt_gpu_wait(count: int, pinned: tuple[str, ...], holders: dict[str, dict]) 
 
 def _fmt_gpu_holder(device: str, holder: dict) -> str:
     run_id = holder.get("run_id", "?")
+    if "user" in holder:
+        return f"GPU {device} is held by pid {holder.get('pid', '?')} of user {holder['user']} (another home or user)"
     if holder.get("runner_died"):
         return (f"GPU {device} is used by run {run_id}, whose runner died while its job runs on "
                 f"('runpilot stop {run_id}' ends it)")
@@ -4285,7 +4411,8 @@ class GpuPlacement:
         if requested is None or not pool or not options.claim_gpus:
             return cls(None, 0, (), [], options.wait_for_gpus)
         count, pinned = gpu_request(requested, pool, facts.get("gpus") or {})
-        claims = GpuClaims(store.home / "gpus", functools.partial(outlived_its_runner, store))
+        claims = GpuClaims(store.home / "gpus", functools.partial(outlived_its_runner, store),
+                           gpu_claims_folder(os.environ))
         return cls(claims, count, pinned, pool, options.wait_for_gpus)
 
     @property

@@ -1,0 +1,170 @@
+"""Truth and safety (issue 21): GPU claims machine-wide, a sweep point never runs twice, a locked
+index holds up nothing, orphans, Slurm values that would inject options, bounded work, tracebacks.
+
+No engine is needed: GPUs are the tests/fixtures/nvidia-smi stand-in, jobs run with engine local,
+sbatch's command line is built and checked without a cluster (tests/test_safety2_integration.py
+submits to the real one).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import runpilot
+from tests.common import ROOT, RUNPILOT, HomeTestCase, LiveRun, pid_alive
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+# A job that holds its GPUs until killed, saying which it got.
+HOLDER = "echo got $CUDA_VISIBLE_DEVICES; echo ready; exec sleep 60"
+# A job that says which GPUs it got and ends.
+SAYER = "echo got $CUDA_VISIBLE_DEVICES"
+
+
+class ClaimsCase(HomeTestCase):
+    """A machine-wide claims folder of the test's own (sticky, world-writable, like /tmp) and the
+    two-GPU stand-in of nvidia-smi."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.shared = Path(tempfile.mkdtemp(prefix="runpilot-claims-"))
+        self.addCleanup(shutil.rmtree, self.shared, True)
+        os.chmod(self.shared, 0o1777)
+        os.chmod(self.tmp, 0o755)
+        patcher = mock.patch.dict(os.environ, {"PATH": f"{FIXTURES}:{os.environ['PATH']}",
+                                               "FAKE_NVIDIA_SMI": "2xh100", "RUNPILOT_GPU_CLAIMS": str(self.shared)})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def config(self, script: str, gpus: object = 1, name: str = "g") -> Path:
+        """A shell job (any user can run /bin/sh; the test's Python may live in root's home)."""
+        path = self.write(f"{name}.yaml", f"name: {name}\nengine: local\nentrypoint: [sh, -c, {json.dumps(script)}]\n"
+                                          f"resources: {{gpus: {json.dumps(gpus)}}}\n")
+        for p in self.work.iterdir():
+            os.chmod(p, 0o644)
+        os.chmod(self.work, 0o755)
+        return path
+
+    def other_home(self, name: str = "home2") -> dict:
+        return {"RUNPILOT_HOME": str(self.tmp / name)}
+
+
+class MachineWideGpuClaims(ClaimsCase):
+    def test_two_homes_never_both_get_gpu_0(self):
+        live = LiveRun(self, self.config(HOLDER), "--gpus", "0")
+        code, out, err = self.cli("run", self.config(SAYER, name="b"), "--gpus", "0", "--no-wait",
+                                  env=self.other_home())
+        self.assertEqual(code, 1, err)
+        self.assertIn(f"waiting for 1 GPU: GPU 0 is held by pid {live.proc.pid} of user root", err)
+        code, out, err = self.cli("run", self.config(SAYER, name="b"), "--no-wait", env=self.other_home())
+        self.assertEqual(code, 0, err)
+        self.assertIn("got 1", out)  # the other home's run gets the GPU nobody holds
+        live.proc.kill()
+        live.finish()
+        # the SIGKILLed runner's claim file stays behind, unlocked: GPU 0 is free again for everyone
+        code, out, err = self.cli("run", self.config(SAYER, name="b"), "--gpus", "0", "--no-wait",
+                                  env=self.other_home())
+        self.assertEqual(code, 0, err)
+        self.assertIn("got 0", out)
+
+    def test_claim_files_are_private_and_removed_when_the_run_ends(self):
+        live = LiveRun(self, self.config(HOLDER), "--gpus", "1")
+        files = list(self.shared.glob("runpilot-gpu-1.*.lock"))
+        self.assertEqual(len(files), 1, files)
+        self.assertEqual(files[0].stat().st_mode & 0o777, 0o600)
+        live.proc.send_signal(signal.SIGINT)
+        live.finish()
+        self.assertEqual(list(self.shared.iterdir()), [])
+
+    def test_an_unlocked_file_of_another_user_is_no_claim(self):
+        for name in ("runpilot-gpu-0.1-aaaa.lock", "runpilot-gpu-1.2-bbbb.lock"):
+            (self.shared / name).write_text("")
+            os.chown(self.shared / name, 65534, 65534)
+        code, out, err = self.cli("run", self.config(SAYER, gpus=2), "--no-wait")
+        self.assertEqual(code, 0, err)
+        self.assertIn("got 0,1", out)
+        self.assertEqual(len(list(self.shared.iterdir())), 2)  # another user's files are left alone
+
+    def test_an_unsafe_claims_folder_is_refused_in_one_line(self):
+        os.chmod(self.shared, 0o777)  # world-writable, not sticky: anyone could remove a claim
+        code, out, err = self.cli("run", self.config(SAYER), "--no-wait")
+        self.assertEqual(code, 1)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn(f"the GPU claims folder {self.shared} is writable by others but not sticky", err)
+
+    def test_claims_race_never_double_books(self):
+        claims = [runpilot.GpuClaims(self.tmp / f"h{i}", machine=self.shared) for i in range(2)]
+        for _ in range(50):
+            got = [c.try_claim(1, ("0",), ["0"], {"run_id": "x"}) for c in claims]
+            self.assertLessEqual(sum(g is not None for g in got), 1)
+            for g in got:
+                if g is not None:
+                    g.release()
+
+    def test_proc_locks_is_parsed(self):
+        text = ("1: POSIX  ADVISORY  WRITE 10460 fe:00:16638148 0 EOF\n"
+                "2: FLOCK  ADVISORY  WRITE 3170 00:2d:1499240 0 EOF\n"
+                "2: -> FLOCK  ADVISORY  WRITE 3171 00:2d:1499240 0 EOF\n")
+        self.assertEqual(runpilot.parse_proc_locks(text), {(0, 0x2d, 1499240): 3170})
+
+
+class TwoUsers(ClaimsCase):
+    """A second Unix user (nobody) on the same machine, with its own home."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        if os.geteuid() != 0 or not shutil.which("setpriv"):
+            self.skipTest("needs root and setpriv to run a second runner as another user")
+        self.home2 = self.tmp / "nobody-home"
+        self.home2.mkdir()
+        os.chown(self.home2, 65534, 65534)
+
+    def as_nobody(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        env = {**os.environ, "RUNPILOT_HOME": str(self.home2), "HOME": str(self.home2)}
+        return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               sys.executable, str(RUNPILOT), *args], capture_output=True, text=True,
+                              env=env, timeout=60, cwd=str(self.home2), **kwargs)
+
+    def test_two_users_never_both_get_gpu_0(self):
+        probe = self.as_nobody("--version")
+        if probe.returncode != 0:
+            self.skipTest(f"user nobody cannot run RunPilot from here: {probe.stderr.strip()}")
+        live = LiveRun(self, self.config(HOLDER), "--gpus", "0")
+        done = self.as_nobody("run", str(self.config(SAYER, name="b")), "--gpus", "0", "--no-wait")
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertIn(f"GPU 0 is held by pid {live.proc.pid} of user root", done.stderr)
+        done = self.as_nobody("run", str(self.config(SAYER, name="b")), "--no-wait")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("got 1", done.stdout)
+        live.proc.kill()
+        live.finish()
+        # root's stale claim file is private: nobody cannot open (or lock) it, and it is no claim
+        stale = list(self.shared.glob("runpilot-gpu-0.*.lock"))
+        self.assertEqual([p.stat().st_uid for p in stale], [0])
+        done = self.as_nobody("run", str(self.config(SAYER, name="b")), "--gpus", "0", "--no-wait")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("got 0", done.stdout)
+
+    def test_another_users_live_claim_blocks_a_root_run(self):
+        probe = self.as_nobody("--version")
+        if probe.returncode != 0:
+            self.skipTest(f"user nobody cannot run RunPilot from here: {probe.stderr.strip()}")
+        env = {**os.environ, "RUNPILOT_HOME": str(self.home2), "HOME": str(self.home2)}
+        proc = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                                 str(RUNPILOT), "run", str(self.config(HOLDER, name="b")), "--gpus", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(self.home2))
+        self.addCleanup(lambda: (proc.poll() is None and proc.send_signal(signal.SIGINT), proc.communicate()))
+        while b"ready" not in (line := proc.stdout.readline()):
+            if not line:
+                self.fail(proc.stderr.read())
+        code, out, err = self.cli("run", self.config(SAYER), "--gpus", "1", "--no-wait")
+        self.assertEqual(code, 1, err)
+        self.assertIn("GPU 1 is held by pid", err)
+        self.assertIn("of user nobody", err)
