@@ -4982,6 +4982,48 @@ def cancel_queued(store: RunStore, run_id: str, signum: int | None, why: str | N
     store.save_or_defer(meta)
 
 
+
+@contextlib.contextmanager
+def held_sweep(store: RunStore, sweep_id: str) -> Iterator[None]:
+    """Hold sweep SWEEP_ID for the duration (see hold_sweep)."""
+    fd = hold_sweep(store, sweep_id)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def hold_sweep(store: RunStore, sweep_id: str) -> int:
+    """Take sweep SWEEP_ID for this process alone: an flock on `sweeps/<id>/runner.lock`, held
+    until the descriptor is closed or the process ends (the kernel lets go however it ends).
+    Refuses when another runner runs or resumes it, so that no point is ever run twice at once."""
+    folder = store.sweeps_dir / check_sweep_id(sweep_id)
+    try:
+        fd = os.open(folder / "runner.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except FileNotFoundError:
+        raise UsageError(f"there is no sweep {sweep_id}; see runpilot list") from None
+    except OSError as e:
+        raise StoreError(f"cannot open {folder / 'runner.lock'}: {e.strerror}; check the home's permissions") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        holder = flock_holders().get(_lock_key(os.stat(folder / "runner.lock")), "?")
+        raise UsageError(f"sweep {sweep_id} is being run by another runpilot (pid {holder}); wait for it to end, "
+                         f"or stop it first (runpilot stop {sweep_id})") from None
+    return fd
+
+
+def still_running_elsewhere(store: RunStore, sweep: Sweep, point: dict, meta: RunMeta) -> bool:
+    """Whether a point's run lost its runner while its job (container or process group) lives on:
+    such a point is reported and left alone, never run a second time beside it."""
+    if meta.status not in (RUNNING, LOST) or not outlived_its_runner(store, point["run_id"]):
+        return False
+    note(f"point {point['index'] + 1} of sweep {sweep.sweep_id} is not resumed: its run {point['run_id']} is "
+         f"still running (its runner died, its job lives on); 'runpilot stop {point['run_id']}' ends it")
+    return True
+
+
 # ==== 17. Slurm: the same config on a cluster ================================
 # `--on slurm` records the run as `queued`, copies this very file into the run folder, and
 # submits a batch script that runs it on the node (`runpilot.py _slurm-job FOLDER`): the job
@@ -7709,8 +7751,9 @@ def cmd_sweep(args) -> int:
               "engine_logs": args.engine_logs}
     with StopSignals() as signals:
         sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, stored, base.source)
-        jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
-        return _run_sweep(store, sweep, jobs, options, parallel, args.fail_fast, signals)
+        with held_sweep(store, sweep_id):
+            jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
+            return _run_sweep(store, sweep, jobs, options, parallel, args.fail_fast, signals)
 
 
 def _check_sweep_host(configs: list[JobConfig], options: RunOptions) -> None:
@@ -7759,7 +7802,13 @@ def _resume_sweep(store: RunStore, args) -> int:
     if changed:
         raise UsageError(f"--resume runs the points as they were recorded; {', '.join(changed)} cannot be given "
                          "with it (start a new sweep to change them)")
-    sweep = Sweep.load(store, args.resume)
+    sweep_id = Sweep.load(store, args.resume).sweep_id
+    with held_sweep(store, sweep_id):
+        return _resume_held(store, Sweep.load(store, sweep_id), args)  # as the last runner left it
+
+
+def _resume_held(store: RunStore, sweep: Sweep, args) -> int:
+    """--resume, once this process alone holds the sweep."""
     if sweep.options.get("on") == "slurm":
         raise UsageError(f"sweep {sweep.sweep_id} was submitted to Slurm, and --resume runs points here; submit "
                          "the points that did not finish again with runpilot sweep ... --on slurm")
@@ -7787,7 +7836,7 @@ def _unfinished_points(store: RunStore, sweep: Sweep) -> list[tuple[dict, RunFol
     for point in sweep.points:
         folder = store.folder(point["run_id"])
         meta = folder.read_meta()
-        if meta.status in (SUCCEEDED, FAILED, TIMEOUT):
+        if meta.status in (SUCCEEDED, FAILED, TIMEOUT) or still_running_elsewhere(store, sweep, point, meta):
             continue
         if not folder.config.is_file():
             note(f"point {point['index'] + 1} of sweep {sweep.sweep_id} is not resumed: its run {point['run_id']} "

@@ -6,6 +6,7 @@ sbatch's command line is built and checked without a cluster (tests/test_safety2
 submits to the real one).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -168,3 +169,62 @@ class TwoUsers(ClaimsCase):
         self.assertEqual(code, 1, err)
         self.assertIn("GPU 1 is held by pid", err)
         self.assertIn("of user nobody", err)
+
+
+# A sweep point that notes it started (one line per start) and holds for env HOLD seconds.
+NOTED = """\
+import os, time
+with open("started.txt", "a") as f:
+    f.write(os.environ["HOLD"] + "\\n")
+open(os.environ["RUNPILOT_RUN_ID"] + ".pid", "w").write(str(os.getpid()))
+time.sleep(float(os.environ["HOLD"]))
+"""
+
+
+class ResumeOnce(HomeTestCase):
+    """A sweep point never runs twice: --resume holds the sweep, and leaves a point whose job lives."""
+
+    def sweep_in_background(self, *args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, str(RUNPILOT), "sweep", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=os.environ.copy())
+        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.communicate()))
+        return proc
+
+    def started(self) -> list[str]:
+        path = self.work / "started.txt"
+        return path.read_text().split() if path.exists() else []
+
+    def wait_for(self, condition, what: str, limit: float = 30) -> None:
+        deadline = time.monotonic() + limit
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, f"never: {what}")
+            time.sleep(0.05)
+
+    def kill_jobs(self) -> None:
+        for pid_file in self.work.glob("*.pid"):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+    def test_two_resumes_at_once_and_a_live_orphan_run_each_point_once(self):
+        self.addCleanup(self.kill_jobs)
+        config = self.local_config(NOTED, name="sw")
+        first = self.sweep_in_background(str(config), "--grid", "env.HOLD=30,4,0.1")
+        self.wait_for(lambda: self.started() == ["30"], "the first point started")
+        sweep_id = next(self.home.joinpath("sweeps").iterdir()).name
+        first.kill()  # the runner dies; the first point's job lives on
+        first.communicate()
+        resume = self.sweep_in_background("--resume", sweep_id)
+        self.wait_for(lambda: self.started() == ["30", "4"], "the resume started the second point")
+        code, out, err = self.cli("sweep", "--resume", sweep_id)
+        self.assertEqual(code, 2, err)
+        self.assertEqual(err, f"runpilot: error: sweep {sweep_id} is being run by another runpilot "
+                              f"(pid {resume.pid}); wait for it to end, or stop it first "
+                              f"(runpilot stop {sweep_id})\n")
+        _, resumed = resume.communicate(timeout=60)
+        self.assertEqual(resume.returncode, 0, resumed)
+        self.assertIn(b"point 1 of sweep", resumed)
+        self.assertIn(b"is still running (its runner died, its job lives on)", resumed)
+        self.assertEqual(sorted(self.started()), ["0.1", "30", "4"])  # no point started twice
+        points = json.loads((self.home / "sweeps" / sweep_id / "sweep.json").read_text())["points"]
+        self.assertEqual(len({p["run_id"] for p in points}), 3)
+        self.assertEqual(len(self.runs()), 3)  # no run outside the sweep's plan
