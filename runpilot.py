@@ -1920,6 +1920,35 @@ def _check_lines(chk: _Checker, data: dict, key: str) -> tuple[str, ...]:
 SLURM_OWNED_OPTIONS = {"--job-name", "-J", "--output", "-o", "--nodes", "-N", "--ntasks", "-n", "--array", "-a",
                        "--parsable", "--wrap"}
 
+# The slurm: values that become one sbatch option's value: a space would start another option.
+SLURM_TOKEN_KEYS = ("partition", "account", "qos", "constraint", "gpu_flag")
+# sbatch's short options that take no value: after one of them, the next letter of `-vJx` is an option too.
+SBATCH_SHORT_FLAGS = set("hHIkOQsvVW")
+
+
+def owned_sbatch_option(line: str) -> str | None:
+    """The option of SLURM_OWNED_OPTIONS that an #SBATCH line sets, in any spelling sbatch
+    (getopt_long) accepts: `--output=x`, `--out=x` (an unambiguous prefix), `-o x`, `-ox`, `-vJx`;
+    a line that cannot be split as sbatch would split it counts as one that sets --wrap."""
+    try:
+        tokens = shlex.split(line)
+    except ValueError:
+        return f"{line.split()[0] if line.split() else line} (a line sbatch cannot split: unbalanced quotes)"
+    owned_long = [o for o in SLURM_OWNED_OPTIONS if o.startswith("--")]
+    for token in tokens:
+        if token.startswith("--") and len(token) > 2:
+            name = token.split("=", 1)[0]
+            hit = next((o for o in sorted(owned_long) if o.startswith(name)), None)
+            if hit:
+                return name if name == hit else f"{hit} (as {name})"
+        elif token.startswith("-") and len(token) > 1:
+            for letter in token[1:]:
+                if f"-{letter}" in SLURM_OWNED_OPTIONS:
+                    return f"-{letter}" if token == f"-{letter}" else f"-{letter} (as {token})"
+                if letter not in SBATCH_SHORT_FLAGS:
+                    break  # the rest is this option's value
+    return None
+
 
 def _check_slurm(chk: _Checker, slurm: object) -> SlurmSettings:
     if slurm is None:
@@ -1938,10 +1967,14 @@ def _check_slurm(chk: _Checker, slurm: object) -> SlurmSettings:
             chk.problem(("slurm", key), f"slurm.{key} must be one line of text, without control characters; "
                                         f"got {value!r}")
             text[key] = None
+        elif value and key in SLURM_TOKEN_KEYS and re.search(r"[\s'\"\\]", value):
+            chk.problem(("slurm", key), f"slurm.{key} must be one word (sbatch would read the rest as options of "
+                                        f"its own): no spaces, quotes or backslashes; got {value!r}")
+            text[key] = None
     extra = _check_lines(chk, slurm, "extra")
     for line in extra:
-        flag = line.strip().split("=")[0].split()[0]
-        if flag in SLURM_OWNED_OPTIONS:
+        flag = owned_sbatch_option(line)
+        if flag:
             chk.problem(("slurm", "extra"), f"slurm.extra sets {flag}, which RunPilot sets itself (job name, "
                                             "output, one node and task, the array of a sweep); leave it out")
     return SlurmSettings(partition=text["partition"], time=_check_slurm_time(chk, slurm.get("time")),

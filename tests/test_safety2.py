@@ -228,3 +228,42 @@ class ResumeOnce(HomeTestCase):
         points = json.loads((self.home / "sweeps" / sweep_id / "sweep.json").read_text())["points"]
         self.assertEqual(len({p["run_id"] for p in points}), 3)
         self.assertEqual(len(self.runs()), 3)  # no run outside the sweep's plan
+
+
+class SlurmValuesInjectNothing(HomeTestCase):
+    """A slurm: value is one sbatch value; slurm.extra never sets what RunPilot owns, however spelt."""
+
+    def problems(self, slurm: dict) -> list[str]:
+        data = {"name": "x", "image": "python:3.12-slim", "entrypoint": "true", "slurm": slurm}
+        with self.assertRaises(runpilot.ConfigError) as caught:
+            runpilot.validate_config(data, str(self.work / "c.yaml"), base_dir=self.work)
+        return [p.message for p in [caught.exception] + caught.exception.others]
+
+    def test_values_with_spaces_are_refused(self):
+        for key, value in (("partition", "debug --job-name=pwned --array=0-1"), ("qos", "normal --output=/x"),
+                           ("account", "a\\b"), ("constraint", "gpu'x")):
+            with self.subTest(key=key):
+                self.assertEqual(self.problems({key: value}),
+                                 [f"slurm.{key} must be one word (sbatch would read the rest as options of its own): "
+                                  f"no spaces, quotes or backslashes; got {value!r}"])
+
+    def test_owned_options_in_every_spelling(self):
+        for line, flag in (("-a0-2", "-a (as -a0-2)"), ("-Jhijack", "-J (as -Jhijack)"),
+                           ("--out=/elsewhere-%j.out", "--output (as --out)"), ("--job=x", "--job-name (as --job)"),
+                           ("--mail-type=END --array=0-1", "--array"), ("-vJx", "-J (as -vJx)"),
+                           ("-o /x", "-o"), ("--arr 1-2", "--array (as --arr)"), ("--nt=2", "--ntasks (as --nt)"),
+                           ("--exclusive '-N' 2", "-N"), ("--comment 'x", "--comment (a line sbatch cannot split: "
+                                                                          "unbalanced quotes)")):
+            with self.subTest(line=line):
+                self.assertEqual(self.problems({"extra": [line]}),
+                                 [f"slurm.extra sets {flag}, which RunPilot sets itself (job name, output, one node "
+                                  "and task, the array of a sweep); leave it out"])
+
+    def test_other_options_pass(self):
+        data = {"name": "x", "image": "python:3.12-slim", "entrypoint": "true",
+                "slurm": {"partition": "debug,gpu", "qos": "normal", "constraint": "a100&ib",
+                          "extra": ["--exclusive", "-c4 --mail-type=END", "--nodelist=n1", "-x n2", "--no-requeue"]}}
+        config = runpilot.validate_config(data, str(self.work / "c.yaml"), base_dir=self.work)
+        lines = runpilot.sbatch_lines(config, "x", "out")
+        self.assertIn("--partition=debug,gpu", lines)
+        self.assertEqual(lines[-5:], data["slurm"]["extra"])
