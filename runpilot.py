@@ -4103,8 +4103,13 @@ class RunStore:
         """Remove a run's folder, then its row (a folder left by a crash comes back on reindex)."""
         folder = self.folder(run_id)
         trash = self.runs_dir / f".deleting-{run_id}"
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.replace(folder.path, trash)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(f"cannot delete run {run_id}: {e.strerror} ({self.runs_dir}); nothing was deleted: "
+                             "check that RUNPILOT_HOME is writable") from e
         shutil.rmtree(trash, ignore_errors=True)
         with self.db() as conn, _transaction(conn):
             conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
@@ -4806,16 +4811,43 @@ class Sweep:
         path = store.sweeps_dir / check_sweep_id(sweep_id) / "sweep.json"
         try:
             data = read_json_file(path)
+            problem = sweep_file_problem(data)
+            if problem:
+                raise ValueError(problem)
             return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
         except FileNotFoundError:
             raise UsageError(f"there is no sweep {sweep_id}; see runpilot list") from None
         except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise StoreError(f"cannot read {path}: {exc}") from exc
+            raise StoreError(f"cannot read {path}: {exc}; the sweep's runs are still listed by "
+                             "'runpilot list' (restore the file, or start a new sweep)") from exc
 
     def save(self, store: RunStore) -> None:
         folder = store.sweeps_dir / self.sweep_id
         make_private_dirs(folder)
         write_atomic(folder / "sweep.json", (json.dumps(dataclasses.asdict(self), indent=2) + "\n").encode())
+
+
+def sweep_file_problem(data: object) -> str | None:
+    """What is wrongly typed in a parsed sweep.json (None when its shape is the one Sweep.save writes)."""
+    if not isinstance(data, dict):
+        return "it is not a JSON object"
+    for key, kind, name in (("sweep_id", str, "a text"), ("points", list, "a list"), ("options", dict, "an object"),
+                            ("axes", list, "a list"), ("runner", dict, "an object"), ("repeat", int, "a number")):
+        if key in data and not isinstance(data[key], kind) or key in ("sweep_id", "points") and key not in data:
+            return f"'{key}' must be {name}"
+    for n, point in enumerate(data["points"], 1):
+        if not isinstance(point, dict) or not isinstance(point.get("run_id"), str) \
+                or not RUN_ID_RE.match(point["run_id"]) or not isinstance(point.get("index"), int) \
+                or not isinstance(point.get("repeat", 0), int) or not _pairs(point.get("values", [])) \
+                or not isinstance(point.get("earlier", []), list) \
+                or not all(isinstance(r, str) and RUN_ID_RE.match(r) for r in point.get("earlier", [])):
+            return f"point {n} of 'points' is not an object with a run_id, an index and values"
+    return None
+
+
+def _pairs(values: object) -> bool:
+    return isinstance(values, list) and all(isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
+                                            for v in values)
 
 
 def plan_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint, JobConfig]], axes,
@@ -7116,7 +7148,12 @@ def detach(argv: list[str], store: RunStore, flag: str, folder: RunFolder | None
     key = folder.run_id if folder else sweep.name if sweep else ""
     errors = store.home / f".detach-{key}.err"
     child_argv = [a for a in argv if a not in ("-d", "--detach")] + [flag, key]
-    with open(os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as err:
+    try:
+        fd = os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as e:
+        raise StoreError(f"cannot start in the background: {e.strerror} ({store.home}); check that "
+                         "RUNPILOT_HOME is writable, or set it to a writable folder") from e
+    with open(fd, "wb") as err:
         child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *child_argv],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                  start_new_session=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from unittest import mock
 
 import runpilot
-from tests.common import ROOT, RUNPILOT, HomeTestCase, LiveRun, pid_alive
+from tests.common import ROOT, RUNPILOT, HomeTestCase, LiveRun, pid_alive, small_disk
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -267,3 +267,49 @@ class SlurmValuesInjectNothing(HomeTestCase):
         lines = runpilot.sbatch_lines(config, "x", "out")
         self.assertIn("--partition=debug,gpu", lines)
         self.assertEqual(lines[-5:], data["slurm"]["extra"])
+
+
+class OneLineNotTraceback(HomeTestCase):
+    def quick(self) -> Path:
+        return self.write("q.yaml", "name: q\nengine: local\nentrypoint: [sh, -c, 'echo hi']\n")
+
+    def test_a_read_only_home_is_one_line(self):
+        disk = small_disk(self, "4m")
+        home = {"RUNPILOT_HOME": str(disk / "home")}
+        done = self.process("run", self.quick(), env=home)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        remount = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True)
+        self.assertEqual(remount.returncode, 0, remount.stderr)
+        for args, says in ((("rm", "-y", "latest"), "cannot delete run "),
+                           (("run", "-d", self.quick()), "cannot start in the background: Read-only file system"),
+                           (("sweep", "-d", self.quick(), "--grid", "env.A=1,2"), "cannot start in the background")):
+            with self.subTest(args=args):
+                done = self.process(*args, env=home)
+                self.assertEqual(done.returncode, 1, done.stderr)
+                lines = done.stderr.decode().splitlines()
+                self.assertTrue(lines[-1].startswith(f"runpilot: error: {says}"), lines)
+                self.assertNotIn("Traceback", done.stderr.decode())
+        self.assertEqual(len(list((disk / "home" / "runs").iterdir())), 1)  # nothing half-deleted
+
+    def test_a_wrongly_typed_sweep_json_is_one_line(self):
+        code, out, err = self.cli("sweep", self.quick(), "--grid", "env.A=1,2")
+        self.assertEqual(code, 0, err)
+        path = next((self.home / "sweeps").iterdir()) / "sweep.json"
+        sweep_id, good = path.parent.name, json.loads(path.read_text())
+        for change, says in ((lambda d: d.update(points=[5]), "point 1 of 'points' is not an object with a run_id"),
+                             (lambda d: d.update(options=[]), "'options' must be an object"),
+                             (lambda d: d["points"][1].pop("run_id"), "point 2 of 'points' is not an object"),
+                             (lambda d: d.update(points={}), "'points' must be a list")):
+            data = json.loads(json.dumps(good))
+            change(data)
+            path.write_text(json.dumps(data))
+            for args in (("stop", sweep_id), ("list", "--sweep", sweep_id), ("sweep", "--resume", sweep_id)):
+                with self.subTest(says=says, args=args):
+                    code, out, err = self.cli(*args)
+                    self.assertNotIn("Traceback", err)
+                    if args[0] == "list":  # the runs are listed from the index, in their start order
+                        self.assertEqual((code, len(out.splitlines())), (0, 3), err)
+                        continue
+                    self.assertEqual(code, 1, err)
+                    self.assertEqual(err, f"runpilot: error: cannot read {path}: {says}"
+                                     + err.split(says, 1)[1].split("\n")[0] + "\n")
