@@ -153,6 +153,13 @@ DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # The longest age `list --since` and `gc --older-than` take: beyond it dates stop being dates.
 MAX_AGE_SECONDS = 3650 * 86400
 
+# The most points a sweep may have unless --max-points says more: each point is a run folder, an
+# index row and a validated config, and a grid larger than this is far more often a typo (a value
+# list pasted twice, --repeat 1000000) than a plan.
+MAX_SWEEP_POINTS = 10000
+# A sweep's plan lists this many points; the rest are counted.
+SWEEP_PLAN_SHOWN = 50
+
 # ==== 4. Errors ==============================================================
 
 class RunPilotError(Exception):
@@ -4770,6 +4777,16 @@ def sweep_points(axes: tuple[tuple[str, tuple], ...], repeat: int) -> list[Sweep
             for i, combo in enumerate(combos) for r in range(repeat)]
 
 
+def check_sweep_size(axes: tuple[tuple[str, tuple], ...], repeat: int, limit: int) -> int:
+    """How many points the grid has (counted, not built); more than LIMIT is refused."""
+    count = math.prod(len(values) for _, values in axes) * repeat
+    if count > limit:
+        shape = " x ".join([f"{len(v)} {k}" for k, v in axes] + ([f"{repeat} repeats"] if repeat > 1 else []))
+        raise UsageError(f"the sweep has {count} points ({shape}), more than the limit of {limit}; give fewer "
+                         f"values, or --max-points {count} to run them all")
+    return count
+
+
 def point_config(data: object, path: str, text: str, positions: dict, blamed: dict, point: SweepPoint,
                  repeats: int, from_grid: bool = True) -> JobConfig:
     """The config of one point: the file's data with --set and the point's values applied; a
@@ -7781,7 +7798,9 @@ def sweep_reporter(sweep: Sweep, terminal: Terminal) -> Reporter:
 def render_sweep_plan(sweep_id: str, points: list[SweepPoint], repeat: int, parallel: int, pool: list[str] | None) -> str:
     where = f" on GPUs {','.join(pool)}" if pool else ""
     lines = [f"sweep {sweep_id}: {len(points)} run(s), {parallel} at a time{where}"]
-    lines += [f"  {p.index + 1:>3}. {p.label(repeat)}" for p in points]
+    lines += [f"  {p.index + 1:>3}. {p.label(repeat)}" for p in points[:SWEEP_PLAN_SHOWN]]
+    if len(points) > SWEEP_PLAN_SHOWN:
+        lines.append(f"  (and {len(points) - SWEEP_PLAN_SHOWN} more)")
     return "\n".join(visible(line) for line in lines)
 
 
@@ -7799,6 +7818,7 @@ def cmd_sweep(args) -> int:
     axes = parse_grid(args.grid) or base.sweep
     if not axes:
         raise UsageError("nothing to sweep: give --grid KEY=V1,V2 or a sweep: section in the config")
+    check_sweep_size(axes, args.repeat, args.max_points)
     points = sweep_points(axes, args.repeat)
     configs = [(p, point_config(data, str(args.config), text, positions, blamed, p, args.repeat, bool(args.grid)))
                for p in points]
@@ -7951,6 +7971,8 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-fast", action="store_true", help="stop the sweep when a run does not succeed")
     p.add_argument("--resume", metavar="SWEEP_ID", type=_sweep_id_arg, help="run the points of a sweep that never finished")
     p.add_argument("--dry-run", action="store_true", help="print the plan; run and record nothing")
+    p.add_argument("--max-points", type=_positive_int, default=MAX_SWEEP_POINTS, metavar="N",
+                   help=f"allow a sweep of up to N points (default {MAX_SWEEP_POINTS})")
     p.add_argument("--on", choices=("here", "slurm"), default="here",
                    help="here (default), or submit the sweep to Slurm as one job array")
     p.add_argument("--sweep-id", type=_sweep_id_arg, help=argparse.SUPPRESS)  # chosen by a detached sweep's parent

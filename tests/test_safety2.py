@@ -313,3 +313,34 @@ class OneLineNotTraceback(HomeTestCase):
                     self.assertEqual(code, 1, err)
                     self.assertEqual(err, f"runpilot: error: cannot read {path}: {says}"
                                      + err.split(says, 1)[1].split("\n")[0] + "\n")
+
+
+class BoundedWork(HomeTestCase):
+    def quick(self) -> Path:
+        return self.write("q.yaml", "name: q\nengine: local\nentrypoint: [sh, -c, 'echo hi']\n")
+
+    def test_a_huge_plan_is_refused_in_one_line_at_once(self):
+        for args, count, shape in ((("--grid", "env.A=1,2", "--repeat", "99999999999"), 199999999998,
+                                    "2 env.A x 99999999999 repeats"),
+                                   (("--grid", "env.A=" + ",".join(map(str, range(1000))),
+                                     "--grid", "env.B=" + ",".join(map(str, range(1000)))), 1000000,
+                                    "1000 env.A x 1000 env.B")):
+            with self.subTest(count=count):
+                started = time.monotonic()
+                done = self.process("sweep", self.quick(), *args, "--dry-run")
+                self.assertLess(time.monotonic() - started, 10)
+                self.assertEqual(done.returncode, 2)
+                self.assertEqual(done.stderr.decode(), f"runpilot: error: the sweep has {count} points ({shape}), "
+                                 f"more than the limit of 10000; give fewer values, or --max-points {count} "
+                                 "to run them all\n")
+        self.assertFalse(self.home.exists())
+
+    def test_max_points_raises_the_limit_and_the_plan_is_counted_past_50(self):
+        code, out, err = self.cli("sweep", self.quick(), "--grid", "env.A=" + ",".join(map(str, range(60))),
+                                  "--max-points", "59", "--dry-run")
+        self.assertEqual(code, 2, err)
+        self.assertIn("the sweep has 60 points (60 env.A), more than the limit of 59", err)
+        code, out, err = self.cli("sweep", self.quick(), "--grid", "env.A=" + ",".join(map(str, range(60))),
+                                  "--max-points", "60", "--dry-run")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(err.splitlines()[-2:], ["   50. A=49", "  (and 10 more)"])
