@@ -3226,8 +3226,27 @@ def leftover_job(record: RunRecord, meta: RunMeta) -> bool:
     """Whether the job of a run whose runner died is still alive (container or process group)."""
     if record.engine in ("docker", "podman"):
         return bool(containers_of(record.engine, record.id))
-    pgid = meta.job.get("pgid")
-    return isinstance(pgid, int) and process_start(pgid) == meta.job.get("start")
+    return bool(local_job_processes(record.id, meta.job))
+
+
+def local_job_processes(run_id: str, job: dict) -> list[int]:
+    """The live processes of a local run's job: every process of its process group (also once the
+    group's leader has exited), and every process carrying RUNPILOT_RUN_ID=RUN_ID in its environment
+    (a child that left the group; the only trace when meta.json lost the group). A process whose pid
+    is the group's id but started at another time means the id was reused: the group is gone."""
+    pgid = job.get("pgid") if isinstance(job, dict) else None
+    if not isinstance(pgid, int) or pgid <= 1 or process_start(pgid) not in (None, job.get("start")):
+        pgid = None
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] != "Z" and (int(fields[2]) == pgid or _belongs_to(int(entry), run_id)):
+                found.append(int(entry))
+    return found
 
 
 def containers_of(engine: str, run_id: str) -> list[str]:
@@ -5607,12 +5626,11 @@ def end_leftover_job(record: RunRecord, meta: RunMeta, wait: float = 5.0) -> Non
         for container in containers_of(record.engine, record.id):
             quiet_run([record.engine, "rm", "-f", container], timeout=60)
         return
-    if not leftover_job(record, meta):
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(meta.job["pgid"], signal.SIGKILL)
     deadline = time.monotonic() + wait
-    while leftover_job(record, meta) and time.monotonic() < deadline:
+    while (pids := local_job_processes(record.id, meta.job)) and time.monotonic() < deadline:
+        for pid in pids:  # again each time: a process may have forked before it got its SIGKILL
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.02)
 
 

@@ -344,3 +344,59 @@ class BoundedWork(HomeTestCase):
                                   "--max-points", "60", "--dry-run")
         self.assertEqual(code, 0, err)
         self.assertEqual(err.splitlines()[-2:], ["   50. A=49", "  (and 10 more)"])
+
+
+# A job whose group leader exits at once while a background child of its group lives on.
+LEADER_EXITS = """\
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+open("child.pid", "w").write(str(child.pid))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+class OrphansAreAlive(HomeTestCase):
+    """A dead runner's local job counts as alive while any process of its group, or carrying its id, lives."""
+
+    def orphan(self, empty_meta: bool = False) -> tuple[str, int]:
+        """A run whose runner was SIGKILLed, then whose group leader exited; (run id, the child's pid)."""
+        live = LiveRun(self, self.local_config(LEADER_EXITS, name="orphan"))
+        run_id = self.only_run().name
+        child = int((self.work / "child.pid").read_text())
+        self.addCleanup(lambda: pid_alive(child) and os.kill(child, signal.SIGKILL))
+        leader = self.meta(self.only_run())["job"]["pgid"]
+        live.proc.kill()
+        live.finish()
+        os.kill(leader, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(leader) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertTrue(pid_alive(child))
+        if empty_meta:
+            (self.only_run() / "meta.json").write_text("")
+        return run_id, child
+
+    def check_rm_refuses_and_stop_ends_the_child(self, empty: bool) -> None:
+        run_id, child = self.orphan(empty)
+        code, out, err = self.cli("rm", "-y", run_id)
+        self.assertEqual(code, 2, err)
+        self.assertIn(f"run {run_id} is lost but its job is still running", err)
+        self.assertTrue((self.home / "runs" / run_id).is_dir())
+        self.assertTrue(pid_alive(child))
+        code, out, err = self.cli("stop", run_id)
+        self.assertEqual(code, 0, err)
+        deadline = time.monotonic() + 10
+        while pid_alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertFalse(pid_alive(child))
+        code, out, err = self.cli("rm", "-y", run_id)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.runs(), [])
+
+    def test_rm_refuses_and_stop_ends_the_child(self):
+        self.check_rm_refuses_and_stop_ends_the_child(empty=False)
+
+    def test_the_same_with_an_emptied_meta_json(self):
+        self.check_rm_refuses_and_stop_ends_the_child(empty=True)
