@@ -157,6 +157,12 @@ MAX_AGE_SECONDS = 3650 * 86400
 # index row and a validated config, and a grid larger than this is far more often a typo (a value
 # list pasted twice, --repeat 1000000) than a plan.
 MAX_SWEEP_POINTS = 10000
+# How long a run's life (its start, its end, a cancel) waits for an index that another process holds;
+# past it the run leaves a marker in <home>/pending/ and goes on: the folder is the truth, and the
+# index catches up the next time it is used. After such a wait the same process does not wait again
+# for INDEX_BUSY_SECONDS (a sweep cancelling 1,000 queued points waits once, not 1,000 times).
+INDEX_LIFE_WAIT = 0.5
+INDEX_BUSY_SECONDS = 10.0
 # A sweep's plan lists this many points; the rest are counted.
 SWEEP_PLAN_SHOWN = 50
 
@@ -3914,6 +3920,7 @@ class RunStore:
         self.db_timeout = db_timeout
         self.write_index = write_index
         self.note = note   # told what the store did on its own (a damaged index set aside)
+        self.index_busy_until = 0.0  # see save_or_defer
 
     @classmethod
     def default(cls, environ=os.environ, note: Callable[[str], None] = lambda text: None) -> "RunStore":
@@ -3972,7 +3979,7 @@ class RunStore:
 
     # -- database -----------------------------------------------------------
     @contextlib.contextmanager
-    def db(self, read_only: bool = False) -> Iterator[sqlite3.Connection]:
+    def db(self, read_only: bool = False, timeout: float | None = None) -> Iterator[sqlite3.Connection]:
         """A connection with the schema in place, caught up with runs that could not write to it.
 
         A damaged index is set aside and rebuilt; a reader on a full or read-only disk still gets
@@ -3980,23 +3987,24 @@ class RunStore:
         """
         self.ensure()
         try:
-            conn = self._open()
+            conn = self._open(timeout, catch_up_wait=INDEX_LIFE_WAIT if read_only else None)
         except sqlite3.OperationalError as exc:  # locked past the timeout, unwritable, full disk
             conn = self._open_read_only(exc) if read_only else None
             if conn is None:
-                raise self._error(exc) from exc
+                raise self._error(exc, self.db_timeout if timeout is None else timeout) from exc
         except sqlite3.DatabaseError as exc:     # not a database, or a malformed one
             conn = self._rebuild_damaged(exc)
         try:
             yield conn
         except sqlite3.DatabaseError as exc:
-            raise self._error(exc) from exc
+            raise self._error(exc, self.db_timeout if timeout is None else timeout) from exc
         finally:
             conn.close()
 
-    def _error(self, exc: sqlite3.Error) -> StoreError:
+    def _error(self, exc: sqlite3.Error, waited: float | None = None) -> StoreError:
         if "locked" in str(exc) or "busy" in str(exc):
-            return StoreError(f"{self.db_path} is locked by another process (waited {self.db_timeout:g}s); "
+            waited = self.db_timeout if waited is None else waited
+            return StoreError(f"{self.db_path} is locked by another process (waited {waited:g}s); "
                               "try again when it is done")
         if self.db_path.is_dir():
             return StoreError(f"{self.db_path} is a folder, not RunPilot's index; move it away "
@@ -4004,10 +4012,11 @@ class RunStore:
         return StoreError(f"cannot use {self.db_path}: {exc}; check the folder's permissions and free space "
                           "(runpilot reindex rebuilds the index from the run folders)")
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, timeout: float | None = None, catch_up_wait: float | None = None) -> sqlite3.Connection:
         if not self.db_path.exists():
             os.close(os.open(self.db_path, os.O_WRONLY | os.O_CREAT, 0o600))
-        conn = sqlite3.connect(self.db_path, timeout=self.db_timeout, isolation_level=None)
+        conn = sqlite3.connect(self.db_path, timeout=self.db_timeout if timeout is None else timeout,
+                               isolation_level=None)
         try:
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self._while_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
@@ -4015,7 +4024,7 @@ class RunStore:
             if conn.execute("PRAGMA user_version").fetchone()[0] != DB_SCHEMA_VERSION and self._migrate(conn):
                 self._index_folders(conn)
             if self.write_index:
-                self._catch_up(conn)
+                self._catch_up(conn, catch_up_wait)
             return conn
         except BaseException:
             conn.close()
@@ -4087,11 +4096,29 @@ class RunStore:
         make_private_dirs(self.pending_dir)
         write_private(self.pending_dir / check_run_id(run_id), b"")
 
-    def _catch_up(self, conn: sqlite3.Connection) -> None:
+    def _catch_up(self, conn: sqlite3.Connection, wait: float | None = None) -> None:
+        """Index the runs that left a marker in pending/. A reader (WAIT given) waits that long at most
+        for a locked index and then reads without catching up: the markers stay for the next use."""
         try:
             pending = [n for n in os.listdir(self.pending_dir) if RUN_ID_RE.match(n)]
         except OSError:
             return
+        if pending and wait is not None:
+            if time.monotonic() < self.index_busy_until:
+                return
+            conn.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+            try:
+                self._catch_up_rows(conn, pending)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                self.index_busy_until = time.monotonic() + INDEX_BUSY_SECONDS
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={int(self.db_timeout * 1000)}")
+            return
+        self._catch_up_rows(conn, pending)
+
+    def _catch_up_rows(self, conn: sqlite3.Connection, pending: list[str]) -> None:
         for run_id in pending:
             meta = self.folder(run_id).read_meta()
             with _transaction(conn):
@@ -4103,22 +4130,26 @@ class RunStore:
                 os.unlink(self.pending_dir / run_id)
 
     # -- rows ---------------------------------------------------------------
-    def save(self, meta: RunMeta) -> None:
+    def save(self, meta: RunMeta, timeout: float | None = None) -> None:
         """Write the index row of a run from its meta (raises StoreError)."""
-        self.save_record(RunRecord.of(meta, self.folder(meta.run_id).path))
+        self.save_record(RunRecord.of(meta, self.folder(meta.run_id).path), timeout)
 
-    def save_record(self, record: RunRecord) -> None:
+    def save_record(self, record: RunRecord, timeout: float | None = None) -> None:
         if not self.write_index:
             return
-        with self.db() as conn, _transaction(conn):
+        with self.db(timeout=timeout) as conn, _transaction(conn):
             conn.execute(_UPSERT, _row(record))
 
     def save_or_defer(self, meta: RunMeta) -> str | None:
-        """save(), or leave a marker for a later catch-up; returns why the index is behind, if it is."""
+        """save(), or leave a marker for a later catch-up; returns why the index is behind, if it is.
+        A locked index holds the caller INDEX_LIFE_WAIT at most, and then not again for a while."""
         try:
-            self.save(meta)
+            if time.monotonic() < self.index_busy_until:
+                raise StoreError(f"{self.db_path} is locked by another process")
+            self.save(meta, timeout=min(self.db_timeout, INDEX_LIFE_WAIT))
             return None
         except StoreError as exc:
+            self.index_busy_until = time.monotonic() + INDEX_BUSY_SECONDS
             try:
                 self.defer(meta.run_id)
             except OSError as again:
@@ -4403,6 +4434,8 @@ def _run_placed(store: RunStore, config: JobConfig, folder: RunFolder, meta: Run
         meta.status, meta.started_at = RUNNING, utc_now()
         folder.write_meta(meta, durable=False)
         _report_behind(report, folder.run_id, store.save_or_defer(meta))
+    else:  # the duration is the job's: what recording the run took (an index that was busy) is not
+        meta.started_at = utc_now()
     _announce(config, meta, report)
     probes = StartProbes(meta.engine or "", _probe_folders(config))
     result = supervise(launch, options, config, folder, meta, terminal, signals, report)

@@ -11,9 +11,11 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from unittest import mock
@@ -400,3 +402,63 @@ class OrphansAreAlive(HomeTestCase):
 
     def test_the_same_with_an_emptied_meta_json(self):
         self.check_rm_refuses_and_stop_ends_the_child(empty=True)
+
+
+def hold_index(db: Path, seconds: float) -> threading.Thread:
+    """Hold runs.db with BEGIN EXCLUSIVE for SECONDS, in a thread (started once it holds it)."""
+    held = threading.Event()
+
+    def hold() -> None:
+        conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        conn.execute("BEGIN EXCLUSIVE")
+        held.set()
+        time.sleep(seconds)
+        conn.execute("ROLLBACK")
+        conn.close()
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    held.wait(10)
+    return thread
+
+
+class LockedIndexHoldsUpNothing(HomeTestCase):
+    def test_a_runs_duration_is_the_jobs_and_its_start_does_not_wait(self):
+        self.cli("list")  # the index exists
+        locker = hold_index(self.home / "runs.db", seconds=8)
+        config = self.local_config("import time; time.sleep(1)", name="one")
+        started = time.monotonic()
+        done = self.process("run", config)  # RUNPILOT_DB_TIMEOUT is the default, 30 s
+        took = time.monotonic() - started
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertLess(took, 5, done.stderr)
+        meta = self.meta(self.only_run())
+        self.assertEqual(meta["status"], "succeeded")
+        self.assertLess(meta["duration"], 1.6)
+        self.assertIn(b"succeeded in 1.", done.stderr)
+        locker.join()
+        rows = json.loads(self.cli("list", "--json")[1])  # the index catches up
+        self.assertEqual([r["status"] for r in rows], ["succeeded"])
+
+    def test_a_sweeps_ctrl_c_ends_in_bounded_time_with_the_index_locked(self):
+        self.cli("list")
+        config = self.local_config("import time; time.sleep(60)", name="long")
+        proc = subprocess.Popen([sys.executable, str(RUNPILOT), "sweep", str(config), "--grid",
+                                 "env.A=" + ",".join(map(str, range(40)))], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.communicate()))
+        deadline = time.monotonic() + 30
+        while b"running" not in b"".join(
+                (p / "meta.json").read_bytes() for p in self.runs() if (p / "meta.json").exists()):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.1)
+        locker = hold_index(self.home / "runs.db", seconds=40)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        self.assertLess(time.monotonic() - started, 15, err)
+        self.assertEqual(proc.returncode, 130, err)
+        statuses = sorted(self.meta(p)["status"] for p in self.runs())
+        self.assertEqual(statuses, ["cancelled"] * 39 + ["interrupted"])  # the folders are the truth
+        locker.join()
+        rows = json.loads(self.cli("list", "--json", "--all")[1])
+        self.assertEqual(sorted(r["status"] for r in rows), statuses)  # and the index caught up
