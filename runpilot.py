@@ -1674,6 +1674,16 @@ def _check_no_nul(chk: _Checker, data: object, path: tuple = ()) -> None:
             _check_no_nul(chk, value, path + (i,))
 
 
+def _engine_lacks_image(chk: _Checker, data: dict) -> bool:
+    """A container engine set by --set or a sweep's point on a config without an image: the problem
+    is blamed on that engine, not on the file (whose engine needed none)."""
+    if data.get("image") is not None or chk._blamed(("engine",)) is None or data.get("engine") in (None, "local"):
+        return False
+    chk.problem(("engine",), f"engine {data['engine']} runs an image, and the config names none; add "
+                             "'image: ...' to the config, or leave this engine out")
+    return True
+
+
 def _check_text(chk: _Checker, data: dict, path: tuple, required: bool = False) -> str | None:
     """A text value (a number where a name is expected is a mistake: `image: 3.11` is not an image)."""
     value = data.get(path[-1])
@@ -2018,7 +2028,7 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
         workdir = DEFAULT_WORKDIR
     config = JobConfig(
         name=_check_text(chk, data, ("name",), required=True) or "",
-        image=_check_text(chk, data, ("image",), required=engine != "local"),
+        image=_check_text(chk, data, ("image",), required=engine != "local" and not _engine_lacks_image(chk, data)),
         entrypoint=_check_entrypoint(chk, data) or "",
         workdir=workdir,
         env=_check_env(chk, data.get("env")),
@@ -3101,7 +3111,8 @@ def _sterile_git_dir(tmp: Path, gitdir: Path, common: Path, commit: str) -> Path
     return sterile
 
 
-def _sterile_git(argv: list[str], sterile: Path, top: Path, deadline: float) -> subprocess.CompletedProcess:
+def _sterile_git(argv: list[str], sterile: Path, top: Path, deadline: float,
+                 procs: list | None = None) -> subprocess.CompletedProcess:
     """git ARGV against the sterile git dir, with no system or user configuration either."""
     env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(sterile.parent), "LC_ALL": "C",
            "XDG_CONFIG_HOME": str(sterile.parent), "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
@@ -3109,10 +3120,31 @@ def _sterile_git(argv: list[str], sterile: Path, top: Path, deadline: float) -> 
            "GIT_TERMINAL_PROMPT": "0", "GIT_NO_REPLACE_OBJECTS": "1", "GIT_ATTR_NOSYSTEM": "1"}
     safety = ["-c", "core.fsmonitor=false", "-c", "core.untrackedCache=false", "-c", "safe.directory=*"]
     timeout = max(0.1, deadline - time.monotonic())
-    return quiet_run(["git", *safety, *argv], timeout=timeout, env=env)
+    if procs is None:
+        return quiet_run(["git", *safety, *argv], timeout=timeout, env=env)
+    return tracked_run(["git", *safety, *argv], timeout, env, procs)
 
 
-def git_facts(folder: str, deadline: float) -> tuple[dict, str] | None:
+def tracked_run(argv: list[str], timeout: float, env, procs: list) -> subprocess.CompletedProcess:
+    """quiet_run, with the process listed in PROCS while it runs, so that whoever abandons the
+    caller (a probe given up at Ctrl-C) can end it: nothing is left running after RunPilot exits."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=dict(env))
+    except OSError as exc:
+        return subprocess.CompletedProcess(argv, 127, "", str(exc))
+    procs.append(proc)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    finally:
+        procs.remove(proc)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def git_facts(folder: str, deadline: float, procs: list | None = None) -> tuple[dict, str] | None:
     """Commit, branch and dirtiness of the work tree holding FOLDER, and its diff (None outside git).
 
     Commit and branch are read from the repository's files; only the dirtiness and the diff need
@@ -3128,14 +3160,15 @@ def git_facts(folder: str, deadline: float) -> tuple[dict, str] | None:
         return facts, ""
     with tempfile.TemporaryDirectory(prefix="runpilot-git-") as tmp:
         sterile = _sterile_git_dir(Path(tmp), gitdir, common, commit)
-        status = _sterile_git(["status", "--porcelain=v2", "--untracked-files=normal"], sterile, top, deadline)
+        status = _sterile_git(["status", "--porcelain=v2", "--untracked-files=normal"], sterile, top, deadline,
+                              procs)
         if status.returncode != 0:
             return facts, ""
         facts["dirty"] = bool(status.stdout.strip())
         if not facts["dirty"]:
             return facts, ""
         diff = _sterile_git(["diff", "HEAD", "--no-ext-diff", "--no-textconv", "--no-color"],
-                            sterile, top, deadline)
+                            sterile, top, deadline, procs)
         return facts, diff.stdout if diff.returncode == 0 else ""
 
 
@@ -3150,6 +3183,8 @@ class StartProbes:
         self.deadline = time.monotonic() + GIT_PROBE_SECONDS
         self.facts: dict = {}
         self.diffs: dict[str, str] = {}
+        self.procs: list[subprocess.Popen] = []  # git while it runs: ended when the probe is given up
+        self.abandoned = False
         self.thread = threading.Thread(target=self._probe, daemon=True)
         self.thread.start()
 
@@ -3158,7 +3193,9 @@ class StartProbes:
             self.facts["engine_version"] = engine_version(self.engine)
         repos: dict[str, dict] = {}
         for folder in self.folders:
-            found = git_facts(folder, self.deadline)
+            if self.abandoned:
+                return
+            found = git_facts(folder, self.deadline, self.procs)
             if found and found[0]["root"] not in repos:
                 repos[found[0]["root"]] = found[0]
                 self.diffs[found[0]["root"]] = found[1]
@@ -3170,6 +3207,10 @@ class StartProbes:
         while self.thread.is_alive() and time.monotonic() < self.deadline and not give_up():
             self.thread.join(timeout=0.05)
         if self.thread.is_alive():
+            self.abandoned = True
+            for proc in list(self.procs):
+                with contextlib.suppress(OSError):
+                    proc.kill()
             return {"unfinished": True}
         text = "".join(f"# {root}\n{diff}" for root, diff in self.diffs.items() if diff)
         saved = bool(text) and len(text) <= GIT_DIFF_MAX
@@ -7542,12 +7583,22 @@ def cmd_gc(args) -> int:
     store = _store()
     before = since_cutoff(args.older_than, "--older-than") if args.older_than else None
     records = store.query(RunFilter(before=before, keep_newest=args.keep, final_only=True, ascending=True))
+    note_active_kept(store, RunFilter(before=before, keep_newest=args.keep, ascending=True), records)
     if args.dry_run:
         for record in records:
             echo(f"would delete {record.id} ({visible(record.name)}, {record.status}, {record.started_at})")
         echo(f"{len(records)} run(s) would be deleted")
         return 0
     return delete_runs(store, records, args.yes, skip_busy=True)
+
+
+def note_active_kept(store: RunStore, matching: RunFilter, chosen: list[RunRecord]) -> None:
+    """Name the runs gc's age and count would have taken but leaves, because they are still active."""
+    picked = {r.id for r in chosen}
+    for record in store.query(matching):
+        if record.id not in picked and record.status in ACTIVE_STATUSES:
+            note(f"skipped: run {record.id} ({visible(record.name)}) is {record.status}; gc never deletes an "
+                 f"active run (runpilot stop {record.id} first)")
 
 
 def cmd_validate(args) -> int:

@@ -462,3 +462,51 @@ class LockedIndexHoldsUpNothing(HomeTestCase):
         locker.join()
         rows = json.loads(self.cli("list", "--json", "--all")[1])
         self.assertEqual(sorted(r["status"] for r in rows), statuses)  # and the index caught up
+
+
+class SmallerThings(HomeTestCase):
+    def test_a_git_probe_given_up_at_ctrl_c_is_not_left_running(self):
+        git = shutil.which("git")
+        if not git:
+            self.skipTest("git is not installed")
+        for args in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
+                                      "-m", "x"]):
+            subprocess.run([git, "-C", str(self.work), *args], check=True, capture_output=True)
+        bin_dir = self.tmp / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "git").write_text(f"#!/bin/sh\necho $$ > {self.tmp}/git.pid\nexec sleep 30\n")
+        os.chmod(bin_dir / "git", 0o755)
+        config = self.write("slow.yaml", "name: slow\nengine: local\nentrypoint: [sh, -c, 'echo ready; sleep 60']\n")
+        live = LiveRun(self, config, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+        deadline = time.monotonic() + 10
+        while not (self.tmp / "git.pid").exists():
+            self.assertLess(time.monotonic(), deadline, "the git probe never started")
+            time.sleep(0.05)
+        probe = int((self.tmp / "git.pid").read_text())
+        live.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        live.proc.send_signal(signal.SIGINT)  # a second Ctrl-C: give up the probes at once
+        code, _, err = live.finish(timeout=30)
+        self.assertEqual(code, 130, err)
+        self.assertFalse(pid_alive(probe), "the abandoned git probe outlived RunPilot")
+
+    def test_gc_keep_0_names_the_active_runs_it_skips(self):
+        live = LiveRun(self, self.write("on.yaml", "name: on\nengine: local\nentrypoint: [sh, -c, 'echo ready; "
+                                                   "sleep 60']\n"))
+        running = self.only_run().name
+        code, out, err = self.cli("run", self.write("q.yaml", "name: q\nengine: local\nentrypoint: 'true'\n"))
+        self.assertEqual(code, 0, err)
+        code, out, err = self.cli("gc", "--keep", "0", "-y")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"skipped: run {running} (on) is running; gc never deletes an active run "
+                      f"(runpilot stop {running} first)", err)
+        self.assertEqual(out.count("deleted "), 1)
+        live.proc.send_signal(signal.SIGINT)
+        live.finish()
+
+    def test_a_grid_engine_without_an_image_is_blamed_on_the_grid_point(self):
+        config = self.write("q.yaml", "name: q\nengine: local\nentrypoint: 'true'\n")
+        code, out, err = self.cli("sweep", config, "--grid", "engine=local,docker", "--dry-run")
+        self.assertEqual(code, 2, err)
+        self.assertEqual(err, "runpilot: error: --grid engine (point 2: engine=docker): engine docker runs an image, "
+                              "and the config names none; add 'image: ...' to the config, or leave this engine out\n")
