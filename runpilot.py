@@ -159,8 +159,8 @@ MAX_AGE_SECONDS = 3650 * 86400
 MAX_SWEEP_POINTS = 10000
 # How long a run's life (its start, its end, a cancel) waits for an index that another process holds;
 # past it the run leaves a marker in <home>/pending/ and goes on: the folder is the truth, and the
-# index catches up the next time it is used. After such a wait the same process does not wait again
-# for INDEX_BUSY_SECONDS (a sweep cancelling 1,000 queued points waits once, not 1,000 times).
+# index catches up the next time it is used. After such a wait the same process only tries without
+# waiting for INDEX_BUSY_SECONDS (a sweep cancelling 1,000 queued points waits once, not 1,000 times).
 INDEX_LIFE_WAIT = 0.5
 INDEX_BUSY_SECONDS = 10.0
 # A sweep's plan lists this many points; the rest are counted.
@@ -4145,8 +4145,7 @@ class RunStore:
         except OSError:
             return
         if pending and wait is not None:
-            if time.monotonic() < self.index_busy_until:
-                return
+            wait = 0.0 if time.monotonic() < self.index_busy_until else wait
             conn.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
             try:
                 self._catch_up_rows(conn, pending)
@@ -4185,9 +4184,8 @@ class RunStore:
         """save(), or leave a marker for a later catch-up; returns why the index is behind, if it is.
         A locked index holds the caller INDEX_LIFE_WAIT at most, and then not again for a while."""
         try:
-            if time.monotonic() < self.index_busy_until:
-                raise StoreError(f"{self.db_path} is locked by another process")
-            self.save(meta, timeout=min(self.db_timeout, INDEX_LIFE_WAIT))
+            busy = time.monotonic() < self.index_busy_until  # found locked a moment ago: do not wait again
+            self.save(meta, timeout=0.0 if busy else min(self.db_timeout, INDEX_LIFE_WAIT))
             return None
         except StoreError as exc:
             self.index_busy_until = time.monotonic() + INDEX_BUSY_SECONDS
