@@ -5331,10 +5331,16 @@ def submit_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint,
         listing = "".join(f"{store.folder(p['run_id']).path}\n" for p in sweep.points)
         write_private(folder / "runs.txt", listing.encode())
         array = f"0-{len(sweep.points) - 1}" + (f"%{parallel}" if parallel else "")
-        lines = sbatch_lines(first, sweep_id, str(folder / "slurm-%A_%a.out"), array)
+        longest, own = sweep_time_limits([c for _, c in configs])
+        array_config = dataclasses.replace(first, slurm=dataclasses.replace(first.slurm, time=longest)) \
+            if longest else first
+        lines = sbatch_lines(array_config, sweep_id, str(folder / "slurm-%A_%a.out"), array)
         write_private(folder / "slurm.sh", slurm_script(first, lines, folder / "runpilot.py",
                                                         str(folder / "runs.txt")).encode())
         array_id = sbatch(folder / "slurm.sh")
+        for index, limit in enumerate(own):  # each task down to its own point's limit (users may lower one)
+            if limit and longest and parse_slurm_time(limit) < parse_slurm_time(longest):
+                quiet_run(["scontrol", "update", f"JobId={array_id}_{index}", f"TimeLimit={limit}"], timeout=30)
     except BaseException:
         for point in sweep.points:
             with contextlib.suppress(RunPilotError):
@@ -5530,15 +5536,42 @@ def parse_slurm_duration(text: str) -> float | None:
 def within_slurm_limit(config: JobConfig, environ) -> tuple[JobConfig, bool]:
     """The config with its timeout moved before Slurm's time limit, so that RunPilot stops the job
     itself (and records `timeout`) before Slurm signals everything; also whether it was moved."""
-    job = environ.get("SLURM_JOB_ID")
-    left = parse_slurm_duration(quiet_run(["squeue", "-h", "-j", job, "-o", "%L"], timeout=30).stdout) \
-        if job and shutil.which("squeue") else None
+    job = slurm_task_id(environ)
+    said = quiet_run(["squeue", "-h", "-j", job, "-o", "%L"], timeout=30).stdout if job and shutil.which("squeue") \
+        else ""
+    left = parse_slurm_duration((said.splitlines() or [""])[0])
     if left is None:
         return config, False
     own = max(5.0, left - min(60.0, left / 4))
     if config.timeout is not None and config.timeout <= own:
         return config, False
     return dataclasses.replace(config, timeout=own), True
+
+
+def slurm_task_id(environ) -> str | None:
+    """The id that names this job alone to squeue: `ARRAY_TASK` for an array's task (the task whose
+    SLURM_JOB_ID is the array's id would otherwise be asked about the whole array), else the job id."""
+    array, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else environ.get("SLURM_JOB_ID")
+
+
+def sweep_time_limits(configs: list[JobConfig]) -> tuple[str | None, list[str | None]]:
+    """The --time of a Slurm sweep's array (the longest of its points', so that no point is killed
+    before its own limit) and each point's own, which is set on its task after the submission."""
+    own = [c.slurm.time or (slurm_time(c.timeout + SLURM_TIME_MARGIN) if c.timeout else None) for c in configs]
+    if any(t is None for t in own):
+        return None, own
+    return max(own, key=lambda t: parse_slurm_time(t)), own
+
+
+def parse_slurm_time(text: str) -> float:
+    """Seconds of a --time value (D-HH:MM:SS and the shorter forms; a bare number is minutes)."""
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return math.inf
+    days, _, clock = text.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    units = (3600, 60, 1) if days or len(parts) == 3 else (60, 1)  # D-HH[:MM[:SS]], HH:MM:SS; MM[:SS]
+    return sum(v * u for v, u in zip(parts, units)) + int(days or 0) * 86400
 
 
 def run_on_node(folder: RunFolder, environ, report: Reporter) -> int:
@@ -8087,9 +8120,9 @@ def _slurm_refusals(args, sweep: bool) -> None:
         raise UsageError(f"{', '.join(given)} cannot be given with --on slurm: Slurm places the job and the node "
                          "runs the config's engine (set engine: in the config)")
     home = str(RunStore.default().home)
-    if re.search(r"[\s%]", home):
-        raise UsageError(f"RUNPILOT_HOME {home!r} holds a space or '%', which sbatch's --output cannot take; "
-                         "choose a home without them")
+    if re.search(r"[\s%\\'\"]", home):
+        raise UsageError(f"RUNPILOT_HOME {home!r} holds a space, '%', a backslash or a quote, which sbatch's "
+                         "--output cannot take (it would strip them); choose a home without them")
 
 
 def slurm_run_cli(args, config: JobConfig, options: RunOptions) -> int:

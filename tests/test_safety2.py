@@ -510,3 +510,30 @@ class SmallerThings(HomeTestCase):
         self.assertEqual(code, 2, err)
         self.assertEqual(err, "runpilot: error: --grid engine (point 2: engine=docker): engine docker runs an image, "
                               "and the config names none; add 'image: ...' to the config, or leave this engine out\n")
+
+
+class SlurmTimeLimits(HomeTestCase):
+    def config(self, **changes) -> "runpilot.JobConfig":
+        data = {"name": "t", "engine": "local", "entrypoint": "true", **changes}
+        return runpilot.validate_config(data, str(self.work / "t.yaml"), base_dir=self.work)
+
+    def test_the_array_gets_the_longest_limit_and_each_point_its_own(self):
+        configs = [self.config(timeout=60), self.config(timeout=3600), self.config(timeout=600)]
+        self.assertEqual(runpilot.sweep_time_limits(configs), ("01:05:00", ["00:06:00", "01:05:00", "00:15:00"]))
+        self.assertEqual(runpilot.sweep_time_limits([self.config(timeout=60), self.config()]),
+                         (None, ["00:06:00", None]))
+
+    def test_an_array_task_asks_squeue_about_itself(self):
+        self.assertEqual(runpilot.slurm_task_id({"SLURM_JOB_ID": "40", "SLURM_ARRAY_JOB_ID": "40",
+                                                 "SLURM_ARRAY_TASK_ID": "0"}), "40_0")
+        self.assertEqual(runpilot.slurm_task_id({"SLURM_JOB_ID": "41"}), "41")
+
+    def test_a_home_with_a_backslash_or_quote_is_refused_for_slurm(self):
+        config = self.write("t.yaml", "name: t\nengine: local\nentrypoint: 'true'\n")
+        for char in ("\\", "'", '"'):
+            with self.subTest(char=char):
+                home = self.tmp / f"ho{char}me"
+                code, out, err = self.cli("run", config, "--on", "slurm", env={"RUNPILOT_HOME": str(home)})
+                self.assertEqual(code, 2, err)
+                self.assertIn("holds a space, '%', a backslash or a quote, which sbatch's --output cannot take", err)
+                self.assertFalse(home.exists())
