@@ -61,7 +61,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -2413,17 +2413,22 @@ class MetricLog:
 
 def read_metrics(path: Path) -> list[dict]:
     """Every complete sample in a metrics.json, also one left unterminated by a crash."""
+    return list(iter_metrics(path))
+
+
+def iter_metrics(path: Path) -> Iterator[dict]:
+    """The samples of a metrics.json one at a time, read as a stream: a run of a million samples is
+    summed up or exported in the memory of one line (see read_metrics)."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        f = open(path, "rb")
     except FileNotFoundError:
-        return []
-    samples = []
-    for line in text.splitlines():
-        line = line.rstrip(",").strip()
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                samples.append(json.loads(line))
-    return samples
+        return
+    with f:
+        for raw in f:
+            line = raw.decode("utf-8", "replace").strip().rstrip(",").strip()
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    yield json.loads(line)
 
 # ==== 11. Engines: choosing one, its command line, its images ================
 
@@ -5875,22 +5880,25 @@ def sparkline(values: list[float], width: int = 40, ascii_only: bool = False) ->
                    for v in numbers)
 
 
-def metric_summary(samples: list[dict]) -> dict[str, dict]:
-    """count, first, last, min, max and the series of every metric in a run."""
+def metric_summary(samples: Iterable[dict]) -> dict[str, dict]:
+    """count, first, last, min, max and the series of every metric in a run; SAMPLES may be a
+    stream (iter_metrics): only the numbers of each series are kept, not the samples."""
     summary: dict[str, dict] = {}
     for sample in samples:
         for key, value in sample.items():
             if key == "step":
                 continue
-            entry = summary.setdefault(key, {"count": 0, "first": value, "values": []})
+            entry = summary.get(key)
+            if entry is None:
+                entry = summary[key] = {"count": 0, "first": value, "values": [], "min": None, "max": None}
             entry["count"] += 1
             entry["last"] = value
-            entry["values"].append(value)
-    for entry in summary.values():
-        numbers = [v for v in entry["values"] if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and not (isinstance(v, float) and math.isnan(v))]
-        entry["min"] = min(numbers) if numbers else None
-        entry["max"] = max(numbers) if numbers else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+                entry["values"].append(value)
+                if entry["min"] is None or value < entry["min"]:
+                    entry["min"] = value
+                if entry["max"] is None or value > entry["max"]:
+                    entry["max"] = value
     return summary
 
 
@@ -5994,6 +6002,37 @@ def export_rows(runs: list[tuple[RunRecord, list[dict], dict]], keys: list[str],
     rows = [[r.id, r.name] + [fmt_cell(flat.get(k)) for k in keys] + [r.tags.get(t, "") for t in tag_names]
             + [s.get("step")] + [s.get(m, "") for m in metrics] for r, samples, flat in runs for s in samples]
     return ["run_id", "name"] + keys + [f"tag.{t}" for t in tag_names] + ["step"] + metrics, rows
+
+
+def export_stream(runs: list[tuple[RunRecord, Path, dict]], keys: list[str], tag_names: list[str], fmt: str,
+                  write: Callable[[str], object]) -> int:
+    """`export`, a line at a time to WRITE, reading each run's metrics.json as a stream (the CSV
+    header's metrics take a first pass): as export_rows and render_csv, or JSON lines. Returns
+    how many samples were written."""
+    import csv
+    import io
+    if fmt == "csv":
+        metrics = list(dict.fromkeys(k for _, path, _ in runs for s in iter_metrics(path) for k in s if k != "step"))
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+
+        def emit(row: list) -> None:
+            writer.writerow(row)
+            write(buffer.getvalue()[:-1])
+            buffer.seek(0)
+            buffer.truncate()
+        emit(["run_id", "name"] + keys + [f"tag.{t}" for t in tag_names] + ["step"] + metrics)
+    count = 0
+    for r, path, flat in runs:
+        fixed = [r.id, r.name] + [fmt_cell(flat.get(k)) for k in keys] + [r.tags.get(t, "") for t in tag_names]
+        for s in iter_metrics(path):
+            count += 1
+            if fmt == "csv":
+                emit(fixed + [s.get("step")] + [s.get(m, "") for m in metrics])
+            else:
+                write(json.dumps(json_safe({"run_id": r.id, "name": r.name, **{k: flat.get(k) for k in keys},
+                                            **{f"tag.{t}": r.tags.get(t) for t in tag_names}, **s})))
+    return count
 
 
 def render_csv(header: list[str], rows: list[list]) -> str:
@@ -7345,11 +7384,11 @@ def find_run(store: RunStore, ref: str) -> RunRecord:
     return refresh(store, [store.find(ref)], note)[0]
 
 
-def _run_details(store: RunStore, ref: str) -> tuple[RunRecord, RunMeta, list[dict]]:
+def _run_details(store: RunStore, ref: str) -> tuple[RunRecord, RunMeta, Iterator[dict]]:
     """A run with its meta.json and its samples."""
     record = find_run(store, ref)
     folder = store.folder(record.id)
-    return record, folder.read_meta(), read_metrics(folder.metrics)
+    return record, folder.read_meta(), iter_metrics(folder.metrics)
 
 
 def _list_filter(args) -> RunFilter:
@@ -7535,7 +7574,7 @@ def _config_of(store: RunStore, record: RunRecord) -> dict:
 
 def cmd_compare(args) -> int:
     store = _store()
-    runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics)))
+    runs = [(r, _config_of(store, r), metric_summary(iter_metrics(store.folder(r.id).metrics)))
             for r in _refs_or_sweep(store, args)]
     echo(render_compare(runs, output_width(), args.no_trunc, ("name",) if args.sweep else ()))
     if sys.stderr.isatty() and len(runs) > 1:  # a pointer for people, not for scripts
@@ -7547,29 +7586,28 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     store = _store()
     records = _refs_or_sweep(store, args)
-    runs = [(r, read_metrics(store.folder(r.id).metrics), _config_of(store, r)) for r in records]
+    runs = [(r, store.folder(r.id).metrics, _config_of(store, r)) for r in records]  # samples: streamed
     keys = [k for k in differing([flat for _, _, flat in runs]) if k != "name"] if args.config else []  # a column
     tag_names = sorted({t for r in records for t in r.tags}) if args.tags else []
-    if args.format == "csv":
-        text = render_csv(*export_rows(runs, keys, tag_names))
-        if sys.stdout.isatty() and not args.output:
-            text = "\n".join(visible(line) for line in text.split("\n"))
-    else:
-        text = "".join(json.dumps(json_safe({"run_id": r.id, "name": r.name, **{k: flat.get(k) for k in keys},
-                                             **{f"tag.{t}": r.tags.get(t) for t in tag_names}, **s})) + "\n"
-                       for r, samples, flat in runs for s in samples)
     if not args.output:
+        shown = visible if sys.stdout.isatty() and args.format == "csv" else (lambda line: line)
         try:
-            sys.stdout.write(text)
+            export_stream(runs, keys, tag_names, args.format, lambda line: sys.stdout.write(shown(line) + "\n"))
             sys.stdout.flush()
         except BrokenPipeError:
             _silence(sys.stdout)
         return 0
+    target = Path(args.output)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")  # never a half-written file
     try:
-        Path(args.output).write_text(text, encoding="utf-8")
+        with open(partial, "w", encoding="utf-8") as f:
+            count = export_stream(runs, keys, tag_names, args.format, lambda line: f.write(line + "\n"))
+        os.replace(partial, target)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink()
         raise RunPilotError(f"cannot write {args.output}: {exc.strerror}; choose another -o path") from exc
-    echo(f"wrote {sum(len(s) for _, s, _ in runs)} sample(s) of {len(runs)} run(s) to {args.output}", err=True)
+    echo(f"wrote {count} sample(s) of {len(runs)} run(s) to {args.output}", err=True)
     return 0
 
 
@@ -7614,13 +7652,16 @@ def cmd_gc(args) -> int:
     store = _store()
     before = since_cutoff(args.older_than, "--older-than") if args.older_than else None
     records = store.query(RunFilter(before=before, keep_newest=args.keep, final_only=True, ascending=True))
-    note_active_kept(store, RunFilter(before=before, keep_newest=args.keep, ascending=True), records)
+    matching = RunFilter(before=before, keep_newest=args.keep, ascending=True)
     if args.dry_run:
         for record in records:
             echo(f"would delete {record.id} ({visible(record.name)}, {record.status}, {record.started_at})")
         echo(f"{len(records)} run(s) would be deleted")
+        note_active_kept(store, matching, records)
         return 0
-    return delete_runs(store, records, args.yes, skip_busy=True)
+    code = delete_runs(store, records, args.yes, skip_busy=True)
+    note_active_kept(store, matching, records)
+    return code
 
 
 def note_active_kept(store: RunStore, matching: RunFilter, chosen: list[RunRecord]) -> None:
@@ -8006,7 +8047,7 @@ def _run_sweep(store: RunStore, sweep: Sweep, jobs: list, options: RunOptions, p
     finally:
         finish_output(terminal, signals)
     records = refresh(store, [r for p in sweep.points if (r := store.get(p["run_id"])) is not None], note)
-    runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics))) for r in records]
+    runs = [(r, _config_of(store, r), metric_summary(iter_metrics(store.folder(r.id).metrics))) for r in records]
     echo(render_compare(runs, output_width(), False, ("name",)))
     sweep.runner = {}  # no one runs it any more: --resume may
     with contextlib.suppress(OSError):

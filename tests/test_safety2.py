@@ -537,3 +537,42 @@ class SlurmTimeLimits(HomeTestCase):
                 self.assertEqual(code, 2, err)
                 self.assertIn("holds a space, '%', a backslash or a quote, which sbatch's --output cannot take", err)
                 self.assertFalse(home.exists())
+
+
+class StreamingMetrics(HomeTestCase):
+    """show, compare and export read metrics.json as a stream: a big run costs the memory of its
+    numbers, not of a list of its samples."""
+
+    SAMPLES = 300_000
+
+    def setUp(self) -> None:
+        super().setUp()
+        job = ("import sys\nw = sys.stdout.write\n"
+               f"for i in range({self.SAMPLES}):\n    w(f'METRIC loss={{1 / (i + 1)}} acc={{i}}\\n')\n")
+        code, out, err = self.cli("run", self.local_config(job, name="big"))
+        self.assertEqual(code, 0, err)
+
+    def peak_kib(self, *args: str) -> tuple[int, bytes]:
+        probe = ("import resource, runpy, sys; sys.argv = ['runpilot'] + sys.argv[1:]\n"
+                 "try:\n    runpy.run_path(%r, run_name='__main__')\n"
+                 "except SystemExit:\n    pass\n"
+                 "sys.stderr.write(f'PEAK {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n')\n") % str(RUNPILOT)
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, timeout=300)
+        peak = int(done.stderr.decode().rsplit("PEAK ", 1)[1])
+        return peak, done.stdout
+
+    def test_show_compare_and_export_stream(self):
+        baseline, _ = self.peak_kib("--version")
+        for args in (("show", "latest"), ("compare", "latest"), ("export", "latest")):
+            with self.subTest(args=args):
+                peak, out = self.peak_kib(*args)
+                # a list of 300,000 sample dicts alone is over 100 MiB; their numbers are ~15 MiB
+                self.assertLess(peak - baseline, 60 * 1024, args)
+                if args[0] == "export":
+                    lines = out.decode().splitlines()
+                    self.assertEqual(len(lines), self.SAMPLES + 1)
+                    self.assertEqual(lines[0], "run_id,name,step,loss,acc")
+                    self.assertTrue(lines[-1].endswith(f",big,{self.SAMPLES},{1 / self.SAMPLES},"
+                                                       f"{self.SAMPLES - 1}"), lines[-1])
+                if args[0] == "show":
+                    self.assertRegex(out.decode(), rf"loss\s+{self.SAMPLES}\s+1\s+3\.333e-06\s+3\.333e-06\s+1")
