@@ -5186,7 +5186,9 @@ def hold_sweep(store: RunStore, sweep_id: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        holder = flock_holders().get(_lock_key(os.stat(folder / "runner.lock")), "?")
+        holder: object = "?"
+        with contextlib.suppress(RunPilotError, OSError):
+            holder = flock_holders().get(_lock_key(os.stat(folder / "runner.lock")), "?")
         raise UsageError(f"sweep {sweep_id} is being run by another runpilot (pid {holder}); wait for it to end, "
                          f"or stop it first (runpilot stop {sweep_id})") from None
     return fd
