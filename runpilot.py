@@ -64,7 +64,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,6 +142,13 @@ CODE_SNAPSHOT_MAX = 100 << 20
 SNAPSHOT_CACHE_SLACK_NS = 100_000_000
 # gc removes a snapshot no run names only once it is this old: a run starting now may not have said yet.
 SNAPSHOT_GC_AGE = 3600
+# Where every RunPilot of this machine, whatever its user and home, claims GPUs (RUNPILOT_GPU_CLAIMS
+# names another): /tmp is root's, sticky and world-writable on every Linux, so each user can create
+# claim files there that only that user (and root) can remove.
+GPU_CLAIMS_DIR = "/tmp"
+# A claim file is published (renamed into its place) only once it is locked; one still unpublished
+# after this long was left by a runner that died between creating and publishing it.
+GPU_CLAIM_STALE_SECONDS = 60.0
 
 # Run statuses. queued and running may still change; every other one is final and is never
 # rewritten by lost-detection or by the index catching up.
@@ -170,6 +177,18 @@ MAX_AGE_SECONDS = 3650 * 86400
 INIT_PROBES = 3
 # How much of a running run's metrics.json `list` reads for its latest values (about 500 samples).
 METRICS_TAIL = 64 << 10
+# The most points a sweep may have unless --max-points says more: each point is a run folder, an
+# index row and a validated config, and a grid larger than this is far more often a typo (a value
+# list pasted twice, --repeat 1000000) than a plan.
+MAX_SWEEP_POINTS = 10000
+# How long a run's life (its start, its end, a cancel) waits for an index that another process holds;
+# past it the run leaves a marker in <home>/pending/ and goes on: the folder is the truth, and the
+# index catches up the next time it is used. After such a wait the same process only tries without
+# waiting for INDEX_BUSY_SECONDS (a sweep cancelling 1,000 queued points waits once, not 1,000 times).
+INDEX_LIFE_WAIT = 0.5
+INDEX_BUSY_SECONDS = 10.0
+# A sweep's plan lists this many points; the rest are counted.
+SWEEP_PLAN_SHOWN = 50
 
 # ==== 4. Errors ==============================================================
 
@@ -1715,6 +1734,16 @@ def _check_no_nul(chk: _Checker, data: object, path: tuple = ()) -> None:
             _check_no_nul(chk, value, path + (i,))
 
 
+def _engine_lacks_image(chk: _Checker, data: dict) -> bool:
+    """A container engine set by --set or a sweep's point on a config without an image: the problem
+    is blamed on that engine, not on the file (whose engine needed none)."""
+    if data.get("image") is not None or chk._blamed(("engine",)) is None or data.get("engine") in (None, "local"):
+        return False
+    chk.problem(("engine",), f"engine {data['engine']} runs an image, and the config names none; add "
+                             "'image: ...' to the config, or leave this engine out")
+    return True
+
+
 def _check_text(chk: _Checker, data: dict, path: tuple, required: bool = False) -> str | None:
     """A text value (a number where a name is expected is a mistake: `image: 3.11` is not an image)."""
     value = data.get(path[-1])
@@ -1974,6 +2003,35 @@ def _check_lines(chk: _Checker, data: dict, key: str) -> tuple[str, ...]:
 SLURM_OWNED_OPTIONS = {"--job-name", "-J", "--output", "-o", "--nodes", "-N", "--ntasks", "-n", "--array", "-a",
                        "--parsable", "--wrap"}
 
+# The slurm: values that become one sbatch option's value: a space would start another option.
+SLURM_TOKEN_KEYS = ("partition", "account", "qos", "constraint", "gpu_flag")
+# sbatch's short options that take no value: after one of them, the next letter of `-vJx` is an option too.
+SBATCH_SHORT_FLAGS = set("hHIkOQsvVW")
+
+
+def owned_sbatch_option(line: str) -> str | None:
+    """The option of SLURM_OWNED_OPTIONS that an #SBATCH line sets, in any spelling sbatch
+    (getopt_long) accepts: `--output=x`, `--out=x` (an unambiguous prefix), `-o x`, `-ox`, `-vJx`;
+    a line that cannot be split as sbatch would split it counts as one that sets --wrap."""
+    try:
+        tokens = shlex.split(line)
+    except ValueError:
+        return f"{line.split()[0] if line.split() else line} (a line sbatch cannot split: unbalanced quotes)"
+    owned_long = [o for o in SLURM_OWNED_OPTIONS if o.startswith("--")]
+    for token in tokens:
+        if token.startswith("--") and len(token) > 2:
+            name = token.split("=", 1)[0]
+            hit = next((o for o in sorted(owned_long) if o.startswith(name)), None)
+            if hit:
+                return name if name == hit else f"{hit} (as {name})"
+        elif token.startswith("-") and len(token) > 1:
+            for letter in token[1:]:
+                if f"-{letter}" in SLURM_OWNED_OPTIONS:
+                    return f"-{letter}" if token == f"-{letter}" else f"-{letter} (as {token})"
+                if letter not in SBATCH_SHORT_FLAGS:
+                    break  # the rest is this option's value
+    return None
+
 
 def _check_slurm(chk: _Checker, slurm: object) -> SlurmSettings:
     if slurm is None:
@@ -1992,10 +2050,14 @@ def _check_slurm(chk: _Checker, slurm: object) -> SlurmSettings:
             chk.problem(("slurm", key), f"slurm.{key} must be one line of text, without control characters; "
                                         f"got {value!r}")
             text[key] = None
+        elif value and key in SLURM_TOKEN_KEYS and re.search(r"[\s'\"\\]", value):
+            chk.problem(("slurm", key), f"slurm.{key} must be one word (sbatch would read the rest as options of "
+                                        f"its own): no spaces, quotes or backslashes; got {value!r}")
+            text[key] = None
     extra = _check_lines(chk, slurm, "extra")
     for line in extra:
-        flag = line.strip().split("=")[0].split()[0]
-        if flag in SLURM_OWNED_OPTIONS:
+        flag = owned_sbatch_option(line)
+        if flag:
             chk.problem(("slurm", "extra"), f"slurm.extra sets {flag}, which RunPilot sets itself (job name, "
                                             "output, one node and task, the array of a sweep); leave it out")
     return SlurmSettings(partition=text["partition"], time=_check_slurm_time(chk, slurm.get("time")),
@@ -2063,7 +2125,7 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
         workdir = DEFAULT_WORKDIR
     config = JobConfig(
         name=_check_text(chk, data, ("name",), required=True) or "",
-        image=_check_text(chk, data, ("image",), required=engine != "local"),
+        image=_check_text(chk, data, ("image",), required=engine != "local" and not _engine_lacks_image(chk, data)),
         entrypoint=_check_entrypoint(chk, data) or "",
         workdir=workdir,
         env=_check_env(chk, data.get("env")),
@@ -2712,17 +2774,22 @@ class MetricLog:
 
 def read_metrics(path: Path) -> list[dict]:
     """Every complete sample in a metrics.json, also one left unterminated by a crash."""
+    return list(iter_metrics(path))
+
+
+def iter_metrics(path: Path) -> Iterator[dict]:
+    """The samples of a metrics.json one at a time, read as a stream: a run of a million samples is
+    summed up or exported in the memory of one line (see read_metrics)."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        f = open(path, "rb")
     except FileNotFoundError:
-        return []
-    samples = []
-    for line in text.splitlines():
-        line = line.rstrip(",").strip()
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError):
-                samples.append(json.loads(line))
-    return samples
+        return
+    with f:
+        for raw in f:
+            line = raw.decode("utf-8", "replace").strip().rstrip(",").strip()
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    yield json.loads(line)
 
 def latest_metrics(path: Path, size: int = METRICS_TAIL) -> dict:
     """The latest value of each metric in the last SIZE bytes of a metrics.json being written:
@@ -4063,21 +4130,30 @@ class GpuClaim:
 
 
 class GpuClaims:
-    """Which GPUs of this machine RunPilot runs hold: `<home>/gpus/<device>.lock`, one per GPU.
+    """Which GPUs of this machine RunPilot runs hold, for every user and every home.
 
-    A run holds an exclusive flock on each of its GPUs' files for as long as it lives. The kernel
-    drops the lock when the holding process ends, however it ends (a SIGKILLed runner cannot
-    leak a GPU), and flock locks of separate opens conflict within one process too, so the runs
-    of one sweep exclude each other exactly as separate `runpilot run` commands do.
+    A claim on GPU D is a file `runpilot-gpu-D.<pid>-<random>.lock` in the machine's claims folder
+    (/tmp, see gpu_claims_folder), created by the claimer, private to it, flock'ed before it is
+    published under that name and unlinked before it is let go. GPU D is held while any published
+    claim file of D is locked: /proc/locks says which are, for files of every user, without opening
+    them. A claimer publishes its own locked file first and then looks for another locked one (and
+    withdraws when it finds one), so of two claimers at once at least one sees the other: no GPU is
+    ever held twice. The kernel drops a lock when its process ends, however it ends (a SIGKILLed
+    runner cannot leak a GPU); its file stays behind unlocked, which means free, and is removed by
+    its owner's next claim. No user can block or fake another's claim: a claim counts only while
+    its creator's process holds the lock, each file is private to its creator, and in a sticky
+    folder nobody else can remove or replace it.
 
-    `<device>.json` names the holder; a run that ends removes it before letting go. So a free lock
-    beside a holder file means the holder's runner died holding it, and its job may live on
-    (a container keeps running without its runner): OUTLIVED(run_id) says whether it does, and
-    such a GPU stays busy until that job ends.
+    `<home>/gpus/<device>.json` names the holder for the runs of one home; a run that ends removes
+    it before letting go. So a free GPU beside a holder file means the holder's runner died holding
+    it, and its job may live on (a container keeps running without its runner): OUTLIVED(run_id)
+    says whether it does, and such a GPU stays busy until that job ends.
     """
 
-    def __init__(self, folder: Path, outlived: Callable[[str], bool] = lambda run_id: False) -> None:
+    def __init__(self, folder: Path, outlived: Callable[[str], bool] = lambda run_id: False,
+                 machine: Path | None = None) -> None:
         self.folder, self.outlived = folder, outlived
+        self.machine = machine if machine is not None else folder
 
     def try_claim(self, count: int, pinned: tuple[str, ...], pool: list[str], holder: dict) -> GpuClaim | None:
         """Claim PINNED devices, or COUNT free ones of POOL; None (and nothing held) when busy."""
@@ -4086,17 +4162,14 @@ class GpuClaims:
         need = len(pinned) if pinned else count
         claim = GpuClaim((), [])
         for device in wanted:
-            fd = self._lock(device)
-            if fd is not None and self._left_behind(device):
-                os.close(fd)
-                fd = None
-            if fd is None:
+            taken = None if self._left_behind(device) else self._lock(device)
+            if taken is None:
                 if pinned:
                     break
                 continue
-            claim.fds.append(fd)
+            claim.fds.append(taken[0])
             claim.devices += (device,)
-            claim.holder_files.append(self.folder / f"{device}.json")
+            claim.holder_files += [taken[1], self.folder / f"{device}.json"]
             if len(claim.devices) == need:
                 self.describe(claim, holder)
                 return claim
@@ -4109,14 +4182,61 @@ class GpuClaims:
             with contextlib.suppress(OSError):
                 write_atomic(self.folder / f"{device}.json", json.dumps(holder).encode(), durable=False)
 
-    def _lock(self, device: str) -> int | None:
-        fd = os.open(self.folder / f"{device}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except OSError:
+    def _lock(self, device: str) -> tuple[int, Path] | None:
+        """Publish a locked claim file for DEVICE and keep it unless another claim of DEVICE is held."""
+        self._remove_stale(device)
+        fd, path = self._publish(device)
+        if self._machine_holders(device, besides=path):
+            with contextlib.suppress(OSError):
+                path.unlink()
             os.close(fd)
             return None
+        return fd, path
+
+    def _publish(self, device: str) -> tuple[int, Path]:
+        token = f"{os.getpid()}-{os.urandom(6).hex()}"
+        fresh = self.machine / f"runpilot-gpu-new.{token}"
+        fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file just made: nobody else has it open
+            path = self.machine / f"{_claim_prefix(device)}{token}.lock"
+            os.rename(fresh, path)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                fresh.unlink()
+            raise
+        return fd, path
+
+    def _claim_files(self, prefix: str) -> list[tuple[Path, os.stat_result]]:
+        """The regular files of the claims folder whose name starts with PREFIX, not followed."""
+        found = []
+        with os.scandir(self.machine) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix):
+                    with contextlib.suppress(OSError):
+                        st = entry.stat(follow_symlinks=False)
+                        if stat_is_file(st):
+                            found.append((Path(entry.path), st))
+        return found
+
+    def _machine_holders(self, device: str, besides: Path | None = None) -> list[dict]:
+        """{pid, uid} of each live claim on DEVICE by anyone (the listing comes before /proc/locks,
+        so a claim file published meanwhile is locked by the time the locks are read)."""
+        files = [(p, st) for p, st in self._claim_files(_claim_prefix(device)) if p != besides]
+        locked = flock_holders() if files else {}
+        return [{"pid": locked[_lock_key(st)], "uid": st.st_uid} for _, st in files if _lock_key(st) in locked]
+
+    def _remove_stale(self, device: str) -> None:
+        """Remove this user's claim files whose runner died (unlocked), so that they do not pile up."""
+        mine = [(p, st) for p, st in self._claim_files(_claim_prefix(device)) + self._claim_files("runpilot-gpu-new.")
+                if st.st_uid == os.geteuid()]
+        locked = flock_holders() if mine else {}
+        for path, st in mine:
+            young = path.name.startswith("runpilot-gpu-new.") and time.time() - st.st_mtime < GPU_CLAIM_STALE_SECONDS
+            if _lock_key(st) not in locked and not young:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def _holder(self, device: str) -> dict:
         try:
@@ -4127,6 +4247,8 @@ class GpuClaims:
 
     def _left_behind(self, device: str) -> bool:
         """Whether a free device is still used by the job of a runner that died holding it."""
+        if self._machine_holders(device):
+            return False
         run_id = self._holder(device).get("run_id")
         return isinstance(run_id, str) and self.outlived(run_id)
 
@@ -4134,14 +4256,76 @@ class GpuClaims:
         """Who holds each busy device (a device free for the taking is left out)."""
         busy = {}
         for device in devices:
-            fd = self._lock(device)
-            if fd is None:
-                busy[device] = self._holder(device)
-                continue
-            os.close(fd)
-            if self._left_behind(device):
-                busy[device] = {**self._holder(device), "runner_died": True}
+            held = self._machine_holders(device)
+            ours = self._holder(device)
+            if held:
+                busy[device] = ours if ours.get("pid") in [h["pid"] for h in held] else \
+                    {"pid": held[0]["pid"], "user": user_name(held[0]["uid"])}
+            elif self._left_behind(device):
+                busy[device] = {**ours, "runner_died": True}
         return busy
+
+
+def _claim_prefix(device: str) -> str:
+    """The start of a claim file's name for DEVICE (an index or a UUID: kept to safe characters)."""
+    return f"runpilot-gpu-{re.sub(r'[^A-Za-z0-9_-]', '_', device)}."
+
+
+def stat_is_file(st: os.stat_result) -> bool:
+    return (st.st_mode & 0o170000) == 0o100000
+
+
+def _lock_key(st: os.stat_result) -> tuple[int, int, int]:
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
+def parse_proc_locks(text: str) -> dict[tuple[int, int, int], int]:
+    """{(major, minor, inode): pid} of the granted flock locks listed in /proc/locks."""
+    held = {}
+    for match in re.finditer(r"^\d+: FLOCK\s+\S+\s+\S+\s+(-?\d+)\s+([0-9a-f]+):([0-9a-f]+):(\d+)\s", text, re.M):
+        held[(int(match[2], 16), int(match[3], 16), int(match[4]))] = int(match[1])
+    return held
+
+
+def flock_holders() -> dict[tuple[int, int, int], int]:
+    """The flock locks held on this machine now, by any user (see parse_proc_locks)."""
+    try:
+        return parse_proc_locks(Path("/proc/locks").read_text(errors="replace"))
+    except OSError as e:
+        raise GpuError(f"cannot read /proc/locks to tell which GPUs are claimed: {e.strerror}; "
+                       "RunPilot places GPUs only where /proc is mounted (or pin the run with --gpus)") from e
+
+
+def user_name(uid: int) -> str:
+    import pwd  # only for a message about another user's claim
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def gpu_claims_folder(environ) -> Path:
+    """The folder where GPUs are claimed machine-wide (RUNPILOT_GPU_CLAIMS or /tmp), checked: a
+    folder (not a link) that only root or this user owns, sticky if others may write in it (so that
+    no one can remove another's claim file)."""
+    folder = Path(environ.get("RUNPILOT_GPU_CLAIMS") or GPU_CLAIMS_DIR)
+    with contextlib.suppress(FileExistsError, FileNotFoundError):
+        if environ.get("RUNPILOT_GPU_CLAIMS"):
+            folder.mkdir(mode=0o700)
+    try:
+        st = os.lstat(folder)
+    except OSError as e:
+        raise GpuError(f"cannot use {folder} for GPU claims: {e.strerror}; "
+                       "set RUNPILOT_GPU_CLAIMS to a folder every RunPilot user of this machine can write") from e
+    problem = ("is not a folder" if (st.st_mode & 0o170000) != 0o040000 else
+               f"belongs to {user_name(st.st_uid)}, who could remove other users' claims"
+               if st.st_uid not in (0, os.geteuid()) else
+               "is writable by others but not sticky (chmod +t), so anyone could remove a claim"
+               if st.st_mode & 0o022 and not st.st_mode & 0o1000 else None)
+    if problem:
+        raise GpuError(f"the GPU claims folder {folder} {problem}; set RUNPILOT_GPU_CLAIMS to a folder "
+                       "owned by root (mode 1777, like /tmp) or by you")
+    return folder
 
 
 def fmt_gpu_wait(count: int, pinned: tuple[str, ...], holders: dict[str, dict]) -> str:
@@ -4153,6 +4337,8 @@ def fmt_gpu_wait(count: int, pinned: tuple[str, ...], holders: dict[str, dict]) 
 
 def _fmt_gpu_holder(device: str, holder: dict) -> str:
     run_id = holder.get("run_id", "?")
+    if "user" in holder:
+        return f"GPU {device} is held by pid {holder.get('pid', '?')} of user {holder['user']} (another home or user)"
     if holder.get("runner_died"):
         return (f"GPU {device} is used by run {run_id}, whose runner died while its job runs on "
                 f"('runpilot stop {run_id}' ends it)")
@@ -4240,7 +4426,8 @@ def _sterile_git_dir(tmp: Path, gitdir: Path, common: Path, commit: str) -> Path
     return sterile
 
 
-def _sterile_git(argv: list[str], sterile: Path, top: Path, deadline: float) -> subprocess.CompletedProcess:
+def _sterile_git(argv: list[str], sterile: Path, top: Path, deadline: float,
+                 procs: list | None = None) -> subprocess.CompletedProcess:
     """git ARGV against the sterile git dir, with no system or user configuration either."""
     env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(sterile.parent), "LC_ALL": "C",
            "XDG_CONFIG_HOME": str(sterile.parent), "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
@@ -4248,10 +4435,31 @@ def _sterile_git(argv: list[str], sterile: Path, top: Path, deadline: float) -> 
            "GIT_TERMINAL_PROMPT": "0", "GIT_NO_REPLACE_OBJECTS": "1", "GIT_ATTR_NOSYSTEM": "1"}
     safety = ["-c", "core.fsmonitor=false", "-c", "core.untrackedCache=false", "-c", "safe.directory=*"]
     timeout = max(0.1, deadline - time.monotonic())
-    return quiet_run(["git", *safety, *argv], timeout=timeout, env=env)
+    if procs is None:
+        return quiet_run(["git", *safety, *argv], timeout=timeout, env=env)
+    return tracked_run(["git", *safety, *argv], timeout, env, procs)
 
 
-def git_facts(folder: str, deadline: float) -> tuple[dict, str] | None:
+def tracked_run(argv: list[str], timeout: float, env, procs: list) -> subprocess.CompletedProcess:
+    """quiet_run, with the process listed in PROCS while it runs, so that whoever abandons the
+    caller (a probe given up at Ctrl-C) can end it: nothing is left running after RunPilot exits."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=dict(env))
+    except OSError as exc:
+        return subprocess.CompletedProcess(argv, 127, "", str(exc))
+    procs.append(proc)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    finally:
+        procs.remove(proc)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def git_facts(folder: str, deadline: float, procs: list | None = None) -> tuple[dict, str] | None:
     """Commit, branch and dirtiness of the work tree holding FOLDER, and its diff (None outside git).
 
     Commit and branch are read from the repository's files; only the dirtiness and the diff need
@@ -4267,14 +4475,15 @@ def git_facts(folder: str, deadline: float) -> tuple[dict, str] | None:
         return facts, ""
     with tempfile.TemporaryDirectory(prefix="runpilot-git-") as tmp:
         sterile = _sterile_git_dir(Path(tmp), gitdir, common, commit)
-        status = _sterile_git(["status", "--porcelain=v2", "--untracked-files=normal"], sterile, top, deadline)
+        status = _sterile_git(["status", "--porcelain=v2", "--untracked-files=normal"], sterile, top, deadline,
+                              procs)
         if status.returncode != 0:
             return facts, ""
         facts["dirty"] = bool(status.stdout.strip())
         if not facts["dirty"]:
             return facts, ""
         diff = _sterile_git(["diff", "HEAD", "--no-ext-diff", "--no-textconv", "--no-color"],
-                            sterile, top, deadline)
+                            sterile, top, deadline, procs)
         return facts, diff.stdout if diff.returncode == 0 else ""
 
 
@@ -4289,6 +4498,8 @@ class StartProbes:
         self.deadline = time.monotonic() + GIT_PROBE_SECONDS
         self.facts: dict = {}
         self.diffs: dict[str, str] = {}
+        self.procs: list[subprocess.Popen] = []  # git while it runs: ended when the probe is given up
+        self.abandoned = False
         self.thread = threading.Thread(target=self._probe, daemon=True)
         self.thread.start()
 
@@ -4297,7 +4508,9 @@ class StartProbes:
             self.facts["engine_version"] = engine_version(self.engine)
         repos: dict[str, dict] = {}
         for folder in self.folders:
-            found = git_facts(folder, self.deadline)
+            if self.abandoned:
+                return
+            found = git_facts(folder, self.deadline, self.procs)
             if found and found[0]["root"] not in repos:
                 repos[found[0]["root"]] = found[0]
                 self.diffs[found[0]["root"]] = found[1]
@@ -4309,6 +4522,10 @@ class StartProbes:
         while self.thread.is_alive() and time.monotonic() < self.deadline and not give_up():
             self.thread.join(timeout=0.05)
         if self.thread.is_alive():
+            self.abandoned = True
+            for proc in list(self.procs):
+                with contextlib.suppress(OSError):
+                    proc.kill()
             return {"unfinished": True}
         text = "".join(f"# {root}\n{diff}" for root, diff in self.diffs.items() if diff)
         saved = bool(text) and len(text) <= GIT_DIFF_MAX
@@ -4371,8 +4588,27 @@ def leftover_job(record: RunRecord, meta: RunMeta) -> bool:
     """Whether the job of a run whose runner died is still alive (container or process group)."""
     if record.engine in ("docker", "podman"):
         return bool(containers_of(record.engine, record.id))
-    pgid = meta.job.get("pgid")
-    return isinstance(pgid, int) and process_start(pgid) == meta.job.get("start")
+    return bool(local_job_processes(record.id, meta.job))
+
+
+def local_job_processes(run_id: str, job: dict) -> list[int]:
+    """The live processes of a local run's job: every process of its process group (also once the
+    group's leader has exited), and every process carrying RUNPILOT_RUN_ID=RUN_ID in its environment
+    (a child that left the group; the only trace when meta.json lost the group). A process whose pid
+    is the group's id but started at another time means the id was reused: the group is gone."""
+    pgid = job.get("pgid") if isinstance(job, dict) else None
+    if not isinstance(pgid, int) or pgid <= 1 or process_start(pgid) not in (None, job.get("start")):
+        pgid = None
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] != "Z" and (int(fields[2]) == pgid or _belongs_to(int(entry), run_id)):
+                found.append(int(entry))
+    return found
 
 
 def containers_of(engine: str, run_id: str) -> list[str]:
@@ -5409,6 +5645,7 @@ class RunStore:
         self.db_timeout = db_timeout
         self.write_index = write_index
         self.note = note   # told what the store did on its own (a damaged index set aside)
+        self.index_busy_until = 0.0  # see save_or_defer
 
     @classmethod
     def default(cls, environ=os.environ, note: Callable[[str], None] = lambda text: None) -> "RunStore":
@@ -5467,7 +5704,7 @@ class RunStore:
 
     # -- database -----------------------------------------------------------
     @contextlib.contextmanager
-    def db(self, read_only: bool = False) -> Iterator[sqlite3.Connection]:
+    def db(self, read_only: bool = False, timeout: float | None = None) -> Iterator[sqlite3.Connection]:
         """A connection with the schema in place, caught up with runs that could not write to it.
 
         A damaged index is set aside and rebuilt; a reader on a full or read-only disk still gets
@@ -5475,23 +5712,24 @@ class RunStore:
         """
         self.ensure()
         try:
-            conn = self._open()
+            conn = self._open(timeout, catch_up_wait=INDEX_LIFE_WAIT if read_only else None)
         except sqlite3.OperationalError as exc:  # locked past the timeout, unwritable, full disk
             conn = self._open_read_only(exc) if read_only else None
             if conn is None:
-                raise self._error(exc) from exc
+                raise self._error(exc, self.db_timeout if timeout is None else timeout) from exc
         except sqlite3.DatabaseError as exc:     # not a database, or a malformed one
             conn = self._rebuild_damaged(exc)
         try:
             yield conn
         except sqlite3.DatabaseError as exc:
-            raise self._error(exc) from exc
+            raise self._error(exc, self.db_timeout if timeout is None else timeout) from exc
         finally:
             conn.close()
 
-    def _error(self, exc: sqlite3.Error) -> StoreError:
+    def _error(self, exc: sqlite3.Error, waited: float | None = None) -> StoreError:
         if "locked" in str(exc) or "busy" in str(exc):
-            return StoreError(f"{self.db_path} is locked by another process (waited {self.db_timeout:g}s); "
+            waited = self.db_timeout if waited is None else waited
+            return StoreError(f"{self.db_path} is locked by another process (waited {waited:g}s); "
                               "try again when it is done")
         if self.db_path.is_dir():
             return StoreError(f"{self.db_path} is a folder, not RunPilot's index; move it away "
@@ -5499,10 +5737,11 @@ class RunStore:
         return StoreError(f"cannot use {self.db_path}: {exc}; check the folder's permissions and free space "
                           "(runpilot reindex rebuilds the index from the run folders)")
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, timeout: float | None = None, catch_up_wait: float | None = None) -> sqlite3.Connection:
         if not self.db_path.exists():
             os.close(os.open(self.db_path, os.O_WRONLY | os.O_CREAT, 0o600))
-        conn = sqlite3.connect(self.db_path, timeout=self.db_timeout, isolation_level=None)
+        conn = sqlite3.connect(self.db_path, timeout=self.db_timeout if timeout is None else timeout,
+                               isolation_level=None)
         try:
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self._while_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
@@ -5510,7 +5749,7 @@ class RunStore:
             if conn.execute("PRAGMA user_version").fetchone()[0] != DB_SCHEMA_VERSION and self._migrate(conn):
                 self._index_folders(conn)
             if self.write_index:
-                self._catch_up(conn)
+                self._catch_up(conn, catch_up_wait)
             return conn
         except BaseException:
             conn.close()
@@ -5582,11 +5821,28 @@ class RunStore:
         make_private_dirs(self.pending_dir)
         write_private(self.pending_dir / check_run_id(run_id), b"")
 
-    def _catch_up(self, conn: sqlite3.Connection) -> None:
+    def _catch_up(self, conn: sqlite3.Connection, wait: float | None = None) -> None:
+        """Index the runs that left a marker in pending/. A reader (WAIT given) waits that long at most
+        for a locked index and then reads without catching up: the markers stay for the next use."""
         try:
             pending = [n for n in os.listdir(self.pending_dir) if RUN_ID_RE.match(n)]
         except OSError:
             return
+        if pending and wait is not None:
+            wait = 0.0 if time.monotonic() < self.index_busy_until else wait
+            conn.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+            try:
+                self._catch_up_rows(conn, pending)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                self.index_busy_until = time.monotonic() + INDEX_BUSY_SECONDS
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={int(self.db_timeout * 1000)}")
+            return
+        self._catch_up_rows(conn, pending)
+
+    def _catch_up_rows(self, conn: sqlite3.Connection, pending: list[str]) -> None:
         for run_id in pending:
             meta = self.folder(run_id).read_meta()
             with _transaction(conn):
@@ -5598,22 +5854,25 @@ class RunStore:
                 os.unlink(self.pending_dir / run_id)
 
     # -- rows ---------------------------------------------------------------
-    def save(self, meta: RunMeta) -> None:
+    def save(self, meta: RunMeta, timeout: float | None = None) -> None:
         """Write the index row of a run from its meta (raises StoreError)."""
-        self.save_record(RunRecord.of(meta, self.folder(meta.run_id).path))
+        self.save_record(RunRecord.of(meta, self.folder(meta.run_id).path), timeout)
 
-    def save_record(self, record: RunRecord) -> None:
+    def save_record(self, record: RunRecord, timeout: float | None = None) -> None:
         if not self.write_index:
             return
-        with self.db() as conn, _transaction(conn):
+        with self.db(timeout=timeout) as conn, _transaction(conn):
             conn.execute(_UPSERT, _row(record))
 
     def save_or_defer(self, meta: RunMeta) -> str | None:
-        """save(), or leave a marker for a later catch-up; returns why the index is behind, if it is."""
+        """save(), or leave a marker for a later catch-up; returns why the index is behind, if it is.
+        A locked index holds the caller INDEX_LIFE_WAIT at most, and then not again for a while."""
         try:
-            self.save(meta)
+            busy = time.monotonic() < self.index_busy_until  # found locked a moment ago: do not wait again
+            self.save(meta, timeout=0.0 if busy else min(self.db_timeout, INDEX_LIFE_WAIT))
             return None
         except StoreError as exc:
+            self.index_busy_until = time.monotonic() + INDEX_BUSY_SECONDS
             try:
                 self.defer(meta.run_id)
             except OSError as again:
@@ -5624,8 +5883,13 @@ class RunStore:
         """Remove a run's folder, then its row (a folder left by a crash comes back on reindex)."""
         folder = self.folder(run_id)
         trash = self.runs_dir / f".deleting-{run_id}"
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.replace(folder.path, trash)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(f"cannot delete run {run_id}: {e.strerror} ({self.runs_dir}); nothing was deleted: "
+                             "check that RUNPILOT_HOME is writable") from e
         shutil.rmtree(trash, ignore_errors=True)
         with self.db() as conn, _transaction(conn):
             conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
@@ -6169,6 +6433,8 @@ def _run_placed(store: RunStore, config: JobConfig, folder: RunFolder, meta: Run
         meta.status, meta.started_at = RUNNING, utc_now()
         folder.write_meta(meta, durable=False)
         _report_behind(report, folder.run_id, store.save_or_defer(meta))
+    else:  # the duration is the job's: what recording the run took (an index that was busy) is not
+        meta.started_at = utc_now()
     _announce(config, meta, report)
     probes = StartProbes(meta.engine or "", _probe_folders(config))
     result = supervise(launch, options, launched, folder, meta, terminal, signals, report)
@@ -6241,7 +6507,8 @@ class GpuPlacement:
         if requested is None or not pool or not options.claim_gpus:
             return cls(None, 0, (), [], options.wait_for_gpus)
         count, pinned = gpu_request(requested, pool, facts.get("gpus") or {})
-        claims = GpuClaims(store.home / "gpus", functools.partial(outlived_its_runner, store))
+        claims = GpuClaims(store.home / "gpus", functools.partial(outlived_its_runner, store),
+                           gpu_claims_folder(os.environ))
         return cls(claims, count, pinned, pool, options.wait_for_gpus)
 
     @property
@@ -6829,6 +7096,16 @@ def sweep_points(axes: tuple[tuple[str, tuple], ...], repeat: int) -> list[Sweep
             for i, combo in enumerate(combos) for r in range(repeat)]
 
 
+def check_sweep_size(axes: tuple[tuple[str, tuple], ...], repeat: int, limit: int) -> int:
+    """How many points the grid has (counted, not built); more than LIMIT is refused."""
+    count = math.prod(len(values) for _, values in axes) * repeat
+    if count > limit:
+        shape = " x ".join([f"{len(v)} {k}" for k, v in axes] + ([f"{repeat} repeats"] if repeat > 1 else []))
+        raise UsageError(f"the sweep has {count} points ({shape}), more than the limit of {limit}; give fewer "
+                         f"values, or --max-points {count} to run them all")
+    return count
+
+
 def point_config(data: object, path: str, text: str, positions: dict, blamed: dict, point: SweepPoint,
                  repeats: int, from_grid: bool = True) -> JobConfig:
     """The config of one point: the file's data with --set and the point's values applied; a
@@ -6870,16 +7147,43 @@ class Sweep:
         path = store.sweeps_dir / check_sweep_id(sweep_id) / "sweep.json"
         try:
             data = read_json_file(path)
+            problem = sweep_file_problem(data)
+            if problem:
+                raise ValueError(problem)
             return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
         except FileNotFoundError:
             raise UsageError(f"there is no sweep {sweep_id}; see runpilot sweeps") from None
         except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise StoreError(f"cannot read {path}: {exc}") from exc
+            raise StoreError(f"cannot read {path}: {exc}; the sweep's runs are still listed by "
+                             "'runpilot list' (restore the file, or start a new sweep)") from exc
 
     def save(self, store: RunStore) -> None:
         folder = store.sweeps_dir / self.sweep_id
         make_private_dirs(folder)
         write_atomic(folder / "sweep.json", (json.dumps(dataclasses.asdict(self), indent=2) + "\n").encode())
+
+
+def sweep_file_problem(data: object) -> str | None:
+    """What is wrongly typed in a parsed sweep.json (None when its shape is the one Sweep.save writes)."""
+    if not isinstance(data, dict):
+        return "it is not a JSON object"
+    for key, kind, name in (("sweep_id", str, "a text"), ("points", list, "a list"), ("options", dict, "an object"),
+                            ("axes", list, "a list"), ("runner", dict, "an object"), ("repeat", int, "a number")):
+        if key in data and not isinstance(data[key], kind) or key in ("sweep_id", "points") and key not in data:
+            return f"'{key}' must be {name}"
+    for n, point in enumerate(data["points"], 1):
+        if not isinstance(point, dict) or not isinstance(point.get("run_id"), str) \
+                or not RUN_ID_RE.match(point["run_id"]) or not isinstance(point.get("index"), int) \
+                or not isinstance(point.get("repeat", 0), int) or not _pairs(point.get("values", [])) \
+                or not isinstance(point.get("earlier", []), list) \
+                or not all(isinstance(r, str) and RUN_ID_RE.match(r) for r in point.get("earlier", [])):
+            return f"point {n} of 'points' is not an object with a run_id, an index and values"
+    return None
+
+
+def _pairs(values: object) -> bool:
+    return isinstance(values, list) and all(isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
+                                            for v in values)
 
 
 def plan_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint, JobConfig]], axes,
@@ -7188,6 +7492,48 @@ def summarize_sweep(sweep: Sweep, records: dict[str, RunRecord]) -> SweepSummary
                         len(sweep.points), done, counts, metric, best,
                         next((i for v, i in scored if best is not None and v == best), None))
 
+@contextlib.contextmanager
+def held_sweep(store: RunStore, sweep_id: str) -> Iterator[None]:
+    """Hold sweep SWEEP_ID for the duration (see hold_sweep)."""
+    fd = hold_sweep(store, sweep_id)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def hold_sweep(store: RunStore, sweep_id: str) -> int:
+    """Take sweep SWEEP_ID for this process alone: an flock on `sweeps/<id>/runner.lock`, held
+    until the descriptor is closed or the process ends (the kernel lets go however it ends).
+    Refuses when another runner runs or resumes it, so that no point is ever run twice at once."""
+    folder = store.sweeps_dir / check_sweep_id(sweep_id)
+    try:
+        fd = os.open(folder / "runner.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except FileNotFoundError:
+        raise UsageError(f"there is no sweep {sweep_id}; see runpilot list") from None
+    except OSError as e:
+        raise StoreError(f"cannot open {folder / 'runner.lock'}: {e.strerror}; check the home's permissions") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        holder: object = "?"
+        with contextlib.suppress(RunPilotError, OSError):
+            holder = flock_holders().get(_lock_key(os.stat(folder / "runner.lock")), "?")
+        raise UsageError(f"sweep {sweep_id} is being run by another runpilot (pid {holder}); wait for it to end, "
+                         f"or stop it first (runpilot stop {sweep_id})") from None
+    return fd
+
+
+def still_running_elsewhere(store: RunStore, sweep: Sweep, point: dict, meta: RunMeta) -> bool:
+    """Whether a point's run lost its runner while its job (container or process group) lives on:
+    such a point is reported and left alone, never run a second time beside it."""
+    if meta.status not in (RUNNING, LOST) or not outlived_its_runner(store, point["run_id"]):
+        return False
+    note(f"point {point['index'] + 1} of sweep {sweep.sweep_id} is not resumed: its run {point['run_id']} is "
+         f"still running (its runner died, its job lives on); 'runpilot stop {point['run_id']}' ends it")
+    return True
+
 
 # ==== 17. Slurm: the same config on a cluster ================================
 # `--on slurm` records the run as `queued`, copies this very file into the run folder, and
@@ -7324,10 +7670,16 @@ def submit_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint,
         listing = "".join(f"{store.folder(p['run_id']).path}\n" for p in sweep.points)
         write_private(folder / "runs.txt", listing.encode())
         array = f"0-{len(sweep.points) - 1}" + (f"%{parallel}" if parallel else "")
-        lines = sbatch_lines(first, sweep_id, str(folder / "slurm-%A_%a.out"), array)
+        longest, own = sweep_time_limits([c for _, c in configs])
+        array_config = dataclasses.replace(first, slurm=dataclasses.replace(first.slurm, time=longest)) \
+            if longest else first
+        lines = sbatch_lines(array_config, sweep_id, str(folder / "slurm-%A_%a.out"), array)
         write_private(folder / "slurm.sh", slurm_script(first, lines, folder / "runpilot.py",
                                                         str(folder / "runs.txt")).encode())
         array_id = sbatch(folder / "slurm.sh")
+        for index, limit in enumerate(own):  # each task down to its own point's limit (users may lower one)
+            if limit and longest and parse_slurm_time(limit) < parse_slurm_time(longest):
+                quiet_run(["scontrol", "update", f"JobId={array_id}_{index}", f"TimeLimit={limit}"], timeout=30)
     except BaseException:
         for point in sweep.points:
             with contextlib.suppress(RunPilotError):
@@ -7527,15 +7879,42 @@ def parse_slurm_duration(text: str) -> float | None:
 def within_slurm_limit(config: JobConfig, environ) -> tuple[JobConfig, bool]:
     """The config with its timeout moved before Slurm's time limit, so that RunPilot stops the job
     itself (and records `timeout`) before Slurm signals everything; also whether it was moved."""
-    job = environ.get("SLURM_JOB_ID")
-    left = parse_slurm_duration(quiet_run(["squeue", "-h", "-j", job, "-o", "%L"], timeout=30).stdout) \
-        if job and shutil.which("squeue") else None
+    job = slurm_task_id(environ)
+    said = quiet_run(["squeue", "-h", "-j", job, "-o", "%L"], timeout=30).stdout if job and shutil.which("squeue") \
+        else ""
+    left = parse_slurm_duration((said.splitlines() or [""])[0])
     if left is None:
         return config, False
     own = max(5.0, left - min(60.0, left / 4))
     if config.timeout is not None and config.timeout <= own:
         return config, False
     return dataclasses.replace(config, timeout=own), True
+
+
+def slurm_task_id(environ) -> str | None:
+    """The id that names this job alone to squeue: `ARRAY_TASK` for an array's task (the task whose
+    SLURM_JOB_ID is the array's id would otherwise be asked about the whole array), else the job id."""
+    array, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else environ.get("SLURM_JOB_ID")
+
+
+def sweep_time_limits(configs: list[JobConfig]) -> tuple[str | None, list[str | None]]:
+    """The --time of a Slurm sweep's array (the longest of its points', so that no point is killed
+    before its own limit) and each point's own, which is set on its task after the submission."""
+    own = [c.slurm.time or (slurm_time(c.timeout + SLURM_TIME_MARGIN) if c.timeout else None) for c in configs]
+    if any(t is None for t in own):
+        return None, own
+    return max(own, key=lambda t: parse_slurm_time(t)), own
+
+
+def parse_slurm_time(text: str) -> float:
+    """Seconds of a --time value (D-HH:MM:SS and the shorter forms; a bare number is minutes)."""
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return math.inf
+    days, _, clock = text.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    units = (3600, 60, 1) if days or len(parts) == 3 else (60, 1)  # D-HH[:MM[:SS]], HH:MM:SS; MM[:SS]
+    return sum(v * u for v, u in zip(parts, units)) + int(days or 0) * 86400
 
 
 def run_on_node(folder: RunFolder, environ, report: Reporter) -> int:
@@ -7713,12 +8092,11 @@ def end_leftover_job(record: RunRecord, meta: RunMeta, wait: float = 5.0) -> Non
         for container in containers_of(record.engine, record.id):
             quiet_run([record.engine, "rm", "-f", container], timeout=60)
         return
-    if not leftover_job(record, meta):
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(meta.job["pgid"], signal.SIGKILL)
     deadline = time.monotonic() + wait
-    while leftover_job(record, meta) and time.monotonic() < deadline:
+    while (pids := local_job_processes(record.id, meta.job)) and time.monotonic() < deadline:
+        for pid in pids:  # again each time: a process may have forked before it got its SIGKILL
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.02)
 
 
@@ -7998,22 +8376,25 @@ def sparkline(values: list[float], width: int = 40, ascii_only: bool = False) ->
                    for v in numbers)
 
 
-def metric_summary(samples: list[dict]) -> dict[str, dict]:
-    """count, first, last, min, max and the series of every metric in a run."""
+def metric_summary(samples: Iterable[dict]) -> dict[str, dict]:
+    """count, first, last, min, max and the series of every metric in a run; SAMPLES may be a
+    stream (iter_metrics): only the numbers of each series are kept, not the samples."""
     summary: dict[str, dict] = {}
     for sample in samples:
         for key, value in sample.items():
             if key == "step":
                 continue
-            entry = summary.setdefault(key, {"count": 0, "first": value, "values": []})
+            entry = summary.get(key)
+            if entry is None:
+                entry = summary[key] = {"count": 0, "first": value, "values": [], "min": None, "max": None}
             entry["count"] += 1
             entry["last"] = value
-            entry["values"].append(value)
-    for entry in summary.values():
-        numbers = [v for v in entry["values"] if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and not (isinstance(v, float) and math.isnan(v))]
-        entry["min"] = min(numbers) if numbers else None
-        entry["max"] = max(numbers) if numbers else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+                entry["values"].append(value)
+                if entry["min"] is None or value < entry["min"]:
+                    entry["min"] = value
+                if entry["max"] is None or value > entry["max"]:
+                    entry["max"] = value
     return summary
 
 
@@ -8176,6 +8557,37 @@ def export_rows(runs: list[tuple[RunRecord, list[dict], dict]], keys: list[str],
     rows = [[r.id, r.name] + [fmt_cell(flat.get(k)) for k in keys] + [r.tags.get(t, "") for t in tag_names]
             + [s.get("step")] + [s.get(m, "") for m in metrics] for r, samples, flat in runs for s in samples]
     return ["run_id", "name"] + keys + [f"tag.{t}" for t in tag_names] + ["step"] + metrics, rows
+
+
+def export_stream(runs: list[tuple[RunRecord, Path, dict]], keys: list[str], tag_names: list[str], fmt: str,
+                  write: Callable[[str], object]) -> int:
+    """`export`, a line at a time to WRITE, reading each run's metrics.json as a stream (the CSV
+    header's metrics take a first pass): as export_rows and render_csv, or JSON lines. Returns
+    how many samples were written."""
+    import csv
+    import io
+    if fmt == "csv":
+        metrics = list(dict.fromkeys(k for _, path, _ in runs for s in iter_metrics(path) for k in s if k != "step"))
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+
+        def emit(row: list) -> None:
+            writer.writerow(row)
+            write(buffer.getvalue()[:-1])
+            buffer.seek(0)
+            buffer.truncate()
+        emit(["run_id", "name"] + keys + [f"tag.{t}" for t in tag_names] + ["step"] + metrics)
+    count = 0
+    for r, path, flat in runs:
+        fixed = [r.id, r.name] + [fmt_cell(flat.get(k)) for k in keys] + [r.tags.get(t, "") for t in tag_names]
+        for s in iter_metrics(path):
+            count += 1
+            if fmt == "csv":
+                emit(fixed + [s.get("step")] + [s.get(m, "") for m in metrics])
+            else:
+                write(json.dumps(json_safe({"run_id": r.id, "name": r.name, **{k: flat.get(k) for k in keys},
+                                            **{f"tag.{t}": r.tags.get(t) for t in tag_names}, **s})))
+    return count
 
 
 def render_csv(header: list[str], rows: list[list]) -> str:
@@ -9932,7 +10344,12 @@ def detach(argv: list[str], store: RunStore, flag: str, folder: RunFolder | None
     key = folder.run_id if folder else sweep.name if sweep else ""
     errors = store.home / f".detach-{key}.err"
     child_argv = [a for a in argv if a not in ("-d", "--detach")] + [flag, key]
-    with open(os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as err:
+    try:
+        fd = os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as e:
+        raise StoreError(f"cannot start in the background: {e.strerror} ({store.home}); check that "
+                         "RUNPILOT_HOME is writable, or set it to a writable folder") from e
+    with open(fd, "wb") as err:
         child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *child_argv],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                  start_new_session=True)
@@ -9987,11 +10404,11 @@ def find_run(store: RunStore, ref: str) -> RunRecord:
     return refresh(store, [store.find(ref)], note)[0]
 
 
-def _run_details(store: RunStore, ref: str) -> tuple[RunRecord, RunMeta, list[dict]]:
+def _run_details(store: RunStore, ref: str) -> tuple[RunRecord, RunMeta, Iterator[dict]]:
     """A run with its meta.json and its samples."""
     record = find_run(store, ref)
     folder = store.folder(record.id)
-    return record, folder.read_meta(), read_metrics(folder.metrics)
+    return record, folder.read_meta(), iter_metrics(folder.metrics)
 
 
 def _list_filter(args) -> RunFilter:
@@ -10195,7 +10612,7 @@ def _config_of(store: RunStore, record: RunRecord) -> dict:
 
 def cmd_compare(args) -> int:
     store = _store()
-    runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics)))
+    runs = [(r, _config_of(store, r), metric_summary(iter_metrics(store.folder(r.id).metrics)))
             for r in _refs_or_sweep(store, args)]
     known = {m for _, _, summary in runs for m in summary}
     for name in args.metric:
@@ -10222,31 +10639,30 @@ def cmd_export(args) -> int:
             return 0
     if args.format in ("tensorboard", "mlflow"):
         return export_to_tool(store, records, args)
-    runs = [(r, read_metrics(store.folder(r.id).metrics), _config_of(store, r)) for r in records]
+    runs = [(r, store.folder(r.id).metrics, _config_of(store, r)) for r in records]  # samples: streamed
     keys = [k for k in differing([flat for _, _, flat in runs]) if k != "name"] if args.config else []  # a column
     if args.sweep:  # a sweep's points differ in their swept keys: always columns, first
         keys = list(dict.fromkeys(swept_keys(store, args.sweep) + keys))
     tag_names = sorted({t for r in records for t in r.tags}) if args.tags else []
-    if args.format == "csv":
-        text = render_csv(*export_rows(runs, keys, tag_names))
-        if sys.stdout.isatty() and not args.output:
-            text = "\n".join(visible(line) for line in text.split("\n"))
-    else:
-        text = "".join(json.dumps(json_safe({"run_id": r.id, "name": r.name, **{k: flat.get(k) for k in keys},
-                                             **{f"tag.{t}": r.tags.get(t) for t in tag_names}, **s})) + "\n"
-                       for r, samples, flat in runs for s in samples)
     if not args.output:
+        shown = visible if sys.stdout.isatty() and args.format == "csv" else (lambda line: line)
         try:
-            sys.stdout.write(text)
+            export_stream(runs, keys, tag_names, args.format, lambda line: sys.stdout.write(shown(line) + "\n"))
             sys.stdout.flush()
         except BrokenPipeError:
             _silence(sys.stdout)
         return 0
+    target = Path(args.output)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")  # never a half-written file
     try:
-        Path(args.output).write_text(text, encoding="utf-8")
+        with open(partial, "w", encoding="utf-8") as f:
+            count = export_stream(runs, keys, tag_names, args.format, lambda line: f.write(line + "\n"))
+        os.replace(partial, target)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink()
         raise RunPilotError(f"cannot write {args.output}: {exc.strerror}; choose another -o path") from exc
-    echo(f"wrote {sum(len(s) for _, s, _ in runs)} sample(s) of {len(runs)} run(s) to {args.output}", err=True)
+    echo(f"wrote {count} sample(s) of {len(runs)} run(s) to {args.output}", err=True)
     return 0
 
 
@@ -10257,6 +10673,7 @@ def swept_keys(store: RunStore, sweep_id: str) -> list[str]:
                 if isinstance(axis, list) and axis and str(axis[0]) != "name"]
     except RunPilotError:
         return []
+
 
 def export_to_tool(store: RunStore, records: list[RunRecord], args) -> int:
     """`export --format tensorboard|mlflow`: event files in a folder, or runs on a tracking server."""
@@ -10389,14 +10806,18 @@ def cmd_gc(args) -> int:
     before = since_cutoff(args.older_than, "--older-than") if args.older_than else None
     records = store.query(RunFilter(before=before, keep_newest=args.keep, final_only=True, ascending=True))
     records = whole_sweeps_only(store, records, note)
+    matching = RunFilter(before=before, keep_newest=args.keep, ascending=True)
     if args.dry_run:
         width = output_width()
         for record in records:
             line = visible(f"would delete {record.id} {record.status:<11} {record.name}")
             echo(clip(line, width) if width else line)
         echo(f"{len(records)} run(s) would be deleted")
+        note_active_kept(store, matching, records)
         return 0
-    return delete_runs(store, records, args.yes, skip_busy=True, collect=True)
+    code = delete_runs(store, records, args.yes, skip_busy=True, collect=True)
+    note_active_kept(store, matching, records)
+    return code
 
 
 def whole_sweeps_only(store: RunStore, records: list[RunRecord], say: Callable[[str], None]) -> list[RunRecord]:
@@ -10414,6 +10835,15 @@ def whole_sweeps_only(store: RunStore, records: list[RunRecord], say: Callable[[
             say(f"kept sweep {sweep_id} whole: {total - count} of its {total} runs are not to be deleted, "
                 f"so its other {count} stay too")
     return [r for r in records if r.sweep_id not in partial]
+
+
+def note_active_kept(store: RunStore, matching: RunFilter, chosen: list[RunRecord]) -> None:
+    """Name the runs gc's age and count would have taken but leaves, because they are still active."""
+    picked = {r.id for r in chosen}
+    for record in store.query(matching):
+        if record.id not in picked and record.status in ACTIVE_STATUSES:
+            note(f"skipped: run {record.id} ({visible(record.name)}) is {record.status}; gc never deletes an "
+                 f"active run (runpilot stop {record.id} first)")
 
 
 def cmd_validate(args) -> int:
@@ -10761,7 +11191,9 @@ def sweep_reporter(sweep: Sweep, terminal: Terminal) -> Reporter:
 def render_sweep_plan(sweep_id: str, points: list[SweepPoint], repeat: int, parallel: int, pool: list[str] | None) -> str:
     where = f" on GPUs {','.join(pool)}" if pool else ""
     lines = [f"sweep {sweep_id}: {len(points)} run(s), {parallel} at a time{where}"]
-    lines += [f"  {p.index + 1:>3}. {p.label(repeat)}" for p in points]
+    lines += [f"  {p.index + 1:>3}. {p.label(repeat)}" for p in points[:SWEEP_PLAN_SHOWN]]
+    if len(points) > SWEEP_PLAN_SHOWN:
+        lines.append(f"  (and {len(points) - SWEEP_PLAN_SHOWN} more)")
     return "\n".join(visible(line) for line in lines)
 
 
@@ -10784,6 +11216,7 @@ def cmd_sweep(args) -> int:
         check_new_key(data, tuple(key.split(".")), f"--grid {key}" if args.grid else f"{args.config}: sweep: {key}")
     if not axes:
         raise UsageError("nothing to sweep: give --grid KEY=V1,V2 or a sweep: section in the config")
+    check_sweep_size(axes, args.repeat, args.max_points)
     points = sweep_points(axes, args.repeat)
     configs = [(p, point_config(data, str(args.config), text, positions, blamed, p, args.repeat, bool(args.grid)))
                for p in points]
@@ -10810,8 +11243,9 @@ def cmd_sweep(args) -> int:
               "live_code": args.live_code}
     with StopSignals() as signals:
         sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, stored, base.source)
-        jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
-        return _run_sweep(store, sweep, jobs, options, parallel, args.fail_fast, signals)
+        with held_sweep(store, sweep_id):
+            jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
+            return _run_sweep(store, sweep, jobs, options, parallel, args.fail_fast, signals)
 
 
 def _check_sweep_host(configs: list[JobConfig], options: RunOptions) -> None:
@@ -10850,7 +11284,7 @@ def _run_sweep(store: RunStore, sweep: Sweep, jobs: list, options: RunOptions, p
 def print_sweep_end(store: RunStore, sweep: Sweep) -> None:
     """What a sweep ends with, wherever it ran: the comparison table, then how to look at it again."""
     records = refresh(store, [r for p in sweep.points if (r := store.get(p["run_id"])) is not None], note)
-    runs = [(r, _config_of(store, r), metric_summary(read_metrics(store.folder(r.id).metrics))) for r in records]
+    runs = [(r, _config_of(store, r), metric_summary(iter_metrics(store.folder(r.id).metrics))) for r in records]
     echo(render_compare(runs, output_width(), False, ("name",)))
     note(f"sweep {sweep.sweep_id}: runpilot list --sweep {sweep.sweep_id}; runpilot plot --sweep {sweep.sweep_id}")
 
@@ -10865,7 +11299,13 @@ def _resume_sweep(store: RunStore, args) -> int:
     if changed:
         raise UsageError(f"--resume runs the points as they were recorded; {', '.join(changed)} cannot be given "
                          "with it (start a new sweep to change them)")
-    sweep = Sweep.load(store, find_sweep(store, args.resume))
+    sweep_id = Sweep.load(store, find_sweep(store, args.resume)).sweep_id
+    with held_sweep(store, sweep_id):
+        return _resume_held(store, Sweep.load(store, sweep_id), args)  # as the last runner left it
+
+
+def _resume_held(store: RunStore, sweep: Sweep, args) -> int:
+    """--resume, once this process alone holds the sweep."""
     if sweep.options.get("on") == "slurm":
         raise UsageError(f"sweep {sweep.sweep_id} was submitted to Slurm, and --resume runs points here; submit "
                          "the points that did not finish again with runpilot sweep ... --on slurm")
@@ -10893,7 +11333,7 @@ def _unfinished_points(store: RunStore, sweep: Sweep) -> list[tuple[dict, RunFol
     for point in sweep.points:
         folder = store.folder(point["run_id"])
         meta = folder.read_meta()
-        if meta.status in (SUCCEEDED, FAILED, TIMEOUT):
+        if meta.status in (SUCCEEDED, FAILED, TIMEOUT) or still_running_elsewhere(store, sweep, point, meta):
             continue
         if not folder.config.is_file():
             note(f"point {point['index'] + 1} of sweep {sweep.sweep_id} is not resumed: its run {point['run_id']} "
@@ -10940,6 +11380,8 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-fast", action="store_true", help="stop the sweep when a run does not succeed")
     p.add_argument("--resume", metavar="SWEEP_ID", type=_sweep_ref_arg, help="run the points of a sweep that never finished")
     p.add_argument("--dry-run", action="store_true", help="print the plan; run and record nothing")
+    p.add_argument("--max-points", type=_positive_int, default=MAX_SWEEP_POINTS, metavar="N",
+                   help=f"allow a sweep of up to N points (default {MAX_SWEEP_POINTS})")
     p.add_argument("--on", choices=("here", "slurm"), default="here",
                    help="here (default), or submit the sweep to Slurm as one job array")
     _add_metrics_from(p)
@@ -10955,9 +11397,9 @@ def _slurm_refusals(args, sweep: bool) -> None:
         raise UsageError(f"{', '.join(given)} cannot be given with --on slurm: Slurm places the job and the node "
                          "runs the config's engine (set engine: in the config)")
     home = str(RunStore.default().home)
-    if re.search(r"[\s%]", home):
-        raise UsageError(f"RUNPILOT_HOME {home!r} holds a space or '%', which sbatch's --output cannot take; "
-                         "choose a home without them")
+    if re.search(r"[\s%\\'\"]", home):
+        raise UsageError(f"RUNPILOT_HOME {home!r} holds a space, '%', a backslash or a quote, which sbatch's "
+                         "--output cannot take (it would strip them); choose a home without them")
 
 
 def slurm_run_cli(args, config: JobConfig, options: RunOptions) -> int:

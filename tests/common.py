@@ -283,3 +283,9 @@ def small_disk(test: unittest.TestCase, size: str = "1m", read_only: bool = Fals
         test.skipTest(f"cannot mount a small tmpfs here (needs root): {done.stderr.decode().strip()}")
     test.addCleanup(lambda: (subprocess.run(["umount", "-l", str(where)]), where.rmdir()))
     return where
+
+
+# GPU claims are machine-wide (runpilot.GPU_CLAIMS_DIR): the tests of this process claim the stand-in
+# nvidia-smi's GPUs in a folder of their own, so that test runs beside each other on one machine
+# do not take each other's GPUs. Tests of the machine-wide behaviour point it elsewhere.
+os.environ.setdefault("RUNPILOT_GPU_CLAIMS", tempfile.mkdtemp(prefix="runpilot-test-gpu-claims-"))

@@ -210,7 +210,8 @@ class Detach(Iteration):
         """The run's runs.db row once it is there (and, if asked, no longer running)."""
         deadline = time.monotonic() + seconds
         while True:
-            with contextlib.suppress(sqlite3.Error):  # the child may be creating runs.db right now
+            with contextlib.suppress(sqlite3.Error, runpilot.StoreError):  # the child may be creating runs.db
+                runpilot.RunStore(self.home).query()  # a use of the index catches up with runs it held up
                 rows = [r for r in self.db_rows() if r["id"] == run_id]
                 if rows and not (finished and rows[0]["status"] == "running"):
                     return rows[0]

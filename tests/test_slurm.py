@@ -98,7 +98,7 @@ class BatchScript(HomeTestCase):
         with mock.patch.dict(os.environ, {"RUNPILOT_HOME": str(self.tmp / "my home")}):
             code, out, err = self.cli("run", config, "--on", "slurm", "--dry-run")
         self.assertEqual(code, 2)
-        self.assertIn("holds a space or '%', which sbatch's --output cannot take", err)
+        self.assertIn("holds a space, '%', a backslash or a quote, which sbatch's --output cannot take", err)
 
     def test_a_sweeps_dry_run_shows_control_characters_escaped(self):
         config = self.write("c.yaml", "name: x\nengine: local\nentrypoint: 'true'\n"
