@@ -38,15 +38,11 @@ if __name__ == "__main__" or _sys.argv[:1] and _sys.argv[0].rsplit("/", 1)[-1] =
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import datetime as _dt
-import difflib
 import fcntl
 import functools
-import getpass
 import hashlib
-import html
 import itertools
 import json
 import math
@@ -61,7 +57,6 @@ import sqlite3
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -1706,6 +1701,7 @@ def _shown(value: object) -> str:
 
 
 def _did_you_mean(word: str, choices: tuple[str, ...]) -> str:
+    import difflib  # only here: not every start pays for it
     word = word.lower()
     close = [KEY_SYNONYMS[word]] if KEY_SYNONYMS.get(word) in choices else \
         difflib.get_close_matches(word, choices, n=1) or \
@@ -4473,6 +4469,7 @@ def git_facts(folder: str, deadline: float, procs: list | None = None) -> tuple[
     facts = {"root": str(top), "commit": commit, "branch": branch, "dirty": None}
     if not commit or commit == "(initial)" or not shutil.which("git"):
         return facts, ""
+    import tempfile  # only here: not every start pays for it
     with tempfile.TemporaryDirectory(prefix="runpilot-git-") as tmp:
         sterile = _sterile_git_dir(Path(tmp), gitdir, common, commit)
         status = _sterile_git(["status", "--porcelain=v2", "--untracked-files=normal"], sterile, top, deadline,
@@ -4622,6 +4619,7 @@ def become_subreaper() -> bool:
     """Adopt the orphans of our children (Linux PR_SET_CHILD_SUBREAPER): a local job's child that
     calls setsid and whose parent exits becomes our child, where the run can still end it."""
     with contextlib.suppress(OSError, AttributeError):
+        import ctypes  # only here: not every start pays for it
         return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # 36: PR_SET_CHILD_SUBREAPER
     return False
 
@@ -4964,6 +4962,7 @@ def git_code_files(folder: Path) -> list[str] | None:
     commit, _ = git_head(gitdir, common)
     if not commit or commit == "(initial)":
         return None
+    import tempfile  # only here: not every start pays for it
     with tempfile.TemporaryDirectory(prefix="runpilot-git-") as tmp:
         sterile = _sterile_git_dir(Path(tmp), gitdir, common, commit)
         listed = _sterile_git(["-C", str(folder), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -6200,10 +6199,6 @@ def hashlib_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def stat_is_file(st: os.stat_result) -> bool:
-    return (st.st_mode & 0o170000) == 0o100000
-
-
 def stat_is_link(st: os.stat_result) -> bool:
     return (st.st_mode & 0o170000) == 0o120000
 
@@ -6341,6 +6336,7 @@ def _os_name() -> str:
 
 def _user() -> str | None:
     with contextlib.suppress(KeyError, OSError):  # no name for this uid (containers, LDAP outages)
+        import getpass  # only here: not every start pays for it
         return getpass.getuser()
     return None
 
@@ -8760,6 +8756,7 @@ def fmt_code(code: dict) -> str | None:
 
 def render_code_diff(old: list[dict], new: list[dict], read: Callable[[str], bytes], names: tuple[str, str]) -> list[str]:
     """A unified diff of two snapshots' files (READ gives an object's bytes by hash); binary files are named."""
+    import difflib  # only here: not every start pays for it
     before, after = {e["path"]: e for e in old}, {e["path"]: e for e in new}
     lines = []
     for path in sorted(set(before) | set(after)):
@@ -9546,6 +9543,7 @@ footer{color:#8c959f;font-size:12px;margin-top:8px}
 
 def _h(value: object) -> str:
     """A run-provided value made safe for HTML and XML: control characters spelled out, markup escaped."""
+    import html  # only here: not every start pays for it
     return html.escape(visible(str(value)), quote=True)
 
 
