@@ -2605,6 +2605,8 @@ def encode_varint(value: int) -> bytes:
 
 # What TensorBoard's reader checks first in every event file.
 TB_FILE_VERSION = b"brain.Event:2"
+# The steps an Event (and MLflow) can hold: an int64. A METRIC step beyond it stays out of both.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 # float32's largest finite value: a scalar beyond it is written as ±inf, as numpy would round it.
 FLOAT32_MAX = 3.4028234663852886e38
 # The hparams plugin's summary tags and its SessionEndInfo.Status values.
@@ -2920,6 +2922,12 @@ class LiveEvents:
         steps = list(map(dict.get, samples, itertools.repeat("step"), itertools.count(first)))
         now = time.time()
         low, high = min(steps), max(steps)
+        if low < INT64_MIN or high > INT64_MAX:  # an Event's step is an int64: such samples stay out
+            kept = [i for i, step in enumerate(steps) if INT64_MIN <= step <= INT64_MAX]
+            steps, samples = [steps[i] for i in kept], [samples[i] for i in kept]
+            if not samples:
+                return
+            low, high = min(steps), max(steps)
         with_step = sum(map(dict.__contains__, samples, itertools.repeat("step")))
         if len(set(map(len, samples))) == 1 and with_step in (0, len(samples)) and low >= 0 and \
                 _VARINT_BYTES[low.bit_length()] == _VARINT_BYTES[high.bit_length()]:
@@ -7918,7 +7926,7 @@ class TensorBoardRun:
         return len(samples) + len(gpu)
 
     def _write(self, wall_time: float, step: object, values: dict) -> None:
-        if values and type(step) is int:
+        if values and type(step) is int and INT64_MIN <= step <= INT64_MAX:
             self.writer.write(self.events.record(wall_time, step, values))
 
     def close(self) -> None:
@@ -8048,6 +8056,8 @@ def mlflow_metrics(record: RunRecord, folder: RunFolder) -> list[dict]:
     out = []
     for i, sample in enumerate(read_metrics(folder.metrics)):
         when = int((start + at(i) * 60) * 1000)
+        if not INT64_MIN <= sample.get("step", 0) <= INT64_MAX:  # MLflow's steps are int64s
+            continue
         for key, value in scalar_values(sample).items():
             out.append({"key": key, "value": float(value), "timestamp": when, "step": sample.get("step", i + 1)})
     for sample in read_metrics(folder.gpu_stats):
