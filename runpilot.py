@@ -7966,13 +7966,23 @@ class MlflowClient:
                  timeout: float = MLFLOW_TIMEOUT) -> None:
         import urllib.parse
         import urllib.request
-        parsed = urllib.parse.urlsplit(uri)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise UsageError(f"--format mlflow: {visible(uri)!r} is not a tracking server's http(s) URL; give "
+        try:
+            parsed = urllib.parse.urlsplit(uri)
+            parsed.port  # noqa: B018 (a port that is not a number, or beyond 65535, raises here)
+        except ValueError:
+            parsed = None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+            shown = re.sub(r"//[^/@]*@", "//", uri)   # never a password of the URI
+            raise UsageError(f"--format mlflow: {visible(shown)!r} is not a tracking server's http(s) URL; give "
                              "-o http://HOST:5000 or set MLFLOW_TRACKING_URI")
-        self.uri, self.timeout = uri.rstrip("/"), timeout
+        # user:password@ in the address authenticates, as in MLflow's own client, and is never printed
+        self.uri = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl().rstrip("/")
+        self.timeout = timeout
         self.opener = opener or urllib.request.urlopen
         self.headers = {"Content-Type": "application/json", "User-Agent": f"runpilot/{__version__}"}
+        if parsed.username is not None and not environ.get("MLFLOW_TRACKING_USERNAME"):
+            environ = {**environ, "MLFLOW_TRACKING_USERNAME": urllib.parse.unquote(parsed.username),
+                       "MLFLOW_TRACKING_PASSWORD": urllib.parse.unquote(parsed.password or "")}
         if environ.get("MLFLOW_TRACKING_TOKEN"):
             self.headers["Authorization"] = f"Bearer {environ['MLFLOW_TRACKING_TOKEN']}"
         elif environ.get("MLFLOW_TRACKING_USERNAME"):
@@ -8715,8 +8725,9 @@ def export_to_tool(store: RunStore, records: list[RunRecord], args) -> int:
     uri = args.output or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise UsageError("--format mlflow needs the tracking server: -o http://HOST:5000 or MLFLOW_TRACKING_URI")
-    sent = export_mlflow(store, records, MlflowClient(uri), args.experiment, lambda text: echo(text, err=True))
-    echo(f"exported {len(records)} run(s) ({sent} new metric value(s)) to {visible(uri)}", err=True)
+    client = MlflowClient(uri)
+    sent = export_mlflow(store, records, client, args.experiment, lambda text: echo(text, err=True))
+    echo(f"exported {len(records)} run(s) ({sent} new metric value(s)) to {visible(client.uri)}", err=True)
     return 0
 
 def _confirm(question: str, yes: bool) -> bool:

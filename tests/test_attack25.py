@@ -5,14 +5,18 @@ steps beyond int64 in the runner's event file and in the exports, MLflow URIs wi
 that do not parse, nvidia-smi answering garbage, and the export's memory with many samples.
 """
 
+import base64
+import http.server
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import runpilot
 from tests.common import RunsHome
-from tests.test_exports import FIXTURES, split_records
+from tests.test_exports import FIXTURES, RecordingMlflow, split_records
 
 INT64 = 1 << 63
 
@@ -68,3 +72,58 @@ class StepsBeyondInt64(RunsHome):
         self.assertEqual(steps_of(next(out.glob("*/events.out.tfevents.*"))), [-3, 5])
         self.assertEqual([m["step"] for m in runpilot.mlflow_metrics(run, runpilot.RunFolder(Path(run.path)))],
                          [-3, 5])
+
+
+class AuthRecordingMlflow(RecordingMlflow):
+    """The recording stand-in, also keeping each request's Authorization header."""
+
+    seen: list = []
+
+    def _serve(self):
+        self.seen.append(self.headers.get("Authorization"))
+        super()._serve()
+
+
+class MlflowAddresses(RunsHome):
+    def setUp(self):
+        super().setUp()
+        RecordingMlflow.requests, RecordingMlflow.answer, AuthRecordingMlflow.seen = [], None, []
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AuthRecordingMlflow)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.addCleanup(self.server.server_close)
+        self.addCleanup(self.server.shutdown)
+        self.port = self.server.server_address[1]
+
+    def test_credentials_in_the_uri_authenticate_and_are_never_printed(self):
+        # before: urllib took "alice:s3cret@127.0.0.1" for the host name, and the error printed the password
+        run = self.add_run(samples=[{"step": 1, "loss": 0.5}])
+        uri = f"http://alice:s3cret@127.0.0.1:{self.port}/"
+        code, out, err = self.cli("export", run.id, "--format", "mlflow", "-o", uri)
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("s3cret", out + err)
+        self.assertIn(f"to http://127.0.0.1:{self.port}\n", err)
+        basic = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+        self.assertEqual(set(AuthRecordingMlflow.seen), {basic})
+        with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": uri}):
+            self.server.shutdown()
+            self.server.server_close()
+            result = self.cli("export", run.id, "--format", "mlflow")
+        self.assertCleanError(result, 1, f"cannot reach the MLflow server at http://127.0.0.1:{self.port}")
+        self.assertNotIn("s3cret", result[2])
+
+    def test_environment_credentials_are_never_printed(self):
+        run = self.add_run()
+        env = {"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "pw-xyz"}
+        with mock.patch.dict(os.environ, env):
+            code, out, err = self.cli("export", run.id, "--format", "mlflow", "-o", f"http://127.0.0.1:{self.port}")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("pw-xyz", out + err)
+        self.assertEqual(set(AuthRecordingMlflow.seen), {"Basic " + base64.b64encode(b"bob:pw-xyz").decode()})
+
+    def test_an_address_that_does_not_parse_is_one_line(self):
+        # before: ValueError("Invalid IPv6 URL") as a traceback
+        run = self.add_run()
+        for uri in ("http://[::1", "http://127.0.0.1:99999", "http://127.0.0.1:port"):
+            with self.subTest(uri=uri):
+                self.assertCleanError(self.cli("export", run.id, "--format", "mlflow", "-o", uri), 2,
+                                      "is not a tracking server's http(s) URL")
