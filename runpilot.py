@@ -3910,7 +3910,7 @@ class UsageSampler:
         assert self.smi is not None and self.gpu_log is not None
         try:
             done = subprocess.run(self.smi, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=max(5.0, self.interval))
+                                  errors="replace", timeout=max(5.0, self.interval))  # garbage stays text
         except (OSError, subprocess.SubprocessError) as exc:
             self.gpu_errors.append(str(exc))
             return

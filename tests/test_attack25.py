@@ -127,3 +127,46 @@ class MlflowAddresses(RunsHome):
             with self.subTest(uri=uri):
                 self.assertCleanError(self.cli("export", run.id, "--format", "mlflow", "-o", uri), 2,
                                       "is not a tracking server's http(s) URL")
+
+
+class NvidiaSmiMisbehaves(RunsHome):
+    """GPU statistics while the stand-in nvidia-smi answers the statistics query badly."""
+
+    def setUp(self):
+        super().setUp()
+        self.bin = self.tmp / "bin"
+        self.bin.mkdir()
+        self.env = {"PATH": f"{self.bin}:{os.environ['PATH']}"}
+
+    def run_with(self, answer: str) -> tuple[int, str, Path]:
+        """A 2.5 s job on GPU 0 with samples every second, nvidia-smi's statistics query running ANSWER."""
+        (self.bin / "nvidia-smi").write_text(
+            f"#!{shutil.which('python3')}\nimport os, runpy, sys\n"
+            f"if 'utilization' in ' '.join(sys.argv):\n    {answer}\n    sys.exit(0)\n"
+            f"runpy.run_path({str(FIXTURES / 'nvidia-smi')!r}, run_name='__main__')\n")
+        (self.bin / "nvidia-smi").chmod(0o755)
+        script = "import time\nfor i in range(3):\n    print(f'METRIC step={i} loss=1', flush=True)\n    time.sleep(0.8)\n"
+        config = self.local_config(script, "g", "resources:\n  gpus: 1\n")
+        code, _, err = self.cli("run", config, "--gpu-stats-every", "1", env=self.env)
+        return code, err, self.only_run()
+
+    def test_bytes_that_are_not_utf8_are_no_traceback(self):
+        # before: UnicodeDecodeError in the sampling thread, its traceback on the terminal, no more samples
+        code, err, run = self.run_with(
+            r"sys.stdout.buffer.write(b'\xff\xfe\x1b[31m garbage\n0, GPU-a, 37, 12\n'); sys.stdout.flush()")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("Traceback", err)
+        self.assertNotIn("UnicodeDecodeError", err)
+        self.assertEqual(self.meta(run)["usage"]["gpus"]["0"]["util_peak"], 37)
+        self.assertGreaterEqual(len(runpilot.read_metrics(run / "gpu.json")), 2)
+
+    def test_values_no_gpu_reports_are_left_out(self):
+        # before: a utilization of -5% was recorded, and the idle-GPU hint said "GPU 0 -5%"
+        code, err, run = self.run_with(r"print('0, GPU-a, -5, -1\n1, GPU-b, 140, 1e999')")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("hint", err)
+        self.assertEqual(runpilot.read_metrics(run / "gpu.json"), [])
+        self.assertEqual(runpilot.parse_gpu_stats("0, GPU-a, 100, 0\n1, GPU-b, 101, -3\n2, GPU-c, nan, inf\n"),
+                         [{"index": 0, "uuid": "GPU-a", "util": 100, "mem_mib": 0},
+                          {"index": 1, "uuid": "GPU-b", "util": None, "mem_mib": None},
+                          {"index": 2, "uuid": "GPU-c", "util": None, "mem_mib": None}])
