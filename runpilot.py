@@ -3756,8 +3756,10 @@ def parse_gpu_stats(text: str) -> list[dict]:
         cells = [c.strip() for c in line.split(",")]
         if len(cells) == 4 and cells[0].isdigit():
             util, mem = (metric_value(c) for c in cells[2:])
-            rows.append({"index": int(cells[0]), "uuid": cells[1], "util": util if _is_number(util) else None,
-                         "mem_mib": mem if _is_number(mem) else None})
+            # a percent beyond 0..100 or negative memory is no reading (a broken driver, a stand-in)
+            rows.append({"index": int(cells[0]), "uuid": cells[1],
+                         "util": util if _is_number(util) and 0 <= util <= 100 else None,
+                         "mem_mib": mem if _is_number(mem) and mem >= 0 else None})
     return rows
 
 
