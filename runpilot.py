@@ -7842,6 +7842,8 @@ MLFLOW_STATUS = {SUCCEEDED: "FINISHED", FAILED: "FAILED", TIMEOUT: "FAILED", LOS
 MLFLOW_BATCH = {"metrics": 1000, "params": 100, "tags": 100}
 # The longest param value MLflow 2 stores (and tag value); longer config values are cut, saying so.
 MLFLOW_PARAM_MAX, MLFLOW_TAG_MAX = 6000, 5000
+# The longest param or tag name MLflow takes.
+MLFLOW_NAME_MAX = 250
 MLFLOW_TIMEOUT = 30.0
 
 
@@ -8052,13 +8054,25 @@ def mlflow_experiment(client: MlflowClient, name: str) -> str:
     return str(experiment.get("experiment_id"))
 
 
+def mlflow_name(key: str) -> str:
+    """KEY as a param or tag name MLflow takes: letters, digits and `_-. :/` (others become `_`), at
+    most 250 characters, and nothing that reads as another path (`a//b`, `/x`, `../x`, `.`)."""
+    import posixpath
+    name = re.sub(r"[^\w./\- :]", "_", key)[:MLFLOW_NAME_MAX] or "_"
+    norm = posixpath.normpath(name)
+    if norm != name or norm == "." or norm.startswith(("..", "/")):
+        name = name.replace("/", "_")
+        name = "_" + name[1:] if name.startswith(".") and posixpath.normpath(name).startswith(".") else name
+    return name
+
+
 def mlflow_tags(record: RunRecord, meta: RunMeta) -> dict[str, str]:
     """The run's tags plus RunPilot's own: its id (how an export again finds it), image, engine, backend."""
     tags = {str(k): str(v) for k, v in record.tags.items()}
     tags.update({"runpilot.run_id": record.id, "runpilot.engine": record.engine or "",
                  "runpilot.image": record.image or "", "runpilot.backend": "slurm" if meta.slurm else "host",
                  "runpilot.status": record.status})
-    return {k: v[:MLFLOW_TAG_MAX] for k, v in tags.items() if v}
+    return {mlflow_name(k): v[:MLFLOW_TAG_MAX] for k, v in tags.items() if v}
 
 
 def mlflow_metrics(record: RunRecord, folder: RunFolder) -> list[dict]:
@@ -8115,7 +8129,7 @@ def export_mlflow_run(client: MlflowClient, experiment_id: str, record: RunRecor
         if not run_id:
             raise ExportError(f"{client.uri} answered runs/create without a run id; is -o a tracking server?")
     tags = [{"key": k, "value": v} for k, v in mlflow_tags(record, meta).items()]
-    values = [{"key": k, "value": fmt_cell(v)[:MLFLOW_PARAM_MAX]} for k, v in params.items()]
+    values = [{"key": mlflow_name(k), "value": fmt_cell(v)[:MLFLOW_PARAM_MAX]} for k, v in params.items()]
     for kind, items in (("tags", tags), ("params", values), ("metrics", metrics)):
         size = MLFLOW_BATCH[kind]
         for at in range(0, len(items), size):

@@ -170,3 +170,31 @@ class NvidiaSmiMisbehaves(RunsHome):
                          [{"index": 0, "uuid": "GPU-a", "util": 100, "mem_mib": 0},
                           {"index": 1, "uuid": "GPU-b", "util": None, "mem_mib": None},
                           {"index": 2, "uuid": "GPU-c", "util": None, "mem_mib": None}])
+
+
+class MlflowNames(RunsHome):
+    """Tag and param names MLflow refuses (it takes letters, digits, `_-. :/`, and no path tricks)."""
+
+    def setUp(self):
+        super().setUp()
+        RecordingMlflow.requests, RecordingMlflow.answer = [], None
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RecordingMlflow)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.addCleanup(self.server.server_close)
+        self.addCleanup(self.server.shutdown)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def test_names_mlflow_refuses_are_sent_as_names_it_takes(self):
+        # before: the server refused the whole run (HTTP 400 INVALID_PARAMETER_VALUE: Names may only contain...)
+        cases = {"ok.name-1/x y:z": "ok.name-1/x y:z", "é": "é", "my key!": "my key_", "a\x1bb": "a_b",
+                 "../up": "_._up", "..": "_.", "/abs": "_abs", "a//b": "a__b", ".": "_", "k" * 300: "k" * 250}
+        for key, sent in cases.items():
+            with self.subTest(key=key):
+                self.assertEqual(runpilot.mlflow_name(key), sent)
+        config = "name: n\nengine: local\nentrypoint: [python3, t.py]\nenv: {'K!': 'q'}\n"
+        run = self.add_run("n", tags={"my key!": "v"}, config=config)
+        code, _, err = self.cli("export", run.id, "--format", "mlflow", "-o", self.uri)
+        self.assertEqual(code, 0, err)
+        batches = [body for _, path, body in RecordingMlflow.requests if path.endswith("runs/log-batch")]
+        self.assertIn({"key": "my key_", "value": "v"}, batches[0]["tags"])
+        self.assertIn({"key": "env.K_", "value": "q"}, batches[1]["params"])
