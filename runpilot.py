@@ -7845,14 +7845,17 @@ MLFLOW_PARAM_MAX, MLFLOW_TAG_MAX = 6000, 5000
 # The longest param or tag name MLflow takes.
 MLFLOW_NAME_MAX = 250
 MLFLOW_TIMEOUT = 30.0
+# An export reads metrics.json in blocks of this many bytes, so its memory does not grow with the run.
+EXPORT_READ_BYTES = 1 << 20
 
 
-def read_samples_from(path: Path, offset: int) -> tuple[list[dict], int]:
-    """The complete samples of a metrics.json (or gpu.json) after byte OFFSET, and where they end."""
+def read_samples_from(path: Path, offset: int, limit: int = -1) -> tuple[list[dict], int]:
+    """The complete samples of a metrics.json (or gpu.json) after byte OFFSET, and where they end;
+    with LIMIT, those of the next LIMIT bytes (more when one sample is longer)."""
     try:
         with open(path, "rb") as f:
             f.seek(offset)
-            data = f.read()
+            data = f.read(limit)
     except FileNotFoundError:
         return [], offset
     except OSError as exc:
@@ -7867,6 +7870,8 @@ def read_samples_from(path: Path, offset: int) -> tuple[list[dict], int]:
                 if not line.endswith(b"\n"):  # a sample still being written
                     break
         used += len(line)   # MetricLog ends a sample's line only when the next comes: a whole object counts
+    if not used and 0 < limit <= len(data):   # one sample longer than LIMIT
+        return read_samples_from(path, offset, 2 * limit)
     return samples, offset + used
 
 
@@ -7912,10 +7917,15 @@ class TensorBoardRun:
         """Append the samples recorded since the last update (and, once the run ended, how it ended)."""
         self.record = record
         at = read_sample_times(self.folder.sample_times) or (lambda index: 0.0)
-        samples, self.offsets["metrics"] = read_samples_from(self.folder.metrics, self.offsets["metrics"])
-        for i, sample in enumerate(samples, self.count):
-            self._write(self.start + at(i) * 60, sample.get("step", i + 1), scalar_values(sample))
-        self.count += len(samples)
+        written, offset = 0, None
+        while offset != self.offsets["metrics"]:   # a block at a time: a run of millions of samples streams
+            offset = self.offsets["metrics"]
+            samples, self.offsets["metrics"] = read_samples_from(self.folder.metrics, offset, EXPORT_READ_BYTES)
+            self.writer.write(b"".join([self._event(self.start + at(i) * 60, sample.get("step", i + 1),
+                                                    scalar_values(sample))
+                                        for i, sample in enumerate(samples, self.count)]))
+            self.count += len(samples)
+            written += len(samples)
         gpu, self.offsets["gpu"] = read_samples_from(self.folder.gpu_stats, self.offsets["gpu"])
         for sample in gpu:
             step = sample.get("step", 0)
@@ -7927,11 +7937,15 @@ class TensorBoardRun:
         if self.writer.error is not None:
             raise ExportError(f"cannot write {self.writer.path}: {self.writer.error.strerror}; free some space or "
                               "choose another -o folder")
-        return len(samples) + len(gpu)
+        return written + len(gpu)
 
     def _write(self, wall_time: float, step: object, values: dict) -> None:
+        self.writer.write(self._event(wall_time, step, values))
+
+    def _event(self, wall_time: float, step: object, values: dict) -> bytes:
         if values and type(step) is int and INT64_MIN <= step <= INT64_MAX:
-            self.writer.write(self.events.record(wall_time, step, values))
+            return self.events.record(wall_time, step, values)
+        return b""
 
     def close(self) -> None:
         self.writer.close()
