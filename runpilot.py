@@ -7875,6 +7875,15 @@ def read_samples_from(path: Path, offset: int, limit: int = -1) -> tuple[list[di
     return samples, offset + used
 
 
+def iter_samples(path: Path) -> Iterator[dict]:
+    """The samples of a metrics.json (or gpu.json), read a block at a time (read_metrics, streamed)."""
+    offset, last = 0, None
+    while offset != last:
+        last = offset
+        samples, offset = read_samples_from(path, offset, EXPORT_READ_BYTES)
+        yield from samples
+
+
 def run_start_epoch(record: RunRecord) -> float:
     return parse_time(record.started_at).timestamp() if record.started_at else time.time()
 
@@ -8089,22 +8098,21 @@ def mlflow_tags(record: RunRecord, meta: RunMeta) -> dict[str, str]:
     return {mlflow_name(k): v[:MLFLOW_TAG_MAX] for k, v in tags.items() if v}
 
 
-def mlflow_metrics(record: RunRecord, folder: RunFolder) -> list[dict]:
-    """Every numeric sample of the run (and of its GPUs) as MLflow metrics with step and time (ms)."""
+def mlflow_metrics(record: RunRecord, folder: RunFolder) -> Iterator[dict]:
+    """Every numeric sample of the run (and of its GPUs) as MLflow metrics with step and time (ms),
+    read as they are sent: a run of millions of samples streams."""
     start = run_start_epoch(record)
     at = read_sample_times(folder.sample_times) or (lambda index: 0.0)
-    out = []
-    for i, sample in enumerate(read_metrics(folder.metrics)):
+    for i, sample in enumerate(iter_samples(folder.metrics)):
         when = int((start + at(i) * 60) * 1000)
         if not INT64_MIN <= sample.get("step", 0) <= INT64_MAX:  # MLflow's steps are int64s
             continue
         for key, value in scalar_values(sample).items():
-            out.append({"key": key, "value": float(value), "timestamp": when, "step": sample.get("step", i + 1)})
-    for sample in read_metrics(folder.gpu_stats):
+            yield {"key": key, "value": float(value), "timestamp": when, "step": sample.get("step", i + 1)}
+    for sample in iter_samples(folder.gpu_stats):
         step = sample.get("step", 0)
         for key, value in scalar_values(sample).items():
-            out.append({"key": key, "value": float(value), "timestamp": int((start + step) * 1000), "step": step})
-    return out
+            yield {"key": key, "value": float(value), "timestamp": int((start + step) * 1000), "step": step}
 
 
 def mlflow_logged(client: MlflowClient, run_id: str, keys: list[str]) -> set[tuple]:
@@ -8134,8 +8142,8 @@ def export_mlflow_run(client: MlflowClient, experiment_id: str, record: RunRecor
     metrics = mlflow_metrics(record, folder)
     if found.get("runs"):
         run_id = found["runs"][0]["info"]["run_id"]
-        logged = mlflow_logged(client, run_id, list(dict.fromkeys(m["key"] for m in metrics)))
-        metrics = [m for m in metrics if (m["key"], m["step"], m["timestamp"]) not in logged]
+        logged = mlflow_logged(client, run_id, list(dict.fromkeys(m["key"] for m in mlflow_metrics(record, folder))))
+        metrics = (m for m in metrics if (m["key"], m["step"], m["timestamp"]) not in logged)
     else:
         created = client.call("POST", "runs/create", {
             "experiment_id": experiment_id, "run_name": record.name, "start_time": int(run_start_epoch(record) * 1000)})
@@ -8144,15 +8152,19 @@ def export_mlflow_run(client: MlflowClient, experiment_id: str, record: RunRecor
             raise ExportError(f"{client.uri} answered runs/create without a run id; is -o a tracking server?")
     tags = [{"key": k, "value": v} for k, v in mlflow_tags(record, meta).items()]
     values = [{"key": mlflow_name(k), "value": fmt_cell(v)[:MLFLOW_PARAM_MAX]} for k, v in params.items()]
-    for kind, items in (("tags", tags), ("params", values), ("metrics", metrics)):
+    for kind, items in (("tags", tags), ("params", values)):
         size = MLFLOW_BATCH[kind]
         for at in range(0, len(items), size):
             client.call("POST", "runs/log-batch", {"run_id": run_id, kind: items[at:at + size]})
+    sent = 0
+    while batch := list(itertools.islice(metrics, MLFLOW_BATCH["metrics"])):
+        client.call("POST", "runs/log-batch", {"run_id": run_id, "metrics": batch})
+        sent += len(batch)
     update = {"run_id": run_id, "status": MLFLOW_STATUS.get(record.status, "FAILED"), "run_name": record.name}
     if record.finished_at and record.status not in ACTIVE_STATUSES:
         update["end_time"] = int(parse_time(record.finished_at).timestamp() * 1000)
     client.call("POST", "runs/update", update)
-    return run_id, len(metrics)
+    return run_id, sent
 
 
 def export_mlflow(store: RunStore, records: list[RunRecord], client: MlflowClient, experiment: str | None,
