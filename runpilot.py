@@ -8098,6 +8098,12 @@ def mlflow_tags(record: RunRecord, meta: RunMeta) -> dict[str, str]:
     return {mlflow_name(k): v[:MLFLOW_TAG_MAX] for k, v in tags.items() if v}
 
 
+def mlflow_value(value: int | float) -> float | str:
+    """A metric value as MLflow's protobuf JSON takes it: NaN and ±inf as the strings it spells them with."""
+    value = float(value)
+    return value if math.isfinite(value) else _NON_FINITE.get(value, "NaN")
+
+
 def mlflow_metrics(record: RunRecord, folder: RunFolder) -> Iterator[dict]:
     """Every numeric sample of the run (and of its GPUs) as MLflow metrics with step and time (ms),
     read as they are sent: a run of millions of samples streams."""
@@ -8108,11 +8114,11 @@ def mlflow_metrics(record: RunRecord, folder: RunFolder) -> Iterator[dict]:
         if not INT64_MIN <= sample.get("step", 0) <= INT64_MAX:  # MLflow's steps are int64s
             continue
         for key, value in scalar_values(sample).items():
-            yield {"key": key, "value": float(value), "timestamp": when, "step": sample.get("step", i + 1)}
+            yield {"key": key, "value": mlflow_value(value), "timestamp": when, "step": sample.get("step", i + 1)}
     for sample in iter_samples(folder.gpu_stats):
         step = sample.get("step", 0)
         for key, value in scalar_values(sample).items():
-            yield {"key": key, "value": float(value), "timestamp": int((start + step) * 1000), "step": step}
+            yield {"key": key, "value": mlflow_value(value), "timestamp": int((start + step) * 1000), "step": step}
 
 
 def mlflow_logged(client: MlflowClient, run_id: str, keys: list[str]) -> set[tuple]:

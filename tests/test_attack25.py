@@ -272,3 +272,13 @@ class ManySamplesToMlflow(RunsHome):
         self.assertIn("(300000 new metric value(s))", done.stderr)
         self.assertEqual(CountingMlflow.received, 300_000)
         self.assertLess(int(done.stdout.split()[-1]), 100 * 1024, "peak memory (KiB) of the export")
+
+
+class MlflowNonFinite(RunsHome):
+    def test_nan_and_infinities_are_spelled_as_protobuf_json_spells_them(self):
+        # before: bare NaN and Infinity in the JSON; the MLflow server stored the batch as one (step 0, 0.0)
+        run = self.add_run(samples=[{"step": 1, "loss": "nan", "acc": "inf"}, {"step": 2, "loss": "-inf", "acc": 2}])
+        sent = list(runpilot.mlflow_metrics(run, runpilot.RunFolder(Path(run.path))))
+        self.assertEqual([(m["key"], m["step"], m["value"]) for m in sent],
+                         [("loss", 1, "NaN"), ("acc", 1, "Infinity"), ("loss", 2, "-Infinity"), ("acc", 2, 2.0)])
+        json.dumps(sent, allow_nan=False)   # strict JSON
