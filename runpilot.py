@@ -8005,7 +8005,8 @@ class MlflowClient:
         # user:password@ in the address authenticates, as in MLflow's own client, and is never printed
         self.uri = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl().rstrip("/")
         self.timeout = timeout
-        self.opener = opener or urllib.request.urlopen
+        # no redirects: urllib would send the Authorization header to wherever they point, a POST without its body
+        self.opener = opener or urllib.request.build_opener(_no_redirects()).open
         self.headers = {"Content-Type": "application/json", "User-Agent": f"runpilot/{__version__}"}
         if parsed.username is not None and not environ.get("MLFLOW_TRACKING_USERNAME"):
             environ = {**environ, "MLFLOW_TRACKING_USERNAME": urllib.parse.unquote(parsed.username),
@@ -8030,6 +8031,10 @@ class MlflowClient:
             with self.opener(request, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400 and exc.headers.get("Location"):
+                where = re.sub(r"//[^/@]*@", "//", urllib.parse.urljoin(url, exc.headers["Location"]))
+                raise ExportError(f"{self.uri} redirected {endpoint} to {visible(where.split('?')[0])}; give -o the "
+                                  "address it redirects to") from exc
             raise MlflowRefusal(exc.code, endpoint, exc.read()) from exc
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc
@@ -8043,6 +8048,16 @@ class MlflowClient:
             raise ExportError(f"{self.uri} answered {endpoint} with something that is not MLflow's JSON "
                               f"({raw[:60].decode('utf-8', 'replace')!r}); is -o a tracking server?")
         return answer
+
+
+def _no_redirects():
+    """A urllib handler that follows no redirect (the 3xx answer comes back as an HTTPError)."""
+    import urllib.request
+
+    class NoRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None
+    return NoRedirects()
 
 
 class MlflowRefusal(ExportError):

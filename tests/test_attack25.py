@@ -282,3 +282,43 @@ class MlflowNonFinite(RunsHome):
         self.assertEqual([(m["key"], m["step"], m["value"]) for m in sent],
                          [("loss", 1, "NaN"), ("acc", 1, "Infinity"), ("loss", 2, "-Infinity"), ("acc", 2, 2.0)])
         json.dumps(sent, allow_nan=False)   # strict JSON
+
+
+class RedirectingMlflow(http.server.BaseHTTPRequestHandler):
+    """A server that sends every request elsewhere (to TARGET)."""
+
+    target = ""
+
+    def do_GET(self):
+        self.send_response(302)
+        self.send_header("Location", self.target + self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+class MlflowRedirect(RunsHome):
+    def serve(self, handler) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    def test_a_redirect_is_one_line_and_the_token_stays_home(self):
+        # before: urllib followed the redirect, sending the Authorization header to the other host (and a
+        # POST's body was dropped)
+        RecordingMlflow.requests, RecordingMlflow.answer, AuthRecordingMlflow.seen = [], None, []
+        RedirectingMlflow.target = self.serve(AuthRecordingMlflow).replace("127.0.0.1", "localhost")
+        run = self.add_run()
+        with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_TOKEN": "tok-secret"}):
+            result = self.cli("export", run.id, "--format", "mlflow", "-o", self.serve(RedirectingMlflow))
+        self.assertCleanError(result, 1, "redirected experiments/get-by-name to "
+                              f"{RedirectingMlflow.target}/api/2.0/mlflow/experiments/get-by-name",
+                              "give -o the address it redirects to")
+        self.assertNotIn("tok-secret", result[2])
+        self.assertEqual(AuthRecordingMlflow.seen, [])
