@@ -2686,6 +2686,15 @@ def tb_hparams_end(status: str, end_time: float) -> bytes:
 
 
 _SMALL_VARINTS = [bytes((n,)) for n in range(128)]
+# The fast encoders keep a CRC table per byte distance from a message's end and one entry per layout
+# (the keys of a sample): longer messages and further layouts are encoded the plain way, so that a job
+# printing thousands of keys in a line, or ever-new keys, cannot make them grow without bound.
+TB_FAST_BYTES, TB_LAYOUTS_MAX = 2048, 1024
+
+
+def tb_fast_too_long(names) -> bool:
+    """Whether a sample of NAMES makes a message longer than the fast encoders' tables reach."""
+    return sum(map(len, names)) + 12 * len(names) > TB_FAST_BYTES
 
 
 def _crc_mask(crc: int) -> int:
@@ -2711,7 +2720,12 @@ class ScalarEvents:
         """The framed Event of VALUES (ints and floats) at STEP."""
         step_bytes = (_SMALL_VARINTS[step] if 0 <= step < 128 else encode_varint(step)) if step else b""
         key = (len(step_bytes), *values)
-        encoder, args, variable, crc, tables = self.layouts.get(key) or self._layout(key)
+        layout = self.layouts.get(key)
+        if layout is None:
+            if len(self.layouts) >= TB_LAYOUTS_MAX or tb_fast_too_long(values):  # tables would grow: the plain way
+                return tfrecord(tb_event(wall_time, step, tb_scalars(values)))
+            layout = self._layout(key)
+        encoder, args, variable, crc, tables = layout
         args[1], args[3], args[5::2] = wall_time, step_bytes, values.values()
         try:
             payload = encoder.pack(*args)
@@ -2956,7 +2970,7 @@ class LiveEvents:
             return b""
         values = list(itertools.chain.from_iterable(map(operator.itemgetter(*names), samples))) \
             if len(names) > 1 else list(map(operator.itemgetter(names[0]), samples))
-        if len(steps) < 32 or set(map(type, values)) - {int, float}:
+        if len(steps) < 32 or set(map(type, values)) - {int, float} or tb_fast_too_long(names):
             return b"".join(self.single.record(now, step, numbers) for step, numbers in (  # few, or text: one by one
                 (step, {k: v for k, v in sample.items() if (type(v) is float or type(v) is int) and k != "step"})
                 for step, sample in zip(steps, samples)) if numbers)
