@@ -8090,6 +8090,21 @@ class MlflowRefusal(ExportError):
                          + (f", {self.error_code}" if self.error_code else "") + f"): {visible(message)}")
 
 
+def mlflow_field(client: MlflowClient, endpoint: str, answer: object, *path: str | int) -> object:
+    """The value at PATH (keys and list indices) of the server's ANSWER to ENDPOINT; ExportError when
+    the answer has another shape, as a server that is not MLflow's may give."""
+    for step in path:
+        if isinstance(answer, dict) and isinstance(step, str) or isinstance(answer, list) and isinstance(step, int) \
+                and -len(answer) <= step < len(answer):
+            answer = answer.get(step) if isinstance(answer, dict) else answer[step]
+        else:
+            answer = None
+        if answer is None:
+            raise ExportError(f"{client.uri} answered {endpoint} with something that is not MLflow's answer "
+                              f"(no {'.'.join(map(str, path))}); is -o a tracking server?")
+    return answer
+
+
 def mlflow_experiment(client: MlflowClient, name: str) -> str:
     """The id of experiment NAME, created when the server does not know it."""
     try:
@@ -8098,12 +8113,12 @@ def mlflow_experiment(client: MlflowClient, name: str) -> str:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         created = client.call("POST", "experiments/create", {"name": name})
-        return str(created.get("experiment_id"))
-    experiment = found.get("experiment") or {}
-    if experiment.get("lifecycle_stage") == "deleted":
+        return str(mlflow_field(client, "experiments/create", created, "experiment_id"))
+    experiment_id = mlflow_field(client, "experiments/get-by-name", found, "experiment", "experiment_id")
+    if found["experiment"].get("lifecycle_stage") == "deleted":
         raise ExportError(f"MLflow experiment {visible(name)!r} is deleted; restore it (mlflow experiments restore) "
                           "or export with --experiment NAME")
-    return str(experiment.get("experiment_id"))
+    return str(experiment_id)
 
 
 def mlflow_name(key: str) -> str:
@@ -8160,7 +8175,11 @@ def mlflow_logged(client: MlflowClient, run_id: str, keys: list[str]) -> set[tup
             if token:
                 query["page_token"] = token
             answer = client.call("GET", "metrics/get-history", query=query)
-            logged.update((key, m.get("step"), m.get("timestamp")) for m in answer.get("metrics") or [])
+            points = answer.get("metrics") or []
+            if not isinstance(points, list) or not all(isinstance(m, dict) for m in points):
+                raise ExportError(f"{client.uri} answered metrics/get-history with something that is not "
+                                  "MLflow's answer (no list of metrics); is -o a tracking server?")
+            logged.update((key, m.get("step"), m.get("timestamp")) for m in points)
             token = answer.get("next_page_token")
             if not token:
                 break
@@ -8176,15 +8195,13 @@ def export_mlflow_run(client: MlflowClient, experiment_id: str, record: RunRecor
         "experiment_ids": [experiment_id], "filter": f"tags.`runpilot.run_id` = '{record.id}'", "max_results": 1})
     metrics = mlflow_metrics(record, folder)
     if found.get("runs"):
-        run_id = found["runs"][0]["info"]["run_id"]
+        run_id = mlflow_field(client, "runs/search", found, "runs", 0, "info", "run_id")
         logged = mlflow_logged(client, run_id, list(dict.fromkeys(m["key"] for m in mlflow_metrics(record, folder))))
         metrics = (m for m in metrics if (m["key"], m["step"], m["timestamp"]) not in logged)
     else:
         created = client.call("POST", "runs/create", {
             "experiment_id": experiment_id, "run_name": record.name, "start_time": int(run_start_epoch(record) * 1000)})
-        run_id = (created.get("run") or {}).get("info", {}).get("run_id")
-        if not run_id:
-            raise ExportError(f"{client.uri} answered runs/create without a run id; is -o a tracking server?")
+        run_id = mlflow_field(client, "runs/create", created, "run", "info", "run_id")
     tags = [{"key": k, "value": v} for k, v in mlflow_tags(record, meta).items()]
     values = [{"key": mlflow_name(k), "value": fmt_cell(v)[:MLFLOW_PARAM_MAX]} for k, v in params.items()]
     for kind, items in (("tags", tags), ("params", values)):

@@ -354,3 +354,46 @@ class EventEncoderMemory(RunsHome):
         records = split_records(path.read_bytes())[1:]   # each record's CRCs checked
         self.assertEqual(len(records), len(plain))
         self.assertEqual([r[9:] for r in records], [p[9:] for p in plain])   # all but the wall time
+
+
+class ShapedMlflow(RecordingMlflow):
+    """The recording stand-in, answering the endpoints named in REPLIES with their JSON instead."""
+
+    replies: dict = {}
+
+    def _serve(self):
+        for endpoint, reply in self.replies.items():
+            if endpoint in self.path:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                data = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+        super()._serve()
+
+
+class MlflowAnswersOfAnotherShape(RunsHome):
+    def test_json_that_is_not_mlflows_answer_is_one_line(self):
+        # before: KeyError, TypeError or AttributeError tracebacks; an experiment without an id became "None"
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ShapedMlflow)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        run = self.add_run(samples=[{"step": 1, "loss": 1}])
+        found = {"runs/search": {"runs": [{"info": {"run_id": "r"}}]}}
+        cases = [({"runs/search": {"runs": [{}]}}, "runs/search"), ({"runs/search": {"runs": "x"}}, "runs/search"),
+                 ({**found, "get-history": {"metrics": "abc"}}, "metrics/get-history"),
+                 ({**found, "get-history": {"metrics": [1, 2]}}, "metrics/get-history"),
+                 ({"get-by-name": {"experiment": "x"}}, "experiments/get-by-name"),
+                 ({"get-by-name": {"experiment": {"experiment_id": None}}}, "experiments/get-by-name"),
+                 ({"experiments/create": {}}, "experiments/create"),
+                 ({"runs/create": {"run": {"info": []}}}, "runs/create")]
+        for replies, endpoint in cases:
+            with self.subTest(replies=replies):
+                ShapedMlflow.replies = replies
+                self.assertCleanError(self.cli("export", run.id, "--format", "mlflow", "-o", uri), 1,
+                                      f"answered {endpoint} with something that is not MLflow's answer",
+                                      "runs exported: none")
