@@ -7902,11 +7902,12 @@ def run_start_epoch(record: RunRecord) -> float:
     return parse_time(record.started_at).timestamp() if record.started_at else time.time()
 
 
-def tb_run_dirname(record: RunRecord) -> str:
-    """The run's folder in a TensorBoard export: its name and short id, so TensorBoard's run list
-    tells runs apart and a second export of the run lands in the same place."""
+def tb_run_dirname(record: RunRecord, full: bool = False) -> str:
+    """The run's folder in a TensorBoard export: its name and short id (FULL: its whole id, for runs
+    that share both), so TensorBoard's run list tells runs apart and a second export of the run lands
+    in the same place."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", record.name).strip("._") or "run"
-    return f"{name}-{short_id(record.id)}"
+    return f"{name}-{record.id if full else short_id(record.id)}"
 
 
 def scalar_values(sample: dict) -> dict:
@@ -7918,10 +7919,10 @@ class TensorBoardRun:
     """One run's event file in an export folder, `DIR/<name>-<short id>/events.out.tfevents.*`,
     written whole at first and grown by update() while the run records samples (--follow)."""
 
-    def __init__(self, target: Path, record: RunRecord, hparams: dict | None) -> None:
+    def __init__(self, target: Path, record: RunRecord, hparams: dict | None, dirname: str | None = None) -> None:
         self.record, self.folder = record, RunFolder(Path(record.path))
         self.start = run_start_epoch(record)
-        self.dir = target / tb_run_dirname(record)
+        self.dir = target / (dirname or tb_run_dirname(record))
         self.offsets = {"metrics": 0, "gpu": 0}
         self.count, self.ended = 0, False
         self.events = ScalarEvents()
@@ -7934,7 +7935,7 @@ class TensorBoardRun:
             raise ExportError(f"cannot write {self.dir}: {exc.strerror}; choose another -o folder") from exc
         self.sessions = hparams is not None  # the hparams plugin's session: its config values, how it ended
         if hparams is not None:
-            self.writer.add_summary(self.start, tb_hparams_start(hparams, self.start, tb_run_dirname(record)))
+            self.writer.add_summary(self.start, tb_hparams_start(hparams, self.start, self.dir.name))
 
     def update(self, record: RunRecord) -> int:
         """Append the samples recorded since the last update (and, once the run ended, how it ended)."""
@@ -7984,7 +7985,10 @@ def export_tensorboard(store: RunStore, records: list[RunRecord], target: Path, 
     """Write each run's event file under TARGET; with FOLLOW, keep them growing until every run has
     ended. Returns (samples written, runs)."""
     hparams = tb_hparams([(r, _config_of(store, r)) for r in records])
-    runs = [TensorBoardRun(target, r, hparams[r.id]) for r in records]
+    import collections
+    shared = collections.Counter(map(tb_run_dirname, records))   # one name and short id, two runs: whole ids
+    runs = [TensorBoardRun(target, r, hparams[r.id], tb_run_dirname(r, shared[tb_run_dirname(r)] > 1))
+            for r in records]
     try:
         written = sum(run.update(r) for run, r in zip(runs, records))
         while follow and any(run.record.status in ACTIVE_STATUSES for run in runs):

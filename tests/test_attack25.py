@@ -397,3 +397,20 @@ class MlflowAnswersOfAnotherShape(RunsHome):
                 self.assertCleanError(self.cli("export", run.id, "--format", "mlflow", "-o", uri), 1,
                                       f"answered {endpoint} with something that is not MLflow's answer",
                                       "runs exported: none")
+
+
+class TensorBoardFolders(RunsHome):
+    def test_runs_of_one_name_and_short_id_get_folders_of_their_own(self):
+        # before: both went to job-abcdef/, the second's file replacing the first's (one run lost, silently)
+        a = self.add_run("job", samples=[{"step": 1, "loss": 1.0}], run_id="20261120-100000-abcdef")
+        b = self.add_run("job", samples=[{"step": 1, "loss": 2.0}], run_id="20261121-100000-abcdef")
+        c = self.add_run("job", samples=[{"step": 1, "loss": 3.0}], run_id="20261122-100000-123456")
+        out = self.tmp / "tb"
+        code, _, err = self.cli("export", a.id, b.id, c.id, "--format", "tensorboard", "-o", out)
+        self.assertEqual(code, 0, err)
+        folders = sorted(p.name for p in out.iterdir())
+        self.assertEqual(folders, ["job-123456", f"job-{a.id}", f"job-{b.id}"])
+        for folder, value in zip(folders, (3.0, 1.0, 2.0)):
+            (events,) = (out / folder).iterdir()
+            self.assertEqual(split_records(events.read_bytes())[1][9:],
+                             runpilot.tb_event(0, 1, runpilot.tb_scalars({"loss": value}))[9:])
