@@ -5016,6 +5016,8 @@ def record_start(store: RunStore, config: JobConfig, folder: RunFolder, meta: Ru
 
 def finish_status(result: TeeResult) -> tuple[str, int]:
     """The run's status and RunPilot's exit status from how the job ended."""
+    if result.returncode is None and result.log_error is not None:  # its files could not be made: never started
+        return FAILED, 1
     if result.returncode is None:  # stopped before the job started
         return CANCELLED, 128 + (result.stop_signal or signal.SIGINT)
     if result.stop_reason == INTERRUPTED:
@@ -5301,7 +5303,7 @@ def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta,
                           .total_seconds(), 3) if meta.status != CANCELLED else None
     if result.log_error is not None:
         meta.reason = (f"cannot write the run's files in {folder.path} ({result.log_error.strerror}); "
-                       "the job was stopped")
+                       + ("the job was not started" if result.returncode is None else "the job was stopped"))
     meta.reason = meta.reason or stop_reason(meta, result, config)
     meta.warnings = run_warnings(config, meta, previous)
     meta.hint = failure_hint(config, meta, folder) if meta.status == FAILED else None

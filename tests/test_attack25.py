@@ -414,3 +414,25 @@ class TensorBoardFolders(RunsHome):
             (events,) = (out / folder).iterdir()
             self.assertEqual(split_records(events.read_bytes())[1][9:],
                              runpilot.tb_event(0, 1, runpilot.tb_scalars({"loss": value}))[9:])
+
+
+class UnwritableEventFile(RunsHome):
+    def test_a_run_whose_event_file_cannot_be_made_is_recorded_failed_and_says_so_once(self):
+        # before: recorded as cancelled, "cancelled before the job started; runpilot exits with 130", then
+        # "it is recorded as failed" and exit status 1: the record and the two lines disagreed
+        config = self.local_config("print('METRIC step=3 loss=0.5')\n", "tb", "tensorboard: true\n")
+
+        def refused(writer, path, *args, **kwargs):  # a read-only run folder (root writes anywhere here)
+            raise PermissionError(13, "Permission denied", str(path))
+
+        with mock.patch.object(runpilot.EventFileWriter, "__init__", refused):
+            code, _, err = self.cli("run", config)
+        self.assertEqual(code, 1, err)
+        run = self.only_run()
+        meta = self.meta(run)
+        self.assertEqual((meta["status"], meta["exit_code"]), ("failed", None))
+        self.assertNotIn("cancelled", err)
+        self.assertNotIn("130", err)
+        self.assertIn("(Permission denied); the job was not started; it is recorded as failed", err)
+        self.assertEqual(self.db_rows()[0]["status"], "failed")
+        self.assertFalse((run / "logs.txt").exists() and (run / "logs.txt").read_bytes())
