@@ -7989,8 +7989,17 @@ def export_tensorboard(store: RunStore, records: list[RunRecord], target: Path, 
     hparams = tb_hparams([(r, _config_of(store, r)) for r in records])
     import collections
     shared = collections.Counter(map(tb_run_dirname, records))   # one name and short id, two runs: whole ids
-    runs = [TensorBoardRun(target, r, hparams[r.id], tb_run_dirname(r, shared[tb_run_dirname(r)] > 1))
-            for r in records]
+    dirnames = [tb_run_dirname(r, shared[tb_run_dirname(r)] > 1) for r in records]
+    if not follow:  # one file open at a time: a sweep of thousands of runs stays within the open-file limit
+        written = 0
+        for record, dirname in zip(records, dirnames):
+            run = TensorBoardRun(target, record, hparams[record.id], dirname)
+            try:
+                written += run.update(record)
+            finally:
+                run.close()
+        return written, len(records)
+    runs = [TensorBoardRun(target, r, hparams[r.id], dirname) for r, dirname in zip(records, dirnames)]
     try:
         written = sum(run.update(r) for run, r in zip(runs, records))
         while follow and any(run.record.status in ACTIVE_STATUSES for run in runs):

@@ -436,3 +436,19 @@ class UnwritableEventFile(RunsHome):
         self.assertIn("(Permission denied); the job was not started; it is recorded as failed", err)
         self.assertEqual(self.db_rows()[0]["status"], "failed")
         self.assertFalse((run / "logs.txt").exists() and (run / "logs.txt").read_bytes())
+
+
+class ManyRunsExport(RunsHome):
+    def test_a_hundred_runs_within_64_open_files(self):
+        # before: every run's event file open at once: "cannot write ...: Too many open files" (a sweep of
+        # 1,000 runs under the usual limit of 1,024)
+        runs = [self.add_run(f"point{i}", samples=[{"step": 1, "loss": float(i)}]) for i in range(100)]
+        script = ("import resource, sys, runpilot\nresource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+                  "sys.exit(runpilot.main(sys.argv[1:]))\n")
+        out = self.tmp / "tb"
+        done = subprocess.run([sys.executable, "-c", script, "export", *[r.id for r in runs], "--format",
+                               "tensorboard", "-o", str(out)], cwd=Path(runpilot.__file__).parent,
+                              capture_output=True, text=True, timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("wrote 100 sample(s) of 100 run(s)", done.stderr)
+        self.assertEqual(len(list(out.glob("*/events.out.tfevents.*"))), 100)
