@@ -8136,6 +8136,7 @@ def mlflow_experiment(client: MlflowClient, name: str) -> str:
     return str(experiment_id)
 
 
+@functools.lru_cache(maxsize=4096)
 def mlflow_name(key: str) -> str:
     """KEY as a param or tag name MLflow takes: letters, digits and `_-. :/` (others become `_`), at
     most 250 characters, and nothing that reads as another path (`a//b`, `/x`, `../x`, `.`)."""
@@ -8173,7 +8174,8 @@ def mlflow_metrics(record: RunRecord, folder: RunFolder) -> Iterator[dict]:
         if not INT64_MIN <= sample.get("step", 0) <= INT64_MAX:  # MLflow's steps are int64s
             continue
         for key, value in scalar_values(sample).items():
-            yield {"key": key, "value": mlflow_value(value), "timestamp": when, "step": sample.get("step", i + 1)}
+            yield {"key": mlflow_name(key), "value": mlflow_value(value), "timestamp": when,
+                   "step": sample.get("step", i + 1)}
     for sample in iter_samples(folder.gpu_stats):
         step = sample.get("step", 0)
         for key, value in scalar_values(sample).items():

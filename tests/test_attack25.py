@@ -202,6 +202,16 @@ class MlflowNames(RunsHome):
         self.assertIn({"key": "my key_", "value": "v"}, batches[0]["tags"])
         self.assertIn({"key": "env.K_", "value": "q"}, batches[1]["params"])
 
+    def test_metric_names_mlflow_refuses(self):
+        # before: METRIC takes `a//b`, `val/` and names of any length; MLflow refused the whole run for them
+        run = self.add_run(samples=[{"step": 1, "a//b": 1, "val/": 2, "k" * 300: 3, "ok/x": 4}])
+        sent = list(runpilot.mlflow_metrics(run, runpilot.RunFolder(Path(run.path))))
+        self.assertEqual([m["key"] for m in sent], ["a__b", "val_", "k" * 250, "ok/x"])
+        code, _, err = self.cli("export", run.id, "--format", "mlflow", "-o", self.uri)
+        self.assertEqual(code, 0, err)
+        self.assertIn("(4 new metric value(s))", err)
+
+
 
 def write_many_samples(test: RunsHome, count: int) -> runpilot.RunRecord:
     """A run of COUNT samples (loss and acc at steps 0..COUNT-1), metrics.json written directly."""
@@ -272,6 +282,7 @@ class ManySamplesToMlflow(RunsHome):
         self.assertIn("(300000 new metric value(s))", done.stderr)
         self.assertEqual(CountingMlflow.received, 300_000)
         self.assertLess(int(done.stdout.split()[-1]), 100 * 1024, "peak memory (KiB) of the export")
+
 
 
 class MlflowNonFinite(RunsHome):
