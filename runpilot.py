@@ -8034,6 +8034,12 @@ class MlflowClient:
         # user:password@ in the address authenticates, as in MLflow's own client, and is never printed
         self.uri = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl().rstrip("/")
         self.timeout = timeout
+        if environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT"):   # MLflow's own client reads it too
+            wait = environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]
+            self.timeout = float(wait) if re.fullmatch(r"\d+(\.\d*)?|\.\d+", wait.strip()) else 0.0
+            if not 0 < self.timeout < math.inf:
+                raise UsageError(f"MLFLOW_HTTP_REQUEST_TIMEOUT={visible(wait)} is not a number of seconds; set it "
+                                 "to how long to wait for each answer of the MLflow server, e.g. 120")
         # no redirects: urllib would send the Authorization header to wherever they point, a POST without its body
         self.opener = opener or urllib.request.build_opener(_no_redirects()).open
         self.headers = {"Content-Type": "application/json", "User-Agent": f"runpilot/{__version__}"}
@@ -8067,6 +8073,10 @@ class MlflowClient:
             raise MlflowRefusal(exc.code, endpoint, exc.read()) from exc
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc
+            if isinstance(reason, TimeoutError):
+                raise ExportError(f"the MLflow server at {self.uri} did not answer {endpoint} within "
+                                  f"{self.timeout:g} s; it may be overloaded: try again, or wait longer with "
+                                  "MLFLOW_HTTP_REQUEST_TIMEOUT=SECONDS") from exc
             raise ExportError(f"cannot reach the MLflow server at {self.uri} ({reason}); start it, or check -o "
                               "and MLFLOW_TRACKING_URI") from exc
         try:

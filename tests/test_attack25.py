@@ -463,3 +463,36 @@ class ManyRunsExport(RunsHome):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertIn("wrote 100 sample(s) of 100 run(s)", done.stderr)
         self.assertEqual(len(list(out.glob("*/events.out.tfevents.*"))), 100)
+
+
+class SlowMlflow(http.server.BaseHTTPRequestHandler):
+    """A server that answers nothing for 3 s."""
+
+    def do_GET(self):
+        time.sleep(3)
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+class MlflowTimeouts(RunsHome):
+    def test_a_slow_server_is_one_line_and_mlflows_timeout_variable_sets_the_wait(self):
+        # before: the wait was a fixed 30 s per request, and "cannot reach the MLflow server ... (timed out)"
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowMlflow)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        run = self.add_run()
+        started = time.monotonic()
+        with mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_TIMEOUT": "0.5"}):
+            result = self.cli("export", run.id, "--format", "mlflow", "-o", uri)
+        self.assertLess(time.monotonic() - started, 2.5)
+        self.assertCleanError(result, 1, f"the MLflow server at {uri} did not answer experiments/get-by-name "
+                              "within 0.5 s", "MLFLOW_HTTP_REQUEST_TIMEOUT", "runs exported: none")
+        for bad in ("abc", "0", "-1", "nan"):
+            with self.subTest(bad=bad), mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_TIMEOUT": bad}):
+                self.assertCleanError(self.cli("export", run.id, "--format", "mlflow", "-o", uri), 2,
+                                      f"MLFLOW_HTTP_REQUEST_TIMEOUT={bad}", "seconds")
