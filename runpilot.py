@@ -5210,12 +5210,15 @@ def _announce(config: JobConfig, meta: RunMeta, report: Reporter) -> None:
 def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: RunFolder, meta: RunMeta,
               terminal: Terminal | None, signals: StopSignals, report: Reporter) -> TeeResult:
     """Start the job and tee it until it ends; after it, make sure nothing of it is left."""
+    metrics = None
     try:
         metrics = MetricLog(folder.metrics, folder.sample_times)
         if config.tensorboard:
             metrics.events = LiveEvents(folder.tensorboard_events(time.time()), time.time())
         log_fd = os.open(folder.logs, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except OSError as exc:
+        if metrics is not None:   # metrics.json and its times file, not left open
+            metrics.close()
         return TeeResult(None, FAILED, log_error=exc)
     try:
         if signals.received:  # stopped while the run was being recorded: never start the job

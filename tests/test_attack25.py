@@ -436,9 +436,11 @@ class UnwritableEventFile(RunsHome):
         def refused(writer, path, *args, **kwargs):  # a read-only run folder (root writes anywhere here)
             raise PermissionError(13, "Permission denied", str(path))
 
+        fds = len(os.listdir("/proc/self/fd"))
         with mock.patch.object(runpilot.EventFileWriter, "__init__", refused):
             code, _, err = self.cli("run", config)
         self.assertEqual(code, 1, err)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), fds, "metrics.json left open")
         run = self.only_run()
         meta = self.meta(run)
         self.assertEqual((meta["status"], meta["exit_code"]), ("failed", None))
