@@ -8229,8 +8229,9 @@ def export_mlflow_run(client: MlflowClient, experiment_id: str, record: RunRecor
         logged = mlflow_logged(client, run_id, list(dict.fromkeys(m["key"] for m in mlflow_metrics(record, folder))))
         metrics = (m for m in metrics if (m["key"], m["step"], m["timestamp"]) not in logged)
     else:
-        created = client.call("POST", "runs/create", {
-            "experiment_id": experiment_id, "run_name": record.name, "start_time": int(run_start_epoch(record) * 1000)})
+        created = client.call("POST", "runs/create", {   # its run_id tag from the start: an export again finds it
+            "experiment_id": experiment_id, "run_name": record.name, "start_time": int(run_start_epoch(record) * 1000),
+            "tags": [{"key": "runpilot.run_id", "value": record.id}]})
         run_id = mlflow_field(client, "runs/create", created, "run", "info", "run_id")
     tags = [{"key": k, "value": v} for k, v in mlflow_tags(record, meta).items()]
     values = [{"key": mlflow_name(k), "value": fmt_cell(v)[:MLFLOW_PARAM_MAX]} for k, v in params.items()]

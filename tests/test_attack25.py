@@ -148,7 +148,8 @@ class NvidiaSmiMisbehaves(RunsHome):
             f"if 'utilization' in ' '.join(sys.argv):\n    {answer}\n    sys.exit(0)\n"
             f"runpy.run_path({str(FIXTURES / 'nvidia-smi')!r}, run_name='__main__')\n")
         (self.bin / "nvidia-smi").chmod(0o755)
-        script = "import time\nfor i in range(3):\n    print(f'METRIC step={i} loss=1', flush=True)\n    time.sleep(0.8)\n"
+        script = ("import time\nfor i in range(3):\n    print(f'METRIC step={i} loss=1', flush=True)\n"
+                  "    time.sleep(0.8)\n")
         config = self.local_config(script, "g", "resources:\n  gpus: 1\n")
         code, _, err = self.cli("run", config, "--gpu-stats-every", "1", env=self.env)
         return code, err, self.only_run()
@@ -229,7 +230,8 @@ class ManySamples(RunsHome):
         out = self.tmp / "tb"
         script = ("import sys, runpilot\ncode = runpilot.main(sys.argv[1:])\n"
                   "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\nsys.exit(code)\n")
-        done = subprocess.run([sys.executable, "-c", script, "export", run.id, "--format", "tensorboard", "-o", str(out)],
+        done = subprocess.run([sys.executable, "-c", script, "export", run.id, "--format", "tensorboard",
+                               "-o", str(out)],
                               cwd=Path(runpilot.__file__).parent, capture_output=True, text=True, timeout=300)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertIn("wrote 300000 sample(s) of 1 run(s)", done.stderr)
@@ -498,3 +500,20 @@ class MlflowTimeouts(RunsHome):
             with self.subTest(bad=bad), mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_TIMEOUT": bad}):
                 self.assertCleanError(self.cli("export", run.id, "--format", "mlflow", "-o", uri), 2,
                                       f"MLFLOW_HTTP_REQUEST_TIMEOUT={bad}", "seconds")
+
+
+class MlflowRunCreation(RunsHome):
+    def test_a_run_is_findable_from_its_creation(self):
+        # before: runpilot.run_id was set by the first runs/log-batch; a server that failed between runs/create
+        # and it left a run that no export again could find, so the export again made a second one
+        RecordingMlflow.requests, RecordingMlflow.answer = [], None
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RecordingMlflow)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        run = self.add_run()
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        code, _, err = self.cli("export", run.id, "--format", "mlflow", "-o", uri)
+        self.assertEqual(code, 0, err)
+        (create,) = [body for _, path, body in RecordingMlflow.requests if path.endswith("runs/create")]
+        self.assertIn({"key": "runpilot.run_id", "value": run.id}, create["tags"])

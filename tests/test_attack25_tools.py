@@ -8,7 +8,6 @@ its length limits, NaN and ±inf, a URI with credentials and a trailing slash, a
 
 import math
 import sys
-from pathlib import Path
 
 import runpilot
 from tests.common import RunsHome
