@@ -8122,8 +8122,8 @@ def mlflow_field(client: MlflowClient, endpoint: str, answer: object, *path: str
     """The value at PATH (keys and list indices) of the server's ANSWER to ENDPOINT; ExportError when
     the answer has another shape, as a server that is not MLflow's may give."""
     for step in path:
-        if isinstance(answer, dict) and isinstance(step, str) or isinstance(answer, list) and isinstance(step, int) \
-                and -len(answer) <= step < len(answer):
+        if (isinstance(answer, dict) and isinstance(step, str)) or (
+                isinstance(answer, list) and isinstance(step, int) and -len(answer) <= step < len(answer)):
             answer = answer.get(step) if isinstance(answer, dict) else answer[step]
         else:
             answer = None
@@ -8151,7 +8151,7 @@ def mlflow_experiment(client: MlflowClient, name: str) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def mlflow_name(key: str) -> str:
-    """KEY as a param or tag name MLflow takes: letters, digits and `_-. :/` (others become `_`), at
+    """KEY as a param, tag or metric name MLflow takes: letters, digits and `_-. :/` (others become `_`), at
     most 250 characters, and nothing that reads as another path (`a//b`, `/x`, `../x`, `.`)."""
     import posixpath
     name = re.sub(r"[^\w./\- :]", "_", key)[:MLFLOW_NAME_MAX] or "_"
@@ -8172,8 +8172,12 @@ def mlflow_tags(record: RunRecord, meta: RunMeta) -> dict[str, str]:
 
 
 def mlflow_value(value: int | float) -> float | str:
-    """A metric value as MLflow's protobuf JSON takes it: NaN and ±inf as the strings it spells them with."""
-    value = float(value)
+    """A metric value as MLflow's protobuf JSON takes it: NaN and ±inf as the strings it spells them with
+    (an integer beyond a double as ±inf)."""
+    try:
+        value = float(value)
+    except OverflowError:
+        value = math.inf if value > 0 else -math.inf
     return value if math.isfinite(value) else _NON_FINITE.get(value, "NaN")
 
 

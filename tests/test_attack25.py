@@ -296,6 +296,12 @@ class MlflowNonFinite(RunsHome):
                          [("loss", 1, "NaN"), ("acc", 1, "Infinity"), ("loss", 2, "-Infinity"), ("acc", 2, 2.0)])
         json.dumps(sent, allow_nan=False)   # strict JSON
 
+    def test_an_integer_beyond_a_double(self):
+        # before: OverflowError (int too large to convert to float) as a traceback
+        run = self.add_run(samples=[{"step": 1, "big": "1" + "0" * 400, "neg": "-" + "9" * 400}])
+        sent = list(runpilot.mlflow_metrics(run, runpilot.RunFolder(Path(run.path))))
+        self.assertEqual([m["value"] for m in sent], ["Infinity", "-Infinity"])
+
 
 class RedirectingMlflow(http.server.BaseHTTPRequestHandler):
     """A server that sends every request elsewhere (to TARGET)."""
