@@ -8032,6 +8032,11 @@ class MlflowClient:
             parsed = None
         if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
             shown = re.sub(r"//[^/@]*@", "//", uri)   # never a password of the URI
+            if parsed is not None and parsed.scheme in ("", "file", "sqlite", "postgresql", "mysql", "mssql") \
+                    and not uri.startswith("databricks"):
+                raise UsageError(f"--format mlflow: {visible(shown)!r} is a local MLflow store, which RunPilot does "
+                                 f"not write; serve it with `mlflow server --backend-store-uri {visible(shown)}` "
+                                 "and give its address (-o http://127.0.0.1:5000)")
             raise UsageError(f"--format mlflow: {visible(shown)!r} is not a tracking server's http(s) URL; give "
                              "-o http://HOST:5000 or set MLFLOW_TRACKING_URI")
         # user:password@ in the address authenticates, as in MLflow's own client, and is never printed

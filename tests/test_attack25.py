@@ -123,6 +123,17 @@ class MlflowAddresses(RunsHome):
         self.assertNotIn("pw-xyz", out + err)
         self.assertEqual(set(AuthRecordingMlflow.seen), {"Basic " + base64.b64encode(b"bob:pw-xyz").decode()})
 
+    def test_a_local_store_says_how_to_serve_it(self):
+        # before: "give -o http://HOST:5000 or set MLFLOW_TRACKING_URI", to someone whose MLFLOW_TRACKING_URI was set
+        run = self.add_run()
+        for uri in ("file:///tmp/mlruns", "/tmp/mlruns", "mlruns", "sqlite:///tmp/m.db"):
+            with self.subTest(uri=uri), mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": uri}):
+                self.assertCleanError(self.cli("export", run.id, "--format", "mlflow"), 2,
+                                      f"is a local MLflow store, which RunPilot does not write; serve it with "
+                                      f"`mlflow server --backend-store-uri {uri}` and give its address")
+        self.assertCleanError(self.cli("export", run.id, "--format", "mlflow", "-o", "databricks"), 2,
+                              "'databricks' is not a tracking server's http(s) URL")
+
     def test_an_address_that_does_not_parse_is_one_line(self):
         # before: ValueError("Invalid IPv6 URL") as a traceback
         run = self.add_run()
