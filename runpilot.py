@@ -8034,8 +8034,8 @@ class MlflowClient:
             shown = re.sub(r"//[^/@]*@", "//", uri)   # never a password of the URI
             if parsed is not None and parsed.scheme in ("", "file", "sqlite", "postgresql", "mysql", "mssql") \
                     and not uri.startswith("databricks"):
-                raise UsageError(f"--format mlflow: {visible(shown)!r} is a local MLflow store, which RunPilot does "
-                                 f"not write; serve it with `mlflow server --backend-store-uri {visible(shown)}` "
+                raise UsageError(f"--format mlflow: {visible(shown)!r} is not a tracking server's http(s) URL "
+                                 f"but a local MLflow store, which RunPilot does not write; serve it with `mlflow server --backend-store-uri {visible(shown)}` "
                                  "and give its address (-o http://127.0.0.1:5000)")
             raise UsageError(f"--format mlflow: {visible(shown)!r} is not a tracking server's http(s) URL; give "
                              "-o http://HOST:5000 or set MLFLOW_TRACKING_URI")

@@ -129,7 +129,8 @@ class MlflowAddresses(RunsHome):
         for uri in ("file:///tmp/mlruns", "/tmp/mlruns", "mlruns", "sqlite:///tmp/m.db"):
             with self.subTest(uri=uri), mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": uri}):
                 self.assertCleanError(self.cli("export", run.id, "--format", "mlflow"), 2,
-                                      f"is a local MLflow store, which RunPilot does not write; serve it with "
+                                      "is not a tracking server's http(s) URL but a local MLflow store, which "
+                                      "RunPilot does not write; serve it with "
                                       f"`mlflow server --backend-store-uri {uri}` and give its address")
         self.assertCleanError(self.cli("export", run.id, "--format", "mlflow", "-o", "databricks"), 2,
                               "'databricks' is not a tracking server's http(s) URL")
