@@ -3172,6 +3172,8 @@ def encode_varint(value: int) -> bytes:
 
 # What TensorBoard's reader checks first in every event file.
 TB_FILE_VERSION = b"brain.Event:2"
+# The steps an Event (and MLflow) can hold: an int64. A METRIC step beyond it stays out of both.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 # float32's largest finite value: a scalar beyond it is written as ±inf, as numpy would round it.
 FLOAT32_MAX = 3.4028234663852886e38
 # The hparams plugin's summary tags and its SessionEndInfo.Status values.
@@ -3251,6 +3253,15 @@ def tb_hparams_end(status: str, end_time: float) -> bytes:
 
 
 _SMALL_VARINTS = [bytes((n,)) for n in range(128)]
+# The fast encoders keep a CRC table per byte distance from a message's end and one entry per layout
+# (the keys of a sample): longer messages and further layouts are encoded the plain way, so that a job
+# printing thousands of keys in a line, or ever-new keys, cannot make them grow without bound.
+TB_FAST_BYTES, TB_LAYOUTS_MAX = 2048, 1024
+
+
+def tb_fast_too_long(names) -> bool:
+    """Whether a sample of NAMES makes a message longer than the fast encoders' tables reach."""
+    return sum(map(len, names)) + 12 * len(names) > TB_FAST_BYTES
 
 
 def _crc_mask(crc: int) -> int:
@@ -3276,7 +3287,12 @@ class ScalarEvents:
         """The framed Event of VALUES (ints and floats) at STEP."""
         step_bytes = (_SMALL_VARINTS[step] if 0 <= step < 128 else encode_varint(step)) if step else b""
         key = (len(step_bytes), *values)
-        encoder, args, variable, crc, tables = self.layouts.get(key) or self._layout(key)
+        layout = self.layouts.get(key)
+        if layout is None:
+            if len(self.layouts) >= TB_LAYOUTS_MAX or tb_fast_too_long(values):  # tables would grow: the plain way
+                return tfrecord(tb_event(wall_time, step, tb_scalars(values)))
+            layout = self._layout(key)
+        encoder, args, variable, crc, tables = layout
         args[1], args[3], args[5::2] = wall_time, step_bytes, values.values()
         try:
             payload = encoder.pack(*args)
@@ -3487,6 +3503,12 @@ class LiveEvents:
         steps = list(map(dict.get, samples, itertools.repeat("step"), itertools.count(first)))
         now = time.time()
         low, high = min(steps), max(steps)
+        if low < INT64_MIN or high > INT64_MAX:  # an Event's step is an int64: such samples stay out
+            kept = [i for i, step in enumerate(steps) if INT64_MIN <= step <= INT64_MAX]
+            steps, samples = [steps[i] for i in kept], [samples[i] for i in kept]
+            if not samples:
+                return
+            low, high = min(steps), max(steps)
         with_step = sum(map(dict.__contains__, samples, itertools.repeat("step")))
         if len(set(map(len, samples))) == 1 and with_step in (0, len(samples)) and low >= 0 and \
                 _VARINT_BYTES[low.bit_length()] == _VARINT_BYTES[high.bit_length()]:
@@ -3515,7 +3537,7 @@ class LiveEvents:
             return b""
         values = list(itertools.chain.from_iterable(map(operator.itemgetter(*names), samples))) \
             if len(names) > 1 else list(map(operator.itemgetter(names[0]), samples))
-        if len(steps) < 32 or set(map(type, values)) - {int, float}:
+        if len(steps) < 32 or set(map(type, values)) - {int, float} or tb_fast_too_long(names):
             return b"".join(self.single.record(now, step, numbers) for step, numbers in (  # few, or text: one by one
                 (step, {k: v for k, v in sample.items() if (type(v) is float or type(v) is int) and k != "step"})
                 for step, sample in zip(steps, samples)) if numbers)
@@ -4687,8 +4709,10 @@ def parse_gpu_stats(text: str) -> list[dict]:
         cells = [c.strip() for c in line.split(",")]
         if len(cells) == 4 and cells[0].isdigit():
             util, mem = (metric_value(c) for c in cells[2:])
-            rows.append({"index": int(cells[0]), "uuid": cells[1], "util": util if _is_number(util) else None,
-                         "mem_mib": mem if _is_number(mem) else None})
+            # a percent beyond 0..100 or negative memory is no reading (a broken driver, a stand-in)
+            rows.append({"index": int(cells[0]), "uuid": cells[1],
+                         "util": util if _is_number(util) and 0 <= util <= 100 else None,
+                         "mem_mib": mem if _is_number(mem) and mem >= 0 else None})
     return rows
 
 
@@ -4841,7 +4865,7 @@ class UsageSampler:
         assert self.smi is not None and self.gpu_log is not None
         try:
             done = subprocess.run(self.smi, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=max(5.0, self.interval))
+                                  errors="replace", timeout=max(5.0, self.interval))  # garbage stays text
         except (OSError, subprocess.SubprocessError) as exc:
             self.gpu_errors.append(str(exc))
             return
@@ -6358,6 +6382,8 @@ def record_start(store: RunStore, config: JobConfig, folder: RunFolder, meta: Ru
 
 def finish_status(result: TeeResult) -> tuple[str, int]:
     """The run's status and RunPilot's exit status from how the job ended."""
+    if result.returncode is None and result.log_error is not None:  # its files could not be made: never started
+        return FAILED, 1
     if result.returncode is None:  # stopped before the job started
         return CANCELLED, 128 + (result.stop_signal or signal.SIGINT)
     if result.stop_reason == INTERRUPTED:
@@ -6572,12 +6598,15 @@ def _announce(config: JobConfig, meta: RunMeta, report: Reporter) -> None:
 def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: RunFolder, meta: RunMeta,
               terminal: Terminal | None, signals: StopSignals, report: Reporter) -> TeeResult:
     """Start the job and tee it until it ends; after it, make sure nothing of it is left."""
+    metrics = None
     try:
         metrics = MetricLog(folder.metrics, folder.sample_times)
         if config.tensorboard:
             metrics.events = LiveEvents(folder.tensorboard_events(time.time()), time.time())
         log_fd = os.open(folder.logs, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except OSError as exc:
+        if metrics is not None:   # metrics.json and its times file, not left open
+            metrics.close()
         return TeeResult(None, FAILED, log_error=exc)
     if config.metrics_from:
         metrics.use_sources(config.metrics_from, _tensorboard_folders(config, meta, report))
@@ -6729,7 +6758,7 @@ def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta,
                           .total_seconds(), 3) if meta.status != CANCELLED else None
     if result.log_error is not None:
         meta.reason = (f"cannot write the run's files in {folder.path} ({result.log_error.strerror}); "
-                       "the job was stopped")
+                       + ("the job was not started" if result.returncode is None else "the job was stopped"))
     meta.reason = meta.reason or stop_reason(meta, result, config)
     meta.warnings = run_warnings(config, meta, previous) + unmounted_write_warnings(result.unmounted_writes) \
         + damaged_event_warnings(result.damaged_events)
@@ -9735,15 +9764,20 @@ MLFLOW_STATUS = {SUCCEEDED: "FINISHED", FAILED: "FAILED", TIMEOUT: "FAILED", LOS
 MLFLOW_BATCH = {"metrics": 1000, "params": 100, "tags": 100}
 # The longest param value MLflow 2 stores (and tag value); longer config values are cut, saying so.
 MLFLOW_PARAM_MAX, MLFLOW_TAG_MAX = 6000, 5000
+# The longest param or tag name MLflow takes.
+MLFLOW_NAME_MAX = 250
 MLFLOW_TIMEOUT = 30.0
+# An export reads metrics.json in blocks of this many bytes, so its memory does not grow with the run.
+EXPORT_READ_BYTES = 1 << 20
 
 
-def read_samples_from(path: Path, offset: int) -> tuple[list[dict], int]:
-    """The complete samples of a metrics.json (or gpu.json) after byte OFFSET, and where they end."""
+def read_samples_from(path: Path, offset: int, limit: int = -1) -> tuple[list[dict], int]:
+    """The complete samples of a metrics.json (or gpu.json) after byte OFFSET, and where they end;
+    with LIMIT, those of the next LIMIT bytes (more when one sample is longer)."""
     try:
         with open(path, "rb") as f:
             f.seek(offset)
-            data = f.read()
+            data = f.read(limit)
     except FileNotFoundError:
         return [], offset
     except OSError as exc:
@@ -9758,18 +9792,30 @@ def read_samples_from(path: Path, offset: int) -> tuple[list[dict], int]:
                 if not line.endswith(b"\n"):  # a sample still being written
                     break
         used += len(line)   # MetricLog ends a sample's line only when the next comes: a whole object counts
+    if not used and 0 < limit <= len(data):   # one sample longer than LIMIT
+        return read_samples_from(path, offset, 2 * limit)
     return samples, offset + used
+
+
+def iter_samples(path: Path) -> Iterator[dict]:
+    """The samples of a metrics.json (or gpu.json), read a block at a time (read_metrics, streamed)."""
+    offset, last = 0, None
+    while offset != last:
+        last = offset
+        samples, offset = read_samples_from(path, offset, EXPORT_READ_BYTES)
+        yield from samples
 
 
 def run_start_epoch(record: RunRecord) -> float:
     return parse_time(record.started_at).timestamp() if record.started_at else time.time()
 
 
-def tb_run_dirname(record: RunRecord) -> str:
-    """The run's folder in a TensorBoard export: its name and short id, so TensorBoard's run list
-    tells runs apart and a second export of the run lands in the same place."""
+def tb_run_dirname(record: RunRecord, full: bool = False) -> str:
+    """The run's folder in a TensorBoard export: its name and short id (FULL: its whole id, for runs
+    that share both), so TensorBoard's run list tells runs apart and a second export of the run lands
+    in the same place."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", record.name).strip("._") or "run"
-    return f"{name}-{short_id(record.id)}"
+    return f"{name}-{record.id if full else short_id(record.id)}"
 
 
 def scalar_values(sample: dict) -> dict:
@@ -9781,10 +9827,10 @@ class TensorBoardRun:
     """One run's event file in an export folder, `DIR/<name>-<short id>/events.out.tfevents.*`,
     written whole at first and grown by update() while the run records samples (--follow)."""
 
-    def __init__(self, target: Path, record: RunRecord, hparams: dict | None) -> None:
+    def __init__(self, target: Path, record: RunRecord, hparams: dict | None, dirname: str | None = None) -> None:
         self.record, self.folder = record, RunFolder(Path(record.path))
         self.start = run_start_epoch(record)
-        self.dir = target / tb_run_dirname(record)
+        self.dir = target / (dirname or tb_run_dirname(record))
         self.offsets = {"metrics": 0, "gpu": 0}
         self.count, self.ended = 0, False
         self.events = ScalarEvents()
@@ -9797,16 +9843,21 @@ class TensorBoardRun:
             raise ExportError(f"cannot write {self.dir}: {exc.strerror}; choose another -o folder") from exc
         self.sessions = hparams is not None  # the hparams plugin's session: its config values, how it ended
         if hparams is not None:
-            self.writer.add_summary(self.start, tb_hparams_start(hparams, self.start, tb_run_dirname(record)))
+            self.writer.add_summary(self.start, tb_hparams_start(hparams, self.start, self.dir.name))
 
     def update(self, record: RunRecord) -> int:
         """Append the samples recorded since the last update (and, once the run ended, how it ended)."""
         self.record = record
         at = read_sample_times(self.folder.sample_times) or (lambda index: 0.0)
-        samples, self.offsets["metrics"] = read_samples_from(self.folder.metrics, self.offsets["metrics"])
-        for i, sample in enumerate(samples, self.count):
-            self._write(self.start + at(i) * 60, sample.get("step", i + 1), scalar_values(sample))
-        self.count += len(samples)
+        written, offset = 0, None
+        while offset != self.offsets["metrics"]:   # a block at a time: a run of millions of samples streams
+            offset = self.offsets["metrics"]
+            samples, self.offsets["metrics"] = read_samples_from(self.folder.metrics, offset, EXPORT_READ_BYTES)
+            self.writer.write(b"".join([self._event(self.start + at(i) * 60, sample.get("step", i + 1),
+                                                    scalar_values(sample))
+                                        for i, sample in enumerate(samples, self.count)]))
+            self.count += len(samples)
+            written += len(samples)
         gpu, self.offsets["gpu"] = read_samples_from(self.folder.gpu_stats, self.offsets["gpu"])
         for sample in gpu:
             step = sample.get("step", 0)
@@ -9818,11 +9869,15 @@ class TensorBoardRun:
         if self.writer.error is not None:
             raise ExportError(f"cannot write {self.writer.path}: {self.writer.error.strerror}; free some space or "
                               "choose another -o folder")
-        return len(samples) + len(gpu)
+        return written + len(gpu)
 
     def _write(self, wall_time: float, step: object, values: dict) -> None:
-        if values and type(step) is int:
-            self.writer.write(self.events.record(wall_time, step, values))
+        self.writer.write(self._event(wall_time, step, values))
+
+    def _event(self, wall_time: float, step: object, values: dict) -> bytes:
+        if values and type(step) is int and INT64_MIN <= step <= INT64_MAX:
+            return self.events.record(wall_time, step, values)
+        return b""
 
     def close(self) -> None:
         self.writer.close()
@@ -9838,7 +9893,19 @@ def export_tensorboard(store: RunStore, records: list[RunRecord], target: Path, 
     """Write each run's event file under TARGET; with FOLLOW, keep them growing until every run has
     ended. Returns (samples written, runs)."""
     hparams = tb_hparams([(r, _config_of(store, r)) for r in records])
-    runs = [TensorBoardRun(target, r, hparams[r.id]) for r in records]
+    import collections
+    shared = collections.Counter(map(tb_run_dirname, records))   # one name and short id, two runs: whole ids
+    dirnames = [tb_run_dirname(r, shared[tb_run_dirname(r)] > 1) for r in records]
+    if not follow:  # one file open at a time: a sweep of thousands of runs stays within the open-file limit
+        written = 0
+        for record, dirname in zip(records, dirnames):
+            run = TensorBoardRun(target, record, hparams[record.id], dirname)
+            try:
+                written += run.update(record)
+            finally:
+                run.close()
+        return written, len(records)
+    runs = [TensorBoardRun(target, r, hparams[r.id], dirname) for r, dirname in zip(records, dirnames)]
     try:
         written = sum(run.update(r) for run, r in zip(runs, records))
         while follow and any(run.record.status in ACTIVE_STATUSES for run in runs):
@@ -9861,13 +9928,35 @@ class MlflowClient:
                  timeout: float = MLFLOW_TIMEOUT) -> None:
         import urllib.parse
         import urllib.request
-        parsed = urllib.parse.urlsplit(uri)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise UsageError(f"--format mlflow: {visible(uri)!r} is not a tracking server's http(s) URL; give "
+        try:
+            parsed = urllib.parse.urlsplit(uri)
+            parsed.port  # noqa: B018 (a port that is not a number, or beyond 65535, raises here)
+        except ValueError:
+            parsed = None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+            shown = re.sub(r"//[^/@]*@", "//", uri)   # never a password of the URI
+            if parsed is not None and parsed.scheme in ("", "file", "sqlite", "postgresql", "mysql", "mssql") \
+                    and not uri.startswith("databricks"):
+                raise UsageError(f"--format mlflow: {visible(shown)!r} is not a tracking server's http(s) URL "
+                                 f"but a local MLflow store, which RunPilot does not write; serve it with `mlflow server --backend-store-uri {visible(shown)}` "
+                                 "and give its address (-o http://127.0.0.1:5000)")
+            raise UsageError(f"--format mlflow: {visible(shown)!r} is not a tracking server's http(s) URL; give "
                              "-o http://HOST:5000 or set MLFLOW_TRACKING_URI")
-        self.uri, self.timeout = uri.rstrip("/"), timeout
-        self.opener = opener or urllib.request.urlopen
+        # user:password@ in the address authenticates, as in MLflow's own client, and is never printed
+        self.uri = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl().rstrip("/")
+        self.timeout = timeout
+        if environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT"):   # MLflow's own client reads it too
+            wait = environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]
+            self.timeout = float(wait) if re.fullmatch(r"\d+(\.\d*)?|\.\d+", wait.strip()) else 0.0
+            if not 0 < self.timeout < math.inf:
+                raise UsageError(f"MLFLOW_HTTP_REQUEST_TIMEOUT={visible(wait)} is not a number of seconds; set it "
+                                 "to how long to wait for each answer of the MLflow server, e.g. 120")
+        # no redirects: urllib would send the Authorization header to wherever they point, a POST without its body
+        self.opener = opener or urllib.request.build_opener(_no_redirects()).open
         self.headers = {"Content-Type": "application/json", "User-Agent": f"runpilot/{__version__}"}
+        if parsed.username is not None and not environ.get("MLFLOW_TRACKING_USERNAME"):
+            environ = {**environ, "MLFLOW_TRACKING_USERNAME": urllib.parse.unquote(parsed.username),
+                       "MLFLOW_TRACKING_PASSWORD": urllib.parse.unquote(parsed.password or "")}
         if environ.get("MLFLOW_TRACKING_TOKEN"):
             self.headers["Authorization"] = f"Bearer {environ['MLFLOW_TRACKING_TOKEN']}"
         elif environ.get("MLFLOW_TRACKING_USERNAME"):
@@ -9888,9 +9977,17 @@ class MlflowClient:
             with self.opener(request, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400 and exc.headers.get("Location"):
+                where = re.sub(r"//[^/@]*@", "//", urllib.parse.urljoin(url, exc.headers["Location"]))
+                raise ExportError(f"{self.uri} redirected {endpoint} to {visible(where.split('?')[0])}; give -o the "
+                                  "address it redirects to") from exc
             raise MlflowRefusal(exc.code, endpoint, exc.read()) from exc
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc
+            if isinstance(reason, TimeoutError):
+                raise ExportError(f"the MLflow server at {self.uri} did not answer {endpoint} within "
+                                  f"{self.timeout:g} s; it may be overloaded: try again, or wait longer with "
+                                  "MLFLOW_HTTP_REQUEST_TIMEOUT=SECONDS") from exc
             raise ExportError(f"cannot reach the MLflow server at {self.uri} ({reason}); start it, or check -o "
                               "and MLFLOW_TRACKING_URI") from exc
         try:
@@ -9901,6 +9998,16 @@ class MlflowClient:
             raise ExportError(f"{self.uri} answered {endpoint} with something that is not MLflow's JSON "
                               f"({raw[:60].decode('utf-8', 'replace')!r}); is -o a tracking server?")
         return answer
+
+
+def _no_redirects():
+    """A urllib handler that follows no redirect (the 3xx answer comes back as an HTTPError)."""
+    import urllib.request
+
+    class NoRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None
+    return NoRedirects()
 
 
 class MlflowRefusal(ExportError):
@@ -9919,6 +10026,21 @@ class MlflowRefusal(ExportError):
                          + (f", {self.error_code}" if self.error_code else "") + f"): {visible(message)}")
 
 
+def mlflow_field(client: MlflowClient, endpoint: str, answer: object, *path: str | int) -> object:
+    """The value at PATH (keys and list indices) of the server's ANSWER to ENDPOINT; ExportError when
+    the answer has another shape, as a server that is not MLflow's may give."""
+    for step in path:
+        if (isinstance(answer, dict) and isinstance(step, str)) or (
+                isinstance(answer, list) and isinstance(step, int) and -len(answer) <= step < len(answer)):
+            answer = answer.get(step) if isinstance(answer, dict) else answer[step]
+        else:
+            answer = None
+        if answer is None:
+            raise ExportError(f"{client.uri} answered {endpoint} with something that is not MLflow's answer "
+                              f"(no {'.'.join(map(str, path))}); is -o a tracking server?")
+    return answer
+
+
 def mlflow_experiment(client: MlflowClient, name: str) -> str:
     """The id of experiment NAME, created when the server does not know it."""
     try:
@@ -9927,12 +10049,25 @@ def mlflow_experiment(client: MlflowClient, name: str) -> str:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         created = client.call("POST", "experiments/create", {"name": name})
-        return str(created.get("experiment_id"))
-    experiment = found.get("experiment") or {}
-    if experiment.get("lifecycle_stage") == "deleted":
+        return str(mlflow_field(client, "experiments/create", created, "experiment_id"))
+    experiment_id = mlflow_field(client, "experiments/get-by-name", found, "experiment", "experiment_id")
+    if found["experiment"].get("lifecycle_stage") == "deleted":
         raise ExportError(f"MLflow experiment {visible(name)!r} is deleted; restore it (mlflow experiments restore) "
                           "or export with --experiment NAME")
-    return str(experiment.get("experiment_id"))
+    return str(experiment_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def mlflow_name(key: str) -> str:
+    """KEY as a param, tag or metric name MLflow takes: letters, digits and `_-. :/` (others become `_`), at
+    most 250 characters, and nothing that reads as another path (`a//b`, `/x`, `../x`, `.`)."""
+    import posixpath
+    name = re.sub(r"[^\w./\- :]", "_", key)[:MLFLOW_NAME_MAX] or "_"
+    norm = posixpath.normpath(name)
+    if norm != name or norm == "." or norm.startswith(("..", "/")):
+        name = name.replace("/", "_")
+        name = "_" + name[1:] if name.startswith(".") and posixpath.normpath(name).startswith(".") else name
+    return name
 
 
 def mlflow_tags(record: RunRecord, meta: RunMeta) -> dict[str, str]:
@@ -9941,23 +10076,35 @@ def mlflow_tags(record: RunRecord, meta: RunMeta) -> dict[str, str]:
     tags.update({"runpilot.run_id": record.id, "runpilot.engine": record.engine or "",
                  "runpilot.image": record.image or "", "runpilot.backend": "slurm" if meta.slurm else "host",
                  "runpilot.status": record.status})
-    return {k: v[:MLFLOW_TAG_MAX] for k, v in tags.items() if v}
+    return {mlflow_name(k): v[:MLFLOW_TAG_MAX] for k, v in tags.items() if v}
 
 
-def mlflow_metrics(record: RunRecord, folder: RunFolder) -> list[dict]:
-    """Every numeric sample of the run (and of its GPUs) as MLflow metrics with step and time (ms)."""
+def mlflow_value(value: int | float) -> float | str:
+    """A metric value as MLflow's protobuf JSON takes it: NaN and ±inf as the strings it spells them with
+    (an integer beyond a double as ±inf)."""
+    try:
+        value = float(value)
+    except OverflowError:
+        value = math.inf if value > 0 else -math.inf
+    return value if math.isfinite(value) else _NON_FINITE.get(value, "NaN")
+
+
+def mlflow_metrics(record: RunRecord, folder: RunFolder) -> Iterator[dict]:
+    """Every numeric sample of the run (and of its GPUs) as MLflow metrics with step and time (ms),
+    read as they are sent: a run of millions of samples streams."""
     start = run_start_epoch(record)
     at = read_sample_times(folder.sample_times) or (lambda index: 0.0)
-    out = []
-    for i, sample in enumerate(read_metrics(folder.metrics)):
+    for i, sample in enumerate(iter_samples(folder.metrics)):
         when = int((start + at(i) * 60) * 1000)
+        if not INT64_MIN <= sample.get("step", 0) <= INT64_MAX:  # MLflow's steps are int64s
+            continue
         for key, value in scalar_values(sample).items():
-            out.append({"key": key, "value": float(value), "timestamp": when, "step": sample.get("step", i + 1)})
-    for sample in read_metrics(folder.gpu_stats):
+            yield {"key": mlflow_name(key), "value": mlflow_value(value), "timestamp": when,
+                   "step": sample.get("step", i + 1)}
+    for sample in iter_samples(folder.gpu_stats):
         step = sample.get("step", 0)
         for key, value in scalar_values(sample).items():
-            out.append({"key": key, "value": float(value), "timestamp": int((start + step) * 1000), "step": step})
-    return out
+            yield {"key": key, "value": mlflow_value(value), "timestamp": int((start + step) * 1000), "step": step}
 
 
 def mlflow_logged(client: MlflowClient, run_id: str, keys: list[str]) -> set[tuple]:
@@ -9970,7 +10117,11 @@ def mlflow_logged(client: MlflowClient, run_id: str, keys: list[str]) -> set[tup
             if token:
                 query["page_token"] = token
             answer = client.call("GET", "metrics/get-history", query=query)
-            logged.update((key, m.get("step"), m.get("timestamp")) for m in answer.get("metrics") or [])
+            points = answer.get("metrics") or []
+            if not isinstance(points, list) or not all(isinstance(m, dict) for m in points):
+                raise ExportError(f"{client.uri} answered metrics/get-history with something that is not "
+                                  "MLflow's answer (no list of metrics); is -o a tracking server?")
+            logged.update((key, m.get("step"), m.get("timestamp")) for m in points)
             token = answer.get("next_page_token")
             if not token:
                 break
@@ -9986,26 +10137,29 @@ def export_mlflow_run(client: MlflowClient, experiment_id: str, record: RunRecor
         "experiment_ids": [experiment_id], "filter": f"tags.`runpilot.run_id` = '{record.id}'", "max_results": 1})
     metrics = mlflow_metrics(record, folder)
     if found.get("runs"):
-        run_id = found["runs"][0]["info"]["run_id"]
-        logged = mlflow_logged(client, run_id, list(dict.fromkeys(m["key"] for m in metrics)))
-        metrics = [m for m in metrics if (m["key"], m["step"], m["timestamp"]) not in logged]
+        run_id = mlflow_field(client, "runs/search", found, "runs", 0, "info", "run_id")
+        logged = mlflow_logged(client, run_id, list(dict.fromkeys(m["key"] for m in mlflow_metrics(record, folder))))
+        metrics = (m for m in metrics if (m["key"], m["step"], m["timestamp"]) not in logged)
     else:
-        created = client.call("POST", "runs/create", {
-            "experiment_id": experiment_id, "run_name": record.name, "start_time": int(run_start_epoch(record) * 1000)})
-        run_id = (created.get("run") or {}).get("info", {}).get("run_id")
-        if not run_id:
-            raise ExportError(f"{client.uri} answered runs/create without a run id; is -o a tracking server?")
+        created = client.call("POST", "runs/create", {   # its run_id tag from the start: an export again finds it
+            "experiment_id": experiment_id, "run_name": record.name, "start_time": int(run_start_epoch(record) * 1000),
+            "tags": [{"key": "runpilot.run_id", "value": record.id}]})
+        run_id = mlflow_field(client, "runs/create", created, "run", "info", "run_id")
     tags = [{"key": k, "value": v} for k, v in mlflow_tags(record, meta).items()]
-    values = [{"key": k, "value": fmt_cell(v)[:MLFLOW_PARAM_MAX]} for k, v in params.items()]
-    for kind, items in (("tags", tags), ("params", values), ("metrics", metrics)):
+    values = [{"key": mlflow_name(k), "value": fmt_cell(v)[:MLFLOW_PARAM_MAX]} for k, v in params.items()]
+    for kind, items in (("tags", tags), ("params", values)):
         size = MLFLOW_BATCH[kind]
         for at in range(0, len(items), size):
             client.call("POST", "runs/log-batch", {"run_id": run_id, kind: items[at:at + size]})
+    sent = 0
+    while batch := list(itertools.islice(metrics, MLFLOW_BATCH["metrics"])):
+        client.call("POST", "runs/log-batch", {"run_id": run_id, "metrics": batch})
+        sent += len(batch)
     update = {"run_id": run_id, "status": MLFLOW_STATUS.get(record.status, "FAILED"), "run_name": record.name}
     if record.finished_at and record.status not in ACTIVE_STATUSES:
         update["end_time"] = int(parse_time(record.finished_at).timestamp() * 1000)
     client.call("POST", "runs/update", update)
-    return run_id, len(metrics)
+    return run_id, sent
 
 
 def export_mlflow(store: RunStore, records: list[RunRecord], client: MlflowClient, experiment: str | None,
@@ -10685,8 +10839,9 @@ def export_to_tool(store: RunStore, records: list[RunRecord], args) -> int:
     uri = args.output or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise UsageError("--format mlflow needs the tracking server: -o http://HOST:5000 or MLFLOW_TRACKING_URI")
-    sent = export_mlflow(store, records, MlflowClient(uri), args.experiment, lambda text: echo(text, err=True))
-    echo(f"exported {len(records)} run(s) ({sent} new metric value(s)) to {visible(uri)}", err=True)
+    client = MlflowClient(uri)
+    sent = export_mlflow(store, records, client, args.experiment, lambda text: echo(text, err=True))
+    echo(f"exported {len(records)} run(s) ({sent} new metric value(s)) to {visible(client.uri)}", err=True)
     return 0
 
 def export_outputs(store: RunStore, records: list[RunRecord], target: Path) -> None:
