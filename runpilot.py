@@ -6603,7 +6603,8 @@ def render_runs(records: list[RunRecord], metrics: list[str], absolute: bool, wi
     """`list`: one row per run, metrics featured by the configs, then tags; short ids, long values cut
     (names in their middle) and then the last columns dropped (tags first, then metrics) to fit WIDTH,
     unless FULL. The first six columns always stay. With POINTS (`list --sweep`: run id -> its
-    point's values) the swept keys follow them as columns of their own, and stay too; else a SWEEP
+    point's values) the swept keys follow them as columns of their own, cut and dropped after the
+    metrics; else a SWEEP
     column says which sweep a run is in, when some are."""
     tags = any(r.tags for r in records)
     fixed = ["ID", "NAME", "STATUS", "STARTED", "DURATION", "EXIT", "TAGS"]
@@ -6623,10 +6624,11 @@ def render_runs(records: list[RunRecord], metrics: list[str], absolute: bool, wi
         row += [fmt_value(r.last_metrics.get(m)) for m in metrics]
         rows.append(row + ([fmt_tags(r.tags)] if tags else []))
     paint = (lambda col, text, row: colour_status(text, row[2].split()[0]) if col == 2 else text) if colour else None
-    shrink = set() if full else {1} | ({len(headers) - 1} if tags else set())
+    columns = set(range(6, 6 + len(keys)))  # long swept values are cut, and keys that cannot fit dropped last
+    shrink = set() if full else {1} | columns | ({len(headers) - 1} if tags else set())
     first = 6 + len(between)
-    return render_table(headers, rows, {4, 5} | set(range(6, 6 + len(keys))) | set(range(first, first + len(metrics))),
-                        None if full else width, min_columns=6 + len(keys), shrink=shrink, paint=paint, middle={1})
+    return render_table(headers, rows, {4, 5} | columns | set(range(first, first + len(metrics))),
+                        None if full else width, min_columns=6, shrink=shrink, paint=paint, middle={1} | columns)
 
 
 def swept_columns(points: dict[str, dict]) -> list[str]:
