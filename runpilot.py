@@ -2196,10 +2196,13 @@ def parse_stop_signal(value: object) -> str:
     """
     if isinstance(value, bool) or value is None or isinstance(value, float):
         raise ValueError
-    if isinstance(value, int):
-        sig = signal.Signals(value)
+    text = str(value).strip()
+    if isinstance(value, int) or re.fullmatch(r"[0-9]+", text):  # `'10'` is the signal 10, as 10 is
+        sig = signal.Signals(int(text))
     else:
-        name = str(value).strip().upper()
+        if not text.isascii():  # str.upper() makes SIGINT of `ſigint` and `ınt`
+            raise ValueError
+        name = text.upper()
         sig = signal.Signals[name if name.startswith("SIG") else "SIG" + name]
     if sig in (signal.SIGKILL, signal.SIGSTOP):
         raise ValueError
@@ -2232,10 +2235,10 @@ def key_meant(key: str, existing: list[str]) -> str | None:
 
     Close means equal but for case (`lr`, `LR`), or a small edit distance on longer keys (one edit
     from 4 characters on, two from 8); keys that differ only in digits (`GPU0`, `GPU1`) are
-    different on purpose.
+    different on purpose, and so are keys that differ only by a number (`SEED`, `SEED2`).
     """
     def strip_digits(text: str) -> str:
-        return re.sub(r"\d+", "#", text)
+        return re.sub(r"\d+", "", text)
 
     low = key.lower()
     for name in existing:
@@ -8641,7 +8644,7 @@ def cmd_compare(args) -> int:
     known = {m for _, _, summary in runs for m in summary}
     for name in args.metric:
         if name not in known:
-            raise UsageError(f"--metric {visible(name)!r}: none of these runs has that metric; choose one of "
+            raise UsageError(f"--metric '{visible(name)}': none of these runs has that metric; choose one of "
                              f"{', '.join(sorted(visible(m) for m in known)) or '(none: no metrics recorded)'}")
     echo(render_compare(runs, output_width(), args.no_trunc, ("name",) if args.sweep else (), args.metric))
     if sys.stderr.isatty() and len(runs) > 1:  # a pointer for people, not for scripts
@@ -8690,9 +8693,9 @@ def cmd_export(args) -> int:
 def swept_keys(store: RunStore, sweep_id: str) -> list[str]:
     """The keys a sweep varies (env.LR, ...), as a flattened config names them; [] if unreadable."""
     try:
-        return [str(axis[0]) for axis in Sweep.load(store, sweep_id).axes
-                if isinstance(axis, list) and axis and str(axis[0]) != "name"]
-    except RunPilotError:
+        axes = Sweep.load(store, sweep_id).axes
+        return [str(axis[0]) for axis in axes if isinstance(axis, list) and axis and str(axis[0]) != "name"]
+    except (RunPilotError, TypeError):  # a damaged sweep.json's axes (not a list): no swept columns
         return []
 
 def export_to_tool(store: RunStore, records: list[RunRecord], args) -> int:

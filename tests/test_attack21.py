@@ -54,3 +54,66 @@ class ManySweptKeysFit80Columns(Attack21Case):
         lines = self.view("list", "--sweep", "latest", "--no-color")
         self.assertFits(lines)
         self.assertIn("…", lines[-1])
+
+
+class TrulyNewKeysAreNotTypos(Attack21Case):
+    """A new key that differs from an old one only by a number was refused as a typo of it."""
+
+    def test_a_key_with_a_number_added_is_new(self):
+        config = self.write("t.yaml", """\
+            name: t
+            engine: local
+            entrypoint: [python3, job.py]
+            env: {SEED: 1, LR: 2}
+            mounts: {data: /tmp}
+            """)
+        for item in ("env.SEED2=5", "env.LR0=1", "mounts.data2=/tmp"):
+            with self.subTest(item=item):
+                code, out, err = self.cli("validate", config, "--set", item)
+                self.assertEqual(code, 0, err)
+        for item, meant in (("env.SEEDS=5", "env.SEED"), ("env.lr=1", "env.LR")):  # typos stay errors
+            with self.subTest(item=item):
+                code, out, err = self.cli("validate", config, "--set", item)
+                self.assertEqual(code, 2, err)
+                self.assertIn(f"did you mean '{meant}'", err)
+
+
+class DamagedSweepFile(Attack21Case):
+    def test_export_of_a_sweep_whose_axes_are_not_a_list(self):
+        sweep_id = self.sweep("env.LR=0.1,0.2")
+        path = self.home / "sweeps" / sweep_id / "sweep.json"
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "axes": 5}))
+        code, out, err = self.cli("export", "--sweep", sweep_id)
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(out.splitlines()[0].split(",")[:2], ["run_id", "name"])
+
+
+class StopSignalSpellings(Attack21Case):
+    def validate(self, value: str) -> tuple[int, str]:
+        config = self.write("t.yaml", f"name: t\nengine: local\nentrypoint: [python3, job.py]\nstop_signal: {value}\n")
+        code, out, err = self.cli("validate", config)
+        return code, err
+
+    def test_only_ascii_names_and_numbers_name_a_signal(self):
+        for value in ("ſigint", "ınt", "SIGİNT"):  # str.upper() turns these into SIGINT
+            with self.subTest(value=value):
+                code, err = self.validate(value)
+                self.assertEqual(code, 2, err)
+                self.assertIn("stop_signal must name a signal", err)
+
+    def test_a_quoted_number_is_the_same_signal_as_the_number(self):
+        config = self.write("t.yaml", "name: t\nengine: local\nentrypoint: [python3, job.py]\nstop_signal: '10'\n")
+        self.assertEqual(runpilot.load_config(config).stop_signal, "SIGUSR1")
+        code, err = self.validate("'9'")
+        self.assertEqual(code, 2, err)
+
+
+class OddNamesInErrors(Attack21Case):
+    def test_compare_metric_with_a_control_character_is_shown_once_escaped(self):
+        self.sweep("env.LR=0.1,0.2")
+        code, out, err = self.cli("compare", "--sweep", "latest", "--metric", "lo\x1bss")
+        self.assertEqual(code, 2)
+        self.assertIn("--metric 'lo\\x1bss': none of these runs has that metric", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
