@@ -5824,8 +5824,10 @@ class SweepSummary:
 
 
 def base_name(name: str) -> str:
-    """A sweep run's name without its point: `synth-cnn[LR=0.1]` -> `synth-cnn`."""
-    return name[:name.rindex("[")] if name.endswith("]") and "[" in name else name
+    """A sweep run's name without its point: `synth-cnn[LR=0.1]` -> `synth-cnn`. The point begins at
+    the last `[KEY=`, not the last `[`: a swept value may hold one (`a[0]`, a control sequence)."""
+    starts = [m.start() for m in re.finditer(r"\[[^\W\d][\w.-]*=", name)] if name.endswith("]") else []
+    return name[:starts[-1]] if starts else name
 
 
 def summarize_sweep(sweep: Sweep, records: dict[str, RunRecord]) -> SweepSummary:

@@ -117,3 +117,14 @@ class OddNamesInErrors(Attack21Case):
         self.assertEqual(code, 2)
         self.assertIn("--metric 'lo\\x1bss': none of these runs has that metric", err)
         self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+
+class SweepNamesWithBrackets(Attack21Case):
+    """A swept value holding `[` (a control sequence, `a[0]`) made `list --sweep` cut the name there:
+    `job[LR=\\x1b` instead of `job`."""
+
+    def test_list_sweep_names_the_config_whatever_the_values_hold(self):
+        self.sweep('env.LR=0.1,"\\e[2J0.3","a[0]"', name="exp[v2]")
+        lines = self.view("list", "--sweep", "latest", "--no-color", width=120)
+        self.assertEqual([re.split(r"\s{2,}", line)[1] for line in lines[1:]], ["exp[v2]"] * 3)
+        self.assertEqual(runpilot.base_name("exp[v2][LR=a[0],BS=1,repeat=2]"), "exp[v2]")
