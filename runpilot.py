@@ -8799,24 +8799,23 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def init_image(candidates: list[str] | None = None) -> tuple[str, str]:
-    """The image `init` writes: a Python image present here that runs Python, and a note why."""
-    for engine in ("docker", "podman") if candidates is None else ():
+def init_image() -> tuple[str, str, str]:
+    """The image `init` writes, a note why, and the interpreter the sample names: a Python image
+    present here and the one it runs (python, else python3), else the sample image and `python`
+    (the official python images have it)."""
+    for engine in ("docker", "podman"):
         found = [i for i in local_images(engine) if re.search(r"(python|pytorch)[^/]*:[^/]*$", i)]
         for image in found[:INIT_PROBES]:
-            if image_python(engine, image) is not None:
-                return image, f"found locally ({engine})"
+            python = image_python(engine, image)
+            if python is not None:
+                return image, f"found locally ({engine})", python
     return SAMPLE_IMAGE, f"not present here: pull it first (docker pull {SAMPLE_IMAGE}), or run the job " \
-                         "without a container: runpilot run config.yaml --engine local"
+                         "without a container: runpilot run config.yaml --engine local", "python"
 
 
 def cmd_init(args) -> int:
-    image, why = init_image()
-    python = init_python(image, why)
+    image, why, python = init_image()  # one throwaway container per candidate, not a second for the chosen
     note_line = f"  # {why}" if len(why) < 60 else f"\n# {why}"
-    if python is None:  # no candidate image runs Python: the sample's own image, as for none here
-        image, why = init_image(candidates=[])
-        python, note_line = "python", f"\n# {why}"
     pad = " " * max(1, 10 - len(python))
     files = {Path("config.yaml"): SAMPLE_CONFIG.format(image=image, image_note=note_line, python=python, pad=pad),
              Path("train.py"): SAMPLE_TRAIN}
@@ -8832,13 +8831,6 @@ def cmd_init(args) -> int:
     echo(visible(f"image: {image} ({why})"))
     echo("next: runpilot run config.yaml")
     return 0
-
-
-def init_python(image: str, why: str) -> str | None:
-    """The interpreter the sample's entrypoint names: the one IMAGE runs (python, else python3);
-    `python` for an image not here (the official python images have it); None if it runs neither."""
-    engine = re.search(r"found locally \((\w+)\)", why)
-    return image_python(engine.group(1), image) if engine else "python"
 
 
 def cmd_reindex(args) -> int:
