@@ -128,3 +128,16 @@ class SweepNamesWithBrackets(Attack21Case):
         lines = self.view("list", "--sweep", "latest", "--no-color", width=120)
         self.assertEqual([re.split(r"\s{2,}", line)[1] for line in lines[1:]], ["exp[v2]"] * 3)
         self.assertEqual(runpilot.base_name("exp[v2][LR=a[0],BS=1,repeat=2]"), "exp[v2]")
+
+
+class ProxyVariablesInBothCases(Attack21Case):
+    """`--set env.http_proxy=...` on a config with HTTP_PROXY was refused as a typo of it; tools read
+    both (curl the lower-case one), so people set both."""
+
+    def test_lower_case_proxy_beside_upper_case_is_new(self):
+        config = self.write("t.yaml", "name: t\nengine: local\nentrypoint: [python3, job.py]\n"
+                                      "env: {HTTP_PROXY: 'http://proxy:3128', LR: 1}\n")
+        code, out, err = self.cli("validate", config, "--set", "env.http_proxy=http://proxy:3128")
+        self.assertEqual(code, 0, err)
+        code, out, err = self.cli("validate", config, "--set", "env.lr=0.1")
+        self.assertEqual(code, 2, err)
