@@ -151,7 +151,7 @@ MAX_AGE_SECONDS = 3650 * 86400
 # How many Python-like local images `init` tries (a throwaway container each) before it gives up.
 INIT_PROBES = 3
 # Variables that tools read in both cases (curl reads http_proxy, others HTTP_PROXY): a --set of
-# one beside the other is meant, not a typo (key_meant).
+# one beside another (http_proxy, HTTP_PROXY, HTTPS_PROXY) is meant, not a typo (key_meant).
 BOTH_CASES_VARIABLES = frozenset({"http_proxy", "https_proxy", "ftp_proxy", "no_proxy", "all_proxy"})
 # How much of a running run's metrics.json `list` reads for its latest values (about 500 samples).
 METRICS_TAIL = 64 << 10
@@ -2244,8 +2244,10 @@ def key_meant(key: str, existing: list[str]) -> str | None:
         return re.sub(r"\d+", "", text)
 
     low = key.lower()
+    if low in BOTH_CASES_VARIABLES:  # a variable of its own, however close to another
+        return None
     for name in existing:
-        if name.lower() == low and low not in BOTH_CASES_VARIABLES:
+        if name.lower() == low:
             return name
     allowed = 2 if len(key) >= 8 else 1 if len(key) >= 4 else 0
     scored = sorted((_edit_distance(low, name.lower()), name) for name in existing

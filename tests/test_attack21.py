@@ -137,7 +137,9 @@ class ProxyVariablesInBothCases(Attack21Case):
     def test_lower_case_proxy_beside_upper_case_is_new(self):
         config = self.write("t.yaml", "name: t\nengine: local\nentrypoint: [python3, job.py]\n"
                                       "env: {HTTP_PROXY: 'http://proxy:3128', LR: 1}\n")
-        code, out, err = self.cli("validate", config, "--set", "env.http_proxy=http://proxy:3128")
-        self.assertEqual(code, 0, err)
+        for item in ("env.http_proxy=http://proxy:3128", "env.HTTPS_PROXY=http://proxy:3128"):
+            with self.subTest(item=item):
+                code, out, err = self.cli("validate", config, "--set", item)
+                self.assertEqual(code, 0, err)
         code, out, err = self.cli("validate", config, "--set", "env.lr=0.1")
         self.assertEqual(code, 2, err)
