@@ -4294,7 +4294,7 @@ class Tee:
         self.result.returncode = job.proc.returncode
         self.result.log_error = self.log_error
         if job.forced:
-            self.result.killed = "by a second Ctrl-C"
+            self.result.killed = "by a second Ctrl-C" if self.result.stop_signal else "by Ctrl-C"
         elif job.first_stop and job_exit_code(job.proc.returncode) == 128 + signal.SIGKILL:
             self.result.killed = f"after its grace period of {job.stop_timeout:g}s"
         return self.result
@@ -4353,9 +4353,11 @@ class Tee:
 
     def _on_signals(self) -> None:
         """The first signal stops the job gracefully; a second Ctrl-C kills it. Further SIGTERMs
-        and SIGHUPs (two `runpilot stop` at once, say) change nothing: the grace period holds."""
+        and SIGHUPs (two `runpilot stop` at once, say) change nothing: the grace period holds.
+        A job already being stopped for its timeout (or a full disk) keeps that reason: Ctrl-C
+        then kills it now, as a second one would."""
         for signum in self.signals.received[self.handled:]:
-            if self.result.stop_signal is None:
+            if self.result.stop_signal is None and self.result.stop_reason is None:
                 self.result.stop_reason, self.result.stop_signal = INTERRUPTED, signum
                 sent = self.job.request_stop(force=False, sig=job_stop_signal(signum))
                 self.result.job_signal = sent

@@ -5,9 +5,13 @@ Each test failed on the merged branch before its fix.
 
 import json
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import runpilot
-from tests.common import RunsHome
+from tests.common import RUNPILOT, STUBBORN, RunsHome
 
 # A job that prints its LR as a metric.
 JOB = """\
@@ -143,3 +147,29 @@ class ProxyVariablesInBothCases(Attack21Case):
                 self.assertEqual(code, 0, err)
         code, out, err = self.cli("validate", config, "--set", "env.lr=0.1")
         self.assertEqual(code, 2, err)
+
+
+class CtrlCWhileATimeoutStopsTheJob(Attack21Case):
+    """A run that hit its timeout and got Ctrl-C in the grace period was recorded `interrupted by
+    Ctrl-C` (its timeout forgotten), and the Ctrl-C was taken as a first one: the job kept its whole
+    grace period, and the message promised it a fresh one."""
+
+    def test_ctrl_c_kills_now_and_the_run_stays_timeout(self):
+        config = self.local_config(STUBBORN, name="stubborn", extra="timeout: 1\n")
+        proc = subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config), "--stop-timeout", "20"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        for line in proc.stderr:
+            if "hit its timeout" in line:
+                break
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+        self.assertLess(time.monotonic() - started, 10, err)
+        self.assertEqual(proc.returncode, 124, err)
+        self.assertIn("killing run", err)
+        self.assertNotIn("has 20s to exit; press Ctrl-C again", err)
+        meta = self.meta(self.only_run())
+        self.assertEqual(meta["status"], "timeout")
+        self.assertIn("killed by Ctrl-C", meta["reason"])
