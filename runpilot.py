@@ -6400,6 +6400,23 @@ def with_live_metrics(store: RunStore, records: list[RunRecord]) -> list[RunReco
             if r.status == RUNNING else r for r in records]
 
 
+def by_metric(records: list[RunRecord], what: RunFilter) -> list[RunRecord]:
+    """RECORDS sorted again by WHAT's metric once running runs carry their live values: the index
+    sorted them as having none. The same order as the index's: runs without the metric last, then
+    the value, then the newest first."""
+    if what.sort in ("started", "duration") or not any(r.status == RUNNING for r in records):
+        return records
+
+    def value(record: RunRecord) -> float | None:
+        found = record.last_metrics.get(what.sort)
+        number = isinstance(found, (int, float)) and not isinstance(found, bool) and found == found  # not NaN
+        return found if number else None
+
+    records = sorted(records, key=lambda r: r.started_at, reverse=True)
+    records = sorted(records, key=lambda r: value(r) or 0, reverse=not what.ascending)
+    return sorted(records, key=lambda r: value(r) is None)
+
+
 # ==== 19. Presentation: tables, durations, sparklines ========================
 # Everything here turns data into text for a terminal: pure functions, and every value that
 # came from a job, a config or a file goes through visible() on its way out.
@@ -8478,7 +8495,7 @@ def cmd_list(args) -> int:
     store = _store()
     args.sweep = args.sweep and find_sweep(store, args.sweep)
     what = _list_filter(args)
-    records = with_live_metrics(store, refresh(store, store.query(what), note))
+    records = by_metric(with_live_metrics(store, refresh(store, store.query(what), note)), what)
     _check_sort_metric(what.sort, records)
     if args.sweep and args.sort == "started" and args.ascending is None:
         records = in_plan_order(store, args.sweep, records)

@@ -173,3 +173,18 @@ class CtrlCWhileATimeoutStopsTheJob(Attack21Case):
         meta = self.meta(self.only_run())
         self.assertEqual(meta["status"], "timeout")
         self.assertIn("killed by Ctrl-C", meta["reason"])
+
+
+class SortByAMetricWithRunningRuns(Attack21Case):
+    """`list` shows a running run's latest values, but `--sort loss` placed it last, as having none
+    (the index learns its values when it ends): the printed column was out of order."""
+
+    def test_a_running_run_sorts_by_the_values_list_shows(self):
+        self.add_run("done-a", samples=[{"loss": 0.5}])
+        self.add_run("live", status="running", samples=[{"loss": 0.05}], last_metrics={})
+        self.add_run("done-b", samples=[{"loss": 0.2}])
+        for flags, order in ((["--asc"], ["live", "done-b", "done-a"]), ([], ["done-a", "done-b", "live"])):
+            with self.subTest(flags=flags):
+                lines = self.view("list", "--sort", "loss", "--no-color", *flags, width=120)
+                self.assertEqual([re.split(r"\s{2,}", line)[1] for line in lines[1:]], order)
+                self.assertIn("0.05", lines[1 if flags else 3])
