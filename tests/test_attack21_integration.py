@@ -40,3 +40,42 @@ class InitSkipsAnImageWithoutAnyPython(HomeTestCase):
             result = self.process("run", self.work / "config.yaml", "--engine", "docker", cwd=self.work)
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertIn(b"done", result.stdout)
+
+
+class CtrlCWhileATimeoutStops(HomeTestCase):
+    """Ctrl-C while a container's timeout stop is in its grace period kills it now; the run stays
+    `timeout` (it was recorded `interrupted`, after the whole grace period)."""
+
+    engine = "docker"
+
+    def test_ctrl_c_in_the_timeouts_grace_period(self):
+        require_engine(self, self.engine)
+        config = self.write("stubborn.yaml", f"""\
+            name: stubborn
+            engine: {self.engine}
+            image: {BUSYBOX_IMAGE}
+            timeout: 2
+            entrypoint: 'trap "" INT TERM; echo ready; while :; do sleep 0.1; done'
+            """)
+        proc = subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config), "--stop-timeout", "30"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        for line in proc.stderr:
+            if "hit its timeout" in line:
+                break
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+        self.assertLess(time.monotonic() - started, 15, err)
+        self.assertEqual(proc.returncode, 124, err)
+        meta = json.loads((self.only_run() / "meta.json").read_text())
+        self.assertEqual(meta["status"], "timeout")
+        self.assertIn("killed by Ctrl-C", meta["reason"])
+        done = subprocess.run([self.engine, "ps", "-q", "--filter", f"label=runpilot.run_id={meta['run_id']}"],
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.stdout.strip(), "")
+
+
+class PodmanCtrlCWhileATimeoutStops(CtrlCWhileATimeoutStops):
+    engine = "podman"
