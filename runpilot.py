@@ -9588,7 +9588,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def cmd_sweeps(args) -> int:
     """`runpilot sweeps`: every sweep, newest first, with how far it got and its best value."""
     store = _store()
-    summaries = sweep_summaries(store, note)[:None if args.all else args.limit]
+    summaries = sweep_summaries(store, note, None if args.all else args.limit)
     if args.json:
         echo(json.dumps(json_safe([s.json() for s in summaries]), indent=2, sort_keys=True))
     elif not summaries:
@@ -9598,10 +9598,11 @@ def cmd_sweeps(args) -> int:
     return 0
 
 
-def sweep_summaries(store: RunStore, note: Callable[[str], None]) -> list[SweepSummary]:
-    """Each sweep's summary from its plan and its runs' index rows, statuses brought up to date."""
+def sweep_summaries(store: RunStore, note: Callable[[str], None], limit: int | None = None) -> list[SweepSummary]:
+    """The LIMIT newest sweeps' summaries from their plans and their runs' index rows, statuses
+    brought up to date (only those: a home's thousand old sweeps are not read to show twenty)."""
     plans = []
-    for sweep_id in sweep_ids(store):
+    for sweep_id in sweep_ids(store)[:limit]:
         try:
             sweep = Sweep.load(store, sweep_id)
         except RunPilotError as exc:

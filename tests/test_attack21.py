@@ -188,3 +188,20 @@ class SortByAMetricWithRunningRuns(Attack21Case):
                 lines = self.view("list", "--sort", "loss", "--no-color", *flags, width=120)
                 self.assertEqual([re.split(r"\s{2,}", line)[1] for line in lines[1:]], order)
                 self.assertIn("0.05", lines[1 if flags else 3])
+
+
+class SweepsReadsOnlyWhatItShows(Attack21Case):
+    """`runpilot sweeps` (the 20 newest) read and summarized every sweep of the home first, and spoke
+    of damaged old ones it was not going to show."""
+
+    def test_an_old_damaged_sweep_beyond_the_limit_is_not_read(self):
+        newest = self.sweep("env.LR=0.1")
+        old = self.home / "sweeps" / "sw-20250101-000000-abcdef"
+        old.mkdir()
+        (old / "sweep.json").write_text("{damaged")
+        code, out, err = self.tty_cli("sweeps", "--limit", "1")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(err, "")
+        self.assertIn(runpilot.fmt_sweep_ref(newest), out)
+        code, out, err = self.tty_cli("sweeps", "--all")
+        self.assertIn("sw-20250101-000000-abcdef is left out", err)
