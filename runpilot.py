@@ -6117,9 +6117,14 @@ def _slurm_reason(meta: RunMeta, state: str | None, info: dict, never_started: b
 
 def slurm_stop(store: RunStore, record: RunRecord, meta: RunMeta, wait: float,
                note: Callable[[str], None]) -> RunRecord:
-    """`runpilot stop` for a Slurm run: scancel, then wait for the job to record how it ended."""
+    """`runpilot stop` for a Slurm run, then wait for the job to record how it ended. A started run's
+    runner gets SIGTERM (`scancel --batch`, only the runner), as `stop` of a local run: the job gets
+    SIGTERM or the config's stop_signal, then the grace period, then SIGKILL; a plain scancel would
+    SIGTERM the job itself, whatever its stop_signal. A queued run is cancelled."""
     job = str(meta.slurm.get("job_id"))
-    done = quiet_run(["scancel", job], timeout=60)
+    done = quiet_run(["scancel", "--batch", "--signal=TERM", job], timeout=60) if meta.status == RUNNING else None
+    if done is None or done.returncode != 0:  # queued, or it ended or was still starting meanwhile
+        done = quiet_run(["scancel", job], timeout=60)
     if done.returncode != 0:
         raise SlurmError(f"scancel {job} failed: {done.stderr.strip()[:200]}")
     deadline = time.monotonic() + wait

@@ -10,7 +10,7 @@ import signal
 import json
 
 from tests.common import RUNPILOT, HomeTestCase
-from tests.support import BUSYBOX_IMAGE, require_engine
+from tests.support import BUSYBOX_IMAGE, cancel_slurm_jobs, require_engine, require_slurm
 
 
 class InitSkipsAnImageWithoutAnyPython(HomeTestCase):
@@ -79,3 +79,61 @@ class CtrlCWhileATimeoutStops(HomeTestCase):
 
 class PodmanCtrlCWhileATimeoutStops(CtrlCWhileATimeoutStops):
     engine = "podman"
+
+
+# A job that saves its state on SIGUSR1 (its stop_signal) and says which signal it got.
+ON_USR1 = """\
+import signal, sys, time
+def bye(signum, frame):
+    print(f"got signal {signum}", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, bye)
+signal.signal(signal.SIGTERM, bye)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+class SlurmStopSendsTheStopSignal(HomeTestCase):
+    """`runpilot stop` of a running Slurm run scancelled it plainly: the job itself got SIGTERM, not
+    its stop_signal, while its record said `the job got SIGUSR1`."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        require_slurm(self)
+        self.addCleanup(self.cancel_leftovers)
+        self.write("usr1.py", ON_USR1)
+
+    def cancel_leftovers(self) -> None:
+        jobs = {str(self.meta(r).get("slurm", {}).get("job_id", "")) for r in self.runs() if (r / "meta.json").exists()}
+        cancel_slurm_jobs(*sorted(j for j in jobs if j))
+
+    def submit(self, *extra: str) -> str:
+        config = self.write("usr1.yaml", f"name: usr1\nengine: local\nstop_signal: USR1\n"
+                                         f"entrypoint: [{json.dumps(sys.executable)}, usr1.py]\n"
+                                         f"slurm:\n  python: {json.dumps(sys.executable)}\n")
+        done = self.process("run", config, "--on", "slurm", "-d", *extra)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout.decode().split()[-1]
+
+    def test_a_running_run_gets_its_stop_signal(self):
+        run_id = self.submit()
+        logs = self.home / "runs" / run_id / "logs.txt"
+        deadline = time.monotonic() + 120
+        while not (logs.exists() and b"ready" in logs.read_bytes()):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.3)
+        done = self.process("stop", run_id)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(b"got signal 10", logs.read_bytes())
+        self.assertNotIn(b"got signal 15", logs.read_bytes())
+        meta = self.meta(self.home / "runs" / run_id)
+        self.assertEqual(meta["status"], "interrupted")
+        self.assertIn("the job got SIGUSR1", meta["reason"])
+
+    def test_a_queued_run_is_cancelled(self):
+        run_id = self.submit("--set", 'slurm.extra=["--begin=now+1hour"]')
+        done = self.process("stop", run_id)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(self.meta(self.home / "runs" / run_id)["status"], "cancelled")
