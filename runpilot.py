@@ -5892,6 +5892,14 @@ def parse_squeue(text: str) -> dict[str, dict]:
     return jobs
 
 
+def _unsplit_array_row(queue: dict[str, dict], job: str) -> dict | None:
+    """The row of array task JOB (`320_0`) when Slurm lists only its array (`320`): tasks cancelled
+    while pending together (Ctrl-C, `stop` of a queued sweep) were never split into rows of their own,
+    and without this row they would be recorded `lost`."""
+    array, sep, _ = job.partition("_")
+    return queue.get(array) if sep else None
+
+
 def parse_scontrol(text: str) -> dict[str, str]:
     """`scontrol show job -o ID`'s Key=Value pairs (values up to the next space)."""
     return dict(item.split("=", 1) for item in text.split() if "=" in item)
@@ -6025,7 +6033,7 @@ def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str
     queue = parse_squeue(done.stdout)
     changed = []
     for record in active:
-        job = queue.get(str(record.slurm_job))
+        job = queue.get(str(record.slurm_job)) or _unsplit_array_row(queue, str(record.slurm_job))
         status = slurm_status(job["state"]) if job else None
         if status in ACTIVE_STATUSES:
             reason = job["reason"] if status == QUEUED else None  # type: ignore[index]
@@ -6139,11 +6147,17 @@ def slurm_stop(store: RunStore, record: RunRecord, meta: RunMeta, wait: float,
 
 
 def slurm_stop_sweep(store: RunStore, sweep: Sweep, wait: float, note: Callable[[str], None]) -> str:
-    """`runpilot stop SWEEP_ID` of a sweep submitted as a job array: scancel the array, then wait
-    until every point has ended as Slurm and the nodes record it."""
+    """`runpilot stop SWEEP_ID` of a sweep submitted as a job array: its queued points are cancelled
+    and its started ones' runners get SIGTERM (as slurm_stop), then wait until every point has
+    ended as Slurm and the nodes record it."""
     metas = [store.folder(p["run_id"]).read_meta() for p in sweep.points]
     arrays = sorted({str(m.slurm.get("array_job_id")) for m in metas if m.slurm.get("array_job_id")})
-    done = quiet_run(["scancel", *arrays], timeout=60) if arrays else None
+    done = None
+    if arrays:
+        quiet_run(["scancel", "--state=PENDING", *arrays], timeout=60)
+        done = quiet_run(["scancel", "--batch", "--signal=TERM", *arrays], timeout=60)
+        if done.returncode != 0:  # no task had started: nothing to signal, cancel what is left
+            done = quiet_run(["scancel", *arrays], timeout=60)
     if done is not None and done.returncode != 0:
         raise SlurmError(f"scancel {' '.join(arrays)} failed: {done.stderr.strip()[:200]}")
     deadline = time.monotonic() + wait

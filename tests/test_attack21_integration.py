@@ -1,13 +1,13 @@
 """Defects found attacking issue 21's daily loop, on real engines (gated as tests/test_integration.py:
 skipped with the reason where an engine is missing, failed where RUNPILOT_TEST_ENGINES names it)."""
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
-import signal
-import json
 
 from tests.common import RUNPILOT, HomeTestCase
 from tests.support import BUSYBOX_IMAGE, cancel_slurm_jobs, require_engine, require_slurm
@@ -95,9 +95,8 @@ while True:
 """
 
 
-class SlurmStopSendsTheStopSignal(HomeTestCase):
-    """`runpilot stop` of a running Slurm run scancelled it plainly: the job itself got SIGTERM, not
-    its stop_signal, while its record said `the job got SIGUSR1`."""
+class SlurmCase(HomeTestCase):
+    """A Slurm test: skipped without a cluster (failed with RUNPILOT_TEST_SLURM=1); its jobs cancelled after."""
 
     def setUp(self) -> None:
         super().setUp()
@@ -116,6 +115,11 @@ class SlurmStopSendsTheStopSignal(HomeTestCase):
         done = self.process("run", config, "--on", "slurm", "-d", *extra)
         self.assertEqual(done.returncode, 0, done.stderr)
         return done.stdout.decode().split()[-1]
+
+
+class SlurmStopSendsTheStopSignal(SlurmCase):
+    """`runpilot stop` of a running Slurm run scancelled it plainly: the job itself got SIGTERM, not
+    its stop_signal, while its record said `the job got SIGUSR1`."""
 
     def test_a_running_run_gets_its_stop_signal(self):
         run_id = self.submit()
@@ -137,3 +141,54 @@ class SlurmStopSendsTheStopSignal(HomeTestCase):
         done = self.process("stop", run_id)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(self.meta(self.home / "runs" / run_id)["status"], "cancelled")
+
+
+class SlurmSweepStops(SlurmCase):
+    """A sweep's points still queued when the sweep was stopped (Ctrl-C, `stop --sweep`) were recorded
+    `lost`: Slurm lists a pending array cancelled whole as the array alone (`320`, not `320_0`).
+    `stop --sweep` of started points gave the jobs SIGTERM, not their stop_signal."""
+
+    def sweep(self, *extra: str) -> subprocess.Popen:
+        config = self.write("usr1.yaml", f"name: usr1\nengine: local\nstop_signal: USR1\n"
+                                         f"entrypoint: [{json.dumps(sys.executable)}, usr1.py]\n"
+                                         f"slurm:\n  python: {json.dumps(sys.executable)}\n")
+        proc = subprocess.Popen([sys.executable, str(RUNPILOT), "sweep", str(config), "--on", "slurm",
+                                 "--grid", "env.A=1,2", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        return proc
+
+    def statuses(self) -> list[str]:
+        return [self.meta(r)["status"] for r in self.runs()]
+
+    def test_ctrl_c_of_a_queued_sweep_cancels_its_points(self):
+        proc = self.sweep("--set", 'slurm.extra=["--begin=now+1hour"]')
+        for line in proc.stderr:
+            if "submitted to Slurm" in line:
+                break
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        self.assertEqual(proc.returncode, 130, err)
+        self.assertEqual(self.statuses(), ["cancelled", "cancelled"], err)
+        self.assertEqual(err.count("cancelled by Ctrl-C before the job started"), 2, err)
+
+    def test_stop_of_a_queued_sweep_cancels_its_points(self):
+        proc = self.sweep("-d", "--set", 'slurm.extra=["--begin=now+1hour"]')
+        out, err = proc.communicate(timeout=120)
+        done = self.process("stop", "--sweep", "latest")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(self.statuses(), ["cancelled", "cancelled"])
+
+    def test_stop_of_a_running_sweep_sends_each_job_its_stop_signal(self):
+        proc = self.sweep("-d")
+        proc.communicate(timeout=120)
+        deadline = time.monotonic() + 120
+        while not all((r / "logs.txt").exists() and b"ready" in (r / "logs.txt").read_bytes() for r in self.runs()):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.3)
+        done = self.process("stop", "--sweep", "latest")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        for run in self.runs():
+            self.assertEqual((run / "logs.txt").read_bytes(), b"ready\ngot signal 10\n")
+        self.assertEqual(self.statuses(), ["interrupted", "interrupted"])
