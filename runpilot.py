@@ -2251,8 +2251,19 @@ def key_meant(key: str, existing: list[str]) -> str | None:
             return name
     allowed = 2 if len(key) >= 8 else 1 if len(key) >= 4 else 0
     scored = sorted((_edit_distance(low, name.lower()), name) for name in existing
-                    if strip_digits(name.lower()) != strip_digits(low))
+                    if strip_digits(name.lower()) != strip_digits(low) and not _another_word(low, name.lower()))
     return scored[0][1] if scored and scored[0][0] <= allowed else None
+
+
+def _another_word(a: str, b: str) -> bool:
+    """Whether keys A and B differ in one short word for another (MIN_STEPS and MAX_STEPS, NUM_GPUS
+    and NUM_CPUS): two keys on purpose. A word with its letters swapped (GPSU) is still a typo."""
+    words_a, words_b = re.split(r"[_.-]", a), re.split(r"[_.-]", b)
+    if len(words_a) != len(words_b):
+        return False
+    differ = [(x, y) for x, y in zip(words_a, words_b) if x != y]
+    return len(differ) == 1 and len(differ[0][0]) == len(differ[0][1]) <= 4 and \
+        sorted(differ[0][0]) != sorted(differ[0][1])
 
 
 def check_new_key(data: object, parts: tuple[str, ...], what: str) -> None:

@@ -205,3 +205,22 @@ class SweepsReadsOnlyWhatItShows(Attack21Case):
         self.assertIn(runpilot.fmt_sweep_ref(newest), out)
         code, out, err = self.tty_cli("sweeps", "--all")
         self.assertIn("sw-20250101-000000-abcdef is left out", err)
+
+
+class AnotherWordIsAnotherKey(Attack21Case):
+    """`--set env.MIN_STEPS=...` beside MAX_STEPS, or NUM_CPUS beside NUM_GPUS, was refused as a typo
+    (two substitutions from 8 characters on): a short word for another is a key of its own."""
+
+    def test_min_beside_max_and_cpus_beside_gpus_are_new(self):
+        config = self.write("t.yaml", "name: t\nengine: local\nentrypoint: [python3, job.py]\n"
+                                      "env: {MAX_STEPS: 100, NUM_GPUS: 1, BATCH_SIZE: 8}\n")
+        for item in ("env.MIN_STEPS=10", "env.NUM_CPUS=4"):
+            with self.subTest(item=item):
+                code, out, err = self.cli("validate", config, "--set", item)
+                self.assertEqual(code, 0, err)
+        for item, meant in (("env.NUM_GPSU=2", "NUM_GPUS"), ("env.BACTH_SIZE=2", "BATCH_SIZE"),
+                            ("env.MAX_STEP=2", "MAX_STEPS")):
+            with self.subTest(item=item):
+                code, out, err = self.cli("validate", config, "--set", item)
+                self.assertEqual(code, 2, err)
+                self.assertIn(f"did you mean 'env.{meant}'", err)
