@@ -4330,8 +4330,7 @@ class Tee:
             sent = job.request_stop(force=False)
             result.job_signal = sent
             self.report(RunEvent("stopping", self.run_id, f"run {self.run_id} hit its timeout; stopping it "
-                                 f"(the job got {signal_name(sent, job=True)} and has {job.stop_timeout:g}s "
-                                 "to exit)"))
+                                 f"({self._grace(sent)})"))
         self.log_error = self.log_error or self.metrics.error
         if self.log_error and result.stop_reason is None:
             result.stop_reason = FAILED
@@ -4372,7 +4371,7 @@ class Tee:
                 self.result.stop_reason, self.result.stop_signal = INTERRUPTED, signum
                 sent = self.job.request_stop(force=False, sig=job_stop_signal(signum))
                 self.result.job_signal = sent
-                grace = f"the job got {signal_name(sent, job=True)} and has {self.job.stop_timeout:g}s to exit"
+                grace = self._grace(sent)
                 again = "; press Ctrl-C again to kill it now" if signum == signal.SIGINT else ""
                 self.report(RunEvent("stopping", self.run_id,
                                      f"stopping run {self.run_id} ({signal_name(signum)}): {grace}{again}"))
@@ -4381,6 +4380,10 @@ class Tee:
                     self.report(RunEvent("stopping", self.run_id, f"killing run {self.run_id} now (SIGKILL)"))
                 self.job.request_stop(force=True)
         self.handled = len(self.signals.received)
+
+    def _grace(self, sent: int) -> str:
+        """What every stop says: `the job got SIGINT and has 10s to exit`."""
+        return f"the job got {signal_name(sent, job=True)} and has {self.job.stop_timeout:g}s to exit"
 
     def _drop_orphan_pipes(self, sel) -> None:
         """A background child of a local job can hold the pipes open after the job exits."""
