@@ -5847,8 +5847,13 @@ class SweepSummary:
 def base_name(name: str) -> str:
     """A sweep run's name without its point: `synth-cnn[LR=0.1]` -> `synth-cnn`. The point begins at
     the last `[KEY=`, not the last `[`: a swept value may hold one (`a[0]`, a control sequence)."""
+    return name[:point_start(name)]
+
+
+def point_start(name: str) -> int:
+    """Where a sweep run's point (`[LR=0.1]`) begins in its NAME: the last `[KEY=`; len(NAME) if none."""
     starts = [m.start() for m in re.finditer(r"\[[^\W\d][\w.-]*=", name)] if name.endswith("]") else []
-    return name[:starts[-1]] if starts else name
+    return starts[-1] if starts else len(name)
 
 
 def summarize_sweep(sweep: Sweep, records: dict[str, RunRecord]) -> SweepSummary:
@@ -6587,7 +6592,7 @@ def clip_middle(text: str, width: int, ellipsis: str = ELLIPSIS) -> str:
     room = width - text_width(ellipsis)
     if room < 2:
         return clip(text, width, ellipsis)
-    bracket = text.rfind("[") if text.endswith("]") else -1
+    bracket = point_start(text) if point_start(text) < len(text) else -1
     tail_room = text_width(text[bracket:]) if 0 < bracket and text_width(text[bracket:]) < room else room - room // 3
     tail = _fitting(reversed(text), tail_room)
     head = _fitting(text, room - text_width(tail))

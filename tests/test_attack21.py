@@ -224,3 +224,7 @@ class AnotherWordIsAnotherKey(Attack21Case):
                 code, out, err = self.cli("validate", config, "--set", item)
                 self.assertEqual(code, 2, err)
                 self.assertIn(f"did you mean 'env.{meant}'", err)
+
+    def test_a_name_cut_in_its_middle_keeps_the_whole_point(self):
+        cut = runpilot.clip_middle("experiment-long-name[LR=a[0]]", 22)
+        self.assertTrue(cut.endswith("[LR=a[0]]"), cut)
