@@ -133,6 +133,10 @@ class SweepNamesWithBrackets(Attack21Case):
         self.assertEqual([re.split(r"\s{2,}", line)[1] for line in lines[1:]], ["exp[v2]"] * 3)
         self.assertEqual(runpilot.base_name("exp[v2][LR=a[0],BS=1,repeat=2]"), "exp[v2]")
 
+    def test_a_name_cut_in_its_middle_keeps_the_whole_point(self):
+        cut = runpilot.clip_middle("experiment-long-name[LR=a[0]]", 22)
+        self.assertTrue(cut.endswith("[LR=a[0]]"), cut)
+
 
 class ProxyVariablesInBothCases(Attack21Case):
     """`--set env.http_proxy=...` on a config with HTTP_PROXY was refused as a typo of it; tools read
@@ -224,7 +228,3 @@ class AnotherWordIsAnotherKey(Attack21Case):
                 code, out, err = self.cli("validate", config, "--set", item)
                 self.assertEqual(code, 2, err)
                 self.assertIn(f"did you mean 'env.{meant}'", err)
-
-    def test_a_name_cut_in_its_middle_keeps_the_whole_point(self):
-        cut = runpilot.clip_middle("experiment-long-name[LR=a[0]]", 22)
-        self.assertTrue(cut.endswith("[LR=a[0]]"), cut)
