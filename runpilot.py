@@ -6284,15 +6284,18 @@ def node_folder(target: str, environ) -> RunFolder:
 def slurm_stop_jobs(jobs: list[str], signum: int | None, note: Callable[[str], None]) -> None:
     """Stop attached Slurm jobs as a local run stops: at Ctrl-C the runner on the node gets SIGINT
     (`scancel --batch`, so only the runner: it hands the job SIGINT, or the config's stop_signal,
-    then the grace period, then SIGKILL); queued ones are cancelled. SIGNUM None (a second Ctrl-C)
-    or another signal: scancel, which ends the job now (SIGTERM, then Slurm's KillWait)."""
+    then the grace period, then SIGKILL); at SIGTERM or SIGHUP the runner gets SIGTERM, as a local
+    run's job would (SIGTERM, or the stop_signal); queued ones are cancelled. SIGNUM None (a second
+    signal): scancel, which ends the job now (SIGTERM, then Slurm's KillWait)."""
     if not jobs:
         return
-    if signum == signal.SIGINT:
-        note(f"stopping Slurm job {', '.join(jobs)}: the job gets SIGINT through its runner; "
-             "press Ctrl-C again to cancel it now")
+    if signum is not None:
+        name = signal_name(job_stop_signal(signum), job=True)
+        again = " again" if signum == signal.SIGINT else ""
+        note(f"stopping Slurm job {', '.join(jobs)}: the job gets {name} through its runner; "
+             f"press Ctrl-C{again} to cancel it now")
         quiet_run(["scancel", "--state=PENDING", *jobs], timeout=60)
-        quiet_run(["scancel", "--batch", "--signal=INT", *jobs], timeout=60)
+        quiet_run(["scancel", "--batch", f"--signal={name.removeprefix('SIG')}", *jobs], timeout=60)
         return
     note(f"cancelling Slurm job {', '.join(jobs)} (scancel: the job gets SIGTERM); "
          "the run ends when the job has stopped")

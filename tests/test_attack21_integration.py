@@ -192,3 +192,26 @@ class SlurmSweepStops(SlurmCase):
         for run in self.runs():
             self.assertEqual((run / "logs.txt").read_bytes(), b"ready\ngot signal 10\n")
         self.assertEqual(self.statuses(), ["interrupted", "interrupted"])
+
+
+class SlurmSigtermOfAnAttachedRun(SlurmCase):
+    """SIGTERM to an attached `run --on slurm` scancelled the job plainly: the job got SIGTERM, not
+    its stop_signal, while its record said `the job got SIGUSR1`."""
+
+    def test_sigterm_reaches_the_job_as_its_stop_signal(self):
+        config = self.write("usr1.yaml", f"name: usr1\nengine: local\nstop_signal: USR1\n"
+                                         f"entrypoint: [{json.dumps(sys.executable)}, usr1.py]\n"
+                                         f"slurm:\n  python: {json.dumps(sys.executable)}\n")
+        proc = subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config), "--on", "slurm"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        deadline = time.monotonic() + 120
+        while b"ready" not in proc.stdout.readline():
+            self.assertLess(time.monotonic(), deadline)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        self.assertEqual(proc.returncode, 143, err)
+        self.assertEqual(out, b"got signal 10\n")
+        meta = self.meta(self.only_run())
+        self.assertEqual(meta["status"], "interrupted")
+        self.assertIn("the job got SIGUSR1", meta["reason"])
