@@ -6468,10 +6468,10 @@ ELLIPSIS = "…"
 STATUS_COLOURS = {SUCCEEDED: "32", FAILED: "31", INTERRUPTED: "33", TIMEOUT: "33", RUNNING: "36", LOST: "35",
                   QUEUED: "34", CANCELLED: "90"}
 # Metrics whose name says lower is better; every other metric is better higher.
-LOWER_IS_BETTER = re.compile(r"loss|err|mse|mae|rmse|perplexity|ppl|wer|cer|time|latency", re.IGNORECASE)
+LOWER_IS_BETTER = re.compile(r"loss|err|mse|mae|rmse|perplexity|ppl|wer|cer|time(?!_?steps?)|latency", re.IGNORECASE)
 # Names whose larger values are better: with LOWER_IS_BETTER, the metrics `compare` may star when
 # no config lists its metrics (a star on `lr` or `epoch` means nothing).
-HIGHER_IS_BETTER = re.compile(r"acc|f1|auc|precision|recall|score|bleu|rouge|map|iou|reward|top\d", re.IGNORECASE)
+HIGHER_IS_BETTER = re.compile(r"acc(?!um)|f1|auc|precision|recall|score|bleu|rouge|map|iou|reward|top\d", re.IGNORECASE)
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -228,3 +228,17 @@ class AnotherWordIsAnotherKey(Attack21Case):
                 code, out, err = self.cli("validate", config, "--set", item)
                 self.assertEqual(code, 2, err)
                 self.assertIn(f"did you mean 'env.{meant}'", err)
+
+
+class StarsOnCountersNamedLikeMetrics(Attack21Case):
+    """compare starred `grad_accum` (it holds `acc`) and `timestep` (it holds `time`): counters, whose
+    best means nothing."""
+
+    def test_counters_are_not_starred_and_real_metrics_are(self):
+        runs = [self.add_run("sw", samples=[{"grad_accum": accum, "timestep": step, "val_acc": acc,
+                                             "epoch_time": secs}])
+                for accum, step, acc, secs in ((4, 100, 0.9, 12.0), (8, 200, 0.8, 11.0))]
+        code, out, err = self.cli("compare", *[r.id for r in runs])
+        self.assertEqual(code, 0, err)
+        starred = sorted({line.split()[0] for line in out.splitlines() if "*" in line})
+        self.assertEqual(starred, ["epoch_time", "val_acc"])
