@@ -9654,7 +9654,7 @@ def sweep_summaries(store: RunStore, note: Callable[[str], None], limit: int | N
             continue
         plans.append(sweep)
     rows = [r for sweep in plans for r in store.query(RunFilter(sweep_id=sweep.sweep_id))] if plans else []
-    records = {r.id: r for r in refresh(store, rows, note)}
+    records = {r.id: r for r in with_live_metrics(store, refresh(store, rows, note))}  # BEST as `list` shows them
     summaries = []
     for sweep in plans:
         try:

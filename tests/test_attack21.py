@@ -242,3 +242,20 @@ class StarsOnCountersNamedLikeMetrics(Attack21Case):
         self.assertEqual(code, 0, err)
         starred = sorted({line.split()[0] for line in out.splitlines() if "*" in line})
         self.assertEqual(starred, ["epoch_time", "val_acc"])
+
+
+class SweepsBestCountsRunningPoints(Attack21Case):
+    """`runpilot sweeps` left a running point's values out of BEST, which `list` shows for it."""
+
+    def test_a_running_points_latest_value_can_be_the_best(self):
+        sweep_id = self.sweep("env.LR=0.5")
+        live = self.add_run("job[LR=0.01]", status="running", samples=[{"loss": 0.01}], last_metrics={},
+                            sweep={"id": sweep_id, "index": 1, "repeat": 0})
+        path = self.home / "sweeps" / sweep_id / "sweep.json"
+        plan = json.loads(path.read_text())
+        plan["points"].append({"index": 1, "values": [["env.LR", "0.01"]], "repeat": 0, "run_id": live.id})
+        path.write_text(json.dumps(plan))
+        code, out, err = self.tty_cli("sweeps", "--json")
+        self.assertEqual(code, 0, err)
+        best = json.loads(out)[0]["best"]
+        self.assertEqual((best["metric"], best["value"], best["run_id"]), ("loss", 0.01, live.id))
