@@ -170,6 +170,9 @@ MAX_AGE_SECONDS = 3650 * 86400
 
 # How many Python-like local images `init` tries (a throwaway container each) before it gives up.
 INIT_PROBES = 3
+# Variables that tools read in both cases (curl reads http_proxy, others HTTP_PROXY): a --set of
+# one beside another (http_proxy, HTTP_PROXY, HTTPS_PROXY) is meant, not a typo (key_meant).
+BOTH_CASES_VARIABLES = frozenset({"http_proxy", "https_proxy", "ftp_proxy", "no_proxy", "all_proxy"})
 # How much of a running run's metrics.json `list` reads for its latest values (about 500 samples).
 METRICS_TAIL = 64 << 10
 # The most points a sweep may have unless --max-points says more: each point is a run folder, an
@@ -2358,10 +2361,13 @@ def parse_stop_signal(value: object) -> str:
     """
     if isinstance(value, bool) or value is None or isinstance(value, float):
         raise ValueError
-    if isinstance(value, int):
-        sig = signal.Signals(value)
+    text = str(value).strip()
+    if isinstance(value, int) or re.fullmatch(r"[0-9]+", text):  # `'10'` is the signal 10, as 10 is
+        sig = signal.Signals(int(text))
     else:
-        name = str(value).strip().upper()
+        if not text.isascii():  # str.upper() makes SIGINT of `ſigint` and `ınt`
+            raise ValueError
+        name = text.upper()
         sig = signal.Signals[name if name.startswith("SIG") else "SIG" + name]
     if sig in (signal.SIGKILL, signal.SIGSTOP):
         raise ValueError
@@ -2394,19 +2400,32 @@ def key_meant(key: str, existing: list[str]) -> str | None:
 
     Close means equal but for case (`lr`, `LR`), or a small edit distance on longer keys (one edit
     from 4 characters on, two from 8); keys that differ only in digits (`GPU0`, `GPU1`) are
-    different on purpose.
+    different on purpose, and so are keys that differ only by a number (`SEED`, `SEED2`).
     """
     def strip_digits(text: str) -> str:
-        return re.sub(r"\d+", "#", text)
+        return re.sub(r"\d+", "", text)
 
     low = key.lower()
+    if low in BOTH_CASES_VARIABLES:  # a variable of its own, however close to another
+        return None
     for name in existing:
         if name.lower() == low:
             return name
     allowed = 2 if len(key) >= 8 else 1 if len(key) >= 4 else 0
     scored = sorted((_edit_distance(low, name.lower()), name) for name in existing
-                    if strip_digits(name.lower()) != strip_digits(low))
+                    if strip_digits(name.lower()) != strip_digits(low) and not _another_word(low, name.lower()))
     return scored[0][1] if scored and scored[0][0] <= allowed else None
+
+
+def _another_word(a: str, b: str) -> bool:
+    """Whether keys A and B differ in one short word for another (MIN_STEPS and MAX_STEPS, NUM_GPUS
+    and NUM_CPUS): two keys on purpose. A word with its letters swapped (GPSU) is still a typo."""
+    words_a, words_b = re.split(r"[_.-]", a), re.split(r"[_.-]", b)
+    if len(words_a) != len(words_b):
+        return False
+    differ = [(x, y) for x, y in zip(words_a, words_b) if x != y]
+    return len(differ) == 1 and len(differ[0][0]) == len(differ[0][1]) <= 4 and \
+        sorted(differ[0][0]) != sorted(differ[0][1])
 
 
 def check_new_key(data: object, parts: tuple[str, ...], what: str) -> None:
@@ -5389,7 +5408,7 @@ class Tee:
         self.result.returncode = job.proc.returncode
         self.result.log_error = self.log_error
         if job.forced:
-            self.result.killed = "by a second Ctrl-C"
+            self.result.killed = "by a second Ctrl-C" if self.result.stop_signal else "by Ctrl-C"
         elif job.first_stop and job_exit_code(job.proc.returncode) == 128 + signal.SIGKILL:
             self.result.killed = f"after its grace period of {job.stop_timeout:g}s"
         return self.result
@@ -5414,8 +5433,7 @@ class Tee:
             sent = job.request_stop(force=False)
             result.job_signal = sent
             self.report(RunEvent("stopping", self.run_id, f"run {self.run_id} hit its timeout; stopping it "
-                                 f"(the job got {signal_name(sent, job=True)} and has {job.stop_timeout:g}s "
-                                 "to exit)"))
+                                 f"({self._grace(sent)})"))
         self.log_error = self.log_error or self.metrics.error
         if self.log_error and result.stop_reason is None:
             result.stop_reason = FAILED
@@ -5451,13 +5469,15 @@ class Tee:
 
     def _on_signals(self) -> None:
         """The first signal stops the job gracefully; a second Ctrl-C kills it. Further SIGTERMs
-        and SIGHUPs (two `runpilot stop` at once, say) change nothing: the grace period holds."""
+        and SIGHUPs (two `runpilot stop` at once, say) change nothing: the grace period holds.
+        A job already being stopped for its timeout (or a full disk) keeps that reason: Ctrl-C
+        then kills it now, as a second one would."""
         for signum in self.signals.received[self.handled:]:
-            if self.result.stop_signal is None:
+            if self.result.stop_signal is None and self.result.stop_reason is None:
                 self.result.stop_reason, self.result.stop_signal = INTERRUPTED, signum
                 sent = self.job.request_stop(force=False, sig=job_stop_signal(signum))
                 self.result.job_signal = sent
-                grace = f"the job got {signal_name(sent, job=True)} and has {self.job.stop_timeout:g}s to exit"
+                grace = self._grace(sent)
                 again = "; press Ctrl-C again to kill it now" if signum == signal.SIGINT else ""
                 self.report(RunEvent("stopping", self.run_id,
                                      f"stopping run {self.run_id} ({signal_name(signum)}): {grace}{again}"))
@@ -5466,6 +5486,10 @@ class Tee:
                     self.report(RunEvent("stopping", self.run_id, f"killing run {self.run_id} now (SIGKILL)"))
                 self.job.request_stop(force=True)
         self.handled = len(self.signals.received)
+
+    def _grace(self, sent: int) -> str:
+        """What every stop says: `the job got SIGINT and has 10s to exit`."""
+        return f"the job got {signal_name(sent, job=True)} and has {self.job.stop_timeout:g}s to exit"
 
     def _drop_orphan_pipes(self, sel) -> None:
         """A background child of a local job can hold the pipes open after the job exits."""
@@ -7497,8 +7521,15 @@ class SweepSummary:
 
 
 def base_name(name: str) -> str:
-    """A sweep run's name without its point: `synth-cnn[LR=0.1]` -> `synth-cnn`."""
-    return name[:name.rindex("[")] if name.endswith("]") and "[" in name else name
+    """A sweep run's name without its point: `synth-cnn[LR=0.1]` -> `synth-cnn`. The point begins at
+    the last `[KEY=`, not the last `[`: a swept value may hold one (`a[0]`, a control sequence)."""
+    return name[:point_start(name)]
+
+
+def point_start(name: str) -> int:
+    """Where a sweep run's point (`[LR=0.1]`) begins in its NAME: the last `[KEY=`; len(NAME) if none."""
+    starts = [m.start() for m in re.finditer(r"\[[^\W\d][\w.-]*=", name)] if name.endswith("]") else []
+    return starts[-1] if starts else len(name)
 
 
 def summarize_sweep(sweep: Sweep, records: dict[str, RunRecord]) -> SweepSummary:
@@ -7596,6 +7627,14 @@ def parse_squeue(text: str) -> dict[str, dict]:
             jobs[cells[0]] = {"state": cells[1], "reason": cells[2] if cells[2] not in ("None", "(null)") else None,
                               "node": cells[3] or None, "partition": cells[4] or None}
     return jobs
+
+
+def _unsplit_array_row(queue: dict[str, dict], job: str) -> dict | None:
+    """The row of array task JOB (`320_0`) when Slurm lists only its array (`320`): tasks cancelled
+    while pending together (Ctrl-C, `stop` of a queued sweep) were never split into rows of their own,
+    and without this row they would be recorded `lost`."""
+    array, sep, _ = job.partition("_")
+    return queue.get(array) if sep else None
 
 
 def parse_scontrol(text: str) -> dict[str, str]:
@@ -7739,7 +7778,7 @@ def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str
     queue = parse_squeue(done.stdout)
     changed = []
     for record in active:
-        job = queue.get(str(record.slurm_job))
+        job = queue.get(str(record.slurm_job)) or _unsplit_array_row(queue, str(record.slurm_job))
         status = slurm_status(job["state"]) if job else None
         if status in ACTIVE_STATUSES:
             reason = job["reason"] if status == QUEUED else None  # type: ignore[index]
@@ -7831,9 +7870,14 @@ def _slurm_reason(meta: RunMeta, state: str | None, info: dict, never_started: b
 
 def slurm_stop(store: RunStore, record: RunRecord, meta: RunMeta, wait: float,
                note: Callable[[str], None]) -> RunRecord:
-    """`runpilot stop` for a Slurm run: scancel, then wait for the job to record how it ended."""
+    """`runpilot stop` for a Slurm run, then wait for the job to record how it ended. A started run's
+    runner gets SIGTERM (`scancel --batch`, only the runner), as `stop` of a local run: the job gets
+    SIGTERM or the config's stop_signal, then the grace period, then SIGKILL; a plain scancel would
+    SIGTERM the job itself, whatever its stop_signal. A queued run is cancelled."""
     job = str(meta.slurm.get("job_id"))
-    done = quiet_run(["scancel", job], timeout=60)
+    done = quiet_run(["scancel", "--batch", "--signal=TERM", job], timeout=60) if meta.status == RUNNING else None
+    if done is None or done.returncode != 0:  # queued, or it ended or was still starting meanwhile
+        done = quiet_run(["scancel", job], timeout=60)
     if done.returncode != 0:
         raise SlurmError(f"scancel {job} failed: {done.stderr.strip()[:200]}")
     deadline = time.monotonic() + wait
@@ -7848,11 +7892,17 @@ def slurm_stop(store: RunStore, record: RunRecord, meta: RunMeta, wait: float,
 
 
 def slurm_stop_sweep(store: RunStore, sweep: Sweep, wait: float, note: Callable[[str], None]) -> str:
-    """`runpilot stop SWEEP_ID` of a sweep submitted as a job array: scancel the array, then wait
-    until every point has ended as Slurm and the nodes record it."""
+    """`runpilot stop SWEEP_ID` of a sweep submitted as a job array: its queued points are cancelled
+    and its started ones' runners get SIGTERM (as slurm_stop), then wait until every point has
+    ended as Slurm and the nodes record it."""
     metas = [store.folder(p["run_id"]).read_meta() for p in sweep.points]
     arrays = sorted({str(m.slurm.get("array_job_id")) for m in metas if m.slurm.get("array_job_id")})
-    done = quiet_run(["scancel", *arrays], timeout=60) if arrays else None
+    done = None
+    if arrays:
+        quiet_run(["scancel", "--state=PENDING", *arrays], timeout=60)
+        done = quiet_run(["scancel", "--batch", "--signal=TERM", *arrays], timeout=60)
+        if done.returncode != 0:  # no task had started: nothing to signal, cancel what is left
+            done = quiet_run(["scancel", *arrays], timeout=60)
     if done is not None and done.returncode != 0:
         raise SlurmError(f"scancel {' '.join(arrays)} failed: {done.stderr.strip()[:200]}")
     deadline = time.monotonic() + wait
@@ -7990,15 +8040,18 @@ def node_folder(target: str, environ) -> RunFolder:
 def slurm_stop_jobs(jobs: list[str], signum: int | None, note: Callable[[str], None]) -> None:
     """Stop attached Slurm jobs as a local run stops: at Ctrl-C the runner on the node gets SIGINT
     (`scancel --batch`, so only the runner: it hands the job SIGINT, or the config's stop_signal,
-    then the grace period, then SIGKILL); queued ones are cancelled. SIGNUM None (a second Ctrl-C)
-    or another signal: scancel, which ends the job now (SIGTERM, then Slurm's KillWait)."""
+    then the grace period, then SIGKILL); at SIGTERM or SIGHUP the runner gets SIGTERM, as a local
+    run's job would (SIGTERM, or the stop_signal); queued ones are cancelled. SIGNUM None (a second
+    signal): scancel, which ends the job now (SIGTERM, then Slurm's KillWait)."""
     if not jobs:
         return
-    if signum == signal.SIGINT:
-        note(f"stopping Slurm job {', '.join(jobs)}: the job gets SIGINT through its runner; "
-             "press Ctrl-C again to cancel it now")
+    if signum is not None:
+        name = signal_name(job_stop_signal(signum), job=True)
+        again = " again" if signum == signal.SIGINT else ""
+        note(f"stopping Slurm job {', '.join(jobs)}: the job gets {name} through its runner; "
+             f"press Ctrl-C{again} to cancel it now")
         quiet_run(["scancel", "--state=PENDING", *jobs], timeout=60)
-        quiet_run(["scancel", "--batch", "--signal=INT", *jobs], timeout=60)
+        quiet_run(["scancel", "--batch", f"--signal={name.removeprefix('SIG')}", *jobs], timeout=60)
         return
     note(f"cancelling Slurm job {', '.join(jobs)} (scancel: the job gets SIGTERM); "
          "the run ends when the job has stopped")
@@ -8231,6 +8284,24 @@ def _reparse_watchers(config: JobConfig, meta: RunMeta, sources) -> list[TensorB
             watchers.append(TensorBoardWatcher(folder, (start, end)))
     return watchers
 
+
+def by_metric(records: list[RunRecord], what: RunFilter) -> list[RunRecord]:
+    """RECORDS sorted again by WHAT's metric once running runs carry their live values: the index
+    sorted them as having none. The same order as the index's: runs without the metric last, then
+    the value, then the newest first."""
+    if what.sort in ("started", "duration") or not any(r.status == RUNNING for r in records):
+        return records
+
+    def value(record: RunRecord) -> float | None:
+        found = record.last_metrics.get(what.sort)
+        number = isinstance(found, (int, float)) and not isinstance(found, bool) and found == found  # not NaN
+        return found if number else None
+
+    records = sorted(records, key=lambda r: r.started_at, reverse=True)
+    records = sorted(records, key=lambda r: value(r) or 0, reverse=not what.ascending)
+    return sorted(records, key=lambda r: value(r) is None)
+
+
 # ==== 19. Presentation: tables, durations, sparklines ========================
 # Everything here turns data into text for a terminal: pure functions, and every value that
 # came from a job, a config or a file goes through visible() on its way out.
@@ -8241,10 +8312,10 @@ ELLIPSIS = "…"
 STATUS_COLOURS = {SUCCEEDED: "32", FAILED: "31", INTERRUPTED: "33", TIMEOUT: "33", RUNNING: "36", LOST: "35",
                   QUEUED: "34", CANCELLED: "90"}
 # Metrics whose name says lower is better; every other metric is better higher.
-LOWER_IS_BETTER = re.compile(r"loss|err|mse|mae|rmse|perplexity|ppl|wer|cer|time|latency", re.IGNORECASE)
+LOWER_IS_BETTER = re.compile(r"loss|err|mse|mae|rmse|perplexity|ppl|wer|cer|time(?!_?steps?)|latency", re.IGNORECASE)
 # Names whose larger values are better: with LOWER_IS_BETTER, the metrics `compare` may star when
 # no config lists its metrics (a star on `lr` or `epoch` means nothing).
-HIGHER_IS_BETTER = re.compile(r"acc|f1|auc|precision|recall|score|bleu|rouge|map|iou|reward|top\d", re.IGNORECASE)
+HIGHER_IS_BETTER = re.compile(r"acc(?!um)|f1|auc|precision|recall|score|bleu|rouge|map|iou|reward|top\d", re.IGNORECASE)
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -8368,7 +8439,7 @@ def clip_middle(text: str, width: int, ellipsis: str = ELLIPSIS) -> str:
     room = width - text_width(ellipsis)
     if room < 2:
         return clip(text, width, ellipsis)
-    bracket = text.rfind("[") if text.endswith("]") else -1
+    bracket = point_start(text) if point_start(text) < len(text) else -1
     tail_room = text_width(text[bracket:]) if 0 < bracket and text_width(text[bracket:]) < room else room - room // 3
     tail = _fitting(reversed(text), tail_room)
     head = _fitting(text, room - text_width(tail))
@@ -8449,7 +8520,8 @@ def render_runs(records: list[RunRecord], metrics: list[str], absolute: bool, wi
     """`list`: one row per run, metrics featured by the configs, then tags; short ids, long values cut
     (names in their middle) and then the last columns dropped (tags first, then metrics) to fit WIDTH,
     unless FULL. The first six columns always stay. With POINTS (`list --sweep`: run id -> its
-    point's values) the swept keys follow them as columns of their own, and stay too; else a SWEEP
+    point's values) the swept keys follow them as columns of their own, cut and dropped after the
+    metrics; else a SWEEP
     column says which sweep a run is in, when some are."""
     tags = any(r.tags for r in records)
     fixed = ["ID", "NAME", "STATUS", "STARTED", "DURATION", "EXIT", "TAGS"]
@@ -8469,10 +8541,11 @@ def render_runs(records: list[RunRecord], metrics: list[str], absolute: bool, wi
         row += [fmt_value(r.last_metrics.get(m)) for m in metrics]
         rows.append(row + ([fmt_tags(r.tags)] if tags else []))
     paint = (lambda col, text, row: colour_status(text, row[2].split()[0]) if col == 2 else text) if colour else None
-    shrink = set() if full else {1} | ({len(headers) - 1} if tags else set())
+    columns = set(range(6, 6 + len(keys)))  # long swept values are cut, and keys that cannot fit dropped last
+    shrink = set() if full else {1} | columns | ({len(headers) - 1} if tags else set())
     first = 6 + len(between)
-    return render_table(headers, rows, {4, 5} | set(range(6, 6 + len(keys))) | set(range(first, first + len(metrics))),
-                        None if full else width, min_columns=6 + len(keys), shrink=shrink, paint=paint, middle={1})
+    return render_table(headers, rows, {4, 5} | columns | set(range(first, first + len(metrics))),
+                        None if full else width, min_columns=6, shrink=shrink, paint=paint, middle={1} | columns)
 
 
 def swept_columns(points: dict[str, dict]) -> list[str]:
@@ -10593,7 +10666,7 @@ def cmd_list(args) -> int:
     store = _store()
     args.sweep = args.sweep and find_sweep(store, args.sweep)
     what = _list_filter(args)
-    records = with_live_metrics(store, refresh(store, store.query(what), note))
+    records = by_metric(with_live_metrics(store, refresh(store, store.query(what), note)), what)
     _check_sort_metric(what.sort, records)
     if args.sweep and args.sort == "started" and args.ascending is None:
         records = in_plan_order(store, args.sweep, records)
@@ -10769,7 +10842,7 @@ def cmd_compare(args) -> int:
     known = {m for _, _, summary in runs for m in summary}
     for name in args.metric:
         if name not in known:
-            raise UsageError(f"--metric {visible(name)!r}: none of these runs has that metric; choose one of "
+            raise UsageError(f"--metric '{visible(name)}': none of these runs has that metric; choose one of "
                              f"{', '.join(sorted(visible(m) for m in known)) or '(none: no metrics recorded)'}")
     echo(render_compare(runs, output_width(), args.no_trunc, ("name",) if args.sweep else (), args.metric))
     if sys.stderr.isatty() and len(runs) > 1:  # a pointer for people, not for scripts
@@ -10821,9 +10894,9 @@ def cmd_export(args) -> int:
 def swept_keys(store: RunStore, sweep_id: str) -> list[str]:
     """The keys a sweep varies (env.LR, ...), as a flattened config names them; [] if unreadable."""
     try:
-        return [str(axis[0]) for axis in Sweep.load(store, sweep_id).axes
-                if isinstance(axis, list) and axis and str(axis[0]) != "name"]
-    except RunPilotError:
+        axes = Sweep.load(store, sweep_id).axes
+        return [str(axis[0]) for axis in axes if isinstance(axis, list) and axis and str(axis[0]) != "name"]
+    except (RunPilotError, TypeError):  # a damaged sweep.json's axes (not a list): no swept columns
         return []
 
 
@@ -11013,24 +11086,23 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def init_image(candidates: list[str] | None = None) -> tuple[str, str]:
-    """The image `init` writes: a Python image present here that runs Python, and a note why."""
-    for engine in ("docker", "podman") if candidates is None else ():
+def init_image() -> tuple[str, str, str]:
+    """The image `init` writes, a note why, and the interpreter the sample names: a Python image
+    present here and the one it runs (python, else python3), else the sample image and `python`
+    (the official python images have it)."""
+    for engine in ("docker", "podman"):
         found = [i for i in local_images(engine) if re.search(r"(python|pytorch)[^/]*:[^/]*$", i)]
         for image in found[:INIT_PROBES]:
-            if image_python(engine, image) is not None:
-                return image, f"found locally ({engine})"
+            python = image_python(engine, image)
+            if python is not None:
+                return image, f"found locally ({engine})", python
     return SAMPLE_IMAGE, f"not present here: pull it first (docker pull {SAMPLE_IMAGE}), or run the job " \
-                         "without a container: runpilot run config.yaml --engine local"
+                         "without a container: runpilot run config.yaml --engine local", "python"
 
 
 def cmd_init(args) -> int:
-    image, why = init_image()
-    python = init_python(image, why)
+    image, why, python = init_image()  # one throwaway container per candidate, not a second for the chosen
     note_line = f"  # {why}" if len(why) < 60 else f"\n# {why}"
-    if python is None:  # no candidate image runs Python: the sample's own image, as for none here
-        image, why = init_image(candidates=[])
-        python, note_line = "python", f"\n# {why}"
     pad = " " * max(1, 10 - len(python))
     files = {Path("config.yaml"): SAMPLE_CONFIG.format(image=image, image_note=note_line, python=python, pad=pad),
              Path("train.py"): SAMPLE_TRAIN}
@@ -11046,13 +11118,6 @@ def cmd_init(args) -> int:
     echo(visible(f"image: {image} ({why})"))
     echo("next: runpilot run config.yaml")
     return 0
-
-
-def init_python(image: str, why: str) -> str | None:
-    """The interpreter the sample's entrypoint names: the one IMAGE runs (python, else python3);
-    `python` for an image not here (the official python images have it); None if it runs neither."""
-    engine = re.search(r"found locally \((\w+)\)", why)
-    return image_python(engine.group(1), image) if engine else "python"
 
 
 def cmd_reindex(args) -> int:
@@ -11848,7 +11913,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def cmd_sweeps(args) -> int:
     """`runpilot sweeps`: every sweep, newest first, with how far it got and its best value."""
     store = _store()
-    summaries = sweep_summaries(store, note)[:None if args.all else args.limit]
+    summaries = sweep_summaries(store, note, None if args.all else args.limit)
     if args.json:
         echo(json.dumps(json_safe([s.json() for s in summaries]), indent=2, sort_keys=True))
     elif not summaries:
@@ -11858,10 +11923,11 @@ def cmd_sweeps(args) -> int:
     return 0
 
 
-def sweep_summaries(store: RunStore, note: Callable[[str], None]) -> list[SweepSummary]:
-    """Each sweep's summary from its plan and its runs' index rows, statuses brought up to date."""
+def sweep_summaries(store: RunStore, note: Callable[[str], None], limit: int | None = None) -> list[SweepSummary]:
+    """The LIMIT newest sweeps' summaries from their plans and their runs' index rows, statuses
+    brought up to date (only those: a home's thousand old sweeps are not read to show twenty)."""
     plans = []
-    for sweep_id in sweep_ids(store):
+    for sweep_id in sweep_ids(store)[:limit]:
         try:
             sweep = Sweep.load(store, sweep_id)
         except RunPilotError as exc:
@@ -11872,7 +11938,7 @@ def sweep_summaries(store: RunStore, note: Callable[[str], None]) -> list[SweepS
             continue
         plans.append(sweep)
     rows = [r for sweep in plans for r in store.query(RunFilter(sweep_id=sweep.sweep_id))] if plans else []
-    records = {r.id: r for r in refresh(store, rows, note)}
+    records = {r.id: r for r in with_live_metrics(store, refresh(store, rows, note))}  # BEST as `list` shows them
     summaries = []
     for sweep in plans:
         try:
