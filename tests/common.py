@@ -111,6 +111,15 @@ class HomeTestCase(unittest.TestCase):
         return self.write(f"{name}.yaml", text)
 
     # -- running the CLI -------------------------------------------------------
+    def start_until_ready(self, *args: str, seconds: float = 120) -> subprocess.Popen:
+        """`runpilot ARGS` started attached, once its job has printed a line with `ready` (killed at cleanup)."""
+        proc = subprocess.Popen([sys.executable, str(RUNPILOT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        deadline = time.monotonic() + seconds
+        while b"ready" not in proc.stdout.readline():
+            self.assertLess(time.monotonic(), deadline)
+        return proc
+
     def cli(self, *args: str, env: dict | None = None) -> tuple[int, str, str]:
         """runpilot.main in this process, with ENV added to the environment; job output goes to the captured
         streams too (main() returns once the run's output is written)."""

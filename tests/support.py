@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import unittest
 
@@ -233,3 +234,15 @@ def cancel_slurm_jobs(*job_ids: str) -> None:
     """Cancel Slurm jobs (test cleanup); unknown or finished ids are fine."""
     if job_ids:
         _engine_output(["scancel", *job_ids])
+
+
+def python_for_nobody() -> str | None:
+    """A Python 3.10+ that the user nobody can run (this one, or the system's), or None."""
+    def runs_as_nobody(python: str) -> bool:
+        try:
+            return subprocess.run([python, "-c", "import sys; assert sys.version_info >= (3, 10)"],
+                                  user="nobody", capture_output=True).returncode == 0
+        except OSError:  # an interpreter under /root, say
+            return False
+
+    return next((p for p in (sys.executable, "/usr/bin/python3") if runs_as_nobody(p)), None)

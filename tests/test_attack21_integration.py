@@ -202,12 +202,7 @@ class SlurmSigtermOfAnAttachedRun(SlurmCase):
         config = self.write("usr1.yaml", f"name: usr1\nengine: local\nstop_signal: USR1\n"
                                          f"entrypoint: [{json.dumps(sys.executable)}, usr1.py]\n"
                                          f"slurm:\n  python: {json.dumps(sys.executable)}\n")
-        proc = subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config), "--on", "slurm"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
-        deadline = time.monotonic() + 120
-        while b"ready" not in proc.stdout.readline():
-            self.assertLess(time.monotonic(), deadline)
+        proc = self.start_until_ready("run", str(config), "--on", "slurm")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
         self.assertEqual(proc.returncode, 143, err)

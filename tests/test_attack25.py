@@ -19,7 +19,7 @@ from unittest import mock
 
 import runpilot
 from tests.common import RunsHome
-from tests.test_exports import FIXTURES, RecordingMlflow, split_records
+from tests.test_exports import FIXTURES, RecordingMlflow, RecordingServerCase, split_records
 
 INT64 = 1 << 63
 
@@ -188,17 +188,8 @@ class NvidiaSmiMisbehaves(RunsHome):
                           {"index": 2, "uuid": "GPU-c", "util": None, "mem_mib": None}])
 
 
-class MlflowNames(RunsHome):
+class MlflowNames(RecordingServerCase):
     """Tag and param names MLflow refuses (it takes letters, digits, `_-. :/`, and no path tricks)."""
-
-    def setUp(self):
-        super().setUp()
-        RecordingMlflow.requests, RecordingMlflow.answer = [], None
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RecordingMlflow)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.addCleanup(self.server.server_close)
-        self.addCleanup(self.server.shutdown)
-        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def test_names_mlflow_refuses_are_sent_as_names_it_takes(self):
         # before: the server refused the whole run (HTTP 400 INVALID_PARAMETER_VALUE: Names may only contain...)

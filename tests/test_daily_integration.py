@@ -189,12 +189,7 @@ class SlurmCtrlC(HomeTestCase):
         config = self.write("job.yaml", f"name: on-slurm\nengine: local\n"
                                         f"entrypoint: [{json.dumps(sys.executable)}, ckpt.py]\n"
                                         f"slurm:\n  python: {json.dumps(sys.executable)}\n")
-        proc = subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config), "--on", "slurm"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
-        deadline = time.monotonic() + 120
-        while b"ready" not in proc.stdout.readline():
-            self.assertLess(time.monotonic(), deadline)
+        proc = self.start_until_ready("run", str(config), "--on", "slurm")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
         self.assertEqual(proc.returncode, 130, err)

@@ -171,7 +171,9 @@ class RecordingMlflow(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class MlflowCalls(RunsHome):
+class RecordingServerCase(RunsHome):
+    """A RecordingMlflow server on a free loopback port, its address in self.uri."""
+
     def setUp(self):
         super().setUp()
         RecordingMlflow.requests, RecordingMlflow.answer = [], None
@@ -181,6 +183,8 @@ class MlflowCalls(RunsHome):
         self.addCleanup(self.server.shutdown)
         self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
 
+
+class MlflowCalls(RecordingServerCase):
     def test_requests_stay_within_mlflows_batch_limits(self):
         config = "name: big\nengine: local\nentrypoint: [python3, t.py]\nenv:\n" + "".join(
             f"  K{i}: '{i}'\n" for i in range(150))

@@ -16,7 +16,7 @@ import unittest
 from pathlib import Path
 
 from tests.common import EXAMPLES, POLITE, RUNPILOT, STUBBORN, HomeTestCase, small_disk
-from tests.support import BUSYBOX_IMAGE, PYTHON_IMAGE, containers_with_label, remove_containers_with_label, \
+from tests.support import python_for_nobody, BUSYBOX_IMAGE, PYTHON_IMAGE, containers_with_label, remove_containers_with_label, \
     require_engine
 
 class EngineCase(HomeTestCase):
@@ -369,14 +369,7 @@ class DockerIntegration(EngineCase):
         # being told, RunPilot took the image for missing and said "could not pull image".
         if os.geteuid() != 0:
             self.skipTest("switching to the user nobody needs root")
-        def runs_as_nobody(python: str) -> bool:
-            try:
-                return subprocess.run([python, "-c", "import sys; assert sys.version_info >= (3, 10)"],
-                                      user="nobody", capture_output=True).returncode == 0
-            except OSError:  # an interpreter under /root, say
-                return False
-
-        python = next((p for p in (sys.executable, "/usr/bin/python3") if runs_as_nobody(p)), None)
+        python = python_for_nobody()
         if python is None:
             self.skipTest("no Python 3.10+ that the user nobody can run")
         folder = self.tmp / "nobody"

@@ -16,7 +16,7 @@ import unittest
 from pathlib import Path
 
 from tests.common import RUNPILOT, HomeTestCase
-from tests.support import BUSYBOX_IMAGE, PYTHON_IMAGE, cancel_slurm_jobs, require_engine, require_slurm
+from tests.support import python_for_nobody, BUSYBOX_IMAGE, PYTHON_IMAGE, cancel_slurm_jobs, require_engine, require_slurm
 
 # Writes a checkpoint (and one in a folder of its own), and a scratch file in its working folder.
 JOB = """\
@@ -115,14 +115,7 @@ class DockerOutputs(EngineCase):
             grp.getgrnam("docker")
         except KeyError:
             self.skipTest("there is no docker group to put the user nobody in")
-        def runs_as_nobody(python: str) -> bool:
-            try:
-                return subprocess.run([python, "-c", "import sys; assert sys.version_info >= (3, 10)"],
-                                      user="nobody", capture_output=True).returncode == 0
-            except OSError:  # an interpreter under /root, say
-                return False
-
-        python = next((p for p in (sys.executable, "/usr/bin/python3") if runs_as_nobody(p)), None)
+        python = python_for_nobody()
         if python is None:
             self.skipTest("no Python 3.10+ that the user nobody can run")
         nobody = pwd.getpwnam("nobody").pw_uid
