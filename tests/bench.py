@@ -35,7 +35,7 @@ Cases (each prints its own block; a markdown table of every figure against its t
                                  METRIC-only capture, per output line and per sample found, on a chatty job (a tqdm
                                  bar at 100 updates/s, \r-redrawn) and a quiet one (nanoGPT's iteration lines);
                                  engine local, `cat` of a generated log
- 11  code snapshots              `runpilot run` on engine local with a `code` mount of 1,000 files / 20 MiB: the
+ 12  code snapshots              `runpilot run` on engine local with a `code` mount of 1,000 files / 20 MiB: the
                                  snapshot the first time (empty home) and of the unchanged folder, beside the
                                  run without a code mount (the fixed start cost) and with --live-code; and the
                                  home's size after those runs (one copy of the folder, not one per run)
@@ -1955,7 +1955,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="fewer reps and smaller sizes (100 MB, 200k METRIC lines, 20k runs): about 5 minutes")
     parser.add_argument("--reps", type=int, help="repetitions per variant (default 5, --quick 2); short cases "
                                                  "run twice as many")
-    parser.add_argument("--cases", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated case numbers (default all)")
+    parser.add_argument("--cases", default="1,2,3,4,5,6,7,8,9,10,11,12", help="comma-separated case numbers (default all)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for RunPilot (default: this one)")
     parser.add_argument("--fresh-home", action="store_true", help="rebuild the cached history home of case 4")
     args = parser.parse_args(argv)
