@@ -6433,7 +6433,7 @@ def ssh_failure(host: str, stderr: str, what: str) -> str:
         fix = f"the box refused the key: check that 'ssh {host} true' logs in without a password"
     else:
         fix = f"check that 'ssh {host} true' works from here"
-    return f"cannot {what} on box {host} over ssh ({words}); {fix}"
+    return f"cannot reach box {host} over ssh to {what} ({words}); {fix}"
 
 
 def code_files(folder: Path) -> list[Path]:
@@ -6513,7 +6513,7 @@ def ssh_probe_script(plan: SshPlan) -> str:
              + shlex.quote('import sys; print("python=%d.%d.%d" % sys.version_info[:3])')
              + " || echo python=broken; else echo python=missing; fi",
              'if out=$(mkdir -p "$h/bin" "$h/code" "$h/configs" 2>&1) && test -w "$h/bin"; then echo writable=yes; '
-             'else printf "writable=%s\\n" "$(printf %s "$out" | tr "\\n" " ")"; fi',
+             'else printf "writable=%s\\n" "$(printf %s "$out" | head -n 1)"; fi',
              f'test -f "$h/bin/{plan.program}" && echo program=yes']
     if plan.code_hash:
         lines.append(f'test -d "$h/code/{plan.code_hash}" && echo code=yes')
@@ -6642,9 +6642,10 @@ class SshBox:
         """sh that runs the box's RunPilot of a run (RUNNER) with ARGS."""
         return shlex.join(["env", f"RUNPILOT_HOME={runner['home']}", runner["python"], runner["program"], *args])
 
-    def follower(self, runner: dict, run_id: str) -> subprocess.Popen:
+    def follower(self, runner: dict, run_id: str, tail: int | None = None) -> subprocess.Popen:
         """`logs -f` on the box, in its own session (a Ctrl-C here is RunPilot's to handle)."""
-        script = "exec " + self.runpilot(runner, ["logs", "-f", run_id])
+        tail_flags = [] if tail is None else ["--tail", str(tail)]
+        script = "exec " + self.runpilot(runner, ["logs", "-f", run_id, *tail_flags])
         return subprocess.Popen(ssh_argv(self.control_dir, self.host, script), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
@@ -6671,7 +6672,7 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
     run_id = options.run_id or new_run_id()
     plan = ssh_plan(host, run_id, config)
     box = SshBox.of(host, store)
-    probe = box.call(ssh_probe_script(plan), "look at the box")
+    probe = box.call(ssh_probe_script(plan), "check it")
     facts = parse_probe(probe.stdout)
     if probe.returncode != 0 or "home" not in facts:
         raise SshError(f"box {host} did not run sh ({probe.stderr.strip()[:200] or 'no output'}); RunPilot "
@@ -6687,11 +6688,11 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
     if start.returncode != 0:
         raise BoxError(box_error_line(host, start.stderr), start.returncode)
     runner = {"backend": "ssh", "box": host, "home": home, "python": config.ssh.python,
-              "program": f"{home}/bin/{plan.program}"}
-    return ssh_record_home(store, box, runner, run_id, config)
+              "program": f"{home}/bin/{plan.program}", "config_file": config.source}
+    return ssh_record_home(store, box, runner, run_id)
 
 
-def ssh_record_home(store: "RunStore", box: SshBox, runner: dict, run_id: str, config: JobConfig | None) -> RunMeta:
+def ssh_record_home(store: "RunStore", box: SshBox, runner: dict, run_id: str) -> RunMeta:
     """Copy the run's files from the box into its folder here; record it here as the box does."""
     folder = store.folder(run_id)
     if not folder.path.is_dir():
@@ -6699,11 +6700,10 @@ def ssh_record_home(store: "RunStore", box: SshBox, runner: dict, run_id: str, c
     done = box.call(box.runpilot(runner, ["_box-report", "--all", run_id]), "copy the run home", binary=True)
     if done.returncode != 0:
         raise BoxError(box_error_line(box.host, done.stderr.decode("utf-8", "replace")), done.returncode)
-    return ssh_unpack(store, done.stdout, {run_id: runner}, config)[run_id]
+    return ssh_unpack(store, done.stdout, {run_id: runner})[run_id]
 
 
-def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict],
-               config: JobConfig | None = None) -> dict[str, RunMeta]:
+def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict[str, RunMeta]:
     """Put the files of a `_box-report` tar into the runs' folders here; index them. The runner
     stays this side's (`backend: ssh`, the box): the box's own runner means nothing here."""
     metas = {}
@@ -6719,8 +6719,7 @@ def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict],
         folder = store.folder(run_id)
         meta = folder.read_meta()
         meta.runner, meta.job = runner, {}
-        if config is not None and config.source:
-            meta.config_file = config.source
+        meta.config_file = runner.get("config_file") or meta.config_file
         folder.write_meta(meta)
         store.save_or_defer(meta)
         metas[run_id] = meta
@@ -6770,7 +6769,7 @@ def ssh_follow(store: "RunStore", box: SshBox, runner: dict, run_id: str, signal
         selector.close()
         code = follower.wait()
         stderr = follower.stderr.read().decode("utf-8", "replace") if follower.stderr else ""
-        meta = ssh_record_home(store, box, runner, run_id, None)
+        meta = ssh_record_home(store, box, runner, run_id)
         if meta.final:
             return meta
         if code == 255:
@@ -6819,8 +6818,9 @@ class SshBackend(Backend):
         host = self.host_for_run(config)
         if getattr(args, "dry_run", False):
             plan = ssh_plan(host, "RUNID", config)
-            echo(visible(f"# on box {host}, home {config.ssh.home}: runpilot run CONFIG -d --run-id RUNID "
-                         f"{shlex.join(ssh_run_flags(options))}\n{dump_yaml(config_to_dict(plan.config))}"))
+            text = (f"# on box {host}, home {config.ssh.home}: runpilot run CONFIG -d --run-id RUNID "
+                    f"{shlex.join(ssh_run_flags(options))}\n# CONFIG:\n{dump_yaml(config_to_dict(plan.config))}")
+            echo("\n".join(visible(line) for line in text.replace("@BOXHOME@", config.ssh.home).split("\n")))
             return 0
         store = _store()
         with StopSignals() as signals:
@@ -6866,7 +6866,7 @@ class SshBackend(Backend):
                         timeout=wait + 60)
         if done.returncode != 0:
             raise BoxError(box_error_line(box.host, done.stderr), done.returncode)
-        meta = ssh_record_home(store, box, record.runner, record.id, None)
+        meta = ssh_record_home(store, box, record.runner, record.id)
         return RunRecord.of(meta, store.folder(record.id).path)
 
     def follow_logs(self, store: "RunStore", record: RunRecord, tail: int | None) -> int | None:
@@ -6874,7 +6874,7 @@ class SshBackend(Backend):
             return None
         box = SshBox.of(record.runner["box"], store)
         with StopSignals() as signals:
-            follower = box.follower(record.runner, record.id)
+            follower = box.follower(record.runner, record.id, tail)
             out = terminal_writer(sys.stdout)
             assert follower.stdout is not None
             while not signals.received and (chunk := _read_some(follower.stdout.fileno())) is not None:
@@ -6882,7 +6882,7 @@ class SshBackend(Backend):
                     out(chunk)
             follower.terminate()
             follower.wait()
-        ssh_record_home(store, box, record.runner, record.id, None)
+        ssh_record_home(store, box, record.runner, record.id)
         return 130 if signals.received else 0
 
 
@@ -6898,7 +6898,7 @@ def pull_run(store: "RunStore", record: RunRecord) -> RunMeta:
     """`runpilot pull ID`: copy every file of a remote run's folder home (its outputs too)."""
     if record.runner.get("backend") != SshBackend.name:
         raise UsageError(f"run {record.id} ran here; its files are in {store.folder(record.id).path} already")
-    return ssh_record_home(store, SshBox.of(record.runner["box"], store), record.runner, record.id, None)
+    return ssh_record_home(store, SshBox.of(record.runner["box"], store), record.runner, record.id)
 
 
 # The places a run can execute, by `--on` name (`--on NAME` or `--on NAME:ARG`).
