@@ -6564,7 +6564,8 @@ def ssh_payload(plan: SshPlan, facts: dict[str, list[str]]) -> bytes:
             for path in code_files(plan.code):
                 tar.add(path, arcname="code/" + path.relative_to(plan.code).as_posix(), recursive=False)
         home = facts["home"][0]
-        text = dump_yaml(config_to_dict(plan.config)).replace("@BOXHOME@", home)
+        mounts = tuple(dataclasses.replace(m, source=m.source.replace("@BOXHOME@", home)) for m in plan.config.mounts)
+        text = dump_yaml(config_to_dict(dataclasses.replace(plan.config, mounts=mounts)))
         info = tarfile.TarInfo("config.yaml")
         info.size, info.mode = len(text.encode()), 0o600
         tar.addfile(info, io.BytesIO(text.encode()))
