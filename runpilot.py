@@ -6737,7 +6737,8 @@ def box_report(store: "RunStore", run_ids: list[str], everything: bool, out) -> 
             if everything:
                 paths = [p for p in code_files(folder.path) if not p.name.startswith(".") and p.name != "runpilot.py"]
             else:
-                names = SSH_REPORT_FILES if record.status not in ACTIVE_STATUSES else ("meta.json",)
+                ended = record.status not in ACTIVE_STATUSES or folder.read_meta().final  # the folder is the truth
+                names = SSH_REPORT_FILES if ended else ("meta.json",)
                 paths = [folder.path / n for n in names if (folder.path / n).is_file()]
             for path in paths:
                 tar.add(path, arcname=f"{record.id}/{path.relative_to(folder.path).as_posix()}", recursive=False)
@@ -7486,6 +7487,8 @@ def _show_facts(record: RunRecord, meta: RunMeta) -> list[str]:
         ("slurm", slurm.get("job_id") and f"job {slurm['job_id']}" + (f" on {slurm['node']}" if slurm.get("node")
                                                                         else "")
          + (f", partition {slurm['partition']}" if slurm.get("partition") else "")),
+        ("ssh", meta.runner.get("backend") == "ssh" and f"box {meta.runner.get('box')}, "
+                                                        f"{meta.runner.get('home')}/runs/{record.id}"),
         ("folder", record.path), ("tags", " ".join(f"{k}={v}" for k, v in sorted(record.tags.items()))),
         ("sweep", meta.sweep.get("id") and f"{meta.sweep['id']} point {meta.sweep.get('index')}"),
         ("rerun of", meta.rerun_of),
