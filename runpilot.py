@@ -6337,8 +6337,7 @@ SSH_PERSIST_S = 60          # the shared connection outlives a run's commands by
 SSH_CONNECT_S = 15          # ssh's ConnectTimeout: an unreachable box fails in seconds, not minutes
 SSH_CALL_S = 300            # the longest one ssh command may take (shipping code included)
 SSH_MIN_PYTHON = (3, 10)    # what runpilot.py needs on the box
-SSH_REPORT_FILES = ("meta.json", "logs.txt", "metrics.json", "metrics.times", "config.yaml", "gpu.json",
-                    "git.diff")  # what `list` copies home for a finished remote run
+SSH_REPORT_FILES = ("meta.json", "logs.txt", "metrics.json", "metrics.times", "gpu.json", "git.diff")  # what `list` copies home for a finished remote run
 
 
 class SshError(RunPilotError):
@@ -6689,7 +6688,10 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
     if start.returncode != 0:
         raise BoxError(box_error_line(host, start.stderr), start.returncode)
     runner = {"backend": "ssh", "box": host, "home": home, "python": config.ssh.python,
-              "program": f"{home}/bin/{plan.program}", "config_file": config.source}
+              "program": f"{home}/bin/{plan.program}", "config_file": config.source,
+              "rerun_of": options.rerun_of}  # what only this side knows, kept over every copy from the box
+    folder = store.create_run_dir(run_id)  # config.yaml here keeps this side's paths: rerun works from it
+    write_private(folder.config, dump_yaml(config_to_dict(config)).encode("utf-8"))
     return ssh_record_home(store, box, runner, run_id)
 
 
@@ -6711,8 +6713,8 @@ def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
         for member in tar.getmembers():
             run_id, _, name = member.name.partition("/")
-            if run_id not in runners or not member.isfile() or not name or ".." in name.split("/"):
-                continue
+            if run_id not in runners or not member.isfile() or name in ("", "config.yaml") or ".." in name.split("/"):
+                continue  # the box's config.yaml names the box's folders
             target = store.folder(run_id).path / name
             make_private_dirs(target.parent)
             write_atomic(target, tar.extractfile(member).read(), durable=False)  # type: ignore[union-attr]
@@ -6721,6 +6723,7 @@ def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict
         meta = folder.read_meta()
         meta.runner, meta.job = runner, {}
         meta.config_file = runner.get("config_file") or meta.config_file
+        meta.rerun_of = runner.get("rerun_of") or meta.rerun_of
         folder.write_meta(meta)
         store.save_or_defer(meta)
         metas[run_id] = meta

@@ -255,3 +255,17 @@ class BoxFailures(BoxTestCase):
                                     code, *words)
         self.assert_refused(["run", config, "--on", f"ssh:{BOX1}", "--set", f"ssh.python={fakes}/noengine"],
                             125, f"on box {BOX1}: docker is not installed")
+
+
+class Rerun(BoxTestCase):
+    def test_rerun_of_a_box_run_uses_this_sides_folders(self) -> None:
+        config = self.config("print('hello from', __file__)\n")
+        first = self.process("run", config, "--on", f"ssh:{BOX2}", timeout=RUN_TIMEOUT_S)
+        self.assertEqual(first.returncode, 0, first.stderr)
+        run = self.only_run()
+        self.assertIn(f"code: {self.code}\n", (run / "config.yaml").read_text())
+        again = self.process("rerun", run.name, "--on", f"ssh:{BOX1}", timeout=RUN_TIMEOUT_S)
+        self.assertEqual(again.returncode, 0, again.stderr)
+        self.assertEqual(again.stdout, b"hello from /workspace/train.py\n")
+        second = [p for p in self.runs() if p != run][0]
+        self.assertEqual((self.meta(second)["rerun_of"], self.meta(second)["runner"]["box"]), (run.name, BOX1))
