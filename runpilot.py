@@ -6435,20 +6435,22 @@ def ssh_failure(host: str, stderr: str, what: str) -> str:
     return f"cannot reach box {host} over ssh to {what} ({words}); {fix}"
 
 
-def code_files(folder: Path) -> list[Path]:
-    """The files and symlinks under FOLDER, in a stable order (what goes over, and what is hashed)."""
+def code_files(folder: Path, skip: Path | None = None) -> list[Path]:
+    """The regular files and symlinks under FOLDER, in a stable order (what goes over, and what is
+    hashed); never SKIP (RunPilot's own home, when it lies in the code folder), sockets or pipes."""
     found = []
     for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        found.extend(Path(root) / name for name in sorted(files))
+        dirs[:] = sorted(d for d in dirs if skip is None or Path(root, d) != skip)
+        found.extend(Path(root) / name for name in files
+                     if os.path.islink(os.path.join(root, name)) or os.path.isfile(os.path.join(root, name)))
         found.extend(Path(root) / d for d in dirs if os.path.islink(os.path.join(root, d)))
     return sorted(found)
 
 
-def content_hash(folder: Path) -> str:
+def content_hash(folder: Path, skip: Path | None = None) -> str:
     """A short hash of a folder's names, modes and contents: the same code gets the same hash."""
     digest = hashlib.sha256()
-    for path in code_files(folder):
+    for path in code_files(folder, skip):
         rel = path.relative_to(folder).as_posix()
         if path.is_symlink():
             digest.update(f"L {rel}\0{os.readlink(path)}\0".encode())
@@ -6477,14 +6479,21 @@ class SshPlan:
     code_hash: str | None
     program: str                  # runpilot-<hash>.py
     box_mounts: tuple[str, ...]   # folders that must exist on the box
+    skip: Path | None = None      # what never goes over: RunPilot's home here
 
 
-def ssh_plan(host: str, run_id: str, config: JobConfig) -> SshPlan:
+def ssh_plan(host: str, run_id: str, config: JobConfig, skip: Path | None = None) -> SshPlan:
     """Map the config's mounts onto the box: the code mount is shipped, every other mount must be
     named and mapped in ssh.mounts (a dataset is never copied); refuse anything else now."""
     mapped = dict(config.ssh.mounts)
     code = next((m for m in config.mounts if m.name == "code"), None)
-    code_hash = content_hash(Path(code.source)) if code else None
+    if code and not Path(code.source).is_dir():
+        raise UsageError(f"the code mount {code.source} is not a folder here; only a folder can be shipped to a box")
+    try:
+        code_hash = content_hash(Path(code.source), skip) if code else None
+    except OSError as exc:
+        raise UsageError(f"cannot read {exc.filename} in the code mount ({exc.strerror}); make it readable, or "
+                         "move it out of the code folder") from exc
     mounts, needed = [], []
     for m in config.mounts:
         if m.name == "code":
@@ -6497,11 +6506,9 @@ def ssh_plan(host: str, run_id: str, config: JobConfig) -> SshPlan:
             raise UsageError(f"{what} names a folder here, which box {host} does not have; name it under mounts: "
                              f"and map it to the box's folder in the config's ssh.mounts "
                              f"(ssh: {{mounts: {{{m.name or 'data'}: /path/on/the/box}}}})")
-    if code and not Path(code.source).is_dir():
-        raise UsageError(f"the code mount {code.source} is not a folder here; only a folder can be shipped to a box")
     boxed = dataclasses.replace(config, mounts=tuple(mounts), ssh=SshSettings(), sweep=())
     return SshPlan(host, run_id, config.ssh, boxed, Path(code.source) if code else None, code_hash,
-                   f"runpilot-{program_hash()}.py", tuple(needed))
+                   f"runpilot-{program_hash()}.py", tuple(needed), skip)
 
 
 def ssh_probe_script(plan: SshPlan) -> str:
@@ -6560,7 +6567,7 @@ def ssh_payload(plan: SshPlan, facts: dict[str, list[str]]) -> bytes:
             tar.add(os.path.abspath(__file__), arcname="runpilot.py", recursive=False)
         if plan.code and not facts.get("code"):
             tar.add(plan.code, arcname="code", recursive=False)
-            for path in code_files(plan.code):
+            for path in code_files(plan.code, plan.skip):
                 tar.add(path, arcname="code/" + path.relative_to(plan.code).as_posix(), recursive=False)
         home = facts["home"][0]
         mounts = tuple(dataclasses.replace(m, source=m.source.replace("@BOXHOME@", home)) for m in plan.config.mounts)
@@ -6670,7 +6677,7 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
               report: Callable[[str], None]) -> RunMeta:
     """Check the box, send what it lacks, start the run there detached; record it here, running."""
     run_id = options.run_id or new_run_id()
-    plan = ssh_plan(host, run_id, config)
+    plan = ssh_plan(host, run_id, config, store.home)
     box = SshBox.of(host, store)
     probe = box.call(ssh_probe_script(plan), "check it")
     facts = parse_probe(probe.stdout)

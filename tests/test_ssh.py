@@ -265,3 +265,19 @@ class Plan(ConfigTestCase):
         there = {"home": ["/h/rp"], "program": ["yes"], "code": ["yes"]}
         with tarfile.open(fileobj=io.BytesIO(runpilot.ssh_payload(plan, there))) as tar:
             self.assertEqual(tar.getnames(), ["config.yaml"])
+
+    def test_home_inside_the_code_folder_and_sockets_stay_here(self) -> None:
+        import socket
+        folder = self.tmp / "src"
+        (folder / "train.py").write_text("print(1)\n")
+        home = folder / ".runpilot"
+        (home / "runs").mkdir(parents=True)
+        (home / "runs" / "big.log").write_text("x" * 100)
+        listener = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listener.close)
+        listener.bind(str(folder / "ctl.sock"))
+        self.assertEqual([p.name for p in runpilot.code_files(folder, home)], ["train.py"])
+        config = self.validate({"name": "x", "image": "i", "entrypoint": "e", "mounts": {"code": "./src"}})
+        plan = runpilot.ssh_plan("box1", "20261207-000000-abcdef", config, home)
+        with tarfile.open(fileobj=io.BytesIO(runpilot.ssh_payload(plan, {"home": ["/h"]}))) as tar:
+            self.assertEqual(sorted(tar.getnames()), ["code", "code/train.py", "config.yaml", "runpilot.py"])
