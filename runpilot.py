@@ -6760,34 +6760,46 @@ def ssh_follow(store: "RunStore", box: SshBox, runner: dict, run_id: str, signal
     run on the box as it would stop here (the runner there gets the same signal), a second one
     leaves it to its end. Return the run's record, copied home."""
     out = terminal_writer(sys.stdout)
-    seen = 0
+    shown, seen = 0, [0]
+
+    def on_signal() -> None:  # the first signal goes to the box's runner; later ones wait for the end
+        if len(signals.received) > seen[0]:
+            if seen[0] == 0:
+                ssh_signal_runner(box, runner, run_id, signals.received[0], say)
+            seen[0] = len(signals.received)
+
     while True:
         follower = box.follower(runner, run_id)
-        assert follower.stdout is not None
-        selector = selectors.DefaultSelector()
-        selector.register(follower.stdout, selectors.EVENT_READ)
-        while True:
-            if len(signals.received) > seen:
-                seen = len(signals.received)
-                if seen == 1:
-                    ssh_signal_runner(box, runner, run_id, signals.received[0], say)
-            if not selector.select(POLL_SECONDS):
-                continue
-            chunk = os.read(follower.stdout.fileno(), READ_SIZE)
-            if not chunk:
-                break
-            if out is not None:
-                out(chunk)
-        selector.close()
+        shown += stream_follower(follower, out, shown, on_signal)
         code = follower.wait()
         stderr = follower.stderr.read().decode("utf-8", "replace") if follower.stderr else ""
-        meta = ssh_record_home(store, box, runner, run_id)
+        try:
+            meta = ssh_record_home(store, box, runner, run_id)
+        except SshError as exc:
+            raise SshError(f"{exc}; the run goes on there: follow it with runpilot logs -f {run_id}, or see it "
+                           "with runpilot list") from exc
         if meta.final:
             return meta
-        if code == 255:
-            say(f"the connection to box {box.host} dropped ({stderr.strip()[:200]}); the run goes on there, "
-                "re-attaching")
-            time.sleep(1)
+        why = stderr.strip().splitlines()[-1][:200] if stderr.strip() else f"exit {code}"
+        say(f"the connection that followed the run on box {box.host} ended ({why}); the run goes on there, "
+            "re-attaching")
+        time.sleep(POLL_SECONDS)
+
+
+def stream_follower(follower: subprocess.Popen, out, skip: int, tick: Callable[[], None]) -> int:
+    """Copy a follower's output to OUT until its end, less its first SKIP bytes (shown by an earlier
+    follower of the same log); call TICK between reads. Return how many new bytes were shown."""
+    shown = 0
+    while True:
+        tick()
+        chunk = _read_some(follower.stdout.fileno())  # type: ignore[union-attr]
+        if chunk is None:
+            return shown
+        dropped = min(len(chunk), max(0, skip))
+        skip -= dropped
+        if chunk[dropped:] and out is not None:
+            out(chunk[dropped:])
+        shown += len(chunk) - dropped
 
 
 def ssh_signal_runner(box: SshBox, runner: dict, run_id: str, signum: int, say: Callable[[str], None]) -> None:
@@ -6811,9 +6823,18 @@ class SshBackend(Backend):
     name = "ssh"
     help = "ssh:HOST: one of your other boxes, as ssh reaches it (alias, user@host, ssh://user@host:port)"
 
+    def __init__(self, arg: str | None = None) -> None:
+        super().__init__(self.hosts_arg(arg))
+
+    @staticmethod
+    def hosts_arg(arg: str | None) -> str | None:
+        """`--on ssh://u@h:22` means the host `ssh://u@h:22`, as `--on ssh:ssh://u@h:22` does."""
+        return f"ssh:{arg}" if arg is not None and arg.startswith("//") else arg
+
     @classmethod
     def check_arg(cls, arg: str | None) -> None:
-        for host in (arg or "").split(",") if arg is not None else []:
+        arg = cls.hosts_arg(arg)
+        for host in arg.split(",") if arg is not None else []:
             if (why := ssh_host_problem(host)) is not None:
                 raise UsageError(f"--on ssh:{host}: {why}")
 

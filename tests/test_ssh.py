@@ -281,3 +281,10 @@ class Plan(ConfigTestCase):
         plan = runpilot.ssh_plan("box1", "20261207-000000-abcdef", config, home)
         with tarfile.open(fileobj=io.BytesIO(runpilot.ssh_payload(plan, {"home": ["/h"]}))) as tar:
             self.assertEqual(sorted(tar.getnames()), ["code", "code/train.py", "config.yaml", "runpilot.py"])
+
+
+class UrlForm(HomeTestCase):
+    def test_on_ssh_url_names_the_url_host(self) -> None:
+        self.assertEqual(runpilot.backend_for("ssh://u@h:2201").arg, "ssh://u@h:2201")
+        self.assertEqual(runpilot.backend_for("ssh:ssh://u@h:2201").arg, "ssh://u@h:2201")
+        self.assertEqual(runpilot.backend_for("ssh:u@h").arg, "u@h")

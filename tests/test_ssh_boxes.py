@@ -102,12 +102,14 @@ class BoxTestCase(HomeTestCase):
         return subprocess.Popen([sys.executable, str(RUNPILOT), *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=dict(os.environ))
 
-    def wait_for_line(self, stream, text: bytes) -> None:
-        deadline = time.monotonic() + RUN_TIMEOUT_S
+    def wait_for_line(self, stream, text: bytes) -> bytes:
+        """Read STREAM up to a line holding TEXT; return what was read."""
+        deadline, read = time.monotonic() + RUN_TIMEOUT_S, b""
         while time.monotonic() < deadline:
             line = stream.readline()
+            read += line
             if text in line:
-                return
+                return read
             if not line:
                 break
         self.fail(f"no line with {text!r} within {RUN_TIMEOUT_S} s")
@@ -269,3 +271,21 @@ class Rerun(BoxTestCase):
         self.assertEqual(again.stdout, b"hello from /workspace/train.py\n")
         second = [p for p in self.runs() if p != run][0]
         self.assertEqual((self.meta(second)["rerun_of"], self.meta(second)["runner"]["box"]), (run.name, BOX1))
+
+
+class DroppedConnection(BoxTestCase):
+    def test_a_killed_connection_reattaches_and_the_run_is_reconciled(self) -> None:
+        config = self.config(JOB.replace("time.sleep(0.1)", "time.sleep(1)").replace("range(3)", "range(4)"))
+        child = self.start("run", config, "--on", f"ssh:{BOX1}")
+        before = self.wait_for_line(child.stdout, b"step 0")
+        followers = subprocess.run(["pgrep", "-P", str(child.pid), "-f", "logs -f"], capture_output=True, text=True)
+        self.assertTrue(followers.stdout.split(), "no ssh follower found")
+        for pid in followers.stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
+        out, err = child.communicate(timeout=RUN_TIMEOUT_S)
+        self.assertEqual(child.returncode, 3, err)
+        self.assertIn(b"the run goes on there, re-attaching", err)
+        run = self.only_run()
+        self.assertEqual(self.meta(run)["status"], "failed")
+        self.assertEqual((run / "logs.txt").read_bytes(), self.box_file(BOX1, run.name, "logs.txt"))
+        self.assertEqual(before + out, (run / "logs.txt").read_bytes())  # nothing shown twice after re-attaching
