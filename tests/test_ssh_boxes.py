@@ -282,7 +282,8 @@ class DroppedConnection(BoxTestCase):
         self.assertTrue(followers.stdout.split(), "no ssh follower found")
         for pid in followers.stdout.split():
             os.kill(int(pid), signal.SIGKILL)
-        out, err = child.communicate(timeout=RUN_TIMEOUT_S)
+        out, err = child.stdout.read(), child.stderr.read()  # read(): readline() buffered past its line
+        child.wait(timeout=RUN_TIMEOUT_S)
         self.assertEqual(child.returncode, 3, err)
         self.assertIn(b"the run goes on there, re-attaching", err)
         run = self.only_run()
