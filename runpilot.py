@@ -9318,7 +9318,8 @@ def cmd_stop(args) -> int:
         raise UsageError("name the run to stop (id, prefix, latest, -N), or a sweep with --sweep ID")
     record = find_run(store, args.run)
     meta = store.folder(record.id).read_meta()
-    if record.status not in ACTIVE_STATUSES and not (record.status == LOST and leftover_job(record, meta)):
+    elsewhere = bool(record.runner.get("backend"))  # its backend asks where it runs for what the job left
+    if record.status not in ACTIVE_STATUSES and not (record.status == LOST and (elsewhere or leftover_job(record, meta))):
         echo(f"run {record.id} is not running ({record.status})")
         return 0
     record = stop_run(store, record, args.wait, note)

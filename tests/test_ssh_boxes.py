@@ -290,3 +290,23 @@ class DroppedConnection(BoxTestCase):
         self.assertEqual(self.meta(run)["status"], "failed")
         self.assertEqual((run / "logs.txt").read_bytes(), self.box_file(BOX1, run.name, "logs.txt"))
         self.assertEqual(before + out, (run / "logs.txt").read_bytes())  # nothing shown twice after re-attaching
+
+
+class LostRunner(BoxTestCase):
+    def test_a_runner_killed_on_the_box_is_lost_here_too(self) -> None:
+        config = self.config(LONG)
+        done = self.process("run", config, "--on", f"ssh:{BOX2}", "-d", timeout=RUN_TIMEOUT_S)
+        run_id = done.stdout.decode().strip()
+        box_meta = json.loads(self.box_file(BOX2, run_id, "meta.json"))
+        killed = on_box(BOX2, f"kill -KILL {box_meta['runner']['pid']}")
+        self.assertEqual(killed.returncode, 0, killed.stderr)
+        code, out, _ = self.cli("list", "--json")
+        self.assertEqual(json.loads(out)[0]["status"], "lost")
+        meta = self.meta(self.home / "runs" / run_id)
+        self.assertIn("ended without recording how the run ended", meta["reason"])
+        code, out, err = self.cli("stop", run_id)  # its container lives on, on the box: stop removes it
+        self.assertEqual(code, 0, err)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while on_box(BOX2, f"docker ps -q --filter label=runpilot.run_id={run_id}").stdout.strip():
+            self.assertLess(time.monotonic(), deadline, "the container was not removed")
+            time.sleep(0.2)
