@@ -6720,8 +6720,9 @@ def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
         for member in tar.getmembers():
             run_id, _, name = member.name.partition("/")
-            if run_id not in runners or not member.isfile() or name in ("", "config.yaml") or ".." in name.split("/"):
-                continue  # the box's config.yaml names the box's folders
+            parts = name.split("/")
+            if run_id not in runners or not member.isfile() or name == "config.yaml" or "" in parts or ".." in parts:
+                continue  # never outside the run's folder; the box's config.yaml names the box's folders
             target = store.folder(run_id).path / name
             make_private_dirs(target.parent)
             write_atomic(target, tar.extractfile(member).read(), durable=False)  # type: ignore[union-attr]

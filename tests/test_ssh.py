@@ -288,3 +288,33 @@ class UrlForm(HomeTestCase):
         self.assertEqual(runpilot.backend_for("ssh://u@h:2201").arg, "ssh://u@h:2201")
         self.assertEqual(runpilot.backend_for("ssh:ssh://u@h:2201").arg, "ssh://u@h:2201")
         self.assertEqual(runpilot.backend_for("ssh:u@h").arg, "u@h")
+
+
+class Unpack(HomeTestCase):
+    """What a box sends home lands in the run's folder only."""
+
+    def test_names_outside_the_run_folder_are_dropped(self) -> None:
+        store = runpilot.RunStore(self.home)
+        run_id = "20261207-000000-abcdef"
+        folder = store.create_run_dir(run_id)
+        meta = runpilot.RunMeta(run_id, name="x", status=runpilot.SUCCEEDED, started_at="2026-12-07T00:00:00.000Z",
+                                runner={"pid": 1, "host": "box"})
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name, data in ((f"{run_id}/meta.json", meta.to_json()), (f"{run_id}/logs.txt", b"hi\n"),
+                               (f"{run_id}//{self.tmp}/escaped", b"x"), (f"{run_id}/../escaped2", b"x"),
+                               (f"{run_id}/config.yaml", b"name: on-the-box\n"),
+                               ("20261207-000000-000000/logs.txt", b"not asked for")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        runner = {"backend": "ssh", "box": "b", "config_file": "/here/c.yaml"}
+        metas = runpilot.ssh_unpack(store, buffer.getvalue(), {run_id: runner})
+        self.assertEqual(sorted(p.name for p in folder.path.iterdir()), [".reserve", "logs.txt", "meta.json"]
+                         if (folder.path / ".reserve").exists() else ["logs.txt", "meta.json"])
+        self.assertFalse((self.tmp / "escaped").exists())
+        self.assertFalse((store.runs_dir / "escaped2").exists())
+        self.assertFalse((store.runs_dir / "20261207-000000-000000").exists())
+        self.assertEqual(metas[run_id].runner, runner)
+        self.assertEqual(metas[run_id].config_file, "/here/c.yaml")
+        self.assertEqual(store.get(run_id).runner, runner)

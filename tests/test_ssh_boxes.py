@@ -310,3 +310,22 @@ class LostRunner(BoxTestCase):
         while on_box(BOX2, f"docker ps -q --filter label=runpilot.run_id={run_id}").stdout.strip():
             self.assertLess(time.monotonic(), deadline, "the container was not removed")
             time.sleep(0.2)
+
+
+class UnreachableBox(BoxTestCase):
+    def test_list_shows_the_runs_of_a_box_that_does_not_answer_as_last_known(self) -> None:
+        config = self.config(LONG)
+        done = self.process("run", config, "--on", f"ssh:{BOX1}", "-d", timeout=RUN_TIMEOUT_S)
+        run_id = done.stdout.decode().strip()
+        self.addCleanup(self.process, "stop", run_id, timeout=RUN_TIMEOUT_S)
+        folder = self.home / "runs" / run_id
+        meta = self.meta(folder)
+        gone = dict(meta["runner"], box="ssh://rpbox1@127.0.0.1:1")  # as if the box went away
+        (folder / "meta.json").write_text(json.dumps(dict(meta, runner=gone)))
+        self.assertEqual(self.process("reindex").returncode, 0)
+        code, out, err = self.cli("list", "--json")
+        self.assertEqual((code, json.loads(out)[0]["status"]), (0, "running"))
+        self.assertIn("cannot reach box ssh://rpbox1@127.0.0.1:1 over ssh", err)
+        self.assertIn("its runs are shown as last known", err)
+        (folder / "meta.json").write_text(json.dumps(meta))
+        self.assertEqual(self.process("reindex").returncode, 0)
