@@ -231,6 +231,20 @@ class ExportError(RunPilotError):
 
     exit_code = 1
 
+
+class SshError(RunPilotError):
+    """A box cannot be reached over ssh, or refused what RunPilot asked of it."""
+
+    exit_code = 125
+
+
+class BoxError(RunPilotError):
+    """The box's RunPilot refused the run; its exit status is the box's."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code if exit_code in (1, 2, 125) else 125
+
 # ==== 5. Data types ==========================================================
 
 @dataclass(frozen=True)
@@ -6340,12 +6354,6 @@ SSH_MIN_PYTHON = (3, 10)    # what runpilot.py needs on the box
 SSH_REPORT_FILES = ("meta.json", "logs.txt", "metrics.json", "metrics.times", "gpu.json", "git.diff")  # what `list` copies home for a finished remote run
 
 
-class SshError(RunPilotError):
-    """A box cannot be reached over ssh, or refused what RunPilot asked of it."""
-
-    exit_code = 125
-
-
 class Backend:
     """Where a run executes. `--on NAME[:ARG]` picks a subclass from BACKENDS by NAME."""
 
@@ -6665,14 +6673,6 @@ def box_error_line(host: str, stderr: str) -> str:
     return f"on box {host}: {line}"
 
 
-class BoxError(RunPilotError):
-    """The box's RunPilot refused the run; its exit status is the box's."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code if exit_code in (1, 2, 125) else 125
-
-
 def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptions,
               report: Callable[[str], None]) -> RunMeta:
     """Check the box, send what it lacks, start the run there detached; record it here, running."""
@@ -6699,7 +6699,15 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
               "rerun_of": options.rerun_of}  # what only this side knows, kept over every copy from the box
     folder = store.create_run_dir(run_id)  # config.yaml here keeps this side's paths: rerun works from it
     write_private(folder.config, dump_yaml(config_to_dict(config)).encode("utf-8"))
-    return ssh_record_home(store, box, runner, run_id)
+    meta = RunMeta(run_id, name=config.name, status=RUNNING, started_at=utc_now(), engine=config.engine,
+                   image=config.image, runner=runner, config_file=config.source, rerun_of=options.rerun_of)
+    folder.write_meta(meta)  # the run is the box's now: recorded here before its files come over
+    store.save_or_defer(meta)
+    try:
+        return ssh_record_home(store, box, runner, run_id)
+    except SshError as exc:
+        report(f"{exc}; runpilot list brings the run up to date when the box answers")
+        return meta
 
 
 def ssh_record_home(store: "RunStore", box: SshBox, runner: dict, run_id: str) -> RunMeta:
