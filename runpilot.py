@@ -6697,10 +6697,12 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
     runner = {"backend": "ssh", "box": host, "home": home, "python": config.ssh.python,
               "program": f"{home}/bin/{plan.program}", "config_file": config.source,
               "rerun_of": options.rerun_of}  # what only this side knows, kept over every copy from the box
-    folder = store.create_run_dir(run_id)  # config.yaml here keeps this side's paths: rerun works from it
-    write_private(folder.config, dump_yaml(config_to_dict(config)).encode("utf-8"))
+    folder = store.adopt(run_id)  # a new folder, or a sweep's queued point
+    runner["sweep"] = folder.read_meta().sweep if folder.meta_file.exists() else {}
+    write_private(folder.config, dump_yaml(config_to_dict(config)).encode("utf-8"))  # this side's paths: rerun
     meta = RunMeta(run_id, name=config.name, status=RUNNING, started_at=utc_now(), engine=config.engine,
-                   image=config.image, runner=runner, config_file=config.source, rerun_of=options.rerun_of)
+                   image=config.image, runner=runner, config_file=config.source, rerun_of=options.rerun_of,
+                   sweep=runner["sweep"], tags=options.tags)
     folder.write_meta(meta)  # the run is the box's now: recorded here before its files come over
     store.save_or_defer(meta)
     try:
@@ -6740,6 +6742,7 @@ def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict
         meta.runner, meta.job = runner, {}
         meta.config_file = runner.get("config_file") or meta.config_file
         meta.rerun_of = runner.get("rerun_of") or meta.rerun_of
+        meta.sweep = runner.get("sweep") or meta.sweep
         folder.write_meta(meta)
         store.save_or_defer(meta)
         metas[run_id] = meta
@@ -6878,6 +6881,15 @@ class SshBackend(Backend):
             note(line)
         return code
 
+    def sweep(self, args, store: "RunStore", configs: list, axes, options: RunOptions) -> int:
+        hosts = self.arg.split(",") if self.arg else list(configs[0][1].ssh.hosts)
+        if not hosts:
+            raise UsageError("sweep --on ssh needs boxes: --on ssh:box1,box2, or the config's ssh.hosts")
+        for host in hosts:
+            if (why := ssh_host_problem(host)) is not None:
+                raise UsageError(why)
+        return ssh_sweep_cli(args, store, configs, axes, options, hosts)
+
     def refresh(self, store: "RunStore", records: list[RunRecord], note: Callable[[str], None]) -> dict[str, RunRecord]:
         """One ssh command per box for its active runs: their meta.json, and the files of those that ended."""
         boxes: dict[str, dict[str, dict]] = {}
@@ -6941,6 +6953,139 @@ def pull_run(store: "RunStore", record: RunRecord) -> RunMeta:
     if record.runner.get("backend") != SshBackend.name:
         raise UsageError(f"run {record.id} ran here; its files are in {store.folder(record.id).path} already")
     return ssh_record_home(store, SshBox.of(record.runner["box"], store), record.runner, record.id)
+
+
+def box_free_gpus(store: "RunStore") -> list[str]:
+    """On a box: its GPUs that no run of its RunPilot holds (`_box-report --gpus`)."""
+    devices = [str(d["index"]) for d in query_gpus(os.environ).get("devices", [])]
+    busy = GpuClaims(store.home / "gpus", functools.partial(outlived_its_runner, store)).holders(devices)
+    return [d for d in devices if d not in busy]
+
+
+def box_slots(store: "RunStore", host: str, config: JobConfig, options: RunOptions, need: int) -> int:
+    """How many points needing NEED GPUs each the box takes at once, as its own RunPilot says (its
+    GPUs that no run holds; one at a time without GPUs). Its RunPilot then places each point on
+    GPUs no other run holds, so one started by hand meanwhile makes a point wait there, never share."""
+    if need == 0:
+        return 1
+    plan = ssh_plan(host, "00000000-000000-000000", config, store.home)
+    box = SshBox.of(host, store)
+    facts = parse_probe(box.call(ssh_probe_script(plan), "check it").stdout)
+    if (why := probe_problem(host, facts, config.ssh)) is not None:
+        raise SshError(why)
+    runner = {"home": facts["home"][0], "python": config.ssh.python, "program": "-"}  # this very file, on stdin
+    with open(os.path.abspath(__file__), "rb") as f:
+        done = box.call(box.runpilot(runner, ["_box-report", "--gpus"]), "count its free GPUs", data=f.read(),
+                        timeout=60)
+    if done.returncode != 0:
+        raise BoxError(box_error_line(host, done.stderr), done.returncode)
+    return len(done.stdout.split()) // need
+
+
+def point_gpus(config: JobConfig) -> int:
+    gpus = config.resources.gpus
+    return gpus if isinstance(gpus, int) else len(gpus) if isinstance(gpus, tuple) else 0 if gpus is None else 1
+
+
+@dataclass
+class BoxSweep:
+    """A sweep's points placed on boxes: as many at once as each box's GPUs take (and --parallel)."""
+
+    store: "RunStore"
+    sweep: "Sweep"
+    hosts: list[str]
+    options: RunOptions
+    parallel: int
+    fail_fast: bool
+    say: Callable[[str], None]
+    running: dict[str, str] = field(default_factory=dict)   # run id -> its box
+    slots: dict[str, int] = field(default_factory=dict)
+    failed: bool = False
+
+    def run(self, jobs: list, signals: "StopSignals") -> int:
+        """Start points while boxes have room; follow them; end as a local sweep ends."""
+        labels, pending = sweep_labels(self.sweep), list(jobs)
+        self.slots = {}
+        for host in self.hosts:
+            try:
+                self.slots[host] = box_slots(self.store, host, jobs[0][1], self.options, point_gpus(jobs[0][1]))
+            except SshError as exc:
+                self.say(f"{exc}; box {host} gets no points")
+        self.say(f"sweep {self.sweep.sweep_id}: " + ", ".join(f"box {h} takes {n} at once" for h, n in self.slots.items()))
+        while (pending or self.running) and not signals.received:
+            self.start_some(pending, labels)
+            time.sleep(POLL_SECONDS)
+            self.collect(labels, pending)
+        if signals.received:
+            self.stop_all(pending, signals.received[0])
+        return 128 + signals.received[0] if signals.received else 1 if self.failed else 0
+
+    def start_some(self, pending: list, labels: dict[str, str]) -> None:
+        for host in list(self.slots):
+            while pending and sum(h == host for h in self.running.values()) < self.slots[host] and \
+                    len(self.running) < self.parallel:
+                point, config = pending.pop(0)
+                try:
+                    meta = ssh_start(self.store, host, config, dataclasses.replace(self.options, run_id=point["run_id"]),
+                                     lambda text: None)
+                except SshError as exc:
+                    pending.insert(0, (point, config))
+                    del self.slots[host]
+                    self.say(f"{exc}; box {host} gets no more points")
+                    break
+                self.running[point["run_id"]] = host
+                gpus = f" GPU {','.join(meta.devices)}" if meta.devices else ""
+                self.say(f"{labels[point['run_id']]} started on box {host}{gpus} (run {short_id(point['run_id'])})")
+        if pending and not self.slots and not self.running:
+            for point, _ in pending:
+                cancel_queued(self.store, point["run_id"], None, "no box of the sweep answered")
+            pending.clear()
+            self.failed = True
+
+    def collect(self, labels: dict[str, str], pending: list) -> None:
+        records = [r for r in (self.store.get(i) for i in self.running) if r is not None]
+        for run_id, record in SshBackend().refresh(self.store, records, self.say).items():
+            if record.status in ACTIVE_STATUSES:
+                continue
+            del self.running[run_id]
+            meta = self.store.folder(run_id).read_meta()
+            shown = ", ".join(f"{k} {fmt_value(meta.last_metrics[k])}" for k in meta.metric_names
+                              if k in meta.last_metrics)
+            self.say(f"{labels[run_id]} {fmt_ending(meta)}" + (f", {shown}" if shown else "") + f" (run {short_id(run_id)})")
+            if meta.status != SUCCEEDED:
+                self.failed = True
+                if self.fail_fast:
+                    for point, _ in pending:
+                        cancel_queued(self.store, point["run_id"], None, f"--fail-fast: run {run_id} did not succeed")
+                    pending.clear()
+
+    def stop_all(self, pending: list, signum: int) -> None:
+        for point, _ in pending:
+            cancel_queued(self.store, point["run_id"], signum)
+        for run_id, host in list(self.running.items()):
+            with contextlib.suppress(RunPilotError):
+                record = self.store.get(run_id)
+                if record is not None:
+                    SshBackend().stop(self.store, record, self.store.folder(run_id).read_meta(), 30.0, self.say)
+
+
+def ssh_sweep_cli(args, store: "RunStore", configs: list, axes, options: RunOptions, hosts: list[str]) -> int:
+    """`sweep --on ssh:box1,box2`: record the points here, place them on the boxes, follow them."""
+    if args.detach or args.dry_run:
+        raise UsageError("sweep --on ssh runs attached (-d and --dry-run are not built yet for it)")
+    sweep_id = args.sweep_id or new_sweep_id()
+    parallel = args.parallel or len(configs)
+    stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": f"ssh:{','.join(hosts)}"}
+    with StopSignals() as signals:
+        sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, stored, configs[0][1].source)
+        jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
+        note(f"sweep {sweep_id}: {len(jobs)} point(s) on {', '.join(hosts)}")
+        code = BoxSweep(store, sweep, hosts, options, parallel, args.fail_fast, note).run(jobs, signals)
+    sweep.runner = {}
+    with contextlib.suppress(OSError):
+        sweep.save(store)
+    print_sweep_end(store, sweep)
+    return code
 
 
 # The places a run can execute, by `--on` name (`--on NAME` or `--on NAME:ARG`).
@@ -9936,6 +10081,9 @@ def _resume_sweep(store: RunStore, args) -> int:
         raise UsageError(f"--resume runs the points as they were recorded; {', '.join(changed)} cannot be given "
                          "with it (start a new sweep to change them)")
     sweep = Sweep.load(store, find_sweep(store, args.resume))
+    if str(sweep.options.get("on")).startswith("ssh"):
+        raise UsageError(f"sweep {sweep.sweep_id} ran on boxes over ssh, and --resume for it is not built yet; "
+                         "start the points that did not finish again with runpilot sweep ... --on ssh:...")
     if sweep.options.get("on") == "slurm":
         raise UsageError(f"sweep {sweep.sweep_id} was submitted to Slurm, and --resume runs points here; submit "
                          "the points that did not finish again with runpilot sweep ... --on slurm")
@@ -10350,7 +10498,11 @@ def _pull_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_box_report(args) -> int:
-    """On a box: the files of the runs asked for, as a tar on stdout (see box_report)."""
+    """On a box: the files of the runs asked for, as a tar on stdout (see box_report); with --gpus,
+    its free GPUs, one a line."""
+    if args.gpus:
+        echo("\n".join(box_free_gpus(RunStore.default())))
+        return 0
     sys.stdout.flush()
     box_report(RunStore.default(), args.runs, args.all, sys.stdout.buffer)
     return 0
@@ -10358,7 +10510,8 @@ def cmd_box_report(args) -> int:
 
 def _box_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true", help="every file of each run's folder")
-    p.add_argument("runs", nargs="+", type=_run_id_arg)
+    p.add_argument("--gpus", action="store_true", help="the box's free GPUs instead")
+    p.add_argument("runs", nargs="*", type=_run_id_arg)
 
 
 COMMANDS = [

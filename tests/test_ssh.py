@@ -101,11 +101,11 @@ class Hosts(HomeTestCase):
                 self.assertEqual(code, 2)
                 self.assertIn("runpilot run --on ssh needs one box", err)
 
-    def test_sweep_over_boxes_says_it_is_not_built(self) -> None:
+    def test_sweep_over_boxes_is_attached_only(self) -> None:
         config = self.write("c.yaml", "name: x\nengine: local\nentrypoint: [true]\n")
-        code, _, err = self.cli("sweep", config, "--grid", "env.A=1,2", "--on", "ssh:a,b")
+        code, _, err = self.cli("sweep", config, "--grid", "env.A=1,2", "--on", "ssh:a,b", "-d")
         self.assertEqual(code, 2)
-        self.assertIn("runpilot sweep --on ssh is not built yet", err)
+        self.assertIn("sweep --on ssh runs attached", err)
 
 
 class SshArgv(HomeTestCase):
