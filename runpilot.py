@@ -37,6 +37,7 @@ if __name__ == "__main__" or _sys.argv[:1] and _sys.argv[0].rsplit("/", 1)[-1] =
         _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
 
 import argparse
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -6958,6 +6959,7 @@ def pull_run(store: "RunStore", record: RunRecord) -> RunMeta:
 def box_free_gpus(store: "RunStore") -> list[str]:
     """On a box: its GPUs that no run of its RunPilot holds (`_box-report --gpus`)."""
     devices = [str(d["index"]) for d in query_gpus(os.environ).get("devices", [])]
+    make_private_dirs(store.home / "gpus")
     busy = GpuClaims(store.home / "gpus", functools.partial(outlived_its_runner, store)).holders(devices)
     return [d for d in devices if d not in busy]
 
@@ -7009,7 +7011,7 @@ class BoxSweep:
         for host in self.hosts:
             try:
                 self.slots[host] = box_slots(self.store, host, jobs[0][1], self.options, point_gpus(jobs[0][1]))
-            except SshError as exc:
+            except RunPilotError as exc:
                 self.say(f"{exc}; box {host} gets no points")
         self.say(f"sweep {self.sweep.sweep_id}: " + ", ".join(f"box {h} takes {n} at once" for h, n in self.slots.items()))
         while (pending or self.running) and not signals.received:
@@ -7021,26 +7023,37 @@ class BoxSweep:
         return 128 + signals.received[0] if signals.received else 1 if self.failed else 0
 
     def start_some(self, pending: list, labels: dict[str, str]) -> None:
-        for host in list(self.slots):
-            while pending and sum(h == host for h in self.running.values()) < self.slots[host] and \
-                    len(self.running) < self.parallel:
-                point, config = pending.pop(0)
-                try:
-                    meta = ssh_start(self.store, host, config, dataclasses.replace(self.options, run_id=point["run_id"]),
-                                     lambda text: None)
-                except SshError as exc:
-                    pending.insert(0, (point, config))
-                    del self.slots[host]
-                    self.say(f"{exc}; box {host} gets no more points")
-                    break
-                self.running[point["run_id"]] = host
-                gpus = f" GPU {','.join(meta.devices)}" if meta.devices else ""
-                self.say(f"{labels[point['run_id']]} started on box {host}{gpus} (run {short_id(point['run_id'])})")
+        """Start as many pending points as the boxes have room for, all at once (a thread each)."""
+        batch = []
+        for host in self.slots:
+            room = self.slots[host] - sum(h == host for h in self.running.values())
+            while pending and room > 0 and len(self.running) + len(batch) < self.parallel:
+                batch.append((host, *pending.pop(0)))
+                room -= 1
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(batch))) as pool:
+            started = list(pool.map(self.start_one, batch))
+        for (host, point, config), result in zip(batch, started):
+            if isinstance(result, RunPilotError):  # unreachable, or its RunPilot refused: the other boxes go on
+                pending.insert(0, (point, config))
+                if self.slots.pop(host, None) is not None:
+                    self.say(f"{result}; box {host} gets no more points")
+                continue
+            self.running[point["run_id"]] = host
+            gpus = f" GPU {','.join(result.devices)}" if result.devices else ""
+            self.say(f"{labels[point['run_id']]} started on box {host}{gpus} (run {short_id(point['run_id'])})")
         if pending and not self.slots and not self.running:
             for point, _ in pending:
                 cancel_queued(self.store, point["run_id"], None, "no box of the sweep answered")
             pending.clear()
             self.failed = True
+
+    def start_one(self, job: tuple) -> "RunMeta | RunPilotError":
+        host, point, config = job
+        try:
+            return ssh_start(self.store, host, config, dataclasses.replace(self.options, run_id=point["run_id"]),
+                             lambda text: None)
+        except RunPilotError as exc:
+            return exc
 
     def collect(self, labels: dict[str, str], pending: list) -> None:
         records = [r for r in (self.store.get(i) for i in self.running) if r is not None]

@@ -329,3 +329,49 @@ class UnreachableBox(BoxTestCase):
         self.assertIn("its runs are shown as last known", err)
         (folder / "meta.json").write_text(json.dumps(meta))
         self.assertEqual(self.process("reindex").returncode, 0)
+
+
+class SweepOverBoxes(BoxTestCase):
+    JOB = """\
+import os, time
+print("gpus", os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
+print(f"METRIC loss={float(os.environ['LR'])}", flush=True)
+time.sleep(4)
+"""
+
+    def test_eight_one_gpu_points_over_boxes_with_two_and_four_gpus(self) -> None:
+        (self.code / "train.py").write_text(self.JOB)
+        config = self.write("sweep.yaml", f"""\
+            name: sw
+            engine: local
+            entrypoint: [python3, train.py]
+            mounts:
+              code: {self.code}
+            resources: {{gpus: 1}}
+            metrics: [loss]
+            ssh:
+              home: ~/{self.box_home}
+            """)
+        done = self.process("sweep", config, "--grid", "env.LR=1,2,3,4,5,6,7,8", "--on", f"ssh:{BOX1},{BOX2}",
+                            timeout=4 * RUN_TIMEOUT_S)
+        err = done.stderr.decode()
+        self.assertEqual(done.returncode, 0, err)
+        self.assertIn(f"box {BOX1} takes 2 at once, box {BOX2} takes 4 at once", err)
+        metas = [self.meta(run) for run in self.runs()]
+        self.assertEqual(len(metas), 8)
+        self.assertEqual({m["status"] for m in metas}, {"succeeded"})
+        self.assertEqual({m["runner"]["box"] for m in metas}, {BOX1, BOX2})
+        self.assertTrue(all(m["sweep"].get("id") for m in metas), "the runs lost their sweep")
+        spans = [(m["runner"]["box"], m["devices"], m["started_at"], m["finished_at"]) for m in metas]
+        for box, devices, start, end in spans:  # no GPU of a box held by two points at once
+            self.assertEqual(len(devices), 1)
+            for other in spans:
+                if other[:2] == (box, devices) and other[2:] != (start, end):
+                    self.assertTrue(other[3] <= start or other[2] >= end, f"GPU {devices} of {box} shared")
+        peak = max(sum(s[2] <= t < s[3] for s in spans) for t in (s[2] for s in spans))
+        self.assertEqual(peak, 6)  # the pool: 2 + 4 GPUs
+        for run in self.runs():
+            meta = self.meta(run)
+            self.assertIn(f"gpus {meta['devices'][0]}\n".encode(), (run / "logs.txt").read_bytes())
+        code, out, _ = self.cli("list", "--sweep", "latest", "--json")
+        self.assertEqual(len(json.loads(out)), 8)
