@@ -7019,7 +7019,7 @@ class BoxSweep:
             time.sleep(POLL_SECONDS)
             self.collect(labels, pending)
         if signals.received:
-            self.stop_all(pending, signals.received[0])
+            self.stop_all(pending, signals.received[0], labels)
         return 128 + signals.received[0] if signals.received else 1 if self.failed else 0
 
     def start_some(self, pending: list, labels: dict[str, str]) -> None:
@@ -7072,14 +7072,22 @@ class BoxSweep:
                         cancel_queued(self.store, point["run_id"], None, f"--fail-fast: run {run_id} did not succeed")
                     pending.clear()
 
-    def stop_all(self, pending: list, signum: int) -> None:
+    def stop_all(self, pending: list, signum: int, labels: dict[str, str]) -> None:
+        """Cancel the points not started; hand SIGNUM to each running point's runner on its box (as a
+        local sweep's Ctrl-C reaches its jobs) and wait for them to end."""
         for point, _ in pending:
             cancel_queued(self.store, point["run_id"], signum)
-        for run_id, host in list(self.running.items()):
-            with contextlib.suppress(RunPilotError):
-                record = self.store.get(run_id)
-                if record is not None:
-                    SshBackend().stop(self.store, record, self.store.folder(run_id).read_meta(), 30.0, self.say)
+        pending.clear()
+        for run_id, host in self.running.items():
+            record = self.store.get(run_id)
+            if record is not None:
+                ssh_signal_runner(SshBox.of(host, self.store), record.runner, run_id, signum, lambda text: None)
+        deadline = time.monotonic() + self.options.stop_timeout + SSH_CONNECT_S * 2
+        while self.running and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)
+            self.collect(labels, pending)
+        if self.running:
+            self.say(f"run(s) {', '.join(self.running)} did not end yet on their boxes; runpilot list follows them")
 
 
 def ssh_sweep_cli(args, store: "RunStore", configs: list, axes, options: RunOptions, hosts: list[str]) -> int:

@@ -375,3 +375,29 @@ time.sleep(4)
             self.assertIn(f"gpus {meta['devices'][0]}\n".encode(), (run / "logs.txt").read_bytes())
         code, out, _ = self.cli("list", "--sweep", "latest", "--json")
         self.assertEqual(len(json.loads(out)), 8)
+
+    def test_ctrl_c_stops_the_points_on_their_boxes_and_cancels_the_rest(self) -> None:
+        (self.code / "train.py").write_text(LONG)
+        config = self.write("sweep.yaml", f"""\
+            name: sw
+            engine: local
+            entrypoint: [python3, train.py]
+            mounts:
+              code: {self.code}
+            resources: {{gpus: 1}}
+            ssh:
+              home: ~/{self.box_home}
+            """)
+        child = self.start("sweep", config, "--grid", "env.LR=1,2,3,4", "--on", f"ssh:{BOX1}")
+        self.wait_for_line(child.stderr, b"[2/4 LR=2] started on box")
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=RUN_TIMEOUT_S)
+        self.assertEqual(child.returncode, 130, err)
+        statuses = sorted(self.meta(run)["status"] for run in self.runs())
+        self.assertEqual(statuses, ["cancelled", "cancelled", "interrupted", "interrupted"])
+        for run in self.runs():
+            meta = self.meta(run)
+            if meta["status"] == "interrupted":
+                self.assertEqual(meta["stop_signal"], signal.SIGINT)
+                self.assertEqual(json.loads(self.box_file(BOX1, run.name, "meta.json"))["status"], "interrupted")
+        self.assertEqual({r["status"] for r in self.db_rows()}, {"cancelled", "interrupted"})
