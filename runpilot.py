@@ -6412,9 +6412,14 @@ class SlurmBackend(Backend):
         return slurm_sweep_cli(args, store, configs, axes, options)
 
 
-def ssh_base_argv(control_dir: Path) -> list[str]:
-    """ssh's options for every command to a box: no prompt, one shared connection in a private folder."""
-    return ["ssh", "-o", "BatchMode=yes", "-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir}/%C",
+def ssh_base_argv(control_dir: Path, master: str = "no") -> list[str]:
+    """ssh's options for every command to a box: no prompt, one shared connection in a private folder.
+
+    Commands use the box's master connection (ControlMaster=no: a client of it, or a connection of
+    their own when it is gone); only SshBox.ensure_master starts one, with its output in a file: a
+    master forked by a command whose output is a pipe keeps that pipe open for ControlPersist seconds,
+    and the command's reader waits that long."""
+    return ["ssh", "-o", "BatchMode=yes", "-o", f"ControlMaster={master}", "-o", f"ControlPath={control_dir}/%C",
             "-o", f"ControlPersist={SSH_PERSIST_S}", "-o", f"ConnectTimeout={SSH_CONNECT_S}"]
 
 
@@ -6635,10 +6640,25 @@ class SshBox:
             raise StoreError(f"cannot create {folder}: {exc.strerror}; set RUNPILOT_HOME to a writable folder") from exc
         return cls(host, folder)
 
+    def ensure_master(self, what: str) -> None:
+        """Start the box's shared connection unless it runs; ssh's refusal is an SshError in its words."""
+        check = [*ssh_base_argv(self.control_dir), "-O", "check", "--", self.host]
+        if subprocess.run(check, stdin=subprocess.DEVNULL, capture_output=True, timeout=30).returncode == 0:
+            return
+        with tempfile.TemporaryFile() as err:
+            done = subprocess.run([*ssh_base_argv(self.control_dir, "yes"), "-N", "-f", "--", self.host],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                  timeout=SSH_CONNECT_S + 30)
+            err.seek(0)
+            said = err.read().decode("utf-8", "replace")
+        if done.returncode != 0 and "already exists" not in said:  # another thread's master won: fine
+            raise SshError(ssh_failure(self.host, said, what))
+
     def call(self, script: str, what: str, data: bytes | None = None, timeout: float = SSH_CALL_S,
              binary: bool = False) -> subprocess.CompletedProcess:
         """Run SCRIPT on the box; ssh's own failure (exit 255) is an SshError in ssh's words."""
         try:
+            self.ensure_master(what)
             done = subprocess.run(ssh_argv(self.control_dir, self.host, script), input=data or b"",
                                   capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
@@ -6660,6 +6680,8 @@ class SshBox:
 
     def follower(self, runner: dict, run_id: str, tail: int | None = None) -> subprocess.Popen:
         """`logs -f` on the box, in its own session (a Ctrl-C here is RunPilot's to handle)."""
+        with contextlib.suppress(SshError, subprocess.SubprocessError, OSError):
+            self.ensure_master("follow the run")
         tail_flags = [] if tail is None else ["--tail", str(tail)]
         script = "exec " + self.runpilot(runner, ["logs", "-f", run_id, *tail_flags])
         return subprocess.Popen(ssh_argv(self.control_dir, self.host, script), stdin=subprocess.DEVNULL,
@@ -7057,8 +7079,10 @@ class BoxSweep:
 
     def collect(self, labels: dict[str, str], pending: list) -> None:
         records = [r for r in (self.store.get(i) for i in self.running) if r is not None]
-        for run_id, record in SshBackend().refresh(self.store, records, self.say).items():
-            if record.status in ACTIVE_STATUSES:
+        fresh = SshBackend().refresh(self.store, records, self.say)
+        for record in records:  # one that ended before its start was copied home is final already
+            run_id = record.id
+            if fresh.get(run_id, record).status in ACTIVE_STATUSES:
                 continue
             del self.running[run_id]
             meta = self.store.folder(run_id).read_meta()

@@ -117,7 +117,7 @@ class SshArgv(HomeTestCase):
         self.assertEqual(argv[0], "ssh")
         options = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
         self.assertIn("BatchMode=yes", options)
-        self.assertIn("ControlMaster=auto", options)
+        self.assertIn("ControlMaster=no", options)  # a client of the master that ensure_master starts
         self.assertIn(f"ControlPath={self.tmp / 'ssh'}/%C", options)
         self.assertTrue(any(o.startswith("ControlPersist=") for o in options))
         self.assertFalse(any(o.lower().startswith("stricthostkeychecking") for o in options))

@@ -401,3 +401,21 @@ time.sleep(4)
                 self.assertEqual(meta["stop_signal"], signal.SIGINT)
                 self.assertEqual(json.loads(self.box_file(BOX1, run.name, "meta.json"))["status"], "interrupted")
         self.assertEqual({r["status"] for r in self.db_rows()}, {"cancelled", "interrupted"})
+
+    def test_points_that_end_before_their_start_is_copied_home_still_end_the_sweep(self) -> None:
+        (self.code / "train.py").write_text("print('quick')\n")
+        config = self.write("sweep.yaml", f"""\
+            name: quick
+            engine: local
+            entrypoint: [python3, train.py]
+            mounts:
+              code: {self.code}
+            resources: {{gpus: 1}}
+            ssh:
+              home: ~/{self.box_home}
+            """)
+        done = self.process("sweep", config, "--grid", "env.LR=1,2,3,4", "--on", f"ssh:{BOX1},{BOX2}",
+                            timeout=RUN_TIMEOUT_S)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stderr.count(b"] succeeded in "), 4, done.stderr)
+        self.assertEqual({self.meta(run)["status"] for run in self.runs()}, {"succeeded"})
