@@ -6352,6 +6352,7 @@ SSH_PERSIST_S = 60          # the shared connection outlives a run's commands by
 SSH_CONNECT_S = 15          # ssh's ConnectTimeout: an unreachable box fails in seconds, not minutes
 SSH_CALL_S = 300            # the longest one ssh command may take (shipping code included)
 SSH_MIN_PYTHON = (3, 10)    # what runpilot.py needs on the box
+SSH_LOST_S = 60             # a box silent this long mid-sweep: its running points are recorded lost
 SSH_REPORT_FILES = ("meta.json", "logs.txt", "metrics.json", "metrics.times", "gpu.json", "git.diff")  # what `list` copies home for a finished remote run
 
 
@@ -6808,6 +6809,8 @@ def ssh_follow(store: "RunStore", box: SshBox, runner: dict, run_id: str, signal
         shown += stream_follower(follower, out, shown, on_signal)
         code = follower.wait()
         stderr = follower.stderr.read().decode("utf-8", "replace") if follower.stderr else ""
+        for pipe in (follower.stdout, follower.stderr):
+            pipe.close()  # type: ignore[union-attr]
         try:
             meta = ssh_record_home(store, box, runner, run_id)
         except SshError as exc:
@@ -7024,6 +7027,7 @@ class BoxSweep:
     say: Callable[[str], None]
     running: dict[str, str] = field(default_factory=dict)   # run id -> its box
     slots: dict[str, int] = field(default_factory=dict)
+    silent: dict[str, float] = field(default_factory=dict)  # box -> when it stopped answering
     failed: bool = False
 
     def run(self, jobs: list, signals: "StopSignals") -> int:
@@ -7079,7 +7083,11 @@ class BoxSweep:
 
     def collect(self, labels: dict[str, str], pending: list) -> None:
         records = [r for r in (self.store.get(i) for i in self.running) if r is not None]
-        fresh = SshBackend().refresh(self.store, records, self.say)
+        fresh: dict[str, RunRecord] = {}
+        for host in set(self.running.values()):
+            said: list[str] = []
+            fresh |= SshBackend().refresh(self.store, [r for r in records if self.running[r.id] == host], said.append)
+            fresh |= self.box_answered(host, said, records)
         for record in records:  # one that ended before its start was copied home is final already
             run_id = record.id
             if fresh.get(run_id, record).status in ACTIVE_STATUSES:
@@ -7095,6 +7103,32 @@ class BoxSweep:
                     for point, _ in pending:
                         cancel_queued(self.store, point["run_id"], None, f"--fail-fast: run {run_id} did not succeed")
                     pending.clear()
+
+    def box_answered(self, host: str, said: list[str], records: list[RunRecord]) -> dict[str, RunRecord]:
+        """Say once that a box stopped answering; after SSH_LOST_S of silence its running points are
+        recorded `lost` here (their jobs may live on there); return those."""
+        if not said:
+            self.silent.pop(host, None)
+            return {}
+        if host not in self.silent:
+            self.silent[host] = time.monotonic()
+            self.say(f"{said[0]}; waiting up to {SSH_LOST_S}s for box {host} to answer")
+            return {}
+        if time.monotonic() - self.silent[host] < SSH_LOST_S:
+            return {}
+        self.slots.pop(host, None)
+        lost = {}
+        for record in records:
+            if self.running.get(record.id) == host:
+                folder = self.store.folder(record.id)
+                meta = folder.read_meta()
+                meta.status, meta.lost_at = LOST, utc_now()
+                meta.reason = f"box {host} stopped answering over ssh for {SSH_LOST_S}s during the sweep"
+                folder.write_meta(meta)
+                self.store.save_or_defer(meta)
+                lost[record.id] = RunRecord.of(meta, folder.path)
+        self.say(f"box {host} did not answer for {SSH_LOST_S}s: its running points are recorded lost; the others go on")
+        return lost
 
     def stop_all(self, pending: list, signum: int, labels: dict[str, str]) -> None:
         """Cancel the points not started; hand SIGNUM to each running point's runner on its box (as a

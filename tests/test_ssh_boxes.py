@@ -284,6 +284,8 @@ class DroppedConnection(BoxTestCase):
             os.kill(int(pid), signal.SIGKILL)
         out, err = child.stdout.read(), child.stderr.read()  # read(): readline() buffered past its line
         child.wait(timeout=RUN_TIMEOUT_S)
+        child.stdout.close()
+        child.stderr.close()
         self.assertEqual(child.returncode, 3, err)
         self.assertIn(b"the run goes on there, re-attaching", err)
         run = self.only_run()
@@ -419,3 +421,32 @@ time.sleep(4)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(done.stderr.count(b"] succeeded in "), 4, done.stderr)
         self.assertEqual({self.meta(run)["status"] for run in self.runs()}, {"succeeded"})
+
+
+class LostBox(BoxTestCase):
+    def test_a_box_silent_mid_sweep_has_its_running_points_recorded_lost(self) -> None:
+        from unittest import mock
+        import runpilot
+        store = runpilot.RunStore(self.home)
+        dead = "ssh://rpbox1@127.0.0.1:1"
+        run_id = "20261207-000000-abcdef"
+        folder = store.create_run_dir(run_id)
+        meta = runpilot.RunMeta(run_id, name="p", status=runpilot.RUNNING, started_at="2026-12-07T00:00:00.000Z",
+                                runner={"backend": "ssh", "box": dead, "home": "/h", "python": "python3",
+                                        "program": "/h/bin/runpilot.py"})
+        folder.write_meta(meta)
+        store.save(meta)
+        said = []
+        sweep = runpilot.BoxSweep(store, mock.Mock(), [dead], runpilot.RunOptions(), 4, False, said.append,
+                                  running={run_id: dead}, slots={dead: 1})
+        with mock.patch.object(runpilot, "SSH_LOST_S", 0):
+            sweep.collect({run_id: "[1/1]"}, [])
+            self.assertEqual(sweep.running, {run_id: dead})
+            sweep.collect({run_id: "[1/1]"}, [])
+        self.assertEqual(sweep.running, {})
+        self.assertTrue(sweep.failed)
+        self.assertIn("Connection refused", said[0])
+        self.assertIn(f"box {dead} did not answer for 0s: its running points are recorded lost", said[1])
+        self.assertEqual(self.meta(folder.path)["status"], "lost")
+        self.assertEqual(store.get(run_id).status, "lost")
+        self.assertEqual(sum("Connection refused" in line for line in said), 1)  # said once, not every poll
