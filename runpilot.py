@@ -6417,9 +6417,8 @@ def ssh_base_argv(control_dir: Path, master: str = "no") -> list[str]:
     """ssh's options for every command to a box: no prompt, one shared connection in a private folder.
 
     Commands use the box's master connection (ControlMaster=no: a client of it, or a connection of
-    their own when it is gone); only SshBox.ensure_master starts one, with its output in a file: a
-    master forked by a command whose output is a pipe keeps that pipe open for ControlPersist seconds,
-    and the command's reader waits that long."""
+    their own when it is gone); only SshBox.ensure_master starts one, so that a sweep's commands
+    started at once never race to become the master."""
     return ["ssh", "-o", "BatchMode=yes", "-o", f"ControlMaster={master}", "-o", f"ControlPath={control_dir}/%C",
             "-o", f"ControlPersist={SSH_PERSIST_S}", "-o", f"ConnectTimeout={SSH_CONNECT_S}"]
 
