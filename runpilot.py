@@ -37,18 +37,21 @@ if __name__ == "__main__" or _sys.argv[:1] and _sys.argv[0].rsplit("/", 1)[-1] =
         _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
 import functools
 import hashlib
+import io
 import itertools
 import json
 import math
 import operator
 import os
 import re
+import select
 import selectors
 import shlex
 import shutil
@@ -57,6 +60,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -77,7 +81,7 @@ __all__ = [
 # Keys a config may have at the top level; anything else is a typo to report.
 TOP_LEVEL_KEYS = ("name", "image", "entrypoint", "workdir", "env", "mounts", "resources",
                   "metrics", "engine", "timeout", "sweep", "slurm", "stop_signal", "tensorboard",
-                  "metrics_from", "outputs", "code_snapshot")
+                  "metrics_from", "outputs", "code_snapshot", "ssh")
 RESOURCE_KEYS = ("gpus", "cpu", "memory", "shm_size")
 # What people write by habit from docker-compose and Kubernetes, for "did you mean".
 KEY_SYNONYMS = {"environment": "env", "volumes": "mounts", "command": "entrypoint", "cmd": "entrypoint",
@@ -268,6 +272,20 @@ class SnapshotError(RunPilotError):
 
     exit_code = 2
 
+
+class SshError(RunPilotError):
+    """A box cannot be reached over ssh, or refused what RunPilot asked of it."""
+
+    exit_code = 125
+
+
+class BoxError(RunPilotError):
+    """The box's RunPilot refused the run; its exit status is the box's."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code if exit_code in (1, 2, 125) else 125
+
 # ==== 5. Data types ==========================================================
 
 @dataclass(frozen=True)
@@ -306,6 +324,16 @@ class SlurmSettings:
 
 
 @dataclass(frozen=True)
+class SshSettings:
+    """The config's `ssh:` section: how `--on ssh:HOST` runs the config on the user's other boxes."""
+
+    hosts: tuple[str, ...] = ()             # the boxes `--on ssh` (without :HOST) means
+    home: str = "~/.runpilot"               # RunPilot's home on the box (~/ is the box user's home)
+    mounts: tuple[tuple[str, str], ...] = ()  # (mount name, folder on the box) for mounts other than code
+    python: str = "python3"                 # the interpreter on the box
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A validated run config: what `runpilot run` needs, with paths made absolute."""
 
@@ -328,6 +356,7 @@ class JobConfig:
     workdir_implied: bool = False                       # workdir is the code mount's default, not written
     outputs: str | None = None                          # the outputs folder's container path (/outputs)
     code_snapshot: bool | int = True                    # False: run the live folder; an int: the size limit
+    ssh: SshSettings = SshSettings()                    # only `--on ssh:HOST` reads it
 
 
 def _type_ok(value: object, annotation: str) -> bool:
@@ -2066,6 +2095,56 @@ def _check_slurm(chk: _Checker, slurm: object) -> SlurmSettings:
                          gpu_flag=text["gpu_flag"] if text["gpu_flag"] in ("gpus", "gres") else "gpus")
 
 
+SSH_KEYS = ("hosts", "home", "mounts", "python")
+
+
+def _check_ssh(chk: _Checker, ssh: object) -> SshSettings:
+    """The `ssh:` section: hosts (a list of what ssh understands), home, mounts (name: box folder), python."""
+    if ssh is None:
+        return SshSettings()
+    if not isinstance(ssh, dict):
+        chk.problem(("ssh",), f"'ssh' must be a mapping ({', '.join(SSH_KEYS)})")
+        return SshSettings()
+    _check_keys(chk, ssh, ("ssh",), SSH_KEYS)
+    text = {k: _check_text(chk, ssh, ("ssh", k)) for k in ("home", "python")}
+    hosts = ssh.get("hosts") or []
+    hosts = [hosts] if isinstance(hosts, str) else hosts
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        chk.problem(("ssh", "hosts"), "ssh.hosts must be a list of hosts as ssh understands them ([box1, box2])")
+        hosts = []
+    for host in hosts:
+        if (why := ssh_host_problem(host)) is not None:
+            chk.problem(("ssh", "hosts"), f"ssh.hosts: {why}")
+    mounts = ssh.get("mounts") or {}
+    if not isinstance(mounts, dict) or not all(isinstance(v, str) and v.startswith("/") for v in mounts.values()):
+        chk.problem(("ssh", "mounts"), "ssh.mounts must map mount names to absolute folders on the box "
+                                       "(mounts: {data: /datasets/imagenet})")
+        mounts = {}
+    home = text["home"] or "~/.runpilot"
+    if not (home.startswith("/") or home.startswith("~/")) or re.search(r"[\x00-\x1f\x7f]", home):
+        chk.problem(("ssh", "home"), f"ssh.home must be an absolute folder or one under ~/ on the box; got {home!r}")
+    return SshSettings(hosts=tuple(hosts), home=home, python=text["python"] or "python3",
+                       mounts=tuple(sorted((str(k), v) for k, v in mounts.items())))
+
+
+def ssh_settings_to_data(ssh: SshSettings) -> dict:
+    data = {"hosts": list(ssh.hosts), "home": ssh.home, "mounts": dict(ssh.mounts), "python": ssh.python}
+    return {k: v for k, v in data.items() if v != getattr(SshSettings(), k) and v not in ([], {})}
+
+
+def ssh_host_problem(host: str) -> str | None:
+    """Why ssh must not be given HOST, or None: an option in disguise, whitespace or control characters."""
+    if not host:
+        return "the host is empty; give an alias from ~/.ssh/config, user@host or ssh://user@host:port"
+    if host.startswith("-"):
+        return (f"host {host!r} starts with '-', which ssh would read as an option (it could run a local "
+                "command); give an alias from ~/.ssh/config, user@host or ssh://user@host:port")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 or c in "'\"`$;|&<>" for c in host):
+        return (f"host {host!r} holds whitespace, quotes, shell or control characters; give an alias from "
+                "~/.ssh/config, user@host or ssh://user@host:port")
+    return None
+
+
 def _check_switch(chk: _Checker, data: dict, key: str) -> bool:
     value = data.get(key, False)
     if not isinstance(value, bool):
@@ -2143,6 +2222,7 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
         workdir_implied=implied,
         outputs=_check_outputs(chk, data, mounts),
         code_snapshot=_check_code_snapshot(chk, data.get("code_snapshot")),
+        ssh=_check_ssh(chk, data.get("ssh")),
     )
     chk.raise_if_any()
     return config
@@ -2262,6 +2342,8 @@ def config_to_dict(config: JobConfig) -> dict:
         data["outputs"] = config.outputs
     if config.code_snapshot is not True:
         data["code_snapshot"] = size_spec(config.code_snapshot) if config.code_snapshot else False
+    if config.ssh != SshSettings():
+        data["ssh"] = ssh_settings_to_data(config.ssh)
     return data
 
 
@@ -8058,6 +8140,861 @@ def slurm_stop_jobs(jobs: list[str], signum: int | None, note: Callable[[str], N
     quiet_run(["scancel", *jobs], timeout=60)
 
 
+# ==== 17a. Backends: where a run executes; your other GPU boxes over SSH =====
+# A backend is where a run executes: here, a Slurm cluster, a box over SSH. Each is a class with
+# a small protocol (check its `--on` argument; run a config; run a sweep; refresh its active
+# runs in one batch; stop a run; follow a run's log), listed in BACKENDS, from which `--on` takes
+# its choices (`--on slurm`, `--on NAME:ARG`). The here- and Slurm backends delegate to the code
+# that has always run them. A run that lives elsewhere names its backend in `runner.backend`
+# (meta.json and the index row), and only that backend reads the rest of that `runner`.
+#
+# `--on ssh:HOST` drives the system's OpenSSH client (the user's keys, agent, jump hosts and
+# known hosts apply; BatchMode: never a password prompt, never an accepted unknown host key) over
+# one multiplexed connection per box. The box runs RunPilot itself: this very runpilot.py (once
+# per version, `<box home>/bin/runpilot-<hash>.py`), the code mount (once per content,
+# `<box home>/code/<hash>/`) and the resolved config go over in one tar stream; the box's own
+# RunPilot starts the run detached under the same run id (its GPU claims, its engine), and this
+# side follows it (`logs -f` on the box) and copies its files home.
+
+SSH_PERSIST_S = 60          # the shared connection outlives a run's commands by this long
+SSH_CONNECT_S = 15          # ssh's ConnectTimeout: an unreachable box fails in seconds, not minutes
+SSH_CALL_S = 300            # the longest one ssh command may take (shipping code included)
+SSH_MIN_PYTHON = (3, 10)    # what runpilot.py needs on the box
+SSH_LOST_S = 60             # a box silent this long mid-sweep: its running points are recorded lost
+SSH_REPORT_FILES = ("meta.json", "logs.txt", "metrics.json", "metrics.times", "gpu.json", "git.diff")  # what `list` copies home for a finished remote run
+
+
+class Backend:
+    """Where a run executes. `--on NAME[:ARG]` picks a subclass from BACKENDS by NAME."""
+
+    name = ""
+    help = ""
+
+    def __init__(self, arg: str | None = None) -> None:
+        self.arg = arg
+
+    @classmethod
+    def check_arg(cls, arg: str | None) -> None:
+        """Refuse an `--on` argument this backend cannot take (a UsageError)."""
+        if arg is not None:
+            raise UsageError(f"--on {cls.name} takes no argument (got {cls.name}:{arg})")
+
+    def run(self, args, config: JobConfig, options: RunOptions) -> int:
+        raise NotImplementedError
+
+    def sweep(self, args, store: "RunStore", configs: list, axes, options: RunOptions) -> int:
+        raise UsageError(f"runpilot sweep --on {self.name} is not built yet; run the points one by one with "
+                         f"runpilot run --on {self.name}")
+
+    def refresh(self, store: "RunStore", records: list[RunRecord], note: Callable[[str], None]) -> dict[str, RunRecord]:
+        """Bring this backend's active runs among RECORDS up to date, in one batch; by id."""
+        return {}
+
+    def stop(self, store: "RunStore", record: RunRecord, meta: RunMeta, wait: float,
+             note: Callable[[str], None]) -> RunRecord:
+        raise NotImplementedError
+
+    def follow_logs(self, store: "RunStore", record: RunRecord, tail: int | None) -> int | None:
+        """Stream a live run's log (`logs -f`); None: the log here is the one to follow."""
+        return None
+
+
+class HereBackend(Backend):
+    name = "here"
+    help = "this machine (default)"
+
+    def run(self, args, config: JobConfig, options: RunOptions) -> int:
+        if getattr(args, "dry_run", False):  # rerun has no --dry-run
+            echo(render_dry_run(config, options))
+            return 0
+        return _launch(args, config, options)
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+    help = "a Slurm cluster, with sbatch"
+
+    def run(self, args, config: JobConfig, options: RunOptions) -> int:
+        return slurm_run_cli(args, config, options)
+
+    def sweep(self, args, store: "RunStore", configs: list, axes, options: RunOptions) -> int:
+        return slurm_sweep_cli(args, store, configs, axes, options)
+
+
+def ssh_base_argv(control_dir: Path, master: str = "no") -> list[str]:
+    """ssh's options for every command to a box: no prompt, one shared connection in a private folder.
+
+    Commands use the box's master connection (ControlMaster=no: a client of it, or a connection of
+    their own when it is gone); only SshBox.ensure_master starts one, so that a sweep's commands
+    started at once never race to become the master."""
+    return ["ssh", "-o", "BatchMode=yes", "-o", f"ControlMaster={master}", "-o", f"ControlPath={control_dir}/%C",
+            "-o", f"ControlPersist={SSH_PERSIST_S}", "-o", f"ConnectTimeout={SSH_CONNECT_S}"]
+
+
+def ssh_argv(control_dir: Path, host: str, script: str) -> list[str]:
+    """The argv that runs SCRIPT with sh on HOST (`--` before the host: it is never an option)."""
+    return [*ssh_base_argv(control_dir), "--", host, "sh -c " + shlex.quote(script)]
+
+
+def ssh_home_expr(home: str) -> str:
+    """The box's home as a sh expression: `~/x` becomes "$HOME"/'x', anything else is quoted."""
+    if home.startswith("~/"):
+        rest = home[2:].rstrip("/")
+        return '"$HOME"' + ("/" + shlex.quote(rest) if rest else "")
+    return shlex.quote(home)
+
+
+def ssh_failure(host: str, stderr: str, what: str) -> str:
+    """One line for ssh's own failure (exit 255): its words and the fix."""
+    words = " ".join(line.strip() for line in stderr.strip().splitlines()[-2:] if line.strip()) or "no message"
+    if "Host key verification failed" in words or "No ED25519 host key is known" in words or \
+            "host key" in words.lower():
+        fix = f"check the box's host key and add it to ~/.ssh/known_hosts (ssh {host} once, by hand)"
+    elif "Permission denied" in words:
+        fix = f"the box refused the key: check that 'ssh {host} true' logs in without a password"
+    else:
+        fix = f"check that 'ssh {host} true' works from here"
+    return f"cannot reach box {host} over ssh to {what} ({words}); {fix}"
+
+
+def shipped_files(folder: Path, skip: Path | None = None) -> list[Path]:
+    """The regular files and symlinks under FOLDER, in a stable order (what goes over, and what is
+    hashed); never SKIP (RunPilot's own home, when it lies in the code folder), sockets or pipes."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if skip is None or Path(root, d) != skip)
+        found.extend(Path(root) / name for name in files
+                     if os.path.islink(os.path.join(root, name)) or os.path.isfile(os.path.join(root, name)))
+        found.extend(Path(root) / d for d in dirs if os.path.islink(os.path.join(root, d)))
+    return sorted(found)
+
+
+def content_hash(folder: Path, skip: Path | None = None) -> str:
+    """A short hash of a folder's names, modes and contents: the same code gets the same hash."""
+    digest = hashlib.sha256()
+    for path in shipped_files(folder, skip):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            digest.update(f"L {rel}\0{os.readlink(path)}\0".encode())
+            continue
+        digest.update(f"F {rel}\0{os.stat(path).st_mode & 0o111:o}\0".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def program_hash() -> str:
+    with open(os.path.abspath(__file__), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+@dataclass
+class SshPlan:
+    """What one run on a box needs: where things go there, and what to send."""
+
+    host: str
+    run_id: str
+    settings: SshSettings
+    config: JobConfig             # the config as the box runs it (mounts mapped to the box's folders)
+    code: Path | None             # the code mount's folder here, if any
+    code_hash: str | None
+    program: str                  # runpilot-<hash>.py
+    box_mounts: tuple[str, ...]   # folders that must exist on the box
+    skip: Path | None = None      # what never goes over: RunPilot's home here
+
+
+def ssh_plan(host: str, run_id: str, config: JobConfig, skip: Path | None = None) -> SshPlan:
+    """Map the config's mounts onto the box: the code mount is shipped, every other mount must be
+    named and mapped in ssh.mounts (a dataset is never copied); refuse anything else now."""
+    mapped = dict(config.ssh.mounts)
+    code = next((m for m in config.mounts if m.name == "code"), None)
+    if code and not Path(code.source).is_dir():
+        raise UsageError(f"the code mount {code.source} is not a folder here; only a folder can be shipped to a box")
+    try:
+        code_hash = content_hash(Path(code.source), skip) if code else None
+    except OSError as exc:
+        raise UsageError(f"cannot read {exc.filename} in the code mount ({exc.strerror}); make it readable, or "
+                         "move it out of the code folder") from exc
+    mounts, needed = [], []
+    for m in config.mounts:
+        if m.name == "code":
+            mounts.append(dataclasses.replace(m, source=f"@BOXHOME@/code/{code_hash}"))
+        elif m.name in mapped:
+            mounts.append(dataclasses.replace(m, source=mapped[m.name]))
+            needed.append(mapped[m.name])
+        else:
+            what = f"mount {m.name!r}" if m.name else f"mount {m.source}:{m.target}"
+            raise UsageError(f"{what} names a folder here, which box {host} does not have; name it under mounts: "
+                             f"and map it to the box's folder in the config's ssh.mounts "
+                             f"(ssh: {{mounts: {{{m.name or 'data'}: /path/on/the/box}}}})")
+    boxed = dataclasses.replace(config, mounts=tuple(mounts), ssh=SshSettings(), sweep=())
+    return SshPlan(host, run_id, config.ssh, boxed, Path(code.source) if code else None, code_hash,
+                   f"runpilot-{program_hash()}.py", tuple(needed), skip)
+
+
+def ssh_probe_script(plan: SshPlan) -> str:
+    """sh that prints the box's facts (home, python, what is there already, missing folders)."""
+    py = shlex.quote(plan.settings.python)
+    lines = [f"h={ssh_home_expr(plan.settings.home)}", 'printf "home=%s\\n" "$h"',
+             f"if command -v {py} >/dev/null 2>&1; then {py} -c "
+             + shlex.quote('import sys; print("python=%d.%d.%d" % sys.version_info[:3])')
+             + " || echo python=broken; else echo python=missing; fi",
+             'if out=$(mkdir -p "$h/bin" "$h/code" "$h/configs" 2>&1) && test -w "$h/bin"; then echo writable=yes; '
+             'else printf "writable=%s\\n" "$(printf %s "$out" | head -n 1)"; fi',
+             f'test -f "$h/bin/{plan.program}" && echo program=yes']
+    if plan.code_hash:
+        lines.append(f'test -d "$h/code/{plan.code_hash}" && echo code=yes')
+    for folder in plan.box_mounts:
+        lines.append(f"test -d {shlex.quote(folder)} || printf 'missing=%s\\n' {shlex.quote(folder)}")
+    lines.append("exit 0")
+    return "\n".join(lines)
+
+
+def parse_probe(text: str) -> dict[str, list[str]]:
+    facts: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            facts.setdefault(key, []).append(value)
+    return facts
+
+
+def probe_problem(host: str, facts: dict[str, list[str]], settings: SshSettings) -> str | None:
+    """Why the box cannot run RunPilot, in the box's words, with the fix; None if it can."""
+    python = (facts.get("python") or ["missing"])[0]
+    if python in ("missing", "broken"):
+        return (f"box {host} has no working {settings.python} ({settings.python}: {python}); install Python "
+                f"{'.'.join(map(str, SSH_MIN_PYTHON))} or newer there, or set ssh.python to its path")
+    version = tuple(int(p) for p in python.split(".")[:2] if p.isdigit())
+    if version < SSH_MIN_PYTHON:
+        return (f"box {host} has Python {python} ({settings.python}), and RunPilot needs "
+                f"{'.'.join(map(str, SSH_MIN_PYTHON))} or newer; install it there, or set ssh.python to a newer one")
+    writable = (facts.get("writable") or [""])[0]
+    if writable != "yes":
+        home = (facts.get("home") or [settings.home])[0]
+        return (f"RunPilot's home {home} on box {host} is not writable ({writable.strip() or 'no message'}); "
+                "set ssh.home in the config to a folder the box's user can write")
+    if facts.get("missing"):
+        return (f"box {host} has no folder {', '.join(facts['missing'])} (mapped in ssh.mounts); create it "
+                "there, or map the mount to a folder the box has")
+    return None
+
+
+def ssh_payload(plan: SshPlan, facts: dict[str, list[str]]) -> bytes:
+    """One tar stream: the program (unless the box has it), the code (unless it has it), the config."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        if not facts.get("program"):
+            tar.add(os.path.abspath(__file__), arcname="runpilot.py", recursive=False)
+        if plan.code and not facts.get("code"):
+            tar.add(plan.code, arcname="code", recursive=False)
+            for path in shipped_files(plan.code, plan.skip):
+                tar.add(path, arcname="code/" + path.relative_to(plan.code).as_posix(), recursive=False)
+        home = facts["home"][0]
+        mounts = tuple(dataclasses.replace(m, source=m.source.replace("@BOXHOME@", home)) for m in plan.config.mounts)
+        text = dump_yaml(config_to_dict(dataclasses.replace(plan.config, mounts=mounts)))
+        info = tarfile.TarInfo("config.yaml")
+        info.size, info.mode = len(text.encode()), 0o600
+        tar.addfile(info, io.BytesIO(text.encode()))
+    return buffer.getvalue()
+
+
+def ssh_start_script(plan: SshPlan, home: str, flags: list[str]) -> str:
+    """sh that puts the payload in place and starts the run detached with the box's own RunPilot."""
+    h, rid = shlex.quote(home), plan.run_id
+    lines = ["set -e", f"h={h}", f's="$h/.incoming-{rid}"', 'mkdir -p "$s"', 'tar -x -f - -C "$s"',
+             f'if [ -f "$s/runpilot.py" ]; then mv "$s/runpilot.py" "$h/bin/{plan.program}"; fi']
+    if plan.code_hash:
+        lines.append(f'if [ -d "$s/code" ]; then if [ -d "$h/code/{plan.code_hash}" ]; then rm -rf "$s/code"; '
+                     f'else mv "$s/code" "$h/code/{plan.code_hash}"; fi; fi')
+    lines += [f'mv "$s/config.yaml" "$h/configs/{rid}.yaml"', 'rm -rf "$s"', "set +e",
+              shlex.join(["env", f"RUNPILOT_HOME={home}", plan.settings.python, f"{home}/bin/{plan.program}", "run",
+                          f"{home}/configs/{rid}.yaml", "-d", "--run-id", rid, *flags])]
+    return "\n".join(lines)
+
+
+def ssh_run_flags(options: RunOptions) -> list[str]:
+    """The run options that mean the same on the box, as its RunPilot's flags."""
+    flags = [] if options.engine is None else ["--engine", options.engine]
+    for key, value in options.tags.items():
+        flags += ["--tag", f"{key}={value}"]
+    flags += ["--stop-timeout", f"{options.stop_timeout:g}", "--pull", options.pull]
+    if options.keep_engine_logs:
+        flags.append("--engine-logs")
+    if not options.gpu_check:
+        flags.append("--no-gpu-check")
+    if options.gpu_pool:
+        flags += ["--gpus", ",".join(options.gpu_pool)]
+    if not options.wait_for_gpus:
+        flags.append("--no-wait")
+    return flags
+
+
+@dataclass
+class SshBox:
+    """One box as ssh reaches it, through this home's private folder of control sockets."""
+
+    host: str
+    control_dir: Path
+
+    @classmethod
+    def of(cls, host: str, store: "RunStore") -> "SshBox":
+        folder = store.home / "ssh"
+        try:
+            make_private_dirs(folder)
+            os.chmod(folder, 0o700)
+        except OSError as exc:
+            raise StoreError(f"cannot create {folder}: {exc.strerror}; set RUNPILOT_HOME to a writable folder") from exc
+        return cls(host, folder)
+
+    def ensure_master(self, what: str) -> None:
+        """Start the box's shared connection unless it runs; ssh's refusal is an SshError in its words."""
+        check = [*ssh_base_argv(self.control_dir), "-O", "check", "--", self.host]
+        if subprocess.run(check, stdin=subprocess.DEVNULL, capture_output=True, timeout=30).returncode == 0:
+            return
+        import tempfile  # only here: not every start pays for it
+        with tempfile.TemporaryFile() as err:
+            done = subprocess.run([*ssh_base_argv(self.control_dir, "yes"), "-N", "-f", "--", self.host],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                  timeout=SSH_CONNECT_S + 30)
+            err.seek(0)
+            said = err.read().decode("utf-8", "replace")
+        if done.returncode != 0 and "already exists" not in said:  # another thread's master won: fine
+            raise SshError(ssh_failure(self.host, said, what))
+
+    def call(self, script: str, what: str, data: bytes | None = None, timeout: float = SSH_CALL_S,
+             binary: bool = False) -> subprocess.CompletedProcess:
+        """Run SCRIPT on the box; ssh's own failure (exit 255) is an SshError in ssh's words."""
+        try:
+            self.ensure_master(what)
+            done = subprocess.run(ssh_argv(self.control_dir, self.host, script), input=data or b"",
+                                  capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise SshError(f"box {self.host} did not answer within {timeout:.0f}s (to {what}); check the "
+                           "connection, then try again") from exc
+        except OSError as exc:
+            raise SshError(f"cannot run ssh ({exc.strerror}); install OpenSSH's client (apt-get install "
+                           "openssh-client)") from exc
+        stderr = done.stderr.decode("utf-8", "replace")
+        if done.returncode == 255:
+            raise SshError(ssh_failure(self.host, stderr, what))
+        if binary:
+            return done
+        return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode("utf-8", "replace"), stderr)
+
+    def runpilot(self, runner: dict, args: list[str]) -> str:
+        """sh that runs the box's RunPilot of a run (RUNNER) with ARGS."""
+        return shlex.join(["env", f"RUNPILOT_HOME={runner['home']}", runner["python"], runner["program"], *args])
+
+    def follower(self, runner: dict, run_id: str, tail: int | None = None) -> subprocess.Popen:
+        """`logs -f` on the box, in its own session (a Ctrl-C here is RunPilot's to handle)."""
+        with contextlib.suppress(SshError, subprocess.SubprocessError, OSError):
+            self.ensure_master("follow the run")
+        tail_flags = [] if tail is None else ["--tail", str(tail)]
+        script = "exec " + self.runpilot(runner, ["logs", "-f", run_id, *tail_flags])
+        return subprocess.Popen(ssh_argv(self.control_dir, self.host, script), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def box_error_line(host: str, stderr: str) -> str:
+    """The box's RunPilot's own error, said as from the box."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("runpilot: error: ")]
+    line = (errors or lines or ["no message"])[-1].removeprefix("runpilot: error: ")
+    return f"on box {host}: {line}"
+
+
+def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptions,
+              report: Callable[[str], None]) -> RunMeta:
+    """Check the box, send what it lacks, start the run there detached; record it here, running."""
+    run_id = options.run_id or new_run_id()
+    plan = ssh_plan(host, run_id, config, store.home)
+    box = SshBox.of(host, store)
+    probe = box.call(ssh_probe_script(plan), "check it")
+    facts = parse_probe(probe.stdout)
+    if probe.returncode != 0 or "home" not in facts:
+        raise SshError(f"box {host} did not run sh ({probe.stderr.strip()[:200] or 'no output'}); RunPilot "
+                       "needs a POSIX shell on the box")
+    if (why := probe_problem(host, facts, config.ssh)) is not None:
+        raise SshError(why)
+    home = facts["home"][0]
+    sent = "" if facts.get("program") else "runpilot.py, "
+    sent += "" if not plan.code or facts.get("code") else "the code, "
+    report(f"sending {sent}the config to box {host}")
+    start = box.call(ssh_start_script(plan, home, ssh_run_flags(options)), "start the run",
+                     data=ssh_payload(plan, facts))
+    if start.returncode != 0:
+        raise BoxError(box_error_line(host, start.stderr), start.returncode)
+    runner = {"backend": "ssh", "box": host, "home": home, "python": config.ssh.python,
+              "program": f"{home}/bin/{plan.program}", "config_file": config.source,
+              "rerun_of": options.rerun_of}  # what only this side knows, kept over every copy from the box
+    folder = store.adopt(run_id)  # a new folder, or a sweep's queued point
+    runner["sweep"] = folder.read_meta().sweep if folder.meta_file.exists() else {}
+    write_private(folder.config, dump_yaml(config_to_dict(config)).encode("utf-8"))  # this side's paths: rerun
+    meta = RunMeta(run_id, name=config.name, status=RUNNING, started_at=utc_now(), engine=config.engine,
+                   image=config.image, runner=runner, config_file=config.source, rerun_of=options.rerun_of,
+                   sweep=runner["sweep"], tags=options.tags)
+    folder.write_meta(meta)  # the run is the box's now: recorded here before its files come over
+    store.save_or_defer(meta)
+    try:
+        return ssh_record_home(store, box, runner, run_id)
+    except SshError as exc:
+        report(f"{exc}; runpilot list brings the run up to date when the box answers")
+        return meta
+
+
+def ssh_record_home(store: "RunStore", box: SshBox, runner: dict, run_id: str) -> RunMeta:
+    """Copy the run's files from the box into its folder here; record it here as the box does."""
+    folder = store.folder(run_id)
+    if not folder.path.is_dir():
+        store.create_run_dir(run_id)
+    done = box.call(box.runpilot(runner, ["_box-report", "--all", run_id]), "copy the run home", binary=True)
+    if done.returncode != 0:
+        raise BoxError(box_error_line(box.host, done.stderr.decode("utf-8", "replace")), done.returncode)
+    return ssh_unpack(store, done.stdout, {run_id: runner})[run_id]
+
+
+def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict[str, RunMeta]:
+    """Put the files of a `_box-report` tar into the runs' folders here; index them. The runner
+    stays this side's (`backend: ssh`, the box): the box's own runner means nothing here."""
+    metas = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        for member in tar.getmembers():
+            run_id, _, name = member.name.partition("/")
+            parts = name.split("/")
+            if run_id not in runners or not member.isfile() or name == "config.yaml" or "" in parts or ".." in parts:
+                continue  # never outside the run's folder; the box's config.yaml names the box's folders
+            target = store.folder(run_id).path / name
+            make_private_dirs(target.parent)
+            write_atomic(target, tar.extractfile(member).read(), durable=False)  # type: ignore[union-attr]
+    for run_id, runner in runners.items():
+        folder = store.folder(run_id)
+        meta = folder.read_meta()
+        meta.runner, meta.job = runner, {}
+        meta.config_file = runner.get("config_file") or meta.config_file
+        meta.rerun_of = runner.get("rerun_of") or meta.rerun_of
+        meta.sweep = runner.get("sweep") or meta.sweep
+        folder.write_meta(meta)
+        store.save_or_defer(meta)
+        metas[run_id] = meta
+    return metas
+
+
+def box_report(store: "RunStore", run_ids: list[str], everything: bool, out) -> None:
+    """`_box-report`: on a box, the runs' files as a tar on OUT (meta.json of an active run; the
+    files `list` copies home of a finished one; with EVERYTHING, the whole folder)."""
+    records = refresh(store, [r for r in (store.get(i) for i in run_ids) if r is not None], lambda text: None)
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for record in records:
+            folder = store.folder(record.id)
+            if everything:
+                paths = [p for p in shipped_files(folder.path) if not p.name.startswith(".") and p.name != "runpilot.py"]
+            else:
+                ended = record.status not in ACTIVE_STATUSES or folder.read_meta().final  # the folder is the truth
+                names = SSH_REPORT_FILES if ended else ("meta.json",)
+                paths = [folder.path / n for n in names if (folder.path / n).is_file()]
+            for path in paths:
+                tar.add(path, arcname=f"{record.id}/{path.relative_to(folder.path).as_posix()}", recursive=False)
+
+
+def ssh_follow(store: "RunStore", box: SshBox, runner: dict, run_id: str, signals: "StopSignals",
+               say: Callable[[str], None]) -> RunMeta:
+    """Stream the box's log of the run here until it ends; the first Ctrl-C (or SIGTERM) stops the
+    run on the box as it would stop here (the runner there gets the same signal), a second one
+    leaves it to its end. Return the run's record, copied home."""
+    out = terminal_writer(sys.stdout)
+    shown, seen = 0, [0]
+
+    def on_signal() -> None:  # the first signal goes to the box's runner; later ones wait for the end
+        if len(signals.received) > seen[0]:
+            if seen[0] == 0:
+                ssh_signal_runner(box, runner, run_id, signals.received[0], say)
+            seen[0] = len(signals.received)
+
+    while True:
+        follower = box.follower(runner, run_id)
+        shown += stream_follower(follower, out, shown, on_signal)
+        code = follower.wait()
+        stderr = follower.stderr.read().decode("utf-8", "replace") if follower.stderr else ""
+        for pipe in (follower.stdout, follower.stderr):
+            pipe.close()  # type: ignore[union-attr]
+        try:
+            meta = ssh_record_home(store, box, runner, run_id)
+        except SshError as exc:
+            raise SshError(f"{exc}; the run goes on there: follow it with runpilot logs -f {run_id}, or see it "
+                           "with runpilot list") from exc
+        if meta.final:
+            return meta
+        why = stderr.strip().splitlines()[-1][:200] if stderr.strip() else f"exit {code}"
+        say(f"the connection that followed the run on box {box.host} ended ({why}); the run goes on there, "
+            "re-attaching")
+        time.sleep(POLL_SECONDS)
+
+
+def stream_follower(follower: subprocess.Popen, out, skip: int, tick: Callable[[], None]) -> int:
+    """Copy a follower's output to OUT until its end, less its first SKIP bytes (shown by an earlier
+    follower of the same log); call TICK between reads. Return how many new bytes were shown."""
+    shown = 0
+    while True:
+        tick()
+        chunk = _read_some(follower.stdout.fileno())  # type: ignore[union-attr]
+        if chunk is None:
+            return shown
+        dropped = min(len(chunk), max(0, skip))
+        skip -= dropped
+        if chunk[dropped:] and out is not None:
+            out(chunk[dropped:])
+        shown += len(chunk) - dropped
+
+
+def ssh_signal_runner(box: SshBox, runner: dict, run_id: str, signum: int, say: Callable[[str], None]) -> None:
+    """Hand SIGNUM to the run's runner on the box (it stops the job as a local Ctrl-C would)."""
+    meta_file = shlex.quote(f"{runner['home']}/runs/{run_id}/meta.json")
+    read_pid = shlex.quote("import json,sys; print(json.load(open(sys.argv[1]))['runner']['pid'])")
+    name = signal.Signals(signum).name.removeprefix("SIG")
+    say(f"stopping run {run_id} on box {box.host} (its runner there gets SIG{name})")
+    with contextlib.suppress(SshError):
+        box.call(f"pid=$({shlex.quote(runner['python'])} -c {read_pid} {meta_file}) && kill -{name} \"$pid\"",
+                 "stop the run", timeout=60)
+
+
+def runner_backend(runner: dict) -> "Backend | None":
+    """The backend that owns a run living elsewhere (its runner names it), or None."""
+    cls = BACKENDS.get(runner.get("backend")) if isinstance(runner, dict) else None  # type: ignore[arg-type]
+    return cls() if cls is not None else None
+
+
+class SshBackend(Backend):
+    name = "ssh"
+    help = "ssh:HOST: one of your other boxes, as ssh reaches it (alias, user@host, ssh://user@host:port)"
+
+    def __init__(self, arg: str | None = None) -> None:
+        super().__init__(self.hosts_arg(arg))
+
+    @staticmethod
+    def hosts_arg(arg: str | None) -> str | None:
+        """`--on ssh://u@h:22` means the host `ssh://u@h:22`, as `--on ssh:ssh://u@h:22` does."""
+        return f"ssh:{arg}" if arg is not None and arg.startswith("//") else arg
+
+    @classmethod
+    def check_arg(cls, arg: str | None) -> None:
+        arg = cls.hosts_arg(arg)
+        for host in arg.split(",") if arg is not None else []:
+            if (why := ssh_host_problem(host)) is not None:
+                raise UsageError(f"--on ssh:{host}: {why}")
+
+    def host_for_run(self, config: JobConfig) -> str:
+        hosts = self.arg.split(",") if self.arg else list(config.ssh.hosts)
+        if len(hosts) != 1:
+            raise UsageError("runpilot run --on ssh needs one box: --on ssh:HOST, or one host in the config's "
+                             f"ssh.hosts (found {len(hosts)})")
+        if (why := ssh_host_problem(hosts[0])) is not None:
+            raise UsageError(why)
+        return hosts[0]
+
+    def run(self, args, config: JobConfig, options: RunOptions) -> int:
+        host = self.host_for_run(config)
+        if getattr(args, "dry_run", False):
+            plan = ssh_plan(host, "RUNID", config)
+            text = (f"# on box {host}, home {config.ssh.home}: runpilot run CONFIG -d --run-id RUNID "
+                    f"{shlex.join(ssh_run_flags(options))}\n# CONFIG:\n{dump_yaml(config_to_dict(plan.config))}")
+            echo("\n".join(visible(line) for line in text.replace("@BOXHOME@", config.ssh.home).split("\n")))
+            return 0
+        store = _store()
+        with StopSignals() as signals:
+            meta = ssh_start(store, host, config, options, note)
+            note(f"run {meta.run_id} ({config.name}) started on box {host}")
+            if args.detach and not signals.received:
+                echo(meta.run_id)
+                return 0
+            box = SshBox.of(host, store)
+            meta = ssh_follow(store, box, meta.runner, meta.run_id, signals, note)
+        code = exit_status_of(meta)
+        for line in slurm_closing_lines(store, meta, code, None, stopped_here=bool(signals.received)):
+            note(line)
+        return code
+
+    def sweep(self, args, store: "RunStore", configs: list, axes, options: RunOptions) -> int:
+        hosts = self.arg.split(",") if self.arg else list(configs[0][1].ssh.hosts)
+        if not hosts:
+            raise UsageError("sweep --on ssh needs boxes: --on ssh:box1,box2, or the config's ssh.hosts")
+        for host in hosts:
+            if (why := ssh_host_problem(host)) is not None:
+                raise UsageError(why)
+        return ssh_sweep_cli(args, store, configs, axes, options, hosts)
+
+    def refresh(self, store: "RunStore", records: list[RunRecord], note: Callable[[str], None]) -> dict[str, RunRecord]:
+        """One ssh command per box for its active runs: their meta.json, and the files of those that ended."""
+        boxes: dict[str, dict[str, dict]] = {}
+        for r in records:
+            if r.status in ACTIVE_STATUSES and r.runner.get("backend") == self.name:
+                boxes.setdefault(r.runner.get("box"), {})[r.id] = r.runner
+        found = {}
+        for host, runners in boxes.items():
+            box = SshBox.of(host, store)
+            first = next(iter(runners.values()))
+            try:
+                done = box.call(box.runpilot(first, ["_box-report", *runners]), "look at its runs", binary=True,
+                                timeout=60)
+            except SshError as exc:
+                note(f"{exc}; its runs are shown as last known")
+                continue
+            if done.returncode != 0:
+                note(box_error_line(host, done.stderr.decode("utf-8", "replace")) + "; its runs are shown as last known")
+                continue
+            for run_id, meta in ssh_unpack(store, done.stdout, runners).items():
+                found[run_id] = RunRecord.of(meta, store.folder(run_id).path)
+        return found
+
+    def stop(self, store: "RunStore", record: RunRecord, meta: RunMeta, wait: float,
+             note: Callable[[str], None]) -> RunRecord:
+        box = SshBox.of(record.runner["box"], store)
+        done = box.call(box.runpilot(record.runner, ["stop", record.id, "--wait", f"{wait:g}"]), "stop the run",
+                        timeout=wait + 60)
+        if done.returncode != 0:
+            raise BoxError(box_error_line(box.host, done.stderr), done.returncode)
+        meta = ssh_record_home(store, box, record.runner, record.id)
+        return RunRecord.of(meta, store.folder(record.id).path)
+
+    def follow_logs(self, store: "RunStore", record: RunRecord, tail: int | None) -> int | None:
+        if record.status not in ACTIVE_STATUSES:
+            return None
+        box = SshBox.of(record.runner["box"], store)
+        with StopSignals() as signals:
+            follower = box.follower(record.runner, record.id, tail)
+            out = terminal_writer(sys.stdout)
+            assert follower.stdout is not None
+            while not signals.received and (chunk := _read_some(follower.stdout.fileno())) is not None:
+                if chunk and out is not None:
+                    out(chunk)
+            follower.terminate()
+            follower.wait()
+        ssh_record_home(store, box, record.runner, record.id)
+        return 130 if signals.received else 0
+
+
+def _read_some(fd: int) -> bytes | None:
+    """What FD has now (b"" if nothing within a poll), None at its end."""
+    ready, _, _ = select.select([fd], [], [], POLL_SECONDS)
+    if not ready:
+        return b""
+    return os.read(fd, READ_SIZE) or None
+
+
+def pull_run(store: "RunStore", record: RunRecord) -> RunMeta:
+    """`runpilot pull ID`: copy every file of a remote run's folder home (its outputs too)."""
+    if record.runner.get("backend") != SshBackend.name:
+        raise UsageError(f"run {record.id} ran here; its files are in {store.folder(record.id).path} already")
+    return ssh_record_home(store, SshBox.of(record.runner["box"], store), record.runner, record.id)
+
+
+def box_free_gpus(store: "RunStore") -> list[str]:
+    """On a box: its GPUs that no run of its RunPilot holds (`_box-report --gpus`)."""
+    devices = [str(d["index"]) for d in query_gpus(os.environ).get("devices", [])]
+    make_private_dirs(store.home / "gpus")
+    busy = GpuClaims(store.home / "gpus", functools.partial(outlived_its_runner, store)).holders(devices)
+    return [d for d in devices if d not in busy]
+
+
+def box_slots(store: "RunStore", host: str, config: JobConfig, options: RunOptions, need: int) -> int:
+    """How many points needing NEED GPUs each the box takes at once, as its own RunPilot says (its
+    GPUs that no run holds; one at a time without GPUs). Its RunPilot then places each point on
+    GPUs no other run holds, so one started by hand meanwhile makes a point wait there, never share."""
+    if need == 0:
+        return 1
+    plan = ssh_plan(host, "00000000-000000-000000", config, store.home)
+    box = SshBox.of(host, store)
+    facts = parse_probe(box.call(ssh_probe_script(plan), "check it").stdout)
+    if (why := probe_problem(host, facts, config.ssh)) is not None:
+        raise SshError(why)
+    runner = {"home": facts["home"][0], "python": config.ssh.python, "program": "-"}  # this very file, on stdin
+    with open(os.path.abspath(__file__), "rb") as f:
+        done = box.call(box.runpilot(runner, ["_box-report", "--gpus"]), "count its free GPUs", data=f.read(),
+                        timeout=60)
+    if done.returncode != 0:
+        raise BoxError(box_error_line(host, done.stderr), done.returncode)
+    return len(done.stdout.split()) // need
+
+
+def point_gpus(config: JobConfig) -> int:
+    gpus = config.resources.gpus
+    return gpus if isinstance(gpus, int) else len(gpus) if isinstance(gpus, tuple) else 0 if gpus is None else 1
+
+
+@dataclass
+class BoxSweep:
+    """A sweep's points placed on boxes: as many at once as each box's GPUs take (and --parallel)."""
+
+    store: "RunStore"
+    sweep: "Sweep"
+    hosts: list[str]
+    options: RunOptions
+    parallel: int
+    fail_fast: bool
+    say: Callable[[str], None]
+    running: dict[str, str] = field(default_factory=dict)   # run id -> its box
+    slots: dict[str, int] = field(default_factory=dict)
+    silent: dict[str, float] = field(default_factory=dict)  # box -> when it stopped answering
+    failed: bool = False
+
+    def run(self, jobs: list, signals: "StopSignals") -> int:
+        """Start points while boxes have room; follow them; end as a local sweep ends."""
+        labels, pending = sweep_labels(self.sweep), list(jobs)
+        self.slots = {}
+        for host in self.hosts:
+            try:
+                self.slots[host] = box_slots(self.store, host, jobs[0][1], self.options, point_gpus(jobs[0][1]))
+            except RunPilotError as exc:
+                self.say(f"{exc}; box {host} gets no points")
+        self.say(f"sweep {self.sweep.sweep_id}: " + ", ".join(f"box {h} takes {n} at once" for h, n in self.slots.items()))
+        while (pending or self.running) and not signals.received:
+            self.start_some(pending, labels)
+            time.sleep(POLL_SECONDS)
+            self.collect(labels, pending)
+        if signals.received:
+            self.stop_all(pending, signals.received[0], labels)
+        return 128 + signals.received[0] if signals.received else 1 if self.failed else 0
+
+    def start_some(self, pending: list, labels: dict[str, str]) -> None:
+        """Start as many pending points as the boxes have room for, all at once (a thread each)."""
+        batch = []
+        for host in self.slots:
+            room = self.slots[host] - sum(h == host for h in self.running.values())
+            while pending and room > 0 and len(self.running) + len(batch) < self.parallel:
+                batch.append((host, *pending.pop(0)))
+                room -= 1
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(batch))) as pool:
+            started = list(pool.map(self.start_one, batch))
+        for (host, point, config), result in zip(batch, started):
+            if isinstance(result, RunPilotError):  # unreachable, or its RunPilot refused: the other boxes go on
+                pending.insert(0, (point, config))
+                if self.slots.pop(host, None) is not None:
+                    self.say(f"{result}; box {host} gets no more points")
+                continue
+            self.running[point["run_id"]] = host
+            gpus = f" GPU {','.join(result.devices)}" if result.devices else ""
+            self.say(f"{labels[point['run_id']]} started on box {host}{gpus} (run {short_id(point['run_id'])})")
+        if pending and not self.slots and not self.running:
+            for point, _ in pending:
+                cancel_queued(self.store, point["run_id"], None, "no box of the sweep answered")
+            pending.clear()
+            self.failed = True
+
+    def start_one(self, job: tuple) -> "RunMeta | RunPilotError":
+        host, point, config = job
+        try:
+            return ssh_start(self.store, host, config, dataclasses.replace(self.options, run_id=point["run_id"]),
+                             lambda text: None)
+        except RunPilotError as exc:
+            return exc
+
+    def collect(self, labels: dict[str, str], pending: list) -> None:
+        records = [r for r in (self.store.get(i) for i in self.running) if r is not None]
+        fresh: dict[str, RunRecord] = {}
+        for host in set(self.running.values()):
+            said: list[str] = []
+            fresh |= SshBackend().refresh(self.store, [r for r in records if self.running[r.id] == host], said.append)
+            fresh |= self.box_answered(host, said, records)
+        for record in records:  # one that ended before its start was copied home is final already
+            run_id = record.id
+            if fresh.get(run_id, record).status in ACTIVE_STATUSES:
+                continue
+            del self.running[run_id]
+            meta = self.store.folder(run_id).read_meta()
+            shown = ", ".join(f"{k} {fmt_value(meta.last_metrics[k])}" for k in meta.metric_names
+                              if k in meta.last_metrics)
+            self.say(f"{labels[run_id]} {fmt_ending(meta)}" + (f", {shown}" if shown else "") + f" (run {short_id(run_id)})")
+            if meta.status != SUCCEEDED:
+                self.failed = True
+                if self.fail_fast:
+                    for point, _ in pending:
+                        cancel_queued(self.store, point["run_id"], None, f"--fail-fast: run {run_id} did not succeed")
+                    pending.clear()
+
+    def box_answered(self, host: str, said: list[str], records: list[RunRecord]) -> dict[str, RunRecord]:
+        """Say once that a box stopped answering; after SSH_LOST_S of silence its running points are
+        recorded `lost` here (their jobs may live on there); return those."""
+        if not said:
+            self.silent.pop(host, None)
+            return {}
+        if host not in self.silent:
+            self.silent[host] = time.monotonic()
+            self.say(f"{said[0]}; waiting up to {SSH_LOST_S}s for box {host} to answer")
+            return {}
+        if time.monotonic() - self.silent[host] < SSH_LOST_S:
+            return {}
+        self.slots.pop(host, None)
+        lost = {}
+        for record in records:
+            if self.running.get(record.id) == host:
+                folder = self.store.folder(record.id)
+                meta = folder.read_meta()
+                meta.status, meta.lost_at = LOST, utc_now()
+                meta.reason = f"box {host} stopped answering over ssh for {SSH_LOST_S}s during the sweep"
+                folder.write_meta(meta)
+                self.store.save_or_defer(meta)
+                lost[record.id] = RunRecord.of(meta, folder.path)
+        self.say(f"box {host} did not answer for {SSH_LOST_S}s: its running points are recorded lost; the others go on")
+        return lost
+
+    def stop_all(self, pending: list, signum: int, labels: dict[str, str]) -> None:
+        """Cancel the points not started; hand SIGNUM to each running point's runner on its box (as a
+        local sweep's Ctrl-C reaches its jobs) and wait for them to end."""
+        for point, _ in pending:
+            cancel_queued(self.store, point["run_id"], signum)
+        pending.clear()
+        for run_id, host in self.running.items():
+            record = self.store.get(run_id)
+            if record is not None:
+                ssh_signal_runner(SshBox.of(host, self.store), record.runner, run_id, signum, lambda text: None)
+        deadline = time.monotonic() + self.options.stop_timeout + SSH_CONNECT_S * 2
+        while self.running and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)
+            self.collect(labels, pending)
+        if self.running:
+            self.say(f"run(s) {', '.join(self.running)} did not end yet on their boxes; runpilot list follows them")
+
+
+def ssh_sweep_cli(args, store: "RunStore", configs: list, axes, options: RunOptions, hosts: list[str]) -> int:
+    """`sweep --on ssh:box1,box2`: record the points here, place them on the boxes, follow them."""
+    if args.detach or args.dry_run:
+        raise UsageError("sweep --on ssh runs attached (-d and --dry-run are not built yet for it)")
+    sweep_id = args.sweep_id or new_sweep_id()
+    parallel = args.parallel or len(configs)
+    stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": f"ssh:{','.join(hosts)}"}
+    with StopSignals() as signals:
+        sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, stored, configs[0][1].source)
+        jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
+        note(f"sweep {sweep_id}: {len(jobs)} point(s) on {', '.join(hosts)}")
+        code = BoxSweep(store, sweep, hosts, options, parallel, args.fail_fast, note).run(jobs, signals)
+    sweep.runner = {}
+    with contextlib.suppress(OSError):
+        sweep.save(store)
+    print_sweep_end(store, sweep)
+    return code
+
+
+# The places a run can execute, by `--on` name (`--on NAME` or `--on NAME:ARG`).
+BACKENDS: dict[str, type[Backend]] = {"here": HereBackend, "slurm": SlurmBackend, "ssh": SshBackend}
+
+
+def backend_for(on: str) -> Backend:
+    """The backend object an `--on` value names (already checked by the argument parser)."""
+    name, _, arg = on.partition(":")
+    return BACKENDS[name](arg or None)
+
+
+def refresh_elsewhere(store: "RunStore", records: list[RunRecord], note: Callable[[str], None]) -> dict[str, RunRecord]:
+    """The active runs that live in a backend of their own (their runner names it), refreshed by it."""
+    if not any(r.runner.get("backend") for r in records):
+        return {}
+    found: dict[str, RunRecord] = {}
+    for name in {r.runner.get("backend") for r in records if r.runner.get("backend") in BACKENDS}:
+        found |= BACKENDS[name]().refresh(store, [r for r in records if r.runner.get("backend") == name], note)
+    return found
+
+
 # ==== 18. Runs over time: keeping statuses true, stopping, deleting ==========
 
 def refresh(store: RunStore, records: list[RunRecord], note: Callable[[str], None]) -> list[RunRecord]:
@@ -8068,8 +9005,10 @@ def refresh(store: RunStore, records: list[RunRecord], note: Callable[[str], Non
     a container or process group that lives on is reported. Final statuses are never rewritten.
     """
     slurm = slurm_refresh(store, [r for r in records if r.status in ACTIVE_STATUSES], note)
+    remote = refresh_elsewhere(store, [r for r in records if r.status in ACTIVE_STATUSES], note)
     alive = functools.lru_cache(maxsize=None)(lambda runner: runner_alive(json.loads(runner)))
-    return [slurm.get(r.id, r) if r.slurm_job else _refresh_one(store, r, note, alive)
+    return [remote[r.id] if r.id in remote else r if r.runner.get("backend") else
+            slurm.get(r.id, r) if r.slurm_job else _refresh_one(store, r, note, alive)
             if r.status in ACTIVE_STATUSES else r for r in records]
 
 
@@ -8114,6 +9053,8 @@ def stop_run(store: RunStore, record: RunRecord, wait: float, note: Callable[[st
     meta = folder.read_meta()
     if meta.slurm:
         return slurm_stop(store, record, meta, wait, note)
+    if (backend := runner_backend(meta.runner or record.runner)) is not None:
+        return backend.stop(store, record, meta, wait, note)
     runner = meta.runner or record.runner
     alive = runner_alive(runner)
     if alive:
@@ -8761,6 +9702,8 @@ def _show_facts(record: RunRecord, meta: RunMeta) -> list[str]:
         ("slurm", slurm.get("job_id") and f"job {slurm['job_id']}" + (f" on {slurm['node']}" if slurm.get("node")
                                                                         else "")
          + (f", partition {slurm['partition']}" if slurm.get("partition") else "")),
+        ("ssh", meta.runner.get("backend") == "ssh" and f"box {meta.runner.get('box')}, "
+                                                        f"{meta.runner.get('home')}/runs/{record.id}"),
         ("folder", record.path), ("tags", " ".join(f"{k}={v}" for k, v in sorted(record.tags.items()))),
         ("sweep", meta.sweep.get("id") and f"{meta.sweep['id']} point {meta.sweep.get('index')}"),
         ("rerun of", meta.rerun_of), ("code", fmt_code(meta.code)),
@@ -10319,6 +11262,19 @@ def _stop_timeout(text: str) -> float:
     return value
 
 
+def _on_arg(text: str) -> str:
+    """`--on NAME` or `--on NAME:ARG`, NAME from BACKENDS, ARG as that backend accepts it."""
+    name, sep, arg = text.partition(":")
+    if name not in BACKENDS:
+        raise argparse.ArgumentTypeError(f"unknown place {visible(text)!r}; choose from "
+                                         f"{', '.join(BACKENDS)} (ssh as ssh:HOST)")
+    try:
+        BACKENDS[name].check_arg(arg if sep else None)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _run_id_arg(text: str) -> str:
     if not RUN_ID_RE.match(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a run id (like 20261128-224705-a3f9c1)")
@@ -10467,13 +11423,7 @@ def cmd_run(args) -> int:
     if config.sweep:
         note("this config has a sweep: section, which only `runpilot sweep` reads; running it once, "
              "with the values of the rest of the file")
-    options = _run_options(args)
-    if args.on == "slurm":
-        return slurm_run_cli(args, config, options)
-    if args.dry_run:
-        echo(render_dry_run(config, options))
-        return 0
-    return _launch(args, config, options)
+    return backend_for(args.on).run(args, config, options=_run_options(args))
 
 
 def cmd_rerun(args) -> int:
@@ -10490,9 +11440,7 @@ def cmd_rerun(args) -> int:
     options = dataclasses.replace(options, code_snapshots=rerun_code(store, config, old_meta, options,
                                                                     args.current_code, note))
     config = rerun_image(config, old_meta, options, note)
-    if args.on == "slurm":
-        return slurm_run_cli(args, config, options)
-    return _launch(args, config, options)
+    return backend_for(args.on).run(args, config, options)
 
 
 def _with_metrics_from(config: JobConfig, specs: list[str]) -> JobConfig:
@@ -10552,7 +11500,7 @@ def rerun_image(config: JobConfig, old: RunMeta, options: RunOptions, say: Calla
 def _launch(args, config: JobConfig, options: RunOptions) -> int:
     store = _store()
     if args.detach:
-        return detach(args.argv, store, "--run-id", store.folder(new_run_id()))
+        return detach(args.argv, store, "--run-id", store.folder(args.run_id or new_run_id()))
     terminal = Terminal(sys.stdout, sys.stderr)
     with StopSignals() as signals:
         try:
@@ -10731,6 +11679,9 @@ def _can_encode(text: str) -> bool:
 def cmd_logs(args) -> int:
     store = _store()
     record = find_run(store, args.run)
+    backend = runner_backend(record.runner) if args.follow else None
+    if backend is not None and (code := backend.follow_logs(store, record, args.tail)) is not None:
+        return code
     path = store.folder(record.id).logs
     out = terminal_writer(sys.stdout)
     try:
@@ -10802,7 +11753,8 @@ def cmd_stop(args) -> int:
         raise UsageError("name the run to stop (id, prefix, latest, -N), or a sweep with --sweep ID")
     record = find_run(store, args.run)
     meta = store.folder(record.id).read_meta()
-    if record.status not in ACTIVE_STATUSES and not (record.status == LOST and leftover_job(record, meta)):
+    elsewhere = bool(record.runner.get("backend"))  # its backend asks where it runs for what the job left
+    if record.status not in ACTIVE_STATUSES and not (record.status == LOST and (elsewhere or leftover_job(record, meta))):
         echo(f"run {record.id} is not running ({record.status})")
         return 0
     record = stop_run(store, record, args.wait, note)
@@ -11439,8 +12391,8 @@ def cmd_sweep(args) -> int:
     configs = [(p, point_config(data, str(args.config), text, positions, blamed, p, args.repeat, bool(args.grid)))
                for p in points]
     options = _run_options(args)
-    if args.on == "slurm":
-        return slurm_sweep_cli(args, store, configs, axes, options)
+    if args.on != "here":
+        return backend_for(args.on).sweep(args, store, configs, axes, options)
     if not args.dry_run:  # a dry run prints the plan, also on a box without the GPUs or the image
         _check_sweep_host([c for _, c in configs], options)
     if args.sweep_id and (store.sweeps_dir / args.sweep_id).exists():
@@ -11517,9 +12469,12 @@ def _resume_sweep(store: RunStore, args) -> int:
     if changed:
         raise UsageError(f"--resume runs the points as they were recorded; {', '.join(changed)} cannot be given "
                          "with it (start a new sweep to change them)")
-    sweep_id = Sweep.load(store, find_sweep(store, args.resume)).sweep_id
-    with held_sweep(store, sweep_id):
-        return _resume_held(store, Sweep.load(store, sweep_id), args)  # as the last runner left it
+    sweep = Sweep.load(store, find_sweep(store, args.resume))
+    if str(sweep.options.get("on")).startswith("ssh"):
+        raise UsageError(f"sweep {sweep.sweep_id} ran on boxes over ssh, and --resume for it is not built yet; "
+                         "start the points that did not finish again with runpilot sweep ... --on ssh:...")
+    with held_sweep(store, sweep.sweep_id):
+        return _resume_held(store, Sweep.load(store, sweep.sweep_id), args)  # as the last runner left it
 
 
 def _resume_held(store: RunStore, sweep: Sweep, args) -> int:
@@ -11600,8 +12555,8 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan; run and record nothing")
     p.add_argument("--max-points", type=_positive_int, default=MAX_SWEEP_POINTS, metavar="N",
                    help=f"allow a sweep of up to N points (default {MAX_SWEEP_POINTS})")
-    p.add_argument("--on", choices=("here", "slurm"), default="here",
-                   help="here (default), or submit the sweep to Slurm as one job array")
+    p.add_argument("--on", type=_on_arg, default="here", metavar="WHERE",
+                   help="here (default), or submit the sweep to Slurm as one job array (slurm)")
     _add_metrics_from(p)
     p.add_argument("--sweep-id", type=_sweep_id_arg, help=argparse.SUPPRESS)  # chosen by a detached sweep's parent
     _add_run_options(p)
@@ -11765,8 +12720,9 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     _add_run_options(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the engine command line; run and record nothing")
-    p.add_argument("--on", choices=("here", "slurm"), default="here",
-                   help="here (default), or submit to a Slurm cluster with sbatch")
+    p.add_argument("--on", type=_on_arg, default="here", metavar="WHERE",
+                   help="here (default), slurm (submit to a Slurm cluster with sbatch), or ssh:HOST "
+                        "(run on one of your other boxes over ssh)")
     _add_metrics_from(p)
 
 
@@ -11781,8 +12737,9 @@ def _rerun_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--current-code", action="store_true",
                    help="run the code folder as it is now (a new snapshot), and say what changed")
     _add_run_options(p)
-    p.add_argument("--on", choices=("here", "slurm"), default="here",
-                   help="here (default), or submit to a Slurm cluster with sbatch")
+    p.add_argument("--on", type=_on_arg, default="here", metavar="WHERE",
+                   help="here (default), slurm (submit to a Slurm cluster with sbatch), or ssh:HOST "
+                        "(run on one of your other boxes over ssh)")
     _add_metrics_from(p)
 
 
@@ -11956,6 +12913,34 @@ def _sweeps_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # name, function, help, example, arguments: the commands in the order --help lists them.
+def cmd_pull(args) -> int:
+    store = _store()
+    meta = pull_run(store, find_run(store, args.run))
+    echo(f"run {meta.run_id} {meta.status}: its files are in {store.folder(meta.run_id).path}")
+    return 0
+
+
+def _pull_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
+
+
+def cmd_box_report(args) -> int:
+    """On a box: the files of the runs asked for, as a tar on stdout (see box_report); with --gpus,
+    its free GPUs, one a line."""
+    if args.gpus:
+        echo("\n".join(box_free_gpus(RunStore.default())))
+        return 0
+    sys.stdout.flush()
+    box_report(RunStore.default(), args.runs, args.all, sys.stdout.buffer)
+    return 0
+
+
+def _box_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="every file of each run's folder")
+    p.add_argument("--gpus", action="store_true", help="the box's free GPUs instead")
+    p.add_argument("runs", nargs="*", type=_run_id_arg)
+
+
 COMMANDS = [
     ("run", cmd_run, "run a job from a config file and record it",
      "runpilot run config.yaml --set env.LR=0.01 --tag try=3", _run_arguments),
@@ -11994,8 +12979,12 @@ COMMANDS = [
     ("reindex", cmd_reindex, "rebuild runs.db from the run folders",
      "runpilot reindex", None),
 ]
-# Commands RunPilot gives itself, not listed in --help: the job of a Slurm run on its node.
-HIDDEN_COMMANDS = [("_slurm-job", cmd_slurm_job, "", "", _slurm_job_arguments)]
+COMMANDS.append(("pull", cmd_pull, "copy every file of a run on an SSH box home (its outputs too)",
+                 "runpilot pull a3f9c1", _pull_arguments))
+# Commands RunPilot gives itself, not listed in --help: the job of a Slurm run on its node; what a
+# box tells the machine that started its runs (--on ssh).
+HIDDEN_COMMANDS = [("_slurm-job", cmd_slurm_job, "", "", _slurm_job_arguments),
+                   ("_box-report", cmd_box_report, "", "", _box_report_arguments)]
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,0 +1,452 @@
+"""`--on ssh:HOST` against real boxes: two users of this machine with their own sshd (tests/ssh/setup.sh).
+
+Each test gives the box a home of its own (ssh.home) and its code a folder made with mkdtemp, which the
+box's user cannot read: a passing run proves the code was shipped. The tests skip where the boxes do not
+answer, and fail where RUNPILOT_TEST_SSH=1 requires them.
+"""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+from tests.common import RUNPILOT, HomeTestCase
+from tests.support import PYTHON_IMAGE
+
+BOX1, BOX2 = "runpilot-box1", "runpilot-box2"
+REQUIRED_VAR = "RUNPILOT_TEST_SSH"
+# A run on a box takes about 3 s here (ssh, shipping, docker run, copying home); 60 s means it is stuck.
+RUN_TIMEOUT_S = 60
+
+JOB = """\
+import sys, time
+for i in range(3):
+    print(f"step {i} caf\\u00e9", flush=True)
+    print(f"METRIC loss={1.0 / (i + 1)}", flush=True)
+    time.sleep(0.1)
+sys.exit(3)
+"""
+
+LONG = """\
+import signal, sys, time
+def bye(signum, frame):
+    print(f"got signal {signum}", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGINT, bye)
+print("ready", flush=True)
+for i in range(600):
+    print(i, flush=True)
+    time.sleep(0.1)
+"""
+
+
+def box_problem(host: str) -> str | None:
+    """Why HOST cannot serve these tests, or None."""
+    try:
+        done = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host,
+                               f"docker image inspect {PYTHON_IMAGE} >/dev/null && python3 -V"],
+                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"ssh {host} cannot run ({exc}); start the boxes with bash tests/ssh/setup.sh (as root)"
+    if done.returncode != 0:
+        return (f"box {host} does not answer with docker and {PYTHON_IMAGE} ({done.stderr.strip()[:200]}); "
+                "start the boxes with bash tests/ssh/setup.sh (as root)")
+    return None
+
+
+def on_box(host: str, script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ssh", "-o", "BatchMode=yes", host, script], capture_output=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+class BoxTestCase(HomeTestCase):
+    """A home here, a home of its own on each box (removed afterwards), a private code folder."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        for host in (BOX1, BOX2):
+            problem = box_problem(host)
+            if problem is not None:
+                if os.environ.get(REQUIRED_VAR) == "1":
+                    self.fail(f"{problem} (required by {REQUIRED_VAR}=1)")
+                self.skipTest(problem)
+        self.box_home = f"runpilot-test-{uuid.uuid4().hex[:12]}"
+        for host in (BOX1, BOX2):
+            self.addCleanup(on_box, host, f"rm -rf ~/{self.box_home}")
+        self.code = self.tmp / "code"  # self.tmp is mkdtemp's: 0700, the boxes' users cannot read it
+        self.code.mkdir()
+
+    def config(self, script: str, extra: str = "", name: str = "job") -> str:
+        (self.code / "train.py").write_text(script)
+        return str(self.write(f"{name}.yaml", f"""\
+            name: {name}
+            engine: docker
+            image: {PYTHON_IMAGE}
+            entrypoint: [python, train.py]
+            mounts:
+              code: {self.code}
+            ssh:
+              home: ~/{self.box_home}
+            """ + extra))
+
+    def box_file(self, host: str, run_id: str, name: str) -> bytes:
+        done = on_box(host, f"cat ~/{self.box_home}/runs/{run_id}/{name}")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout
+
+    def start(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(RUNPILOT), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=dict(os.environ))
+
+    def wait_for_line(self, stream, text: bytes) -> bytes:
+        """Read STREAM up to a line holding TEXT; return what was read."""
+        deadline, read = time.monotonic() + RUN_TIMEOUT_S, b""
+        while time.monotonic() < deadline:
+            line = stream.readline()
+            read += line
+            if text in line:
+                return read
+            if not line:
+                break
+        self.fail(f"no line with {text!r} within {RUN_TIMEOUT_S} s")
+
+
+class AttachedRun(BoxTestCase):
+    def test_run_is_shipped_followed_and_recorded_on_both_sides(self) -> None:
+        config = self.config(JOB)
+        self.assertNotEqual(on_box(BOX1, f"test -r {shlex.quote(str(self.code / 'train.py'))}").returncode, 0,
+                            "the box's user can read the code here; the test would not prove shipping")
+        done = self.process("run", config, "--on", f"ssh:{BOX1}", "--tag", "try=1", timeout=RUN_TIMEOUT_S)
+        self.assertEqual(done.returncode, 3, done.stderr)
+        run = self.only_run()
+        local_log = (run / "logs.txt").read_bytes()
+        self.assertEqual(local_log, self.box_file(BOX1, run.name, "logs.txt"))
+        self.assertEqual(local_log, "".join(f"step {i} café\nMETRIC loss={1.0 / (i + 1)}\n"
+                                            for i in range(3)).encode())
+        self.assertEqual(done.stdout, local_log)  # streamed live, byte for byte
+        self.assertEqual((run / "metrics.json").read_bytes(), self.box_file(BOX1, run.name, "metrics.json"))
+        self.assertEqual([s["loss"] for s in self.metrics(run)], [1.0, 0.5, 1.0 / 3])
+        meta = self.meta(run)
+        self.assertEqual((meta["status"], meta["exit_code"], meta["tags"]), ("failed", 3, {"try": "1"}))
+        self.assertEqual((meta["runner"]["backend"], meta["runner"]["box"]), ("ssh", BOX1))
+        self.assertEqual(meta["config_file"], config)
+        box_meta = json.loads(self.box_file(BOX1, run.name, "meta.json"))
+        self.assertEqual((box_meta["status"], box_meta["exit_code"]), ("failed", 3))
+        row = self.db_rows()[0]
+        self.assertEqual((row["id"], row["status"], row["exit_code"]), (run.name, "failed", 3))
+        self.assertEqual(json.loads(row["runner"])["box"], BOX1)
+        self.assertIn(f"run {run.name} failed in", done.stderr.decode())
+        code, out, _ = self.cli("show", run.name)
+        self.assertIn(f"ssh        box {BOX1}, ", out)
+
+    def test_code_goes_over_once_per_content(self) -> None:
+        config = self.config("print('one')\n")
+        first = self.process("run", config, "--on", f"ssh:{BOX2}", timeout=RUN_TIMEOUT_S)
+        again = self.process("run", config, "--on", f"ssh:{BOX2}", timeout=RUN_TIMEOUT_S)
+        (self.code / "train.py").write_text("print('two')\n")
+        changed = self.process("run", config, "--on", f"ssh:{BOX2}", timeout=RUN_TIMEOUT_S)
+        self.assertEqual([p.returncode for p in (first, again, changed)], [0, 0, 0])
+        self.assertIn(b"sending runpilot.py, the code, the config", first.stderr)
+        self.assertIn(b"sending the config to box", again.stderr)
+        self.assertIn(b"sending the code, the config", changed.stderr)
+        self.assertEqual((first.stdout, again.stdout, changed.stdout), (b"one\n", b"one\n", b"two\n"))
+        folders = on_box(BOX2, f"ls ~/{self.box_home}/code").stdout.split()
+        self.assertEqual(len(folders), 2)
+
+    def test_ctrl_c_stops_the_run_on_the_box(self) -> None:
+        config = self.config(LONG)
+        child = self.start("run", config, "--on", f"ssh:{BOX1}")
+        self.wait_for_line(child.stdout, b"ready")
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=RUN_TIMEOUT_S)
+        self.assertEqual(child.returncode, 130, err)
+        run = self.only_run()
+        meta = self.meta(run)
+        self.assertEqual((meta["status"], meta["stop_signal"]), ("interrupted", signal.SIGINT))
+        self.assertIn(b"got signal 2", (run / "logs.txt").read_bytes())
+        self.assertEqual(json.loads(self.box_file(BOX1, run.name, "meta.json"))["status"], "interrupted")
+        self.assertIn(b"interrupted by Ctrl-C", err)
+
+
+class DetachedRun(BoxTestCase):
+    def test_detach_logs_follow_stop_and_list(self) -> None:
+        config = self.config(LONG)
+        done = self.process("run", config, "--on", f"ssh:{BOX2}", "-d", timeout=RUN_TIMEOUT_S)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        run_id = done.stdout.decode().strip()
+        self.assertEqual([p.name for p in self.runs()], [run_id])
+        code, out, _ = self.cli("list", "--json")
+        self.assertEqual(json.loads(out)[0]["status"], "running")
+        follower = self.start("logs", "-f", run_id)
+        self.wait_for_line(follower.stdout, b"ready")
+        code, out, err = self.cli("stop", run_id)
+        self.assertEqual((code, out), (0, f"run {run_id} interrupted\n"), err)
+        rest, _ = follower.communicate(timeout=RUN_TIMEOUT_S)  # logs -f ends with the run
+        self.assertEqual(follower.returncode, 0)
+        meta = self.meta(self.home / "runs" / run_id)
+        self.assertEqual((meta["status"], meta["exit_code"]), ("interrupted", 143))
+        self.assertEqual((self.home / "runs" / run_id / "logs.txt").read_bytes(),
+                         self.box_file(BOX2, run_id, "logs.txt"))
+        self.assertEqual(self.db_rows()[0]["status"], "interrupted")
+
+    def test_list_refreshes_and_copies_a_finished_run_home(self) -> None:
+        config = self.config(JOB)
+        done = self.process("run", config, "--on", f"ssh:{BOX1}", "-d", timeout=RUN_TIMEOUT_S)
+        run_id = done.stdout.decode().strip()
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while on_box(BOX1, f"grep -q '\"status\": \"failed\"' ~/{self.box_home}/runs/{run_id}/meta.json").returncode:
+            self.assertLess(time.monotonic(), deadline, "the run did not end on the box")
+            time.sleep(0.2)
+        self.assertEqual(self.meta(self.home / "runs" / run_id)["status"], "running")  # as last copied
+        code, out, _ = self.cli("list", "--json")
+        self.assertEqual((json.loads(out)[0]["status"], json.loads(out)[0]["exit_code"]), ("failed", 3))
+        self.assertEqual((self.home / "runs" / run_id / "logs.txt").read_bytes(),
+                         self.box_file(BOX1, run_id, "logs.txt"))
+        self.assertEqual(self.db_rows()[0]["status"], "failed")
+        code, out, _ = self.cli("pull", run_id)
+        self.assertEqual(code, 0)
+        self.assertIn(f"run {run_id} failed: its files are in", out)
+
+
+class BoxFailures(BoxTestCase):
+    """Each failure: one line with ssh's or the box's words and the fix, exit 2 or 125, no run left here."""
+
+    def assert_refused(self, args: list[str], exit_code: int, *words: str) -> None:
+        done = self.process(*args, timeout=RUN_TIMEOUT_S)
+        err = done.stderr.decode()
+        self.assertEqual(done.returncode, exit_code, err)
+        lines = [line for line in err.splitlines() if line.startswith("runpilot: error: ")]
+        self.assertEqual(len(lines), 1, err)
+        for word in words:
+            self.assertIn(word, lines[0])
+        self.assertEqual(self.runs(), [])
+
+    def test_ssh_failures(self) -> None:
+        config = self.config(JOB)
+        cases = [("ssh://rpbox1@127.0.0.1:1", "Connection refused", "check that 'ssh ssh://rpbox1@127.0.0.1:1 true'"),
+                 ("ssh://nobody@127.0.0.1:2201", "Permission denied (publickey)", "the box refused the key"),
+                 ("ssh://rpbox1@localhost:2201", "Host key verification failed", "known_hosts")]
+        for host, words, fix in cases:
+            with self.subTest(host=host):
+                self.assert_refused(["run", config, "--on", f"ssh:{host}"], 125, words, fix)
+
+    def test_box_failures(self) -> None:
+        fakes = self.tmp / "fakes"  # stand-ins for a box's interpreter, which the boxes' users may run
+        fakes.mkdir()
+        os.chmod(self.tmp, 0o711)
+        os.chmod(fakes, 0o755)
+        for name, text in (("oldpy", "#!/bin/sh\necho python=3.8.10\n"),
+                           ("noengine", "#!/bin/sh\nexec env PATH=/nonexistent /usr/bin/python3 \"$@\"\n")):
+            (fakes / name).write_text(text)
+            os.chmod(fakes / name, 0o755)
+        config = self.config(JOB)
+        cases = [("/nonexistent/python3", [], 125, "has no working /nonexistent/python3", "set ssh.python"),
+                 (f"{fakes}/oldpy", [], 125, "has Python 3.8.10", "needs 3.10 or newer"),
+                 ("python3", ["--set", "ssh.home=/root/runpilot-test"], 125, "/root/runpilot-test on box",
+                  "Permission denied", "set ssh.home"),
+                 ("python3", ["--set", "mounts.data=/tmp", "--set", "ssh.mounts.data=/nonexistent/data"], 125,
+                  "has no folder /nonexistent/data (mapped in ssh.mounts)"),
+                 ("python3", ["--set", "mounts.data=/tmp"], 2, "mount 'data' names a folder here")]
+        for python, more, code, *words in cases:
+            with self.subTest(python=python, more=more):
+                self.assert_refused(["run", config, "--on", f"ssh:{BOX1}", "--set", f"ssh.python={python}", *more],
+                                    code, *words)
+        self.assert_refused(["run", config, "--on", f"ssh:{BOX1}", "--set", f"ssh.python={fakes}/noengine"],
+                            125, f"on box {BOX1}: docker is not installed")
+
+
+class Rerun(BoxTestCase):
+    def test_rerun_of_a_box_run_uses_this_sides_folders(self) -> None:
+        config = self.config("print('hello from', __file__)\n")
+        first = self.process("run", config, "--on", f"ssh:{BOX2}", timeout=RUN_TIMEOUT_S)
+        self.assertEqual(first.returncode, 0, first.stderr)
+        run = self.only_run()
+        self.assertIn(f"code: {self.code}\n", (run / "config.yaml").read_text())
+        again = self.process("rerun", run.name, "--on", f"ssh:{BOX1}", timeout=RUN_TIMEOUT_S)
+        self.assertEqual(again.returncode, 0, again.stderr)
+        self.assertEqual(again.stdout, b"hello from /workspace/train.py\n")
+        second = [p for p in self.runs() if p != run][0]
+        self.assertEqual((self.meta(second)["rerun_of"], self.meta(second)["runner"]["box"]), (run.name, BOX1))
+
+
+class DroppedConnection(BoxTestCase):
+    def test_a_killed_connection_reattaches_and_the_run_is_reconciled(self) -> None:
+        config = self.config(JOB.replace("time.sleep(0.1)", "time.sleep(1)").replace("range(3)", "range(4)"))
+        child = self.start("run", config, "--on", f"ssh:{BOX1}")
+        before = self.wait_for_line(child.stdout, b"step 0")
+        followers = subprocess.run(["pgrep", "-P", str(child.pid), "-f", "logs -f"], capture_output=True, text=True)
+        self.assertTrue(followers.stdout.split(), "no ssh follower found")
+        for pid in followers.stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
+        out, err = child.stdout.read(), child.stderr.read()  # read(): readline() buffered past its line
+        child.wait(timeout=RUN_TIMEOUT_S)
+        child.stdout.close()
+        child.stderr.close()
+        self.assertEqual(child.returncode, 3, err)
+        self.assertIn(b"the run goes on there, re-attaching", err)
+        run = self.only_run()
+        self.assertEqual(self.meta(run)["status"], "failed")
+        self.assertEqual((run / "logs.txt").read_bytes(), self.box_file(BOX1, run.name, "logs.txt"))
+        self.assertEqual(before + out, (run / "logs.txt").read_bytes())  # nothing shown twice after re-attaching
+
+
+class LostRunner(BoxTestCase):
+    def test_a_runner_killed_on_the_box_is_lost_here_too(self) -> None:
+        config = self.config(LONG)
+        done = self.process("run", config, "--on", f"ssh:{BOX2}", "-d", timeout=RUN_TIMEOUT_S)
+        run_id = done.stdout.decode().strip()
+        box_meta = json.loads(self.box_file(BOX2, run_id, "meta.json"))
+        killed = on_box(BOX2, f"kill -KILL {box_meta['runner']['pid']}")
+        self.assertEqual(killed.returncode, 0, killed.stderr)
+        code, out, _ = self.cli("list", "--json")
+        self.assertEqual(json.loads(out)[0]["status"], "lost")
+        meta = self.meta(self.home / "runs" / run_id)
+        self.assertIn("ended without recording how the run ended", meta["reason"])
+        code, out, err = self.cli("stop", run_id)  # its container lives on, on the box: stop removes it
+        self.assertEqual(code, 0, err)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while on_box(BOX2, f"docker ps -q --filter label=runpilot.run_id={run_id}").stdout.strip():
+            self.assertLess(time.monotonic(), deadline, "the container was not removed")
+            time.sleep(0.2)
+
+
+class UnreachableBox(BoxTestCase):
+    def test_list_shows_the_runs_of_a_box_that_does_not_answer_as_last_known(self) -> None:
+        config = self.config(LONG)
+        done = self.process("run", config, "--on", f"ssh:{BOX1}", "-d", timeout=RUN_TIMEOUT_S)
+        run_id = done.stdout.decode().strip()
+        self.addCleanup(self.process, "stop", run_id, timeout=RUN_TIMEOUT_S)
+        folder = self.home / "runs" / run_id
+        meta = self.meta(folder)
+        gone = dict(meta["runner"], box="ssh://rpbox1@127.0.0.1:1")  # as if the box went away
+        (folder / "meta.json").write_text(json.dumps(dict(meta, runner=gone)))
+        self.assertEqual(self.process("reindex").returncode, 0)
+        code, out, err = self.cli("list", "--json")
+        self.assertEqual((code, json.loads(out)[0]["status"]), (0, "running"))
+        self.assertIn("cannot reach box ssh://rpbox1@127.0.0.1:1 over ssh", err)
+        self.assertIn("its runs are shown as last known", err)
+        (folder / "meta.json").write_text(json.dumps(meta))
+        self.assertEqual(self.process("reindex").returncode, 0)
+
+
+class SweepOverBoxes(BoxTestCase):
+    JOB = """\
+import os, time
+print("gpus", os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
+print(f"METRIC loss={float(os.environ['LR'])}", flush=True)
+time.sleep(4)
+"""
+
+    def test_eight_one_gpu_points_over_boxes_with_two_and_four_gpus(self) -> None:
+        (self.code / "train.py").write_text(self.JOB)
+        config = self.write("sweep.yaml", f"""\
+            name: sw
+            engine: local
+            entrypoint: [python3, train.py]
+            mounts:
+              code: {self.code}
+            resources: {{gpus: 1}}
+            metrics: [loss]
+            ssh:
+              home: ~/{self.box_home}
+            """)
+        done = self.process("sweep", config, "--grid", "env.LR=1,2,3,4,5,6,7,8", "--on", f"ssh:{BOX1},{BOX2}",
+                            timeout=4 * RUN_TIMEOUT_S)
+        err = done.stderr.decode()
+        self.assertEqual(done.returncode, 0, err)
+        self.assertIn(f"box {BOX1} takes 2 at once, box {BOX2} takes 4 at once", err)
+        metas = [self.meta(run) for run in self.runs()]
+        self.assertEqual(len(metas), 8)
+        self.assertEqual({m["status"] for m in metas}, {"succeeded"})
+        self.assertEqual({m["runner"]["box"] for m in metas}, {BOX1, BOX2})
+        self.assertTrue(all(m["sweep"].get("id") for m in metas), "the runs lost their sweep")
+        spans = [(m["runner"]["box"], m["devices"], m["started_at"], m["finished_at"]) for m in metas]
+        for box, devices, start, end in spans:  # no GPU of a box held by two points at once
+            self.assertEqual(len(devices), 1)
+            for other in spans:
+                if other[:2] == (box, devices) and other[2:] != (start, end):
+                    self.assertTrue(other[3] <= start or other[2] >= end, f"GPU {devices} of {box} shared")
+        peak = max(sum(s[2] <= t < s[3] for s in spans) for t in (s[2] for s in spans))
+        self.assertEqual(peak, 6)  # the pool: 2 + 4 GPUs
+        for run in self.runs():
+            meta = self.meta(run)
+            self.assertIn(f"gpus {meta['devices'][0]}\n".encode(), (run / "logs.txt").read_bytes())
+        code, out, _ = self.cli("list", "--sweep", "latest", "--json")
+        self.assertEqual(len(json.loads(out)), 8)
+
+    def test_ctrl_c_stops_the_points_on_their_boxes_and_cancels_the_rest(self) -> None:
+        (self.code / "train.py").write_text(LONG)
+        config = self.write("sweep.yaml", f"""\
+            name: sw
+            engine: local
+            entrypoint: [python3, train.py]
+            mounts:
+              code: {self.code}
+            resources: {{gpus: 1}}
+            ssh:
+              home: ~/{self.box_home}
+            """)
+        child = self.start("sweep", config, "--grid", "env.LR=1,2,3,4", "--on", f"ssh:{BOX1}")
+        self.wait_for_line(child.stderr, b"[2/4 LR=2] started on box")
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=RUN_TIMEOUT_S)
+        self.assertEqual(child.returncode, 130, err)
+        statuses = sorted(self.meta(run)["status"] for run in self.runs())
+        self.assertEqual(statuses, ["cancelled", "cancelled", "interrupted", "interrupted"])
+        for run in self.runs():
+            meta = self.meta(run)
+            if meta["status"] == "interrupted":
+                self.assertEqual(meta["stop_signal"], signal.SIGINT)
+                self.assertEqual(json.loads(self.box_file(BOX1, run.name, "meta.json"))["status"], "interrupted")
+        self.assertEqual({r["status"] for r in self.db_rows()}, {"cancelled", "interrupted"})
+
+    def test_points_that_end_before_their_start_is_copied_home_still_end_the_sweep(self) -> None:
+        (self.code / "train.py").write_text("print('quick')\n")
+        config = self.write("sweep.yaml", f"""\
+            name: quick
+            engine: local
+            entrypoint: [python3, train.py]
+            mounts:
+              code: {self.code}
+            resources: {{gpus: 1}}
+            ssh:
+              home: ~/{self.box_home}
+            """)
+        done = self.process("sweep", config, "--grid", "env.LR=1,2,3,4", "--on", f"ssh:{BOX1},{BOX2}",
+                            timeout=RUN_TIMEOUT_S)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stderr.count(b"] succeeded in "), 4, done.stderr)
+        self.assertEqual({self.meta(run)["status"] for run in self.runs()}, {"succeeded"})
+
+
+class LostBox(BoxTestCase):
+    def test_a_box_silent_mid_sweep_has_its_running_points_recorded_lost(self) -> None:
+        from unittest import mock
+        import runpilot
+        store = runpilot.RunStore(self.home)
+        dead = "ssh://rpbox1@127.0.0.1:1"
+        run_id = "20261207-000000-abcdef"
+        folder = store.create_run_dir(run_id)
+        meta = runpilot.RunMeta(run_id, name="p", status=runpilot.RUNNING, started_at="2026-12-07T00:00:00.000Z",
+                                runner={"backend": "ssh", "box": dead, "home": "/h", "python": "python3",
+                                        "program": "/h/bin/runpilot.py"})
+        folder.write_meta(meta)
+        store.save(meta)
+        said = []
+        sweep = runpilot.BoxSweep(store, mock.Mock(), [dead], runpilot.RunOptions(), 4, False, said.append,
+                                  running={run_id: dead}, slots={dead: 1})
+        with mock.patch.object(runpilot, "SSH_LOST_S", 0):
+            sweep.collect({run_id: "[1/1]"}, [])
+            self.assertEqual(sweep.running, {run_id: dead})
+            sweep.collect({run_id: "[1/1]"}, [])
+        self.assertEqual(sweep.running, {})
+        self.assertTrue(sweep.failed)
+        self.assertIn("Connection refused", said[0])
+        self.assertIn(f"box {dead} did not answer for 0s: its running points are recorded lost", said[1])
+        self.assertEqual(self.meta(folder.path)["status"], "lost")
+        self.assertEqual(store.get(run_id).status, "lost")
+        self.assertEqual(sum("Connection refused" in line for line in said), 1)  # said once, not every poll
