@@ -5972,15 +5972,28 @@ class RunStore:
         self._catch_up_rows(conn, pending)
 
     def _catch_up_rows(self, conn: sqlite3.Connection, pending: list[str]) -> None:
+        """Each marker is claimed (renamed) before its run's record is read, and the record is read
+        under the index's write lock: a runner that ends meanwhile either saves its row after ours or
+        leaves a new marker, which stays for the next catch-up (neither is lost to a stale row)."""
         for run_id in pending:
-            meta = self.folder(run_id).read_meta()
-            with _transaction(conn):
-                if meta.started_at is not None:
-                    conn.execute(_UPSERT, _row(RunRecord.of(meta, self.folder(run_id).path)))
-                else:
-                    conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+            claimed = self.pending_dir / f".{run_id}.{os.getpid()}.{threading.get_ident()}"
+            try:
+                os.rename(self.pending_dir / run_id, claimed)
+            except OSError:
+                continue  # another reader took it
+            try:
+                with _transaction(conn):
+                    meta = self.folder(run_id).read_meta()
+                    if meta.started_at is not None:
+                        conn.execute(_UPSERT, _row(RunRecord.of(meta, self.folder(run_id).path)))
+                    else:
+                        conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.rename(claimed, self.pending_dir / run_id)  # not caught up: the marker stays
+                raise
             with contextlib.suppress(OSError):
-                os.unlink(self.pending_dir / run_id)
+                os.unlink(claimed)
 
     # -- rows ---------------------------------------------------------------
     def save(self, meta: RunMeta, timeout: float | None = None) -> None:
