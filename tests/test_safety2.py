@@ -7,6 +7,7 @@ submits to the real one).
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 from unittest import mock
 
 import runpilot
-from tests.common import ROOT, RUNPILOT, HomeTestCase, LiveRun, pid_alive, small_disk
+from tests.common import ROOT, RUNPILOT, HomeTestCase, LiveRun, RunsHome, pid_alive, small_disk
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -576,3 +577,26 @@ class StreamingMetrics(HomeTestCase):
                                                        f"{self.SAMPLES - 1}"), lines[-1])
                 if args[0] == "show":
                     self.assertRegex(out.decode(), rf"loss\s+{self.SAMPLES}\s+1\s+3\.333e-06\s+3\.333e-06\s+1")
+
+
+class CatchUpLosesNoEnding(RunsHome):
+    """A runner that ends while another process catches the index up keeps its ending in the index."""
+
+    def test_a_marker_written_again_during_a_catch_up_stays(self):
+        record = self.add_run("job", status="running", index=False)
+        folder = self.store.folder(record.id)
+        self.store.defer(record.id)  # its start could not reach the index
+        read = runpilot.RunFolder.read_meta
+
+        def runner_ends_meanwhile(this):
+            meta = read(this)
+            if meta.status == "running":  # the runner ends now, and the index is busy for it too
+                final = dataclasses.replace(meta, status="succeeded", exit_code=0)
+                folder.write_meta(final)
+                self.store.defer(record.id)
+            return meta
+
+        with mock.patch.object(runpilot.RunFolder, "read_meta", runner_ends_meanwhile):
+            self.store.query()
+        # before: the catch-up unlinked the marker the runner had just written, and the row said running
+        self.assertEqual(self.store.get(record.id).status, "succeeded")
