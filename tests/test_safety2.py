@@ -583,20 +583,21 @@ class CatchUpLosesNoEnding(RunsHome):
     """A runner that ends while another process catches the index up keeps its ending in the index."""
 
     def test_a_marker_written_again_during_a_catch_up_stays(self):
-        record = self.add_run("job", status="running", index=False)
+        record = self.add_run("job", status="running")  # indexed as running
         folder = self.store.folder(record.id)
-        self.store.defer(record.id)  # its start could not reach the index
-        read = runpilot.RunFolder.read_meta
+        self.store.defer(record.id)  # a later change of its record could not reach the index
+        transaction, ended = runpilot._transaction, []
 
-        def runner_ends_meanwhile(this):
-            meta = read(this)
-            if meta.status == "running":  # the runner ends now, and the index is busy for it too
-                final = dataclasses.replace(meta, status="succeeded", exit_code=0)
-                folder.write_meta(final)
+        @contextlib.contextmanager
+        def runner_ends_after_the_upsert(conn):
+            with transaction(conn):
+                yield
+            if not ended:  # the runner ends now, and its own save finds the index busy: it leaves a marker
+                ended.append(True)
+                folder.write_meta(dataclasses.replace(folder.read_meta(), status="succeeded", exit_code=0))
                 self.store.defer(record.id)
-            return meta
 
-        with mock.patch.object(runpilot.RunFolder, "read_meta", runner_ends_meanwhile):
+        with mock.patch.object(runpilot, "_transaction", runner_ends_after_the_upsert):
             self.store.query()
-        # before: the catch-up unlinked the marker the runner had just written, and the row said running
+        # before: the catch-up then unlinked the marker the runner had just left, and the row said running
         self.assertEqual(self.store.get(record.id).status, "succeeded")
