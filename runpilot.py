@@ -8324,6 +8324,10 @@ def ssh_plan(host: str, run_id: str, config: JobConfig, skip: Path | None = None
     code = next((m for m in config.mounts if m.name == "code"), None)
     if code and not Path(code.source).is_dir():
         raise UsageError(f"the code mount {code.source} is not a folder here; only a folder can be shipped to a box")
+    scripts = entrypoint_files(config.entrypoint) if code is None else []
+    if scripts:  # here engine local would find them beside the config; on the box nothing is beside it
+        raise UsageError(f"the entrypoint runs {scripts[0]}, but the config has no code mount, so nothing of this "
+                         f"folder goes to box {host}; add a code mount (mounts: {{code: .}}) to ship it")
     try:
         code_hash = content_hash(Path(code.source), skip) if code else None
     except OSError as exc:

@@ -239,6 +239,16 @@ class Plan(ConfigTestCase):
                     runpilot.ssh_plan("box1", "20261207-000000-abcdef", config)
                 self.assertIn("map it to the box's folder in the config's ssh.mounts", str(caught.exception))
 
+    def test_a_script_with_no_code_mount_to_carry_it_is_refused(self) -> None:
+        # before: the box ran `python3 train.py` in its configs folder: "can't open file ... train.py"
+        config = self.validate({"name": "x", "engine": "local", "entrypoint": ["python3", "train.py"]})
+        with self.assertRaises(runpilot.UsageError) as caught:
+            runpilot.ssh_plan("box1", "20261207-000000-abcdef", config)
+        self.assertIn("runs train.py, but the config has no code mount", str(caught.exception))
+        self.assertIn("mounts: {code: .}", str(caught.exception))
+        inline = self.validate({"name": "x", "engine": "local", "entrypoint": ["python3", "-c", "print(1)"]})
+        self.assertIsNone(runpilot.ssh_plan("box1", "20261207-000000-abcdef", inline).code)
+
     def test_content_hash_follows_content_and_modes(self) -> None:
         folder = self.tmp / "src"
         (folder / "a.py").write_text("x = 1\n")
