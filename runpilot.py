@@ -11474,6 +11474,11 @@ def rerun_code(store: RunStore, config: JobConfig, old: RunMeta, options: RunOpt
     if mount is None or options.live_code:
         return {}
     snapshots = SnapshotStore(store.home)
+    box = old.runner.get("box") if old.runner.get("backend") == "ssh" else None
+    if recorded and box and not current:  # the box took that snapshot, of what it was sent: it is there
+        say(f"run {old.run_id} ran on box {box}, whose snapshot of its code stays there; running "
+            f"{mount.source} as it is now")
+        return {}
     if not current:
         if not recorded:
             say(f"run {old.run_id} recorded no code snapshot ({old.code.get('mode') or 'before snapshots'}); "

@@ -13,6 +13,8 @@
 # Root reaches them with its own key (~/.ssh/id_ed25519, made if missing) through the aliases above, which
 # this script keeps in a marked block of root's ~/.ssh/config, as a user's real boxes are reached by what
 # their ssh config says. The boxes' users are in the docker group, so the test images are theirs too.
+# RunPilot's GPU claims are machine-wide (/tmp); two boxes on one machine would share them, where two
+# real boxes never do, so each box claims its GPUs in its own folder (RUNPILOT_GPU_CLAIMS).
 # Idempotent: a box whose sshd answers is kept; a second run takes well under a second.
 # Facts behind each step: ../shared/notes/ssh.md (copied here where the tests need it).
 set -euo pipefail
@@ -56,7 +58,7 @@ make_user() {
     usermod -p '*' "$user"  # useradd leaves the account locked, and sshd without PAM refuses a locked one
     local home
     home="$(getent passwd "$user" | cut -d: -f6)"
-    install -d -m 0700 -o "$user" -g "$user" "$home/.ssh" "$home/bin"
+    install -d -m 0700 -o "$user" -g "$user" "$home/.ssh" "$home/bin" "$home/gpu-claims"
     install -m 0600 -o "$user" -g "$user" /root/.ssh/id_ed25519.pub "$home/.ssh/authorized_keys"
     install -m 0755 -o "$user" -g "$user" "$STAND_IN" "$home/bin/nvidia-smi"
 }
@@ -75,7 +77,7 @@ KbdInteractiveAuthentication no
 UsePAM no
 MaxStartups 100:30:200
 MaxSessions 100
-SetEnv FAKE_NVIDIA_SMI=$gpus PATH=$home/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
+SetEnv FAKE_NVIDIA_SMI=$gpus RUNPILOT_GPU_CLAIMS=$home/gpu-claims PATH=$home/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 EOF
     local changed=no
     if ! cmp -s "$conf.tmp" "$conf"; then mv "$conf.tmp" "$conf"; changed=yes; else rm -f "$conf.tmp"; fi
