@@ -54,7 +54,8 @@ class StatusesStayTrue(RunsHome):
         self.assertIn(b"the index was not updated", result.stderr)
         run = self.only_run()
         self.assertEqual(self.meta(run)["status"], "failed")
-        self.assertEqual(self.db_rows()[0]["status"], "running")  # the index is behind...
+        # the index is behind: the start's row, or none (a slow start met the lock too, and deferred it)
+        self.assertIn([r["status"] for r in self.db_rows()], (["running"], []))
         code, out, err = self.cli("list", "--json")
         self.assertEqual((code, [r["status"] for r in json.loads(out)]), (0, ["failed"]))  # ...and catches up
         self.assertEqual(self.db_rows()[0]["status"], "failed")
