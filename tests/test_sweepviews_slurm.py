@@ -120,9 +120,10 @@ class RerunOnSlurmRefusals(RunsHome):
                               "--engine cannot be given with --on slurm")
         self.assertEqual(len(self.runs()), 1)
 
-    def test_on_takes_here_or_slurm(self):
+    def test_on_takes_a_place_the_backends_know(self):
         run = self.add_run("old")
-        self.assertCleanError(self.cli("rerun", run.id, "--on", "moon"), 2, "argument --on: invalid choice")
+        self.assertCleanError(self.cli("rerun", run.id, "--on", "moon"), 2,
+                              "argument --on: unknown place 'moon'; choose from here, slurm, ssh")
 
 
 if __name__ == "__main__":
