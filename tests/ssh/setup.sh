@@ -16,7 +16,7 @@
 # RunPilot's GPU claims are machine-wide (/tmp); two boxes on one machine would share them, where two
 # real boxes never do, so each box claims its GPUs in its own folder (RUNPILOT_GPU_CLAIMS).
 # Idempotent: a box whose sshd answers is kept; a second run takes well under a second.
-# Facts behind each step: ../shared/notes/ssh.md (copied here where the tests need it).
+# Why each step is needed is said beside it (an account useradd leaves locked, SetEnv for a session's PATH).
 set -euo pipefail
 
 readonly APT_PACKAGES=(openssh-server openssh-client rsync)
