@@ -8174,6 +8174,7 @@ SSH_CONNECT_S = 15          # ssh's ConnectTimeout: an unreachable box fails in 
 SSH_CALL_S = 300            # the longest one ssh command may take (shipping code included)
 SSH_MIN_PYTHON = (3, 10)    # what runpilot.py needs on the box
 SSH_LOST_S = 60             # a box silent this long mid-sweep: its running points are recorded lost
+SSH_LIVE_FILES = ("meta.json", "metrics.json", "metrics.times")  # what a refresh copies of an active remote run: plot --follow, show
 SSH_REPORT_FILES = ("meta.json", "logs.txt", "metrics.json", "metrics.times", "gpu.json", "git.diff")  # what `list` copies home for a finished remote run
 
 
@@ -8315,11 +8316,15 @@ class SshPlan:
     program: str                  # runpilot-<hash>.py
     box_mounts: tuple[str, ...]   # folders that must exist on the box
     skip: Path | None = None      # what never goes over: RunPilot's home here
+    snapshot: str | None = None   # the code snapshot here that goes over (else the folder as it is)
+    home: Path | None = None      # RunPilot's home here (where the snapshot's files are)
 
 
-def ssh_plan(host: str, run_id: str, config: JobConfig, skip: Path | None = None) -> SshPlan:
-    """Map the config's mounts onto the box: the code mount is shipped, every other mount must be
-    named and mapped in ssh.mounts (a dataset is never copied); refuse anything else now."""
+def ssh_plan(host: str, run_id: str, config: JobConfig, skip: Path | None = None,
+             snapshot: str | None = None) -> SshPlan:
+    """Map the config's mounts onto the box: the code mount is shipped (SNAPSHOT, the run's code
+    snapshot here, when it has one: the box gets `code/s<id>`, once per content), every other mount
+    must be named and mapped in ssh.mounts (a dataset is never copied); refuse anything else now."""
     mapped = dict(config.ssh.mounts)
     code = next((m for m in config.mounts if m.name == "code"), None)
     if code and not Path(code.source).is_dir():
@@ -8329,7 +8334,7 @@ def ssh_plan(host: str, run_id: str, config: JobConfig, skip: Path | None = None
         raise UsageError(f"the entrypoint runs {scripts[0]}, but the config has no code mount, so nothing of this "
                          f"folder goes to box {host}; add a code mount (mounts: {{code: .}}) to ship it")
     try:
-        code_hash = content_hash(Path(code.source), skip) if code else None
+        code_hash = None if not code else f"s{snapshot[:16]}" if snapshot else content_hash(Path(code.source), skip)
     except OSError as exc:
         raise UsageError(f"cannot read {exc.filename} in the code mount ({exc.strerror}); make it readable, or "
                          "move it out of the code folder") from exc
@@ -8347,7 +8352,7 @@ def ssh_plan(host: str, run_id: str, config: JobConfig, skip: Path | None = None
                              f"(ssh: {{mounts: {{{m.name or 'data'}: /path/on/the/box}}}})")
     boxed = dataclasses.replace(config, mounts=tuple(mounts), ssh=SshSettings(), sweep=())
     return SshPlan(host, run_id, config.ssh, boxed, Path(code.source) if code else None, code_hash,
-                   f"runpilot-{program_hash()}.py", tuple(needed), skip)
+                   f"runpilot-{program_hash()}.py", tuple(needed), skip, snapshot if code else None, skip)
 
 
 def ssh_probe_script(plan: SshPlan) -> str:
@@ -8404,7 +8409,9 @@ def ssh_payload(plan: SshPlan, facts: dict[str, list[str]]) -> bytes:
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         if not facts.get("program"):
             tar.add(os.path.abspath(__file__), arcname="runpilot.py", recursive=False)
-        if plan.code and not facts.get("code"):
+        if plan.code and not facts.get("code") and plan.snapshot and plan.home:
+            add_snapshot(tar, SnapshotStore(plan.home), plan.snapshot)
+        elif plan.code and not facts.get("code"):
             tar.add(plan.code, arcname="code", recursive=False)
             for path in shipped_files(plan.code, plan.skip):
                 tar.add(path, arcname="code/" + path.relative_to(plan.code).as_posix(), recursive=False)
@@ -8417,10 +8424,35 @@ def ssh_payload(plan: SshPlan, facts: dict[str, list[str]]) -> bytes:
     return buffer.getvalue()
 
 
+def add_snapshot(tar: tarfile.TarFile, snapshots: "SnapshotStore", snapshot_id: str) -> None:
+    """A code snapshot's files under `code/` in TAR, read from the snapshot store (never the folder,
+    which may have changed since): what the box runs is what the run recorded."""
+    folder = tarfile.TarInfo("code")
+    folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+    tar.addfile(folder)
+    for entry in snapshots.manifest(snapshot_id):
+        if entry["path"].startswith("/") or ".." in entry["path"].split("/"):
+            raise SnapshotError(f"code snapshot {snapshot_id[:12]} names {visible(entry['path'])!r}, a path outside "
+                                "its folder; it is damaged: rerun with --current-code")
+        info = tarfile.TarInfo("code/" + entry["path"])
+        if "link" in entry:
+            info.type, info.linkname = tarfile.SYMTYPE, entry["link"]
+            tar.addfile(info)
+            continue
+        info.size, info.mode = entry["size"], entry["mode"]
+        try:
+            with open(snapshots.object_path(entry["sha256"]), "rb") as f:
+                tar.addfile(info, f)
+        except OSError as exc:
+            raise SnapshotError(f"code snapshot {snapshot_id[:12]} lacks {visible(entry['path'])!r} ({exc.strerror}); "
+                                "rerun with --current-code") from exc
+
+
 def ssh_start_script(plan: SshPlan, home: str, flags: list[str]) -> str:
     """sh that puts the payload in place and starts the run detached with the box's own RunPilot."""
     h, rid = shlex.quote(home), plan.run_id
-    lines = ["set -e", f"h={h}", f's="$h/.incoming-{rid}"', 'mkdir -p "$s"', 'tar -x -f - -C "$s"',
+    lines = ["set -e", f"h={h}", f's="$h/.incoming-{rid}"', "trap 'rm -rf \"$s\"' EXIT", 'mkdir -p "$s"',
+             'tar -x -f - -C "$s"',
              f'if [ -f "$s/runpilot.py" ]; then mv "$s/runpilot.py" "$h/bin/{plan.program}"; fi']
     if plan.code_hash:
         lines.append(f'if [ -d "$s/code" ]; then if [ -d "$h/code/{plan.code_hash}" ]; then rm -rf "$s/code"; '
@@ -8522,11 +8554,27 @@ def box_error_line(host: str, stderr: str) -> str:
     return f"on box {host}: {line}"
 
 
+def start_failure(host: str, stderr: str, code: int, home: str) -> RunPilotError:
+    """Why the start on the box failed: its RunPilot's own refusal (its exit status), or the box's
+    words about putting the payload in place (a full disk, a read-only home), with the fix."""
+    line = box_error_line(host, stderr)
+    if "runpilot: error: " in stderr:
+        return BoxError(line, code)
+    if re.search(r"No space left|Disk quota exceeded|File too large", stderr):
+        fix = f"free some space on box {host} under {home}, or set ssh.home to a folder with room"
+    else:
+        fix = f"check that box {host} can write {home} (ssh.home), then try again"
+    return SshError(f"{line}; {fix}")
+
+
 def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptions,
-              report: Callable[[str], None]) -> RunMeta:
-    """Check the box, send what it lacks, start the run there detached; record it here, running."""
+              report: Callable[[str], None], pull_outputs: bool = False) -> RunMeta:
+    """Check the box, send what it lacks, start the run there detached; record it here, running.
+    The code is the run's snapshot here (a rerun's or a sweep's recorded one, or taken now), so the
+    run here names code that this side holds and `rerun` reproduces it."""
     run_id = options.run_id or new_run_id()
-    plan = ssh_plan(host, run_id, config, store.home)
+    code = plan_code(config, options, store)
+    plan = ssh_plan(host, run_id, config, store.home, code.get("snapshot"))
     box = SshBox.of(host, store)
     probe = box.call(ssh_probe_script(plan), "check it")
     facts = parse_probe(probe.stdout)
@@ -8542,16 +8590,17 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
     start = box.call(ssh_start_script(plan, home, ssh_run_flags(options)), "start the run",
                      data=ssh_payload(plan, facts))
     if start.returncode != 0:
-        raise BoxError(box_error_line(host, start.stderr), start.returncode)
+        raise start_failure(host, start.stderr, start.returncode, home)
     runner = {"backend": "ssh", "box": host, "home": home, "python": config.ssh.python,
               "program": f"{home}/bin/{plan.program}", "config_file": config.source,
-              "rerun_of": options.rerun_of}  # what only this side knows, kept over every copy from the box
+              "rerun_of": options.rerun_of, "code": code,
+              "pull_outputs": pull_outputs}  # what only this side knows, kept over every copy from the box
     folder = store.adopt(run_id)  # a new folder, or a sweep's queued point
     runner["sweep"] = folder.read_meta().sweep if folder.meta_file.exists() else {}
     write_private(folder.config, dump_yaml(config_to_dict(config)).encode("utf-8"))  # this side's paths: rerun
     meta = RunMeta(run_id, name=config.name, status=RUNNING, started_at=utc_now(), engine=config.engine,
                    image=config.image, runner=runner, config_file=config.source, rerun_of=options.rerun_of,
-                   sweep=runner["sweep"], tags=options.tags)
+                   sweep=runner["sweep"], tags=options.tags, code=code)
     folder.write_meta(meta)  # the run is the box's now: recorded here before its files come over
     store.save_or_defer(meta)
     try:
@@ -8561,12 +8610,16 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
         return meta
 
 
-def ssh_record_home(store: "RunStore", box: SshBox, runner: dict, run_id: str) -> RunMeta:
-    """Copy the run's files from the box into its folder here; record it here as the box does."""
+def ssh_record_home(store: "RunStore", box: SshBox, runner: dict, run_id: str,
+                    everything: bool | None = None) -> RunMeta:
+    """Copy the run's files from the box into its folder here (its record, log and metrics; with
+    EVERYTHING, by default the run's --pull-outputs, its outputs too); record it here as the box does."""
     folder = store.folder(run_id)
     if not folder.path.is_dir():
         store.create_run_dir(run_id)
-    done = box.call(box.runpilot(runner, ["_box-report", "--all", run_id]), "copy the run home", binary=True)
+    everything = bool(runner.get("pull_outputs")) if everything is None else everything
+    report = ["_box-report", *(["--all"] if everything else []), run_id]
+    done = box.call(box.runpilot(runner, report), "copy the run home", binary=True)
     if done.returncode != 0:
         raise BoxError(box_error_line(box.host, done.stderr.decode("utf-8", "replace")), done.returncode)
     return ssh_unpack(store, done.stdout, {run_id: runner})[run_id]
@@ -8592,6 +8645,7 @@ def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict
         meta.config_file = runner.get("config_file") or meta.config_file
         meta.rerun_of = runner.get("rerun_of") or meta.rerun_of
         meta.sweep = runner.get("sweep") or meta.sweep
+        meta.code = runner.get("code") or meta.code  # this side's snapshot, not the box's copy of it
         folder.write_meta(meta)
         store.save_or_defer(meta)
         metas[run_id] = meta
@@ -8599,17 +8653,18 @@ def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict
 
 
 def box_report(store: "RunStore", run_ids: list[str], everything: bool, out) -> None:
-    """`_box-report`: on a box, the runs' files as a tar on OUT (meta.json of an active run; the
+    """`_box-report`: on a box, the runs' files as a tar on OUT (record and metrics of an active run; the
     files `list` copies home of a finished one; with EVERYTHING, the whole folder)."""
     records = refresh(store, [r for r in (store.get(i) for i in run_ids) if r is not None], lambda text: None)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for record in records:
             folder = store.folder(record.id)
             if everything:
-                paths = [p for p in shipped_files(folder.path) if not p.name.startswith(".") and p.name != "runpilot.py"]
+                paths = [p for p in shipped_files(folder.path) if not p.name.startswith(".") and p.name != "runpilot.py"
+                         and p.relative_to(folder.path).parts[0] != "code"]  # the box's copy of the snapshot here
             else:
                 ended = record.status not in ACTIVE_STATUSES or folder.read_meta().final  # the folder is the truth
-                names = SSH_REPORT_FILES if ended else ("meta.json",)
+                names = SSH_REPORT_FILES if ended else SSH_LIVE_FILES
                 paths = [folder.path / n for n in names if (folder.path / n).is_file()]
             for path in paths:
                 tar.add(path, arcname=f"{record.id}/{path.relative_to(folder.path).as_posix()}", recursive=False)
@@ -8720,7 +8775,7 @@ class SshBackend(Backend):
             return 0
         store = _store()
         with StopSignals() as signals:
-            meta = ssh_start(store, host, config, options, note)
+            meta = ssh_start(store, host, config, options, note, bool(getattr(args, "pull_outputs", False)))
             note(f"run {meta.run_id} ({config.name}) started on box {host}")
             if args.detach and not signals.received:
                 echo(meta.run_id)
@@ -8740,6 +8795,9 @@ class SshBackend(Backend):
             if (why := ssh_host_problem(host)) is not None:
                 raise UsageError(why)
         return ssh_sweep_cli(args, store, configs, axes, options, hosts)
+
+    def resume_sweep(self, store: "RunStore", sweep: "Sweep", args) -> int:
+        return ssh_resume_sweep(store, sweep, args)
 
     def refresh(self, store: "RunStore", records: list[RunRecord], note: Callable[[str], None]) -> dict[str, RunRecord]:
         """One ssh command per box for its active runs: their meta.json, and the files of those that ended."""
@@ -8761,6 +8819,9 @@ class SshBackend(Backend):
                 note(box_error_line(host, done.stderr.decode("utf-8", "replace")) + "; its runs are shown as last known")
                 continue
             for run_id, meta in ssh_unpack(store, done.stdout, runners).items():
+                if meta.final and runners[run_id].get("pull_outputs"):  # --pull-outputs: its outputs come too
+                    with contextlib.suppress(RunPilotError):
+                        meta = ssh_record_home(store, box, runners[run_id], run_id, True)
                 found[run_id] = RunRecord.of(meta, store.folder(run_id).path)
         return found
 
@@ -8803,7 +8864,7 @@ def pull_run(store: "RunStore", record: RunRecord) -> RunMeta:
     """`runpilot pull ID`: copy every file of a remote run's folder home (its outputs too)."""
     if record.runner.get("backend") != SshBackend.name:
         raise UsageError(f"run {record.id} ran here; its files are in {store.folder(record.id).path} already")
-    return ssh_record_home(store, SshBox.of(record.runner["box"], store), record.runner, record.id)
+    return ssh_record_home(store, SshBox.of(record.runner["box"], store), record.runner, record.id, True)
 
 
 def box_free_gpus(store: "RunStore") -> list[str]:
@@ -8851,6 +8912,7 @@ class BoxSweep:
     fail_fast: bool
     say: Callable[[str], None]
     running: dict[str, str] = field(default_factory=dict)   # run id -> its box
+    pull_outputs: bool = False
     slots: dict[str, int] = field(default_factory=dict)
     silent: dict[str, float] = field(default_factory=dict)  # box -> when it stopped answering
     failed: bool = False
@@ -8858,13 +8920,17 @@ class BoxSweep:
     def run(self, jobs: list, signals: "StopSignals") -> int:
         """Start points while boxes have room; follow them; end as a local sweep ends."""
         labels, pending = sweep_labels(self.sweep), list(jobs)
-        self.slots = {}
-        for host in self.hosts:
+        self.slots = {host: 0 for host in self.hosts}
+        for host in self.hosts if jobs else []:
+            mine = sum(h == host for h in self.running.values())  # a resumed sweep's points that run there
             try:
-                self.slots[host] = box_slots(self.store, host, jobs[0][1], self.options, point_gpus(jobs[0][1]))
+                self.slots[host] = mine + box_slots(self.store, host, jobs[0][1], self.options, point_gpus(jobs[0][1]))
             except RunPilotError as exc:
+                del self.slots[host]
                 self.say(f"{exc}; box {host} gets no points")
-        self.say(f"sweep {self.sweep.sweep_id}: " + ", ".join(f"box {h} takes {n} at once" for h, n in self.slots.items()))
+        if jobs:
+            self.say(f"sweep {self.sweep.sweep_id}: " + ", ".join(f"box {h} takes {n} at once"
+                                                                 for h, n in self.slots.items()))
         while (pending or self.running) and not signals.received:
             self.start_some(pending, labels)
             time.sleep(POLL_SECONDS)
@@ -8902,7 +8968,7 @@ class BoxSweep:
         host, point, config = job
         try:
             return ssh_start(self.store, host, config, dataclasses.replace(self.options, run_id=point["run_id"]),
-                             lambda text: None)
+                             lambda text: None, self.pull_outputs)
         except RunPilotError as exc:
             return exc
 
@@ -8974,22 +9040,90 @@ class BoxSweep:
 
 
 def ssh_sweep_cli(args, store: "RunStore", configs: list, axes, options: RunOptions, hosts: list[str]) -> int:
-    """`sweep --on ssh:box1,box2`: record the points here, place them on the boxes, follow them."""
-    if args.detach or args.dry_run:
-        raise UsageError("sweep --on ssh runs attached (-d and --dry-run are not built yet for it)")
+    """`sweep --on ssh:box1,box2`: record the points here, place them on the boxes, follow them.
+    `--dry-run` prints the plan and asks no box (which box takes a point is decided when it starts,
+    by the boxes' free GPUs then); `-d` runs the same in the background."""
+    for _, config in configs:  # a mount no box has is refused before anything is recorded
+        ssh_plan(hosts[0], "00000000-000000-000000", config, store.home)
+    if args.sweep_id and (store.sweeps_dir / args.sweep_id).exists():
+        raise UsageError(f"sweep {args.sweep_id} exists already; leave out --sweep-id")
     sweep_id = args.sweep_id or new_sweep_id()
     parallel = args.parallel or len(configs)
-    stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": f"ssh:{','.join(hosts)}"}
+    if args.dry_run:
+        need = point_gpus(configs[0][1])
+        echo(render_sweep_plan(sweep_id, [p for p, _ in configs], args.repeat, parallel, None), err=True)
+        note(visible(f"on boxes {', '.join(hosts)}: each point starts on a box with {need or 'no'} free GPU(s) "
+                     "when one has them (the boxes' own claims decide); no box was asked"))
+        return 0
+    if args.detach:
+        return detach(args.argv, store, "--sweep-id", sweep=store.sweeps_dir / sweep_id)
+    options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
+    stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": f"ssh:{','.join(hosts)}",
+              "fail_fast": args.fail_fast, "code_snapshots": options.code_snapshots,
+              "pull_outputs": bool(args.pull_outputs)}
     with StopSignals() as signals:
         sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, stored, configs[0][1].source)
-        jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
-        note(f"sweep {sweep_id}: {len(jobs)} point(s) on {', '.join(hosts)}")
-        code = BoxSweep(store, sweep, hosts, options, parallel, args.fail_fast, note).run(jobs, signals)
-    sweep.runner = {}
+        with held_sweep(store, sweep_id):
+            jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
+            note(f"sweep {sweep_id}: {len(jobs)} point(s) on {', '.join(hosts)}")
+            return follow_box_sweep(store, sweep, jobs, hosts, options, parallel, args.fail_fast, signals, {})
+
+
+def follow_box_sweep(store: "RunStore", sweep: "Sweep", jobs: list, hosts: list[str], options: RunOptions,
+                     parallel: int, fail_fast: bool, signals: "StopSignals", running: dict[str, str]) -> int:
+    """Run a box sweep's JOBS (and follow its RUNNING points) to the end; the comparison table."""
+    code = BoxSweep(store, sweep, hosts, options, parallel, fail_fast, note, running=running,
+                    pull_outputs=bool(sweep.options.get("pull_outputs"))).run(jobs, signals)
+    sweep.runner = {}  # no one runs it any more: --resume may
     with contextlib.suppress(OSError):
         sweep.save(store)
     print_sweep_end(store, sweep)
     return code
+
+
+def ssh_resume_sweep(store: "RunStore", sweep: "Sweep", args) -> int:
+    """`sweep --resume SW` of a box sweep: the points whose run still lives on its box are reported
+    running and followed, never run again; the ones that never finished are placed anew."""
+    hosts = str(sweep.options["on"]).removeprefix("ssh:").split(",")
+    if runner_alive(sweep.runner):
+        raise UsageError(f"sweep {sweep.sweep_id} is still running (pid {sweep.runner.get('pid')}); "
+                         f"stop it first (runpilot stop {sweep.sweep_id})")
+    known = [r for r in (store.get(p["run_id"]) for p in sweep.points) if r is not None]
+    records = {r.id: r for r in refresh(store, known, note)}  # one ssh command per box: what still runs
+    running, todo = {}, []
+    for point in sweep.points:
+        record = records.get(point["run_id"])
+        if record is not None and record.status == RUNNING and record.runner.get("backend") == "ssh":
+            running[record.id] = record.runner["box"]
+            note(f"point {point['index'] + 1} of sweep {sweep.sweep_id} runs on box {record.runner['box']} "
+                 f"(run {record.id}): followed, not run again")
+        elif record is None or record.status not in (SUCCEEDED, FAILED, TIMEOUT):
+            todo.append((point, store.folder(point["run_id"]), store.folder(point["run_id"]).read_meta()))
+    if not todo and not running:
+        echo(f"sweep {sweep.sweep_id}: every point has finished; nothing to resume")
+        return 0
+    options = RunOptions(engine=sweep.options.get("engine"), tags=sweep.options.get("tags") or {},
+                         code_snapshots=sweep.options.get("code_snapshots") or {})
+    with StopSignals() as signals:
+        sweep.runner = runner_identity()
+        jobs = [_requeue(store, sweep, point, folder, meta) for point, folder, meta in todo]
+        sweep.save(store)
+        note(f"resuming sweep {sweep.sweep_id}: {len(jobs)} point(s) on {', '.join(hosts)}")
+        parallel = args.parallel or sweep.options.get("parallel") or len(sweep.points)
+        return follow_box_sweep(store, sweep, jobs, hosts, options, parallel,
+                                args.fail_fast or bool(sweep.options.get("fail_fast")), signals, running)
+
+
+def add_pull_outputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pull-outputs", action="store_true",
+                   help="with --on ssh: copy the run's outputs home when it ends (else runpilot pull ID does)")
+
+
+def check_pull_outputs(args) -> None:
+    """--pull-outputs means something only for a run on a box."""
+    if getattr(args, "pull_outputs", False) and not str(getattr(args, "on", "here")).startswith("ssh"):
+        raise UsageError("--pull-outputs copies a box's outputs home; it goes with --on ssh:HOST (a run here "
+                         "keeps its outputs in its folder already)")
 
 
 # The places a run can execute, by `--on` name (`--on NAME` or `--on NAME:ARG`).
@@ -11440,6 +11574,7 @@ def cmd_run(args) -> int:
     if config.sweep:
         note("this config has a sweep: section, which only `runpilot sweep` reads; running it once, "
              "with the values of the rest of the file")
+    check_pull_outputs(args)
     return backend_for(args.on).run(args, config, options=_run_options(args))
 
 
@@ -11457,6 +11592,7 @@ def cmd_rerun(args) -> int:
     options = dataclasses.replace(options, code_snapshots=rerun_code(store, config, old_meta, options,
                                                                     args.current_code, note))
     config = rerun_image(config, old_meta, options, note)
+    check_pull_outputs(args)
     return backend_for(args.on).run(args, config, options)
 
 
@@ -11475,7 +11611,7 @@ def rerun_code(store: RunStore, config: JobConfig, old: RunMeta, options: RunOpt
         return {}
     snapshots = SnapshotStore(store.home)
     box = old.runner.get("box") if old.runner.get("backend") == "ssh" else None
-    if recorded and box and not current:  # the box took that snapshot, of what it was sent: it is there
+    if recorded and box and not current and not snapshots.manifest_path(recorded).exists():  # a box's own snapshot
         say(f"run {old.run_id} ran on box {box}, whose snapshot of its code stays there; running "
             f"{mount.source} as it is now")
         return {}
@@ -12413,6 +12549,7 @@ def cmd_sweep(args) -> int:
     configs = [(p, point_config(data, str(args.config), text, positions, blamed, p, args.repeat, bool(args.grid)))
                for p in points]
     options = _run_options(args)
+    check_pull_outputs(args)
     if args.on != "here":
         return backend_for(args.on).sweep(args, store, configs, axes, options)
     if not args.dry_run:  # a dry run prints the plan, also on a box without the GPUs or the image
@@ -12493,8 +12630,8 @@ def _resume_sweep(store: RunStore, args) -> int:
                          "with it (start a new sweep to change them)")
     sweep = Sweep.load(store, find_sweep(store, args.resume))
     if str(sweep.options.get("on")).startswith("ssh"):
-        raise UsageError(f"sweep {sweep.sweep_id} ran on boxes over ssh, and --resume for it is not built yet; "
-                         "start the points that did not finish again with runpilot sweep ... --on ssh:...")
+        with held_sweep(store, sweep.sweep_id):
+            return SshBackend().resume_sweep(store, Sweep.load(store, sweep.sweep_id), args)
     with held_sweep(store, sweep.sweep_id):
         return _resume_held(store, Sweep.load(store, sweep.sweep_id), args)  # as the last runner left it
 
@@ -12577,6 +12714,7 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan; run and record nothing")
     p.add_argument("--max-points", type=_positive_int, default=MAX_SWEEP_POINTS, metavar="N",
                    help=f"allow a sweep of up to N points (default {MAX_SWEEP_POINTS})")
+    add_pull_outputs(p)
     p.add_argument("--on", type=_on_arg, default="here", metavar="WHERE",
                    help="here (default), or submit the sweep to Slurm as one job array (slurm)")
     _add_metrics_from(p)
@@ -12742,6 +12880,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     _add_run_options(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the engine command line; run and record nothing")
+    add_pull_outputs(p)
     p.add_argument("--on", type=_on_arg, default="here", metavar="WHERE",
                    help="here (default), slurm (submit to a Slurm cluster with sbatch), or ssh:HOST "
                         "(run on one of your other boxes over ssh)")
@@ -12759,6 +12898,7 @@ def _rerun_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--current-code", action="store_true",
                    help="run the code folder as it is now (a new snapshot), and say what changed")
     _add_run_options(p)
+    add_pull_outputs(p)
     p.add_argument("--on", type=_on_arg, default="here", metavar="WHERE",
                    help="here (default), slurm (submit to a Slurm cluster with sbatch), or ssh:HOST "
                         "(run on one of your other boxes over ssh)")

@@ -101,11 +101,32 @@ class Hosts(HomeTestCase):
                 self.assertEqual(code, 2)
                 self.assertIn("runpilot run --on ssh needs one box", err)
 
-    def test_sweep_over_boxes_is_attached_only(self) -> None:
-        config = self.write("c.yaml", "name: x\nengine: local\nentrypoint: [true]\n")
-        code, _, err = self.cli("sweep", config, "--grid", "env.A=1,2", "--on", "ssh:a,b", "-d")
+    def test_sweep_dry_run_prints_the_plan_and_asks_no_box(self) -> None:
+        config = self.write("c.yaml", "name: x\nengine: local\nentrypoint: [true]\nresources: {gpus: 1}\n")
+        code, out, err = self.cli("sweep", config, "--grid", "env.A=1,2,3", "--on", "ssh:nowhere-a,nowhere-b",
+                                  "--dry-run")  # boxes that do not exist: asking either one would fail
+        self.assertEqual(code, 0, err)
+        self.assertIn("3 run(s), 3 at a time", err)
+        self.assertIn("  2. A=2\n", err)
+        self.assertIn("on boxes nowhere-a, nowhere-b: each point starts on a box with 1 free GPU(s)", err)
+        self.assertIn("no box was asked", err)
+        self.assertFalse((self.home / "runs").exists() and any((self.home / "runs").iterdir()))
+        self.assertFalse((self.home / "sweeps").exists() and any((self.home / "sweeps").iterdir()))
+
+    def test_sweep_dry_run_refuses_a_mount_no_box_has(self) -> None:
+        config = self.write("c.yaml", f"name: x\nengine: local\nentrypoint: [true]\nmounts: {{data: {self.tmp}}}\n")
+        code, _, err = self.cli("sweep", config, "--grid", "env.A=1,2", "--on", "ssh:a,b", "--dry-run")
         self.assertEqual(code, 2)
-        self.assertIn("sweep --on ssh runs attached", err)
+        self.assertIn("mount 'data' names a folder here, which box a does not have", err)
+
+    def test_pull_outputs_goes_with_a_box_only(self) -> None:
+        config = self.write("c.yaml", "name: x\nengine: local\nentrypoint: [true]\n")
+        for args in (["run", config], ["sweep", config, "--grid", "env.A=1"]):
+            with self.subTest(args=args[0]):
+                code, _, err = self.cli(*args, "--pull-outputs")
+                self.assertEqual(code, 2)
+                self.assertIn("--pull-outputs copies a box's outputs home; it goes with --on ssh:HOST", err)
+                self.assertEqual(self.runs(), [])
 
 
 class SshArgv(HomeTestCase):
@@ -291,6 +312,29 @@ class Plan(ConfigTestCase):
         plan = runpilot.ssh_plan("box1", "20261207-000000-abcdef", config, home)
         with tarfile.open(fileobj=io.BytesIO(runpilot.ssh_payload(plan, {"home": ["/h"]}))) as tar:
             self.assertEqual(sorted(tar.getnames()), ["code", "code/train.py", "config.yaml", "runpilot.py"])
+
+
+class ShippedSnapshot(ConfigTestCase):
+    """The box gets the run's code snapshot here, not the folder as it is when the payload is made."""
+
+    def test_payload_holds_the_snapshot_not_the_folder(self) -> None:
+        src = self.tmp / "src"
+        (src / "pkg").mkdir(parents=True)
+        (src / "train.py").write_text("print('recorded')\n")
+        (src / "pkg" / "run.sh").write_text("#!/bin/sh\n")
+        os.chmod(src / "pkg" / "run.sh", 0o755)
+        home = self.tmp / "home"
+        snap = runpilot.SnapshotStore(home).take(src, 1 << 20)
+        (src / "train.py").write_text("print('edited later')\n")
+        (src / "new.py").write_text("x = 1\n")
+        config = self.validate({"name": "x", "image": "i", "entrypoint": "e", "mounts": {"code": "./src"}})
+        plan = runpilot.ssh_plan("box1", "20261207-000000-abcdef", config, home, snap.snapshot_id)
+        self.assertEqual(plan.code_hash, "s" + snap.snapshot_id[:16])  # once per content per box
+        with tarfile.open(fileobj=io.BytesIO(runpilot.ssh_payload(plan, {"home": ["/h"], "program": ["yes"]}))) as tar:
+            self.assertEqual(sorted(tar.getnames()), ["code", "code/pkg/run.sh", "code/train.py", "config.yaml"])
+            self.assertEqual(tar.extractfile("code/train.py").read(), b"print('recorded')\n")
+            self.assertEqual(tar.getmember("code/pkg/run.sh").mode & 0o111, 0o111)
+            self.assertIn(f"code: /h/code/s{snap.snapshot_id[:16]}\n", tar.extractfile("config.yaml").read().decode())
 
 
 class UrlForm(HomeTestCase):

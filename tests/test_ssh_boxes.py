@@ -450,3 +450,162 @@ class LostBox(BoxTestCase):
         self.assertEqual(self.meta(folder.path)["status"], "lost")
         self.assertEqual(store.get(run_id).status, "lost")
         self.assertEqual(sum("Connection refused" in line for line in said), 1)  # said once, not every poll
+
+
+class FullBoxDisk(BoxFailures):
+    """A full remote disk: a 64 KiB tmpfs as the box's home (root mounts it; removed afterwards)."""
+
+    def test_a_full_remote_disk_is_one_line_and_leaves_nothing_there(self) -> None:
+        import pwd
+        if os.geteuid() != 0:
+            self.skipTest("mounting a tiny tmpfs as the box's home needs root")
+        mount = self.tmp / "full"
+        mount.mkdir()
+        os.chmod(self.tmp, 0o711)
+        uid = pwd.getpwnam("rpbox1").pw_uid
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=64k,mode=0700,uid={uid}", "tmpfs", str(mount)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            self.skipTest(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+        self.addCleanup(subprocess.run, ["umount", str(mount)], capture_output=True)
+        config = self.config(JOB)
+        self.assert_refused(["run", config, "--on", f"ssh:{BOX1}", "--set", f"ssh.home={mount}/home"], 125,
+                            "No space left on device", f"free some space on box {BOX1} under {mount}/home",
+                            "or set ssh.home to a folder with room")
+        self.assertEqual(sorted(os.listdir(mount / "home")), ["bin", "code", "configs"])  # nothing half-sent
+        self.assertEqual(os.listdir(mount / "home" / "configs"), [])
+
+
+class Outputs(BoxTestCase):
+    WRITES = """\
+import os
+with open(os.path.join(os.environ["RUNPILOT_OUTPUT_DIR"], "model.bin"), "wb") as f:
+    f.write(bytes(range(256)) * 64)
+print("saved", flush=True)
+"""
+
+    def test_outputs_stay_on_the_box_until_pulled(self) -> None:
+        config = self.config(self.WRITES)
+        done = self.process("run", config, "--on", f"ssh:{BOX1}", timeout=RUN_TIMEOUT_S)
+        self.assertEqual((done.returncode, done.stdout), (0, b"saved\n"), done.stderr)
+        run = self.only_run()
+        self.assertFalse((run / "outputs" / "model.bin").exists())
+        self.assertEqual(self.box_file(BOX1, run.name, "outputs/model.bin"), bytes(range(256)) * 64)
+        code, out, err = self.cli("pull", run.name)
+        self.assertEqual((code, out), (0, f"run {run.name} succeeded: its files are in {run}\n"), err)
+        self.assertEqual((run / "outputs" / "model.bin").read_bytes(), bytes(range(256)) * 64)
+        self.assertFalse((run / "code").exists())  # the box's copy of the code stays there
+
+    def test_pull_outputs_copies_them_when_the_run_ends(self) -> None:
+        config = self.config(self.WRITES)
+        done = self.process("run", config, "--on", f"ssh:{BOX2}", "--pull-outputs", timeout=RUN_TIMEOUT_S)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual((self.only_run() / "outputs" / "model.bin").read_bytes(), bytes(range(256)) * 64)
+
+    def test_pull_outputs_of_a_detached_run_come_with_list(self) -> None:
+        config = self.config(self.WRITES)
+        done = self.process("run", config, "--on", f"ssh:{BOX2}", "-d", "--pull-outputs", timeout=RUN_TIMEOUT_S)
+        run_id = done.stdout.decode().strip()
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while json.loads(self.cli("list", "--json")[1])[0]["status"] == "running":
+            self.assertLess(time.monotonic(), deadline, "the run did not end")
+            time.sleep(0.5)
+        self.assertEqual((self.home / "runs" / run_id / "outputs" / "model.bin").read_bytes(),
+                         bytes(range(256)) * 64)
+
+
+class LivePlot(BoxTestCase):
+    STEPS = """\
+import time
+for i in range(40):
+    print(f"METRIC loss={1.0 / (i + 1)}", flush=True)
+    time.sleep(0.25)
+"""
+
+    def test_plot_follows_a_remote_run(self) -> None:
+        config = self.config(self.STEPS)
+        done = self.process("run", config, "--on", f"ssh:{BOX1}", "-d", timeout=RUN_TIMEOUT_S)
+        run_id = done.stdout.decode().strip()
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while on_box(BOX1, f"grep -q 'loss' ~/{self.box_home}/runs/{run_id}/metrics.json").returncode:
+            self.assertLess(time.monotonic(), deadline, "no metric on the box")
+            time.sleep(0.2)
+        code, out, err = self.cli("plot", run_id, "--ascii")  # mid-run: the metrics so far come home
+        self.assertEqual(code, 0, err)
+        self.assertIn("loss", out)
+        self.assertEqual(self.meta(self.home / "runs" / run_id)["status"], "running")
+        self.assertTrue((self.home / "runs" / run_id / "metrics.json").read_bytes())
+        follow = self.process("plot", "--follow", run_id, "--ascii", timeout=RUN_TIMEOUT_S)
+        self.assertEqual(follow.returncode, 0, follow.stderr)  # returns when the run ends on the box
+        self.assertIn(b"loss", follow.stdout)
+        self.assertEqual(self.meta(self.home / "runs" / run_id)["status"], "succeeded")
+        self.assertEqual(len(self.metrics(self.home / "runs" / run_id)), 40)
+
+
+class SnapshotRerun(BoxTestCase):
+    def test_rerun_runs_the_recorded_code_on_the_box(self) -> None:
+        config = self.config("print('version one')\n")
+        first = self.process("run", config, "--on", f"ssh:{BOX1}", timeout=RUN_TIMEOUT_S)
+        self.assertEqual((first.returncode, first.stdout), (0, b"version one\n"), first.stderr)
+        run = self.only_run()
+        snapshot = self.meta(run)["code"]["snapshot"]
+        self.assertEqual(self.meta(run)["code"]["folder"], str(self.code))  # this side's folder and snapshot
+        (self.code / "train.py").write_text("print('version two')\n")
+        again = self.process("rerun", run.name, "--on", f"ssh:{BOX2}", timeout=RUN_TIMEOUT_S)
+        self.assertEqual((again.returncode, again.stdout), (0, b"version one\n"), again.stderr)
+        self.assertIn(b"rerunning the code of run", again.stderr)
+        second = [p for p in self.runs() if p != run][0]
+        self.assertEqual(self.meta(second)["code"]["snapshot"], snapshot)
+        self.assertEqual(on_box(BOX2, f"ls ~/{self.box_home}/code").stdout.split(), [f"s{snapshot[:16]}".encode()])
+        current = self.process("rerun", run.name, "--on", f"ssh:{BOX2}", "--current-code", timeout=RUN_TIMEOUT_S)
+        self.assertEqual((current.returncode, current.stdout), (0, b"version two\n"), current.stderr)
+
+
+class BoxSweepLife(BoxTestCase):
+    def sweep_config(self, script: str) -> str:
+        (self.code / "train.py").write_text(script)
+        return str(self.write("sweep.yaml", f"""\
+            name: sw
+            engine: local
+            entrypoint: [python3, train.py]
+            mounts:
+              code: {self.code}
+            resources: {{gpus: 1}}
+            ssh:
+              home: ~/{self.box_home}
+            """))
+
+    def test_detached_sweep_is_listed_and_stopped(self) -> None:
+        config = self.sweep_config(LONG)
+        done = self.process("sweep", config, "--grid", "env.LR=1,2", "--on", f"ssh:{BOX1}", "-d",
+                            timeout=RUN_TIMEOUT_S)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        sweep_id = done.stdout.decode().strip()
+        self.assertTrue(sweep_id.startswith("sw-"), done.stdout)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while [r["status"] for r in json.loads(self.cli("list", "--sweep", sweep_id, "--json")[1])] != ["running"] * 2:
+            self.assertLess(time.monotonic(), deadline, "the points did not start on the box")
+            time.sleep(0.5)
+        code, out, err = self.cli("stop", sweep_id)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(sorted(self.meta(run)["status"] for run in self.runs()), ["interrupted", "interrupted"])
+        for run in self.runs():
+            self.assertEqual(json.loads(self.box_file(BOX1, run.name, "meta.json"))["status"], "interrupted")
+
+    def test_resume_follows_the_points_still_running_on_the_box(self) -> None:
+        config = self.sweep_config("import time\ntime.sleep(6)\nprint('done', flush=True)\n")
+        child = self.start("sweep", config, "--grid", "env.LR=1,2,3,4", "--on", f"ssh:{BOX1}")
+        self.wait_for_line(child.stderr, b"[2/4 LR=2] started on box")
+        child.kill()  # the sweep's runner dies; its points run on, on the box
+        child.communicate(timeout=RUN_TIMEOUT_S)
+        sweep_id = self.meta(self.runs()[0])["sweep"]["id"]
+        started = {run.name for run in self.runs() if self.meta(run)["status"] == "running"}
+        self.assertEqual(len(started), 2)
+        done = self.process("sweep", "--resume", sweep_id, timeout=4 * RUN_TIMEOUT_S)
+        err = done.stderr.decode()
+        self.assertEqual(done.returncode, 0, err)
+        for run_id in started:
+            self.assertIn(f"(run {run_id}): followed, not run again", err)
+        self.assertEqual(len(self.runs()), 4)  # none run twice
+        self.assertEqual({self.meta(run)["status"] for run in self.runs()}, {"succeeded"})
+        self.assertEqual(len(on_box(BOX1, f"ls ~/{self.box_home}/runs").stdout.split()), 4)
