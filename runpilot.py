@@ -8557,10 +8557,12 @@ def box_error_line(host: str, stderr: str) -> str:
 def start_failure(host: str, stderr: str, code: int, home: str) -> RunPilotError:
     """Why the start on the box failed: its RunPilot's own refusal (its exit status), or the box's
     words about putting the payload in place (a full disk, a read-only home), with the fix."""
-    line = box_error_line(host, stderr)
     if "runpilot: error: " in stderr:
-        return BoxError(line, code)
-    if re.search(r"No space left|Disk quota exceeded|File too large", stderr):
+        return BoxError(box_error_line(host, stderr), code)
+    full = re.compile(r"No space left|Disk quota exceeded|File too large")
+    said = [line.strip() for line in stderr.splitlines() if line.strip()]  # tar's first complaint, not its summary
+    line = f"on box {host}: " + next((s for s in said if full.search(s)), said[0] if said else f"exit {code}")
+    if full.search(stderr):
         fix = f"free some space on box {host} under {home}, or set ssh.home to a folder with room"
     else:
         fix = f"check that box {host} can write {home} (ssh.home), then try again"

@@ -258,6 +258,27 @@ class BoxFailures(BoxTestCase):
         self.assert_refused(["run", config, "--on", f"ssh:{BOX1}", "--set", f"ssh.python={fakes}/noengine"],
                             125, f"on box {BOX1}: docker is not installed")
 
+    def test_a_full_remote_disk_is_one_line_and_leaves_nothing_there(self) -> None:
+        """A full remote disk: a 64 KiB tmpfs as the box's home (root mounts it; removed afterwards)."""
+        import pwd
+        if os.geteuid() != 0:
+            self.skipTest("mounting a tiny tmpfs as the box's home needs root")
+        mount = self.tmp / "full"
+        mount.mkdir()
+        os.chmod(self.tmp, 0o711)
+        uid = pwd.getpwnam("rpbox1").pw_uid
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=64k,mode=0700,uid={uid}", "tmpfs", str(mount)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            self.skipTest(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+        self.addCleanup(subprocess.run, ["umount", str(mount)], capture_output=True)
+        config = self.config(JOB)
+        self.assert_refused(["run", config, "--on", f"ssh:{BOX1}", "--set", f"ssh.home={mount}/home"], 125,
+                            "No space left on device", f"free some space on box {BOX1} under {mount}/home",
+                            "or set ssh.home to a folder with room")
+        self.assertEqual(sorted(os.listdir(mount / "home")), ["bin", "code", "configs"])  # nothing half-sent
+        self.assertEqual(os.listdir(mount / "home" / "configs"), [])
+
 
 class Rerun(BoxTestCase):
     def test_rerun_of_a_box_run_uses_this_sides_folders(self) -> None:
@@ -450,30 +471,6 @@ class LostBox(BoxTestCase):
         self.assertEqual(self.meta(folder.path)["status"], "lost")
         self.assertEqual(store.get(run_id).status, "lost")
         self.assertEqual(sum("Connection refused" in line for line in said), 1)  # said once, not every poll
-
-
-class FullBoxDisk(BoxFailures):
-    """A full remote disk: a 64 KiB tmpfs as the box's home (root mounts it; removed afterwards)."""
-
-    def test_a_full_remote_disk_is_one_line_and_leaves_nothing_there(self) -> None:
-        import pwd
-        if os.geteuid() != 0:
-            self.skipTest("mounting a tiny tmpfs as the box's home needs root")
-        mount = self.tmp / "full"
-        mount.mkdir()
-        os.chmod(self.tmp, 0o711)
-        uid = pwd.getpwnam("rpbox1").pw_uid
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=64k,mode=0700,uid={uid}", "tmpfs", str(mount)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            self.skipTest(f"cannot mount a tmpfs here ({done.stderr.strip()})")
-        self.addCleanup(subprocess.run, ["umount", str(mount)], capture_output=True)
-        config = self.config(JOB)
-        self.assert_refused(["run", config, "--on", f"ssh:{BOX1}", "--set", f"ssh.home={mount}/home"], 125,
-                            "No space left on device", f"free some space on box {BOX1} under {mount}/home",
-                            "or set ssh.home to a folder with room")
-        self.assertEqual(sorted(os.listdir(mount / "home")), ["bin", "code", "configs"])  # nothing half-sent
-        self.assertEqual(os.listdir(mount / "home" / "configs"), [])
 
 
 class Outputs(BoxTestCase):
