@@ -1938,11 +1938,107 @@ def case_snapshots(bench: Bench) -> None:
                           f"folder {code / MB:.1f} MB", f"{grown / code:.2f}×", "", None))
 
 
+
+# ==== 13. your other GPU boxes over SSH ========================================
+
+SSH_BOXES = ("runpilot-box1", "runpilot-box2")  # tests/ssh/setup.sh: 2 and 4 GPUs (the nvidia-smi stand-in)
+
+
+def ssh_box_problem(host: str) -> str | None:
+    done = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host,
+                           f"docker image inspect {BUSYBOX_IMAGE} >/dev/null && python3 -V"],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    return None if done.returncode == 0 else done.stderr.strip()[:200] or f"exit {done.returncode}"
+
+
+def case_ssh(bench: Bench) -> None:
+    """Issue 24: a run's fixed cost over ssh against `ssh box docker run` by hand (cold and warm
+    connections), and a 100-point sweep over two boxes against xargs -P over ssh."""
+    say(f"\n## 13. Your other GPU boxes over SSH (load {loadavg()})")
+    for host in SSH_BOXES:
+        if (why := ssh_box_problem(host)) is not None:
+            say(f"skipped: box {host} does not answer with docker and {BUSYBOX_IMAGE} ({why}); start the boxes "
+                "with bash tests/ssh/setup.sh (as root)")
+            return
+    box_home = f"runpilot-bench-{os.getpid()}"
+    try:
+        _ssh_fixed_cost(bench, box_home)
+        _ssh_sweep(bench, box_home)
+    finally:
+        for host in SSH_BOXES:
+            subprocess.run(["ssh", "-o", "BatchMode=yes", host, f"rm -rf ~/{box_home}"], capture_output=True,
+                           timeout=120, stdin=subprocess.DEVNULL)
+
+
+def _ssh_fixed_cost(bench: Bench, box_home: str) -> None:
+    reps, box = bench.reps * 2, SSH_BOXES[0]
+    home = bench.new_home("ssh-run")
+    cfg = bench.tmp / "ssh-run.yaml"
+    cfg.write_text(f"name: bench-ssh\nengine: {bench.engine}\nimage: {BUSYBOX_IMAGE}\nentrypoint: [\"true\"]\n"
+                   f"ssh:\n  home: ~/{box_home}\n")
+    hand_socket = bench.tmp / "ssh-hand-%C"
+    warm_flags = ["-o", "ControlMaster=auto", "-o", f"ControlPath={hand_socket}", "-o", "ControlPersist=120"]
+    by_hand = ["ssh", "-o", "BatchMode=yes", box, f"{bench.engine} run --rm --init {BUSYBOX_IMAGE} true"]
+
+    def cold_runpilot() -> Sample:  # no shared connection: RunPilot opens its master first
+        subprocess.run(["ssh", "-o", f"ControlPath={home}/ssh/%C", "-O", "exit", box], capture_output=True)
+        return bench.runpilot(["run", str(cfg), "--on", f"ssh:{box}"], home)
+
+    variants = {
+        "runpilot run --on ssh, cold (a new connection)": cold_runpilot,
+        "ssh box docker run --rm --init IMG true, cold": lambda: bench.timed(by_hand, bench.env()),
+        "runpilot run --on ssh, warm (its shared connection)": lambda: bench.runpilot(
+            ["run", str(cfg), "--on", f"ssh:{box}"], home),
+        "ssh box docker run ..., warm (ControlMaster)": lambda: bench.timed(
+            [*by_hand[:1], *warm_flags, *by_hand[1:]], bench.env()),
+    }
+    samples = run_variants(variants, reps)  # the warm-up sends runpilot.py to the box once
+    names = list(variants)
+    say(f"{reps} reps, alternating; box {box} is a user of this machine with its own sshd (loopback)")
+    say(table(["variant", "wall median (min–max)"], [[n, median_of(samples[n], "wall").fmt(1000, 0, "ms")]
+                                                     for n in names]))
+    for i, kind in ((0, "cold"), (2, "warm")):
+        ours, hand = median_of(samples[names[i]], "wall").median, median_of(samples[names[i + 1]], "wall").median
+        bench.rows.append(Row("13", f"a run of `true` over ssh ({kind}) vs `ssh box {bench.engine} run` by hand",
+                              f"{ours * 1000:.0f} ms", f"{hand * 1000:.0f} ms",
+                              f"{ours / hand:.2f}× (+{(ours - hand) * 1000:.0f} ms)", "", None))
+
+
+def _ssh_sweep(bench: Bench, box_home: str) -> None:
+    points, pool = 100, 6  # the boxes' 2 + 4 GPUs
+    home = bench.new_home("ssh-sweep")
+    cfg = bench.tmp / "ssh-sweep.yaml"
+    cfg.write_text(f"name: bench-ssh-sweep\nengine: local\nentrypoint: [\"true\"]\nresources: {{gpus: 1}}\n"
+                   f"ssh:\n  home: ~/{box_home}\n")
+    socket = bench.tmp / "ssh-xargs-%C"
+    one = (f"ssh -o BatchMode=yes -o ControlMaster=auto -o ControlPath={socket} -o ControlPersist=120 "
+           f"runpilot-box$(( $0 % 2 + 1 )) true")
+    xargs = ["sh", "-c", f"seq {points} | xargs -P {pool} -n 1 sh -c {shlex.quote(one)}"]
+    grid = f"env.I={','.join(map(str, range(points)))}"
+    hosts = ",".join(SSH_BOXES)
+    variants = {
+        f"runpilot sweep, {points} x `true` on 2 boxes": lambda: bench.runpilot(
+            ["sweep", str(cfg), "--grid", grid, "--on", f"ssh:{hosts}"], home),
+        f"xargs -P {pool} over ssh (warm), {points} x `true`": lambda: bench.timed(xargs, bench.env()),
+    }
+    reps = max(1, bench.reps // 2)
+    samples = run_variants(variants, reps, warmups=0)
+    names = list(variants)
+    say(f"{points} points over two boxes ({reps} rep(s); RunPilot places each on a free GPU of a box)")
+    say(table(["variant", "wall median (min–max)"], [[n, median_of(samples[n], "wall").fmt(1, 1, "s")]
+                                                     for n in names]))
+    ours, hand = median_of(samples[names[0]], "wall").median, median_of(samples[names[1]], "wall").median
+    bench.rows.append(Row("13", f"a sweep of {points} x `true` over two boxes vs `xargs -P {pool}` and ssh",
+                          f"{ours:.1f} s", f"{hand:.1f} s",
+                          f"{ours / hand:.1f}× (+{(ours - hand) / points * pool * 1000:.0f} ms per run and slot)",
+                          "", None))
+
+
 # ==== main =====================================================================
 
 CASES = {1: case_overhead, 2: case_throughput, 3: case_metrics, 4: case_history, 5: case_startup, 6: case_yaml,
          7: case_plot, 8: case_fastpaths, 9: case_sweeps, 10: case_slurm, 11: case_metrics_from,
-         12: case_snapshots}
+         12: case_snapshots, 13: case_ssh}
 ENGINE_CASES = {1, 2, 3, 8}
 
 
@@ -1955,7 +2051,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="fewer reps and smaller sizes (100 MB, 200k METRIC lines, 20k runs): about 5 minutes")
     parser.add_argument("--reps", type=int, help="repetitions per variant (default 5, --quick 2); short cases "
                                                  "run twice as many")
-    parser.add_argument("--cases", default="1,2,3,4,5,6,7,8,9,10,11,12", help="comma-separated case numbers (default all)")
+    parser.add_argument("--cases", default="1,2,3,4,5,6,7,8,9,10,11,12,13", help="comma-separated case numbers (default all)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for RunPilot (default: this one)")
     parser.add_argument("--fresh-home", action="store_true", help="rebuild the cached history home of case 4")
     args = parser.parse_args(argv)
