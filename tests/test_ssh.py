@@ -161,7 +161,25 @@ class SshArgv(HomeTestCase):
         runner = {"home": "/h/a b", "python": "python3", "program": "/h/a b/bin/runpilot-1.py"}
         box = runpilot.SshBox("box1", self.tmp)
         self.assertEqual(shlex.split(box.runpilot(runner, ["stop", "x;y"])),
-                         ["env", "RUNPILOT_HOME=/h/a b", "python3", "/h/a b/bin/runpilot-1.py", "stop", "x;y"])
+                         ["env", "RUNPILOT_HOME=/h/a b", "python3", "-c", runpilot.SSH_LAUNCHER,
+                          "/h/a b/bin/runpilot-1.py", "stop", "x;y"])
+
+    def test_the_box_imports_its_program_and_keeps_the_bytecode(self) -> None:
+        import subprocess
+        import sys
+        program = self.tmp / "bin" / "runpilot-0123.py"
+        program.parent.mkdir()
+        program.write_bytes(Path(runpilot.__file__).read_bytes())
+        argv = [sys.executable, "-c", runpilot.SSH_LAUNCHER, str(program), "--version"]
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+        for _ in range(2):
+            done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+            self.assertEqual((done.returncode, done.stdout.strip()), (0, f"runpilot {runpilot.__version__}"),
+                             done.stderr)
+        self.assertEqual([p.name.split(".")[0] for p in (program.parent / "__pycache__").iterdir()],
+                         ["runpilot-0123"])
+        done = subprocess.run([*argv[:-1], "nosuchcommand"], capture_output=True, text=True, env=env, timeout=120)
+        self.assertEqual(done.returncode, 2)  # main's own exit status, not the launcher's
 
     def test_run_flags_carry_the_options_that_mean_the_same_there(self) -> None:
         options = runpilot.RunOptions(engine="docker", tags={"try": "3"}, stop_timeout=4.0, pull="never",
