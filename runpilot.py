@@ -8465,7 +8465,8 @@ def ssh_start_script(plan: SshPlan, home: str, flags: list[str]) -> str:
     lines += [f'mv "$s/config.yaml" "$h/configs/{rid}.yaml"', 'rm -rf "$s"', "set +e",
               shlex.join(["env", f"RUNPILOT_HOME={home}", plan.settings.python, "-c", SSH_LAUNCHER,
                           f"{home}/bin/{plan.program}", "run", f"{home}/configs/{rid}.yaml", "-d", "--run-id", rid,
-                          *flags])]
+                          *flags]),
+              f'code=$?; if [ $code -ne 0 ]; then rm -f "$h/configs/{rid}.yaml"; fi; exit $code']  # refused: nothing stays
     return "\n".join(lines)
 
 

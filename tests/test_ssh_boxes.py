@@ -257,6 +257,8 @@ class BoxFailures(BoxTestCase):
                                     code, *words)
         self.assert_refused(["run", config, "--on", f"ssh:{BOX1}", "--set", f"ssh.python={fakes}/noengine"],
                             125, f"on box {BOX1}: docker is not installed")
+        left = on_box(BOX1, f"find ~/{self.box_home}/configs ~/{self.box_home}/runs -mindepth 1")
+        self.assertEqual((left.returncode, left.stdout), (0, b""), left.stderr)  # no run, no config left there
 
     def test_a_full_remote_disk_is_one_line_and_leaves_nothing_there(self) -> None:
         """A full remote disk: a 64 KiB tmpfs as the box's home (root mounts it; removed afterwards)."""
