@@ -8454,7 +8454,8 @@ def add_snapshot(tar: tarfile.TarFile, snapshots: "SnapshotStore", snapshot_id: 
 
 
 def ssh_start_script(plan: SshPlan, home: str, flags: list[str]) -> str:
-    """sh that puts the payload in place and starts the run detached with the box's own RunPilot."""
+    """sh that puts the payload in place, starts the run detached with the box's own RunPilot, and
+    sends its meta.json back as a tar (what `_box-report` would send, without a second round trip)."""
     h, rid = shlex.quote(home), plan.run_id
     lines = ["set -e", f"h={h}", f's="$h/.incoming-{rid}"', "trap 'rm -rf \"$s\"' EXIT", 'mkdir -p "$s"',
              'tar -x -f - -C "$s"',
@@ -8465,8 +8466,9 @@ def ssh_start_script(plan: SshPlan, home: str, flags: list[str]) -> str:
     lines += [f'mv "$s/config.yaml" "$h/configs/{rid}.yaml"', 'rm -rf "$s"', "set +e",
               shlex.join(["env", f"RUNPILOT_HOME={home}", plan.settings.python, "-c", SSH_LAUNCHER,
                           f"{home}/bin/{plan.program}", "run", f"{home}/configs/{rid}.yaml", "-d", "--run-id", rid,
-                          *flags]),
-              f'code=$?; if [ $code -ne 0 ]; then rm -f "$h/configs/{rid}.yaml"; fi; exit $code']  # refused: nothing stays
+                          *flags]) + " >/dev/null",
+              f'code=$?; if [ $code -ne 0 ]; then rm -f "$h/configs/{rid}.yaml"; exit $code; fi',  # refused: nothing stays
+              f'cd "$h/runs" && tar -c -f - {rid}/meta.json 2>/dev/null; exit 0']  # its record, in the same round trip
     return "\n".join(lines)
 
 
@@ -8599,9 +8601,9 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
     sent += "" if not plan.code or facts.get("code") else "the code, "
     report(f"sending {sent}the config to box {host}")
     start = box.call(ssh_start_script(plan, home, ssh_run_flags(options)), "start the run",
-                     data=ssh_payload(plan, facts))
+                     data=ssh_payload(plan, facts), binary=True)
     if start.returncode != 0:
-        raise start_failure(host, start.stderr, start.returncode, home)
+        raise start_failure(host, start.stderr.decode("utf-8", "replace"), start.returncode, home)
     runner = {"backend": "ssh", "box": host, "home": home, "python": config.ssh.python,
               "program": f"{home}/bin/{plan.program}", "config_file": config.source,
               "rerun_of": options.rerun_of, "code": code,
@@ -8614,7 +8616,9 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
                    sweep=runner["sweep"], tags=options.tags, code=code)
     folder.write_meta(meta)  # the run is the box's now: recorded here before its files come over
     store.save_or_defer(meta)
-    try:
+    with contextlib.suppress(tarfile.TarError):
+        return ssh_unpack(store, start.stdout, {run_id: runner})[run_id]
+    try:  # the start's answer was cut short: ask again
         return ssh_record_home(store, box, runner, run_id)
     except SshError as exc:
         report(f"{exc}; runpilot list brings the run up to date when the box answers")
