@@ -8990,10 +8990,16 @@ class BoxSweep:
     def collect(self, labels: dict[str, str], pending: list) -> None:
         records = [r for r in (self.store.get(i) for i in self.running) if r is not None]
         fresh: dict[str, RunRecord] = {}
-        for host in set(self.running.values()):
+
+        def ask(host: str) -> tuple[str, list[str], dict[str, RunRecord]]:  # one ssh command per box, all at once
             said: list[str] = []
-            fresh |= SshBackend().refresh(self.store, [r for r in records if self.running[r.id] == host], said.append)
-            fresh |= self.box_answered(host, said, records)
+            return host, said, SshBackend().refresh(self.store, [r for r in records if self.running[r.id] == host],
+                                                    said.append)
+        hosts = sorted(set(self.running.values()))
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(hosts))) as pool:
+            for host, said, found in pool.map(ask, hosts):
+                fresh |= found
+                fresh |= self.box_answered(host, said, records)
         for record in records:  # one that ended before its start was copied home is final already
             run_id = record.id
             if fresh.get(run_id, record).status in ACTIVE_STATUSES:
