@@ -8928,6 +8928,7 @@ class BoxSweep:
     say: Callable[[str], None]
     running: dict[str, str] = field(default_factory=dict)   # run id -> its box
     pull_outputs: bool = False
+    unplaced: set = field(default_factory=set)               # started before the box said which GPUs
     slots: dict[str, int] = field(default_factory=dict)
     silent: dict[str, float] = field(default_factory=dict)  # box -> when it stopped answering
     failed: bool = False
@@ -8972,6 +8973,8 @@ class BoxSweep:
                 continue
             self.running[point["run_id"]] = host
             gpus = f" GPU {','.join(result.devices)}" if result.devices else ""
+            if not result.devices and point_gpus(config):
+                self.unplaced.add(point["run_id"])  # its end line names them
             self.say(f"{labels[point['run_id']]} started on box {host}{gpus} (run {short_id(point['run_id'])})")
         if pending and not self.slots and not self.running:
             for point, _ in pending:
@@ -9004,10 +9007,12 @@ class BoxSweep:
             run_id = record.id
             if fresh.get(run_id, record).status in ACTIVE_STATUSES:
                 continue
-            del self.running[run_id]
+            host = self.running.pop(run_id)
             meta = self.store.folder(run_id).read_meta()
             shown = ", ".join(f"{k} {fmt_value(meta.last_metrics[k])}" for k in meta.metric_names
                               if k in meta.last_metrics)
+            if run_id in self.unplaced and meta.devices:
+                shown += (", " if shown else "") + f"on box {host} GPU {','.join(meta.devices)}"
             self.say(f"{labels[run_id]} {fmt_ending(meta)}" + (f", {shown}" if shown else "") + f" (run {short_id(run_id)})")
             if meta.status != SUCCEEDED:
                 self.failed = True
