@@ -3989,6 +3989,14 @@ class Engine:
         """The engine's version, as it reports it (None where it has none)."""
         return None
 
+    def inspect_image(self, image: str) -> dict | None:
+        """IMAGE's id and repo digests, or None when it is not present here (other failures raise)."""
+        return None
+
+    def pull_image(self, image: str, pull: str, info: dict | None, report: Reporter) -> dict:
+        """Pull IMAGE as --pull says, given what inspect_image said of it (INFO); its id and digests."""
+        return info or {}
+
     def stop(self, job: "Job", sig: int) -> None:
         """Send SIG to a started JOB (section 13's Job)."""
         raise NotImplementedError
@@ -4087,6 +4095,50 @@ class ContainerEngine(Engine):
     def version(self) -> str | None:
         return quiet_run([self.program, "version", "--format", self.version_format],
                          timeout=GIT_PROBE_SECONDS).stdout.strip() or None
+
+    def require_cli(self) -> None:
+        if not shutil.which(self.program):
+            raise EngineError(f"{self.name} is not installed (not found on PATH); install it "
+                              f"(apt-get install {self.package or self.name}) "
+                              "or choose another engine with --engine")
+
+    def inspect_image(self, image: str) -> dict | None:
+        self.require_cli()
+        done = quiet_run([self.program, "image", "inspect", "--format", "{{.Id}}|{{json .RepoDigests}}", image])
+        if done.returncode != 0:
+            down = engine_down(self.name, done.stderr)
+            if down:
+                raise down
+            if IMAGE_MISSING_RE.search(done.stderr):
+                return None
+            first = done.stderr.strip().splitlines()[0] if done.stderr.strip() else f"exit status {done.returncode}"
+            raise EngineError(f"{self.name} could not look up image {image} ({first}); check that "
+                              f"'{self.name} image inspect {image}' works for this user")
+        image_id, _, digests = done.stdout.strip().partition("|")
+        try:
+            found = json.loads(digests) or []
+        except ValueError:
+            found = []
+        return {"image_id": image_id, "repo_digests": [str(d) for d in found if isinstance(d, str)]}
+
+    def pull_image(self, image: str, pull: str, info: dict | None, report: Reporter) -> dict:
+        if info is not None and pull != "always":
+            return info
+        if pull == "never":
+            raise EngineError(f"image {image} is not present locally and --pull never was given; "
+                              f"pull it ({self.name} pull {image}) or build it")
+        report(RunEvent("pulling", None, f"pulling {image} ..."))
+        try:  # the engine's progress goes to our stderr; the job's log stays the job's
+            sys.stderr.flush()
+            status = subprocess.run([self.program, "pull", image], stdin=subprocess.DEVNULL,
+                                    stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno()).returncode
+        except (OSError, ValueError, AttributeError):
+            status = subprocess.run([self.program, "pull", image], stdin=subprocess.DEVNULL,
+                                    capture_output=True).returncode
+        if status != 0:
+            raise EngineError(f"could not pull image {image} ({self.name} pull exited {status}); check "
+                              "the name and your registry access, or build the image locally")
+        return self.inspect_image(image) or {}
 
     def stop(self, job: "Job", sig: int) -> None:
         """`docker kill --signal SIG NAME`: the container's init hands SIG to the job."""
@@ -4227,34 +4279,9 @@ def build_engine_argv(config: JobConfig, run_id: str, engine: str, env_names: li
     return engine_of(engine).argv(config, run_id, env_names, keep_engine_logs, env_file, devices, keep_container)
 
 
-def require_engine_cli(engine: str) -> None:
-    found = engine_of(engine)
-    if not shutil.which(found.program):
-        raise EngineError(f"{engine} is not installed (not found on PATH); install it "
-                          f"(apt-get install {found.package or engine}) "
-                          "or choose another engine with --engine")
-
-
 def inspect_image(engine: str, image: str) -> dict | None:
     """The image's id and repo digests, or None when it is not present (other failures raise)."""
-    require_engine_cli(engine)
-    program = engine_of(engine).program
-    done = quiet_run([program, "image", "inspect", "--format", "{{.Id}}|{{json .RepoDigests}}", image])
-    if done.returncode != 0:
-        down = engine_down(engine, done.stderr)
-        if down:
-            raise down
-        if IMAGE_MISSING_RE.search(done.stderr):
-            return None
-        first = done.stderr.strip().splitlines()[0] if done.stderr.strip() else f"exit status {done.returncode}"
-        raise EngineError(f"{engine} could not look up image {image} ({first}); check that "
-                          f"'{engine} image inspect {image}' works for this user")
-    image_id, _, digests = done.stdout.strip().partition("|")
-    try:
-        found = json.loads(digests) or []
-    except ValueError:
-        found = []
-    return {"image_id": image_id, "repo_digests": [str(d) for d in found if isinstance(d, str)]}
+    return engine_of(engine).inspect_image(image)
 
 
 def prepare_image(engine: str, image: str, pull: str, report: Reporter = ignore_events) -> dict:
@@ -4264,24 +4291,7 @@ def prepare_image(engine: str, image: str, pull: str, report: Reporter = ignore_
 
 def pull_image(engine: str, image: str, pull: str, info: dict | None, report: Reporter) -> dict:
     """Pull the image as --pull says, given what inspect_image said of it (INFO)."""
-    if info is not None and pull != "always":
-        return info
-    if pull == "never":
-        raise EngineError(f"image {image} is not present locally and --pull never was given; "
-                          f"pull it ({engine} pull {image}) or build it")
-    report(RunEvent("pulling", None, f"pulling {image} ..."))
-    program = engine_of(engine).program
-    try:  # the engine's progress goes to our stderr; the job's log stays the job's
-        sys.stderr.flush()
-        status = subprocess.run([program, "pull", image], stdin=subprocess.DEVNULL,
-                                stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno()).returncode
-    except (OSError, ValueError, AttributeError):
-        status = subprocess.run([program, "pull", image], stdin=subprocess.DEVNULL,
-                                capture_output=True).returncode
-    if status != 0:
-        raise EngineError(f"could not pull image {image} ({engine} pull exited {status}); check "
-                          "the name and your registry access, or build the image locally")
-    return inspect_image(engine, image) or {}
+    return engine_of(engine).pull_image(image, pull, info, report)
 
 
 def engine_version(engine: str) -> str | None:
@@ -5514,7 +5524,7 @@ class Job:
         engine = engine_of(self.launch.engine)
         if not engine.runs_in_container:  # a signal to a process group cannot fail to arrive
             if self.kill_at is not None and now >= self.kill_at:
-                self.signal_group(signal.SIGKILL)
+                engine.stop(self, signal.SIGKILL)
                 self.kill_at = None
             return
         if now - self.last_stop <= 2 or any(h.poll() is None for h in self.helpers):

@@ -3,7 +3,6 @@ CLI is a script in a temp folder that logs its arguments and hands them to Docke
 and finds and removes what a dead runner left. Skips where the engine is missing, fails where
 RUNPILOT_TEST_ENGINES names it."""
 
-import json
 import subprocess
 import unittest
 
