@@ -86,7 +86,8 @@ RESOURCE_KEYS = ("gpus", "cpu", "memory", "shm_size")
 # What people write by habit from docker-compose and Kubernetes, for "did you mean".
 KEY_SYNONYMS = {"environment": "env", "volumes": "mounts", "command": "entrypoint", "cmd": "entrypoint",
                 "working_dir": "workdir", "cpus": "cpu", "gpu": "gpus", "mem": "memory", "shm": "shm_size"}
-ENGINES = ("docker", "podman", "local")
+# Engine name -> its class (section 11 defines and registers them; `--engine` and configs choose from it).
+ENGINES: dict[str, type] = {}
 # Where the mount called `code` appears when no workdir is given (the PyTorch images' WORKDIR).
 DEFAULT_WORKDIR = "/workspace"
 # Every other named mount appears at /mnt/<name>; top-level paths could shadow the image's own.
@@ -1765,7 +1766,9 @@ def _check_no_nul(chk: _Checker, data: object, path: tuple = ()) -> None:
 def _engine_lacks_image(chk: _Checker, data: dict) -> bool:
     """A container engine set by --set or a sweep's point on a config without an image: the problem
     is blamed on that engine, not on the file (whose engine needed none)."""
-    if data.get("image") is not None or chk._blamed(("engine",)) is None or data.get("engine") in (None, "local"):
+    named = data.get("engine")
+    if data.get("image") is not None or chk._blamed(("engine",)) is None or named is None \
+            or (isinstance(named, str) and named in ENGINES and not ENGINES[named].needs_image):
         return False
     chk.problem(("engine",), f"engine {data['engine']} runs an image, and the config names none; add "
                              "'image: ...' to the config, or leave this engine out")
@@ -1964,7 +1967,7 @@ def _check_metrics(chk: _Checker, metrics: object) -> tuple[str, ...]:
 def _check_engine(chk: _Checker, engine: object) -> str | None:
     if engine is None:
         return None
-    if engine not in ENGINES:
+    if not isinstance(engine, str) or engine not in ENGINES:
         chk.problem(("engine",), f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
         return None
     return str(engine)
@@ -2203,7 +2206,8 @@ def validate_config(data: object, filename: str, text: str = "", positions: dict
         workdir = DEFAULT_WORKDIR
     config = JobConfig(
         name=_check_text(chk, data, ("name",), required=True) or "",
-        image=_check_text(chk, data, ("image",), required=engine != "local" and not _engine_lacks_image(chk, data)),
+        image=_check_text(chk, data, ("image",), required=(engine is None or ENGINES[engine].needs_image)
+                          and not _engine_lacks_image(chk, data)),
         entrypoint=_check_entrypoint(chk, data) or "",
         workdir=workdir,
         env=_check_env(chk, data.get("env")),
@@ -2388,7 +2392,7 @@ def tensorboard_folder(config: JobConfig, engine: str, path: str) -> Path | None
     Engine local: relative to the job's folder. In a container: relative to the workdir, and
     readable from here only inside a mount.
     """
-    if engine == "local":
+    if engine in ENGINES and not ENGINES[engine].runs_in_container:
         return Path(local_workdir(config), path)
     if not path.startswith("/"):
         if not config.workdir:
@@ -2421,7 +2425,7 @@ def entrypoint_warnings(config: JobConfig, engine: str | None) -> list[str]:
     files = entrypoint_files(config.entrypoint)
     if not files:
         return []
-    if engine == "local":
+    if engine in ENGINES and not ENGINES[engine].runs_in_container:
         folder = local_workdir(config)
         missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
         return [f"the entrypoint names {', '.join(missing)}, which is not in {folder} (where engine local "
@@ -3848,6 +3852,11 @@ class TensorBoardWatcher:
         return sum(r.corrupt for r in self.readers.values())
 
 # ==== 11. Engines: choosing one, its command line, its images ================
+# An engine is one class: `Engine` is the protocol (its command line, its images, its GPUs, what the job
+# sees of a mount, stopping the job, what a dead runner left behind), `LocalEngine`, `DockerEngine` and
+# `PodmanEngine` implement it, and ENGINES (section 3) lists them by the name that configs, --engine
+# and records keep. Code elsewhere gets the object with `engine_of(name)` and asks it; it never tests
+# the name. The methods that end a job's processes use section 12's /proc helpers when called.
 
 def quiet_run(argv: list[str], timeout: float = 30, env=None) -> subprocess.CompletedProcess:
     """Run a short helper command and capture its output; never raises for a bad status."""
@@ -3868,59 +3877,7 @@ def require_image(config: JobConfig, engine: str) -> None:
                           "or run with --engine local", config.source)
 
 
-def choose_engine(flag: str | None, config: JobConfig, environ, which=None) -> str:
-    """--engine, then the config's `engine`, then RUNPILOT_ENGINE, then docker if present, else podman;
-    a container engine needs the config to name an image."""
-    engine = _pick_engine(flag, config, environ, which or shutil.which)
-    if engine != "local":
-        require_image(config, engine)
-    return engine
-
-
-def _pick_engine(flag: str | None, config: JobConfig, environ, which) -> str:
-    for choice, where in ((flag, "--engine"), (config.engine, "the config"),
-                          (environ.get("RUNPILOT_ENGINE"), "RUNPILOT_ENGINE")):
-        if choice:
-            if choice not in ENGINES:
-                raise UsageError(f"{where} names engine {choice!r}; choose one of {', '.join(ENGINES)}")
-            return choice
-    for candidate in ("docker", "podman"):
-        if which(candidate):
-            return candidate
-    raise EngineError("neither docker nor podman is installed; install one (apt-get install docker.io "
-                      "or podman), or run without a container with --engine local")
-
-
 Gpus = int | str | tuple[str, ...] | None
-
-
-def gpu_args(engine: str, gpus: Gpus) -> list[str]:
-    """Docker's --gpus value, or Podman's CDI devices, for a count, 'all' or device ids."""
-    if gpus is None:
-        return []
-    if engine == "docker":
-        if isinstance(gpus, tuple):
-            return ["--gpus", f'"device={",".join(gpus)}"']  # Docker parses this value as CSV
-        return ["--gpus", str(gpus)]
-    if gpus == "all":
-        devices = ["all"]
-    elif isinstance(gpus, int):
-        devices = [str(i) for i in range(gpus)]
-    else:
-        devices = list(gpus)
-    return [arg for d in devices for arg in ("--device", f"nvidia.com/gpu={d}")]
-
-
-def job_environment(config: JobConfig, run_id: str, engine: str, environ) -> dict[str, str]:
-    """What the job sees in its environment besides the image's own: RunPilot's variables,
-    RUNPILOT_MOUNT_<NAME> for each named mount, then the config's env with ${VAR} expanded."""
-    env = {"PYTHONUNBUFFERED": "1", "RUNPILOT_RUN_ID": run_id}
-    for m in config.mounts:
-        if m.name:
-            name = "RUNPILOT_MOUNT_" + re.sub(r"[^A-Za-z0-9]", "_", m.name).upper()
-            env[name] = m.source if engine == "local" else m.target
-    env.update(expand_env(config.env, environ))
-    return env
 
 
 def env_file_lines(env: dict[str, str]) -> tuple[bytes, list[str]]:
@@ -3946,47 +3903,6 @@ def workdir_provided(config: JobConfig) -> bool:
         if not inside.startswith("..") and os.path.isdir(os.path.join(m.source, inside)):
             return True
     return False
-
-
-def build_engine_argv(config: JobConfig, run_id: str, engine: str, env_names: list[str] = (),
-                      keep_engine_logs: bool = False, env_file: str | None = None,
-                      devices: tuple[str, ...] | None = None, keep_container: bool = False) -> list[str]:
-    """The `docker run` / `podman run` argv for a job (pure: no I/O, tested without an engine).
-
-    Env values never appear here (anyone can read argv in `ps`): they come from ENV_FILE, which
-    the runner passes as a pipe, or by name (`-e NAME`) from the engine's own environment.
-    DEVICES, when given, are the GPUs this run was placed on. KEEP_CONTAINER (--check-writes) leaves
-    out --rm: the runner looks at what the job wrote, then removes the container itself.
-    """
-    require_image(config, engine)
-    argv = [engine, "run", *([] if keep_container else ["--rm"]), "--init", "--pull", "never",
-            "--name", container_name(run_id), "--label", f"{RUN_LABEL}={run_id}"]
-    if not keep_engine_logs:
-        argv += ["--log-driver", "none"]
-    if env_file:
-        argv += ["--env-file", env_file]
-    for name in env_names:
-        argv += ["-e", name]
-    for m in config.mounts:
-        argv += ["-v", f"{m.source}:{m.target}" + (":ro" if m.read_only else "")]
-    # Docker creates a missing workdir; Podman refuses one given on its command line, so the
-    # job's own shell creates it there.
-    create_workdir = engine == "podman" and bool(config.workdir) and not workdir_provided(config)
-    if config.workdir:
-        argv += ["-w", "/" if create_workdir else config.workdir]
-    res = config.resources
-    argv += gpu_args(engine, devices if devices is not None else res.gpus)
-    if res.cpu is not None:
-        argv += ["--cpus", f"{res.cpu:g}"]
-    if res.memory is not None:
-        argv += ["--memory", str(res.memory)]
-    if res.shm_size is not None:
-        argv += ["--shm-size", str(res.shm_size)]
-    command = ["/bin/sh", "-c", config.entrypoint] if isinstance(config.entrypoint, str) else \
-        list(config.entrypoint)
-    if create_workdir:
-        command = ["/bin/sh", "-c", 'mkdir -p "$0" && cd "$0" && exec "$@"', str(config.workdir), *command]
-    return argv + ["--entrypoint", command[0], str(config.image), *command[1:]]
 
 
 def local_argv(config: JobConfig) -> list[str]:
@@ -4022,32 +3938,350 @@ def engine_down(engine: str, stderr: str) -> EngineError | None:
     return None
 
 
-def require_engine_cli(engine: str) -> None:
-    if not shutil.which(engine):
-        raise EngineError(f"{engine} is not installed (not found on PATH); install it "
-                          f"(apt-get install {'docker.io' if engine == 'docker' else 'podman'}) "
-                          "or choose another engine with --engine")
+# Where Podman looks for CDI specs (`nvidia-ctk cdi generate` writes one of these).
+CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
+
+
+def _has_nvidia_cdi_spec() -> bool:
+    for folder in CDI_DIRS:
+        for spec in sorted(Path(folder).glob("*.*")) if Path(folder).is_dir() else []:
+            with contextlib.suppress(OSError):
+                if "nvidia.com/gpu" in spec.read_text(errors="replace"):
+                    return True
+    return False
+
+
+class Engine:
+    """What runs a job, and the protocol every engine implements. An instance holds no state: the
+    class attributes say what kind of engine it is, the methods do what differs between engines.
+    Register a subclass in ENGINES under its `name` and `--engine`, configs and records accept it."""
+
+    name = ""                     # what configs, --engine, meta.json and runs.db say
+    program = ""                  # the CLI it runs (a container engine's), found on PATH
+    runs_in_container = False     # the job runs in a container (its name, labels, --rm), not as a process here
+    needs_image = False           # the config must name an image
+    autodetect = False            # chosen, in ENGINES' order, when nothing names an engine and `program` is here
+    writes_as_root = False        # what the job writes into a mount belongs to root (handed back after it)
+
+    def argv(self, config: JobConfig, run_id: str, env_names: list[str] = (), keep_engine_logs: bool = False,
+             env_file: str | None = None, devices: tuple[str, ...] | None = None,
+             keep_container: bool = False) -> list[str]:
+        """The command that runs the job (see build_engine_argv)."""
+        raise NotImplementedError
+
+    def gpu_args(self, gpus: Gpus) -> list[str]:
+        """The command-line arguments that hand GPUS (a count, 'all' or device ids) to the job."""
+        return []
+
+    def gpu_env(self, gpus: Gpus) -> dict[str, str]:
+        """The variables that show the job only GPUS (the engine's arguments do it in a container)."""
+        return {}
+
+    def gpu_problem(self, environ) -> str | None:
+        """Why this engine cannot hand NVIDIA GPUs to a job here, or None."""
+        return None
+
+    def mount_path(self, mount: Mount) -> str:
+        """Where the job sees MOUNT."""
+        return mount.target
+
+    def version(self) -> str | None:
+        """The engine's version, as it reports it (None where it has none)."""
+        return None
+
+    def inspect_image(self, image: str) -> dict | None:
+        """IMAGE's id and repo digests, or None when it is not present here (other failures raise)."""
+        return None
+
+    def pull_image(self, image: str, pull: str, info: dict | None, report: Reporter) -> dict:
+        """Pull IMAGE as --pull says, given what inspect_image said of it (INFO); its id and digests."""
+        return info or {}
+
+    def stop(self, job: "Job", sig: int) -> None:
+        """Send SIG to a started JOB (section 13's Job)."""
+        raise NotImplementedError
+
+    def end_job(self, job: "Job") -> None:
+        """After JOB's main process ended: end whatever else of it is still running."""
+
+    def remove(self, launch: "Launch") -> None:
+        """After a stop: remove what the engine keeps of the job (its container)."""
+
+    def leftovers(self, run_id: str, job: dict) -> list:
+        """What of run RUN_ID's job still runs (containers, processes) after its runner died; JOB is
+        meta.job (a local job's process group)."""
+        return []
+
+    def end_leftovers(self, run_id: str, job: dict, wait: float) -> None:
+        """Remove what `leftovers` finds, and wait (up to WAIT seconds) until it is gone."""
+
+
+class LocalEngine(Engine):
+    """The job runs as a process group on this host, without a container (`--engine local`)."""
+
+    name = "local"
+
+    def argv(self, config: JobConfig, run_id: str, *args, **kwargs) -> list[str]:
+        return local_argv(config)
+
+    def gpu_env(self, gpus: Gpus) -> dict[str, str]:
+        return local_gpu_env(gpus)
+
+    def mount_path(self, mount: Mount) -> str:
+        return mount.source
+
+    def stop(self, job: "Job", sig: int) -> None:
+        job.signal_group(sig)
+
+    def end_job(self, job: "Job") -> None:
+        """Nothing a local job started outlives its run: its process group, and its adopted orphans."""
+        job.signal_group(signal.SIGKILL)
+        end_orphans(job.launch.run_id)
+
+    def leftovers(self, run_id: str, job: dict) -> list:
+        return local_job_processes(run_id, job)
+
+    def end_leftovers(self, run_id: str, job: dict, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while (pids := local_job_processes(run_id, job)) and time.monotonic() < deadline:
+            for pid in pids:  # again each time: a process may have forked before it got its SIGKILL
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
+
+
+class ContainerEngine(Engine):
+    """An engine with Docker's command line: `PROGRAM run`, `kill`, `rm`, `ps`, `image inspect`, `pull`."""
+
+    runs_in_container = True
+    needs_image = True
+    autodetect = True
+    creates_workdir = True        # `run -w DIR` creates a missing DIR (Podman refuses one)
+    version_format = "{{.Client.Version}}"
+    package = ""                  # what to install when `program` is missing
+
+    def argv(self, config: JobConfig, run_id: str, env_names: list[str] = (), keep_engine_logs: bool = False,
+             env_file: str | None = None, devices: tuple[str, ...] | None = None,
+             keep_container: bool = False) -> list[str]:
+        require_image(config, self.name)
+        argv = [self.program, "run", *([] if keep_container else ["--rm"]), "--init", "--pull", "never",
+                "--name", container_name(run_id), "--label", f"{RUN_LABEL}={run_id}"]
+        if not keep_engine_logs:
+            argv += ["--log-driver", "none"]
+        if env_file:
+            argv += ["--env-file", env_file]
+        for name in env_names:
+            argv += ["-e", name]
+        for m in config.mounts:
+            argv += ["-v", f"{m.source}:{m.target}" + (":ro" if m.read_only else "")]
+        # An engine that refuses a missing workdir on its command line gets it from the job's own shell.
+        create_workdir = not self.creates_workdir and bool(config.workdir) and not workdir_provided(config)
+        if config.workdir:
+            argv += ["-w", "/" if create_workdir else config.workdir]
+        res = config.resources
+        argv += self.gpu_args(devices if devices is not None else res.gpus)
+        if res.cpu is not None:
+            argv += ["--cpus", f"{res.cpu:g}"]
+        if res.memory is not None:
+            argv += ["--memory", str(res.memory)]
+        if res.shm_size is not None:
+            argv += ["--shm-size", str(res.shm_size)]
+        command = ["/bin/sh", "-c", config.entrypoint] if isinstance(config.entrypoint, str) else \
+            list(config.entrypoint)
+        if create_workdir:
+            command = ["/bin/sh", "-c", 'mkdir -p "$0" && cd "$0" && exec "$@"', str(config.workdir), *command]
+        return argv + ["--entrypoint", command[0], str(config.image), *command[1:]]
+
+    def version(self) -> str | None:
+        return quiet_run([self.program, "version", "--format", self.version_format],
+                         timeout=GIT_PROBE_SECONDS).stdout.strip() or None
+
+    def require_cli(self) -> None:
+        if not shutil.which(self.program):
+            raise EngineError(f"{self.name} is not installed (not found on PATH); install it "
+                              f"(apt-get install {self.package or self.name}) "
+                              "or choose another engine with --engine")
+
+    def inspect_image(self, image: str) -> dict | None:
+        self.require_cli()
+        done = quiet_run([self.program, "image", "inspect", "--format", "{{.Id}}|{{json .RepoDigests}}", image])
+        if done.returncode != 0:
+            down = engine_down(self.name, done.stderr)
+            if down:
+                raise down
+            if IMAGE_MISSING_RE.search(done.stderr):
+                return None
+            first = done.stderr.strip().splitlines()[0] if done.stderr.strip() else f"exit status {done.returncode}"
+            raise EngineError(f"{self.name} could not look up image {image} ({first}); check that "
+                              f"'{self.name} image inspect {image}' works for this user")
+        image_id, _, digests = done.stdout.strip().partition("|")
+        try:
+            found = json.loads(digests) or []
+        except ValueError:
+            found = []
+        return {"image_id": image_id, "repo_digests": [str(d) for d in found if isinstance(d, str)]}
+
+    def pull_image(self, image: str, pull: str, info: dict | None, report: Reporter) -> dict:
+        if info is not None and pull != "always":
+            return info
+        if pull == "never":
+            raise EngineError(f"image {image} is not present locally and --pull never was given; "
+                              f"pull it ({self.name} pull {image}) or build it")
+        report(RunEvent("pulling", None, f"pulling {image} ..."))
+        try:  # the engine's progress goes to our stderr; the job's log stays the job's
+            sys.stderr.flush()
+            status = subprocess.run([self.program, "pull", image], stdin=subprocess.DEVNULL,
+                                    stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno()).returncode
+        except (OSError, ValueError, AttributeError):
+            status = subprocess.run([self.program, "pull", image], stdin=subprocess.DEVNULL,
+                                    capture_output=True).returncode
+        if status != 0:
+            raise EngineError(f"could not pull image {image} ({self.name} pull exited {status}); check "
+                              "the name and your registry access, or build the image locally")
+        return self.inspect_image(image) or {}
+
+    def stop(self, job: "Job", sig: int) -> None:
+        """`docker kill --signal SIG NAME`: the container's init hands SIG to the job."""
+        argv = [self.program, "kill", "--signal", signal.Signals(sig).name, job.launch.container]
+        job.helpers.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL, start_new_session=True))
+
+    def remove(self, launch: "Launch") -> None:
+        if launch.container:
+            quiet_run([self.program, "rm", "-f", launch.container], timeout=60)
+
+    def leftovers(self, run_id: str, job: dict) -> list:
+        """The run's containers, found by the label every container of a run carries."""
+        if not shutil.which(self.program):
+            return []
+        done = quiet_run([self.program, "ps", "-a", "-q", "--filter", f"label={RUN_LABEL}={run_id}"])
+        return done.stdout.split() if done.returncode == 0 else []
+
+    def end_leftovers(self, run_id: str, job: dict, wait: float) -> None:
+        for container in self.leftovers(run_id, job):
+            quiet_run([self.program, "rm", "-f", container], timeout=60)
+
+
+class DockerEngine(ContainerEngine):
+    """Docker: its daemon runs the job as root; `--gpus` through the NVIDIA Container Toolkit."""
+
+    name = program = "docker"
+    package = "docker.io"
+    version_format = "{{.Server.Version}}"  # the daemon's: it is what runs the job
+    writes_as_root = True
+
+    def gpu_args(self, gpus: Gpus) -> list[str]:
+        if gpus is None:
+            return []
+        if isinstance(gpus, tuple):
+            return ["--gpus", f'"device={",".join(gpus)}"']  # Docker parses this value as CSV
+        return ["--gpus", str(gpus)]
+
+    def gpu_problem(self, environ) -> str | None:
+        path = environ.get("PATH")
+        if not any(shutil.which(tool, path=path) for tool in (
+                "nvidia-container-runtime-hook", "nvidia-container-runtime", "nvidia-ctk")):
+            return ("docker cannot reach the GPUs: the NVIDIA Container Toolkit is not installed; install "
+                    "nvidia-container-toolkit, run 'sudo nvidia-ctk runtime configure --runtime=docker' and restart docker")
+        return None
+
+
+class PodmanEngine(ContainerEngine):
+    """Podman: rootless, daemonless; GPUs as CDI devices."""
+
+    name = program = "podman"
+    package = "podman"
+    creates_workdir = False
+
+    def gpu_args(self, gpus: Gpus) -> list[str]:
+        if gpus is None:
+            return []
+        if gpus == "all":
+            devices = ["all"]
+        elif isinstance(gpus, int):
+            devices = [str(i) for i in range(gpus)]
+        else:
+            devices = list(gpus)
+        return [arg for d in devices for arg in ("--device", f"nvidia.com/gpu={d}")]
+
+    def gpu_problem(self, environ) -> str | None:
+        if not _has_nvidia_cdi_spec():
+            return ("podman cannot reach the GPUs: no CDI spec for nvidia.com/gpu; run "
+                    "'sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml'")
+        return None
+
+
+# The order is the order the choices are listed in, and autodetection's: docker, then podman.
+ENGINES.update({cls.name: cls for cls in (DockerEngine, PodmanEngine, LocalEngine)})
+
+
+def engine_of(name: str | None, default: str | None = None) -> Engine:
+    """The engine registered as NAME (what a config or record says); DEFAULT's where NAME is none
+    of them (a record without one), else a UsageError."""
+    cls = ENGINES.get(name) if isinstance(name, str) else None
+    if cls is None and default is not None:
+        cls = ENGINES[default]
+    if cls is None:
+        raise UsageError(f"engine {name!r} is not known here; choose one of {', '.join(ENGINES)}")
+    return cls()
+
+
+def choose_engine(flag: str | None, config: JobConfig, environ, which=None) -> str:
+    """--engine, then the config's `engine`, then RUNPILOT_ENGINE, then docker if present, else podman;
+    a container engine needs the config to name an image."""
+    engine = _pick_engine(flag, config, environ, which or shutil.which)
+    if engine_of(engine).needs_image:
+        require_image(config, engine)
+    return engine
+
+
+def _pick_engine(flag: str | None, config: JobConfig, environ, which) -> str:
+    for choice, where in ((flag, "--engine"), (config.engine, "the config"),
+                          (environ.get("RUNPILOT_ENGINE"), "RUNPILOT_ENGINE")):
+        if choice:
+            if choice not in ENGINES:
+                raise UsageError(f"{where} names engine {choice!r}; choose one of {', '.join(ENGINES)}")
+            return choice
+    for name, cls in ENGINES.items():
+        if cls.autodetect and which(cls.program):
+            return name
+    raise EngineError("neither docker nor podman is installed; install one (apt-get install docker.io "
+                      "or podman), or run without a container with --engine local")
+
+
+def gpu_args(engine: str, gpus: Gpus) -> list[str]:
+    """Docker's --gpus value, or Podman's CDI devices, for a count, 'all' or device ids."""
+    return engine_of(engine).gpu_args(gpus)
+
+
+def job_environment(config: JobConfig, run_id: str, engine: str, environ) -> dict[str, str]:
+    """What the job sees in its environment besides the image's own: RunPilot's variables,
+    RUNPILOT_MOUNT_<NAME> for each named mount, then the config's env with ${VAR} expanded."""
+    env = {"PYTHONUNBUFFERED": "1", "RUNPILOT_RUN_ID": run_id}
+    for m in config.mounts:
+        if m.name:
+            name = "RUNPILOT_MOUNT_" + re.sub(r"[^A-Za-z0-9]", "_", m.name).upper()
+            env[name] = engine_of(engine).mount_path(m)
+    env.update(expand_env(config.env, environ))
+    return env
+
+
+def build_engine_argv(config: JobConfig, run_id: str, engine: str, env_names: list[str] = (),
+                      keep_engine_logs: bool = False, env_file: str | None = None,
+                      devices: tuple[str, ...] | None = None, keep_container: bool = False) -> list[str]:
+    """The `docker run` / `podman run` argv for a job (pure: no I/O, tested without an engine).
+
+    Env values never appear here (anyone can read argv in `ps`): they come from ENV_FILE, which
+    the runner passes as a pipe, or by name (`-e NAME`) from the engine's own environment.
+    DEVICES, when given, are the GPUs this run was placed on. KEEP_CONTAINER (--check-writes) leaves
+    out --rm: the runner looks at what the job wrote, then removes the container itself.
+    """
+    return engine_of(engine).argv(config, run_id, env_names, keep_engine_logs, env_file, devices, keep_container)
 
 
 def inspect_image(engine: str, image: str) -> dict | None:
     """The image's id and repo digests, or None when it is not present (other failures raise)."""
-    require_engine_cli(engine)
-    done = quiet_run([engine, "image", "inspect", "--format", "{{.Id}}|{{json .RepoDigests}}", image])
-    if done.returncode != 0:
-        down = engine_down(engine, done.stderr)
-        if down:
-            raise down
-        if IMAGE_MISSING_RE.search(done.stderr):
-            return None
-        first = done.stderr.strip().splitlines()[0] if done.stderr.strip() else f"exit status {done.returncode}"
-        raise EngineError(f"{engine} could not look up image {image} ({first}); check that "
-                          f"'{engine} image inspect {image}' works for this user")
-    image_id, _, digests = done.stdout.strip().partition("|")
-    try:
-        found = json.loads(digests) or []
-    except ValueError:
-        found = []
-    return {"image_id": image_id, "repo_digests": [str(d) for d in found if isinstance(d, str)]}
+    return engine_of(engine).inspect_image(image)
 
 
 def prepare_image(engine: str, image: str, pull: str, report: Reporter = ignore_events) -> dict:
@@ -4057,44 +4291,29 @@ def prepare_image(engine: str, image: str, pull: str, report: Reporter = ignore_
 
 def pull_image(engine: str, image: str, pull: str, info: dict | None, report: Reporter) -> dict:
     """Pull the image as --pull says, given what inspect_image said of it (INFO)."""
-    if info is not None and pull != "always":
-        return info
-    if pull == "never":
-        raise EngineError(f"image {image} is not present locally and --pull never was given; "
-                          f"pull it ({engine} pull {image}) or build it")
-    report(RunEvent("pulling", None, f"pulling {image} ..."))
-    try:  # the engine's progress goes to our stderr; the job's log stays the job's
-        sys.stderr.flush()
-        status = subprocess.run([engine, "pull", image], stdin=subprocess.DEVNULL,
-                                stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno()).returncode
-    except (OSError, ValueError, AttributeError):
-        status = subprocess.run([engine, "pull", image], stdin=subprocess.DEVNULL,
-                                capture_output=True).returncode
-    if status != 0:
-        raise EngineError(f"could not pull image {image} ({engine} pull exited {status}); check "
-                          "the name and your registry access, or build the image locally")
-    return inspect_image(engine, image) or {}
+    return engine_of(engine).pull_image(image, pull, info, report)
 
 
 def engine_version(engine: str) -> str | None:
     """The engine's version (the daemon's, for Docker), as its CLI reports it."""
-    fmt = "{{.Server.Version}}" if engine == "docker" else "{{.Client.Version}}"
-    return quiet_run([engine, "version", "--format", fmt], timeout=GIT_PROBE_SECONDS).stdout.strip() or None
+    return engine_of(engine).version()
 
 
 def local_images(engine: str) -> list[str]:
     """The repo:tag names of the images present locally (empty when the engine cannot say)."""
-    if not shutil.which(engine):
+    program = engine_of(engine).program
+    if not shutil.which(program):
         return []
-    done = quiet_run([engine, "images", "--format", "{{.Repository}}:{{.Tag}}"], timeout=20)
+    done = quiet_run([program, "images", "--format", "{{.Repository}}:{{.Tag}}"], timeout=20)
     return [line for line in done.stdout.split() if "<none>" not in line] if done.returncode == 0 else []
+
 
 def image_python(engine: str, image: str) -> str | None:
     """`python` or `python3`: the first that IMAGE runs (`--version` in a throwaway container
     without network), or None; `init` must not write a sample whose first run exits 127."""
     for python in ("python", "python3"):
-        done = quiet_run([engine, "run", "--rm", "--pull", "never", "--network", "none", "--log-driver", "none",
-                          "--entrypoint", python, image, "--version"], timeout=60)
+        done = quiet_run([engine_of(engine).program, "run", "--rm", "--pull", "never", "--network", "none",
+                          "--log-driver", "none", "--entrypoint", python, image, "--version"], timeout=60)
         if done.returncode == 0:
             return python
     return None
@@ -4102,8 +4321,6 @@ def image_python(engine: str, image: str) -> str | None:
 
 # ==== 12. Host facts: GPUs and their claims, git, the runner =================
 
-# Where Podman looks for CDI specs (`nvidia-ctk cdi generate` writes one of these).
-CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
 NVIDIA_QUERY = "index,uuid,name,driver_version,memory.total"
 
 
@@ -4140,28 +4357,6 @@ def gpu_shortfall(requested: Gpus, gpus: list[dict]) -> str | None:
     return None
 
 
-def engine_gpu_problem(engine: str, environ) -> str | None:
-    """Whether the engine is set up to hand NVIDIA GPUs to containers."""
-    path = environ.get("PATH")
-    if engine == "docker" and not any(shutil.which(tool, path=path) for tool in (
-            "nvidia-container-runtime-hook", "nvidia-container-runtime", "nvidia-ctk")):
-        return ("docker cannot reach the GPUs: the NVIDIA Container Toolkit is not installed; install "
-                "nvidia-container-toolkit, run 'sudo nvidia-ctk runtime configure --runtime=docker' and restart docker")
-    if engine == "podman" and not _has_nvidia_cdi_spec():
-        return ("podman cannot reach the GPUs: no CDI spec for nvidia.com/gpu; run "
-                "'sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml'")
-    return None
-
-
-def _has_nvidia_cdi_spec() -> bool:
-    for folder in CDI_DIRS:
-        for spec in sorted(Path(folder).glob("*.*")) if Path(folder).is_dir() else []:
-            with contextlib.suppress(OSError):
-                if "nvidia.com/gpu" in spec.read_text(errors="replace"):
-                    return True
-    return False
-
-
 def query_gpus(environ) -> dict:
     """What nvidia-smi reports: {"devices", "driver", "cuda"} or {"error": why it cannot tell}."""
     smi = shutil.which("nvidia-smi", path=environ.get("PATH"))
@@ -4191,7 +4386,7 @@ def gpu_facts(requested: Gpus, engine: str, check: bool, environ, pool: list[str
             found.get("error") or gpu_shortfall(requested, found["devices"])
         if pool and isinstance(requested, int) and requested > len(pool):
             problem = f"resources.gpus asks for {requested} GPUs but --gpus offers {len(pool)}"
-        problem = problem or (engine_gpu_problem(engine, environ) if engine != "local" else None)
+        problem = problem or engine_of(engine).gpu_problem(environ)
         if problem:
             raise GpuError(f"{problem}; or start anyway with --no-gpu-check")
     return {"requested": list(requested) if isinstance(requested, tuple) else requested, **found}
@@ -4624,8 +4819,8 @@ class StartProbes:
         self.thread.start()
 
     def _probe(self) -> None:
-        if self.engine != "local":
-            self.facts["engine_version"] = engine_version(self.engine)
+        if engine_of(self.engine, "local").runs_in_container:
+            self.facts["engine_version"] = engine_of(self.engine).version()
         repos: dict[str, dict] = {}
         for folder in self.folders:
             if self.abandoned:
@@ -4706,9 +4901,7 @@ def runner_alive(runner: dict) -> bool | None:
 
 def leftover_job(record: RunRecord, meta: RunMeta) -> bool:
     """Whether the job of a run whose runner died is still alive (container or process group)."""
-    if record.engine in ("docker", "podman"):
-        return bool(containers_of(record.engine, record.id))
-    return bool(local_job_processes(record.id, meta.job))
+    return bool(engine_of(record.engine, "local").leftovers(record.id, meta.job))
 
 
 def local_job_processes(run_id: str, job: dict) -> list[int]:
@@ -4729,13 +4922,6 @@ def local_job_processes(run_id: str, job: dict) -> list[int]:
             if fields[0] != "Z" and (int(fields[2]) == pgid or _belongs_to(int(entry), run_id)):
                 found.append(int(entry))
     return found
-
-
-def containers_of(engine: str, run_id: str) -> list[str]:
-    if not shutil.which(engine):
-        return []
-    done = quiet_run([engine, "ps", "-a", "-q", "--filter", f"label={RUN_LABEL}={run_id}"])
-    return done.stdout.split() if done.returncode == 0 else []
 
 
 def become_subreaper() -> bool:
@@ -4904,7 +5090,8 @@ class MemoryProbe:
         if self.container is None:
             return process_group_memory(self.pgid) if self.pgid else None
         if not self.files:
-            done = quiet_run([self.engine, "inspect", "--format", "{{.State.Pid}}", self.container], timeout=10)
+            done = quiet_run([engine_of(self.engine).program, "inspect", "--format", "{{.State.Pid}}",
+                              self.container], timeout=10)
             pid = done.stdout.strip()
             self.files = cgroup_memory_files(int(pid)) if done.returncode == 0 and pid.isdigit() and pid != "0" \
                 else None
@@ -5297,7 +5484,7 @@ class Job:
         self.forced = False
         self.sent = 0                     # the last signal sent to the job
         argv, fds = launch.argv, ()
-        env_fd = env_file_pipe(launch.env_file) if launch.container else None
+        env_fd = env_file_pipe(launch.env_file) if engine_of(launch.engine).runs_in_container else None
         try:
             if env_fd is not None:
                 argv = [f"/dev/fd/{env_fd}" if a == "/dev/fd/ENV" else a for a in argv]
@@ -5325,17 +5512,8 @@ class Job:
         self.last_stop = time.monotonic()
         self.first_stop = self.first_stop or self.last_stop
         self.kill_at = self.last_stop if force else self.last_stop + self.stop_timeout
-        if self.launch.container is None:
-            self.signal_group(self.sent)
-        else:
-            self._engine_signal(self.sent)
+        engine_of(self.launch.engine).stop(self, self.sent)
         return self.sent
-
-    def _engine_signal(self, sig: int) -> None:
-        """`docker kill --signal SIG NAME`: the container's init hands SIG to the job."""
-        argv = [self.launch.engine, "kill", "--signal", signal.Signals(sig).name, self.launch.container]
-        self.helpers.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.DEVNULL, start_new_session=True))
 
     def tick(self) -> None:
         """SIGKILL a job that outlives its grace period; retry a signal sent before the container
@@ -5343,9 +5521,10 @@ class Job:
         now = time.monotonic()
         if not self.first_stop or self.proc.poll() is not None:
             return
-        if self.launch.container is None:
+        engine = engine_of(self.launch.engine)
+        if not engine.runs_in_container:  # a signal to a process group cannot fail to arrive
             if self.kill_at is not None and now >= self.kill_at:
-                self.signal_group(signal.SIGKILL)
+                engine.stop(self, signal.SIGKILL)
                 self.kill_at = None
             return
         if now - self.last_stop <= 2 or any(h.poll() is None for h in self.helpers):
@@ -5353,20 +5532,18 @@ class Job:
         failed = bool(self.helpers) and self.helpers[-1].returncode != 0
         if self.kill_at is not None and now >= self.kill_at:
             self.sent, self.last_stop = signal.SIGKILL, now
-            self._engine_signal(signal.SIGKILL)
+            engine.stop(self, signal.SIGKILL)
         elif failed:
             self.last_stop = now
-            self._engine_signal(self.sent)
+            engine.stop(self, self.sent)
 
     def signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
 
     def end_leftovers(self) -> None:
-        """Nothing a local job started outlives its run: its process group, and its adopted orphans."""
-        if self.launch.container is None:
-            self.signal_group(signal.SIGKILL)
-            end_orphans(self.launch.run_id)
+        """Nothing the job started outlives its run (a local job's process group and orphans)."""
+        engine_of(self.launch.engine).end_job(self)
 
     def reap_helpers(self) -> None:
         for helper in self.helpers:
@@ -6425,10 +6602,11 @@ def make_launch(config: JobConfig, run_id: str, engine: str, env: dict[str, str]
     the container through --env-file (a pipe), so `env: {PATH: ..., DOCKER_HOST: ...}` is the
     job's business only.
     """
-    if engine == "local":
+    runs = engine_of(engine)
+    if not runs.runs_in_container:
         gpus = devices if devices is not None else config.resources.gpus
-        child_env = {**environ, **local_gpu_env(gpus), **env}
-        return Launch(local_argv(config), child_env, local_workdir(config), engine, run_id=run_id,
+        child_env = {**environ, **runs.gpu_env(gpus), **env}
+        return Launch(runs.argv(config, run_id), child_env, local_workdir(config), engine, run_id=run_id,
                       devices=tuple(devices or ()), stop_signal=config.stop_signal)
     lines, by_name = split_job_env(env, environ, engine)
     argv = build_engine_argv(config, run_id, engine, by_name, options.keep_engine_logs, "/dev/fd/ENV", devices,
@@ -6441,7 +6619,7 @@ def make_launch(config: JobConfig, run_id: str, engine: str, env: dict[str, str]
 def split_job_env(env: dict[str, str], environ, engine: str) -> tuple[bytes, list[str]]:
     """The job's variables as --env-file lines, and the few that must travel by name (a line break);
     those may not replace a variable of the runner's own, which the engine CLI itself reads."""
-    if engine == "local":
+    if not engine_of(engine).runs_in_container:
         return b"", []
     lines, by_name = env_file_lines(env)
     if len(lines) > PIPE_SIZE:
@@ -6459,7 +6637,7 @@ def new_meta(config: JobConfig, run_id: str, engine: str, options: RunOptions, f
     known = {f.name for f in dataclasses.fields(RunMeta)}
     meta = RunMeta(
         run_id=run_id, name=config.name, status=RUNNING, started_at=utc_now(), engine=engine,
-        image=config.image, workdir=local_workdir(config) if engine == "local" else config.workdir,
+        image=config.image, workdir=config.workdir if engine_of(engine).runs_in_container else local_workdir(config),
         host=hostname(), user=_user(), runpilot_version=__version__,
         python=".".join(map(str, sys.version_info[:3])), os=_os_name(), runner=runner_identity(),
         config_file=config.source, config=config_to_dict(config), overrides=list(options.overrides),
@@ -6550,7 +6728,7 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: T
                 fail_before_start(store, folder, meta, exc)
                 raise
             env.update(files_env)
-            if engine == "local":
+            if not engine_of(engine).runs_in_container:
                 meta.workdir = local_workdir(launched)
             launch = make_launch(launched, folder.run_id, engine, env, options, environ, placement.devices)
             try:
@@ -6590,7 +6768,7 @@ def _run_placed(store: RunStore, config: JobConfig, folder: RunFolder, meta: Run
 
 def _probe_folders(config: JobConfig) -> list[str]:
     folders = [m.source for m in config.mounts if os.path.isdir(m.source)]
-    if config.engine == "local" and config.source:
+    if not engine_of(config.engine, "docker").runs_in_container and config.source:
         folders.append(local_workdir(config))
     return folders
 
@@ -6603,7 +6781,7 @@ def _report_behind(report: Reporter, run_id: str, behind: str | None) -> None:
 def check_host(config: JobConfig, engine: str, options: RunOptions, environ, report: Reporter) -> dict:
     """Fail fast on what would stop the job from starting; return the facts learnt for meta.json."""
     facts: dict = {}
-    if engine == "local":
+    if not engine_of(engine).runs_in_container:
         program = local_argv(config)[0]
         found = program if "/" in program else shutil.which(program, path=environ.get("PATH"))
         if not found:
@@ -6612,7 +6790,7 @@ def check_host(config: JobConfig, engine: str, options: RunOptions, environ, rep
     else:  # the image lookup also tells a stopped engine; a pull, which may take minutes, comes last
         present = inspect_image(engine, str(config.image))
     facts["gpus"] = gpu_facts(config.resources.gpus, engine, options.gpu_check, environ, options.gpu_pool)
-    if engine != "local":
+    if engine_of(engine).runs_in_container:
         facts.update(pull_image(engine, str(config.image), options.pull, present, report))
     return facts
 
@@ -6698,10 +6876,11 @@ class GpuPlacement:
 
 
 def _announce(config: JobConfig, meta: RunMeta, report: Reporter) -> None:
-    what = f"{config.image} on {meta.engine}" if meta.engine != "local" else "on this host (engine local)"
+    in_container = engine_of(meta.engine, "docker").runs_in_container
+    what = f"{config.image} on {meta.engine}" if in_container else "on this host (engine local)"
     where = f" on GPU {','.join(meta.devices)}" if meta.devices else ""
     report(RunEvent("starting", meta.run_id, f"run {meta.run_id} ({config.name}) starting: {what}{where}"))
-    if meta.engine == "local":
+    if not in_container:
         # A code mount's default workdir is where engine local runs anyway: only a chosen one is ignored.
         ignored = [k for k, v in (("workdir", config.workdir and not config.workdir_implied),
                                   ("image", config.image)) if v]
@@ -6765,14 +6944,14 @@ def _tensorboard_folders(config: JobConfig, meta: RunMeta, report: Reporter) -> 
 
 def _start_job(launch: Launch, options: RunOptions, folder: RunFolder, meta: RunMeta, report: Reporter) -> Job | None:
     """The started job, or None (said as a warning) when its program cannot be started."""
-    if launch.container is None:
+    if not engine_of(launch.engine).runs_in_container:
         become_subreaper()
     try:
         job = Job(launch, options.stop_timeout)
     except OSError as exc:
         report(RunEvent("warning", meta.run_id, f"cannot start {launch.argv[0]}: {exc.strerror}"))
         return None
-    if launch.container is None:  # so `stop` can end a local job whose runner died
+    if not engine_of(launch.engine).runs_in_container:  # so `stop` can end a local job whose runner died
         meta.job = {"pgid": job.proc.pid, "start": process_start(job.proc.pid)}
         with contextlib.suppress(OSError):
             folder.write_meta(meta)
@@ -6794,7 +6973,7 @@ def _tee_to_the_end(job: Job, tee: Tee, signals: StopSignals, timeout: float | N
     finally:
         job.close_pipes()
     job.end_leftovers()
-    if job.launch.check_writes and job.launch.container:
+    if job.launch.check_writes and engine_of(job.launch.engine).runs_in_container:
         result.unmounted_writes = container_writes(job.launch.engine, job.launch.container)
     if result.stop_reason or job.launch.check_writes:
         job.reap_helpers()
@@ -6805,10 +6984,11 @@ def _tee_to_the_end(job: Job, tee: Tee, signals: StopSignals, timeout: float | N
 def container_writes(engine: str, container: str) -> list[tuple[str, int]] | None:
     """Files the job added or changed in its container (outside every mount), with their sizes in
     bytes (-1 when the engine's storage cannot be read from here); None when the engine cannot say."""
-    diff = quiet_run([engine, "diff", container], timeout=60)
+    program = engine_of(engine).program
+    diff = quiet_run([program, "diff", container], timeout=60)
     if diff.returncode != 0:
         return None
-    upper = quiet_run([engine, "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", container], timeout=60)
+    upper = quiet_run([program, "inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", container], timeout=60)
     top = upper.stdout.strip() if upper.returncode == 0 else ""
     return parse_container_diff(diff.stdout, functools.partial(_upper_size, top) if top.startswith("/") else None)
 
@@ -6848,8 +7028,7 @@ def unmounted_write_warnings(writes: list[tuple[str, int]] | None) -> list[str]:
 
 def remove_container(launch: Launch) -> None:
     """After a stop, make sure no container of the run is left (podman's --rm needs its CLI alive)."""
-    if launch.container:
-        quiet_run([launch.engine, "rm", "-f", launch.container], timeout=60)
+    engine_of(launch.engine).remove(launch)
 
 
 def stop_reason(meta: RunMeta, result: TeeResult, config: JobConfig) -> str | None:
@@ -7011,7 +7190,8 @@ def start_usage_sampler(launch: Launch, job: Job, options: RunOptions, config: J
     if smi:
         with contextlib.suppress(OSError):
             gpu_log = MetricLog(folder.gpu_stats)
-    memory = MemoryProbe(launch.engine, launch.container, job.proc.pid if launch.container is None else None)
+    in_container = engine_of(launch.engine).runs_in_container
+    memory = MemoryProbe(launch.engine, launch.container, None if in_container else job.proc.pid)
     return UsageSampler(gpu_log, smi if gpu_log else None, list(meta.devices), options.gpu_stats or GPU_STATS_SECONDS,
                         memory).start()
 
@@ -7095,7 +7275,7 @@ def run_files_config(config: JobConfig, folder: RunFolder, snapshot: bool, engin
     folder mounted (containers); and $RUNPILOT_OUTPUT_DIR (pure: --dry-run shows it too)."""
     mounts = [dataclasses.replace(m, source=str(folder.code)) if m.name == "code" and snapshot else m
               for m in config.mounts]
-    if engine == "local":
+    if not engine_of(engine).runs_in_container:
         env = {"RUNPILOT_OUTPUT_DIR": str(folder.outputs)}
         if snapshot:
             env["RUNPILOT_MOUNT_CODE"] = str(folder.code)
@@ -7110,7 +7290,7 @@ def settle_run_files(folder: RunFolder, engine: str, config: JobConfig, copied: 
                      report: Reporter) -> None:
     """After the job: files it made as root belong to the user again (Docker), and the code copy
     keeps only what the job wrote or changed (the snapshot itself is in the store)."""
-    if engine == "docker" and os.geteuid() != 0:
+    if engine_of(engine).writes_as_root and os.geteuid() != 0:
         reclaim_files(engine, str(config.image), [folder.outputs, folder.code], report, folder.run_id)
     prune_copy(folder.code, copied)
 
@@ -7132,7 +7312,8 @@ def reclaim_files(engine: str, image: str, folders: list[Path], report: Reporter
     if not folders:
         return
     mounts = [arg for i, f in enumerate(folders) for arg in ("-v", f"{f}:/runpilot-files/{i}")]
-    argv = [engine, "run", "--rm", "--pull", "never", "--user", "0:0", "--network", "none", "--log-driver", "none",
+    argv = [engine_of(engine).program, "run", "--rm", "--pull", "never", "--user", "0:0", "--network", "none",
+            "--log-driver", "none",
             *mounts, "--entrypoint", "chown", image, "-R", f"{os.geteuid()}:{os.getegid()}",
             *[f"/runpilot-files/{i}" for i in range(len(folders))]]
     done = quiet_run(argv, timeout=120)
@@ -9218,7 +9399,7 @@ def _refresh_one(store: RunStore, record: RunRecord, note: Callable[[str], None]
     with contextlib.suppress(StoreError):
         store.save_record(record)
     if leftover_job(record, meta):
-        what = "process group" if record.engine == "local" else "container"
+        what = "container" if engine_of(record.engine, "docker").runs_in_container else "process group"
         note(f"run {record.id} lost its runner but its {what} is still running; "
              f"'runpilot stop {record.id}' removes it")
     return record
@@ -9284,16 +9465,7 @@ def stop_sweep(store: RunStore, sweep_id: str, wait: float, note: Callable[[str]
 def end_leftover_job(record: RunRecord, meta: RunMeta, wait: float = 5.0) -> None:
     """Remove the container, or kill the process group, that a dead runner left behind, and wait
     (up to WAIT seconds) until it is gone."""
-    if record.engine in ("docker", "podman"):
-        for container in containers_of(record.engine, record.id):
-            quiet_run([record.engine, "rm", "-f", container], timeout=60)
-        return
-    deadline = time.monotonic() + wait
-    while (pids := local_job_processes(record.id, meta.job)) and time.monotonic() < deadline:
-        for pid in pids:  # again each time: a process may have forked before it got its SIGKILL
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.02)
+    engine_of(record.engine, "local").end_leftovers(record.id, meta.job, wait)
 
 
 def deletable(store: RunStore, records: list[RunRecord], note: Callable[[str], None]) -> list[str]:
@@ -11664,7 +11836,7 @@ def rerun_image(config: JobConfig, old: RunMeta, options: RunOptions, say: Calla
     """The config with the image the old run ran, where its tag has moved since (said before the job
     starts): by digest when the registry gave one, else by the image id while it is still here."""
     engine = options.engine or config.engine or old.engine
-    if engine not in ("docker", "podman") or not old.image_id or not config.image or config.image != old.image:
+    if not engine_of(engine, "local").needs_image or not old.image_id or not config.image or config.image != old.image:
         return config
     with contextlib.suppress(RunPilotError):
         now = inspect_image(engine, config.image)
@@ -12226,7 +12398,7 @@ def init_image() -> tuple[str, str, str]:
     """The image `init` writes, a note why, and the interpreter the sample names: a Python image
     present here and the one it runs (python, else python3), else the sample image and `python`
     (the official python images have it)."""
-    for engine in ("docker", "podman"):
+    for engine in [name for name, cls in ENGINES.items() if cls.autodetect]:
         found = [i for i in local_images(engine) if re.search(r"(python|pytorch)[^/]*:[^/]*$", i)]
         for image in found[:INIT_PROBES]:
             python = image_python(engine, image)
