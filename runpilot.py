@@ -487,6 +487,31 @@ class RunMeta:
     def final(self) -> bool:
         return self.status not in ACTIVE_STATUSES
 
+    # -- the life of a run: queued, then running, then one final status, never rewritten --------
+    def queue(self) -> None:
+        """Record the run as waiting (for its GPUs, a Slurm node): it has not started."""
+        self.status = QUEUED
+
+    def start(self, when: str | None = None) -> None:
+        """Record the job's start; a queued run's wait is not part of its duration."""
+        self.status, self.started_at = RUNNING, when or utc_now()
+
+    def end(self, status: str, reason: str | None = None, finished: bool = True, **fields) -> bool:
+        """Record how the run ended: STATUS (final), REASON (None keeps the one it has), and FIELDS
+        of meta.json (exit_code, stop_signal, lost_at, ...); finished_at is now unless set already
+        or not FINISHED (a run found lost ended at a time nobody saw). A run that has ended already
+        keeps its first ending: nothing changes, and the result is False."""
+        if self.final:
+            return False
+        if status in ACTIVE_STATUSES:
+            raise ValueError(f"{status!r} is not how a run ends")
+        self.status, self.reason = status, self.reason if reason is None else reason
+        for key, value in fields.items():
+            setattr(self, key, value)
+        if finished:
+            self.finished_at = self.finished_at or utc_now()
+        return True
+
 
 @dataclass
 class RunRecord:
@@ -6021,6 +6046,21 @@ class RunStore:
                 return f"{exc} (and no marker could be left: {again.strerror})"
             return f"{exc}; the index catches up from the run folder the next time it is used"
 
+    def record(self, meta: RunMeta, durable: bool = True, strict: bool = True) -> str | None:
+        """Record a changed run: its meta.json first (the truth), then its index row (see
+        save_or_defer); a run that has ended gives back the space set aside for its last record.
+        Returns why the index is behind, if it is. A folder that cannot be written raises OSError;
+        not STRICT (an ending seen from outside), the row is written all the same."""
+        folder = self.folder(meta.run_id)
+        try:
+            folder.write_meta(meta, durable)
+        except OSError:
+            if strict:
+                raise
+        if meta.final:
+            folder.free_reserve()
+        return self.save_or_defer(meta)
+
     def delete(self, run_id: str) -> None:
         """Remove a run's folder, then its row (a folder left by a crash comes back on reindex)."""
         folder = self.folder(run_id)
@@ -6539,7 +6579,8 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: T
             env["RUNPILOT_RUN_ID"] = folder.run_id
             meta = new_meta(config, folder.run_id, engine, options, facts)
             meta.code = code
-            meta.status = RUNNING if placement.ready else QUEUED
+            if not placement.ready:
+                meta.queue()
             _report_behind(report, folder.run_id, record_start(store, config, folder, meta))
             if not placement.ready and not placement.wait(folder.run_id, signals, report):
                 return finish(store, config, folder, meta, TeeResult(None, INTERRUPTED, signals.received[0]),
@@ -6570,12 +6611,10 @@ def _run_placed(store: RunStore, config: JobConfig, folder: RunFolder, meta: Run
     launched, launch = started
     meta.command, meta.command_line, meta.container = launch.argv, shlex.join(launch.argv), launch.container
     meta.devices = list(launch.devices)
-    if meta.status == QUEUED:
-        meta.status, meta.started_at = RUNNING, utc_now()
-        folder.write_meta(meta, durable=False)
-        _report_behind(report, folder.run_id, store.save_or_defer(meta))
-    else:  # the duration is the job's: what recording the run took (an index that was busy) is not
-        meta.started_at = utc_now()
+    was_queued = meta.status == QUEUED
+    meta.start()  # the duration is the job's: what recording the run took (an index that was busy) is not
+    if was_queued:
+        _report_behind(report, folder.run_id, store.record(meta, durable=False))
     _announce(config, meta, report)
     probes = StartProbes(meta.engine or "", _probe_folders(config))
     result = supervise(launch, options, launched, folder, meta, terminal, signals, report)
@@ -6869,10 +6908,12 @@ def stop_reason(meta: RunMeta, result: TeeResult, config: JobConfig) -> str | No
 def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta, result: TeeResult,
            previous: RunMeta | None, report: Reporter) -> RunOutcome:
     """Record how the run ended (meta.json first: it is the truth), report it, return the outcome."""
-    meta.status, exit_status = finish_status(result)
-    meta.exit_code = None if result.returncode is None else job_exit_code(result.returncode)
-    meta.stop_signal = result.stop_signal if meta.status in (INTERRUPTED, CANCELLED) else None
-    meta.finished_at = meta.finished_at or utc_now()
+    status, exit_status = finish_status(result)
+    if not meta.end(status, exit_code=None if result.returncode is None else job_exit_code(result.returncode),
+                    stop_signal=result.stop_signal if status in (INTERRUPTED, CANCELLED) else None):
+        outcome = RunOutcome(RunRecord.of(meta, folder.path), exit_status_of(meta), meta)  # its first ending
+        report(RunEvent("finished", meta.run_id, outcome=outcome))
+        return outcome
     meta.duration = round((parse_time(meta.finished_at) - parse_time(meta.started_at or meta.finished_at))
                           .total_seconds(), 3) if meta.status != CANCELLED else None
     if result.log_error is not None:
@@ -6883,12 +6924,10 @@ def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta,
         + damaged_event_warnings(result.damaged_events)
     meta.hint = failure_hint(config, meta, folder) if meta.status == FAILED else None
     try:
-        folder.write_meta(meta)
+        behind = store.record(meta)
     except OSError as exc:
         raise StoreError(f"the job ended ({meta.status}) but {folder.meta_file} could not be written "
                          f"({exc.strerror}); free some space and run runpilot reindex") from exc
-    folder.free_reserve()
-    behind = store.save_or_defer(meta)
     outcome = RunOutcome(RunRecord.of(meta, folder.path), exit_status, meta)
     report(RunEvent("finished", meta.run_id, outcome=outcome))
     for warning in meta.warnings:
@@ -7161,10 +7200,8 @@ def prune_copy(target: Path, copied: dict[str, tuple]) -> None:
 
 def fail_before_start(store: RunStore, folder: RunFolder, meta: RunMeta, exc: RunPilotError) -> None:
     """A recorded run whose job cannot start: it failed, and says why (it never stays `running`)."""
-    meta.status, meta.finished_at, meta.reason = FAILED, utc_now(), str(exc).splitlines()[0]
-    with contextlib.suppress(OSError):
-        folder.write_meta(meta)
-    store.save_or_defer(meta)
+    if meta.end(FAILED, str(exc).splitlines()[0]):
+        store.record(meta, strict=False)
 
 
 def code_changes(old: list[dict], new: list[dict]) -> dict[str, list[str]]:
@@ -7463,12 +7500,9 @@ class SweepRunner:
     def _record_failure(self, run_id: str, exc: RunPilotError) -> None:
         folder = self.store.folder(run_id)
         meta = folder.read_meta()
-        if meta.final:
+        if not meta.end(FAILED, str(exc).splitlines()[0]):
             return
-        meta.status, meta.finished_at, meta.reason = FAILED, utc_now(), str(exc).splitlines()[0]
-        with contextlib.suppress(OSError):
-            folder.write_meta(meta)
-        self.store.save_or_defer(meta)
+        self.store.record(meta, strict=False)
         self.report(RunEvent("warning", run_id, f"run {run_id} could not start: {meta.reason}"))
 
     def after(self, run_id: str) -> None:
@@ -7518,13 +7552,9 @@ def fmt_sweep_statuses(sweep_id: str, statuses: list[str]) -> str:
 def cancel_queued(store: RunStore, run_id: str, signum: int | None, why: str | None = None) -> None:
     folder = store.folder(run_id)
     meta = folder.read_meta()
-    if meta.status != QUEUED:
-        return
-    meta.status, meta.stop_signal, meta.finished_at = CANCELLED, signum, utc_now()
-    meta.reason = why or "the sweep was stopped before this point started"
-    with contextlib.suppress(OSError):
-        folder.write_meta(meta)
-    store.save_or_defer(meta)
+    if meta.status == QUEUED and meta.end(CANCELLED, why or "the sweep was stopped before this point started",
+                                          stop_signal=signum):
+        store.record(meta, strict=False)
 
 
 SWEEP_REF_RE = re.compile(r"(sw-)?[0-9a-f-]{1,22}\Z")
@@ -7927,21 +7957,21 @@ def _record_slurm_ending(meta: RunMeta, state: str | None, info: dict, home: Pat
     A job cancelled in the queue (never SEEN_RUNNING) was `cancelled`; a runner that started and
     then ended without a word (killed, say) leaves the job's own ending unknown: `lost`."""
     never_started = meta.status == QUEUED
-    meta.status = slurm_status(state) if state else LOST
-    if meta.status in ACTIVE_STATUSES or (meta.status == FAILED and state != "OUT_OF_MEMORY" and not never_started):
-        meta.status = LOST
+    status = slurm_status(state) if state else LOST
+    if status in ACTIVE_STATUSES or (status == FAILED and state != "OUT_OF_MEMORY" and not never_started):
+        status = LOST
     if never_started and not seen_running and state == "CANCELLED":
-        meta.status = CANCELLED
-    meta.finished_at = meta.finished_at or utc_now()
+        status = CANCELLED
     code, _, sig = (info.get("ExitCode") or "").partition(":")
-    if code.isdigit() and not never_started and meta.status != LOST:  # "3:0" is exit 3; "0:15" signal 15
-        meta.exit_code = 128 + int(sig) if int(code) == 0 and sig.isdigit() and int(sig) else int(code)
-    meta.reason = _slurm_reason(meta, state, info, never_started, home)
+    fields = {}
+    if code.isdigit() and not never_started and status != LOST:  # "3:0" is exit 3; "0:15" signal 15
+        fields["exit_code"] = 128 + int(sig) if int(code) == 0 and sig.isdigit() and int(sig) else int(code)
     if state == "OUT_OF_MEMORY":
-        meta.hint = "the job went over the memory Slurm gave it: raise resources.memory (sbatch --mem)"
+        fields["hint"] = "the job went over the memory Slurm gave it: raise resources.memory (sbatch --mem)"
+    meta.end(status, _slurm_reason(meta, status, state, info, never_started, home), **fields)
 
 
-def _slurm_reason(meta: RunMeta, state: str | None, info: dict, never_started: bool, home: Path) -> str:
+def _slurm_reason(meta: RunMeta, status: str, state: str | None, info: dict, never_started: bool, home: Path) -> str:
     job = meta.slurm.get("job_id")
     if not state:
         return f"Slurm no longer knows job {job}, and RunPilot on the node recorded no final status"
@@ -7955,10 +7985,10 @@ def _slurm_reason(meta: RunMeta, state: str | None, info: dict, never_started: b
     reason = info.get("Reason")
     said = f"Slurm: {state}" + (f", {reason}" if reason not in (None, "None") else "") + \
         (f", exit {info['ExitCode']}" if info.get("ExitCode") else "")
-    if meta.status == LOST and state in ("FAILED", "COMPLETED"):
+    if status == LOST and state in ("FAILED", "COMPLETED"):
         return (f"RunPilot on node {info.get('NodeList') or '?'} ended without recording how the run ended "
                 f"({said}); see slurm-{job}.out in the run folder")
-    if meta.status == CANCELLED:
+    if status == CANCELLED:
         return f"Slurm job {job} was cancelled before it started"
     return f"Slurm ended job {job}: {state}" + (f" ({reason})" if reason not in (None, "None") else "")
 
@@ -8108,11 +8138,8 @@ def run_on_node(folder: RunFolder, environ, report: Reporter) -> int:
             folder.write_meta(outcome.meta)
     except RunPilotError as exc:  # the node cannot run it (no engine, no image, no python...)
         failed = folder.read_meta()
-        if not failed.final:
-            failed.status, failed.finished_at, failed.reason = FAILED, utc_now(), str(exc).splitlines()[0]
-            failed.slurm = slurm
-            failed.host = slurm["node"]
-            folder.write_meta(failed)
+        if failed.end(FAILED, str(exc).splitlines()[0], slurm=slurm, host=slurm["node"]):
+            store.record(failed)
         raise
     return outcome.exit_code
 
@@ -8574,13 +8601,17 @@ def ssh_record_home(store: "RunStore", box: SshBox, runner: dict, run_id: str) -
 
 def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict[str, RunMeta]:
     """Put the files of a `_box-report` tar into the runs' folders here; index them. The runner
-    stays this side's (`backend: ssh`, the box): the box's own runner means nothing here."""
+    stays this side's (`backend: ssh`, the box): the box's own runner means nothing here. A run that
+    has ended here already (recorded lost) keeps that ending: its meta.json is not replaced."""
     metas = {}
+    ended = {run_id for run_id in runners
+             if (here := store.folder(run_id).read_meta()).final and here.started_at is not None}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
         for member in tar.getmembers():
             run_id, _, name = member.name.partition("/")
             parts = name.split("/")
-            if run_id not in runners or not member.isfile() or name == "config.yaml" or "" in parts or ".." in parts:
+            if run_id not in runners or not member.isfile() or name == "config.yaml" or "" in parts or ".." in parts \
+                    or (name == "meta.json" and run_id in ended):
                 continue  # never outside the run's folder; the box's config.yaml names the box's folders
             target = store.folder(run_id).path / name
             make_private_dirs(target.parent)
@@ -8592,8 +8623,7 @@ def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict
         meta.config_file = runner.get("config_file") or meta.config_file
         meta.rerun_of = runner.get("rerun_of") or meta.rerun_of
         meta.sweep = runner.get("sweep") or meta.sweep
-        folder.write_meta(meta)
-        store.save_or_defer(meta)
+        store.record(meta)
         metas[run_id] = meta
     return metas
 
@@ -8947,10 +8977,9 @@ class BoxSweep:
             if self.running.get(record.id) == host:
                 folder = self.store.folder(record.id)
                 meta = folder.read_meta()
-                meta.status, meta.lost_at = LOST, utc_now()
-                meta.reason = f"box {host} stopped answering over ssh for {SSH_LOST_S}s during the sweep"
-                folder.write_meta(meta)
-                self.store.save_or_defer(meta)
+                if meta.end(LOST, f"box {host} stopped answering over ssh for {SSH_LOST_S}s during the sweep",
+                            finished=False, lost_at=utc_now()):
+                    self.store.record(meta)
                 lost[record.id] = RunRecord.of(meta, folder.path)
         self.say(f"box {host} did not answer for {SSH_LOST_S}s: its running points are recorded lost; the others go on")
         return lost
@@ -9046,17 +9075,15 @@ def _refresh_one(store: RunStore, record: RunRecord, note: Callable[[str], None]
         return RunRecord.of(meta, folder.path) if readable else record
     never_started = (meta.status if readable else record.status) == QUEUED
     if readable:
-        meta.status = CANCELLED if never_started else LOST
-        meta.lost_at = utc_now()
-        meta.reason = ("the process that queued it ended before it started" if never_started else
-                       f"its runner (pid {runner.get('pid')}) ended without recording how the run ended")
-        with contextlib.suppress(OSError):
-            folder.write_meta(meta)
+        meta.end(CANCELLED if never_started else LOST, "the process that queued it ended before it started"
+                 if never_started else f"its runner (pid {runner.get('pid')}) ended without recording how the "
+                 "run ended", finished=False, lost_at=utc_now())
+        store.record(meta, strict=False)
         record = RunRecord.of(meta, folder.path)
     else:
         record.status, record.reason = LOST, f"its runner ended, and meta.json is unreadable ({meta.problems[0]})"
-    with contextlib.suppress(StoreError):
-        store.save_record(record)
+        with contextlib.suppress(StoreError):
+            store.save_record(record)
     if leftover_job(record, meta):
         what = "process group" if record.engine == "local" else "container"
         note(f"run {record.id} lost its runner but its {what} is still running; "
