@@ -122,7 +122,7 @@ DEFAULT_STOP_TIMEOUT = 10
 MAX_STOP_TIMEOUT = 86400
 # SQLite waits this long for a lock held by a parallel run before it gives up (RUNPILOT_DB_TIMEOUT).
 DB_TIMEOUT = 30.0
-DB_SCHEMA_VERSION = 3
+DB_SCHEMA_VERSION = 4
 # Space set aside in each run folder while the job runs, freed to write the final record on a full disk.
 RESERVE_BYTES = 256 << 10
 # What git's probes of a mounted folder may take in all; past it the run is recorded without them.
@@ -487,6 +487,21 @@ class RunMeta:
     def final(self) -> bool:
         return self.status not in ACTIVE_STATUSES
 
+    @property
+    def backend(self) -> str:
+        """Where the run executes: `slurm` (it has a `slurm` block), the backend its runner names
+        (`ssh`), or `here`."""
+        if self.slurm:
+            return "slurm"
+        named = self.runner.get("backend")
+        return named if isinstance(named, str) and named else "here"
+
+    @property
+    def backend_ref(self) -> str | None:
+        """The backend's handle on the run, as the index keeps it: the Slurm job (`123`, `120_4`), the box."""
+        ref = self.slurm.get("job_id") if self.slurm else self.runner.get("box")
+        return str(ref) if ref not in (None, "") else None
+
     # -- the life of a run: queued, then running, then one final status, never rewritten --------
     def queue(self) -> None:
         """Record the run as waiting (for its GPUs, a Slurm node): it has not started."""
@@ -533,7 +548,8 @@ class RunRecord:
     sweep_id: str | None = None
     reason: str | None = None           # Slurm's pending reason, or why a run was lost
     runner: dict = field(default_factory=dict)   # who runs it, so a run stays stoppable without meta.json
-    slurm_job: str | None = None        # the Slurm job (array_task) that runs it, for one squeue per list
+    backend: str = "here"               # where it executes: a name in BACKENDS
+    backend_ref: str | None = None      # the backend's handle on it (the Slurm job), for one batch per list
 
     @classmethod
     def of(cls, meta: RunMeta, path: Path) -> "RunRecord":
@@ -542,8 +558,7 @@ class RunRecord:
                    duration=meta.duration, engine=meta.engine, image=meta.image,
                    last_metrics=meta.last_metrics, tags=meta.tags, metric_names=meta.metric_names,
                    sweep_id=meta.sweep.get("id") if isinstance(meta.sweep.get("id"), str) else None,
-                   reason=meta.reason, runner=meta.runner,
-                   slurm_job=str(meta.slurm["job_id"]) if meta.slurm.get("job_id") else None)
+                   reason=meta.reason, runner=meta.runner, backend=meta.backend, backend_ref=meta.backend_ref)
 
 
 @dataclass(frozen=True)
@@ -5679,6 +5694,7 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at   TEXT NOT NULL,
     finished_at  TEXT,
     exit_code    INTEGER,
+    path         TEXT NOT NULL,
     duration     REAL,
     engine       TEXT,
     image        TEXT,
@@ -5688,16 +5704,29 @@ CREATE TABLE IF NOT EXISTS runs (
     sweep_id     TEXT,
     reason       TEXT,
     runner       TEXT NOT NULL DEFAULT '{}',
-    slurm_job    TEXT
+    backend      TEXT NOT NULL DEFAULT 'here',
+    backend_ref  TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_duration ON runs(duration);
 CREATE INDEX IF NOT EXISTS runs_by_start ON runs(started_at);
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status, started_at);
 CREATE INDEX IF NOT EXISTS runs_by_name ON runs(name, started_at);
 CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs(sweep_id, started_at);
+CREATE INDEX IF NOT EXISTS runs_by_backend ON runs(backend, status);
 """
-RUN_COLUMNS = ("id", "name", "status", "started_at", "finished_at", "exit_code", "duration", "engine",
-               "image", "last_metrics", "tags", "metric_names", "sweep_id", "reason", "runner", "slurm_job")
+RUN_COLUMNS = ("id", "name", "status", "started_at", "finished_at", "exit_code", "path", "duration", "engine",
+               "image", "last_metrics", "tags", "metric_names", "sweep_id", "reason", "runner", "backend",
+               "backend_ref")
+# Version 3 (RunPilot 0.5) kept no path, and its Slurm job in a column of its own: its rows carry over.
+MIGRATE_FROM_3 = """
+INSERT INTO runs ({columns})
+SELECT id, name, status, started_at, finished_at, exit_code, ? || '/' || id, duration, engine, image,
+       last_metrics, tags, metric_names, sweep_id, reason, runner,
+       CASE WHEN slurm_job IS NOT NULL THEN 'slurm'
+            ELSE coalesce(json_extract(runner, '$.backend'), 'here') END,
+       coalesce(slurm_job, json_extract(runner, '$.box'))
+FROM runs_v3
+"""
 JSON_COLUMNS = ("last_metrics", "tags", "metric_names", "runner")
 
 
@@ -5900,7 +5929,8 @@ class RunStore:
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self._while_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
-            if conn.execute("PRAGMA user_version").fetchone()[0] != DB_SCHEMA_VERSION and self._migrate(conn):
+            if conn.execute("PRAGMA user_version").fetchone()[0] != DB_SCHEMA_VERSION and self._migrate(conn,
+                                                                                                        self.runs_dir):
                 self._index_folders(conn)
             if self.write_index:
                 self._catch_up(conn, catch_up_wait)
@@ -5933,17 +5963,28 @@ class RunStore:
                 time.sleep(0.05)
 
     @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> bool:
-        """Create the schema; an index of another version is dropped and rebuilt from the folders."""
+    def _migrate(conn: sqlite3.Connection, runs_dir: Path) -> bool:
+        """Create the schema. 0.5's index (version 3) keeps its rows, moved into the new columns (the
+        path, the backend and its handle); an index of another version is dropped and rebuilt from
+        the folders. Either way the folders without a row are indexed next (True)."""
         with _transaction(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == DB_SCHEMA_VERSION:
                 return False  # a parallel process got here first
-            if version:
+            carried = version == 3 and conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone()
+            if carried:
+                conn.execute("ALTER TABLE runs RENAME TO runs_v3")
+                for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND "
+                                            "tbl_name = 'runs_v3' AND sql IS NOT NULL").fetchall():
+                    conn.execute(f'DROP INDEX "{name}"')  # the new schema's indexes take their names
+            elif version:
                 conn.execute("DROP TABLE IF EXISTS runs")
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            if carried:
+                conn.execute(MIGRATE_FROM_3.format(columns=", ".join(RUN_COLUMNS)), (str(runs_dir),))
+                conn.execute("DROP TABLE runs_v3")
             conn.execute(f"PRAGMA user_version={DB_SCHEMA_VERSION}")
         return True
 
@@ -6089,19 +6130,26 @@ class RunStore:
         with self.db(read_only=True) as conn:
             return [self._record(row) for row in conn.execute(sql, params)]
 
-    def active_slurm_runs(self) -> list[RunRecord]:
-        """The runs submitted to Slurm that the index holds as queued or running."""
+    def active_runs(self, backend: str) -> list[RunRecord]:
+        """The runs of BACKEND that the index holds as queued or running, with the backend's handle on them."""
         marks = ", ".join("?" for _ in ACTIVE_STATUSES)
         with self.db(read_only=True) as conn:
-            rows = conn.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE slurm_job IS NOT NULL "
-                                f"AND status IN ({marks})", ACTIVE_STATUSES).fetchall()
+            rows = conn.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE backend = ? AND backend_ref "
+                                f"IS NOT NULL AND status IN ({marks})", (backend, *ACTIVE_STATUSES)).fetchall()
         return [self._record(row) for row in rows]
+
+    def save_records(self, records: list[RunRecord]) -> None:
+        """Write the index rows of many runs in one transaction (a backend's batch of changes)."""
+        if records and self.write_index:
+            with self.db() as conn, _transaction(conn):
+                conn.executemany(_UPSERT, [_row(r) for r in records])
 
     def _record(self, row: tuple) -> RunRecord:
         values = dict(zip(RUN_COLUMNS, row))
         for column in JSON_COLUMNS:
             values[column] = json.loads(values[column])
-        return RunRecord(path=str(self.runs_dir / values["id"]), **values)
+        values["path"] = str(self.runs_dir / values["id"])  # where the home is now (it may have moved)
+        return RunRecord(**values)
 
     def find(self, ref: str) -> RunRecord:
         """A run by full id, unique id prefix, its short id (the last six hex digits), `latest` or `-N`."""
@@ -7893,7 +7941,7 @@ def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str
     `squeue -t all` also lists jobs that ended in the last minutes, with their final state; a
     job's runner's own final status (meta.json) always wins over Slurm's state.
     """
-    active = store.active_slurm_runs() if not records or any(r.slurm_job for r in records) else []
+    active = store.active_runs("slurm") if not records or any(r.backend == "slurm" for r in records) else []
     if not active or not shutil.which("squeue"):
         return {r.id: r for r in active}
     done = quiet_run(["squeue", "-h", "-r", "--me", "-t", "all", "-o", SQUEUE_FORMAT], timeout=60)
@@ -7903,7 +7951,7 @@ def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str
     queue = parse_squeue(done.stdout)
     changed = []
     for record in active:
-        job = queue.get(str(record.slurm_job)) or _unsplit_array_row(queue, str(record.slurm_job))
+        job = queue.get(str(record.backend_ref)) or _unsplit_array_row(queue, str(record.backend_ref))
         status = slurm_status(job["state"]) if job else None
         if status in ACTIVE_STATUSES:
             reason = job["reason"] if status == QUEUED else None  # type: ignore[index]
@@ -7912,9 +7960,8 @@ def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str
                 changed.append(record)
         else:
             changed.append(_slurm_ended(store, record, job))
-    if changed and store.write_index:
-        with contextlib.suppress(StoreError), store.db() as conn, _transaction(conn):
-            conn.executemany(_UPSERT, [_row(r) for r in changed])
+    with contextlib.suppress(StoreError):
+        store.save_records(changed)
     return {r.id: r for r in active} | {r.id: r for r in changed}
 
 
@@ -7941,10 +7988,10 @@ def _slurm_final_state(record: RunRecord, job: dict | None, ask: bool) -> tuple[
     for a run whose runner recorded its own end (ASK False)."""
     info = {"Reason": job.get("reason")} if job else {}
     if ask:
-        info = parse_scontrol(quiet_run(["scontrol", "show", "job", "-o", str(record.slurm_job)], timeout=30).stdout)
+        info = parse_scontrol(quiet_run(["scontrol", "show", "job", "-o", str(record.backend_ref)], timeout=30).stdout)
     state = info.get("JobState") or (job or {}).get("state")
     if not state and ask and shutil.which("sacct"):
-        rows = quiet_run(["sacct", "-j", str(record.slurm_job), "-X", "-P", "-n", "-o", "State,ExitCode"],
+        rows = quiet_run(["sacct", "-j", str(record.backend_ref), "-X", "-P", "-n", "-o", "State,ExitCode"],
                          timeout=30).stdout
         state, _, exit_code = (rows.splitlines() or [""])[0].partition("|")
         info.setdefault("ExitCode", exit_code)
@@ -8180,6 +8227,134 @@ def slurm_stop_jobs(jobs: list[str], signum: int | None, note: Callable[[str], N
     quiet_run(["scancel", *jobs], timeout=60)
 
 
+# -- submitting and following Slurm runs from the command line ---------------------------
+
+def slurm_run_cli(args, config: JobConfig, options: RunOptions) -> int:
+    """`run --on slurm`: submit, then (unless -d) follow the job as a local run would be followed."""
+    _slurm_refusals(args, sweep=False)
+    store = _store()
+    if getattr(args, "dry_run", False):  # rerun has no --dry-run
+        lines = sbatch_lines(config, "RUNID", "RUN_FOLDER/slurm-%j.out")
+        echo("\n".join(visible(line) for line in slurm_script(config, lines, Path("RUN_FOLDER/runpilot.py"),
+                                                                  "RUN_FOLDER").split("\n")))
+        return 0
+    with StopSignals() as signals:  # from before sbatch: a Ctrl-C then cancels the job it accepted
+        meta = submit_run(store, config, options)
+        note(f"run {meta.run_id} ({config.name}) submitted to Slurm as job {meta.slurm['job_id']}")
+        if args.detach and not signals.received:
+            echo(meta.run_id)
+            return 0
+        return follow_slurm(store, [meta.run_id], stream=True, signals=signals)
+
+
+def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOptions) -> int:
+    _slurm_refusals(args, sweep=True)
+    sweep_id = args.sweep_id or new_sweep_id()
+    points = [p for p, _ in configs]
+    echo(render_sweep_plan(sweep_id, points, args.repeat, args.parallel or len(points), None), err=True)
+    if args.dry_run:
+        lines = sbatch_lines(configs[0][1], sweep_id, "SWEEP_FOLDER/slurm-%A_%a.out",
+                             f"0-{len(points) - 1}" + (f"%{args.parallel}" if args.parallel else ""))
+        script = slurm_script(configs[0][1], lines, Path("SWEEP_FOLDER/runpilot.py"), "SWEEP_FOLDER/runs.txt")
+        echo("\n".join(visible(line) for line in script.split("\n")))
+        return 0
+    options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
+    stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": "slurm",
+              "code_snapshots": options.code_snapshots}
+    with StopSignals() as signals:
+        sweep = submit_sweep(store, sweep_id, configs, axes, args.repeat, options, args.parallel, stored)
+        array = store.folder(sweep.points[0]["run_id"]).read_meta().slurm.get("array_job_id")
+        note(f"sweep {sweep_id}: {len(sweep.points)} run(s) submitted to Slurm as job array {array}")
+        if args.detach and not signals.received:
+            echo(sweep_id)
+            return 0
+        return follow_slurm(store, [p["run_id"] for p in sweep.points], stream=False, signals=signals, sweep=sweep)
+
+
+def follow_slurm(store: RunStore, run_ids: list[str], stream: bool, signals: StopSignals,
+                 sweep: Sweep | None = None) -> int:
+    """Show queue state changes, stream the log of a single run, and end with the runs, as a local
+    run or sweep ends (closing lines with metrics and folder; a sweep's `[1/3 LR=...]` lines, its
+    comparison table and `plot` line). Ctrl-C (held in SIGNALS since before the submission) cancels
+    the jobs (scancel), and the runs end `interrupted` as a local Ctrl-C would end them (`cancelled`
+    if they had not started), reported as stopped by that Ctrl-C."""
+    terminal = Terminal(sys.stdout, sys.stderr)  # RunPilot's lines start on a fresh line of the job's output
+    labels = sweep_labels(sweep) if sweep else {}
+    offset, said, cancelled, handled = 0, {}, False, 0
+    try:
+        while True:
+            if len(signals.received) > handled:
+                jobs = sorted({str(r.backend_ref).split("_")[0] if len(run_ids) > 1 else str(r.backend_ref)
+                               for i in run_ids if (r := store.get(i)) and r.backend == "slurm" and r.backend_ref})
+                if not cancelled:
+                    _note_queued_stop(store, run_ids, signals.received[handled])
+                slurm_stop_jobs(jobs, signals.received[handled] if not cancelled else None, terminal.say)
+                cancelled, handled = True, len(signals.received)
+            records = refresh(store, [r for i in run_ids if (r := store.get(i))], terminal.say)
+            for r in records:
+                _say_slurm_state(store, r, said, labels, terminal.say)
+            if stream:
+                with contextlib.suppress(OSError):
+                    offset = _copy_from(store.folder(run_ids[0]).logs, lambda chunk: terminal.job_output(1, chunk),
+                                        offset)
+            if all(r.status not in ACTIVE_STATUSES for r in records):
+                break
+            time.sleep(1)
+        metas = [store.folder(i).read_meta() for i in run_ids]
+        code = 128 + signals.received[0] if cancelled else \
+            exit_status_of(metas[0]) if len(metas) == 1 else (0 if all(m.status == SUCCEEDED for m in metas) else 1)
+        for meta in metas:
+            for line in slurm_closing_lines(store, meta, code if len(metas) == 1 else exit_status_of(meta),
+                                            labels.get(meta.run_id), stopped_here=cancelled):
+                terminal.say(line)
+    finally:
+        finish_output(terminal, signals)
+    if sweep is not None:
+        print_sweep_end(store, sweep)
+    return code
+
+
+def _note_queued_stop(store: RunStore, run_ids: list[str], signum: int) -> None:
+    """Record on each still-queued run which signal cancels it, before the scancel: the ending that
+    Slurm's CANCELLED later gives it then says `cancelled by Ctrl-C` (a run that started meanwhile
+    is the node's to record)."""
+    for run_id in run_ids:
+        folder = store.folder(run_id)
+        with contextlib.suppress(OSError, StoreError):
+            meta = folder.read_meta()
+            if meta.status == QUEUED and meta.stop_signal is None:
+                meta.stop_signal = signum
+                folder.write_meta(meta)
+
+
+def _say_slurm_state(store: RunStore, r: RunRecord, said: dict, labels: dict, say: Callable[[str], None]) -> None:
+    """A run's queue state, when it changes: `run ID queued (Priority)`, `running on NODE`; a sweep's
+    point says `[1/3 LR=0.1] started on NODE (run ID)`, as a local sweep does."""
+    text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
+    node = store.folder(r.id).read_meta().slurm.get("node") if r.status == RUNNING else None
+    if said.get(r.id) != text and r.status in ACTIVE_STATUSES:
+        if r.id not in labels:
+            say(f"run {r.id} {text}" + (f" on {node}" if node else ""))
+        elif r.status == RUNNING:
+            say(f"{labels[r.id]} started" + (f" on {node}" if node else "") + f" (run {short_id(r.id)})")
+    said[r.id] = text
+
+
+def slurm_closing_lines(store: RunStore, meta: RunMeta, code: int, label: str | None,
+                        stopped_here: bool) -> list[str]:
+    """How a Slurm run ended, in the words of a local run (render_summary: ending, metrics, folder)
+    or of a local sweep's point (LABEL); the reason too, unless this terminal stopped it."""
+    why = f": {meta.reason}" if meta.reason and meta.status != SUCCEEDED and not stopped_here else ""
+    if label is not None:
+        shown = ", ".join(f"{k} {fmt_value(meta.last_metrics[k])}" for k in meta.metric_names if k in meta.last_metrics)
+        lines = [f"{label} {fmt_ending(meta)}" + (f", {shown}" if shown else "") + f" (run {short_id(meta.run_id)})"
+                 + why]
+    else:
+        lines = render_summary(RunOutcome(RunRecord.of(meta, store.folder(meta.run_id).path), code, meta))
+        head, sep, tail = lines[0].partition("; runpilot exits with")
+        lines[0] = head + why + sep + tail
+    return lines + ([f"hint: {meta.hint}"] if meta.hint else [])
+
 # ==== 17a. Backends: where a run executes; your other GPU boxes over SSH =====
 # A backend is where a run executes: here, a Slurm cluster, a box over SSH. Each is a class with
 # a small protocol (check its `--on` argument; run a config; run a sweep; refresh its active
@@ -8234,6 +8409,11 @@ class Backend:
              note: Callable[[str], None]) -> RunRecord:
         raise NotImplementedError
 
+    def stop_sweep(self, store: "RunStore", sweep: "Sweep", wait: float, note: Callable[[str], None]) -> str | None:
+        """`runpilot stop SWEEP_ID` of a sweep this backend runs: what became of its runs, in one
+        line; None when the sweep's runner here stops it (as a sweep run here)."""
+        return None
+
     def follow_logs(self, store: "RunStore", record: RunRecord, tail: int | None) -> int | None:
         """Stream a live run's log (`logs -f`); None: the log here is the one to follow."""
         return None
@@ -8259,6 +8439,16 @@ class SlurmBackend(Backend):
 
     def sweep(self, args, store: "RunStore", configs: list, axes, options: RunOptions) -> int:
         return slurm_sweep_cli(args, store, configs, axes, options)
+
+    def refresh(self, store: "RunStore", records: list[RunRecord], note: Callable[[str], None]) -> dict[str, RunRecord]:
+        return slurm_refresh(store, records, note)
+
+    def stop(self, store: "RunStore", record: RunRecord, meta: RunMeta, wait: float,
+             note: Callable[[str], None]) -> RunRecord:
+        return slurm_stop(store, record, meta, wait, note)
+
+    def stop_sweep(self, store: "RunStore", sweep: "Sweep", wait: float, note: Callable[[str], None]) -> str | None:
+        return slurm_stop_sweep(store, sweep, wait, note)
 
 
 def ssh_base_argv(control_dir: Path, master: str = "no") -> list[str]:
@@ -9032,12 +9222,12 @@ def backend_for(on: str) -> Backend:
 
 
 def refresh_elsewhere(store: "RunStore", records: list[RunRecord], note: Callable[[str], None]) -> dict[str, RunRecord]:
-    """The active runs that live in a backend of their own (their runner names it), refreshed by it."""
-    if not any(r.runner.get("backend") for r in records):
-        return {}
+    """The active runs that live in a backend other than this machine, each backend's refreshed in
+    one batch by it (a backend may bring its other active runs up to date too); by id."""
     found: dict[str, RunRecord] = {}
-    for name in {r.runner.get("backend") for r in records if r.runner.get("backend") in BACKENDS}:
-        found |= BACKENDS[name]().refresh(store, [r for r in records if r.runner.get("backend") == name], note)
+    for name, backend in BACKENDS.items():
+        if name != HereBackend.name:
+            found |= backend().refresh(store, records, note)
     return found
 
 
@@ -9050,11 +9240,9 @@ def refresh(store: RunStore, records: list[RunRecord], note: Callable[[str], Non
     whose runner died (SIGKILL, a reboot) is stored `lost`, or `cancelled` when it never started;
     a container or process group that lives on is reported. Final statuses are never rewritten.
     """
-    slurm = slurm_refresh(store, [r for r in records if r.status in ACTIVE_STATUSES], note)
     remote = refresh_elsewhere(store, [r for r in records if r.status in ACTIVE_STATUSES], note)
     alive = functools.lru_cache(maxsize=None)(lambda runner: runner_alive(json.loads(runner)))
-    return [remote[r.id] if r.id in remote else r if r.runner.get("backend") else
-            slurm.get(r.id, r) if r.slurm_job else _refresh_one(store, r, note, alive)
+    return [remote.get(r.id, r) if r.backend != HereBackend.name else _refresh_one(store, r, note, alive)
             if r.status in ACTIVE_STATUSES else r for r in records]
 
 
@@ -9095,10 +9283,9 @@ def stop_run(store: RunStore, record: RunRecord, wait: float, note: Callable[[st
     """Stop a run from another terminal: signal its runner, or remove its orphaned job."""
     folder = store.folder(record.id)
     meta = folder.read_meta()
-    if meta.slurm:
-        return slurm_stop(store, record, meta, wait, note)
-    if (backend := runner_backend(meta.runner or record.runner)) is not None:
-        return backend.stop(store, record, meta, wait, note)
+    name = meta.backend if meta.started_at is not None else record.backend  # the folder is the truth
+    if name != HereBackend.name and name in BACKENDS:
+        return BACKENDS[name]().stop(store, record, meta, wait, note)
     runner = meta.runner or record.runner
     alive = runner_alive(runner)
     if alive:
@@ -9127,8 +9314,9 @@ def stop_sweep(store: RunStore, sweep_id: str, wait: float, note: Callable[[str]
     """`runpilot stop SWEEP_ID`: ask the sweep's runner to stop, as Ctrl-C would (or, when it died,
     end the jobs it left and cancel its queued points); say what became of its runs."""
     sweep = Sweep.load(store, sweep_id)
-    if sweep.options.get("on") == "slurm":
-        return slurm_stop_sweep(store, sweep, wait, note)
+    backend = BACKENDS.get(str(sweep.options.get("on") or HereBackend.name).partition(":")[0])
+    if backend is not None and (said := backend().stop_sweep(store, sweep, wait, note)) is not None:
+        return said
     if runner_alive(sweep.runner):
         os.kill(sweep.runner["pid"], signal.SIGTERM)
         deadline = time.monotonic() + wait
@@ -11646,7 +11834,7 @@ def _list_filter(args) -> RunFilter:
 def record_json(record: RunRecord) -> dict:
     """A run as `list --json` and `show --json` give it: the index row without its bookkeeping, and the
     total size of its outputs folder."""
-    return {**{k: v for k, v in dataclasses.asdict(record).items() if k not in ("runner", "slurm_job")},
+    return {**{k: v for k, v in dataclasses.asdict(record).items() if k not in ("runner", "backend", "backend_ref")},
             "outputs_bytes": tree_size(Path(record.path) / "outputs")}
 
 
@@ -12622,133 +12810,6 @@ def _slurm_refusals(args, sweep: bool) -> None:
     if re.search(r"[\s%\\'\"]", home):
         raise UsageError(f"RUNPILOT_HOME {home!r} holds a space, '%', a backslash or a quote, which sbatch's "
                          "--output cannot take (it would strip them); choose a home without them")
-
-
-def slurm_run_cli(args, config: JobConfig, options: RunOptions) -> int:
-    """`run --on slurm`: submit, then (unless -d) follow the job as a local run would be followed."""
-    _slurm_refusals(args, sweep=False)
-    store = _store()
-    if getattr(args, "dry_run", False):  # rerun has no --dry-run
-        lines = sbatch_lines(config, "RUNID", "RUN_FOLDER/slurm-%j.out")
-        echo("\n".join(visible(line) for line in slurm_script(config, lines, Path("RUN_FOLDER/runpilot.py"),
-                                                                  "RUN_FOLDER").split("\n")))
-        return 0
-    with StopSignals() as signals:  # from before sbatch: a Ctrl-C then cancels the job it accepted
-        meta = submit_run(store, config, options)
-        note(f"run {meta.run_id} ({config.name}) submitted to Slurm as job {meta.slurm['job_id']}")
-        if args.detach and not signals.received:
-            echo(meta.run_id)
-            return 0
-        return follow_slurm(store, [meta.run_id], stream=True, signals=signals)
-
-
-def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOptions) -> int:
-    _slurm_refusals(args, sweep=True)
-    sweep_id = args.sweep_id or new_sweep_id()
-    points = [p for p, _ in configs]
-    echo(render_sweep_plan(sweep_id, points, args.repeat, args.parallel or len(points), None), err=True)
-    if args.dry_run:
-        lines = sbatch_lines(configs[0][1], sweep_id, "SWEEP_FOLDER/slurm-%A_%a.out",
-                             f"0-{len(points) - 1}" + (f"%{args.parallel}" if args.parallel else ""))
-        script = slurm_script(configs[0][1], lines, Path("SWEEP_FOLDER/runpilot.py"), "SWEEP_FOLDER/runs.txt")
-        echo("\n".join(visible(line) for line in script.split("\n")))
-        return 0
-    options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
-    stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": "slurm",
-              "code_snapshots": options.code_snapshots}
-    with StopSignals() as signals:
-        sweep = submit_sweep(store, sweep_id, configs, axes, args.repeat, options, args.parallel, stored)
-        array = store.folder(sweep.points[0]["run_id"]).read_meta().slurm.get("array_job_id")
-        note(f"sweep {sweep_id}: {len(sweep.points)} run(s) submitted to Slurm as job array {array}")
-        if args.detach and not signals.received:
-            echo(sweep_id)
-            return 0
-        return follow_slurm(store, [p["run_id"] for p in sweep.points], stream=False, signals=signals, sweep=sweep)
-
-
-def follow_slurm(store: RunStore, run_ids: list[str], stream: bool, signals: StopSignals,
-                 sweep: Sweep | None = None) -> int:
-    """Show queue state changes, stream the log of a single run, and end with the runs, as a local
-    run or sweep ends (closing lines with metrics and folder; a sweep's `[1/3 LR=...]` lines, its
-    comparison table and `plot` line). Ctrl-C (held in SIGNALS since before the submission) cancels
-    the jobs (scancel), and the runs end `interrupted` as a local Ctrl-C would end them (`cancelled`
-    if they had not started), reported as stopped by that Ctrl-C."""
-    terminal = Terminal(sys.stdout, sys.stderr)  # RunPilot's lines start on a fresh line of the job's output
-    labels = sweep_labels(sweep) if sweep else {}
-    offset, said, cancelled, handled = 0, {}, False, 0
-    try:
-        while True:
-            if len(signals.received) > handled:
-                jobs = sorted({str(r.slurm_job).split("_")[0] if len(run_ids) > 1 else str(r.slurm_job)
-                               for i in run_ids if (r := store.get(i)) and r.slurm_job})
-                if not cancelled:
-                    _note_queued_stop(store, run_ids, signals.received[handled])
-                slurm_stop_jobs(jobs, signals.received[handled] if not cancelled else None, terminal.say)
-                cancelled, handled = True, len(signals.received)
-            records = refresh(store, [r for i in run_ids if (r := store.get(i))], terminal.say)
-            for r in records:
-                _say_slurm_state(store, r, said, labels, terminal.say)
-            if stream:
-                with contextlib.suppress(OSError):
-                    offset = _copy_from(store.folder(run_ids[0]).logs, lambda chunk: terminal.job_output(1, chunk),
-                                        offset)
-            if all(r.status not in ACTIVE_STATUSES for r in records):
-                break
-            time.sleep(1)
-        metas = [store.folder(i).read_meta() for i in run_ids]
-        code = 128 + signals.received[0] if cancelled else \
-            exit_status_of(metas[0]) if len(metas) == 1 else (0 if all(m.status == SUCCEEDED for m in metas) else 1)
-        for meta in metas:
-            for line in slurm_closing_lines(store, meta, code if len(metas) == 1 else exit_status_of(meta),
-                                            labels.get(meta.run_id), stopped_here=cancelled):
-                terminal.say(line)
-    finally:
-        finish_output(terminal, signals)
-    if sweep is not None:
-        print_sweep_end(store, sweep)
-    return code
-
-
-def _note_queued_stop(store: RunStore, run_ids: list[str], signum: int) -> None:
-    """Record on each still-queued run which signal cancels it, before the scancel: the ending that
-    Slurm's CANCELLED later gives it then says `cancelled by Ctrl-C` (a run that started meanwhile
-    is the node's to record)."""
-    for run_id in run_ids:
-        folder = store.folder(run_id)
-        with contextlib.suppress(OSError, StoreError):
-            meta = folder.read_meta()
-            if meta.status == QUEUED and meta.stop_signal is None:
-                meta.stop_signal = signum
-                folder.write_meta(meta)
-
-
-def _say_slurm_state(store: RunStore, r: RunRecord, said: dict, labels: dict, say: Callable[[str], None]) -> None:
-    """A run's queue state, when it changes: `run ID queued (Priority)`, `running on NODE`; a sweep's
-    point says `[1/3 LR=0.1] started on NODE (run ID)`, as a local sweep does."""
-    text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
-    node = store.folder(r.id).read_meta().slurm.get("node") if r.status == RUNNING else None
-    if said.get(r.id) != text and r.status in ACTIVE_STATUSES:
-        if r.id not in labels:
-            say(f"run {r.id} {text}" + (f" on {node}" if node else ""))
-        elif r.status == RUNNING:
-            say(f"{labels[r.id]} started" + (f" on {node}" if node else "") + f" (run {short_id(r.id)})")
-    said[r.id] = text
-
-
-def slurm_closing_lines(store: RunStore, meta: RunMeta, code: int, label: str | None,
-                        stopped_here: bool) -> list[str]:
-    """How a Slurm run ended, in the words of a local run (render_summary: ending, metrics, folder)
-    or of a local sweep's point (LABEL); the reason too, unless this terminal stopped it."""
-    why = f": {meta.reason}" if meta.reason and meta.status != SUCCEEDED and not stopped_here else ""
-    if label is not None:
-        shown = ", ".join(f"{k} {fmt_value(meta.last_metrics[k])}" for k in meta.metric_names if k in meta.last_metrics)
-        lines = [f"{label} {fmt_ending(meta)}" + (f", {shown}" if shown else "") + f" (run {short_id(meta.run_id)})"
-                 + why]
-    else:
-        lines = render_summary(RunOutcome(RunRecord.of(meta, store.folder(meta.run_id).path), code, meta))
-        head, sep, tail = lines[0].partition("; runpilot exits with")
-        lines[0] = head + why + sep + tail
-    return lines + ([f"hint: {meta.hint}"] if meta.hint else [])
 
 
 def cmd_slurm_job(args) -> int:
