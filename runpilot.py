@@ -6505,6 +6505,21 @@ class RunOutcome:
     meta: RunMeta
 
 
+@dataclass
+class RunContext:
+    """What travels along one run's path, from its record to its ending: where it is recorded, the
+    config and options it was started with, and who hears of it (instead of long parameter lists)."""
+
+    store: RunStore
+    config: JobConfig                   # as the user gave it (the job may be launched with a copy's paths)
+    folder: RunFolder
+    meta: RunMeta                       # the record, changed along the way and recorded by the store
+    options: RunOptions
+    report: Reporter = ignore_events
+    terminal: Terminal | None = None    # where the job's output goes besides logs.txt
+    signals: StopSignals | None = None  # the stop requests this run obeys
+
+
 def make_launch(config: JobConfig, run_id: str, engine: str, env: dict[str, str], options: RunOptions,
                 environ, devices: tuple[str, ...] | None) -> Launch:
     """Argv, environment and folder of the job for its engine.
@@ -6629,10 +6644,10 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: T
             meta.code = code
             if not placement.ready:
                 meta.queue()
+            run = RunContext(store, config, folder, meta, options, report, terminal, signals)
             _report_behind(report, folder.run_id, record_start(store, config, folder, meta))
             if not placement.ready and not placement.wait(folder.run_id, signals, report):
-                return finish(store, config, folder, meta, TeeResult(None, INTERRUPTED, signals.received[0]),
-                              options.previous, report)
+                return finish(run, TeeResult(None, INTERRUPTED, signals.received[0]))
             try:
                 launched, files_env, copied = prepare_run_files(store, config, folder, code, engine)
             except RunPilotError as exc:
@@ -6643,20 +6658,18 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: T
                 meta.workdir = local_workdir(launched)
             launch = make_launch(launched, folder.run_id, engine, env, options, environ, placement.devices)
             try:
-                return _run_placed(store, config, folder, meta, options, (launched, launch), terminal, report,
-                                   signals)
+                return _run_placed(run, launched, launch)
             finally:
                 settle_run_files(folder, engine, launched, copied, report)
     finally:
         placement.release()
 
 
-def _run_placed(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta, options: RunOptions,
-                started: tuple[JobConfig, Launch], terminal: Terminal | None, report: Reporter,
-                signals: StopSignals) -> RunOutcome:
-    """The run holds its GPUs: mark it running, start the job, tee it, finish. STARTED is the config
-    the job is launched with (its code copy and outputs mounted) and its Launch."""
-    launched, launch = started
+def _run_placed(run: RunContext, launched: JobConfig, launch: Launch) -> RunOutcome:
+    """The run holds its GPUs: mark it running, start the job, tee it, finish. LAUNCHED is the config
+    the job is launched with (its code copy and outputs mounted), LAUNCH its command."""
+    store, config, folder, meta, report, signals = run.store, run.config, run.folder, run.meta, run.report, run.signals
+    assert signals is not None
     meta.command, meta.command_line, meta.container = launch.argv, shlex.join(launch.argv), launch.container
     meta.devices = list(launch.devices)
     was_queued = meta.status == QUEUED
@@ -6665,14 +6678,14 @@ def _run_placed(store: RunStore, config: JobConfig, folder: RunFolder, meta: Run
         _report_behind(report, folder.run_id, store.record(meta, durable=False))
     _announce(config, meta, report)
     probes = StartProbes(meta.engine or "", _probe_folders(config))
-    result = supervise(launch, options, launched, folder, meta, terminal, signals, report)
+    result = supervise(run, launch, launched)
     meta.finished_at = utc_now()  # before the probes: their time is not the job's
     seen = len(signals.received)
     facts = probes.collect(folder.path, give_up=lambda: len(signals.received) > seen)
     meta.engine_version, meta.git = facts.get("engine_version"), facts.get("git", [])
     if facts.get("unfinished"):
         meta.extra["probes"] = "unfinished: recorded without the engine's version and the git state"
-    return finish(store, config, folder, meta, result, options.previous, report)
+    return finish(run, result)
 
 
 def _probe_folders(config: JobConfig) -> list[str]:
@@ -6801,9 +6814,11 @@ def _announce(config: JobConfig, meta: RunMeta, report: Reporter) -> None:
         report(RunEvent("warning", meta.run_id, warning))
 
 
-def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: RunFolder, meta: RunMeta,
-              terminal: Terminal | None, signals: StopSignals, report: Reporter) -> TeeResult:
-    """Start the job and tee it until it ends; after it, make sure nothing of it is left."""
+def supervise(run: RunContext, launch: Launch, config: JobConfig) -> TeeResult:
+    """Start the job (launched with CONFIG) and tee it until it ends; after it, make sure nothing of
+    it is left."""
+    folder, meta, report, signals = run.folder, run.meta, run.report, run.signals
+    assert signals is not None
     metrics = None
     try:
         metrics = MetricLog(folder.metrics, folder.sample_times)
@@ -6819,12 +6834,13 @@ def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: Ru
     try:
         if signals.received:  # stopped while the run was being recorded: never start the job
             return TeeResult(None, INTERRUPTED, signals.received[0])
-        job = _start_job(launch, options, folder, meta, report)
+        job = _start_job(run, launch)
         if job is None:  # recorded as failed like a shell's "command not found"
             return TeeResult(127)
-        sampler = start_usage_sampler(launch, job, options, config, folder, meta)
+        sampler = start_usage_sampler(run, launch, job, config)
         try:
-            return _tee_to_the_end(job, Tee(log_fd, metrics, terminal, report, meta.run_id), signals, config.timeout)
+            return _tee_to_the_end(job, Tee(log_fd, metrics, run.terminal, report, meta.run_id), signals,
+                                   config.timeout)
         finally:
             record_usage(sampler, folder, meta)
     finally:
@@ -6850,8 +6866,9 @@ def _tensorboard_folders(config: JobConfig, meta: RunMeta, report: Reporter) -> 
     return folders
 
 
-def _start_job(launch: Launch, options: RunOptions, folder: RunFolder, meta: RunMeta, report: Reporter) -> Job | None:
+def _start_job(run: RunContext, launch: Launch) -> Job | None:
     """The started job, or None (said as a warning) when its program cannot be started."""
+    options, folder, meta, report = run.options, run.folder, run.meta, run.report
     if launch.container is None:
         become_subreaper()
     try:
@@ -6953,9 +6970,10 @@ def stop_reason(meta: RunMeta, result: TeeResult, config: JobConfig) -> str | No
     return f"{by} before the job started" if meta.status == CANCELLED else by + killed
 
 
-def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta, result: TeeResult,
-           previous: RunMeta | None, report: Reporter) -> RunOutcome:
+def finish(run: RunContext, result: TeeResult) -> RunOutcome:
     """Record how the run ended (meta.json first: it is the truth), report it, return the outcome."""
+    store, config, folder, meta, report = run.store, run.config, run.folder, run.meta, run.report
+    previous = run.options.previous
     status, exit_status = finish_status(result)
     if not meta.end(status, exit_code=None if result.returncode is None else job_exit_code(result.returncode),
                     stop_signal=result.stop_signal if status in (INTERRUPTED, CANCELLED) else None):
@@ -7086,10 +7104,10 @@ def failure_hint(config: JobConfig, meta: RunMeta, folder: RunFolder) -> str | N
     return None
 
 
-def start_usage_sampler(launch: Launch, job: Job, options: RunOptions, config: JobConfig, folder: RunFolder,
-                        meta: RunMeta) -> UsageSampler:
+def start_usage_sampler(run: RunContext, launch: Launch, job: Job, config: JobConfig) -> UsageSampler:
     """Sample the job's memory, and its GPUs (when it holds some, nvidia-smi answers and --no-gpu-stats
     was not given), from now until record_usage."""
+    options, folder, meta = run.options, run.folder, run.meta
     smi = None
     if options.gpu_stats and config.resources.gpus is not None:
         found = shutil.which("nvidia-smi", path=(launch.env or os.environ).get("PATH"))

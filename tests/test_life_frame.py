@@ -90,8 +90,9 @@ class EndingTwice(LifeCase):
         before = (Path(record.path) / "meta.json").read_bytes()
         folder = self.store.folder(record.id)
         events = []
-        outcome = runpilot.finish(self.store, runpilot.JobConfig("job", None, ("true",)), folder, folder.read_meta(),
-                                  runpilot.TeeResult(0), None, events.append)
+        run = runpilot.RunContext(self.store, runpilot.JobConfig("job", None, ("true",)), folder, folder.read_meta(),
+                                  runpilot.RunOptions(), events.append)
+        outcome = runpilot.finish(run, runpilot.TeeResult(0))
         self.assertEqual((outcome.record.status, outcome.exit_code), ("interrupted", 128 + 15))
         self.assertEqual([e.kind for e in events], ["finished"])
         self.assertUnchanged(record.id, before)
