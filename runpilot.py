@@ -381,6 +381,51 @@ def _type_ok(value: object, annotation: str) -> bool:
 
 
 @dataclass
+class SlurmState:
+    """A Slurm run's state, meta.json's `slurm` block: only the Slurm backend reads it.
+
+    `from_data` reads the block and `to_data` writes it under the same keys: the keys it was read
+    with or given since (null included), and the keys this version does not know (`extra`).
+    """
+
+    job_id: str | None = None           # `123`, or `120_4` for a task of a job array
+    array_job_id: str | None = None
+    array_task_id: int | None = None
+    partition: str | None = None
+    state: str | None = None            # Slurm's last word: PENDING, RUNNING, COMPLETED, ...
+    node: str | None = None
+    reason: str | None = None
+    submitted_from: str | None = None
+    options: dict = field(default_factory=dict)   # the run's options as submitted: the node runs with them
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:  # given: what differs from the defaults (from_data says more)
+        self.__dict__["_given"] = {f.name for f in dataclasses.fields(self)
+                                   if f.name != "extra" and getattr(self, f.name) not in (None, {})}
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name != "extra":
+            self.__dict__.setdefault("_given", set()).add(name)
+
+    @classmethod
+    def from_data(cls, data: dict) -> "SlurmState":
+        """The block as read from meta.json; a wrongly typed value is kept as it was, in `extra`."""
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        ok = {k: v for k, v in data.items() if k in known and _type_ok(v, str(known[k].type))}
+        state = cls(**ok, extra={k: v for k, v in data.items() if k not in ok})
+        state.__dict__["_given"] = set(ok)
+        return state
+
+    def to_data(self) -> dict:
+        given = self.__dict__.get("_given", set())
+        return {**self.extra, **{k: getattr(self, k) for k in sorted(given)}}
+
+    def __bool__(self) -> bool:
+        return bool(self.to_data())
+
+
+@dataclass
 class RunMeta:
     """What a run records about itself: the contents of its meta.json, the truth about the run.
 
@@ -431,12 +476,18 @@ class RunMeta:
     git: list[dict] = field(default_factory=list)
     lost_at: str | None = None
     sweep: dict = field(default_factory=dict)      # id, index, point, repeat: its place in a sweep
-    slurm: dict = field(default_factory=dict)      # job_id, array ids, partition, node, state, reason
+    slurm: SlurmState = field(default_factory=SlurmState)  # --on slurm: the Slurm backend's state of the run
     code: dict = field(default_factory=dict)       # mode (snapshot, live, off), folder, snapshot, files, bytes
     extra: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list, repr=False)  # what from_json had to drop
 
     _OLD_NAMES = {"watched": "metric_names"}   # keys of meta.json files written by RunPilot 0.4
+    _PARTS = {"slurm": SlurmState}              # typed parts, read and written under their keys
+
+    def __post_init__(self) -> None:
+        for key, part in self._PARTS.items():
+            if isinstance(getattr(self, key), dict):  # given as meta.json holds it
+                setattr(self, key, part.from_data(getattr(self, key)))
 
     @classmethod
     def from_json(cls, data: object, run_id: str) -> "RunMeta":
@@ -456,6 +507,8 @@ class RunMeta:
             spec = known.get(key)
             if spec is None:
                 meta.extra[key] = value
+            elif key in cls._PARTS and isinstance(value, dict):
+                setattr(meta, key, cls._PARTS[key].from_data(value))
             elif _type_ok(value, str(spec.type)):
                 setattr(meta, key, value)
             else:
@@ -480,7 +533,7 @@ class RunMeta:
 
     def to_json(self) -> bytes:
         data = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("extra", "problems")}
-        data = {**self.extra, **data}
+        data = {**self.extra, **data, **{key: getattr(self, key).to_data() for key in self._PARTS}}
         return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
     @property
@@ -499,7 +552,7 @@ class RunMeta:
     @property
     def backend_ref(self) -> str | None:
         """The backend's handle on the run, as the index keeps it: the Slurm job (`123`, `120_4`), the box."""
-        ref = self.slurm.get("job_id") if self.slurm else self.runner.get("box")
+        ref = self.slurm.job_id if self.slurm else self.runner.get("box")
         return str(ref) if ref not in (None, "") else None
 
     # -- the life of a run: queued, then running, then one final status, never rewritten --------
@@ -7879,9 +7932,10 @@ def sbatch(script: Path) -> str:
 def slurm_queued_meta(config: JobConfig, run_id: str, options: RunOptions) -> RunMeta:
     meta = new_meta(config, run_id, config.engine or "docker", options, {})
     meta.status, meta.runner, meta.host = QUEUED, {}, None
-    meta.slurm = {"partition": config.slurm.partition, "state": "PENDING", "submitted_from": hostname(),
-                  "options": {"stop_timeout": options.stop_timeout, "pull": options.pull,
-                              "keep_engine_logs": options.keep_engine_logs}}
+    meta.slurm = SlurmState.from_data({"partition": config.slurm.partition, "state": "PENDING",
+                                       "submitted_from": hostname(),
+                                       "options": {"stop_timeout": options.stop_timeout, "pull": options.pull,
+                                                   "keep_engine_logs": options.keep_engine_logs}})
     return meta
 
 
@@ -7901,7 +7955,7 @@ def submit_run(store: RunStore, config: JobConfig, options: RunOptions) -> RunMe
         copy_program(folder.program)
         lines = sbatch_lines(config, short_id(folder.run_id), str(folder.path / "slurm-%j.out"))
         write_private(folder.batch_script, slurm_script(config, lines, folder.program, str(folder.path)).encode())
-        meta.slurm["job_id"] = sbatch(folder.batch_script)
+        meta.slurm.job_id = sbatch(folder.batch_script)
     except BaseException:
         shutil.rmtree(folder.path, ignore_errors=True)
         raise
@@ -7945,8 +7999,9 @@ def submit_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint,
         run = store.folder(point["run_id"])
         meta = run.read_meta()
         meta.code = plan_code(config, options, store)  # the sweep's one snapshot (see slurm_sweep_cli)
-        meta.slurm = {**slurm_queued_meta(first, run.run_id, options).slurm, "job_id": f"{array_id}_{point['index']}",
-                      "array_job_id": array_id, "array_task_id": point["index"]}
+        meta.slurm = slurm_queued_meta(first, run.run_id, options).slurm
+        meta.slurm.job_id, meta.slurm.array_job_id = f"{array_id}_{point['index']}", array_id
+        meta.slurm.array_task_id = point["index"]
         run.write_meta(meta, durable=False)
         store.save_or_defer(meta)
     return sweep
@@ -7992,8 +8047,8 @@ def _slurm_ended(store: RunStore, record: RunRecord, job: dict | None) -> RunRec
     folder = store.folder(record.id)
     meta = folder.read_meta()
     state, info = _slurm_final_state(record, job, ask=not (meta.final and job))
-    meta.slurm.update(state=state or "unknown", node=info.get("NodeList") or meta.slurm.get("node"),
-                      reason=info.get("Reason") if info.get("Reason") not in (None, "None") else None)
+    meta.slurm.state, meta.slurm.node = state or "unknown", info.get("NodeList") or meta.slurm.node
+    meta.slurm.reason = info.get("Reason") if info.get("Reason") not in (None, "None") else None
     if not meta.final:
         _record_slurm_ending(meta, state, info, store.home, seen_running=record.status == RUNNING)
     with contextlib.suppress(OSError):
@@ -8037,7 +8092,7 @@ def _record_slurm_ending(meta: RunMeta, state: str | None, info: dict, home: Pat
 
 
 def _slurm_reason(meta: RunMeta, status: str, state: str | None, info: dict, never_started: bool, home: Path) -> str:
-    job = meta.slurm.get("job_id")
+    job = meta.slurm.job_id
     if not state:
         return f"Slurm no longer knows job {job}, and RunPilot on the node recorded no final status"
     if info.get("ExitCode", "").endswith(":53"):  # slurmd could not open the job's output file
@@ -8064,7 +8119,7 @@ def slurm_stop(store: RunStore, record: RunRecord, meta: RunMeta, wait: float,
     runner gets SIGTERM (`scancel --batch`, only the runner), as `stop` of a local run: the job gets
     SIGTERM or the config's stop_signal, then the grace period, then SIGKILL; a plain scancel would
     SIGTERM the job itself, whatever its stop_signal. A queued run is cancelled."""
-    job = str(meta.slurm.get("job_id"))
+    job = str(meta.slurm.job_id)
     done = quiet_run(["scancel", "--batch", "--signal=TERM", job], timeout=60) if meta.status == RUNNING else None
     if done is None or done.returncode != 0:  # queued, or it ended or was still starting meanwhile
         done = quiet_run(["scancel", job], timeout=60)
@@ -8086,7 +8141,7 @@ def slurm_stop_sweep(store: RunStore, sweep: Sweep, wait: float, note: Callable[
     and its started ones' runners get SIGTERM (as slurm_stop), then wait until every point has
     ended as Slurm and the nodes record it."""
     metas = [store.folder(p["run_id"]).read_meta() for p in sweep.points]
-    arrays = sorted({str(m.slurm.get("array_job_id")) for m in metas if m.slurm.get("array_job_id")})
+    arrays = sorted({str(m.slurm.array_job_id) for m in metas if m.slurm.array_job_id})
     done = None
     if arrays:
         quiet_run(["scancel", "--state=PENDING", *arrays], timeout=60)
@@ -8116,15 +8171,15 @@ def exit_status_of(meta: RunMeta) -> int:
     return meta.exit_code or 1
 
 
-def node_options(meta: RunMeta, slurm: dict) -> RunOptions:
+def node_options(meta: RunMeta, slurm: SlurmState) -> RunOptions:
     """The run's options as recorded at submission; the GPUs are the ones Slurm gave the job."""
-    stored = meta.slurm.get("options") or {}
+    stored = meta.slurm.options
     extra = {"RUNPILOT_SWEEP_ID": meta.sweep.get("id"), "RUNPILOT_SWEEP_POINT": meta.sweep.get("index"),
              "RUNPILOT_REPEAT": meta.sweep.get("repeat")}
     return RunOptions(stop_timeout=float(stored.get("stop_timeout", DEFAULT_STOP_TIMEOUT)),
                       pull=str(stored.get("pull", "missing")), keep_engine_logs=bool(stored.get("keep_engine_logs")),
                       tags=meta.tags, overrides=meta.overrides, run_id=meta.run_id, gpu_check=False,
-                      claim_gpus=False, sweep=meta.sweep, slurm=slurm, rerun_of=meta.rerun_of,
+                      claim_gpus=False, sweep=meta.sweep, slurm=slurm.to_data(), rerun_of=meta.rerun_of,
                       extra_env={k: str(v) for k, v in extra.items() if v is not None},
                       live_code=meta.code.get("mode") == "live",
                       code_snapshots={meta.code["folder"]: meta.code["snapshot"]}
@@ -8188,7 +8243,8 @@ def run_on_node(folder: RunFolder, environ, report: Reporter) -> int:
     meta = folder.read_meta()
     if meta.status != QUEUED:
         raise StoreError(f"run {folder.run_id} is {meta.status}, not queued: Slurm started it twice?")
-    slurm = {**meta.slurm, "state": "RUNNING", "node": environ.get("SLURMD_NODENAME") or hostname()}
+    slurm = SlurmState.from_data({**meta.slurm.to_data(), "state": "RUNNING",
+                                  "node": environ.get("SLURMD_NODENAME") or hostname()})
     try:
         config = dataclasses.replace(load_config(folder.config), source=meta.config_file)
         devices = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
@@ -8203,7 +8259,7 @@ def run_on_node(folder: RunFolder, environ, report: Reporter) -> int:
             folder.write_meta(outcome.meta)
     except RunPilotError as exc:  # the node cannot run it (no engine, no image, no python...)
         failed = folder.read_meta()
-        if failed.end(FAILED, str(exc).splitlines()[0], slurm=slurm, host=slurm["node"]):
+        if failed.end(FAILED, str(exc).splitlines()[0], slurm=slurm, host=slurm.node):
             store.record(failed)
         raise
     return outcome.exit_code
@@ -8258,7 +8314,7 @@ def slurm_run_cli(args, config: JobConfig, options: RunOptions) -> int:
         return 0
     with StopSignals() as signals:  # from before sbatch: a Ctrl-C then cancels the job it accepted
         meta = submit_run(store, config, options)
-        note(f"run {meta.run_id} ({config.name}) submitted to Slurm as job {meta.slurm['job_id']}")
+        note(f"run {meta.run_id} ({config.name}) submitted to Slurm as job {meta.slurm.job_id}")
         if args.detach and not signals.received:
             echo(meta.run_id)
             return 0
@@ -8281,7 +8337,7 @@ def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOpti
               "code_snapshots": options.code_snapshots}
     with StopSignals() as signals:
         sweep = submit_sweep(store, sweep_id, configs, axes, args.repeat, options, args.parallel, stored)
-        array = store.folder(sweep.points[0]["run_id"]).read_meta().slurm.get("array_job_id")
+        array = store.folder(sweep.points[0]["run_id"]).read_meta().slurm.array_job_id
         note(f"sweep {sweep_id}: {len(sweep.points)} run(s) submitted to Slurm as job array {array}")
         if args.detach and not signals.received:
             echo(sweep_id)
@@ -8349,7 +8405,7 @@ def _say_slurm_state(store: RunStore, r: RunRecord, said: dict, labels: dict, sa
     """A run's queue state, when it changes: `run ID queued (Priority)`, `running on NODE`; a sweep's
     point says `[1/3 LR=0.1] started on NODE (run ID)`, as a local sweep does."""
     text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
-    node = store.folder(r.id).read_meta().slurm.get("node") if r.status == RUNNING else None
+    node = store.folder(r.id).read_meta().slurm.node if r.status == RUNNING else None
     if said.get(r.id) != text and r.status in ACTIVE_STATUSES:
         if r.id not in labels:
             say(f"run {r.id} {text}" + (f" on {node}" if node else ""))
@@ -9939,7 +9995,7 @@ def render_show(record: RunRecord, meta: RunMeta, samples: list[dict], files: di
 def _show_facts(record: RunRecord, meta: RunMeta) -> list[str]:
     """`show`'s `label  value` lines, those a run has."""
     status = record.status + ("" if record.exit_code is None else f" (exit code {record.exit_code})")
-    slurm = meta.slurm
+    slurm = meta.slurm.to_data()
     facts = [
         ("run", record.id), ("name", record.name), ("status", status), ("reason", record.reason),
         ("started", record.started_at), ("finished", record.finished_at or "-"),

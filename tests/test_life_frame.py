@@ -211,12 +211,24 @@ class OldFolders(LifeCase):
         meta = runpilot.RunFolder(folder).read_meta()
         self.assertEqual(meta.problems, [])
         self.assertEqual((meta.backend, meta.backend_ref), ("slurm", "4711"))
-        self.assertEqual(meta.slurm["node"], "vm")
+        self.assertEqual((meta.slurm.node, meta.slurm.state, meta.slurm.options["pull"]), ("vm", "RUNNING", "missing"))
         self.assertEqual(json.loads(meta.to_json())["slurm"], SLURM_META_0_5["slurm"])  # written back as read
         self.assertEqual(self.store.reindex(), 1)
         [row] = self.db_rows()
         self.assertEqual((row["backend"], row["backend_ref"], row["path"]), ("slurm", "4711", str(folder)))
         self.assertEqual([r.id for r in self.store.active_runs("slurm")], [SLURM_META_0_5["run_id"]])
+
+    def test_the_slurm_block_keeps_its_keys(self):
+        state = runpilot.SlurmState.from_data({"job_id": "12_3", "reason": None, "array_task_id": "three",
+                                               "cluster": "c1"})
+        self.assertEqual((state.job_id, state.array_task_id, state.extra), ("12_3", None, {"array_task_id": "three",
+                                                                                          "cluster": "c1"}))
+        state.node = "vm"
+        self.assertEqual(state.to_data(), {"job_id": "12_3", "reason": None, "node": "vm", "array_task_id": "three",
+                                           "cluster": "c1"})
+        here = runpilot.RunMeta("20261120-100000-0000a2")
+        self.assertFalse(here.slurm)
+        self.assertEqual((json.loads(here.to_json())["slurm"], here.backend, here.backend_ref), ({}, "here", None))
 
     def test_an_ssh_run_names_its_box(self):
         record = self.add_run("job", "running", runner={"backend": "ssh", "box": "gpu1", "home": "/h"})
