@@ -380,24 +380,14 @@ def _type_ok(value: object, annotation: str) -> bool:
     return False
 
 
-@dataclass
-class SlurmState:
-    """A Slurm run's state, meta.json's `slurm` block: only the Slurm backend reads it.
+class MetaPart:
+    """A typed part of meta.json (a JSON object of its own), as a dataclass with an `extra` field.
 
-    `from_data` reads the block and `to_data` writes it under the same keys: the keys it was read
+    `from_data` reads the object and `to_data` writes it under the same keys: the keys it was read
     with or given since (null included), and the keys this version does not know (`extra`).
     """
 
-    job_id: str | None = None           # `123`, or `120_4` for a task of a job array
-    array_job_id: str | None = None
-    array_task_id: int | None = None
-    partition: str | None = None
-    state: str | None = None            # Slurm's last word: PENDING, RUNNING, COMPLETED, ...
-    node: str | None = None
-    reason: str | None = None
-    submitted_from: str | None = None
-    options: dict = field(default_factory=dict)   # the run's options as submitted: the node runs with them
-    extra: dict = field(default_factory=dict)
+    extra: dict
 
     def __post_init__(self) -> None:  # given: what differs from the defaults (from_data says more)
         self.__dict__["_given"] = {f.name for f in dataclasses.fields(self)
@@ -409,8 +399,8 @@ class SlurmState:
             self.__dict__.setdefault("_given", set()).add(name)
 
     @classmethod
-    def from_data(cls, data: dict) -> "SlurmState":
-        """The block as read from meta.json; a wrongly typed value is kept as it was, in `extra`."""
+    def from_data(cls, data: dict):
+        """The part as read from meta.json; a wrongly typed value is kept as it was, in `extra`."""
         known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
         ok = {k: v for k, v in data.items() if k in known and _type_ok(v, str(known[k].type))}
         state = cls(**ok, extra={k: v for k, v in data.items() if k not in ok})
@@ -423,6 +413,33 @@ class SlurmState:
 
     def __bool__(self) -> bool:
         return bool(self.to_data())
+
+
+@dataclass
+class SlurmState(MetaPart):
+    """A Slurm run's state, meta.json's `slurm` block: only the Slurm backend reads it."""
+
+    job_id: str | None = None           # `123`, or `120_4` for a task of a job array
+    array_job_id: str | None = None
+    array_task_id: int | None = None
+    partition: str | None = None
+    state: str | None = None            # Slurm's last word: PENDING, RUNNING, COMPLETED, ...
+    node: str | None = None
+    reason: str | None = None
+    submitted_from: str | None = None
+    options: dict = field(default_factory=dict)   # the run's options as submitted: the node runs with them
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class SweepRef(MetaPart):
+    """A sweep's run: its place in the sweep, meta.json's `sweep` block."""
+
+    id: str | None = None               # the sweep's id, sw-...
+    index: int | None = None            # its point's index in the plan
+    repeat: int | None = None           # which repeat of the point (--repeat)
+    point: dict = field(default_factory=dict)   # the swept values, by dotted key
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -475,19 +492,19 @@ class RunMeta:
     usage: dict = field(default_factory=dict)      # what the job used: peak memory, its GPUs' utilization
     git: list[dict] = field(default_factory=list)
     lost_at: str | None = None
-    sweep: dict = field(default_factory=dict)      # id, index, point, repeat: its place in a sweep
+    sweep: SweepRef = field(default_factory=SweepRef)  # its place in a sweep
     slurm: SlurmState = field(default_factory=SlurmState)  # --on slurm: the Slurm backend's state of the run
     code: dict = field(default_factory=dict)       # mode (snapshot, live, off), folder, snapshot, files, bytes
     extra: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list, repr=False)  # what from_json had to drop
 
     _OLD_NAMES = {"watched": "metric_names"}   # keys of meta.json files written by RunPilot 0.4
-    _PARTS = {"slurm": SlurmState}              # typed parts, read and written under their keys
+    _PARTS = {"slurm": SlurmState, "sweep": SweepRef}  # typed parts, read and written under their keys
 
-    def __post_init__(self) -> None:
-        for key, part in self._PARTS.items():
-            if isinstance(getattr(self, key), dict):  # given as meta.json holds it
-                setattr(self, key, part.from_data(getattr(self, key)))
+    def __setattr__(self, name: str, value: object) -> None:
+        part = self._PARTS.get(name)  # a part given as meta.json holds it (a dict) is read as such
+        object.__setattr__(self, name, part.from_data(value) if part is not None and isinstance(value, dict)
+                           else value)
 
     @classmethod
     def from_json(cls, data: object, run_id: str) -> "RunMeta":
@@ -610,7 +627,7 @@ class RunRecord:
                    path=str(path), finished_at=meta.finished_at, exit_code=meta.exit_code,
                    duration=meta.duration, engine=meta.engine, image=meta.image,
                    last_metrics=meta.last_metrics, tags=meta.tags, metric_names=meta.metric_names,
-                   sweep_id=meta.sweep.get("id") if isinstance(meta.sweep.get("id"), str) else None,
+                   sweep_id=meta.sweep.id,
                    reason=meta.reason, runner=meta.runner, backend=meta.backend, backend_ref=meta.backend_ref)
 
 
@@ -8174,12 +8191,12 @@ def exit_status_of(meta: RunMeta) -> int:
 def node_options(meta: RunMeta, slurm: SlurmState) -> RunOptions:
     """The run's options as recorded at submission; the GPUs are the ones Slurm gave the job."""
     stored = meta.slurm.options
-    extra = {"RUNPILOT_SWEEP_ID": meta.sweep.get("id"), "RUNPILOT_SWEEP_POINT": meta.sweep.get("index"),
-             "RUNPILOT_REPEAT": meta.sweep.get("repeat")}
+    extra = {"RUNPILOT_SWEEP_ID": meta.sweep.id, "RUNPILOT_SWEEP_POINT": meta.sweep.index,
+             "RUNPILOT_REPEAT": meta.sweep.repeat}
     return RunOptions(stop_timeout=float(stored.get("stop_timeout", DEFAULT_STOP_TIMEOUT)),
                       pull=str(stored.get("pull", "missing")), keep_engine_logs=bool(stored.get("keep_engine_logs")),
                       tags=meta.tags, overrides=meta.overrides, run_id=meta.run_id, gpu_check=False,
-                      claim_gpus=False, sweep=meta.sweep, slurm=slurm.to_data(), rerun_of=meta.rerun_of,
+                      claim_gpus=False, sweep=meta.sweep.to_data(), slurm=slurm.to_data(), rerun_of=meta.rerun_of,
                       extra_env={k: str(v) for k, v in extra.items() if v is not None},
                       live_code=meta.code.get("mode") == "live",
                       code_snapshots={meta.code["folder"]: meta.code["snapshot"]}
@@ -8838,7 +8855,7 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
               "program": f"{home}/bin/{plan.program}", "config_file": config.source,
               "rerun_of": options.rerun_of}  # what only this side knows, kept over every copy from the box
     folder = store.adopt(run_id)  # a new folder, or a sweep's queued point
-    runner["sweep"] = folder.read_meta().sweep if folder.meta_file.exists() else {}
+    runner["sweep"] = folder.read_meta().sweep.to_data() if folder.meta_file.exists() else {}
     write_private(folder.config, dump_yaml(config_to_dict(config)).encode("utf-8"))  # this side's paths: rerun
     meta = RunMeta(run_id, name=config.name, status=RUNNING, started_at=utc_now(), engine=config.engine,
                    image=config.image, runner=runner, config_file=config.source, rerun_of=options.rerun_of,
@@ -9363,8 +9380,8 @@ def stop_run(store: RunStore, record: RunRecord, wait: float, note: Callable[[st
     runner = meta.runner or record.runner
     alive = runner_alive(runner)
     if alive:
-        if meta.sweep and SWEEP_ID_RE.match(str(meta.sweep.get("id"))):  # its runner runs the whole sweep
-            requests = store.sweeps_dir / meta.sweep["id"] / "stop"
+        if meta.sweep and SWEEP_ID_RE.match(str(meta.sweep.id)):  # its runner runs the whole sweep
+            requests = store.sweeps_dir / str(meta.sweep.id) / "stop"
             make_private_dirs(requests)
             write_private(requests / record.id, b"")
         else:
@@ -10011,7 +10028,7 @@ def _show_facts(record: RunRecord, meta: RunMeta) -> list[str]:
         ("ssh", meta.runner.get("backend") == "ssh" and f"box {meta.runner.get('box')}, "
                                                         f"{meta.runner.get('home')}/runs/{record.id}"),
         ("folder", record.path), ("tags", " ".join(f"{k}={v}" for k, v in sorted(record.tags.items()))),
-        ("sweep", meta.sweep.get("id") and f"{meta.sweep['id']} point {meta.sweep.get('index')}"),
+        ("sweep", meta.sweep.id and f"{meta.sweep.id} point {meta.sweep.index}"),
         ("rerun of", meta.rerun_of), ("code", fmt_code(meta.code)),
         *[("git", f"{repo.get('root')} {repo.get('branch')} {str(repo.get('commit'))[:12]}"
                   + (" (uncommitted changes)" if repo.get("dirty") else "")) for repo in meta.git]]

@@ -230,6 +230,16 @@ class OldFolders(LifeCase):
         self.assertFalse(here.slurm)
         self.assertEqual((json.loads(here.to_json())["slurm"], here.backend, here.backend_ref), ({}, "here", None))
 
+    def test_a_sweeps_run_written_by_0_5_keeps_its_place(self):
+        block = {"id": "sw-20261120-100000-ab12", "index": 2, "repeat": 0, "point": {"env.LR": 0.1}}
+        record = self.add_run("job", "succeeded", sweep=block)
+        meta = self.store.folder(record.id).read_meta()
+        self.assertEqual((meta.sweep.id, meta.sweep.index, meta.sweep.point), (block["id"], 2, {"env.LR": 0.1}))
+        self.assertEqual(self.folder_meta(record.id)["sweep"], block)
+        self.assertEqual(self.store.get(record.id).sweep_id, block["id"])
+        meta.sweep = {"id": 7}  # a value of the wrong type: kept as it was, never taken for a sweep id
+        self.assertEqual((meta.sweep.id, meta.sweep.to_data()), (None, {"id": 7}))
+
     def test_an_ssh_run_names_its_box(self):
         record = self.add_run("job", "running", runner={"backend": "ssh", "box": "gpu1", "home": "/h"})
         self.assertEqual((record.backend, record.backend_ref), ("ssh", "gpu1"))
