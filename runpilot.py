@@ -5792,9 +5792,9 @@ MIGRATE_FROM_3 = """
 INSERT INTO runs ({columns})
 SELECT id, name, status, started_at, finished_at, exit_code, ? || '/' || id, duration, engine, image,
        last_metrics, tags, metric_names, sweep_id, reason, runner,
-       CASE WHEN slurm_job IS NOT NULL THEN 'slurm'
+       CASE WHEN slurm_job IS NOT NULL THEN 'slurm' WHEN NOT json_valid(runner) THEN 'here'
             ELSE coalesce(json_extract(runner, '$.backend'), 'here') END,
-       coalesce(slurm_job, json_extract(runner, '$.box'))
+       coalesce(slurm_job, CASE WHEN json_valid(runner) THEN json_extract(runner, '$.box') END)
 FROM runs_v3
 """
 JSON_COLUMNS = ("last_metrics", "tags", "metric_names", "runner")

@@ -293,6 +293,14 @@ class OldIndex(LifeCase):
                           (SLURM_META_0_5["run_id"], "running", str(slurm_folder))])
         self.assertEqual([r.id for r in self.store.active_runs("slurm")], [SLURM_META_0_5["run_id"]])
 
+    def test_a_damaged_runner_cell_does_not_stop_the_migration(self):
+        self.write_old_index([("20261120-080000-00dead", "odd", "failed", "2026-11-20T08:00:00.000Z", None, 1, None,
+                               None, None, "{}", "{}", "[]", None, None, "not json", None)])
+        with self.store.db():
+            pass
+        self.assertEqual([(r["id"], r["backend"], r["backend_ref"]) for r in self.db_rows()],
+                         [("20261120-080000-00dead", "here", None)])
+
     def test_list_reads_it(self):
         here = self.add_run("here", "succeeded", index=False)
         self.write_old_index([(here.id, "here", "succeeded", here.started_at, here.finished_at, 0, 10.0, "local",
