@@ -123,7 +123,7 @@ DEFAULT_STOP_TIMEOUT = 10
 MAX_STOP_TIMEOUT = 86400
 # SQLite waits this long for a lock held by a parallel run before it gives up (RUNPILOT_DB_TIMEOUT).
 DB_TIMEOUT = 30.0
-DB_SCHEMA_VERSION = 3
+DB_SCHEMA_VERSION = 4
 # Space set aside in each run folder while the job runs, freed to write the final record on a full disk.
 RESERVE_BYTES = 256 << 10
 # What git's probes of a mounted folder may take in all; past it the run is recorded without them.
@@ -381,6 +381,68 @@ def _type_ok(value: object, annotation: str) -> bool:
     return False
 
 
+class MetaPart:
+    """A typed part of meta.json (a JSON object of its own), as a dataclass with an `extra` field.
+
+    `from_data` reads the object and `to_data` writes it under the same keys: the keys it was read
+    with or given since (null included), and the keys this version does not know (`extra`).
+    """
+
+    extra: dict
+
+    def __post_init__(self) -> None:  # given: what differs from the defaults (from_data says more)
+        self.__dict__["_given"] = {f.name for f in dataclasses.fields(self)
+                                   if f.name != "extra" and getattr(self, f.name) not in (None, {})}
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name != "extra":
+            self.__dict__.setdefault("_given", set()).add(name)
+
+    @classmethod
+    def from_data(cls, data: dict):
+        """The part as read from meta.json; a wrongly typed value is kept as it was, in `extra`."""
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        ok = {k: v for k, v in data.items() if k in known and _type_ok(v, str(known[k].type))}
+        state = cls(**ok, extra={k: v for k, v in data.items() if k not in ok})
+        state.__dict__["_given"] = set(ok)
+        return state
+
+    def to_data(self) -> dict:
+        given = self.__dict__.get("_given", set())
+        return {**self.extra, **{k: getattr(self, k) for k in sorted(given)}}
+
+    def __bool__(self) -> bool:
+        return bool(self.to_data())
+
+
+@dataclass
+class SlurmState(MetaPart):
+    """A Slurm run's state, meta.json's `slurm` block: only the Slurm backend reads it."""
+
+    job_id: str | None = None           # `123`, or `120_4` for a task of a job array
+    array_job_id: str | None = None
+    array_task_id: int | None = None
+    partition: str | None = None
+    state: str | None = None            # Slurm's last word: PENDING, RUNNING, COMPLETED, ...
+    node: str | None = None
+    reason: str | None = None
+    submitted_from: str | None = None
+    options: dict = field(default_factory=dict)   # the run's options as submitted: the node runs with them
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class SweepRef(MetaPart):
+    """A sweep's run: its place in the sweep, meta.json's `sweep` block."""
+
+    id: str | None = None               # the sweep's id, sw-...
+    index: int | None = None            # its point's index in the plan
+    repeat: int | None = None           # which repeat of the point (--repeat)
+    point: dict = field(default_factory=dict)   # the swept values, by dotted key
+    extra: dict = field(default_factory=dict)
+
+
 @dataclass
 class RunMeta:
     """What a run records about itself: the contents of its meta.json, the truth about the run.
@@ -431,13 +493,19 @@ class RunMeta:
     usage: dict = field(default_factory=dict)      # what the job used: peak memory, its GPUs' utilization
     git: list[dict] = field(default_factory=list)
     lost_at: str | None = None
-    sweep: dict = field(default_factory=dict)      # id, index, point, repeat: its place in a sweep
-    slurm: dict = field(default_factory=dict)      # job_id, array ids, partition, node, state, reason
+    sweep: SweepRef = field(default_factory=SweepRef)  # its place in a sweep
+    slurm: SlurmState = field(default_factory=SlurmState)  # --on slurm: the Slurm backend's state of the run
     code: dict = field(default_factory=dict)       # mode (snapshot, live, off), folder, snapshot, files, bytes
     extra: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list, repr=False)  # what from_json had to drop
 
     _OLD_NAMES = {"watched": "metric_names"}   # keys of meta.json files written by RunPilot 0.4
+    _PARTS = {"slurm": SlurmState, "sweep": SweepRef}  # typed parts, read and written under their keys
+
+    def __setattr__(self, name: str, value: object) -> None:
+        part = self._PARTS.get(name)  # a part given as meta.json holds it (a dict) is read as such
+        object.__setattr__(self, name, part.from_data(value) if part is not None and isinstance(value, dict)
+                           else value)
 
     @classmethod
     def from_json(cls, data: object, run_id: str) -> "RunMeta":
@@ -457,6 +525,8 @@ class RunMeta:
             spec = known.get(key)
             if spec is None:
                 meta.extra[key] = value
+            elif key in cls._PARTS and isinstance(value, dict):
+                setattr(meta, key, cls._PARTS[key].from_data(value))
             elif _type_ok(value, str(spec.type)):
                 setattr(meta, key, value)
             else:
@@ -481,12 +551,52 @@ class RunMeta:
 
     def to_json(self) -> bytes:
         data = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("extra", "problems")}
-        data = {**self.extra, **data}
+        data = {**self.extra, **data, **{key: getattr(self, key).to_data() for key in self._PARTS}}
         return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
     @property
     def final(self) -> bool:
         return self.status not in ACTIVE_STATUSES
+
+    @property
+    def backend(self) -> str:
+        """Where the run executes: `slurm` (it has a `slurm` block), the backend its runner names
+        (`ssh`), or `here`."""
+        if self.slurm:
+            return "slurm"
+        named = self.runner.get("backend")
+        return named if isinstance(named, str) and named else "here"
+
+    @property
+    def backend_ref(self) -> str | None:
+        """The backend's handle on the run, as the index keeps it: the Slurm job (`123`, `120_4`), the box."""
+        ref = self.slurm.job_id if self.slurm else self.runner.get("box")
+        return str(ref) if ref not in (None, "") else None
+
+    # -- the life of a run: queued, then running, then one final status, never rewritten --------
+    def queue(self) -> None:
+        """Record the run as waiting (for its GPUs, a Slurm node): it has not started."""
+        self.status = QUEUED
+
+    def start(self, when: str | None = None) -> None:
+        """Record the job's start; a queued run's wait is not part of its duration."""
+        self.status, self.started_at = RUNNING, when or utc_now()
+
+    def end(self, status: str, reason: str | None = None, finished: bool = True, **fields) -> bool:
+        """Record how the run ended: STATUS (final), REASON (None keeps the one it has), and FIELDS
+        of meta.json (exit_code, stop_signal, lost_at, ...); finished_at is now unless set already
+        or not FINISHED (a run found lost ended at a time nobody saw). A run that has ended already
+        keeps its first ending: nothing changes, and the result is False."""
+        if self.final:
+            return False
+        if status in ACTIVE_STATUSES:
+            raise ValueError(f"{status!r} is not how a run ends")
+        self.status, self.reason = status, self.reason if reason is None else reason
+        for key, value in fields.items():
+            setattr(self, key, value)
+        if finished:
+            self.finished_at = self.finished_at or utc_now()
+        return True
 
 
 @dataclass
@@ -509,7 +619,8 @@ class RunRecord:
     sweep_id: str | None = None
     reason: str | None = None           # Slurm's pending reason, or why a run was lost
     runner: dict = field(default_factory=dict)   # who runs it, so a run stays stoppable without meta.json
-    slurm_job: str | None = None        # the Slurm job (array_task) that runs it, for one squeue per list
+    backend: str = "here"               # where it executes: a name in BACKENDS
+    backend_ref: str | None = None      # the backend's handle on it (the Slurm job), for one batch per list
 
     @classmethod
     def of(cls, meta: RunMeta, path: Path) -> "RunRecord":
@@ -517,9 +628,8 @@ class RunRecord:
                    path=str(path), finished_at=meta.finished_at, exit_code=meta.exit_code,
                    duration=meta.duration, engine=meta.engine, image=meta.image,
                    last_metrics=meta.last_metrics, tags=meta.tags, metric_names=meta.metric_names,
-                   sweep_id=meta.sweep.get("id") if isinstance(meta.sweep.get("id"), str) else None,
-                   reason=meta.reason, runner=meta.runner,
-                   slurm_job=str(meta.slurm["job_id"]) if meta.slurm.get("job_id") else None)
+                   sweep_id=meta.sweep.id,
+                   reason=meta.reason, runner=meta.runner, backend=meta.backend, backend_ref=meta.backend_ref)
 
 
 @dataclass(frozen=True)
@@ -5831,6 +5941,7 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at   TEXT NOT NULL,
     finished_at  TEXT,
     exit_code    INTEGER,
+    path         TEXT NOT NULL,
     duration     REAL,
     engine       TEXT,
     image        TEXT,
@@ -5840,16 +5951,29 @@ CREATE TABLE IF NOT EXISTS runs (
     sweep_id     TEXT,
     reason       TEXT,
     runner       TEXT NOT NULL DEFAULT '{}',
-    slurm_job    TEXT
+    backend      TEXT NOT NULL DEFAULT 'here',
+    backend_ref  TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_duration ON runs(duration);
 CREATE INDEX IF NOT EXISTS runs_by_start ON runs(started_at);
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status, started_at);
 CREATE INDEX IF NOT EXISTS runs_by_name ON runs(name, started_at);
 CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs(sweep_id, started_at);
+CREATE INDEX IF NOT EXISTS runs_by_backend ON runs(backend, status);
 """
-RUN_COLUMNS = ("id", "name", "status", "started_at", "finished_at", "exit_code", "duration", "engine",
-               "image", "last_metrics", "tags", "metric_names", "sweep_id", "reason", "runner", "slurm_job")
+RUN_COLUMNS = ("id", "name", "status", "started_at", "finished_at", "exit_code", "path", "duration", "engine",
+               "image", "last_metrics", "tags", "metric_names", "sweep_id", "reason", "runner", "backend",
+               "backend_ref")
+# Version 3 (RunPilot 0.5) kept no path, and its Slurm job in a column of its own: its rows carry over.
+MIGRATE_FROM_3 = """
+INSERT INTO runs ({columns})
+SELECT id, name, status, started_at, finished_at, exit_code, ? || '/' || id, duration, engine, image,
+       last_metrics, tags, metric_names, sweep_id, reason, runner,
+       CASE WHEN slurm_job IS NOT NULL THEN 'slurm' WHEN NOT json_valid(runner) THEN 'here'
+            ELSE coalesce(json_extract(runner, '$.backend'), 'here') END,
+       coalesce(slurm_job, CASE WHEN json_valid(runner) THEN json_extract(runner, '$.box') END)
+FROM runs_v3
+"""
 JSON_COLUMNS = ("last_metrics", "tags", "metric_names", "runner")
 
 
@@ -6052,7 +6176,8 @@ class RunStore:
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self._while_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=NORMAL")
-            if conn.execute("PRAGMA user_version").fetchone()[0] != DB_SCHEMA_VERSION and self._migrate(conn):
+            if conn.execute("PRAGMA user_version").fetchone()[0] != DB_SCHEMA_VERSION and self._migrate(conn,
+                                                                                                        self.runs_dir):
                 self._index_folders(conn)
             if self.write_index:
                 self._catch_up(conn, catch_up_wait)
@@ -6085,17 +6210,28 @@ class RunStore:
                 time.sleep(0.05)
 
     @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> bool:
-        """Create the schema; an index of another version is dropped and rebuilt from the folders."""
+    def _migrate(conn: sqlite3.Connection, runs_dir: Path) -> bool:
+        """Create the schema. 0.5's index (version 3) keeps its rows, moved into the new columns (the
+        path, the backend and its handle); an index of another version is dropped and rebuilt from
+        the folders. Either way the folders without a row are indexed next (True)."""
         with _transaction(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == DB_SCHEMA_VERSION:
                 return False  # a parallel process got here first
-            if version:
+            carried = version == 3 and conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'runs'").fetchone()
+            if carried:
+                conn.execute("ALTER TABLE runs RENAME TO runs_v3")
+                for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND "
+                                            "tbl_name = 'runs_v3' AND sql IS NOT NULL").fetchall():
+                    conn.execute(f'DROP INDEX "{name}"')  # the new schema's indexes take their names
+            elif version:
                 conn.execute("DROP TABLE IF EXISTS runs")
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            if carried:
+                conn.execute(MIGRATE_FROM_3.format(columns=", ".join(RUN_COLUMNS)), (str(runs_dir),))
+                conn.execute("DROP TABLE runs_v3")
             conn.execute(f"PRAGMA user_version={DB_SCHEMA_VERSION}")
         return True
 
@@ -6198,6 +6334,21 @@ class RunStore:
                 return f"{exc} (and no marker could be left: {again.strerror})"
             return f"{exc}; the index catches up from the run folder the next time it is used"
 
+    def record(self, meta: RunMeta, durable: bool = True, strict: bool = True) -> str | None:
+        """Record a changed run: its meta.json first (the truth), then its index row (see
+        save_or_defer); a run that has ended gives back the space set aside for its last record.
+        Returns why the index is behind, if it is. A folder that cannot be written raises OSError;
+        not STRICT (an ending seen from outside), the row is written all the same."""
+        folder = self.folder(meta.run_id)
+        try:
+            folder.write_meta(meta, durable)
+        except OSError:
+            if strict:
+                raise
+        if meta.final:
+            folder.free_reserve()
+        return self.save_or_defer(meta)
+
     def delete(self, run_id: str) -> None:
         """Remove a run's folder, then its row (a folder left by a crash comes back on reindex)."""
         folder = self.folder(run_id)
@@ -6226,19 +6377,26 @@ class RunStore:
         with self.db(read_only=True) as conn:
             return [self._record(row) for row in conn.execute(sql, params)]
 
-    def active_slurm_runs(self) -> list[RunRecord]:
-        """The runs submitted to Slurm that the index holds as queued or running."""
+    def active_runs(self, backend: str) -> list[RunRecord]:
+        """The runs of BACKEND that the index holds as queued or running, with the backend's handle on them."""
         marks = ", ".join("?" for _ in ACTIVE_STATUSES)
         with self.db(read_only=True) as conn:
-            rows = conn.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE slurm_job IS NOT NULL "
-                                f"AND status IN ({marks})", ACTIVE_STATUSES).fetchall()
+            rows = conn.execute(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs WHERE backend = ? AND backend_ref "
+                                f"IS NOT NULL AND status IN ({marks})", (backend, *ACTIVE_STATUSES)).fetchall()
         return [self._record(row) for row in rows]
+
+    def save_records(self, records: list[RunRecord]) -> None:
+        """Write the index rows of many runs in one transaction (a backend's batch of changes)."""
+        if records and self.write_index:
+            with self.db() as conn, _transaction(conn):
+                conn.executemany(_UPSERT, [_row(r) for r in records])
 
     def _record(self, row: tuple) -> RunRecord:
         values = dict(zip(RUN_COLUMNS, row))
         for column in JSON_COLUMNS:
             values[column] = json.loads(values[column])
-        return RunRecord(path=str(self.runs_dir / values["id"]), **values)
+        values["path"] = str(self.runs_dir / values["id"])  # where the home is now (it may have moved)
+        return RunRecord(**values)
 
     def find(self, ref: str) -> RunRecord:
         """A run by full id, unique id prefix, its short id (the last six hex digits), `latest` or `-N`."""
@@ -6594,6 +6752,21 @@ class RunOutcome:
     meta: RunMeta
 
 
+@dataclass
+class RunContext:
+    """What travels along one run's path, from its record to its ending: where it is recorded, the
+    config and options it was started with, and who hears of it (instead of long parameter lists)."""
+
+    store: RunStore
+    config: JobConfig                   # as the user gave it (the job may be launched with a copy's paths)
+    folder: RunFolder
+    meta: RunMeta                       # the record, changed along the way and recorded by the store
+    options: RunOptions
+    report: Reporter = ignore_events
+    terminal: Terminal | None = None    # where the job's output goes besides logs.txt
+    signals: StopSignals | None = None  # the stop requests this run obeys
+
+
 def make_launch(config: JobConfig, run_id: str, engine: str, env: dict[str, str], options: RunOptions,
                 environ, devices: tuple[str, ...] | None) -> Launch:
     """Argv, environment and folder of the job for its engine.
@@ -6717,11 +6890,12 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: T
             env["RUNPILOT_RUN_ID"] = folder.run_id
             meta = new_meta(config, folder.run_id, engine, options, facts)
             meta.code = code
-            meta.status = RUNNING if placement.ready else QUEUED
+            if not placement.ready:
+                meta.queue()
+            run = RunContext(store, config, folder, meta, options, report, terminal, signals)
             _report_behind(report, folder.run_id, record_start(store, config, folder, meta))
             if not placement.ready and not placement.wait(folder.run_id, signals, report):
-                return finish(store, config, folder, meta, TeeResult(None, INTERRUPTED, signals.received[0]),
-                              options.previous, report)
+                return finish(run, TeeResult(None, INTERRUPTED, signals.received[0]))
             try:
                 launched, files_env, copied = prepare_run_files(store, config, folder, code, engine)
             except RunPilotError as exc:
@@ -6732,38 +6906,34 @@ def run_job(config: JobConfig, options: RunOptions, store: RunStore, terminal: T
                 meta.workdir = local_workdir(launched)
             launch = make_launch(launched, folder.run_id, engine, env, options, environ, placement.devices)
             try:
-                return _run_placed(store, config, folder, meta, options, (launched, launch), terminal, report,
-                                   signals)
+                return _run_placed(run, launched, launch)
             finally:
                 settle_run_files(folder, engine, launched, copied, report)
     finally:
         placement.release()
 
 
-def _run_placed(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta, options: RunOptions,
-                started: tuple[JobConfig, Launch], terminal: Terminal | None, report: Reporter,
-                signals: StopSignals) -> RunOutcome:
-    """The run holds its GPUs: mark it running, start the job, tee it, finish. STARTED is the config
-    the job is launched with (its code copy and outputs mounted) and its Launch."""
-    launched, launch = started
+def _run_placed(run: RunContext, launched: JobConfig, launch: Launch) -> RunOutcome:
+    """The run holds its GPUs: mark it running, start the job, tee it, finish. LAUNCHED is the config
+    the job is launched with (its code copy and outputs mounted), LAUNCH its command."""
+    store, config, folder, meta, report, signals = run.store, run.config, run.folder, run.meta, run.report, run.signals
+    assert signals is not None
     meta.command, meta.command_line, meta.container = launch.argv, shlex.join(launch.argv), launch.container
     meta.devices = list(launch.devices)
-    if meta.status == QUEUED:
-        meta.status, meta.started_at = RUNNING, utc_now()
-        folder.write_meta(meta, durable=False)
-        _report_behind(report, folder.run_id, store.save_or_defer(meta))
-    else:  # the duration is the job's: what recording the run took (an index that was busy) is not
-        meta.started_at = utc_now()
+    was_queued = meta.status == QUEUED
+    meta.start()  # the duration is the job's: what recording the run took (an index that was busy) is not
+    if was_queued:
+        _report_behind(report, folder.run_id, store.record(meta, durable=False))
     _announce(config, meta, report)
     probes = StartProbes(meta.engine or "", _probe_folders(config))
-    result = supervise(launch, options, launched, folder, meta, terminal, signals, report)
+    result = supervise(run, launch, launched)
     meta.finished_at = utc_now()  # before the probes: their time is not the job's
     seen = len(signals.received)
     facts = probes.collect(folder.path, give_up=lambda: len(signals.received) > seen)
     meta.engine_version, meta.git = facts.get("engine_version"), facts.get("git", [])
     if facts.get("unfinished"):
         meta.extra["probes"] = "unfinished: recorded without the engine's version and the git state"
-    return finish(store, config, folder, meta, result, options.previous, report)
+    return finish(run, result)
 
 
 def _probe_folders(config: JobConfig) -> list[str]:
@@ -6893,9 +7063,11 @@ def _announce(config: JobConfig, meta: RunMeta, report: Reporter) -> None:
         report(RunEvent("warning", meta.run_id, warning))
 
 
-def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: RunFolder, meta: RunMeta,
-              terminal: Terminal | None, signals: StopSignals, report: Reporter) -> TeeResult:
-    """Start the job and tee it until it ends; after it, make sure nothing of it is left."""
+def supervise(run: RunContext, launch: Launch, config: JobConfig) -> TeeResult:
+    """Start the job (launched with CONFIG) and tee it until it ends; after it, make sure nothing of
+    it is left."""
+    folder, meta, report, signals = run.folder, run.meta, run.report, run.signals
+    assert signals is not None
     metrics = None
     try:
         metrics = MetricLog(folder.metrics, folder.sample_times)
@@ -6911,12 +7083,13 @@ def supervise(launch: Launch, options: RunOptions, config: JobConfig, folder: Ru
     try:
         if signals.received:  # stopped while the run was being recorded: never start the job
             return TeeResult(None, INTERRUPTED, signals.received[0])
-        job = _start_job(launch, options, folder, meta, report)
+        job = _start_job(run, launch)
         if job is None:  # recorded as failed like a shell's "command not found"
             return TeeResult(127)
-        sampler = start_usage_sampler(launch, job, options, config, folder, meta)
+        sampler = start_usage_sampler(run, launch, job, config)
         try:
-            return _tee_to_the_end(job, Tee(log_fd, metrics, terminal, report, meta.run_id), signals, config.timeout)
+            return _tee_to_the_end(job, Tee(log_fd, metrics, run.terminal, report, meta.run_id), signals,
+                                   config.timeout)
         finally:
             record_usage(sampler, folder, meta)
     finally:
@@ -6942,8 +7115,9 @@ def _tensorboard_folders(config: JobConfig, meta: RunMeta, report: Reporter) -> 
     return folders
 
 
-def _start_job(launch: Launch, options: RunOptions, folder: RunFolder, meta: RunMeta, report: Reporter) -> Job | None:
+def _start_job(run: RunContext, launch: Launch) -> Job | None:
     """The started job, or None (said as a warning) when its program cannot be started."""
+    options, folder, meta, report = run.options, run.folder, run.meta, run.report
     if not engine_of(launch.engine).runs_in_container:
         become_subreaper()
     try:
@@ -7045,13 +7219,16 @@ def stop_reason(meta: RunMeta, result: TeeResult, config: JobConfig) -> str | No
     return f"{by} before the job started" if meta.status == CANCELLED else by + killed
 
 
-def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta, result: TeeResult,
-           previous: RunMeta | None, report: Reporter) -> RunOutcome:
+def finish(run: RunContext, result: TeeResult) -> RunOutcome:
     """Record how the run ended (meta.json first: it is the truth), report it, return the outcome."""
-    meta.status, exit_status = finish_status(result)
-    meta.exit_code = None if result.returncode is None else job_exit_code(result.returncode)
-    meta.stop_signal = result.stop_signal if meta.status in (INTERRUPTED, CANCELLED) else None
-    meta.finished_at = meta.finished_at or utc_now()
+    store, config, folder, meta, report = run.store, run.config, run.folder, run.meta, run.report
+    previous = run.options.previous
+    status, exit_status = finish_status(result)
+    if not meta.end(status, exit_code=None if result.returncode is None else job_exit_code(result.returncode),
+                    stop_signal=result.stop_signal if status in (INTERRUPTED, CANCELLED) else None):
+        outcome = RunOutcome(RunRecord.of(meta, folder.path), exit_status_of(meta), meta)  # its first ending
+        report(RunEvent("finished", meta.run_id, outcome=outcome))
+        return outcome
     meta.duration = round((parse_time(meta.finished_at) - parse_time(meta.started_at or meta.finished_at))
                           .total_seconds(), 3) if meta.status != CANCELLED else None
     if result.log_error is not None:
@@ -7062,12 +7239,10 @@ def finish(store: RunStore, config: JobConfig, folder: RunFolder, meta: RunMeta,
         + damaged_event_warnings(result.damaged_events)
     meta.hint = failure_hint(config, meta, folder) if meta.status == FAILED else None
     try:
-        folder.write_meta(meta)
+        behind = store.record(meta)
     except OSError as exc:
         raise StoreError(f"the job ended ({meta.status}) but {folder.meta_file} could not be written "
                          f"({exc.strerror}); free some space and run runpilot reindex") from exc
-    folder.free_reserve()
-    behind = store.save_or_defer(meta)
     outcome = RunOutcome(RunRecord.of(meta, folder.path), exit_status, meta)
     report(RunEvent("finished", meta.run_id, outcome=outcome))
     for warning in meta.warnings:
@@ -7178,10 +7353,10 @@ def failure_hint(config: JobConfig, meta: RunMeta, folder: RunFolder) -> str | N
     return None
 
 
-def start_usage_sampler(launch: Launch, job: Job, options: RunOptions, config: JobConfig, folder: RunFolder,
-                        meta: RunMeta) -> UsageSampler:
+def start_usage_sampler(run: RunContext, launch: Launch, job: Job, config: JobConfig) -> UsageSampler:
     """Sample the job's memory, and its GPUs (when it holds some, nvidia-smi answers and --no-gpu-stats
     was not given), from now until record_usage."""
+    options, folder, meta = run.options, run.folder, run.meta
     smi = None
     if options.gpu_stats and config.resources.gpus is not None:
         found = shutil.which("nvidia-smi", path=(launch.env or os.environ).get("PATH"))
@@ -7342,10 +7517,8 @@ def prune_copy(target: Path, copied: dict[str, tuple]) -> None:
 
 def fail_before_start(store: RunStore, folder: RunFolder, meta: RunMeta, exc: RunPilotError) -> None:
     """A recorded run whose job cannot start: it failed, and says why (it never stays `running`)."""
-    meta.status, meta.finished_at, meta.reason = FAILED, utc_now(), str(exc).splitlines()[0]
-    with contextlib.suppress(OSError):
-        folder.write_meta(meta)
-    store.save_or_defer(meta)
+    if meta.end(FAILED, str(exc).splitlines()[0]):
+        store.record(meta, strict=False)
 
 
 def code_changes(old: list[dict], new: list[dict]) -> dict[str, list[str]]:
@@ -7644,12 +7817,9 @@ class SweepRunner:
     def _record_failure(self, run_id: str, exc: RunPilotError) -> None:
         folder = self.store.folder(run_id)
         meta = folder.read_meta()
-        if meta.final:
+        if not meta.end(FAILED, str(exc).splitlines()[0]):
             return
-        meta.status, meta.finished_at, meta.reason = FAILED, utc_now(), str(exc).splitlines()[0]
-        with contextlib.suppress(OSError):
-            folder.write_meta(meta)
-        self.store.save_or_defer(meta)
+        self.store.record(meta, strict=False)
         self.report(RunEvent("warning", run_id, f"run {run_id} could not start: {meta.reason}"))
 
     def after(self, run_id: str) -> None:
@@ -7699,13 +7869,9 @@ def fmt_sweep_statuses(sweep_id: str, statuses: list[str]) -> str:
 def cancel_queued(store: RunStore, run_id: str, signum: int | None, why: str | None = None) -> None:
     folder = store.folder(run_id)
     meta = folder.read_meta()
-    if meta.status != QUEUED:
-        return
-    meta.status, meta.stop_signal, meta.finished_at = CANCELLED, signum, utc_now()
-    meta.reason = why or "the sweep was stopped before this point started"
-    with contextlib.suppress(OSError):
-        folder.write_meta(meta)
-    store.save_or_defer(meta)
+    if meta.status == QUEUED and meta.end(CANCELLED, why or "the sweep was stopped before this point started",
+                                          stop_signal=signum):
+        store.record(meta, strict=False)
 
 
 SWEEP_REF_RE = re.compile(r"(sw-)?[0-9a-f-]{1,22}\Z")
@@ -7964,9 +8130,10 @@ def sbatch(script: Path) -> str:
 def slurm_queued_meta(config: JobConfig, run_id: str, options: RunOptions) -> RunMeta:
     meta = new_meta(config, run_id, config.engine or "docker", options, {})
     meta.status, meta.runner, meta.host = QUEUED, {}, None
-    meta.slurm = {"partition": config.slurm.partition, "state": "PENDING", "submitted_from": hostname(),
-                  "options": {"stop_timeout": options.stop_timeout, "pull": options.pull,
-                              "keep_engine_logs": options.keep_engine_logs}}
+    meta.slurm = SlurmState.from_data({"partition": config.slurm.partition, "state": "PENDING",
+                                       "submitted_from": hostname(),
+                                       "options": {"stop_timeout": options.stop_timeout, "pull": options.pull,
+                                                   "keep_engine_logs": options.keep_engine_logs}})
     return meta
 
 
@@ -7986,7 +8153,7 @@ def submit_run(store: RunStore, config: JobConfig, options: RunOptions) -> RunMe
         copy_program(folder.program)
         lines = sbatch_lines(config, short_id(folder.run_id), str(folder.path / "slurm-%j.out"))
         write_private(folder.batch_script, slurm_script(config, lines, folder.program, str(folder.path)).encode())
-        meta.slurm["job_id"] = sbatch(folder.batch_script)
+        meta.slurm.job_id = sbatch(folder.batch_script)
     except BaseException:
         shutil.rmtree(folder.path, ignore_errors=True)
         raise
@@ -8030,8 +8197,9 @@ def submit_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint,
         run = store.folder(point["run_id"])
         meta = run.read_meta()
         meta.code = plan_code(config, options, store)  # the sweep's one snapshot (see slurm_sweep_cli)
-        meta.slurm = {**slurm_queued_meta(first, run.run_id, options).slurm, "job_id": f"{array_id}_{point['index']}",
-                      "array_job_id": array_id, "array_task_id": point["index"]}
+        meta.slurm = slurm_queued_meta(first, run.run_id, options).slurm
+        meta.slurm.job_id, meta.slurm.array_job_id = f"{array_id}_{point['index']}", array_id
+        meta.slurm.array_task_id = point["index"]
         run.write_meta(meta, durable=False)
         store.save_or_defer(meta)
     return sweep
@@ -8044,7 +8212,7 @@ def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str
     `squeue -t all` also lists jobs that ended in the last minutes, with their final state; a
     job's runner's own final status (meta.json) always wins over Slurm's state.
     """
-    active = store.active_slurm_runs() if not records or any(r.slurm_job for r in records) else []
+    active = store.active_runs("slurm") if not records or any(r.backend == "slurm" for r in records) else []
     if not active or not shutil.which("squeue"):
         return {r.id: r for r in active}
     done = quiet_run(["squeue", "-h", "-r", "--me", "-t", "all", "-o", SQUEUE_FORMAT], timeout=60)
@@ -8054,7 +8222,7 @@ def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str
     queue = parse_squeue(done.stdout)
     changed = []
     for record in active:
-        job = queue.get(str(record.slurm_job)) or _unsplit_array_row(queue, str(record.slurm_job))
+        job = queue.get(str(record.backend_ref)) or _unsplit_array_row(queue, str(record.backend_ref))
         status = slurm_status(job["state"]) if job else None
         if status in ACTIVE_STATUSES:
             reason = job["reason"] if status == QUEUED else None  # type: ignore[index]
@@ -8063,9 +8231,8 @@ def slurm_refresh(store: RunStore, records: list[RunRecord], note: Callable[[str
                 changed.append(record)
         else:
             changed.append(_slurm_ended(store, record, job))
-    if changed and store.write_index:
-        with contextlib.suppress(StoreError), store.db() as conn, _transaction(conn):
-            conn.executemany(_UPSERT, [_row(r) for r in changed])
+    with contextlib.suppress(StoreError):
+        store.save_records(changed)
     return {r.id: r for r in active} | {r.id: r for r in changed}
 
 
@@ -8078,8 +8245,8 @@ def _slurm_ended(store: RunStore, record: RunRecord, job: dict | None) -> RunRec
     folder = store.folder(record.id)
     meta = folder.read_meta()
     state, info = _slurm_final_state(record, job, ask=not (meta.final and job))
-    meta.slurm.update(state=state or "unknown", node=info.get("NodeList") or meta.slurm.get("node"),
-                      reason=info.get("Reason") if info.get("Reason") not in (None, "None") else None)
+    meta.slurm.state, meta.slurm.node = state or "unknown", info.get("NodeList") or meta.slurm.node
+    meta.slurm.reason = info.get("Reason") if info.get("Reason") not in (None, "None") else None
     if not meta.final:
         _record_slurm_ending(meta, state, info, store.home, seen_running=record.status == RUNNING)
     with contextlib.suppress(OSError):
@@ -8092,10 +8259,10 @@ def _slurm_final_state(record: RunRecord, job: dict | None, ask: bool) -> tuple[
     for a run whose runner recorded its own end (ASK False)."""
     info = {"Reason": job.get("reason")} if job else {}
     if ask:
-        info = parse_scontrol(quiet_run(["scontrol", "show", "job", "-o", str(record.slurm_job)], timeout=30).stdout)
+        info = parse_scontrol(quiet_run(["scontrol", "show", "job", "-o", str(record.backend_ref)], timeout=30).stdout)
     state = info.get("JobState") or (job or {}).get("state")
     if not state and ask and shutil.which("sacct"):
-        rows = quiet_run(["sacct", "-j", str(record.slurm_job), "-X", "-P", "-n", "-o", "State,ExitCode"],
+        rows = quiet_run(["sacct", "-j", str(record.backend_ref), "-X", "-P", "-n", "-o", "State,ExitCode"],
                          timeout=30).stdout
         state, _, exit_code = (rows.splitlines() or [""])[0].partition("|")
         info.setdefault("ExitCode", exit_code)
@@ -8108,22 +8275,22 @@ def _record_slurm_ending(meta: RunMeta, state: str | None, info: dict, home: Pat
     A job cancelled in the queue (never SEEN_RUNNING) was `cancelled`; a runner that started and
     then ended without a word (killed, say) leaves the job's own ending unknown: `lost`."""
     never_started = meta.status == QUEUED
-    meta.status = slurm_status(state) if state else LOST
-    if meta.status in ACTIVE_STATUSES or (meta.status == FAILED and state != "OUT_OF_MEMORY" and not never_started):
-        meta.status = LOST
+    status = slurm_status(state) if state else LOST
+    if status in ACTIVE_STATUSES or (status == FAILED and state != "OUT_OF_MEMORY" and not never_started):
+        status = LOST
     if never_started and not seen_running and state == "CANCELLED":
-        meta.status = CANCELLED
-    meta.finished_at = meta.finished_at or utc_now()
+        status = CANCELLED
     code, _, sig = (info.get("ExitCode") or "").partition(":")
-    if code.isdigit() and not never_started and meta.status != LOST:  # "3:0" is exit 3; "0:15" signal 15
-        meta.exit_code = 128 + int(sig) if int(code) == 0 and sig.isdigit() and int(sig) else int(code)
-    meta.reason = _slurm_reason(meta, state, info, never_started, home)
+    fields = {}
+    if code.isdigit() and not never_started and status != LOST:  # "3:0" is exit 3; "0:15" signal 15
+        fields["exit_code"] = 128 + int(sig) if int(code) == 0 and sig.isdigit() and int(sig) else int(code)
     if state == "OUT_OF_MEMORY":
-        meta.hint = "the job went over the memory Slurm gave it: raise resources.memory (sbatch --mem)"
+        fields["hint"] = "the job went over the memory Slurm gave it: raise resources.memory (sbatch --mem)"
+    meta.end(status, _slurm_reason(meta, status, state, info, never_started, home), **fields)
 
 
-def _slurm_reason(meta: RunMeta, state: str | None, info: dict, never_started: bool, home: Path) -> str:
-    job = meta.slurm.get("job_id")
+def _slurm_reason(meta: RunMeta, status: str, state: str | None, info: dict, never_started: bool, home: Path) -> str:
+    job = meta.slurm.job_id
     if not state:
         return f"Slurm no longer knows job {job}, and RunPilot on the node recorded no final status"
     if info.get("ExitCode", "").endswith(":53"):  # slurmd could not open the job's output file
@@ -8136,10 +8303,10 @@ def _slurm_reason(meta: RunMeta, state: str | None, info: dict, never_started: b
     reason = info.get("Reason")
     said = f"Slurm: {state}" + (f", {reason}" if reason not in (None, "None") else "") + \
         (f", exit {info['ExitCode']}" if info.get("ExitCode") else "")
-    if meta.status == LOST and state in ("FAILED", "COMPLETED"):
+    if status == LOST and state in ("FAILED", "COMPLETED"):
         return (f"RunPilot on node {info.get('NodeList') or '?'} ended without recording how the run ended "
                 f"({said}); see slurm-{job}.out in the run folder")
-    if meta.status == CANCELLED:
+    if status == CANCELLED:
         return f"Slurm job {job} was cancelled before it started"
     return f"Slurm ended job {job}: {state}" + (f" ({reason})" if reason not in (None, "None") else "")
 
@@ -8150,7 +8317,7 @@ def slurm_stop(store: RunStore, record: RunRecord, meta: RunMeta, wait: float,
     runner gets SIGTERM (`scancel --batch`, only the runner), as `stop` of a local run: the job gets
     SIGTERM or the config's stop_signal, then the grace period, then SIGKILL; a plain scancel would
     SIGTERM the job itself, whatever its stop_signal. A queued run is cancelled."""
-    job = str(meta.slurm.get("job_id"))
+    job = str(meta.slurm.job_id)
     done = quiet_run(["scancel", "--batch", "--signal=TERM", job], timeout=60) if meta.status == RUNNING else None
     if done is None or done.returncode != 0:  # queued, or it ended or was still starting meanwhile
         done = quiet_run(["scancel", job], timeout=60)
@@ -8172,7 +8339,7 @@ def slurm_stop_sweep(store: RunStore, sweep: Sweep, wait: float, note: Callable[
     and its started ones' runners get SIGTERM (as slurm_stop), then wait until every point has
     ended as Slurm and the nodes record it."""
     metas = [store.folder(p["run_id"]).read_meta() for p in sweep.points]
-    arrays = sorted({str(m.slurm.get("array_job_id")) for m in metas if m.slurm.get("array_job_id")})
+    arrays = sorted({str(m.slurm.array_job_id) for m in metas if m.slurm.array_job_id})
     done = None
     if arrays:
         quiet_run(["scancel", "--state=PENDING", *arrays], timeout=60)
@@ -8202,15 +8369,15 @@ def exit_status_of(meta: RunMeta) -> int:
     return meta.exit_code or 1
 
 
-def node_options(meta: RunMeta, slurm: dict) -> RunOptions:
+def node_options(meta: RunMeta, slurm: SlurmState) -> RunOptions:
     """The run's options as recorded at submission; the GPUs are the ones Slurm gave the job."""
-    stored = meta.slurm.get("options") or {}
-    extra = {"RUNPILOT_SWEEP_ID": meta.sweep.get("id"), "RUNPILOT_SWEEP_POINT": meta.sweep.get("index"),
-             "RUNPILOT_REPEAT": meta.sweep.get("repeat")}
+    stored = meta.slurm.options
+    extra = {"RUNPILOT_SWEEP_ID": meta.sweep.id, "RUNPILOT_SWEEP_POINT": meta.sweep.index,
+             "RUNPILOT_REPEAT": meta.sweep.repeat}
     return RunOptions(stop_timeout=float(stored.get("stop_timeout", DEFAULT_STOP_TIMEOUT)),
                       pull=str(stored.get("pull", "missing")), keep_engine_logs=bool(stored.get("keep_engine_logs")),
                       tags=meta.tags, overrides=meta.overrides, run_id=meta.run_id, gpu_check=False,
-                      claim_gpus=False, sweep=meta.sweep, slurm=slurm, rerun_of=meta.rerun_of,
+                      claim_gpus=False, sweep=meta.sweep.to_data(), slurm=slurm.to_data(), rerun_of=meta.rerun_of,
                       extra_env={k: str(v) for k, v in extra.items() if v is not None},
                       live_code=meta.code.get("mode") == "live",
                       code_snapshots={meta.code["folder"]: meta.code["snapshot"]}
@@ -8274,7 +8441,8 @@ def run_on_node(folder: RunFolder, environ, report: Reporter) -> int:
     meta = folder.read_meta()
     if meta.status != QUEUED:
         raise StoreError(f"run {folder.run_id} is {meta.status}, not queued: Slurm started it twice?")
-    slurm = {**meta.slurm, "state": "RUNNING", "node": environ.get("SLURMD_NODENAME") or hostname()}
+    slurm = SlurmState.from_data({**meta.slurm.to_data(), "state": "RUNNING",
+                                  "node": environ.get("SLURMD_NODENAME") or hostname()})
     try:
         config = dataclasses.replace(load_config(folder.config), source=meta.config_file)
         devices = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
@@ -8289,11 +8457,8 @@ def run_on_node(folder: RunFolder, environ, report: Reporter) -> int:
             folder.write_meta(outcome.meta)
     except RunPilotError as exc:  # the node cannot run it (no engine, no image, no python...)
         failed = folder.read_meta()
-        if not failed.final:
-            failed.status, failed.finished_at, failed.reason = FAILED, utc_now(), str(exc).splitlines()[0]
-            failed.slurm = slurm
-            failed.host = slurm["node"]
-            folder.write_meta(failed)
+        if failed.end(FAILED, str(exc).splitlines()[0], slurm=slurm, host=slurm.node):
+            store.record(failed)
         raise
     return outcome.exit_code
 
@@ -8333,6 +8498,134 @@ def slurm_stop_jobs(jobs: list[str], signum: int | None, note: Callable[[str], N
          "the run ends when the job has stopped")
     quiet_run(["scancel", *jobs], timeout=60)
 
+
+# -- submitting and following Slurm runs from the command line ---------------------------
+
+def slurm_run_cli(args, config: JobConfig, options: RunOptions) -> int:
+    """`run --on slurm`: submit, then (unless -d) follow the job as a local run would be followed."""
+    _slurm_refusals(args, sweep=False)
+    store = _store()
+    if getattr(args, "dry_run", False):  # rerun has no --dry-run
+        lines = sbatch_lines(config, "RUNID", "RUN_FOLDER/slurm-%j.out")
+        echo("\n".join(visible(line) for line in slurm_script(config, lines, Path("RUN_FOLDER/runpilot.py"),
+                                                                  "RUN_FOLDER").split("\n")))
+        return 0
+    with StopSignals() as signals:  # from before sbatch: a Ctrl-C then cancels the job it accepted
+        meta = submit_run(store, config, options)
+        note(f"run {meta.run_id} ({config.name}) submitted to Slurm as job {meta.slurm.job_id}")
+        if args.detach and not signals.received:
+            echo(meta.run_id)
+            return 0
+        return follow_slurm(store, [meta.run_id], stream=True, signals=signals)
+
+
+def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOptions) -> int:
+    _slurm_refusals(args, sweep=True)
+    sweep_id = args.sweep_id or new_sweep_id()
+    points = [p for p, _ in configs]
+    echo(render_sweep_plan(sweep_id, points, args.repeat, args.parallel or len(points), None), err=True)
+    if args.dry_run:
+        lines = sbatch_lines(configs[0][1], sweep_id, "SWEEP_FOLDER/slurm-%A_%a.out",
+                             f"0-{len(points) - 1}" + (f"%{args.parallel}" if args.parallel else ""))
+        script = slurm_script(configs[0][1], lines, Path("SWEEP_FOLDER/runpilot.py"), "SWEEP_FOLDER/runs.txt")
+        echo("\n".join(visible(line) for line in script.split("\n")))
+        return 0
+    options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
+    stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": "slurm",
+              "code_snapshots": options.code_snapshots}
+    with StopSignals() as signals:
+        sweep = submit_sweep(store, sweep_id, configs, axes, args.repeat, options, args.parallel, stored)
+        array = store.folder(sweep.points[0]["run_id"]).read_meta().slurm.array_job_id
+        note(f"sweep {sweep_id}: {len(sweep.points)} run(s) submitted to Slurm as job array {array}")
+        if args.detach and not signals.received:
+            echo(sweep_id)
+            return 0
+        return follow_slurm(store, [p["run_id"] for p in sweep.points], stream=False, signals=signals, sweep=sweep)
+
+
+def follow_slurm(store: RunStore, run_ids: list[str], stream: bool, signals: StopSignals,
+                 sweep: Sweep | None = None) -> int:
+    """Show queue state changes, stream the log of a single run, and end with the runs, as a local
+    run or sweep ends (closing lines with metrics and folder; a sweep's `[1/3 LR=...]` lines, its
+    comparison table and `plot` line). Ctrl-C (held in SIGNALS since before the submission) cancels
+    the jobs (scancel), and the runs end `interrupted` as a local Ctrl-C would end them (`cancelled`
+    if they had not started), reported as stopped by that Ctrl-C."""
+    terminal = Terminal(sys.stdout, sys.stderr)  # RunPilot's lines start on a fresh line of the job's output
+    labels = sweep_labels(sweep) if sweep else {}
+    offset, said, cancelled, handled = 0, {}, False, 0
+    try:
+        while True:
+            if len(signals.received) > handled:
+                jobs = sorted({str(r.backend_ref).split("_")[0] if len(run_ids) > 1 else str(r.backend_ref)
+                               for i in run_ids if (r := store.get(i)) and r.backend == "slurm" and r.backend_ref})
+                if not cancelled:
+                    _note_queued_stop(store, run_ids, signals.received[handled])
+                slurm_stop_jobs(jobs, signals.received[handled] if not cancelled else None, terminal.say)
+                cancelled, handled = True, len(signals.received)
+            records = refresh(store, [r for i in run_ids if (r := store.get(i))], terminal.say)
+            for r in records:
+                _say_slurm_state(store, r, said, labels, terminal.say)
+            if stream:
+                with contextlib.suppress(OSError):
+                    offset = _copy_from(store.folder(run_ids[0]).logs, lambda chunk: terminal.job_output(1, chunk),
+                                        offset)
+            if all(r.status not in ACTIVE_STATUSES for r in records):
+                break
+            time.sleep(1)
+        metas = [store.folder(i).read_meta() for i in run_ids]
+        code = 128 + signals.received[0] if cancelled else \
+            exit_status_of(metas[0]) if len(metas) == 1 else (0 if all(m.status == SUCCEEDED for m in metas) else 1)
+        for meta in metas:
+            for line in slurm_closing_lines(store, meta, code if len(metas) == 1 else exit_status_of(meta),
+                                            labels.get(meta.run_id), stopped_here=cancelled):
+                terminal.say(line)
+    finally:
+        finish_output(terminal, signals)
+    if sweep is not None:
+        print_sweep_end(store, sweep)
+    return code
+
+
+def _note_queued_stop(store: RunStore, run_ids: list[str], signum: int) -> None:
+    """Record on each still-queued run which signal cancels it, before the scancel: the ending that
+    Slurm's CANCELLED later gives it then says `cancelled by Ctrl-C` (a run that started meanwhile
+    is the node's to record)."""
+    for run_id in run_ids:
+        folder = store.folder(run_id)
+        with contextlib.suppress(OSError, StoreError):
+            meta = folder.read_meta()
+            if meta.status == QUEUED and meta.stop_signal is None:
+                meta.stop_signal = signum
+                folder.write_meta(meta)
+
+
+def _say_slurm_state(store: RunStore, r: RunRecord, said: dict, labels: dict, say: Callable[[str], None]) -> None:
+    """A run's queue state, when it changes: `run ID queued (Priority)`, `running on NODE`; a sweep's
+    point says `[1/3 LR=0.1] started on NODE (run ID)`, as a local sweep does."""
+    text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
+    node = store.folder(r.id).read_meta().slurm.node if r.status == RUNNING else None
+    if said.get(r.id) != text and r.status in ACTIVE_STATUSES:
+        if r.id not in labels:
+            say(f"run {r.id} {text}" + (f" on {node}" if node else ""))
+        elif r.status == RUNNING:
+            say(f"{labels[r.id]} started" + (f" on {node}" if node else "") + f" (run {short_id(r.id)})")
+    said[r.id] = text
+
+
+def slurm_closing_lines(store: RunStore, meta: RunMeta, code: int, label: str | None,
+                        stopped_here: bool) -> list[str]:
+    """How a Slurm run ended, in the words of a local run (render_summary: ending, metrics, folder)
+    or of a local sweep's point (LABEL); the reason too, unless this terminal stopped it."""
+    why = f": {meta.reason}" if meta.reason and meta.status != SUCCEEDED and not stopped_here else ""
+    if label is not None:
+        shown = ", ".join(f"{k} {fmt_value(meta.last_metrics[k])}" for k in meta.metric_names if k in meta.last_metrics)
+        lines = [f"{label} {fmt_ending(meta)}" + (f", {shown}" if shown else "") + f" (run {short_id(meta.run_id)})"
+                 + why]
+    else:
+        lines = render_summary(RunOutcome(RunRecord.of(meta, store.folder(meta.run_id).path), code, meta))
+        head, sep, tail = lines[0].partition("; runpilot exits with")
+        lines[0] = head + why + sep + tail
+    return lines + ([f"hint: {meta.hint}"] if meta.hint else [])
 
 # ==== 17a. Backends: where a run executes; your other GPU boxes over SSH =====
 # A backend is where a run executes: here, a Slurm cluster, a box over SSH. Each is a class with
@@ -8394,6 +8687,11 @@ class Backend:
              note: Callable[[str], None]) -> RunRecord:
         raise NotImplementedError
 
+    def stop_sweep(self, store: "RunStore", sweep: "Sweep", wait: float, note: Callable[[str], None]) -> str | None:
+        """`runpilot stop SWEEP_ID` of a sweep this backend runs: what became of its runs, in one
+        line; None when the sweep's runner here stops it (as a sweep run here)."""
+        return None
+
     def follow_logs(self, store: "RunStore", record: RunRecord, tail: int | None) -> int | None:
         """Stream a live run's log (`logs -f`); None: the log here is the one to follow."""
         return None
@@ -8419,6 +8717,16 @@ class SlurmBackend(Backend):
 
     def sweep(self, args, store: "RunStore", configs: list, axes, options: RunOptions) -> int:
         return slurm_sweep_cli(args, store, configs, axes, options)
+
+    def refresh(self, store: "RunStore", records: list[RunRecord], note: Callable[[str], None]) -> dict[str, RunRecord]:
+        return slurm_refresh(store, records, note)
+
+    def stop(self, store: "RunStore", record: RunRecord, meta: RunMeta, wait: float,
+             note: Callable[[str], None]) -> RunRecord:
+        return slurm_stop(store, record, meta, wait, note)
+
+    def stop_sweep(self, store: "RunStore", sweep: "Sweep", wait: float, note: Callable[[str], None]) -> str | None:
+        return slurm_stop_sweep(store, sweep, wait, note)
 
 
 def ssh_base_argv(control_dir: Path, master: str = "no") -> list[str]:
@@ -8790,7 +9098,7 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
               "rerun_of": options.rerun_of, "code": code,
               "pull_outputs": pull_outputs}  # what only this side knows, kept over every copy from the box
     folder = store.adopt(run_id)  # a new folder, or a sweep's queued point
-    runner["sweep"] = folder.read_meta().sweep if folder.meta_file.exists() else {}
+    runner["sweep"] = folder.read_meta().sweep.to_data() if folder.meta_file.exists() else {}
     write_private(folder.config, dump_yaml(config_to_dict(config)).encode("utf-8"))  # this side's paths: rerun
     meta = RunMeta(run_id, name=config.name, status=RUNNING, started_at=utc_now(), engine=config.engine,
                    image=config.image, runner=runner, config_file=config.source, rerun_of=options.rerun_of,
@@ -8823,13 +9131,17 @@ def ssh_record_home(store: "RunStore", box: SshBox, runner: dict, run_id: str,
 
 def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict[str, RunMeta]:
     """Put the files of a `_box-report` tar into the runs' folders here; index them. The runner
-    stays this side's (`backend: ssh`, the box): the box's own runner means nothing here."""
+    stays this side's (`backend: ssh`, the box): the box's own runner means nothing here. A run that
+    has ended here already (recorded lost) keeps that ending: its meta.json is not replaced."""
     metas = {}
+    ended = {run_id for run_id in runners
+             if (here := store.folder(run_id).read_meta()).final and here.started_at is not None}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
         for member in tar.getmembers():
             run_id, _, name = member.name.partition("/")
             parts = name.split("/")
-            if run_id not in runners or not member.isfile() or name == "config.yaml" or "" in parts or ".." in parts:
+            if run_id not in runners or not member.isfile() or name == "config.yaml" or "" in parts or ".." in parts \
+                    or (name == "meta.json" and run_id in ended):
                 continue  # never outside the run's folder; the box's config.yaml names the box's folders
             target = store.folder(run_id).path / name
             make_private_dirs(target.parent)
@@ -8842,8 +9154,7 @@ def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict
         meta.rerun_of = runner.get("rerun_of") or meta.rerun_of
         meta.sweep = runner.get("sweep") or meta.sweep
         meta.code = runner.get("code") or meta.code  # this side's snapshot, not the box's copy of it
-        folder.write_meta(meta)
-        store.save_or_defer(meta)
+        store.record(meta)
         metas[run_id] = meta
     return metas
 
@@ -9220,10 +9531,9 @@ class BoxSweep:
             if self.running.get(record.id) == host:
                 folder = self.store.folder(record.id)
                 meta = folder.read_meta()
-                meta.status, meta.lost_at = LOST, utc_now()
-                meta.reason = f"box {host} stopped answering over ssh for {SSH_LOST_S}s during the sweep"
-                folder.write_meta(meta)
-                self.store.save_or_defer(meta)
+                if meta.end(LOST, f"box {host} stopped answering over ssh for {SSH_LOST_S}s during the sweep",
+                            finished=False, lost_at=utc_now()):
+                    self.store.record(meta)
                 lost[record.id] = RunRecord.of(meta, folder.path)
         self.say(f"box {host} did not answer for {SSH_LOST_S}s: its running points are recorded lost; the others go on")
         return lost
@@ -9344,12 +9654,12 @@ def backend_for(on: str) -> Backend:
 
 
 def refresh_elsewhere(store: "RunStore", records: list[RunRecord], note: Callable[[str], None]) -> dict[str, RunRecord]:
-    """The active runs that live in a backend of their own (their runner names it), refreshed by it."""
-    if not any(r.runner.get("backend") for r in records):
-        return {}
+    """The active runs that live in a backend other than this machine, each backend's refreshed in
+    one batch by it (a backend may bring its other active runs up to date too); by id."""
     found: dict[str, RunRecord] = {}
-    for name in {r.runner.get("backend") for r in records if r.runner.get("backend") in BACKENDS}:
-        found |= BACKENDS[name]().refresh(store, [r for r in records if r.runner.get("backend") == name], note)
+    for name, backend in BACKENDS.items():
+        if name != HereBackend.name:
+            found |= backend().refresh(store, records, note)
     return found
 
 
@@ -9362,11 +9672,9 @@ def refresh(store: RunStore, records: list[RunRecord], note: Callable[[str], Non
     whose runner died (SIGKILL, a reboot) is stored `lost`, or `cancelled` when it never started;
     a container or process group that lives on is reported. Final statuses are never rewritten.
     """
-    slurm = slurm_refresh(store, [r for r in records if r.status in ACTIVE_STATUSES], note)
     remote = refresh_elsewhere(store, [r for r in records if r.status in ACTIVE_STATUSES], note)
     alive = functools.lru_cache(maxsize=None)(lambda runner: runner_alive(json.loads(runner)))
-    return [remote[r.id] if r.id in remote else r if r.runner.get("backend") else
-            slurm.get(r.id, r) if r.slurm_job else _refresh_one(store, r, note, alive)
+    return [remote.get(r.id, r) if r.backend != HereBackend.name else _refresh_one(store, r, note, alive)
             if r.status in ACTIVE_STATUSES else r for r in records]
 
 
@@ -9387,17 +9695,15 @@ def _refresh_one(store: RunStore, record: RunRecord, note: Callable[[str], None]
         return RunRecord.of(meta, folder.path) if readable else record
     never_started = (meta.status if readable else record.status) == QUEUED
     if readable:
-        meta.status = CANCELLED if never_started else LOST
-        meta.lost_at = utc_now()
-        meta.reason = ("the process that queued it ended before it started" if never_started else
-                       f"its runner (pid {runner.get('pid')}) ended without recording how the run ended")
-        with contextlib.suppress(OSError):
-            folder.write_meta(meta)
+        meta.end(CANCELLED if never_started else LOST, "the process that queued it ended before it started"
+                 if never_started else f"its runner (pid {runner.get('pid')}) ended without recording how the "
+                 "run ended", finished=False, lost_at=utc_now())
+        store.record(meta, strict=False)
         record = RunRecord.of(meta, folder.path)
     else:
         record.status, record.reason = LOST, f"its runner ended, and meta.json is unreadable ({meta.problems[0]})"
-    with contextlib.suppress(StoreError):
-        store.save_record(record)
+        with contextlib.suppress(StoreError):
+            store.save_record(record)
     if leftover_job(record, meta):
         what = "container" if engine_of(record.engine, "docker").runs_in_container else "process group"
         note(f"run {record.id} lost its runner but its {what} is still running; "
@@ -9409,15 +9715,14 @@ def stop_run(store: RunStore, record: RunRecord, wait: float, note: Callable[[st
     """Stop a run from another terminal: signal its runner, or remove its orphaned job."""
     folder = store.folder(record.id)
     meta = folder.read_meta()
-    if meta.slurm:
-        return slurm_stop(store, record, meta, wait, note)
-    if (backend := runner_backend(meta.runner or record.runner)) is not None:
-        return backend.stop(store, record, meta, wait, note)
+    name = meta.backend if meta.started_at is not None else record.backend  # the folder is the truth
+    if name != HereBackend.name and name in BACKENDS:
+        return BACKENDS[name]().stop(store, record, meta, wait, note)
     runner = meta.runner or record.runner
     alive = runner_alive(runner)
     if alive:
-        if meta.sweep and SWEEP_ID_RE.match(str(meta.sweep.get("id"))):  # its runner runs the whole sweep
-            requests = store.sweeps_dir / meta.sweep["id"] / "stop"
+        if meta.sweep and SWEEP_ID_RE.match(str(meta.sweep.id)):  # its runner runs the whole sweep
+            requests = store.sweeps_dir / str(meta.sweep.id) / "stop"
             make_private_dirs(requests)
             write_private(requests / record.id, b"")
         else:
@@ -9441,8 +9746,9 @@ def stop_sweep(store: RunStore, sweep_id: str, wait: float, note: Callable[[str]
     """`runpilot stop SWEEP_ID`: ask the sweep's runner to stop, as Ctrl-C would (or, when it died,
     end the jobs it left and cancel its queued points); say what became of its runs."""
     sweep = Sweep.load(store, sweep_id)
-    if sweep.options.get("on") == "slurm":
-        return slurm_stop_sweep(store, sweep, wait, note)
+    backend = BACKENDS.get(str(sweep.options.get("on") or HereBackend.name).partition(":")[0])
+    if backend is not None and (said := backend().stop_sweep(store, sweep, wait, note)) is not None:
+        return said
     if runner_alive(sweep.runner):
         os.kill(sweep.runner["pid"], signal.SIGTERM)
         deadline = time.monotonic() + wait
@@ -10038,7 +10344,7 @@ def render_show(record: RunRecord, meta: RunMeta, samples: list[dict], files: di
 def _show_facts(record: RunRecord, meta: RunMeta) -> list[str]:
     """`show`'s `label  value` lines, those a run has."""
     status = record.status + ("" if record.exit_code is None else f" (exit code {record.exit_code})")
-    slurm = meta.slurm
+    slurm = meta.slurm.to_data()
     facts = [
         ("run", record.id), ("name", record.name), ("status", status), ("reason", record.reason),
         ("started", record.started_at), ("finished", record.finished_at or "-"),
@@ -10054,7 +10360,7 @@ def _show_facts(record: RunRecord, meta: RunMeta) -> list[str]:
         ("ssh", meta.runner.get("backend") == "ssh" and f"box {meta.runner.get('box')}, "
                                                         f"{meta.runner.get('home')}/runs/{record.id}"),
         ("folder", record.path), ("tags", " ".join(f"{k}={v}" for k, v in sorted(record.tags.items()))),
-        ("sweep", meta.sweep.get("id") and f"{meta.sweep['id']} point {meta.sweep.get('index')}"),
+        ("sweep", meta.sweep.id and f"{meta.sweep.id} point {meta.sweep.index}"),
         ("rerun of", meta.rerun_of), ("code", fmt_code(meta.code)),
         *[("git", f"{repo.get('root')} {repo.get('branch')} {str(repo.get('commit'))[:12]}"
                   + (" (uncommitted changes)" if repo.get("dirty") else "")) for repo in meta.git]]
@@ -11953,7 +12259,7 @@ def _list_filter(args) -> RunFilter:
 def record_json(record: RunRecord) -> dict:
     """A run as `list --json` and `show --json` give it: the index row without its bookkeeping, and the
     total size of its outputs folder."""
-    return {**{k: v for k, v in dataclasses.asdict(record).items() if k not in ("runner", "slurm_job")},
+    return {**{k: v for k, v in dataclasses.asdict(record).items() if k not in ("runner", "backend", "backend_ref")},
             "outputs_bytes": tree_size(Path(record.path) / "outputs")}
 
 
@@ -12931,133 +13237,6 @@ def _slurm_refusals(args, sweep: bool) -> None:
     if re.search(r"[\s%\\'\"]", home):
         raise UsageError(f"RUNPILOT_HOME {home!r} holds a space, '%', a backslash or a quote, which sbatch's "
                          "--output cannot take (it would strip them); choose a home without them")
-
-
-def slurm_run_cli(args, config: JobConfig, options: RunOptions) -> int:
-    """`run --on slurm`: submit, then (unless -d) follow the job as a local run would be followed."""
-    _slurm_refusals(args, sweep=False)
-    store = _store()
-    if getattr(args, "dry_run", False):  # rerun has no --dry-run
-        lines = sbatch_lines(config, "RUNID", "RUN_FOLDER/slurm-%j.out")
-        echo("\n".join(visible(line) for line in slurm_script(config, lines, Path("RUN_FOLDER/runpilot.py"),
-                                                                  "RUN_FOLDER").split("\n")))
-        return 0
-    with StopSignals() as signals:  # from before sbatch: a Ctrl-C then cancels the job it accepted
-        meta = submit_run(store, config, options)
-        note(f"run {meta.run_id} ({config.name}) submitted to Slurm as job {meta.slurm['job_id']}")
-        if args.detach and not signals.received:
-            echo(meta.run_id)
-            return 0
-        return follow_slurm(store, [meta.run_id], stream=True, signals=signals)
-
-
-def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOptions) -> int:
-    _slurm_refusals(args, sweep=True)
-    sweep_id = args.sweep_id or new_sweep_id()
-    points = [p for p, _ in configs]
-    echo(render_sweep_plan(sweep_id, points, args.repeat, args.parallel or len(points), None), err=True)
-    if args.dry_run:
-        lines = sbatch_lines(configs[0][1], sweep_id, "SWEEP_FOLDER/slurm-%A_%a.out",
-                             f"0-{len(points) - 1}" + (f"%{args.parallel}" if args.parallel else ""))
-        script = slurm_script(configs[0][1], lines, Path("SWEEP_FOLDER/runpilot.py"), "SWEEP_FOLDER/runs.txt")
-        echo("\n".join(visible(line) for line in script.split("\n")))
-        return 0
-    options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
-    stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": "slurm",
-              "code_snapshots": options.code_snapshots}
-    with StopSignals() as signals:
-        sweep = submit_sweep(store, sweep_id, configs, axes, args.repeat, options, args.parallel, stored)
-        array = store.folder(sweep.points[0]["run_id"]).read_meta().slurm.get("array_job_id")
-        note(f"sweep {sweep_id}: {len(sweep.points)} run(s) submitted to Slurm as job array {array}")
-        if args.detach and not signals.received:
-            echo(sweep_id)
-            return 0
-        return follow_slurm(store, [p["run_id"] for p in sweep.points], stream=False, signals=signals, sweep=sweep)
-
-
-def follow_slurm(store: RunStore, run_ids: list[str], stream: bool, signals: StopSignals,
-                 sweep: Sweep | None = None) -> int:
-    """Show queue state changes, stream the log of a single run, and end with the runs, as a local
-    run or sweep ends (closing lines with metrics and folder; a sweep's `[1/3 LR=...]` lines, its
-    comparison table and `plot` line). Ctrl-C (held in SIGNALS since before the submission) cancels
-    the jobs (scancel), and the runs end `interrupted` as a local Ctrl-C would end them (`cancelled`
-    if they had not started), reported as stopped by that Ctrl-C."""
-    terminal = Terminal(sys.stdout, sys.stderr)  # RunPilot's lines start on a fresh line of the job's output
-    labels = sweep_labels(sweep) if sweep else {}
-    offset, said, cancelled, handled = 0, {}, False, 0
-    try:
-        while True:
-            if len(signals.received) > handled:
-                jobs = sorted({str(r.slurm_job).split("_")[0] if len(run_ids) > 1 else str(r.slurm_job)
-                               for i in run_ids if (r := store.get(i)) and r.slurm_job})
-                if not cancelled:
-                    _note_queued_stop(store, run_ids, signals.received[handled])
-                slurm_stop_jobs(jobs, signals.received[handled] if not cancelled else None, terminal.say)
-                cancelled, handled = True, len(signals.received)
-            records = refresh(store, [r for i in run_ids if (r := store.get(i))], terminal.say)
-            for r in records:
-                _say_slurm_state(store, r, said, labels, terminal.say)
-            if stream:
-                with contextlib.suppress(OSError):
-                    offset = _copy_from(store.folder(run_ids[0]).logs, lambda chunk: terminal.job_output(1, chunk),
-                                        offset)
-            if all(r.status not in ACTIVE_STATUSES for r in records):
-                break
-            time.sleep(1)
-        metas = [store.folder(i).read_meta() for i in run_ids]
-        code = 128 + signals.received[0] if cancelled else \
-            exit_status_of(metas[0]) if len(metas) == 1 else (0 if all(m.status == SUCCEEDED for m in metas) else 1)
-        for meta in metas:
-            for line in slurm_closing_lines(store, meta, code if len(metas) == 1 else exit_status_of(meta),
-                                            labels.get(meta.run_id), stopped_here=cancelled):
-                terminal.say(line)
-    finally:
-        finish_output(terminal, signals)
-    if sweep is not None:
-        print_sweep_end(store, sweep)
-    return code
-
-
-def _note_queued_stop(store: RunStore, run_ids: list[str], signum: int) -> None:
-    """Record on each still-queued run which signal cancels it, before the scancel: the ending that
-    Slurm's CANCELLED later gives it then says `cancelled by Ctrl-C` (a run that started meanwhile
-    is the node's to record)."""
-    for run_id in run_ids:
-        folder = store.folder(run_id)
-        with contextlib.suppress(OSError, StoreError):
-            meta = folder.read_meta()
-            if meta.status == QUEUED and meta.stop_signal is None:
-                meta.stop_signal = signum
-                folder.write_meta(meta)
-
-
-def _say_slurm_state(store: RunStore, r: RunRecord, said: dict, labels: dict, say: Callable[[str], None]) -> None:
-    """A run's queue state, when it changes: `run ID queued (Priority)`, `running on NODE`; a sweep's
-    point says `[1/3 LR=0.1] started on NODE (run ID)`, as a local sweep does."""
-    text = r.status + (f" ({r.reason})" if r.reason and r.status == QUEUED else "")
-    node = store.folder(r.id).read_meta().slurm.get("node") if r.status == RUNNING else None
-    if said.get(r.id) != text and r.status in ACTIVE_STATUSES:
-        if r.id not in labels:
-            say(f"run {r.id} {text}" + (f" on {node}" if node else ""))
-        elif r.status == RUNNING:
-            say(f"{labels[r.id]} started" + (f" on {node}" if node else "") + f" (run {short_id(r.id)})")
-    said[r.id] = text
-
-
-def slurm_closing_lines(store: RunStore, meta: RunMeta, code: int, label: str | None,
-                        stopped_here: bool) -> list[str]:
-    """How a Slurm run ended, in the words of a local run (render_summary: ending, metrics, folder)
-    or of a local sweep's point (LABEL); the reason too, unless this terminal stopped it."""
-    why = f": {meta.reason}" if meta.reason and meta.status != SUCCEEDED and not stopped_here else ""
-    if label is not None:
-        shown = ", ".join(f"{k} {fmt_value(meta.last_metrics[k])}" for k in meta.metric_names if k in meta.last_metrics)
-        lines = [f"{label} {fmt_ending(meta)}" + (f", {shown}" if shown else "") + f" (run {short_id(meta.run_id)})"
-                 + why]
-    else:
-        lines = render_summary(RunOutcome(RunRecord.of(meta, store.folder(meta.run_id).path), code, meta))
-        head, sep, tail = lines[0].partition("; runpilot exits with")
-        lines[0] = head + why + sep + tail
-    return lines + ([f"hint: {meta.hint}"] if meta.hint else [])
 
 
 def cmd_slurm_job(args) -> int:
