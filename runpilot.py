@@ -118,6 +118,10 @@ POLL_SECONDS = 0.2
 TERMINAL_BACKLOG = 1 << 20
 # Grace period between SIGTERM and SIGKILL when a run is stopped (like `docker stop`).
 DEFAULT_STOP_TIMEOUT = 10
+# The signals a config's stop_signal may name: each ends a job that does not handle it. SIGCHLD,
+# SIGCONT, SIGWINCH, SIGURG are ignored by default (a stop would wait the grace period for nothing),
+# SIGSTOP/SIGTSTP pause, SIGKILL cannot be handled, and SIGSEGV and kin mean a crash.
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGABRT")
 # The longest grace period accepted: a day; anything longer is a typo that would make Ctrl-C useless.
 MAX_STOP_TIMEOUT = 86400
 # SQLite waits this long for a lock held by a parallel run before it gives up (RUNPILOT_DB_TIMEOUT).
@@ -1970,6 +1974,18 @@ def _check_engine(chk: _Checker, engine: object) -> str | None:
     return str(engine)
 
 
+def repeated_value(values: list) -> tuple[object] | None:
+    """The first value that VALUES holds twice (1 and 1.0 are one value, True and 1 are not), in a
+    1-tuple; None when every value is different."""
+    seen = set()
+    for value in values:
+        key = (isinstance(value, bool), value)
+        if key in seen:
+            return (value,)
+        seen.add(key)
+    return None
+
+
 def _check_sweep(chk: _Checker, sweep: object) -> tuple[tuple[str, tuple], ...]:
     """`sweep: {env.LR: [0.1, 0.01], seed: [1, 2]}`: dotted keys (as --set takes) and their values."""
     if sweep is None:
@@ -1985,6 +2001,9 @@ def _check_sweep(chk: _Checker, sweep: object) -> tuple[tuple[str, tuple], ...]:
             chk.problem(path, f"sweep key {key!r} must be a dotted config key such as env.LR")
         elif not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
             chk.problem(path, f"sweep.{key} must be a non-empty list of plain values ([0.1, 0.01])")
+        elif (twice := repeated_value(values)) is not None:
+            chk.problem(path, f"sweep.{key} gives the value {_shown(twice[0])} twice, which would run the same "
+                              "point twice; give each value once (--repeat N runs every point N times)")
         else:
             axes.append((key, tuple(values)))
     return tuple(axes)
@@ -2251,6 +2270,9 @@ def parse_override(item: str, flag: str = "--set") -> tuple[tuple[str, ...], obj
     parts = tuple(key.split("."))
     if not sep or not all(parts):
         raise UsageError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} env.LR=0.01")
+    if "\n" in raw or "\r" in raw:  # refused: the job would get another value than the one typed
+        raise UsageError(f"{flag} {key}: the value {raw!r} has a line break, which YAML would fold into a "
+                         f"space; to keep it, write the value in the config in double quotes (\"a\\nb\")")
     try:
         value, _, texts = parse_config_yaml(raw, f"{flag} {key}") if raw.strip() else ("", {}, {})
         in_env = parts[0] == "env" and (len(parts) > 1 or isinstance(value, dict))  # env values are text
@@ -2438,8 +2460,9 @@ def entrypoint_warnings(config: JobConfig, engine: str | None) -> list[str]:
 def parse_stop_signal(value: object) -> str:
     """`SIGINT`, `INT`, `sigint` or a number such as 2 -> "SIGINT"; ValueError if no such signal.
 
-    SIGKILL and SIGSTOP are refused: a job cannot act on them, and SIGKILL follows the grace
-    period anyway.
+    Only STOP_SIGNALS are taken: the rest either cannot be handled (SIGKILL, which follows the
+    grace period anyway, and SIGSTOP), do nothing to a job by default (SIGCHLD, SIGCONT,
+    SIGWINCH, SIGURG) or stand for a crash (SIGSEGV).
     """
     if isinstance(value, bool) or value is None or isinstance(value, float):
         raise ValueError
@@ -2451,7 +2474,7 @@ def parse_stop_signal(value: object) -> str:
             raise ValueError
         name = text.upper()
         sig = signal.Signals[name if name.startswith("SIG") else "SIG" + name]
-    if sig in (signal.SIGKILL, signal.SIGSTOP):
+    if sig.name not in STOP_SIGNALS:
         raise ValueError
     return sig.name
 
@@ -2463,7 +2486,8 @@ def _check_stop_signal(chk: _Checker, value: object) -> str | None:
         return parse_stop_signal(value)
     except (ValueError, KeyError):
         chk.problem(("stop_signal",), f"stop_signal must name a signal the job can handle, such as SIGINT, "
-                                      f"SIGTERM, SIGUSR1 or SIGQUIT (or INT, TERM, ...); got {_shown(value)}")
+                                      f"and that ends it if not handled: {', '.join(STOP_SIGNALS)} (or "
+                                      f"INT, TERM, ...); got {_shown(value)}")
         return None
 
 
@@ -7213,6 +7237,9 @@ def parse_grid(items: list[str]) -> tuple[tuple[str, tuple], ...]:
         if not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
             raise UsageError(f"--grid {item!r} must give one or more plain values: --grid {key}=0.1,0.01")
         name = ".".join(parts)
+        if (twice := repeated_value(values)) is not None:
+            raise UsageError(f"--grid {name} gives the value {_shown(twice[0])} twice, which would run the same "
+                             "point twice; give each value once (--repeat N runs every point N times)")
         if any(name == seen for seen, _ in axes):
             raise UsageError(f"--grid {name} is given twice; give each key once, with all its values")
         axes.append((name, tuple(values)))
@@ -7232,17 +7259,70 @@ class SweepPoint:
         return text + (f",repeat={self.repeat}" if repeats > 1 else "")
 
 
-def sweep_points(axes: tuple[tuple[str, tuple], ...], repeat: int) -> list[SweepPoint]:
+class SweepPlan:
+    """The points of a grid as a read-only sequence: counted from the axes, and each point made
+    from its index when asked for, so a plan of a million points costs no more than its axes."""
+
+    def __init__(self, axes: tuple[tuple[str, tuple], ...], repeat: int) -> None:
+        self.axes, self.repeat = axes, repeat
+        self.count = math.prod(len(values) for _, values in axes) * repeat
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if not -self.count <= index < self.count:
+            raise IndexError(f"point {index} of {self.count}")
+        index %= self.count
+        combo, repeat = divmod(index, self.repeat)
+        values = []
+        for key, choices in reversed(self.axes):  # the last key varies fastest
+            combo, at = divmod(combo, len(choices))
+            values.append((key, choices[at]))
+        return SweepPoint(index, tuple(reversed(values)), repeat)
+
+    def __iter__(self) -> Iterator[SweepPoint]:
+        return (self[i] for i in range(self.count))
+
+
+def sweep_points(axes: tuple[tuple[str, tuple], ...], repeat: int) -> SweepPlan:
     """The Cartesian product of the axes (the first key varies slowest), each point REPEAT times."""
-    keys = [key for key, _ in axes]
-    combos = itertools.product(*(values for _, values in axes))
-    return [SweepPoint(i * repeat + r, tuple(zip(keys, combo)), r)
-            for i, combo in enumerate(combos) for r in range(repeat)]
+    return SweepPlan(axes, repeat)
+
+
+class PointConfigs:
+    """(point, its config) for each point of a plan, the config validated when first asked for:
+    a dry run checks the points it prints, a sweep every point before it records one."""
+
+    def __init__(self, points: SweepPlan, configure: Callable[[SweepPoint], JobConfig]) -> None:
+        self.points, self.configure = points, configure
+        self.made: dict[int, JobConfig] = {}
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        point = self.points[index]
+        if point.index not in self.made:
+            self.made[point.index] = self.configure(point)
+        return point, self.made[point.index]
+
+    def __iter__(self) -> Iterator[tuple[SweepPoint, JobConfig]]:
+        return (self[i] for i in range(len(self)))
+
+    def check(self, count: int) -> None:
+        """Validate the first COUNT points' configs (a bad value raises, blamed on its point)."""
+        for i in range(min(count, len(self))):
+            self[i]
 
 
 def check_sweep_size(axes: tuple[tuple[str, tuple], ...], repeat: int, limit: int) -> int:
     """How many points the grid has (counted, not built); more than LIMIT is refused."""
-    count = math.prod(len(values) for _, values in axes) * repeat
+    count = len(SweepPlan(axes, repeat))
     if count > limit:
         shape = " x ".join([f"{len(v)} {k}" for k, v in axes] + ([f"{repeat} repeats"] if repeat > 1 else []))
         raise UsageError(f"the sweep has {count} points ({shape}), more than the limit of {limit}; give fewer "
@@ -11636,7 +11716,7 @@ def cmd_list(args) -> int:
     store = _store()
     args.sweep = args.sweep and find_sweep(store, args.sweep)
     what = _list_filter(args)
-    records = by_metric(with_live_metrics(store, refresh(store, store.query(what), note)), what)
+    records = _listed(store, what)
     _check_sort_metric(what.sort, records)
     if args.sweep and args.sort == "started" and args.ascending is None:
         records = in_plan_order(store, args.sweep, records)
@@ -11658,6 +11738,18 @@ def cmd_list(args) -> int:
         points = _sweep_points_of(store, args.sweep) if args.sweep else None
         echo(render_runs(records, metrics, args.absolute, output_width(), colour, args.no_trunc, points))
     return 0
+
+
+def _listed(store: RunStore, what: RunFilter) -> list[RunRecord]:
+    """The runs `list` shows. Sorted by a metric, running runs are sorted by their live values
+    before --limit cuts the list (the index sorts them as having none): they are asked for beside
+    the limited query, and the merged list is cut once sorted."""
+    found = store.query(what)
+    if what.sort not in ("started", "duration") and what.limit is not None and what.status in (None, RUNNING):
+        seen = {r.id for r in found}
+        found += [r for r in store.query(dataclasses.replace(what, status=RUNNING, limit=None)) if r.id not in seen]
+    records = by_metric(with_live_metrics(store, refresh(store, found, note)), what)
+    return records[:what.limit] if what.limit is not None else records
 
 
 def _sweep_points_of(store: RunStore, sweep_id: str) -> dict[str, dict] | None:
@@ -12410,8 +12502,9 @@ def cmd_sweep(args) -> int:
         raise UsageError("nothing to sweep: give --grid KEY=V1,V2 or a sweep: section in the config")
     check_sweep_size(axes, args.repeat, args.max_points)
     points = sweep_points(axes, args.repeat)
-    configs = [(p, point_config(data, str(args.config), text, positions, blamed, p, args.repeat, bool(args.grid)))
-               for p in points]
+    configs = PointConfigs(points, functools.partial(point_config, data, str(args.config), text, positions, blamed,
+                                                     repeats=args.repeat, from_grid=bool(args.grid)))
+    configs.check(SWEEP_PLAN_SHOWN if args.dry_run else len(configs))  # a dry run checks what it prints
     options = _run_options(args)
     if args.on != "here":
         return backend_for(args.on).sweep(args, store, configs, axes, options)
@@ -12420,7 +12513,7 @@ def cmd_sweep(args) -> int:
     if args.sweep_id and (store.sweeps_dir / args.sweep_id).exists():
         raise UsageError(f"sweep {args.sweep_id} exists already; leave out --sweep-id")
     sweep_id = args.sweep_id or new_sweep_id()
-    parallel = sweep_parallel([c for _, c in configs], options, args.parallel, os.environ)
+    parallel = sweep_parallel([c for _, c in configs[:1]], options, args.parallel, os.environ)
     echo(render_sweep_plan(sweep_id, points, args.repeat, parallel, options.gpu_pool), err=True)
     if args.dry_run:
         return 0
