@@ -37,13 +37,11 @@ if __name__ == "__main__" or _sys.argv[:1] and _sys.argv[0].rsplit("/", 1)[-1] =
         _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
 
 import argparse
-import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
 import functools
-import hashlib
 import io
 import itertools
 import json
@@ -60,7 +58,6 @@ import sqlite3
 import struct
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -6275,6 +6272,7 @@ class SnapshotStore:
 
     def _add_object(self, source: Path) -> str:
         """Copy a file into the store while hashing it (one read: an edit meanwhile cannot split the two)."""
+        import hashlib  # only here: not every start pays for it
         tmp = self.objects / f".in-{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}"
         digest = hashlib.sha256()
         try:
@@ -6363,6 +6361,7 @@ def copy_object(source: str, target: str, mode: int) -> os.stat_result:
 
 
 def hashlib_sha256(data: bytes) -> str:
+    import hashlib  # only here: not every start pays for it
     return hashlib.sha256(data).hexdigest()
 
 
@@ -8364,6 +8363,7 @@ def shipped_files(folder: Path, skip: Path | None = None) -> list[Path]:
 
 def content_hash(folder: Path, skip: Path | None = None) -> str:
     """A short hash of a folder's names, modes and contents: the same code gets the same hash."""
+    import hashlib  # only here: not every start pays for it
     digest = hashlib.sha256()
     for path in shipped_files(folder, skip):
         rel = path.relative_to(folder).as_posix()
@@ -8378,6 +8378,7 @@ def content_hash(folder: Path, skip: Path | None = None) -> str:
 
 
 def program_hash() -> str:
+    import hashlib  # only here: not every start pays for it
     with open(os.path.abspath(__file__), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
@@ -8480,6 +8481,7 @@ def probe_problem(host: str, facts: dict[str, list[str]], settings: SshSettings)
 
 def ssh_payload(plan: SshPlan, facts: dict[str, list[str]]) -> bytes:
     """One tar stream: the program (unless the box has it), the code (unless it has it), the config."""
+    import tarfile  # only here: only runs on other boxes pay for it
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         if not facts.get("program"):
@@ -8655,6 +8657,7 @@ def ssh_record_home(store: "RunStore", box: SshBox, runner: dict, run_id: str) -
 def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict[str, RunMeta]:
     """Put the files of a `_box-report` tar into the runs' folders here; index them. The runner
     stays this side's (`backend: ssh`, the box): the box's own runner means nothing here."""
+    import tarfile  # only here: only runs on other boxes pay for it
     metas = {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
         for member in tar.getmembers():
@@ -8681,6 +8684,7 @@ def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict
 def box_report(store: "RunStore", run_ids: list[str], everything: bool, out) -> None:
     """`_box-report`: on a box, the runs' files as a tar on OUT (meta.json of an active run; the
     files `list` copies home of a finished one; with EVERYTHING, the whole folder)."""
+    import tarfile  # only here: only runs on other boxes pay for it
     records = refresh(store, [r for r in (store.get(i) for i in run_ids) if r is not None], lambda text: None)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for record in records:
@@ -8955,6 +8959,7 @@ class BoxSweep:
 
     def start_some(self, pending: list, labels: dict[str, str]) -> None:
         """Start as many pending points as the boxes have room for, all at once (a thread each)."""
+        import concurrent.futures  # only here: it imports logging, which no other path needs
         batch = []
         for host in self.slots:
             room = self.slots[host] - sum(h == host for h in self.running.values())
