@@ -3186,9 +3186,21 @@ def prefixed_metric_lines(data: bytes) -> int:
     return count
 
 
+# What a line must hold for each named recogniser to take a sample from it (HuggingFaceRecogniser,
+# KerasRecogniser, TqdmRecogniser.feed): a log without it is not in that style.
+RECOGNISER_MARKS = {"huggingface": b"'epoch'", "keras": b" - ", "tqdm": b"="}
+
+
 def recogniser_for_log(data: bytes) -> str | None:
-    """The named recogniser that would find samples in this log, if any: the 0-sample notice names it."""
+    """The named recogniser that would find samples in this log, if any: the 0-sample notice names it.
+
+    A log that lacks a recogniser's mark is not fed to it line by line (1.2 s for the last MiB of
+    `yes`); the mark is looked for in the bytes only where no colour code or backspace, which a line's
+    text loses, could split it."""
+    plain = b"\x1b" not in data and b"\b" not in data
     for name in METRICS_FROM_RECOGNISERS:
+        if plain and RECOGNISER_MARKS[name] not in data:
+            continue
         if LineSources([RECOGNISERS[name]()]).feed(1, data + b"\n"):
             return name
     return None

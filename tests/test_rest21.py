@@ -138,6 +138,22 @@ class ListSortsLiveValuesBeforeTheLimit(RunsHome):
                          [("done", 0.5), ("done", 0.4)])
 
 
+class NoticeScanOfALoudLog(RunsHome):
+    def test_a_log_without_any_styles_mark_is_not_read_line_by_line(self):
+        # the 0-sample notice fed the last MiB of `yes` (524,288 lines) to three recognisers: 1.2 s per run
+        started = time.process_time()
+        self.assertIsNone(runpilot.recogniser_for_log(b"y\n" * (1 << 19)))
+        self.assertLess(time.process_time() - started, 0.2)
+
+    def test_each_style_is_still_named_also_behind_colour_codes(self):
+        keras = b"Epoch 1/2\n\x1b[1m3/3\x1b[0m \x1b[32m\xe2\x94\x81\x1b[0m 10ms/step -\x1b[0m accuracy: 0.5 - loss: 1.25\n"
+        for log, name in ((b"{'loss': 0.5, 'learning_rate': 1e-05, 'epoch': 1.0}\n", "huggingface"),
+                          (keras, "keras"), (keras.replace(b"\x1b[0m", b""), "keras"),
+                          (b"100%|##########| 10/10 [00:01<00:00, 9.1it/s, loss=0.25]\n", "tqdm")):
+            with self.subTest(name=name):
+                self.assertEqual(runpilot.recogniser_for_log(b"y\n" * 1000 + log + b"y\n" * 1000), name)
+
+
 if __name__ == "__main__":
     import unittest
     unittest.main()
