@@ -121,7 +121,12 @@ class StatusesStayTrue(RunsHome):
         proc = subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config), "--stop-timeout", "30"],
                                 stdout=write_end, stderr=subprocess.PIPE)
         os.close(write_end)
-        time.sleep(1.5)
+        deadline = time.monotonic() + 30  # the job runs (RunPilot handles Ctrl-C): not a fixed 1.5 s, which a
+        while not any(b'"running"' in (p / "meta.json").read_bytes()  # loaded machine spent loading Python
+                      for p in self.runs() if (p / "meta.json").exists()):
+            self.assertLess(time.monotonic(), deadline, "the job never started")
+            time.sleep(0.05)
+        time.sleep(0.3)  # the stalled reader's pipe fills
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)

@@ -484,7 +484,7 @@ class SmallerThings(HomeTestCase):
         config = self.write("slow.yaml", "name: slow\nengine: local\nentrypoint: [sh, -c, 'echo ready; sleep 60']\n")
         live = LiveRun(self, config, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
         deadline = time.monotonic() + 10
-        while not (self.tmp / "git.pid").exists():
+        while not ((self.tmp / "git.pid").exists() and (self.tmp / "git.pid").read_text().strip()):  # written
             self.assertLess(time.monotonic(), deadline, "the git probe never started")
             time.sleep(0.05)
         probe = int((self.tmp / "git.pid").read_text())
