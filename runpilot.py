@@ -7281,7 +7281,7 @@ class SweepPlan:
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int | slice) -> "SweepPoint | list[SweepPoint]":
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(self.count))]
         if not -self.count <= index < self.count:
@@ -7314,7 +7314,7 @@ class PointConfigs:
     def __len__(self) -> int:
         return len(self.points)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int | slice) -> "tuple[SweepPoint, JobConfig] | list[tuple[SweepPoint, JobConfig]]":
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         point = self.points[index]
@@ -7328,7 +7328,7 @@ class PointConfigs:
     def check(self, count: int) -> None:
         """Validate the first COUNT points' configs (a bad value raises, blamed on its point)."""
         for i in range(min(count, len(self))):
-            self[i]
+            self[i]  # made, validated and kept
 
 
 def check_sweep_size(axes: tuple[tuple[str, tuple], ...], repeat: int, limit: int) -> int:
