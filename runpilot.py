@@ -37,13 +37,11 @@ if __name__ == "__main__" or _sys.argv[:1] and _sys.argv[0].rsplit("/", 1)[-1] =
         _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
 
 import argparse
-import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
 import functools
-import hashlib
 import io
 import itertools
 import json
@@ -60,7 +58,6 @@ import sqlite3
 import struct
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -119,6 +116,10 @@ POLL_SECONDS = 0.2
 TERMINAL_BACKLOG = 1 << 20
 # Grace period between SIGTERM and SIGKILL when a run is stopped (like `docker stop`).
 DEFAULT_STOP_TIMEOUT = 10
+# The signals a config's stop_signal may name: each ends a job that does not handle it. SIGCHLD,
+# SIGCONT, SIGWINCH, SIGURG are ignored by default (a stop would wait the grace period for nothing),
+# SIGSTOP/SIGTSTP pause, SIGKILL cannot be handled, and SIGSEGV and kin mean a crash.
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGABRT")
 # The longest grace period accepted: a day; anything longer is a typo that would make Ctrl-C useless.
 MAX_STOP_TIMEOUT = 86400
 # SQLite waits this long for a lock held by a parallel run before it gives up (RUNPILOT_DB_TIMEOUT).
@@ -2083,6 +2084,18 @@ def _check_engine(chk: _Checker, engine: object) -> str | None:
     return str(engine)
 
 
+def repeated_value(values: list) -> tuple[object] | None:
+    """The first value that VALUES holds twice (1 and 1.0 are one value, True and 1 are not), in a
+    1-tuple; None when every value is different."""
+    seen = set()
+    for value in values:
+        key = (isinstance(value, bool), value)
+        if key in seen:
+            return (value,)
+        seen.add(key)
+    return None
+
+
 def _check_sweep(chk: _Checker, sweep: object) -> tuple[tuple[str, tuple], ...]:
     """`sweep: {env.LR: [0.1, 0.01], seed: [1, 2]}`: dotted keys (as --set takes) and their values."""
     if sweep is None:
@@ -2098,6 +2111,9 @@ def _check_sweep(chk: _Checker, sweep: object) -> tuple[tuple[str, tuple], ...]:
             chk.problem(path, f"sweep key {key!r} must be a dotted config key such as env.LR")
         elif not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
             chk.problem(path, f"sweep.{key} must be a non-empty list of plain values ([0.1, 0.01])")
+        elif (twice := repeated_value(values)) is not None:
+            chk.problem(path, f"sweep.{key} gives the value {_shown(twice[0])} twice, which would run the same "
+                              "point twice; give each value once (--repeat N runs every point N times)")
         else:
             axes.append((key, tuple(values)))
     return tuple(axes)
@@ -2365,6 +2381,9 @@ def parse_override(item: str, flag: str = "--set") -> tuple[tuple[str, ...], obj
     parts = tuple(key.split("."))
     if not sep or not all(parts):
         raise UsageError(f"{flag} {item!r} must look like KEY=VALUE, e.g. {flag} env.LR=0.01")
+    if "\n" in raw or "\r" in raw:  # refused: the job would get another value than the one typed
+        raise UsageError(f"{flag} {key}: the value {raw!r} has a line break, which YAML would fold into a "
+                         f"space; to keep it, write the value in the config in double quotes (\"a\\nb\")")
     try:
         value, _, texts = parse_config_yaml(raw, f"{flag} {key}") if raw.strip() else ("", {}, {})
         in_env = parts[0] == "env" and (len(parts) > 1 or isinstance(value, dict))  # env values are text
@@ -2552,8 +2571,9 @@ def entrypoint_warnings(config: JobConfig, engine: str | None) -> list[str]:
 def parse_stop_signal(value: object) -> str:
     """`SIGINT`, `INT`, `sigint` or a number such as 2 -> "SIGINT"; ValueError if no such signal.
 
-    SIGKILL and SIGSTOP are refused: a job cannot act on them, and SIGKILL follows the grace
-    period anyway.
+    Only STOP_SIGNALS are taken: the rest either cannot be handled (SIGKILL, which follows the
+    grace period anyway, and SIGSTOP), do nothing to a job by default (SIGCHLD, SIGCONT,
+    SIGWINCH, SIGURG) or stand for a crash (SIGSEGV).
     """
     if isinstance(value, bool) or value is None or isinstance(value, float):
         raise ValueError
@@ -2565,7 +2585,7 @@ def parse_stop_signal(value: object) -> str:
             raise ValueError
         name = text.upper()
         sig = signal.Signals[name if name.startswith("SIG") else "SIG" + name]
-    if sig in (signal.SIGKILL, signal.SIGSTOP):
+    if sig.name not in STOP_SIGNALS:
         raise ValueError
     return sig.name
 
@@ -2577,7 +2597,8 @@ def _check_stop_signal(chk: _Checker, value: object) -> str | None:
         return parse_stop_signal(value)
     except (ValueError, KeyError):
         chk.problem(("stop_signal",), f"stop_signal must name a signal the job can handle, such as SIGINT, "
-                                      f"SIGTERM, SIGUSR1 or SIGQUIT (or INT, TERM, ...); got {_shown(value)}")
+                                      f"and that ends it if not handled: {', '.join(STOP_SIGNALS)} (or "
+                                      f"INT, TERM, ...); got {_shown(value)}")
         return None
 
 
@@ -3279,9 +3300,21 @@ def prefixed_metric_lines(data: bytes) -> int:
     return count
 
 
+# What a line must hold for each named recogniser to take a sample from it (HuggingFaceRecogniser,
+# KerasRecogniser, TqdmRecogniser.feed): a log without it is not in that style.
+RECOGNISER_MARKS = {"huggingface": b"'epoch'", "keras": b" - ", "tqdm": b"="}
+
+
 def recogniser_for_log(data: bytes) -> str | None:
-    """The named recogniser that would find samples in this log, if any: the 0-sample notice names it."""
+    """The named recogniser that would find samples in this log, if any: the 0-sample notice names it.
+
+    A log that lacks a recogniser's mark is not fed to it line by line (1.2 s for the last MiB of
+    `yes`); the mark is looked for in the bytes only where no colour code or backspace, which a line's
+    text loses, could split it."""
+    plain = b"\x1b" not in data and b"\b" not in data
     for name in METRICS_FROM_RECOGNISERS:
+        if plain and RECOGNISER_MARKS[name] not in data:
+            continue
         if LineSources([RECOGNISERS[name]()]).feed(1, data + b"\n"):
             return name
     return None
@@ -6586,6 +6619,7 @@ class SnapshotStore:
 
     def _add_object(self, source: Path) -> str:
         """Copy a file into the store while hashing it (one read: an edit meanwhile cannot split the two)."""
+        import hashlib  # only here: not every start pays for it
         tmp = self.objects / f".in-{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}"
         digest = hashlib.sha256()
         try:
@@ -6674,6 +6708,7 @@ def copy_object(source: str, target: str, mode: int) -> os.stat_result:
 
 
 def hashlib_sha256(data: bytes) -> str:
+    import hashlib  # only here: not every start pays for it
     return hashlib.sha256(data).hexdigest()
 
 
@@ -7567,6 +7602,9 @@ def parse_grid(items: list[str]) -> tuple[tuple[str, tuple], ...]:
         if not isinstance(values, list) or not values or any(isinstance(v, (dict, list)) for v in values):
             raise UsageError(f"--grid {item!r} must give one or more plain values: --grid {key}=0.1,0.01")
         name = ".".join(parts)
+        if (twice := repeated_value(values)) is not None:
+            raise UsageError(f"--grid {name} gives the value {_shown(twice[0])} twice, which would run the same "
+                             "point twice; give each value once (--repeat N runs every point N times)")
         if any(name == seen for seen, _ in axes):
             raise UsageError(f"--grid {name} is given twice; give each key once, with all its values")
         axes.append((name, tuple(values)))
@@ -7586,17 +7624,70 @@ class SweepPoint:
         return text + (f",repeat={self.repeat}" if repeats > 1 else "")
 
 
-def sweep_points(axes: tuple[tuple[str, tuple], ...], repeat: int) -> list[SweepPoint]:
+class SweepPlan:
+    """The points of a grid as a read-only sequence: counted from the axes, and each point made
+    from its index when asked for, so a plan of a million points costs no more than its axes."""
+
+    def __init__(self, axes: tuple[tuple[str, tuple], ...], repeat: int) -> None:
+        self.axes, self.repeat = axes, repeat
+        self.count = math.prod(len(values) for _, values in axes) * repeat
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int | slice) -> "SweepPoint | list[SweepPoint]":
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if not -self.count <= index < self.count:
+            raise IndexError(f"point {index} of {self.count}")
+        index %= self.count
+        combo, repeat = divmod(index, self.repeat)
+        values = []
+        for key, choices in reversed(self.axes):  # the last key varies fastest
+            combo, at = divmod(combo, len(choices))
+            values.append((key, choices[at]))
+        return SweepPoint(index, tuple(reversed(values)), repeat)
+
+    def __iter__(self) -> Iterator[SweepPoint]:
+        return (self[i] for i in range(self.count))
+
+
+def sweep_points(axes: tuple[tuple[str, tuple], ...], repeat: int) -> SweepPlan:
     """The Cartesian product of the axes (the first key varies slowest), each point REPEAT times."""
-    keys = [key for key, _ in axes]
-    combos = itertools.product(*(values for _, values in axes))
-    return [SweepPoint(i * repeat + r, tuple(zip(keys, combo)), r)
-            for i, combo in enumerate(combos) for r in range(repeat)]
+    return SweepPlan(axes, repeat)
+
+
+class PointConfigs:
+    """(point, its config) for each point of a plan, the config validated when first asked for:
+    a dry run checks the points it prints, a sweep every point before it records one."""
+
+    def __init__(self, points: SweepPlan, configure: Callable[[SweepPoint], JobConfig]) -> None:
+        self.points, self.configure = points, configure
+        self.made: dict[int, JobConfig] = {}
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, index: int | slice) -> "tuple[SweepPoint, JobConfig] | list[tuple[SweepPoint, JobConfig]]":
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        point = self.points[index]
+        if point.index not in self.made:
+            self.made[point.index] = self.configure(point)
+        return point, self.made[point.index]
+
+    def __iter__(self) -> Iterator[tuple[SweepPoint, JobConfig]]:
+        return (self[i] for i in range(len(self)))
+
+    def check(self, count: int) -> None:
+        """Validate the first COUNT points' configs (a bad value raises, blamed on its point)."""
+        for i in range(min(count, len(self))):
+            self[i]  # made, validated and kept
 
 
 def check_sweep_size(axes: tuple[tuple[str, tuple], ...], repeat: int, limit: int) -> int:
     """How many points the grid has (counted, not built); more than LIMIT is refused."""
-    count = math.prod(len(values) for _, values in axes) * repeat
+    count = len(SweepPlan(axes, repeat))
     if count > limit:
         shape = " x ".join([f"{len(v)} {k}" for k, v in axes] + ([f"{repeat} repeats"] if repeat > 1 else []))
         raise UsageError(f"the sweep has {count} points ({shape}), more than the limit of {limit}; give fewer "
@@ -8779,6 +8870,7 @@ def shipped_files(folder: Path, skip: Path | None = None) -> list[Path]:
 
 def content_hash(folder: Path, skip: Path | None = None) -> str:
     """A short hash of a folder's names, modes and contents: the same code gets the same hash."""
+    import hashlib  # only here: not every start pays for it
     digest = hashlib.sha256()
     for path in shipped_files(folder, skip):
         rel = path.relative_to(folder).as_posix()
@@ -8793,6 +8885,7 @@ def content_hash(folder: Path, skip: Path | None = None) -> str:
 
 
 def program_hash() -> str:
+    import hashlib  # only here: not every start pays for it
     with open(os.path.abspath(__file__), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
@@ -8899,6 +8992,7 @@ def probe_problem(host: str, facts: dict[str, list[str]], settings: SshSettings)
 
 def ssh_payload(plan: SshPlan, facts: dict[str, list[str]]) -> bytes:
     """One tar stream: the program (unless the box has it), the code (unless it has it), the config."""
+    import tarfile  # only here: only runs on other boxes pay for it
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         if not facts.get("program"):
@@ -9133,6 +9227,7 @@ def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict
     """Put the files of a `_box-report` tar into the runs' folders here; index them. The runner
     stays this side's (`backend: ssh`, the box): the box's own runner means nothing here. A run that
     has ended here already (recorded lost) keeps that ending: its meta.json is not replaced."""
+    import tarfile  # only here: only runs on other boxes pay for it
     metas = {}
     ended = {run_id for run_id in runners
              if (here := store.folder(run_id).read_meta()).final and here.started_at is not None}
@@ -9162,6 +9257,7 @@ def ssh_unpack(store: "RunStore", data: bytes, runners: dict[str, dict]) -> dict
 def box_report(store: "RunStore", run_ids: list[str], everything: bool, out) -> None:
     """`_box-report`: on a box, the runs' files as a tar on OUT (record and metrics of an active run; the
     files `list` copies home of a finished one; with EVERYTHING, the whole folder)."""
+    import tarfile  # only here: only runs on other boxes pay for it
     records = refresh(store, [r for r in (store.get(i) for i in run_ids) if r is not None], lambda text: None)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for record in records:
@@ -9449,6 +9545,7 @@ class BoxSweep:
 
     def start_some(self, pending: list, labels: dict[str, str]) -> None:
         """Start as many pending points as the boxes have room for, all at once (a thread each)."""
+        import concurrent.futures  # only here: it imports logging, which no other path needs
         batch = []
         for host in self.slots:
             room = self.slots[host] - sum(h == host for h in self.running.values())
@@ -12276,7 +12373,7 @@ def cmd_list(args) -> int:
     store = _store()
     args.sweep = args.sweep and find_sweep(store, args.sweep)
     what = _list_filter(args)
-    records = by_metric(with_live_metrics(store, refresh(store, store.query(what), note)), what)
+    records = _listed(store, what)
     _check_sort_metric(what.sort, records)
     if args.sweep and args.sort == "started" and args.ascending is None:
         records = in_plan_order(store, args.sweep, records)
@@ -12298,6 +12395,18 @@ def cmd_list(args) -> int:
         points = _sweep_points_of(store, args.sweep) if args.sweep else None
         echo(render_runs(records, metrics, args.absolute, output_width(), colour, args.no_trunc, points))
     return 0
+
+
+def _listed(store: RunStore, what: RunFilter) -> list[RunRecord]:
+    """The runs `list` shows. Sorted by a metric, running runs are sorted by their live values
+    before --limit cuts the list (the index sorts them as having none): they are asked for beside
+    the limited query, and the merged list is cut once sorted."""
+    found = store.query(what)
+    if what.sort not in ("started", "duration") and what.limit is not None and what.status in (None, RUNNING):
+        seen = {r.id for r in found}
+        found += [r for r in store.query(dataclasses.replace(what, status=RUNNING, limit=None)) if r.id not in seen]
+    records = by_metric(with_live_metrics(store, refresh(store, found, note)), what)
+    return records[:what.limit] if what.limit is not None else records
 
 
 def _sweep_points_of(store: RunStore, sweep_id: str) -> dict[str, dict] | None:
@@ -13050,8 +13159,9 @@ def cmd_sweep(args) -> int:
         raise UsageError("nothing to sweep: give --grid KEY=V1,V2 or a sweep: section in the config")
     check_sweep_size(axes, args.repeat, args.max_points)
     points = sweep_points(axes, args.repeat)
-    configs = [(p, point_config(data, str(args.config), text, positions, blamed, p, args.repeat, bool(args.grid)))
-               for p in points]
+    configs = PointConfigs(points, functools.partial(point_config, data, str(args.config), text, positions, blamed,
+                                                     repeats=args.repeat, from_grid=bool(args.grid)))
+    configs.check(SWEEP_PLAN_SHOWN if args.dry_run else len(configs))  # a dry run checks what it prints
     options = _run_options(args)
     check_pull_outputs(args)
     if args.on != "here":
@@ -13061,7 +13171,7 @@ def cmd_sweep(args) -> int:
     if args.sweep_id and (store.sweeps_dir / args.sweep_id).exists():
         raise UsageError(f"sweep {args.sweep_id} exists already; leave out --sweep-id")
     sweep_id = args.sweep_id or new_sweep_id()
-    parallel = sweep_parallel([c for _, c in configs], options, args.parallel, os.environ)
+    parallel = sweep_parallel([c for _, c in configs[:1]], options, args.parallel, os.environ)
     echo(render_sweep_plan(sweep_id, points, args.repeat, parallel, options.gpu_pool), err=True)
     if args.dry_run:
         return 0

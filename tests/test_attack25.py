@@ -153,15 +153,21 @@ class NvidiaSmiMisbehaves(RunsHome):
         self.bin.mkdir()
         self.env = {"PATH": f"{self.bin}:{os.environ['PATH']}"}
 
-    def run_with(self, answer: str) -> tuple[int, str, Path]:
-        """A 2.5 s job on GPU 0 with samples every second, nvidia-smi's statistics query running ANSWER."""
+    def run_with(self, answer: str, samples: int = 0) -> tuple[int, str, Path]:
+        """A 2.5 s job on GPU 0 with samples every second, nvidia-smi's statistics query running ANSWER;
+        the job goes on until its gpu.json holds SAMPLES samples (at most 60 s more: on a loaded machine a
+        sampler's call can take longer than its interval)."""
         (self.bin / "nvidia-smi").write_text(
             f"#!{shutil.which('python3')}\nimport os, runpy, sys\n"
             f"if 'utilization' in ' '.join(sys.argv):\n    {answer}\n    sys.exit(0)\n"
             f"runpy.run_path({str(FIXTURES / 'nvidia-smi')!r}, run_name='__main__')\n")
         (self.bin / "nvidia-smi").chmod(0o755)
-        script = ("import time\nfor i in range(3):\n    print(f'METRIC step={i} loss=1', flush=True)\n"
-                  "    time.sleep(0.8)\n")
+        gpu_json = f"{str(self.home / 'runs')!r} + '/' + os.environ['RUNPILOT_RUN_ID'] + '/gpu.json'"
+        script = ("import os, time\nfor i in range(3):\n    print(f'METRIC step={i} loss=1', flush=True)\n"
+                  "    time.sleep(0.8)\n"
+                  f"def sampled():\n    try:\n        return open({gpu_json}).read().count('\"step\"')\n"
+                  "    except OSError:\n        return 0\n"
+                  f"end = time.time() + 60\nwhile sampled() < {samples} and time.time() < end:\n    time.sleep(0.1)\n")
         config = self.local_config(script, "g", "resources:\n  gpus: 1\n")
         code, _, err = self.cli("run", config, "--gpu-stats-every", "1", env=self.env)
         return code, err, self.only_run()
@@ -169,7 +175,7 @@ class NvidiaSmiMisbehaves(RunsHome):
     def test_bytes_that_are_not_utf8_are_no_traceback(self):
         # before: UnicodeDecodeError in the sampling thread, its traceback on the terminal, no more samples
         code, err, run = self.run_with(
-            r"sys.stdout.buffer.write(b'\xff\xfe\x1b[31m garbage\n0, GPU-a, 37, 12\n'); sys.stdout.flush()")
+            r"sys.stdout.buffer.write(b'\xff\xfe\x1b[31m garbage\n0, GPU-a, 37, 12\n'); sys.stdout.flush()", samples=2)
         self.assertEqual(code, 0, err)
         self.assertNotIn("Traceback", err)
         self.assertNotIn("UnicodeDecodeError", err)

@@ -333,9 +333,15 @@ class GpuStatistics(RunsHome):
                     "FAKE_NVIDIA_SMI_UTIL": "12,90", "FAKE_NVIDIA_SMI_MEM_MIB": "2048,100",
                     "FAKE_NVIDIA_SMI_LOG": str(self.calls)}
 
-    def gpu_job(self, seconds: float = 2.5, gpus: str = "1", extra: str = "") -> Path:
-        script = (f"import time\nblock = b'x' * (60 << 20)\nend = time.time() + {seconds}\ni = 0\n"
-                  "while time.time() < end:\n    print(f'METRIC step={i} loss={1 / (i + 1)}', flush=True)\n"
+    def gpu_job(self, seconds: float = 2.5, gpus: str = "1", extra: str = "", samples: int = 0) -> Path:
+        """A job that runs SECONDS, and on until its run's gpu.json holds SAMPLES samples (at most 60 s):
+        on a loaded machine a sampler's call can take longer than its interval."""
+        gpu_json = f"{str(self.home / 'runs')!r} + '/' + os.environ['RUNPILOT_RUN_ID'] + '/gpu.json'"
+        script = (f"import os, time\nblock = b'x' * (60 << 20)\nend = time.time() + {seconds}\ni = 0\n"
+                  f"def sampled():\n    try:\n        return open({gpu_json}).read().count('\"step\"')\n"
+                  "    except OSError:\n        return 0\n"
+                  f"while time.time() < end or sampled() < {samples} and time.time() < end + 60:\n"
+                  "    print(f'METRIC step={i} loss={1 / (i + 1)}', flush=True)\n"
                   "    i += 1\n    time.sleep(0.1)\n")
         return self.local_config(script, "gpujob", f"resources:\n  gpus: {gpus}\n{extra}")
 
@@ -354,13 +360,15 @@ class GpuStatistics(RunsHome):
         self.assertIsNone(runpilot.low_gpu_hint({"0": {"util_mean": 20.0}}))
 
     def test_a_gpu_run_records_show_and_plot_its_gpus(self):
-        code, _, err = self.cli("run", self.gpu_job(), "--gpu-stats-every", "1", env=self.env)
+        code, _, err = self.cli("run", self.gpu_job(samples=3), "--gpu-stats-every", "1", env=self.env)
         self.assertEqual(code, 0, err)
         run = self.only_run()
         samples = self.metrics(run)
         gpu = runpilot.read_metrics(run / "gpu.json")
         self.assertGreaterEqual(len(gpu), 2)
-        self.assertEqual([s["step"] for s in gpu[:2]], [0, 1])
+        steps = [s["step"] for s in gpu]  # the second of the run: one a second, later ones when a call was slow
+        self.assertEqual(steps[0], 0)
+        self.assertTrue(all(b > a for a, b in zip(steps, steps[1:])), steps)
         self.assertEqual(gpu[0], {"step": 0, "gpu0.util": 12, "gpu0.mem_mib": 2048})  # only the run's GPU 0
         calls = self.calls.read_text().splitlines()
         self.assertEqual(calls[:2], ["--query-gpu=index,uuid,name,driver_version,memory.total "
@@ -389,7 +397,7 @@ class GpuStatistics(RunsHome):
 
     def test_busy_gpus_give_no_hint_and_no_gpu_stats_turns_it_off(self):
         env = {**self.env, "FAKE_NVIDIA_SMI_UTIL": "85"}
-        code, _, err = self.cli("run", self.gpu_job(1.0, gpus="all"), "--gpu-stats-every", "1", env=env)
+        code, _, err = self.cli("run", self.gpu_job(1.0, gpus="all", samples=1), "--gpu-stats-every", "1", env=env)
         self.assertEqual(code, 0, err)
         self.assertNotIn("hint", err)
         run = self.only_run()

@@ -30,15 +30,20 @@ GUARD_END = RUNPILOT.read_text().splitlines().index("import argparse") + 1
 
 
 def hold_lock(db: Path, seconds: float, after: float = 0.0) -> threading.Thread:
-    """Hold runs.db with BEGIN EXCLUSIVE from AFTER seconds on, for SECONDS, in a thread."""
+    """Hold runs.db with BEGIN EXCLUSIVE from AFTER seconds on, for SECONDS, in a thread; its `held`
+    event is set once it holds it."""
+    held = threading.Event()
+
     def hold() -> None:
         time.sleep(after)
         conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
         conn.execute("BEGIN EXCLUSIVE")
+        held.set()
         time.sleep(seconds)
         conn.execute("ROLLBACK")
         conn.close()
     thread = threading.Thread(target=hold, daemon=True)
+    thread.held = held
     thread.start()
     return thread
 
@@ -77,7 +82,7 @@ class StatusesStayTrue(RunsHome):
     def test_a_run_started_while_the_index_is_locked_is_recorded_once_it_frees(self):
         self.cli("list")
         locker = hold_lock(self.home / "runs.db", seconds=3)
-        time.sleep(0.3)
+        self.assertTrue(locker.held.wait(10))  # not a fixed sleep: a loaded machine may take longer to lock
         result = self.process("run", self.local_config("print('hi')"), env={"RUNPILOT_DB_TIMEOUT": "0.5"})
         self.assertEqual(result.returncode, 0, result.stderr)
         locker.join()
@@ -116,7 +121,12 @@ class StatusesStayTrue(RunsHome):
         proc = subprocess.Popen([sys.executable, str(RUNPILOT), "run", str(config), "--stop-timeout", "30"],
                                 stdout=write_end, stderr=subprocess.PIPE)
         os.close(write_end)
-        time.sleep(1.5)
+        deadline = time.monotonic() + 30  # the job runs (RunPilot handles Ctrl-C): not a fixed 1.5 s, which a
+        while not any(b'"running"' in (p / "meta.json").read_bytes()  # loaded machine spent loading Python
+                      for p in self.runs() if (p / "meta.json").exists()):
+            self.assertLess(time.monotonic(), deadline, "the job never started")
+            time.sleep(0.05)
+        time.sleep(0.3)  # the stalled reader's pipe fills
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)

@@ -406,17 +406,19 @@ class OrphansAreAlive(HomeTestCase):
 
 
 def hold_index(db: Path, seconds: float) -> threading.Thread:
-    """Hold runs.db with BEGIN EXCLUSIVE for SECONDS, in a thread (started once it holds it)."""
-    held = threading.Event()
+    """Hold runs.db with BEGIN EXCLUSIVE for SECONDS, in a thread (started once it holds it), or until
+    the thread's `release` event is set: a test that has seen what it needed lets go at once."""
+    held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
         conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
         conn.execute("BEGIN EXCLUSIVE")
         held.set()
-        time.sleep(seconds)
+        release.wait(seconds)
         conn.execute("ROLLBACK")
         conn.close()
     thread = threading.Thread(target=hold, daemon=True)
+    thread.release = release
     thread.start()
     held.wait(10)
     return thread
@@ -436,6 +438,7 @@ class LockedIndexHoldsUpNothing(HomeTestCase):
         self.assertEqual(meta["status"], "succeeded")
         self.assertLess(meta["duration"], 1.6)
         self.assertIn(b"succeeded in 1.", done.stderr)
+        locker.release.set()  # the run has ended with the index locked all along
         locker.join()
         rows = json.loads(self.cli("list", "--json")[1])  # the index catches up
         self.assertEqual([r["status"] for r in rows], ["succeeded"])
@@ -460,6 +463,7 @@ class LockedIndexHoldsUpNothing(HomeTestCase):
         self.assertEqual(proc.returncode, 130, err)
         statuses = sorted(self.meta(p)["status"] for p in self.runs())
         self.assertEqual(statuses, ["cancelled"] * 39 + ["interrupted"])  # the folders are the truth
+        locker.release.set()  # the sweep has ended with the index locked all along
         locker.join()
         rows = json.loads(self.cli("list", "--json", "--all")[1])
         self.assertEqual(sorted(r["status"] for r in rows), statuses)  # and the index caught up
@@ -480,7 +484,7 @@ class SmallerThings(HomeTestCase):
         config = self.write("slow.yaml", "name: slow\nengine: local\nentrypoint: [sh, -c, 'echo ready; sleep 60']\n")
         live = LiveRun(self, config, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
         deadline = time.monotonic() + 10
-        while not (self.tmp / "git.pid").exists():
+        while not ((self.tmp / "git.pid").exists() and (self.tmp / "git.pid").read_text().strip()):  # written
             self.assertLess(time.monotonic(), deadline, "the git probe never started")
             time.sleep(0.05)
         probe = int((self.tmp / "git.pid").read_text())

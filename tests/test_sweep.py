@@ -321,17 +321,20 @@ class Control(SweepCase):
         self.assertEqual(statuses, ["interrupted", "interrupted"])
 
     def test_ctrl_c_while_the_points_are_recorded_leaves_every_record_true(self):
-        # a Ctrl-C that landed while 1,000 points were recorded left queued folders no index row knew
+        # a Ctrl-C that landed while 1,000 points were recorded left queued folders no index row knew.
+        # The Ctrl-C lands once the first, the 150th and the last of 300 folders exists (by count, not
+        # after a fixed sleep: on a fast machine and a loaded one alike it lands while they are recorded,
+        # and, the last time, once all are, while the points run).
         config = self.config(gpus=0, script="pass\n")
-        values = ",".join(str(i) for i in range(1, 1001))
-        for delay in (0.3, 0.6, 1.0):
-            with self.subTest(delay=delay):
+        values = ",".join(str(i) for i in range(1, 301))
+        for landing in (1, 150, 300):
+            with self.subTest(landing=landing):
                 before = len(self.runs())
                 proc = self.sweep(config, "--grid", f"env.LR={values}")
                 started = time.monotonic()
-                while len(self.runs()) == before and time.monotonic() - started < 30 and proc.poll() is None:
-                    time.sleep(0.01)  # Python compiling the file: a Ctrl-C there is Python's, not RunPilot's
-                time.sleep(max(0.0, delay - 0.3))
+                while len(self.runs()) < before + landing and time.monotonic() - started < 60 and proc.poll() is None:
+                    time.sleep(0.002)  # Python compiling the file: a Ctrl-C there is Python's, not RunPilot's
+                self.assertIsNone(proc.poll(), "the sweep ended before its Ctrl-C")
                 proc.send_signal(signal.SIGINT)
                 self.assertEqual(proc.wait(timeout=60), 130)
                 folders = {path.name for path in self.runs()}
