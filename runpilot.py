@@ -9012,9 +9012,10 @@ def ssh_payload(plan: SshPlan, facts: dict[str, list[str]]) -> bytes:
     return buffer.getvalue()
 
 
-def add_snapshot(tar: tarfile.TarFile, snapshots: "SnapshotStore", snapshot_id: str) -> None:
+def add_snapshot(tar, snapshots: "SnapshotStore", snapshot_id: str) -> None:
     """A code snapshot's files under `code/` in TAR, read from the snapshot store (never the folder,
     which may have changed since): what the box runs is what the run recorded."""
+    import tarfile  # only here: only runs on other boxes pay for it
     folder = tarfile.TarInfo("code")
     folder.type, folder.mode = tarfile.DIRTYPE, 0o755
     tar.addfile(folder)
@@ -9168,6 +9169,7 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
     """Check the box, send what it lacks, start the run there detached; record it here, running.
     The code is the run's snapshot here (a rerun's or a sweep's recorded one, or taken now), so the
     run here names code that this side holds and `rerun` reproduces it."""
+    import tarfile  # only here: only runs on other boxes pay for it
     run_id = options.run_id or new_run_id()
     code = plan_code(config, options, store)
     plan = ssh_plan(host, run_id, config, store.home, code.get("snapshot"))
@@ -9580,6 +9582,7 @@ class BoxSweep:
             return exc
 
     def collect(self, labels: dict[str, str], pending: list) -> None:
+        import concurrent.futures  # only here: only box sweeps pay for it
         records = [r for r in (self.store.get(i) for i in self.running) if r is not None]
         fresh: dict[str, RunRecord] = {}
 
