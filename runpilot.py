@@ -12372,6 +12372,201 @@ def _check_sort_metric(sort: str, records: list[RunRecord]) -> None:
                      + (f" or one of {', '.join(known)}" if known else ""))
 
 
+# -- output formats: one table that list, show, compare and export share
+
+@dataclasses.dataclass(frozen=True)
+class ListView:
+    """What `list` found: the runs, the metrics that are its columns, and the filter that chose them."""
+    store: RunStore
+    args: argparse.Namespace
+    records: list[RunRecord]
+    metrics: list[str]
+    what: RunFilter
+
+
+@dataclasses.dataclass(frozen=True)
+class ShowView:
+    """What `show` found: one run, its meta.json, its samples, its folder and the folder's files."""
+    args: argparse.Namespace
+    record: RunRecord
+    meta: RunMeta
+    samples: Iterator[dict]
+    folder: RunFolder
+    files: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareView:
+    """What `compare` found: each run with its flattened config and its metrics' summary."""
+    args: argparse.Namespace
+    runs: list[tuple[RunRecord, dict, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportView:
+    """What `export` found: the runs whose samples it writes."""
+    store: RunStore
+    args: argparse.Namespace
+    records: list[RunRecord]
+
+
+def list_table(view: ListView) -> None:
+    """`list`: the table people read (its default)."""
+    if not view.records:
+        what = view.what
+        filtered = what.status or what.name_glob or what.since or what.tags or what.sweep_id
+        echo("no run matches" if filtered else "no runs yet; start one with: runpilot run CONFIG")
+        return
+    args = view.args
+    colour = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR")
+    points = _sweep_points_of(view.store, args.sweep) if args.sweep else None
+    echo(render_runs(view.records, view.metrics, args.absolute, output_width(), colour, args.no_trunc, points))
+
+
+def list_csv(view: ListView) -> None:
+    """`list --format csv`: one row per run, its last metric values as columns."""
+    header = ["id", "name", "status", "started_at", "finished_at", "duration", "exit_code", "tags"] + view.metrics
+    echo(render_csv(header, [[r.id, r.name, r.status, r.started_at, r.finished_at, r.duration, r.exit_code,
+                              fmt_tags(r.tags) if r.tags else ""] + [r.last_metrics.get(m) for m in view.metrics]
+                             for r in view.records]).rstrip("\n"))
+
+
+def list_json(view: ListView) -> None:
+    """`list --json`: a JSON list of runs."""
+    echo(json.dumps(json_safe([record_json(r) for r in view.records]), indent=2, sort_keys=True))
+
+
+def list_ids(view: ListView) -> None:
+    """`list -q`: run ids only, one a line."""
+    echo("\n".join(r.id for r in view.records))
+
+
+def show_text(view: ShowView) -> None:
+    """`show`: the page people read, with the log's tail for a run that did not succeed."""
+    args, record, folder = view.args, view.record, view.folder
+    tail = args.tail if args.tail is not None else SHOW_LOG_TAIL if record.status in (
+        FAILED, INTERRUPTED, TIMEOUT, LOST) else 0
+    log = log_tail(folder.logs, 64 << 10).decode("utf-8", "replace").splitlines()[-tail:] if tail > 0 else []
+    config = folder.config.read_text(encoding="utf-8", errors="replace") if folder.config.is_file() else ""
+    ascii_only = args.ascii or not _can_encode(SPARK_BLOCKS)
+    echo(render_show(record, view.meta, view.samples, view.files, config, log, ascii_only,
+                     None if args.no_trunc else output_width(), tree_files(folder.outputs)))
+
+
+def show_json(view: ShowView) -> None:
+    """`show --json`: one JSON object: the run, its meta.json, its metrics' summary, its files."""
+    summary = {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in metric_summary(view.samples).items()}
+    meta_data = json.loads(view.meta.to_json())
+    echo(json.dumps(json_safe({"run": record_json(view.record), "meta": meta_data, "metrics": summary,
+                               "files": view.files, "outputs": tree_files(view.folder.outputs)}),
+                    indent=2, sort_keys=True))
+
+
+def compare_table(view: CompareView) -> None:
+    """`compare`: the runs side by side, the best value of each chosen metric starred."""
+    args = view.args
+    echo(render_compare(view.runs, output_width(), args.no_trunc, ("name",) if args.sweep else (), args.metric))
+
+
+def export_csv(view: ExportView) -> None:
+    """`export --format csv` (the default): one row per sample, to stdout or -o FILE."""
+    export_lines(view, "csv")
+
+
+def export_jsonl(view: ExportView) -> None:
+    """`export --format jsonl`: one JSON object per sample, to stdout or -o FILE."""
+    export_lines(view, "jsonl")
+
+
+def export_lines(view: ExportView, fmt: str) -> None:
+    """The samples of the runs as lines in FMT, with the config keys and tags asked for as columns."""
+    store, args, records = view.store, view.args, view.records
+    runs = [(r, store.folder(r.id).metrics, _config_of(store, r)) for r in records]  # samples: streamed
+    keys = [k for k in differing([flat for _, _, flat in runs]) if k != "name"] if args.config else []  # a column
+    if args.sweep:  # a sweep's points differ in their swept keys: always columns, first
+        keys = list(dict.fromkeys(swept_keys(store, args.sweep) + keys))
+    tag_names = sorted({t for r in records for t in r.tags}) if args.tags else []
+    if args.output:
+        write_export(runs, keys, tag_names, fmt, args.output)
+        return
+    shown = visible if sys.stdout.isatty() and fmt == "csv" else (lambda line: line)
+    try:
+        export_stream(runs, keys, tag_names, fmt, lambda line: sys.stdout.write(shown(line) + "\n"))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence(sys.stdout)
+
+
+def write_export(runs: list[tuple[RunRecord, Path, dict]], keys: list[str], tag_names: list[str], fmt: str,
+                 output: str) -> None:
+    """Write the export to OUTPUT whole: a partial file beside it, renamed when complete."""
+    target = Path(output)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")  # never a half-written file
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            count = export_stream(runs, keys, tag_names, fmt, lambda line: f.write(line + "\n"))
+        os.replace(partial, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise RunPilotError(f"cannot write {output}: {exc.strerror}; choose another -o path") from exc
+    echo(f"wrote {count} sample(s) of {len(runs)} run(s) to {output}", err=True)
+
+
+def export_tensorboard_view(view: ExportView) -> None:
+    """`export --format tensorboard -o DIR`: event files in a folder, one per run."""
+    args = view.args
+    if not args.output:
+        raise UsageError("--format tensorboard writes a folder of event files; name it with -o DIR")
+    written, runs = export_tensorboard(view.store, view.records, Path(args.output), args.follow)
+    echo(f"wrote {written} sample(s) of {runs} run(s) to {visible(args.output)}; see them with: "
+         f"tensorboard --logdir {shlex.quote(args.output)}", err=True)
+
+
+def export_mlflow_view(view: ExportView) -> None:
+    """`export --format mlflow`: the runs on a tracking server (-o URI or $MLFLOW_TRACKING_URI)."""
+    uri = view.args.output or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise UsageError("--format mlflow needs the tracking server: -o http://HOST:5000 or MLFLOW_TRACKING_URI")
+    client = MlflowClient(uri)
+    sent = export_mlflow(view.store, view.records, client, view.args.experiment, lambda text: echo(text, err=True))
+    echo(f"exported {len(view.records)} run(s) ({sent} new metric value(s)) to {visible(client.uri)}", err=True)
+
+
+# The output formats, per view: {view: {format name: function that prints the view in it}}. A view's
+# first format is its default. Adding a format is one function and one entry here: `--format` takes
+# its choices from this table.
+FORMATS: dict[str, dict[str, Callable]] = {
+    "list": {"table": list_table, "csv": list_csv, "json": list_json, "ids": list_ids},
+    "show": {"text": show_text, "json": show_json},
+    "compare": {"table": compare_table},
+    "export": {"csv": export_csv, "jsonl": export_jsonl, "tensorboard": export_tensorboard_view,
+               "mlflow": export_mlflow_view},
+}
+# The options that name a format without --format, in the order they win (`list -q --json` prints ids).
+FORMAT_FLAGS = (("quiet", "ids"), ("json", "json"))
+
+
+def chosen_format(view: str, args: argparse.Namespace) -> str:
+    """The format VIEW's options ask for: a flag of FORMAT_FLAGS, else --format, else the view's first."""
+    for flag, name in FORMAT_FLAGS:
+        if getattr(args, flag, False) and name in FORMATS[view]:
+            return name
+    return getattr(args, "format", None) or next(iter(FORMATS[view]))
+
+
+def format_choices(view: str) -> tuple[str, ...]:
+    """What VIEW's --format takes: its formats, less those an option of their own names (--json, -q)."""
+    flagged = {name for _, name in FORMAT_FLAGS}
+    return tuple(name for name in FORMATS[view] if name not in flagged)
+
+
+def print_view(view: str, args: argparse.Namespace, found) -> int:
+    """Print what VIEW found in the format its options ask for."""
+    FORMATS[view][chosen_format(view, args)](found)
+    return 0
+
+
 def cmd_list(args) -> int:
     store = _store()
     args.sweep = args.sweep and find_sweep(store, args.sweep)
@@ -12380,24 +12575,7 @@ def cmd_list(args) -> int:
     _check_sort_metric(what.sort, records)
     if args.sweep and args.sort == "started" and args.ascending is None:
         records = in_plan_order(store, args.sweep, records)
-    metrics = list_columns(records)
-    if args.quiet:
-        echo("\n".join(r.id for r in records))
-    elif args.json:
-        echo(json.dumps(json_safe([record_json(r) for r in records]), indent=2, sort_keys=True))
-    elif args.format == "csv":
-        header = ["id", "name", "status", "started_at", "finished_at", "duration", "exit_code", "tags"] + metrics
-        echo(render_csv(header, [[r.id, r.name, r.status, r.started_at, r.finished_at, r.duration, r.exit_code,
-                                fmt_tags(r.tags) if r.tags else ""] + [r.last_metrics.get(m) for m in metrics]
-                               for r in records]).rstrip("\n"))
-    elif not records:
-        filtered = what.status or what.name_glob or what.since or what.tags or what.sweep_id
-        echo("no run matches" if filtered else "no runs yet; start one with: runpilot run CONFIG")
-    else:
-        colour = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR")
-        points = _sweep_points_of(store, args.sweep) if args.sweep else None
-        echo(render_runs(records, metrics, args.absolute, output_width(), colour, args.no_trunc, points))
-    return 0
+    return print_view("list", args, ListView(store, args, records, list_columns(records), what))
 
 
 def _listed(store: RunStore, what: RunFilter) -> list[RunRecord]:
@@ -12426,20 +12604,7 @@ def cmd_show(args) -> int:
     folder = store.folder(record.id)
     files = {f.name: f.stat().st_size for f in sorted(folder.path.iterdir())
              if not f.name.startswith(".") and not f.is_dir()} if folder.path.is_dir() else {}  # outputs/: below
-    if args.json:
-        summary = {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in metric_summary(samples).items()}
-        meta_data = json.loads(meta.to_json())
-        echo(json.dumps(json_safe({"run": record_json(record), "meta": meta_data, "metrics": summary,
-                                   "files": files, "outputs": tree_files(folder.outputs)}), indent=2, sort_keys=True))
-        return 0
-    tail = args.tail if args.tail is not None else SHOW_LOG_TAIL if record.status in (
-        FAILED, INTERRUPTED, TIMEOUT, LOST) else 0
-    log = log_tail(folder.logs, 64 << 10).decode("utf-8", "replace").splitlines()[-tail:] if tail > 0 else []
-    config = folder.config.read_text(encoding="utf-8", errors="replace") if folder.config.is_file() else ""
-    ascii_only = args.ascii or not _can_encode(SPARK_BLOCKS)
-    echo(render_show(record, meta, samples, files, config, log, ascii_only, None if args.no_trunc else output_width(),
-                     tree_files(folder.outputs)))
-    return 0
+    return print_view("show", args, ShowView(args, record, meta, samples, folder, files))
 
 
 def _can_encode(text: str) -> bool:
@@ -12570,7 +12735,7 @@ def cmd_compare(args) -> int:
         if name not in known:
             raise UsageError(f"--metric '{visible(name)}': none of these runs has that metric; choose one of "
                              f"{', '.join(sorted(visible(m) for m in known)) or '(none: no metrics recorded)'}")
-    echo(render_compare(runs, output_width(), args.no_trunc, ("name",) if args.sweep else (), args.metric))
+    print_view("compare", args, CompareView(args, runs))
     if sys.stderr.isatty() and len(runs) > 1:  # a pointer for people, not for scripts
         refs = f"--sweep {args.sweep}" if args.sweep else " ".join(dict.fromkeys(short_id(r.id) for r, _, _ in runs))
         note(f"curves: runpilot plot {refs}")
@@ -12588,33 +12753,7 @@ def cmd_export(args) -> int:
         export_outputs(store, records, Path(args.outputs))
         if not args.output:
             return 0
-    if args.format in ("tensorboard", "mlflow"):
-        return export_to_tool(store, records, args)
-    runs = [(r, store.folder(r.id).metrics, _config_of(store, r)) for r in records]  # samples: streamed
-    keys = [k for k in differing([flat for _, _, flat in runs]) if k != "name"] if args.config else []  # a column
-    if args.sweep:  # a sweep's points differ in their swept keys: always columns, first
-        keys = list(dict.fromkeys(swept_keys(store, args.sweep) + keys))
-    tag_names = sorted({t for r in records for t in r.tags}) if args.tags else []
-    if not args.output:
-        shown = visible if sys.stdout.isatty() and args.format == "csv" else (lambda line: line)
-        try:
-            export_stream(runs, keys, tag_names, args.format, lambda line: sys.stdout.write(shown(line) + "\n"))
-            sys.stdout.flush()
-        except BrokenPipeError:
-            _silence(sys.stdout)
-        return 0
-    target = Path(args.output)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")  # never a half-written file
-    try:
-        with open(partial, "w", encoding="utf-8") as f:
-            count = export_stream(runs, keys, tag_names, args.format, lambda line: f.write(line + "\n"))
-        os.replace(partial, target)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        raise RunPilotError(f"cannot write {args.output}: {exc.strerror}; choose another -o path") from exc
-    echo(f"wrote {count} sample(s) of {len(runs)} run(s) to {args.output}", err=True)
-    return 0
+    return print_view("export", args, ExportView(store, args, records))
 
 
 def swept_keys(store: RunStore, sweep_id: str) -> list[str]:
@@ -12625,23 +12764,6 @@ def swept_keys(store: RunStore, sweep_id: str) -> list[str]:
     except (RunPilotError, TypeError):  # a damaged sweep.json's axes (not a list): no swept columns
         return []
 
-
-def export_to_tool(store: RunStore, records: list[RunRecord], args) -> int:
-    """`export --format tensorboard|mlflow`: event files in a folder, or runs on a tracking server."""
-    if args.format == "tensorboard":
-        if not args.output:
-            raise UsageError("--format tensorboard writes a folder of event files; name it with -o DIR")
-        written, runs = export_tensorboard(store, records, Path(args.output), args.follow)
-        echo(f"wrote {written} sample(s) of {runs} run(s) to {visible(args.output)}; see them with: "
-             f"tensorboard --logdir {shlex.quote(args.output)}", err=True)
-        return 0
-    uri = args.output or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise UsageError("--format mlflow needs the tracking server: -o http://HOST:5000 or MLFLOW_TRACKING_URI")
-    client = MlflowClient(uri)
-    sent = export_mlflow(store, records, client, args.experiment, lambda text: echo(text, err=True))
-    echo(f"exported {len(records)} run(s) ({sent} new metric value(s)) to {visible(client.uri)}", err=True)
-    return 0
 
 def export_outputs(store: RunStore, records: list[RunRecord], target: Path) -> None:
     """Copy each run's outputs folder to TARGET/<run id>/ (a run's copy that exists already is refused)."""
@@ -13147,6 +13269,16 @@ def cmd_sweep(args) -> int:
         return _resume_sweep(store, args)
     if not args.config:
         raise UsageError("sweep needs a CONFIG (or --resume SWEEP_ID)")
+    base, axes, points, configs = _sweep_grid(args)
+    options = _run_options(args)
+    check_pull_outputs(args)
+    if args.on != "here":
+        return backend_for(args.on).sweep(args, store, configs, axes, options)
+    return _sweep_here(store, args, base, axes, points, configs, options)
+
+
+def _sweep_grid(args) -> tuple[JobConfig, list, "SweepPlan", "PointConfigs"]:
+    """The config `sweep` names with its overrides, its axes, its points, and each point's config."""
     data, text, positions = load_config_data(args.config)
     data, blamed = apply_overrides(data, args.set)
     if args.name and isinstance(data, dict):
@@ -13165,10 +13297,12 @@ def cmd_sweep(args) -> int:
     configs = PointConfigs(points, functools.partial(point_config, data, str(args.config), text, positions, blamed,
                                                      repeats=args.repeat, from_grid=bool(args.grid)))
     configs.check(SWEEP_PLAN_SHOWN if args.dry_run else len(configs))  # a dry run checks what it prints
-    options = _run_options(args)
-    check_pull_outputs(args)
-    if args.on != "here":
-        return backend_for(args.on).sweep(args, store, configs, axes, options)
+    return base, axes, points, configs
+
+
+def _sweep_here(store: RunStore, args, base: JobConfig, axes: list, points: "SweepPlan",
+                configs: "PointConfigs", options: RunOptions) -> int:
+    """A sweep on this machine: check it, print its plan, then record and run it (or detach)."""
     if not args.dry_run:  # a dry run prints the plan, also on a box without the GPUs or the image
         _check_sweep_host([c for _, c in configs], options)
     if args.sweep_id and (store.sweeps_dir / args.sweep_id).exists():
@@ -13182,16 +13316,20 @@ def cmd_sweep(args) -> int:
         return detach(args.argv, store, "--sweep-id", sweep=store.sweeps_dir / sweep_id)
     # one snapshot for every point: an edit made while the sweep runs changes none of them
     options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
-    stored = {"engine": args.engine, "tags": options.tags, "gpus": args.gpus, "parallel": args.parallel,
-              "fail_fast": args.fail_fast, "stop_timeout": args.stop_timeout, "pull": args.pull,
-              "overrides": args.set, "no_gpu_check": args.no_gpu_check, "no_wait": args.no_wait,
-              "engine_logs": args.engine_logs, "code_snapshots": options.code_snapshots,
-              "live_code": args.live_code}
     with StopSignals() as signals:
-        sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, stored, base.source)
+        sweep = plan_sweep(store, sweep_id, configs, axes, args.repeat, _stored_options(args, options), base.source)
         with held_sweep(store, sweep_id):
             jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
             return _run_sweep(store, sweep, jobs, options, parallel, args.fail_fast, signals)
+
+
+def _stored_options(args, options: RunOptions) -> dict:
+    """The options a sweep keeps in sweep.json, so that `sweep --resume` runs the rest the same way."""
+    return {"engine": args.engine, "tags": options.tags, "gpus": args.gpus, "parallel": args.parallel,
+            "fail_fast": args.fail_fast, "stop_timeout": args.stop_timeout, "pull": args.pull,
+            "overrides": args.set, "no_gpu_check": args.no_gpu_check, "no_wait": args.no_wait,
+            "engine_logs": args.engine_logs, "code_snapshots": options.code_snapshots,
+            "live_code": args.live_code}
 
 
 def _check_sweep_host(configs: list[JobConfig], options: RunOptions) -> None:
@@ -13412,7 +13550,7 @@ def _list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1)")
     p.add_argument("--no-trunc", action="store_true", help="full run ids and values, however wide")
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--format", choices=("table", "csv"), default="table", help="table (default) or csv")
+    p.add_argument("--format", choices=format_choices("list"), default="table", help="table (default) or csv")
     p.add_argument("-q", "--quiet", action="store_true", help="print run ids only")
 
 
@@ -13454,7 +13592,7 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", metavar="run")
     p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
-    p.add_argument("--format", choices=("csv", "jsonl", "tensorboard", "mlflow"), default="csv",
+    p.add_argument("--format", choices=format_choices("export"), default="csv",
                    help="csv (default), jsonl, tensorboard (event files in -o DIR) or mlflow (to the server -o URI)")
     p.add_argument("--config", action="store_true", help="add the config values that differ between the runs "
                                                          "(a --sweep has its swept keys as columns always)")
