@@ -2883,11 +2883,10 @@ METRICS_BLOCK_BYTES = 1 << 18
 # A sample line as MetricLog writes it starts with its step; the regexes below rely on that layout.
 _SAMPLE_STEP_RE = re.compile(rb'\{"step": (-?\d+)[,}]')
 _SAMPLE_KEY_RE = re.compile(rb'"([A-Za-z_][A-Za-z0-9_.\-/]*)": ')
-# A line that one json.loads of the block would read differently from a line by line reading: one
-# that starts with neither `{` (in its first column) nor a `[` or `]` alone, or that holds two objects.
-_ODD_LINE_RE = re.compile(rb"(?m)^(?:[^ \t\r\n{\[\]]|[ \t\r]+[^ \t\r\n\[\]]|[ \t\r]*[\[\]][ \t\r]*[^ \t\r\n])")
+# Lines that one json.loads of a block would read differently from a line by line reading: a line
+# that starts with something else than `{` (a continuation, an indented sample), or two objects on one.
+_ODD_LINE_RE = re.compile(rb"\n[^{\n]")
 _TWO_ON_A_LINE_RE = re.compile(rb"\}[ \t\r]*,[ \t\r]*\{")
-_CLOSING_LINE_RE = re.compile(rb"(?:\A|\n)[ \t\r]*\][ \t\r\n]*\Z")
 
 
 @functools.lru_cache(maxsize=256)
@@ -2927,20 +2926,31 @@ def metric_blocks(path: Path, size: int = METRICS_BLOCK_BYTES) -> Iterator[bytes
 def samples_in_block(block: bytes) -> list[dict]:
     """The samples of whole lines of a metrics.json: every line that is one JSON object (less the `,`
     after it). A block in MetricLog's layout is parsed whole, which is several times faster."""
-    count = block.count(b"\n{") + block.startswith(b"{")
-    if count and not _ODD_LINE_RE.search(block) and not _TWO_ON_A_LINE_RE.search(block):
-        body = block.strip()
-        body = body[1:] if body.startswith(b"[") else body  # the list's opening line
-        closing = _CLOSING_LINE_RE.search(body)
-        body = (body[:closing.start()] if closing else body).rstrip().rstrip(b",")
+    body = _between_brackets(block.strip())
+    if body[:1] == b"{" and not _ODD_LINE_RE.search(body) and not _TWO_ON_A_LINE_RE.search(body):
         try:
-            samples = json.loads(b"[" + body + b"]")
+            samples = json.loads(b"[" + body.rstrip().rstrip(b",") + b"]")
         except (ValueError, RecursionError):
             pass
-        else:  # one object per line, as a line by line reading finds them (see _ODD_LINE_RE)
-            if len(samples) == count and all(type(sample) is dict for sample in samples):
+        else:  # one object per line, as a line by line reading finds them
+            if len(samples) == body.count(b"\n{") + 1 and set(map(type, samples)) == {dict}:
                 return samples
     return _samples_line_by_line(block)
+
+
+def _between_brackets(body: bytes) -> bytes:
+    """BODY without the list's `[` and `]` where each is alone on its line (else BODY, whole), stripped."""
+    if body.startswith(b"["):
+        end = body.find(b"\n")
+        if body[1:end if end >= 0 else len(body)].strip():
+            return body
+        body = body[end + 1:] if end >= 0 else b""
+    if body.endswith(b"]"):
+        start = body.rfind(b"\n")
+        if body[start + 1:-1].strip():
+            return body
+        body = body[:max(start, 0)]
+    return body.strip()
 
 
 def _samples_line_by_line(block: bytes) -> list[dict]:
@@ -9809,36 +9819,47 @@ def export_stream(runs: list[tuple[RunRecord, Path, dict]], keys: list[str], tag
     how many samples were written."""
     import csv
     import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+
+    def emit(rows: list[list]) -> None:
+        """A CSV line per row to WRITE (a row with a line break in a cell is still one call)."""
+        writer.writerows(rows)
+        lines = buffer.getvalue().split("\n")[:-1]
+        buffer.seek(0)
+        buffer.truncate()
+        if len(lines) != len(rows):  # a cell holds a line break: row by row
+            lines = []
+            for row in rows:
+                writer.writerow(row)
+                lines.append(buffer.getvalue()[:-1])
+                buffer.seek(0)
+                buffer.truncate()
+        for line in lines:
+            write(line)
     if fmt == "csv":
         metrics = list(dict.fromkeys(k for _, path, _ in runs for k in metric_names_in(path)))
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-
-        def emit(row: list) -> None:
-            writer.writerow(row)
-            write(buffer.getvalue()[:-1])
-            buffer.seek(0)
-            buffer.truncate()
-        emit(["run_id", "name"] + keys + [f"tag.{t}" for t in tag_names] + ["step"] + metrics)
+        emit([["run_id", "name"] + keys + [f"tag.{t}" for t in tag_names] + ["step"] + metrics])
     count = 0
     for r, path, flat in runs:
         fixed = [r.id, r.name] + [fmt_cell(flat.get(k)) for k in keys] + [r.tags.get(t, "") for t in tag_names]
-        for s in iter_metrics(path):
-            count += 1
+        head = {"run_id": r.id, "name": r.name, **{k: flat.get(k) for k in keys},
+                **{f"tag.{t}": r.tags.get(t) for t in tag_names}}
+        for block in metric_blocks(path):
+            samples = samples_in_block(block)
+            count += len(samples)
             if fmt == "csv":
-                emit(fixed + [s.get("step")] + [s.get(m, "") for m in metrics])
+                emit([fixed + [s.get("step")] + [s.get(m, "") for m in metrics] for s in samples])
             else:
-                write(_strict_json({"run_id": r.id, "name": r.name, **{k: flat.get(k) for k in keys},
-                                    **{f"tag.{t}": r.tags.get(t) for t in tag_names}, **s}))
+                for s in samples:
+                    write(_strict_json({**head, **s}))
     return count
 
 
 def _strict_json(value: dict) -> str:
-    """json.dumps(json_safe(VALUE)), the walk through json_safe only for a value that needs it."""
-    try:
-        return json.dumps(value, allow_nan=False)
-    except ValueError:
-        return json.dumps(json_safe(value))
+    """json.dumps(json_safe(VALUE)), the walk through json_safe only for a value that may need it."""
+    text = json.dumps(value)
+    return json.dumps(json_safe(value)) if "NaN" in text or "Infinity" in text else text
 
 
 def render_csv(header: list[str], rows: list[list]) -> str:
