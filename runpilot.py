@@ -9591,8 +9591,11 @@ def _fitting(chars, room: int) -> str:
 
 
 def sparkline(values: list[float], width: int = 40, ascii_only: bool = False) -> str:
-    """The shape of a series in block characters, resampled to at most `width` points."""
-    numbers = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    """The shape of a series in block characters, resampled to at most `width` points. VALUES may be
+    metric_summary's array of finite floats (used as it is: a million values stay 8 MB)."""
+    from array import array
+    numbers = values if isinstance(values, array) else \
+        [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not numbers or width <= 0:
         return ""
     if len(numbers) > width:
