@@ -5960,6 +5960,10 @@ class RunStore:
         """The folder of sweep SWEEP_ID (checked by the caller: see check_sweep_id)."""
         return SweepFolder(self.sweeps_dir / sweep_id)
 
+    def sweep_names(self) -> list[str]:
+        """The names under sweeps/ that are sweep ids (raises OSError, FileNotFoundError without sweeps/)."""
+        return [p.name for p in self.sweeps_dir.iterdir() if SWEEP_ID_RE.match(p.name)]
+
     def sweep_folders(self) -> list[SweepFolder]:
         """Every folder under sweeps/ that holds a plan (sweep.json), in name order."""
         if not self.sweeps_dir.is_dir():
@@ -7709,7 +7713,7 @@ def sweep_ids(store: RunStore) -> list[str]:
     """The sweeps this home holds (their folders), newest first: ids begin with their start second,
     and sweeps of the same second are ordered by the time their plan records."""
     try:
-        names = [p.name for p in store.sweeps_dir.iterdir() if SWEEP_ID_RE.match(p.name)]
+        names = store.sweep_names()
     except OSError:
         return []
     seconds = [name[3:18] for name in names]

@@ -69,6 +69,14 @@ class TheStoresWalls(unittest.TestCase):
                    and not enclosing(line, ast.FunctionDef, "slurm_refresh")]
         self.assertEqual(outside, [], "SQL or the store's private helpers outside section 14 (runpilot.py:LINE)")
 
+    def test_the_homes_layout_is_known_only_to_the_store(self):
+        store = section_lines("14")
+        found = [(node.lineno, node.attr) for node in ast.walk(TREE) if isinstance(node, ast.Attribute)
+                 and node.attr in ("runs_dir", "sweeps_dir", "pending_dir", "db_path")]
+        self.assertTrue(found)
+        self.assertEqual([(line, attr) for line, attr in found if line not in store], [],
+                         "the home's folders named outside section 14: ask a RunStore method")
+
     def test_sweep_folder_names_its_files(self):
         folder = runpilot.RunStore(Path("/h")).sweep_folder("sw-20261207-231500-a1b2c3")
         self.assertEqual(folder.path, Path("/h/sweeps/sw-20261207-231500-a1b2c3"))
