@@ -3004,24 +3004,162 @@ class MetricLog:
             self.events.close()
 
 
+# -- reading metrics.json: the one reader ------------------------------------
+# MetricLog writes `[`, then one sample per line, `{"step": N, "key": value, ...}`, each but the
+# last followed by `,`, and `]` at close. Everything that reads samples back (show, compare, export,
+# list's live values, plot, the GPU summary) goes through metric_blocks: whole lines, a block at a
+# time. samples_in_block parses a block of MetricLog's layout in one json.loads and any other block
+# line by line, skipping what does not parse, so a hand-edited file or one cut short by a crash
+# reads as it always has; the plot folds the same blocks with the regexes below instead.
+# metrics.times, `COUNT SECONDS` per write of samples, is read by read_sample_times.
+
+# Bytes per block (about 5,000 samples): few Python steps per sample, and a few MB at most.
+METRICS_BLOCK_BYTES = 1 << 18
+# A sample line as MetricLog writes it starts with its step; the regexes below rely on that layout.
+_SAMPLE_STEP_RE = re.compile(rb'\{"step": (-?\d+)[,}]')
+_SAMPLE_KEY_RE = re.compile(rb'"([A-Za-z_][A-Za-z0-9_.\-/]*)": ')
+# Lines that one json.loads of a block would read differently from a line by line reading: a line
+# that starts with something else than `{` (a continuation, an indented sample), or two objects on one.
+_ODD_LINE_RE = re.compile(rb"\n[^{\n]")
+_TWO_ON_A_LINE_RE = re.compile(rb"\}[ \t\r]*,[ \t\r]*\{")
+
+
+@functools.lru_cache(maxsize=256)
+def _value_re(key: str) -> re.Pattern:
+    """`"key": VALUE` in sample lines (a quote inside a JSON string is escaped, so only keys match)."""
+    return re.compile(rb'"' + re.escape(key.encode()) + rb'": ([^,}\n]*)')
+
+
+@functools.lru_cache(maxsize=256)
+def _step_value_re(key: str) -> re.Pattern:
+    """The step and the value of KEY on each sample line that has KEY."""
+    return re.compile(rb'\{"step": (-?\d+),[^\n]*?"' + re.escape(key.encode()) + rb'": ([^,}\n]*)')
+
+
+def metric_blocks(path: Path, size: int = METRICS_BLOCK_BYTES) -> Iterator[bytes]:
+    """A metrics.json (or gpu.json) as blocks of whole lines of about SIZE bytes, then what follows the
+    last newline (a sample being written, or cut short by a crash) as a block of its own; nothing when
+    there is no such file."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}; check its permissions") from exc
+    with f:
+        rest = b""
+        while chunk := f.read(size):
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1
+            rest = data[cut:]
+            if cut:
+                yield data[:cut]
+    if rest:
+        yield rest
+
+
+def samples_in_block(block: bytes) -> list[dict]:
+    """The samples of whole lines of a metrics.json: every line that is one JSON object (less the `,`
+    after it). A block in MetricLog's layout is parsed whole, which is several times faster."""
+    body = _between_brackets(block.strip())
+    if body[:1] == b"{" and not _ODD_LINE_RE.search(body) and not _TWO_ON_A_LINE_RE.search(body):
+        try:
+            samples = json.loads(b"[" + body.rstrip().rstrip(b",") + b"]")
+        except (ValueError, RecursionError):
+            pass
+        else:  # one object per line, as a line by line reading finds them
+            if len(samples) == body.count(b"\n{") + 1 and set(map(type, samples)) == {dict}:
+                return samples
+    return _samples_line_by_line(block)
+
+
+def _between_brackets(body: bytes) -> bytes:
+    """BODY without the list's `[` and `]` where each is alone on its line (else BODY, whole), stripped."""
+    if body.startswith(b"["):
+        end = body.find(b"\n")
+        if body[1:end if end >= 0 else len(body)].strip():
+            return body
+        body = body[end + 1:] if end >= 0 else b""
+    if body.endswith(b"]"):
+        start = body.rfind(b"\n")
+        if body[start + 1:-1].strip():
+            return body
+        body = body[:max(start, 0)]
+    return body.strip()
+
+
+def _samples_line_by_line(block: bytes) -> list[dict]:
+    samples = []
+    for raw in block.split(b"\n"):
+        line = raw.decode("utf-8", "replace").strip().rstrip(",").strip()
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                samples.append(json.loads(line))
+    return samples
+
+
+def iter_metrics(path: Path) -> Iterator[dict]:
+    """The samples of a metrics.json one at a time, read as a stream: a run of a million samples is
+    summed up or exported in the memory of a block (see metric_blocks)."""
+    for block in metric_blocks(path):
+        yield from samples_in_block(block)
+
+
 def read_metrics(path: Path) -> list[dict]:
     """Every complete sample in a metrics.json, also one left unterminated by a crash."""
     return list(iter_metrics(path))
 
 
-def iter_metrics(path: Path) -> Iterator[dict]:
-    """The samples of a metrics.json one at a time, read as a stream: a run of a million samples is
-    summed up or exported in the memory of one line (see read_metrics)."""
+def metric_names_in(path: Path) -> list[str]:
+    """The metrics of a metrics.json in the order they first appear (not `step`)."""
+    names: dict[str, None] = {}
+    for block in metric_blocks(path):
+        names.update(dict.fromkeys(itertools.chain.from_iterable(samples_in_block(block))))
+    names.pop("step", None)
+    return list(names)
+
+
+def read_samples_from(path: Path, offset: int, limit: int = -1) -> tuple[list[dict], int]:
+    """The complete samples of a metrics.json (or gpu.json) after byte OFFSET, and where they end;
+    with LIMIT, those of the next LIMIT bytes (more when one sample is longer). A last line that does
+    not parse yet (being written) is left for the next call."""
     try:
-        f = open(path, "rb")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(limit)
     except FileNotFoundError:
-        return
-    with f:
-        for raw in f:
-            line = raw.decode("utf-8", "replace").strip().rstrip(",").strip()
-            if line.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    yield json.loads(line)
+        return [], offset
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+    cut = data.rfind(b"\n") + 1
+    samples = samples_in_block(data[:cut]) if cut else []
+    last = _samples_line_by_line(data[cut:]) if cut < len(data) else []
+    used = len(data) if last or not data[cut:].strip().rstrip(b",").strip().startswith(b"{") else cut
+    if not used and 0 < limit <= len(data):   # one sample longer than LIMIT
+        return read_samples_from(path, offset, 2 * limit)
+    return samples + last, offset + used
+
+
+def read_sample_times(path: Path) -> Callable[[int], float] | None:
+    """From metrics.times, the minutes since the start at which sample N (0-based) arrived; None
+    when the run has no such file (runs of RunPilot before 0.5)."""
+    import bisect
+    counts, minutes = [], []
+    try:
+        for line in path.read_text(errors="replace").splitlines():
+            count, _, seconds = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                at = float(seconds) / 60
+                if not 0 <= at <= 1e300:  # a damaged line (nan, inf, negative, beyond an axis) is skipped
+                    continue
+                counts.append(int(count))
+                minutes.append(at)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
+    return lambda n: minutes[min(bisect.bisect_right(counts, n), len(minutes) - 1)] if minutes else 0.0
+
 
 def latest_metrics(path: Path, size: int = METRICS_TAIL) -> dict:
     """The latest value of each metric in the last SIZE bytes of a metrics.json being written:
@@ -3033,12 +3171,9 @@ def latest_metrics(path: Path, size: int = METRICS_TAIL) -> dict:
     except OSError:
         return {}
     latest: dict = {}
-    for line in reversed(tail.decode("utf-8", "replace").splitlines()):
-        line = line.rstrip(",").strip()
-        if line.startswith("{"):
-            with contextlib.suppress(ValueError, AttributeError):
-                for key, value in json.loads(line).items():
-                    latest.setdefault(key, value)
+    for sample in reversed(samples_in_block(tail)):
+        for key, value in sample.items():
+            latest.setdefault(key, value)
     latest.pop("step", None)  # a position, not a metric
     return latest
 
@@ -5966,6 +6101,30 @@ class RunFolder:
             return False
 
 
+@dataclass(frozen=True)
+class SweepFolder:
+    """One sweep's folder, `<home>/sweeps/<sweep_id>/`: the only place that knows the names of its files."""
+
+    path: Path
+
+    @property
+    def sweep_id(self) -> str:
+        return self.path.name
+
+    plan = property(lambda self: self.path / "sweep.json")              # the plan: points, options (Sweep)
+    stop_requests = property(lambda self: self.path / "stop")           # `runpilot stop RUN_ID` of one point
+    runner_lock = property(lambda self: self.path / "runner.lock")      # flocked by the one runner (hold_sweep)
+    program = property(lambda self: self.path / "runpilot.py")          # --on slurm: what the nodes run
+    run_list = property(lambda self: self.path / "runs.txt")            # --on slurm: a run folder per array task
+    batch_script = property(lambda self: self.path / "slurm.sh")        # --on slurm: what sbatch ran
+    task_output = property(lambda self: self.path / "slurm-%A_%a.out")  # --on slurm: sbatch's --output pattern
+
+    @staticmethod
+    def is_run_list(path: Path) -> bool:
+        """Whether PATH names a sweep's runs.txt (the node's `_slurm-job TARGET`)."""
+        return path.name == "runs.txt"
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id           TEXT PRIMARY KEY,
@@ -6130,6 +6289,20 @@ class RunStore:
 
     def folder(self, run_id: str) -> RunFolder:
         return RunFolder(self.runs_dir / check_run_id(run_id))
+
+    def sweep_folder(self, sweep_id: str) -> SweepFolder:
+        """The folder of sweep SWEEP_ID (checked by the caller: see check_sweep_id)."""
+        return SweepFolder(self.sweeps_dir / sweep_id)
+
+    def sweep_names(self) -> list[str]:
+        """The names under sweeps/ that are sweep ids (raises OSError, FileNotFoundError without sweeps/)."""
+        return [p.name for p in self.sweeps_dir.iterdir() if SWEEP_ID_RE.match(p.name)]
+
+    def sweep_folders(self) -> list[SweepFolder]:
+        """Every folder under sweeps/ that holds a plan (sweep.json), in name order."""
+        if not self.sweeps_dir.is_dir():
+            return []
+        return [f for p in sorted(self.sweeps_dir.iterdir()) if (f := SweepFolder(p)).plan.is_file()]
 
     def create_run_dir(self, wanted: str | None = None) -> RunFolder:
         """A fresh, exclusively created folder (safe under parallel starts)."""
@@ -6381,6 +6554,18 @@ class RunStore:
         if meta.final:
             folder.free_reserve()
         return self.save_or_defer(meta)
+
+    def save_all_or_defer(self, metas: list[RunMeta]) -> None:
+        """The index rows of many runs in one transaction (a sweep's plan), or a marker for each to catch
+        up later when the index cannot be written now."""
+        if not self.write_index:
+            return
+        try:
+            with self.db() as conn, _transaction(conn):
+                conn.executemany(_UPSERT, [_row(RunRecord.of(m, self.folder(m.run_id).path)) for m in metas])
+        except StoreError:
+            for meta in metas:
+                self.defer(meta.run_id)
 
     def delete(self, run_id: str) -> None:
         """Remove a run's folder, then its row (a folder left by a crash comes back on reindex)."""
@@ -7733,7 +7918,7 @@ class Sweep:
 
     @classmethod
     def load(cls, store: RunStore, sweep_id: str) -> "Sweep":
-        path = store.sweeps_dir / check_sweep_id(sweep_id) / "sweep.json"
+        path = store.sweep_folder(check_sweep_id(sweep_id)).plan
         try:
             data = read_json_file(path)
             problem = sweep_file_problem(data)
@@ -7747,9 +7932,9 @@ class Sweep:
                              "'runpilot list' (restore the file, or start a new sweep)") from exc
 
     def save(self, store: RunStore) -> None:
-        folder = store.sweeps_dir / self.sweep_id
-        make_private_dirs(folder)
-        write_atomic(folder / "sweep.json", (json.dumps(dataclasses.asdict(self), indent=2) + "\n").encode())
+        folder = store.sweep_folder(self.sweep_id)
+        make_private_dirs(folder.path)
+        write_atomic(folder.plan, (json.dumps(dataclasses.asdict(self), indent=2) + "\n").encode())
 
 
 def sweep_file_problem(data: object) -> str | None:
@@ -7790,13 +7975,7 @@ def plan_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint, J
         sweep.points.append({"index": point.index, "values": [[k, v] for k, v in point.values],
                              "repeat": point.repeat, "run_id": folder.run_id})
     sweep.save(store)
-    if store.write_index:
-        try:
-            with store.db() as conn, _transaction(conn):
-                conn.executemany(_UPSERT, [_row(RunRecord.of(m, store.folder(m.run_id).path)) for m in metas])
-        except StoreError:
-            for meta in metas:
-                store.defer(meta.run_id)
+    store.save_all_or_defer(metas)
     return sweep
 
 
@@ -7857,7 +8036,7 @@ class SweepRunner:
         self.ended = threading.Condition()   # notified when a run's thread is done
         self.stopping: int | None = None   # the signal that stopped the sweep
         self.halted = False                # no more points start (a stop, or --fail-fast)
-        self.requests = store.sweeps_dir / sweep.sweep_id / "stop"  # `runpilot stop RUN_ID` of one point
+        self.requests = store.sweep_folder(sweep.sweep_id).stop_requests  # `runpilot stop RUN_ID` of one point
 
     def run(self, signals: StopSignals) -> int:
         """Run every point; RunPilot's exit status: 0, 1 if a run did not succeed, 128+N when stopped."""
@@ -7972,7 +8151,7 @@ def sweep_ids(store: RunStore) -> list[str]:
     """The sweeps this home holds (their folders), newest first: ids begin with their start second,
     and sweeps of the same second are ordered by the time their plan records."""
     try:
-        names = [p.name for p in store.sweeps_dir.iterdir() if SWEEP_ID_RE.match(p.name)]
+        names = store.sweep_names()
     except OSError:
         return []
     seconds = [name[3:18] for name in names]
@@ -7982,7 +8161,7 @@ def sweep_ids(store: RunStore) -> list[str]:
 
 def _created_at(store: RunStore, sweep_id: str) -> str:
     try:
-        created = read_json_file(store.sweeps_dir / sweep_id / "sweep.json").get("created_at")
+        created = read_json_file(store.sweep_folder(sweep_id).plan).get("created_at")
     except (OSError, ValueError, AttributeError):
         return ""
     return created if isinstance(created, str) else ""
@@ -8095,20 +8274,20 @@ def hold_sweep(store: RunStore, sweep_id: str) -> int:
     """Take sweep SWEEP_ID for this process alone: an flock on `sweeps/<id>/runner.lock`, held
     until the descriptor is closed or the process ends (the kernel lets go however it ends).
     Refuses when another runner runs or resumes it, so that no point is ever run twice at once."""
-    folder = store.sweeps_dir / check_sweep_id(sweep_id)
+    folder = store.sweep_folder(check_sweep_id(sweep_id))
     try:
-        fd = os.open(folder / "runner.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(folder.runner_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except FileNotFoundError:
         raise UsageError(f"there is no sweep {sweep_id}; see runpilot list") from None
     except OSError as e:
-        raise StoreError(f"cannot open {folder / 'runner.lock'}: {e.strerror}; check the home's permissions") from e
+        raise StoreError(f"cannot open {folder.runner_lock}: {e.strerror}; check the home's permissions") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         holder: object = "?"
         with contextlib.suppress(RunPilotError, OSError):
-            holder = flock_holders().get(_lock_key(os.stat(folder / "runner.lock")), "?")
+            holder = flock_holders().get(_lock_key(os.stat(folder.runner_lock)), "?")
         raise UsageError(f"sweep {sweep_id} is being run by another runpilot (pid {holder}); wait for it to end, "
                          f"or stop it first (runpilot stop {sweep_id})") from None
     return fd
@@ -8262,19 +8441,19 @@ def submit_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint,
                          "other keys, or submit the points one by one with runpilot run --on slurm")
     first = configs[0][1]
     sweep = plan_sweep(store, sweep_id, configs, axes, repeat, stored, first.source)
-    folder = store.sweeps_dir / sweep_id
+    folder = store.sweep_folder(sweep_id)
     try:
-        copy_program(folder / "runpilot.py")
+        copy_program(folder.program)
         listing = "".join(f"{store.folder(p['run_id']).path}\n" for p in sweep.points)
-        write_private(folder / "runs.txt", listing.encode())
+        write_private(folder.run_list, listing.encode())
         array = f"0-{len(sweep.points) - 1}" + (f"%{parallel}" if parallel else "")
         longest, own = sweep_time_limits([c for _, c in configs])
         array_config = dataclasses.replace(first, slurm=dataclasses.replace(first.slurm, time=longest)) \
             if longest else first
-        lines = sbatch_lines(array_config, sweep_id, str(folder / "slurm-%A_%a.out"), array)
-        write_private(folder / "slurm.sh", slurm_script(first, lines, folder / "runpilot.py",
-                                                        str(folder / "runs.txt")).encode())
-        array_id = sbatch(folder / "slurm.sh")
+        lines = sbatch_lines(array_config, sweep_id, str(folder.task_output), array)
+        write_private(folder.batch_script, slurm_script(first, lines, folder.program,
+                                                        str(folder.run_list)).encode())
+        array_id = sbatch(folder.batch_script)
         for index, limit in enumerate(own):  # each task down to its own point's limit (users may lower one)
             if limit and longest and parse_slurm_time(limit) < parse_slurm_time(longest):
                 quiet_run(["scontrol", "update", f"JobId={array_id}_{index}", f"TimeLimit={limit}"], timeout=30)
@@ -8557,7 +8736,7 @@ def run_on_node(folder: RunFolder, environ, report: Reporter) -> int:
 def node_folder(target: str, environ) -> RunFolder:
     """The run folder a Slurm job runs: TARGET itself, or line $SLURM_ARRAY_TASK_ID of a runs.txt."""
     path = Path(target)
-    if path.name == "runs.txt":
+    if SweepFolder.is_run_list(path):
         try:
             lines = path.read_text().splitlines()
             path = Path(lines[int(environ["SLURM_ARRAY_TASK_ID"])])
@@ -8616,9 +8795,10 @@ def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOpti
     points = [p for p, _ in configs]
     echo(render_sweep_plan(sweep_id, points, args.repeat, args.parallel or len(points), None), err=True)
     if args.dry_run:
-        lines = sbatch_lines(configs[0][1], sweep_id, "SWEEP_FOLDER/slurm-%A_%a.out",
+        shown = SweepFolder(Path("SWEEP_FOLDER"))  # the plan names no folder yet
+        lines = sbatch_lines(configs[0][1], sweep_id, str(shown.task_output),
                              f"0-{len(points) - 1}" + (f"%{args.parallel}" if args.parallel else ""))
-        script = slurm_script(configs[0][1], lines, Path("SWEEP_FOLDER/runpilot.py"), "SWEEP_FOLDER/runs.txt")
+        script = slurm_script(configs[0][1], lines, shown.program, str(shown.run_list))
         echo("\n".join(visible(line) for line in script.split("\n")))
         return 0
     options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
@@ -9662,7 +9842,7 @@ def ssh_sweep_cli(args, store: "RunStore", configs: list, axes, options: RunOpti
     by the boxes' free GPUs then); `-d` runs the same in the background."""
     for _, config in configs:  # a mount no box has is refused before anything is recorded
         ssh_plan(hosts[0], "00000000-000000-000000", config, store.home)
-    if args.sweep_id and (store.sweeps_dir / args.sweep_id).exists():
+    if args.sweep_id and store.sweep_folder(args.sweep_id).path.exists():
         raise UsageError(f"sweep {args.sweep_id} exists already; leave out --sweep-id")
     sweep_id = args.sweep_id or new_sweep_id()
     parallel = args.parallel or len(configs)
@@ -9673,7 +9853,7 @@ def ssh_sweep_cli(args, store: "RunStore", configs: list, axes, options: RunOpti
                      "when one has them (the boxes' own claims decide); no box was asked"))
         return 0
     if args.detach:
-        return detach(args.argv, store, "--sweep-id", sweep=store.sweeps_dir / sweep_id)
+        return detach(args.argv, store, "--sweep-id", sweep=store.sweep_folder(sweep_id))
     options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
     stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": f"ssh:{','.join(hosts)}",
               "fail_fast": args.fail_fast, "code_snapshots": options.code_snapshots,
@@ -9822,7 +10002,7 @@ def stop_run(store: RunStore, record: RunRecord, wait: float, note: Callable[[st
     alive = runner_alive(runner)
     if alive:
         if meta.sweep and SWEEP_ID_RE.match(str(meta.sweep.id)):  # its runner runs the whole sweep
-            requests = store.sweeps_dir / str(meta.sweep.id) / "stop"
+            requests = store.sweep_folder(str(meta.sweep.id)).stop_requests
             make_private_dirs(requests)
             write_private(requests / record.id, b"")
         else:
@@ -10154,8 +10334,11 @@ def _fitting(chars, room: int) -> str:
 
 
 def sparkline(values: list[float], width: int = 40, ascii_only: bool = False) -> str:
-    """The shape of a series in block characters, resampled to at most `width` points."""
-    numbers = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    """The shape of a series in block characters, resampled to at most `width` points. VALUES may be
+    metric_summary's array of finite floats (used as it is: a million values stay 8 MB)."""
+    from array import array
+    numbers = values if isinstance(values, array) else \
+        [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not numbers or width <= 0:
         return ""
     if len(numbers) > width:
@@ -10169,25 +10352,46 @@ def sparkline(values: list[float], width: int = 40, ascii_only: bool = False) ->
 
 
 def metric_summary(samples: Iterable[dict]) -> dict[str, dict]:
-    """count, first, last, min, max and the series of every metric in a run; SAMPLES may be a
-    stream (iter_metrics): only the numbers of each series are kept, not the samples."""
+    """count, first, last, min, max (of the numbers, NaN left out) and `values` (the finite numbers,
+    as floats, for a sparkline) of every metric in a run. SAMPLES may be a stream (iter_metrics):
+    they are folded a batch at a time, a metric's batch at once, and only the floats are kept."""
+    from array import array
     summary: dict[str, dict] = {}
-    for sample in samples:
-        for key, value in sample.items():
-            if key == "step":
-                continue
-            entry = summary.get(key)
-            if entry is None:
-                entry = summary[key] = {"count": 0, "first": value, "values": [], "min": None, "max": None}
-            entry["count"] += 1
-            entry["last"] = value
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
-                entry["values"].append(value)
-                if entry["min"] is None or value < entry["min"]:
-                    entry["min"] = value
-                if entry["max"] is None or value > entry["max"]:
-                    entry["max"] = value
+    samples = iter(samples)
+    while batch := list(itertools.islice(samples, 4096)):
+        for key in dict.fromkeys(itertools.chain.from_iterable(batch)):
+            if key != "step":
+                _fold_metric(summary, key, [s[key] for s in batch if key in s], array)
     return summary
+
+
+def _fold_metric(summary: dict[str, dict], key: str, values: list, array) -> None:
+    """Fold a batch of one metric's values (in order) into its entry in SUMMARY."""
+    entry = summary.get(key)
+    if entry is None:
+        entry = summary[key] = {"count": 0, "first": values[0], "values": array("d"), "min": None, "max": None}
+    entry["count"] += len(values)
+    entry["last"] = values[-1]
+    kinds = set(map(type, values))
+    numbers = values if kinds <= {int, float} else [v for v in values if type(v) is int or type(v) is float]
+    if float in kinds:
+        numbers = [v for v in numbers if v == v]  # NaN is no minimum or maximum
+    if not numbers:
+        return
+    low, high = min(numbers), max(numbers)
+    if entry["min"] is None or low < entry["min"]:
+        entry["min"] = low
+    if entry["max"] is None or high > entry["max"]:
+        entry["max"] = high
+    try:
+        floats = array("d", numbers)
+    except OverflowError:  # an integer beyond a float: no point on a sparkline
+        floats = array("d")
+        for number in numbers:
+            with contextlib.suppress(OverflowError):
+                floats.append(number)
+    total = sum(floats)
+    entry["values"].extend(floats if total - total == 0.0 else [v for v in floats if math.isfinite(v)])
 
 
 def colour_status(text: str, status: str) -> str:
@@ -10316,7 +10520,8 @@ def compare_rows(runs: list[tuple[RunRecord, dict, dict]], skip: tuple[str, ...]
     rows.append(["duration"] + [fmt_duration(r.duration) for r, _, _ in runs])
     for metric in dict.fromkeys(m for _, _, summary in runs for m in summary):
         entries = [summary.get(metric) for _, _, summary in runs]
-        for label, pick in (("last", lambda e: e["last"]), ("best", lambda e: best_of(metric, e["values"]))):
+        best = (lambda e: best_of(metric, [e["min"], e["max"]]))  # the best of all its values
+        for label, pick in (("last", lambda e: e["last"]), ("best", best)):
             values = [pick(e) if e else None for e in entries]
             winner = best_of(metric, values)
             cells = [fmt_value(v) + ("*" if winner is not None and v == winner and len(runs) > 1
@@ -10360,28 +10565,47 @@ def export_stream(runs: list[tuple[RunRecord, Path, dict]], keys: list[str], tag
     how many samples were written."""
     import csv
     import io
-    if fmt == "csv":
-        metrics = list(dict.fromkeys(k for _, path, _ in runs for s in iter_metrics(path) for k in s if k != "step"))
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
 
-        def emit(row: list) -> None:
-            writer.writerow(row)
-            write(buffer.getvalue()[:-1])
-            buffer.seek(0)
-            buffer.truncate()
-        emit(["run_id", "name"] + keys + [f"tag.{t}" for t in tag_names] + ["step"] + metrics)
+    def emit(rows: list[list]) -> None:
+        """A CSV line per row to WRITE (a row with a line break in a cell is still one call)."""
+        writer.writerows(rows)
+        lines = buffer.getvalue().split("\n")[:-1]
+        buffer.seek(0)
+        buffer.truncate()
+        if len(lines) != len(rows):  # a cell holds a line break: row by row
+            lines = []
+            for row in rows:
+                writer.writerow(row)
+                lines.append(buffer.getvalue()[:-1])
+                buffer.seek(0)
+                buffer.truncate()
+        for line in lines:
+            write(line)
+    if fmt == "csv":
+        metrics = list(dict.fromkeys(k for _, path, _ in runs for k in metric_names_in(path)))
+        emit([["run_id", "name"] + keys + [f"tag.{t}" for t in tag_names] + ["step"] + metrics])
     count = 0
     for r, path, flat in runs:
         fixed = [r.id, r.name] + [fmt_cell(flat.get(k)) for k in keys] + [r.tags.get(t, "") for t in tag_names]
-        for s in iter_metrics(path):
-            count += 1
+        head = {"run_id": r.id, "name": r.name, **{k: flat.get(k) for k in keys},
+                **{f"tag.{t}": r.tags.get(t) for t in tag_names}}
+        for block in metric_blocks(path):
+            samples = samples_in_block(block)
+            count += len(samples)
             if fmt == "csv":
-                emit(fixed + [s.get("step")] + [s.get(m, "") for m in metrics])
+                emit([fixed + [s.get("step")] + [s.get(m, "") for m in metrics] for s in samples])
             else:
-                write(json.dumps(json_safe({"run_id": r.id, "name": r.name, **{k: flat.get(k) for k in keys},
-                                            **{f"tag.{t}": r.tags.get(t) for t in tag_names}, **s})))
+                for s in samples:
+                    write(_strict_json({**head, **s}))
     return count
+
+
+def _strict_json(value: dict) -> str:
+    """json.dumps(json_safe(VALUE)), the walk through json_safe only for a value that may need it."""
+    text = json.dumps(value)
+    return json.dumps(json_safe(value)) if "NaN" in text or "Infinity" in text else text
 
 
 def render_csv(header: list[str], rows: list[list]) -> str:
@@ -10602,8 +10826,6 @@ SVG_COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948",
                "#9c755f", "#bab0ac")
 # Buckets a series keeps while it is read (two points each): more than any chart has pixel columns.
 PLOT_BUCKETS = 1024
-# metrics.json is read in blocks this big (about 5,000 samples): few Python steps per sample, a few MB.
-PLOT_READ_SIZE = 1 << 18
 # Below this a chart has no room for its axis labels and a legend.
 PLOT_MIN_WIDTH = 20
 PLOT_MIN_HEIGHT = 6
@@ -10616,23 +10838,6 @@ FOLLOW_SECONDS = 1.0
 # The SVG's drawing area in user units (the page scales it to its width).
 SVG_WIDTH = 960
 SVG_PLOT_HEIGHT = 260
-# A sample line as MetricLog writes it starts with its step; the regexes below rely on that layout.
-_SAMPLE_STEP_RE = re.compile(rb'\{"step": (-?\d+)[,}]')
-_SAMPLE_KEY_RE = re.compile(rb'"([A-Za-z_][A-Za-z0-9_.\-/]*)": ')
-
-
-@functools.lru_cache(maxsize=256)
-def _value_re(key: str) -> re.Pattern:
-    """`"key": VALUE` in sample lines (a quote inside a JSON string is escaped, so only keys match)."""
-    return re.compile(rb'"' + re.escape(key.encode()) + rb'": ([^,}\n]*)')
-
-
-@functools.lru_cache(maxsize=256)
-def _step_value_re(key: str) -> re.Pattern:
-    """The step and the value of KEY on each sample line that has KEY."""
-    return re.compile(rb'\{"step": (-?\d+),[^\n]*?"' + re.escape(key.encode()) + rb'": ([^,}\n]*)')
-
-
 # -- series, folded as they are read -------------------------------------------
 
 def ema(values, weight: float, state: tuple[float, float] = (0.0, 1.0)) -> tuple[list[float], tuple]:
@@ -10764,32 +10969,12 @@ class MetricSeries:
             self.smoothed.add(values, x_at)
 
 
-# -- reading metrics.json as a stream -----------------------------------------
-
-def read_sample_times(path: Path) -> Callable[[int], float] | None:
-    """From metrics.times, the minutes since the start at which sample N (0-based) arrived; None
-    when the run has no such file (runs of RunPilot before 0.5)."""
-    import bisect
-    counts, minutes = [], []
-    try:
-        for line in path.read_text(errors="replace").splitlines():
-            count, _, seconds = line.partition(" ")
-            with contextlib.suppress(ValueError):
-                at = float(seconds) / 60
-                if not 0 <= at <= PLOT_MAX_VALUE:  # a damaged line (nan, inf, negative) is skipped
-                    continue
-                counts.append(int(count))
-                minutes.append(at)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
-    return lambda n: minutes[min(bisect.bisect_right(counts, n), len(minutes) - 1)] if minutes else 0.0
-
+# -- series from metrics.json's blocks (metric_blocks, section 10) ------------
 
 def read_metric_series(path: Path, names: list[str] | None, smooth: float | None = None,
                        x_time: Callable[[int], float] | None = None) -> dict[str, MetricSeries]:
-    """The numeric samples of NAMES (None: every metric) in a metrics.json, read block by block.
+    """The numeric samples of NAMES (None: every metric) in a metrics.json, read block by block
+    (metric_blocks, section 10).
 
     Never holds more than a block of the file: each series is digested as it is read. Text values,
     NaN and infinities are left out. A last line cut short by a crash is skipped, as read_metrics does.
@@ -10797,19 +10982,11 @@ def read_metric_series(path: Path, names: list[str] | None, smooth: float | None
     """
     series: dict[str, MetricSeries] = {}
     first = 0  # how many samples came before the block
-    try:
-        with open(path, "rb") as f:
-            rest = b""
-            while chunk := f.read(PLOT_READ_SIZE):
-                data = rest + chunk
-                cut = data.rfind(b"\n") + 1
-                rest = data[cut:]
-                first += _fold_block(data[:cut], names, series, smooth, first, x_time)
-    except FileNotFoundError:
-        return series
-    except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
-    _fold_lines([rest], names, series, smooth, first, x_time)  # the line after the last newline, if whole
+    for block in metric_blocks(path):
+        if block.endswith(b"\n"):
+            first += _fold_block(block, names, series, smooth, first, x_time)
+        else:  # the line after the last newline, if whole
+            _fold_lines([block], names, series, smooth, first, x_time)
     return series
 
 
@@ -11542,41 +11719,6 @@ MLFLOW_TIMEOUT = 30.0
 EXPORT_READ_BYTES = 1 << 20
 
 
-def read_samples_from(path: Path, offset: int, limit: int = -1) -> tuple[list[dict], int]:
-    """The complete samples of a metrics.json (or gpu.json) after byte OFFSET, and where they end;
-    with LIMIT, those of the next LIMIT bytes (more when one sample is longer)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(limit)
-    except FileNotFoundError:
-        return [], offset
-    except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc.strerror}") from exc
-    samples, used = [], 0
-    for line in data.splitlines(keepends=True):
-        text = line.decode("utf-8", "replace").rstrip(",\n").strip()
-        if text.startswith("{"):
-            try:
-                samples.append(json.loads(text))
-            except ValueError:
-                if not line.endswith(b"\n"):  # a sample still being written
-                    break
-        used += len(line)   # MetricLog ends a sample's line only when the next comes: a whole object counts
-    if not used and 0 < limit <= len(data):   # one sample longer than LIMIT
-        return read_samples_from(path, offset, 2 * limit)
-    return samples, offset + used
-
-
-def iter_samples(path: Path) -> Iterator[dict]:
-    """The samples of a metrics.json (or gpu.json), read a block at a time (read_metrics, streamed)."""
-    offset, last = 0, None
-    while offset != last:
-        last = offset
-        samples, offset = read_samples_from(path, offset, EXPORT_READ_BYTES)
-        yield from samples
-
-
 def run_start_epoch(record: RunRecord) -> float:
     return parse_time(record.started_at).timestamp() if record.started_at else time.time()
 
@@ -11865,14 +12007,14 @@ def mlflow_metrics(record: RunRecord, folder: RunFolder) -> Iterator[dict]:
     read as they are sent: a run of millions of samples streams."""
     start = run_start_epoch(record)
     at = read_sample_times(folder.sample_times) or (lambda index: 0.0)
-    for i, sample in enumerate(iter_samples(folder.metrics)):
+    for i, sample in enumerate(iter_metrics(folder.metrics)):
         when = int((start + at(i) * 60) * 1000)
         if not INT64_MIN <= sample.get("step", 0) <= INT64_MAX:  # MLflow's steps are int64s
             continue
         for key, value in scalar_values(sample).items():
             yield {"key": mlflow_name(key), "value": mlflow_value(value), "timestamp": when,
                    "step": sample.get("step", i + 1)}
-    for sample in iter_samples(folder.gpu_stats):
+    for sample in iter_metrics(folder.gpu_stats):
         step = sample.get("step", 0)
         for key, value in scalar_values(sample).items():
             yield {"key": key, "value": mlflow_value(value), "timestamp": int((start + step) * 1000), "step": step}
@@ -12273,10 +12415,10 @@ def _launch(args, config: JobConfig, options: RunOptions) -> int:
 
 
 def detach(argv: list[str], store: RunStore, flag: str, folder: RunFolder | None = None,
-           sweep: Path | None = None) -> int:
+           sweep: SweepFolder | None = None) -> int:
     """Start the same command in the background, in its own session; print the id once recorded."""
     store.ensure()
-    key = folder.run_id if folder else sweep.name if sweep else ""
+    key = folder.run_id if folder else sweep.sweep_id if sweep else ""
     errors = store.home / f".detach-{key}.err"
     child_argv = [a for a in argv if a not in ("-d", "--detach")] + [flag, key]
     try:
@@ -12288,7 +12430,7 @@ def detach(argv: list[str], store: RunStore, flag: str, folder: RunFolder | None
         child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *child_argv],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                  start_new_session=True)
-    recorded = folder.meta_file if folder else (sweep / "sweep.json")  # type: ignore[operator]
+    recorded = folder.meta_file if folder else sweep.plan  # type: ignore[union-attr]
     try:
         while not recorded.exists():  # the child may be pulling an image first
             if child.poll() is not None:
@@ -12861,9 +13003,9 @@ def collect_snapshots(store: RunStore) -> int:
         snapshot = folder.read_meta().code.get("snapshot")
         if isinstance(snapshot, str):
             keep.add(snapshot)
-    for plan in store.sweeps_dir.glob("*/sweep.json") if store.sweeps_dir.is_dir() else []:
+    for sweep in store.sweep_folders():
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            keep |= set((read_json_file(plan).get("options") or {}).get("code_snapshots", {}).values())
+            keep |= set((read_json_file(sweep.plan).get("options") or {}).get("code_snapshots", {}).values())
     return SnapshotStore(store.home).collect(keep)
 
 
@@ -13305,7 +13447,7 @@ def _sweep_here(store: RunStore, args, base: JobConfig, axes: list, points: "Swe
     """A sweep on this machine: check it, print its plan, then record and run it (or detach)."""
     if not args.dry_run:  # a dry run prints the plan, also on a box without the GPUs or the image
         _check_sweep_host([c for _, c in configs], options)
-    if args.sweep_id and (store.sweeps_dir / args.sweep_id).exists():
+    if args.sweep_id and store.sweep_folder(args.sweep_id).path.exists():
         raise UsageError(f"sweep {args.sweep_id} exists already; leave out --sweep-id")
     sweep_id = args.sweep_id or new_sweep_id()
     parallel = sweep_parallel([c for _, c in configs[:1]], options, args.parallel, os.environ)
@@ -13313,7 +13455,7 @@ def _sweep_here(store: RunStore, args, base: JobConfig, axes: list, points: "Swe
     if args.dry_run:
         return 0
     if args.detach:
-        return detach(args.argv, store, "--sweep-id", sweep=store.sweeps_dir / sweep_id)
+        return detach(args.argv, store, "--sweep-id", sweep=store.sweep_folder(sweep_id))
     # one snapshot for every point: an edit made while the sweep runs changes none of them
     options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
     with StopSignals() as signals:
