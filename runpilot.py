@@ -12102,50 +12102,6 @@ def export_mlflow(store: RunStore, records: list[RunRecord], client: MlflowClien
 # ==== 21. Command line =======================================================
 # Each command reads: parse its arguments, ask the store or the orchestrator, present.
 
-SAMPLE_CONFIG = """\
-# RunPilot run config: `runpilot run config.yaml` (see `runpilot run --help`).
-name: sample-training            # shown by `runpilot list`; any text
-image: "{image}"{image_note}
-entrypoint: "{python} train.py"{pad}# a string runs through the image's /bin/sh; a list runs as is
-# engine: docker                 # docker, podman or local (no container); default: docker if present
-
-env:                             # passed to the job; ${{VAR}} takes VAR from your environment
-  EPOCHS: 5
-  LR: 0.01
-
-mounts:                          # host folders, relative to this file
-  code: "."                      # `code` is mounted at the workdir (/workspace) and the job starts there
-  # data: "./data"               # any other name appears at /mnt/<name> (and in $RUNPILOT_MOUNT_<NAME>)
-  # extra: "./cache:/cache:ro"   # or give the container path yourself
-
-resources:
-  gpus: 0                        # a count, all, or device ids such as [0, 2]
-  # cpu: 4
-  # memory: 8g
-  # shm_size: 2g                 # PyTorch DataLoader workers need more than the default 64 MB
-
-metrics:                         # the job prints lines such as: METRIC loss=0.25 accuracy=0.91
-  - loss
-  - accuracy
-"""
-
-SAMPLE_TRAIN = '''\
-"""A tiny stand-in for a training script: prints METRIC lines that RunPilot records."""
-import math
-import os
-
-epochs = int(os.environ.get("EPOCHS", "5"))
-lr = float(os.environ.get("LR", "0.01"))
-for epoch in range(1, epochs + 1):
-    loss = math.exp(-lr * 40 * epoch)
-    print(f"epoch {epoch}/{epochs}: training...")
-    print(f"METRIC step={epoch} loss={loss:.4f} accuracy={1 - loss / 2:.4f}")
-print("done")
-'''
-# The image `init` writes when no Python image is present locally: it must be pulled once.
-SAMPLE_IMAGE = "python:3.12-slim"
-
-
 # -- the command line's value types, checked where they enter
 
 def _stop_timeout(text: str) -> float:
@@ -12233,6 +12189,8 @@ def _run_name(text: str) -> str:
     return text
 
 
+# -- what every command uses: output, the store, naming runs
+
 def echo(text: str = "", err: bool = False) -> None:
     """print() that a closed output (`runpilot list | head`) cannot turn into a failure."""
     stream = sys.stderr if err else sys.stdout
@@ -12266,6 +12224,72 @@ def output_width(stream=None) -> int | None:
     return int(columns) if columns.isdigit() and int(columns) > 0 else None
 
 
+def _tags(items: list[str]) -> dict:
+    tags = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--tag {item!r} must look like KEY=VALUE, e.g. --tag try=3")
+        if key in tags and tags[key] != value:
+            raise UsageError(f"--tag {key} is given twice ({key}={tags[key]}, {item}); give each key once")
+        tags[key] = value
+    return tags
+
+
+def since_cutoff(text: str, flag: str = "--since", now: _dt.datetime | None = None) -> str:
+    """ISO time from `2d`, `12h`, `30m` (ago) or a date `2026-11-01` / time `2026-11-01T08:00`."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    with contextlib.suppress(ValueError):
+        seconds = parse_duration(text)
+        if seconds > MAX_AGE_SECONDS:
+            raise UsageError(f"{flag} {text!r} reaches back more than ten years; give a date (2020-01-01)")
+        return iso_utc(now - _dt.timedelta(seconds=seconds))
+    try:
+        when = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{flag} {visible(text)!r}: give an age (2d, 12h, 30m) or a date (2026-11-01)") from None
+    return iso_utc(when.replace(tzinfo=when.tzinfo or _dt.timezone.utc))
+
+
+def find_run(store: RunStore, ref: str) -> RunRecord:
+    """The run a command names, with its status brought up to date."""
+    return refresh(store, [store.find(ref)], note)[0]
+
+
+def _run_details(store: RunStore, ref: str) -> tuple[RunRecord, RunMeta, Iterator[dict]]:
+    """A run with its meta.json and its samples."""
+    record = find_run(store, ref)
+    folder = store.folder(record.id)
+    return record, folder.read_meta(), iter_metrics(folder.metrics)
+
+
+def _sweep_runs(store: RunStore, sweep_id: str) -> list[RunRecord]:
+    records = refresh(store, store.query(RunFilter(sweep_id=check_sweep_id(sweep_id), ascending=True)), note)
+    records = in_plan_order(store, sweep_id, records)
+    if not records:
+        raise StoreError(f"no run belongs to sweep {sweep_id}; see runpilot list")
+    return records
+
+
+def _refs_or_sweep(store: RunStore, args) -> list[RunRecord]:
+    if args.sweep:
+        args.sweep = find_sweep(store, args.sweep)
+        return _sweep_runs(store, args.sweep)
+    if not args.runs:
+        raise UsageError("name the runs (ids, prefixes, latest, -N), or a sweep with --sweep ID")
+    return [find_run(store, ref) for ref in args.runs]
+
+
+def _config_of(store: RunStore, record: RunRecord) -> dict:
+    path = store.folder(record.id).config
+    try:
+        return flatten(parse_yaml(path.read_text(encoding="utf-8"), str(path)))
+    except (OSError, ConfigError):
+        return {}
+
+
+# -- running: run, rerun, validate
+
 def cli_reporter(terminal: Terminal) -> Reporter:
     """A run's events as `runpilot: ...` lines on stderr, the way `runpilot run` shows them."""
     def report(event: RunEvent) -> None:
@@ -12291,18 +12315,6 @@ def finish_output(terminal: Terminal, signals: StopSignals) -> None:
             return
 
 
-def _tags(items: list[str]) -> dict:
-    tags = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--tag {item!r} must look like KEY=VALUE, e.g. --tag try=3")
-        if key in tags and tags[key] != value:
-            raise UsageError(f"--tag {key} is given twice ({key}={tags[key]}, {item}); give each key once")
-        tags[key] = value
-    return tags
-
-
 def _run_options(args, **more) -> RunOptions:
     return RunOptions(engine=args.engine, stop_timeout=args.stop_timeout, keep_engine_logs=args.engine_logs,
                       pull=args.pull, tags=_tags(args.tag), overrides=args.set, gpu_check=not args.no_gpu_check,
@@ -12311,6 +12323,41 @@ def _run_options(args, **more) -> RunOptions:
                           args, "gpu_stats_every", GPU_STATS_SECONDS),
                       check_writes=getattr(args, "check_writes", False), live_code=args.live_code,
                       **more)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=ENGINES, help="docker, podman or local (default: config, "
+                   "$RUNPILOT_ENGINE, then docker if installed, else podman)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, dotted keys (repeatable): --set env.LR=0.01")
+    p.add_argument("--name", type=_run_name, help="override the run name")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="attach a tag (repeatable)")
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background; print the id")
+    p.add_argument("--stop-timeout", type=_stop_timeout, default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
+                   help=f"grace period between SIGTERM and SIGKILL when stopped (default {DEFAULT_STOP_TIMEOUT})")
+    p.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
+                   help="when to pull the image (default: missing)")
+    p.add_argument("--engine-logs", action="store_true",
+                   help="keep the engine's own log driver (docker logs works; output is slower)")
+    p.add_argument("--no-gpu-check", action="store_true", help="skip the check that the GPUs asked for exist")
+    p.add_argument("--gpus", type=_gpu_list, metavar="LIST",
+                   help="the GPUs to place runs on, e.g. 0,1,3 (default: every GPU nvidia-smi lists)")
+    p.add_argument("--no-wait", action="store_true", help="fail at once when the GPUs are held by other runs")
+    p.add_argument("--no-gpu-stats", action="store_true", help="do not sample the run's GPUs with nvidia-smi")
+    p.add_argument("--gpu-stats-every", type=_gpu_interval, default=GPU_STATS_SECONDS, metavar="SECONDS",
+                   help=f"seconds between samples of the run's GPUs (default {GPU_STATS_SECONDS:g})")
+    p.add_argument("--check-writes", action="store_true",
+                   help="warn when the job leaves large files in its container, outside every mount "
+                        "(runs it without --rm; costs about half a second)")
+    p.add_argument("--run-id", type=_run_id_arg, help=argparse.SUPPRESS)  # chosen by a detached run's parent
+    p.add_argument("--live-code", action="store_true",
+                   help="run the code folder as it is, not a snapshot of it (the record says so)")
+
+
+def _add_metrics_from(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-from", action="append", default=[], metavar="SOURCE",
+                   help="also take metrics from huggingface, keras or tqdm output, pattern:REGEX or "
+                        "tensorboard:FOLDER (repeatable; adds to the config's metrics_from)")
 
 
 def cmd_run(args) -> int:
@@ -12322,6 +12369,78 @@ def cmd_run(args) -> int:
              "with the values of the rest of the file")
     check_pull_outputs(args)
     return backend_for(args.on).run(args, config, options=_run_options(args))
+
+
+def _launch(args, config: JobConfig, options: RunOptions) -> int:
+    store = _store()
+    if args.detach:
+        return detach(args.argv, store, "--run-id", store.folder(args.run_id or new_run_id()))
+    terminal = Terminal(sys.stdout, sys.stderr)
+    with StopSignals() as signals:
+        try:
+            outcome = run_job(config, options, store, terminal, cli_reporter(terminal), signals=signals)
+        finally:
+            finish_output(terminal, signals)
+    return outcome.exit_code
+
+
+def detach(argv: list[str], store: RunStore, flag: str, folder: RunFolder | None = None,
+           sweep: SweepFolder | None = None) -> int:
+    """Start the same command in the background, in its own session; print the id once recorded."""
+    store.ensure()
+    key = folder.run_id if folder else sweep.sweep_id if sweep else ""
+    errors = store.home / f".detach-{key}.err"
+    child_argv = [a for a in argv if a not in ("-d", "--detach")] + [flag, key]
+    try:
+        fd = os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as e:
+        raise StoreError(f"cannot start in the background: {e.strerror} ({store.home}); check that "
+                         "RUNPILOT_HOME is writable, or set it to a writable folder") from e
+    with open(fd, "wb") as err:
+        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *child_argv],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                 start_new_session=True)
+    recorded = folder.meta_file if folder else sweep.plan  # type: ignore[union-attr]
+    try:
+        while not recorded.exists():  # the child may be pulling an image first
+            if child.poll() is not None:
+                sys.stderr.write(errors.read_text(errors="replace"))
+                return child.returncode or 1
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(OSError):
+            errors.unlink()
+    echo(key)
+    return 0
+
+
+def render_dry_run(config: JobConfig, options: RunOptions) -> str:
+    engine = choose_engine(options.engine, config, os.environ)
+    run_id = new_run_id()
+    env = {**job_environment(dataclasses.replace(config, env={}), run_id, engine, os.environ), **config.env}
+    snapshot = code_mount(config) is not None and not options.live_code and config.code_snapshot is not False
+    launched, files_env = run_files_config(config, _store().folder(run_id), snapshot, engine)
+    env.update(files_env)
+    launch = make_launch(launched, run_id, engine, env, options, {}, None)
+    where = f"# in {launch.cwd}\n" if launch.cwd else ""
+    if "/dev/fd/ENV" in launch.argv:
+        where += (f"# /dev/fd/ENV stands for the pipe that carries the job's environment "
+                  f"({', '.join(sorted(env))}):\n# to paste the command, put NAME=VALUE lines in a file and "
+                  "give its path instead\n")
+    text = f"# resolved config\n{dump_yaml(config_to_dict(config))}\n# command ({engine})\n{where}{shlex.join(launch.argv)}"
+    return "\n".join(visible(line) for line in text.split("\n"))
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="the run config (YAML)")
+    _add_run_options(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the engine command line; run and record nothing")
+    add_pull_outputs(p)
+    p.add_argument("--on", type=_on_arg, default="here", metavar="WHERE",
+                   help="here (default), slurm (submit to a Slurm cluster with sbatch), or ssh:HOST "
+                        "(run on one of your other boxes over ssh)")
+    _add_metrics_from(p)
 
 
 def cmd_rerun(args) -> int:
@@ -12401,665 +12520,16 @@ def rerun_image(config: JobConfig, old: RunMeta, options: RunOptions, say: Calla
     return config
 
 
-def _launch(args, config: JobConfig, options: RunOptions) -> int:
-    store = _store()
-    if args.detach:
-        return detach(args.argv, store, "--run-id", store.folder(args.run_id or new_run_id()))
-    terminal = Terminal(sys.stdout, sys.stderr)
-    with StopSignals() as signals:
-        try:
-            outcome = run_job(config, options, store, terminal, cli_reporter(terminal), signals=signals)
-        finally:
-            finish_output(terminal, signals)
-    return outcome.exit_code
-
-
-def detach(argv: list[str], store: RunStore, flag: str, folder: RunFolder | None = None,
-           sweep: SweepFolder | None = None) -> int:
-    """Start the same command in the background, in its own session; print the id once recorded."""
-    store.ensure()
-    key = folder.run_id if folder else sweep.sweep_id if sweep else ""
-    errors = store.home / f".detach-{key}.err"
-    child_argv = [a for a in argv if a not in ("-d", "--detach")] + [flag, key]
-    try:
-        fd = os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    except OSError as e:
-        raise StoreError(f"cannot start in the background: {e.strerror} ({store.home}); check that "
-                         "RUNPILOT_HOME is writable, or set it to a writable folder") from e
-    with open(fd, "wb") as err:
-        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *child_argv],
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                 start_new_session=True)
-    recorded = folder.meta_file if folder else sweep.plan  # type: ignore[union-attr]
-    try:
-        while not recorded.exists():  # the child may be pulling an image first
-            if child.poll() is not None:
-                sys.stderr.write(errors.read_text(errors="replace"))
-                return child.returncode or 1
-            time.sleep(0.05)
-    finally:
-        with contextlib.suppress(OSError):
-            errors.unlink()
-    echo(key)
-    return 0
-
-
-def render_dry_run(config: JobConfig, options: RunOptions) -> str:
-    engine = choose_engine(options.engine, config, os.environ)
-    run_id = new_run_id()
-    env = {**job_environment(dataclasses.replace(config, env={}), run_id, engine, os.environ), **config.env}
-    snapshot = code_mount(config) is not None and not options.live_code and config.code_snapshot is not False
-    launched, files_env = run_files_config(config, _store().folder(run_id), snapshot, engine)
-    env.update(files_env)
-    launch = make_launch(launched, run_id, engine, env, options, {}, None)
-    where = f"# in {launch.cwd}\n" if launch.cwd else ""
-    if "/dev/fd/ENV" in launch.argv:
-        where += (f"# /dev/fd/ENV stands for the pipe that carries the job's environment "
-                  f"({', '.join(sorted(env))}):\n# to paste the command, put NAME=VALUE lines in a file and "
-                  "give its path instead\n")
-    text = f"# resolved config\n{dump_yaml(config_to_dict(config))}\n# command ({engine})\n{where}{shlex.join(launch.argv)}"
-    return "\n".join(visible(line) for line in text.split("\n"))
-
-
-def since_cutoff(text: str, flag: str = "--since", now: _dt.datetime | None = None) -> str:
-    """ISO time from `2d`, `12h`, `30m` (ago) or a date `2026-11-01` / time `2026-11-01T08:00`."""
-    now = now or _dt.datetime.now(_dt.timezone.utc)
-    with contextlib.suppress(ValueError):
-        seconds = parse_duration(text)
-        if seconds > MAX_AGE_SECONDS:
-            raise UsageError(f"{flag} {text!r} reaches back more than ten years; give a date (2020-01-01)")
-        return iso_utc(now - _dt.timedelta(seconds=seconds))
-    try:
-        when = _dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"{flag} {visible(text)!r}: give an age (2d, 12h, 30m) or a date (2026-11-01)") from None
-    return iso_utc(when.replace(tzinfo=when.tzinfo or _dt.timezone.utc))
-
-
-def find_run(store: RunStore, ref: str) -> RunRecord:
-    """The run a command names, with its status brought up to date."""
-    return refresh(store, [store.find(ref)], note)[0]
-
-
-def _run_details(store: RunStore, ref: str) -> tuple[RunRecord, RunMeta, Iterator[dict]]:
-    """A run with its meta.json and its samples."""
-    record = find_run(store, ref)
-    folder = store.folder(record.id)
-    return record, folder.read_meta(), iter_metrics(folder.metrics)
-
-
-def _list_filter(args) -> RunFilter:
-    limit = None if args.all else args.limit
-    if limit is None and not args.all:
-        limit = max(5, shutil.get_terminal_size().lines - 3) if sys.stdout.isatty() else 20
-    ascending = args.ascending if args.ascending is not None else bool(args.sweep)  # a sweep: in plan order
-    return RunFilter(status=args.status, name_glob=args.name, since=since_cutoff(args.since) if args.since else None,
-                     tags=_tags(args.tag), sweep_id=args.sweep, sort=args.sort, ascending=ascending,
-                     limit=None if args.sweep and not args.limit else limit)
-
-
-def record_json(record: RunRecord) -> dict:
-    """A run as `list --json` and `show --json` give it: the index row without its bookkeeping, and the
-    total size of its outputs folder."""
-    return {**{k: v for k, v in dataclasses.asdict(record).items() if k not in ("runner", "backend", "backend_ref")},
-            "outputs_bytes": tree_size(Path(record.path) / "outputs")}
-
-
-def _check_sort_metric(sort: str, records: list[RunRecord]) -> None:
-    """A metric to sort by that no listed run has is a typo: the list would come back unsorted."""
-    if sort in ("started", "duration") or not records or any(sort in r.last_metrics for r in records):
-        return
-    known = sorted({m for r in records for m in r.last_metrics})
-    raise UsageError(f"--sort {sort!r}: no listed run has that metric; sort by started, duration"
-                     + (f" or one of {', '.join(known)}" if known else ""))
-
-
-# -- output formats: one table that list, show, compare and export share
-
-@dataclasses.dataclass(frozen=True)
-class ListView:
-    """What `list` found: the runs, the metrics that are its columns, and the filter that chose them."""
-    store: RunStore
-    args: argparse.Namespace
-    records: list[RunRecord]
-    metrics: list[str]
-    what: RunFilter
-
-
-@dataclasses.dataclass(frozen=True)
-class ShowView:
-    """What `show` found: one run, its meta.json, its samples, its folder and the folder's files."""
-    args: argparse.Namespace
-    record: RunRecord
-    meta: RunMeta
-    samples: Iterator[dict]
-    folder: RunFolder
-    files: dict[str, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class CompareView:
-    """What `compare` found: each run with its flattened config and its metrics' summary."""
-    args: argparse.Namespace
-    runs: list[tuple[RunRecord, dict, dict]]
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportView:
-    """What `export` found: the runs whose samples it writes."""
-    store: RunStore
-    args: argparse.Namespace
-    records: list[RunRecord]
-
-
-def list_table(view: ListView) -> None:
-    """`list`: the table people read (its default)."""
-    if not view.records:
-        what = view.what
-        filtered = what.status or what.name_glob or what.since or what.tags or what.sweep_id
-        echo("no run matches" if filtered else "no runs yet; start one with: runpilot run CONFIG")
-        return
-    args = view.args
-    colour = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR")
-    points = _sweep_points_of(view.store, args.sweep) if args.sweep else None
-    echo(render_runs(view.records, view.metrics, args.absolute, output_width(), colour, args.no_trunc, points))
-
-
-def list_csv(view: ListView) -> None:
-    """`list --format csv`: one row per run, its last metric values as columns."""
-    header = ["id", "name", "status", "started_at", "finished_at", "duration", "exit_code", "tags"] + view.metrics
-    echo(render_csv(header, [[r.id, r.name, r.status, r.started_at, r.finished_at, r.duration, r.exit_code,
-                              fmt_tags(r.tags) if r.tags else ""] + [r.last_metrics.get(m) for m in view.metrics]
-                             for r in view.records]).rstrip("\n"))
-
-
-def list_json(view: ListView) -> None:
-    """`list --json`: a JSON list of runs."""
-    echo(json.dumps(json_safe([record_json(r) for r in view.records]), indent=2, sort_keys=True))
-
-
-def list_ids(view: ListView) -> None:
-    """`list -q`: run ids only, one a line."""
-    echo("\n".join(r.id for r in view.records))
-
-
-def show_text(view: ShowView) -> None:
-    """`show`: the page people read, with the log's tail for a run that did not succeed."""
-    args, record, folder = view.args, view.record, view.folder
-    tail = args.tail if args.tail is not None else SHOW_LOG_TAIL if record.status in (
-        FAILED, INTERRUPTED, TIMEOUT, LOST) else 0
-    log = log_tail(folder.logs, 64 << 10).decode("utf-8", "replace").splitlines()[-tail:] if tail > 0 else []
-    config = folder.config.read_text(encoding="utf-8", errors="replace") if folder.config.is_file() else ""
-    ascii_only = args.ascii or not _can_encode(SPARK_BLOCKS)
-    echo(render_show(record, view.meta, view.samples, view.files, config, log, ascii_only,
-                     None if args.no_trunc else output_width(), tree_files(folder.outputs)))
-
-
-def show_json(view: ShowView) -> None:
-    """`show --json`: one JSON object: the run, its meta.json, its metrics' summary, its files."""
-    summary = {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in metric_summary(view.samples).items()}
-    meta_data = json.loads(view.meta.to_json())
-    echo(json.dumps(json_safe({"run": record_json(view.record), "meta": meta_data, "metrics": summary,
-                               "files": view.files, "outputs": tree_files(view.folder.outputs)}),
-                    indent=2, sort_keys=True))
-
-
-def compare_table(view: CompareView) -> None:
-    """`compare`: the runs side by side, the best value of each chosen metric starred."""
-    args = view.args
-    echo(render_compare(view.runs, output_width(), args.no_trunc, ("name",) if args.sweep else (), args.metric))
-
-
-def export_csv(view: ExportView) -> None:
-    """`export --format csv` (the default): one row per sample, to stdout or -o FILE."""
-    export_lines(view, "csv")
-
-
-def export_jsonl(view: ExportView) -> None:
-    """`export --format jsonl`: one JSON object per sample, to stdout or -o FILE."""
-    export_lines(view, "jsonl")
-
-
-def export_lines(view: ExportView, fmt: str) -> None:
-    """The samples of the runs as lines in FMT, with the config keys and tags asked for as columns."""
-    store, args, records = view.store, view.args, view.records
-    runs = [(r, store.folder(r.id).metrics, _config_of(store, r)) for r in records]  # samples: streamed
-    keys = [k for k in differing([flat for _, _, flat in runs]) if k != "name"] if args.config else []  # a column
-    if args.sweep:  # a sweep's points differ in their swept keys: always columns, first
-        keys = list(dict.fromkeys(swept_keys(store, args.sweep) + keys))
-    tag_names = sorted({t for r in records for t in r.tags}) if args.tags else []
-    if args.output:
-        write_export(runs, keys, tag_names, fmt, args.output)
-        return
-    shown = visible if sys.stdout.isatty() and fmt == "csv" else (lambda line: line)
-    try:
-        export_stream(runs, keys, tag_names, fmt, lambda line: sys.stdout.write(shown(line) + "\n"))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _silence(sys.stdout)
-
-
-def write_export(runs: list[tuple[RunRecord, Path, dict]], keys: list[str], tag_names: list[str], fmt: str,
-                 output: str) -> None:
-    """Write the export to OUTPUT whole: a partial file beside it, renamed when complete."""
-    target = Path(output)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")  # never a half-written file
-    try:
-        with open(partial, "w", encoding="utf-8") as f:
-            count = export_stream(runs, keys, tag_names, fmt, lambda line: f.write(line + "\n"))
-        os.replace(partial, target)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            partial.unlink()
-        raise RunPilotError(f"cannot write {output}: {exc.strerror}; choose another -o path") from exc
-    echo(f"wrote {count} sample(s) of {len(runs)} run(s) to {output}", err=True)
-
-
-def export_tensorboard_view(view: ExportView) -> None:
-    """`export --format tensorboard -o DIR`: event files in a folder, one per run."""
-    args = view.args
-    if not args.output:
-        raise UsageError("--format tensorboard writes a folder of event files; name it with -o DIR")
-    written, runs = export_tensorboard(view.store, view.records, Path(args.output), args.follow)
-    echo(f"wrote {written} sample(s) of {runs} run(s) to {visible(args.output)}; see them with: "
-         f"tensorboard --logdir {shlex.quote(args.output)}", err=True)
-
-
-def export_mlflow_view(view: ExportView) -> None:
-    """`export --format mlflow`: the runs on a tracking server (-o URI or $MLFLOW_TRACKING_URI)."""
-    uri = view.args.output or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise UsageError("--format mlflow needs the tracking server: -o http://HOST:5000 or MLFLOW_TRACKING_URI")
-    client = MlflowClient(uri)
-    sent = export_mlflow(view.store, view.records, client, view.args.experiment, lambda text: echo(text, err=True))
-    echo(f"exported {len(view.records)} run(s) ({sent} new metric value(s)) to {visible(client.uri)}", err=True)
-
-
-# The output formats, per view: {view: {format name: function that prints the view in it}}. A view's
-# first format is its default. Adding a format is one function and one entry here: `--format` takes
-# its choices from this table.
-FORMATS: dict[str, dict[str, Callable]] = {
-    "list": {"table": list_table, "csv": list_csv, "json": list_json, "ids": list_ids},
-    "show": {"text": show_text, "json": show_json},
-    "compare": {"table": compare_table},
-    "export": {"csv": export_csv, "jsonl": export_jsonl, "tensorboard": export_tensorboard_view,
-               "mlflow": export_mlflow_view},
-}
-# The options that name a format without --format, in the order they win (`list -q --json` prints ids).
-FORMAT_FLAGS = (("quiet", "ids"), ("json", "json"))
-
-
-def chosen_format(view: str, args: argparse.Namespace) -> str:
-    """The format VIEW's options ask for: a flag of FORMAT_FLAGS, else --format, else the view's first."""
-    for flag, name in FORMAT_FLAGS:
-        if getattr(args, flag, False) and name in FORMATS[view]:
-            return name
-    return getattr(args, "format", None) or next(iter(FORMATS[view]))
-
-
-def format_choices(view: str) -> tuple[str, ...]:
-    """What VIEW's --format takes: its formats, less those an option of their own names (--json, -q)."""
-    flagged = {name for _, name in FORMAT_FLAGS}
-    return tuple(name for name in FORMATS[view] if name not in flagged)
-
-
-def print_view(view: str, args: argparse.Namespace, found) -> int:
-    """Print what VIEW found in the format its options ask for."""
-    FORMATS[view][chosen_format(view, args)](found)
-    return 0
-
-
-def cmd_list(args) -> int:
-    store = _store()
-    args.sweep = args.sweep and find_sweep(store, args.sweep)
-    what = _list_filter(args)
-    records = _listed(store, what)
-    _check_sort_metric(what.sort, records)
-    if args.sweep and args.sort == "started" and args.ascending is None:
-        records = in_plan_order(store, args.sweep, records)
-    return print_view("list", args, ListView(store, args, records, list_columns(records), what))
-
-
-def _listed(store: RunStore, what: RunFilter) -> list[RunRecord]:
-    """The runs `list` shows. Sorted by a metric, running runs are sorted by their live values
-    before --limit cuts the list (the index sorts them as having none): they are asked for beside
-    the limited query, and the merged list is cut once sorted."""
-    found = store.query(what)
-    if what.sort not in ("started", "duration") and what.limit is not None and what.status in (None, RUNNING):
-        seen = {r.id for r in found}
-        found += [r for r in store.query(dataclasses.replace(what, status=RUNNING, limit=None)) if r.id not in seen]
-    records = by_metric(with_live_metrics(store, refresh(store, found, note)), what)
-    return records[:what.limit] if what.limit is not None else records
-
-
-def _sweep_points_of(store: RunStore, sweep_id: str) -> dict[str, dict] | None:
-    """Run id -> its point's values, for the columns of `list --sweep`; None if the plan is unreadable."""
-    try:
-        return sweep_point_values(Sweep.load(store, sweep_id))
-    except (RunPilotError, TypeError, AttributeError, ValueError):
-        return None
-
-
-def cmd_show(args) -> int:
-    store = _store()
-    record, meta, samples = _run_details(store, args.run)
-    folder = store.folder(record.id)
-    files = {f.name: f.stat().st_size for f in sorted(folder.path.iterdir())
-             if not f.name.startswith(".") and not f.is_dir()} if folder.path.is_dir() else {}  # outputs/: below
-    return print_view("show", args, ShowView(args, record, meta, samples, folder, files))
-
-
-def _can_encode(text: str) -> bool:
-    try:
-        text.encode(sys.stdout.encoding or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        return False
-    return True
-
-
-def cmd_logs(args) -> int:
-    store = _store()
-    record = find_run(store, args.run)
-    backend = runner_backend(record.runner) if args.follow else None
-    if backend is not None and (code := backend.follow_logs(store, record, args.tail)) is not None:
-        return code
-    path = store.folder(record.id).logs
-    out = terminal_writer(sys.stdout)
-    try:
-        offset = _print_log(path, out, args.tail)
-        while args.follow:
-            running = find_run(store, record.id).status in ACTIVE_STATUSES
-            offset = _copy_from(path, out, offset)
-            if not running:
-                break
-            time.sleep(POLL_SECONDS)
-    except BrokenPipeError:
-        _silence(sys.stdout)
-    return 0
-
-
-def _print_log(path: Path, out, tail: int | None) -> int:
-    """Print the log (or its last `tail` lines, however long they are); return the offset reached."""
-    if tail is None or not path.exists():
-        return _copy_from(path, out, 0)
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        start = _tail_start(f, size, tail)
-    _copy_from(path, out, start, size)
-    return size
-
-
-def _tail_start(f, size: int, lines: int) -> int:
-    """Offset of the first of the last `lines` lines, reading backwards block by block."""
-    if lines <= 0:
-        return size
-    end, found = size, 0
-    f.seek(size - 1 if size else 0)
-    if size and f.read(1) == b"\n":
-        end -= 1  # the final newline ends the last line; it does not start a new one
-    position = end
-    while position > 0:
-        block = min(READ_SIZE, position)
-        position -= block
-        f.seek(position)
-        data = f.read(block)
-        index = len(data)
-        while (index := data.rfind(b"\n", 0, index)) >= 0:
-            found += 1
-            if found == lines:
-                return position + index + 1
-    return 0
-
-
-def _copy_from(path: Path, out, offset: int, end: int | None = None) -> int:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            while chunk := f.read(READ_SIZE if end is None else min(READ_SIZE, end - offset)):
-                out(chunk)
-                offset += len(chunk)
-    except FileNotFoundError:
-        pass
-    return offset
-
-
-def cmd_stop(args) -> int:
-    store = _store()
-    if args.sweep or (args.run or "").startswith("sw-"):
-        if args.sweep and args.run:
-            raise UsageError("give a run or --sweep ID, not both")
-        echo(stop_sweep(store, find_sweep(store, args.sweep or args.run), args.wait, note))
-        return 0
-    if not args.run:
-        raise UsageError("name the run to stop (id, prefix, latest, -N), or a sweep with --sweep ID")
-    record = find_run(store, args.run)
-    meta = store.folder(record.id).read_meta()
-    elsewhere = bool(record.runner.get("backend"))  # its backend asks where it runs for what the job left
-    if record.status not in ACTIVE_STATUSES and not (record.status == LOST and (elsewhere or leftover_job(record, meta))):
-        echo(f"run {record.id} is not running ({record.status})")
-        return 0
-    record = stop_run(store, record, args.wait, note)
-    echo(f"run {record.id} {record.status}")
-    return 0
-
-
-def _sweep_runs(store: RunStore, sweep_id: str) -> list[RunRecord]:
-    records = refresh(store, store.query(RunFilter(sweep_id=check_sweep_id(sweep_id), ascending=True)), note)
-    records = in_plan_order(store, sweep_id, records)
-    if not records:
-        raise StoreError(f"no run belongs to sweep {sweep_id}; see runpilot list")
-    return records
-
-
-def _refs_or_sweep(store: RunStore, args) -> list[RunRecord]:
-    if args.sweep:
-        args.sweep = find_sweep(store, args.sweep)
-        return _sweep_runs(store, args.sweep)
-    if not args.runs:
-        raise UsageError("name the runs (ids, prefixes, latest, -N), or a sweep with --sweep ID")
-    return [find_run(store, ref) for ref in args.runs]
-
-
-def _config_of(store: RunStore, record: RunRecord) -> dict:
-    path = store.folder(record.id).config
-    try:
-        return flatten(parse_yaml(path.read_text(encoding="utf-8"), str(path)))
-    except (OSError, ConfigError):
-        return {}
-
-
-def cmd_compare(args) -> int:
-    store = _store()
-    runs = [(r, _config_of(store, r), metric_summary(iter_metrics(store.folder(r.id).metrics)))
-            for r in _refs_or_sweep(store, args)]
-    known = {m for _, _, summary in runs for m in summary}
-    for name in args.metric:
-        if name not in known:
-            raise UsageError(f"--metric '{visible(name)}': none of these runs has that metric; choose one of "
-                             f"{', '.join(sorted(visible(m) for m in known)) or '(none: no metrics recorded)'}")
-    print_view("compare", args, CompareView(args, runs))
-    if sys.stderr.isatty() and len(runs) > 1:  # a pointer for people, not for scripts
-        refs = f"--sweep {args.sweep}" if args.sweep else " ".join(dict.fromkeys(short_id(r.id) for r, _, _ in runs))
-        note(f"curves: runpilot plot {refs}")
-    return 0
-
-
-def cmd_export(args) -> int:
-    store = _store()
-    if args.follow and args.format != "tensorboard":
-        raise UsageError(f"--follow keeps a TensorBoard export growing; --format {args.format} writes once")
-    if args.experiment is not None and args.format != "mlflow":
-        raise UsageError("--experiment names an MLflow experiment; give it with --format mlflow")
-    records = _refs_or_sweep(store, args)
-    if args.outputs:
-        export_outputs(store, records, Path(args.outputs))
-        if not args.output:
-            return 0
-    return print_view("export", args, ExportView(store, args, records))
-
-
-def swept_keys(store: RunStore, sweep_id: str) -> list[str]:
-    """The keys a sweep varies (env.LR, ...), as a flattened config names them; [] if unreadable."""
-    try:
-        axes = Sweep.load(store, sweep_id).axes
-        return [str(axis[0]) for axis in axes if isinstance(axis, list) and axis and str(axis[0]) != "name"]
-    except (RunPilotError, TypeError):  # a damaged sweep.json's axes (not a list): no swept columns
-        return []
-
-
-def export_outputs(store: RunStore, records: list[RunRecord], target: Path) -> None:
-    """Copy each run's outputs folder to TARGET/<run id>/ (a run's copy that exists already is refused)."""
-    count = size = 0
-    for record in records:
-        source, dest = store.folder(record.id).outputs, target / record.id
-        if dest.exists():
-            raise UsageError(f"{dest} exists already; choose another --outputs folder or move it away")
-        files = tree_files(source)
-        try:
-            if source.is_dir():
-                shutil.copytree(source, dest, symlinks=True)
-        except (OSError, shutil.Error) as exc:
-            raise RunPilotError(f"cannot copy the outputs of run {record.id} to {dest}: {exc}; check the "
-                                "folder and its free space") from exc
-        count, size = count + len(files), size + sum(files.values())
-    echo(f"copied {count} output file(s), {fmt_size(size)}, of {len(records)} run(s) to {target}", err=True)
-
-
-def cmd_diff(args) -> int:
-    """How two runs' code and config differ: the config values, then a unified diff of the snapshots."""
-    store = _store()
-    runs = [find_run(store, ref) for ref in (args.run1, args.run2)]
-    metas = [store.folder(r.id).read_meta() for r in runs]
-    names = (short_id(runs[0].id), short_id(runs[1].id))
-    configs = [_config_of(store, r) for r in runs]
-    lines = [f"config {key}: {fmt_cell(configs[0].get(key))} -> {fmt_cell(configs[1].get(key))}"
-             for key in differing(configs) if key != "name"]
-    snapshots = SnapshotStore(store.home)
-    ids = [m.code.get("snapshot") if m.code.get("mode") == "snapshot" else None for m in metas]
-    for meta, snapshot in zip(metas, ids):
-        if not snapshot:
-            lines.append(f"run {meta.run_id} recorded no code snapshot ({fmt_code(meta.code) or 'no code mount'})")
-    if all(ids):
-        lines += render_code_diff(snapshots.manifest(ids[0]), snapshots.manifest(ids[1]),
-                                  lambda digest: snapshots.object_path(digest).read_bytes(), names)
-    if not lines:
-        lines = [f"runs {names[0]} and {names[1]} ran the same code with the same config"]
-    try:
-        echo("\n".join(visible(line) for line in lines))
-    except BrokenPipeError:
-        _silence(sys.stdout)
-    return 0
-
-
-def _diff_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run1", help="run id, unique prefix, short id, latest or -N")
-    p.add_argument("run2", help="the run to compare it with")
-
-
-def _confirm(question: str, yes: bool) -> bool:
-    if yes:
-        return True
-    if not sys.stdin or not sys.stdin.isatty():
-        raise UsageError(f"{question} needs a confirmation; pass -y to confirm without a terminal")
-    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
-
-
-def delete_runs(store: RunStore, records: list[RunRecord], yes: bool, skip_busy: bool = False,
-                collect: bool = False) -> int:
-    """Delete runs after a confirmation; a run that is active or whose job lives on is never deleted.
-    Say what it freed; with COLLECT (gc) also the code snapshots no run names any more."""
-    refused = deletable(store, records, note)
-    if refused and not skip_busy:
-        raise UsageError(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""))
-    busy = {line.split()[1] for line in refused}
-    for line in refused:
-        note(f"skipped: {line}")
-    records = [r for r in records if r.id not in busy]
-    if not records:
-        echo("nothing to delete")
-        snapshots = collect_snapshots(store) if collect and yes else 0
-        if snapshots:
-            echo(f"freed {fmt_size(snapshots)} of code snapshots no run uses")
-        return 0
-    if not _confirm(f"delete {len(records)} run(s) and their files?", yes):
-        echo("nothing deleted")
-        return 1
-    freed = 0
-    for record in records:
-        size = tree_size(store.folder(record.id).path)
-        store.delete(record.id)
-        freed += size - tree_size(store.folder(record.id).path)
-        echo(f"deleted {record.id} ({visible(record.name)})")
-    snapshots = collect_snapshots(store) if collect else 0
-    echo(f"freed {fmt_size(freed + snapshots)}" + (f" ({fmt_size(snapshots)} of it code snapshots no run uses)"
-                                                  if snapshots else ""))
-    return 0
-
-
-def collect_snapshots(store: RunStore) -> int:
-    """Remove the code snapshots that no run (nor a sweep's plan) names any more; the bytes freed."""
-    keep = set()
-    for folder in store.folders():
-        snapshot = folder.read_meta().code.get("snapshot")
-        if isinstance(snapshot, str):
-            keep.add(snapshot)
-    for sweep in store.sweep_folders():
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            keep |= set((read_json_file(sweep.plan).get("options") or {}).get("code_snapshots", {}).values())
-    return SnapshotStore(store.home).collect(keep)
-
-
-def cmd_rm(args) -> int:
-    store = _store()
-    records = list({r.id: r for r in (store.find(ref) for ref in args.runs)}.values())
-    return delete_runs(store, records, args.yes)
-
-
-def cmd_gc(args) -> int:
-    if args.keep is None and args.older_than is None:
-        raise UsageError("gc needs --keep N and/or --older-than AGE")
-    store = _store()
-    before = since_cutoff(args.older_than, "--older-than") if args.older_than else None
-    records = store.query(RunFilter(before=before, keep_newest=args.keep, final_only=True, ascending=True))
-    records = whole_sweeps_only(store, records, note)
-    matching = RunFilter(before=before, keep_newest=args.keep, ascending=True)
-    if args.dry_run:
-        width = output_width()
-        for record in records:
-            line = visible(f"would delete {record.id} {record.status:<11} {record.name}")
-            echo(clip(line, width) if width else line)
-        echo(f"{len(records)} run(s) would be deleted")
-        note_active_kept(store, matching, records)
-        return 0
-    code = delete_runs(store, records, args.yes, skip_busy=True, collect=True)
-    note_active_kept(store, matching, records)
-    return code
-
-
-def whole_sweeps_only(store: RunStore, records: list[RunRecord], say: Callable[[str], None]) -> list[RunRecord]:
-    """RECORDS without the runs of a sweep that RECORDS holds only in part: gc deletes a sweep whole
-    or not at all (half a sweep compares and plots as a different experiment), and says which it kept."""
-    chosen: dict[str, int] = {}
-    for record in records:
-        if record.sweep_id:
-            chosen[record.sweep_id] = chosen.get(record.sweep_id, 0) + 1
-    partial = set()
-    for sweep_id, count in chosen.items():
-        total = len(store.query(RunFilter(sweep_id=sweep_id)))
-        if count < total:
-            partial.add(sweep_id)
-            say(f"kept sweep {sweep_id} whole: {total - count} of its {total} runs are not to be deleted, "
-                f"so its other {count} stay too")
-    return [r for r in records if r.sweep_id not in partial]
-
-
-def note_active_kept(store: RunStore, matching: RunFilter, chosen: list[RunRecord]) -> None:
-    """Name the runs gc's age and count would have taken but leaves, because they are still active."""
-    picked = {r.id for r in chosen}
-    for record in store.query(matching):
-        if record.id not in picked and record.status in ACTIVE_STATUSES:
-            note(f"skipped: run {record.id} ({visible(record.name)}) is {record.status}; gc never deletes an "
-                 f"active run (runpilot stop {record.id} first)")
+def _rerun_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
+    p.add_argument("--current-code", action="store_true",
+                   help="run the code folder as it is now (a new snapshot), and say what changed")
+    _add_run_options(p)
+    add_pull_outputs(p)
+    p.add_argument("--on", type=_on_arg, default="here", metavar="WHERE",
+                   help="here (default), slurm (submit to a Slurm cluster with sbatch), or ssh:HOST "
+                        "(run on one of your other boxes over ssh)")
+    _add_metrics_from(p)
 
 
 def cmd_validate(args) -> int:
@@ -13076,296 +12546,12 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def init_image() -> tuple[str, str, str]:
-    """The image `init` writes, a note why, and the interpreter the sample names: a Python image
-    present here and the one it runs (python, else python3), else the sample image and `python`
-    (the official python images have it)."""
-    for engine in [name for name, cls in ENGINES.items() if cls.autodetect]:
-        found = [i for i in local_images(engine) if re.search(r"(python|pytorch)[^/]*:[^/]*$", i)]
-        for image in found[:INIT_PROBES]:
-            python = image_python(engine, image)
-            if python is not None:
-                return image, f"found locally ({engine})", python
-    return SAMPLE_IMAGE, f"not present here: pull it first (docker pull {SAMPLE_IMAGE}), or run the job " \
-                         "without a container: runpilot run config.yaml --engine local", "python"
+def _validate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
 
-def cmd_init(args) -> int:
-    image, why, python = init_image()  # one throwaway container per candidate, not a second for the chosen
-    note_line = f"  # {why}" if len(why) < 60 else f"\n# {why}"
-    pad = " " * max(1, 10 - len(python))
-    files = {Path("config.yaml"): SAMPLE_CONFIG.format(image=image, image_note=note_line, python=python, pad=pad),
-             Path("train.py"): SAMPLE_TRAIN}
-    existing = [str(p) for p in files if p.exists()]
-    if existing and not args.force:
-        raise UsageError(f"{', '.join(existing)} already exist(s) here; use --force to overwrite")
-    for path, text in files.items():
-        try:
-            path.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise RunPilotError(f"cannot write {path}: {exc.strerror}; move it away or run init elsewhere") from exc
-        echo(f"wrote {path}")
-    echo(visible(f"image: {image} ({why})"))
-    echo("next: runpilot run config.yaml")
-    return 0
-
-
-def cmd_reindex(args) -> int:
-    count = _store().reindex()
-    echo(f"indexed {count} run(s)")
-    return 0
-
-
-def cmd_reparse(args) -> int:
-    store = _store()
-    sources = tuple(parse_metrics_source(spec) for spec in args.metrics_from) or None
-    records = [find_run(store, ref) for ref in args.runs]
-    for record in records:
-        if record.status in ACTIVE_STATUSES:
-            raise UsageError(f"run {record.id} is {record.status}; reparse it once it has ended")
-    for record in records:
-        count, old, notices = reparse_run(store, record.id, sources)
-        echo(f"run {record.id}: {count} sample(s) from its log (before: {old})")
-        for notice in notices:
-            note(notice)
-    return 0
-
-
-def cmd_plot(args) -> int:
-    style = _plot_style(args)
-    store = _store()
-    records = _plot_records(store, args)
-    names = list(dict.fromkeys(args.metric)) or list(dict.fromkeys(m for r in records for m in r.metric_names)) or None
-    if args.html is not None:
-        return _plot_html(store, records, names, style, args)
-    out = sys.stdout
-    tty = out.isatty()
-
-    def draw(current: list[RunRecord], status: str = "") -> str:
-        charts = plot_charts(current, names, style, explicit=bool(args.metric))
-        width, height = _plot_size(args, out, len(charts) if args.follow and tty else 0)
-        return render_plot(charts, width, height, style) + (f"\n{clip(status, width)}" if status else "")
-
-    if not args.follow:
-        print(draw(records))
-    elif tty:
-        _follow_on_terminal(store, records, draw, out)
-    else:  # a file or a pipe gets the final picture once, without cursor moves
-        print(draw(_wait_for_runs(store, records)))
-    return 0
-
-
-def _plot_style(args) -> PlotStyle:
-    """The drawing choices of the command line, checked."""
-    if not 0 <= args.smooth < 1:
-        raise UsageError(f"--smooth {args.smooth:g}: give a weight from 0 (no smoothing) to below 1, "
-                         "e.g. --smooth 0.6")
-    colour = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR") and args.html is None
-    braille = not args.ascii and _can_encode("⣿│┤└─┬…")
-    return PlotStyle(braille=braille, colour=bool(colour), log=args.log, smooth=args.smooth or None,
-                     x_label="minutes" if args.x == "time" else "step")
-
-
-def _plot_records(store: RunStore, args) -> list[RunRecord]:
-    """The runs to plot, each once, in the order given."""
-    if args.sweep and args.runs:
-        raise UsageError("give runs or --sweep ID, not both")
-    records = {r.id: r for r in _refs_or_sweep(store, args)}
-    return list(records.values())
-
-
-def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotStyle,
-                explicit: bool = False) -> list[Chart]:
-    """Each run's metrics.json read as a stream, laid out as one chart per metric.
-
-    NAMES None means every numeric metric; EXPLICIT names (--metric) that no run has are an error.
-    """
-    per_run = [read_metric_series(RunFolder(Path(r.path)).metrics, names or _recorded_metrics(r), style.smooth,
-                                  _sample_minutes(r) if style.x_label == "minutes" else None) for r in records]
-    per_run = [with_gpu_series(r, names, series, style) for r, series in zip(records, per_run)]
-    found = sorted({k for series in per_run for k in series})
-    metrics = names if names is not None else found
-    running = any(r.status in ACTIVE_STATUSES for r in records)
-    if not metrics and running:
-        return []  # --follow on a run that has not printed a sample yet
-    if not metrics or explicit and not set(metrics) & set(found) and not running:
-        raise (UsageError if explicit else RunPilotError)(_nothing_to_plot(records, metrics, found))
-    charts = [Chart(m, [make_curve(i, r, m, s.get(m)) for i, (r, s) in enumerate(zip(records, per_run))])
-              for m in metrics]
-    if style.log:
-        _check_log_axis(charts)
-    return charts
-
-
-def with_gpu_series(record: RunRecord, names: list[str] | None, series: dict, style: PlotStyle) -> dict:
-    """A run's metric series plus the GPU statistics NAMES asks for by name (`--metric gpu0.util`),
-    read from its gpu.json, whose step is the second of the run (--x time: its minute)."""
-    wanted = [n for n in names or [] if GPU_STAT_KEY_RE.match(n) and n not in series]
-    if not wanted:
-        return series
-    path, minutes = RunFolder(Path(record.path)).gpu_stats, None
-    if style.x_label == "minutes":
-        seconds = [s.get("step") if _is_number(s.get("step")) else 0 for s in read_metrics(path)]
-        minutes = (lambda i: seconds[min(i, len(seconds) - 1)] / 60 if seconds else 0.0)
-    return {**series, **read_metric_series(path, wanted, style.smooth, minutes)}
-
-def _sample_minutes(record: RunRecord) -> Callable[[int], float]:
-    """When each sample of a run arrived, for --x time (recorded since RunPilot 0.5)."""
-    at = read_sample_times(RunFolder(Path(record.path)).sample_times)
-    if at is None and record.status in ACTIVE_STATUSES:  # no sample has arrived yet
-        return lambda count: 0.0
-    if at is None:
-        raise UsageError(f"--x time: run {record.id} has no metrics.times (runs recorded before RunPilot 0.5, "
-                         "and runs whose metrics `reparse` rebuilt, keep steps only); plot it by step")
-    return at
-
-
-def _nothing_to_plot(records: list[RunRecord], asked: list[str], found: list[str]) -> str:
-    ids = ", ".join(r.id for r in records)
-    drawable = ", ".join(visible(k) for k in sorted(set(found) | {
-        k for r in records for k, v in r.last_metrics.items() if _is_number(v)})) or "none"
-    if asked:
-        return (f"no numeric samples of {', '.join(visible(repr(a)) for a in asked)} in run(s) {ids}; "
-                f"the metrics with numbers there: {drawable}")
-    if {k for r in records for k in r.last_metrics}:
-        return (f"no numeric samples that a chart can place in run(s) {ids} (text, NaN, infinities and values "
-                "beyond ±1e300 are left out)")
-    return f"no metrics in run(s) {ids}; a job records them by printing lines such as: METRIC step=1 loss=0.5"
-
-
-def _recorded_metrics(record: RunRecord) -> list[str] | None:
-    """The numeric metrics a finished run recorded (None: look for them in metrics.json)."""
-    numeric = [k for k, v in record.last_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if record.status in ACTIVE_STATUSES or len(numeric) < len(record.last_metrics):
-        return None  # a metric whose last value was text may still have numbers before it
-    return numeric
-
-
-def _check_log_axis(charts: list[Chart]) -> None:
-    for chart in charts:
-        for curve in chart.curves:
-            if curve.count and curve.low < 1 / PLOT_MAX_VALUE:
-                raise UsageError(f"--log: {chart.metric!r} of run {curve.run_id} goes down to {curve.low:g}, "
-                                 f"which a log axis cannot show; plot it without --log")
-
-
-def _plot_size(args, out, charts_on_screen: int = 0) -> tuple[int, int]:
-    """Columns and lines per chart: --width/--height, else the terminal's, else $COLUMNS/$LINES, else 80 x 24.
-
-    CHARTS_ON_SCREEN > 0 (following on a terminal) shares the screen's lines between that many charts.
-    """
-    width, height = 0, 0
-    if out.isatty():
-        with contextlib.suppress(AttributeError, OSError, ValueError):
-            width, height = os.get_terminal_size(out.fileno())
-    if width <= 0 or height <= 0:
-        width, height = (_env_int("COLUMNS") or 80), (_env_int("LINES") or 24)
-    if charts_on_screen:  # the charts, a blank line between them and the status line, then the cursor's line
-        height = max(PLOT_MIN_HEIGHT, (height - 1 - charts_on_screen) // charts_on_screen)
-    width, height = args.width or min(width, PLOT_MAX_SIZE), args.height or min(height, PLOT_MAX_SIZE)
-    if width < PLOT_MIN_WIDTH or height < PLOT_MIN_HEIGHT:
-        raise UsageError(f"a chart of {width} x {height} is too small; give at least --width {PLOT_MIN_WIDTH} "
-                         f"--height {PLOT_MIN_HEIGHT}")
-    return width, height
-
-
-def _env_int(name: str) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.isdigit() else 0
-
-
-def _refresh(store: RunStore, record: RunRecord) -> RunRecord:
-    return find_run(store, record.id)
-
-
-def _wait_for_runs(store: RunStore, records: list[RunRecord]) -> list[RunRecord]:
-    while any(r.status in ACTIVE_STATUSES for r in records):
-        time.sleep(FOLLOW_SECONDS)
-        records = [_refresh(store, r) for r in records]
-    return records
-
-
-def _follow_on_terminal(store: RunStore, records: list[RunRecord], draw: Callable, out) -> None:
-    """Redraw in place (the cursor moves up over the last picture) until no run is running."""
-    shown = 0
-    while True:
-        started = time.monotonic()
-        records = [_refresh(store, r) for r in records]
-        running = sum(r.status in ACTIVE_STATUSES for r in records)
-        status = f"following {running} running run(s); Ctrl-C stops watching (the runs go on)" if running else ""
-        lines = draw(records, status).split("\n")
-        out.write((f"\x1b[{shown}F" if shown else "") + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J")
-        out.flush()
-        shown = len(lines)
-        if not running:
-            return
-        time.sleep(max(FOLLOW_SECONDS, 3 * (time.monotonic() - started)))
-
-
-def _plot_html(store: RunStore, records: list[RunRecord], names: list[str] | None, style: PlotStyle,
-               args) -> int:
-    """Write the page (again and again with --follow, reloading itself, until the runs end)."""
-    path = html_target(args.html)
-    while True:
-        started = time.monotonic()
-        records = [_refresh(store, r) for r in records] if args.follow else records
-        running = args.follow and any(r.status in ACTIVE_STATUSES for r in records)
-        charts = plot_charts(records, names, style, explicit=bool(args.metric))
-        runs = [(r, _flat_config(r)) for r in records]
-        page = html_page(charts, runs, style, utc_now(), refresh=5 if running else None)
-        try:
-            write_atomic(path, page.encode("utf-8"), durable=False)
-        except OSError as exc:
-            raise RunPilotError(f"cannot write {path}: {exc.strerror}; choose another --html path") from exc
-        if not running:
-            break
-        time.sleep(max(5 * FOLLOW_SECONDS, 3 * (time.monotonic() - started)))
-    note(f"wrote {path} ({len(charts)} chart(s) of {len(records)} run(s), {len(page.encode()) / 1024:.0f} KiB)")
-    return 0
-
-
-def html_target(text: str) -> Path:
-    """--html's file: a symlink's target; never a device, a pipe or a folder, which replacing the
-    path with the page would destroy (`--html /dev/null`)."""
-    if not text.strip():
-        raise UsageError("--html needs a file path, e.g. --html curves.html")
-    path = Path(text)
-    if path.exists() and not path.is_file():
-        raise UsageError(f"--html {text} is not a regular file; give the path of a file to write")
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
-
-
-def _flat_config(record: RunRecord) -> dict:
-    """A run's config.yaml flattened (env.LR, ...), empty where it cannot be read."""
-    try:
-        data = parse_yaml(RunFolder(Path(record.path)).config.read_text(encoding="utf-8"))
-    except (OSError, ConfigError):
-        return {}
-    return flatten(data) if isinstance(data, dict) else {}
-
-
-def _plot_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="*", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
-    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
-    p.add_argument("--metric", action="append", default=[], metavar="NAME",
-                   help="a metric to plot (repeatable; default: the configs' metrics, else every numeric one)")
-    p.add_argument("--x", choices=("step", "time"), default="step",
-                   help="x axis: step (default), or time: minutes since the run started")
-    p.add_argument("--smooth", type=float, default=0.0, metavar="N",
-                   help="exponential moving average weight, 0 <= N < 1, as TensorBoard's slider "
-                        "(the raw curve stays, faint)")
-    p.add_argument("--log", action="store_true", help="logarithmic y axis (every value must be above 0)")
-    p.add_argument("-f", "--follow", action="store_true",
-                   help="redraw while a run is running; stop when they have ended")
-    p.add_argument("--width", type=_plot_dimension, metavar="COLUMNS",
-                   help="chart width (default: the terminal's, else $COLUMNS, else 80)")
-    p.add_argument("--height", type=_plot_dimension, metavar="LINES",
-                   help="lines per chart (default: the terminal's, else $LINES, else 24)")
-    p.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1); runs get markers")
-    p.add_argument("--ascii", action="store_true", help="draw with ASCII characters instead of braille dots")
-    p.add_argument("--html", metavar="FILE",
-                   help="write one self-contained HTML page (SVG charts, a table of the runs) instead")
-
+# -- running: sweep, and its resume
 
 def sweep_labels(sweep: Sweep) -> dict[str, str]:
     """Each point's run -> `[1/3 LR=0.1]`, what a sweep's lines begin with."""
@@ -13619,6 +12805,8 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     _add_run_options(p)
 
 
+# -- running elsewhere: a Slurm cluster, an SSH box
+
 def _slurm_refusals(args, sweep: bool) -> None:
     """Options that mean nothing where Slurm places the job are refused, not ignored."""
     given = [flag for flag, value in (("--engine", args.engine), ("--gpus", args.gpus), ("--no-wait", args.no_wait),
@@ -13645,34 +12833,278 @@ def cmd_slurm_job(args) -> int:
 def _slurm_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", help="the run folder, or a sweep's runs.txt (one line per array task)")
 
-def _run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="the run config (YAML)")
-    _add_run_options(p)
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config and the engine command line; run and record nothing")
-    add_pull_outputs(p)
-    p.add_argument("--on", type=_on_arg, default="here", metavar="WHERE",
-                   help="here (default), slurm (submit to a Slurm cluster with sbatch), or ssh:HOST "
-                        "(run on one of your other boxes over ssh)")
-    _add_metrics_from(p)
+
+def cmd_box_report(args) -> int:
+    """On a box: the files of the runs asked for, as a tar on stdout (see box_report); with --gpus,
+    its free GPUs, one a line."""
+    if args.gpus:
+        echo("\n".join(box_free_gpus(RunStore.default())))
+        return 0
+    sys.stdout.flush()
+    box_report(RunStore.default(), args.runs, args.all, sys.stdout.buffer)
+    return 0
 
 
-def _add_metrics_from(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics-from", action="append", default=[], metavar="SOURCE",
-                   help="also take metrics from huggingface, keras or tqdm output, pattern:REGEX or "
-                        "tensorboard:FOLDER (repeatable; adds to the config's metrics_from)")
+def _box_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="every file of each run's folder")
+    p.add_argument("--gpus", action="store_true", help="the box's free GPUs instead")
+    p.add_argument("runs", nargs="*", type=_run_id_arg)
 
 
-def _rerun_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
-    p.add_argument("--current-code", action="store_true",
-                   help="run the code folder as it is now (a new snapshot), and say what changed")
-    _add_run_options(p)
-    add_pull_outputs(p)
-    p.add_argument("--on", type=_on_arg, default="here", metavar="WHERE",
-                   help="here (default), slurm (submit to a Slurm cluster with sbatch), or ssh:HOST "
-                        "(run on one of your other boxes over ssh)")
-    _add_metrics_from(p)
+# -- output formats: one table that list, show, compare and export share
+
+def record_json(record: RunRecord) -> dict:
+    """A run as `list --json` and `show --json` give it: the index row without its bookkeeping, and the
+    total size of its outputs folder."""
+    return {**{k: v for k, v in dataclasses.asdict(record).items() if k not in ("runner", "backend", "backend_ref")},
+            "outputs_bytes": tree_size(Path(record.path) / "outputs")}
+
+
+@dataclasses.dataclass(frozen=True)
+class ListView:
+    """What `list` found: the runs, the metrics that are its columns, and the filter that chose them."""
+    store: RunStore
+    args: argparse.Namespace
+    records: list[RunRecord]
+    metrics: list[str]
+    what: RunFilter
+
+
+@dataclasses.dataclass(frozen=True)
+class ShowView:
+    """What `show` found: one run, its meta.json, its samples, its folder and the folder's files."""
+    args: argparse.Namespace
+    record: RunRecord
+    meta: RunMeta
+    samples: Iterator[dict]
+    folder: RunFolder
+    files: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareView:
+    """What `compare` found: each run with its flattened config and its metrics' summary."""
+    args: argparse.Namespace
+    runs: list[tuple[RunRecord, dict, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportView:
+    """What `export` found: the runs whose samples it writes."""
+    store: RunStore
+    args: argparse.Namespace
+    records: list[RunRecord]
+
+
+def list_table(view: ListView) -> None:
+    """`list`: the table people read (its default)."""
+    if not view.records:
+        what = view.what
+        filtered = what.status or what.name_glob or what.since or what.tags or what.sweep_id
+        echo("no run matches" if filtered else "no runs yet; start one with: runpilot run CONFIG")
+        return
+    args = view.args
+    colour = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR")
+    points = _sweep_points_of(view.store, args.sweep) if args.sweep else None
+    echo(render_runs(view.records, view.metrics, args.absolute, output_width(), colour, args.no_trunc, points))
+
+
+def list_csv(view: ListView) -> None:
+    """`list --format csv`: one row per run, its last metric values as columns."""
+    header = ["id", "name", "status", "started_at", "finished_at", "duration", "exit_code", "tags"] + view.metrics
+    echo(render_csv(header, [[r.id, r.name, r.status, r.started_at, r.finished_at, r.duration, r.exit_code,
+                              fmt_tags(r.tags) if r.tags else ""] + [r.last_metrics.get(m) for m in view.metrics]
+                             for r in view.records]).rstrip("\n"))
+
+
+def list_json(view: ListView) -> None:
+    """`list --json`: a JSON list of runs."""
+    echo(json.dumps(json_safe([record_json(r) for r in view.records]), indent=2, sort_keys=True))
+
+
+def list_ids(view: ListView) -> None:
+    """`list -q`: run ids only, one a line."""
+    echo("\n".join(r.id for r in view.records))
+
+
+def show_text(view: ShowView) -> None:
+    """`show`: the page people read, with the log's tail for a run that did not succeed."""
+    args, record, folder = view.args, view.record, view.folder
+    tail = args.tail if args.tail is not None else SHOW_LOG_TAIL if record.status in (
+        FAILED, INTERRUPTED, TIMEOUT, LOST) else 0
+    log = log_tail(folder.logs, 64 << 10).decode("utf-8", "replace").splitlines()[-tail:] if tail > 0 else []
+    config = folder.config.read_text(encoding="utf-8", errors="replace") if folder.config.is_file() else ""
+    ascii_only = args.ascii or not _can_encode(SPARK_BLOCKS)
+    echo(render_show(record, view.meta, view.samples, view.files, config, log, ascii_only,
+                     None if args.no_trunc else output_width(), tree_files(folder.outputs)))
+
+
+def show_json(view: ShowView) -> None:
+    """`show --json`: one JSON object: the run, its meta.json, its metrics' summary, its files."""
+    summary = {k: {kk: vv for kk, vv in v.items() if kk != "values"} for k, v in metric_summary(view.samples).items()}
+    meta_data = json.loads(view.meta.to_json())
+    echo(json.dumps(json_safe({"run": record_json(view.record), "meta": meta_data, "metrics": summary,
+                               "files": view.files, "outputs": tree_files(view.folder.outputs)}),
+                    indent=2, sort_keys=True))
+
+
+def compare_table(view: CompareView) -> None:
+    """`compare`: the runs side by side, the best value of each chosen metric starred."""
+    args = view.args
+    echo(render_compare(view.runs, output_width(), args.no_trunc, ("name",) if args.sweep else (), args.metric))
+
+
+def export_csv(view: ExportView) -> None:
+    """`export --format csv` (the default): one row per sample, to stdout or -o FILE."""
+    export_lines(view, "csv")
+
+
+def export_jsonl(view: ExportView) -> None:
+    """`export --format jsonl`: one JSON object per sample, to stdout or -o FILE."""
+    export_lines(view, "jsonl")
+
+
+def export_lines(view: ExportView, fmt: str) -> None:
+    """The samples of the runs as lines in FMT, with the config keys and tags asked for as columns."""
+    store, args, records = view.store, view.args, view.records
+    runs = [(r, store.folder(r.id).metrics, _config_of(store, r)) for r in records]  # samples: streamed
+    keys = [k for k in differing([flat for _, _, flat in runs]) if k != "name"] if args.config else []  # a column
+    if args.sweep:  # a sweep's points differ in their swept keys: always columns, first
+        keys = list(dict.fromkeys(swept_keys(store, args.sweep) + keys))
+    tag_names = sorted({t for r in records for t in r.tags}) if args.tags else []
+    if args.output:
+        write_export(runs, keys, tag_names, fmt, args.output)
+        return
+    shown = visible if sys.stdout.isatty() and fmt == "csv" else (lambda line: line)
+    try:
+        export_stream(runs, keys, tag_names, fmt, lambda line: sys.stdout.write(shown(line) + "\n"))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence(sys.stdout)
+
+
+def write_export(runs: list[tuple[RunRecord, Path, dict]], keys: list[str], tag_names: list[str], fmt: str,
+                 output: str) -> None:
+    """Write the export to OUTPUT whole: a partial file beside it, renamed when complete."""
+    target = Path(output)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")  # never a half-written file
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            count = export_stream(runs, keys, tag_names, fmt, lambda line: f.write(line + "\n"))
+        os.replace(partial, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise RunPilotError(f"cannot write {output}: {exc.strerror}; choose another -o path") from exc
+    echo(f"wrote {count} sample(s) of {len(runs)} run(s) to {output}", err=True)
+
+
+def export_tensorboard_view(view: ExportView) -> None:
+    """`export --format tensorboard -o DIR`: event files in a folder, one per run."""
+    args = view.args
+    if not args.output:
+        raise UsageError("--format tensorboard writes a folder of event files; name it with -o DIR")
+    written, runs = export_tensorboard(view.store, view.records, Path(args.output), args.follow)
+    echo(f"wrote {written} sample(s) of {runs} run(s) to {visible(args.output)}; see them with: "
+         f"tensorboard --logdir {shlex.quote(args.output)}", err=True)
+
+
+def export_mlflow_view(view: ExportView) -> None:
+    """`export --format mlflow`: the runs on a tracking server (-o URI or $MLFLOW_TRACKING_URI)."""
+    uri = view.args.output or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise UsageError("--format mlflow needs the tracking server: -o http://HOST:5000 or MLFLOW_TRACKING_URI")
+    client = MlflowClient(uri)
+    sent = export_mlflow(view.store, view.records, client, view.args.experiment, lambda text: echo(text, err=True))
+    echo(f"exported {len(view.records)} run(s) ({sent} new metric value(s)) to {visible(client.uri)}", err=True)
+
+
+# The output formats, per view: {view: {format name: function that prints the view in it}}. A view's
+# first format is its default. Adding a format is one function and one entry here: `--format` takes
+# its choices from this table.
+FORMATS: dict[str, dict[str, Callable]] = {
+    "list": {"table": list_table, "csv": list_csv, "json": list_json, "ids": list_ids},
+    "show": {"text": show_text, "json": show_json},
+    "compare": {"table": compare_table},
+    "export": {"csv": export_csv, "jsonl": export_jsonl, "tensorboard": export_tensorboard_view,
+               "mlflow": export_mlflow_view},
+}
+
+
+# The options that name a format without --format, in the order they win (`list -q --json` prints ids).
+FORMAT_FLAGS = (("quiet", "ids"), ("json", "json"))
+
+
+def chosen_format(view: str, args: argparse.Namespace) -> str:
+    """The format VIEW's options ask for: a flag of FORMAT_FLAGS, else --format, else the view's first."""
+    for flag, name in FORMAT_FLAGS:
+        if getattr(args, flag, False) and name in FORMATS[view]:
+            return name
+    return getattr(args, "format", None) or next(iter(FORMATS[view]))
+
+
+def format_choices(view: str) -> tuple[str, ...]:
+    """What VIEW's --format takes: its formats, less those an option of their own names (--json, -q)."""
+    flagged = {name for _, name in FORMAT_FLAGS}
+    return tuple(name for name in FORMATS[view] if name not in flagged)
+
+
+def print_view(view: str, args: argparse.Namespace, found) -> int:
+    """Print what VIEW found in the format its options ask for."""
+    FORMATS[view][chosen_format(view, args)](found)
+    return 0
+
+
+# -- looking: list, sweeps, show, logs, compare, diff, export
+
+def _list_filter(args) -> RunFilter:
+    limit = None if args.all else args.limit
+    if limit is None and not args.all:
+        limit = max(5, shutil.get_terminal_size().lines - 3) if sys.stdout.isatty() else 20
+    ascending = args.ascending if args.ascending is not None else bool(args.sweep)  # a sweep: in plan order
+    return RunFilter(status=args.status, name_glob=args.name, since=since_cutoff(args.since) if args.since else None,
+                     tags=_tags(args.tag), sweep_id=args.sweep, sort=args.sort, ascending=ascending,
+                     limit=None if args.sweep and not args.limit else limit)
+
+
+def _check_sort_metric(sort: str, records: list[RunRecord]) -> None:
+    """A metric to sort by that no listed run has is a typo: the list would come back unsorted."""
+    if sort in ("started", "duration") or not records or any(sort in r.last_metrics for r in records):
+        return
+    known = sorted({m for r in records for m in r.last_metrics})
+    raise UsageError(f"--sort {sort!r}: no listed run has that metric; sort by started, duration"
+                     + (f" or one of {', '.join(known)}" if known else ""))
+
+
+def _sweep_points_of(store: RunStore, sweep_id: str) -> dict[str, dict] | None:
+    """Run id -> its point's values, for the columns of `list --sweep`; None if the plan is unreadable."""
+    try:
+        return sweep_point_values(Sweep.load(store, sweep_id))
+    except (RunPilotError, TypeError, AttributeError, ValueError):
+        return None
+
+
+def cmd_list(args) -> int:
+    store = _store()
+    args.sweep = args.sweep and find_sweep(store, args.sweep)
+    what = _list_filter(args)
+    records = _listed(store, what)
+    _check_sort_metric(what.sort, records)
+    if args.sweep and args.sort == "started" and args.ascending is None:
+        records = in_plan_order(store, args.sweep, records)
+    return print_view("list", args, ListView(store, args, records, list_columns(records), what))
+
+
+def _listed(store: RunStore, what: RunFilter) -> list[RunRecord]:
+    """The runs `list` shows. Sorted by a metric, running runs are sorted by their live values
+    before --limit cuts the list (the index sorts them as having none): they are asked for beside
+    the limited query, and the merged list is cut once sorted."""
+    found = store.query(what)
+    if what.sort not in ("started", "duration") and what.limit is not None and what.status in (None, RUNNING):
+        seen = {r.id for r in found}
+        found += [r for r in store.query(dataclasses.replace(what, status=RUNNING, limit=None)) if r.id not in seen]
+    records = by_metric(with_live_metrics(store, refresh(store, found, note)), what)
+    return records[:what.limit] if what.limit is not None else records
 
 
 def _list_arguments(p: argparse.ArgumentParser) -> None:
@@ -13694,109 +13126,6 @@ def _list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("--format", choices=format_choices("list"), default="table", help="table (default) or csv")
     p.add_argument("-q", "--quiet", action="store_true", help="print run ids only")
-
-
-def _show_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--ascii", action="store_true", help="draw sparklines with ASCII only")
-    p.add_argument("--tail", type=_count, metavar="N",
-                   help=f"print the last N lines of the log (default: {SHOW_LOG_TAIL} for a run that did not succeed)")
-    p.add_argument("--no-trunc", action="store_true", help="print long values whole")
-
-
-def _logs_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
-    p.add_argument("--tail", type=_count, metavar="N", help="only the last N lines")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
-
-
-def _stop_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", nargs="?", help="run id, unique prefix, short id, latest, -N, or a sweep id (sw-...)")
-    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="stop this sweep (sw-a1b2c3, latest, -N, ...)")
-    p.add_argument("--wait", type=_stop_timeout, default=60, metavar="SECONDS", help="how long to wait (default 60)")
-
-
-def _validate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-
-
-def _compare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="*", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
-    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
-    p.add_argument("--no-trunc", action="store_true", help="full run ids and values, however wide")
-    p.add_argument("--metric", action="append", default=[], metavar="NAME",
-                   help="star the best value of this metric (repeatable; default: the configs' metrics:, "
-                        "else metrics named like loss or accuracy)")
-
-
-def _export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="*", metavar="run")
-    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
-    p.add_argument("--format", choices=format_choices("export"), default="csv",
-                   help="csv (default), jsonl, tensorboard (event files in -o DIR) or mlflow (to the server -o URI)")
-    p.add_argument("--config", action="store_true", help="add the config values that differ between the runs "
-                                                         "(a --sweep has its swept keys as columns always)")
-    p.add_argument("--tags", action="store_true", help="add each tag as a column tag.NAME")
-    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout (tensorboard: a "
-                   "folder; mlflow: the tracking server's URL, default $MLFLOW_TRACKING_URI)")
-    p.add_argument("--outputs", metavar="DIR", help="copy each run's outputs folder to DIR/RUN_ID/ (then the "
-                   "metrics are written only with -o)")
-    p.add_argument("--follow", action="store_true", help="tensorboard: keep the event files growing until the runs end")
-    p.add_argument("--experiment", metavar="NAME", help="mlflow: the experiment (default: each run's config name)")
-
-
-def _reparse_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
-    p.add_argument("--metrics-from", action="append", default=[], metavar="SOURCE",
-                   help="use these sources instead of the run's metrics_from: huggingface, keras, tqdm, "
-                        "pattern:REGEX, tensorboard:FOLDER (repeatable)")
-
-
-def _rm_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="run")
-    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-
-
-def _gc_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--keep", type=int, metavar="N", help="keep the N newest runs")
-    p.add_argument("--older-than", metavar="AGE", help="delete runs started longer ago than this: 30d, 12h")
-    p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
-    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-
-
-def _init_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
-
-
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=ENGINES, help="docker, podman or local (default: config, "
-                   "$RUNPILOT_ENGINE, then docker if installed, else podman)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, dotted keys (repeatable): --set env.LR=0.01")
-    p.add_argument("--name", type=_run_name, help="override the run name")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="attach a tag (repeatable)")
-    p.add_argument("-d", "--detach", action="store_true", help="run in the background; print the id")
-    p.add_argument("--stop-timeout", type=_stop_timeout, default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
-                   help=f"grace period between SIGTERM and SIGKILL when stopped (default {DEFAULT_STOP_TIMEOUT})")
-    p.add_argument("--pull", choices=("always", "missing", "never"), default="missing",
-                   help="when to pull the image (default: missing)")
-    p.add_argument("--engine-logs", action="store_true",
-                   help="keep the engine's own log driver (docker logs works; output is slower)")
-    p.add_argument("--no-gpu-check", action="store_true", help="skip the check that the GPUs asked for exist")
-    p.add_argument("--gpus", type=_gpu_list, metavar="LIST",
-                   help="the GPUs to place runs on, e.g. 0,1,3 (default: every GPU nvidia-smi lists)")
-    p.add_argument("--no-wait", action="store_true", help="fail at once when the GPUs are held by other runs")
-    p.add_argument("--no-gpu-stats", action="store_true", help="do not sample the run's GPUs with nvidia-smi")
-    p.add_argument("--gpu-stats-every", type=_gpu_interval, default=GPU_STATS_SECONDS, metavar="SECONDS",
-                   help=f"seconds between samples of the run's GPUs (default {GPU_STATS_SECONDS:g})")
-    p.add_argument("--check-writes", action="store_true",
-                   help="warn when the job leaves large files in its container, outside every mount "
-                        "(runs it without --rm; costs about half a second)")
-    p.add_argument("--run-id", type=_run_id_arg, help=argparse.SUPPRESS)  # chosen by a detached run's parent
-    p.add_argument("--live-code", action="store_true",
-                   help="run the code folder as it is, not a snapshot of it (the record says so)")
 
 
 def cmd_sweeps(args) -> int:
@@ -13844,6 +13173,630 @@ def _sweeps_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list")
 
 
+def cmd_show(args) -> int:
+    store = _store()
+    record, meta, samples = _run_details(store, args.run)
+    folder = store.folder(record.id)
+    files = {f.name: f.stat().st_size for f in sorted(folder.path.iterdir())
+             if not f.name.startswith(".") and not f.is_dir()} if folder.path.is_dir() else {}  # outputs/: below
+    return print_view("show", args, ShowView(args, record, meta, samples, folder, files))
+
+
+def _can_encode(text: str) -> bool:
+    try:
+        text.encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def _show_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--ascii", action="store_true", help="draw sparklines with ASCII only")
+    p.add_argument("--tail", type=_count, metavar="N",
+                   help=f"print the last N lines of the log (default: {SHOW_LOG_TAIL} for a run that did not succeed)")
+    p.add_argument("--no-trunc", action="store_true", help="print long values whole")
+
+
+def cmd_logs(args) -> int:
+    store = _store()
+    record = find_run(store, args.run)
+    backend = runner_backend(record.runner) if args.follow else None
+    if backend is not None and (code := backend.follow_logs(store, record, args.tail)) is not None:
+        return code
+    path = store.folder(record.id).logs
+    out = terminal_writer(sys.stdout)
+    try:
+        offset = _print_log(path, out, args.tail)
+        while args.follow:
+            running = find_run(store, record.id).status in ACTIVE_STATUSES
+            offset = _copy_from(path, out, offset)
+            if not running:
+                break
+            time.sleep(POLL_SECONDS)
+    except BrokenPipeError:
+        _silence(sys.stdout)
+    return 0
+
+
+def _print_log(path: Path, out, tail: int | None) -> int:
+    """Print the log (or its last `tail` lines, however long they are); return the offset reached."""
+    if tail is None or not path.exists():
+        return _copy_from(path, out, 0)
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = _tail_start(f, size, tail)
+    _copy_from(path, out, start, size)
+    return size
+
+
+def _tail_start(f, size: int, lines: int) -> int:
+    """Offset of the first of the last `lines` lines, reading backwards block by block."""
+    if lines <= 0:
+        return size
+    end, found = size, 0
+    f.seek(size - 1 if size else 0)
+    if size and f.read(1) == b"\n":
+        end -= 1  # the final newline ends the last line; it does not start a new one
+    position = end
+    while position > 0:
+        block = min(READ_SIZE, position)
+        position -= block
+        f.seek(position)
+        data = f.read(block)
+        index = len(data)
+        while (index := data.rfind(b"\n", 0, index)) >= 0:
+            found += 1
+            if found == lines:
+                return position + index + 1
+    return 0
+
+
+def _copy_from(path: Path, out, offset: int, end: int | None = None) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while chunk := f.read(READ_SIZE if end is None else min(READ_SIZE, end - offset)):
+                out(chunk)
+                offset += len(chunk)
+    except FileNotFoundError:
+        pass
+    return offset
+
+
+def _logs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
+    p.add_argument("--tail", type=_count, metavar="N", help="only the last N lines")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
+
+
+def cmd_compare(args) -> int:
+    store = _store()
+    runs = [(r, _config_of(store, r), metric_summary(iter_metrics(store.folder(r.id).metrics)))
+            for r in _refs_or_sweep(store, args)]
+    known = {m for _, _, summary in runs for m in summary}
+    for name in args.metric:
+        if name not in known:
+            raise UsageError(f"--metric '{visible(name)}': none of these runs has that metric; choose one of "
+                             f"{', '.join(sorted(visible(m) for m in known)) or '(none: no metrics recorded)'}")
+    print_view("compare", args, CompareView(args, runs))
+    if sys.stderr.isatty() and len(runs) > 1:  # a pointer for people, not for scripts
+        refs = f"--sweep {args.sweep}" if args.sweep else " ".join(dict.fromkeys(short_id(r.id) for r, _, _ in runs))
+        note(f"curves: runpilot plot {refs}")
+    return 0
+
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="*", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
+    p.add_argument("--no-trunc", action="store_true", help="full run ids and values, however wide")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME",
+                   help="star the best value of this metric (repeatable; default: the configs' metrics:, "
+                        "else metrics named like loss or accuracy)")
+
+
+def cmd_diff(args) -> int:
+    """How two runs' code and config differ: the config values, then a unified diff of the snapshots."""
+    store = _store()
+    runs = [find_run(store, ref) for ref in (args.run1, args.run2)]
+    metas = [store.folder(r.id).read_meta() for r in runs]
+    names = (short_id(runs[0].id), short_id(runs[1].id))
+    configs = [_config_of(store, r) for r in runs]
+    lines = [f"config {key}: {fmt_cell(configs[0].get(key))} -> {fmt_cell(configs[1].get(key))}"
+             for key in differing(configs) if key != "name"]
+    snapshots = SnapshotStore(store.home)
+    ids = [m.code.get("snapshot") if m.code.get("mode") == "snapshot" else None for m in metas]
+    for meta, snapshot in zip(metas, ids):
+        if not snapshot:
+            lines.append(f"run {meta.run_id} recorded no code snapshot ({fmt_code(meta.code) or 'no code mount'})")
+    if all(ids):
+        lines += render_code_diff(snapshots.manifest(ids[0]), snapshots.manifest(ids[1]),
+                                  lambda digest: snapshots.object_path(digest).read_bytes(), names)
+    if not lines:
+        lines = [f"runs {names[0]} and {names[1]} ran the same code with the same config"]
+    try:
+        echo("\n".join(visible(line) for line in lines))
+    except BrokenPipeError:
+        _silence(sys.stdout)
+    return 0
+
+
+def _diff_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run1", help="run id, unique prefix, short id, latest or -N")
+    p.add_argument("run2", help="the run to compare it with")
+
+
+def cmd_export(args) -> int:
+    store = _store()
+    if args.follow and args.format != "tensorboard":
+        raise UsageError(f"--follow keeps a TensorBoard export growing; --format {args.format} writes once")
+    if args.experiment is not None and args.format != "mlflow":
+        raise UsageError("--experiment names an MLflow experiment; give it with --format mlflow")
+    records = _refs_or_sweep(store, args)
+    if args.outputs:
+        export_outputs(store, records, Path(args.outputs))
+        if not args.output:
+            return 0
+    return print_view("export", args, ExportView(store, args, records))
+
+
+def swept_keys(store: RunStore, sweep_id: str) -> list[str]:
+    """The keys a sweep varies (env.LR, ...), as a flattened config names them; [] if unreadable."""
+    try:
+        axes = Sweep.load(store, sweep_id).axes
+        return [str(axis[0]) for axis in axes if isinstance(axis, list) and axis and str(axis[0]) != "name"]
+    except (RunPilotError, TypeError):  # a damaged sweep.json's axes (not a list): no swept columns
+        return []
+
+
+def export_outputs(store: RunStore, records: list[RunRecord], target: Path) -> None:
+    """Copy each run's outputs folder to TARGET/<run id>/ (a run's copy that exists already is refused)."""
+    count = size = 0
+    for record in records:
+        source, dest = store.folder(record.id).outputs, target / record.id
+        if dest.exists():
+            raise UsageError(f"{dest} exists already; choose another --outputs folder or move it away")
+        files = tree_files(source)
+        try:
+            if source.is_dir():
+                shutil.copytree(source, dest, symlinks=True)
+        except (OSError, shutil.Error) as exc:
+            raise RunPilotError(f"cannot copy the outputs of run {record.id} to {dest}: {exc}; check the "
+                                "folder and its free space") from exc
+        count, size = count + len(files), size + sum(files.values())
+    echo(f"copied {count} output file(s), {fmt_size(size)}, of {len(records)} run(s) to {target}", err=True)
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="*", metavar="run")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
+    p.add_argument("--format", choices=format_choices("export"), default="csv",
+                   help="csv (default), jsonl, tensorboard (event files in -o DIR) or mlflow (to the server -o URI)")
+    p.add_argument("--config", action="store_true", help="add the config values that differ between the runs "
+                                                         "(a --sweep has its swept keys as columns always)")
+    p.add_argument("--tags", action="store_true", help="add each tag as a column tag.NAME")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout (tensorboard: a "
+                   "folder; mlflow: the tracking server's URL, default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--outputs", metavar="DIR", help="copy each run's outputs folder to DIR/RUN_ID/ (then the "
+                   "metrics are written only with -o)")
+    p.add_argument("--follow", action="store_true", help="tensorboard: keep the event files growing until the runs end")
+    p.add_argument("--experiment", metavar="NAME", help="mlflow: the experiment (default: each run's config name)")
+
+
+# -- looking: plot, in the terminal or as an HTML page
+
+def cmd_plot(args) -> int:
+    style = _plot_style(args)
+    store = _store()
+    records = _plot_records(store, args)
+    names = list(dict.fromkeys(args.metric)) or list(dict.fromkeys(m for r in records for m in r.metric_names)) or None
+    if args.html is not None:
+        return _plot_html(store, records, names, style, args)
+    out = sys.stdout
+    tty = out.isatty()
+
+    def draw(current: list[RunRecord], status: str = "") -> str:
+        charts = plot_charts(current, names, style, explicit=bool(args.metric))
+        width, height = _plot_size(args, out, len(charts) if args.follow and tty else 0)
+        return render_plot(charts, width, height, style) + (f"\n{clip(status, width)}" if status else "")
+
+    if not args.follow:
+        print(draw(records))
+    elif tty:
+        _follow_on_terminal(store, records, draw, out)
+    else:  # a file or a pipe gets the final picture once, without cursor moves
+        print(draw(_wait_for_runs(store, records)))
+    return 0
+
+
+def _plot_style(args) -> PlotStyle:
+    """The drawing choices of the command line, checked."""
+    if not 0 <= args.smooth < 1:
+        raise UsageError(f"--smooth {args.smooth:g}: give a weight from 0 (no smoothing) to below 1, "
+                         "e.g. --smooth 0.6")
+    colour = sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR") and args.html is None
+    braille = not args.ascii and _can_encode("⣿│┤└─┬…")
+    return PlotStyle(braille=braille, colour=bool(colour), log=args.log, smooth=args.smooth or None,
+                     x_label="minutes" if args.x == "time" else "step")
+
+
+def _plot_records(store: RunStore, args) -> list[RunRecord]:
+    """The runs to plot, each once, in the order given."""
+    if args.sweep and args.runs:
+        raise UsageError("give runs or --sweep ID, not both")
+    records = {r.id: r for r in _refs_or_sweep(store, args)}
+    return list(records.values())
+
+
+def plot_charts(records: list[RunRecord], names: list[str] | None, style: PlotStyle,
+                explicit: bool = False) -> list[Chart]:
+    """Each run's metrics.json read as a stream, laid out as one chart per metric.
+
+    NAMES None means every numeric metric; EXPLICIT names (--metric) that no run has are an error.
+    """
+    per_run = [read_metric_series(RunFolder(Path(r.path)).metrics, names or _recorded_metrics(r), style.smooth,
+                                  _sample_minutes(r) if style.x_label == "minutes" else None) for r in records]
+    per_run = [with_gpu_series(r, names, series, style) for r, series in zip(records, per_run)]
+    found = sorted({k for series in per_run for k in series})
+    metrics = names if names is not None else found
+    running = any(r.status in ACTIVE_STATUSES for r in records)
+    if not metrics and running:
+        return []  # --follow on a run that has not printed a sample yet
+    if not metrics or explicit and not set(metrics) & set(found) and not running:
+        raise (UsageError if explicit else RunPilotError)(_nothing_to_plot(records, metrics, found))
+    charts = [Chart(m, [make_curve(i, r, m, s.get(m)) for i, (r, s) in enumerate(zip(records, per_run))])
+              for m in metrics]
+    if style.log:
+        _check_log_axis(charts)
+    return charts
+
+
+def with_gpu_series(record: RunRecord, names: list[str] | None, series: dict, style: PlotStyle) -> dict:
+    """A run's metric series plus the GPU statistics NAMES asks for by name (`--metric gpu0.util`),
+    read from its gpu.json, whose step is the second of the run (--x time: its minute)."""
+    wanted = [n for n in names or [] if GPU_STAT_KEY_RE.match(n) and n not in series]
+    if not wanted:
+        return series
+    path, minutes = RunFolder(Path(record.path)).gpu_stats, None
+    if style.x_label == "minutes":
+        seconds = [s.get("step") if _is_number(s.get("step")) else 0 for s in read_metrics(path)]
+        minutes = (lambda i: seconds[min(i, len(seconds) - 1)] / 60 if seconds else 0.0)
+    return {**series, **read_metric_series(path, wanted, style.smooth, minutes)}
+
+
+def _sample_minutes(record: RunRecord) -> Callable[[int], float]:
+    """When each sample of a run arrived, for --x time (recorded since RunPilot 0.5)."""
+    at = read_sample_times(RunFolder(Path(record.path)).sample_times)
+    if at is None and record.status in ACTIVE_STATUSES:  # no sample has arrived yet
+        return lambda count: 0.0
+    if at is None:
+        raise UsageError(f"--x time: run {record.id} has no metrics.times (runs recorded before RunPilot 0.5, "
+                         "and runs whose metrics `reparse` rebuilt, keep steps only); plot it by step")
+    return at
+
+
+def _nothing_to_plot(records: list[RunRecord], asked: list[str], found: list[str]) -> str:
+    ids = ", ".join(r.id for r in records)
+    drawable = ", ".join(visible(k) for k in sorted(set(found) | {
+        k for r in records for k, v in r.last_metrics.items() if _is_number(v)})) or "none"
+    if asked:
+        return (f"no numeric samples of {', '.join(visible(repr(a)) for a in asked)} in run(s) {ids}; "
+                f"the metrics with numbers there: {drawable}")
+    if {k for r in records for k in r.last_metrics}:
+        return (f"no numeric samples that a chart can place in run(s) {ids} (text, NaN, infinities and values "
+                "beyond ±1e300 are left out)")
+    return f"no metrics in run(s) {ids}; a job records them by printing lines such as: METRIC step=1 loss=0.5"
+
+
+def _recorded_metrics(record: RunRecord) -> list[str] | None:
+    """The numeric metrics a finished run recorded (None: look for them in metrics.json)."""
+    numeric = [k for k, v in record.last_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if record.status in ACTIVE_STATUSES or len(numeric) < len(record.last_metrics):
+        return None  # a metric whose last value was text may still have numbers before it
+    return numeric
+
+
+def _check_log_axis(charts: list[Chart]) -> None:
+    for chart in charts:
+        for curve in chart.curves:
+            if curve.count and curve.low < 1 / PLOT_MAX_VALUE:
+                raise UsageError(f"--log: {chart.metric!r} of run {curve.run_id} goes down to {curve.low:g}, "
+                                 f"which a log axis cannot show; plot it without --log")
+
+
+def _plot_size(args, out, charts_on_screen: int = 0) -> tuple[int, int]:
+    """Columns and lines per chart: --width/--height, else the terminal's, else $COLUMNS/$LINES, else 80 x 24.
+
+    CHARTS_ON_SCREEN > 0 (following on a terminal) shares the screen's lines between that many charts.
+    """
+    width, height = 0, 0
+    if out.isatty():
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            width, height = os.get_terminal_size(out.fileno())
+    if width <= 0 or height <= 0:
+        width, height = (_env_int("COLUMNS") or 80), (_env_int("LINES") or 24)
+    if charts_on_screen:  # the charts, a blank line between them and the status line, then the cursor's line
+        height = max(PLOT_MIN_HEIGHT, (height - 1 - charts_on_screen) // charts_on_screen)
+    width, height = args.width or min(width, PLOT_MAX_SIZE), args.height or min(height, PLOT_MAX_SIZE)
+    if width < PLOT_MIN_WIDTH or height < PLOT_MIN_HEIGHT:
+        raise UsageError(f"a chart of {width} x {height} is too small; give at least --width {PLOT_MIN_WIDTH} "
+                         f"--height {PLOT_MIN_HEIGHT}")
+    return width, height
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else 0
+
+
+def _refresh(store: RunStore, record: RunRecord) -> RunRecord:
+    return find_run(store, record.id)
+
+
+def _wait_for_runs(store: RunStore, records: list[RunRecord]) -> list[RunRecord]:
+    while any(r.status in ACTIVE_STATUSES for r in records):
+        time.sleep(FOLLOW_SECONDS)
+        records = [_refresh(store, r) for r in records]
+    return records
+
+
+def _follow_on_terminal(store: RunStore, records: list[RunRecord], draw: Callable, out) -> None:
+    """Redraw in place (the cursor moves up over the last picture) until no run is running."""
+    shown = 0
+    while True:
+        started = time.monotonic()
+        records = [_refresh(store, r) for r in records]
+        running = sum(r.status in ACTIVE_STATUSES for r in records)
+        status = f"following {running} running run(s); Ctrl-C stops watching (the runs go on)" if running else ""
+        lines = draw(records, status).split("\n")
+        out.write((f"\x1b[{shown}F" if shown else "") + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J")
+        out.flush()
+        shown = len(lines)
+        if not running:
+            return
+        time.sleep(max(FOLLOW_SECONDS, 3 * (time.monotonic() - started)))
+
+
+def _plot_html(store: RunStore, records: list[RunRecord], names: list[str] | None, style: PlotStyle,
+               args) -> int:
+    """Write the page (again and again with --follow, reloading itself, until the runs end)."""
+    path = html_target(args.html)
+    while True:
+        started = time.monotonic()
+        records = [_refresh(store, r) for r in records] if args.follow else records
+        running = args.follow and any(r.status in ACTIVE_STATUSES for r in records)
+        charts = plot_charts(records, names, style, explicit=bool(args.metric))
+        runs = [(r, _flat_config(r)) for r in records]
+        page = html_page(charts, runs, style, utc_now(), refresh=5 if running else None)
+        try:
+            write_atomic(path, page.encode("utf-8"), durable=False)
+        except OSError as exc:
+            raise RunPilotError(f"cannot write {path}: {exc.strerror}; choose another --html path") from exc
+        if not running:
+            break
+        time.sleep(max(5 * FOLLOW_SECONDS, 3 * (time.monotonic() - started)))
+    note(f"wrote {path} ({len(charts)} chart(s) of {len(records)} run(s), {len(page.encode()) / 1024:.0f} KiB)")
+    return 0
+
+
+def html_target(text: str) -> Path:
+    """--html's file: a symlink's target; never a device, a pipe or a folder, which replacing the
+    path with the page would destroy (`--html /dev/null`)."""
+    if not text.strip():
+        raise UsageError("--html needs a file path, e.g. --html curves.html")
+    path = Path(text)
+    if path.exists() and not path.is_file():
+        raise UsageError(f"--html {text} is not a regular file; give the path of a file to write")
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _flat_config(record: RunRecord) -> dict:
+    """A run's config.yaml flattened (env.LR, ...), empty where it cannot be read."""
+    try:
+        data = parse_yaml(RunFolder(Path(record.path)).config.read_text(encoding="utf-8"))
+    except (OSError, ConfigError):
+        return {}
+    return flatten(data) if isinstance(data, dict) else {}
+
+
+def _plot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="*", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="every run of this sweep")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME",
+                   help="a metric to plot (repeatable; default: the configs' metrics, else every numeric one)")
+    p.add_argument("--x", choices=("step", "time"), default="step",
+                   help="x axis: step (default), or time: minutes since the run started")
+    p.add_argument("--smooth", type=float, default=0.0, metavar="N",
+                   help="exponential moving average weight, 0 <= N < 1, as TensorBoard's slider "
+                        "(the raw curve stays, faint)")
+    p.add_argument("--log", action="store_true", help="logarithmic y axis (every value must be above 0)")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="redraw while a run is running; stop when they have ended")
+    p.add_argument("--width", type=_plot_dimension, metavar="COLUMNS",
+                   help="chart width (default: the terminal's, else $COLUMNS, else 80)")
+    p.add_argument("--height", type=_plot_dimension, metavar="LINES",
+                   help="lines per chart (default: the terminal's, else $LINES, else 24)")
+    p.add_argument("--no-color", action="store_true", help="no colours (also: NO_COLOR=1); runs get markers")
+    p.add_argument("--ascii", action="store_true", help="draw with ASCII characters instead of braille dots")
+    p.add_argument("--html", metavar="FILE",
+                   help="write one self-contained HTML page (SVG charts, a table of the runs) instead")
+
+
+# -- managing: stop, rm, gc, reparse, reindex, pull, init
+
+def cmd_stop(args) -> int:
+    store = _store()
+    if args.sweep or (args.run or "").startswith("sw-"):
+        if args.sweep and args.run:
+            raise UsageError("give a run or --sweep ID, not both")
+        echo(stop_sweep(store, find_sweep(store, args.sweep or args.run), args.wait, note))
+        return 0
+    if not args.run:
+        raise UsageError("name the run to stop (id, prefix, latest, -N), or a sweep with --sweep ID")
+    record = find_run(store, args.run)
+    meta = store.folder(record.id).read_meta()
+    elsewhere = bool(record.runner.get("backend"))  # its backend asks where it runs for what the job left
+    if record.status not in ACTIVE_STATUSES and not (record.status == LOST and (elsewhere or leftover_job(record, meta))):
+        echo(f"run {record.id} is not running ({record.status})")
+        return 0
+    record = stop_run(store, record, args.wait, note)
+    echo(f"run {record.id} {record.status}")
+    return 0
+
+
+def _stop_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", nargs="?", help="run id, unique prefix, short id, latest, -N, or a sweep id (sw-...)")
+    p.add_argument("--sweep", metavar="ID", type=_sweep_ref_arg, help="stop this sweep (sw-a1b2c3, latest, -N, ...)")
+    p.add_argument("--wait", type=_stop_timeout, default=60, metavar="SECONDS", help="how long to wait (default 60)")
+
+
+def _confirm(question: str, yes: bool) -> bool:
+    if yes:
+        return True
+    if not sys.stdin or not sys.stdin.isatty():
+        raise UsageError(f"{question} needs a confirmation; pass -y to confirm without a terminal")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def delete_runs(store: RunStore, records: list[RunRecord], yes: bool, skip_busy: bool = False,
+                collect: bool = False) -> int:
+    """Delete runs after a confirmation; a run that is active or whose job lives on is never deleted.
+    Say what it freed; with COLLECT (gc) also the code snapshots no run names any more."""
+    refused = deletable(store, records, note)
+    if refused and not skip_busy:
+        raise UsageError(refused[0] + (f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""))
+    busy = {line.split()[1] for line in refused}
+    for line in refused:
+        note(f"skipped: {line}")
+    records = [r for r in records if r.id not in busy]
+    if not records:
+        echo("nothing to delete")
+        snapshots = collect_snapshots(store) if collect and yes else 0
+        if snapshots:
+            echo(f"freed {fmt_size(snapshots)} of code snapshots no run uses")
+        return 0
+    if not _confirm(f"delete {len(records)} run(s) and their files?", yes):
+        echo("nothing deleted")
+        return 1
+    freed = 0
+    for record in records:
+        size = tree_size(store.folder(record.id).path)
+        store.delete(record.id)
+        freed += size - tree_size(store.folder(record.id).path)
+        echo(f"deleted {record.id} ({visible(record.name)})")
+    snapshots = collect_snapshots(store) if collect else 0
+    echo(f"freed {fmt_size(freed + snapshots)}" + (f" ({fmt_size(snapshots)} of it code snapshots no run uses)"
+                                                  if snapshots else ""))
+    return 0
+
+
+def cmd_rm(args) -> int:
+    store = _store()
+    records = list({r.id: r for r in (store.find(ref) for ref in args.runs)}.values())
+    return delete_runs(store, records, args.yes)
+
+
+def _rm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="run")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+
+def collect_snapshots(store: RunStore) -> int:
+    """Remove the code snapshots that no run (nor a sweep's plan) names any more; the bytes freed."""
+    keep = set()
+    for folder in store.folders():
+        snapshot = folder.read_meta().code.get("snapshot")
+        if isinstance(snapshot, str):
+            keep.add(snapshot)
+    for sweep in store.sweep_folders():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            keep |= set((read_json_file(sweep.plan).get("options") or {}).get("code_snapshots", {}).values())
+    return SnapshotStore(store.home).collect(keep)
+
+
+def cmd_gc(args) -> int:
+    if args.keep is None and args.older_than is None:
+        raise UsageError("gc needs --keep N and/or --older-than AGE")
+    store = _store()
+    before = since_cutoff(args.older_than, "--older-than") if args.older_than else None
+    records = store.query(RunFilter(before=before, keep_newest=args.keep, final_only=True, ascending=True))
+    records = whole_sweeps_only(store, records, note)
+    matching = RunFilter(before=before, keep_newest=args.keep, ascending=True)
+    if args.dry_run:
+        width = output_width()
+        for record in records:
+            line = visible(f"would delete {record.id} {record.status:<11} {record.name}")
+            echo(clip(line, width) if width else line)
+        echo(f"{len(records)} run(s) would be deleted")
+        note_active_kept(store, matching, records)
+        return 0
+    code = delete_runs(store, records, args.yes, skip_busy=True, collect=True)
+    note_active_kept(store, matching, records)
+    return code
+
+
+def whole_sweeps_only(store: RunStore, records: list[RunRecord], say: Callable[[str], None]) -> list[RunRecord]:
+    """RECORDS without the runs of a sweep that RECORDS holds only in part: gc deletes a sweep whole
+    or not at all (half a sweep compares and plots as a different experiment), and says which it kept."""
+    chosen: dict[str, int] = {}
+    for record in records:
+        if record.sweep_id:
+            chosen[record.sweep_id] = chosen.get(record.sweep_id, 0) + 1
+    partial = set()
+    for sweep_id, count in chosen.items():
+        total = len(store.query(RunFilter(sweep_id=sweep_id)))
+        if count < total:
+            partial.add(sweep_id)
+            say(f"kept sweep {sweep_id} whole: {total - count} of its {total} runs are not to be deleted, "
+                f"so its other {count} stay too")
+    return [r for r in records if r.sweep_id not in partial]
+
+
+def note_active_kept(store: RunStore, matching: RunFilter, chosen: list[RunRecord]) -> None:
+    """Name the runs gc's age and count would have taken but leaves, because they are still active."""
+    picked = {r.id for r in chosen}
+    for record in store.query(matching):
+        if record.id not in picked and record.status in ACTIVE_STATUSES:
+            note(f"skipped: run {record.id} ({visible(record.name)}) is {record.status}; gc never deletes an "
+                 f"active run (runpilot stop {record.id} first)")
+
+
+def _gc_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep", type=int, metavar="N", help="keep the N newest runs")
+    p.add_argument("--older-than", metavar="AGE", help="delete runs started longer ago than this: 30d, 12h")
+    p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+
+def cmd_reparse(args) -> int:
+    store = _store()
+    sources = tuple(parse_metrics_source(spec) for spec in args.metrics_from) or None
+    records = [find_run(store, ref) for ref in args.runs]
+    for record in records:
+        if record.status in ACTIVE_STATUSES:
+            raise UsageError(f"run {record.id} is {record.status}; reparse it once it has ended")
+    for record in records:
+        count, old, notices = reparse_run(store, record.id, sources)
+        echo(f"run {record.id}: {count} sample(s) from its log (before: {old})")
+        for notice in notices:
+            note(notice)
+    return 0
+
+
+def _reparse_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="run", help="run ids, unique prefixes, short ids, latest or -N")
+    p.add_argument("--metrics-from", action="append", default=[], metavar="SOURCE",
+                   help="use these sources instead of the run's metrics_from: huggingface, keras, tqdm, "
+                        "pattern:REGEX, tensorboard:FOLDER (repeatable)")
+
+
+def cmd_reindex(args) -> int:
+    count = _store().reindex()
+    echo(f"indexed {count} run(s)")
+    return 0
+
+
 # name, function, help, example, arguments: the commands in the order --help lists them.
 def cmd_pull(args) -> int:
     store = _store()
@@ -13856,22 +13809,92 @@ def _pull_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run id, unique prefix, short id, latest or -N")
 
 
-def cmd_box_report(args) -> int:
-    """On a box: the files of the runs asked for, as a tar on stdout (see box_report); with --gpus,
-    its free GPUs, one a line."""
-    if args.gpus:
-        echo("\n".join(box_free_gpus(RunStore.default())))
-        return 0
-    sys.stdout.flush()
-    box_report(RunStore.default(), args.runs, args.all, sys.stdout.buffer)
+SAMPLE_CONFIG = """\
+# RunPilot run config: `runpilot run config.yaml` (see `runpilot run --help`).
+name: sample-training            # shown by `runpilot list`; any text
+image: "{image}"{image_note}
+entrypoint: "{python} train.py"{pad}# a string runs through the image's /bin/sh; a list runs as is
+# engine: docker                 # docker, podman or local (no container); default: docker if present
+
+env:                             # passed to the job; ${{VAR}} takes VAR from your environment
+  EPOCHS: 5
+  LR: 0.01
+
+mounts:                          # host folders, relative to this file
+  code: "."                      # `code` is mounted at the workdir (/workspace) and the job starts there
+  # data: "./data"               # any other name appears at /mnt/<name> (and in $RUNPILOT_MOUNT_<NAME>)
+  # extra: "./cache:/cache:ro"   # or give the container path yourself
+
+resources:
+  gpus: 0                        # a count, all, or device ids such as [0, 2]
+  # cpu: 4
+  # memory: 8g
+  # shm_size: 2g                 # PyTorch DataLoader workers need more than the default 64 MB
+
+metrics:                         # the job prints lines such as: METRIC loss=0.25 accuracy=0.91
+  - loss
+  - accuracy
+"""
+
+
+SAMPLE_TRAIN = '''\
+"""A tiny stand-in for a training script: prints METRIC lines that RunPilot records."""
+import math
+import os
+
+epochs = int(os.environ.get("EPOCHS", "5"))
+lr = float(os.environ.get("LR", "0.01"))
+for epoch in range(1, epochs + 1):
+    loss = math.exp(-lr * 40 * epoch)
+    print(f"epoch {epoch}/{epochs}: training...")
+    print(f"METRIC step={epoch} loss={loss:.4f} accuracy={1 - loss / 2:.4f}")
+print("done")
+'''
+
+
+# The image `init` writes when no Python image is present locally: it must be pulled once.
+SAMPLE_IMAGE = "python:3.12-slim"
+
+
+def init_image() -> tuple[str, str, str]:
+    """The image `init` writes, a note why, and the interpreter the sample names: a Python image
+    present here and the one it runs (python, else python3), else the sample image and `python`
+    (the official python images have it)."""
+    for engine in [name for name, cls in ENGINES.items() if cls.autodetect]:
+        found = [i for i in local_images(engine) if re.search(r"(python|pytorch)[^/]*:[^/]*$", i)]
+        for image in found[:INIT_PROBES]:
+            python = image_python(engine, image)
+            if python is not None:
+                return image, f"found locally ({engine})", python
+    return SAMPLE_IMAGE, f"not present here: pull it first (docker pull {SAMPLE_IMAGE}), or run the job " \
+                         "without a container: runpilot run config.yaml --engine local", "python"
+
+
+def cmd_init(args) -> int:
+    image, why, python = init_image()  # one throwaway container per candidate, not a second for the chosen
+    note_line = f"  # {why}" if len(why) < 60 else f"\n# {why}"
+    pad = " " * max(1, 10 - len(python))
+    files = {Path("config.yaml"): SAMPLE_CONFIG.format(image=image, image_note=note_line, python=python, pad=pad),
+             Path("train.py"): SAMPLE_TRAIN}
+    existing = [str(p) for p in files if p.exists()]
+    if existing and not args.force:
+        raise UsageError(f"{', '.join(existing)} already exist(s) here; use --force to overwrite")
+    for path, text in files.items():
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise RunPilotError(f"cannot write {path}: {exc.strerror}; move it away or run init elsewhere") from exc
+        echo(f"wrote {path}")
+    echo(visible(f"image: {image} ({why})"))
+    echo("next: runpilot run config.yaml")
     return 0
 
 
-def _box_report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--all", action="store_true", help="every file of each run's folder")
-    p.add_argument("--gpus", action="store_true", help="the box's free GPUs instead")
-    p.add_argument("runs", nargs="*", type=_run_id_arg)
+def _init_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
 
+
+# -- the parser: the table of commands, argparse
 
 COMMANDS = [
     ("run", cmd_run, "run a job from a config file and record it",
@@ -13913,6 +13936,8 @@ COMMANDS = [
 ]
 COMMANDS.append(("pull", cmd_pull, "copy every file of a run on an SSH box home (its outputs too)",
                  "runpilot pull a3f9c1", _pull_arguments))
+
+
 # Commands RunPilot gives itself, not listed in --help: the job of a Slurm run on its node; what a
 # box tells the machine that started its runs (--on ssh).
 HIDDEN_COMMANDS = [("_slurm-job", cmd_slurm_job, "", "", _slurm_job_arguments),
