@@ -72,6 +72,47 @@ class Handlers(unittest.TestCase):
                     self.assertEqual(add_arguments.__name__, f"_{stem}_arguments")
 
 
+class Families(unittest.TestCase):
+    """Section 21 reads by family: each handler under the same sub-banner as its argument builder, the
+    sweep's resume with the sweep, the plot's helpers with the plot."""
+
+    def families(self) -> dict[str, str]:
+        """Each top-level name of section 21 -> the `# -- ` sub-banner above it."""
+        first, last = section("21")
+        lines = SOURCE.splitlines()
+        banners = [(i + 1, line) for i, line in enumerate(lines) if first <= i + 1 <= last and line.startswith("# -- ")]
+        found = {}
+        for node in top_level():
+            target = getattr(node, "target", None) or (getattr(node, "targets", None) or [None])[0]
+            name = getattr(node, "name", None) or getattr(target, "id", None)
+            if first <= node.lineno <= last and name:
+                above = [line for number, line in banners if number < node.lineno]
+                found[name] = above[-1] if above else ""
+        return found
+
+    def test_each_handler_sits_with_its_arguments(self):
+        family = self.families()
+        for name, func, _, _, add_arguments in runpilot.COMMANDS + runpilot.HIDDEN_COMMANDS:
+            if func.__name__ in family and add_arguments is not None:
+                with self.subTest(command=name):
+                    self.assertNotEqual(family[func.__name__], "")
+                    self.assertEqual(family[add_arguments.__name__], family[func.__name__])
+
+    def test_helpers_sit_with_the_command_they_serve(self):
+        family = self.families()
+        for helper, command in [("_resume_sweep", "cmd_sweep"), ("_requeue", "cmd_sweep"),
+                                ("_plot_html", "cmd_plot"), ("_plot_style", "cmd_plot"),
+                                ("print_view", "FORMATS"), ("list_table", "FORMATS")]:
+            with self.subTest(helper=helper):
+                self.assertEqual(family[helper], family[command])
+
+    def test_the_families_are_there(self):
+        banners = set(self.families().values())
+        for family in ("running", "looking", "managing", "output formats"):
+            with self.subTest(family=family):
+                self.assertTrue(any(b.startswith(f"# -- {family}") for b in banners), banners)
+
+
 class Formats(RunsHome):
     """The FORMATS table is what list, show, compare and export print through: a format put in it is
     chosen by the spellings of today, and a new one is taken by --format at once."""
