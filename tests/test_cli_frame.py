@@ -48,7 +48,7 @@ class HelpUnchanged(unittest.TestCase):
     def test_every_help_page_is_as_saved(self):
         saved = HELP / VERSION
         if not saved.is_dir():
-            self.skipTest(f"no help pages saved for Python {VERSION} in {saved}")
+            self.skipTest(f"no help pages saved for Python {VERSION} in {saved} (python{VERSION} tests/help_pages.py writes them)")
         names = sorted(p.stem for p in saved.glob("*.txt"))
         self.assertEqual(names, sorted(["runpilot"] + [c[0] for c in runpilot.COMMANDS]))
         for name in names:
