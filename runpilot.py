@@ -416,6 +416,11 @@ class MetaPart:
     def __bool__(self) -> bool:
         return bool(self.to_data())
 
+    def __eq__(self, other: object) -> bool:  # (for parts declared eq=False) the JSON object it writes
+        if isinstance(other, MetaPart):
+            return type(self) is type(other) and self.to_data() == other.to_data()
+        return self.to_data() == other if isinstance(other, dict) else NotImplemented
+
 
 @dataclass
 class SlurmState(MetaPart):
@@ -441,6 +446,22 @@ class SweepRef(MetaPart):
     index: int | None = None            # its point's index in the plan
     repeat: int | None = None           # which repeat of the point (--repeat)
     point: dict = field(default_factory=dict)   # the swept values, by dotted key
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class RunnerState(MetaPart):
+    """Who runs the run, meta.json's `runner` block (and the index's `runner` column): the process
+    here (pid, host, boot id, its start), or for a run that lives elsewhere the backend that runs it
+    and its handle on it (`box`). That backend's other keys (home, python, program, pull_outputs,
+    ...) stay in `extra`, and only that backend reads them (as `to_data()`, see SshBox)."""
+
+    backend: str | None = None          # a name in BACKENDS; None: it runs here
+    box: str | None = None              # --on ssh: the box it runs on
+    pid: int | None = None
+    host: str | None = None
+    boot_id: str | None = None
+    start: str | None = None            # the runner's start in clock ticks (tells a reused pid apart)
     extra: dict = field(default_factory=dict)
 
 
@@ -478,7 +499,7 @@ class RunMeta:
     runpilot_version: str | None = None
     python: str | None = None
     os: str | None = None
-    runner: dict = field(default_factory=dict)     # pid, host, boot id, start: who runs the run
+    runner: RunnerState = field(default_factory=RunnerState)  # pid, host, boot id, start: who runs the run
     job: dict = field(default_factory=dict)        # engine local: the job's process group
     config_file: str | None = None
     config: dict = field(default_factory=dict)     # the resolved config (also in config.yaml)
@@ -501,7 +522,7 @@ class RunMeta:
     problems: list[str] = field(default_factory=list, repr=False)  # what from_json had to drop
 
     _OLD_NAMES = {"watched": "metric_names"}   # keys of meta.json files written by RunPilot 0.4
-    _PARTS = {"slurm": SlurmState, "sweep": SweepRef}  # typed parts, read and written under their keys
+    _PARTS = {"slurm": SlurmState, "sweep": SweepRef, "runner": RunnerState}  # typed parts, read and written under their keys
 
     def __setattr__(self, name: str, value: object) -> None:
         part = self._PARTS.get(name)  # a part given as meta.json holds it (a dict) is read as such
@@ -531,7 +552,8 @@ class RunMeta:
             elif _type_ok(value, str(spec.type)):
                 setattr(meta, key, value)
             else:
-                meta.problems.append(f"field {key!r} should be {spec.type}, found {json.dumps(value)[:40]}")
+                meta.problems.append(f"field {key!r} should be {'dict' if key in cls._PARTS else spec.type}, "
+                                     f"found {json.dumps(value)[:40]}")
         if meta.run_id != run_id:
             meta.problems.append(f"run_id {meta.run_id!r} is not its folder's name")
             meta.run_id = run_id
@@ -565,13 +587,12 @@ class RunMeta:
         (`ssh`), or `here`."""
         if self.slurm:
             return "slurm"
-        named = self.runner.get("backend")
-        return named if isinstance(named, str) and named else "here"
+        return self.runner.backend or "here"
 
     @property
     def backend_ref(self) -> str | None:
         """The backend's handle on the run, as the index keeps it: the Slurm job (`123`, `120_4`), the box."""
-        ref = self.slurm.job_id if self.slurm else self.runner.get("box")
+        ref = self.slurm.job_id if self.slurm else self.runner.box
         return str(ref) if ref not in (None, "") else None
 
     # -- the life of a run: queued, then running, then one final status, never rewritten --------
@@ -619,9 +640,13 @@ class RunRecord:
     metric_names: list = field(default_factory=list)
     sweep_id: str | None = None
     reason: str | None = None           # Slurm's pending reason, or why a run was lost
-    runner: dict = field(default_factory=dict)   # who runs it, so a run stays stoppable without meta.json
+    runner: RunnerState = field(default_factory=RunnerState)  # who runs it: stoppable without meta.json
     backend: str = "here"               # where it executes: a name in BACKENDS
     backend_ref: str | None = None      # the backend's handle on it (the Slurm job), for one batch per list
+
+    def __setattr__(self, name: str, value: object) -> None:  # a runner given as a dict (the index's
+        object.__setattr__(self, name, RunnerState.from_data(value)  # column) is read as meta.json's
+                           if name == "runner" and isinstance(value, dict) else value)
 
     @classmethod
     def of(cls, meta: RunMeta, path: Path) -> "RunRecord":
@@ -5157,17 +5182,19 @@ def runner_identity() -> dict:
     return {"pid": pid, "host": hostname(), "boot_id": _boot_id(), "start": process_start(pid)}
 
 
-def runner_alive(runner: dict) -> bool | None:
-    """Whether the process that runs a run still exists; None when it cannot be told from here."""
-    if not runner or runner.get("host") != hostname():
+def runner_alive(runner: "RunnerState | dict") -> bool | None:
+    """Whether the process that runs a run (or a sweep: sweep.json's runner) still exists; None when
+    it cannot be told from here."""
+    runner = RunnerState.from_data(runner) if isinstance(runner, dict) else runner
+    if not runner or runner.host != hostname():
         return None
-    if runner.get("boot_id") and runner.get("boot_id") != _boot_id():
+    if runner.boot_id and runner.boot_id != _boot_id():
         return False  # the machine rebooted since
-    pid = runner.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
+    pid = runner.pid
+    if pid is None or pid <= 0:
         return None
-    if runner.get("start") is not None and Path("/proc").is_dir():
-        return process_start(pid) == runner["start"]
+    if runner.start is not None and Path("/proc").is_dir():
+        return process_start(pid) == runner.start
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -6545,6 +6572,12 @@ class RunStore:
         save_or_defer); a run that has ended gives back the space set aside for its last record.
         Returns why the index is behind, if it is. A folder that cannot be written raises OSError;
         not STRICT (an ending seen from outside), the row is written all the same."""
+        self.record_folder(meta, durable, strict)
+        return self.save_or_defer(meta)
+
+    def record_folder(self, meta: RunMeta, durable: bool = True, strict: bool = True) -> None:
+        """The first half of record(), for a caller that writes many runs' rows in one batch
+        afterwards (save_records): meta.json, and an ended run's reserve given back."""
         folder = self.folder(meta.run_id)
         try:
             folder.write_meta(meta, durable)
@@ -6553,7 +6586,6 @@ class RunStore:
                 raise
         if meta.final:
             folder.free_reserve()
-        return self.save_or_defer(meta)
 
     def save_all_or_defer(self, metas: list[RunMeta]) -> None:
         """The index rows of many runs in one transaction (a sweep's plan), or a marker for each to catch
@@ -6681,7 +6713,7 @@ _UPSERT = (f"INSERT OR REPLACE INTO runs ({', '.join(RUN_COLUMNS)}) "
 
 
 def _row(record: RunRecord) -> tuple:
-    values = dataclasses.asdict(record)
+    values = {**dataclasses.asdict(record), "runner": record.runner.to_data()}
     for column in JSON_COLUMNS:
         values[column] = json.dumps(json_safe(values[column]), sort_keys=True)
     return tuple(values[c] for c in RUN_COLUMNS)
@@ -8519,8 +8551,7 @@ def _slurm_ended(store: RunStore, record: RunRecord, job: dict | None) -> RunRec
     meta.slurm.reason = info.get("Reason") if info.get("Reason") not in (None, "None") else None
     if not meta.final:
         _record_slurm_ending(meta, state, info, store.home, seen_running=record.status == RUNNING)
-    with contextlib.suppress(OSError):
-        folder.write_meta(meta)
+    store.record_folder(meta, strict=False)  # its row: in slurm_refresh's one batch
     return RunRecord.of(meta, folder.path)
 
 
@@ -9379,8 +9410,7 @@ def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptio
     meta = RunMeta(run_id, name=config.name, status=RUNNING, started_at=utc_now(), engine=config.engine,
                    image=config.image, runner=runner, config_file=config.source, rerun_of=options.rerun_of,
                    sweep=runner["sweep"], tags=options.tags, code=code)
-    folder.write_meta(meta)  # the run is the box's now: recorded here before its files come over
-    store.save_or_defer(meta)
+    store.record(meta)  # the run is the box's now: recorded here before its files come over
     with contextlib.suppress(tarfile.TarError):
         return ssh_unpack(store, start.stdout, {run_id: runner})[run_id]
     try:  # the start's answer was cut short: ask again
@@ -9516,9 +9546,10 @@ def ssh_signal_runner(box: SshBox, runner: dict, run_id: str, signum: int, say: 
                  "stop the run", timeout=60)
 
 
-def runner_backend(runner: dict) -> "Backend | None":
+def runner_backend(runner: "RunnerState | dict") -> "Backend | None":
     """The backend that owns a run living elsewhere (its runner names it), or None."""
-    cls = BACKENDS.get(runner.get("backend")) if isinstance(runner, dict) else None  # type: ignore[arg-type]
+    runner = RunnerState.from_data(runner) if isinstance(runner, dict) else runner
+    cls = BACKENDS.get(runner.backend) if isinstance(runner, RunnerState) else None  # type: ignore[arg-type]
     return cls() if cls is not None else None
 
 
@@ -9566,7 +9597,7 @@ class SshBackend(Backend):
                 echo(meta.run_id)
                 return 0
             box = SshBox.of(host, store)
-            meta = ssh_follow(store, box, meta.runner, meta.run_id, signals, note)
+            meta = ssh_follow(store, box, meta.runner.to_data(), meta.run_id, signals, note)
         code = exit_status_of(meta)
         for line in slurm_closing_lines(store, meta, code, None, stopped_here=bool(signals.received)):
             note(line)
@@ -9588,8 +9619,8 @@ class SshBackend(Backend):
         """One ssh command per box for its active runs: their meta.json, and the files of those that ended."""
         boxes: dict[str, dict[str, dict]] = {}
         for r in records:
-            if r.status in ACTIVE_STATUSES and r.runner.get("backend") == self.name:
-                boxes.setdefault(r.runner.get("box"), {})[r.id] = r.runner
+            if r.status in ACTIVE_STATUSES and r.runner.backend == self.name:
+                boxes.setdefault(r.runner.box, {})[r.id] = r.runner.to_data()
         found = {}
         for host, runners in boxes.items():
             box = SshBox.of(host, store)
@@ -9612,20 +9643,20 @@ class SshBackend(Backend):
 
     def stop(self, store: "RunStore", record: RunRecord, meta: RunMeta, wait: float,
              note: Callable[[str], None]) -> RunRecord:
-        box = SshBox.of(record.runner["box"], store)
-        done = box.call(box.runpilot(record.runner, ["stop", record.id, "--wait", f"{wait:g}"]), "stop the run",
+        box = SshBox.of(record.runner.box, store)
+        done = box.call(box.runpilot(record.runner.to_data(), ["stop", record.id, "--wait", f"{wait:g}"]), "stop the run",
                         timeout=wait + 60)
         if done.returncode != 0:
             raise BoxError(box_error_line(box.host, done.stderr), done.returncode)
-        meta = ssh_record_home(store, box, record.runner, record.id)
+        meta = ssh_record_home(store, box, record.runner.to_data(), record.id)
         return RunRecord.of(meta, store.folder(record.id).path)
 
     def follow_logs(self, store: "RunStore", record: RunRecord, tail: int | None) -> int | None:
         if record.status not in ACTIVE_STATUSES:
             return None
-        box = SshBox.of(record.runner["box"], store)
+        box = SshBox.of(record.runner.box, store)
         with StopSignals() as signals:
-            follower = box.follower(record.runner, record.id, tail)
+            follower = box.follower(record.runner.to_data(), record.id, tail)
             out = terminal_writer(sys.stdout)
             assert follower.stdout is not None
             while not signals.received and (chunk := _read_some(follower.stdout.fileno())) is not None:
@@ -9633,7 +9664,7 @@ class SshBackend(Backend):
                     out(chunk)
             follower.terminate()
             follower.wait()
-        ssh_record_home(store, box, record.runner, record.id)
+        ssh_record_home(store, box, record.runner.to_data(), record.id)
         return 130 if signals.received else 0
 
 
@@ -9647,9 +9678,9 @@ def _read_some(fd: int) -> bytes | None:
 
 def pull_run(store: "RunStore", record: RunRecord) -> RunMeta:
     """`runpilot pull ID`: copy every file of a remote run's folder home (its outputs too)."""
-    if record.runner.get("backend") != SshBackend.name:
+    if record.runner.backend != SshBackend.name:
         raise UsageError(f"run {record.id} ran here; its files are in {store.folder(record.id).path} already")
-    return ssh_record_home(store, SshBox.of(record.runner["box"], store), record.runner, record.id, True)
+    return ssh_record_home(store, SshBox.of(record.runner.box, store), record.runner.to_data(), record.id, True)
 
 
 def box_free_gpus(store: "RunStore") -> list[str]:
@@ -9827,7 +9858,7 @@ class BoxSweep:
         for run_id, host in self.running.items():
             record = self.store.get(run_id)
             if record is not None:
-                ssh_signal_runner(SshBox.of(host, self.store), record.runner, run_id, signum, lambda text: None)
+                ssh_signal_runner(SshBox.of(host, self.store), record.runner.to_data(), run_id, signum, lambda text: None)
         deadline = time.monotonic() + self.options.stop_timeout + SSH_CONNECT_S * 2
         while self.running and time.monotonic() < deadline:
             time.sleep(POLL_SECONDS)
@@ -9890,9 +9921,9 @@ def ssh_resume_sweep(store: "RunStore", sweep: "Sweep", args) -> int:
     running, todo = {}, []
     for point in sweep.points:
         record = records.get(point["run_id"])
-        if record is not None and record.status == RUNNING and record.runner.get("backend") == "ssh":
-            running[record.id] = record.runner["box"]
-            note(f"point {point['index'] + 1} of sweep {sweep.sweep_id} runs on box {record.runner['box']} "
+        if record is not None and record.status == RUNNING and record.runner.backend == "ssh":
+            running[record.id] = record.runner.box
+            note(f"point {point['index'] + 1} of sweep {sweep.sweep_id} runs on box {record.runner.box} "
                  f"(run {record.id}): followed, not run again")
         elif record is None or record.status not in (SUCCEEDED, FAILED, TIMEOUT):
             todo.append((point, store.folder(point["run_id"]), store.folder(point["run_id"]).read_meta()))
@@ -9962,7 +9993,7 @@ def _refresh_one(store: RunStore, record: RunRecord, note: Callable[[str], None]
                  alive: Callable[[str], bool | None]) -> RunRecord:
     """One active run: its row stands while its runner lives (the runner keeps it current; a
     sweep's thousand queued points share one runner, looked at once); else its folder decides."""
-    if record.runner and alive(json.dumps(record.runner, sort_keys=True)):
+    if record.runner and alive(json.dumps(record.runner.to_data(), sort_keys=True)):
         return record
     folder = store.folder(record.id)
     meta = folder.read_meta()
@@ -9971,12 +10002,12 @@ def _refresh_one(store: RunStore, record: RunRecord, note: Callable[[str], None]
         store.save_or_defer(meta)
         return RunRecord.of(meta, folder.path)
     runner = meta.runner or record.runner
-    if alive(json.dumps(runner, sort_keys=True)) is not False:
+    if alive(json.dumps(runner.to_data(), sort_keys=True)) is not False:
         return RunRecord.of(meta, folder.path) if readable else record
     never_started = (meta.status if readable else record.status) == QUEUED
     if readable:
         meta.end(CANCELLED if never_started else LOST, "the process that queued it ended before it started"
-                 if never_started else f"its runner (pid {runner.get('pid')}) ended without recording how the "
+                 if never_started else f"its runner (pid {runner.pid}) ended without recording how the "
                  "run ended", finished=False, lost_at=utc_now())
         store.record(meta, strict=False)
         record = RunRecord.of(meta, folder.path)
@@ -10006,7 +10037,7 @@ def stop_run(store: RunStore, record: RunRecord, wait: float, note: Callable[[st
             make_private_dirs(requests)
             write_private(requests / record.id, b"")
         else:
-            os.kill(runner["pid"], signal.SIGTERM)
+            os.kill(runner.pid, signal.SIGTERM)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             current = folder.read_meta()
@@ -10015,9 +10046,9 @@ def stop_run(store: RunStore, record: RunRecord, wait: float, note: Callable[[st
                 return RunRecord.of(current, folder.path)
             time.sleep(0.1)
         raise RunPilotError(f"run {record.id} did not stop within {wait:.0f}s; try again, "
-                            f"or kill its runner (pid {runner['pid']})")
+                            f"or kill its runner (pid {runner.pid})")
     if alive is None and record.status in ACTIVE_STATUSES:
-        raise RunPilotError(f"run {record.id} runs on host {runner.get('host') or 'unknown'}; stop it there")
+        raise RunPilotError(f"run {record.id} runs on host {runner.host or 'unknown'}; stop it there")
     end_leftover_job(record, meta)
     return refresh(store, [record], note)[0]
 
@@ -10681,8 +10712,8 @@ def _show_facts(record: RunRecord, meta: RunMeta) -> list[str]:
         ("slurm", slurm.get("job_id") and f"job {slurm['job_id']}" + (f" on {slurm['node']}" if slurm.get("node")
                                                                         else "")
          + (f", partition {slurm['partition']}" if slurm.get("partition") else "")),
-        ("ssh", meta.runner.get("backend") == "ssh" and f"box {meta.runner.get('box')}, "
-                                                        f"{meta.runner.get('home')}/runs/{record.id}"),
+        ("ssh", meta.runner.backend == "ssh" and f"box {meta.runner.box}, "
+                                                 f"{meta.runner.extra.get('home')}/runs/{record.id}"),
         ("folder", record.path), ("tags", " ".join(f"{k}={v}" for k, v in sorted(record.tags.items()))),
         ("sweep", meta.sweep.id and f"{meta.sweep.id} point {meta.sweep.index}"),
         ("rerun of", meta.rerun_of), ("code", fmt_code(meta.code)),
@@ -12475,7 +12506,7 @@ def rerun_code(store: RunStore, config: JobConfig, old: RunMeta, options: RunOpt
     if mount is None or options.live_code:
         return {}
     snapshots = SnapshotStore(store.home)
-    box = old.runner.get("box") if old.runner.get("backend") == "ssh" else None
+    box = old.runner.box if old.runner.backend == "ssh" else None
     if recorded and box and not current and not snapshots.manifest_path(recorded).exists():  # a box's own snapshot
         say(f"run {old.run_id} ran on box {box}, whose snapshot of its code stays there; running "
             f"{mount.source} as it is now")
@@ -13636,7 +13667,7 @@ def cmd_stop(args) -> int:
         raise UsageError("name the run to stop (id, prefix, latest, -N), or a sweep with --sweep ID")
     record = find_run(store, args.run)
     meta = store.folder(record.id).read_meta()
-    elsewhere = bool(record.runner.get("backend"))  # its backend asks where it runs for what the job left
+    elsewhere = bool(record.runner.backend)  # its backend asks where it runs for what the job left
     if record.status not in ACTIVE_STATUSES and not (record.status == LOST and (elsewhere or leftover_job(record, meta))):
         echo(f"run {record.id} is not running ({record.status})")
         return 0

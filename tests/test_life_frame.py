@@ -314,3 +314,80 @@ class OldIndex(LifeCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def meta_bytes(data: dict) -> bytes:
+    """meta.json's bytes as RunPilot writes them."""
+    return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+class TheRunnerPart(LifeCase):
+    """meta.json's `runner` block as a typed part (RunnerState): the shapes RunPilot wrote read, and are
+    written back byte for byte; a wrongly typed value is kept, never taken for a pid or a box."""
+
+    RUN_ID = "20261120-100000-0000b1"
+    HERE = {"pid": 4242, "host": "gpu-box-1", "boot_id": "b" * 36, "start": "123456"}
+    SSH = {"backend": "ssh", "box": "gpu1", "home": "/home/u/.runpilot", "python": "python3",
+           "program": "/home/u/.runpilot/bin/runpilot-0.6.py", "config_file": "/src/train.yaml", "rerun_of": None,
+           "code": {"mode": "snapshot"}, "pull_outputs": False,
+           "sweep": {"id": "sw-20261120-100000-ab12", "index": 0, "repeat": 0, "point": {"env.LR": 0.1}}}
+
+    def old_file(self, runner: object) -> bytes:
+        data = json.loads(runpilot.RunMeta(self.RUN_ID, name="job", status=runpilot.RUNNING,
+                                           started_at="2026-11-20T10:00:00.000Z").to_json())
+        return meta_bytes(dict(data, runner=runner, future_key={"kept": True}))
+
+    def read(self, raw: bytes) -> runpilot.RunMeta:
+        return runpilot.RunMeta.from_json(json.loads(raw), self.RUN_ID)
+
+    def test_a_run_here_reads_and_round_trips(self):
+        raw = self.old_file(self.HERE)
+        meta = self.read(raw)
+        self.assertEqual(meta.problems, [])
+        self.assertEqual((meta.runner.pid, meta.runner.host, meta.runner.start, meta.runner.extra),
+                         (4242, "gpu-box-1", "123456", {}))
+        self.assertEqual((meta.backend, meta.backend_ref), ("here", None))
+        self.assertEqual(meta.to_json(), raw)
+        self.assertIsNone(runpilot.runner_alive(meta.runner))  # another host: cannot be told from here
+
+    def test_an_ssh_run_keeps_its_backends_keys(self):
+        raw = self.old_file(self.SSH)
+        meta = self.read(raw)
+        self.assertEqual(meta.problems, [])
+        self.assertEqual((meta.backend, meta.backend_ref, meta.runner.pid), ("ssh", "gpu1", None))
+        self.assertEqual(meta.runner.extra["home"], "/home/u/.runpilot")  # the ssh backend's, in extra
+        self.assertEqual(meta.runner.to_data(), self.SSH)
+        self.assertEqual(meta.to_json(), raw)
+        self.assertIsInstance(runpilot.runner_backend(meta.runner), runpilot.SshBackend)
+
+    def test_an_empty_and_a_null_valued_runner(self):
+        for runner in ({}, {"pid": 7, "host": "h", "boot_id": None, "start": None}):
+            raw = self.old_file(runner)
+            self.assertEqual(self.read(raw).to_json(), raw)
+        self.assertFalse(self.read(self.old_file({})).runner)
+
+    def test_wrongly_typed_values_are_kept_not_used(self):
+        runner = {"pid": "4242", "host": 5, "backend": ["ssh"], "box": 3, "start": 99}
+        raw = self.old_file(runner)
+        meta = self.read(raw)
+        self.assertEqual(meta.problems, [])
+        self.assertEqual((meta.runner.pid, meta.runner.host, meta.runner.backend, meta.runner.box),
+                         (None, None, None, None))
+        self.assertEqual((meta.backend, meta.backend_ref), ("here", None))
+        self.assertIsNone(runpilot.runner_alive(meta.runner))
+        self.assertIsNone(runpilot.runner_backend(meta.runner))
+        self.assertEqual(meta.to_json(), raw)
+
+    def test_a_runner_that_is_no_object_is_a_problem(self):
+        meta = self.read(self.old_file(["pid", 1]))
+        self.assertEqual(meta.problems, ["field 'runner' should be dict, found [\"pid\", 1]"])
+        self.assertFalse(meta.runner)
+
+    def test_the_index_keeps_the_same_runner(self):
+        record = self.add_run("job", "running", runner=self.SSH)
+        self.assertEqual(self.folder_meta(record.id)["runner"], self.SSH)
+        [row] = self.db_rows()
+        self.assertEqual(json.loads(row["runner"]), self.SSH)
+        again = self.store.get(record.id)
+        self.assertEqual((again.runner.box, again.runner.to_data()), ("gpu1", self.SSH))
+        self.assertEqual(again.runner, self.SSH)
