@@ -7935,6 +7935,45 @@ def _sweep_blame(key: str, value: object, point: SweepPoint, path: str, position
     return f"{where} (point {point.index + 1}: {key}={fmt_scalar(value)})"
 
 
+@dataclass(eq=False)
+class SweepOptions(MetaPart):
+    """How a sweep's runs run, sweep.json's `options`: kept so that `sweep --resume` runs the rest
+    the same way. Written back under the keys it was read or built with, in their order (sweep.json
+    is not sorted); a wrongly typed value is kept as it was, never used; a backend's own keys
+    (`pull_outputs` of --on ssh) are read by that backend alone."""
+
+    on: str | None = None               # where the runs execute: None (here), slurm, ssh:HOST,...
+    engine: str | None = None
+    tags: dict = field(default_factory=dict)
+    gpus: list[str] | None = None       # --gpus: the pool
+    parallel: int | None = None
+    fail_fast: bool | None = None
+    stop_timeout: float | None = None
+    pull: str | None = None
+    overrides: list[str] = field(default_factory=list)   # --set
+    no_gpu_check: bool | None = None
+    no_wait: bool | None = None
+    engine_logs: bool | None = None
+    code_snapshots: dict = field(default_factory=dict)
+    live_code: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_data(cls, data: dict) -> "SweepOptions":
+        options = super().from_data(data)
+        options.__dict__["_order"] = list(data)
+        return options
+
+    def to_data(self) -> dict:
+        data = super().to_data()
+        order = self.__dict__.get("_order", [])
+        return {**{k: data[k] for k in order if k in data}, **data}
+
+    def get(self, key: str, default: object = None) -> object:
+        """The value sweep.json holds under KEY, for the backend whose key it is (see the class)."""
+        return self.to_data().get(key, default)
+
+
 @dataclass
 class Sweep:
     """A sweep's plan, kept in sweep.json: what to run, and which run is which point."""
@@ -7944,9 +7983,13 @@ class Sweep:
     axes: list                          # [[key, [values]], ...]
     repeat: int
     points: list[dict]                  # index, values, repeat, run_id
-    options: dict                       # engine, pull, stop_timeout, tags, gpus, parallel, fail_fast
+    options: SweepOptions               # engine, pull, stop_timeout, tags, gpus, parallel, fail_fast
     created_at: str = ""
     runner: dict = field(default_factory=dict)
+
+    def __setattr__(self, name: str, value: object) -> None:  # options as sweep.json holds them: typed
+        object.__setattr__(self, name, SweepOptions.from_data(value)
+                           if name == "options" and isinstance(value, dict) else value)
 
     @classmethod
     def load(cls, store: RunStore, sweep_id: str) -> "Sweep":
@@ -7966,7 +8009,8 @@ class Sweep:
     def save(self, store: RunStore) -> None:
         folder = store.sweep_folder(self.sweep_id)
         make_private_dirs(folder.path)
-        write_atomic(folder.plan, (json.dumps(dataclasses.asdict(self), indent=2) + "\n").encode())
+        data = {**dataclasses.asdict(self), "options": self.options.to_data()}
+        write_atomic(folder.plan, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def sweep_file_problem(data: object) -> str | None:
@@ -7993,7 +8037,7 @@ def _pairs(values: object) -> bool:
 
 
 def plan_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint, JobConfig]], axes,
-               repeat: int, options: dict, config_file: str | None) -> Sweep:
+               repeat: int, options: "SweepOptions | dict", config_file: str | None) -> Sweep:
     """Record every point as a queued run (folder, config.yaml, meta.json, one index transaction)."""
     store.ensure()
     sweep = Sweep(sweep_id, config_file, [[k, list(v)] for k, v in axes], repeat, [], options, utc_now(),
@@ -8028,7 +8072,7 @@ def queued_meta(config: JobConfig, run_id: str, sweep: Sweep, point: SweepPoint)
     return RunMeta(run_id=run_id, name=config.name, status=QUEUED, started_at=utc_now(), engine=config.engine,
                    image=config.image, config_file=config.source, config=config_to_dict(config),
                    metric_names=list(config.metrics), runner=dict(sweep.runner), host=hostname(),
-                   tags=dict(sweep.options.get("tags") or {}),
+                   tags=dict(sweep.options.tags),
                    sweep={"id": sweep.sweep_id, "index": point.index, "repeat": point.repeat,
                           "point": {k: v for k, v in point.values}})
 
@@ -8288,7 +8332,7 @@ def summarize_sweep(sweep: Sweep, records: dict[str, RunRecord]) -> SweepSummary
     best = best_of(metric, [v for v, _ in scored]) if metric else None
     name = next((base_name(r.name) for r in current), "") or Path(str(sweep.config_file or "-")).name
     done = sum(s in (SUCCEEDED, FAILED, TIMEOUT) for s in statuses)
-    return SweepSummary(sweep.sweep_id, name, str(sweep.created_at), str(sweep.options.get("on") or "here"),
+    return SweepSummary(sweep.sweep_id, name, str(sweep.created_at), sweep.options.on or "here",
                         len(sweep.points), done, counts, metric, best,
                         next((i for v, i in scored if best is not None and v == best), None))
 
@@ -9912,7 +9956,7 @@ def follow_box_sweep(store: "RunStore", sweep: "Sweep", jobs: list, hosts: list[
 def ssh_resume_sweep(store: "RunStore", sweep: "Sweep", args) -> int:
     """`sweep --resume SW` of a box sweep: the points whose run still lives on its box are reported
     running and followed, never run again; the ones that never finished are placed anew."""
-    hosts = str(sweep.options["on"]).removeprefix("ssh:").split(",")
+    hosts = str(sweep.options.on).removeprefix("ssh:").split(",")
     if runner_alive(sweep.runner):
         raise UsageError(f"sweep {sweep.sweep_id} is still running (pid {sweep.runner.get('pid')}); "
                          f"stop it first (runpilot stop {sweep.sweep_id})")
@@ -10057,7 +10101,7 @@ def stop_sweep(store: RunStore, sweep_id: str, wait: float, note: Callable[[str]
     """`runpilot stop SWEEP_ID`: ask the sweep's runner to stop, as Ctrl-C would (or, when it died,
     end the jobs it left and cancel its queued points); say what became of its runs."""
     sweep = Sweep.load(store, sweep_id)
-    backend = BACKENDS.get(str(sweep.options.get("on") or HereBackend.name).partition(":")[0])
+    backend = BACKENDS.get((sweep.options.on or HereBackend.name).partition(":")[0])
     if backend is not None and (said := backend().stop_sweep(store, sweep, wait, note)) is not None:
         return said
     if runner_alive(sweep.runner):
@@ -12682,13 +12726,13 @@ def _sweep_here(store: RunStore, args, base: JobConfig, axes: list, points: "Swe
             return _run_sweep(store, sweep, jobs, options, parallel, args.fail_fast, signals)
 
 
-def _stored_options(args, options: RunOptions) -> dict:
+def _stored_options(args, options: RunOptions) -> SweepOptions:
     """The options a sweep keeps in sweep.json, so that `sweep --resume` runs the rest the same way."""
-    return {"engine": args.engine, "tags": options.tags, "gpus": args.gpus, "parallel": args.parallel,
+    return SweepOptions.from_data({"engine": args.engine, "tags": options.tags, "gpus": args.gpus, "parallel": args.parallel,
             "fail_fast": args.fail_fast, "stop_timeout": args.stop_timeout, "pull": args.pull,
             "overrides": args.set, "no_gpu_check": args.no_gpu_check, "no_wait": args.no_wait,
             "engine_logs": args.engine_logs, "code_snapshots": options.code_snapshots,
-            "live_code": args.live_code}
+            "live_code": args.live_code})
 
 
 def _check_sweep_host(configs: list[JobConfig], options: RunOptions) -> None:
@@ -12743,7 +12787,7 @@ def _resume_sweep(store: RunStore, args) -> int:
         raise UsageError(f"--resume runs the points as they were recorded; {', '.join(changed)} cannot be given "
                          "with it (start a new sweep to change them)")
     sweep = Sweep.load(store, find_sweep(store, args.resume))
-    if str(sweep.options.get("on")).startswith("ssh"):
+    if (sweep.options.on or "").startswith("ssh"):
         with held_sweep(store, sweep.sweep_id):
             return SshBackend().resume_sweep(store, Sweep.load(store, sweep.sweep_id), args)
     with held_sweep(store, sweep.sweep_id):
@@ -12752,7 +12796,7 @@ def _resume_sweep(store: RunStore, args) -> int:
 
 def _resume_held(store: RunStore, sweep: Sweep, args) -> int:
     """--resume, once this process alone holds the sweep."""
-    if sweep.options.get("on") == "slurm":
+    if sweep.options.on == "slurm":
         raise UsageError(f"sweep {sweep.sweep_id} was submitted to Slurm, and --resume runs points here; submit "
                          "the points that did not finish again with runpilot sweep ... --on slurm")
     if runner_alive(sweep.runner):
@@ -12767,11 +12811,11 @@ def _resume_held(store: RunStore, sweep: Sweep, args) -> int:
         sweep.runner = runner_identity()
         jobs = [_requeue(store, sweep, point, folder, meta) for point, folder, meta in todo]
         sweep.save(store)
-        parallel = args.parallel or sweep.options.get("parallel") or sweep_parallel([c for _, c in jobs], options,
+        parallel = args.parallel or sweep.options.parallel or sweep_parallel([c for _, c in jobs], options,
                                                                                       None, os.environ)
         note(f"resuming sweep {sweep.sweep_id}: {len(jobs)} point(s)")
         return _run_sweep(store, sweep, jobs, options, parallel,
-                          args.fail_fast or bool(sweep.options.get("fail_fast")), signals)
+                          args.fail_fast or bool(sweep.options.fail_fast), signals)
 
 
 def _unfinished_points(store: RunStore, sweep: Sweep) -> list[tuple[dict, RunFolder, RunMeta]]:
@@ -12802,17 +12846,17 @@ def _requeue(store: RunStore, sweep: Sweep, point: dict, folder: RunFolder, meta
     return point, config
 
 
-def _resume_options(stored: dict, args) -> RunOptions:
+def _resume_options(stored: SweepOptions, args) -> RunOptions:
     """The options the sweep was started with; how-to-run flags given again are added."""
-    return RunOptions(engine=stored.get("engine"), tags=stored.get("tags") or {},
-                      gpu_pool=args.gpus or stored.get("gpus"),
-                      stop_timeout=stored.get("stop_timeout") or DEFAULT_STOP_TIMEOUT,
-                      pull=stored.get("pull") or "missing", overrides=stored.get("overrides") or [],
-                      gpu_check=not (args.no_gpu_check or stored.get("no_gpu_check")),
-                      wait_for_gpus=not (args.no_wait or stored.get("no_wait")),
-                      keep_engine_logs=args.engine_logs or bool(stored.get("engine_logs")),
-                      code_snapshots=stored.get("code_snapshots") or {},
-                      live_code=args.live_code or bool(stored.get("live_code")))
+    return RunOptions(engine=stored.engine, tags=stored.tags or {},
+                      gpu_pool=args.gpus or stored.gpus,
+                      stop_timeout=stored.stop_timeout or DEFAULT_STOP_TIMEOUT,
+                      pull=stored.pull or "missing", overrides=stored.overrides or [],
+                      gpu_check=not (args.no_gpu_check or stored.no_gpu_check),
+                      wait_for_gpus=not (args.no_wait or stored.no_wait),
+                      keep_engine_logs=args.engine_logs or bool(stored.engine_logs),
+                      code_snapshots=stored.code_snapshots or {},
+                      live_code=args.live_code or bool(stored.live_code))
 
 
 def _sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -13182,7 +13226,7 @@ def sweep_summaries(store: RunStore, note: Callable[[str], None], limit: int | N
         except RunPilotError as exc:
             note(f"sweep {sweep_id} is left out: {exc}")
             continue
-        if not isinstance(sweep.points, list) or not isinstance(sweep.options, dict):
+        if not isinstance(sweep.points, list) or not isinstance(sweep.options, SweepOptions):
             note(f"sweep {sweep_id} is left out: its sweep.json is not a sweep's plan")
             continue
         plans.append(sweep)

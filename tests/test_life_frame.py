@@ -391,3 +391,68 @@ class TheRunnerPart(LifeCase):
         again = self.store.get(record.id)
         self.assertEqual((again.runner.box, again.runner.to_data()), ("gpu1", self.SSH))
         self.assertEqual(again.runner, self.SSH)
+
+
+class TheSweepOptions(LifeCase):
+    """sweep.json's `options` as a typed part (SweepOptions): sweep.json as RunPilot writes it (not sorted)
+    reads and is written back byte for byte; a wrongly typed value is kept, never used."""
+
+    SWEEP_ID = "sw-20261120-100000-ab12c3"
+    OPTIONS = {"engine": None, "tags": {"team": "a"}, "gpus": ["0", "1"], "parallel": 2, "fail_fast": False,
+               "stop_timeout": 10.0, "pull": "missing", "overrides": ["env.X=1"], "no_gpu_check": False,
+               "no_wait": False, "engine_logs": False, "code_snapshots": {}, "live_code": False}
+
+    def write_plan(self, options: object) -> bytes:
+        plan = {"sweep_id": self.SWEEP_ID, "config_file": "/src/train.yaml", "axes": [["env.LR", [0.1, 0.2]]],
+                "repeat": 1, "points": [{"index": 0, "values": [["env.LR", 0.1]], "repeat": 0,
+                                         "run_id": "20261120-100000-0000c1"}],
+                "options": options, "created_at": "2026-11-20T10:00:00.000Z", "runner": {}}
+        raw = (json.dumps(plan, indent=2) + "\n").encode()
+        folder = self.store.sweep_folder(self.SWEEP_ID)
+        folder.path.mkdir(parents=True)
+        folder.plan.write_bytes(raw)
+        return raw
+
+    def load_and_save(self) -> tuple[runpilot.Sweep, bytes]:
+        sweep = runpilot.Sweep.load(self.store, self.SWEEP_ID)
+        sweep.save(self.store)
+        return sweep, self.store.sweep_folder(self.SWEEP_ID).plan.read_bytes()
+
+    def test_a_local_sweeps_options_read_and_round_trip(self):
+        raw = self.write_plan(self.OPTIONS)
+        sweep, again = self.load_and_save()
+        self.assertEqual(again, raw)
+        options = runpilot._resume_options(sweep.options, mock.Mock(gpus=None, no_gpu_check=False, no_wait=False,
+                                                                    engine_logs=False, live_code=False))
+        self.assertEqual((options.tags, options.gpu_pool, options.stop_timeout, options.overrides),
+                         ({"team": "a"}, ["0", "1"], 10.0, ["env.X=1"]))
+        self.assertEqual((sweep.options.on, sweep.options.parallel), (None, 2))
+
+    def test_backends_keys_and_unknown_keys_keep_their_place(self):
+        stored = {"engine": None, "tags": {}, "parallel": None, "on": "ssh:gpu1,gpu2", "fail_fast": True,
+                  "code_snapshots": {}, "pull_outputs": True, "from_the_future": [1]}
+        raw = self.write_plan(stored)
+        sweep, again = self.load_and_save()
+        self.assertEqual(again, raw)
+        self.assertEqual((sweep.options.on, sweep.options.fail_fast, sweep.options.get("pull_outputs")),
+                         ("ssh:gpu1,gpu2", True, True))
+
+    def test_wrongly_typed_values_are_kept_not_used(self):
+        raw = self.write_plan({"on": 5, "parallel": "4", "tags": None, "fail_fast": "yes"})
+        sweep, again = self.load_and_save()
+        self.assertEqual(again, raw)
+        self.assertEqual((sweep.options.on, sweep.options.parallel, sweep.options.tags, sweep.options.fail_fast),
+                         (None, None, {}, None))
+
+    def test_options_that_are_no_object_are_refused_in_one_line(self):
+        self.write_plan([])
+        with self.assertRaises(runpilot.StoreError) as caught:
+            runpilot.Sweep.load(self.store, self.SWEEP_ID)
+        self.assertIn("'options' must be an object", str(caught.exception))
+        self.assertNotIn("\n", str(caught.exception))
+
+    def test_a_new_sweep_writes_the_keys_it_was_given_in_order(self):
+        options = runpilot.SweepOptions.from_data(dict(self.OPTIONS))
+        options.parallel = 3
+        self.assertEqual(list(options.to_data()), list(self.OPTIONS))
+        self.assertEqual(options.to_data()["parallel"], 3)
