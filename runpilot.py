@@ -9620,6 +9620,14 @@ class SshBackend(Backend):
         meta = ssh_record_home(store, box, record.runner, record.id)
         return RunRecord.of(meta, store.folder(record.id).path)
 
+    def stop_sweep(self, store: "RunStore", sweep: "Sweep", wait: float, note: Callable[[str], None]) -> str | None:
+        """A box sweep whose runner here died: its queued points are cancelled, and its started ones
+        are stopped on their boxes (one ssh command per box: the box's `stop`, then its report);
+        a live runner is stopped as a local sweep's (None: its Ctrl-C path stops the boxes' points)."""
+        if runner_alive(sweep.runner):
+            return None
+        return ssh_stop_points(store, sweep, wait, note)
+
     def follow_logs(self, store: "RunStore", record: RunRecord, tail: int | None) -> int | None:
         if record.status not in ACTIVE_STATUSES:
             return None
@@ -9635,6 +9643,39 @@ class SshBackend(Backend):
             follower.wait()
         ssh_record_home(store, box, record.runner, record.id)
         return 130 if signals.received else 0
+
+
+def ssh_stop_points(store: "RunStore", sweep: "Sweep", wait: float, note: Callable[[str], None]) -> str:
+    """Stop every active point of SWEEP on its box, all boxes at once, and record each as its box
+    does (`interrupted`, as a sweep's Ctrl-C leaves them); cancel the queued ones. A box that does
+    not answer leaves its points as last known, said in NOTE."""
+    import concurrent.futures  # only here: only box sweeps pay for it
+    for point in sweep.points:
+        cancel_queued(store, point["run_id"], None)
+    boxes: dict[str, dict[str, dict]] = {}
+    for point in sweep.points:
+        record = store.get(point["run_id"])
+        if record is not None and record.status in ACTIVE_STATUSES and record.runner.get("backend") == "ssh":
+            boxes.setdefault(record.runner["box"], {})[record.id] = record.runner
+
+    def stop_on(host: str) -> None:
+        runners = boxes[host]
+        box, first = SshBox.of(host, store), next(iter(runners.values()))
+        script = "".join(box.runpilot(first, ["stop", run_id, "--wait", f"{wait:g}"]) + " >&2 & " for run_id in runners)
+        try:  # the box's stops at once, then its report of them (stdout: the tar)
+            done = box.call(f"{script}wait; exec " + box.runpilot(first, ["_box-report", *runners]),
+                            "stop the sweep's runs", binary=True, timeout=wait + 60)
+        except SshError as exc:
+            note(f"{exc}; its runs are shown as last known")
+            return
+        if done.returncode != 0:
+            note(box_error_line(host, done.stderr.decode("utf-8", "replace")) + "; its runs are shown as last known")
+            return
+        ssh_unpack(store, done.stdout, runners)
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(boxes))) as pool:
+        list(pool.map(stop_on, boxes))
+    statuses = [store.folder(p["run_id"]).read_meta().status for p in sweep.points]
+    return fmt_sweep_statuses(sweep.sweep_id, statuses)
 
 
 def _read_some(fd: int) -> bytes | None:

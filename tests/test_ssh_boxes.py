@@ -591,6 +591,25 @@ class BoxSweepLife(BoxTestCase):
         for run in self.runs():
             self.assertEqual(json.loads(self.box_file(BOX1, run.name, "meta.json"))["status"], "interrupted")
 
+    def test_stop_of_a_sweep_whose_runner_died_stops_its_points_on_the_box(self) -> None:
+        config = self.sweep_config(LONG)
+        child = self.start("sweep", config, "--grid", "env.LR=1,2,3,4", "--on", f"ssh:{BOX1}")
+        self.wait_for_line(child.stderr, b"[2/4 LR=2] started on box")
+        child.kill()  # the sweep's runner dies; its points run on, on the box
+        child.communicate(timeout=RUN_TIMEOUT_S)
+        sweep_id = self.meta(self.runs()[0])["sweep"]["id"]
+        started = sorted(run.name for run in self.runs() if self.meta(run)["status"] == "running")
+        self.assertEqual(len(started), 2)
+        code, out, err = self.cli("stop", sweep_id)
+        self.assertEqual(code, 0, err)
+        self.assertIn("2 interrupted", out)
+        statuses = {run.name: self.meta(run)["status"] for run in self.runs()}
+        self.assertEqual(sorted(statuses.values()), ["cancelled", "cancelled", "interrupted", "interrupted"])
+        self.assertEqual({r["id"]: r["status"] for r in self.db_rows()}, statuses)
+        for run_id in started:
+            self.assertEqual(statuses[run_id], "interrupted")
+            self.assertEqual(json.loads(self.box_file(BOX1, run_id, "meta.json"))["status"], "interrupted")
+
     def test_resume_follows_the_points_still_running_on_the_box(self) -> None:
         config = self.sweep_config("import time\ntime.sleep(6)\nprint('done', flush=True)\n")
         child = self.start("sweep", config, "--grid", "env.LR=1,2,3,4", "--on", f"ssh:{BOX1}")
