@@ -9894,6 +9894,7 @@ def ssh_sweep_cli(args, store: "RunStore", configs: list, axes, options: RunOpti
                      "when one has them (the boxes' own claims decide); no box was asked"))
         return 0
     if args.detach:
+        ssh_check_boxes(store, hosts, note)
         return detach(args.argv, store, "--sweep-id", sweep=store.sweep_folder(sweep_id))
     options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
     stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": f"ssh:{','.join(hosts)}",
@@ -9905,6 +9906,31 @@ def ssh_sweep_cli(args, store: "RunStore", configs: list, axes, options: RunOpti
             jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
             note(f"sweep {sweep_id}: {len(jobs)} point(s) on {', '.join(hosts)}")
             return follow_box_sweep(store, sweep, jobs, hosts, options, parallel, args.fail_fast, signals, {})
+
+
+def ssh_check_boxes(store: "RunStore", hosts: list[str], say: Callable[[str], None]) -> list[str]:
+    """Before a box sweep goes to the background: can ssh reach each box (one `true` each, all at
+    once; the connection made stays for the sweep)? None answers: ssh's failure, one line (exit 125).
+    Some answer: the sweep goes on with those, and SAY names the others (they get no points, as
+    when a box stops answering mid-sweep); the boxes that answer are returned."""
+    import concurrent.futures  # only here: only box sweeps pay for it
+
+    def check(host: str) -> SshError | None:
+        try:
+            SshBox.of(host, store).call("true", "check it", timeout=SSH_CONNECT_S + 30)
+        except SshError as exc:
+            return exc
+        return None
+    with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
+        failures = dict(zip(hosts, pool.map(check, hosts)))
+    answered = [host for host in hosts if failures[host] is None]
+    if not answered:
+        first = str(failures[hosts[0]])
+        raise SshError(first if len(hosts) == 1 else f"none of the sweep's {len(hosts)} boxes answers over ssh: {first}")
+    for host in hosts:
+        if failures[host] is not None:
+            say(visible(f"{failures[host]}; the sweep goes on without box {host} (on {', '.join(answered)})"))
+    return answered
 
 
 def follow_box_sweep(store: "RunStore", sweep: "Sweep", jobs: list, hosts: list[str], options: RunOptions,

@@ -610,6 +610,41 @@ class BoxSweepLife(BoxTestCase):
             self.assertEqual(statuses[run_id], "interrupted")
             self.assertEqual(json.loads(self.box_file(BOX1, run_id, "meta.json"))["status"], "interrupted")
 
+    def test_detached_sweep_on_unreachable_boxes_fails_before_detaching(self) -> None:
+        config = self.sweep_config("print('hi')\n")
+        dead = "ssh://rpbox1@127.0.0.1:1"
+        done = self.process("sweep", config, "--grid", "env.LR=1,2", "--on", f"ssh:{dead}", "-d",
+                            timeout=RUN_TIMEOUT_S)
+        self.assertEqual(done.returncode, 125, done.stderr)
+        self.assertEqual(done.stdout, b"")
+        lines = done.stderr.decode().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith(f"runpilot: error: cannot reach box {dead} over ssh"), lines)
+        self.assertIn("Connection refused", lines[0])
+        self.assertEqual((self.runs(), self.db_rows()), ([], []))
+        self.assertFalse((self.home / "sweeps").exists() and any((self.home / "sweeps").iterdir()))
+        both = self.process("sweep", config, "--grid", "env.LR=1,2", "--on", f"ssh:{dead},{dead}", "-d",
+                            timeout=RUN_TIMEOUT_S)
+        self.assertEqual(both.returncode, 125, both.stderr)
+        self.assertIn(b"runpilot: error: none of the sweep's 2 boxes answers over ssh: cannot reach box", both.stderr)
+
+    def test_detached_sweep_goes_on_with_the_boxes_that_answer(self) -> None:
+        config = self.sweep_config("print('hi')\n")
+        dead = "ssh://rpbox1@127.0.0.1:1"
+        done = self.process("sweep", config, "--grid", "env.LR=1,2", "--on", f"ssh:{dead},{BOX2}", "-d",
+                            timeout=RUN_TIMEOUT_S)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        sweep_id = done.stdout.decode().strip()
+        self.assertTrue(sweep_id.startswith("sw-"), done.stdout)
+        self.assertIn(f"cannot reach box {dead} over ssh".encode(), done.stderr)
+        self.assertIn(f"the sweep goes on without box {dead} (on {BOX2})".encode(), done.stderr)
+        deadline = time.monotonic() + 2 * RUN_TIMEOUT_S
+        while sorted(r["status"] for r in json.loads(self.cli("list", "--sweep", sweep_id, "--json")[1])) != \
+                ["succeeded"] * 2:
+            self.assertLess(time.monotonic(), deadline, "the points did not end on the box that answers")
+            time.sleep(0.5)
+        self.assertEqual({self.meta(run)["runner"]["box"] for run in self.runs()}, {BOX2})
+
     def test_resume_follows_the_points_still_running_on_the_box(self) -> None:
         config = self.sweep_config("import time\ntime.sleep(6)\nprint('done', flush=True)\n")
         child = self.start("sweep", config, "--grid", "env.LR=1,2,3,4", "--on", f"ssh:{BOX1}")
