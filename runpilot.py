@@ -8919,6 +8919,7 @@ SSH_CONNECT_S = 15          # ssh's ConnectTimeout: an unreachable box fails in 
 SSH_CALL_S = 300            # the longest one ssh command may take (shipping code included)
 SSH_MIN_PYTHON = (3, 10)    # what runpilot.py needs on the box
 SSH_LOST_S = 60             # a box silent this long mid-sweep: its running points are recorded lost
+SSH_FULL_LOOK_S = 3.0       # a box sweep's full look at a box's points (`_box-report`, a Python start there) at least this often
 # How a box runs its runpilot-<hash>.py for this side's commands: imported from its path, so Python
 # keeps its bytecode in the box's bin/__pycache__ (run as a script, 13,000 lines are compiled each time).
 SSH_LAUNCHER = ("import importlib.util as u, sys; p = sys.argv[1]; s = u.spec_from_file_location('runpilot', p); "
@@ -9217,11 +9218,19 @@ def add_snapshot(tar, snapshots: "SnapshotStore", snapshot_id: str) -> None:
                                 "rerun with --current-code") from exc
 
 
-def ssh_start_script(plan: SshPlan, home: str, flags: list[str]) -> str:
+SSH_UNREADY = 86  # the start script's exit when the box lacks what an earlier look found there (the start then looks again)
+
+
+def ssh_start_script(plan: SshPlan, home: str, flags: list[str], unlooked: bool = False) -> str:
     """sh that puts the payload in place, starts the run detached with the box's own RunPilot, and
-    sends its meta.json back as a tar (what `_box-report` would send, without a second round trip)."""
+    sends its meta.json back as a tar (what `_box-report` would send, without a second round trip).
+    UNLOOKED: no probe ran before it (an earlier start of the sweep found the box ready): it first
+    checks that the program and code are still there, else exits SSH_UNREADY, having changed nothing."""
     h, rid = shlex.quote(home), plan.run_id
-    lines = ["set -e", f"h={h}", f's="$h/.incoming-{rid}"', "trap 'rm -rf \"$s\"' EXIT", 'mkdir -p "$s"',
+    ready = [f'test -f "$h/bin/{plan.program}"', *([f'test -d "$h/code/{plan.code_hash}"'] if plan.code_hash else []),
+             *(f"test -d {shlex.quote(folder)}" for folder in plan.box_mounts)]
+    lines = [f"h={h}", *([f"{' && '.join(ready)} || {{ cat >/dev/null; exit {SSH_UNREADY}; }}"] if unlooked else []),
+             "set -e", f's="$h/.incoming-{rid}"', "trap 'rm -rf \"$s\"' EXIT", 'mkdir -p "$s"',
              'tar -x -f - -C "$s"',
              f'if [ -f "$s/runpilot.py" ]; then mv "$s/runpilot.py" "$h/bin/{plan.program}"; fi']
     if plan.code_hash:
@@ -9345,28 +9354,43 @@ def start_failure(host: str, stderr: str, code: int, home: str) -> RunPilotError
 
 
 def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptions,
-              report: Callable[[str], None], pull_outputs: bool = False) -> RunMeta:
+              report: Callable[[str], None], pull_outputs: bool = False, ready: dict | None = None) -> RunMeta:
     """Check the box, send what it lacks, start the run there detached; record it here, running.
     The code is the run's snapshot here (a rerun's or a sweep's recorded one, or taken now), so the
-    run here names code that this side holds and `rerun` reproduces it."""
+    run here names code that this side holds and `rerun` reproduces it. READY (a sweep's): the
+    boxes an earlier start found ready for the same program, code and mounts; their start is one
+    ssh command (no probe first), which looks again only when the box lacks them now."""
     import tarfile  # only here: only runs on other boxes pay for it
     run_id = options.run_id or new_run_id()
     code = plan_code(config, options, store)
     plan = ssh_plan(host, run_id, config, store.home, code.get("snapshot"))
     box = SshBox.of(host, store)
-    probe = box.call(ssh_probe_script(plan), "check it")
-    facts = parse_probe(probe.stdout)
-    if probe.returncode != 0 or "home" not in facts:
-        raise SshError(f"box {host} did not run sh ({probe.stderr.strip()[:200] or 'no output'}); RunPilot "
-                       "needs a POSIX shell on the box")
-    if (why := probe_problem(host, facts, config.ssh)) is not None:
-        raise SshError(why)
-    home = facts["home"][0]
-    sent = "" if facts.get("program") else "runpilot.py, "
-    sent += "" if not plan.code or facts.get("code") else "the code, "
-    report(f"sending {sent}the config to box {host}")
-    start = box.call(ssh_start_script(plan, home, ssh_run_flags(options)), "start the run",
-                     data=ssh_payload(plan, facts), binary=True)
+    key = (host, config.ssh.home, config.ssh.python, plan.program, plan.code_hash, tuple(plan.box_mounts))
+    start = None
+    if ready is not None and key in ready:
+        home = ready[key]
+        facts = {"home": [home], "program": ["yes"], "code": ["yes"]}
+        start = box.call(ssh_start_script(plan, home, ssh_run_flags(options), unlooked=True), "start the run",
+                         data=ssh_payload(plan, facts), binary=True)
+        if start.returncode == SSH_UNREADY:
+            ready.pop(key, None)
+            start = None
+    if start is None:
+        probe = box.call(ssh_probe_script(plan), "check it")
+        facts = parse_probe(probe.stdout)
+        if probe.returncode != 0 or "home" not in facts:
+            raise SshError(f"box {host} did not run sh ({probe.stderr.strip()[:200] or 'no output'}); RunPilot "
+                           "needs a POSIX shell on the box")
+        if (why := probe_problem(host, facts, config.ssh)) is not None:
+            raise SshError(why)
+        home = facts["home"][0]
+        sent = "" if facts.get("program") else "runpilot.py, "
+        sent += "" if not plan.code or facts.get("code") else "the code, "
+        report(f"sending {sent}the config to box {host}")
+        start = box.call(ssh_start_script(plan, home, ssh_run_flags(options)), "start the run",
+                         data=ssh_payload(plan, facts), binary=True)
+    if start.returncode == 0 and ready is not None:
+        ready[key] = home
     if start.returncode != 0:
         raise start_failure(host, start.stderr.decode("utf-8", "replace"), start.returncode, home)
     runner = {"backend": "ssh", "box": host, "home": home, "python": config.ssh.python,
@@ -9743,6 +9767,8 @@ class BoxSweep:
     slots: dict[str, int] = field(default_factory=dict)
     silent: dict[str, float] = field(default_factory=dict)  # box -> when it stopped answering
     failed: bool = False
+    looks: dict[str, tuple] = field(default_factory=dict)   # box -> (its points' meta.json sums, when fully looked at)
+    ready: dict[tuple, str] = field(default_factory=dict)   # ssh_start's boxes found ready: one command per start
 
     def run(self, jobs: list, signals: "StopSignals") -> int:
         """Start points while boxes have room; follow them; end as a local sweep ends."""
@@ -9798,7 +9824,7 @@ class BoxSweep:
         host, point, config = job
         try:
             return ssh_start(self.store, host, config, dataclasses.replace(self.options, run_id=point["run_id"]),
-                             lambda text: None, self.pull_outputs)
+                             lambda text: None, self.pull_outputs, self.ready)
         except RunPilotError as exc:
             return exc
 
@@ -9809,8 +9835,10 @@ class BoxSweep:
 
         def ask(host: str) -> tuple[str, list[str], dict[str, RunRecord]]:  # one ssh command per box, all at once
             said: list[str] = []
-            return host, said, SshBackend().refresh(self.store, [r for r in records if self.running[r.id] == host],
-                                                    said.append)
+            mine = [r for r in records if self.running[r.id] == host]
+            if not self.changed(host, mine):
+                return host, said, {}
+            return host, said, SshBackend().refresh(self.store, mine, said.append)
         hosts = sorted(set(self.running.values()))
         with concurrent.futures.ThreadPoolExecutor(max(1, len(hosts))) as pool:
             for host, said, found in pool.map(ask, hosts):
@@ -9833,6 +9861,26 @@ class BoxSweep:
                     for point, _ in pending:
                         cancel_queued(self.store, point["run_id"], None, f"--fail-fast: run {run_id} did not succeed")
                     pending.clear()
+
+    def changed(self, host: str, records: list[RunRecord]) -> bool:
+        """Whether the box's points may have changed since the last full look (`_box-report`, a Python
+        start on the box): a sum of their meta.json files (sh only: what a runner there writes when its
+        run is placed or ends) differs, or the last full look is SSH_FULL_LOOK_S old (a runner killed
+        there writes nothing; live metrics). A box that does not answer: the full look says so."""
+        if not records:
+            return True
+        home = records[0].runner.get("home", "")
+        paths = " ".join(shlex.quote(f"{home}/runs/{r.id}/meta.json") for r in records)
+        try:
+            sums = SshBox.of(host, self.store).call(f"cksum {paths} 2>&1; exit 0", "look at its runs",
+                                                    timeout=60).stdout
+        except SshError:
+            return True
+        last_sums, last_full = self.looks.get(host, (None, 0.0))
+        if sums == last_sums and time.monotonic() - last_full < SSH_FULL_LOOK_S:
+            return False
+        self.looks[host] = (sums, time.monotonic())
+        return True
 
     def box_answered(self, host: str, said: list[str], records: list[RunRecord]) -> dict[str, RunRecord]:
         """Say once that a box stopped answering; after SSH_LOST_S of silence its running points are
@@ -12464,7 +12512,12 @@ def detach(argv: list[str], store: RunStore, flag: str, folder: RunFolder | None
         raise StoreError(f"cannot start in the background: {e.strerror} ({store.home}); check that "
                          "RUNPILOT_HOME is writable, or set it to a writable folder") from e
     with open(fd, "wb") as err:
-        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *child_argv],
+        # imported through SSH_LAUNCHER, not run as a script: the child reuses the cached bytecode
+        # (a script is compiled at every start: the larger part of a detached start, on a box too);
+        # a copy installed without `.py` cannot be imported by its path, and runs as the script
+        me = os.path.abspath(__file__)
+        child = subprocess.Popen([sys.executable, *(["-c", SSH_LAUNCHER] if me.endswith(".py") else []), me,
+                                  *child_argv],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                  start_new_session=True)
     recorded = folder.meta_file if folder else sweep.plan  # type: ignore[union-attr]

@@ -193,6 +193,21 @@ class DetachedRun(BoxTestCase):
                          self.box_file(BOX2, run_id, "logs.txt"))
         self.assertEqual(self.db_rows()[0]["status"], "interrupted")
 
+    def test_the_boxs_detached_runner_reuses_the_cached_bytecode(self) -> None:
+        import runpilot
+        config = self.config(LONG)
+        done = self.process("run", config, "--on", f"ssh:{BOX1}", "-d", timeout=RUN_TIMEOUT_S)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        run_id = done.stdout.decode().strip()
+        self.addCleanup(self.process, "stop", run_id, timeout=RUN_TIMEOUT_S)
+        pid = json.loads(self.box_file(BOX1, run_id, "meta.json"))["runner"]["pid"]
+        argv = on_box(BOX1, f"cat /proc/{pid}/cmdline").stdout.split(b"\0")
+        self.assertEqual(argv[1:3], [b"-c", runpilot.SSH_LAUNCHER.encode()], argv)  # imported, not a script
+        self.assertTrue(argv[3].endswith(b".py") and b"/bin/runpilot-" in argv[3], argv)
+        self.assertEqual(argv[4:6], [b"run", f"{argv[3].split(b'/bin/')[0].decode()}/configs/{run_id}.yaml".encode()])
+        cached = on_box(BOX1, f"ls ~/{self.box_home}/bin/__pycache__").stdout.decode()
+        self.assertIn(argv[3].rsplit(b"/", 1)[1].removesuffix(b".py").decode() + ".cpython-", cached)
+
     def test_list_refreshes_and_copies_a_finished_run_home(self) -> None:
         config = self.config(JOB)
         done = self.process("run", config, "--on", f"ssh:{BOX1}", "-d", timeout=RUN_TIMEOUT_S)
@@ -473,6 +488,87 @@ class LostBox(BoxTestCase):
         self.assertEqual(self.meta(folder.path)["status"], "lost")
         self.assertEqual(store.get(run_id).status, "lost")
         self.assertEqual(sum("Connection refused" in line for line in said), 1)  # said once, not every poll
+
+
+class BoxSweepCost(BoxTestCase):
+    """What a box sweep costs the box: one ssh command per start once the box is known ready, and a
+    sh-only look per poll (a `_box-report`, a Python start there, only when a point changed)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        import runpilot
+        self.rp = runpilot
+        self.store = runpilot.RunStore(self.home)
+        self.job = runpilot.load_config(self.config(LONG))
+
+    def counted(self, calls: list):
+        from unittest import mock
+        real = self.rp.SshBox.call
+
+        def call(box, script, *args, **kwargs):
+            calls.append(script)
+            return real(box, script, *args, **kwargs)
+        return mock.patch.object(self.rp.SshBox, "call", call)
+
+    def test_a_start_on_a_box_known_ready_is_one_ssh_command(self) -> None:
+        ready, calls, ids = {}, [], []
+        with self.counted(calls):
+            for expected in (2, 1, 3):
+                if expected == 3:  # the box lost its copy of RunPilot: the start looks again and resends it
+                    self.assertEqual(on_box(BOX1, f"rm -rf ~/{self.box_home}/bin").returncode, 0)
+                calls.clear()
+                options = self.rp.RunOptions(run_id=self.rp.new_run_id())
+                meta = self.rp.ssh_start(self.store, BOX1, self.job, options, lambda text: None, False, ready)
+                ids.append(meta.run_id)
+                self.addCleanup(self.process, "stop", meta.run_id, timeout=RUN_TIMEOUT_S)
+                self.assertEqual(len(calls), expected, calls)
+                self.assertEqual(meta.status, "running")
+        for run_id in ids:
+            self.assertEqual(json.loads(self.box_file(BOX1, run_id, "meta.json"))["status"], "running")
+        self.assertEqual(len(on_box(BOX1, f"ls ~/{self.box_home}/bin").stdout.split()), 2)  # program, __pycache__
+
+    def test_polls_look_fully_only_when_a_point_changed(self) -> None:
+        from unittest import mock
+        meta = self.rp.ssh_start(self.store, BOX1, self.job, self.rp.RunOptions(), lambda text: None)
+        run_id = meta.run_id
+        self.addCleanup(self.process, "stop", run_id, timeout=RUN_TIMEOUT_S)
+        said, reports = [], []
+        real = self.rp.SshBackend.refresh
+
+        def refresh(backend, store, records, note):
+            reports.append([r.id for r in records])
+            return real(backend, store, records, note)
+        sweep = self.rp.BoxSweep(self.store, mock.Mock(), [BOX1], self.rp.RunOptions(), 4, False, said.append,
+                                 running={run_id: BOX1}, slots={BOX1: 1})
+        with mock.patch.object(self.rp.SshBackend, "refresh", refresh):
+            for _ in range(5):
+                sweep.collect({run_id: "[1/1]"}, [])
+            self.assertEqual(reports, [[run_id]])  # the first poll looks fully; the box's points did not change
+            self.assertEqual(sweep.running, {run_id: BOX1})
+            code, out, err = self.cli("stop", run_id)
+            self.assertEqual(code, 0, err)
+            reports.clear()
+            sweep.collect({run_id: "[1/1]"}, [])
+        self.assertEqual(reports, [[run_id]])  # its meta.json changed on the box: a full look, which ends it
+        self.assertEqual(sweep.running, {})
+        self.assertIn("[1/1] interrupted", said[-1])
+
+    def test_a_full_look_comes_at_least_every_few_seconds(self) -> None:
+        from unittest import mock
+        meta = self.rp.ssh_start(self.store, BOX1, self.job, self.rp.RunOptions(), lambda text: None)
+        self.addCleanup(self.process, "stop", meta.run_id, timeout=RUN_TIMEOUT_S)
+        reports = []
+        sweep = self.rp.BoxSweep(self.store, mock.Mock(), [BOX1], self.rp.RunOptions(), 4, False, lambda t: None,
+                                 running={meta.run_id: BOX1}, slots={BOX1: 1})
+        real = self.rp.SshBackend.refresh
+        with mock.patch.object(self.rp.SshBackend, "refresh",
+                               lambda b, *a: reports.append(1) or real(b, *a)), \
+                mock.patch.object(self.rp, "SSH_FULL_LOOK_S", 0.5):
+            sweep.collect({meta.run_id: "[1/1]"}, [])
+            sweep.collect({meta.run_id: "[1/1]"}, [])
+            time.sleep(0.6)
+            sweep.collect({meta.run_id: "[1/1]"}, [])
+        self.assertEqual(len(reports), 2)  # a runner killed on the box writes nothing: the full look finds it
 
 
 class Outputs(BoxTestCase):
