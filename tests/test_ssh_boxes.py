@@ -416,6 +416,34 @@ time.sleep(4)
         code, out, _ = self.cli("list", "--sweep", "latest", "--json")
         self.assertEqual(len(json.loads(out)), 8)
 
+    def test_two_sweeps_at_once_on_the_same_boxes_never_share_a_gpu(self) -> None:
+        (self.code / "train.py").write_text(self.JOB)
+        config = self.write("sweep.yaml", f"""\
+            name: sw
+            engine: local
+            entrypoint: [python3, train.py]
+            mounts:
+              code: {self.code}
+            resources: {{gpus: 1}}
+            ssh:
+              home: ~/{self.box_home}
+            """)
+        grid = ["--grid", "env.LR=1,2,3,4,5,6", "--on", f"ssh:{BOX1},{BOX2}"]
+        first, second = self.start("sweep", config, *grid), self.start("sweep", config, *grid)  # both see 6 free
+        for child in (first, second):
+            out, err = child.communicate(timeout=8 * RUN_TIMEOUT_S)
+            self.assertEqual(child.returncode, 0, err)
+        metas = [self.meta(run) for run in self.runs()]
+        self.assertEqual(len(metas), 12)
+        self.assertEqual(len({m["sweep"]["id"] for m in metas}), 2)
+        self.assertEqual({m["status"] for m in metas}, {"succeeded"})
+        spans = [(m["runner"]["box"], m["devices"], m["started_at"], m["finished_at"]) for m in metas]
+        for box, devices, start, end in spans:  # no GPU of a box held by two points at once, of either sweep
+            self.assertEqual(len(devices), 1)
+            for other in spans:
+                if other[:2] == (box, devices) and other[2:] != (start, end):
+                    self.assertTrue(other[3] <= start or other[2] >= end, f"GPU {devices} of {box} shared")
+
     def test_ctrl_c_stops_the_points_on_their_boxes_and_cancels_the_rest(self) -> None:
         (self.code / "train.py").write_text(LONG)
         config = self.write("sweep.yaml", f"""\
