@@ -599,6 +599,36 @@ class BoxSweepCost(BoxTestCase):
         self.assertEqual(len(reports), 2)  # a runner killed on the box writes nothing: the full look finds it
 
 
+class LostBoxOthersGoOn(BoxTestCase):
+    def test_the_boxes_that_answer_keep_their_points_and_their_room(self) -> None:
+        from unittest import mock
+        import runpilot
+        store = runpilot.RunStore(self.home)
+        alive = runpilot.ssh_start(store, BOX1, runpilot.load_config(self.config(LONG)), runpilot.RunOptions(),
+                                   lambda text: None)
+        self.addCleanup(self.process, "stop", alive.run_id, timeout=RUN_TIMEOUT_S)
+        dead, run_id = "ssh://rpbox1@127.0.0.1:1", "20261207-000000-abcdef"
+        folder = store.create_run_dir(run_id)
+        meta = runpilot.RunMeta(run_id, name="p", status=runpilot.RUNNING, started_at="2026-12-07T00:00:00.000Z",
+                                runner={"backend": "ssh", "box": dead, "home": "/h", "python": "python3",
+                                        "program": "/h/bin/runpilot.py"})
+        folder.write_meta(meta)
+        store.save(meta)
+        said = []
+        sweep = runpilot.BoxSweep(store, mock.Mock(), [dead, BOX1], runpilot.RunOptions(), 4, False, said.append,
+                                  running={run_id: dead, alive.run_id: BOX1}, slots={dead: 1, BOX1: 2})
+        labels = {run_id: "[1/2]", alive.run_id: "[2/2]"}
+        with mock.patch.object(runpilot, "SSH_LOST_S", 0):
+            sweep.collect(labels, [])
+            sweep.collect(labels, [])
+        self.assertEqual((sweep.running, sweep.slots), ({alive.run_id: BOX1}, {BOX1: 2}))
+        self.assertEqual(self.meta(folder.path)["status"], "lost")
+        self.assertEqual(self.meta(self.home / "runs" / alive.run_id)["status"], "running")
+        self.assertIn(f"box {dead} did not answer for 0s: its running points are recorded lost; the others go on",
+                      said)
+        self.assertFalse(any(BOX1 in line for line in said), said)
+
+
 class Outputs(BoxTestCase):
     WRITES = """\
 import os
