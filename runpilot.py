@@ -8994,6 +8994,7 @@ SSH_CONNECT_S = 15          # ssh's ConnectTimeout: an unreachable box fails in 
 SSH_CALL_S = 300            # the longest one ssh command may take (shipping code included)
 SSH_MIN_PYTHON = (3, 10)    # what runpilot.py needs on the box
 SSH_LOST_S = 60             # a box silent this long mid-sweep: its running points are recorded lost
+SSH_FULL_LOOK_S = 3.0       # a box sweep's full look at a box's points (`_box-report`, a Python start there) at least this often
 # How a box runs its runpilot-<hash>.py for this side's commands: imported from its path, so Python
 # keeps its bytecode in the box's bin/__pycache__ (run as a script, 13,000 lines are compiled each time).
 SSH_LAUNCHER = ("import importlib.util as u, sys; p = sys.argv[1]; s = u.spec_from_file_location('runpilot', p); "
@@ -9292,11 +9293,19 @@ def add_snapshot(tar, snapshots: "SnapshotStore", snapshot_id: str) -> None:
                                 "rerun with --current-code") from exc
 
 
-def ssh_start_script(plan: SshPlan, home: str, flags: list[str]) -> str:
+SSH_UNREADY = 86  # the start script's exit when the box lacks what an earlier look found there (the start then looks again)
+
+
+def ssh_start_script(plan: SshPlan, home: str, flags: list[str], unlooked: bool = False) -> str:
     """sh that puts the payload in place, starts the run detached with the box's own RunPilot, and
-    sends its meta.json back as a tar (what `_box-report` would send, without a second round trip)."""
+    sends its meta.json back as a tar (what `_box-report` would send, without a second round trip).
+    UNLOOKED: no probe ran before it (an earlier start of the sweep found the box ready): it first
+    checks that the program and code are still there, else exits SSH_UNREADY, having changed nothing."""
     h, rid = shlex.quote(home), plan.run_id
-    lines = ["set -e", f"h={h}", f's="$h/.incoming-{rid}"', "trap 'rm -rf \"$s\"' EXIT", 'mkdir -p "$s"',
+    ready = [f'test -f "$h/bin/{plan.program}"', *([f'test -d "$h/code/{plan.code_hash}"'] if plan.code_hash else []),
+             *(f"test -d {shlex.quote(folder)}" for folder in plan.box_mounts)]
+    lines = [f"h={h}", *([f"{' && '.join(ready)} || {{ cat >/dev/null; exit {SSH_UNREADY}; }}"] if unlooked else []),
+             "set -e", f's="$h/.incoming-{rid}"', "trap 'rm -rf \"$s\"' EXIT", 'mkdir -p "$s"',
              'tar -x -f - -C "$s"',
              f'if [ -f "$s/runpilot.py" ]; then mv "$s/runpilot.py" "$h/bin/{plan.program}"; fi']
     if plan.code_hash:
@@ -9420,28 +9429,43 @@ def start_failure(host: str, stderr: str, code: int, home: str) -> RunPilotError
 
 
 def ssh_start(store: "RunStore", host: str, config: JobConfig, options: RunOptions,
-              report: Callable[[str], None], pull_outputs: bool = False) -> RunMeta:
+              report: Callable[[str], None], pull_outputs: bool = False, ready: dict | None = None) -> RunMeta:
     """Check the box, send what it lacks, start the run there detached; record it here, running.
     The code is the run's snapshot here (a rerun's or a sweep's recorded one, or taken now), so the
-    run here names code that this side holds and `rerun` reproduces it."""
+    run here names code that this side holds and `rerun` reproduces it. READY (a sweep's): the
+    boxes an earlier start found ready for the same program, code and mounts; their start is one
+    ssh command (no probe first), which looks again only when the box lacks them now."""
     import tarfile  # only here: only runs on other boxes pay for it
     run_id = options.run_id or new_run_id()
     code = plan_code(config, options, store)
     plan = ssh_plan(host, run_id, config, store.home, code.get("snapshot"))
     box = SshBox.of(host, store)
-    probe = box.call(ssh_probe_script(plan), "check it")
-    facts = parse_probe(probe.stdout)
-    if probe.returncode != 0 or "home" not in facts:
-        raise SshError(f"box {host} did not run sh ({probe.stderr.strip()[:200] or 'no output'}); RunPilot "
-                       "needs a POSIX shell on the box")
-    if (why := probe_problem(host, facts, config.ssh)) is not None:
-        raise SshError(why)
-    home = facts["home"][0]
-    sent = "" if facts.get("program") else "runpilot.py, "
-    sent += "" if not plan.code or facts.get("code") else "the code, "
-    report(f"sending {sent}the config to box {host}")
-    start = box.call(ssh_start_script(plan, home, ssh_run_flags(options)), "start the run",
-                     data=ssh_payload(plan, facts), binary=True)
+    key = (host, config.ssh.home, config.ssh.python, plan.program, plan.code_hash, tuple(plan.box_mounts))
+    start = None
+    if ready is not None and key in ready:
+        home = ready[key]
+        facts = {"home": [home], "program": ["yes"], "code": ["yes"]}
+        start = box.call(ssh_start_script(plan, home, ssh_run_flags(options), unlooked=True), "start the run",
+                         data=ssh_payload(plan, facts), binary=True)
+        if start.returncode == SSH_UNREADY:
+            ready.pop(key, None)
+            start = None
+    if start is None:
+        probe = box.call(ssh_probe_script(plan), "check it")
+        facts = parse_probe(probe.stdout)
+        if probe.returncode != 0 or "home" not in facts:
+            raise SshError(f"box {host} did not run sh ({probe.stderr.strip()[:200] or 'no output'}); RunPilot "
+                           "needs a POSIX shell on the box")
+        if (why := probe_problem(host, facts, config.ssh)) is not None:
+            raise SshError(why)
+        home = facts["home"][0]
+        sent = "" if facts.get("program") else "runpilot.py, "
+        sent += "" if not plan.code or facts.get("code") else "the code, "
+        report(f"sending {sent}the config to box {host}")
+        start = box.call(ssh_start_script(plan, home, ssh_run_flags(options)), "start the run",
+                         data=ssh_payload(plan, facts), binary=True)
+    if start.returncode == 0 and ready is not None:
+        ready[key] = home
     if start.returncode != 0:
         raise start_failure(host, start.stderr.decode("utf-8", "replace"), start.returncode, home)
     runner = {"backend": "ssh", "box": host, "home": home, "python": config.ssh.python,
@@ -9695,6 +9719,14 @@ class SshBackend(Backend):
         meta = ssh_record_home(store, box, record.runner.to_data(), record.id)
         return RunRecord.of(meta, store.folder(record.id).path)
 
+    def stop_sweep(self, store: "RunStore", sweep: "Sweep", wait: float, note: Callable[[str], None]) -> str | None:
+        """A box sweep whose runner here died: its queued points are cancelled, and its started ones
+        are stopped on their boxes (one ssh command per box: the box's `stop`, then its report);
+        a live runner is stopped as a local sweep's (None: its Ctrl-C path stops the boxes' points)."""
+        if runner_alive(sweep.runner):
+            return None
+        return ssh_stop_points(store, sweep, wait, note)
+
     def follow_logs(self, store: "RunStore", record: RunRecord, tail: int | None) -> int | None:
         if record.status not in ACTIVE_STATUSES:
             return None
@@ -9710,6 +9742,39 @@ class SshBackend(Backend):
             follower.wait()
         ssh_record_home(store, box, record.runner.to_data(), record.id)
         return 130 if signals.received else 0
+
+
+def ssh_stop_points(store: "RunStore", sweep: "Sweep", wait: float, note: Callable[[str], None]) -> str:
+    """Stop every active point of SWEEP on its box, all boxes at once, and record each as its box
+    does (`interrupted`, as a sweep's Ctrl-C leaves them); cancel the queued ones. A box that does
+    not answer leaves its points as last known, said in NOTE."""
+    import concurrent.futures  # only here: only box sweeps pay for it
+    for point in sweep.points:
+        cancel_queued(store, point["run_id"], None)
+    boxes: dict[str, dict[str, dict]] = {}
+    for point in sweep.points:
+        record = store.get(point["run_id"])
+        if record is not None and record.status in ACTIVE_STATUSES and record.runner.get("backend") == "ssh":
+            boxes.setdefault(record.runner["box"], {})[record.id] = record.runner
+
+    def stop_on(host: str) -> None:
+        runners = boxes[host]
+        box, first = SshBox.of(host, store), next(iter(runners.values()))
+        script = "".join(box.runpilot(first, ["stop", run_id, "--wait", f"{wait:g}"]) + " >&2 & " for run_id in runners)
+        try:  # the box's stops at once, then its report of them (stdout: the tar)
+            done = box.call(f"{script}wait; exec " + box.runpilot(first, ["_box-report", *runners]),
+                            "stop the sweep's runs", binary=True, timeout=wait + 60)
+        except SshError as exc:
+            note(f"{exc}; its runs are shown as last known")
+            return
+        if done.returncode != 0:
+            note(box_error_line(host, done.stderr.decode("utf-8", "replace")) + "; its runs are shown as last known")
+            return
+        ssh_unpack(store, done.stdout, runners)
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(boxes))) as pool:
+        list(pool.map(stop_on, boxes))
+    statuses = [store.folder(p["run_id"]).read_meta().status for p in sweep.points]
+    return fmt_sweep_statuses(sweep.sweep_id, statuses)
 
 
 def _read_some(fd: int) -> bytes | None:
@@ -9777,6 +9842,8 @@ class BoxSweep:
     slots: dict[str, int] = field(default_factory=dict)
     silent: dict[str, float] = field(default_factory=dict)  # box -> when it stopped answering
     failed: bool = False
+    looks: dict[str, tuple] = field(default_factory=dict)   # box -> (its points' meta.json sums, when fully looked at)
+    ready: dict[tuple, str] = field(default_factory=dict)   # ssh_start's boxes found ready: one command per start
 
     def run(self, jobs: list, signals: "StopSignals") -> int:
         """Start points while boxes have room; follow them; end as a local sweep ends."""
@@ -9832,7 +9899,7 @@ class BoxSweep:
         host, point, config = job
         try:
             return ssh_start(self.store, host, config, dataclasses.replace(self.options, run_id=point["run_id"]),
-                             lambda text: None, self.pull_outputs)
+                             lambda text: None, self.pull_outputs, self.ready)
         except RunPilotError as exc:
             return exc
 
@@ -9843,8 +9910,10 @@ class BoxSweep:
 
         def ask(host: str) -> tuple[str, list[str], dict[str, RunRecord]]:  # one ssh command per box, all at once
             said: list[str] = []
-            return host, said, SshBackend().refresh(self.store, [r for r in records if self.running[r.id] == host],
-                                                    said.append)
+            mine = [r for r in records if self.running[r.id] == host]
+            if not self.changed(host, mine):
+                return host, said, {}
+            return host, said, SshBackend().refresh(self.store, mine, said.append)
         hosts = sorted(set(self.running.values()))
         with concurrent.futures.ThreadPoolExecutor(max(1, len(hosts))) as pool:
             for host, said, found in pool.map(ask, hosts):
@@ -9867,6 +9936,26 @@ class BoxSweep:
                     for point, _ in pending:
                         cancel_queued(self.store, point["run_id"], None, f"--fail-fast: run {run_id} did not succeed")
                     pending.clear()
+
+    def changed(self, host: str, records: list[RunRecord]) -> bool:
+        """Whether the box's points may have changed since the last full look (`_box-report`, a Python
+        start on the box): a sum of their meta.json files (sh only: what a runner there writes when its
+        run is placed or ends) differs, or the last full look is SSH_FULL_LOOK_S old (a runner killed
+        there writes nothing; live metrics). A box that does not answer: the full look says so."""
+        if not records:
+            return True
+        home = records[0].runner.get("home", "")
+        paths = " ".join(shlex.quote(f"{home}/runs/{r.id}/meta.json") for r in records)
+        try:
+            sums = SshBox.of(host, self.store).call(f"cksum {paths} 2>&1; exit 0", "look at its runs",
+                                                    timeout=60).stdout
+        except SshError:
+            return True
+        last_sums, last_full = self.looks.get(host, (None, 0.0))
+        if sums == last_sums and time.monotonic() - last_full < SSH_FULL_LOOK_S:
+            return False
+        self.looks[host] = (sums, time.monotonic())
+        return True
 
     def box_answered(self, host: str, said: list[str], records: list[RunRecord]) -> dict[str, RunRecord]:
         """Say once that a box stopped answering; after SSH_LOST_S of silence its running points are
@@ -9928,6 +10017,7 @@ def ssh_sweep_cli(args, store: "RunStore", configs: list, axes, options: RunOpti
                      "when one has them (the boxes' own claims decide); no box was asked"))
         return 0
     if args.detach:
+        ssh_check_boxes(store, hosts, note)
         return detach(args.argv, store, "--sweep-id", sweep=store.sweep_folder(sweep_id))
     options = dataclasses.replace(options, code_snapshots=snapshots_once(store, [c for _, c in configs], options))
     stored = {"engine": args.engine, "tags": options.tags, "parallel": args.parallel, "on": f"ssh:{','.join(hosts)}",
@@ -9939,6 +10029,31 @@ def ssh_sweep_cli(args, store: "RunStore", configs: list, axes, options: RunOpti
             jobs = [(point, config) for point, (_, config) in zip(sweep.points, configs)]
             note(f"sweep {sweep_id}: {len(jobs)} point(s) on {', '.join(hosts)}")
             return follow_box_sweep(store, sweep, jobs, hosts, options, parallel, args.fail_fast, signals, {})
+
+
+def ssh_check_boxes(store: "RunStore", hosts: list[str], say: Callable[[str], None]) -> list[str]:
+    """Before a box sweep goes to the background: can ssh reach each box (one `true` each, all at
+    once; the connection made stays for the sweep)? None answers: ssh's failure, one line (exit 125).
+    Some answer: the sweep goes on with those, and SAY names the others (they get no points, as
+    when a box stops answering mid-sweep); the boxes that answer are returned."""
+    import concurrent.futures  # only here: only box sweeps pay for it
+
+    def check(host: str) -> SshError | None:
+        try:
+            SshBox.of(host, store).call("true", "check it", timeout=SSH_CONNECT_S + 30)
+        except SshError as exc:
+            return exc
+        return None
+    with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
+        failures = dict(zip(hosts, pool.map(check, hosts)))
+    answered = [host for host in hosts if failures[host] is None]
+    if not answered:
+        first = str(failures[hosts[0]])
+        raise SshError(first if len(hosts) == 1 else f"none of the sweep's {len(hosts)} boxes answers over ssh: {first}")
+    for host in hosts:
+        if failures[host] is not None:
+            say(visible(f"{failures[host]}; the sweep goes on without box {host} (on {', '.join(answered)})"))
+    return answered
 
 
 def follow_box_sweep(store: "RunStore", sweep: "Sweep", jobs: list, hosts: list[str], options: RunOptions,
@@ -12472,7 +12587,12 @@ def detach(argv: list[str], store: RunStore, flag: str, folder: RunFolder | None
         raise StoreError(f"cannot start in the background: {e.strerror} ({store.home}); check that "
                          "RUNPILOT_HOME is writable, or set it to a writable folder") from e
     with open(fd, "wb") as err:
-        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *child_argv],
+        # imported through SSH_LAUNCHER, not run as a script: the child reuses the cached bytecode
+        # (a script is compiled at every start: the larger part of a detached start, on a box too);
+        # a copy installed without `.py` cannot be imported by its path, and runs as the script
+        me = os.path.abspath(__file__)
+        child = subprocess.Popen([sys.executable, *(["-c", SSH_LAUNCHER] if me.endswith(".py") else []), me,
+                                  *child_argv],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                  start_new_session=True)
     recorded = folder.meta_file if folder else sweep.plan  # type: ignore[union-attr]

@@ -193,6 +193,21 @@ class DetachedRun(BoxTestCase):
                          self.box_file(BOX2, run_id, "logs.txt"))
         self.assertEqual(self.db_rows()[0]["status"], "interrupted")
 
+    def test_the_boxs_detached_runner_reuses_the_cached_bytecode(self) -> None:
+        import runpilot
+        config = self.config(LONG)
+        done = self.process("run", config, "--on", f"ssh:{BOX1}", "-d", timeout=RUN_TIMEOUT_S)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        run_id = done.stdout.decode().strip()
+        self.addCleanup(self.process, "stop", run_id, timeout=RUN_TIMEOUT_S)
+        pid = json.loads(self.box_file(BOX1, run_id, "meta.json"))["runner"]["pid"]
+        argv = on_box(BOX1, f"cat /proc/{pid}/cmdline").stdout.split(b"\0")
+        self.assertEqual(argv[1:3], [b"-c", runpilot.SSH_LAUNCHER.encode()], argv)  # imported, not a script
+        self.assertTrue(argv[3].endswith(b".py") and b"/bin/runpilot-" in argv[3], argv)
+        self.assertEqual(argv[4:6], [b"run", f"{argv[3].split(b'/bin/')[0].decode()}/configs/{run_id}.yaml".encode()])
+        cached = on_box(BOX1, f"ls ~/{self.box_home}/bin/__pycache__").stdout.decode()
+        self.assertIn(argv[3].rsplit(b"/", 1)[1].removesuffix(b".py").decode() + ".cpython-", cached)
+
     def test_list_refreshes_and_copies_a_finished_run_home(self) -> None:
         config = self.config(JOB)
         done = self.process("run", config, "--on", f"ssh:{BOX1}", "-d", timeout=RUN_TIMEOUT_S)
@@ -401,6 +416,34 @@ time.sleep(4)
         code, out, _ = self.cli("list", "--sweep", "latest", "--json")
         self.assertEqual(len(json.loads(out)), 8)
 
+    def test_two_sweeps_at_once_on_the_same_boxes_never_share_a_gpu(self) -> None:
+        (self.code / "train.py").write_text(self.JOB)
+        config = self.write("sweep.yaml", f"""\
+            name: sw
+            engine: local
+            entrypoint: [python3, train.py]
+            mounts:
+              code: {self.code}
+            resources: {{gpus: 1}}
+            ssh:
+              home: ~/{self.box_home}
+            """)
+        grid = ["--grid", "env.LR=1,2,3,4,5,6", "--on", f"ssh:{BOX1},{BOX2}"]
+        first, second = self.start("sweep", config, *grid), self.start("sweep", config, *grid)  # both see 6 free
+        for child in (first, second):
+            out, err = child.communicate(timeout=8 * RUN_TIMEOUT_S)
+            self.assertEqual(child.returncode, 0, err)
+        metas = [self.meta(run) for run in self.runs()]
+        self.assertEqual(len(metas), 12)
+        self.assertEqual(len({m["sweep"]["id"] for m in metas}), 2)
+        self.assertEqual({m["status"] for m in metas}, {"succeeded"})
+        spans = [(m["runner"]["box"], m["devices"], m["started_at"], m["finished_at"]) for m in metas]
+        for box, devices, start, end in spans:  # no GPU of a box held by two points at once, of either sweep
+            self.assertEqual(len(devices), 1)
+            for other in spans:
+                if other[:2] == (box, devices) and other[2:] != (start, end):
+                    self.assertTrue(other[3] <= start or other[2] >= end, f"GPU {devices} of {box} shared")
+
     def test_ctrl_c_stops_the_points_on_their_boxes_and_cancels_the_rest(self) -> None:
         (self.code / "train.py").write_text(LONG)
         config = self.write("sweep.yaml", f"""\
@@ -473,6 +516,117 @@ class LostBox(BoxTestCase):
         self.assertEqual(self.meta(folder.path)["status"], "lost")
         self.assertEqual(store.get(run_id).status, "lost")
         self.assertEqual(sum("Connection refused" in line for line in said), 1)  # said once, not every poll
+
+
+class BoxSweepCost(BoxTestCase):
+    """What a box sweep costs the box: one ssh command per start once the box is known ready, and a
+    sh-only look per poll (a `_box-report`, a Python start there, only when a point changed)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        import runpilot
+        self.rp = runpilot
+        self.store = runpilot.RunStore(self.home)
+        self.job = runpilot.load_config(self.config(LONG))
+
+    def counted(self, calls: list):
+        from unittest import mock
+        real = self.rp.SshBox.call
+
+        def call(box, script, *args, **kwargs):
+            calls.append(script)
+            return real(box, script, *args, **kwargs)
+        return mock.patch.object(self.rp.SshBox, "call", call)
+
+    def test_a_start_on_a_box_known_ready_is_one_ssh_command(self) -> None:
+        ready, calls, ids = {}, [], []
+        with self.counted(calls):
+            for expected in (2, 1, 3):
+                if expected == 3:  # the box lost its copy of RunPilot: the start looks again and resends it
+                    self.assertEqual(on_box(BOX1, f"rm -rf ~/{self.box_home}/bin").returncode, 0)
+                calls.clear()
+                options = self.rp.RunOptions(run_id=self.rp.new_run_id())
+                meta = self.rp.ssh_start(self.store, BOX1, self.job, options, lambda text: None, False, ready)
+                ids.append(meta.run_id)
+                self.addCleanup(self.process, "stop", meta.run_id, timeout=RUN_TIMEOUT_S)
+                self.assertEqual(len(calls), expected, calls)
+                self.assertEqual(meta.status, "running")
+        for run_id in ids:
+            self.assertEqual(json.loads(self.box_file(BOX1, run_id, "meta.json"))["status"], "running")
+        self.assertEqual(len(on_box(BOX1, f"ls ~/{self.box_home}/bin").stdout.split()), 2)  # program, __pycache__
+
+    def test_polls_look_fully_only_when_a_point_changed(self) -> None:
+        from unittest import mock
+        meta = self.rp.ssh_start(self.store, BOX1, self.job, self.rp.RunOptions(), lambda text: None)
+        run_id = meta.run_id
+        self.addCleanup(self.process, "stop", run_id, timeout=RUN_TIMEOUT_S)
+        said, reports = [], []
+        real = self.rp.SshBackend.refresh
+
+        def refresh(backend, store, records, note):
+            reports.append([r.id for r in records])
+            return real(backend, store, records, note)
+        sweep = self.rp.BoxSweep(self.store, mock.Mock(), [BOX1], self.rp.RunOptions(), 4, False, said.append,
+                                 running={run_id: BOX1}, slots={BOX1: 1})
+        with mock.patch.object(self.rp.SshBackend, "refresh", refresh):
+            for _ in range(5):
+                sweep.collect({run_id: "[1/1]"}, [])
+            self.assertEqual(reports, [[run_id]])  # the first poll looks fully; the box's points did not change
+            self.assertEqual(sweep.running, {run_id: BOX1})
+            code, out, err = self.cli("stop", run_id)
+            self.assertEqual(code, 0, err)
+            reports.clear()
+            sweep.collect({run_id: "[1/1]"}, [])
+        self.assertEqual(reports, [[run_id]])  # its meta.json changed on the box: a full look, which ends it
+        self.assertEqual(sweep.running, {})
+        self.assertIn("[1/1] interrupted", said[-1])
+
+    def test_a_full_look_comes_at_least_every_few_seconds(self) -> None:
+        from unittest import mock
+        meta = self.rp.ssh_start(self.store, BOX1, self.job, self.rp.RunOptions(), lambda text: None)
+        self.addCleanup(self.process, "stop", meta.run_id, timeout=RUN_TIMEOUT_S)
+        reports = []
+        sweep = self.rp.BoxSweep(self.store, mock.Mock(), [BOX1], self.rp.RunOptions(), 4, False, lambda t: None,
+                                 running={meta.run_id: BOX1}, slots={BOX1: 1})
+        real = self.rp.SshBackend.refresh
+        with mock.patch.object(self.rp.SshBackend, "refresh",
+                               lambda b, *a: reports.append(1) or real(b, *a)), \
+                mock.patch.object(self.rp, "SSH_FULL_LOOK_S", 0.5):
+            sweep.collect({meta.run_id: "[1/1]"}, [])
+            sweep.collect({meta.run_id: "[1/1]"}, [])
+            time.sleep(0.6)
+            sweep.collect({meta.run_id: "[1/1]"}, [])
+        self.assertEqual(len(reports), 2)  # a runner killed on the box writes nothing: the full look finds it
+
+
+class LostBoxOthersGoOn(BoxTestCase):
+    def test_the_boxes_that_answer_keep_their_points_and_their_room(self) -> None:
+        from unittest import mock
+        import runpilot
+        store = runpilot.RunStore(self.home)
+        alive = runpilot.ssh_start(store, BOX1, runpilot.load_config(self.config(LONG)), runpilot.RunOptions(),
+                                   lambda text: None)
+        self.addCleanup(self.process, "stop", alive.run_id, timeout=RUN_TIMEOUT_S)
+        dead, run_id = "ssh://rpbox1@127.0.0.1:1", "20261207-000000-abcdef"
+        folder = store.create_run_dir(run_id)
+        meta = runpilot.RunMeta(run_id, name="p", status=runpilot.RUNNING, started_at="2026-12-07T00:00:00.000Z",
+                                runner={"backend": "ssh", "box": dead, "home": "/h", "python": "python3",
+                                        "program": "/h/bin/runpilot.py"})
+        folder.write_meta(meta)
+        store.save(meta)
+        said = []
+        sweep = runpilot.BoxSweep(store, mock.Mock(), [dead, BOX1], runpilot.RunOptions(), 4, False, said.append,
+                                  running={run_id: dead, alive.run_id: BOX1}, slots={dead: 1, BOX1: 2})
+        labels = {run_id: "[1/2]", alive.run_id: "[2/2]"}
+        with mock.patch.object(runpilot, "SSH_LOST_S", 0):
+            sweep.collect(labels, [])
+            sweep.collect(labels, [])
+        self.assertEqual((sweep.running, sweep.slots), ({alive.run_id: BOX1}, {BOX1: 2}))
+        self.assertEqual(self.meta(folder.path)["status"], "lost")
+        self.assertEqual(self.meta(self.home / "runs" / alive.run_id)["status"], "running")
+        self.assertIn(f"box {dead} did not answer for 0s: its running points are recorded lost; the others go on",
+                      said)
+        self.assertFalse(any(BOX1 in line for line in said), said)
 
 
 class Outputs(BoxTestCase):
@@ -590,6 +744,60 @@ class BoxSweepLife(BoxTestCase):
         self.assertEqual(sorted(self.meta(run)["status"] for run in self.runs()), ["interrupted", "interrupted"])
         for run in self.runs():
             self.assertEqual(json.loads(self.box_file(BOX1, run.name, "meta.json"))["status"], "interrupted")
+
+    def test_stop_of_a_sweep_whose_runner_died_stops_its_points_on_the_box(self) -> None:
+        config = self.sweep_config(LONG)
+        child = self.start("sweep", config, "--grid", "env.LR=1,2,3,4", "--on", f"ssh:{BOX1}")
+        self.wait_for_line(child.stderr, b"[2/4 LR=2] started on box")
+        child.kill()  # the sweep's runner dies; its points run on, on the box
+        child.communicate(timeout=RUN_TIMEOUT_S)
+        sweep_id = self.meta(self.runs()[0])["sweep"]["id"]
+        started = sorted(run.name for run in self.runs() if self.meta(run)["status"] == "running")
+        self.assertEqual(len(started), 2)
+        code, out, err = self.cli("stop", sweep_id)
+        self.assertEqual(code, 0, err)
+        self.assertIn("2 interrupted", out)
+        statuses = {run.name: self.meta(run)["status"] for run in self.runs()}
+        self.assertEqual(sorted(statuses.values()), ["cancelled", "cancelled", "interrupted", "interrupted"])
+        self.assertEqual({r["id"]: r["status"] for r in self.db_rows()}, statuses)
+        for run_id in started:
+            self.assertEqual(statuses[run_id], "interrupted")
+            self.assertEqual(json.loads(self.box_file(BOX1, run_id, "meta.json"))["status"], "interrupted")
+
+    def test_detached_sweep_on_unreachable_boxes_fails_before_detaching(self) -> None:
+        config = self.sweep_config("print('hi')\n")
+        dead = "ssh://rpbox1@127.0.0.1:1"
+        done = self.process("sweep", config, "--grid", "env.LR=1,2", "--on", f"ssh:{dead}", "-d",
+                            timeout=RUN_TIMEOUT_S)
+        self.assertEqual(done.returncode, 125, done.stderr)
+        self.assertEqual(done.stdout, b"")
+        lines = done.stderr.decode().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith(f"runpilot: error: cannot reach box {dead} over ssh"), lines)
+        self.assertIn("Connection refused", lines[0])
+        self.assertEqual((self.runs(), self.db_rows()), ([], []))
+        self.assertFalse((self.home / "sweeps").exists() and any((self.home / "sweeps").iterdir()))
+        both = self.process("sweep", config, "--grid", "env.LR=1,2", "--on", f"ssh:{dead},{dead}", "-d",
+                            timeout=RUN_TIMEOUT_S)
+        self.assertEqual(both.returncode, 125, both.stderr)
+        self.assertIn(b"runpilot: error: none of the sweep's 2 boxes answers over ssh: cannot reach box", both.stderr)
+
+    def test_detached_sweep_goes_on_with_the_boxes_that_answer(self) -> None:
+        config = self.sweep_config("print('hi')\n")
+        dead = "ssh://rpbox1@127.0.0.1:1"
+        done = self.process("sweep", config, "--grid", "env.LR=1,2", "--on", f"ssh:{dead},{BOX2}", "-d",
+                            timeout=RUN_TIMEOUT_S)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        sweep_id = done.stdout.decode().strip()
+        self.assertTrue(sweep_id.startswith("sw-"), done.stdout)
+        self.assertIn(f"cannot reach box {dead} over ssh".encode(), done.stderr)
+        self.assertIn(f"the sweep goes on without box {dead} (on {BOX2})".encode(), done.stderr)
+        deadline = time.monotonic() + 2 * RUN_TIMEOUT_S
+        while sorted(r["status"] for r in json.loads(self.cli("list", "--sweep", sweep_id, "--json")[1])) != \
+                ["succeeded"] * 2:
+            self.assertLess(time.monotonic(), deadline, "the points did not end on the box that answers")
+            time.sleep(0.5)
+        self.assertEqual({self.meta(run)["runner"]["box"] for run in self.runs()}, {BOX2})
 
     def test_resume_follows_the_points_still_running_on_the_box(self) -> None:
         config = self.sweep_config("import time\ntime.sleep(6)\nprint('done', flush=True)\n")
