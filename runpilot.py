@@ -7974,6 +7974,40 @@ class SweepOptions(MetaPart):
         return self.to_data().get(key, default)
 
 
+@dataclass(eq=False)
+class PlannedPoint:
+    """A point of a recorded sweep, an entry of sweep.json's `points`: the grid point (INDEX, VALUES
+    as [[key, value], ...], REPEAT), the run that runs it, and the runs a `--resume` replaced
+    (EARLIER, oldest first). Written back under the same keys in the same order; keys this version
+    does not know are kept (EXTRA). sweep_file_problem checks the shape before one is made."""
+
+    index: int
+    values: list
+    repeat: int
+    run_id: str
+    earlier: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    KEYS = ("index", "values", "repeat", "run_id", "earlier")
+
+    @classmethod
+    def from_data(cls, data: dict) -> "PlannedPoint":
+        return cls(data["index"], data.get("values", []), data.get("repeat", 0), data["run_id"],
+                   list(data.get("earlier", [])), {k: v for k, v in data.items() if k not in cls.KEYS})
+
+    def to_data(self) -> dict:
+        data = {"index": self.index, "values": self.values, "repeat": self.repeat, "run_id": self.run_id}
+        return {**data, **({"earlier": self.earlier} if self.earlier else {}), **self.extra}
+
+    def grid_point(self) -> SweepPoint:
+        return SweepPoint(self.index, tuple((k, v) for k, v in self.values), self.repeat)
+
+    def replaced_by(self, run_id: str) -> None:
+        """A `--resume` runs the point again as RUN_ID: the run it had becomes an earlier one."""
+        self.earlier.append(self.run_id)
+        self.run_id = run_id
+
+
 @dataclass
 class Sweep:
     """A sweep's plan, kept in sweep.json: what to run, and which run is which point."""
@@ -7982,14 +8016,17 @@ class Sweep:
     config_file: str | None
     axes: list                          # [[key, [values]], ...]
     repeat: int
-    points: list[dict]                  # index, values, repeat, run_id
+    points: list[PlannedPoint]          # index, values, repeat, run_id (earlier)
     options: SweepOptions               # engine, pull, stop_timeout, tags, gpus, parallel, fail_fast
     created_at: str = ""
     runner: dict = field(default_factory=dict)
 
-    def __setattr__(self, name: str, value: object) -> None:  # options as sweep.json holds them: typed
-        object.__setattr__(self, name, SweepOptions.from_data(value)
-                           if name == "options" and isinstance(value, dict) else value)
+    def __setattr__(self, name: str, value: object) -> None:  # options and points as sweep.json holds them: typed
+        if name == "options" and isinstance(value, dict):
+            value = SweepOptions.from_data(value)
+        elif name == "points" and isinstance(value, list):
+            value = [PlannedPoint.from_data(p) if isinstance(p, dict) else p for p in value]
+        object.__setattr__(self, name, value)
 
     @classmethod
     def load(cls, store: RunStore, sweep_id: str) -> "Sweep":
@@ -8009,7 +8046,8 @@ class Sweep:
     def save(self, store: RunStore) -> None:
         folder = store.sweep_folder(self.sweep_id)
         make_private_dirs(folder.path)
-        data = {**dataclasses.asdict(self), "options": self.options.to_data()}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data.update(options=self.options.to_data(), points=[p.to_data() for p in self.points])
         write_atomic(folder.plan, (json.dumps(data, indent=2) + "\n").encode())
 
 
@@ -8048,8 +8086,7 @@ def plan_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint, J
         meta = queued_meta(config, folder.run_id, sweep, point)
         record_start_queued(folder, config, meta)
         metas.append(meta)
-        sweep.points.append({"index": point.index, "values": [[k, v] for k, v in point.values],
-                             "repeat": point.repeat, "run_id": folder.run_id})
+        sweep.points.append(PlannedPoint(point.index, [[k, v] for k, v in point.values], point.repeat, folder.run_id))
     sweep.save(store)
     store.save_all_or_defer(metas)
     return sweep
@@ -8063,7 +8100,7 @@ def in_plan_order(store: RunStore, sweep_id: str, records: list[RunRecord]) -> l
         return records
     rank: dict[str, int] = {}
     for point in sweep.points:
-        for run_id in [*point.get("earlier", []), point["run_id"]]:
+        for run_id in [*point.earlier, point.run_id]:
             rank[run_id] = len(rank)
     return sorted(records, key=lambda record: rank.get(record.id, len(rank)))
 
@@ -8138,14 +8175,14 @@ class SweepRunner:
     def start(self, point: dict, config: JobConfig) -> None:
         mailbox = StopSignals()
         options = dataclasses.replace(
-            self.options, run_id=point["run_id"], overrides=list(self.options.overrides) + [
-                f"{k}={fmt_scalar(v)}" for k, v in point["values"]],
-            sweep={"id": self.sweep.sweep_id, "index": point["index"], "repeat": point["repeat"],
-                   "point": {k: v for k, v in point["values"]}},
-            extra_env={"RUNPILOT_SWEEP_ID": self.sweep.sweep_id, "RUNPILOT_SWEEP_POINT": str(point["index"]),
-                       "RUNPILOT_REPEAT": str(point["repeat"])})
+            self.options, run_id=point.run_id, overrides=list(self.options.overrides) + [
+                f"{k}={fmt_scalar(v)}" for k, v in point.values],
+            sweep={"id": self.sweep.sweep_id, "index": point.index, "repeat": point.repeat,
+                   "point": {k: v for k, v in point.values}},
+            extra_env={"RUNPILOT_SWEEP_ID": self.sweep.sweep_id, "RUNPILOT_SWEEP_POINT": str(point.index),
+                       "RUNPILOT_REPEAT": str(point.repeat)})
         thread = threading.Thread(target=self._work, args=(config, options, mailbox), daemon=True)
-        self.running[point["run_id"]] = (thread, mailbox)
+        self.running[point.run_id] = (thread, mailbox)
         thread.start()
 
     def _work(self, config: JobConfig, options: RunOptions, mailbox: StopSignals) -> None:
@@ -8186,7 +8223,7 @@ class SweepRunner:
         if not self.halted:
             self.halted = True
             for point, _ in self.pending:
-                cancel_queued(self.store, point["run_id"], None if why else signum, why)
+                cancel_queued(self.store, point.run_id, None if why else signum, why)
             if self.pending:
                 self.report(RunEvent("stopping", None, f"cancelled {len(self.pending)} point(s) not started yet"))
             self.pending = []
@@ -8202,7 +8239,7 @@ class SweepRunner:
                 path.unlink()
             if path.name in self.running:
                 self.running[path.name][1].received.append(signal.SIGTERM)
-            for point, config in [job for job in self.pending if job[0]["run_id"] == path.name]:
+            for point, config in [job for job in self.pending if job[0].run_id == path.name]:
                 self.pending.remove((point, config))
                 cancel_queued(self.store, path.name, signal.SIGTERM, "stopped with runpilot stop before it started")
 
@@ -8275,13 +8312,10 @@ def sweep_point_values(sweep: Sweep) -> dict[str, dict]:
     """Each run of a sweep (earlier runs of a point too) -> its point's values, `repeat` included."""
     values = {}
     for point in sweep.points:
-        if not isinstance(point, dict):
-            continue
-        entry = {str(k): v for k, v in (point.get("values") or []) if isinstance(k, str)}
-        entry["repeat"] = point.get("repeat")
-        for run_id in [*(point.get("earlier") or []), point.get("run_id")]:
-            if isinstance(run_id, str):
-                values[run_id] = entry
+        entry = {str(k): v for k, v in point.values}
+        entry["repeat"] = point.repeat
+        for run_id in [*point.earlier, point.run_id]:
+            values[run_id] = entry
     return values
 
 
@@ -8322,8 +8356,7 @@ def point_start(name: str) -> int:
 
 def summarize_sweep(sweep: Sweep, records: dict[str, RunRecord]) -> SweepSummary:
     """The summary of a sweep from its plan and the current run of each point (RECORDS by id)."""
-    current = [records[p["run_id"]] for p in sweep.points
-               if isinstance(p, dict) and isinstance(p.get("run_id"), str) and p["run_id"] in records]
+    current = [records[p.run_id] for p in sweep.points if p.run_id in records]
     statuses = [r.status for r in current]
     counts = {s: statuses.count(s) for s in STATUSES if s in statuses}
     metric = next((m for r in current for m in r.metric_names), None) or \
@@ -8372,10 +8405,10 @@ def hold_sweep(store: RunStore, sweep_id: str) -> int:
 def still_running_elsewhere(store: RunStore, sweep: Sweep, point: dict, meta: RunMeta) -> bool:
     """Whether a point's run lost its runner while its job (container or process group) lives on:
     such a point is reported and left alone, never run a second time beside it."""
-    if meta.status not in (RUNNING, LOST) or not outlived_its_runner(store, point["run_id"]):
+    if meta.status not in (RUNNING, LOST) or not outlived_its_runner(store, point.run_id):
         return False
-    note(f"point {point['index'] + 1} of sweep {sweep.sweep_id} is not resumed: its run {point['run_id']} is "
-         f"still running (its runner died, its job lives on); 'runpilot stop {point['run_id']}' ends it")
+    note(f"point {point.index + 1} of sweep {sweep.sweep_id} is not resumed: its run {point.run_id} is "
+         f"still running (its runner died, its job lives on); 'runpilot stop {point.run_id}' ends it")
     return True
 
 
@@ -8520,7 +8553,7 @@ def submit_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint,
     folder = store.sweep_folder(sweep_id)
     try:
         copy_program(folder.program)
-        listing = "".join(f"{store.folder(p['run_id']).path}\n" for p in sweep.points)
+        listing = "".join(f"{store.folder(p.run_id).path}\n" for p in sweep.points)
         write_private(folder.run_list, listing.encode())
         array = f"0-{len(sweep.points) - 1}" + (f"%{parallel}" if parallel else "")
         longest, own = sweep_time_limits([c for _, c in configs])
@@ -8536,16 +8569,16 @@ def submit_sweep(store: RunStore, sweep_id: str, configs: list[tuple[SweepPoint,
     except BaseException:
         for point in sweep.points:
             with contextlib.suppress(RunPilotError):
-                store.delete(point["run_id"])
+                store.delete(point.run_id)
         shutil.rmtree(folder, ignore_errors=True)
         raise
     for point, (_, config) in zip(sweep.points, configs):
-        run = store.folder(point["run_id"])
+        run = store.folder(point.run_id)
         meta = run.read_meta()
         meta.code = plan_code(config, options, store)  # the sweep's one snapshot (see slurm_sweep_cli)
         meta.slurm = slurm_queued_meta(first, run.run_id, options).slurm
-        meta.slurm.job_id, meta.slurm.array_job_id = f"{array_id}_{point['index']}", array_id
-        meta.slurm.array_task_id = point["index"]
+        meta.slurm.job_id, meta.slurm.array_job_id = f"{array_id}_{point.index}", array_id
+        meta.slurm.array_task_id = point.index
         run.write_meta(meta, durable=False)
         store.save_or_defer(meta)
     return sweep
@@ -8683,7 +8716,7 @@ def slurm_stop_sweep(store: RunStore, sweep: Sweep, wait: float, note: Callable[
     """`runpilot stop SWEEP_ID` of a sweep submitted as a job array: its queued points are cancelled
     and its started ones' runners get SIGTERM (as slurm_stop), then wait until every point has
     ended as Slurm and the nodes record it."""
-    metas = [store.folder(p["run_id"]).read_meta() for p in sweep.points]
+    metas = [store.folder(p.run_id).read_meta() for p in sweep.points]
     arrays = sorted({str(m.slurm.array_job_id) for m in metas if m.slurm.array_job_id})
     done = None
     if arrays:
@@ -8696,7 +8729,7 @@ def slurm_stop_sweep(store: RunStore, sweep: Sweep, wait: float, note: Callable[
     deadline = time.monotonic() + wait
     while True:
         slurm_refresh(store, [], note)
-        records = [r for p in sweep.points if (r := store.get(p["run_id"]))]
+        records = [r for p in sweep.points if (r := store.get(p.run_id))]
         if all(r.status not in ACTIVE_STATUSES for r in records) or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -8881,12 +8914,12 @@ def slurm_sweep_cli(args, store: RunStore, configs: list, axes, options: RunOpti
               "code_snapshots": options.code_snapshots}
     with StopSignals() as signals:
         sweep = submit_sweep(store, sweep_id, configs, axes, args.repeat, options, args.parallel, stored)
-        array = store.folder(sweep.points[0]["run_id"]).read_meta().slurm.array_job_id
+        array = store.folder(sweep.points[0].run_id).read_meta().slurm.array_job_id
         note(f"sweep {sweep_id}: {len(sweep.points)} run(s) submitted to Slurm as job array {array}")
         if args.detach and not signals.received:
             echo(sweep_id)
             return 0
-        return follow_slurm(store, [p["run_id"] for p in sweep.points], stream=False, signals=signals, sweep=sweep)
+        return follow_slurm(store, [p.run_id for p in sweep.points], stream=False, signals=signals, sweep=sweep)
 
 
 def follow_slurm(store: RunStore, run_ids: list[str], stream: bool, signals: StopSignals,
@@ -9884,21 +9917,21 @@ class BoxSweep:
                 if self.slots.pop(host, None) is not None:
                     self.say(f"{result}; box {host} gets no more points")
                 continue
-            self.running[point["run_id"]] = host
+            self.running[point.run_id] = host
             gpus = f" GPU {','.join(result.devices)}" if result.devices else ""
             if not result.devices and point_gpus(config):
-                self.unplaced.add(point["run_id"])  # its end line names them
-            self.say(f"{labels[point['run_id']]} started on box {host}{gpus} (run {short_id(point['run_id'])})")
+                self.unplaced.add(point.run_id)  # its end line names them
+            self.say(f"{labels[point.run_id]} started on box {host}{gpus} (run {short_id(point.run_id)})")
         if pending and not self.slots and not self.running:
             for point, _ in pending:
-                cancel_queued(self.store, point["run_id"], None, "no box of the sweep answered")
+                cancel_queued(self.store, point.run_id, None, "no box of the sweep answered")
             pending.clear()
             self.failed = True
 
     def start_one(self, job: tuple) -> "RunMeta | RunPilotError":
         host, point, config = job
         try:
-            return ssh_start(self.store, host, config, dataclasses.replace(self.options, run_id=point["run_id"]),
+            return ssh_start(self.store, host, config, dataclasses.replace(self.options, run_id=point.run_id),
                              lambda text: None, self.pull_outputs, self.ready)
         except RunPilotError as exc:
             return exc
@@ -9934,7 +9967,7 @@ class BoxSweep:
                 self.failed = True
                 if self.fail_fast:
                     for point, _ in pending:
-                        cancel_queued(self.store, point["run_id"], None, f"--fail-fast: run {run_id} did not succeed")
+                        cancel_queued(self.store, point.run_id, None, f"--fail-fast: run {run_id} did not succeed")
                     pending.clear()
 
     def changed(self, host: str, records: list[RunRecord]) -> bool:
@@ -9986,7 +10019,7 @@ class BoxSweep:
         """Cancel the points not started; hand SIGNUM to each running point's runner on its box (as a
         local sweep's Ctrl-C reaches its jobs) and wait for them to end."""
         for point, _ in pending:
-            cancel_queued(self.store, point["run_id"], signum)
+            cancel_queued(self.store, point.run_id, signum)
         pending.clear()
         for run_id, host in self.running.items():
             record = self.store.get(run_id)
@@ -10075,17 +10108,17 @@ def ssh_resume_sweep(store: "RunStore", sweep: "Sweep", args) -> int:
     if runner_alive(sweep.runner):
         raise UsageError(f"sweep {sweep.sweep_id} is still running (pid {sweep.runner.get('pid')}); "
                          f"stop it first (runpilot stop {sweep.sweep_id})")
-    known = [r for r in (store.get(p["run_id"]) for p in sweep.points) if r is not None]
+    known = [r for r in (store.get(p.run_id) for p in sweep.points) if r is not None]
     records = {r.id: r for r in refresh(store, known, note)}  # one ssh command per box: what still runs
     running, todo = {}, []
     for point in sweep.points:
-        record = records.get(point["run_id"])
+        record = records.get(point.run_id)
         if record is not None and record.status == RUNNING and record.runner.backend == "ssh":
             running[record.id] = record.runner.box
-            note(f"point {point['index'] + 1} of sweep {sweep.sweep_id} runs on box {record.runner.box} "
+            note(f"point {point.index + 1} of sweep {sweep.sweep_id} runs on box {record.runner.box} "
                  f"(run {record.id}): followed, not run again")
         elif record is None or record.status not in (SUCCEEDED, FAILED, TIMEOUT):
-            todo.append((point, store.folder(point["run_id"]), store.folder(point["run_id"]).read_meta()))
+            todo.append((point, store.folder(point.run_id), store.folder(point.run_id).read_meta()))
     if not todo and not running:
         echo(f"sweep {sweep.sweep_id}: every point has finished; nothing to resume")
         return 0
@@ -10228,8 +10261,8 @@ def stop_sweep(store: RunStore, sweep_id: str, wait: float, note: Callable[[str]
             raise RunPilotError(f"sweep {sweep_id} did not stop within {wait:.0f}s; try again, or kill its "
                                 f"runner (pid {sweep.runner['pid']})")
     for point in sweep.points:  # a runner that died left its queued points behind
-        cancel_queued(store, point["run_id"], None)
-    records = refresh(store, [RunRecord.of(store.folder(p["run_id"]).read_meta(), store.folder(p["run_id"]).path)
+        cancel_queued(store, point.run_id, None)
+    records = refresh(store, [RunRecord.of(store.folder(p.run_id).read_meta(), store.folder(p.run_id).path)
                               for p in sweep.points], lambda text: None)  # quiet: it ends what it would note
     for record in records:
         meta = store.folder(record.id).read_meta()
@@ -12750,8 +12783,7 @@ def _validate_arguments(p: argparse.ArgumentParser) -> None:
 
 def sweep_labels(sweep: Sweep) -> dict[str, str]:
     """Each point's run -> `[1/3 LR=0.1]`, what a sweep's lines begin with."""
-    return {p["run_id"]: f"[{p['index'] + 1}/{len(sweep.points)} "
-            f"{SweepPoint(p['index'], tuple(map(tuple, p['values'])), p['repeat']).label(sweep.repeat)}]"
+    return {p.run_id: f"[{p.index + 1}/{len(sweep.points)} {p.grid_point().label(sweep.repeat)}]"
             for p in sweep.points}
 
 
@@ -12890,7 +12922,7 @@ def _run_sweep(store: RunStore, sweep: Sweep, jobs: list, options: RunOptions, p
 
 def print_sweep_end(store: RunStore, sweep: Sweep) -> None:
     """What a sweep ends with, wherever it ran: the comparison table, then how to look at it again."""
-    records = refresh(store, [r for p in sweep.points if (r := store.get(p["run_id"])) is not None], note)
+    records = refresh(store, [r for p in sweep.points if (r := store.get(p.run_id)) is not None], note)
     runs = [(r, _config_of(store, r), metric_summary(iter_metrics(store.folder(r.id).metrics))) for r in records]
     echo(render_compare(runs, output_width(), False, ("name",)))
     note(f"sweep {sweep.sweep_id}: runpilot list --sweep {sweep.sweep_id}; runpilot plot --sweep {sweep.sweep_id}")
@@ -12941,12 +12973,12 @@ def _resume_held(store: RunStore, sweep: Sweep, args) -> int:
 def _unfinished_points(store: RunStore, sweep: Sweep) -> list[tuple[dict, RunFolder, RunMeta]]:
     todo = []
     for point in sweep.points:
-        folder = store.folder(point["run_id"])
+        folder = store.folder(point.run_id)
         meta = folder.read_meta()
         if meta.status in (SUCCEEDED, FAILED, TIMEOUT) or still_running_elsewhere(store, sweep, point, meta):
             continue
         if not folder.config.is_file():
-            note(f"point {point['index'] + 1} of sweep {sweep.sweep_id} is not resumed: its run {point['run_id']} "
+            note(f"point {point.index + 1} of sweep {sweep.sweep_id} is not resumed: its run {point.run_id} "
                  "was deleted, and its config with it")
             continue
         todo.append((point, folder, meta))
@@ -12957,10 +12989,9 @@ def _requeue(store: RunStore, sweep: Sweep, point: dict, folder: RunFolder, meta
     """A point queued again: in its own run if it never started, else in a new one (the old stays)."""
     config = dataclasses.replace(load_config(folder.config), source=meta.config_file, name=meta.name)
     if meta.status not in (QUEUED, CANCELLED):
-        point.setdefault("earlier", []).append(point["run_id"])
         folder = store.create_run_dir()
-        point["run_id"] = folder.run_id
-    values = SweepPoint(point["index"], tuple((k, v) for k, v in point["values"]), point["repeat"])
+        point.replaced_by(folder.run_id)
+    values = point.grid_point()
     record_start_queued(folder, config, queued_meta(config, folder.run_id, sweep, values))
     store.save_or_defer(folder.read_meta())
     return point, config

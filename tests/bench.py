@@ -1590,7 +1590,7 @@ def sweep_home(bench: Bench, rp, runs: int, finished: bool) -> tuple[Path, str]:
         rnd = random.Random(9)
         rows = []
         for point in sweep.points:
-            folder = store.folder(point["run_id"])
+            folder = store.folder(point.run_id)
             meta = folder.read_meta()
             loss = round(rnd.uniform(0.05, 2), 5)
             meta.status, meta.exit_code, meta.duration = rp.SUCCEEDED, 0, round(rnd.uniform(60, 600), 3)

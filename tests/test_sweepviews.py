@@ -229,7 +229,7 @@ class SweepsCommand(SweepViewsCase):
     def test_a_queued_point_counts_as_not_done(self):
         sweep_id = self.sweep("env.LR=0.3,0.1")
         sweep = runpilot.Sweep.load(self.store, sweep_id)
-        folder = self.store.folder(sweep.points[1]["run_id"])
+        folder = self.store.folder(sweep.points[1].run_id)
         meta = folder.read_meta()
         meta.status, meta.runner = runpilot.QUEUED, runpilot.runner_identity()  # this process holds it queued
         folder.write_meta(meta)
