@@ -9783,12 +9783,12 @@ def ssh_stop_points(store: "RunStore", sweep: "Sweep", wait: float, note: Callab
     not answer leaves its points as last known, said in NOTE."""
     import concurrent.futures  # only here: only box sweeps pay for it
     for point in sweep.points:
-        cancel_queued(store, point["run_id"], None)
+        cancel_queued(store, point.run_id, None)
     boxes: dict[str, dict[str, dict]] = {}
     for point in sweep.points:
-        record = store.get(point["run_id"])
-        if record is not None and record.status in ACTIVE_STATUSES and record.runner.get("backend") == "ssh":
-            boxes.setdefault(record.runner["box"], {})[record.id] = record.runner
+        record = store.get(point.run_id)
+        if record is not None and record.status in ACTIVE_STATUSES and record.runner.backend == "ssh":
+            boxes.setdefault(str(record.runner.box), {})[record.id] = record.runner.to_data()
 
     def stop_on(host: str) -> None:
         runners = boxes[host]
@@ -9806,7 +9806,7 @@ def ssh_stop_points(store: "RunStore", sweep: "Sweep", wait: float, note: Callab
         ssh_unpack(store, done.stdout, runners)
     with concurrent.futures.ThreadPoolExecutor(max(1, len(boxes))) as pool:
         list(pool.map(stop_on, boxes))
-    statuses = [store.folder(p["run_id"]).read_meta().status for p in sweep.points]
+    statuses = [store.folder(p.run_id).read_meta().status for p in sweep.points]
     return fmt_sweep_statuses(sweep.sweep_id, statuses)
 
 
@@ -9977,7 +9977,7 @@ class BoxSweep:
         there writes nothing; live metrics). A box that does not answer: the full look says so."""
         if not records:
             return True
-        home = records[0].runner.get("home", "")
+        home = records[0].runner.to_data().get("home", "")
         paths = " ".join(shlex.quote(f"{home}/runs/{r.id}/meta.json") for r in records)
         try:
             sums = SshBox.of(host, self.store).call(f"cksum {paths} 2>&1; exit 0", "look at its runs",
