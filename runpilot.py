@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "ConfigError", "EngineError", "GpuError", "JobConfig", "Mount", "Resources", "RunEvent", "RunFilter",
