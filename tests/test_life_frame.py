@@ -456,3 +456,44 @@ class TheSweepOptions(LifeCase):
         options.parallel = 3
         self.assertEqual(list(options.to_data()), list(self.OPTIONS))
         self.assertEqual(options.to_data()["parallel"], 3)
+
+
+class ThePlannedPoints(LifeCase):
+    """sweep.json's `points` as typed PlannedPoints: a resumed point's earlier runs and keys this
+    version does not know read and are written back byte for byte, in their order."""
+
+    SWEEP_ID, OPTIONS = TheSweepOptions.SWEEP_ID, TheSweepOptions.OPTIONS
+    load_and_save = TheSweepOptions.load_and_save
+
+    def write_points(self, points: list) -> bytes:
+        plan = {"sweep_id": self.SWEEP_ID, "config_file": "/src/train.yaml", "axes": [["env.LR", [0.1, 0.2]]],
+                "repeat": 1, "points": points, "options": self.OPTIONS,
+                "created_at": "2026-11-20T10:00:00.000Z", "runner": {}}
+        raw = (json.dumps(plan, indent=2) + "\n").encode()
+        folder = self.store.sweep_folder(self.SWEEP_ID)
+        folder.path.mkdir(parents=True)
+        folder.plan.write_bytes(raw)
+        return raw
+
+    def test_earlier_runs_and_unknown_keys_round_trip(self):
+        points = [{"index": 0, "values": [["env.LR", 0.1]], "repeat": 0, "run_id": "20261120-100000-0000c1",
+                   "earlier": ["20261120-090000-0000a1"], "from_the_future": {"x": 1}},
+                  {"index": 1, "values": [["env.LR", 0.2]], "repeat": 0, "run_id": "20261120-100000-0000c2"}]
+        raw = self.write_points(points)
+        sweep, again = self.load_and_save()
+        self.assertEqual(again, raw)
+        first, second = sweep.points
+        self.assertEqual((first.run_id, first.earlier, first.grid_point().label(1)),
+                         ("20261120-100000-0000c1", ["20261120-090000-0000a1"], "LR=0.1"))
+        self.assertEqual(runpilot.sweep_labels(sweep)["20261120-100000-0000c2"], "[2/2 LR=0.2]")
+
+    def test_a_resume_keeps_the_replaced_run_as_an_earlier_one(self):
+        self.write_points([{"index": 0, "values": [["env.LR", 0.1]], "repeat": 0,
+                            "run_id": "20261120-100000-0000c1"}])
+        sweep = runpilot.Sweep.load(self.store, self.SWEEP_ID)
+        sweep.points[0].replaced_by("20261120-110000-0000d1")
+        sweep.save(self.store)
+        saved = json.loads(self.store.sweep_folder(self.SWEEP_ID).plan.read_text())["points"][0]
+        self.assertEqual(saved, {"index": 0, "values": [["env.LR", 0.1]], "repeat": 0,
+                                 "run_id": "20261120-110000-0000d1", "earlier": ["20261120-100000-0000c1"]})
+        self.assertEqual(list(saved), ["index", "values", "repeat", "run_id", "earlier"])
