@@ -1,6 +1,6 @@
 """Issue 22 item 4, the store's walls: the sweep folder's names are spelled only in SweepFolder, the
-index's SQL runs only in the store section (section 14; `slurm_refresh` is the one exception left,
-being moved with the Slurm backend), and metrics.json has one streaming reader that reads every file
+index's SQL runs only in the store section (section 14; the Slurm refresh's batch too, since it moved
+into the Slurm backend), and metrics.json has one streaming reader that reads every file
 as the readers it replaced did (their code is kept here as the reference)."""
 
 import ast
@@ -65,8 +65,7 @@ class TheStoresWalls(unittest.TestCase):
             elif isinstance(node, ast.Attribute) and node.attr in private:
                 found.append((node.lineno, node.attr))
         self.assertTrue(any(line in store for line, _ in found), "the guard sees the store's own SQL")
-        outside = [(line, what) for line, what in found if line not in store
-                   and not enclosing(line, ast.FunctionDef, "slurm_refresh")]
+        outside = [(line, what) for line, what in found if line not in store]
         self.assertEqual(outside, [], "SQL or the store's private helpers outside section 14 (runpilot.py:LINE)")
 
     def test_the_homes_layout_is_known_only_to_the_store(self):
