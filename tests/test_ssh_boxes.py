@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 
@@ -92,6 +93,20 @@ class BoxTestCase(HomeTestCase):
             ssh:
               home: ~/{self.box_home}
             """ + extra))
+
+    def sweep_config(self, script: str, extra: str = "", name: str = "sw") -> str:
+        """A one-GPU sweep config run by engine local on the boxes (their nvidia-smi stand-ins)."""
+        (self.code / "train.py").write_text(script)
+        return str(self.write("sweep.yaml", textwrap.dedent(f"""\
+            name: {name}
+            engine: local
+            entrypoint: [python3, train.py]
+            mounts:
+              code: {self.code}
+            resources: {{gpus: 1}}
+            ssh:
+              home: ~/{self.box_home}
+            """) + extra))
 
     def box_file(self, host: str, run_id: str, name: str) -> bytes:
         done = on_box(host, f"cat ~/{self.box_home}/runs/{run_id}/{name}")
@@ -379,19 +394,18 @@ print(f"METRIC loss={float(os.environ['LR'])}", flush=True)
 time.sleep(4)
 """
 
+    def assert_no_gpu_shared(self, metas: list[dict]) -> list[tuple]:
+        """No GPU of a box held by two points at once; each point's (box, devices, start, end)."""
+        spans = [(m["runner"]["box"], m["devices"], m["started_at"], m["finished_at"]) for m in metas]
+        for box, devices, start, end in spans:
+            self.assertEqual(len(devices), 1)
+            for other in spans:
+                if other[:2] == (box, devices) and other[2:] != (start, end):
+                    self.assertTrue(other[3] <= start or other[2] >= end, f"GPU {devices} of {box} shared")
+        return spans
+
     def test_eight_one_gpu_points_over_boxes_with_two_and_four_gpus(self) -> None:
-        (self.code / "train.py").write_text(self.JOB)
-        config = self.write("sweep.yaml", f"""\
-            name: sw
-            engine: local
-            entrypoint: [python3, train.py]
-            mounts:
-              code: {self.code}
-            resources: {{gpus: 1}}
-            metrics: [loss]
-            ssh:
-              home: ~/{self.box_home}
-            """)
+        config = self.sweep_config(self.JOB, "metrics: [loss]\n")
         done = self.process("sweep", config, "--grid", "env.LR=1,2,3,4,5,6,7,8", "--on", f"ssh:{BOX1},{BOX2}",
                             timeout=4 * RUN_TIMEOUT_S)
         err = done.stderr.decode()
@@ -402,12 +416,7 @@ time.sleep(4)
         self.assertEqual({m["status"] for m in metas}, {"succeeded"})
         self.assertEqual({m["runner"]["box"] for m in metas}, {BOX1, BOX2})
         self.assertTrue(all(m["sweep"].get("id") for m in metas), "the runs lost their sweep")
-        spans = [(m["runner"]["box"], m["devices"], m["started_at"], m["finished_at"]) for m in metas]
-        for box, devices, start, end in spans:  # no GPU of a box held by two points at once
-            self.assertEqual(len(devices), 1)
-            for other in spans:
-                if other[:2] == (box, devices) and other[2:] != (start, end):
-                    self.assertTrue(other[3] <= start or other[2] >= end, f"GPU {devices} of {box} shared")
+        spans = self.assert_no_gpu_shared(metas)
         peak = max(sum(s[2] <= t < s[3] for s in spans) for t in (s[2] for s in spans))
         self.assertEqual(peak, 6)  # the pool: 2 + 4 GPUs
         for run in self.runs():
@@ -417,17 +426,7 @@ time.sleep(4)
         self.assertEqual(len(json.loads(out)), 8)
 
     def test_two_sweeps_at_once_on_the_same_boxes_never_share_a_gpu(self) -> None:
-        (self.code / "train.py").write_text(self.JOB)
-        config = self.write("sweep.yaml", f"""\
-            name: sw
-            engine: local
-            entrypoint: [python3, train.py]
-            mounts:
-              code: {self.code}
-            resources: {{gpus: 1}}
-            ssh:
-              home: ~/{self.box_home}
-            """)
+        config = self.sweep_config(self.JOB)
         grid = ["--grid", "env.LR=1,2,3,4,5,6", "--on", f"ssh:{BOX1},{BOX2}"]
         first, second = self.start("sweep", config, *grid), self.start("sweep", config, *grid)  # both see 6 free
         for child in (first, second):
@@ -437,25 +436,10 @@ time.sleep(4)
         self.assertEqual(len(metas), 12)
         self.assertEqual(len({m["sweep"]["id"] for m in metas}), 2)
         self.assertEqual({m["status"] for m in metas}, {"succeeded"})
-        spans = [(m["runner"]["box"], m["devices"], m["started_at"], m["finished_at"]) for m in metas]
-        for box, devices, start, end in spans:  # no GPU of a box held by two points at once, of either sweep
-            self.assertEqual(len(devices), 1)
-            for other in spans:
-                if other[:2] == (box, devices) and other[2:] != (start, end):
-                    self.assertTrue(other[3] <= start or other[2] >= end, f"GPU {devices} of {box} shared")
+        self.assert_no_gpu_shared(metas)  # of either sweep
 
     def test_ctrl_c_stops_the_points_on_their_boxes_and_cancels_the_rest(self) -> None:
-        (self.code / "train.py").write_text(LONG)
-        config = self.write("sweep.yaml", f"""\
-            name: sw
-            engine: local
-            entrypoint: [python3, train.py]
-            mounts:
-              code: {self.code}
-            resources: {{gpus: 1}}
-            ssh:
-              home: ~/{self.box_home}
-            """)
+        config = self.sweep_config(LONG)
         child = self.start("sweep", config, "--grid", "env.LR=1,2,3,4", "--on", f"ssh:{BOX1}")
         self.wait_for_line(child.stderr, b"[2/4 LR=2] started on box")
         child.send_signal(signal.SIGINT)
@@ -471,17 +455,7 @@ time.sleep(4)
         self.assertEqual({r["status"] for r in self.db_rows()}, {"cancelled", "interrupted"})
 
     def test_points_that_end_before_their_start_is_copied_home_still_end_the_sweep(self) -> None:
-        (self.code / "train.py").write_text("print('quick')\n")
-        config = self.write("sweep.yaml", f"""\
-            name: quick
-            engine: local
-            entrypoint: [python3, train.py]
-            mounts:
-              code: {self.code}
-            resources: {{gpus: 1}}
-            ssh:
-              home: ~/{self.box_home}
-            """)
+        config = self.sweep_config("print('quick')\n", name="quick")
         done = self.process("sweep", config, "--grid", "env.LR=1,2,3,4", "--on", f"ssh:{BOX1},{BOX2}",
                             timeout=RUN_TIMEOUT_S)
         self.assertEqual(done.returncode, 0, done.stderr)
@@ -715,19 +689,6 @@ class SnapshotRerun(BoxTestCase):
 
 
 class BoxSweepLife(BoxTestCase):
-    def sweep_config(self, script: str) -> str:
-        (self.code / "train.py").write_text(script)
-        return str(self.write("sweep.yaml", f"""\
-            name: sw
-            engine: local
-            entrypoint: [python3, train.py]
-            mounts:
-              code: {self.code}
-            resources: {{gpus: 1}}
-            ssh:
-              home: ~/{self.box_home}
-            """))
-
     def test_detached_sweep_is_listed_and_stopped(self) -> None:
         config = self.sweep_config(LONG)
         done = self.process("sweep", config, "--grid", "env.LR=1,2", "--on", f"ssh:{BOX1}", "-d",
