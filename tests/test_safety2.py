@@ -445,14 +445,16 @@ class LockedIndexHoldsUpNothing(HomeTestCase):
 
     def test_a_sweeps_ctrl_c_ends_in_bounded_time_with_the_index_locked(self):
         self.cli("list")
-        config = self.local_config("import time; time.sleep(60)", name="long")
+        config = self.local_config("import time; print('up', flush=True); time.sleep(60)", name="long")
         proc = subprocess.Popen([sys.executable, str(RUNPILOT), "sweep", str(config), "--grid",
                                  "env.A=" + ",".join(map(str, range(40)))], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.communicate()))
         deadline = time.monotonic() + 30
-        while b"running" not in b"".join(
-                (p / "meta.json").read_bytes() for p in self.runs() if (p / "meta.json").exists()):
+        # the first point's job has started (it printed), not only its record: a stop between the two
+        # rightly ends the run `cancelled`, before the job started
+        while b"up" not in b"".join(
+                (p / "logs.txt").read_bytes() for p in self.runs() if (p / "logs.txt").exists()):
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.1)
         locker = hold_index(self.home / "runs.db", seconds=40)
