@@ -10122,16 +10122,16 @@ def ssh_resume_sweep(store: "RunStore", sweep: "Sweep", args) -> int:
     if not todo and not running:
         echo(f"sweep {sweep.sweep_id}: every point has finished; nothing to resume")
         return 0
-    options = RunOptions(engine=sweep.options.get("engine"), tags=sweep.options.get("tags") or {},
-                         code_snapshots=sweep.options.get("code_snapshots") or {})
+    options = RunOptions(engine=sweep.options.engine, tags=sweep.options.tags or {},
+                         code_snapshots=sweep.options.code_snapshots or {})
     with StopSignals() as signals:
         sweep.runner = runner_identity()
         jobs = [_requeue(store, sweep, point, folder, meta) for point, folder, meta in todo]
         sweep.save(store)
         note(f"resuming sweep {sweep.sweep_id}: {len(jobs)} point(s) on {', '.join(hosts)}")
-        parallel = args.parallel or sweep.options.get("parallel") or len(sweep.points)
+        parallel = args.parallel or sweep.options.parallel or len(sweep.points)
         return follow_box_sweep(store, sweep, jobs, hosts, options, parallel,
-                                args.fail_fast or bool(sweep.options.get("fail_fast")), signals, running)
+                                args.fail_fast or bool(sweep.options.fail_fast), signals, running)
 
 
 def add_pull_outputs(p: argparse.ArgumentParser) -> None:
