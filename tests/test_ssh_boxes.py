@@ -463,19 +463,24 @@ time.sleep(4)
         self.assertEqual({self.meta(run)["status"] for run in self.runs()}, {"succeeded"})
 
 
+def running_on_a_dead_box(store) -> tuple[str, str]:
+    """A run recorded running on a box that does not answer (a closed port): the box and the run id."""
+    import runpilot
+    dead, run_id = "ssh://rpbox1@127.0.0.1:1", "20261207-000000-abcdef"
+    meta = runpilot.RunMeta(run_id, name="p", status=runpilot.RUNNING, started_at="2026-12-07T00:00:00.000Z",
+                            runner={"backend": "ssh", "box": dead, "home": "/h", "python": "python3",
+                                    "program": "/h/bin/runpilot.py"})
+    store.create_run_dir(run_id).write_meta(meta)
+    store.save(meta)
+    return dead, run_id
+
+
 class LostBox(BoxTestCase):
     def test_a_box_silent_mid_sweep_has_its_running_points_recorded_lost(self) -> None:
         from unittest import mock
         import runpilot
         store = runpilot.RunStore(self.home)
-        dead = "ssh://rpbox1@127.0.0.1:1"
-        run_id = "20261207-000000-abcdef"
-        folder = store.create_run_dir(run_id)
-        meta = runpilot.RunMeta(run_id, name="p", status=runpilot.RUNNING, started_at="2026-12-07T00:00:00.000Z",
-                                runner={"backend": "ssh", "box": dead, "home": "/h", "python": "python3",
-                                        "program": "/h/bin/runpilot.py"})
-        folder.write_meta(meta)
-        store.save(meta)
+        dead, run_id = running_on_a_dead_box(store)
         said = []
         sweep = runpilot.BoxSweep(store, mock.Mock(), [dead], runpilot.RunOptions(), 4, False, said.append,
                                   running={run_id: dead}, slots={dead: 1})
@@ -487,7 +492,7 @@ class LostBox(BoxTestCase):
         self.assertTrue(sweep.failed)
         self.assertIn("Connection refused", said[0])
         self.assertIn(f"box {dead} did not answer for 0s: its running points are recorded lost", said[1])
-        self.assertEqual(self.meta(folder.path)["status"], "lost")
+        self.assertEqual(self.meta(store.folder(run_id).path)["status"], "lost")
         self.assertEqual(store.get(run_id).status, "lost")
         self.assertEqual(sum("Connection refused" in line for line in said), 1)  # said once, not every poll
 
@@ -581,13 +586,7 @@ class LostBoxOthersGoOn(BoxTestCase):
         alive = runpilot.ssh_start(store, BOX1, runpilot.load_config(self.config(LONG)), runpilot.RunOptions(),
                                    lambda text: None)
         self.addCleanup(self.process, "stop", alive.run_id, timeout=RUN_TIMEOUT_S)
-        dead, run_id = "ssh://rpbox1@127.0.0.1:1", "20261207-000000-abcdef"
-        folder = store.create_run_dir(run_id)
-        meta = runpilot.RunMeta(run_id, name="p", status=runpilot.RUNNING, started_at="2026-12-07T00:00:00.000Z",
-                                runner={"backend": "ssh", "box": dead, "home": "/h", "python": "python3",
-                                        "program": "/h/bin/runpilot.py"})
-        folder.write_meta(meta)
-        store.save(meta)
+        dead, run_id = running_on_a_dead_box(store)
         said = []
         sweep = runpilot.BoxSweep(store, mock.Mock(), [dead, BOX1], runpilot.RunOptions(), 4, False, said.append,
                                   running={run_id: dead, alive.run_id: BOX1}, slots={dead: 1, BOX1: 2})
@@ -596,7 +595,7 @@ class LostBoxOthersGoOn(BoxTestCase):
             sweep.collect(labels, [])
             sweep.collect(labels, [])
         self.assertEqual((sweep.running, sweep.slots), ({alive.run_id: BOX1}, {BOX1: 2}))
-        self.assertEqual(self.meta(folder.path)["status"], "lost")
+        self.assertEqual(self.meta(store.folder(run_id).path)["status"], "lost")
         self.assertEqual(self.meta(self.home / "runs" / alive.run_id)["status"], "running")
         self.assertIn(f"box {dead} did not answer for 0s: its running points are recorded lost; the others go on",
                       said)
